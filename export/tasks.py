@@ -1,0 +1,221 @@
+"""The task and model registry shared by the coordinator, the site agent and the exporters.
+
+A *task* names a model architecture together with the shape of the data it reads. The
+coordinator uses it to build the initial global model, the site agent to train it, the
+exporters to trace it. Keeping it in one module means the shapes a site is allowed to send
+back (see the egress checks) and the shapes the coordinator expects cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "BREAST_CANCER_COLUMNS",
+    "DIGITS_COLUMNS",
+    "TASKS",
+    "TaskSpec",
+    "UnknownTaskError",
+    "array_shapes",
+    "build_model",
+    "get_task",
+    "model_arrays",
+    "set_model_arrays",
+]
+
+# Published reference ranges of the Breast Cancer Wisconsin (Diagnostic) features, as
+# documented with the data set (min and max of each attribute). The model normalises with
+# these fixed constants, so every site and every exported model scale inputs the same way
+# without any site having to share statistics of its own data.
+_BC_RANGES: dict[str, tuple[float, float]] = {
+    "mean_radius": (6.981, 28.11),
+    "mean_texture": (9.71, 39.28),
+    "mean_perimeter": (43.79, 188.5),
+    "mean_area": (143.5, 2501.0),
+    "mean_smoothness": (0.0526, 0.1634),
+    "mean_compactness": (0.0194, 0.3454),
+    "mean_concavity": (0.0, 0.4268),
+    "mean_concave_points": (0.0, 0.2012),
+    "mean_symmetry": (0.106, 0.304),
+    "mean_fractal_dimension": (0.05, 0.0974),
+    "radius_error": (0.1115, 2.873),
+    "texture_error": (0.3602, 4.885),
+    "perimeter_error": (0.757, 21.98),
+    "area_error": (6.802, 542.2),
+    "smoothness_error": (0.0017, 0.0311),
+    "compactness_error": (0.0023, 0.1354),
+    "concavity_error": (0.0, 0.396),
+    "concave_points_error": (0.0, 0.0528),
+    "symmetry_error": (0.0079, 0.079),
+    "fractal_dimension_error": (0.0009, 0.0298),
+    "worst_radius": (7.93, 36.04),
+    "worst_texture": (12.02, 49.54),
+    "worst_perimeter": (50.41, 251.2),
+    "worst_area": (185.2, 4254.0),
+    "worst_smoothness": (0.0712, 0.2226),
+    "worst_compactness": (0.0273, 1.058),
+    "worst_concavity": (0.0, 1.252),
+    "worst_concave_points": (0.0, 0.291),
+    "worst_symmetry": (0.1565, 0.6638),
+    "worst_fractal_dimension": (0.055, 0.2075),
+}
+BREAST_CANCER_COLUMNS: tuple[str, ...] = tuple(_BC_RANGES)
+DIGITS_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(64))
+
+
+class UnknownTaskError(KeyError):
+    """Raised when a task name is not in the registry."""
+
+
+class _RangeScaler(nn.Module):
+    """Scale features to about [0, 1] with fixed, published reference ranges.
+
+    The constants are non-persistent buffers: they are part of the architecture, not of the
+    trained parameters, so they never travel in a round and cannot be altered by a site.
+    """
+
+    def __init__(self, low: list[float], high: list[float]) -> None:
+        super().__init__()
+        lo = torch.tensor(low, dtype=torch.float32)
+        span = torch.tensor(high, dtype=torch.float32) - lo
+        # A constant column would divide by zero: fall back to a span of 1.
+        span = torch.where(span > 0, span, torch.ones_like(span))
+        self.register_buffer("low", lo, persistent=False)
+        self.register_buffer("span", span, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.low) / self.span
+
+
+class TabularMLP(nn.Module):
+    """MLP for tabular data: fixed range scaling, then in-hidden-out."""
+
+    def __init__(self, low: list[float], high: list[float], hidden: int, n_classes: int) -> None:
+        super().__init__()
+        self.scale = _RangeScaler(low, high)
+        self.net = nn.Sequential(
+            nn.Linear(len(low), hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.scale(x))
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8 grey images given as 64 flat pixels (0 to 16).
+
+    GroupNorm rather than BatchNorm: BatchNorm mixes samples in a batch, which per-sample
+    DP-SGD cannot account for (Opacus rejects it).
+    """
+
+    def __init__(self, n_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.GroupNorm(4, 32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(32 * 4 * 4, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = (x / 16.0).reshape(-1, 1, 8, 8)
+        return self.head(torch.flatten(self.features(img), 1))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One trainable task: the model, its input and its label space."""
+
+    name: str
+    description: str
+    feature_columns: tuple[str, ...]
+    label_column: str
+    n_classes: int
+    default_lr: float
+    default_batch_size: int
+    _factory: Callable[[], nn.Module] = field(repr=False)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_columns)
+
+    def build(self, *, seed: int | None = None) -> nn.Module:
+        """Build a fresh model; with ``seed`` its initial weights are reproducible."""
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._factory()
+        return self._factory()
+
+
+TASKS: dict[str, TaskSpec] = {
+    "breast_cancer_mlp": TaskSpec(
+        name="breast_cancer_mlp",
+        description="Breast Cancer Wisconsin (Diagnostic): 30 features, malignant (0) or benign (1)",
+        feature_columns=BREAST_CANCER_COLUMNS,
+        label_column="diagnosis",
+        n_classes=2,
+        default_lr=0.05,
+        default_batch_size=32,
+        _factory=lambda: TabularMLP(
+            [r[0] for r in _BC_RANGES.values()], [r[1] for r in _BC_RANGES.values()], 64, 2
+        ),
+    ),
+    "digits_cnn": TaskSpec(
+        name="digits_cnn",
+        description="Handwritten digits, 8x8 grey images as 64 pixels 0-16, classes 0-9",
+        feature_columns=DIGITS_COLUMNS,
+        label_column="digit",
+        n_classes=10,
+        default_lr=0.003,
+        default_batch_size=64,
+        _factory=DigitsCNN,
+    ),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    """Return the task called ``name`` or raise :class:`UnknownTaskError` listing the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        known = ", ".join(sorted(TASKS))
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}") from None
+
+
+def build_model(task: str, *, seed: int | None = None) -> nn.Module:
+    """Build the model of ``task`` (see :meth:`TaskSpec.build`)."""
+    return get_task(task).build(seed=seed)
+
+
+def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's trainable state as named float32 numpy arrays, in state_dict order."""
+    # Opacus wraps a model in GradSampleModule whose keys gain a "_module." prefix: always
+    # pass the plain module, never the wrapper.
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+            for k, v in model.state_dict().items()}
+
+
+def set_model_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load named arrays into ``model``; names and shapes must match exactly."""
+    expected = array_shapes(model)
+    got = {k: tuple(v.shape) for k, v in arrays.items()}
+    if got != expected:
+        raise ValueError(f"parameter names/shapes do not match the model: expected {expected}, "
+                         f"got {got}")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32))
+                           for k, v in arrays.items()})
+
+
+def array_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the arrays that describe ``model`` on the wire."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -1,0 +1,79 @@
+"""Keys both sides of the wire must agree on: one spelling, imported everywhere.
+
+The coordinator's ServerApp writes these into each round's task message; the site agent's
+relay and warm trainer read them; the egress guard checks replies against the allow-lists.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "ALLOWED_REPLY_METRICS",
+    "APP_PUBLISHER",
+    "APP_NAME",
+    "CFG",
+    "MSG",
+    "REPLY_ARRAYS",
+    "REPLY_CONFIG",
+    "REPLY_METRICS",
+    "TASK_ARRAYS",
+    "TASK_CONFIG",
+]
+
+APP_PUBLISHER: Final = "fedward"
+APP_NAME: Final = "fedward-app"
+
+# Record names inside a Flower Message's RecordDict.
+TASK_ARRAYS: Final = "global_model"      # ArrayRecord: the global model's arrays
+TASK_CONFIG: Final = "task"              # ConfigRecord: what the site must do this round
+REPLY_ARRAYS: Final = "local_model"      # ArrayRecord: the site's updated arrays
+REPLY_METRICS: Final = "metrics"         # MetricRecord: allow-listed scalar metrics
+REPLY_CONFIG: Final = "status"           # ConfigRecord: outcome code and scrubbed reason
+
+
+class CFG:
+    """Keys of the task ConfigRecord sent to a site each round."""
+
+    RUN_ID: Final = "run-id"               # coordinator run id (str)
+    PROJECT: Final = "project"             # project name (str)
+    TASK: Final = "task-name"              # task registry name (str)
+    ROUND: Final = "round"                 # 1-based round number (int)
+    TOTAL_ROUNDS: Final = "total-rounds"   # rounds planned for the run (int)
+    LOCAL_EPOCHS: Final = "local-epochs"   # local epochs per round (int)
+    EPSILON: Final = "epsilon-budget"      # run's epsilon budget per site (float)
+    DELTA: Final = "delta"                 # DP delta (float)
+    CLIP: Final = "max-grad-norm"          # per-sample clipping bound (float)
+    LR: Final = "learning-rate"            # local learning rate (float)
+    BATCH: Final = "batch-size"            # expected batch size (int)
+    SEED: Final = "seed"                   # run seed (int)
+    TRAIN: Final = "train"                 # False: evaluate only (bool)
+
+
+class MSG:
+    """Values of the status ConfigRecord in a reply."""
+
+    STATUS: Final = "status"
+    REASON: Final = "reason"
+    OK: Final = "ok"
+    REFUSED_BUDGET: Final = "refused-budget"
+    REFUSED_DATA: Final = "refused-data-check"
+    REFUSED_POLICY: Final = "refused-policy"
+    FAILED: Final = "failed"
+
+
+# The only scalar metrics a site may send back. Everything else is blocked at the site.
+ALLOWED_REPLY_METRICS: Final = frozenset(
+    {
+        "num-examples",        # training examples used (weight for FedAvg)
+        "num-eval-examples",   # held-out examples evaluated
+        "train-loss",
+        "eval-loss",           # loss of the received global model on the site's held-out split
+        "eval-accuracy",
+        "eval-auc",
+        "epsilon-spent",       # cumulative epsilon of this run at this site after this round
+        "epsilon-round",       # epsilon added by this round
+        "noise-multiplier",
+        "train-seconds",
+    }
+)
