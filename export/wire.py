@@ -17,6 +17,7 @@ __all__ = [
     "REPLY_ARRAYS",
     "REPLY_CONFIG",
     "REPLY_METRICS",
+    "SiteErrorCode",
     "TASK_ARRAYS",
     "TASK_CONFIG",
 ]
@@ -77,3 +78,30 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
         "train-seconds",
     }
 )
+
+
+
+class SiteErrorCode:
+    """Codes of the Error replies a site sends instead of a result.
+
+    Flower's own error codes are small integers; ours start at 700 so the coordinator can
+    tell a site's deliberate refusal from an engine failure.
+    """
+
+    REFUSED_BUDGET: Final = 701     # the round would exceed the site's epsilon budget
+    REFUSED_DATA: Final = 702       # the site's data failed its checks
+    REFUSED_POLICY: Final = 703     # the site's policy does not accept this run
+    TRAINER_UNAVAILABLE: Final = 704  # the relay could not reach the warm trainer
+    TASK_FAILED: Final = 705        # training or evaluation raised at the site
+    EGRESS_BLOCKED: Final = 706     # the egress guard blocked the outgoing result
+    BAD_TASK: Final = 707           # the task message was malformed
+
+    NAMES: Final = {
+        701: "refused-budget",
+        702: "refused-data-check",
+        703: "refused-policy",
+        704: "trainer-unavailable",
+        705: "task-failed",
+        706: "egress-blocked",
+        707: "bad-task",
+    }

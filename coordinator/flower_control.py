@@ -1,0 +1,151 @@
+"""The coordinator's client for the SuperLink's control API (loopback only).
+
+flwr 1.42 has no public Python API for starting runs or registering nodes; these calls go
+through the same internal modules the ``flwr`` CLI uses, which is why flwr is pinned to one
+exact version. Everything here is reached only from the coordinator host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.cli.build import build_fab_from_files
+from flwr.supercore.fab import Fab
+from flwr.proto.control_pb2 import (
+    ListNodesRequest,
+    RegisterNodeRequest,
+    StartRunRequest,
+    StopRunRequest,
+)
+from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from flwr.common.serde import fab_to_proto, user_config_to_proto
+
+from export.wire import APP_NAME, APP_PUBLISHER
+
+__all__ = [
+    "APP_COMPONENTS",
+    "FlowerControl",
+    "NodeKeyError",
+    "app_bundle",
+]
+
+# The app bundle (FAB) a run ships is a thin pointer to modules installed with fedward:
+# sites run only code installed with the site agent, never code that came over the wire.
+APP_COMPONENTS = {
+    "serverapp": "coordinator.server_app:app",
+    "clientapp": "site_agent.clientapp:app",
+}
+APP_VERSION = "1.0.0"
+
+
+class NodeKeyError(ValueError):
+    """A site's node public key is not an OpenSSH EC key on a NIST curve."""
+
+
+def _pyproject() -> bytes:
+    return (
+        "[build-system]\n"
+        'requires = ["hatchling"]\n'
+        'build-backend = "hatchling.build"\n\n'
+        "[project]\n"
+        f'name = "{APP_NAME}"\n'
+        f'version = "{APP_VERSION}"\n'
+        'description = "Fedward appliance app: a pointer to installed modules"\n'
+        "dependencies = []\n\n"
+        "[tool.flwr.app]\n"
+        f'publisher = "{APP_PUBLISHER}"\n\n'
+        "[tool.flwr.app.components]\n"
+        f'serverapp = "{APP_COMPONENTS["serverapp"]}"\n'
+        f'clientapp = "{APP_COMPONENTS["clientapp"]}"\n\n'
+        "[tool.flwr.app.config]\n"
+        'fedward-run-id = "0"\n'
+    ).encode()
+
+
+def app_bundle() -> tuple[bytes, str]:
+    """The appliance's FAB and its SHA-256 (the same bytes for every run)."""
+    fab, _meta = build_fab_from_files({"pyproject.toml": _pyproject()})
+    return fab, hashlib.sha256(fab).hexdigest()
+
+
+def node_public_key_bytes(openssh_public_key: str) -> bytes:
+    """Validate an OpenSSH public key text and return the bytes the SuperLink expects."""
+    try:
+        key = serialization.load_ssh_public_key(openssh_public_key.strip().encode())
+    except (ValueError, TypeError) as err:
+        raise NodeKeyError(
+            "the node public key is not an OpenSSH public key; send the content of the "
+            f"site's node key .pub file ({err})"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise NodeKeyError("the node public key must be an ECDSA key (ssh-keygen -t ecdsa)")
+    return public_key_to_bytes(key)
+
+
+@dataclass
+class FlowerControl:
+    """A control-API client bound to the coordinator's own SuperLink on loopback."""
+
+    address: str
+    ca_cert: Path
+
+    def _client(self) -> ControlHttpClient:
+        return ControlHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=False,
+            root_certificates=self.ca_cert.read_bytes(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+        )
+
+    def register_node(self, *, public_key: str, name: str) -> int:
+        """Register a site's node key; returns the Flower node id (stable across restarts)."""
+        client = self._client()
+        try:
+            res = client.RegisterNode(
+                RegisterNodeRequest(public_key=node_public_key_bytes(public_key), name=name)
+            )
+        finally:
+            client.close()
+        return int(res.node_id)
+
+    def online_node_ids(self) -> list[int]:
+        """Ids of the registered nodes the SuperLink currently sees online."""
+        client = self._client()
+        try:
+            res = client.ListNodes(ListNodesRequest())
+        finally:
+            client.close()
+        return [int(n.node_id) for n in res.nodes_info if n.status == "online"]
+
+    def start_run(self, *, fedward_run_id: int) -> int:
+        """Start a Flower run of the appliance's app for a coordinator run; returns its id."""
+        fab_bytes, fab_hash = app_bundle()
+        client = self._client()
+        try:
+            res = client.StartRun(
+                StartRunRequest(
+                    fab=fab_to_proto(Fab(fab_hash, fab_bytes, {})),
+                    override_config=user_config_to_proto(
+                        {"fedward-run-id": str(fedward_run_id)}
+                    ),
+                )
+            )
+        finally:
+            client.close()
+        if not res.HasField("run_id"):
+            raise RuntimeError("the SuperLink did not start the run")
+        return int(res.run_id)
+
+    def stop_run(self, flwr_run_id: int) -> None:
+        """Ask the SuperLink to stop a Flower run."""
+        client = self._client()
+        try:
+            client.StopRun(StopRunRequest(run_id=flwr_run_id))
+        finally:
+            client.close()

@@ -1,0 +1,122 @@
+"""Process plumbing shared by the coordinator and the site agent.
+
+Both sides start Flower processes (SuperLink, SuperNode) that in turn start children of
+their own (SuperExec, ServerApp, ClientApp). These helpers give every such process the
+same environment and stop a whole tree that *we* started, by PID, and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["descendants", "flower_env", "free_port", "stop_process_tree", "venv_bin"]
+
+
+def flower_env(flwr_home: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every Flower process the appliance starts.
+
+    Telemetry and update checks are off (the appliance runs offline and must not phone
+    home), ``FLWR_HOME`` is a folder the appliance owns, and the interpreter's ``bin``
+    folder comes first on ``PATH`` because Flower starts its helpers (``flower-superexec``,
+    ``flwr-serverapp``, ``flwr-clientapp``) by name.
+    """
+    env = dict(os.environ if base is None else base)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_HOME"] = flwr_home
+    env["PYTHONUNBUFFERED"] = "1"
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def venv_bin(name: str) -> str:
+    """Path of an executable installed beside the running interpreter."""
+    candidate = Path(sys.executable).parent / name
+    if not candidate.exists():
+        raise FileNotFoundError(
+            f"{name} is not installed beside {sys.executable}; reinstall fedward "
+            "(make install)"
+        )
+    return str(candidate)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bind to port 0 and read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living descendant of ``pid`` (read from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    stack = list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        out.append(child)
+        stack.extend(children.get(child, []))
+    return out
+
+
+def stop_process_tree(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> None:
+    """Stop ``proc`` and every descendant it started: SIGTERM, then SIGKILL after timeout.
+
+    Flower detaches its helpers into sessions of their own, so a process group is not
+    enough; the tree is collected from /proc before the parent is signalled.
+    """
+    if proc.poll() is not None:
+        return
+    tree = descendants(proc.pid)
+    for pid in [proc.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *tree]:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours is dead for our purposes.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -1,0 +1,161 @@
+"""The long-lived site agent: warm trainer plus a supervised Flower SuperNode.
+
+It loads and checks the site's data once (refusing to start on bad data), serves the warm
+trainer on a Unix socket inside the data directory, and keeps one ``flower-supernode``
+connected outbound to the coordinator, restarting it with the back-off Flower needs. It
+never listens on a non-loopback address.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from export.runtime import flower_env, free_port, stop_process_tree, venv_bin
+from privacy import PrivacyLedger
+from site_agent.clientapp import SOCKET_KEY
+from site_agent.config import SiteConfig, SitePaths
+from site_agent.data import DataCheckError, load_schema, load_site_data
+from site_agent.trainer import TrainerServer, WarmTrainer
+
+__all__ = ["SUPERNODE_EXIT_HELP", "SiteAgent", "probe_coordinator"]
+
+log = logging.getLogger("fedward.site.agent")
+
+# What a SuperNode exit code means for hospital IT, and what to do about it.
+SUPERNODE_EXIT_HELP: dict[int, str] = {
+    302: "the site's node key file cannot be read; re-create it with `fedward-site keygen`",
+    303: "the coordinator address is configured without TLS; use the TLS address",
+    305: ("the coordinator refused the connection: either the site's node key is not "
+          "registered (ask the ML team to run `fedward-coordinator add-site NAME "
+          "--node-key node_key.pub`), or the node is still marked active after a restart "
+          "(the agent retries after its back-off)"),
+    606: "the coordinator runs another Flower version; update the site agent",
+}
+
+
+def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
+    """None if a TLS connection to ``address`` verifies against the CA, else why not."""
+    host, _, port = address.rpartition(":")
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as err:
+        return f"cannot read the coordinator CA certificate {ca_cert}: {err}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host):
+            return None
+    except ssl.SSLCertVerificationError as err:
+        return (f"the coordinator at {address} presented a certificate the site's CA does "
+                f"not trust ({err.verify_message}); get the current CA certificate")
+    except OSError as err:
+        return f"the coordinator at {address} is not reachable ({err})"
+
+
+@dataclass
+class SiteAgent:
+    """One site's agent process."""
+
+    root: Path
+    epsilon_cap: float | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns a process exit code."""
+        paths = SitePaths(self.root)
+        config = SiteConfig.load(self.root)
+        schema = load_schema(config.resolve(self.root, config.schema_path))
+        try:
+            data = load_site_data(csv_path=config.resolve(self.root, config.data_path),
+                                  schema=schema)
+        except DataCheckError as err:
+            log.error("the site's data failed its checks; the agent will not start:\n%s", err)
+            return 3
+        if not paths.node_key.exists():
+            log.error("no node key at %s; run `fedward-site keygen --dir %s`", paths.node_key,
+                      self.root)
+            return 4
+        import torch  # noqa: PLC0415 - imported once, here, by the warm process only
+
+        torch.set_num_threads(config.torch_threads)
+        trainer = WarmTrainer(
+            site_name=config.name, task=schema.task, data=data,
+            ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies,
+            epsilon_cap=self.epsilon_cap,
+        )
+        server = TrainerServer(path=paths.socket, trainer=trainer)
+        server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("site %s ready: %d training rows, %d held out; trainer at %s",
+                 config.name, len(data.train_y), len(data.test_y), paths.socket)
+        try:
+            return self._supervise(config, paths)
+        finally:
+            if self._proc is not None:
+                stop_process_tree(self._proc)
+            server.stop()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop.set()
+
+    def _supervise(self, config: SiteConfig, paths: SitePaths) -> int:
+        ca = config.resolve(self.root, config.ca_cert)
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        while not self._stop.is_set():
+            problem = probe_coordinator(config.superlink, ca)
+            if problem is not None:
+                log.warning("%s; retrying in 5 s", problem)
+                self._stop.wait(5.0)
+                continue
+            code = self._run_supernode(config, paths, ca)
+            if self._stop.is_set():
+                break
+            help_text = SUPERNODE_EXIT_HELP.get(code, "see the SuperNode log")
+            log.warning("SuperNode exited with code %s: %s; restarting in %.0f s (log: %s)",
+                        code, help_text, config.reconnect_backoff_s,
+                        paths.logs / "supernode.log")
+            if code in (302, 303, 606):
+                return 5
+            self._stop.wait(config.reconnect_backoff_s)
+        return 0
+
+    def _run_supernode(self, config: SiteConfig, paths: SitePaths, ca: Path) -> int:
+        paths.flwr_home.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            venv_bin("flower-supernode"),
+            "--root-certificates", str(ca),
+            "--superlink", config.superlink,
+            "--auth-supernode-private-key", str(paths.node_key),
+            "--node-config", f'{SOCKET_KEY}="{paths.socket}"',
+            # The SuperNode's runtime API for its ClientApp processes: loopback only.
+            "--host", "127.0.0.1",
+            "--port", str(free_port()),
+        ]
+        log_fh: IO[bytes]
+        with open(paths.logs / "supernode.log", "ab") as log_fh:
+            self._proc = subprocess.Popen(cmd, env=flower_env(str(paths.flwr_home)),
+                                          stdout=log_fh, stderr=subprocess.STDOUT)
+            log.info("SuperNode started (pid %s) towards %s", self._proc.pid, config.superlink)
+            while not self._stop.is_set():
+                code = self._proc.poll()
+                if code is not None:
+                    self._proc = None
+                    return code
+                time.sleep(0.5)
+            stop_process_tree(self._proc)
+            self._proc = None
+        return 0

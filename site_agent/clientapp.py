@@ -1,0 +1,104 @@
+"""The Flower ClientApp of the appliance: a thin relay to the site agent's warm trainer.
+
+Flower starts a fresh process for every message. This module therefore imports neither
+torch nor the site's data: it forwards the task over a local Unix socket to the trainer
+inside the long-lived site agent (the only process that reads patient data), and turns its
+answer back into a Flower reply. The trainer has already passed the result through the
+site's egress guard; the relay adds nothing of its own but the error codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from export.wire import (
+    REPLY_ARRAYS,
+    REPLY_METRICS,
+    TASK_ARRAYS,
+    TASK_CONFIG,
+    SiteErrorCode,
+)
+from site_agent.ipc import IPCError, request
+
+__all__ = ["SOCKET_KEY", "app"]
+
+SOCKET_KEY = "fedward-socket"
+_TIMEOUT_KEY = "fedward-timeout"
+_DEFAULT_TIMEOUT_S = 600.0
+
+app = ClientApp()
+
+
+def _relay(msg: Message, context: Context, kind: str) -> Message:
+    socket_path = context.node_config.get(SOCKET_KEY)
+    if not isinstance(socket_path, str):
+        return Message(
+            Error(code=SiteErrorCode.TRAINER_UNAVAILABLE,
+                  reason="trainer-unavailable: SuperNode started without the site agent"),
+            reply_to=msg,
+        )
+    timeout = float(context.node_config.get(_TIMEOUT_KEY, _DEFAULT_TIMEOUT_S))
+    try:
+        config: dict[str, Any] = dict(msg.content[TASK_CONFIG])
+        arrays = (
+            {k: v.numpy() for k, v in msg.content[TASK_ARRAYS].items()}
+            if TASK_ARRAYS in msg.content.array_records
+            else {}
+        )
+    except (KeyError, TypeError, ValueError):
+        return Message(Error(code=SiteErrorCode.BAD_TASK, reason="bad-task: malformed message"),
+                       reply_to=msg)
+    header = {
+        "kind": kind,
+        "config": config,
+        "flwr_run_id": msg.metadata.run_id,
+        "message_id": msg.metadata.message_id,
+        "group_id": msg.metadata.group_id,
+    }
+    try:
+        reply, out_arrays = request(socket_path, header, arrays, timeout=timeout)
+    except IPCError as err:
+        return Message(
+            Error(code=SiteErrorCode.TRAINER_UNAVAILABLE, reason=f"trainer-unavailable: {err}"),
+            reply_to=msg,
+        )
+    if reply.get("error"):
+        err_body = reply["error"]
+        return Message(
+            Error(code=int(err_body.get("code", SiteErrorCode.TASK_FAILED)),
+                  reason=str(err_body.get("reason", "task failed at the site"))),
+            reply_to=msg,
+        )
+    content = RecordDict()
+    if out_arrays:
+        content[REPLY_ARRAYS] = ArrayRecord({k: Array(v) for k, v in out_arrays.items()})
+    content[REPLY_METRICS] = MetricRecord(
+        {str(k): float(v) for k, v in dict(reply.get("metrics", {})).items()}
+    )
+    if reply.get("status"):
+        content["status"] = ConfigRecord({str(k): str(v) for k, v in reply["status"].items()})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model at the site, then train it (one message a round)."""
+    return _relay(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the site's held-out split."""
+    return _relay(msg, context, "evaluate")

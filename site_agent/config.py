@@ -1,0 +1,164 @@
+"""The site agent's configuration: one JSON file in the site's data directory.
+
+Hospital IT owns this file. Relative paths in it are relative to the data directory, so a
+site folder can be moved or restored from backup as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CONFIG_FILE", "ConfigError", "SiteConfig", "SitePaths"]
+
+CONFIG_FILE = "site.json"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$")
+_KEYS = {"version", "name", "superlink", "ca_cert", "data_path", "schema_path",
+         "torch_threads", "reconnect_backoff_s"}
+
+
+class ConfigError(ValueError):
+    """The site configuration is missing or invalid; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    """Where a site keeps its own state inside its data directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def node_key(self) -> Path:
+        return self.keys / "node_key"
+
+    @property
+    def node_public_key(self) -> Path:
+        return self.keys / "node_key.pub"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "privacy-ledger.json"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit.log"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "trainer.sock"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+    @property
+    def replies(self) -> Path:
+        return self.root / "replies"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's settings.
+
+    Attributes:
+        name: the site's name as the coordinator knows it (lowercase, digits, dashes).
+        superlink: host:port of the coordinator's fleet endpoint.
+        ca_cert: the coordinator's CA certificate (PEM) that the site trusts.
+        data_path: the CSV file with the site's training data.
+        schema_path: the JSON schema the data must match.
+        torch_threads: CPU threads the trainer may use.
+        reconnect_backoff_s: wait before restarting a SuperNode that exited; Flower keeps
+            an authenticated node "active" for about 60 s after it drops.
+    """
+
+    name: str
+    superlink: str
+    ca_cert: str
+    data_path: str
+    schema_path: str
+    torch_threads: int = 1
+    reconnect_backoff_s: float = 65.0
+    version: int = 1
+
+    def resolve(self, root: Path, value: str) -> Path:
+        """A path from the config, made absolute against the site's data directory."""
+        p = Path(value)
+        return p if p.is_absolute() else (root / p)
+
+    @classmethod
+    def load(cls, root: Path) -> SiteConfig:
+        """Load and validate ``root/site.json``; every problem is reported at once."""
+        path = SitePaths(root).config
+        if not path.exists():
+            raise ConfigError(
+                f"no site configuration at {path}; run `fedward-site init --dir {root} ...` first"
+            )
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); fix or re-run init") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "site config") -> SiteConfig:
+        """Validate a mapping; raise :class:`ConfigError` listing every problem."""
+        problems: list[str] = []
+        unknown = sorted(set(raw) - _KEYS)
+        if unknown:
+            problems.append(f"unknown keys {unknown} (known: {sorted(_KEYS)})")
+        for key in ("name", "superlink", "ca_cert", "data_path", "schema_path"):
+            if not isinstance(raw.get(key), str) or not raw.get(key):
+                problems.append(f"{key!r} is required and must be a non-empty string")
+        name = raw.get("name")
+        if isinstance(name, str) and name and not _NAME_RE.match(name):
+            problems.append(
+                f"name {name!r} must be 3-40 characters of lowercase letters, digits and dashes"
+            )
+        superlink = raw.get("superlink")
+        if isinstance(superlink, str) and superlink and not re.match(r"^[^:\s]+:\d{1,5}$",
+                                                                     superlink):
+            problems.append(f"superlink {superlink!r} must be host:port")
+        threads = raw.get("torch_threads", 1)
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+            problems.append("torch_threads must be an integer from 1 to 64")
+        backoff = raw.get("reconnect_backoff_s", 65.0)
+        if not isinstance(backoff, int | float) or isinstance(backoff, bool) or backoff < 0:
+            problems.append("reconnect_backoff_s must be a number >= 0")
+        if problems:
+            raise ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(problems))
+        return cls(
+            name=str(raw["name"]),
+            superlink=str(raw["superlink"]),
+            ca_cert=str(raw["ca_cert"]),
+            data_path=str(raw["data_path"]),
+            schema_path=str(raw["schema_path"]),
+            torch_threads=int(threads),
+            reconnect_backoff_s=float(backoff),
+        )
+
+    def save(self, root: Path) -> Path:
+        """Write ``root/site.json`` atomically."""
+        root.mkdir(parents=True, exist_ok=True)
+        path = SitePaths(root).config
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path

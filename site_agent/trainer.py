@@ -1,0 +1,339 @@
+"""The warm trainer: the one process at a site that reads patient data.
+
+It lives inside the long-lived site agent, keeps torch imported and the site's data
+loaded, and serves one task at a time over a Unix socket to the thin ClientApp relay.
+Each training task: evaluate the received global model on the site's held-out split, check
+the privacy budget (write-ahead in the ledger), train with DP-SGD, pass the result through
+the egress guard, and answer. A repeated task for a round that already trained is answered
+from the stored reply, so a resumed run never spends the site's privacy twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.tasks import array_shapes, get_task, set_model_arrays, model_arrays
+from export.wire import CFG, SiteErrorCode
+from privacy import (
+    BudgetExceededError,
+    PrivacyLedger,
+    evaluate,
+    expected_steps,
+    noise_multiplier_for_run,
+    sample_rate_for,
+    train_dp,
+)
+from site_agent.data import SiteData
+from site_agent.egress import EgressViolation, check_outgoing
+from site_agent.ipc import IPCError, read_frame, write_frame
+
+__all__ = ["TaskError", "TrainerServer", "WarmTrainer"]
+
+log = logging.getLogger("fedward.site.trainer")
+
+AuditFn = Callable[[str, dict[str, Any]], None]
+
+
+class TaskError(Exception):
+    """A task the site refuses or cannot carry out; ``code`` is a SiteErrorCode."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
+
+
+def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+@dataclass
+class WarmTrainer:
+    """Carries out tasks for one site.
+
+    Args:
+        site_name: the site's name (for logs and the audit trail).
+        task: the registry task the site's data schema declares.
+        data: the site's checked, split data.
+        ledger: the site's privacy ledger.
+        replies_dir: where the last reply of each run is kept for idempotent replays.
+        audit: called with (action, detail) for every task seen; details carry no values.
+        epsilon_cap: the site's own cap per run (None: the run's budget only).
+    """
+
+    site_name: str
+    task: str
+    data: SiteData
+    ledger: PrivacyLedger
+    replies_dir: Path
+    audit: AuditFn = field(default=lambda action, detail: None)
+    epsilon_cap: float | None = None
+    grad_sample_mode: str = "hooks"
+
+    def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
+               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Answer one task frame; refusals and failures become error answers."""
+        kind = str(header.get("kind", ""))
+        config = header.get("config") if isinstance(header.get("config"), dict) else {}
+        assert isinstance(config, dict)
+        run_id = str(config.get(CFG.RUN_ID, "?"))
+        round_number = int(config.get(CFG.ROUND, 0) or 0)
+        try:
+            if kind == "train":
+                return self._train(config, arrays)
+            if kind == "evaluate":
+                return self._evaluate_only(config, arrays)
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
+        except TaskError as err:
+            self.audit("task-refused", {"run": run_id, "round": round_number,
+                                        "code": err.code, "reason": err.reason})
+            return {"error": {"code": err.code, "reason": err.reason}}, {}
+        except EgressViolation as err:
+            self.audit("egress-blocked", {"run": run_id, "round": round_number,
+                                          "problems": err.problems})
+            return {"error": {"code": SiteErrorCode.EGRESS_BLOCKED, "reason": str(err)}}, {}
+        except Exception as err:  # noqa: BLE001 - the reason is scrubbed to the type name
+            log.exception("task failed")
+            # Exception text can quote data values: only the type leaves the site.
+            reason = f"task-failed: {type(err).__name__} during {kind or 'task'}"
+            self.audit("task-failed", {"run": run_id, "round": round_number,
+                                       "error": type(err).__name__})
+            return {"error": {"code": SiteErrorCode.TASK_FAILED, "reason": reason}}, {}
+
+    # -- tasks -----------------------------------------------------------------------
+
+    def _model_for(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
+                   ) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
+        task_name = str(config.get(CFG.TASK, ""))
+        try:
+            task = get_task(task_name)
+        except KeyError as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+        if task.name != self.task:
+            raise TaskError(
+                SiteErrorCode.REFUSED_POLICY,
+                f"refused-policy: this site holds data for task {self.task!r}, "
+                f"not {task.name!r}",
+            )
+        model = task.build(seed=0)
+        shapes = array_shapes(model)
+        try:
+            set_model_arrays(model, {k: np.array(v, dtype=np.float32) for k, v in arrays.items()})
+        except ValueError:
+            raise TaskError(SiteErrorCode.BAD_TASK,
+                            "bad-task: the global model's arrays do not match the task") from None
+        return model, shapes
+
+    def _eval_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        model.eval()
+        result = evaluate(model=model, features=self.data.test_x, labels=self.data.test_y)
+        return {
+            "eval-loss": result.loss,
+            "eval-accuracy": result.accuracy,
+            "eval-auc": result.auc,
+            "num-eval-examples": float(result.n),
+        }
+
+    def _evaluate_only(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
+                       ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        model, shapes = self._model_for(config, arrays)
+        metrics = _finite_metrics(self._eval_metrics(model))
+        report = check_outgoing(expected_shapes=shapes, arrays={}, metrics=metrics)
+        self.audit("evaluated", {"run": str(config.get(CFG.RUN_ID)),
+                                 "round": int(config.get(CFG.ROUND, 0)),
+                                 "bytes_out": report.n_bytes, "metrics": report.metric_names})
+        return {"metrics": metrics}, {}
+
+    def _train(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
+               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        try:
+            run_id = str(config[CFG.RUN_ID])
+            project = str(config[CFG.PROJECT])
+            round_number = int(config[CFG.ROUND])
+            total_rounds = int(config[CFG.TOTAL_ROUNDS])
+            local_epochs = int(config[CFG.LOCAL_EPOCHS])
+            epsilon = float(config[CFG.EPSILON])
+            delta = float(config[CFG.DELTA])
+            clip = float(config[CFG.CLIP])
+            lr = float(config[CFG.LR])
+            batch = int(config[CFG.BATCH])
+            seed = int(config[CFG.SEED])
+        except (KeyError, TypeError, ValueError) as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        incoming = _digest(arrays)
+        replay = self._load_reply(run_id, round_number, incoming)
+        if replay is not None:
+            self.audit("round-replayed", {"run": run_id, "round": round_number})
+            return replay
+
+        model, shapes = self._model_for(config, arrays)
+        metrics = self._eval_metrics(model)
+
+        n_train = len(self.data.train_y)
+        q = sample_rate_for(n_examples=n_train, batch_size=batch)
+        steps = expected_steps(n_examples=n_train, batch_size=batch, epochs=local_epochs)
+        entry = self.ledger.get_run(run_id)
+        if entry is None:
+            sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
+                                             total_epochs=total_rounds * local_epochs)
+            self.ledger.open_run(run_id=run_id, project=project, epsilon_budget=epsilon,
+                                 delta=delta, noise_multiplier=sigma, sample_rate=q)
+        else:
+            sigma = entry.noise_multiplier
+        prior = self.ledger.history(run_id)
+        spent_before = self.ledger.epsilon_spent(run_id)
+        try:
+            # Write-ahead: the round is charged before any training touches the data.
+            projected = self.ledger.reserve_round(run_id=run_id, round_number=round_number,
+                                                  steps=steps, cap=self.epsilon_cap)
+        except BudgetExceededError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+        self.audit("round-reserved", {"run": run_id, "round": round_number,
+                                      "epsilon_after": projected})
+        result = train_dp(
+            model=model,
+            features=self.data.train_x,
+            labels=self.data.train_y,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            batch_size=batch,
+            epochs=local_epochs,
+            lr=lr,
+            seed=seed * 100_003 + round_number,
+            history=prior,
+            grad_sample_mode=self.grad_sample_mode,
+        )
+        spent = self.ledger.complete_round(run_id=run_id, round_number=round_number)
+        metrics.update({
+            "num-examples": float(n_train),
+            "train-loss": result.loss,
+            "epsilon-spent": spent,
+            "epsilon-round": max(0.0, spent - spent_before),
+            "noise-multiplier": sigma,
+            "train-seconds": result.seconds,
+        })
+        metrics = _finite_metrics(metrics)
+        out = model_arrays(model)
+        report = check_outgoing(expected_shapes=shapes, arrays=out, metrics=metrics)
+        self.audit("round-trained", {
+            "run": run_id, "round": round_number, "epsilon_spent": spent,
+            "bytes_out": report.n_bytes, "array_shapes": report.array_shapes,
+            "metrics": report.metric_names,
+        })
+        reply = ({"metrics": metrics}, out)
+        self._store_reply(run_id, round_number, incoming, reply)
+        return reply
+
+    # -- idempotent replays ------------------------------------------------------------
+
+    def _reply_paths(self, run_id: str) -> tuple[Path, Path]:
+        safe = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+        return self.replies_dir / f"{safe}.json", self.replies_dir / f"{safe}.npz"
+
+    def _store_reply(self, run_id: str, round_number: int, incoming: str,
+                     reply: tuple[dict[str, Any], dict[str, np.ndarray]]) -> None:
+        meta_path, arr_path = self._reply_paths(run_id)
+        self.replies_dir.mkdir(parents=True, exist_ok=True)
+        tmp_arr = arr_path.with_name(arr_path.stem + ".tmp.npz")
+        np.savez(tmp_arr, **reply[1])
+        os.replace(tmp_arr, arr_path)
+        tmp_meta = meta_path.with_suffix(".tmp")
+        tmp_meta.write_text(json.dumps({"run": run_id, "round": round_number,
+                                        "incoming": incoming, "header": reply[0]}))
+        os.replace(tmp_meta, meta_path)
+
+    def _load_reply(self, run_id: str, round_number: int, incoming: str
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        meta_path, arr_path = self._reply_paths(run_id)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("round") != round_number or meta.get("incoming") != incoming:
+            return None
+        # NEVER allow_pickle: these files live on disk and could have been replaced.
+        with np.load(arr_path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        return dict(meta["header"]), arrays
+
+
+class TrainerServer:
+    """Serves a :class:`WarmTrainer` on a Unix socket, one task at a time."""
+
+    def __init__(self, *, path: Path, trainer: WarmTrainer) -> None:
+        self.path = path
+        self.trainer = trainer
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        if self.path.exists():
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        sock.listen(8)
+        sock.settimeout(0.5)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="trainer", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(600)
+            try:
+                header, arrays = read_frame(conn)
+                with self._lock:
+                    t0 = time.perf_counter()
+                    reply, out = self.trainer.handle(header, arrays)
+                    log.info("task %s handled in %.3f s", header.get("kind"),
+                             time.perf_counter() - t0)
+                write_frame(conn, reply, out)
+            except (IPCError, OSError) as err:
+                log.warning("trainer connection dropped: %s", err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.path.exists():
+            self.path.unlink()
