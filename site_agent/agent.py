@@ -9,6 +9,7 @@ never listens on a non-loopback address.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import socket
 import ssl
@@ -27,7 +28,7 @@ from site_agent.config import SiteConfig, SitePaths
 from site_agent.data import DataCheckError, load_schema, load_site_data
 from site_agent.trainer import TrainerServer, WarmTrainer
 
-__all__ = ["SUPERNODE_EXIT_HELP", "SiteAgent", "probe_coordinator"]
+__all__ = ["SUPERNODE_EXIT_HELP", "SiteAgent", "flower_exit_code", "probe_coordinator"]
 
 log = logging.getLogger("fedward.site.agent")
 
@@ -41,6 +42,25 @@ SUPERNODE_EXIT_HELP: dict[int, str] = {
           "(the agent retries after its back-off)"),
     606: "the coordinator runs another Flower version; update the site agent",
 }
+
+
+_EXIT_CODE_RE = re.compile(rb"Exit Code: (\d+)")
+
+
+def flower_exit_code(log_path: Path, process_status: int, *, since: int = 0) -> int:
+    """Flower's own exit code for a SuperNode that ended.
+
+    ``flwr_exit`` maps every code of 100 and above to process status 1 and writes the real
+    code to the log ("Exit Code: 305"), so the log written since ``since`` is searched.
+    """
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(since)
+            tail = fh.read()
+    except OSError:
+        return process_status
+    found = _EXIT_CODE_RE.findall(tail)
+    return int(found[-1]) if found else process_status
 
 
 def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
@@ -146,7 +166,9 @@ class SiteAgent:
             "--port", str(free_port()),
         ]
         log_fh: IO[bytes]
-        with open(paths.logs / "supernode.log", "ab") as log_fh:
+        log_path = paths.logs / "supernode.log"
+        start_offset = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log_fh:
             self._proc = subprocess.Popen(cmd, env=flower_env(str(paths.flwr_home)),
                                           stdout=log_fh, stderr=subprocess.STDOUT)
             log.info("SuperNode started (pid %s) towards %s", self._proc.pid, config.superlink)
@@ -154,7 +176,7 @@ class SiteAgent:
                 code = self._proc.poll()
                 if code is not None:
                     self._proc = None
-                    return code
+                    return flower_exit_code(log_path, code, since=start_offset)
                 time.sleep(0.5)
             stop_process_tree(self._proc)
             self._proc = None

@@ -1,0 +1,325 @@
+"""Round time of a STOCK Flower deployment (Flower's own FedAvg app), for side-by-side reporting.
+
+Starts, on 127.0.0.1 only: one SuperLink (TLS on, SuperNode auth on, SQLite state, runtime
+dependency installation off) and N SuperNodes (each with its own ECDSA P-384 key, registered
+through the control API, and its own data partition of the Breast Cancer Wisconsin data set),
+then runs ``bench/stock_flower`` with ``flwr run`` and reads the per-round timestamps the
+ServerApp writes.
+
+    .venv/bin/python bench/stock_round_time.py --sites 3 --rounds 3 --json /tmp/stock.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import json
+import shutil
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import VENV_BIN, Proc, flwr_env, free_port, run_cmd, wait_until  # noqa: E402
+
+APP_DIR = Path(__file__).resolve().parent / "stock_flower"
+CONN = "bench"
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates, keys, data
+
+
+def make_tls(d: Path) -> tuple[Path, Path, Path]:
+    """Self-signed CA and a server certificate for 127.0.0.1/localhost. Returns (ca, crt, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedward-bench CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    srv_key = ec.generate_private_key(ec.SECP384R1())
+    srv = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    ca_p, crt_p, key_p = d / "ca.crt", d / "server.pem", d / "server.key"
+    ca_p.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    crt_p.write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    key_p.write_bytes(srv_key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    key_p.chmod(0o600)
+    return ca_p, crt_p, key_p
+
+
+def make_node_key(path: Path) -> None:
+    r = run_cmd(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", path.name,
+                 "-f", str(path)], env={"PATH": "/usr/bin:/bin"}, timeout_s=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"ssh-keygen failed: {r.stderr}")
+
+
+def make_partitions(d: Path, n: int) -> list[Path]:
+    """Split load_breast_cancer by index into n CSVs (30 raw features, then the label)."""
+    import numpy as np
+    from sklearn.datasets import load_breast_cancer
+
+    from export.tasks import BREAST_CANCER_COLUMNS
+
+    x, y = load_breast_cancer(return_X_y=True)
+    header = ",".join([*BREAST_CANCER_COLUMNS, "diagnosis"])
+    paths = []
+    for i, idx in enumerate(np.array_split(np.arange(len(y)), n)):
+        p = d / f"site{i}.csv"
+        np.savetxt(p, np.column_stack([x[idx], y[idx]]), delimiter=",", header=header,
+                   comments="", fmt="%.10g")
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Flower CLI helpers
+
+
+def write_cli_config(flwr_home: Path, port: int, ca: Path) -> Path:
+    """$FLWR_HOME/config.toml for the `flwr` CLI (flwr 1.42 format)."""
+    cfg = flwr_home / "config.toml"
+    cfg.write_text(
+        "[superlink]\n"
+        f'default = "{CONN}"\n\n'
+        f"[superlink.{CONN}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{ca}"\n',
+        encoding="utf-8",
+    )
+    return cfg
+
+
+def flwr_json(args: list[str], env: dict[str, str], timeout_s: float = 60) -> dict:
+    """Run `flwr ... --format json` and return the JSON object it prints."""
+    r = run_cmd([str(VENV_BIN / "flwr"), *args, "--format", "json"], env=env, timeout_s=timeout_s)
+    out = r.stdout.strip()
+    start = out.find("{")
+    if start < 0:
+        raise RuntimeError(f"flwr {' '.join(args)} rc={r.returncode}: {out}\n{r.stderr}")
+    data = json.loads(out[start:])
+    if not data.get("success", False):
+        raise RuntimeError(f"flwr {' '.join(args)} failed: {data}")
+    return data
+
+
+def superlink_healthy(port: int, ca: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=ctx,
+                                    timeout=2) as resp:
+            return resp.status == 200
+    except Exception:  # noqa: BLE001 (not up yet)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None, help="write the result here")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--probe-unregistered", action="store_true",
+                    help="also start a SuperNode with an unregistered key; record its exit")
+    args = ap.parse_args()
+    if args.sites < 1 or args.rounds < 1:
+        ap.error("--sites and --rounds must be >= 1")
+
+    # Bounded lifetime of every process: generous for the measured run, never unbounded.
+    lifetime = 180 + 90 * args.rounds * max(1, args.sites // 2)
+    tmp = Path(tempfile.mkdtemp(prefix="stockflwr-"))
+    procs: list[Proc] = []
+    result: dict = {"sites": args.sites, "rounds": args.rounds, "tmp": str(tmp)}
+    rc = 1
+    try:
+        t_setup = time.monotonic()
+        ca, crt, key = make_tls(tmp)
+        data_paths = make_partitions(tmp, args.sites)
+        keys = []
+        for i in range(args.sites):
+            k = tmp / f"site{i}_key"
+            make_node_key(k)
+            keys.append(k)
+        result["setup_seconds"] = time.monotonic() - t_setup
+
+        port = free_port()
+        link_env = flwr_env(tmp / "home_superlink")
+        cli_home = tmp / "home_cli"
+        cli_env = flwr_env(cli_home)
+        write_cli_config(cli_home, port, ca)
+
+        # --- SuperLink -------------------------------------------------------------------
+        t0 = time.monotonic()
+        link = Proc("superlink", [
+            str(VENV_BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(crt), "--ssl-keyfile", str(key),
+            "--enable-supernode-auth", "--database", str(tmp / "state.db"),
+            "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation",
+        ], link_env, tmp / "superlink.log", lifetime, cwd=tmp)
+        procs.append(link)
+
+        def link_up() -> bool:
+            if link.poll() is not None:
+                raise RuntimeError(f"SuperLink exited {link.poll()}:\n{link.log_tail()}")
+            return superlink_healthy(port, ca)
+
+        wait_until(link_up, 60, what="SuperLink /health")
+        result["superlink_start_seconds"] = time.monotonic() - t0
+
+        # --- register node keys (control API, via the CLI) -----------------------------------
+        t0 = time.monotonic()
+        node_ids = []
+        for i, k in enumerate(keys):
+            data = flwr_json(["supernode", "register", str(k) + ".pub", CONN, "--name",
+                              f"site{i}"], cli_env)
+            node_ids.append(str(data["node-id"]))
+        result["register_seconds_total"] = time.monotonic() - t0
+
+        # --- optional: unregistered key ------------------------------------------------------
+        if args.probe_unregistered:
+            k = tmp / "rogue_key"
+            make_node_key(k)
+            t0 = time.monotonic()
+            rogue = Proc("rogue", [
+                str(VENV_BIN / "flower-supernode"), "--root-certificates", str(ca),
+                "--superlink", f"127.0.0.1:{port}", "--auth-supernode-private-key", str(k),
+                "--port", str(free_port()),
+            ], flwr_env(tmp / "home_rogue"), tmp / "rogue.log", 60, cwd=tmp)
+            procs.append(rogue)
+            try:
+                wait_until(lambda: rogue.poll() is not None, 55, what="rogue SuperNode exit")
+            except TimeoutError:
+                pass
+            code = rogue.poll()
+            # `timeout` returns the child's own exit code when it exits by itself.
+            result["unregistered_probe"] = {
+                "exit_code": code, "seconds": time.monotonic() - t0,
+                "log_tail": rogue.log_tail(6),
+            }
+
+        # --- SuperNodes ------------------------------------------------------------------------
+        t0 = time.monotonic()
+        for i in range(args.sites):
+            node = Proc(f"supernode{i}", [
+                str(VENV_BIN / "flower-supernode"), "--root-certificates", str(ca),
+                "--superlink", f"127.0.0.1:{port}", "--auth-supernode-private-key", str(keys[i]),
+                "--node-config", f"data-path='{data_paths[i]}'",
+                "--port", str(free_port()),
+            ], flwr_env(tmp / f"home_site{i}"), tmp / f"supernode{i}.log", lifetime, cwd=tmp)
+            procs.append(node)
+
+        def all_online() -> bool:
+            for p in procs:
+                if p.name.startswith("supernode") and p.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited {p.poll()}:\n{p.log_tail()}")
+            nodes = flwr_json(["supernode", "ls", CONN], cli_env)["nodes"]
+            online = {n["node-id"] for n in nodes if n["status"] == "online"}
+            return set(node_ids) <= online
+
+        wait_until(all_online, 90, interval_s=0.5, what="all SuperNodes online")
+        result["supernodes_online_seconds"] = time.monotonic() - t0
+
+        # --- the run -----------------------------------------------------------------------
+        timing_path = tmp / "timing.json"
+        t0 = time.monotonic()
+        started = flwr_json([
+            "run", str(APP_DIR), CONN, "--run-config",
+            f"num-server-rounds={args.rounds} min-nodes={args.sites} timing-path='{timing_path}'",
+        ], cli_env)
+        run_id = started["run-id"]
+        result["run_id"] = run_id
+        result["flwr_run_cli_seconds"] = time.monotonic() - t0
+
+        def finished():
+            for p in procs:
+                if p.name != "rogue" and p.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited {p.poll()}:\n{p.log_tail()}")
+            runs = flwr_json(["ls", CONN, "--run-id", run_id], cli_env)["runs"]
+            status = runs[0]["status"] if runs else ""
+            return runs[0] if status.startswith("finished") else None
+
+        run_row = wait_until(finished, lifetime - 60, interval_s=1.0, what=f"run {run_id}")
+        result["run_wall_seconds"] = time.monotonic() - t0
+        result["run_status"] = run_row["status"]
+        result["run_status_details"] = run_row.get("status-details")
+        if not run_row["status"].endswith("completed") or not timing_path.exists():
+            raise RuntimeError(f"run ended {run_row['status']}: {run_row.get('status-details')}"
+                               f"\n{link.log_tail(30)}")
+
+        timing = json.loads(timing_path.read_text())
+        round_s = [r["seconds"] for r in timing["rounds"]]
+        result.update({
+            "median_round_seconds": statistics.median(round_s),
+            "round_seconds": round_s,
+            "total_rounds_seconds": sum(round_s),
+            "strategy_seconds": timing["strategy_seconds"],
+            "rounds_detail": timing["rounds"],
+            "train_metrics": timing["train_metrics"],
+            "evaluate_metrics": timing["evaluate_metrics"],
+        })
+        rc = 0
+    except Exception as exc:  # noqa: BLE001 (reported in the JSON and on stderr)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        print(result["error"], file=sys.stderr)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        if not args.keep and rc == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+
+    summary = {k: result.get(k) for k in ("sites", "rounds", "median_round_seconds",
+                                           "round_seconds", "total_rounds_seconds",
+                                           "superlink_start_seconds",
+                                           "supernodes_online_seconds", "error")}
+    print(json.dumps(summary, indent=2))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

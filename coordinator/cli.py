@@ -1,0 +1,283 @@
+"""``fedward-coordinator``: the central ML team's command line.
+
+``init`` and ``serve`` act on the data directory; every other command talks to the REST API
+of a running coordinator with an API token (``--token``, ``FEDWARD_TOKEN`` or the admin
+token that ``init`` wrote into the data directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from coordinator.settings import Settings, load_settings
+
+__all__ = ["ApiClient", "app", "main"]
+
+app = typer.Typer(help="Fedward coordinator: sites, runs, rounds.", no_args_is_help=True,
+                  add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="Coordinator data directory "
+                                              "(default $FEDWARD_HOME or ~/.fedward/coordinator)")]
+ApiOpt = Annotated[str | None, typer.Option("--api", help="API base URL (default "
+                                            "$FEDWARD_API or http://127.0.0.1:8600)")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="API token (default "
+                                              "$FEDWARD_TOKEN or the admin token file)")]
+
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def _settings(home: Path | None) -> Settings:
+    return load_settings(home.expanduser().resolve() if home else None)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+class ApiClient:
+    """A thin REST client that turns HTTP errors into one readable message."""
+
+    def __init__(self, base: str, token: str | None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base = base.rstrip("/")
+        self._http = httpx.Client(base_url=self.base + "/api/v1", headers=headers, timeout=30)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            r = self._http.request(method, path, json=body)
+        except httpx.ConnectError:
+            _fail(f"the coordinator API at {self.base} is not reachable; is "
+                  "`fedward-coordinator serve` running?")
+        if r.status_code >= 400:
+            try:
+                detail = r.json()
+                msg = detail.get("message") or detail.get("detail")
+            except ValueError:
+                msg = r.text
+            _fail(f"{method} {path} -> {r.status_code}: {msg}")
+        return r.json() if r.content else None
+
+
+def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
+    base = api or os.environ.get("FEDWARD_API")
+    settings = _settings(home)
+    if base is None:
+        base = f"http://{settings.api_host}:{settings.api_port}"
+    tok = token or os.environ.get("FEDWARD_TOKEN")
+    if tok is None:
+        f = settings.home / ADMIN_TOKEN_FILE
+        if f.exists():
+            tok = f.read_text().strip()
+    return ApiClient(base, tok)
+
+
+@app.command()
+def init(home: HomeOpt = None,
+         admin: Annotated[str, typer.Option(help="name of the first admin account")] = "admin"
+         ) -> None:
+    """Create the data directory, the site CA, the database schema and the first admin."""
+    from coordinator.api import create_user  # noqa: PLC0415
+    from coordinator.db import make_engine, session_scope  # noqa: PLC0415
+    from coordinator.models import User  # noqa: PLC0415
+    from coordinator.service import init_home  # noqa: PLC0415
+    from sqlmodel import select  # noqa: PLC0415
+
+    settings = _settings(home)
+    pki = init_home(settings)
+    engine = make_engine(settings.effective_database_url)
+    token_file = settings.home / ADMIN_TOKEN_FILE
+    with session_scope(engine) as session:
+        if session.exec(select(User).where(User.name == admin)).first() is None:
+            _user, token = create_user(session, name=admin, role="admin")
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token + "\n")
+            console.print(f"admin account [bold]{admin}[/] created; its API token is in "
+                          f"{token_file} (mode 0600)")
+    engine.dispose()
+    console.print(f"coordinator initialised in {settings.home}")
+    console.print(f"site CA certificate (give it to each hospital): {pki.ca_cert}")
+
+
+@app.command()
+def serve(home: HomeOpt = None,
+          port: Annotated[int | None, typer.Option(help="REST API port")] = None,
+          superlink_port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1 "
+                                                      "(0: pick a free one)")] = 0) -> None:
+    """Run the coordinator: SuperLink on loopback plus the REST API, until Ctrl-C/SIGTERM."""
+    from coordinator.service import Coordinator  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
+                        "%(message)s")
+    settings = _settings(home)
+    if port is not None:
+        settings = settings.model_copy(update={"api_port": port})
+    Coordinator(settings=settings, superlink_port=superlink_port).serve()
+
+
+@app.command("add-site")
+def add_site(name: str,
+             node_key: Annotated[Path | None, typer.Option(
+                 "--node-key", help="the site's node public key file (node_key.pub)")] = None,
+             home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
+    """Add a site and, with --node-key, register its Flower node key."""
+    client = _client(api, token, home)
+    existing = {s["name"] for s in client.call("GET", "/sites")}
+    if name not in existing:
+        client.call("POST", "/sites", {"name": name})
+    if node_key is not None:
+        if not node_key.exists():
+            _fail(f"{node_key} does not exist; copy node_key.pub from the site's keys folder")
+        site = client.call("POST", f"/sites/{name}/node-key",
+                           {"public_key": node_key.read_text().strip()})
+        console.print(f"site [bold]{name}[/] registered (Flower node {site.get('flower_node_id')})")
+    else:
+        console.print(f"site [bold]{name}[/] added; register its node key with --node-key")
+
+
+@app.command()
+def launch(
+    project: Annotated[str, typer.Option(help="project name (created if new)")],
+    task: Annotated[str, typer.Option(help="task from the registry, e.g. breast_cancer_mlp")],
+    rounds: Annotated[int, typer.Option()] = 5,
+    local_epochs: Annotated[int, typer.Option()] = 1,
+    epsilon: Annotated[float, typer.Option(help="epsilon budget per site for the run")] = 3.0,
+    delta: Annotated[float, typer.Option()] = 1e-5,
+    min_sites: Annotated[int, typer.Option()] = 2,
+    round_deadline: Annotated[float, typer.Option(help="seconds per round")] = 120.0,
+    lr: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    site: Annotated[list[str] | None, typer.Option("--site", help="limit to these sites")] = None,
+    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Launch a federated DP run."""
+    client = _client(api, token, home)
+    if project not in {p["name"] for p in client.call("GET", "/projects")}:
+        client.call("POST", "/projects", {"name": project})
+    body: dict[str, Any] = {
+        "project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
+        "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
+        "round_deadline_s": round_deadline, "max_grad_norm": max_grad_norm, "seed": seed,
+    }
+    if lr is not None:
+        body["lr"] = lr
+    if batch_size is not None:
+        body["batch_size"] = batch_size
+    if site:
+        body["sites"] = site
+    run = client.call("POST", "/runs", body)
+    if as_json:
+        print(json.dumps(run))
+    else:
+        console.print(f"run [bold]{run['id']}[/] launched (Flower run {run.get('flwr_run_id')}); "
+                      f"watch it with `fedward-coordinator watch {run['id']}`")
+
+
+def _progress_table(run: dict[str, Any], rounds: list[dict[str, Any]],
+                    metrics: list[dict[str, Any]]) -> Table:
+    cfg = run.get("config") or {}
+    table = Table(title=f"run {run['id']} · {run['task']} · {run['status']}"
+                  + (f" · {run['failure_reason']}" if run.get("failure_reason") else ""))
+    for col in ("round", "status", "seconds", "site", "eval AUC", "eval acc", "train loss",
+                "epsilon", "failed / late"):
+        table.add_column(col)
+    by_round: dict[int, dict[str, dict[str, float]]] = {}
+    for m in metrics:
+        by_round.setdefault(int(m["round_number"]), {}).setdefault(m["site_name"], {})[
+            m["name"]] = float(m["value"])
+    total = cfg.get("rounds", "?")
+    for rnd in rounds:
+        n = int(rnd["number"])
+        sites = by_round.get(n, {})
+        failed = ", ".join(f"{f['site']} ({f['reason'][:60]})" for f in rnd.get("failed_sites", []))
+        first = True
+        for site_name, vals in sorted(sites.items()) or [("-", {})]:
+            table.add_row(
+                f"{n}/{total}" if first else "", rnd["status"] if first else "",
+                f"{rnd['seconds']:.2f}" if first and rnd.get("seconds") else "",
+                site_name,
+                _fmt(vals.get("eval-auc")), _fmt(vals.get("eval-accuracy")),
+                _fmt(vals.get("train-loss")), _fmt(vals.get("epsilon-spent")),
+                failed if first else "",
+            )
+            first = False
+    return table
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+@app.command()
+def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+          timeout: Annotated[float, typer.Option(help="stop watching after this many "
+                                                 "seconds")] = 3600.0,
+          interval: Annotated[float, typer.Option()] = 1.0) -> None:
+    """Show a run's progress per round and site, live, until it ends."""
+    client = _client(api, token, home)
+    deadline = time.monotonic() + timeout
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        while True:
+            run = client.call("GET", f"/runs/{run_id}")
+            rounds = client.call("GET", f"/runs/{run_id}/rounds")
+            metrics = client.call("GET", f"/runs/{run_id}/metrics")
+            live.update(_progress_table(run, rounds, metrics))
+            if run["status"] in ("completed", "failed", "stopped"):
+                break
+            if time.monotonic() > deadline:
+                _fail(f"run {run_id} still {run['status']} after {timeout:.0f} s")
+            time.sleep(interval)
+    if run["status"] != "completed":
+        raise typer.Exit(2)
+
+
+@app.command()
+def runs(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
+    """List runs."""
+    client = _client(api, token, home)
+    table = Table("id", "project", "task", "status", "launched by", "created", "reason")
+    for r in client.call("GET", "/runs"):
+        table.add_row(str(r["id"]), str(r.get("project", "")), r["task"], r["status"],
+                      str(r.get("launched_by", "")), str(r.get("created_at", ""))[:19],
+                      str(r.get("failure_reason") or ""))
+    console.print(table)
+
+
+@app.command()
+def rounds(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List a run's rounds and per-site metrics."""
+    client = _client(api, token, home)
+    run = client.call("GET", f"/runs/{run_id}")
+    rnds = client.call("GET", f"/runs/{run_id}/rounds")
+    metrics = client.call("GET", f"/runs/{run_id}/metrics")
+    if as_json:
+        print(json.dumps({"run": run, "rounds": rnds, "metrics": metrics}))
+    else:
+        console.print(_progress_table(run, rnds, metrics))
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
