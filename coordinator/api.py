@@ -1,0 +1,626 @@
+"""The coordinator's REST API (``/api/v1``), built by :func:`create_app`.
+
+Authentication is a bearer token per user (``Authorization: Bearer <token>``); only its
+SHA-256 is stored. Roles: ``admin`` and ``ml_engineer`` may change things (projects, sites,
+runs); every authenticated user may read projects, sites and runs; the audit log is open to
+everyone but ``clinician``.
+
+The Flower boundary is injected: a :class:`RunLauncher` starts a run on the SuperLink, a
+:class:`NodeRegistrar` registers a site's SuperNode key with it. Without them the routes
+that need them answer 503.
+
+Validation errors (422) keep FastAPI's ``detail`` list and add ``message``, one
+``"{field}: {why}"`` per problem, for people and scripts that just print it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Sequence
+from typing import Annotated, Any, Final, NoReturn, Protocol
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine, func, text
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from coordinator.audit import append_event, verify_chain
+from coordinator.db import SessionDep
+from coordinator.models import (
+    ROLES,
+    AuditEvent,
+    Checkpoint,
+    Project,
+    Round,
+    Run,
+    Site,
+    SiteMetric,
+    User,
+    utcnow,
+)
+from coordinator.repository import record_run_outcome
+from coordinator.schemas import (
+    AuditEventPublic,
+    AuditPage,
+    AuditVerifyResult,
+    CheckpointPublic,
+    HealthPublic,
+    NodeKeyCreate,
+    ProjectCreate,
+    ProjectPublic,
+    RoundMetrics,
+    RoundPublic,
+    RunConfig,
+    RunCreate,
+    RunDetail,
+    RunMetrics,
+    RunPublic,
+    SiteCreate,
+    SitePublic,
+    UserPublic,
+)
+from coordinator.settings import Settings
+
+__all__ = [
+    "API_PREFIX",
+    "AUDIT_ROLES",
+    "WRITE_ROLES",
+    "CurrentUser",
+    "NodeRegistrar",
+    "RunLauncher",
+    "create_app",
+    "create_user",
+    "hash_token",
+]
+
+API_PREFIX: Final = "/api/v1"
+WRITE_ROLES: Final = frozenset({"admin", "ml_engineer"})
+AUDIT_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
+_USER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_LOC_PREFIXES: Final = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+class RunLauncher(Protocol):
+    """Starts a committed, pending run on the Flower SuperLink."""
+
+    def launch(self, run_id: int) -> str:
+        """Start coordinator run ``run_id``; return Flower's run id. Raise if it cannot."""
+        ...
+
+
+class NodeRegistrar(Protocol):
+    """Registers a site's SuperNode public key with the Flower SuperLink."""
+
+    def register(self, public_key: str, name: str) -> str:
+        """Register ``public_key`` for site ``name``; return the Flower node id."""
+        ...
+
+
+# --- users and authentication ------------------------------------------------------------
+
+
+def hash_token(token: str) -> str:
+    """The stored form of an API token: its SHA-256 in hex."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_user(
+    session: Session, *, name: str, role: str, actor: str = "system"
+) -> tuple[User, str]:
+    """Create a user and its API token, in the session's transaction (the caller commits).
+
+    Args:
+        session: Open session, for example from :func:`coordinator.db.session_scope`.
+        name: Unique user name (letters, digits, ``_ . @ -``; up to 64).
+        role: One of ``admin``, ``ml_engineer``, ``reviewer``, ``clinician``.
+        actor: Who creates the user, for the audit log.
+
+    Returns:
+        The user (flushed, ``id`` set) and the plaintext token. The token is not stored and
+        cannot be shown again.
+
+    Raises:
+        ValueError: Bad name or role, or the name is taken.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
+    if not _USER_NAME.fullmatch(name):
+        raise ValueError(f"bad user name {name!r}: use letters, digits, '_', '.', '@', '-'")
+    if session.exec(select(User).where(User.name == name)).first() is not None:
+        raise ValueError(f"user {name!r} already exists")
+    token = secrets.token_urlsafe(32)
+    user = User(name=name, role=role, token_hash=hash_token(token))
+    session.add(user)
+    session.flush()
+    append_event(session, actor=actor, action="user.created", subject=f"user:{name}",
+                 detail={"role": role})
+    return user, token
+
+
+_bearer = HTTPBearer(auto_error=False, description="API token of a coordinator user.")
+
+
+def get_current_user(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> User:
+    """FastAPI dependency: the user whose token is in the ``Authorization`` header.
+
+    Raises:
+        HTTPException: 401 when the header is missing, malformed or the token is unknown.
+    """
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="missing API token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    user = session.exec(
+        select(User).where(User.token_hash == hash_token(credentials.credentials))
+    ).first()
+    if user is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="unknown API token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def _require(user: User, roles: frozenset[str]) -> None:
+    if user.role not in roles:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"role {user.role!r} may not do this; needs one of {', '.join(sorted(roles))}",
+        )
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def _field_name(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in _LOC_PREFIXES:
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    message = "; ".join(f"{_field_name(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={"detail": jsonable_encoder(errors), "message": message},
+    )
+
+
+def _field_error(field: str, message: str, value: Any = None) -> NoReturn:
+    """Reject a request body field after parsing, in the same shape as FastAPI's own 422."""
+    raise RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}]
+    )
+
+
+def _not_found(what: str) -> NoReturn:
+    raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{what} not found")
+
+
+# --- routes ------------------------------------------------------------------------------
+
+router = APIRouter(prefix=API_PREFIX)
+_Responses = dict[int | str, dict[str, Any]]
+_401: _Responses = {401: {"description": "Missing or unknown API token"}}
+_403: _Responses = {403: {"description": "The user's role may not do this"}}
+_404: _Responses = {404: {"description": "No such object"}}
+
+
+@router.get("/health", tags=["health"])
+def health(request: Request) -> JSONResponse:
+    """Liveness and database reachability. No authentication."""
+    engine: Engine = request.app.state.engine
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:  # any driver error means "unreachable"; report, don't crash
+        body = HealthPublic(status="degraded", database=f"unreachable: {type(exc).__name__}")
+        return JSONResponse(status_code=503, content=body.model_dump())
+    return JSONResponse(content=HealthPublic(status="ok", database="ok").model_dump())
+
+
+@router.get("/me", tags=["users"], responses=_401)
+def me(user: CurrentUser) -> UserPublic:
+    """The user the token belongs to."""
+    return UserPublic.of(user)
+
+
+# projects
+
+
+@router.post("/projects", status_code=201, tags=["projects"], responses={**_401, **_403})
+def create_project(body: ProjectCreate, session: SessionDep, user: CurrentUser) -> ProjectPublic:
+    """Create a project."""
+    _require(user, WRITE_ROLES)
+    if session.exec(select(Project).where(Project.name == body.name)).first() is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"project {body.name!r} already exists")
+    project = Project(name=body.name, description=body.description)
+    session.add(project)
+    session.flush()
+    append_event(session, actor=user.name, action="project.created",
+                 subject=f"project:{body.name}", detail={"description": body.description})
+    session.commit()
+    return ProjectPublic.of(project)
+
+
+@router.get("/projects", tags=["projects"], responses=_401)
+def list_projects(session: SessionDep, _user: CurrentUser) -> list[ProjectPublic]:
+    """All projects, by name."""
+    rows = session.exec(select(Project).order_by(col(Project.name))).all()
+    return [ProjectPublic.of(p) for p in rows]
+
+
+# sites
+
+
+def _site(session: Session, name: str) -> Site:
+    site = session.exec(select(Site).where(Site.name == name)).first()
+    if site is None:
+        _not_found(f"site {name!r}")
+    return site
+
+
+@router.post("/sites", status_code=201, tags=["sites"], responses={**_401, **_403})
+def add_site(body: SiteCreate, session: SessionDep, user: CurrentUser) -> SitePublic:
+    """Add a site (status ``added``); it takes part in runs once its node key is registered."""
+    _require(user, WRITE_ROLES)
+    if session.exec(select(Site).where(Site.name == body.name)).first() is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"site {body.name!r} already exists")
+    site = Site(name=body.name)
+    session.add(site)
+    session.flush()
+    append_event(session, actor=user.name, action="site.added", subject=f"site:{body.name}",
+                 detail={})
+    session.commit()
+    return SitePublic.of(site)
+
+
+@router.get("/sites", tags=["sites"], responses=_401)
+def list_sites(session: SessionDep, _user: CurrentUser) -> list[SitePublic]:
+    """All sites, by name."""
+    return [SitePublic.of(s) for s in session.exec(select(Site).order_by(col(Site.name))).all()]
+
+
+@router.get("/sites/{name}", tags=["sites"], responses={**_401, **_404})
+def get_site(name: str, session: SessionDep, _user: CurrentUser) -> SitePublic:
+    """One site."""
+    return SitePublic.of(_site(session, name))
+
+
+@router.post(
+    "/sites/{name}/node-key",
+    tags=["sites"],
+    responses={**_401, **_403, **_404,
+               409: {"description": "Site revoked, or registered with another key"},
+               503: {"description": "No registrar configured, or the SuperLink refused"}},
+)
+def register_node_key(
+    name: str, body: NodeKeyCreate, request: Request, session: SessionDep, user: CurrentUser
+) -> SitePublic:
+    """Register the site's SuperNode public key with Flower; the site becomes ``registered``.
+
+    Repeating it with the same key is a no-op. A different key for a registered site is
+    refused (409): revoke the site first.
+    """
+    _require(user, WRITE_ROLES)
+    registrar: NodeRegistrar | None = request.app.state.registrar
+    site = _site(session, name)
+    if site.status == "revoked":
+        raise HTTPException(status.HTTP_409_CONFLICT, f"site {name!r} is revoked")
+    if site.status == "registered":
+        if site.public_key == body.public_key:
+            return SitePublic.of(site)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"site {name!r} is already registered with a different node key; revoke it first",
+        )
+    other = session.exec(
+        select(Site).where(Site.public_key == body.public_key, Site.name != name)
+    ).first()
+    if other is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"this node key is already used by site {other.name!r}")
+    if registrar is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "node registration is not configured on this coordinator")
+    # End the read transaction before talking to the SuperLink, so the database is not held
+    # (on SQLite, its write lock) for the length of a network call.
+    session.commit()
+    try:
+        node_id = str(registrar.register(body.public_key, name))
+    except Exception as exc:  # the Flower boundary can fail in many ways; report why
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"registering the node key failed: {_reason(exc)}") from exc
+    session.refresh(site)
+    if site.status != "added":  # changed by someone else while Flower was asked
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"site {name!r} changed meanwhile (now {site.status}); retry")
+    taken = f"Flower node id {node_id} is already another site's"
+    if session.exec(select(Site).where(Site.flower_node_id == node_id)).first() is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, taken)
+    site.public_key = body.public_key
+    site.flower_node_id = node_id
+    site.status = "registered"
+    site.registered_at = utcnow()
+    session.add(site)
+    try:
+        session.flush()  # the unique node id is enforced here too, against a racing request
+    except IntegrityError as exc:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, taken) from exc
+    append_event(session, actor=user.name, action="site.registered", subject=f"site:{name}",
+                 detail={"flower_node_id": node_id, "public_key_sha256":
+                         hashlib.sha256(body.public_key.encode()).hexdigest()})
+    session.commit()
+    return SitePublic.of(site)
+
+
+def _reason(exc: BaseException) -> str:
+    text_ = str(exc).strip()
+    return f"{type(exc).__name__}: {text_}" if text_ else type(exc).__name__
+
+
+# runs
+
+
+def _run_with_project(session: Session, run_id: int) -> tuple[Run, str]:
+    row = session.exec(
+        select(Run, Project.name).join(Project, col(Project.id) == col(Run.project_id))
+        .where(Run.id == run_id)
+    ).first()
+    if row is None:
+        _not_found(f"run {run_id}")
+    return row[0], row[1]
+
+
+def _resolve_sites(session: Session, body: RunCreate) -> list[str]:
+    if body.sites is None:
+        return list(session.exec(
+            select(Site.name).where(Site.status == "registered").order_by(col(Site.name))
+        ).all())
+    found = {s.name: s for s in session.exec(select(Site).where(col(Site.name).in_(body.sites)))}
+    unknown = [n for n in body.sites if n not in found]
+    if unknown:
+        _field_error("sites", f"unknown site(s): {', '.join(unknown)}", body.sites)
+    unregistered = [f"{n} ({found[n].status})" for n in body.sites
+                    if found[n].status != "registered"]
+    if unregistered:
+        _field_error("sites", f"site(s) not registered: {', '.join(unregistered)}", body.sites)
+    return list(body.sites)
+
+
+@router.post(
+    "/runs",
+    status_code=201,
+    tags=["runs"],
+    responses={**_401, **_403, 503: {"description": "The run could not be launched"}},
+)
+def launch_run(
+    body: RunCreate, request: Request, session: SessionDep, user: CurrentUser
+) -> RunPublic:
+    """Create a run and launch it on Flower.
+
+    The run is committed as ``pending`` before the launcher is called, so the ServerApp can
+    find it. If launching fails, the run is marked ``failed`` with the reason and the answer
+    is 503 with that reason.
+    """
+    _require(user, WRITE_ROLES)
+    launcher: RunLauncher | None = request.app.state.launcher
+    if launcher is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "run launching is not configured on this coordinator")
+    project = session.exec(select(Project).where(Project.name == body.project)).first()
+    if project is None:
+        _field_error("project", f"unknown project {body.project!r}", body.project)
+    sites = _resolve_sites(session, body)
+    if body.min_sites > len(sites):
+        _field_error(
+            "min_sites",
+            f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
+            f"will take part ({', '.join(sites) or 'none'})",
+            body.min_sites,
+        )
+    from export.tasks import TASKS  # torch-heavy; see RunCreate._known_task
+
+    task = TASKS[body.task]
+    config = RunConfig(
+        rounds=body.rounds,
+        local_epochs=body.local_epochs,
+        epsilon=body.epsilon,
+        delta=body.delta,
+        min_sites=body.min_sites,
+        round_deadline_s=body.round_deadline_s,
+        lr=body.lr if body.lr is not None else task.default_lr,
+        batch_size=body.batch_size if body.batch_size is not None else task.default_batch_size,
+        max_grad_norm=body.max_grad_norm,
+        seed=body.seed,
+        sites=sites,
+    )
+    assert project.id is not None
+    run = Run(project_id=project.id, task=body.task, config_json=config.model_dump_json(),
+              launched_by=user.name)
+    session.add(run)
+    session.flush()
+    assert run.id is not None
+    run_id = run.id
+    append_event(session, actor=user.name, action="run.created", subject=f"run:{run_id}",
+                 detail={"project": project.name, "task": body.task,
+                         "config": config.model_dump()})
+    session.commit()
+    # No transaction is open while the launcher runs: the ServerApp it starts may write.
+    try:
+        flwr_run_id = str(launcher.launch(run_id))
+    except Exception as exc:  # the Flower boundary can fail in many ways; report why
+        reason = f"launch failed: {_reason(exc)}"
+        failed = session.get(Run, run_id, populate_existing=True)
+        assert failed is not None
+        if failed.status not in ("completed", "failed", "stopped"):
+            record_run_outcome(session, failed, status="failed", reason=reason,
+                               actor=user.name)
+        session.commit()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, reason) from exc
+    launched = session.get(Run, run_id, populate_existing=True)
+    assert launched is not None
+    if launched.flwr_run_id is None:  # the ServerApp may already have recorded it
+        launched.flwr_run_id = flwr_run_id
+        session.add(launched)
+    session.commit()
+    return RunPublic.of(launched, project.name)
+
+
+@router.get("/runs", tags=["runs"], responses=_401)
+def list_runs(
+    session: SessionDep,
+    _user: CurrentUser,
+    project: Annotated[str | None, Query(description="Only this project's runs.")] = None,
+    run_status: Annotated[str | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[RunPublic]:
+    """Runs, newest first."""
+    query = select(Run, Project.name).join(Project, col(Project.id) == col(Run.project_id))
+    if project is not None:
+        query = query.where(Project.name == project)
+    if run_status is not None:
+        query = query.where(Run.status == run_status)
+    rows = session.exec(query.order_by(col(Run.id).desc()).offset(offset).limit(limit)).all()
+    return [RunPublic.of(run, name) for run, name in rows]
+
+
+def _rounds(session: Session, run_id: int) -> list[RoundPublic]:
+    rows = session.exec(select(Round).where(Round.run_id == run_id)
+                        .order_by(col(Round.number))).all()
+    return [RoundPublic.of(r) for r in rows]
+
+
+@router.get("/runs/{run_id}", tags=["runs"], responses={**_401, **_404})
+def get_run(run_id: int, session: SessionDep, _user: CurrentUser) -> RunDetail:
+    """One run, with its rounds."""
+    run, project_name = _run_with_project(session, run_id)
+    rounds = _rounds(session, run_id)
+    running = [r.number for r in rounds if r.status == "running"]
+    return RunDetail(
+        **RunPublic.of(run, project_name).model_dump(),
+        rounds_completed=sum(r.status == "completed" for r in rounds),
+        rounds_failed=sum(r.status == "failed" for r in rounds),
+        current_round=max(running) if running else None,
+        rounds=rounds,
+    )
+
+
+@router.get("/runs/{run_id}/rounds", tags=["runs"], responses={**_401, **_404})
+def list_rounds(run_id: int, session: SessionDep, _user: CurrentUser) -> list[RoundPublic]:
+    """The run's rounds, in order."""
+    _run_with_project(session, run_id)
+    return _rounds(session, run_id)
+
+
+@router.get("/runs/{run_id}/metrics", tags=["runs"], responses={**_401, **_404})
+def run_metrics(run_id: int, session: SessionDep, _user: CurrentUser) -> RunMetrics:
+    """Every scalar metric the sites reported, per round, per site."""
+    _run_with_project(session, run_id)
+    rows = session.exec(
+        select(SiteMetric).where(SiteMetric.run_id == run_id).order_by(
+            col(SiteMetric.round_number), col(SiteMetric.site_name), col(SiteMetric.name))
+    ).all()
+    by_round: dict[int, dict[str, dict[str, float]]] = {}
+    for m in rows:
+        by_round.setdefault(m.round_number, {}).setdefault(m.site_name, {})[m.name] = m.value
+    return RunMetrics(run_id=run_id,
+                      rounds=[RoundMetrics(round=n, sites=s) for n, s in by_round.items()])
+
+
+@router.get("/runs/{run_id}/checkpoints", tags=["runs"], responses={**_401, **_404})
+def list_checkpoints(
+    run_id: int, session: SessionDep, _user: CurrentUser
+) -> list[CheckpointPublic]:
+    """The run's saved global models, by round."""
+    _run_with_project(session, run_id)
+    rows = session.exec(select(Checkpoint).where(Checkpoint.run_id == run_id)
+                        .order_by(col(Checkpoint.round_number))).all()
+    return [CheckpointPublic.of(c) for c in rows]
+
+
+# audit
+
+
+@router.get("/audit", tags=["audit"], responses={**_401, **_403})
+def list_audit(
+    session: SessionDep,
+    user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AuditPage:
+    """The audit log, newest first."""
+    _require(user, AUDIT_ROLES)
+    total = session.exec(select(func.count()).select_from(AuditEvent)).one()
+    rows = session.exec(select(AuditEvent).order_by(col(AuditEvent.id).desc())
+                        .offset(offset).limit(limit)).all()
+    return AuditPage(items=[AuditEventPublic.of(e) for e in rows], total=total, limit=limit,
+                     offset=offset)
+
+
+@router.get("/audit/verify", tags=["audit"], responses={**_401, **_403})
+def verify_audit(session: SessionDep, user: CurrentUser) -> AuditVerifyResult:
+    """Check the audit log's hash chain; name the first entry that does not check out."""
+    _require(user, AUDIT_ROLES)
+    broken = verify_chain(session)
+    events = session.exec(select(func.count()).select_from(AuditEvent)).one()
+    return AuditVerifyResult(ok=broken is None, first_broken_id=broken, events=events)
+
+
+# --- application -------------------------------------------------------------------------
+
+
+def create_app(
+    *,
+    settings: Settings,
+    engine: Engine,
+    launcher: RunLauncher | None = None,
+    registrar: NodeRegistrar | None = None,
+) -> FastAPI:
+    """Build the coordinator's FastAPI application.
+
+    The database must already be migrated (:func:`coordinator.db.run_migrations`).
+
+    Args:
+        settings: Coordinator settings.
+        engine: Database engine from :func:`coordinator.db.make_engine`.
+        launcher: Starts runs on Flower; without it ``POST /runs`` answers 503.
+        registrar: Registers node keys with Flower; without it ``POST
+            /sites/{name}/node-key`` answers 503.
+
+    Returns:
+        The application; OpenAPI docs at ``/docs``.
+    """
+    app = FastAPI(
+        title="Fedward coordinator",
+        version="0.1.0",
+        description="Projects, sites, federated runs, their rounds and metrics, the audit log.",
+        docs_url="/docs",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.launcher = launcher
+    app.state.registrar = registrar
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(router)
+    return app

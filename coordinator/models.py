@@ -1,0 +1,242 @@
+"""Database tables of the coordinator (the system of record).
+
+The tables are defined here and created only by the Alembic migrations in
+``coordinator/migrations``; a test compares the two so they cannot drift apart. Lists and
+dictionaries are stored as JSON text in ``*_json`` columns; timestamps are timezone-aware
+UTC datetimes on every backend (:class:`UTCDateTime`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import DateTime, Dialect, Text, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "NAMING_CONVENTION",
+    "ROLES",
+    "ROUND_STATUSES",
+    "RUN_FINAL_STATUSES",
+    "RUN_STATUSES",
+    "SITE_STATUSES",
+    "AuditEvent",
+    "Checkpoint",
+    "Project",
+    "Round",
+    "Run",
+    "Site",
+    "SiteMetric",
+    "UTCDateTime",
+    "User",
+    "utcnow",
+]
+
+ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer", "clinician"})
+SITE_STATUSES: Final = frozenset({"added", "registered", "revoked"})
+RUN_STATUSES: Final = frozenset({"pending", "running", "completed", "failed", "stopped"})
+RUN_FINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped"})
+ROUND_STATUSES: Final = frozenset({"running", "completed", "failed"})
+CHECKPOINT_FORMATS: Final = frozenset({"safetensors"})
+
+
+# Every constraint gets a predictable name on every backend, so later migrations can drop or
+# alter it by name (SQLite's batch mode needs names, PostgreSQL would otherwise invent them).
+NAMING_CONVENTION: Final[dict[str, str]] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+SQLModel.metadata.naming_convention = NAMING_CONVENTION
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that always hands back aware UTC datetimes.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so values are converted to
+    UTC before they are written and tagged as UTC when read. Naive datetimes are refused:
+    their meaning depends on the machine's clock settings.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert to UTC before writing; refuse naive values."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} refused: use UTC-aware times")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        """Return an aware UTC datetime."""
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _pk() -> Any:
+    return Field(default=None, primary_key=True)
+
+
+def _created() -> Any:
+    return Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class User(SQLModel, table=True):
+    """A person or service account of the coordinator.
+
+    Only the SHA-256 of the API token is stored; the token is shown once at creation.
+    """
+
+    __tablename__ = "users"
+
+    id: int | None = _pk()
+    name: str = Field(max_length=64, unique=True, nullable=False)
+    role: str = Field(max_length=32, nullable=False)
+    token_hash: str = Field(max_length=64, unique=True, nullable=False)
+    created_at: datetime = _created()
+
+
+class Project(SQLModel, table=True):
+    """A federated project: a question answered by runs over the same sites."""
+
+    __tablename__ = "projects"
+
+    id: int | None = _pk()
+    name: str = Field(max_length=64, unique=True, nullable=False)
+    description: str = Field(default="", sa_type=Text, nullable=False)
+    created_at: datetime = _created()
+
+
+class Site(SQLModel, table=True):
+    """A hospital site. Sites are global: any project's runs may use any registered site.
+
+    ``flower_node_id`` is text because Flower node ids are unsigned 64-bit integers, which
+    do not fit a signed BIGINT.
+    """
+
+    __tablename__ = "sites"
+
+    id: int | None = _pk()
+    name: str = Field(max_length=40, unique=True, nullable=False)
+    flower_node_id: str | None = Field(default=None, max_length=32, unique=True)
+    public_key: str | None = Field(default=None, sa_type=Text)
+    status: str = Field(default="added", max_length=16, nullable=False)
+    created_at: datetime = _created()
+    registered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Run(SQLModel, table=True):
+    """One federated training run of a project's task over some sites.
+
+    ``config_json`` holds the resolved run configuration (see
+    :class:`coordinator.schemas.RunConfig`), including the names of the sites that take part.
+    """
+
+    __tablename__ = "runs"
+
+    id: int | None = _pk()
+    project_id: int = Field(foreign_key="projects.id", nullable=False, index=True)
+    task: str = Field(max_length=64, nullable=False)
+    status: str = Field(default="pending", max_length=16, nullable=False)
+    config_json: str = Field(sa_type=Text, nullable=False)
+    launched_by: str = Field(max_length=64, nullable=False)
+    flwr_run_id: str | None = Field(default=None, max_length=32)
+    failure_reason: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime = _created()
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Round(SQLModel, table=True):
+    """One round of a run; repeated attempts of the same round update the same row.
+
+    ``failed_sites_json`` is a list of ``{"site", "phase", "reason"}`` objects;
+    ``participating_sites_json`` and ``late_sites_json`` are lists of site names.
+    """
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+
+    id: int | None = _pk()
+    run_id: int = Field(foreign_key="runs.id", nullable=False)
+    number: int = Field(nullable=False)
+    status: str = Field(default="running", max_length=16, nullable=False)
+    started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    seconds: float | None = None
+    participating_sites_json: str = Field(default="[]", sa_type=Text, nullable=False)
+    failed_sites_json: str = Field(default="[]", sa_type=Text, nullable=False)
+    late_sites_json: str = Field(default="[]", sa_type=Text, nullable=False)
+
+
+class SiteMetric(SQLModel, table=True):
+    """One scalar metric one site reported in one round.
+
+    The unique constraint (run, round, site, name) makes re-recording a value an update and
+    doubles as the index for "all metrics of run R, round N".
+    """
+
+    __tablename__ = "site_metrics"
+    __table_args__ = (
+        UniqueConstraint("run_id", "round_number", "site_name", "name"),
+    )
+
+    id: int | None = _pk()
+    run_id: int = Field(foreign_key="runs.id", nullable=False)
+    round_number: int = Field(nullable=False)
+    site_name: str = Field(max_length=40, nullable=False)
+    name: str = Field(max_length=64, nullable=False)
+    value: float = Field(nullable=False)
+
+
+class Checkpoint(SQLModel, table=True):
+    """The global model after a round, saved as a file under the coordinator's home."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (
+        UniqueConstraint("run_id", "round_number"),
+    )
+
+    id: int | None = _pk()
+    run_id: int = Field(foreign_key="runs.id", nullable=False)
+    round_number: int = Field(nullable=False)
+    path: str = Field(sa_type=Text, nullable=False)
+    sha256: str = Field(max_length=64, nullable=False)
+    format: str = Field(default="safetensors", max_length=16, nullable=False)
+    created_at: datetime = _created()
+
+
+class AuditEvent(SQLModel, table=True):
+    """One entry of the hash-chained audit log (see :mod:`coordinator.audit`).
+
+    ``prev_hash`` is unique: two writers can never both extend the same entry, so even a
+    locking mistake would fail loudly instead of forking the chain.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: int | None = _pk()
+    at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    actor: str = Field(max_length=64, nullable=False)
+    action: str = Field(max_length=64, nullable=False)
+    subject: str = Field(sa_type=Text, nullable=False)
+    detail_json: str = Field(sa_type=Text, nullable=False)
+    prev_hash: str = Field(max_length=64, unique=True, nullable=False)
+    hash: str = Field(max_length=64, unique=True, nullable=False)

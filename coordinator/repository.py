@@ -1,0 +1,442 @@
+"""What the Flower ServerApp writes while a run executes.
+
+Each function is one short transaction on its own (the ServerApp holds an ``Engine``, not a
+session), and each can be repeated safely where a resumed run may repeat a step: a round
+started twice is one row, metrics and checkpoints recorded twice are updated in place, and a
+run finished twice keeps its first outcome. Audit entries (actor :data:`SERVERAPP_ACTOR`)
+record the run starting and finishing and every site that failed a round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any, Final
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from coordinator.audit import append_event
+from coordinator.db import session_scope
+from coordinator.models import (
+    RUN_FINAL_STATUSES,
+    Checkpoint,
+    Project,
+    Round,
+    Run,
+    Site,
+    SiteMetric,
+    utcnow,
+)
+
+__all__ = [
+    "SERVERAPP_ACTOR",
+    "RunNotFoundError",
+    "finish_round",
+    "finish_run",
+    "last_checkpoint",
+    "mark_run_started",
+    "record_checkpoint",
+    "record_run_outcome",
+    "record_site_metrics",
+    "run_config",
+    "site_names_by_node_id",
+    "start_round",
+]
+
+SERVERAPP_ACTOR: Final = "serverapp"
+_FINISHED_ROUND_STATUSES: Final = frozenset({"completed", "failed"})
+_NOT_RESUMABLE: Final = frozenset({"completed", "stopped"})
+
+logger = logging.getLogger(__name__)
+
+
+class RunNotFoundError(LookupError):
+    """Raised when a run id does not exist."""
+
+
+def _run(session: Session, run_id: int) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFoundError(f"run {run_id} not found")
+    return run
+
+
+def _round(session: Session, run_id: int, number: int) -> Round | None:
+    return session.exec(
+        select(Round).where(Round.run_id == run_id, Round.number == number)
+    ).first()
+
+
+def run_config(engine: Engine, run_id: int) -> dict[str, Any]:
+    """The run's resolved configuration plus its identity, for the ServerApp to start from.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+
+    Returns:
+        The stored configuration (see :class:`coordinator.schemas.RunConfig`) with ``run_id``,
+        ``project`` and ``task`` added.
+
+    Raises:
+        RunNotFoundError: No such run.
+    """
+    with session_scope(engine) as session:
+        run = _run(session, run_id)
+        project = session.get(Project, run.project_id)
+        assert project is not None  # foreign key
+        config: dict[str, Any] = json.loads(run.config_json)
+        config.update(run_id=run_id, project=project.name, task=run.task)
+        return config
+
+
+def mark_run_started(engine: Engine, run_id: int, flwr_run_id: str) -> None:
+    """Record that the Flower run ``flwr_run_id`` executes this run (again, if resumed).
+
+    ``started_at`` keeps the first start. Repeating the call with the same Flower run id
+    changes nothing and writes no second audit entry. A ``failed`` run may be resumed (as a
+    new Flower run from its last checkpoint): it becomes ``running`` again and its failure
+    reason is cleared (the audit log keeps it).
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        flwr_run_id: Flower's run id (text: it is an unsigned 64-bit integer).
+
+    Raises:
+        RunNotFoundError: No such run.
+        ValueError: The run has completed or was stopped.
+    """
+    with session_scope(engine) as session:
+        run = _run(session, run_id)
+        if run.status in _NOT_RESUMABLE:
+            raise ValueError(f"run {run_id} has already finished ({run.status})")
+        if run.status == "running" and run.flwr_run_id == flwr_run_id:
+            return
+        resumed = run.started_at is not None
+        run.status = "running"
+        run.flwr_run_id = flwr_run_id
+        run.failure_reason = None
+        run.finished_at = None
+        if run.started_at is None:
+            run.started_at = utcnow()
+        session.add(run)
+        append_event(
+            session,
+            actor=SERVERAPP_ACTOR,
+            action="run.resumed" if resumed else "run.started",
+            subject=f"run:{run_id}",
+            detail={"flwr_run_id": flwr_run_id},
+        )
+
+
+def start_round(engine: Engine, run_id: int, number: int) -> None:
+    """Record that round ``number`` has started.
+
+    Starting a round that already has a row (a resumed run repeating it) resets that row to
+    ``running`` instead of adding a second one.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        number: 1-based round number.
+
+    Raises:
+        RunNotFoundError: No such run.
+        ValueError: ``number`` is below 1.
+    """
+    if number < 1:
+        raise ValueError(f"round numbers start at 1, got {number}")
+    with session_scope(engine) as session:
+        _run(session, run_id)
+        round_ = _round(session, run_id, number)
+        if round_ is None:
+            round_ = Round(run_id=run_id, number=number)
+        else:
+            round_.status = "running"
+            round_.started_at = utcnow()
+            round_.finished_at = None
+            round_.seconds = None
+            round_.participating_sites_json = "[]"
+            round_.failed_sites_json = "[]"
+            round_.late_sites_json = "[]"
+        session.add(round_)
+
+
+def _check_failed(failed: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for entry in failed:
+        missing = {"site", "phase", "reason"} - set(entry)
+        if missing:
+            raise ValueError(f"failed site entry {entry!r} lacks {', '.join(sorted(missing))}")
+        # Extra keys (such as an error ``code``) are kept, as text.
+        out.append({str(k): str(v) for k, v in entry.items()})
+    return out
+
+
+def finish_round(
+    engine: Engine,
+    run_id: int,
+    number: int,
+    *,
+    status: str,
+    participating: list[str],
+    failed: list[dict[str, Any]],
+    late: list[str],
+    seconds: float,
+) -> None:
+    """Record how round ``number`` ended, and audit every site that failed in it.
+
+    Finishing a round that was never started creates it. Finishing it again with nothing
+    new in between (no :func:`start_round`) updates the row but writes no second set of
+    audit entries.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        number: 1-based round number.
+        status: ``"completed"`` or ``"failed"``.
+        participating: Sites whose results were aggregated.
+        failed: One ``{"site", "phase", "reason"}`` per site that failed; extra keys such
+            as ``"code"`` are kept.
+        late: Sites that missed the round's deadline.
+        seconds: Wall time of the round.
+
+    Raises:
+        RunNotFoundError: No such run.
+        ValueError: Bad status, round number or failed-site entry.
+    """
+    if status not in _FINISHED_ROUND_STATUSES:
+        raise ValueError(f"round status must be completed or failed, got {status!r}")
+    if number < 1:
+        raise ValueError(f"round numbers start at 1, got {number}")
+    failures = _check_failed(failed)
+    with session_scope(engine) as session:
+        _run(session, run_id)
+        round_ = _round(session, run_id, number)
+        if round_ is None:
+            round_ = Round(run_id=run_id, number=number)
+        first_finish = round_.status == "running"
+        round_.status = status
+        round_.finished_at = utcnow()
+        round_.seconds = float(seconds) if math.isfinite(seconds) else None
+        round_.participating_sites_json = json.dumps(list(participating))
+        round_.failed_sites_json = json.dumps(failures)
+        round_.late_sites_json = json.dumps(list(late))
+        session.add(round_)
+        if not first_finish:
+            return
+        for failure in failures:
+            append_event(
+                session,
+                actor=SERVERAPP_ACTOR,
+                action="site.failed",
+                subject=f"site:{failure['site']}",
+                detail={"run_id": run_id, "round": number,
+                        **{k: v for k, v in failure.items() if k != "site"}},
+            )
+        for site in late:
+            append_event(
+                session,
+                actor=SERVERAPP_ACTOR,
+                action="site.late",
+                subject=f"site:{site}",
+                detail={"run_id": run_id, "round": number},
+            )
+
+
+def record_site_metrics(
+    engine: Engine, run_id: int, number: int, site_name: str, metrics: dict[str, float]
+) -> None:
+    """Store the scalar metrics one site reported for one round (re-recording updates).
+
+    NaN and infinite values are not stored (SQLite cannot hold them and JSON cannot carry
+    them); they are logged as a warning. A diverged site should be reported as failed.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        number: 1-based round number.
+        site_name: The reporting site.
+        metrics: Metric name to value.
+
+    Raises:
+        RunNotFoundError: No such run.
+    """
+    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+    if len(finite) != len(metrics):
+        dropped = sorted(set(metrics) - set(finite))
+        logger.warning("run %s round %s site %s: non-finite metrics not stored: %s",
+                       run_id, number, site_name, ", ".join(dropped))
+    with session_scope(engine) as session:
+        _run(session, run_id)
+        existing = {
+            m.name: m
+            for m in session.exec(
+                select(SiteMetric).where(
+                    SiteMetric.run_id == run_id,
+                    SiteMetric.round_number == number,
+                    SiteMetric.site_name == site_name,
+                    col(SiteMetric.name).in_(list(finite)),
+                )
+            )
+        }
+        for name, value in finite.items():
+            row = existing.get(name) or SiteMetric(
+                run_id=run_id, round_number=number, site_name=site_name, name=name, value=0.0
+            )
+            row.value = value
+            session.add(row)
+
+
+def _relative(path: str) -> str:
+    posix = PurePosixPath(path.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(path).is_absolute() or ".." in posix.parts:
+        raise ValueError(f"checkpoint path must be relative to the home directory: {path!r}")
+    return posix.as_posix()
+
+
+def record_checkpoint(
+    engine: Engine, run_id: int, number: int, path: str, sha256: str
+) -> None:
+    """Record the global model saved after round ``number`` (recording again replaces it).
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        number: 1-based round number.
+        path: File path relative to the coordinator's home (no ``..``).
+        sha256: Hex SHA-256 of the file.
+
+    Raises:
+        RunNotFoundError: No such run.
+        ValueError: Absolute or escaping path, or a malformed digest.
+    """
+    rel = _relative(str(path))
+    digest = sha256.lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+    with session_scope(engine) as session:
+        _run(session, run_id)
+        row = session.exec(
+            select(Checkpoint).where(
+                Checkpoint.run_id == run_id, Checkpoint.round_number == number
+            )
+        ).first()
+        if row is not None and row.path == rel and row.sha256 == digest:
+            return
+        if row is None:
+            row = Checkpoint(run_id=run_id, round_number=number, path=rel, sha256=digest)
+        else:
+            row.path, row.sha256, row.created_at = rel, digest, utcnow()
+        session.add(row)
+        append_event(
+            session,
+            actor=SERVERAPP_ACTOR,
+            action="checkpoint.saved",
+            subject=f"run:{run_id}",
+            detail={"round": number, "path": rel, "sha256": digest},
+        )
+
+
+def last_checkpoint(engine: Engine, run_id: int) -> tuple[int, str, str] | None:
+    """The newest checkpoint of a run, where a resumed run starts from.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+
+    Returns:
+        ``(round_number, path relative to home, sha256)`` of the highest round saved, or
+        ``None`` when the run has no checkpoint yet.
+
+    Raises:
+        RunNotFoundError: No such run.
+    """
+    with session_scope(engine) as session:
+        _run(session, run_id)
+        row = session.exec(
+            select(Checkpoint)
+            .where(Checkpoint.run_id == run_id)
+            .order_by(col(Checkpoint.round_number).desc())
+            .limit(1)
+        ).first()
+        return None if row is None else (row.round_number, row.path, row.sha256)
+
+
+def finish_run(engine: Engine, run_id: int, *, status: str, reason: str | None) -> None:
+    """Record the run's outcome. A run that has already finished keeps its first outcome.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        status: ``"completed"``, ``"failed"`` or ``"stopped"``.
+        reason: Why it failed or stopped (``None`` when completed).
+
+    Raises:
+        RunNotFoundError: No such run.
+        ValueError: Bad status.
+    """
+    _check_final(status)
+    with session_scope(engine) as session:
+        run = _run(session, run_id)
+        if run.status in RUN_FINAL_STATUSES:
+            return
+        record_run_outcome(session, run, status=status, reason=reason, actor=SERVERAPP_ACTOR)
+
+
+def record_run_outcome(
+    session: Session, run: Run, *, status: str, reason: str | None, actor: str
+) -> None:
+    """Set a run's final status in the session's transaction and audit it (caller commits).
+
+    Args:
+        session: Open session; the caller commits.
+        run: The run row.
+        status: ``"completed"``, ``"failed"`` or ``"stopped"``.
+        reason: Why it failed or stopped.
+        actor: Who ended it (a user name, or :data:`SERVERAPP_ACTOR`).
+
+    Raises:
+        ValueError: Bad status.
+    """
+    _check_final(status)
+    run.status = status
+    run.failure_reason = reason
+    run.finished_at = utcnow()
+    session.add(run)
+    append_event(
+        session,
+        actor=actor,
+        action="run.finished",
+        subject=f"run:{run.id}",
+        detail={"status": status, "reason": reason},
+    )
+
+
+def _check_final(status: str) -> None:
+    if status not in RUN_FINAL_STATUSES:
+        raise ValueError(f"run status must be one of {sorted(RUN_FINAL_STATUSES)}, got {status!r}")
+
+
+def site_names_by_node_id(engine: Engine) -> dict[str, str]:
+    """Map Flower node id to site name, for registered (not revoked) sites.
+
+    A node id missing from the map is not a site the coordinator trusts.
+
+    Args:
+        engine: Coordinator database engine.
+
+    Returns:
+        ``{flower_node_id: site_name}``.
+    """
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(Site.flower_node_id, Site.name).where(
+                Site.status == "registered", col(Site.flower_node_id).is_not(None)
+            )
+        ).all()
+        return {node_id: name for node_id, name in rows if node_id is not None}

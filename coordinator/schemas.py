@@ -1,0 +1,394 @@
+"""Request and response bodies of the REST API (one ``XCreate`` / ``XPublic`` per entity).
+
+Request models forbid unknown fields, so a typo such as ``"round": 3`` is a 422 naming the
+field instead of a silently ignored option. Floats must be finite.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from coordinator.models import AuditEvent, Checkpoint, Project, Round, Run, Site, User
+
+__all__ = [
+    "PROJECT_NAME_PATTERN",
+    "SITE_NAME_PATTERN",
+    "AuditEventPublic",
+    "AuditPage",
+    "AuditVerifyResult",
+    "CheckpointPublic",
+    "FailedSite",
+    "HealthPublic",
+    "NodeKeyCreate",
+    "ProjectCreate",
+    "ProjectPublic",
+    "RoundMetrics",
+    "RoundPublic",
+    "RunConfig",
+    "RunCreate",
+    "RunDetail",
+    "RunMetrics",
+    "RunPublic",
+    "SiteCreate",
+    "SitePublic",
+    "UserPublic",
+]
+
+SITE_NAME_PATTERN: Final = r"^[a-z0-9-]{3,40}$"
+PROJECT_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+SiteName = Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]
+ProjectName = Annotated[str, StringConstraints(pattern=PROJECT_NAME_PATTERN)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# --- users -------------------------------------------------------------------------------
+
+
+class UserPublic(BaseModel):
+    """A user, without any secret."""
+
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, user: User) -> UserPublic:
+        """Build from the table row."""
+        assert user.id is not None
+        return cls(id=user.id, name=user.name, role=user.role, created_at=user.created_at)
+
+
+# --- projects ----------------------------------------------------------------------------
+
+
+class ProjectCreate(_Request):
+    """Body of ``POST /projects``."""
+
+    name: ProjectName = Field(description="Lowercase letters, digits, '-' and '_'; 1-64.")
+    description: str = Field(default="", max_length=2000)
+
+
+class ProjectPublic(BaseModel):
+    """A project."""
+
+    id: int
+    name: str
+    description: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, project: Project) -> ProjectPublic:
+        """Build from the table row."""
+        assert project.id is not None
+        return cls(
+            id=project.id,
+            name=project.name,
+            description=project.description,
+            created_at=project.created_at,
+        )
+
+
+# --- sites -------------------------------------------------------------------------------
+
+
+class SiteCreate(_Request):
+    """Body of ``POST /sites``."""
+
+    name: SiteName = Field(description="Lowercase letters, digits and '-'; 3-40 characters.")
+
+
+class NodeKeyCreate(_Request):
+    """Body of ``POST /sites/{name}/node-key``: the site's SuperNode public key."""
+
+    public_key: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="OpenSSH public key of the site's Flower SuperNode (one line).",
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _openssh(cls, value: str) -> str:
+        # Parse it now: a key Flower would reject later should be a 422 here, at the source.
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+        value = value.strip()
+        try:
+            load_ssh_public_key(value.encode("ascii"))
+        except (ValueError, UnicodeEncodeError, TypeError) as exc:
+            raise ValueError(f"not an OpenSSH public key ({exc})") from None
+        return value
+
+
+class SitePublic(BaseModel):
+    """A site and its registration state."""
+
+    id: int
+    name: str
+    status: str
+    flower_node_id: str | None
+    public_key: str | None
+    created_at: datetime
+    registered_at: datetime | None
+
+    @classmethod
+    def of(cls, site: Site) -> SitePublic:
+        """Build from the table row."""
+        assert site.id is not None
+        return cls(
+            id=site.id,
+            name=site.name,
+            status=site.status,
+            flower_node_id=site.flower_node_id,
+            public_key=site.public_key,
+            created_at=site.created_at,
+            registered_at=site.registered_at,
+        )
+
+
+# --- runs --------------------------------------------------------------------------------
+
+
+class RunCreate(_Request):
+    """Body of ``POST /runs``: what to train, how long, with which privacy budget and where.
+
+    ``lr`` and ``batch_size`` default to the task's own defaults; ``sites`` defaults to every
+    registered site. ``min_sites`` is checked against the sites that will take part when the
+    run is created.
+    """
+
+    project: str = Field(min_length=1, max_length=64)
+    task: str = Field(description="A task of the shared registry (export.tasks.TASKS).")
+    rounds: int = Field(ge=1, le=100)
+    local_epochs: int = Field(default=1, ge=1, le=50)
+    epsilon: float = Field(gt=0, le=100, description="Privacy budget per site for the run.")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    min_sites: int = Field(default=1, ge=1)
+    round_deadline_s: float = Field(default=120.0, ge=5, le=3600)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    sites: list[SiteName] | None = Field(default=None, min_length=1)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        # Imported here, not at module level: the registry imports torch, which the API's
+        # other routes (and the CLI) do not need to pay for at start-up.
+        from export.tasks import TASKS
+
+        if value not in TASKS:
+            known = ", ".join(sorted(TASKS))
+            raise ValueError(f"unknown task {value!r} (known tasks: {known})")
+        return value
+
+    @field_validator("sites")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            dupes = sorted({s for s in value if value.count(s) > 1})
+            raise ValueError(f"sites listed more than once: {', '.join(dupes)}")
+        return value
+
+
+class RunConfig(BaseModel):
+    """The resolved configuration of a run, as stored in ``Run.config_json``."""
+
+    rounds: int
+    local_epochs: int
+    epsilon: float
+    delta: float
+    min_sites: int
+    round_deadline_s: float
+    lr: float
+    batch_size: int
+    max_grad_norm: float
+    seed: int
+    sites: list[str]
+
+
+class RunPublic(BaseModel):
+    """A run."""
+
+    id: int
+    project: str
+    task: str
+    status: str
+    config: RunConfig
+    launched_by: str
+    flwr_run_id: str | None
+    failure_reason: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, run: Run, project_name: str) -> RunPublic:
+        """Build from the table row and its project's name."""
+        assert run.id is not None
+        return cls(
+            id=run.id,
+            project=project_name,
+            task=run.task,
+            status=run.status,
+            config=RunConfig.model_validate_json(run.config_json),
+            launched_by=run.launched_by,
+            flwr_run_id=run.flwr_run_id,
+            failure_reason=run.failure_reason,
+            created_at=run.created_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+        )
+
+
+class FailedSite(BaseModel):
+    """A site that failed in a round: where (``phase``) and why."""
+
+    site: str
+    phase: str
+    reason: str
+    code: str | None = Field(default=None, description="Machine-readable failure label.")
+
+
+class RoundPublic(BaseModel):
+    """One round of a run."""
+
+    number: int
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    seconds: float | None
+    participating_sites: list[str]
+    failed_sites: list[FailedSite]
+    late_sites: list[str]
+
+    @classmethod
+    def of(cls, round_: Round) -> RoundPublic:
+        """Build from the table row."""
+        return cls(
+            number=round_.number,
+            status=round_.status,
+            started_at=round_.started_at,
+            finished_at=round_.finished_at,
+            seconds=round_.seconds,
+            participating_sites=json.loads(round_.participating_sites_json),
+            failed_sites=json.loads(round_.failed_sites_json),
+            late_sites=json.loads(round_.late_sites_json),
+        )
+
+
+class RunDetail(RunPublic):
+    """A run with its rounds and a summary of them."""
+
+    rounds_completed: int
+    rounds_failed: int
+    current_round: int | None = Field(description="Number of the round running now, if any.")
+    rounds: list[RoundPublic]
+
+
+class RoundMetrics(BaseModel):
+    """The scalar metrics each site reported in one round: ``sites[site][metric]``."""
+
+    round: int
+    sites: dict[str, dict[str, float]]
+
+
+class RunMetrics(BaseModel):
+    """Metrics of a run, per round, per site."""
+
+    run_id: int
+    rounds: list[RoundMetrics]
+
+
+class CheckpointPublic(BaseModel):
+    """A saved global model."""
+
+    run_id: int
+    round_number: int
+    path: str = Field(description="Relative to the coordinator's home directory.")
+    sha256: str
+    format: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> CheckpointPublic:
+        """Build from the table row."""
+        return cls(
+            run_id=checkpoint.run_id,
+            round_number=checkpoint.round_number,
+            path=checkpoint.path,
+            sha256=checkpoint.sha256,
+            format=checkpoint.format,
+            created_at=checkpoint.created_at,
+        )
+
+
+# --- audit -------------------------------------------------------------------------------
+
+
+class AuditEventPublic(BaseModel):
+    """One entry of the audit log."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    @classmethod
+    def of(cls, event: AuditEvent) -> AuditEventPublic:
+        """Build from the table row (a tampered, unparseable detail shows as ``_raw``)."""
+        assert event.id is not None
+        try:
+            detail = json.loads(event.detail_json)
+        except ValueError:
+            detail = {"_raw": event.detail_json}
+        if not isinstance(detail, dict):
+            detail = {"_raw": event.detail_json}
+        return cls(
+            id=event.id,
+            at=event.at,
+            actor=event.actor,
+            action=event.action,
+            subject=event.subject,
+            detail=detail,
+            prev_hash=event.prev_hash,
+            hash=event.hash,
+        )
+
+
+class AuditPage(BaseModel):
+    """A page of the audit log, newest first."""
+
+    items: list[AuditEventPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class AuditVerifyResult(BaseModel):
+    """Outcome of checking the audit log's hash chain."""
+
+    ok: bool
+    first_broken_id: int | None
+    events: int
+
+
+class HealthPublic(BaseModel):
+    """Liveness and database reachability."""
+
+    status: str
+    database: str

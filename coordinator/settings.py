@@ -1,0 +1,73 @@
+"""Coordinator settings: one ``BaseSettings`` class, read from ``FEDWARD_*`` variables.
+
+Every knob has a default that works on a single machine: the data directory holds a SQLite
+database, and the REST API listens on loopback only. PostgreSQL is chosen by setting
+``FEDWARD_DATABASE_URL`` (``postgresql+psycopg2://user@host:port/db``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_HOME", "Settings", "load_settings"]
+
+DEFAULT_HOME = Path("~/.fedward/coordinator")
+
+
+class Settings(BaseSettings):
+    """Settings of one coordinator installation.
+
+    Attributes:
+        home: The coordinator's data directory (database file, checkpoints, PKI). Relative
+            paths and ``~`` are resolved to an absolute path.
+        database_url: SQLAlchemy URL of the database; ``None`` means the SQLite file
+            ``coordinator.db`` inside ``home``.
+        api_host: Address the REST API binds to. Loopback by default: expose it through a
+            reverse proxy with TLS, never directly.
+        api_port: TCP port of the REST API.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
+
+    home: Path = Field(default=DEFAULT_HOME)
+    database_url: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8600, ge=1, le=65535)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        # An empty FEDWARD_DATABASE_URL= in a unit file means "not set", not "invalid URL".
+        if value is not None and not value.strip():
+            return None
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL to use: ``database_url`` or the SQLite file in ``home``."""
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{self.home / 'coordinator.db'}"
+
+
+def load_settings(home: Path | None = None) -> Settings:
+    """Read the settings from the environment, optionally overriding the data directory.
+
+    Args:
+        home: Data directory to use instead of ``FEDWARD_HOME`` (for example from a
+            ``--home`` command-line option).
+
+    Returns:
+        The settings. Nothing is created on disk.
+    """
+    if home is None:
+        return Settings()
+    return Settings(home=home)

@@ -1,0 +1,576 @@
+"""REST API of the coordinator over a real, migrated SQLite database.
+
+The Flower boundary (launching runs, registering node keys) is replaced by small fake
+classes here; the real implementations are exercised with real processes in the
+integration tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import Engine, text
+from sqlmodel import Session, select
+
+from coordinator.api import API_PREFIX, create_app, create_user
+from coordinator.db import make_engine, run_migrations, session_scope
+from coordinator.models import AuditEvent, Run, SiteMetric
+from coordinator.repository import (
+    finish_round,
+    finish_run,
+    mark_run_started,
+    record_checkpoint,
+    record_site_metrics,
+    start_round,
+)
+from coordinator.settings import Settings
+
+with warnings.catch_warnings():
+    # Import-time deprecation notices of the pinned Starlette, harmless here: it prefers
+    # httpx2 to httpx, and annotates with an anyio alias that anyio 4.16 deprecates.
+    warnings.filterwarnings(
+        "ignore", message="Using `httpx` with `starlette.testclient` is deprecated"
+    )
+    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
+    from fastapi.testclient import TestClient as TestClient  # re-exported to test_postgres
+
+# A Flower node id above 2**63 - 1: must survive as text.
+BIG_NODE_ID = str(2**64 - 5)
+
+
+def node_key() -> str:
+    """A fresh OpenSSH public key of the kind Flower SuperNodes use (ECDSA P-384)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    return key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+
+
+class FakeLauncher:
+    """Stands in for the Flower launcher; checks the run is committed when it is called."""
+
+    def __init__(self, engine: Engine, *, fail: Exception | None = None,
+                 serverapp_first: bool = False) -> None:
+        self.engine = engine
+        self.fail = fail
+        self.serverapp_first = serverapp_first
+        self.launched: list[int] = []
+        self.seen_status: list[str] = []
+
+    def launch(self, run_id: int) -> str:
+        # A separate session, as the ServerApp process would have: the row must be visible
+        # (committed) and the API must not hold the database while launching.
+        with Session(self.engine) as session:
+            run = session.get(Run, run_id)
+            assert run is not None, "launcher called before the run was committed"
+            self.seen_status.append(run.status)
+        self.launched.append(run_id)
+        if self.fail is not None:
+            raise self.fail
+        if self.serverapp_first:
+            mark_run_started(self.engine, run_id, "777")
+        return "4242"
+
+
+class FakeRegistrar:
+    """Stands in for Flower's RegisterNode call."""
+
+    def __init__(self, *, fail: Exception | None = None) -> None:
+        self.fail = fail
+        self.calls: list[tuple[str, str]] = []
+
+    def register(self, public_key: str, name: str) -> str:
+        self.calls.append((public_key, name))
+        if self.fail is not None:
+            raise self.fail
+        return BIG_NODE_ID if not self.calls[:-1] else str(1000 + len(self.calls))
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    url = f"sqlite:///{tmp_path / 'home' / 'coordinator.db'}"
+    run_migrations(url)
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def token_for(engine: Engine) -> Callable[..., dict[str, str]]:
+    """Factory: create a user with a role, return its Authorization header."""
+    counter = iter(range(1000))
+
+    def make(role: str = "ml_engineer") -> dict[str, str]:
+        with session_scope(engine) as session:
+            _, token = create_user(session, name=f"{role}-{next(counter)}", role=role)
+        return {"Authorization": f"Bearer {token}"}
+
+    return make
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, engine: Engine) -> Iterator[Callable[..., TestClient]]:
+    """Factory: a TestClient on an app with the given launcher and registrar."""
+    clients: list[TestClient] = []
+
+    def make(**kwargs: Any) -> TestClient:
+        settings = Settings(home=tmp_path / "home")
+        client = TestClient(create_app(settings=settings, engine=engine, **kwargs))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def api(path: str) -> str:
+    return f"{API_PREFIX}{path}"
+
+
+def setup_registered_sites(
+    client: TestClient, headers: dict[str, str], names: list[str]
+) -> None:
+    for name in names:
+        assert client.post(api("/sites"), json={"name": name}, headers=headers).status_code == 201
+        r = client.post(api(f"/sites/{name}/node-key"), json={"public_key": node_key()},
+                        headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "registered"
+
+
+def run_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"project": "oncology", "task": "breast_cancer_mlp", "rounds": 3,
+                            "epsilon": 4.0, "min_sites": 2}
+    body.update(overrides)
+    return body
+
+
+def exercise_api_flow(client: TestClient, engine: Engine, headers: dict[str, str],
+                      launcher: FakeLauncher) -> None:
+    """Project, sites, launch, rounds, metrics, checkpoints, audit: the whole happy path.
+
+    Shared with the PostgreSQL tests, which run it against a real server.
+    """
+    r = client.post(api("/projects"), json={"name": "oncology", "description": "BC"},
+                    headers=headers)
+    assert r.status_code == 201, r.text
+    assert [p["name"] for p in client.get(api("/projects"), headers=headers).json()] == [
+        "oncology"]
+    setup_registered_sites(client, headers, ["site-a", "site-b"])
+    site_a = client.get(api("/sites/site-a"), headers=headers).json()
+    assert site_a["flower_node_id"] == BIG_NODE_ID  # unsigned 64-bit survives as text
+
+    r = client.post(api("/runs"), json=run_body(), headers=headers)
+    assert r.status_code == 201, r.text
+    run = r.json()
+    run_id = run["id"]
+    assert launcher.launched == [run_id]
+    assert launcher.seen_status == ["pending"]
+    assert run["flwr_run_id"] == "4242"
+    assert run["config"]["sites"] == ["site-a", "site-b"]
+    assert run["config"]["lr"] == 0.05  # the task's default
+    assert run["config"]["batch_size"] == 32
+
+    # What the ServerApp records while the run executes, including a repeated round.
+    mark_run_started(engine, run_id, "4242")
+    start_round(engine, run_id, 1)
+    start_round(engine, run_id, 1)
+    record_site_metrics(engine, run_id, 1, "site-a", {"eval-loss": 0.9, "num-examples": 100})
+    record_site_metrics(engine, run_id, 1, "site-a", {"eval-loss": 0.7})
+    record_site_metrics(engine, run_id, 1, "site-b", {"eval-loss": 0.8})
+    failure = {"site": "site-b", "phase": "train", "reason": "epsilon budget exhausted",
+               "code": "refused-budget"}
+    finish_round(engine, run_id, 1, status="completed", participating=["site-a"],
+                 failed=[failure], late=[], seconds=1.5)
+    finish_round(engine, run_id, 1, status="completed", participating=["site-a"],
+                 failed=[failure], late=[], seconds=1.5)
+    record_checkpoint(engine, run_id, 1, "runs/1/round-1.safetensors", "ab" * 32)
+    record_checkpoint(engine, run_id, 1, "runs/1/round-1.safetensors", "ab" * 32)
+    start_round(engine, run_id, 2)
+
+    detail = client.get(api(f"/runs/{run_id}"), headers=headers).json()
+    assert detail["status"] == "running"
+    assert detail["rounds_completed"] == 1
+    assert detail["current_round"] == 2
+    assert [r["number"] for r in detail["rounds"]] == [1, 2]
+    rounds = client.get(api(f"/runs/{run_id}/rounds"), headers=headers).json()
+    assert len(rounds) == 2
+    assert rounds[0]["failed_sites"] == [failure]
+    assert rounds[0]["participating_sites"] == ["site-a"]
+    assert rounds[0]["seconds"] == 1.5
+    metrics = client.get(api(f"/runs/{run_id}/metrics"), headers=headers).json()
+    assert metrics["rounds"] == [{"round": 1, "sites": {
+        "site-a": {"eval-loss": 0.7, "num-examples": 100.0},
+        "site-b": {"eval-loss": 0.8}}}]
+    with Session(engine) as session:
+        assert len(session.exec(select(SiteMetric)).all()) == 3
+    checkpoints = client.get(api(f"/runs/{run_id}/checkpoints"), headers=headers).json()
+    assert [(c["round_number"], c["sha256"]) for c in checkpoints] == [(1, "ab" * 32)]
+
+    finish_run(engine, run_id, status="completed", reason=None)
+    finish_run(engine, run_id, status="failed", reason="late duplicate")  # first outcome wins
+    assert client.get(api(f"/runs/{run_id}"), headers=headers).json()["status"] == "completed"
+    listed = client.get(api("/runs"), params={"project": "oncology"}, headers=headers).json()
+    assert [r["id"] for r in listed] == [run_id]
+
+    audit = client.get(api("/audit"), params={"limit": 500}, headers=headers).json()
+    actions = [e["action"] for e in reversed(audit["items"])]
+    # Exactly one of each: repeats above must not duplicate audit entries.
+    assert actions.count("run.started") == 1
+    assert actions.count("site.failed") == 1
+    (site_failed,) = [e for e in audit["items"] if e["action"] == "site.failed"]
+    assert site_failed["subject"] == "site:site-b"
+    assert site_failed["detail"] == {"run_id": run_id, "round": 1, "phase": "train",
+                                     "reason": "epsilon budget exhausted",
+                                     "code": "refused-budget"}
+    assert actions.count("checkpoint.saved") == 1
+    assert actions.count("run.finished") == 1
+    assert actions.index("run.created") < actions.index("run.started") < actions.index(
+        "site.failed") < actions.index("run.finished")
+    assert client.get(api("/audit/verify"), headers=headers).json()["ok"] is True
+
+
+def test_health_needs_no_token(make_client: Callable[..., TestClient]) -> None:
+    r = make_client().get(api("/health"))
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "database": "ok"}
+
+
+def test_openapi_docs_are_served(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert f"{API_PREFIX}/runs" in paths
+    assert f"{API_PREFIX}/sites/{{name}}/node-key" in paths
+
+
+def test_full_flow_on_sqlite(engine: Engine, make_client: Callable[..., TestClient],
+                             token_for: Callable[..., dict[str, str]]) -> None:
+    launcher = FakeLauncher(engine)
+    client = make_client(launcher=launcher, registrar=FakeRegistrar())
+    exercise_api_flow(client, engine, token_for("ml_engineer"), launcher)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("get", "/projects"), ("post", "/projects"), ("get", "/sites"), ("post", "/runs"),
+     ("get", "/runs/1"), ("get", "/audit"), ("get", "/audit/verify"), ("get", "/me")],
+)
+def test_missing_or_unknown_token_is_401(
+    make_client: Callable[..., TestClient], method: str, path: str
+) -> None:
+    client = make_client()
+    r = client.request(method, api(path), json={})
+    assert r.status_code == 401
+    assert "Bearer" in r.json()["detail"]
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = client.request(method, api(path), json={},
+                       headers={"Authorization": "Bearer not-a-real-token"})
+    assert r.status_code == 401
+    assert r.json()["detail"] == "unknown API token"
+
+
+def test_token_identifies_user(make_client: Callable[..., TestClient],
+                               token_for: Callable[..., dict[str, str]]) -> None:
+    me = make_client().get(api("/me"), headers=token_for("reviewer")).json()
+    assert me["role"] == "reviewer"
+    assert me["name"].startswith("reviewer-")
+
+
+def test_roles_are_enforced(make_client: Callable[..., TestClient],
+                            token_for: Callable[..., dict[str, str]]) -> None:
+    client = make_client()
+    clinician = token_for("clinician")
+    r = client.post(api("/projects"), json={"name": "x1"}, headers=clinician)
+    assert r.status_code == 403
+    assert "clinician" in r.json()["detail"]
+    assert client.get(api("/audit"), headers=clinician).status_code == 403
+    assert client.get(api("/projects"), headers=clinician).status_code == 200
+    assert client.get(api("/audit"), headers=token_for("reviewer")).status_code == 200
+
+
+def test_create_user_rejects_bad_role_and_duplicates(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        user, token = create_user(session, name="alice", role="admin")
+        assert len(token) >= 40
+        assert token not in user.token_hash
+    with session_scope(engine) as session, pytest.raises(ValueError, match="unknown role"):
+        create_user(session, name="bob", role="root")
+    with session_scope(engine) as session, pytest.raises(ValueError, match="already exists"):
+        create_user(session, name="alice", role="reviewer")
+
+
+@pytest.fixture
+def launch_ready(engine: Engine, make_client: Callable[..., TestClient],
+                 token_for: Callable[..., dict[str, str]]
+                 ) -> tuple[TestClient, dict[str, str], FakeLauncher]:
+    """A client with a project and two registered sites, ready to launch runs."""
+    launcher = FakeLauncher(engine)
+    client = make_client(launcher=launcher, registrar=FakeRegistrar())
+    headers = token_for("admin")
+    client.post(api("/projects"), json={"name": "oncology"}, headers=headers)
+    setup_registered_sites(client, headers, ["site-a", "site-b"])
+    return client, headers, launcher
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "why"),
+    [
+        ({"rounds": 0}, "rounds", "greater than or equal to 1"),
+        ({"rounds": 101}, "rounds", "less than or equal to 100"),
+        ({"task": "resnet9000"}, "task", "unknown task 'resnet9000' (known tasks: "
+                                         "breast_cancer_mlp, digits_cnn)"),
+        ({"epsilon": 0}, "epsilon", "greater than 0"),
+        ({"epsilon": -1.5}, "epsilon", "greater than 0"),
+        ({"delta": 1}, "delta", "less than 1"),
+        ({"local_epochs": 51}, "local_epochs", "less than or equal to 50"),
+        ({"round_deadline_s": 1}, "round_deadline_s", "greater than or equal to 5"),
+        ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
+        ({"round": 3}, "round", "Extra inputs are not permitted"),
+        ({"sites": ["site-a", "site-a"]}, "sites", "more than once: site-a"),
+        ({"sites": ["Site_A"]}, "sites.0", "should match pattern"),
+    ],
+)
+def test_bad_run_fields_are_422_naming_the_field(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+    overrides: dict[str, Any], field: str, why: str,
+) -> None:
+    client, headers, launcher = launch_ready
+    r = client.post(api("/runs"), json=run_body(**overrides), headers=headers)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["message"].startswith(f"{field}: ")
+    assert why in body["message"]
+    assert body["detail"][0]["loc"][0] == "body"  # FastAPI's own structure is kept
+    assert launcher.launched == []
+
+
+def test_missing_required_field_is_named(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+) -> None:
+    client, headers, _ = launch_ready
+    body = run_body()
+    del body["epsilon"]
+    r = client.post(api("/runs"), json=body, headers=headers)
+    assert r.status_code == 422
+    assert r.json()["message"] == "epsilon: Field required"
+
+
+def test_min_sites_above_taking_part_is_422_with_counts(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher], engine: Engine,
+) -> None:
+    client, headers, launcher = launch_ready
+    r = client.post(api("/runs"), json=run_body(min_sites=3), headers=headers)
+    assert r.status_code == 422
+    assert r.json()["message"] == (
+        "min_sites: 3 site(s) required but only 2 registered site(s) will take part "
+        "(site-a, site-b)")
+    assert r.json()["detail"][0]["loc"] == ["body", "min_sites"]
+    r = client.post(api("/runs"), json=run_body(min_sites=2, sites=["site-b"]), headers=headers)
+    assert r.status_code == 422
+    assert r.json()["message"].startswith("min_sites: 2 site(s) required but only 1 ")
+    assert launcher.launched == []
+    with Session(engine) as session:
+        assert session.exec(select(Run)).all() == []
+
+
+def test_unknown_or_unregistered_sites_are_422(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+) -> None:
+    client, headers, _ = launch_ready
+    r = client.post(api("/runs"), json=run_body(min_sites=1, sites=["site-z"]), headers=headers)
+    assert r.status_code == 422
+    assert r.json()["message"] == "sites: unknown site(s): site-z"
+    client.post(api("/sites"), json={"name": "site-c"}, headers=headers)
+    r = client.post(api("/runs"), json=run_body(min_sites=1, sites=["site-c"]), headers=headers)
+    assert r.json()["message"] == "sites: site(s) not registered: site-c (added)"
+
+
+def test_unknown_project_is_422(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+) -> None:
+    client, headers, _ = launch_ready
+    r = client.post(api("/runs"), json=run_body(project="cardio"), headers=headers)
+    assert r.status_code == 422
+    assert r.json()["message"] == "project: unknown project 'cardio'"
+
+
+def test_launch_failure_marks_run_failed_and_is_503(
+    engine: Engine, make_client: Callable[..., TestClient],
+    token_for: Callable[..., dict[str, str]],
+) -> None:
+    launcher = FakeLauncher(engine, fail=ConnectionRefusedError("SuperLink not reachable"))
+    client = make_client(launcher=launcher, registrar=FakeRegistrar())
+    headers = token_for("admin")
+    client.post(api("/projects"), json={"name": "oncology"}, headers=headers)
+    setup_registered_sites(client, headers, ["site-a", "site-b"])
+    r = client.post(api("/runs"), json=run_body(), headers=headers)
+    assert r.status_code == 503
+    reason = "launch failed: ConnectionRefusedError: SuperLink not reachable"
+    assert r.json()["detail"] == reason
+    (run,) = client.get(api("/runs"), headers=headers).json()
+    assert run["status"] == "failed"
+    assert run["failure_reason"] == reason
+    assert run["finished_at"] is not None
+
+
+def test_launcher_racing_serverapp_keeps_its_run_id(
+    engine: Engine, make_client: Callable[..., TestClient],
+    token_for: Callable[..., dict[str, str]],
+) -> None:
+    launcher = FakeLauncher(engine, serverapp_first=True)
+    client = make_client(launcher=launcher, registrar=FakeRegistrar())
+    headers = token_for("admin")
+    client.post(api("/projects"), json={"name": "oncology"}, headers=headers)
+    setup_registered_sites(client, headers, ["site-a"])
+    r = client.post(api("/runs"), json=run_body(min_sites=1), headers=headers)
+    assert r.status_code == 201
+    assert r.json()["status"] == "running"
+    assert r.json()["flwr_run_id"] == "777"
+
+
+def test_without_launcher_or_registrar_is_503(
+    make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]],
+) -> None:
+    client = make_client()
+    headers = token_for("admin")
+    client.post(api("/projects"), json={"name": "oncology"}, headers=headers)
+    client.post(api("/sites"), json={"name": "site-a"}, headers=headers)
+    r = client.post(api("/sites/site-a/node-key"), json={"public_key": node_key()},
+                    headers=headers)
+    assert r.status_code == 503
+    assert "not configured" in r.json()["detail"]
+    r = client.post(api("/runs"), json=run_body(min_sites=1), headers=headers)
+    assert r.status_code == 503
+    assert "not configured" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/runs/999", "/runs/999/rounds", "/runs/999/metrics", "/runs/999/checkpoints",
+     "/sites/nowhere"],
+)
+def test_unknown_ids_are_404(make_client: Callable[..., TestClient],
+                             token_for: Callable[..., dict[str, str]], path: str) -> None:
+    r = make_client().get(api(path), headers=token_for("reviewer"))
+    assert r.status_code == 404
+    assert r.json()["detail"] in ("run 999 not found", "site 'nowhere' not found")
+
+
+def test_duplicates_are_409(make_client: Callable[..., TestClient],
+                            token_for: Callable[..., dict[str, str]]) -> None:
+    client, headers = make_client(), token_for("admin")
+    assert client.post(api("/projects"), json={"name": "p1"}, headers=headers).status_code == 201
+    r = client.post(api("/projects"), json={"name": "p1"}, headers=headers)
+    assert r.status_code == 409
+    assert r.json()["detail"] == "project 'p1' already exists"
+    assert client.post(api("/sites"), json={"name": "abc"}, headers=headers).status_code == 201
+    assert client.post(api("/sites"), json={"name": "abc"}, headers=headers).status_code == 409
+
+
+@pytest.mark.parametrize("name", ["ab", "Site-A", "site_a", "x" * 41, "site a"])
+def test_bad_site_names_are_422(make_client: Callable[..., TestClient],
+                                token_for: Callable[..., dict[str, str]], name: str) -> None:
+    r = make_client().post(api("/sites"), json={"name": name}, headers=token_for("admin"))
+    assert r.status_code == 422
+    assert r.json()["message"].startswith("name: String should match pattern")
+
+
+def test_node_key_registration(engine: Engine, make_client: Callable[..., TestClient],
+                               token_for: Callable[..., dict[str, str]]) -> None:
+    registrar = FakeRegistrar()
+    client, headers = make_client(registrar=registrar), token_for("admin")
+    client.post(api("/sites"), json={"name": "site-a"}, headers=headers)
+    client.post(api("/sites"), json={"name": "site-b"}, headers=headers)
+
+    r = client.post(api("/sites/site-a/node-key"), json={"public_key": "ssh-rsa nonsense"},
+                    headers=headers)
+    assert r.status_code == 422
+    assert r.json()["message"].startswith("public_key: Value error, not an OpenSSH public key")
+    assert registrar.calls == []
+
+    key = node_key()
+    r = client.post(api("/sites/site-a/node-key"), json={"public_key": key}, headers=headers)
+    assert r.status_code == 200
+    assert r.json()["flower_node_id"] == BIG_NODE_ID
+    assert r.json()["registered_at"] is not None
+    assert registrar.calls == [(key, "site-a")]
+    # Same key again: nothing to do. Another key: refused. Key of another site: refused.
+    r = client.post(api("/sites/site-a/node-key"), json={"public_key": key}, headers=headers)
+    assert r.status_code == 200
+    assert len(registrar.calls) == 1
+    r = client.post(api("/sites/site-a/node-key"), json={"public_key": node_key()},
+                    headers=headers)
+    assert r.status_code == 409
+    r = client.post(api("/sites/site-b/node-key"), json={"public_key": key}, headers=headers)
+    assert r.status_code == 409
+    assert "site 'site-a'" in r.json()["detail"]
+    r = client.post(api("/sites/site-x/node-key"), json={"public_key": key}, headers=headers)
+    assert r.status_code == 404
+
+
+def test_registrar_failure_is_503_and_changes_nothing(
+    make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]],
+) -> None:
+    client = make_client(registrar=FakeRegistrar(fail=RuntimeError("SuperLink said no")))
+    headers = token_for("admin")
+    client.post(api("/sites"), json={"name": "site-a"}, headers=headers)
+    r = client.post(api("/sites/site-a/node-key"), json={"public_key": node_key()},
+                    headers=headers)
+    assert r.status_code == 503
+    assert r.json()["detail"] == "registering the node key failed: RuntimeError: SuperLink said no"
+    site = client.get(api("/sites/site-a"), headers=headers).json()
+    assert (site["status"], site["public_key"], site["flower_node_id"]) == ("added", None, None)
+
+
+def test_tampered_audit_row_is_reported_by_id(
+    engine: Engine, make_client: Callable[..., TestClient],
+    token_for: Callable[..., dict[str, str]],
+) -> None:
+    client, headers = make_client(), token_for("admin")
+    for name in ("p1", "p2", "p3"):
+        client.post(api("/projects"), json={"name": name, "description": name},
+                    headers=headers)
+    ok = client.get(api("/audit/verify"), headers=headers).json()
+    assert ok == {"ok": True, "first_broken_id": None, "events": 4}  # user + 3 projects
+    with Session(engine) as session:
+        target = session.exec(
+            select(AuditEvent).where(AuditEvent.subject == "project:p2")).one()
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE audit_events SET detail_json = :d WHERE id = :i"),
+            {"d": '{"description":"p2 (edited)"}', "i": target.id},
+        )
+    bad = client.get(api("/audit/verify"), headers=headers).json()
+    assert bad == {"ok": False, "first_broken_id": target.id, "events": 4}
+    page = client.get(api("/audit"), params={"limit": 2, "offset": 1}, headers=headers).json()
+    assert page["total"] == 4
+    assert [e["subject"] for e in page["items"]] == ["project:p2", "project:p1"]
+    assert page["items"][0]["detail"] == {"description": "p2 (edited)"}
+
+
+def test_node_id_already_taken_is_409(make_client: Callable[..., TestClient],
+                                      token_for: Callable[..., dict[str, str]]) -> None:
+    class SameIdRegistrar:
+        def register(self, public_key: str, name: str) -> str:
+            return "5"
+
+    client, headers = make_client(registrar=SameIdRegistrar()), token_for("admin")
+    for name in ("site-a", "site-b"):
+        client.post(api("/sites"), json={"name": name}, headers=headers)
+    r = client.post(api("/sites/site-a/node-key"), json={"public_key": node_key()},
+                    headers=headers)
+    assert r.status_code == 200
+    r = client.post(api("/sites/site-b/node-key"), json={"public_key": node_key()},
+                    headers=headers)
+    assert r.status_code == 409
+    assert r.json()["detail"] == "Flower node id 5 is already another site's"
+    assert client.get(api("/sites/site-b"), headers=headers).json()["status"] == "added"
