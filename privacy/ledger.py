@@ -1,0 +1,596 @@
+"""The site's privacy ledger: every epsilon the site has spent, run by run, on disk.
+
+The ledger is a small JSON file in the site's data directory. It is the site's own record
+and the one that decides whether a round may train, so two properties matter more than
+anything else:
+
+* **Write-ahead charging.** A round is charged (its steps appended to the run's accountant
+  history) and persisted *before* it trains. A round that trains and then crashes has
+  still been charged; a retried or resumed round is recognised by its number and never
+  charged twice.
+* **Never half-written, never silently reset.** Every change is written to a temporary
+  file in the same directory, fsynced, atomically renamed over the ledger and the
+  directory fsynced. A ledger that cannot be read raises :class:`LedgerCorruptError`:
+  starting again from zero would forget epsilon that has already been spent.
+
+File format, version 1::
+
+    {"version": 1,
+     "runs": {"<run id>": {
+        "project": str, "run_id": str, "epsilon_budget": float, "delta": float,
+        "noise_multiplier": float, "sample_rate": float, "mechanism": "prv",
+        "history": [[sigma, q, steps], ...],
+        "rounds": {"<round number>": {"status": "reserved" | "done",
+                                      "epsilon_after": float, "steps": int,
+                                      "at": ISO-8601 time}}}}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypeGuard
+
+from privacy.dp import (
+    HistoryEntry,
+    check_round_budget,
+    epsilon_for_history,
+)
+
+__all__ = [
+    "LEDGER_VERSION",
+    "LedgerCorruptError",
+    "PrivacyLedger",
+    "RoundRecord",
+    "RunLedger",
+    "UnknownRunError",
+]
+
+LEDGER_VERSION: Final = 1
+_MECHANISM: Final = "prv"
+_STATUSES: Final = ("reserved", "done")
+
+RoundStatus = Literal["reserved", "done"]
+
+
+class LedgerCorruptError(Exception):
+    """The ledger file exists but cannot be trusted; nothing was read from it or written."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(
+            f"privacy ledger {path} is unreadable or damaged: {'; '.join(problems)}. "
+            f"Training is blocked until it is fixed. Restore the file from the site's "
+            f"backup (then restart the site agent); do NOT delete it or reset it, since "
+            f"that would forget epsilon that has already been spent."
+        )
+
+
+class UnknownRunError(LookupError):
+    """The ledger has no entry for this run id (it was never opened with ``open_run``)."""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round's entry in a run's ledger.
+
+    Attributes:
+        round_number: the coordinator's round number.
+        status: ``"reserved"`` (charged, training started or crashed) or ``"done"``.
+        epsilon_after: the run's epsilon once this round was charged.
+        steps: DP-SGD steps charged for the round.
+        at: when the round was reserved or completed, ISO 8601 in UTC.
+    """
+
+    round_number: int
+    status: RoundStatus
+    epsilon_after: float
+    steps: int
+    at: str
+
+
+@dataclass(frozen=True)
+class RunLedger:
+    """Read-only view of one run's ledger entry.
+
+    Attributes:
+        run_id: the coordinator's run id.
+        project: the project the run belongs to.
+        epsilon_budget: the run's epsilon budget at this site.
+        delta: the run's delta.
+        noise_multiplier: the noise multiplier used in every round of the run.
+        sample_rate: the Poisson sampling rate charged per step.
+        mechanism: the accounting mechanism (``"prv"``).
+        history: the accountant history, one entry per charged round.
+        rounds: round number -> :class:`RoundRecord` (an immutable mapping).
+    """
+
+    run_id: str
+    project: str
+    epsilon_budget: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    mechanism: str
+    history: tuple[HistoryEntry, ...]
+    rounds: Mapping[int, RoundRecord]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(doc: object) -> list[str]:
+    """Every problem of a parsed ledger document (empty when it is sound)."""
+    if not isinstance(doc, dict):
+        return ["top level is not a JSON object"]
+    problems: list[str] = []
+    if doc.get("version") != LEDGER_VERSION:
+        problems.append(f"version is {doc.get('version')!r}, expected {LEDGER_VERSION}")
+    runs = doc.get("runs")
+    if not isinstance(runs, dict):
+        return [*problems, "'runs' is missing or not an object"]
+    for run_id, run in runs.items():
+        where = f"run {run_id!r}"
+        if not isinstance(run, dict):
+            problems.append(f"{where} is not an object")
+            continue
+        if run.get("run_id") != run_id:
+            problems.append(f"{where}: run_id field is {run.get('run_id')!r}")
+        if not isinstance(run.get("project"), str):
+            problems.append(f"{where}: project is not a string")
+        for name in ("epsilon_budget", "delta", "noise_multiplier", "sample_rate"):
+            value = run.get(name)
+            if not (_is_number(value) and value > 0):
+                problems.append(f"{where}: {name} is {value!r}, expected a number > 0")
+        if _is_number(run.get("delta")) and not run["delta"] < 1:
+            problems.append(f"{where}: delta is {run['delta']!r}, expected < 1")
+        if _is_number(run.get("sample_rate")) and not run["sample_rate"] <= 1:
+            problems.append(f"{where}: sample_rate is {run['sample_rate']!r}, expected <= 1")
+        if run.get("mechanism") != _MECHANISM:
+            problems.append(f"{where}: mechanism is {run.get('mechanism')!r}, expected 'prv'")
+        history = run.get("history")
+        if not isinstance(history, list):
+            problems.append(f"{where}: history is not a list")
+        else:
+            for i, entry in enumerate(history):
+                if not (
+                    isinstance(entry, list)
+                    and len(entry) == 3
+                    and _is_number(entry[0])
+                    and entry[0] >= 0
+                    and _is_number(entry[1])
+                    and 0 < entry[1] <= 1
+                    and _is_int(entry[2])
+                    and entry[2] >= 0
+                ):
+                    problems.append(f"{where}: history entry {i} is {entry!r}")
+        rounds = run.get("rounds")
+        if not isinstance(rounds, dict):
+            problems.append(f"{where}: rounds is not an object")
+            continue
+        if isinstance(history, list) and len(history) != len(rounds):
+            # One history entry is appended per reserved round, in the same write.
+            problems.append(
+                f"{where}: {len(history)} history entries for {len(rounds)} rounds"
+            )
+        for key, rec in rounds.items():
+            rwhere = f"{where} round {key!r}"
+            if not (isinstance(key, str) and key.isdigit()):
+                problems.append(f"{rwhere}: round number is not a non-negative integer")
+            if not isinstance(rec, dict):
+                problems.append(f"{rwhere} is not an object")
+                continue
+            if rec.get("status") not in _STATUSES:
+                problems.append(f"{rwhere}: status is {rec.get('status')!r}")
+            if not (_is_number(rec.get("epsilon_after")) and rec["epsilon_after"] >= 0):
+                problems.append(f"{rwhere}: epsilon_after is {rec.get('epsilon_after')!r}")
+            if not (_is_int(rec.get("steps")) and rec["steps"] >= 1):
+                problems.append(f"{rwhere}: steps is {rec.get('steps')!r}")
+            if not isinstance(rec.get("at"), str):
+                problems.append(f"{rwhere}: 'at' is not a string")
+    return problems
+
+
+def _history_of(run: Mapping[str, Any]) -> list[HistoryEntry]:
+    return [(float(s), float(q), int(n)) for s, q, n in run["history"]]
+
+
+def _view(run: Mapping[str, Any]) -> RunLedger:
+    rounds = {
+        int(key): RoundRecord(
+            round_number=int(key),
+            status=rec["status"],
+            epsilon_after=float(rec["epsilon_after"]),
+            steps=int(rec["steps"]),
+            at=rec["at"],
+        )
+        for key, rec in sorted(run["rounds"].items(), key=lambda kv: int(kv[0]))
+    }
+    return RunLedger(
+        run_id=run["run_id"],
+        project=run["project"],
+        epsilon_budget=float(run["epsilon_budget"]),
+        delta=float(run["delta"]),
+        noise_multiplier=float(run["noise_multiplier"]),
+        sample_rate=float(run["sample_rate"]),
+        mechanism=run["mechanism"],
+        history=tuple(_history_of(run)),
+        rounds=MappingProxyType(rounds),
+    )
+
+
+class PrivacyLedger:
+    """The site's privacy ledger, one JSON file (see the module docstring for its format).
+
+    Safe to share between threads (a lock serialises read-modify-write) and between
+    processes (an advisory ``flock`` on the sidecar file ``<ledger>.lock``). Each operation
+    re-reads the file, so several instances on the same path always see each other's
+    changes.
+
+    Args:
+        path: the ledger file, normally inside the site's data directory. A missing file
+            is an empty ledger; the file and its directory are created on the first write.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock_path = self._path.with_name(self._path.name + ".lock")
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """The ledger file."""
+        return self._path
+
+    # -- storage -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the thread lock and the cross-process file lock."""
+        with self._lock:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            raw = self._path.read_bytes()
+        except FileNotFoundError:
+            return {"version": LEDGER_VERSION, "runs": {}}
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LedgerCorruptError(self._path, [f"not valid JSON ({exc})"]) from exc
+        problems = _validate(doc)
+        if problems:
+            raise LedgerCorruptError(self._path, problems)
+        assert isinstance(doc, dict)
+        return doc
+
+    def _write(self, doc: Mapping[str, Any]) -> None:
+        """Replace the ledger atomically: temp file, fsync, rename, fsync the directory."""
+        data = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+        directory = self._path.parent
+        fd, tmp_name = tempfile.mkstemp(
+            dir=directory, prefix=f".{self._path.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(fd, "wb") as tmp:
+                tmp.write(data)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, self._path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _run(self, doc: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+        run = doc["runs"].get(run_id)
+        if run is None:
+            raise UnknownRunError(
+                f"run {run_id!r} is not in the privacy ledger {self._path}: "
+                f"call open_run before reserving rounds"
+            )
+        assert isinstance(run, dict)
+        return run
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunLedger | None:
+        """The ledger entry of ``run_id``, or ``None`` if the run was never opened.
+
+        Raises:
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        with self._locked():
+            run = self._read()["runs"].get(run_id)
+        return None if run is None else _view(run)
+
+    def run_ids(self, *, project: str | None = None) -> list[str]:
+        """Ids of the runs in the ledger, sorted; only ``project``'s when given."""
+        with self._locked():
+            runs = self._read()["runs"]
+        return sorted(r for r, run in runs.items() if project is None or run["project"] == project)
+
+    def history(self, run_id: str) -> list[HistoryEntry]:
+        """The accountant history of ``run_id``: one entry per charged round.
+
+        Raises:
+            UnknownRunError: if the run was never opened.
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        with self._locked():
+            return _history_of(self._run(self._read(), run_id))
+
+    def epsilon_spent(self, run_id: str) -> float:
+        """Epsilon spent by ``run_id``: every reserved and done round counts.
+
+        A round that was reserved and then crashed may have touched the data, so it stays
+        charged.
+
+        Raises:
+            UnknownRunError: if the run was never opened.
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        with self._locked():
+            run = self._run(self._read(), run_id)
+        return epsilon_for_history(_history_of(run), delta=run["delta"], mechanism=_MECHANISM)
+
+    def project_epsilon(self, project: str) -> float:
+        """Epsilon spent by all runs of ``project`` at this site, composed together.
+
+        The histories of every run of the project are composed with one accountant. Runs
+        may have been launched with different deltas; the composed epsilon is reported at
+        the largest of them, which is the delta of the weakest guarantee among the runs
+        (a smaller delta would need a larger epsilon). ``0.0`` if the project has no runs.
+
+        Raises:
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        with self._locked():
+            runs = self._read()["runs"]
+        history, delta = self._project_history(runs, project)
+        if not history:
+            return 0.0
+        return epsilon_for_history(history, delta=delta, mechanism=_MECHANISM)
+
+    @staticmethod
+    def _project_history(
+        runs: Mapping[str, Any], project: str
+    ) -> tuple[list[HistoryEntry], float]:
+        history: list[HistoryEntry] = []
+        delta = 0.0
+        for run in runs.values():
+            if run["project"] == project:
+                history.extend(_history_of(run))
+                delta = max(delta, float(run["delta"]))
+        return history, delta
+
+    # -- writing -------------------------------------------------------------------------
+
+    def open_run(
+        self,
+        *,
+        run_id: str,
+        project: str,
+        epsilon_budget: float,
+        delta: float,
+        noise_multiplier: float,
+        sample_rate: float,
+    ) -> None:
+        """Create the ledger entry of a run; a repeated identical call does nothing.
+
+        Args:
+            run_id: the coordinator's run id.
+            project: the project the run belongs to.
+            epsilon_budget: the run's epsilon budget at this site, > 0.
+            delta: the run's delta, in (0, 1).
+            noise_multiplier: the run's noise multiplier (from
+                :func:`privacy.dp.noise_multiplier_for_run`), > 0.
+            sample_rate: the sampling rate charged per step, in (0, 1].
+
+        Raises:
+            ValueError: if an argument is out of range, or the run already exists with
+                other parameters (a run's noise and budget are fixed when it starts).
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        problems: list[str] = []
+        if not (isinstance(run_id, str) and run_id):
+            problems.append(f"run_id must be a non-empty string, got {run_id!r}")
+        if not isinstance(project, str):
+            problems.append(f"project must be a string, got {project!r}")
+        if not (_is_number(epsilon_budget) and epsilon_budget > 0):
+            problems.append(f"epsilon budget must be > 0; got {epsilon_budget!r}")
+        if not (_is_number(delta) and 0 < delta < 1):
+            problems.append(f"delta must be in (0, 1); got {delta!r}")
+        if not (_is_number(noise_multiplier) and noise_multiplier > 0):
+            problems.append(f"noise_multiplier must be > 0; got {noise_multiplier!r}")
+        if not (_is_number(sample_rate) and 0 < sample_rate <= 1):
+            problems.append(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
+        if problems:
+            raise ValueError("cannot open run: " + "; ".join(problems))
+        wanted: dict[str, Any] = {
+            "project": project,
+            "run_id": run_id,
+            "epsilon_budget": float(epsilon_budget),
+            "delta": float(delta),
+            "noise_multiplier": float(noise_multiplier),
+            "sample_rate": float(sample_rate),
+            "mechanism": _MECHANISM,
+        }
+        with self._locked():
+            doc = self._read()
+            existing = doc["runs"].get(run_id)
+            if existing is not None:
+                differ = [
+                    f"{k}: ledger has {existing[k]!r}, got {v!r}"
+                    for k, v in wanted.items()
+                    if existing[k] != v
+                ]
+                if differ:
+                    raise ValueError(
+                        f"run {run_id!r} is already in the privacy ledger with other "
+                        f"parameters ({'; '.join(differ)}); a run's noise and budget are "
+                        f"fixed when it starts: launch a new run instead"
+                    )
+                return
+            doc["runs"][run_id] = {**wanted, "history": [], "rounds": {}}
+            self._write(doc)
+
+    def reserve_round(
+        self, *, run_id: str, round_number: int, steps: int, cap: float | None = None
+    ) -> float:
+        """Charge a round before it trains (write-ahead) and return the run's epsilon after it.
+
+        The round's ``(noise_multiplier, sample_rate, steps)`` is appended to the run's
+        history and the round marked ``"reserved"``, then the ledger is persisted; only then
+        may training start. If the round is already reserved or done (a retry, or a resumed
+        round) nothing is charged again and its stored epsilon is returned.
+
+        Budget checks, both before anything is written:
+
+        * the run's epsilon after the round must not exceed ``min(epsilon_budget, cap)``;
+        * with a ``cap``, the epsilon of all the project's runs composed (see
+          :meth:`project_epsilon`) must not exceed ``cap`` either: the cap is the site's
+          limit for the whole project, not only for one run.
+
+        Args:
+            run_id: a run opened with :meth:`open_run`.
+            round_number: the coordinator's round number, >= 0.
+            steps: DP-SGD steps the round will take (``privacy.training.expected_steps``).
+            cap: the site's epsilon cap for the run's project (from its policy), if any.
+
+        Returns:
+            The run's epsilon once this round is charged.
+
+        Raises:
+            BudgetExceededError: if a check fails; nothing is persisted.
+            UnknownRunError: if the run was never opened.
+            ValueError: if an argument is out of range, or the round is already charged
+                for a different number of steps.
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        if not (_is_int(round_number) and round_number >= 0):
+            raise ValueError(f"round_number must be an integer >= 0; got {round_number!r}")
+        if not (_is_int(steps) and steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+        if cap is not None and not (_is_number(cap) and cap > 0):
+            raise ValueError(f"cap must be > 0 when given; got {cap!r}")
+        with self._locked():
+            doc = self._read()
+            run = self._run(doc, run_id)
+            key = str(round_number)
+            if key in run["rounds"]:
+                rec = run["rounds"][key]
+                if rec["steps"] != steps:
+                    # Returning the old charge would let the retry train unpaid steps.
+                    raise ValueError(
+                        f"round {round_number} of run {run_id!r} is already charged for "
+                        f"{rec['steps']} steps, not {steps}: a retried round must train "
+                        f"the same number of steps"
+                    )
+                return float(rec["epsilon_after"])
+            step: HistoryEntry = (
+                float(run["noise_multiplier"]),
+                float(run["sample_rate"]),
+                steps,
+            )
+            budget = float(run["epsilon_budget"])
+            if cap is not None:
+                budget = min(budget, float(cap))
+            projected = check_round_budget(
+                history=_history_of(run),
+                next_step=step,
+                delta=run["delta"],
+                budget=budget,
+                mechanism=_MECHANISM,
+            )
+            if cap is not None:
+                project_history, project_delta = self._project_history(
+                    doc["runs"], run["project"]
+                )
+                check_round_budget(
+                    history=project_history,
+                    next_step=step,
+                    delta=project_delta,
+                    budget=float(cap),
+                    mechanism=_MECHANISM,
+                    scope="project",
+                )
+            run["history"].append(list(step))
+            run["rounds"][key] = {
+                "status": "reserved",
+                "epsilon_after": projected,
+                "steps": steps,
+                "at": _now(),
+            }
+            self._write(doc)
+            return projected
+
+    def complete_round(self, *, run_id: str, round_number: int) -> float:
+        """Mark a reserved round done; repeating it does nothing.
+
+        Args:
+            run_id: a run opened with :meth:`open_run`.
+            round_number: a round reserved with :meth:`reserve_round`.
+
+        Returns:
+            The run's epsilon after this round (as stored when it was reserved).
+
+        Raises:
+            UnknownRunError: if the run was never opened.
+            ValueError: if the round was never reserved.
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        with self._locked():
+            doc = self._read()
+            run = self._run(doc, run_id)
+            rec = run["rounds"].get(str(round_number))
+            if rec is None:
+                raise ValueError(
+                    f"round {round_number} of run {run_id!r} was never reserved: "
+                    f"call reserve_round before training it"
+                )
+            if rec["status"] != "done":
+                rec["status"] = "done"
+                rec["at"] = _now()
+                self._write(doc)
+            return float(rec["epsilon_after"])
+

@@ -1,0 +1,168 @@
+"""Tests of privacy.dp: the run's noise, composed epsilon and the round budget check."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+import privacy
+from privacy import (
+    BudgetExceededError,
+    check_round_budget,
+    epsilon_for_history,
+    noise_multiplier_for_run,
+    planned_steps,
+)
+
+DELTA = 1e-5
+
+
+def test_public_api() -> None:
+    assert privacy.__all__ == [
+        "BudgetExceededError",
+        "DPTrainResult",
+        "EvalResult",
+        "HistoryEntry",
+        "LedgerCorruptError",
+        "PlainTrainResult",
+        "PrivacyLedger",
+        "RoundRecord",
+        "RunLedger",
+        "UnknownRunError",
+        "check_round_budget",
+        "epsilon_for_history",
+        "evaluate",
+        "expected_steps",
+        "noise_multiplier_for_run",
+        "planned_steps",
+        "sample_rate_for",
+        "train_dp",
+        "train_plain",
+    ]
+    for name in privacy.__all__:
+        assert getattr(privacy, name) is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epsilon": 0.0}, "epsilon budget must be > 0; got 0.0"),
+        ({"epsilon": -1.0}, "epsilon budget must be > 0; got -1.0"),
+        ({"delta": 0.0}, "delta must be in (0, 1); got 0.0"),
+        ({"delta": 1.0}, "delta must be in (0, 1); got 1.0"),
+        ({"sample_rate": 0.0}, "sample_rate must be in (0, 1]; got 0.0"),
+        ({"sample_rate": 1.5}, "sample_rate must be in (0, 1]; got 1.5"),
+        ({"total_epochs": 0}, "total_epochs must be an integer >= 1; got 0"),
+        ({"accountant": "gdp"}, "unsupported accounting mechanism 'gdp'"),
+    ],
+)
+def test_noise_multiplier_for_run_rejects_bad_input(
+    kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {
+        "epsilon": 3.0, "delta": DELTA, "sample_rate": 0.1, "total_epochs": 2, **kwargs
+    }
+    with pytest.raises(ValueError, match=re.escape(message)):
+        noise_multiplier_for_run(**args)  # type: ignore[arg-type]
+
+
+def test_noise_multiplier_spends_at_most_the_budget_over_the_planned_steps() -> None:
+    sigma = noise_multiplier_for_run(epsilon=1.0, delta=DELTA, sample_rate=0.1, total_epochs=4)
+    eps = epsilon_for_history([(sigma, 0.1, 40)], delta=DELTA)
+    # Opacus's binary search stops within 0.01 below the target.
+    assert 1.0 - 0.011 <= eps <= 1.0
+
+
+def test_noise_multiplier_rdp_needs_more_noise_than_prv() -> None:
+    def sigma(accountant: str) -> float:
+        return noise_multiplier_for_run(
+            epsilon=1.0, delta=DELTA, sample_rate=0.05, total_epochs=4, accountant=accountant
+        )
+
+    assert sigma("rdp") > sigma("prv")
+
+
+@pytest.mark.parametrize(
+    ("sample_rate", "epochs", "steps"),
+    [(0.1, 3, 30), (1 / 93, 2, 186), (1 / 9, 30, 270), (1.0, 5, 5), (0.3, 2, 6), (0.7, 2, 2)],
+)
+def test_planned_steps_follow_opacus_poisson_loader(
+    sample_rate: float, epochs: int, steps: int
+) -> None:
+    assert planned_steps(sample_rate=sample_rate, epochs=epochs) == steps
+
+
+def test_epsilon_of_empty_history_is_zero() -> None:
+    assert epsilon_for_history([], delta=DELTA) == 0.0
+    assert epsilon_for_history([(1.0, 0.1, 0)], delta=DELTA) == 0.0
+
+
+def test_epsilon_matches_opacus_accountants() -> None:
+    history = [(2.0, 0.1, 20), (3.0, 0.05, 10)]
+    prv = PRVAccountant()
+    prv.history = list(history)
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert epsilon_for_history(history, delta=DELTA) == prv.get_epsilon(delta=DELTA)
+    assert epsilon_for_history(history, delta=DELTA, mechanism="rdp") == rdp.get_epsilon(
+        delta=DELTA
+    )
+
+
+def test_history_split_by_round_composes_like_one_entry() -> None:
+    # Opacus merges consecutive steps at the same (sigma, q); so does epsilon_for_history.
+    whole = epsilon_for_history([(1.1, 0.1, 30)], delta=DELTA)
+    split = epsilon_for_history([(1.1, 0.1, 10), (1.1, 0.1, 10), (1.1, 0.1, 10)], delta=DELTA)
+    assert split == whole
+
+
+def test_step_without_noise_is_infinite_epsilon() -> None:
+    assert epsilon_for_history([(1.0, 0.1, 5), (0.0, 0.1, 1)], delta=DELTA) == math.inf
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[(1.0, 0.0, 5)], [(-1.0, 0.1, 5)], [(1.0, 0.1, -1)], [(1.0, 0.1, 2.5)], [(1.0, 0.1)]],
+)
+def test_malformed_history_is_rejected(history: list[tuple[float, ...]]) -> None:
+    with pytest.raises(ValueError, match="invalid accountant history"):
+        epsilon_for_history(history, delta=DELTA)  # type: ignore[arg-type]
+
+
+def test_check_round_budget_returns_projection() -> None:
+    projected = check_round_budget(
+        history=[(1.0, 0.1, 10)], next_step=(1.0, 0.1, 10), delta=DELTA, budget=100.0
+    )
+    assert projected == epsilon_for_history([(1.0, 0.1, 20)], delta=DELTA)
+
+
+def test_check_round_budget_refuses_with_numbers_and_advice() -> None:
+    history = [(1.0, 0.1, 10)]
+    spent = epsilon_for_history(history, delta=DELTA)
+    projected = epsilon_for_history([(1.0, 0.1, 20)], delta=DELTA)
+    budget = (spent + projected) / 2
+    with pytest.raises(BudgetExceededError) as info:
+        check_round_budget(
+            history=history, next_step=(1.0, 0.1, 10), delta=DELTA, budget=budget
+        )
+    err = info.value
+    assert (err.spent, err.projected, err.budget) == (spent, projected, budget)
+    assert "raise the site's epsilon cap" in str(err)
+    assert "fewer rounds" in str(err)
+
+
+def test_every_planned_round_of_a_run_passes_the_check() -> None:
+    rounds, local_epochs, q = 5, 2, 1 / 10
+    sigma = noise_multiplier_for_run(
+        epsilon=1.0, delta=DELTA, sample_rate=q, total_epochs=rounds * local_epochs
+    )
+    steps = planned_steps(sample_rate=q, epochs=local_epochs)
+    history: list[tuple[float, float, int]] = []
+    for _ in range(rounds):
+        check_round_budget(history=history, next_step=(sigma, q, steps), delta=DELTA, budget=1.0)
+        history.append((sigma, q, steps))
+    with pytest.raises(BudgetExceededError):
+        check_round_budget(history=history, next_step=(sigma, q, steps), delta=DELTA, budget=1.0)
