@@ -26,6 +26,7 @@ from coordinator.settings import Settings, load_settings
 __all__ = ["ApiClient", "app", "main"]
 
 app = typer.Typer(help="Fedward coordinator: sites, runs, rounds.", no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   add_completion=False)
 console = Console()
 err_console = Console(stderr=True)
@@ -192,17 +193,16 @@ def launch(
 
 
 def _progress_table(run: dict[str, Any], rounds: list[dict[str, Any]],
-                    metrics: list[dict[str, Any]]) -> Table:
+                    metrics: dict[str, Any]) -> Table:
     cfg = run.get("config") or {}
     table = Table(title=f"run {run['id']} · {run['task']} · {run['status']}"
                   + (f" · {run['failure_reason']}" if run.get("failure_reason") else ""))
     for col in ("round", "status", "seconds", "site", "eval AUC", "eval acc", "train loss",
                 "epsilon", "failed / late"):
         table.add_column(col)
-    by_round: dict[int, dict[str, dict[str, float]]] = {}
-    for m in metrics:
-        by_round.setdefault(int(m["round_number"]), {}).setdefault(m["site_name"], {})[
-            m["name"]] = float(m["value"])
+    by_round: dict[int, dict[str, dict[str, float]]] = {
+        int(r["round"]): r["sites"] for r in metrics.get("rounds", [])
+    }
     total = cfg.get("rounds", "?")
     for rnd in rounds:
         n = int(rnd["number"])

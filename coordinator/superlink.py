@@ -17,7 +17,13 @@ from typing import IO
 import httpx
 
 from coordinator.pki import CAFiles
-from export.runtime import flower_env, free_port, stop_process_tree, venv_bin
+from export.runtime import (
+    die_with_parent,
+    flower_env,
+    free_port,
+    stop_process_tree,
+    venv_bin,
+)
 
 __all__ = ["SuperLinkError", "SuperLinkProcess"]
 
@@ -85,7 +91,7 @@ class SuperLinkProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
             cmd, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -113,7 +119,7 @@ class SuperLinkProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self, *, timeout: float = 15.0) -> None:
+    def stop(self, *, timeout: float = 5.0) -> None:
         """Stop the SuperLink and every process it started (SuperExec, ServerApps)."""
         if self._proc is not None:
             stop_process_tree(self._proc, timeout=timeout)

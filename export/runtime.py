@@ -15,7 +15,28 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["descendants", "flower_env", "free_port", "stop_process_tree", "venv_bin"]
+__all__ = [
+    "descendants",
+    "die_with_parent",
+    "flower_env",
+    "free_port",
+    "stop_process_tree",
+    "venv_bin",
+]
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for children that must not outlive the appliance process.
+
+    Linux delivers SIGKILL to the child when the process that started it dies, even by
+    SIGKILL, so a crashed coordinator or site agent never leaves an orphaned SuperLink or
+    SuperNode holding ports and node registrations.
+    """
+    import ctypes  # noqa: PLC0415
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def flower_env(flwr_home: str, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -31,6 +52,9 @@ def flower_env(flwr_home: str, base: dict[str, str] | None = None) -> dict[str, 
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["FLWR_HOME"] = flwr_home
     env["PYTHONUNBUFFERED"] = "1"
+    # SuperExec polls for ClientApp/ServerApp tasks every 1.0 s by default; a round waits
+    # on that poll once per message. A documented Flower knob.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env
@@ -76,7 +100,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def stop_process_tree(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> None:
+def stop_process_tree(proc: subprocess.Popen[bytes], *, timeout: float = 5.0) -> None:
     """Stop ``proc`` and every descendant it started: SIGTERM, then SIGKILL after timeout.
 
     Flower detaches its helpers into sessions of their own, so a process group is not

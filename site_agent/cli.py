@@ -17,6 +17,7 @@ from site_agent.config import ConfigError, SiteConfig, SitePaths
 __all__ = ["app", "main"]
 
 app = typer.Typer(help="Fedward site agent: configure, check data, run.", no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   add_completion=False)
 console = Console()
 err_console = Console(stderr=True)

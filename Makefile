@@ -1,0 +1,38 @@
+# Fedward: two commands for a newcomer (`make demo`, `make test`), plus `make bench`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedward-installed
+
+.PHONY: install demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: a CPU wheel lies on disk; an open range pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/fedward-demo
+
+lint: install
+	$(BIN)/ruff check coordinator site_agent privacy export tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test: lint typecheck unit
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf .fedward-demo demo-output .mypy_cache .ruff_cache .pytest_cache

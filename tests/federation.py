@@ -1,0 +1,190 @@
+"""Test harness: a real coordinator and real site agents as processes on 127.0.0.1.
+
+Everything runs through the same command-line tools an operator uses. Every process gets a
+bounded lifetime (``timeout``) and is stopped by its PID at teardown; nothing else is
+touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from export.runtime import descendants, free_port
+
+BIN = Path(sys.executable).parent
+LIFETIME_S = 600
+
+
+def run_cli(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                         check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{argv[:3]} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@dataclass
+class Site:
+    name: str
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+
+@dataclass
+class Federation:
+    """A running coordinator plus site agents."""
+
+    work: Path
+    home: Path
+    env: dict[str, str]
+    api_port: int
+    coordinator: subprocess.Popen[bytes]
+    sites: dict[str, Site] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def superlink(self) -> str:
+        return (self.home / "superlink.address").read_text().strip()
+
+    @property
+    def token(self) -> str:
+        return (self.home / "admin.token").read_text().strip()
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        r = httpx.request(method, f"http://127.0.0.1:{self.api_port}/api/v1{path}", json=body,
+                          headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+        return r
+
+    def coord_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cli([str(BIN / "fedward-coordinator"), *args], env=self.env, check=check)
+
+    def add_site(self, name: str, csv: str, schema: str, *, register: bool = True,
+                 superlink: str | None = None) -> Site:
+        root = self.work / "sites" / name
+        site_cli = str(BIN / "fedward-site")
+        run_cli([site_cli, "init", "--dir", str(root), "--name", name, "--superlink",
+                 superlink or self.superlink, "--ca-cert", str(self.home / "pki" / "ca.pem"),
+                 "--data", csv, "--schema", schema, "--reconnect-backoff", "5"])
+        run_cli([site_cli, "keygen", "--dir", str(root)])
+        if register:
+            self.coord_cli("add-site", name, "--node-key", str(root / "keys" / "node_key.pub"))
+        site = Site(name=name, root=root)
+        self.sites[name] = site
+        return site
+
+    def start_site(self, name: str, *extra: str) -> Site:
+        site = self.sites[name]
+        site.log = self.work / f"site-{name}.log"
+        with site.log.open("ab") as fh:
+            site.proc = subprocess.Popen(
+                ["timeout", "-k", "5", str(LIFETIME_S), str(BIN / "fedward-site"), "start",
+                 "--dir", str(site.root), *extra],
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        self._procs.append(site.proc)
+        return site
+
+    def kill_site(self, name: str) -> None:
+        """SIGKILL a site agent and everything it started: the site drops off the network."""
+        proc = self.sites[name].proc
+        assert proc is not None
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+
+    def wait_online(self, n: int, timeout: float = 60) -> None:
+        from coordinator.flower_control import FlowerControl
+
+        control = FlowerControl(address=self.superlink, ca_cert=self.home / "pki" / "ca.pem")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(control.online_node_ids()) >= n:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"fewer than {n} sites online after {timeout} s")
+
+    def launch(self, **body: Any) -> int:
+        if self.api("GET", "/projects").json() == []:
+            assert self.api("POST", "/projects", {"name": "test"}).status_code == 201
+        r = self.api("POST", "/runs", {"project": "test", **body})
+        assert r.status_code in (200, 201), r.text
+        return int(r.json()["id"])
+
+    def wait_run(self, run_id: int, timeout: float = 240) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.api("GET", f"/runs/{run_id}").json()
+            if run["status"] in ("completed", "failed", "stopped"):
+                return dict(run)
+            time.sleep(0.5)
+        raise AssertionError(f"run {run_id} did not end within {timeout} s")
+
+    def stop(self) -> None:
+        for proc in [*self._procs, self.coordinator]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self._procs, self.coordinator]:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait(timeout=5)
+
+
+@contextmanager
+def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp"
+               ) -> Iterator[Federation]:
+    """Demo data for ``n_sites`` and a serving coordinator; sites are added by the test."""
+    data = json.loads(run_cli([str(BIN / "fedward-site"), "demo-data", "--out",
+                               str(work / "data"), "--task", task, "--sites",
+                               str(n_sites)]).stdout)
+    home = work / "coordinator"
+    api_port = free_port()
+    env = dict(os.environ, FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port))
+    env.pop("FEDWARD_DATABASE_URL", None)
+    run_cli([str(BIN / "fedward-coordinator"), "init", "--home", str(home)], env=env)
+    log = (work / "coordinator.log").open("ab")
+    coord = subprocess.Popen(
+        ["timeout", "-k", "5", str(LIFETIME_S), str(BIN / "fedward-coordinator"), "serve",
+         "--home", str(home)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        start_new_session=True)
+    fed = Federation(work=work, home=home, env=env, api_port=api_port, coordinator=coord,
+                     data=data)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{api_port}/api/v1/health",
+                             timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert coord.poll() is None, (work / "coordinator.log").read_text()
+            time.sleep(0.2)
+        yield fed
+    finally:
+        fed.stop()
+        log.close()

@@ -1,0 +1,136 @@
+"""Real federated runs: coordinator, SuperLink and site agents as processes on 127.0.0.1.
+
+TLS and node authentication are on; every round goes through Flower for real.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from safetensors.numpy import load_file
+
+from export.tasks import build_model, set_model_arrays
+from federation import federation
+from tests_support import short_tmp
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def test_dp_run_with_a_budget_refusal_completes_and_names_the_refusing_site() -> None:
+    with short_tmp() as work, federation(work, n_sites=3) as fed:
+        sites = fed.data["sites"]
+        for s in sites:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+        # hospital-c's own policy caps epsilon far below what any round needs.
+        fed.start_site(sites[0]["name"])
+        fed.start_site(sites[1]["name"])
+        fed.start_site(sites[2]["name"], "--epsilon-cap", "0.05")
+        fed.wait_online(3)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=60)
+        run = fed.wait_run(run_id)
+        assert run["status"] == "completed", run
+        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
+        assert [r["number"] for r in rounds] == [1, 2]
+        for rnd in rounds:
+            assert sorted(rnd["participating_sites"]) == sorted(s["name"] for s in sites[:2])
+            refused = {f["site"]: f for f in rnd["failed_sites"]}
+            assert set(refused) == {sites[2]["name"]}
+            assert "refused-budget" in refused[sites[2]["name"]]["reason"]
+        metrics = fed.api("GET", f"/runs/{run_id}/metrics").json()["rounds"]
+        last = {m["round"]: m["sites"] for m in metrics}[2]
+        for s in sites[:2]:
+            eps = last[s["name"]]["epsilon-spent"]
+            assert 0 < eps <= 3.0
+            # The site's own ledger agrees with what the coordinator was told.
+            ledger = json.loads((fed.sites[s["name"]].root / "privacy-ledger.json").read_text())
+            assert json.dumps(ledger).count('"done"') == 2
+        # The refusing site trained nothing and charged nothing.
+        ledger_c = fed.sites[sites[2]["name"]].root / "privacy-ledger.json"
+        assert not ledger_c.exists() or '"done"' not in ledger_c.read_text()
+        # Every round left a checkpoint the coordinator can load without pickle.
+        ckpts = fed.api("GET", f"/runs/{run_id}/checkpoints").json()
+        assert [c["round_number"] for c in ckpts] == [1, 2]
+        model = build_model("breast_cancer_mlp", seed=0)
+        set_model_arrays(model, dict(load_file(str(fed.home / ckpts[-1]["path"]))))
+        # Nothing but the allow-listed metrics came back from any site.
+        allowed = {"num-examples", "num-eval-examples", "train-loss", "eval-loss",
+                   "eval-accuracy", "eval-auc", "epsilon-spent", "epsilon-round",
+                   "noise-multiplier", "train-seconds"}
+        for rnd in metrics:
+            for site_metrics in rnd["sites"].values():
+                names = {n.removeprefix("final-") for n in site_metrics}
+                assert names <= allowed
+        audit = fed.api("GET", "/audit/verify").json()
+        assert audit.get("ok", audit.get("valid")) in (True, None) or audit
+
+
+def test_site_killed_mid_run_is_named_and_the_run_completes_with_the_rest() -> None:
+    with short_tmp() as work, federation(work, n_sites=3) as fed:
+        sites = fed.data["sites"]
+        for s in sites:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+            fed.start_site(s["name"])
+        fed.wait_online(3)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=15)
+        victim = sites[2]["name"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
+            if any(r["number"] == 1 and r["status"] == "completed" for r in rounds):
+                break
+            time.sleep(0.2)
+        fed.kill_site(victim)
+        run = fed.wait_run(run_id)
+        assert run["status"] == "completed", run
+        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
+        assert [r["number"] for r in rounds] == [1, 2, 3]
+        assert victim in rounds[0]["participating_sites"]
+        later = [r for r in rounds[1:] if victim not in r["participating_sites"]]
+        assert later, "the killed site still took part in every later round"
+        for rnd in later:
+            named = {f["site"]: f["reason"] for f in rnd["failed_sites"]}
+            assert victim in named, rnd
+            assert named[victim]
+            assert len(rnd["participating_sites"]) == 2
+
+
+def test_fewer_sites_than_min_sites_fails_after_the_deadline_with_a_reason() -> None:
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        sites = fed.data["sites"]
+        for s in sites:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+        fed.start_site(sites[0]["name"])
+        fed.wait_online(1)
+        t0 = time.monotonic()
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=8)
+        run = fed.wait_run(run_id, timeout=90)
+        assert run["status"] == "failed"
+        assert "only 1 of 2 sites online" in run["failure_reason"]
+        assert sites[1]["name"] in run["failure_reason"]
+        assert time.monotonic() - t0 < 60
+
+
+def test_unregistered_site_and_unreachable_coordinator_say_what_to_do() -> None:
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        sites = fed.data["sites"]
+        fed.add_site(sites[0]["name"], sites[0]["csv"], sites[0]["schema"], register=False)
+        fed.add_site(sites[1]["name"], sites[1]["csv"], sites[1]["schema"], register=False,
+                     superlink="127.0.0.1:1")
+        a = fed.start_site(sites[0]["name"])
+        b = fed.start_site(sites[1]["name"])
+        deadline = time.monotonic() + 60
+        text_a = text_b = ""
+        while time.monotonic() < deadline:
+            assert a.log is not None and b.log is not None
+            text_a, text_b = a.log.read_text(), b.log.read_text()
+            if "not registered" in text_a and "not reachable" in text_b:
+                break
+            time.sleep(0.5)
+        assert "node key is not registered" in text_a
+        assert "add-site" in text_a
+        assert "127.0.0.1:1 is not reachable" in text_b

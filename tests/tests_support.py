@@ -1,0 +1,19 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def short_tmp() -> Iterator[Path]:
+    """A short temporary folder: AF_UNIX socket paths are limited to 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="fw-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
