@@ -76,7 +76,7 @@ def main() -> None:
 
 
 def _cpus() -> int:
-    import os  # noqa: PLC0415
+    import os
 
     return os.cpu_count() or 0
 

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VENV_BIN, Proc, flwr_env, free_port, run_cmd, wait_until  # noqa: E402
+from common import VENV_BIN, Proc, flwr_env, free_port, run_cmd, wait_until
 
 APP_DIR = Path(__file__).resolve().parent / "stock_flower"
 CONN = "bench"
@@ -42,7 +42,7 @@ def make_tls(d: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedward-bench CA")])
     ca = (
@@ -147,7 +147,7 @@ def superlink_healthy(port: int, ca: Path) -> bool:
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=ctx,
                                     timeout=2) as resp:
             return resp.status == 200
-    except Exception:  # noqa: BLE001 (not up yet)
+    except Exception:
         return False
 
 
@@ -300,7 +300,7 @@ def main() -> int:
             "evaluate_metrics": timing["evaluate_metrics"],
         })
         rc = 0
-    except Exception as exc:  # noqa: BLE001 (reported in the JSON and on stderr)
+    except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         print(result["error"], file=sys.stderr)
     finally:

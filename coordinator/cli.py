@@ -38,7 +38,7 @@ ApiOpt = Annotated[str | None, typer.Option("--api", help="API base URL (default
 TokenOpt = Annotated[str | None, typer.Option("--token", help="API token (default "
                                               "$FEDWARD_TOKEN or the admin token file)")]
 
-ADMIN_TOKEN_FILE = "admin.token"
+ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 
 
 def _settings(home: Path | None) -> Settings:
@@ -92,11 +92,12 @@ def init(home: HomeOpt = None,
          admin: Annotated[str, typer.Option(help="name of the first admin account")] = "admin"
          ) -> None:
     """Create the data directory, the site CA, the database schema and the first admin."""
-    from coordinator.api import create_user  # noqa: PLC0415
-    from coordinator.db import make_engine, session_scope  # noqa: PLC0415
-    from coordinator.models import User  # noqa: PLC0415
-    from coordinator.service import init_home  # noqa: PLC0415
-    from sqlmodel import select  # noqa: PLC0415
+    from sqlmodel import select
+
+    from coordinator.api import create_user
+    from coordinator.db import make_engine, session_scope
+    from coordinator.models import User
+    from coordinator.service import init_home
 
     settings = _settings(home)
     pki = init_home(settings)
@@ -121,7 +122,7 @@ def serve(home: HomeOpt = None,
           superlink_port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1 "
                                                       "(0: pick a free one)")] = 0) -> None:
     """Run the coordinator: SuperLink on loopback plus the REST API, until Ctrl-C/SIGTERM."""
-    from coordinator.service import Coordinator  # noqa: PLC0415
+    from coordinator.service import Coordinator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
                         "%(message)s")

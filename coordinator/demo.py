@@ -86,7 +86,7 @@ def _run(argv: list[str], **kw: Any) -> str:
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} failed ({res.returncode}):\n{res.stderr}"
                            f"{res.stdout}")
-    return res.stdout
+    return str(res.stdout)
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -105,9 +105,10 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
 
 def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs: int,
              n_sites: int, stock_results: Path | None) -> dict[str, Any]:
-    from export.tasks import build_model, get_task, set_model_arrays  # noqa: PLC0415
-    from privacy import evaluate, train_plain  # noqa: PLC0415
-    from safetensors.numpy import load_file  # noqa: PLC0415
+    from safetensors.numpy import load_file
+
+    from export.tasks import build_model, get_task, set_model_arrays
+    from privacy import evaluate, train_plain
 
     task = "breast_cancer_mlp"
     spec = get_task(task)
@@ -237,7 +238,7 @@ def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs
         "stock_flower": stock,
         "speedup_vs_stock": (stock["median_round_seconds"] / median
                              if stock and median and stock.get("median_round_seconds") else None),
-        "test_rows": int(len(test_y)),
+        "test_rows": len(test_y),
         "demo_seconds": time.monotonic() - t_start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -11,10 +11,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.build import build_fab_from_files
-from flwr.supercore.fab import Fab
+from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListNodesRequest,
     RegisterNodeRequest,
@@ -22,9 +23,9 @@ from flwr.proto.control_pb2 import (
     StopRunRequest,
 )
 from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-from flwr.common.serde import fab_to_proto, user_config_to_proto
 
 from export.wire import APP_NAME, APP_PUBLISHER
 
@@ -78,7 +79,7 @@ def node_public_key_bytes(openssh_public_key: str) -> bytes:
     """Validate an OpenSSH public key text and return the bytes the SuperLink expects."""
     try:
         key = serialization.load_ssh_public_key(openssh_public_key.strip().encode())
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:  # unknown key type
         raise NodeKeyError(
             "the node public key is not an OpenSSH public key; send the content of the "
             f"site's node key .pub file ({err})"

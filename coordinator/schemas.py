@@ -119,12 +119,13 @@ class NodeKeyCreate(_Request):
     @classmethod
     def _openssh(cls, value: str) -> str:
         # Parse it now: a key Flower would reject later should be a 422 here, at the source.
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
         value = value.strip()
         try:
             load_ssh_public_key(value.encode("ascii"))
-        except (ValueError, UnicodeEncodeError, TypeError) as exc:
+        except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as exc:
             raise ValueError(f"not an OpenSSH public key ({exc})") from None
         return value
 

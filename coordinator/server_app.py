@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +113,13 @@ def aggregate(
         raise ValueError("no updates to aggregate")
     names = list(updates[0][0])
     out: dict[str, np.ndarray] = {}
-    weights = np.array([max(w, 0.0) for _, w in updates], dtype=np.float64)
-    if weights.sum() <= 0:
+    # A site-reported weight that is NaN or infinite counts as 0: max(nan, 0.0) is nan, and
+    # one such weight would turn the whole global model into NaN.
+    weights = np.array([w if math.isfinite(w) and w > 0 else 0.0 for _, w in updates],
+                       dtype=np.float64)
+    if weights.max() <= 0:
         weights = np.ones_like(weights)
+    weights = weights / weights.max()  # huge counts must not overflow the sum
     for name in names:
         stack = np.stack([u[name].astype(np.float64) for u, _ in updates])
         if method == "fedavg":
@@ -285,7 +289,7 @@ class RoundLoop:
             return {"site": site, "phase": "train", "reason": reason.splitlines()[0][:500],
                     "code": label}
         try:
-            update = {k: v.numpy() for k, v in reply.content[REPLY_ARRAYS].items()}
+            update = {k: v.numpy() for k, v in reply.content.array_records[REPLY_ARRAYS].items()}
             metrics = {k: float(v) for k, v in reply.content[REPLY_METRICS].items()
                        if isinstance(v, int | float)}
         except (KeyError, TypeError, ValueError) as err:
@@ -322,8 +326,11 @@ class RoundLoop:
 
 def load_plan(engine: Engine, run_id: int) -> RunPlan:
     """Read a run's plan from the database."""
-    raw = repository.run_plan(engine, run_id)
-    return RunPlan(**raw)
+    raw = repository.run_config(engine, run_id)
+    names = {f.name for f in fields(RunPlan)}
+    values = {k: v for k, v in raw.items() if k in names}
+    values["sites"] = tuple(values.get("sites") or ())
+    return RunPlan(**values)
 
 
 app = ServerApp()
@@ -332,8 +339,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point the SuperLink calls for every run of the appliance's app."""
-    from coordinator.db import make_engine  # noqa: PLC0415 - keep module import light
-    from export.tasks import build_model, model_arrays  # noqa: PLC0415
+    from coordinator.db import make_engine
+    from export.tasks import build_model, model_arrays
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_id = int(str(context.run_config["fedward-run-id"]))

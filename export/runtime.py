@@ -32,7 +32,7 @@ def die_with_parent() -> None:
     SIGKILL, so a crashed coordinator or site agent never leaves an orphaned SuperLink or
     SuperNode holding ports and node registrations.
     """
-    import ctypes  # noqa: PLC0415
+    import ctypes
 
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL("libc.so.6", use_errno=True)

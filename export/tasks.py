@@ -167,7 +167,9 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "breast_cancer_mlp": TaskSpec(
         name="breast_cancer_mlp",
-        description="Breast Cancer Wisconsin (Diagnostic): 30 features, malignant (0) or benign (1)",
+        description=(
+            "Breast Cancer Wisconsin (Diagnostic): 30 features, malignant (0) or benign (1)"
+        ),
         feature_columns=BREAST_CANCER_COLUMNS,
         label_column="diagnosis",
         n_classes=2,

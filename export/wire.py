@@ -10,16 +10,16 @@ from typing import Final
 
 __all__ = [
     "ALLOWED_REPLY_METRICS",
-    "APP_PUBLISHER",
     "APP_NAME",
+    "APP_PUBLISHER",
     "CFG",
     "MSG",
     "REPLY_ARRAYS",
     "REPLY_CONFIG",
     "REPLY_METRICS",
-    "SiteErrorCode",
     "TASK_ARRAYS",
     "TASK_CONFIG",
+    "SiteErrorCode",
 ]
 
 APP_PUBLISHER: Final = "fedward"

@@ -88,10 +88,10 @@ def _warm_up(task: str) -> None:
     torch imports its compiler stack on the first optimizer step and Opacus builds its
     hooks on first use: about 1.5 s that would otherwise land inside the first round.
     """
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
-    from export.tasks import build_model, get_task  # noqa: PLC0415
-    from privacy import train_dp  # noqa: PLC0415
+    from export.tasks import build_model, get_task
+    from privacy import train_dp
 
     spec = get_task(task)
     rng = np.random.default_rng(0)
@@ -128,7 +128,7 @@ class SiteAgent:
             log.error("no node key at %s; run `fedward-site keygen --dir %s`", paths.node_key,
                       self.root)
             return 4
-        import torch  # noqa: PLC0415 - imported once, here, by the warm process only
+        import torch
 
         torch.set_num_threads(config.torch_threads)
         _warm_up(schema.task)

@@ -67,7 +67,7 @@ def init(
 @app.command()
 def keygen(dir: DirOpt) -> None:
     """Create the site's Flower node key (kept here); print the public key to register."""
-    from site_agent.keys import ensure_node_key, public_key_fingerprint  # noqa: PLC0415
+    from site_agent.keys import ensure_node_key, public_key_fingerprint
 
     paths = SitePaths(dir.expanduser().resolve())
     public = ensure_node_key(paths.node_key, paths.node_public_key)
@@ -81,7 +81,7 @@ def check(dir: DirOpt,
           as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
           ) -> None:
     """Check the site's data against its schema and report every problem at once."""
-    from site_agent.data import SchemaError, check_data, load_schema  # noqa: PLC0415
+    from site_agent.data import SchemaError, check_data, load_schema
 
     root = dir.expanduser().resolve()
     try:
@@ -111,8 +111,8 @@ def start(dir: DirOpt,
           epsilon_cap: Annotated[float | None, typer.Option(
               help="the site's own epsilon cap per run")] = None) -> None:
     """Run the site agent (warm trainer + SuperNode) until SIGTERM or Ctrl-C."""
-    from site_agent.agent import SiteAgent  # noqa: PLC0415
-    from site_agent.data import SchemaError  # noqa: PLC0415
+    from site_agent.agent import SiteAgent
+    from site_agent.data import SchemaError
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -131,7 +131,7 @@ def demo_data(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Write a non-IID demo federation from scikit-learn's bundled data (no download)."""
-    from site_agent.datasets import write_demo_federation  # noqa: PLC0415
+    from site_agent.datasets import write_demo_federation
 
     fed = write_demo_federation(task=task, out_dir=out, n_sites=sites, seed=seed)
     print(json.dumps({

@@ -53,7 +53,7 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
     try:
         config: dict[str, Any] = dict(msg.content[TASK_CONFIG])
         arrays = (
-            {k: v.numpy() for k, v in msg.content[TASK_ARRAYS].items()}
+            {k: v.numpy() for k, v in msg.content.array_records[TASK_ARRAYS].items()}
             if TASK_ARRAYS in msg.content.array_records
             else {}
         )

@@ -79,6 +79,6 @@ def check_outgoing(
     n_bytes = sum(int(a.nbytes) for a in arrays.values() if isinstance(a, np.ndarray))
     return EgressReport(
         n_bytes=n_bytes + 8 * len(metrics),
-        array_shapes={k: list(np.shape(v)) for k, v in arrays.items()},
+        array_shapes={k: list(v.shape) for k, v in arrays.items() if isinstance(v, np.ndarray)},
         metric_names=sorted(metrics),
     )

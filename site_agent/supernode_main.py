@@ -40,7 +40,7 @@ class ShortSleep:
 def main() -> None:
     """Console entry point: ``python -m site_agent.supernode_main <flower-supernode args>``."""
     cap = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
-    _start_client_internal.time = ShortSleep(max(0.05, cap))  # type: ignore[assignment]
+    setattr(_start_client_internal, "time", ShortSleep(max(0.05, cap)))  # noqa: B010
     flower_supernode()
 
 

@@ -9,11 +9,11 @@ import json
 import time
 
 import pytest
+from federation import federation
 from safetensors.numpy import load_file
+from tests_support import short_tmp
 
 from export.tasks import build_model, set_model_arrays
-from federation import federation
-from tests_support import short_tmp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

@@ -6,6 +6,7 @@ time when each phase is configured and aggregated (behaviour unchanged), and an
 round 1 and once after each round).
 """
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
 
     if timing_path:
         rounds = []
-        for (r0, a), (r1, b) in zip(round_ends, round_ends[1:]):
+        for (_r0, a), (r1, b) in itertools.pairwise(round_ends):
             phases = {what: t - a for what, r, t in strategy.events if r == r1}
             rounds.append({"round": r1, "seconds": b - a, "phase_offsets_s": phases})
         out = {
