@@ -27,7 +27,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from export.wire import APP_NAME, APP_PUBLISHER
+from export.wire import APP_COMPONENTS, APP_NAME, APP_PUBLISHER
 
 __all__ = [
     "APP_COMPONENTS",
@@ -36,12 +36,6 @@ __all__ = [
     "app_bundle",
 ]
 
-# The app bundle (FAB) a run ships is a thin pointer to modules installed with fedward:
-# sites run only code installed with the site agent, never code that came over the wire.
-APP_COMPONENTS = {
-    "serverapp": "coordinator.server_app:app",
-    "clientapp": "site_agent.clientapp:app",
-}
 APP_VERSION = "1.0.0"
 
 

@@ -214,6 +214,7 @@ class RoundLoop:
                 message_type=MessageType.TRAIN if train else MessageType.EVALUATE,
                 group_id=f"run-{self.plan.run_id}-round-{number}", ttl=ttl,
             ))
+        t_push = self.clock()
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: nodes[m.metadata.dst_node_id] for mid, m in zip(ids, msgs, strict=True)
                    if mid}
@@ -223,6 +224,8 @@ class RoundLoop:
                 site = pending.pop(reply.metadata.reply_to_message_id, None)
                 if site is not None:
                     replies[site] = reply
+                    log.info("round %s: reply from %s after %.2f s", number, site,
+                             self.clock() - t_push)
             if pending:
                 time.sleep(_POLL_S)
         return replies, sorted(pending.values())

@@ -341,6 +341,9 @@ def train_dp(
     # A fresh engine per round, loaded with the run's history: epsilon composes over the
     # run instead of restarting from zero each round.
     engine.accountant.load_state_dict({"history": list(prior), "mechanism": _MECHANISM})
+    # Opacus refuses a module in eval mode (e.g. just after evaluating the received model);
+    # the caller's mode is restored below.
+    model.train()
     private_model, dp_opt, dp_loader = engine.make_private(
         module=model,
         optimizer=opt,

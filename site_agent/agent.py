@@ -24,10 +24,12 @@ from typing import IO
 
 from export.runtime import die_with_parent, flower_env, free_port, stop_process_tree
 from privacy import PrivacyLedger
+from site_agent import clientapp as clientapp_module
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.data import DataCheckError, load_schema, load_site_data
 from site_agent.trainer import TrainerServer, WarmTrainer
+from site_agent.warm_executor import WarmExecutor
 
 __all__ = ["SUPERNODE_EXIT_HELP", "SiteAgent", "flower_exit_code", "probe_coordinator"]
 
@@ -187,6 +189,14 @@ class SiteAgent:
             "--host", "127.0.0.1",
             "--port", str(free_port()),
         ]
+        executor: WarmExecutor | None = None
+        if config.executor == "warm":
+            # Tasks run in this process (see site_agent.warm_executor): no process per message.
+            runtime_port = int(cmd[-1])
+            cmd += ["--isolation", "process"]
+            executor = WarmExecutor(runtime_address=f"127.0.0.1:{runtime_port}",
+                                    app=clientapp_module.app)
+            threading.Thread(target=executor.run, name="warm-executor", daemon=True).start()
         log_fh: IO[bytes]
         log_path = paths.logs / "supernode.log"
         start_offset = log_path.stat().st_size if log_path.exists() else 0
@@ -195,12 +205,16 @@ class SiteAgent:
                                           stdout=log_fh, stderr=subprocess.STDOUT,
                                           preexec_fn=die_with_parent)
             log.info("SuperNode started (pid %s) towards %s", self._proc.pid, config.superlink)
-            while not self._stop.is_set():
-                code = self._proc.poll()
-                if code is not None:
-                    self._proc = None
-                    return flower_exit_code(log_path, code, since=start_offset)
-                time.sleep(0.5)
-            stop_process_tree(self._proc)
-            self._proc = None
+            try:
+                while not self._stop.is_set():
+                    code = self._proc.poll()
+                    if code is not None:
+                        self._proc = None
+                        return flower_exit_code(log_path, code, since=start_offset)
+                    time.sleep(0.5)
+                stop_process_tree(self._proc)
+                self._proc = None
+            finally:
+                if executor is not None:
+                    executor.stop.set()
         return 0

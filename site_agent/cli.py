@@ -114,7 +114,8 @@ def start(dir: DirOpt,
     from site_agent.agent import SiteAgent
     from site_agent.data import SchemaError
 
-    logging.basicConfig(level=logging.INFO,
+    # force: flwr and opacus install handlers at import; the agent's own log must show.
+    logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         code = SiteAgent(root=dir.expanduser().resolve(), epsilon_cap=epsilon_cap).run()

@@ -18,7 +18,8 @@ __all__ = ["CONFIG_FILE", "ConfigError", "SiteConfig", "SitePaths"]
 CONFIG_FILE = "site.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$")
 _KEYS = {"version", "name", "superlink", "ca_cert", "data_path", "schema_path",
-         "torch_threads", "reconnect_backoff_s"}
+         "torch_threads", "reconnect_backoff_s", "executor"}
+EXECUTORS = ("warm", "subprocess")
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,9 @@ class SiteConfig:
         torch_threads: CPU threads the trainer may use.
         reconnect_backoff_s: wait before restarting a SuperNode that exited; Flower keeps
             an authenticated node "active" for about 60 s after it drops.
+        executor: ``warm`` runs ClientApp tasks inside the agent (no process per message);
+            ``subprocess`` is stock Flower (a ``flwr-clientapp`` process per message running
+            the same thin relay).
     """
 
     name: str
@@ -94,6 +98,7 @@ class SiteConfig:
     schema_path: str
     torch_threads: int = 1
     reconnect_backoff_s: float = 65.0
+    executor: str = "warm"
     version: int = 1
 
     def resolve(self, root: Path, value: str) -> Path:
@@ -142,6 +147,9 @@ class SiteConfig:
         backoff = raw.get("reconnect_backoff_s", 65.0)
         if not isinstance(backoff, int | float) or isinstance(backoff, bool) or backoff < 0:
             problems.append("reconnect_backoff_s must be a number >= 0")
+        executor = raw.get("executor", "warm")
+        if executor not in EXECUTORS:
+            problems.append(f"executor must be one of {list(EXECUTORS)}")
         if problems:
             raise ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -152,6 +160,7 @@ class SiteConfig:
             schema_path=str(raw["schema_path"]),
             torch_threads=int(threads),
             reconnect_backoff_s=float(backoff),
+            executor=str(executor),
         )
 
     def save(self, root: Path) -> Path:

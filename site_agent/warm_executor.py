@@ -1,0 +1,158 @@
+"""A warm in-agent executor for the site's Flower ClientApp tasks.
+
+Stock Flower (``--isolation subprocess``) has the SuperNode's SuperExec start a fresh
+``flwr-clientapp`` process for every message: about 1.5 s of interpreter and Flower start-up
+per site per round on this hardware, the largest cost of a round once training is warm. With
+``--isolation process`` the SuperNode leaves task execution to an outside process; this
+module is that process's loop, running inside the long-lived site agent:
+
+1. acquire a ClientApp task from the SuperNode's runtime API (loopback only),
+2. pull its message, context, run and app bundle (FAB),
+3. refuse any bundle that is not the appliance's own (sites run only installed code),
+4. call the appliance's ClientApp (the same relay module Flower would load, which hands the
+   task to the warm trainer), and push the reply and the task's status back.
+
+It mirrors ``flwr.supernode.runtime.run_clientapp`` of the pinned flwr (1.42.0) step for
+step, without the per-task process, FAB installation or dependency installation. Nothing
+from the network is unpickled: messages are Flower's protobuf and numpy ``.npy`` arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.common.config import get_fab_config
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+from export.wire import APP_COMPONENTS, APP_PUBLISHER, SiteErrorCode
+
+__all__ = ["UnknownBundleError", "WarmExecutor", "check_bundle"]
+
+log = logging.getLogger("fedward.site.executor")
+
+
+
+class UnknownBundleError(ValueError):
+    """The run's app bundle is not the appliance's own."""
+
+
+def check_bundle(fab: Fab) -> None:
+    """Accept only the appliance's own bundle: a pointer to modules installed here."""
+    try:
+        config = get_fab_config(fab.content)
+    except Exception as err:  # noqa: BLE001 - any unreadable bundle is refused
+        raise UnknownBundleError(f"unreadable app bundle ({type(err).__name__})") from None
+    app_cfg = config.get("tool", {}).get("flwr", {}).get("app", {})
+    publisher = app_cfg.get("publisher")
+    components = app_cfg.get("components", {})
+    if publisher != APP_PUBLISHER or components != APP_COMPONENTS:
+        raise UnknownBundleError(
+            f"app bundle from publisher {publisher!r} with components {components!r} is not "
+            "the appliance's own; this site runs only code installed with its site agent"
+        )
+
+
+@dataclass
+class WarmExecutor:
+    """Runs the SuperNode's ClientApp tasks in this process, one at a time.
+
+    Args:
+        runtime_address: the SuperNode's runtime API, ``127.0.0.1:PORT``.
+        app: the ClientApp to run (the appliance's relay).
+        poll_s: how often to ask for a task when idle.
+    """
+
+    runtime_address: str
+    app: ClientApp
+    poll_s: float = 0.05
+    stop: threading.Event = field(default_factory=threading.Event)
+    tasks_done: int = 0
+
+    def _client(self, token: str | None) -> RuntimeHttpClient:
+        interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))  # type: ignore[arg-type]
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_address,
+            insecure=True,  # loopback only: the SuperNode's runtime API binds 127.0.0.1
+            root_certificates=None,
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def run(self) -> None:
+        """Serve tasks until :attr:`stop` is set."""
+        acquirer = self._client(None)
+        try:
+            while not self.stop.is_set():
+                try:
+                    res = acquirer.AcquireTask(AcquireTaskRequest(
+                        supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+                except Exception as err:  # noqa: BLE001 - SuperNode (re)starting
+                    log.debug("runtime API not ready: %s", err)
+                    self.stop.wait(0.5)
+                    continue
+                if res.HasField("task") and res.token:
+                    self.execute(res.token)
+                else:
+                    self.stop.wait(self.poll_s)
+        finally:
+            acquirer.close()
+
+    def execute(self, token: str) -> None:
+        """Carry out one task (the body of Flower's ``run_clientapp``, in-process)."""
+        client = self._client(token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, _run, fab = pull_task_input(client)
+            try:
+                check_bundle(fab)
+            except UnknownBundleError as err:
+                log.warning("refused a run: %s", err)
+                reply = Message(Error(code=SiteErrorCode.REFUSED_POLICY,
+                                      reason=f"refused-policy: {err}"), reply_to=message)
+                details = str(err)
+            else:
+                reply = self.app(message=message, context=context)
+                status, details = SubStatus.COMPLETED, ""
+        except Exception as err:  # noqa: BLE001 - reported to the coordinator, scrubbed
+            log.exception("ClientApp task failed")
+            details = f"task-failed: {type(err).__name__}"
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+                push_task_output(client=client, context=context, sub_status=status,
+                                 details=details)
+            finally:
+                if heartbeat.is_running:
+                    heartbeat.stop()
+                client.close()
+                self.tasks_done += 1
