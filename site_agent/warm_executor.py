@@ -59,7 +59,7 @@ def check_bundle(fab: Fab) -> None:
     """Accept only the appliance's own bundle: a pointer to modules installed here."""
     try:
         config = get_fab_config(fab.content)
-    except Exception as err:  # noqa: BLE001 - any unreadable bundle is refused
+    except Exception as err:
         raise UnknownBundleError(f"unreadable app bundle ({type(err).__name__})") from None
     app_cfg = config.get("tool", {}).get("flwr", {}).get("app", {})
     publisher = app_cfg.get("publisher")
@@ -107,7 +107,7 @@ class WarmExecutor:
                 try:
                     res = acquirer.AcquireTask(AcquireTaskRequest(
                         supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
-                except Exception as err:  # noqa: BLE001 - SuperNode (re)starting
+                except Exception as err:
                     log.debug("runtime API not ready: %s", err)
                     self.stop.wait(0.5)
                     continue
@@ -139,7 +139,7 @@ class WarmExecutor:
             else:
                 reply = self.app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
-        except Exception as err:  # noqa: BLE001 - reported to the coordinator, scrubbed
+        except Exception as err:
             log.exception("ClientApp task failed")
             details = f"task-failed: {type(err).__name__}"
             if message is not None:
