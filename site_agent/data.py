@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from export.tasks import _BC_RANGES, TASKS, TaskSpec
+from export.tasks import BREAST_CANCER_RANGES, TASKS, TaskSpec
 
 __all__ = [
     "MIN_ROWS",
@@ -369,9 +369,9 @@ class DataSchema:
         spec = TASKS[task_name]
         columns: list[ColumnSpec] = []
         for name in spec.feature_columns:
-            if name in _BC_RANGES:
+            if name in BREAST_CANCER_RANGES:
                 columns.append(ColumnSpec(name=name, type="float", min=0.0,
-                                          max=2.0 * _BC_RANGES[name][1]))
+                                          max=2.0 * BREAST_CANCER_RANGES[name][1]))
             elif task_name == "digits_cnn":
                 columns.append(ColumnSpec(name=name, type="int", min=0.0,
                                           max=float(_DIGITS_PIXEL_MAX)))

@@ -9,6 +9,7 @@ relay process stays cheap to start.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -83,7 +84,8 @@ def read_frame(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarra
             raise IPCError(f"bad array spec {spec!r}: {err}") from None
         if dtype.name not in ALLOWED_DTYPES or any(d < 0 for d in shape):
             raise IPCError(f"array {name!r}: dtype {dtype.name} / shape {shape} not allowed")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        # Python ints: np.prod in int64 wraps around for a huge shape and would pass.
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > _MAX_ARRAY_BYTES:
             raise IPCError(f"array {name!r} of {nbytes} bytes exceeds the limit")
         arrays[name] = np.frombuffer(_recv_exact(sock, nbytes), dtype=dtype).reshape(shape)

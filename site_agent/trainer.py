@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.tasks import array_shapes, get_task, set_model_arrays, model_arrays
+from export.tasks import array_shapes, get_task, model_arrays, set_model_arrays
 from export.wire import CFG, SiteErrorCode
 from privacy import (
     BudgetExceededError,
@@ -99,7 +99,10 @@ class WarmTrainer:
         config = header.get("config") if isinstance(header.get("config"), dict) else {}
         assert isinstance(config, dict)
         run_id = str(config.get(CFG.RUN_ID, "?"))
-        round_number = int(config.get(CFG.ROUND, 0) or 0)
+        try:
+            round_number = int(config.get(CFG.ROUND, 0) or 0)
+        except (TypeError, ValueError):
+            round_number = 0  # for the audit only: _train refuses the task as malformed
         try:
             if kind == "train":
                 return self._train(config, arrays)
@@ -114,7 +117,7 @@ class WarmTrainer:
             self.audit("egress-blocked", {"run": run_id, "round": round_number,
                                           "problems": err.problems})
             return {"error": {"code": SiteErrorCode.EGRESS_BLOCKED, "reason": str(err)}}, {}
-        except Exception as err:  # noqa: BLE001 - the reason is scrubbed to the type name
+        except Exception as err:
             log.exception("task failed")
             # Exception text can quote data values: only the type leaves the site.
             reason = f"task-failed: {type(err).__name__} during {kind or 'task'}"
@@ -187,6 +190,17 @@ class WarmTrainer:
         if replay is not None:
             self.audit("round-replayed", {"run": run_id, "round": round_number})
             return replay
+        known = self.ledger.get_run(run_id)
+        done = known.rounds.get(round_number) if known is not None else None
+        if done is not None and done.status == "done":
+            # reserve_round would not charge an already charged round again: training it a
+            # second time (another global model, or an older round) would release a second
+            # result for one charge.
+            raise TaskError(
+                SiteErrorCode.REFUSED_POLICY,
+                f"refused-policy: round {round_number} of run {run_id} was already trained "
+                "and answered with another global model; a site trains each round once",
+            )
 
         model, shapes = self._model_for(config, arrays)
         metrics = self._eval_metrics(model)
@@ -212,6 +226,7 @@ class WarmTrainer:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         self.audit("round-reserved", {"run": run_id, "round": round_number,
                                       "epsilon_after": projected})
+        model.train()
         result = train_dp(
             model=model,
             features=self.data.train_x,
@@ -257,7 +272,7 @@ class WarmTrainer:
         meta_path, arr_path = self._reply_paths(run_id)
         self.replies_dir.mkdir(parents=True, exist_ok=True)
         tmp_arr = arr_path.with_name(arr_path.stem + ".tmp.npz")
-        np.savez(tmp_arr, **reply[1])
+        np.savez(tmp_arr, allow_pickle=False, **reply[1])
         os.replace(tmp_arr, arr_path)
         tmp_meta = meta_path.with_suffix(".tmp")
         tmp_meta.write_text(json.dumps({"run": run_id, "round": round_number,

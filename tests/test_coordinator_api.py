@@ -30,6 +30,7 @@ from coordinator.repository import (
     start_round,
 )
 from coordinator.settings import Settings
+from export.tasks import TASKS
 
 with warnings.catch_warnings():
     # Import-time deprecation notices of the pinned Starlette, harmless here: it prefers
@@ -176,7 +177,7 @@ def exercise_api_flow(client: TestClient, engine: Engine, headers: dict[str, str
     assert launcher.seen_status == ["pending"]
     assert run["flwr_run_id"] == "4242"
     assert run["config"]["sites"] == ["site-a", "site-b"]
-    assert run["config"]["lr"] == 0.05  # the task's default
+    assert run["config"]["lr"] == TASKS["breast_cancer_mlp"].default_lr  # the task's default
     assert run["config"]["batch_size"] == 32
 
     # What the ServerApp records while the run executes, including a repeated round.

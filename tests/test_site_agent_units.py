@@ -1,0 +1,662 @@
+"""Unit tests of the site agent: IPC frames, egress guard, warm trainer, config, agent helpers."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import site_agent.trainer as trainer_module
+from coordinator.pki import ensure_ca, issue_server_cert
+from export.tasks import array_shapes, build_model, model_arrays
+from export.wire import CFG, SiteErrorCode
+from privacy import PrivacyLedger
+from site_agent.config import ConfigError, SiteConfig
+from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.datasets import write_demo_federation
+from site_agent.egress import EgressViolation, check_outgoing
+from site_agent.ipc import IPCError, read_frame, request, write_frame
+from site_agent.trainer import TrainerServer, WarmTrainer
+
+with warnings.catch_warnings():
+    # flwr imports typer, which touches an alias that Click 8.3+ deprecates: harmless here.
+    warnings.filterwarnings("ignore", message=r"'click\.utils\.get_\w+_stream' is deprecated",
+                            category=DeprecationWarning)
+    import flwr.supernode.start_client_internal as start_client_internal
+
+    from site_agent import supernode_main
+    from site_agent.agent import flower_exit_code, probe_coordinator
+
+TASK = "breast_cancer_mlp"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- ipc ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def send_raw_header(sock: socket.socket, header: dict[str, Any]) -> None:
+    head = json.dumps(header).encode()
+    sock.sendall(struct.pack(">I", len(head)) + head)
+
+
+def test_frame_round_trip_keeps_header_and_arrays(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    weights = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    counts = np.array([-3, 0, 2**40], dtype=np.int64)
+    big_endian = np.array([1.5, -2.25], dtype=">f4")
+
+    write_frame(a, {"kind": "train", "config": {"round": 2}},
+                {"w": weights, "n": counts, "be": big_endian})
+    header, arrays = read_frame(b)
+
+    assert header == {"kind": "train", "config": {"round": 2}}
+    assert list(arrays) == ["w", "n", "be"]
+    np.testing.assert_array_equal(arrays["w"], weights)
+    assert arrays["w"].dtype == np.float32 and arrays["w"].shape == (3, 4)
+    np.testing.assert_array_equal(arrays["n"], counts)
+    assert arrays["n"].dtype == np.int64
+    np.testing.assert_array_equal(arrays["be"], [1.5, -2.25])
+
+
+def test_oversized_header_length_is_refused(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.sendall(struct.pack(">I", (1 << 20) + 1))
+    with pytest.raises(IPCError, match=r"header of 1048577 bytes exceeds the 1048576-byte limit"):
+        read_frame(b)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "x", "dtype": "O", "shape": [1]}, r"array 'x': dtype object / shape \(1,\) not"),
+        ({"name": "x", "dtype": "bool", "shape": [1]}, r"array 'x': dtype bool "),
+        ({"name": "x", "dtype": "float32", "shape": [-1]}, r"shape \(-1,\) not allowed"),
+        ({"name": "x", "shape": [1]}, r"bad array spec .*'dtype'"),
+        ({"name": "x", "dtype": "no-such-type", "shape": [1]}, r"bad array spec"),
+        ({"name": "x", "dtype": "float32", "shape": "ab"}, r"bad array spec"),
+        ({"name": "x", "dtype": "float32", "shape": [2**40] * 3}, r"exceeds the limit"),
+    ],
+)
+def test_bad_array_spec_is_refused(
+    pair: tuple[socket.socket, socket.socket], spec: dict[str, Any], message: str
+) -> None:
+    a, b = pair
+    send_raw_header(a, {"kind": "train", "arrays": [spec]})
+    with pytest.raises(IPCError, match=message):
+        read_frame(b)
+
+
+def test_writer_refuses_object_arrays(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, _ = pair
+    with pytest.raises(IPCError, match=r"array 'x' has dtype object"):
+        write_frame(a, {}, {"x": np.array([{"a": 1}], dtype=object)})
+
+
+def test_truncated_frame_raises(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    send_raw_header(a, {"arrays": [{"name": "x", "dtype": "float64", "shape": [2]}]})
+    a.sendall(b"\x00" * 8)  # one float64 of the two announced
+    a.close()
+    with pytest.raises(IPCError, match="connection closed mid-frame"):
+        read_frame(b)
+
+
+def test_header_that_is_not_a_json_object_is_refused(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    head = b"[1, 2]"
+    a.sendall(struct.pack(">I", len(head)) + head)
+    with pytest.raises(IPCError, match="header must be a JSON object"):
+        read_frame(b)
+
+
+def test_request_to_missing_socket_says_the_agent_is_not_running(tmp_path: Path) -> None:
+    with pytest.raises(IPCError, match="is the site agent running"):
+        request(tmp_path / "none.sock", {}, {}, timeout=1)
+
+
+# --- egress ------------------------------------------------------------------------------
+
+SHAPES = {"w": (2, 3), "b": (3,)}
+
+
+def clean_arrays() -> dict[str, np.ndarray]:
+    return {"w": np.zeros((2, 3), np.float32), "b": np.ones(3, np.float32)}
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda a, m: a.update(leak=np.zeros(1, np.float32)),
+         "arrays not in the task's model: ['leak']"),
+        (lambda a, m: a.update(w=np.zeros((3, 2), np.float32)),
+         "array 'w' has shape [3, 2], expected [2, 3]"),
+        (lambda a, m: a.update(b=np.ones(3, np.float64)),
+         "array 'b' is not a float32 numpy array"),
+        (lambda a, m: a.pop("b"), "model arrays missing: ['b']"),
+        (lambda a, m: m.update({"train-loss": "0.31"}), "metric 'train-loss' is not a number"),
+        (lambda a, m: m.update({"train-loss": True}), "metric 'train-loss' is not a number"),
+        (lambda a, m: m.update({"patient-age": 54.0}),
+         "metric 'patient-age' is not on the allow-list"),
+        (lambda a, m: m.update({"eval-auc": math.nan}), "metric 'eval-auc' is not finite"),
+        (lambda a, m: m.update({"eval-auc": math.inf}), "metric 'eval-auc' is not finite"),
+    ],
+)
+def test_leaky_result_is_blocked_with_the_exact_problem(
+    change: Callable[[dict[str, Any], dict[str, Any]], object], problem: str
+) -> None:
+    arrays: dict[str, Any] = clean_arrays()
+    metrics: dict[str, Any] = {"num-examples": 100.0, "train-loss": 0.5}
+    change(arrays, metrics)
+    with pytest.raises(EgressViolation) as info:
+        check_outgoing(expected_shapes=SHAPES, arrays=arrays, metrics=metrics)
+    assert info.value.problems == [problem]
+
+
+def test_clean_result_passes_and_the_report_holds_no_values() -> None:
+    metrics = {"num-examples": 123.0, "train-loss": 0.4321, "epsilon-spent": 1.5}
+    report = check_outgoing(expected_shapes=SHAPES, arrays=clean_arrays(), metrics=metrics)
+    assert report.n_bytes == 6 * 4 + 3 * 4 + 8 * 3
+    assert report.array_shapes == {"w": [2, 3], "b": [3]}
+    assert report.metric_names == ["epsilon-spent", "num-examples", "train-loss"]
+    text = repr(report)
+    assert "0.4321" not in text and "123" not in text
+
+
+def test_evaluate_only_reply_without_arrays_passes() -> None:
+    report = check_outgoing(expected_shapes=SHAPES, arrays={}, metrics={"eval-loss": 0.2})
+    assert report.array_shapes == {} and report.n_bytes == 8
+
+
+# --- warm trainer ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny DP-SGD models train fastest on one intra-op thread (see test_privacy_training)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
+    fed = write_demo_federation(task=TASK, out_dir=tmp_path_factory.mktemp("fed"), n_sites=2)
+    site = fed.sites[0]
+    return load_site_data(csv_path=site.csv_path, schema=load_schema(site.schema_path))
+
+
+@pytest.fixture(scope="module")
+def global_arrays() -> dict[str, np.ndarray]:
+    return model_arrays(build_model(TASK, seed=0))
+
+
+def task_config(round_number: int = 1, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        CFG.RUN_ID: "run-1", CFG.PROJECT: "oncology", CFG.TASK: TASK, CFG.ROUND: round_number,
+        CFG.TOTAL_ROUNDS: 3, CFG.LOCAL_EPOCHS: 1, CFG.EPSILON: 3.0, CFG.DELTA: 1e-5,
+        CFG.CLIP: 1.0, CFG.LR: 0.05, CFG.BATCH: 32, CFG.SEED: 7, CFG.TRAIN: True,
+    }
+    config.update(overrides)
+    return config
+
+
+def train_header(round_number: int = 1, **overrides: Any) -> dict[str, Any]:
+    return {"kind": "train", "config": task_config(round_number, **overrides)}
+
+
+class Audit(list[tuple[str, dict[str, Any]]]):
+    """Collects (action, detail) pairs; ``actions`` lists the actions in order."""
+
+    def __call__(self, action: str, detail: dict[str, Any]) -> None:
+        self.append((action, detail))
+
+    @property
+    def actions(self) -> list[str]:
+        return [a for a, _ in self]
+
+
+TrainerFactory = Callable[..., tuple[WarmTrainer, Audit]]
+
+
+@pytest.fixture
+def make_trainer(site_data: SiteData, tmp_path: Path) -> TrainerFactory:
+    """A WarmTrainer on this test's site directory; each call is a fresh instance (a restart)."""
+
+    def make(*, epsilon_cap: float | None = None) -> tuple[WarmTrainer, Audit]:
+        audit = Audit()
+        trainer = WarmTrainer(
+            site_name="hospital-a", task=TASK, data=site_data,
+            ledger=PrivacyLedger(tmp_path / "privacy-ledger.json"),
+            replies_dir=tmp_path / "replies", audit=audit, epsilon_cap=epsilon_cap,
+        )
+        return trainer, audit
+
+    return make
+
+
+def error_of(reply: dict[str, Any]) -> tuple[int, str]:
+    return reply["error"]["code"], reply["error"]["reason"]
+
+
+def test_train_task_returns_model_arrays_and_charges_the_ledger(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    trainer, audit = make_trainer()
+
+    reply, out = trainer.handle(train_header(1), global_arrays)
+
+    assert "error" not in reply
+    assert {k: v.shape for k, v in out.items()} == array_shapes(build_model(TASK))
+    assert all(v.dtype == np.float32 for v in out.values())
+    assert any(not np.array_equal(out[k], global_arrays[k]) for k in out)
+    metrics = reply["metrics"]
+    assert 0 < metrics["epsilon-spent"] <= 3.0
+    assert metrics["epsilon-round"] == pytest.approx(metrics["epsilon-spent"])
+    assert metrics["num-examples"] == len(trainer.data.train_y)
+    assert {"eval-loss", "eval-accuracy", "train-loss", "noise-multiplier"} <= set(metrics)
+    run = PrivacyLedger(tmp_path / "privacy-ledger.json").get_run("run-1")
+    assert run is not None and run.rounds[1].status == "done"
+    assert run.rounds[1].epsilon_after == pytest.approx(metrics["epsilon-spent"])
+    assert audit.actions == ["round-reserved", "round-trained"]
+    assert "epsilon_spent" in audit[-1][1] and "train-loss" in audit[-1][1]["metrics"]
+
+
+def test_same_task_again_is_answered_from_the_stored_reply_without_charging(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    trainer, _ = make_trainer()
+    first, first_out = trainer.handle(train_header(1), global_arrays)
+    ledger_file = tmp_path / "privacy-ledger.json"
+    ledger_before = ledger_file.read_bytes()
+
+    restarted, audit = make_trainer()  # the site agent restarted between the two tasks
+    again, again_out = restarted.handle(train_header(1), global_arrays)
+
+    assert again == first
+    assert again_out.keys() == first_out.keys()
+    for name in first_out:
+        np.testing.assert_array_equal(again_out[name], first_out[name])
+    assert ledger_file.read_bytes() == ledger_before
+    assert audit.actions == ["round-replayed"]
+
+
+def test_finished_round_with_another_global_model_is_refused_not_retrained(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    trainer, audit = make_trainer()
+    trainer.handle(train_header(1), global_arrays)
+    ledger_before = (tmp_path / "privacy-ledger.json").read_bytes()
+    other = {k: v + np.float32(0.01) for k, v in global_arrays.items()}
+
+    reply, out = trainer.handle(train_header(1), other)
+
+    code, reason = error_of(reply)
+    assert code == SiteErrorCode.REFUSED_POLICY and out == {}
+    assert "round 1 of run run-1 was already trained" in reason
+    assert (tmp_path / "privacy-ledger.json").read_bytes() == ledger_before
+    assert audit.actions[-1] == "task-refused"
+
+
+def test_restarted_trainer_keeps_accumulating_epsilon(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    first, _ = make_trainer()
+    reply1, out1 = first.handle(train_header(1), global_arrays)
+
+    restarted, _ = make_trainer()
+    reply2, _ = restarted.handle(train_header(2), out1)
+
+    eps1 = reply1["metrics"]["epsilon-spent"]
+    eps2 = reply2["metrics"]["epsilon-spent"]
+    assert eps2 > eps1
+    # A fresh Opacus engine per round would report only this round's epsilon.
+    assert reply2["metrics"]["epsilon-round"] < eps2
+    assert eps2 - eps1 == pytest.approx(reply2["metrics"]["epsilon-round"])
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    assert ledger.epsilon_spent("run-1") == pytest.approx(eps2)
+    assert len(ledger.history("run-1")) == 2
+
+
+def test_cap_below_the_round_refuses_with_budget_code_and_leaves_the_ledger(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    first, _ = make_trainer()
+    reply1, out1 = first.handle(train_header(1), global_arrays)
+    ledger_file = tmp_path / "privacy-ledger.json"
+    before = ledger_file.read_bytes()
+
+    capped, audit = make_trainer(epsilon_cap=reply1["metrics"]["epsilon-spent"] * 1.01)
+    reply, out = capped.handle(train_header(2), out1)
+
+    code, reason = error_of(reply)
+    assert code == SiteErrorCode.REFUSED_BUDGET == 701 and out == {}
+    assert reason.startswith("refused-budget: ")
+    assert ledger_file.read_bytes() == before
+    assert audit.actions == ["task-refused"]
+
+
+def test_cap_on_a_new_run_refuses_before_any_round_is_charged(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    trainer, _ = make_trainer(epsilon_cap=0.01)
+    reply, _ = trainer.handle(train_header(1), global_arrays)
+    assert error_of(reply)[0] == SiteErrorCode.REFUSED_BUDGET
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    assert ledger.history("run-1") == [] and ledger.epsilon_spent("run-1") == 0.0
+
+
+def test_task_for_another_task_name_is_refused_by_policy(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray]
+) -> None:
+    trainer, _ = make_trainer()
+    reply, out = trainer.handle(train_header(1, **{CFG.TASK: "digits_cnn"}), global_arrays)
+    code, reason = error_of(reply)
+    assert code == SiteErrorCode.REFUSED_POLICY == 703 and out == {}
+    assert "holds data for task 'breast_cancer_mlp', not 'digits_cnn'" in reason
+
+
+@pytest.mark.parametrize(
+    ("header", "arrays_ok", "reason"),
+    [
+        ({"kind": "train", "config": {k: v for k, v in task_config().items() if k != CFG.LR}},
+         True, "bad-task: missing or bad 'learning-rate'"),
+        (train_header(1, **{CFG.ROUND: "first"}), True, "bad-task: missing or bad"),
+        (train_header(1, **{CFG.TASK: "no-such-task"}), True, "bad-task: "),
+        ({"kind": "explode", "config": task_config()}, True, "bad-task: unknown kind 'explode'"),
+        ({"kind": "train", "config": "not a dict"}, True, "bad-task: missing or bad"),
+        (train_header(1), False, "the global model's arrays do not match the task"),
+    ],
+)
+def test_malformed_task_is_answered_with_bad_task(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path,
+    header: dict[str, Any], arrays_ok: bool, reason: str,
+) -> None:
+    trainer, audit = make_trainer()
+    arrays = global_arrays if arrays_ok else {"w": np.zeros(3, np.float32)}
+    reply, out = trainer.handle(header, arrays)
+    code, got = error_of(reply)
+    assert code == SiteErrorCode.BAD_TASK == 707 and out == {}
+    assert reason in got
+    assert audit.actions == ["task-refused"]
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    run = ledger.get_run("run-1")
+    assert run is None or run.history == ()
+
+
+def test_exception_in_training_leaves_only_its_type_name(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def boom(**_: object) -> None:
+        raise ValueError("secret value 123.456")
+
+    monkeypatch.setattr(trainer_module, "train_dp", boom)
+    trainer, audit = make_trainer()
+    reply, out = trainer.handle(train_header(1), global_arrays)
+    code, reason = error_of(reply)
+    assert code == SiteErrorCode.TASK_FAILED == 705 and out == {}
+    assert reason == "task-failed: ValueError during train"
+    assert "123.456" not in json.dumps(list(audit))
+    assert audit[-1] == ("task-failed", {"run": "run-1", "round": 1, "error": "ValueError"})
+
+
+def test_leaky_training_output_is_blocked_by_the_egress_guard(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = trainer_module.model_arrays
+
+    def leaky(model: torch.nn.Module) -> dict[str, np.ndarray]:
+        return {**real(model), "leak": np.zeros(4, np.float32)}
+
+    monkeypatch.setattr(trainer_module, "model_arrays", leaky)
+    trainer, audit = make_trainer()
+    reply, out = trainer.handle(train_header(1), global_arrays)
+    code, reason = error_of(reply)
+    assert code == SiteErrorCode.EGRESS_BLOCKED == 706 and out == {}
+    assert "arrays not in the task's model: ['leak']" in reason
+    assert audit[-1][0] == "egress-blocked"
+    assert audit[-1][1]["problems"] == ["arrays not in the task's model: ['leak']"]
+
+
+def test_evaluate_task_returns_metrics_only_and_charges_nothing(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    trainer, audit = make_trainer()
+    reply, out = trainer.handle({"kind": "evaluate", "config": task_config()}, global_arrays)
+    assert out == {}
+    assert reply["metrics"]["num-eval-examples"] == len(trainer.data.test_y)
+    assert 0.0 <= reply["metrics"]["eval-accuracy"] <= 1.0
+    assert audit.actions == ["evaluated"]
+    assert not (tmp_path / "privacy-ledger.json").exists()
+
+
+@pytest.fixture
+def short_socket_dir() -> Iterator[Path]:
+    """AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer."""
+    path = Path(tempfile.mkdtemp(dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_trainer_server_answers_over_a_unix_socket(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], short_socket_dir: Path
+) -> None:
+    trainer, _ = make_trainer()
+    sock_path = short_socket_dir / "run" / "trainer.sock"
+    server = TrainerServer(path=sock_path, trainer=trainer)
+    server.start()
+    try:
+        assert sock_path.stat().st_mode & 0o777 == 0o600
+        assert sock_path.parent.stat().st_mode & 0o777 == 0o700
+        reply, out = request(sock_path, {"kind": "evaluate", "config": task_config()},
+                             global_arrays, timeout=30)
+        assert out == {} and reply["metrics"]["num-eval-examples"] > 0
+        reply, out = request(sock_path, {"kind": "nope", "config": {}}, {}, timeout=30)
+        assert reply["error"]["code"] == SiteErrorCode.BAD_TASK and out == {}
+    finally:
+        server.stop()
+    assert not sock_path.exists()
+
+
+# --- config ------------------------------------------------------------------------------
+
+
+def valid_config() -> dict[str, Any]:
+    return {"name": "hospital-a", "superlink": "coord.example:9092", "ca_cert": "ca.pem",
+            "data_path": "data.csv", "schema_path": "schema.json"}
+
+
+def test_config_reports_every_problem_at_once() -> None:
+    raw = {**valid_config(), "name": "Hospital_A", "superlink": "coord.example",
+           "colour": "blue", "torch_threads": 0}
+    with pytest.raises(ConfigError) as info:
+        SiteConfig.from_dict(raw, source="site.json")
+    text = str(info.value)
+    assert text.startswith("site.json is invalid:")
+    assert "unknown keys ['colour']" in text
+    assert "name 'Hospital_A' must be 3-40 characters" in text
+    assert "superlink 'coord.example' must be host:port" in text
+    assert "torch_threads must be an integer from 1 to 64" in text
+    assert text.count("\n  - ") == 4
+
+
+def test_config_requires_its_paths() -> None:
+    with pytest.raises(ConfigError, match="'ca_cert' is required"):
+        SiteConfig.from_dict({k: v for k, v in valid_config().items() if k != "ca_cert"})
+
+
+def test_config_save_and_load_round_trip(tmp_path: Path) -> None:
+    config = SiteConfig.from_dict({**valid_config(), "torch_threads": 2,
+                                   "reconnect_backoff_s": 70})
+    path = config.save(tmp_path / "site")
+    assert path == tmp_path / "site" / "site.json"
+    assert SiteConfig.load(tmp_path / "site") == config
+    assert config.resolve(tmp_path, "data.csv") == tmp_path / "data.csv"
+    assert config.resolve(tmp_path, "/abs/data.csv") == Path("/abs/data.csv")
+
+
+def test_config_load_explains_a_missing_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="run `fedward-site init"):
+        SiteConfig.load(tmp_path)
+    (tmp_path / "site.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        SiteConfig.load(tmp_path)
+
+
+# --- agent helpers -----------------------------------------------------------------------
+
+
+def test_flower_exit_code_reads_the_code_logged_after_the_offset(tmp_path: Path) -> None:
+    log = tmp_path / "supernode.log"
+    log.write_bytes(b"old run\nExit Code: 302\n")
+    offset = log.stat().st_size
+    with log.open("ab") as fh:
+        fh.write(b"INFO starting\nERROR refused\nExit Code: 305\nbye\n")
+
+    assert flower_exit_code(log, 1, since=offset) == 305
+    assert flower_exit_code(log, 1) == 305  # the last one wins
+    log.write_bytes(b"old run\nExit Code: 302\nnothing new\n")
+    assert flower_exit_code(log, 1, since=offset) == 1
+    assert flower_exit_code(tmp_path / "missing.log", 9) == 9
+
+
+@pytest.fixture(scope="module")
+def two_cas(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    """(trusted CA cert, server cert, server key, unrelated CA cert)."""
+    files = ensure_ca(tmp_path_factory.mktemp("pki"))
+    issue_server_cert(files)
+    other = ensure_ca(tmp_path_factory.mktemp("other-pki"))
+    return files.ca_cert, files.server_cert, files.server_key, other.ca_cert
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_probe_of_a_closed_port_says_not_reachable(two_cas: tuple[Path, ...]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    problem = probe_coordinator(address, two_cas[0], timeout=2)
+    assert problem is not None
+    assert problem.startswith(f"the coordinator at {address} is not reachable")
+
+
+def test_probe_with_an_unreadable_ca_says_so(tmp_path: Path) -> None:
+    problem = probe_coordinator("127.0.0.1:1", tmp_path / "no-ca.pem")
+    assert problem is not None and "cannot read the coordinator CA certificate" in problem
+
+
+def test_probe_accepts_a_trusted_server_and_names_an_untrusted_one(
+    two_cas: tuple[Path, Path, Path, Path],
+) -> None:
+    ca, cert, key, other_ca = two_cas
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+
+    def serve(n: int) -> None:
+        for _ in range(n):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # the test failed before connecting; its assertion says why
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass  # the untrusting client aborts the handshake
+
+    thread = threading.Thread(target=serve, args=(2,), daemon=True)
+    thread.start()
+    try:
+        assert probe_coordinator(f"127.0.0.1:{port}", ca, timeout=5) is None
+        problem = probe_coordinator(f"127.0.0.1:{port}", other_ca, timeout=5)
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+    assert problem is not None
+    assert "presented a certificate the site's CA does not trust" in problem
+
+
+# --- supernode entry point ---------------------------------------------------------------
+
+
+def test_short_sleep_caps_sleeps_and_passes_the_rest_through() -> None:
+    short = supernode_main.ShortSleep(0.05)
+    t0 = time.monotonic()
+    short.sleep(3)
+    assert time.monotonic() - t0 < 1.0
+    assert short.monotonic is time.monotonic
+    assert short.time is time.time
+
+
+def test_flwr_supernode_still_sleeps_where_the_patch_applies() -> None:
+    sci = start_client_internal
+    source = inspect.getsource(sci)
+    assert "time.sleep(3)" in source
+    assert re.search(r"^import time$", source, flags=re.M)
+    assert sci.time is time or isinstance(sci.time, supernode_main.ShortSleep)
+
+
+def test_main_patches_only_the_supernode_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    sci = start_client_internal
+    monkeypatch.setattr(sci, "time", time)  # restored after the test
+    seen: list[object] = []
+    monkeypatch.setattr(supernode_main, "flower_supernode", lambda: seen.append(sci.time))
+    monkeypatch.setenv(supernode_main.POLL_ENV, "0.3")
+
+    supernode_main.main()
+
+    assert len(seen) == 1 and isinstance(seen[0], supernode_main.ShortSleep)
+    assert seen[0].cap_s == 0.3
+    assert inspect.isbuiltin(time.sleep)  # the real time module is untouched
+
+
+# --- clientapp ---------------------------------------------------------------------------
+
+
+def test_clientapp_import_does_not_import_torch() -> None:
+    code = ("import sys, site_agent.clientapp\n"
+            "heavy = sorted(m for m in ('torch', 'opacus', 'sklearn') if m in sys.modules)\n"
+            "print(','.join(heavy))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
