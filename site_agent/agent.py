@@ -27,7 +27,7 @@ from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
-from site_agent.data import DataCheckError, load_schema, load_site_data
+from site_agent.data import DataCheckError, SiteData, load_schema, load_site_data
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
 
@@ -120,12 +120,17 @@ class SiteAgent:
         paths = SitePaths(self.root)
         config = SiteConfig.load(self.root)
         schema = load_schema(config.resolve(self.root, config.schema_path))
+        data: SiteData | None = None
+        data_failure: dict[str, object] | None = None
         try:
             data = load_site_data(csv_path=config.resolve(self.root, config.data_path),
                                   schema=schema)
         except DataCheckError as err:
-            log.error("the site's data failed its checks; the agent will not start:\n%s", err)
-            return 3
+            # No training on bad data. The agent still connects so that the coordinator can
+            # show the ML team that this site failed its data check (kinds and counts only).
+            log.error("the site's data failed its checks; every run will be refused until "
+                      "they are fixed (run `fedward-site check`):\n%s", err)
+            data_failure = err.report.summary_for_coordinator()
         if not paths.node_key.exists():
             log.error("no node key at %s; run `fedward-site keygen --dir %s`", paths.node_key,
                       self.root)
@@ -133,18 +138,20 @@ class SiteAgent:
         import torch
 
         torch.set_num_threads(config.torch_threads)
-        _warm_up(schema.task)
+        if data is not None:
+            _warm_up(schema.task)
         trainer = WarmTrainer(
             site_name=config.name, task=schema.task, data=data,
             ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies,
-            epsilon_cap=self.epsilon_cap,
+            epsilon_cap=self.epsilon_cap, data_failure=data_failure,
         )
         server = TrainerServer(path=paths.socket, trainer=trainer)
         server.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        log.info("site %s ready: %d training rows, %d held out; trainer at %s",
-                 config.name, len(data.train_y), len(data.test_y), paths.socket)
+        if data is not None:
+            log.info("site %s ready: %d training rows, %d held out; trainer at %s",
+                     config.name, len(data.train_y), len(data.test_y), paths.socket)
         try:
             return self._supervise(config, paths)
         finally:

@@ -76,21 +76,25 @@ class WarmTrainer:
     Args:
         site_name: the site's name (for logs and the audit trail).
         task: the registry task the site's data schema declares.
-        data: the site's checked, split data.
+        data: the site's checked, split data (None when it failed its checks).
         ledger: the site's privacy ledger.
         replies_dir: where the last reply of each run is kept for idempotent replays.
         audit: called with (action, detail) for every task seen; details carry no values.
         epsilon_cap: the site's own cap per run (None: the run's budget only).
+        grad_sample_mode: Opacus per-sample gradient mode.
+        data_failure: when the data failed its checks, the summary that may leave the site
+            (kinds and counts); every task is then refused with it, before any training.
     """
 
     site_name: str
     task: str
-    data: SiteData
+    data: SiteData | None
     ledger: PrivacyLedger
     replies_dir: Path
     audit: AuditFn = field(default=lambda action, detail: None)
     epsilon_cap: float | None = None
     grad_sample_mode: str = "hooks"
+    data_failure: dict[str, Any] | None = None
 
     def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -104,6 +108,8 @@ class WarmTrainer:
         except (TypeError, ValueError):
             round_number = 0  # for the audit only: _train refuses the task as malformed
         try:
+            if self.data is None or self.data_failure is not None:
+                raise TaskError(SiteErrorCode.REFUSED_DATA, self._data_failure_reason())
             if kind == "train":
                 return self._train(config, arrays)
             if kind == "evaluate":
@@ -124,6 +130,18 @@ class WarmTrainer:
             self.audit("task-failed", {"run": run_id, "round": round_number,
                                        "error": type(err).__name__})
             return {"error": {"code": SiteErrorCode.TASK_FAILED, "reason": reason}}, {}
+
+    def _data_failure_reason(self) -> str:
+        # Kinds, counts and declared column names only (DataReport.summary_for_coordinator).
+        summary = self.data_failure or {}
+        parts = [
+            f"{p['kind']} x{p['count']}" + (f" ({', '.join(p['columns'])})" if p.get("columns")
+                                            else "")
+            for p in summary.get("problems", [])
+        ]
+        return ("refused-data-check: the site's data failed its checks: "
+                + ("; ".join(parts) or "no data loaded")
+                + "; the site's IT runs `fedward-site check` to see and fix them")
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -151,6 +169,7 @@ class WarmTrainer:
 
     def _eval_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         model.eval()
+        assert self.data is not None
         result = evaluate(model=model, features=self.data.test_x, labels=self.data.test_y)
         return {
             "eval-loss": result.loss,
@@ -205,6 +224,7 @@ class WarmTrainer:
         model, shapes = self._model_for(config, arrays)
         metrics = self._eval_metrics(model)
 
+        assert self.data is not None
         n_train = len(self.data.train_y)
         q = sample_rate_for(n_examples=n_train, batch_size=batch)
         steps = expected_steps(n_examples=n_train, batch_size=batch, epochs=local_epochs)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
-from federation import federation
+from federation import BIN, federation, run_cli
 from safetensors.numpy import load_file
 from tests_support import short_tmp
 
@@ -134,3 +135,36 @@ def test_unregistered_site_and_unreachable_coordinator_say_what_to_do() -> None:
         assert "node key is not registered" in text_a
         assert "add-site" in text_a
         assert "127.0.0.1:1 is not reachable" in text_b
+
+
+def test_site_with_bad_data_refuses_and_the_coordinator_sees_kinds_not_values() -> None:
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        sites = fed.data["sites"]
+        bad_csv = work / "bad.csv"
+        lines = Path(sites[1]["csv"]).read_text().splitlines()
+        cells = lines[3].split(",")
+        cells[0] = "987654.321"          # out of the declared range
+        cells[1] = "not-a-number"        # wrong type
+        lines[3] = ",".join(cells)
+        lines[5] = ",".join(["" if i == 2 else c for i, c in enumerate(lines[5].split(","))])
+        bad_csv.write_text("\n".join(lines) + "\n")
+        fed.add_site(sites[0]["name"], sites[0]["csv"], sites[0]["schema"])
+        fed.add_site(sites[1]["name"], str(bad_csv), sites[1]["schema"])
+        check = run_cli([str(BIN / "fedward-site"), "check", "--dir",
+                         str(fed.sites[sites[1]["name"]].root)], check=False)
+        assert check.returncode == 3
+        assert "out-of-range" in check.stderr + check.stdout or "range" in check.stderr
+        for s in sites:
+            fed.start_site(s["name"])
+        fed.wait_online(2)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=1, local_epochs=1, epsilon=3.0,
+                            min_sites=1, round_deadline_s=30)
+        run = fed.wait_run(run_id)
+        assert run["status"] == "completed", run
+        rnd = fed.api("GET", f"/runs/{run_id}/rounds").json()[0]
+        assert rnd["participating_sites"] == [sites[0]["name"]]
+        reason = {f["site"]: f["reason"] for f in rnd["failed_sites"]}[sites[1]["name"]]
+        assert reason.startswith("refused-data-check")
+        for kind in ("wrong-type", "out-of-range", "missing-value"):
+            assert kind in reason
+        assert "987654" not in reason and "not-a-number" not in reason
