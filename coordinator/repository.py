@@ -42,6 +42,7 @@ __all__ = [
     "record_run_outcome",
     "record_site_metrics",
     "run_config",
+    "running_run_ids",
     "site_names_by_node_id",
     "start_round",
 ]
@@ -440,3 +441,20 @@ def site_names_by_node_id(engine: Engine) -> dict[str, str]:
             )
         ).all()
         return {node_id: name for node_id, name in rows if node_id is not None}
+
+
+def running_run_ids(engine: Engine) -> list[int]:
+    """Ids of the runs that are pending or running (not yet finished).
+
+    Args:
+        engine: Coordinator database engine.
+
+    Returns:
+        Run ids, oldest first.
+    """
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(Run.id).where(col(Run.status).in_(("pending", "running"))).order_by(
+                col(Run.id))
+        ).all()
+        return [int(r) for r in rows if r is not None]

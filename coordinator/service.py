@@ -12,12 +12,13 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
+from coordinator import repository
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.flower_control import FlowerControl
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
 from coordinator.settings import Settings
-from coordinator.superlink import SuperLinkProcess
+from coordinator.superlink import SuperLinkError, SuperLinkProcess
 
 __all__ = ["Coordinator", "FlowerLauncher", "FlowerRegistrar", "init_home"]
 
@@ -85,9 +86,28 @@ class Coordinator:
                               registrar=FlowerRegistrar(control))
         (self.settings.home / "superlink.address").write_text(self.superlink.address + "\n")
 
+    def _watch_superlink(self, stop: threading.Event) -> None:
+        """Restart the SuperLink if it dies; runs that were in flight are failed with why."""
+        while not stop.wait(2.0):
+            if self.superlink.alive():
+                continue
+            code = self.superlink.exit_code()
+            reason = (f"the SuperLink exited unexpectedly (code {code}); the run can be "
+                      "relaunched, it resumes after its last checkpoint")
+            log.error("%s; restarting it on %s", reason, self.superlink.address)
+            for run_id in repository.running_run_ids(self.engine):
+                repository.finish_run(self.engine, run_id, status="failed", reason=reason)
+            try:
+                self.superlink.start()
+            except SuperLinkError as err:
+                log.error("could not restart the SuperLink: %s", err)
+
     def serve(self, *, ready: threading.Event | None = None) -> None:
         """Start the SuperLink and serve the API until interrupted; stops both on exit."""
         self.start_superlink()
+        stop_watch = threading.Event()
+        threading.Thread(target=self._watch_superlink, args=(stop_watch,), daemon=True,
+                         name="superlink-watchdog").start()
         config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.settings.api_port,
                                 log_level="warning", access_log=False)
         server = uvicorn.Server(config)
@@ -98,6 +118,7 @@ class Coordinator:
         try:
             server.run()
         finally:
+            stop_watch.set()
             self.superlink.stop()
             self.engine.dispose()
 

@@ -73,6 +73,8 @@ class SuperLinkProcess:
         """Start the SuperLink and wait until its health endpoint answers over TLS."""
         if self._proc is not None and self._proc.poll() is None:
             return
+        if self._log is not None:
+            self._log.close()
         self.home.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port()
@@ -115,6 +117,10 @@ class SuperLinkProcess:
         except httpx.HTTPError:
             return False
         return r.status_code == 200
+
+    def exit_code(self) -> int | None:
+        """The SuperLink's exit code once it has ended, else None."""
+        return None if self._proc is None else self._proc.poll()
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from cryptography.exceptions import InvalidSignature
@@ -400,15 +401,14 @@ def _sign_folder(folder: Path, private_key: Path) -> None:
     # Imported here: model_signing pulls in sigstore, which the verifying side never needs.
     from model_signing import hashing, signing
 
-    hashing_config = hashing.Config().set_ignored_paths(
+    # ignore_git_paths=False: the tool's default leaves .git* files out of the manifest.
+    hashing_config = hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]
         paths=[SIGNATURE_FILE], ignore_git_paths=False
     )
-    (
-        signing.Config()
-        .use_elliptic_key_signer(private_key=private_key)
-        .set_hashing_config(hashing_config)
-        .sign(folder, folder / SIGNATURE_FILE)
-    )
+    signer = signing.Config()  # type: ignore[no-untyped-call]
+    signer.use_elliptic_key_signer(private_key=private_key)
+    signer.set_hashing_config(hashing_config)
+    signer.sign(folder, folder / SIGNATURE_FILE)
 
 
 def _copy_synced(src: Path, dst: Path) -> str:
@@ -615,7 +615,7 @@ def _verify(root: Path, key: ec.EllipticCurvePublicKey, revoked: frozenset[str],
                                       f"{expected_release}")
     if release_id in revoked:
         raise BundleVerificationError(f"release {release_id} is revoked")
-    return VerifiedBundle(path=root, release_id=release_id, files=dict(manifest),
+    return VerifiedBundle(path=root, release_id=release_id, files=MappingProxyType(manifest),
                           model_card=card, key_fingerprint=fingerprint)
 
 

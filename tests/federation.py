@@ -116,8 +116,11 @@ class Federation:
         control = FlowerControl(address=self.superlink, ca_cert=self.home / "pki" / "ca.pem")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(control.online_node_ids()) >= n:
-                return
+            try:
+                if len(control.online_node_ids()) >= n:
+                    return
+            except httpx.HTTPError:
+                pass  # the SuperLink is (re)starting
             time.sleep(0.5)
         raise AssertionError(f"fewer than {n} sites online after {timeout} s")
 

@@ -6,6 +6,8 @@ TLS and node authentication are on; every round goes through Flower for real.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from federation import BIN, federation, run_cli
 from safetensors.numpy import load_file
 from tests_support import short_tmp
 
+from export.runtime import descendants
 from export.tasks import build_model, set_model_arrays
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -168,3 +171,24 @@ def test_site_with_bad_data_refuses_and_the_coordinator_sees_kinds_not_values() 
         for kind in ("wrong-type", "out-of-range", "missing-value"):
             assert kind in reason
         assert "987654" not in reason and "not-a-number" not in reason
+
+
+def test_coordinator_restarts_a_dead_superlink_and_sites_come_back() -> None:
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        sites = fed.data["sites"]
+        for s in sites:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+            fed.start_site(s["name"])
+        fed.wait_online(2)
+        address = fed.superlink
+        superlinks = [pid for pid in descendants(fed.coordinator.pid)
+                      if "flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                      .decode(errors="replace")]
+        assert len(superlinks) == 1
+        os.kill(superlinks[0], signal.SIGKILL)
+        # Same address, same state database: registrations survive, sites reconnect.
+        fed.wait_online(2, timeout=120)
+        assert fed.superlink == address
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=1, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=60)
+        assert fed.wait_run(run_id)["status"] == "completed"

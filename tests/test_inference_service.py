@@ -1,0 +1,229 @@
+"""Tests of export.serve: the local inference service serves only a verified bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_breast_cancer
+from typer.testing import CliRunner
+
+from export.bundle import (
+    BundleVerificationError,
+    generate_release_key,
+    public_key_path,
+    write_bundle,
+)
+from export.onnx_export import export_onnx
+from export.serve import cli as serve_cli
+from export.serve import create_app
+from export.tasks import build_model
+
+with warnings.catch_warnings():
+    # Import-time deprecation notices of the pinned Starlette (it prefers httpx2 to httpx,
+    # and annotates with an anyio alias that anyio 4.16 deprecates), as in
+    # test_coordinator_api.
+    warnings.filterwarnings(
+        "ignore", message="Using `httpx` with `starlette.testclient` is deprecated"
+    )
+    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
+    from fastapi.testclient import TestClient
+
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
+)
+
+RELEASE = "rel-1"
+
+
+@pytest.fixture(scope="module")
+def artefact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    model = build_model("breast_cancer_mlp", seed=0)
+    return export_onnx(model=model, task="breast_cancer_mlp",
+                       out_dir=tmp_path_factory.mktemp("onnx")), model
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    private = tmp_path_factory.mktemp("keys") / "release.pem"
+    generate_release_key(private)
+    return private, public_key_path(private)
+
+
+MakeBundle = Callable[[], Path]
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path, artefact: tuple[Path, torch.nn.Module],
+                keys: tuple[Path, Path]) -> MakeBundle:
+    def make() -> Path:
+        return write_bundle(out_dir=tmp_path / RELEASE, files={"model.onnx": artefact[0]},
+                            model_card={"release_id": RELEASE, "task": "breast_cancer_mlp"},
+                            private_key=keys[0])
+
+    return make
+
+
+@pytest.fixture
+def revocations(tmp_path: Path) -> Path:
+    path = tmp_path / "revocations.json"
+    path.write_text(json.dumps({"revoked": []}))
+    return path
+
+
+@pytest.fixture
+def rows() -> list[list[float]]:
+    return [[float(v) for v in row] for row in load_breast_cancer().data[:5]]
+
+
+def _refusal(bundle: Path, public_key: Path, revocations: Path | None = None) -> str:
+    """The exact reason create_app refuses to start."""
+    with pytest.raises(BundleVerificationError) as info:
+        create_app(bundle_dir=bundle, public_key=public_key, revocations_path=revocations)
+    return str(info.value)
+
+
+def test_a_good_bundle_serves_predictions(make_bundle: MakeBundle, keys: tuple[Path, Path],
+                                          revocations: Path, rows: list[list[float]],
+                                          artefact: tuple[Path, torch.nn.Module]) -> None:
+    app = create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                     revocations_path=revocations)
+    client = TestClient(app)
+    assert client.get("/health").json() == {"status": "ok", "release_id": RELEASE,
+                                            "reason": None}
+    res = client.post("/predict", json={"instances": rows})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["release_id"] == RELEASE
+    with torch.no_grad():
+        expected = artefact[1](torch.tensor(rows, dtype=torch.float32)).argmax(1).tolist()
+    assert body["predictions"] == expected
+    probs = np.asarray(body["probabilities"])
+    assert probs.shape == (5, 2) and np.allclose(probs.sum(axis=1), 1.0)
+
+
+def test_a_tampered_bundle_refuses_to_start(make_bundle: MakeBundle,
+                                            keys: tuple[Path, Path]) -> None:
+    bundle = make_bundle()
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[-10] ^= 0x01
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    assert _refusal(bundle, keys[1]) == "digest mismatch: model.onnx changed since it was signed"
+
+
+def test_an_unsigned_bundle_refuses_to_start(make_bundle: MakeBundle,
+                                             keys: tuple[Path, Path]) -> None:
+    bundle = make_bundle()
+    (bundle / "model.sig").unlink()
+    assert _refusal(bundle, keys[1]) == "unsigned bundle: model.sig is missing"
+
+
+def test_a_revoked_bundle_refuses_to_start(make_bundle: MakeBundle, keys: tuple[Path, Path],
+                                           revocations: Path) -> None:
+    revocations.write_text(json.dumps([RELEASE]))
+    assert _refusal(make_bundle(), keys[1], revocations) == "release rel-1 is revoked"
+
+
+def test_revocation_then_reload_stops_predictions(make_bundle: MakeBundle,
+                                                  keys: tuple[Path, Path],
+                                                  revocations: Path,
+                                                  rows: list[list[float]]) -> None:
+    client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                                   revocations_path=revocations))
+    assert client.post("/predict", json={"instances": rows}).status_code == 200
+
+    revocations.write_text(json.dumps({"revoked": [{"release_id": RELEASE,
+                                                    "reason": "AUC drop at site B"}]}))
+    res = client.post("/reload")
+    assert res.status_code == 503
+    assert res.json()["detail"] == "not serving: release rel-1 is revoked"
+    res = client.post("/predict", json={"instances": rows})
+    assert res.status_code == 503 and "revoked" in res.json()["detail"]
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.json() == {"status": "unavailable", "release_id": None,
+                             "reason": "release rel-1 is revoked"}
+
+    # Lifting the revocation needs an explicit, successful reload.
+    revocations.write_text(json.dumps({"revoked": []}))
+    assert client.post("/predict", json={"instances": rows}).status_code == 503
+    res = client.post("/reload")
+    assert res.status_code == 200
+    assert res.json() == {"status": "ok", "release_id": RELEASE, "files": 3}
+    assert client.post("/predict", json={"instances": rows}).status_code == 200
+
+
+def test_tampering_after_start_stops_predictions_at_reload(make_bundle: MakeBundle,
+                                                           keys: tuple[Path, Path],
+                                                           rows: list[list[float]]) -> None:
+    bundle = make_bundle()
+    client = TestClient(create_app(bundle_dir=bundle, public_key=keys[1],
+                                   revocations_path=None))
+    (bundle / "extra.onnx").write_bytes(b"not signed")
+    res = client.post("/reload")
+    assert res.status_code == 503
+    assert res.json()["detail"] == (
+        "not serving: extra file not in the signed manifest: extra.onnx")
+    assert client.post("/predict", json={"instances": rows}).status_code == 503
+
+
+def test_a_missing_revocation_list_at_reload_fails_closed(make_bundle: MakeBundle,
+                                                          keys: tuple[Path, Path],
+                                                          revocations: Path) -> None:
+    client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                                   revocations_path=revocations))
+    revocations.unlink()
+    res = client.post("/reload")
+    assert res.status_code == 503
+    assert res.json()["detail"].startswith("not serving: cannot read the revocation list")
+
+
+@pytest.mark.parametrize(("body", "detail_part"), [
+    ({"instances": [[1.0] * 29]}, "each instance needs 30 features; instance(s) 0 have 29"),
+    ({"instances": [[1.0] * 30, [1.0] * 31]},
+     "each instance needs 30 features; instance(s) 1 have 31"),
+    ({"instances": []}, "at least 1 item"),
+    ({"instances": [["a"] * 30]}, "valid number"),
+    ({"rows": [[1.0] * 30]}, "Field required"),
+])
+def test_bad_requests_get_422(make_bundle: MakeBundle, keys: tuple[Path, Path],
+                              body: dict[str, object], detail_part: str) -> None:
+    client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                                   revocations_path=None))
+    res = client.post("/predict", json=body)
+    assert res.status_code == 422
+    assert detail_part in res.text
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e39"])
+def test_non_finite_values_get_422(make_bundle: MakeBundle, keys: tuple[Path, Path],
+                                   value: str) -> None:
+    client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                                   revocations_path=None))
+    row = ", ".join(["1.0"] * 29 + [value])
+    res = client.post("/predict", content=f'{{"instances": [[{row}]]}}',
+                      headers={"content-type": "application/json"})
+    assert res.status_code == 422, res.text
+
+
+def test_the_serve_command_refuses_a_tampered_bundle(make_bundle: MakeBundle,
+                                                     keys: tuple[Path, Path]) -> None:
+    bundle = make_bundle()
+    (bundle / "model_card.md").write_text("edited")
+    res = CliRunner().invoke(serve_cli, ["--bundle", str(bundle),
+                                         "--public-key", str(keys[1])])
+    assert res.exit_code == 1
+    assert ("refusing to start: digest mismatch: model_card.md changed since it was signed"
+            in res.stderr)
+
+
+def test_the_service_does_not_import_torch() -> None:
+    code = "import sys, export.serve; sys.exit(int('torch' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60, check=False).returncode == 0
