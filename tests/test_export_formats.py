@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +122,25 @@ def test_openvino_ir_keeps_f32_weights(exported: Exported) -> None:
     xml = exported.openvino.read_text()
     assert exported.openvino.with_suffix(".bin").is_file()
     assert 'element_type="f16"' not in xml
+
+
+def test_openvino_never_phones_home(exported: Exported, tmp_path: Path) -> None:
+    # A fresh process with an empty HOME: OpenVINO's telemetry would write ~/intel.
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        import numpy as np
+        from export.onnx_export import export_openvino
+        from export.parity import load_session
+        xml = export_openvino(onnx_path=Path({str(exported.onnx)!r}), out_dir=Path("ov"))
+        load_session("openvino", xml)(np.zeros((1, {exported.features.shape[1]}), np.float32))
+        assert sys.modules.get("openvino_telemetry") is None
+    """)
+    env = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "intel").exists()
 
 
 def test_parity_report_restores_train_mode_and_refuses_bad_features(

@@ -1,0 +1,275 @@
+"""``fedward-serve``: a local inference service for one verified release bundle.
+
+The service serves a model only while its bundle verifies. At start it verifies the
+bundle (signature, every digest, file list, revocation list) and refuses to start
+otherwise. ``POST /reload`` reads the revocation list again and re-verifies; if that
+fails the service stops answering predictions (503 with the reason) until a reload
+succeeds. It never keeps serving a model whose bundle no longer verifies, not even the
+copy already in memory: fail closed.
+
+The model is loaded from the bytes whose digest was checked, not re-read from the path,
+so a file swapped after verification is never run. ONNX Runtime runs ``model.onnx`` on
+CPU; torch is not imported.
+
+Routes: ``GET /health``, ``POST /predict`` (``{"instances": [[...], ...]}``), ``POST
+/reload``. It binds to 127.0.0.1 by default: put an authenticating proxy in front before
+exposing it to a network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Final, Literal
+
+import numpy as np
+import typer
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from export.bundle import (
+    SERVING_FILE,
+    BundleError,
+    BundleVerificationError,
+    load_revocations,
+    verify_bundle,
+)
+from export.parity import Predictor, load_onnx_bytes
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "MAX_INSTANCES",
+    "HealthResponse",
+    "PredictRequest",
+    "PredictResponse",
+    "ReloadResponse",
+    "create_app",
+    "main",
+]
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8700
+MAX_INSTANCES: Final = 10_000
+_FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
+
+log = logging.getLogger(__name__)
+
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class PredictRequest(BaseModel):
+    """Rows of raw feature values, in the task's column order."""
+
+    model_config = ConfigDict(extra="forbid")
+    instances: list[list[FiniteFloat]] = Field(min_length=1, max_length=MAX_INSTANCES)
+
+
+class PredictResponse(BaseModel):
+    """Predicted class and class probabilities per row, with the release that made them."""
+
+    release_id: str
+    predictions: list[int]
+    probabilities: list[list[float]]
+
+
+class HealthResponse(BaseModel):
+    """Whether predictions are being served, and if not, why."""
+
+    status: Literal["ok", "unavailable"]
+    release_id: str | None
+    reason: str | None
+
+
+class ReloadResponse(BaseModel):
+    """The release now served after a successful reload."""
+
+    status: Literal["ok"]
+    release_id: str
+    files: int
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    release_id: str
+    n_files: int
+    predictor: Predictor
+    n_features: int
+
+
+class _Service:
+    """The bundle source and what is being served; swapped whole, under a lock."""
+
+    def __init__(self, *, bundle_dir: Path, public_key: Path,
+                 revocations_path: Path | None) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.public_key = Path(public_key)
+        self.revocations_path = None if revocations_path is None else Path(revocations_path)
+        self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+        self._reason: str | None = "not loaded"
+
+    def load(self) -> _Loaded:
+        """Verify the bundle and load its model; raise BundleError with the reason."""
+        revoked = (load_revocations(self.revocations_path)
+                   if self.revocations_path is not None else frozenset())
+        verified = verify_bundle(bundle_dir=self.bundle_dir, public_key=self.public_key,
+                                 revoked=revoked)
+        if SERVING_FILE not in verified.files:
+            raise BundleVerificationError(f"bundle has no {SERVING_FILE} to serve")
+        data = verified.read_verified(SERVING_FILE)
+        try:
+            predictor = load_onnx_bytes(data)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BundleVerificationError(f"{SERVING_FILE} cannot be loaded by ONNX Runtime: "
+                                          f"{exc}") from None
+        if predictor.n_features is None:
+            raise BundleVerificationError(f"{SERVING_FILE} does not declare its feature count")
+        return _Loaded(release_id=verified.release_id, n_files=len(verified.files),
+                       predictor=predictor, n_features=predictor.n_features)
+
+    def reload(self) -> _Loaded:
+        """Re-verify; on failure stop serving (fail closed) and re-raise."""
+        with self._reload_lock:
+            try:
+                loaded = self.load()
+            except BundleError as exc:
+                with self._lock:
+                    self._loaded, self._reason = None, str(exc)
+                log.error("bundle %s no longer verifies, predictions stopped: %s",
+                          self.bundle_dir, exc)
+                raise
+            with self._lock:
+                self._loaded, self._reason = loaded, None
+            log.info("serving release %s from %s", loaded.release_id, self.bundle_dir)
+            return loaded
+
+    def current(self) -> tuple[_Loaded | None, str | None]:
+        with self._lock:
+            return self._loaded, self._reason
+
+
+def _service(request: Request) -> _Service:
+    service: _Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[_Service, Depends(_service)]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)  # no overflow in exp
+    e = np.exp(shifted)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """422 with where and what is wrong, never the submitted values.
+
+    FastAPI's default handler echoes each bad input back, which fails on NaN (not JSON)
+    and would copy patient feature values into responses and client logs.
+    """
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+               "type": str(e.get("type", ""))} for e in errors]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def create_app(*, bundle_dir: Path, public_key: Path,
+               revocations_path: Path | None) -> FastAPI:
+    """Build the inference service for one bundle, verifying it first.
+
+    Args:
+        bundle_dir: The release bundle folder.
+        public_key: The release public key (PEM).
+        revocations_path: Revocation list (JSON, see :func:`export.bundle.load_revocations`)
+            read at start and at every reload, or None.
+
+    Returns:
+        The FastAPI application.
+
+    Raises:
+        BundleError: The bundle is tampered, unsigned, revoked or unusable: the service
+            refuses to start.
+    """
+    service = _Service(bundle_dir=bundle_dir, public_key=public_key,
+                       revocations_path=revocations_path)
+    service.reload()  # raises: refuse to start on a bundle that does not verify
+    app = FastAPI(title="Fedward inference service", version="1")
+    app.state.service = service
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+
+    @app.get("/health", response_model=HealthResponse)
+    def health(svc: ServiceDep, response: Response) -> HealthResponse:
+        loaded, reason = svc.current()
+        if loaded is None:
+            response.status_code = 503
+            return HealthResponse(status="unavailable", release_id=None, reason=reason)
+        return HealthResponse(status="ok", release_id=loaded.release_id, reason=None)
+
+    @app.post("/predict", response_model=PredictResponse)
+    def predict(body: PredictRequest, svc: ServiceDep) -> PredictResponse:
+        loaded, reason = svc.current()
+        if loaded is None:
+            raise HTTPException(status_code=503, detail=f"not serving: {reason}")
+        bad = [i for i, row in enumerate(body.instances) if len(row) != loaded.n_features]
+        if bad:
+            shown = ", ".join(str(i) for i in bad[:10])
+            raise HTTPException(status_code=422, detail=(
+                f"each instance needs {loaded.n_features} features; instance(s) {shown} "
+                f"have {len(body.instances[bad[0]])}"))
+        x = np.asarray(body.instances, dtype=np.float64)
+        if np.abs(x).max() > _FLOAT32_MAX:  # finite as a JSON number, infinite as float32
+            raise HTTPException(status_code=422, detail="feature values must fit in float32")
+        logits = loaded.predictor(x.astype(np.float32))
+        probs = _softmax(logits.astype(np.float64))
+        return PredictResponse(release_id=loaded.release_id,
+                               predictions=[int(c) for c in logits.argmax(axis=1)],
+                               probabilities=probs.tolist())
+
+    @app.post("/reload", response_model=ReloadResponse)
+    def reload(svc: ServiceDep) -> ReloadResponse:
+        try:
+            loaded = svc.reload()
+        except BundleError as exc:
+            raise HTTPException(status_code=503, detail=f"not serving: {exc}") from None
+        return ReloadResponse(status="ok", release_id=loaded.release_id, files=loaded.n_files)
+
+    return app
+
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Serve predictions from a verified Fedward release bundle.")
+
+
+@cli.command()
+def serve(
+    bundle: Annotated[Path, typer.Option("--bundle", help="The release bundle folder.")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="The release public key "
+                                             "(PEM), as published on the release portal.")],
+    revocations: Annotated[Path | None, typer.Option(
+        "--revocations", help="Revocation list (JSON), re-read at every /reload.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; loopback by "
+                                      "default.")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = DEFAULT_PORT,
+) -> None:
+    """Verify the bundle, then serve /predict, /health and /reload."""
+    import uvicorn
+
+    try:
+        app = create_app(bundle_dir=bundle, public_key=public_key, revocations_path=revocations)
+    except BundleError as exc:
+        typer.echo(f"refusing to start: {exc}", err=True)
+        raise typer.Exit(1) from None
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    """Console entry point of ``fedward-serve``."""
+    cli()
