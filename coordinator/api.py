@@ -19,6 +19,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any, Final, NoReturn, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
@@ -26,12 +27,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine, func, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from coordinator.audit import append_event, verify_chain
 from coordinator.db import SessionDep
+from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.models import (
     ROLES,
     AuditEvent,
@@ -44,6 +47,7 @@ from coordinator.models import (
     User,
     utcnow,
 )
+from coordinator.pki import CAFiles
 from coordinator.repository import record_run_outcome
 from coordinator.schemas import (
     AuditEventPublic,
@@ -376,6 +380,55 @@ def register_node_key(
 def _reason(exc: BaseException) -> str:
     text_ = str(exc).strip()
     return f"{type(exc).__name__}: {text_}" if text_ else type(exc).__name__
+
+
+class EnrollmentTokenPublic(BaseModel):
+    """A one-time enrollment token: shown once, give it to the site's IT over a safe channel."""
+
+    site: str
+    token: str
+    expires_at: datetime
+    fleet_address: str
+
+
+class RevokeRequest(BaseModel):
+    """Why a site is revoked (kept in the audit log)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=3, max_length=500)
+
+
+@router.post("/sites/{name}/enrollment-token", status_code=201, tags=["sites"],
+             responses={**_401, **_403, **_404, 409: {"description": "Site revoked"}})
+def issue_enrollment_token(name: str, request: Request, session: SessionDep,
+                           user: CurrentUser) -> EnrollmentTokenPublic:
+    """Issue a one-time, expiring (24 h) enrollment token for a site."""
+    _require(user, WRITE_ROLES)
+    site = _site(session, name)
+    settings: Settings = request.app.state.settings
+    try:
+        token, expires = create_token(session, site=site,
+                                      pki=CAFiles.under(settings.home / "pki"), actor=user.name)
+    except EnrollmentError as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    session.commit()
+    host = settings.fleet_hostnames.split(",")[0].strip()
+    return EnrollmentTokenPublic(site=name, token=token, expires_at=expires,
+                                 fleet_address=f"{host}:{settings.fleet_port}")
+
+
+@router.post("/sites/{name}/revoke", tags=["sites"], responses={**_401, **_403, **_404})
+def revoke(name: str, body: RevokeRequest, request: Request, session: SessionDep,
+           user: CurrentUser) -> SitePublic:
+    """Revoke a site: its certificates stop working at the gateway at once."""
+    _require(user, frozenset({"admin"}))
+    site = _site(session, name)
+    revoke_site(session, site=site, actor=user.name, reason=body.reason)
+    session.commit()
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        gateway.invalidate()
+    return SitePublic.of(site)
 
 
 # runs

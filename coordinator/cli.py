@@ -120,7 +120,9 @@ def init(home: HomeOpt = None,
 def serve(home: HomeOpt = None,
           port: Annotated[int | None, typer.Option(help="REST API port")] = None,
           superlink_port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1 "
-                                                      "(0: pick a free one)")] = 0) -> None:
+                                                      "(0: pick a free one)")] = 0,
+          fleet_port: Annotated[int | None, typer.Option(
+              help="site gateway port (the one port sites connect to)")] = None) -> None:
     """Run the coordinator: SuperLink on loopback plus the REST API, until Ctrl-C/SIGTERM."""
     from coordinator.service import Coordinator
 
@@ -129,6 +131,8 @@ def serve(home: HomeOpt = None,
     settings = _settings(home)
     if port is not None:
         settings = settings.model_copy(update={"api_port": port})
+    if fleet_port is not None:
+        settings = settings.model_copy(update={"fleet_port": fleet_port})
     Coordinator(settings=settings, superlink_port=superlink_port).serve()
 
 
@@ -150,6 +154,35 @@ def add_site(name: str,
         console.print(f"site [bold]{name}[/] registered (Flower node {site.get('flower_node_id')})")
     else:
         console.print(f"site [bold]{name}[/] added; register its node key with --node-key")
+
+
+@app.command("enroll-token")
+def enroll_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Add the site if new and issue its one-time enrollment token (valid 24 h)."""
+    client = _client(api, token, home)
+    if name not in {s["name"] for s in client.call("GET", "/sites")}:
+        client.call("POST", "/sites", {"name": name})
+    out = client.call("POST", f"/sites/{name}/enrollment-token")
+    if as_json:
+        print(json.dumps(out))
+        return
+    console.print(f"enrollment token for [bold]{name}[/] (one use, expires "
+                  f"{out['expires_at'][:16]} UTC):")
+    print(out["token"])
+    console.print("send it to the site's IT with the fleet address "
+                  f"[bold]{out['fleet_address']}[/]; they run:\n  fedward-site enroll --dir DIR "
+                  f"--gateway {out['fleet_address']} --token TOKEN")
+
+
+@app.command("revoke-site")
+def revoke_site(name: str,
+                reason: Annotated[str, typer.Option(help="why (kept in the audit log)")],
+                home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
+    """Revoke a site: its certificates stop working at the gateway at once."""
+    client = _client(api, token, home)
+    client.call("POST", f"/sites/{name}/revoke", {"reason": reason})
+    console.print(f"site [bold]{name}[/] revoked")
 
 
 @app.command()

@@ -25,10 +25,12 @@ __all__ = [
     "SITE_STATUSES",
     "AuditEvent",
     "Checkpoint",
+    "EnrollmentToken",
     "Project",
     "Round",
     "Run",
     "Site",
+    "SiteCertificate",
     "SiteMetric",
     "UTCDateTime",
     "User",
@@ -240,3 +242,31 @@ class AuditEvent(SQLModel, table=True):
     detail_json: str = Field(sa_type=Text, nullable=False)
     prev_hash: str = Field(max_length=64, unique=True, nullable=False)
     hash: str = Field(max_length=64, unique=True, nullable=False)
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """A one-time, expiring token with which a site enrolls. Only its SHA-256 is stored."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: int | None = _pk()
+    site_id: int = Field(foreign_key="sites.id", nullable=False, index=True)
+    token_hash: str = Field(max_length=64, unique=True, nullable=False)
+    created_by: str = Field(max_length=64, nullable=False)
+    created_at: datetime = _created()
+    expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class SiteCertificate(SQLModel, table=True):
+    """A client certificate the site CA issued to a site (serial as hex)."""
+
+    __tablename__ = "site_certificates"
+
+    id: int | None = _pk()
+    site_id: int = Field(foreign_key="sites.id", nullable=False, index=True)
+    serial: str = Field(max_length=64, unique=True, nullable=False)
+    issued_at: datetime = _created()
+    not_after: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoke_reason: str | None = Field(default=None, sa_type=Text)

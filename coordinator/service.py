@@ -16,6 +16,7 @@ from coordinator import repository
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.flower_control import FlowerControl
+from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
@@ -32,8 +33,26 @@ def init_home(settings: Settings) -> CAFiles:
     pki = ensure_ca(settings.home / "pki")
     if not pki.server_cert.exists():
         issue_server_cert(pki)
+    cert, key = gateway_cert_paths(pki)
+    hosts = tuple(h.strip() for h in settings.fleet_hostnames.split(",") if h.strip())
+    if not cert.exists() or _cert_hosts(cert) != set(hosts):
+        issue_server_cert(pki, hosts=hosts, cert_path=cert, key_path=key)
     run_migrations(settings.effective_database_url)
     return pki
+
+
+def gateway_cert_paths(pki: CAFiles) -> tuple[Path, Path]:
+    """The site gateway's TLS certificate and key, beside the CA."""
+    return pki.ca_cert.with_name("gateway.pem"), pki.ca_cert.with_name("gateway.key")
+
+
+def _cert_hosts(path: Path) -> set[str]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in san.get_values_for_type(x509.IPAddress)}
 
 
 @dataclass
@@ -64,6 +83,7 @@ class Coordinator:
     superlink_port: int = 0
     engine: Engine = field(init=False)
     superlink: SuperLinkProcess = field(init=False)
+    gateway: SiteGateway = field(init=False)
     app: FastAPI = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,12 +99,22 @@ class Coordinator:
         )
 
     def start_superlink(self) -> None:
+        """Start the SuperLink (loopback), the site gateway (fleet port) and build the API."""
         self.superlink.start()
         control = FlowerControl(address=self.superlink.address, ca_cert=self.superlink.pki.ca_cert)
+        registrar = FlowerRegistrar(control)
+        cert, key = gateway_cert_paths(self.superlink.pki)
+        self.gateway = SiteGateway(
+            config=GatewayConfig(host=self.settings.fleet_host, port=self.settings.fleet_port,
+                                 pki=self.superlink.pki, cert=cert, key=key,
+                                 superlink=self.superlink.address),
+            engine=self.engine, registrar=registrar.register)
+        self.gateway.start()
         self.app = create_app(settings=self.settings, engine=self.engine,
-                              launcher=FlowerLauncher(control),
-                              registrar=FlowerRegistrar(control))
+                              launcher=FlowerLauncher(control), registrar=registrar)
+        self.app.state.gateway = self.gateway
         (self.settings.home / "superlink.address").write_text(self.superlink.address + "\n")
+        (self.settings.home / "fleet.address").write_text(self.gateway.address + "\n")
 
     def _watch_superlink(self, stop: threading.Event) -> None:
         """Restart the SuperLink if it dies; runs that were in flight are failed with why."""
@@ -119,6 +149,7 @@ class Coordinator:
             server.run()
         finally:
             stop_watch.set()
+            self.gateway.stop()
             self.superlink.stop()
             self.engine.dispose()
 

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         api_host: Address the REST API binds to. Loopback by default: expose it through a
             reverse proxy with TLS, never directly.
         api_port: TCP port of the REST API.
+        fleet_host: Address the site gateway binds to: the one port sites connect to
+            (``0.0.0.0`` to accept sites from other hosts).
+        fleet_port: TCP port of the site gateway (0: pick a free one, for tests).
+        fleet_hostnames: Comma-separated names and IPs sites use to reach the gateway; they
+            go into the gateway's TLS certificate.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -36,6 +41,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8600, ge=1, le=65535)
+    fleet_host: str = "127.0.0.1"
+    fleet_port: int = Field(default=9092, ge=0, le=65535)
+    fleet_hostnames: str = "127.0.0.1,localhost"
 
     @field_validator("home")
     @classmethod

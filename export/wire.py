@@ -6,6 +6,8 @@ relay and warm trainer read them; the egress guard checks replies against the al
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
@@ -20,7 +22,10 @@ __all__ = [
     "REPLY_METRICS",
     "TASK_ARRAYS",
     "TASK_CONFIG",
+    "EnrollmentTokenParts",
     "SiteErrorCode",
+    "TokenFormatError",
+    "parse_enrollment_token",
 ]
 
 APP_PUBLISHER: Final = "fedward"
@@ -113,3 +118,31 @@ class SiteErrorCode:
         706: "egress-blocked",
         707: "bad-task",
     }
+
+
+_TOKEN_RE = re.compile(r"^fw1\.([a-z0-9][a-z0-9-]{1,38}[a-z0-9])\.([A-Za-z0-9_-]{32,64})\."
+                       r"([0-9a-f]{32})$")
+
+
+class TokenFormatError(ValueError):
+    """The text is not an enrollment token."""
+
+
+@dataclass(frozen=True)
+class EnrollmentTokenParts:
+    """``fw1.<site>.<secret>.<ca-pin>``: the site name, the one-time secret, and the first
+    32 hex digits of the SHA-256 of the coordinator CA certificate (DER)."""
+
+    site: str
+    secret: str
+    ca_pin: str
+
+
+def parse_enrollment_token(token: str) -> EnrollmentTokenParts:
+    """Split a token; a typo gives an error that says what a token looks like."""
+    m = _TOKEN_RE.match(token.strip())
+    if m is None:
+        raise TokenFormatError(
+            "this is not a Fedward enrollment token (expected fw1.<site>.<secret>.<pin>, "
+            "one line, no spaces); copy it again from the coordinator team's message")
+    return EnrollmentTokenParts(site=m.group(1), secret=m.group(2), ca_pin=m.group(3))

@@ -62,6 +62,11 @@ class Federation:
         return (self.home / "superlink.address").read_text().strip()
 
     @property
+    def fleet(self) -> str:
+        """host:port of the site gateway (the one port sites connect to)."""
+        return (self.home / "fleet.address").read_text().strip()
+
+    @property
     def token(self) -> str:
         return (self.home / "admin.token").read_text().strip()
 
@@ -165,7 +170,8 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp"
                                str(n_sites)]).stdout)
     home = work / "coordinator"
     api_port = free_port()
-    env = dict(os.environ, FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port))
+    env = dict(os.environ, FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port),
+               FEDWARD_FLEET_PORT=str(free_port()))
     env.pop("FEDWARD_DATABASE_URL", None)
     run_cli([str(BIN / "fedward-coordinator"), "init", "--home", str(home)], env=env)
     log = (work / "coordinator.log").open("ab")

@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from pg import create_database, postgres_server
 from sqlalchemy import Engine, inspect
 from sqlmodel import Session, SQLModel, col, select
+
+from coordinator.api import create_app, create_user
+from coordinator.audit import append_event, verify_chain
+from coordinator.db import make_engine, run_migrations, session_scope
+from coordinator.models import AuditEvent, Site
+from coordinator.settings import Settings
+
+from pg import create_database, postgres_server
 from test_coordinator_api import (
     BIG_NODE_ID,
     FakeLauncher,
@@ -22,12 +29,6 @@ from test_coordinator_api import (
     TestClient,
     exercise_api_flow,
 )
-
-from coordinator.api import create_app, create_user
-from coordinator.audit import append_event, verify_chain
-from coordinator.db import make_engine, run_migrations, session_scope
-from coordinator.models import AuditEvent, Site
-from coordinator.settings import Settings
 
 pytestmark = pytest.mark.postgres
 

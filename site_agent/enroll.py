@@ -1,0 +1,180 @@
+"""Enrolling a site with a one-time token: keys made here, a certificate back.
+
+1. Fetch the coordinator's CA from the gateway and check it against the pin in the token
+   (first contact is unauthenticated; the pin is what makes it safe).
+2. Make the site's TLS key and Flower node key here; only public halves leave.
+3. Send the token, a CSR and the node public key; receive the site certificate.
+4. Make a site-local CA and a 127.0.0.1 certificate for the tunnel the SuperNode dials.
+
+Every file is written atomically and the certificate last, so an enrollment that fails
+half-way leaves a site that is simply "not enrolled yet" and can try again with a new token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from export.certs import ensure_ca, issue_server_cert, make_csr, write_private_key
+from export.wire import TokenFormatError, parse_enrollment_token
+from site_agent.keys import ensure_node_key
+
+__all__ = ["EnrollError", "EnrollmentFiles", "enroll", "renew"]
+
+
+class EnrollError(RuntimeError):
+    """Enrollment failed; the message says what happened and what to do."""
+
+
+@dataclass(frozen=True)
+class EnrollmentFiles:
+    """Where enrollment leaves the site's TLS material (inside its data directory)."""
+
+    root: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def coordinator_ca(self) -> Path:
+        return self.root / "coordinator-ca.pem"
+
+    @property
+    def site_key(self) -> Path:
+        return self.keys / "site-tls.key"
+
+    @property
+    def site_cert(self) -> Path:
+        return self.keys / "site-tls.pem"
+
+    @property
+    def local_pki(self) -> Path:
+        return self.keys / "local"
+
+    @property
+    def enrolled(self) -> bool:
+        return self.site_cert.exists() and self.site_key.exists()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _fetch_ca(gateway: str, pin: str, *, timeout: float) -> bytes:
+    """The gateway's CA, accepted only if its SHA-256 starts with the token's pin."""
+    host, _, port = gateway.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # first contact: the pin below is the check
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(f"GET /fedward/ca HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                        .encode())
+            chunks = []
+            while chunk := tls.recv(65536):
+                chunks.append(chunk)
+    except (OSError, ssl.SSLError) as err:
+        raise EnrollError(f"the coordinator gateway at {gateway} is not reachable ({err}); "
+                          "check the address and that outbound TCP to it is allowed") from None
+    raw_resp = b"".join(chunks)
+    head, _, body = raw_resp.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise EnrollError(f"{gateway} did not answer like a Fedward gateway")
+    try:
+        cert = x509.load_pem_x509_certificate(body)
+    except ValueError:
+        raise EnrollError(f"{gateway} did not send a CA certificate") from None
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    if not fingerprint.startswith(pin):
+        raise EnrollError(
+            f"the coordinator at {gateway} presented a CA ({fingerprint[:32]}) that does not "
+            f"match your token ({pin}); do not proceed: check the address, or ask the "
+            "coordinator team whether they rotated their CA and need to send a new token")
+    return body
+
+
+def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> str:
+    """Enroll the site in ``root`` with the gateway; returns the site name."""
+    try:
+        parts = parse_enrollment_token(token)
+    except TokenFormatError as err:
+        raise EnrollError(str(err)) from None
+    files = EnrollmentFiles(root)
+    ca_pem = _fetch_ca(gateway, parts.ca_pin, timeout=timeout)
+    # Keys are made here and reused by a retried enrollment; the private halves stay.
+    if files.site_key.exists():
+        key = serialization.load_pem_private_key(files.site_key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise EnrollError(f"{files.site_key} is not an EC key; delete it and retry")
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        write_private_key(files.site_key, key)
+    node_public = ensure_node_key(files.keys / "node_key", files.keys / "node_key.pub")
+    _atomic_write(files.coordinator_ca, ca_pem)
+    verify = ssl.create_default_context(cafile=str(files.coordinator_ca))
+    try:
+        resp = httpx.post(f"https://{gateway}/fedward/enroll", verify=verify, timeout=timeout,
+                          json={"token": token.strip(),
+                                "csr_pem": make_csr(key, parts.site).decode(),
+                                "node_public_key": node_public})
+    except httpx.HTTPError as err:
+        raise EnrollError(f"enrollment request to {gateway} failed ({err})") from None
+    if resp.status_code != 200:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        raise EnrollError(f"the coordinator refused the enrollment: {detail}")
+    body = resp.json()
+    # The site's own local CA and the tunnel's 127.0.0.1 certificate.
+    local = ensure_ca(files.local_pki, common_name=f"Fedward site-local CA ({parts.site})")
+    if not local.server_cert.exists():
+        issue_server_cert(local, hosts=("127.0.0.1",))
+    _atomic_write(files.site_cert, body["certificate_pem"].encode())  # last: now enrolled
+    (root / "enrollment.json").write_text(json.dumps(
+        {"site": body["site"], "gateway": gateway, "not_after": body["not_after"],
+         "ca_sha256": hashlib.sha256(x509.load_pem_x509_certificate(ca_pem).public_bytes(
+             serialization.Encoding.DER)).hexdigest()}, indent=2) + "\n")
+    return str(body["site"])
+
+
+def renew(*, root: Path, gateway: str, timeout: float = 30.0) -> str:
+    """Renew the site certificate before it expires, with the current one; returns expiry."""
+    files = EnrollmentFiles(root)
+    if not files.enrolled:
+        raise EnrollError("this site is not enrolled; run `fedward-site enroll` first")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = x509.load_pem_x509_certificate(files.site_cert.read_bytes())
+    name = str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+    ctx = ssl.create_default_context(cafile=str(files.coordinator_ca))
+    ctx.load_cert_chain(str(files.site_cert), str(files.site_key))
+    try:
+        resp = httpx.post(f"https://{gateway}/fedward/renew", verify=ctx, timeout=timeout,
+                          json={"csr_pem": make_csr(key, name).decode()})
+    except httpx.HTTPError as err:
+        raise EnrollError(f"renewal request to {gateway} failed ({err})") from None
+    if resp.status_code != 200:
+        raise EnrollError(f"the coordinator refused the renewal: {resp.text}")
+    body = resp.json()
+    write_private_key(files.site_key.with_name("site-tls.key.new"), key)
+    _atomic_write(files.site_cert.with_name("site-tls.pem.new"),
+                  body["certificate_pem"].encode())
+    # Swap key and certificate together: key first, then certificate.
+    os.replace(files.site_key.with_name("site-tls.key.new"), files.site_key)
+    os.replace(files.site_cert.with_name("site-tls.pem.new"), files.site_cert)
+    return str(body["not_after"])

@@ -1,0 +1,121 @@
+"""The site's tunnel to the coordinator's gateway: mutual TLS on behalf of the SuperNode.
+
+Flower's SuperNode can verify the server it talks to but cannot present a client
+certificate, and the coordinator's gateway requires one. The tunnel listens on 127.0.0.1
+only, with a server certificate from a CA that exists only at this site (made at enrollment)
+and that the local SuperNode trusts; each connection it accepts is relayed byte for byte
+over a new TLS connection to the gateway that presents the site's certificate and verifies
+the gateway against the coordinator's CA. Nothing is parsed or changed in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SiteTunnel", "TunnelConfig"]
+
+log = logging.getLogger("fedward.site.tunnel")
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    """The tunnel's two TLS identities and where the gateway is."""
+
+    gateway: str            # host:port of the coordinator's fleet gateway
+    coordinator_ca: Path    # verifies the gateway
+    client_cert: Path       # the site's certificate (issued at enrollment)
+    client_key: Path
+    local_cert: Path        # the tunnel's own 127.0.0.1 certificate (site-local CA)
+    local_key: Path
+
+
+class SiteTunnel:
+    """Runs the tunnel on its own event-loop thread; ``address`` is what the SuperNode dials."""
+
+    def __init__(self, config: TunnelConfig) -> None:
+        self.config = config
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _client_ssl(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.config.coordinator_ca))
+        ctx.load_cert_chain(str(self.config.client_cert), str(self.config.client_key))
+        return ctx
+
+    def _server_ssl(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.config.local_cert), str(self.config.local_key))
+        return ctx
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._run, name="site-tunnel", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("the site tunnel did not start")
+        if self._error is not None:
+            raise RuntimeError(f"the site tunnel could not start: {self._error}")
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            client_ctx = self._client_ssl()
+            server = loop.run_until_complete(asyncio.start_server(
+                lambda r, w: self._relay(r, w, client_ctx), "127.0.0.1", 0,
+                ssl=self._server_ssl()))
+        except (OSError, ssl.SSLError) as err:
+            self._error = err
+            self._ready.set()
+            return
+        self.port = int(server.sockets[0].getsockname()[1])
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            loop.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     client_ctx: ssl.SSLContext) -> None:
+        host, _, port = self.config.gateway.rpartition(":")
+        try:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(host, int(port), ssl=client_ctx,
+                                        server_hostname=host), timeout=15)
+        except (OSError, ssl.SSLError, TimeoutError) as err:
+            log.warning("cannot reach the coordinator gateway %s: %s", self.config.gateway, err)
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, ssl.SSLError, OSError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,141 @@
+"""The site gateway with a real coordinator: enrollment, mutual TLS, what it forwards."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from export.certs import ensure_ca, make_csr, write_private_key
+from export.wire import parse_enrollment_token
+from site_agent.enroll import EnrollError, EnrollmentFiles, enroll
+from site_agent.keys import ensure_node_key
+
+from federation import Federation, federation
+from tests_support import short_tmp
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def fed() -> Iterator[Federation]:
+    with short_tmp() as work, federation(work, n_sites=1) as f:
+        yield f
+
+
+def _token(fed: Federation, site: str) -> str:
+    r = fed.api("POST", "/sites", {"name": site})
+    assert r.status_code in (201, 409), r.text
+    r = fed.api("POST", f"/sites/{site}/enrollment-token")
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
+def _enrolled(fed: Federation, site: str, tmp: Path) -> EnrollmentFiles:
+    root = tmp / site
+    assert enroll(root=root, gateway=fed.fleet, token=_token(fed, site)) == site
+    return EnrollmentFiles(root)
+
+
+def _client(files: EnrollmentFiles | None, ca: Path) -> httpx.Client:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if files is not None:
+        ctx.load_cert_chain(str(files.site_cert), str(files.site_key))
+    return httpx.Client(verify=ctx, timeout=10)
+
+
+def test_enrolled_site_reaches_the_fleet_api_and_nothing_else(fed: Federation,
+                                                              tmp_path: Path) -> None:
+    files = _enrolled(fed, "site-ok", tmp_path)
+    ca = files.coordinator_ca
+    site = fed.api("GET", "/sites/site-ok").json()
+    assert site["status"] == "registered" and site["flower_node_id"]
+    with _client(files, ca) as c:
+        assert c.get(f"https://{fed.fleet}/health").status_code == 200
+        for path in ("/v1/control/list-nodes", "/v1/runtime/get-nodes", "/docs", "/"):
+            r = c.post(f"https://{fed.fleet}{path}", content=b"")
+            assert r.status_code == 403, (path, r.text)
+            assert "only the Flower fleet API" in r.text
+    # The private keys never left: only the site has them, the coordinator has none.
+    assert files.site_key.exists()
+    assert not list(fed.home.rglob("site-tls.key"))
+
+
+def test_no_certificate_or_another_ca_is_refused(fed: Federation, tmp_path: Path) -> None:
+    files = _enrolled(fed, "site-nocert", tmp_path)
+    with _client(None, files.coordinator_ca) as c:
+        r = c.post(f"https://{fed.fleet}/v1/fleet/pull-messages", content=b"")
+        assert r.status_code == 403
+        assert "client certificate from the site CA is required" in r.text
+    rogue = ensure_ca(tmp_path / "rogue")
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private_key(tmp_path / "rogue.key", key)
+    from export.certs import issue_site_cert
+
+    cert = issue_site_cert(rogue, csr_pem=make_csr(key, "site-nocert"), site_name="site-nocert")
+    (tmp_path / "rogue.pem").write_bytes(cert.pem)
+    ctx = ssl.create_default_context(cafile=str(files.coordinator_ca))
+    ctx.load_cert_chain(str(tmp_path / "rogue.pem"), str(tmp_path / "rogue.key"))
+    # TLS 1.3 reports the rejected client certificate after the handshake: the gateway
+    # closes the connection and no HTTP answer ever comes.
+    with httpx.Client(verify=ctx, timeout=10) as c, pytest.raises(httpx.TransportError):
+        c.get(f"https://{fed.fleet}/health")
+
+
+def test_revoked_site_is_refused_at_once(fed: Federation, tmp_path: Path) -> None:
+    files = _enrolled(fed, "site-rev", tmp_path)
+    with _client(files, files.coordinator_ca) as c:
+        assert c.get(f"https://{fed.fleet}/health").status_code == 200
+        r = fed.api("POST", "/sites/site-rev/revoke", {"reason": "laptop stolen"})
+        assert r.status_code == 200, r.text
+        r = c.get(f"https://{fed.fleet}/health")
+        assert r.status_code == 403 and "revoked" in r.text
+    events = fed.api("GET", "/audit").json()
+    items = events["items"] if isinstance(events, dict) else events
+    assert any(e["action"] == "site.revoked" and "laptop stolen" in str(e["detail"])
+               for e in items)
+
+
+def test_a_site_cannot_speak_for_another_sites_node(fed: Federation, tmp_path: Path) -> None:
+    a = _enrolled(fed, "site-a1", tmp_path)
+    other = ensure_node_key(tmp_path / "x" / "k", tmp_path / "x" / "k.pub")
+    from coordinator.flower_control import node_public_key_bytes
+
+    forged = base64.b64encode(node_public_key_bytes(other)).decode()
+    with _client(a, a.coordinator_ca) as c:
+        r = c.post(f"https://{fed.fleet}/v1/fleet/pull-messages", content=b"",
+                   headers={"flwr-public-key": forged})
+        assert r.status_code == 403
+        assert "does not belong to site 'site-a1'" in r.text
+
+
+def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
+                                                              tmp_path: Path) -> None:
+    token = _token(fed, "site-tok")
+    assert enroll(root=tmp_path / "one", gateway=fed.fleet, token=token) == "site-tok"
+    with pytest.raises(EnrollError, match="already used"):
+        enroll(root=tmp_path / "two", gateway=fed.fleet, token=token)
+    with pytest.raises(EnrollError, match="not a Fedward enrollment token"):
+        enroll(root=tmp_path / "three", gateway=fed.fleet, token=token[:-3] + " x")
+    parts = parse_enrollment_token(_token(fed, "site-pin"))
+    wrong_pin = f"fw1.{parts.site}.{parts.secret}.{'0' * 32}"
+    with pytest.raises(EnrollError, match="does not match your token"):
+        enroll(root=tmp_path / "four", gateway=fed.fleet, token=wrong_pin)
+    # Nothing half-written: no certificate, so the site is simply not enrolled.
+    assert not EnrollmentFiles(tmp_path / "four").enrolled
+    expired = _token(fed, "site-exp")
+    import sqlite3
+
+    db = sqlite3.connect(fed.home / "coordinator.db")
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
+    db.execute("UPDATE enrollment_tokens SET expires_at = ? WHERE used_at IS NULL", (past,))
+    db.commit()
+    db.close()
+    with pytest.raises(EnrollError, match="expired"):
+        enroll(root=tmp_path / "five", gateway=fed.fleet, token=expired)
