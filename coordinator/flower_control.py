@@ -60,6 +60,7 @@ def _pyproject() -> bytes:
         f'clientapp = "{APP_COMPONENTS["clientapp"]}"\n\n'
         "[tool.flwr.app.config]\n"
         'fedward-run-id = "0"\n'
+        'fedward-parity-candidate = "0"\n'
     ).encode()
 
 
@@ -118,17 +119,22 @@ class FlowerControl:
             client.close()
         return [int(n.node_id) for n in res.nodes_info if n.status == "online"]
 
-    def start_run(self, *, fedward_run_id: int) -> int:
-        """Start a Flower run of the appliance's app for a coordinator run; returns its id."""
+    def start_run(self, *, fedward_run_id: int, parity_candidate: int = 0) -> int:
+        """Start a Flower run of the appliance's app for a coordinator run; returns its id.
+
+        With ``parity_candidate`` the run does not train: the sites of run
+        ``fedward_run_id`` measure that release candidate's export parity.
+        """
         fab_bytes, fab_hash = app_bundle()
         client = self._client()
         try:
             res = client.StartRun(
                 StartRunRequest(
                     fab=fab_to_proto(Fab(fab_hash, fab_bytes, {})),
-                    override_config=user_config_to_proto(
-                        {"fedward-run-id": str(fedward_run_id)}
-                    ),
+                    override_config=user_config_to_proto({
+                        "fedward-run-id": str(fedward_run_id),
+                        "fedward-parity-candidate": str(parity_candidate),
+                    }),
                 )
             )
         finally:

@@ -22,6 +22,7 @@ from coordinator.audit import append_event
 from coordinator.db import session_scope
 from coordinator.models import (
     RUN_FINAL_STATUSES,
+    AuditEvent,
     Checkpoint,
     Project,
     Round,
@@ -34,11 +35,13 @@ from coordinator.models import (
 __all__ = [
     "SERVERAPP_ACTOR",
     "RunNotFoundError",
+    "data_fingerprints",
     "finish_round",
     "finish_run",
     "last_checkpoint",
     "mark_run_started",
     "record_checkpoint",
+    "record_data_fingerprint",
     "record_run_outcome",
     "record_site_metrics",
     "run_config",
@@ -458,3 +461,43 @@ def running_run_ids(engine: Engine) -> list[int]:
                 col(Run.id))
         ).all()
         return [int(r) for r in rows if r is not None]
+
+
+def record_data_fingerprint(engine: Engine, run_id: int, number: int, site_name: str,
+                            fingerprint: dict[str, str]) -> None:
+    """Record a site's data fingerprint (hashes and counts) in the audit log, once per run.
+
+    The audit log is the record: it is tamper-evident and the lineage of a model version
+    reads the fingerprints of its run from it.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        number: Round in which the site reported it.
+        site_name: The site.
+        fingerprint: ``schema-hash``, ``content-sha256`` and row counts.
+    """
+    with session_scope(engine) as session:
+        existing = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "site.data_fingerprint",
+            AuditEvent.subject == f"run:{run_id}/site:{site_name}")).all()
+        for event in existing:
+            if json.loads(event.detail_json).get("fingerprint") == fingerprint:
+                return
+        append_event(session, actor=f"site:{site_name}", action="site.data_fingerprint",
+                     subject=f"run:{run_id}/site:{site_name}",
+                     detail={"round": number, "fingerprint": fingerprint})
+
+
+def data_fingerprints(engine: Engine, run_id: int) -> dict[str, list[dict[str, Any]]]:
+    """Every data fingerprint the sites of a run reported: site -> [{round, fingerprint}]."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    with session_scope(engine) as session:
+        rows = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "site.data_fingerprint",
+            col(AuditEvent.subject).startswith(f"run:{run_id}/site:")).order_by(
+                col(AuditEvent.id))).all()
+        for event in rows:
+            site = event.subject.split("/site:", 1)[1]
+            out.setdefault(site, []).append(json.loads(event.detail_json))
+    return out

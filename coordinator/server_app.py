@@ -13,6 +13,7 @@ The SuperLink starts this module in a ``flwr-serverapp`` process; it inherits
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,7 +31,9 @@ from coordinator import repository
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
 from export.wire import (
     CFG,
+    FINGERPRINT_KEYS,
     REPLY_ARRAYS,
+    REPLY_FINGERPRINT,
     REPLY_METRICS,
     TASK_ARRAYS,
     TASK_CONFIG,
@@ -259,6 +262,10 @@ class RoundLoop:
                 continue
             update, metrics = outcome
             repository.record_site_metrics(self.engine, plan.run_id, number, site, metrics)
+            fingerprint = _fingerprint(reply)
+            if fingerprint:
+                repository.record_data_fingerprint(self.engine, plan.run_id, number, site,
+                                                   fingerprint)
             updates.append((update, metrics.get("num-examples", 1.0)))
             participating.append(site)
         for site in late:
@@ -327,6 +334,87 @@ class RoundLoop:
             repository.record_site_metrics(self.engine, plan.run_id, plan.rounds, site, metrics)
 
 
+def parity_dir(home: Path, candidate_id: int) -> Path:
+    """Where a parity request for a release candidate and its results live."""
+    return home / "parity" / f"candidate-{candidate_id}"
+
+
+def run_parity(*, grid: Grid, engine: Engine, plan: RunPlan, request_dir: Path,
+               clock: Callable[[], float] = time.monotonic) -> None:
+    """Send each site of the run the candidate's artefacts; collect only the figures.
+
+    Reads ``request.json`` (checkpoint path, artefact files) from ``request_dir`` and writes
+    ``result.json`` there atomically: per site, per format, max_abs_diff, agreement and n,
+    plus the sites that failed and why.
+    """
+    from coordinator.checkpoints import load_checkpoint
+
+    request = json.loads((request_dir / "request.json").read_text())
+    arrays = load_checkpoint(Path(request["checkpoint"]), expected_sha256=request.get("sha256"))
+    payload: dict[str, np.ndarray] = dict(arrays)
+    for name in request["files"]:
+        data = (request_dir / name).read_bytes()
+        payload[f"artefact/{name}"] = np.frombuffer(data, dtype=np.uint8)
+    by_node = repository.site_names_by_node_id(engine)
+    online = set(grid.get_node_ids())
+    nodes = {int(n): s for n, s in by_node.items() if s in plan.sites and int(n) in online}
+    deadline = clock() + plan.round_deadline_s
+    msgs = []
+    for node_id in nodes:
+        msgs.append(Message(
+            content=RecordDict({
+                TASK_ARRAYS: ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                TASK_CONFIG: plan.task_config(plan.rounds, train=False),
+            }),
+            dst_node_id=node_id, message_type=MessageType.QUERY,
+            group_id=f"run-{plan.run_id}-parity", ttl=plan.round_deadline_s,
+        ))
+    ids = list(grid.push_messages(msgs))
+    pending = {mid: nodes[m.metadata.dst_node_id] for mid, m in zip(ids, msgs, strict=True)
+               if mid}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    failed: dict[str, str] = {s: "offline" for s in plan.sites if s not in nodes.values()}
+    while pending and clock() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            site = pending.pop(reply.metadata.reply_to_message_id, None)
+            if site is None:
+                continue
+            if reply.has_error():
+                failed[site] = (reply.error.reason or "error").splitlines()[0][:300]
+                continue
+            metrics = {k: float(v) for k, v in
+                       reply.content.metric_records[REPLY_METRICS].items()
+                       if isinstance(v, int | float)}
+            results[site] = _parity_by_format(metrics)
+        if pending:
+            time.sleep(_POLL_S)
+    for site in pending.values():
+        failed[site] = f"late: no reply within {plan.round_deadline_s:.0f} s"
+    out = request_dir / "result.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sites": results, "failed": failed}, indent=2))
+    os.replace(tmp, out)
+
+
+def _parity_by_format(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    n = metrics.get("parity-n", 0.0)
+    for fmt in ("onnx", "onnx-int8", "openvino"):
+        diff = metrics.get(f"parity-{fmt}-max-abs-diff")
+        agree = metrics.get(f"parity-{fmt}-agreement")
+        if diff is not None and agree is not None:
+            out[fmt] = {"max_abs_diff": diff, "agreement": agree, "n": n}
+    return out
+
+
+def _fingerprint(reply: Message) -> dict[str, str]:
+    """The site's data fingerprint in a reply (hashes and counts only), if it sent one."""
+    if REPLY_FINGERPRINT not in reply.content.config_records:
+        return {}
+    raw = reply.content.config_records[REPLY_FINGERPRINT]
+    return {k: str(v) for k, v in raw.items() if k in FINGERPRINT_KEYS}
+
+
 def load_plan(engine: Engine, run_id: int) -> RunPlan:
     """Read a run's plan from the database."""
     raw = repository.run_config(engine, run_id)
@@ -350,6 +438,11 @@ def main(grid: Grid, context: Context) -> None:
     home = Path(os.environ["FEDWARD_HOME"])
     engine = make_engine(os.environ["FEDWARD_DATABASE_URL"])
     plan = load_plan(engine, run_id)
+    candidate = int(str(context.run_config.get("fedward-parity-candidate", "0")))
+    if candidate:
+        # Not a training run: the sites measure a release candidate's export parity.
+        run_parity(grid=grid, engine=engine, plan=plan, request_dir=parity_dir(home, candidate))
+        return
     repository.mark_run_started(engine, run_id, str(context.run_id))
 
     def initial() -> dict[str, np.ndarray]:

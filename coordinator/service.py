@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +76,64 @@ class FlowerLauncher:
 
     def launch(self, run_id: int) -> str:
         return str(self.control.start_run(fedward_run_id=run_id))
+
+
+class SiteParityError(RuntimeError):
+    """The sites could not measure a candidate's export parity."""
+
+
+@dataclass
+class FlowerSiteParity:
+    """Measures a release candidate's export parity AT the sites, through Flower.
+
+    The candidate's artefacts and checkpoint go to every site of the run in a query message;
+    each site compares them with the PyTorch model on its own held-out split and returns
+    only the figures (see ``site_agent.parity_task``). Implements the release workflow's
+    ``SiteParity`` port.
+    """
+
+    control: FlowerControl
+    home: Path
+    timeout_s: float = 300.0
+
+    def evaluate(self, *, run_id: int, candidate_id: int, artefacts: dict[str, Path]
+                 ) -> dict[str, dict[str, dict[str, float]]]:
+        from coordinator.checkpoints import checkpoint_path
+        from coordinator.db import make_engine
+        from coordinator.repository import last_checkpoint
+        from coordinator.server_app import parity_dir
+
+        req_dir = parity_dir(self.home, candidate_id)
+        if req_dir.exists():
+            shutil.rmtree(req_dir)
+        req_dir.mkdir(parents=True)
+        files = {}
+        for path in artefacts.values():
+            for f in ([path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]):
+                shutil.copyfile(f, req_dir / f.name)
+                files[f.name] = True
+        engine = make_engine(os.environ.get("FEDWARD_DATABASE_URL") or
+                             f"sqlite:///{self.home / 'coordinator.db'}")
+        try:
+            last = last_checkpoint(engine, run_id)
+        finally:
+            engine.dispose()
+        if last is None:
+            raise SiteParityError(f"run {run_id} has no checkpoint")
+        _round, rel, sha = last
+        (req_dir / "request.json").write_text(json.dumps({
+            "checkpoint": str(self.home / rel), "sha256": sha, "files": sorted(files)}))
+        self.control.start_run(fedward_run_id=run_id, parity_candidate=candidate_id)
+        deadline = time.monotonic() + self.timeout_s
+        result = req_dir / "result.json"
+        while time.monotonic() < deadline:
+            if result.exists():
+                data = json.loads(result.read_text())
+                if not data["sites"]:
+                    raise SiteParityError(f"no site measured parity: {data['failed']}")
+                return dict(data["sites"])
+            time.sleep(0.5)
+        raise SiteParityError(f"the sites did not report parity within {self.timeout_s:.0f} s")
 
 
 @dataclass

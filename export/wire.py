@@ -16,9 +16,11 @@ __all__ = [
     "APP_NAME",
     "APP_PUBLISHER",
     "CFG",
+    "FINGERPRINT_KEYS",
     "MSG",
     "REPLY_ARRAYS",
     "REPLY_CONFIG",
+    "REPLY_FINGERPRINT",
     "REPLY_METRICS",
     "TASK_ARRAYS",
     "TASK_CONFIG",
@@ -89,8 +91,21 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
         "epsilon-round",       # epsilon added by this round
         "noise-multiplier",
         "train-seconds",
+        # Export parity measured at the site on its held-out data (release gates).
+        "parity-n",
+        "parity-onnx-max-abs-diff",
+        "parity-onnx-agreement",
+        "parity-onnx-int8-max-abs-diff",
+        "parity-onnx-int8-agreement",
+        "parity-openvino-max-abs-diff",
+        "parity-openvino-agreement",
     }
 )
+
+# What a site may say about its data: hashes and counts, never values.
+FINGERPRINT_KEYS: Final = frozenset(
+    {"schema-hash", "content-sha256", "n-rows", "n-train", "n-test"})
+REPLY_FINGERPRINT: Final = "fingerprint"   # ConfigRecord name in a reply
 
 
 

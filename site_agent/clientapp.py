@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from export.wire import (
     REPLY_ARRAYS,
+    REPLY_FINGERPRINT,
     REPLY_METRICS,
     TASK_ARRAYS,
     TASK_CONFIG,
@@ -87,6 +88,9 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
     content[REPLY_METRICS] = MetricRecord(
         {str(k): float(v) for k, v in dict(reply.get("metrics", {})).items()}
     )
+    if reply.get("fingerprint"):
+        content[REPLY_FINGERPRINT] = ConfigRecord(
+            {str(k): str(v) for k, v in reply["fingerprint"].items()})
     if reply.get("status"):
         content["status"] = ConfigRecord({str(k): str(v) for k, v in reply["status"].items()})
     return Message(content, reply_to=msg)
@@ -96,6 +100,12 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Evaluate the received global model at the site, then train it (one message a round)."""
     return _relay(msg, context, "train")
+
+
+@app.query()
+def parity(msg: Message, context: Context) -> Message:
+    """Measure export parity of a release candidate on the site's held-out split."""
+    return _relay(msg, context, "parity")
 
 
 @app.evaluate()

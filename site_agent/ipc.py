@@ -21,7 +21,7 @@ import numpy as np
 
 __all__ = ["ALLOWED_DTYPES", "IPCError", "read_frame", "request", "write_frame"]
 
-ALLOWED_DTYPES = frozenset({"float32", "float64", "int64", "int32"})
+ALLOWED_DTYPES = frozenset({"float32", "float64", "int64", "int32", "uint8"})
 _MAX_HEADER = 1 << 20          # 1 MiB of JSON is far beyond any task header
 _MAX_ARRAY_BYTES = 1 << 30     # 1 GiB per array
 
