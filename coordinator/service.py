@@ -98,7 +98,6 @@ class FlowerSiteParity:
 
     def evaluate(self, *, run_id: int, candidate_id: int, artefacts: dict[str, Path]
                  ) -> dict[str, dict[str, dict[str, float]]]:
-        from coordinator.checkpoints import checkpoint_path
         from coordinator.db import make_engine
         from coordinator.repository import last_checkpoint
         from coordinator.server_app import parity_dir
