@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
 
 __all__ = ["ApiClient", "app", "main"]
@@ -39,6 +40,7 @@ TokenOpt = Annotated[str | None, typer.Option("--token", help="API token (defaul
                                               "$FEDWARD_TOKEN or the admin token file)")]
 
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
+app.add_typer(release_app, name="release")
 
 
 def _settings(home: Path | None) -> Settings:
@@ -128,6 +130,7 @@ def serve(home: HomeOpt = None,
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
                         "%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SuperLink call
     settings = _settings(home)
     if port is not None:
         settings = settings.model_copy(update={"api_port": port})
@@ -307,6 +310,28 @@ def rounds(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOp
         print(json.dumps({"run": run, "rounds": rnds, "metrics": metrics}))
     else:
         console.print(_progress_table(run, rnds, metrics))
+
+
+@app.command("create-user")
+def create_user_cmd(
+    name: str,
+    role: Annotated[str, typer.Option(help="admin, ml_engineer, reviewer or clinician")],
+    password: Annotated[str | None, typer.Option(
+        help="password for the release portal and POST /login (asked if omitted)")] = None,
+    no_password: Annotated[bool, typer.Option(
+        "--no-password", help="a token-only account (scripts, services)")] = False,
+    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+) -> None:
+    """Create a user (admins); prints its API token once."""
+    if password is None and not no_password:
+        password = typer.prompt("password (12 characters or more)", hide_input=True,
+                                confirmation_prompt=True)
+    body: dict[str, Any] = {"name": name, "role": role}
+    if not no_password:
+        body["password"] = password
+    out = _client(api, token, home).call("POST", "/users", body)
+    console.print(f"user [bold]{name}[/] ({role}) created; its API token, shown only now:")
+    print(out["token"])
 
 
 def main() -> None:

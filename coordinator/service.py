@@ -150,6 +150,11 @@ class Coordinator:
         pki = init_home(self.settings)
         url = self.settings.effective_database_url
         self.engine = make_engine(url)
+        previous = self.settings.home / "superlink.address"
+        if self.superlink_port == 0 and previous.exists():
+            # Same port as before a restart: enrolled sites reach it through the gateway,
+            # but sites configured with the SuperLink's address directly keep working too.
+            self.superlink_port = int(previous.read_text().strip().rpartition(":")[2])
         self.superlink = SuperLinkProcess(
             home=self.settings.home / "superlink",
             pki=pki,
@@ -176,25 +181,49 @@ class Coordinator:
         (self.settings.home / "superlink.address").write_text(self.superlink.address + "\n")
         (self.settings.home / "fleet.address").write_text(self.gateway.address + "\n")
 
+    def resume_interrupted_runs(self, why: str) -> list[int]:
+        """Relaunch every run still marked pending or running as a new Flower run.
+
+        A Flower run dies with its SuperLink (or with the coordinator); ours does not: the
+        round loop resumes after the run's last checkpoint, and a site asked again for a
+        round it already trained answers from its stored reply without spending privacy
+        again. Runs that cannot be relaunched are failed with the reason.
+        """
+        control = FlowerControl(address=self.superlink.address,
+                                ca_cert=self.superlink.pki.ca_cert)
+        resumed = []
+        for run_id in repository.running_run_ids(self.engine):
+            try:
+                flwr_run = control.start_run(fedward_run_id=run_id)
+            except Exception as err:
+                repository.finish_run(self.engine, run_id, status="failed",
+                                      reason=f"{why}; relaunching failed: {err}")
+                continue
+            repository.note_run_resumed(self.engine, run_id, why=why,
+                                        flwr_run_id=str(flwr_run))
+            log.warning("run %s resumed as Flower run %s (%s)", run_id, flwr_run, why)
+            resumed.append(run_id)
+        return resumed
+
     def _watch_superlink(self, stop: threading.Event) -> None:
-        """Restart the SuperLink if it dies; runs that were in flight are failed with why."""
+        """Restart the SuperLink if it dies, then resume the runs that were in flight."""
         while not stop.wait(2.0):
             if self.superlink.alive():
                 continue
             code = self.superlink.exit_code()
-            reason = (f"the SuperLink exited unexpectedly (code {code}); the run can be "
-                      "relaunched, it resumes after its last checkpoint")
-            log.error("%s; restarting it on %s", reason, self.superlink.address)
-            for run_id in repository.running_run_ids(self.engine):
-                repository.finish_run(self.engine, run_id, status="failed", reason=reason)
+            why = f"the SuperLink exited unexpectedly (code {code})"
+            log.error("%s; restarting it on %s", why, self.superlink.address)
             try:
                 self.superlink.start()
             except SuperLinkError as err:
                 log.error("could not restart the SuperLink: %s", err)
+                continue
+            self.resume_interrupted_runs(why)
 
     def serve(self, *, ready: threading.Event | None = None) -> None:
         """Start the SuperLink and serve the API until interrupted; stops both on exit."""
         self.start_superlink()
+        self.resume_interrupted_runs("the coordinator restarted")
         stop_watch = threading.Event()
         threading.Thread(target=self._watch_superlink, args=(stop_watch,), daemon=True,
                          name="superlink-watchdog").start()

@@ -101,6 +101,8 @@ class WarmExecutor:
 
     def run(self) -> None:
         """Serve tasks until :attr:`stop` is set."""
+        # httpx logs every request at INFO: one line per poll would drown the agent's log.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         acquirer = self._client(None)
         try:
             while not self.stop.is_set():

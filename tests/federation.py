@@ -84,7 +84,9 @@ class Federation:
         site_cli = str(BIN / "fedward-site")
         run_cli([site_cli, "init", "--dir", str(root), "--name", name, "--superlink",
                  superlink or self.superlink, "--ca-cert", str(self.home / "pki" / "ca.pem"),
-                 "--data", csv, "--schema", schema, "--reconnect-backoff", "5"])
+                 "--data", csv, "--schema", schema, "--reconnect-backoff", "5",
+                 # The starter site policy accepts the project that launch() uses.
+                 "--project", "test"])
         run_cli([site_cli, "keygen", "--dir", str(root)])
         if register:
             self.coord_cli("add-site", name, "--node-key", str(root / "keys" / "node_key.pub"))
@@ -145,6 +147,38 @@ class Federation:
             time.sleep(0.5)
         raise AssertionError(f"run {run_id} did not end within {timeout} s")
 
+    def _start_coordinator(self) -> subprocess.Popen[bytes]:
+        log = (self.work / "coordinator.log").open("ab")
+        proc = subprocess.Popen(
+            ["timeout", "-k", "5", str(LIFETIME_S), str(BIN / "fedward-coordinator"), "serve",
+             "--home", str(self.home)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.api_port}/api/v1/health",
+                             timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (self.work / "coordinator.log").read_text()[-3000:]
+            time.sleep(0.2)
+        raise AssertionError("coordinator did not come up")
+
+    def kill_coordinator(self) -> None:
+        """SIGKILL the coordinator and everything it started."""
+        for pid in [self.coordinator.pid, *descendants(self.coordinator.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.coordinator.wait(timeout=10)
+
+    def restart_coordinator(self) -> None:
+        self.coordinator = self._start_coordinator()
+
     def stop(self) -> None:
         for proc in [*self._procs, self.coordinator]:
             if proc.poll() is None:
@@ -197,3 +231,12 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp"
     finally:
         fed.stop()
         log.close()
+
+
+def edit_site_policy(site: Site, **changes: Any) -> dict[str, Any]:
+    """Rewrite a site's policy.json with ``changes`` (as hospital IT would); returns it."""
+    path = site.root / "policy.json"
+    policy = dict(json.loads(path.read_text()))
+    policy.update(changes)
+    path.write_text(json.dumps(policy, indent=2) + "\n")
+    return policy

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from federation import BIN, federation, run_cli
 from safetensors.numpy import load_file
-from tests_support import short_tmp
 
 from export.runtime import descendants
 from export.tasks import build_model, set_model_arrays
+
+from federation import BIN, federation, run_cli
+from tests_support import short_tmp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -192,3 +193,117 @@ def test_coordinator_restarts_a_dead_superlink_and_sites_come_back() -> None:
         run_id = fed.launch(task="breast_cancer_mlp", rounds=1, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=60)
         assert fed.wait_run(run_id)["status"] == "completed"
+
+
+def test_coordinator_killed_mid_run_resumes_without_losing_or_repeating_rounds() -> None:
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        sites = fed.data["sites"]
+        for s in sites:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+            fed.start_site(s["name"])
+        fed.wait_online(2)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=4, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = [r for r in fed.api("GET", f"/runs/{run_id}/rounds").json()
+                    if r["status"] == "completed"]
+            if len(done) >= 2:
+                break
+            time.sleep(0.1)
+        # SIGKILL the coordinator and everything it runs (SuperLink, ServerApp): a crash.
+        fed.kill_coordinator()
+        fed.restart_coordinator()
+        run = fed.wait_run(run_id, timeout=300)
+        assert run["status"] == "completed", run
+        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
+        assert [r["number"] for r in rounds] == [1, 2, 3, 4]
+        assert all(r["status"] == "completed" for r in rounds)
+        ckpts = fed.api("GET", f"/runs/{run_id}/checkpoints").json()
+        assert [c["round_number"] for c in ckpts] == [1, 2, 3, 4]
+        for s in sites:
+            ledger = json.loads((fed.sites[s["name"]].root / "privacy-ledger.json").read_text())
+            runs = ledger["runs"]
+            entry = next(iter(runs.values()))
+            # One charge per round, never two, and within the budget.
+            assert sorted(int(k) for k in entry["rounds"]) == [1, 2, 3, 4]
+            assert len(entry["history"]) == 4
+        assert fed.api("GET", "/audit/verify").json()["first_broken_id"] is None
+        events = fed.api("GET", "/audit?limit=500").json()
+        items = events["items"] if isinstance(events, dict) else events
+        assert any(e["action"] == "run.relaunched" for e in items)
+
+
+def test_site_requiring_approval_waits_as_pending_until_its_it_approves() -> None:
+    from site_agent.audit import read_entries
+    from site_agent.policy import ApprovalBook
+
+    from federation import edit_site_policy
+
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        sites = fed.data["sites"]
+        for s in sites:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+        free, careful = sites[0]["name"], sites[1]["name"]
+        edit_site_policy(fed.sites[careful], require_approval=True)
+        for s in sites:
+            fed.start_site(s["name"])
+        print('DEBUG start', time.monotonic())
+        fed.wait_online(2)
+        print('DEBUG online', time.monotonic())
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
+                            min_sites=1, round_deadline_s=30)
+        # Hospital IT sees the run waiting at their site and approves it with the CLI.
+        book = ApprovalBook(fed.sites[careful].root / "approvals.json")
+        deadline = time.monotonic() + 120
+        record = None
+        while time.monotonic() < deadline:
+            record = book.get(str(run_id))
+            if record is not None and record.last_refusal is not None:
+                break
+            time.sleep(0.05)
+        assert record is not None and record.last_refusal is not None
+        assert record.last_refusal.startswith("pending-approval")
+        site_cli = str(BIN / "fedward-site")
+        print('DEBUG seen', time.monotonic())
+        run_cli([site_cli, "approve", str(run_id), "--dir", str(fed.sites[careful].root),
+                 "--by", "it-on-call"])
+        print('DEBUG approved', time.monotonic())
+
+        run = fed.wait_run(run_id)
+        assert run["status"] == "completed", run
+        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
+        assert [r["number"] for r in rounds] == [1, 2, 3]
+        print('DEBUG', time.monotonic(), json.dumps(rounds, indent=1))
+        first = rounds[0]
+        assert first["participating_sites"] == [free]
+        waiting = {f["site"]: f for f in first["failed_sites"]}[careful]
+        assert waiting["reason"] == (f"pending-approval: run {run_id} waits for approval at "
+                                     f"site {careful} (fedward-site approve {run_id})")
+        assert waiting.get("code", "refused-policy") == "refused-policy"
+        # Once approved, the site takes part: certainly in the last round.
+        assert sorted(rounds[-1]["participating_sites"]) == sorted([free, careful])
+        for rnd in rounds:
+            if careful not in rnd["participating_sites"]:
+                named = {f["site"]: f["reason"] for f in rnd["failed_sites"]}
+                assert named[careful].startswith("pending-approval"), rnd
+
+        # The site's own records: the run, the wait, the approval, what left, all chained.
+        listing = json.loads(run_cli([site_cli, "runs", "--dir", str(fed.sites[careful].root),
+                                      "--json"]).stdout)
+        assert [(r["run"], r["status"], r["by"]) for r in listing] == \
+            [(str(run_id), "done", "it-on-call")]
+        verify = run_cli([site_cli, "audit", "verify", "--dir",
+                          str(fed.sites[careful].root)])
+        assert "audit log intact" in verify.stdout
+        entries, verdict = read_entries(fed.sites[careful].root / "audit.log")
+        assert verdict.intact
+        actions = [e.action for e in entries if e.detail.get("run") == str(run_id)]
+        assert actions[0] == "run-seen" and actions[1] == "task-refused"
+        assert "run-approved" in actions and "round-trained" in actions
+        assert actions.index("run-approved") < actions.index("round-trained")
+        trained = [e for e in entries if e.action == "round-trained"]
+        assert all(e.detail["bytes_out"] > 0 and e.detail["array_shapes"] for e in trained)
+        # The site that needed no approval was never held.
+        free_book = ApprovalBook(fed.sites[free].root / "approvals.json").get(str(run_id))
+        assert free_book is not None and free_book.last_refusal is None
