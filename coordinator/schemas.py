@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -180,6 +180,10 @@ class RunCreate(_Request):
     max_grad_norm: float = Field(default=1.0, gt=0)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     sites: list[SiteName] | None = Field(default=None, min_length=1)
+    aggregation: Literal["fedavg", "median", "trimmed-mean"] = Field(
+        default="fedavg",
+        description="How site updates are combined: weighted mean (FedAvg), or a robust "
+        "coordinate-wise median or trimmed mean over sites.")
 
     @field_validator("task")
     @classmethod
@@ -216,6 +220,7 @@ class RunConfig(BaseModel):
     max_grad_norm: float
     seed: int
     sites: list[str]
+    aggregation: str = "fedavg"
 
 
 class RunPublic(BaseModel):

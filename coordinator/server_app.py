@@ -130,7 +130,11 @@ def aggregate(
         elif method == "median":
             agg = np.median(stack, axis=0)
         elif method == "trimmed-mean":
-            k = int(len(updates) * 0.2)
+            # Drop the highest and lowest 20% per coordinate, and at least one of each as
+            # soon as there are 3 sites: hospital federations are small, and int(0.2 * n)
+            # would trim nothing below 5 sites.
+            n = len(updates)
+            k = max(1, int(n * 0.2)) if n >= 3 else 0
             srt = np.sort(stack, axis=0)
             agg = srt[k:len(updates) - k].mean(axis=0) if len(updates) > 2 * k else srt.mean(0)
         else:
