@@ -3,6 +3,11 @@
 Both run on this machine in the same invocation, same model, same data, same site count,
 TLS and node authentication on for both. Prints the medians and their ratio, and writes
 ``bench/results/round_time.json`` and ``bench/results/round_time.md``.
+
+Then it runs benchmarks 2-7 (``EXTRA``, each its own script, each bounded in time and
+writing ``bench/results/<name>.json`` and ``.md``); ``--no-extra`` skips them,
+``--extra-only`` runs only them. A failing extra benchmark is reported and the others still
+run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -20,12 +25,55 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
 
+# Benchmarks 2-7: script, wall-clock limit in seconds (each is sized for ~3 min on 2 cores).
+EXTRA: list[tuple[str, int]] = [
+    ("scale_sim.py", 600),   # 2. sites 10/100/1000 on Flower's simulation engine (Ray)
+    ("dp_cost.py", 600),     # 3. Opacus grad-sample modes, time per epoch
+    ("utility.py", 600),     # 4. federated DP AUC at epsilon 1/3/8 vs pooled baseline
+    ("exports.py", 600),     # 5. inference latency: PyTorch, ORT fp32/INT8, OpenVINO
+    ("signing.py", 600),     # 6. 500 MB bundle signing/verification vs sha256sum
+    ("api_load.py", 600),    # 7. coordinator API under load, SQLite and PostgreSQL
+]
+
+
+def run_extra() -> int:
+    """Run benchmarks 2-7 one after the other; return the number that failed."""
+    failed = []
+    for script, limit in EXTRA:
+        print(f"\n=== bench/{script} ===", flush=True)
+        t = time.monotonic()
+        proc = subprocess.Popen([sys.executable, str(HERE / script)], cwd=ROOT)
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: the benchmark then stops what it started and cleans up.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = -1
+            print(f"bench/{script} exceeded {limit} s and was stopped")
+        print(f"=== bench/{script}: exit {rc} after {time.monotonic() - t:.0f} s ===",
+              flush=True)
+        if rc != 0:
+            failed.append(script)
+    if failed:
+        print("failed: " + ", ".join(failed))
+    return len(failed)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-extra", action="store_true", help="skip benchmarks 2-7")
+    ap.add_argument("--extra-only", action="store_true",
+                    help="run only benchmarks 2-7 (not the round-time comparison)")
     args = ap.parse_args()
+    if args.extra_only:
+        sys.exit(1 if run_extra() else 0)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
 
@@ -73,6 +121,8 @@ def main() -> None:
     )
     (out / "round_time.md").write_text(md)
     print(md)
+    if not args.no_extra and run_extra():
+        sys.exit(1)
 
 
 def _cpus() -> int:
