@@ -1,9 +1,13 @@
 """The coordinator's REST API (``/api/v1``), built by :func:`create_app`.
 
-Authentication is a bearer token per user (``Authorization: Bearer <token>``); only its
-SHA-256 is stored. Roles: ``admin`` and ``ml_engineer`` may change things (projects, sites,
+Authentication is a bearer token (``Authorization: Bearer <token>``): a user's API token,
+or a session token from ``POST /login`` (name and password, expires after
+:data:`SESSION_TTL`). Only SHA-256 digests of tokens are stored; passwords are stored as
+argon2id hashes. Roles: ``admin`` and ``ml_engineer`` may change things (projects, sites,
 runs); every authenticated user may read projects, sites and runs; the audit log is open to
-everyone but ``clinician``.
+everyone but ``clinician``; only ``admin`` creates users. The release workflow's routes
+(:mod:`coordinator.release_api`) and the release portal (:mod:`coordinator.portal`) are
+mounted here too; docs/ml-team-guide.md has the whole role matrix.
 
 The Flower boundary is injected: a :class:`RunLauncher` starts a run on the SuperLink, a
 :class:`NodeRegistrar` registers a site's SuperNode key with it. Without them the routes
@@ -19,9 +23,11 @@ import hashlib
 import re
 import secrets
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, NoReturn, Protocol
 
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -39,15 +45,18 @@ from coordinator.models import (
     ROLES,
     AuditEvent,
     Checkpoint,
+    LoginSession,
     Project,
     Round,
     Run,
     Site,
     SiteMetric,
     User,
+    UserCredential,
     utcnow,
 )
 from coordinator.pki import CAFiles
+from coordinator.releases import SiteParity
 from coordinator.repository import record_run_outcome
 from coordinator.schemas import (
     AuditEventPublic,
@@ -74,18 +83,32 @@ from coordinator.settings import Settings
 __all__ = [
     "API_PREFIX",
     "AUDIT_ROLES",
+    "MIN_PASSWORD_LENGTH",
+    "SESSION_TTL",
+    "USER_ADMIN_ROLES",
     "WRITE_ROLES",
     "CurrentUser",
     "NodeRegistrar",
     "RunLauncher",
     "create_app",
     "create_user",
+    "end_session",
+    "hash_password",
     "hash_token",
+    "open_session",
+    "require_role",
+    "set_password",
+    "user_for_token",
+    "verify_password",
 ]
 
 API_PREFIX: Final = "/api/v1"
 WRITE_ROLES: Final = frozenset({"admin", "ml_engineer"})
 AUDIT_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
+USER_ADMIN_ROLES: Final = frozenset({"admin"})
+SESSION_TTL: Final = timedelta(hours=12)
+MIN_PASSWORD_LENGTH: Final = 12
+MAX_PASSWORD_LENGTH: Final = 1024
 _USER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _LOC_PREFIXES: Final = frozenset({"body", "query", "path", "header", "cookie"})
 
@@ -114,8 +137,89 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+# argon2id with the library's defaults (RFC 9106's second recommended option: 64 MiB,
+# 3 passes), about 50 ms per hash here. One hasher: it is stateless and thread-safe.
+_hasher: Final = PasswordHasher()
+# Verified against when the user does not exist, so a login's timing does not tell
+# whether a name is taken.
+_DUMMY_HASH: Final = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def hash_password(password: str) -> str:
+    """The stored form of a password: an argon2id hash with its own random salt.
+
+    Args:
+        password: The plaintext password.
+
+    Returns:
+        The encoded hash (``$argon2id$v=19$...``).
+
+    Raises:
+        ValueError: Shorter than :data:`MIN_PASSWORD_LENGTH` or longer than 1024 characters.
+    """
+    _check_password(password)
+    return _hasher.hash(password)
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"password too short: use at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise ValueError(f"password too long: at most {MAX_PASSWORD_LENGTH} characters")
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    """Whether ``password`` matches ``password_hash`` (never raises on a mismatch).
+
+    Args:
+        password_hash: A hash from :func:`hash_password`.
+        password: The password to check.
+
+    Returns:
+        True when it matches.
+    """
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def set_password(session: Session, user: User, password: str, *, actor: str) -> None:
+    """Set or replace a user's password, in the session's transaction (the caller commits).
+
+    Every open login session of the user ends: a changed password locks out whoever
+    logged in with the old one.
+
+    Args:
+        session: Open session.
+        user: The user (flushed, ``id`` set).
+        password: The new password (see :func:`hash_password` for the rules).
+        actor: Who sets it, for the audit log.
+
+    Raises:
+        ValueError: The password breaks the length rules.
+    """
+    assert user.id is not None
+    encoded = hash_password(password)
+    row = session.exec(select(UserCredential).where(UserCredential.user_id == user.id)).first()
+    if row is None:
+        row = UserCredential(user_id=user.id, password_hash=encoded)
+    else:
+        row.password_hash, row.updated_at = encoded, utcnow()
+    session.add(row)
+    now = utcnow()
+    for open_ in session.exec(select(LoginSession).where(
+            LoginSession.user_id == user.id, col(LoginSession.ended_at).is_(None))).all():
+        open_.ended_at = now
+        session.add(open_)
+    session.flush()
+    append_event(session, actor=actor, action="user.password_set", subject=f"user:{user.name}",
+                 detail={})
+
+
 def create_user(
-    session: Session, *, name: str, role: str, actor: str = "system"
+    session: Session, *, name: str, role: str, actor: str = "system",
+    password: str | None = None,
 ) -> tuple[User, str]:
     """Create a user and its API token, in the session's transaction (the caller commits).
 
@@ -124,13 +228,15 @@ def create_user(
         name: Unique user name (letters, digits, ``_ . @ -``; up to 64).
         role: One of ``admin``, ``ml_engineer``, ``reviewer``, ``clinician``.
         actor: Who creates the user, for the audit log.
+        password: A password for ``POST /login`` and the release portal; ``None`` for an
+            account that uses its API token only.
 
     Returns:
         The user (flushed, ``id`` set) and the plaintext token. The token is not stored and
         cannot be shown again.
 
     Raises:
-        ValueError: Bad name or role, or the name is taken.
+        ValueError: Bad name, role or password, or the name is taken.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
@@ -138,13 +244,98 @@ def create_user(
         raise ValueError(f"bad user name {name!r}: use letters, digits, '_', '.', '@', '-'")
     if session.exec(select(User).where(User.name == name)).first() is not None:
         raise ValueError(f"user {name!r} already exists")
+    if password is not None:
+        _check_password(password)  # before anything is written
     token = secrets.token_urlsafe(32)
     user = User(name=name, role=role, token_hash=hash_token(token))
     session.add(user)
     session.flush()
     append_event(session, actor=actor, action="user.created", subject=f"user:{name}",
-                 detail={"role": role})
+                 detail={"role": role, "password": password is not None})
+    if password is not None:
+        set_password(session, user, password, actor=actor)
     return user, token
+
+
+def open_session(session: Session, *, name: str, password: str) -> tuple[User, str, datetime]:
+    """Check a name and password and open a login session (the caller commits).
+
+    Success and failure are both audited (``user.login``, ``user.login_failed``).
+
+    Args:
+        session: Open session.
+        name: User name.
+        password: The user's password.
+
+    Returns:
+        The user, the session token (shown once; only its SHA-256 is stored) and when it
+        expires.
+
+    Raises:
+        PermissionError: Unknown user, no password set, or a wrong password (one message
+            for all three, so the answer does not tell which names exist).
+    """
+    row = session.exec(
+        select(User, UserCredential).join(UserCredential,
+                                          col(UserCredential.user_id) == col(User.id))
+        .where(User.name == name)
+    ).first()
+    if row is None:
+        verify_password(_DUMMY_HASH, password)  # same work as for a real user
+        ok = False
+    else:
+        ok = verify_password(row[1].password_hash, password)
+    if row is None or not ok:
+        append_event(session, actor="anonymous", action="user.login_failed",
+                     subject=f"user:{name[:64]}", detail={})
+        raise PermissionError("wrong user name or password")
+    user = row[0]
+    assert user.id is not None
+    token = secrets.token_urlsafe(32)
+    expires = utcnow() + SESSION_TTL
+    session.add(LoginSession(user_id=user.id, token_hash=hash_token(token), expires_at=expires))
+    append_event(session, actor=user.name, action="user.login", subject=f"user:{user.name}",
+                 detail={"expires_at": expires.isoformat()})
+    return user, token, expires
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    """The user an API token or an unexpired, open login session token belongs to.
+
+    Args:
+        session: Open session.
+        token: The presented token.
+
+    Returns:
+        The user, or ``None`` when the token is unknown, expired or logged out.
+    """
+    digest = hash_token(token)
+    user = session.exec(select(User).where(User.token_hash == digest)).first()
+    if user is not None:
+        return user
+    login = session.exec(select(LoginSession).where(LoginSession.token_hash == digest)).first()
+    if login is None or login.ended_at is not None or login.expires_at <= utcnow():
+        return None
+    return session.get(User, login.user_id)
+
+
+def end_session(session: Session, token: str) -> bool:
+    """Log a session token out (the caller commits). API tokens are not affected.
+
+    Args:
+        session: Open session.
+        token: A login session token.
+
+    Returns:
+        True when an open session was ended.
+    """
+    login = session.exec(
+        select(LoginSession).where(LoginSession.token_hash == hash_token(token))).first()
+    if login is None or login.ended_at is not None:
+        return False
+    login.ended_at = utcnow()
+    session.add(login)
+    return True
 
 
 _bearer = HTTPBearer(auto_error=False, description="API token of a coordinator user.")
@@ -156,8 +347,11 @@ def get_current_user(
 ) -> User:
     """FastAPI dependency: the user whose token is in the ``Authorization`` header.
 
+    The token is an API token or a login session token (see :func:`user_for_token`).
+
     Raises:
-        HTTPException: 401 when the header is missing, malformed or the token is unknown.
+        HTTPException: 401 when the header is missing, malformed or the token is unknown,
+            expired or logged out.
     """
     if credentials is None:
         raise HTTPException(
@@ -165,9 +359,7 @@ def get_current_user(
             detail="missing API token: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    user = session.exec(
-        select(User).where(User.token_hash == hash_token(credentials.credentials))
-    ).first()
+    user = user_for_token(session, credentials.credentials)
     if user is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -180,12 +372,24 @@ def get_current_user(
 CurrentUser = Annotated[User, Depends(get_current_user)]
 
 
-def _require(user: User, roles: frozenset[str]) -> None:
+def require_role(user: User, roles: frozenset[str]) -> None:
+    """Refuse the request (403, naming the roles that may) unless the user has one of them.
+
+    Args:
+        user: The authenticated user.
+        roles: The roles allowed.
+
+    Raises:
+        HTTPException: 403.
+    """
     if user.role not in roles:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             detail=f"role {user.role!r} may not do this; needs one of {', '.join(sorted(roles))}",
         )
+
+
+_require = require_role
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -245,6 +449,112 @@ def health(request: Request) -> JSONResponse:
 def me(user: CurrentUser) -> UserPublic:
     """The user the token belongs to."""
     return UserPublic.of(user)
+
+
+class LoginRequest(BaseModel):
+    """Body of ``POST /login``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
+
+
+class LoginPublic(BaseModel):
+    """A login session: send ``token`` as ``Authorization: Bearer <token>`` until it expires."""
+
+    token: str
+    expires_at: datetime
+    user: UserPublic
+
+
+@router.post("/login", tags=["users"], responses={401: {"description": "Wrong name or "
+                                                                      "password"}})
+def login(body: LoginRequest, session: SessionDep) -> LoginPublic:
+    """Exchange a name and password for a session token (valid 12 h). No token needed."""
+    try:
+        user, token, expires = open_session(session, name=body.name, password=body.password)
+    except PermissionError as err:
+        session.commit()  # keep the audit entry of the failed attempt
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(err)) from None
+    session.commit()
+    return LoginPublic(token=token, expires_at=expires, user=UserPublic.of(user))
+
+
+@router.post("/logout", status_code=204, tags=["users"], responses=_401)
+def logout(session: SessionDep, _user: CurrentUser,
+           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+           ) -> None:
+    """End the login session whose token is sent (API tokens stay valid)."""
+    assert credentials is not None  # CurrentUser has checked it
+    end_session(session, credentials.credentials)
+    session.commit()
+
+
+class UserCreate(BaseModel):
+    """Body of ``POST /users``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    role: str = Field(description="admin, ml_engineer, reviewer or clinician")
+    password: str | None = Field(default=None, min_length=MIN_PASSWORD_LENGTH,
+                                 max_length=MAX_PASSWORD_LENGTH,
+                                 description="For the release portal and POST /login; "
+                                             "omit for a token-only account.")
+
+
+class UserCreated(BaseModel):
+    """A new user and its API token, shown this once."""
+
+    user: UserPublic
+    token: str
+
+
+@router.post("/users", status_code=201, tags=["users"], responses={**_401, **_403})
+def create_user_route(body: UserCreate, session: SessionDep, user: CurrentUser) -> UserCreated:
+    """Create a user (admin only); the answer holds its API token, shown only this once."""
+    _require(user, USER_ADMIN_ROLES)
+    if body.role not in ROLES:
+        _field_error("role", f"unknown role; roles: {', '.join(sorted(ROLES))}", body.role)
+    if session.exec(select(User).where(User.name == body.name)).first() is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"user {body.name!r} already exists")
+    try:
+        new, token = create_user(session, name=body.name, role=body.role, actor=user.name,
+                                 password=body.password)
+    except ValueError as err:
+        _field_error("name", str(err), body.name)
+    session.commit()
+    return UserCreated(user=UserPublic.of(new), token=token)
+
+
+@router.get("/users", tags=["users"], responses={**_401, **_403})
+def list_users(session: SessionDep, user: CurrentUser) -> list[UserPublic]:
+    """All users, by name (admin only)."""
+    _require(user, USER_ADMIN_ROLES)
+    return [UserPublic.of(u) for u in session.exec(select(User).order_by(col(User.name))).all()]
+
+
+class PasswordChange(BaseModel):
+    """Body of ``PUT /users/{name}/password``."""
+
+    model_config = ConfigDict(extra="forbid")
+    password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
+
+
+@router.put("/users/{name}/password", status_code=204, tags=["users"],
+            responses={**_401, **_403, **_404})
+def change_password(name: str, body: PasswordChange, session: SessionDep,
+                    user: CurrentUser) -> None:
+    """Set a user's password: an admin for anyone, every user for themself.
+
+    The user's open login sessions end.
+    """
+    if user.name != name:
+        _require(user, USER_ADMIN_ROLES)
+    target = session.exec(select(User).where(User.name == name)).first()
+    if target is None:
+        _not_found(f"user {name!r}")
+    set_password(session, target, body.password, actor=user.name)
+    session.commit()
 
 
 # projects
@@ -649,6 +959,7 @@ def create_app(
     engine: Engine,
     launcher: RunLauncher | None = None,
     registrar: NodeRegistrar | None = None,
+    site_parity: SiteParity | None = None,
 ) -> FastAPI:
     """Build the coordinator's FastAPI application.
 
@@ -660,20 +971,30 @@ def create_app(
         launcher: Starts runs on Flower; without it ``POST /runs`` answers 503.
         registrar: Registers node keys with Flower; without it ``POST
             /sites/{name}/node-key`` answers 503.
+        site_parity: Measures a release candidate's export parity at the sites; without
+            it every candidate fails its parity gate ("no site parity evaluator
+            configured").
 
     Returns:
-        The application; OpenAPI docs at ``/docs``.
+        The application; OpenAPI docs at ``/docs``, the release portal at ``/portal``.
     """
+    from coordinator.portal import router as portal_router
+    from coordinator.release_api import router as release_router
+
     app = FastAPI(
         title="Fedward coordinator",
         version="0.1.0",
-        description="Projects, sites, federated runs, their rounds and metrics, the audit log.",
+        description="Projects, sites, federated runs, their rounds and metrics, the audit log, "
+                    "release candidates and signed releases.",
         docs_url="/docs",
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.launcher = launcher
     app.state.registrar = registrar
+    app.state.site_parity = site_parity
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(router)
+    app.include_router(release_router)
+    app.include_router(portal_router)
     return app

@@ -16,6 +16,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "CANDIDATE_STATUSES",
     "CHECKPOINT_FORMATS",
     "NAMING_CONVENTION",
     "ROLES",
@@ -26,7 +27,11 @@ __all__ = [
     "AuditEvent",
     "Checkpoint",
     "EnrollmentToken",
+    "LoginSession",
     "Project",
+    "ProjectGates",
+    "Release",
+    "ReleaseCandidate",
     "Round",
     "Run",
     "Site",
@@ -34,6 +39,7 @@ __all__ = [
     "SiteMetric",
     "UTCDateTime",
     "User",
+    "UserCredential",
     "utcnow",
 ]
 
@@ -43,6 +49,9 @@ RUN_STATUSES: Final = frozenset({"pending", "running", "completed", "failed", "s
 RUN_FINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped"})
 ROUND_STATUSES: Final = frozenset({"running", "completed", "failed"})
 CHECKPOINT_FORMATS: Final = frozenset({"safetensors"})
+# evaluating -> gates_failed | awaiting_review -> approved | rejected
+CANDIDATE_STATUSES: Final = frozenset(
+    {"evaluating", "gates_failed", "awaiting_review", "approved", "rejected"})
 
 
 # Every constraint gets a predictable name on every backend, so later migrations can drop or
@@ -269,4 +278,90 @@ class SiteCertificate(SQLModel, table=True):
     issued_at: datetime = _created()
     not_after: datetime = Field(sa_type=UTCDateTime, nullable=False)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoke_reason: str | None = Field(default=None, sa_type=Text)
+
+
+# --- releases (revision 0003) ---------------------------------------------------------------
+
+
+class UserCredential(SQLModel, table=True):
+    """A user's password, as an argon2id hash (the password itself is never stored).
+
+    A user without a row here has no password: it can use its API token only.
+    """
+
+    __tablename__ = "user_credentials"
+
+    id: int | None = _pk()
+    user_id: int = Field(foreign_key="users.id", unique=True, nullable=False)
+    password_hash: str = Field(sa_type=Text, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class LoginSession(SQLModel, table=True):
+    """A session opened by a password login; only the SHA-256 of its token is stored."""
+
+    __tablename__ = "login_sessions"
+
+    id: int | None = _pk()
+    user_id: int = Field(foreign_key="users.id", nullable=False, index=True)
+    token_hash: str = Field(max_length=64, unique=True, nullable=False)
+    created_at: datetime = _created()
+    expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    ended_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ProjectGates(SQLModel, table=True):
+    """A project's release gate thresholds (``thresholds_json``: name -> minimum)."""
+
+    __tablename__ = "project_gates"
+
+    id: int | None = _pk()
+    project_id: int = Field(foreign_key="projects.id", unique=True, nullable=False)
+    thresholds_json: str = Field(sa_type=Text, nullable=False)
+    updated_by: str = Field(max_length=64, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class ReleaseCandidate(SQLModel, table=True):
+    """A model version (run checkpoint) proposed for release, with its recorded gates.
+
+    ``lineage_json`` and ``gates_json`` are frozen when the gates run, so what a reviewer
+    approves is exactly what goes into the model card. ``staging_path`` (relative to the
+    coordinator's home) holds the exported artefacts until a release copies them.
+    """
+
+    __tablename__ = "release_candidates"
+
+    id: int | None = _pk()
+    run_id: int = Field(foreign_key="runs.id", nullable=False, index=True)
+    round_number: int = Field(nullable=False)
+    checkpoint_sha256: str = Field(max_length=64, nullable=False)
+    intended_use: str = Field(sa_type=Text, nullable=False)
+    status: str = Field(default="evaluating", max_length=16, nullable=False)
+    proposed_by: str = Field(max_length=64, nullable=False)
+    created_at: datetime = _created()
+    staging_path: str | None = Field(default=None, sa_type=Text)
+    lineage_json: str = Field(default="{}", sa_type=Text, nullable=False)
+    gates_json: str = Field(default="[]", sa_type=Text, nullable=False)
+    decided_by: str | None = Field(default=None, max_length=64)
+    decided_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    decision_reason: str | None = Field(default=None, sa_type=Text)
+
+
+class Release(SQLModel, table=True):
+    """An approved candidate's signed bundle under ``home/releases/<release_id>/``."""
+
+    __tablename__ = "releases"
+
+    id: int | None = _pk()
+    release_id: str = Field(max_length=128, unique=True, nullable=False)
+    candidate_id: int = Field(foreign_key="release_candidates.id", unique=True,
+                              nullable=False)
+    bundle_path: str = Field(sa_type=Text, nullable=False)
+    key_fingerprint: str = Field(max_length=64, nullable=False)
+    created_by: str = Field(max_length=64, nullable=False)
+    created_at: datetime = _created()
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_by: str | None = Field(default=None, max_length=64)
     revoke_reason: str | None = Field(default=None, sa_type=Text)

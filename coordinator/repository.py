@@ -40,6 +40,7 @@ __all__ = [
     "finish_run",
     "last_checkpoint",
     "mark_run_started",
+    "note_run_resumed",
     "record_checkpoint",
     "record_data_fingerprint",
     "record_run_outcome",
@@ -501,3 +502,10 @@ def data_fingerprints(engine: Engine, run_id: int) -> dict[str, list[dict[str, A
             site = event.subject.split("/site:", 1)[1]
             out.setdefault(site, []).append(json.loads(event.detail_json))
     return out
+
+
+def note_run_resumed(engine: Engine, run_id: int, *, why: str, flwr_run_id: str) -> None:
+    """Audit that a run was relaunched as a new Flower run after an interruption."""
+    with session_scope(engine) as session:
+        append_event(session, actor="coordinator", action="run.relaunched",
+                     subject=f"run:{run_id}", detail={"why": why, "flwr_run_id": flwr_run_id})

@@ -1,0 +1,199 @@
+"""The release portal in a real browser: Debian's headless Chromium driven by Playwright.
+
+The real coordinator app is served by uvicorn on a free 127.0.0.1 port over a seeded
+database (users with passwords, an approved release, a revoked release, a candidate still
+awaiting review). A clinician logs in, sees only the approved release, opens it, downloads
+the bundle, and the downloaded archive verifies against the public key the portal serves.
+A screenshot of the release page is kept in the test's folder.
+
+Needs ``/usr/bin/chromium`` (``apt-get install chromium``) and the ``playwright`` package;
+never ``playwright install`` (it downloads a browser).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from sqlalchemy import Engine
+
+from coordinator.api import API_PREFIX, create_app
+from coordinator.db import make_engine, run_migrations
+from coordinator.settings import Settings
+from export.bundle import public_key_fingerprint, verify_bundle
+
+from test_coordinator_api import TestClient
+from test_releases import (
+    INTENDED_USE,
+    KNOWN_WARNINGS,
+    PASSWORD,
+    FixedParity,
+    good_figures,
+    make_user,
+    seed_run,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    *KNOWN_WARNINGS,
+    pytest.mark.integration,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at "
+                       "/usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.timeout(120),
+]
+
+
+@dataclass
+class Portal:
+    """A served, seeded coordinator."""
+
+    base: str
+    home: Path
+    approved: str      # release id, approved and current
+    revoked: str       # release id, revoked
+    waiting: int       # candidate id, awaiting review
+
+
+def _seed(engine: Engine, home: Path) -> tuple[str, str, int]:
+    make_user(engine, "clinician", "dr-lee")
+    eng = make_user(engine, "ml_engineer", "eng", password=None)
+    rev = make_user(engine, "reviewer", "rev", password=None)
+    admin = make_user(engine, "admin", "admin", password=None)
+    app = create_app(settings=Settings(home=home), engine=engine,
+                     site_parity=FixedParity(good_figures()))
+    with TestClient(app) as client:
+        run_id = seed_run(engine, home)
+
+        def propose() -> int:
+            r = client.post(f"{API_PREFIX}/candidates", headers=eng,
+                            json={"run_id": run_id, "intended_use": INTENDED_USE})
+            assert r.status_code == 201 and r.json()["status"] == "awaiting_review", r.text
+            return int(r.json()["id"])
+
+        def approve(cand: int) -> str:
+            r = client.post(f"{API_PREFIX}/candidates/{cand}/approve", headers=rev,
+                            json={"reason": "clinical safety review CS-12 done"})
+            assert r.status_code == 201, r.text
+            return str(r.json()["release_id"])
+
+        revoked = approve(propose())
+        r = client.post(f"{API_PREFIX}/releases/{revoked}/revoke", headers=admin,
+                        json={"reason": "superseded: wrong intended use"})
+        assert r.status_code == 200, r.text
+        approved = approve(propose())
+        waiting = propose()
+    return approved, revoked, waiting
+
+
+@pytest.fixture
+def portal(tmp_path: Path) -> Iterator[Portal]:
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home / 'coordinator.db'}"
+    run_migrations(url)
+    engine = make_engine(url)
+    approved, revoked, waiting = _seed(engine, home)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings=Settings(home=home),
+                                                      engine=engine),
+                                           ws="none", log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="portal-uvicorn")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        yield Portal(base=f"http://127.0.0.1:{port}", home=home, approved=approved,
+                     revoked=revoked, waiting=waiting)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+        engine.dispose()
+
+
+def test_a_clinician_logs_in_sees_the_approved_release_and_downloads_it(
+        portal: Portal, tmp_path: Path) -> None:
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(accept_downloads=True).new_page()
+            page.set_default_timeout(15_000)
+
+            # Not logged in: the portal sends the browser to the login page.
+            page.goto(f"{portal.base}/portal/releases")
+            assert "/portal/login" in page.url
+            page.fill("#name", "dr-lee")
+            page.fill("#password", "not the password")
+            page.click("button[type=submit]")
+            assert page.locator("[role=alert]").inner_text() == "wrong user name or password"
+            page.fill("#name", "dr-lee")
+            page.fill("#password", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/portal/releases")
+
+            # Only the approved, unrevoked release; nothing of the workflow.
+            listed = page.locator("table[aria-label='Approved releases'] tbody tr")
+            assert listed.count() == 1
+            text = page.content()
+            assert portal.approved in text
+            assert portal.revoked not in text
+            assert f"-c{portal.waiting}" not in text
+            assert "Candidates" not in page.locator("header").inner_text()
+            page.screenshot(path=str(tmp_path / "releases.png"), full_page=True)
+
+            page.click(f"text={portal.approved}")
+            page.wait_for_url(f"**/portal/releases/{portal.approved}")
+            assert INTENDED_USE in page.locator(".intended").inner_text()
+            fingerprint = page.locator("#fingerprint").inner_text().strip()
+            pub = tmp_path / "release.pub.pem"
+            pub.write_bytes((portal.home / "release-key" / "release.pub.pem").read_bytes())
+            assert fingerprint == public_key_fingerprint(pub.read_bytes())
+            curve = page.locator("img.curve")
+            assert curve.evaluate("img => img.complete && img.naturalWidth > 0")
+            page.screenshot(path=str(tmp_path / "release.png"), full_page=True)
+
+            with page.expect_download() as info:
+                page.click("#download")
+            archive = tmp_path / "download.tar.gz"
+            info.value.save_as(archive)
+            assert info.value.suggested_filename == f"{portal.approved}.tar.gz"
+
+            # The revoked release and a staff page are refused to the clinician.
+            page.goto(f"{portal.base}/portal/releases/{portal.revoked}")
+            assert "was revoked" in page.locator("[role=alert]").inner_text()
+            page.goto(f"{portal.base}/portal/candidates")
+            assert "Only staff see release candidates" in page.content()
+
+            page.goto(f"{portal.base}/portal/releases/{portal.approved}/lineage")
+            assert "Sites in each round" in page.content()
+            page.screenshot(path=str(tmp_path / "lineage.png"), full_page=True)
+            page.click("button:has-text('Log out')")
+            page.wait_for_url("**/portal/login")
+        finally:
+            browser.close()
+
+    out = tmp_path / "unpacked"
+    with tarfile.open(fileobj=io.BytesIO(archive.read_bytes()), mode="r:gz") as tar:
+        tar.extractall(out, filter="data")
+    verified = verify_bundle(bundle_dir=out / portal.approved, public_key=pub,
+                             release_id=portal.approved)
+    assert verified.model_card["intended_use"] == INTENDED_USE
+    assert (tmp_path / "release.png").stat().st_size > 10_000
