@@ -94,12 +94,15 @@ class FlowerSiteParity:
 
     control: FlowerControl
     home: Path
+    engine: Engine
     timeout_s: float = 300.0
 
     def evaluate(self, *, run_id: int, candidate_id: int, artefacts: dict[str, Path]
                  ) -> dict[str, dict[str, dict[str, float]]]:
-        from coordinator.db import make_engine
-        from coordinator.repository import last_checkpoint
+        from sqlmodel import select
+
+        from coordinator.db import session_scope
+        from coordinator.models import Checkpoint, ReleaseCandidate
         from coordinator.server_app import parity_dir
 
         req_dir = parity_dir(self.home, candidate_id)
@@ -111,15 +114,20 @@ class FlowerSiteParity:
             for f in ([path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]):
                 shutil.copyfile(f, req_dir / f.name)
                 files[f.name] = True
-        engine = make_engine(os.environ.get("FEDWARD_DATABASE_URL") or
-                             f"sqlite:///{self.home / 'coordinator.db'}")
-        try:
-            last = last_checkpoint(engine, run_id)
-        finally:
-            engine.dispose()
-        if last is None:
-            raise SiteParityError(f"run {run_id} has no checkpoint")
-        _round, rel, sha = last
+        with session_scope(self.engine) as session:
+            # The artefacts were exported from the candidate's own checkpoint (any round):
+            # the sites compare them with exactly that model.
+            cand = session.get(ReleaseCandidate, candidate_id)
+            ckpt = None if cand is None else session.exec(select(Checkpoint).where(
+                Checkpoint.run_id == run_id,
+                Checkpoint.round_number == cand.round_number)).first()
+            if cand is None or ckpt is None:
+                raise SiteParityError(f"candidate {candidate_id} or its checkpoint of run "
+                                      f"{run_id} is missing")
+            if ckpt.sha256 != cand.checkpoint_sha256:
+                raise SiteParityError(f"the checkpoint of candidate {candidate_id} changed "
+                                      "since it was proposed")
+            rel, sha = ckpt.path, ckpt.sha256
         (req_dir / "request.json").write_text(json.dumps({
             "checkpoint": str(self.home / rel), "sha256": sha, "files": sorted(files)}))
         self.control.start_run(fedward_run_id=run_id, parity_candidate=candidate_id)
@@ -176,7 +184,9 @@ class Coordinator:
             engine=self.engine, registrar=registrar.register)
         self.gateway.start()
         self.app = create_app(settings=self.settings, engine=self.engine,
-                              launcher=FlowerLauncher(control), registrar=registrar)
+                              launcher=FlowerLauncher(control), registrar=registrar,
+                              site_parity=FlowerSiteParity(control, self.settings.home,
+                                                          self.engine))
         self.app.state.gateway = self.gateway
         (self.settings.home / "superlink.address").write_text(self.superlink.address + "\n")
         (self.settings.home / "fleet.address").write_text(self.gateway.address + "\n")

@@ -33,7 +33,10 @@ from coordinator.repository import (
 from coordinator.settings import Settings, load_settings
 
 TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "checkpoints",
-          "audit_events", "alembic_version"}
+          "audit_events", "enrollment_tokens", "site_certificates", "user_credentials",
+          "login_sessions", "project_gates", "release_candidates", "releases",
+          "alembic_version"}
+HEAD_REVISION = "0003"
 
 
 @pytest.fixture
@@ -125,7 +128,7 @@ def test_migrations_create_schema_matching_models_from_any_cwd(
         assert set(inspect(eng).get_table_names()) == TABLES
         with eng.connect() as connection:
             assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").all() \
-                == [("0001",)]
+                == [(HEAD_REVISION,)]
             diff = compare_metadata(
                 MigrationContext.configure(connection, opts={"compare_type": True}),
                 SQLModel.metadata,
