@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,97 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
     raise RuntimeError(f"{url} did not answer in {timeout:.0f} s; see {log}")
 
 
+def _release_and_clinician(*, api: str, home: Path, run_id: int, work: Path, procs: Procs,
+                           test_csv: Path, label: str) -> dict[str, Any]:
+    """Propose the final model, let the gates run, approve as a second person, then play
+    the clinician: download, verify, serve, predict. Returns the summary's ``release``."""
+    admin = httpx.Client(base_url=api, timeout=60, headers={
+        "Authorization": f"Bearer {(home / 'admin.token').read_text().strip()}"})
+
+    def user(name: str, role: str) -> httpx.Client:
+        r = admin.post("/users", json={"name": name, "role": role,
+                                       "password": f"demo-{name}-password"})
+        r.raise_for_status()
+        return httpx.Client(base_url=api, timeout=60,
+                            headers={"Authorization": f"Bearer {r.json()['token']}"})
+
+    ml, reviewer, clinician = (user("alice", "ml_engineer"), user("bob", "reviewer"),
+                               user("carol", "clinician"))
+    r = ml.post("/candidates", params={"wait": "false"}, json={
+        "run_id": run_id,
+        "intended_use": "Demonstration only: breast-mass malignancy from FNA features; "
+                        "not for patient care."})
+    r.raise_for_status()
+    cand_id = int(r.json()["id"])
+    console.print(f"  alice (ML team) proposed candidate {cand_id}; gates running "
+                  "(exports, parity measured at each site, privacy statement)...")
+    deadline = time.monotonic() + 600
+    cand = r.json()
+    while cand["status"] == "evaluating" and time.monotonic() < deadline:
+        time.sleep(1.0)
+        cand = ml.get(f"/candidates/{cand_id}").json()
+    for gate in cand["gates"]:
+        console.print(f"  gate {gate['name']}: {'pass' if gate['passed'] else 'FAIL'} - "
+                      f"{gate['reason'][:110]}")
+    parity: dict[str, Any] = next(
+        (g["figures"] for g in cand["gates"] if g["name"] == "export_parity"), {})
+    formats: dict[str, dict[str, float]] = {}
+    for by_fmt in (parity or {}).get("per_site", {}).values():
+        for fmt, fig in by_fmt.items():
+            worst = formats.setdefault(fmt, {"max_abs_diff": 0.0, "agreement": 1.0})
+            worst["max_abs_diff"] = max(worst["max_abs_diff"], float(fig["max_abs_diff"]))
+            worst["agreement"] = min(worst["agreement"], float(fig["agreement"]))
+    out: dict[str, Any] = {"candidate_id": cand_id, "candidate_status": cand["status"],
+                           "formats": formats, "verified": False}
+    if cand["status"] != "awaiting_review":
+        console.print(f"  [red]candidate {cand['status']}: not approved[/]")
+        return out
+    selfish = ml.post(f"/candidates/{cand_id}/approve", json={"reason": "my own"})
+    console.print(f"  alice approving her own candidate -> {selfish.status_code} (refused)")
+    r = reviewer.post(f"/candidates/{cand_id}/approve",
+                      json={"reason": "gates pass; intended use is demonstration only"})
+    r.raise_for_status()
+    release_id = r.json()["release_id"]
+    console.print(f"  bob (reviewer) approved: release [bold]{release_id}[/] signed")
+
+    console.rule("[bold]7. Clinician: download, verify, serve, predict")
+    listed = [x["release_id"] for x in clinician.get("/releases").json()]
+    if release_id not in listed:
+        raise RuntimeError("the approved release is not listed for clinicians")
+    cdir = work / "clinician"
+    cdir.mkdir(parents=True, exist_ok=True)
+    archive = cdir / "bundle.tar.gz"
+    archive.write_bytes(clinician.get(f"/releases/{release_id}/bundle").content)
+    (cdir / "release-key.pem").write_bytes(httpx.get(f"{api}/release-key.pem").content)
+    (cdir / "revocations.json").write_bytes(httpx.get(f"{api}/revocations").content)
+    with tarfile.open(archive) as tar:
+        tar.extractall(cdir / "bundle", filter="data")
+    bundle = next(p for p in (cdir / "bundle").iterdir() if p.is_dir())
+    verify = subprocess.run([str(BIN / "fedward-verify"), str(bundle), "--public-key",
+                             str(cdir / "release-key.pem"), "--revocations",
+                             str(cdir / "revocations.json")],
+                            capture_output=True, text=True, timeout=120, check=False)
+    console.print(f"  fedward-verify: {verify.stdout.strip() or verify.stderr.strip()}")
+    out.update(id=release_id, bundle_path=str(bundle),
+               public_key_path=str(cdir / "release-key.pem"), verified=verify.returncode == 0)
+    if verify.returncode != 0:
+        return out
+    port = free_port()
+    serve = procs.start("inference", [str(BIN / "fedward-serve"), "--bundle", str(bundle),
+                                      "--public-key", str(cdir / "release-key.pem"),
+                                      "--revocations", str(cdir / "revocations.json"),
+                                      "--port", str(port)], work / "inference.log")
+    _wait_http(f"http://127.0.0.1:{port}/health", 60, serve, work / "inference.log")
+    x, y = _read_csv(test_csv, label)
+    pred = httpx.post(f"http://127.0.0.1:{port}/predict",
+                      json={"instances": x[:5].tolist()}, timeout=30).json()
+    out["prediction"] = {"release_id": pred.get("release_id"),
+                         "predictions": pred.get("predictions"), "labels": y[:5].tolist()}
+    console.print(f"  inference service (release {pred.get('release_id')}): predicted "
+                  f"{pred.get('predictions')} for 5 test rows, true {y[:5].tolist()}")
+    return out
+
+
 def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs: int,
              n_sites: int, stock_results: Path | None) -> dict[str, Any]:
     from safetensors.numpy import load_file
@@ -172,6 +264,14 @@ def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs
         subprocess.run([coord_cli, "watch", str(run_id), "--timeout", "600"], env=env,
                        timeout=660, check=False)
         detail = json.loads(_run([coord_cli, "rounds", str(run_id), "--json"], env=env))
+        release: dict[str, Any] | None = None
+        if detail["run"]["status"] == "completed":
+            console.rule("[bold]6. Release: propose, gates, approval by a second person, "
+                         "signing")
+            release = _release_and_clinician(
+                api=f"http://127.0.0.1:{api_port}/api/v1", home=home, run_id=run_id,
+                work=work, procs=procs, test_csv=Path(fed["test_csv"]),
+                label=spec.label_column)
     finally:
         procs.stop_all()
 
@@ -239,6 +339,7 @@ def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs
         "speedup_vs_stock": (stock["median_round_seconds"] / median
                              if stock and median and stock.get("median_round_seconds") else None),
         "test_rows": len(test_y),
+        "release": release,
         "demo_seconds": time.monotonic() - t_start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
