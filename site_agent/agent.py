@@ -1,9 +1,10 @@
 """The long-lived site agent: warm trainer plus a supervised Flower SuperNode.
 
-It loads and checks the site's data once (refusing to start on bad data), serves the warm
+It loads and checks the site's data once (refusing to train on bad data), serves the warm
 trainer on a Unix socket inside the data directory, and keeps one ``flower-supernode``
 connected outbound to the coordinator, restarting it with the back-off Flower needs. It
-never listens on a non-loopback address.
+never listens on a non-loopback address. Every task passes the site gate (the policy file
+and local approvals, re-read for every task) and is written to the local audit log.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import IO
 from export.runtime import die_with_parent, flower_env, free_port, stop_process_tree
 from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
+from site_agent.audit import AuditLog, AuditLogError
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.data import DataCheckError, SiteData, load_schema, load_site_data
+from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
 
@@ -103,6 +106,35 @@ def _warm_up(task: str) -> None:
              max_grad_norm=1.0, batch_size=8, epochs=1, lr=0.1, seed=0)
 
 
+def _audit_or_log(audit: AuditLog, action: str, detail: dict[str, object]) -> None:
+    """Record an agent event; a log that cannot be written is reported, not fatal here.
+
+    The trainer refuses every task while the log cannot be written, so the agent keeps
+    running (and the coordinator keeps hearing why) instead of exiting.
+    """
+    try:
+        audit.append(action, detail)
+    except AuditLogError as err:
+        log.error("%s", err)
+
+
+def _report_policy(gate: SiteGate, paths: SitePaths) -> str:
+    """Log the state of the site policy at start; returns ``ok``, ``missing`` or ``invalid``."""
+    try:
+        policy = gate.current_policy()
+    except PolicyMissingError as err:
+        log.error("%s", err)
+        return "missing"
+    except PolicyError as err:
+        log.error("%s\nrun `fedward-site policy check --dir %s`", err, paths.root)
+        return "invalid"
+    log.info("site policy %s: projects %s, approval %s, max rounds per day %s", paths.policy,
+             ", ".join(sorted(policy.projects)) or "none",
+             "required" if policy.require_approval else "not required",
+             policy.max_rounds_per_day or "unlimited")
+    return "ok"
+
+
 @dataclass
 class SiteAgent:
     """One site's agent process."""
@@ -135,6 +167,15 @@ class SiteAgent:
             log.error("no node key at %s; run `fedward-site keygen --dir %s`", paths.node_key,
                       self.root)
             return 4
+        audit = AuditLog(paths.audit_log)
+        gate = SiteGate(site_name=config.name, policy_path=paths.policy,
+                        approvals=ApprovalBook(paths.approvals), audit=audit)
+        policy_state = _report_policy(gate, paths)
+        _audit_or_log(audit, "agent-started", {
+            "site": config.name, "task": schema.task, "policy": policy_state,
+            "data_check": "passed" if data_failure is None else "failed",
+            "epsilon_cap": self.epsilon_cap,
+        })
         import torch
 
         torch.set_num_threads(config.torch_threads)
@@ -142,8 +183,8 @@ class SiteAgent:
             _warm_up(schema.task)
         trainer = WarmTrainer(
             site_name=config.name, task=schema.task, data=data,
-            ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies,
-            epsilon_cap=self.epsilon_cap, data_failure=data_failure,
+            ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies, audit=audit,
+            epsilon_cap=self.epsilon_cap, data_failure=data_failure, gate=gate,
         )
         server = TrainerServer(path=paths.socket, trainer=trainer)
         server.start()
@@ -158,6 +199,7 @@ class SiteAgent:
             if self._proc is not None:
                 stop_process_tree(self._proc)
             server.stop()
+            _audit_or_log(audit, "agent-stopped", {"site": config.name})
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop.set()

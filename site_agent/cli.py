@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 
@@ -19,14 +22,20 @@ __all__ = ["app", "main"]
 app = typer.Typer(help="Fedward site agent: configure, check data, run.", no_args_is_help=True,
                   pretty_exceptions_enable=False,
                   add_completion=False)
+policy_app = typer.Typer(help="The site policy (policy.json): write a starter, check it.",
+                         no_args_is_help=True, add_completion=False)
+audit_app = typer.Typer(help="The site's local audit log: show entries, verify the chain.",
+                        no_args_is_help=True, add_completion=False)
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
 console = Console()
 err_console = Console(stderr=True)
 
 DirOpt = Annotated[Path, typer.Option("--dir", help="the site's data directory")]
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -41,13 +50,22 @@ def init(
     torch_threads: Annotated[int, typer.Option()] = 1,
     reconnect_backoff: Annotated[float, typer.Option(help="seconds before restarting a "
                                                      "dropped SuperNode")] = 65.0,
+    project: Annotated[str, typer.Option(
+        help="project the starter policy accepts (from the coordinator team)")] = "default",
 ) -> None:
-    """Write the site configuration (site.json) and copy the CA certificate in."""
+    """Write the site configuration (site.json), copy the CA certificate in, and write a
+    starter site policy (policy.json) unless one exists."""
+    from site_agent.data import SchemaError, load_schema
+
     problems = [f"{label} {p} does not exist" for label, p in
                 (("CA certificate", ca_cert), ("data file", data), ("schema file", schema))
                 if not p.exists()]
     if problems:
         _fail("; ".join(problems))
+    try:
+        task = load_schema(schema).task
+    except SchemaError as err:
+        _fail(str(err))
     root = dir.expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
@@ -62,6 +80,28 @@ def init(
         _fail(str(err))
     path = cfg.save(root)
     console.print(f"site configuration written to {path}")
+    _write_starter_policy(root, project=project, task=task, epsilon_cap=10.0,
+                          require_approval=False, force=False)
+
+
+def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: float,
+                          require_approval: bool, force: bool) -> None:
+    from site_agent.policy import PolicyError, SitePolicy
+
+    path = SitePaths(root).policy
+    if path.exists() and not force:
+        console.print(f"site policy {path} exists and was kept (see `fedward-site policy "
+                      "check`)")
+        return
+    try:
+        policy = SitePolicy.starter(project=project, task=task, epsilon_cap=epsilon_cap,
+                                    require_approval=require_approval)
+    except PolicyError as err:
+        _fail(str(err))
+    policy.save(path)
+    console.print(f"site policy written to {path}: accepts project {project!r} for task "
+                  f"{task}, epsilon cap {epsilon_cap:g}, approval "
+                  f"{'required' if require_approval else 'not required'}; edit it to change")
 
 
 @app.command()
@@ -109,7 +149,8 @@ def check(dir: DirOpt,
 @app.command()
 def start(dir: DirOpt,
           epsilon_cap: Annotated[float | None, typer.Option(
-              help="the site's own epsilon cap per run")] = None) -> None:
+              help="an extra epsilon cap of your own: the smaller of it and the policy's "
+                   "project cap bounds each run and each project")] = None) -> None:
     """Run the site agent (warm trainer + SuperNode) until SIGTERM or Ctrl-C."""
     from site_agent.agent import SiteAgent
     from site_agent.data import SchemaError
@@ -122,6 +163,239 @@ def start(dir: DirOpt,
     except (ConfigError, SchemaError) as err:
         _fail(str(err))
     raise typer.Exit(code)
+
+
+# -- policy --------------------------------------------------------------------------------
+
+
+@policy_app.command("init")
+def policy_init(
+    dir: DirOpt,
+    project: Annotated[str, typer.Option(help="project to accept (from the coordinator team)")
+                       ] = "default",
+    task: Annotated[str | None, typer.Option(
+        help="task to accept (default: the task of the site's schema)")] = None,
+    epsilon_cap: Annotated[float, typer.Option(
+        help="epsilon cap for all of the project's runs at this site, composed")] = 10.0,
+    require_approval: Annotated[bool, typer.Option(
+        "--require-approval", help="each new run waits for `fedward-site approve`")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing policy")] = False,
+) -> None:
+    """Write a starter site policy (policy.json) for one project."""
+    root = dir.expanduser().resolve()
+    if task is None:
+        from site_agent.data import SchemaError, load_schema
+
+        try:
+            cfg = SiteConfig.load(root)
+            task = load_schema(cfg.resolve(root, cfg.schema_path)).task
+        except (ConfigError, SchemaError) as err:
+            _fail(f"{err}\n(or name the task with --task)")
+    path = SitePaths(root).policy
+    if path.exists() and not force:
+        _fail(f"{path} exists; edit it, or replace it with --force")
+    _write_starter_policy(root, project=project, task=task, epsilon_cap=epsilon_cap,
+                          require_approval=require_approval, force=True)
+
+
+@policy_app.command("check")
+def policy_check(dir: DirOpt,
+                 as_json: Annotated[bool, typer.Option("--json", help="machine-readable")
+                                    ] = False) -> None:
+    """Validate policy.json and show what it lets through; every problem at once."""
+    from site_agent.policy import PolicyError, SitePolicy
+
+    path = SitePaths(dir.expanduser().resolve()).policy
+    try:
+        policy = SitePolicy.load(path)
+    except PolicyError as err:
+        if as_json:
+            print(json.dumps({"ok": False, "problems": err.problems}))
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps({"ok": True, "policy": policy.to_dict()}))
+        return
+    console.print(f"[green]site policy OK[/]: {path}")
+    for name, spec in sorted(policy.projects.items()):
+        console.print(f"  project {name}: tasks {', '.join(spec.tasks)}; epsilon cap "
+                      f"{spec.epsilon_cap:g}", highlight=False)
+    console.print(f"  approval of each new run: "
+                  f"{'required' if policy.require_approval else 'not required'}")
+    console.print(f"  rounds per 24 h: {policy.max_rounds_per_day or 'unlimited'}")
+
+
+# -- runs and approvals ----------------------------------------------------------------------
+
+
+def _user(by: str | None) -> str:
+    if by:
+        return by
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+@app.command()
+def runs(dir: DirOpt,
+         as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
+         ) -> None:
+    """List the runs this site has seen, their state and the epsilon they spent here."""
+    from privacy import LedgerCorruptError, PrivacyLedger
+    from site_agent.policy import ApprovalBook, ApprovalsError, run_statuses
+
+    paths = SitePaths(dir.expanduser().resolve())
+    try:
+        statuses = run_statuses(ApprovalBook(paths.approvals), PrivacyLedger(paths.ledger))
+    except (ApprovalsError, LedgerCorruptError) as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps([s.to_dict() for s in statuses]))
+        return
+    if not statuses:
+        console.print("no run seen yet (a run is listed when its first task arrives)")
+        return
+    table = Table("run", "project", "task", "first seen (UTC)", "status", "rounds",
+                  "epsilon", "decided by", "note")
+    for st in statuses:
+        rec = st.record
+        note = rec.reason if st.status == "denied" else (rec.last_refusal or "")
+        table.add_row(rec.run, rec.project, rec.task, rec.first_seen[:19].replace("T", " "),
+                      st.status, f"{st.rounds_trained}/{rec.total_rounds}",
+                      f"{st.epsilon_spent:.3f}", rec.by or "", note or "")
+    console.print(table)
+
+
+def _decide(root: Path, run: str, decision: str, *, by: str, reason: str | None) -> None:
+    from site_agent.audit import AuditLog, AuditLogError
+    from site_agent.policy import ApprovalBook, ApprovalsError
+
+    paths = SitePaths(root)
+    audit = AuditLog(paths.audit_log)
+    try:
+        record, before = ApprovalBook(paths.approvals).decide(
+            run, "approved" if decision == "approve" else "denied", by=by, reason=reason)
+    except ApprovalsError as err:
+        _fail(str(err))
+    detail: dict[str, Any] = {"run": run, "project": record.project, "task": record.task,
+                              "by": by, "previous": before}
+    if reason is not None:
+        detail["reason"] = reason
+    try:
+        audit.append("run-approved" if decision == "approve" else "run-denied", detail)
+    except AuditLogError as err:
+        err_console.print(f"[bold yellow]warning:[/] the decision is recorded but the audit "
+                          f"log could not be written: {err}")
+    if decision == "approve":
+        console.print(f"run {run} ({record.project}, {record.task}) approved by {by}: its next "
+                      "task trains here")
+    else:
+        console.print(f"run {run} ({record.project}, {record.task}) denied by {by}: every "
+                      "further task of it is refused")
+
+
+@app.command()
+def approve(run: Annotated[str, typer.Argument(help="the run id (see `fedward-site runs`)")],
+            dir: DirOpt,
+            by: Annotated[str | None, typer.Option(
+                help="who approves (default: the login name)")] = None) -> None:
+    """Approve a run that waits at this site (policy require_approval)."""
+    _decide(dir.expanduser().resolve(), run, "approve", by=_user(by), reason=None)
+
+
+@app.command()
+def deny(run: Annotated[str, typer.Argument(help="the run id (see `fedward-site runs`)")],
+         dir: DirOpt,
+         reason: Annotated[str, typer.Option(help="why (kept in the local audit log)")],
+         by: Annotated[str | None, typer.Option(
+             help="who denies (default: the login name)")] = None) -> None:
+    """Deny a run: every further task of it is refused at this site."""
+    if not reason.strip():
+        _fail("give a reason with --reason")
+    _decide(dir.expanduser().resolve(), run, "deny", by=_user(by), reason=reason.strip())
+
+
+# -- audit log -------------------------------------------------------------------------------
+
+
+@audit_app.command("verify")
+def audit_verify(dir: DirOpt) -> None:
+    """Check the audit log's hash chain; name the first broken entry."""
+    from site_agent.audit import inspect_log
+
+    path = SitePaths(dir.expanduser().resolve()).audit_log
+    verdict = inspect_log(path)
+    if verdict.broken_seq is not None:
+        err_console.print(f"entry {verdict.broken_seq} is broken: {verdict.why}",
+                          highlight=False, markup=False)
+        err_console.print(f"({verdict.n_entries} entries before it verify; keep a copy of "
+                          f"{path} as evidence)", highlight=False, markup=False)
+        raise typer.Exit(1)
+    console.print(f"audit log intact: {verdict.n_entries} entries", highlight=False)
+    console.print(f"head hash {verdict.head_hash} (record it elsewhere to detect later "
+                  "rewrites or cut entries)", highlight=False)
+
+
+@audit_app.command("show")
+def audit_show(
+    dir: DirOpt,
+    run: Annotated[str | None, typer.Option(help="only entries about this run")] = None,
+    last: Annotated[int | None, typer.Option(help="only the last N entries", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+) -> None:
+    """Show audit log entries (sizes, names, ids and reasons; never data values)."""
+    from site_agent.audit import read_entries
+
+    path = SitePaths(dir.expanduser().resolve()).audit_log
+    entries, verdict = read_entries(path)
+    if run is not None:
+        entries = [e for e in entries if str(e.detail.get("run")) == run]
+    if last is not None:
+        entries = entries[-last:]
+    if as_json:
+        for e in entries:
+            print(json.dumps(e.to_dict(), sort_keys=True))
+    else:
+        table = Table("seq", "at (UTC)", "action", "detail")
+        for e in entries:
+            table.add_row(str(e.seq), e.at[:19].replace("T", " "), e.action,
+                          json.dumps(dict(e.detail), sort_keys=True))
+        console.print(table)
+    if verdict.broken_seq is not None:
+        err_console.print(f"warning: entry {verdict.broken_seq} is broken ({verdict.why}); "
+                          "entries from it on are not shown: run `fedward-site audit verify`",
+                          highlight=False, markup=False)
+        raise typer.Exit(1)
+
+
+# -- doctor ----------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(dir: DirOpt,
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+           timeout: Annotated[float, typer.Option(help="network timeout, seconds")] = 3.0,
+           ) -> None:
+    """Check the site (config, data, policy, keys, certificates, clock, network, disk,
+    packages) and say how to fix what is wrong. Exit 1 if any check fails."""
+    from site_agent.doctor import run_doctor, summary
+
+    checks = run_doctor(dir.expanduser().resolve(), timeout=timeout)
+    result = summary(checks)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        colour = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+        for c in checks:
+            console.print(f"[{colour[c.status]}]{c.status.upper():4}[/] {c.name}: ", end="")
+            console.print(c.message, markup=False, highlight=False)
+        fails = sum(c.status == "fail" for c in checks)
+        warns = sum(c.status == "warn" for c in checks)
+        console.print(f"{fails} failed, {warns} warning(s)")
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command("demo-data")

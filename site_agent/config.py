@@ -53,8 +53,28 @@ class SitePaths:
         return self.root / "privacy-ledger.json"
 
     @property
+    def site_cert(self) -> Path:
+        """The site's TLS client certificate, issued at enrollment."""
+        return self.keys / "site-tls.pem"
+
+    @property
+    def site_key(self) -> Path:
+        """The private key of the site's TLS client certificate (never leaves the site)."""
+        return self.keys / "site-tls.key"
+
+    @property
     def audit_log(self) -> Path:
         return self.root / "audit.log"
+
+    @property
+    def policy(self) -> Path:
+        """The site policy, owned by hospital IT (see :mod:`site_agent.policy`)."""
+        return self.root / "policy.json"
+
+    @property
+    def approvals(self) -> Path:
+        """Runs seen at this site and the local approve/deny decisions."""
+        return self.root / "approvals.json"
 
     @property
     def socket(self) -> Path:

@@ -2,10 +2,14 @@
 
 It lives inside the long-lived site agent, keeps torch imported and the site's data
 loaded, and serves one task at a time over a Unix socket to the thin ClientApp relay.
-Each training task: evaluate the received global model on the site's held-out split, check
-the privacy budget (write-ahead in the ledger), train with DP-SGD, pass the result through
-the egress guard, and answer. A repeated task for a round that already trained is answered
-from the stored reply, so a resumed run never spends the site's privacy twice.
+Each task first passes the site gate (the site policy and local approvals, see
+:mod:`site_agent.policy`) before any data is touched. Each training task then: check the
+privacy budget (write-ahead in the ledger, under the smaller of the project's policy cap and
+the agent's own cap), evaluate the received global model on the site's held-out split, train
+with DP-SGD, pass the result through the egress guard, and answer. Every step is written to
+the site's audit log; a task whose record cannot be written is refused. A repeated task for
+a round that already trained is answered from the stored reply, so a resumed run never
+spends the site's privacy twice.
 """
 
 from __future__ import annotations
@@ -37,9 +41,17 @@ from privacy import (
     sample_rate_for,
     train_dp,
 )
+from site_agent.audit import AuditLogError
 from site_agent.data import SiteData
 from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.ipc import IPCError, read_frame, write_frame
+from site_agent.policy import (
+    Admission,
+    ApprovalsError,
+    PolicyRefusal,
+    SiteGate,
+    check_rounds_per_day,
+)
 
 __all__ = ["TaskError", "TrainerServer", "WarmTrainer"]
 
@@ -80,10 +92,16 @@ class WarmTrainer:
         ledger: the site's privacy ledger.
         replies_dir: where the last reply of each run is kept for idempotent replays.
         audit: called with (action, detail) for every task seen; details carry no values.
-        epsilon_cap: the site's own cap per run (None: the run's budget only).
+            If it raises :class:`~site_agent.audit.AuditLogError` the task is refused.
+        epsilon_cap: the agent's own cap (``fedward-site start --epsilon-cap``); the smaller
+            of it and the project's policy cap bounds the run and the project (None: the
+            policy's cap, or the run's budget alone without a gate).
         grad_sample_mode: Opacus per-sample gradient mode.
         data_failure: when the data failed its checks, the summary that may leave the site
             (kinds and counts); every task is then refused with it, before any training.
+        gate: the site policy and local approvals, applied to every task before any data
+            is touched. The site agent always installs one; None (no policy at all) is only
+            for tests and tools that embed the trainer.
     """
 
     site_name: str
@@ -95,10 +113,24 @@ class WarmTrainer:
     epsilon_cap: float | None = None
     grad_sample_mode: str = "hooks"
     data_failure: dict[str, Any] | None = None
+    gate: SiteGate | None = None
 
     def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Answer one task frame; refusals and failures become error answers."""
+        try:
+            return self._handle(header, arrays)
+        except AuditLogError as err:
+            # Nothing leaves the site without a record: fail closed.
+            log.error("task refused: %s", err)
+            return {"error": {
+                "code": SiteErrorCode.REFUSED_POLICY,
+                "reason": ("refused-policy: the site cannot write its audit log; its IT runs "
+                           "`fedward-site audit verify` and `fedward-site doctor`"),
+            }}, {}
+
+    def _handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         kind = str(header.get("kind", ""))
         config = header.get("config") if isinstance(header.get("config"), dict) else {}
         assert isinstance(config, dict)
@@ -108,13 +140,16 @@ class WarmTrainer:
         except (TypeError, ValueError):
             round_number = 0  # for the audit only: _train refuses the task as malformed
         try:
+            if kind not in ("train", "evaluate"):
+                raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
+            # The site's policy comes first: a run it does not accept learns nothing else
+            # about the site, and no data is touched.
+            admission = self._admit(config)
             if self.data is None or self.data_failure is not None:
                 raise TaskError(SiteErrorCode.REFUSED_DATA, self._data_failure_reason())
             if kind == "train":
-                return self._train(config, arrays)
-            if kind == "evaluate":
-                return self._evaluate_only(config, arrays)
-            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
+                return self._train(config, arrays, admission)
+            return self._evaluate_only(config, arrays)
         except TaskError as err:
             self.audit("task-refused", {"run": run_id, "round": round_number,
                                         "code": err.code, "reason": err.reason})
@@ -130,6 +165,29 @@ class WarmTrainer:
             self.audit("task-failed", {"run": run_id, "round": round_number,
                                        "error": type(err).__name__})
             return {"error": {"code": SiteErrorCode.TASK_FAILED, "reason": reason}}, {}
+
+    def _admit(self, config: dict[str, Any]) -> Admission | None:
+        """Apply the site gate; None when the trainer runs without one."""
+        if self.gate is None:
+            return None
+        try:
+            run_id = str(config[CFG.RUN_ID])
+            project = str(config[CFG.PROJECT])
+            task = str(config[CFG.TASK])
+            total_rounds = int(config[CFG.TOTAL_ROUNDS])
+        except (KeyError, TypeError, ValueError) as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        try:
+            return self.gate.admit(run_id=run_id, project=project, task=task,
+                                   total_rounds=total_rounds)
+        except PolicyRefusal as err:
+            raise TaskError(SiteErrorCode.REFUSED_POLICY, err.reason) from None
+        except ApprovalsError as err:
+            log.error("task refused: %s", err)
+            raise TaskError(
+                SiteErrorCode.REFUSED_POLICY,
+                "refused-policy: the site cannot read its approvals file; its IT restores it "
+                "(the site agent's log says how)") from None
 
     def _data_failure_reason(self) -> str:
         # Kinds, counts and declared column names only (DataReport.summary_for_coordinator).
@@ -188,7 +246,8 @@ class WarmTrainer:
                                  "bytes_out": report.n_bytes, "metrics": report.metric_names})
         return {"metrics": metrics}, {}
 
-    def _train(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
+    def _train(self, config: dict[str, Any], arrays: dict[str, np.ndarray],
+               admission: Admission | None = None
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         try:
             run_id = str(config[CFG.RUN_ID])
@@ -220,11 +279,19 @@ class WarmTrainer:
                 f"refused-policy: round {round_number} of run {run_id} was already trained "
                 "and answered with another global model; a site trains each round once",
             )
+        cap = self.epsilon_cap
+        if admission is not None:
+            try:
+                check_rounds_per_day(self.ledger, limit=admission.max_rounds_per_day,
+                                     run_id=run_id, round_number=round_number)
+            except PolicyRefusal as err:
+                raise TaskError(SiteErrorCode.REFUSED_POLICY, err.reason) from None
+            cap = admission.epsilon_cap if cap is None else min(cap, admission.epsilon_cap)
 
         model, shapes = self._model_for(config, arrays)
-        metrics = self._eval_metrics(model)
 
         assert self.data is not None
+        # Only the number of training rows is read before the budget check.
         n_train = len(self.data.train_y)
         q = sample_rate_for(n_examples=n_train, batch_size=batch)
         steps = expected_steps(n_examples=n_train, batch_size=batch, epochs=local_epochs)
@@ -239,13 +306,15 @@ class WarmTrainer:
         prior = self.ledger.history(run_id)
         spent_before = self.ledger.epsilon_spent(run_id)
         try:
-            # Write-ahead: the round is charged before any training touches the data.
+            # Write-ahead: the round is charged before the data is touched (evaluation of the
+            # received model included), so a refused round reads nothing.
             projected = self.ledger.reserve_round(run_id=run_id, round_number=round_number,
-                                                  steps=steps, cap=self.epsilon_cap)
+                                                  steps=steps, cap=cap)
         except BudgetExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         self.audit("round-reserved", {"run": run_id, "round": round_number,
                                       "epsilon_after": projected})
+        metrics = self._eval_metrics(model)
         model.train()
         result = train_dp(
             model=model,

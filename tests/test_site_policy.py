@@ -1,0 +1,582 @@
+"""The site policy, local approvals and their enforcement in the warm trainer.
+
+Every refusal is checked through ``WarmTrainer.handle`` (the point where every task from the
+coordinator arrives) with its exact reason, and with the site's data guarded: evaluation and
+training raise if they are reached, so a refusal that touched the data would show up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import site_agent.trainer as trainer_module
+from export.tasks import build_model, model_arrays
+from export.wire import CFG, SiteErrorCode
+from privacy import PrivacyLedger, epsilon_for_history
+from site_agent.audit import AuditLog, read_entries, verify_log
+from site_agent.cli import app as site_cli
+from site_agent.config import SitePaths
+from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.datasets import write_demo_federation
+from site_agent.policy import (
+    ApprovalBook,
+    ApprovalsError,
+    PolicyError,
+    PolicyMissingError,
+    PolicyRefusal,
+    SiteGate,
+    SitePolicy,
+    check_rounds_per_day,
+    run_statuses,
+)
+from site_agent.trainer import WarmTrainer
+
+TASK = "breast_cancer_mlp"
+SITE = "hospital-a"
+
+
+# --- policy file -------------------------------------------------------------------------
+
+
+def policy_doc(**overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": 1,
+        "projects": {"oncology": {"epsilon_cap": 10.0, "tasks": [TASK]}},
+        "require_approval": False,
+        "max_rounds_per_day": None,
+    }
+    doc.update(overrides)
+    return doc
+
+
+def write_policy(root: Path, **overrides: Any) -> Path:
+    path = SitePaths(root).policy
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(policy_doc(**overrides)))
+    return path
+
+
+def test_valid_policy_loads(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, require_approval=True, max_rounds_per_day=5)
+    policy = SitePolicy.load(path)
+    assert set(policy.projects) == {"oncology"}
+    assert policy.projects["oncology"].epsilon_cap == 10.0
+    assert policy.projects["oncology"].tasks == (TASK,)
+    assert policy.require_approval is True and policy.max_rounds_per_day == 5
+
+
+def test_policy_reports_every_problem_at_once() -> None:
+    raw = {
+        "version": 2,
+        "projects": {
+            "oncology": {"epsilon_cap": 0, "tasks": ["no-such-task", TASK, TASK],
+                         "colour": "red"},
+            "cardiology": {"epsilon_cap": float("inf"), "tasks": []},
+            "radiology": "yes",
+        },
+        "require_approval": "no",
+        "max_rounds_per_day": 0,
+        "allow_everything": True,
+    }
+    with pytest.raises(PolicyError) as info:
+        SitePolicy.from_dict(raw, source="policy.json")
+    problems = info.value.problems
+    assert problems == [
+        "unknown keys ['allow_everything'] (known: ['version', 'projects', "
+        "'require_approval', 'max_rounds_per_day'])",
+        "version is 2, expected 1",
+        "require_approval is 'no', expected true or false",
+        "max_rounds_per_day is 0, expected an integer >= 1 or null",
+        "project 'oncology': unknown keys ['colour'] (known: ['epsilon_cap', 'tasks'])",
+        "project 'oncology': epsilon_cap is 0, expected a number > 0",
+        "project 'oncology': task 'no-such-task' is not a registry task (known: "
+        "['breast_cancer_mlp', 'digits_cnn'])",
+        "project 'oncology': tasks listed twice: ['breast_cancer_mlp']",
+        "project 'cardiology': epsilon_cap is inf, expected a number > 0",
+        "project 'cardiology': tasks is [], expected a non-empty list of task names "
+        "(known: ['breast_cancer_mlp', 'digits_cnn'])",
+        "project 'radiology' must be an object with epsilon_cap and tasks",
+    ]
+    text = str(info.value)
+    assert text.startswith("policy.json is invalid; until it is fixed this site refuses")
+    assert text.count("\n  - ") == len(problems)
+
+
+def test_policy_requires_its_keys_and_an_object() -> None:
+    with pytest.raises(PolicyError) as info:
+        SitePolicy.from_dict({"max_rounds_per_day": None})
+    assert info.value.problems == [
+        "required keys missing: ['version', 'projects', 'require_approval']"]
+    with pytest.raises(PolicyError, match="must hold one JSON object"):
+        SitePolicy.from_dict([1, 2])
+    with pytest.raises(PolicyError, match="require_approval is 1"):
+        SitePolicy.from_dict(policy_doc(require_approval=1))
+    with pytest.raises(PolicyError, match="max_rounds_per_day is True"):
+        SitePolicy.from_dict(policy_doc(max_rounds_per_day=True))
+
+
+def test_missing_and_broken_policy_files_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(PolicyMissingError, match=r"refuses every run until hospital IT "
+                       r"writes one \(`fedward-site policy init"):
+        SitePolicy.load(tmp_path / "policy.json")
+    (tmp_path / "policy.json").write_text("{not json")
+    with pytest.raises(PolicyError, match="is not valid JSON") as info:
+        SitePolicy.load(tmp_path / "policy.json")
+    assert not isinstance(info.value, PolicyMissingError)
+
+
+def test_starter_policy_round_trips(tmp_path: Path) -> None:
+    starter = SitePolicy.starter(project="default", task=TASK)
+    starter.save(tmp_path / "policy.json")
+    loaded = SitePolicy.load(tmp_path / "policy.json")
+    assert loaded == starter
+    assert loaded.to_dict() == {
+        "version": 1, "projects": {"default": {"epsilon_cap": 10.0, "tasks": [TASK]}},
+        "require_approval": False, "max_rounds_per_day": None,
+    }
+
+
+# --- enforcement through WarmTrainer.handle ---------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
+    fed = write_demo_federation(task=TASK, out_dir=tmp_path_factory.mktemp("fed"), n_sites=2)
+    site = fed.sites[0]
+    return load_site_data(csv_path=site.csv_path, schema=load_schema(site.schema_path))
+
+
+@pytest.fixture(scope="module")
+def global_arrays() -> dict[str, np.ndarray]:
+    return model_arrays(build_model(TASK, seed=0))
+
+
+def task_config(round_number: int = 1, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        CFG.RUN_ID: "run-1", CFG.PROJECT: "oncology", CFG.TASK: TASK, CFG.ROUND: round_number,
+        CFG.TOTAL_ROUNDS: 2, CFG.LOCAL_EPOCHS: 1, CFG.EPSILON: 3.0, CFG.DELTA: 1e-5,
+        CFG.CLIP: 1.0, CFG.LR: 0.05, CFG.BATCH: 32, CFG.SEED: 7, CFG.TRAIN: True,
+    }
+    config.update(overrides)
+    return config
+
+
+def train(round_number: int = 1, **overrides: Any) -> dict[str, Any]:
+    return {"kind": "train", "config": task_config(round_number, **overrides)}
+
+
+class DataGuard:
+    """Makes evaluation and training raise while armed, and counts attempts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.touched = 0
+        self._real_evaluate = vars(trainer_module)["evaluate"]
+        self._real_train = vars(trainer_module)["train_dp"]
+        self._armed = True
+        monkeypatch.setattr(trainer_module, "evaluate", self._evaluate)
+        monkeypatch.setattr(trainer_module, "train_dp", self._train)
+
+    def arm(self, armed: bool = True) -> None:
+        self._armed = armed
+
+    def _evaluate(self, **kwargs: Any) -> Any:
+        if self._armed:
+            self.touched += 1
+            raise AssertionError("the site's data was evaluated")
+        return self._real_evaluate(**kwargs)
+
+    def _train(self, **kwargs: Any) -> Any:
+        if self._armed:
+            self.touched += 1
+            raise AssertionError("the site's data was trained on")
+        return self._real_train(**kwargs)
+
+
+@pytest.fixture
+def guard(monkeypatch: pytest.MonkeyPatch) -> DataGuard:
+    return DataGuard(monkeypatch)
+
+
+@pytest.fixture
+def make_trainer(site_data: SiteData, tmp_path: Path
+                 ) -> Callable[..., tuple[WarmTrainer, AuditLog]]:
+    """A trainer with a real gate and audit log on this test's site directory."""
+
+    def make(*, epsilon_cap: float | None = None) -> tuple[WarmTrainer, AuditLog]:
+        paths = SitePaths(tmp_path)
+        audit = AuditLog(paths.audit_log)
+        gate = SiteGate(site_name=SITE, policy_path=paths.policy,
+                        approvals=ApprovalBook(paths.approvals), audit=audit)
+        trainer = WarmTrainer(site_name=SITE, task=TASK, data=site_data,
+                              ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies,
+                              audit=audit, epsilon_cap=epsilon_cap, gate=gate)
+        return trainer, audit
+
+    return make
+
+
+def refusal(reply: dict[str, Any]) -> tuple[int, str]:
+    assert "error" in reply, reply
+    return int(reply["error"]["code"]), str(reply["error"]["reason"])
+
+
+def actions(audit: AuditLog) -> list[str]:
+    entries, verdict = read_entries(audit.path)
+    assert verdict.intact, verdict
+    return [e.action for e in entries]
+
+
+def test_without_a_policy_file_every_task_is_refused(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    trainer, audit = make_trainer()
+    for header in (train(1), {"kind": "evaluate", "config": task_config()}):
+        reply, out = trainer.handle(header, global_arrays)
+        code, reason = refusal(reply)
+        assert code == SiteErrorCode.REFUSED_POLICY == 703 and out == {}
+        assert reason == ("refused-policy: site hospital-a has no site policy yet; its IT must "
+                          "write policy.json before it accepts any run "
+                          "(fedward-site policy init)")
+    assert guard.touched == 0
+    assert not (tmp_path / "privacy-ledger.json").exists()
+    assert actions(audit) == ["policy-missing", "run-seen", "task-refused", "task-refused"]
+
+
+def test_an_invalid_edit_refuses_tasks_and_never_falls_back(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path)
+    trainer, _ = make_trainer()
+    guard.arm(False)
+    reply, _ = trainer.handle(train(1), global_arrays)
+    assert "error" not in reply
+    # IT edits the file while the agent runs; the edit has a typo.
+    write_policy(tmp_path, require_aproval=True)
+    guard.arm(True)
+    code, reason = refusal(trainer.handle(train(2), global_arrays)[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert reason == ("refused-policy: the site policy of hospital-a is invalid; its IT runs "
+                      "`fedward-site policy check` to see and fix it")
+    assert guard.touched == 0
+
+
+def test_project_not_in_the_policy_is_refused_before_any_data(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path)
+    trainer, audit = make_trainer()
+    reply, out = trainer.handle(train(1, **{CFG.PROJECT: "cardiology"}), global_arrays)
+    code, reason = refusal(reply)
+    assert code == SiteErrorCode.REFUSED_POLICY and out == {}
+    assert reason == "refused-policy: project cardiology is not accepted by this site"
+    assert guard.touched == 0
+    assert not (tmp_path / "privacy-ledger.json").exists()
+    entries, _ = read_entries(audit.path)
+    seen = next(e for e in entries if e.action == "run-seen")
+    assert seen.detail == {"run": "run-1", "project": "cardiology", "task": TASK,
+                           "total_rounds": 2, "approval": "refused"}
+
+
+def test_task_not_accepted_for_the_project_is_refused(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, projects={"oncology": {"epsilon_cap": 5, "tasks": ["digits_cnn"]}})
+    trainer, _ = make_trainer()
+    code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert reason == ("refused-policy: task breast_cancer_mlp is not accepted for project "
+                      "oncology by this site")
+    assert guard.touched == 0
+
+
+def test_pending_run_waits_then_trains_once_approved(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, require_approval=True)
+    trainer, audit = make_trainer()
+    for _ in range(2):  # asked again: still waiting, still recorded once
+        code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
+        assert code == SiteErrorCode.REFUSED_POLICY
+        assert reason == ("pending-approval: run run-1 waits for approval at site hospital-a "
+                          "(fedward-site approve run-1)")
+    assert guard.touched == 0
+    assert not (tmp_path / "privacy-ledger.json").exists()
+    book = ApprovalBook(SitePaths(tmp_path).approvals)
+    record = book.get("run-1")
+    assert record is not None and record.decision is None
+    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))[0].status == \
+        "pending"
+
+    result = CliRunner().invoke(site_cli, ["approve", "run-1", "--dir", str(tmp_path),
+                                           "--by", "dr-it"])
+    assert result.exit_code == 0, result.output
+    assert "approved by dr-it" in result.output
+
+    guard.arm(False)
+    reply, out = trainer.handle(train(1), global_arrays)
+    assert "error" not in reply and out
+    assert reply["metrics"]["epsilon-spent"] > 0
+    statuses = run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))
+    assert [(s.status, s.rounds_trained, s.record.by) for s in statuses] == \
+        [("running", 1, "dr-it")]
+    assert actions(audit) == ["policy-loaded", "run-seen", "task-refused", "task-refused",
+                              "run-approved", "round-reserved", "round-trained"]
+    assert verify_log(audit.path) is None
+
+
+def test_denied_run_is_refused_for_training_and_evaluation(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, require_approval=True)
+    trainer, audit = make_trainer()
+    refusal(trainer.handle(train(1), global_arrays)[0])
+    result = CliRunner().invoke(site_cli, ["deny", "run-1", "--dir", str(tmp_path),
+                                           "--reason", "not in our ethics approval",
+                                           "--by", "dr-it"])
+    assert result.exit_code == 0, result.output
+    for header in (train(1), {"kind": "evaluate", "config": task_config()}):
+        code, reason = refusal(trainer.handle(header, global_arrays)[0])
+        assert code == SiteErrorCode.REFUSED_POLICY
+        assert reason == "refused-policy: run run-1 was denied at this site"
+    assert guard.touched == 0
+    # A denial holds even if IT later drops the approval requirement.
+    write_policy(tmp_path, require_approval=False)
+    code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
+    assert reason == "refused-policy: run run-1 was denied at this site"
+    entries, _ = read_entries(audit.path)
+    denied = [e for e in entries if e.action == "run-denied"]
+    assert [e.detail for e in denied] == [{
+        "run": "run-1", "project": "oncology", "task": TASK, "by": "dr-it",
+        "previous": None, "reason": "not in our ethics approval"}]
+    statuses = run_statuses(ApprovalBook(SitePaths(tmp_path).approvals),
+                            PrivacyLedger(tmp_path / "privacy-ledger.json"))
+    assert statuses[0].status == "denied"
+
+
+def test_a_reused_run_id_with_another_project_does_not_inherit_the_approval(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, require_approval=True, projects={
+        "oncology": {"epsilon_cap": 10, "tasks": [TASK]},
+        "cardiology": {"epsilon_cap": 10, "tasks": [TASK]}})
+    trainer, _ = make_trainer()
+    refusal(trainer.handle(train(1), global_arrays)[0])
+    ApprovalBook(SitePaths(tmp_path).approvals).decide("run-1", "approved", by="dr-it")
+    code, reason = refusal(
+        trainer.handle(train(1, **{CFG.PROJECT: "cardiology"}), global_arrays)[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert reason == ("refused-policy: run run-1 was first seen here for project oncology, "
+                      "task breast_cancer_mlp; a run's project and task cannot change")
+    assert guard.touched == 0
+
+
+def test_approving_a_run_never_seen_is_refused(tmp_path: Path) -> None:
+    book = ApprovalBook(tmp_path / "approvals.json")
+    with pytest.raises(ApprovalsError, match=r"run 'run-9' has not been seen at this site "
+                       r"\(runs seen: none yet\)"):
+        book.decide("run-9", "approved", by="x")
+    result = CliRunner().invoke(site_cli, ["approve", "run-9", "--dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert not (tmp_path / "approvals.json").exists()
+
+
+def test_damaged_approvals_file_refuses_tasks(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path)
+    (tmp_path / "approvals.json").write_text('{"version": 1, "runs": [')
+    trainer, _ = make_trainer()
+    code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert reason.startswith("refused-policy: the site cannot read its approvals file")
+    assert guard.touched == 0
+
+
+def test_max_rounds_per_day_refuses_the_round_over_the_limit(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, max_rounds_per_day=1)
+    trainer, _ = make_trainer()
+    guard.arm(False)
+    reply, out1 = trainer.handle(train(1), global_arrays)
+    assert "error" not in reply
+    # The same round again is a replay: no training, not counted, still answered.
+    again, _ = trainer.handle(train(1), global_arrays)
+    assert again == reply
+    guard.arm(True)
+    code, reason = refusal(trainer.handle(train(2), out1)[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert reason.startswith("refused-policy: this site trains at most 1 round(s) per 24 "
+                             "hours and has trained 1; the next round can train in 2")
+    assert guard.touched == 0
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    assert len(ledger.history("run-1")) == 1
+    # A day later the window has moved on.
+    check_rounds_per_day(ledger, limit=1, run_id="run-1", round_number=2,
+                         now=datetime.now(UTC) + timedelta(hours=24, minutes=1))
+
+
+def test_project_cap_composes_the_runs_of_a_project(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path)  # cap 10: run-1 trains freely
+    trainer, audit = make_trainer()
+    guard.arm(False)
+    reply1, _ = trainer.handle(train(1), global_arrays)
+    eps1 = reply1["metrics"]["epsilon-spent"]
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    one_round = ledger.history("run-1")
+    assert len(one_round) == 1
+    two_rounds = epsilon_for_history(one_round * 2, delta=1e-5)
+    # A cap that holds one round of either run but not both composed.
+    cap = (eps1 + two_rounds) / 2
+    write_policy(tmp_path, projects={"oncology": {"epsilon_cap": cap, "tasks": [TASK]}})
+    guard.arm(True)
+    reply2, out2 = trainer.handle(train(1, **{CFG.RUN_ID: "run-2"}), global_arrays)
+    code, reason = refusal(reply2)
+    assert code == SiteErrorCode.REFUSED_BUDGET == 701 and out2 == {}
+    assert reason.startswith("refused-budget: privacy budget exceeded: this round would "
+                             "bring the project's epsilon from")
+    assert f"over its budget of {cap:.4f}" in reason
+    assert ledger.history("run-2") == []
+    # The same round alone fits the cap: the refusal came from the project's composition.
+    assert eps1 < cap
+    # Another project at the same site is not charged with oncology's epsilon.
+    write_policy(tmp_path, projects={
+        "oncology": {"epsilon_cap": cap, "tasks": [TASK]},
+        "cardiology": {"epsilon_cap": cap, "tasks": [TASK]}})
+    guard.arm(False)
+    reply3, _ = trainer.handle(train(1, **{CFG.RUN_ID: "run-3", CFG.PROJECT: "cardiology"}),
+                               global_arrays)
+    assert "error" not in reply3
+    assert verify_log(audit.path) is None
+
+
+def test_the_smaller_of_the_agent_cap_and_the_policy_cap_applies(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, projects={"oncology": {"epsilon_cap": 0.01, "tasks": [TASK]}})
+    trainer, _ = make_trainer(epsilon_cap=100.0)
+    code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
+    assert code == SiteErrorCode.REFUSED_BUDGET and "over its budget of 0.0100" in reason
+    write_policy(tmp_path)  # policy cap 10
+    trainer, _ = make_trainer(epsilon_cap=0.02)
+    code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
+    assert code == SiteErrorCode.REFUSED_BUDGET and "over its budget of 0.0200" in reason
+    assert guard.touched == 0
+    assert PrivacyLedger(tmp_path / "privacy-ledger.json").history("run-1") == []
+
+
+def test_the_coordinator_never_writes_the_policy(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    path = write_policy(tmp_path, require_approval=True)
+    before = path.read_bytes()
+    trainer, _ = make_trainer()
+    hostile = train(1, **{"require_approval": False, "projects": {}})
+    refusal(trainer.handle(hostile, global_arrays)[0])
+    assert path.read_bytes() == before
+
+
+def test_policy_changes_are_audited_once_each(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, require_approval=True)
+    trainer, audit = make_trainer()
+    trainer.handle(train(1), global_arrays)
+    trainer.handle(train(1), global_arrays)
+    write_policy(tmp_path, require_approval=True, max_rounds_per_day=3)
+    trainer.handle(train(1), global_arrays)
+    entries, _ = read_entries(audit.path)
+    loaded = [e.detail for e in entries if e.action == "policy-loaded"]
+    assert [d["max_rounds_per_day"] for d in loaded] == [None, 3]
+    assert loaded[0]["projects"] == ["oncology"] and loaded[0]["require_approval"] is True
+
+
+# --- runs view and CLI -------------------------------------------------------------------
+
+
+def test_run_statuses_cover_every_state(tmp_path: Path) -> None:
+    write_policy(tmp_path, require_approval=True)
+    paths = SitePaths(tmp_path)
+    gate = SiteGate(site_name=SITE, policy_path=paths.policy,
+                    approvals=ApprovalBook(paths.approvals))
+    ledger = PrivacyLedger(paths.ledger)
+
+    def seen(run: str, project: str = "oncology") -> None:
+        with pytest.raises(PolicyRefusal):
+            gate.admit(run_id=run, project=project, task=TASK, total_rounds=1)
+
+    for run in ("r-pending", "r-approved", "r-denied", "r-done"):
+        seen(run)
+    seen("r-refused", project="cardiology")
+    book = ApprovalBook(paths.approvals)
+    book.decide("r-approved", "approved", by="a")
+    book.decide("r-denied", "denied", by="a", reason="no")
+    book.decide("r-done", "approved", by="a")
+    ledger.open_run(run_id="r-done", project="oncology", epsilon_budget=3.0, delta=1e-5,
+                    noise_multiplier=1.0, sample_rate=0.1)
+    ledger.reserve_round(run_id="r-done", round_number=1, steps=5)
+    ledger.complete_round(run_id="r-done", round_number=1)
+    statuses = {s.record.run: s for s in run_statuses(book, ledger)}
+    assert {r: s.status for r, s in statuses.items()} == {
+        "r-pending": "pending", "r-approved": "approved", "r-denied": "denied",
+        "r-done": "done", "r-refused": "refused"}
+    assert statuses["r-done"].epsilon_spent > 0
+
+    result = CliRunner().invoke(site_cli, ["runs", "--dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["run"]: r for r in json.loads(result.output)}
+    assert rows["r-denied"]["reason"] == "no" and rows["r-done"]["rounds_trained"] == 1
+    assert rows["r-refused"]["last_refusal"] == \
+        "refused-policy: project cardiology is not accepted by this site"
+
+
+def test_policy_cli_writes_a_starter_and_checks_it(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(site_cli, ["policy", "init", "--dir", str(tmp_path), "--project",
+                                      "oncology", "--task", TASK, "--require-approval"])
+    assert result.exit_code == 0, result.output
+    policy = SitePolicy.load(tmp_path / "policy.json")
+    assert policy.require_approval and set(policy.projects) == {"oncology"}
+    again = runner.invoke(site_cli, ["policy", "init", "--dir", str(tmp_path), "--task", TASK])
+    assert again.exit_code == 1 and "exists" in again.output
+    ok = runner.invoke(site_cli, ["policy", "check", "--dir", str(tmp_path), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["policy"]["require_approval"] is True
+    write_policy(tmp_path, colour="blue", version=3)
+    bad = runner.invoke(site_cli, ["policy", "check", "--dir", str(tmp_path), "--json"])
+    assert bad.exit_code == 1
+    assert json.loads(bad.output)["problems"] == [
+        "unknown keys ['colour'] (known: ['version', 'projects', 'require_approval', "
+        "'max_rounds_per_day'])",
+        "version is 3, expected 1"]
