@@ -235,7 +235,8 @@ def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs
         console.rule("[bold]3. Sites: init, keygen, register, start")
         for s in fed["sites"]:
             d = work / "sites" / s["name"]
-            _run([site_cli, "init", "--dir", str(d), "--name", s["name"], "--superlink",
+            _run([site_cli, "init", "--dir", str(d), "--name", s["name"], "--project", "demo",
+                  "--superlink",
                   superlink, "--ca-cert", str(home / "pki" / "ca.pem"), "--data", s["csv"],
                   "--schema", s["schema"]])
             _run([site_cli, "keygen", "--dir", str(d)])

@@ -30,6 +30,7 @@ from site_agent.audit import AuditLog, AuditLogError
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.data import DataCheckError, SiteData, load_schema, load_site_data
+from site_agent.keys import ensure_noise_secret
 from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
@@ -185,6 +186,7 @@ class SiteAgent:
             site_name=config.name, task=schema.task, data=data,
             ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies, audit=audit,
             epsilon_cap=self.epsilon_cap, data_failure=data_failure, gate=gate,
+            noise_secret=ensure_noise_secret(paths.keys / "noise.secret"),
         )
         server = TrainerServer(path=paths.socket, trainer=trainer)
         server.start()

@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-__all__ = ["ensure_node_key", "public_key_fingerprint"]
+__all__ = ["ensure_node_key", "ensure_noise_secret", "public_key_fingerprint"]
 
 
 def ensure_node_key(private_path: Path, public_path: Path) -> str:
@@ -38,3 +38,21 @@ def public_key_fingerprint(public_key: str) -> str:
     """Short SHA-256 fingerprint of an OpenSSH public key, for humans to compare."""
     blob = public_key.split()[1] if len(public_key.split()) > 1 else public_key
     return "SHA256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def ensure_noise_secret(path: Path) -> bytes:
+    """The site's secret for seeding DP noise (32 random bytes, mode 0600, made once).
+
+    The coordinator never sees it: noise it could regenerate would be noise it could remove.
+    """
+    if path.exists():
+        data = path.read_bytes()
+        if len(data) == 32:
+            return data
+        raise ValueError(f"{path} is damaged (expected 32 bytes); delete it to make a new one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return data

@@ -15,10 +15,12 @@ spends the site's privacy twice.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
 import os
+import secrets
 import socket
 import threading
 import time
@@ -99,6 +101,10 @@ class WarmTrainer:
         grad_sample_mode: Opacus per-sample gradient mode.
         data_failure: when the data failed its checks, the summary that may leave the site
             (kinds and counts); every task is then refused with it, before any training.
+        noise_secret: a secret only this site holds; the DP noise and Poisson sampling of
+            each round are seeded from it (and the run and round), never from anything the
+            coordinator chose, or the coordinator could regenerate the noise and remove it.
+            Empty: fresh operating-system randomness every round.
         gate: the site policy and local approvals, applied to every task before any data
             is touched. The site agent always installs one; None (no policy at all) is only
             for tests and tools that embed the trainer.
@@ -114,6 +120,7 @@ class WarmTrainer:
     grad_sample_mode: str = "hooks"
     data_failure: dict[str, Any] | None = None
     gate: SiteGate | None = None
+    noise_secret: bytes = b""
 
     def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -140,7 +147,7 @@ class WarmTrainer:
         except (TypeError, ValueError):
             round_number = 0  # for the audit only: _train refuses the task as malformed
         try:
-            if kind not in ("train", "evaluate"):
+            if kind not in ("train", "evaluate", "parity"):
                 raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
             # The site's policy comes first: a run it does not accept learns nothing else
             # about the site, and no data is touched.
@@ -149,6 +156,8 @@ class WarmTrainer:
                 raise TaskError(SiteErrorCode.REFUSED_DATA, self._data_failure_reason())
             if kind == "train":
                 return self._train(config, arrays, admission)
+            if kind == "parity":
+                return self._parity(config, arrays)
             return self._evaluate_only(config, arrays)
         except TaskError as err:
             self.audit("task-refused", {"run": run_id, "round": round_number,
@@ -236,6 +245,42 @@ class WarmTrainer:
             "num-eval-examples": float(result.n),
         }
 
+    def _noise_seed(self, run_id: str, round_number: int) -> int:
+        """The seed of a round's DP noise and sampling: secret to this site."""
+        if not self.noise_secret:
+            return secrets.randbits(63)
+        digest = hmac.new(self.noise_secret, f"{run_id}/{round_number}".encode(),
+                          hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+    def _fingerprint(self) -> dict[str, str]:
+        """Hashes and counts of the site's data: what lineage records, never values."""
+        assert self.data is not None
+        fp = self.data.fingerprint
+        return {"schema-hash": fp.schema_hash, "content-sha256": fp.content_sha256,
+                "n-rows": str(fp.n_rows), "n-train": str(fp.n_train), "n-test": str(fp.n_test)}
+
+    def _parity(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Compare a candidate's exported artefacts with its model on the held-out split."""
+        from site_agent.parity_task import ParityTaskError, evaluate_parity, split_arrays
+
+        assert self.data is not None
+        try:
+            model_arrays_in, files = split_arrays(arrays)
+        except ParityTaskError as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+        _model, shapes = self._model_for(config, model_arrays_in)
+        metrics = evaluate_parity(task=self.task, model_arrays=model_arrays_in, files=files,
+                                  features=self.data.test_x,
+                                  workdir=self.replies_dir.parent / "run")
+        metrics = _finite_metrics(metrics)
+        report = check_outgoing(expected_shapes=shapes, arrays={}, metrics=metrics)
+        self.audit("parity-measured", {"run": str(config.get(CFG.RUN_ID)),
+                                       "files": sorted(files), "bytes_out": report.n_bytes,
+                                       "metrics": report.metric_names})
+        return {"metrics": metrics}, {}
+
     def _evaluate_only(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         model, shapes = self._model_for(config, arrays)
@@ -260,7 +305,6 @@ class WarmTrainer:
             clip = float(config[CFG.CLIP])
             lr = float(config[CFG.LR])
             batch = int(config[CFG.BATCH])
-            seed = int(config[CFG.SEED])
         except (KeyError, TypeError, ValueError) as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
         incoming = _digest(arrays)
@@ -325,7 +369,7 @@ class WarmTrainer:
             batch_size=batch,
             epochs=local_epochs,
             lr=lr,
-            seed=seed * 100_003 + round_number,
+            seed=self._noise_seed(run_id, round_number),
             history=prior,
             grad_sample_mode=self.grad_sample_mode,
         )
@@ -346,7 +390,7 @@ class WarmTrainer:
             "bytes_out": report.n_bytes, "array_shapes": report.array_shapes,
             "metrics": report.metric_names,
         })
-        reply = ({"metrics": metrics}, out)
+        reply = ({"metrics": metrics, "fingerprint": self._fingerprint()}, out)
         self._store_reply(run_id, round_number, incoming, reply)
         return reply
 
