@@ -29,6 +29,7 @@ from site_agent import clientapp as clientapp_module
 from site_agent.audit import AuditLog, AuditLogError
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
+from site_agent.connect import Route, open_route
 from site_agent.data import DataCheckError, SiteData, load_schema, load_site_data
 from site_agent.keys import ensure_noise_secret
 from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
@@ -209,13 +210,25 @@ class SiteAgent:
     def _supervise(self, config: SiteConfig, paths: SitePaths) -> int:
         ca = config.resolve(self.root, config.ca_cert)
         paths.logs.mkdir(parents=True, exist_ok=True)
+        # An enrolled site dials its local tunnel, which adds mutual TLS to the gateway.
+        route = open_route(root=self.root, superlink=config.superlink, ca_cert=ca)
+        if route.via_gateway:
+            log.info("enrolled: the SuperNode reaches the gateway %s through the tunnel on %s",
+                     config.superlink, route.superlink)
+        try:
+            return self._supervise_route(config, paths, ca, route)
+        finally:
+            route.close()
+
+    def _supervise_route(self, config: SiteConfig, paths: SitePaths, ca: Path,
+                         route: Route) -> int:
         while not self._stop.is_set():
             problem = probe_coordinator(config.superlink, ca)
             if problem is not None:
                 log.warning("%s; retrying in 5 s", problem)
                 self._stop.wait(5.0)
                 continue
-            code = self._run_supernode(config, paths, ca)
+            code = self._run_supernode(config, paths, route)
             if self._stop.is_set():
                 break
             help_text = SUPERNODE_EXIT_HELP.get(code, "see the SuperNode log")
@@ -227,13 +240,13 @@ class SiteAgent:
             self._stop.wait(config.reconnect_backoff_s)
         return 0
 
-    def _run_supernode(self, config: SiteConfig, paths: SitePaths, ca: Path) -> int:
+    def _run_supernode(self, config: SiteConfig, paths: SitePaths, route: Route) -> int:
         paths.flwr_home.mkdir(parents=True, exist_ok=True)
         cmd = [
             # Flower's SuperNode with a shorter idle poll (see site_agent.supernode_main).
             sys.executable, "-m", "site_agent.supernode_main",
-            "--root-certificates", str(ca),
-            "--superlink", config.superlink,
+            "--root-certificates", str(route.root_certificates),
+            "--superlink", route.superlink,
             "--auth-supernode-private-key", str(paths.node_key),
             "--node-config", f'{SOCKET_KEY}="{paths.socket}"',
             # The SuperNode's runtime API for its ClientApp processes: loopback only.

@@ -68,7 +68,8 @@ def init(
         _fail(str(err))
     root = dir.expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
+    if ca_cert.resolve() != (root / "coordinator-ca.pem").resolve():
+        shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
     try:
         cfg = SiteConfig.from_dict({
             "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
@@ -82,6 +83,81 @@ def init(
     console.print(f"site configuration written to {path}")
     _write_starter_policy(root, project=project, task=task, epsilon_cap=10.0,
                           require_approval=False, force=False)
+
+
+@app.command()
+def enroll(
+    dir: DirOpt,
+    gateway: Annotated[str, typer.Option(help="the coordinator's fleet address host:port "
+                                         "(from the coordinator team)")],
+    token: Annotated[str, typer.Option(help="the one-time enrollment token",
+                                       envvar="FEDWARD_ENROLLMENT_TOKEN")],
+    data: Annotated[Path | None, typer.Option(help="training data (CSV); needed when the "
+                                              "site is not configured yet")] = None,
+    schema: Annotated[Path | None, typer.Option(help="the data's schema (JSON)")] = None,
+    project: Annotated[str, typer.Option(help="project the starter policy accepts")]
+    = "default",
+) -> None:
+    """Enroll the site with a one-time token: keys made here, a certificate back.
+
+    Fetches the coordinator's CA and checks it against the token's pin, makes the site's
+    TLS key and Flower node key locally (private halves never leave), sends a CSR and the
+    node public key, and stores the certificate. The site then reaches the coordinator only
+    through its gateway, with mutual TLS.
+    """
+    from site_agent.data import SchemaError, load_schema
+    from site_agent.enroll import EnrollError
+    from site_agent.enroll import enroll as do_enroll
+
+    root = dir.expanduser().resolve()
+    existing: SiteConfig | None = None
+    if SitePaths(root).config.exists():
+        try:
+            existing = SiteConfig.load(root)
+        except ConfigError as err:
+            _fail(str(err))
+    elif data is None or schema is None:
+        _fail("this site is not configured yet: give --data and --schema too")
+    try:
+        name = do_enroll(root=root, gateway=gateway, token=token)
+    except EnrollError as err:
+        _fail(str(err))
+    if existing is not None:
+        raw = {**existing.__dict__, "superlink": gateway, "ca_cert": "coordinator-ca.pem"}
+        raw.pop("version", None)
+        cfg = SiteConfig.from_dict(raw)
+        task = None
+    else:
+        assert data is not None and schema is not None
+        try:
+            task = load_schema(schema).task
+        except SchemaError as err:
+            _fail(str(err))
+        cfg = SiteConfig.from_dict({
+            "name": name, "superlink": gateway, "ca_cert": "coordinator-ca.pem",
+            "data_path": str(data.expanduser().resolve()),
+            "schema_path": str(schema.expanduser().resolve())})
+    cfg.save(root)
+    if task is not None:
+        _write_starter_policy(root, project=project, task=task, epsilon_cap=10.0,
+                              require_approval=False, force=False)
+    console.print(f"site [bold]{name}[/] enrolled: it now reaches the coordinator through "
+                  f"{gateway} with mutual TLS; start it with `fedward-site start --dir {root}`")
+
+
+@app.command()
+def renew(dir: DirOpt) -> None:
+    """Renew the site's certificate before it expires (no new token needed)."""
+    from site_agent.enroll import EnrollError
+    from site_agent.enroll import renew as do_renew
+
+    root = dir.expanduser().resolve()
+    try:
+        cfg = SiteConfig.load(root)
+        not_after = do_renew(root=root, gateway=cfg.superlink)
+    except (ConfigError, EnrollError) as err:
+        _fail(str(err))
+    console.print(f"certificate renewed; valid until {not_after}")
 
 
 def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: float,

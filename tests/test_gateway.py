@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
+import os
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +15,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from export.certs import ensure_ca, make_csr, write_private_key
+from export.runtime import descendants
 from export.wire import parse_enrollment_token
 from site_agent.enroll import EnrollError, EnrollmentFiles, enroll
 from site_agent.keys import ensure_node_key
 
-from federation import Federation, federation
+from federation import BIN, Federation, Site, federation, run_cli
 from tests_support import short_tmp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -139,3 +142,55 @@ def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
     db.close()
     with pytest.raises(EnrollError, match="expired"):
         enroll(root=tmp_path / "five", gateway=fed.fleet, token=expired)
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """Local addresses of the TCP sockets these processes listen on (from /proc)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            for fd in fd_dir.iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:   # 0A = LISTEN
+                ip_hex = fields[1].split(":")[0]
+                if len(ip_hex) == 8:
+                    found.add(".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.add(ip_hex)
+    return found
+
+
+def test_enrolled_sites_train_through_the_gateway_and_listen_on_loopback_only() -> None:
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        for s in fed.data["sites"]:
+            out = fed.coord_cli("enroll-token", s["name"], "--json")
+            token = json.loads(out.stdout)["token"]
+            root = work / "sites" / s["name"]
+            run_cli([str(BIN / "fedward-site"), "enroll", "--dir", str(root), "--gateway",
+                     fed.fleet, "--token", token, "--data", s["csv"], "--schema", s["schema"],
+                     "--project", "test"])
+            fed.sites[s["name"]] = Site(name=s["name"], root=root)
+            fed.start_site(s["name"])
+        fed.wait_online(2)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=60)
+        run = fed.wait_run(run_id)
+        assert run["status"] == "completed", run
+        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
+        assert all(sorted(r["participating_sites"]) ==
+                   sorted(s["name"] for s in fed.data["sites"]) for r in rounds)
+        for site in fed.sites.values():
+            assert site.proc is not None
+            tree = {site.proc.pid, *descendants(site.proc.pid)}
+            addresses = _listening_addresses(tree)
+            assert addresses, "expected the tunnel and the SuperNode's local API"
+            assert addresses <= {"127.0.0.1"}, addresses
