@@ -23,6 +23,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+import httpx
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.config import get_fab_config
@@ -35,7 +36,7 @@ from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import (
     pull_task_input,
@@ -49,6 +50,22 @@ __all__ = ["UnknownBundleError", "WarmExecutor", "check_bundle"]
 
 log = logging.getLogger("fedward.site.executor")
 
+
+
+def _bounded_retries() -> RetryInvoker:
+    """Retries for calls to the local SuperNode: a few, bounded, and nothing else.
+
+    Flower's ``make_simple_http_retry_invoker`` is meant for its one-task processes: it
+    retries forever and, on a 401 (a task token the SuperNode no longer knows, e.g. after
+    the SuperLink restarted), sends SIGINT to its own process. Here that process is the
+    site agent, so an expired task must fail the task, never stop the agent.
+    """
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=2),
+        recoverable_exceptions=(httpx.TransportError,),
+        max_tries=5,
+        max_time=20.0,
+    )
 
 
 class UnknownBundleError(ValueError):
@@ -96,7 +113,7 @@ class WarmExecutor:
             insecure=True,  # loopback only: the SuperNode's runtime API binds 127.0.0.1
             root_certificates=None,
             interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=_bounded_retries(),
         )
 
     def run(self) -> None:
@@ -114,7 +131,10 @@ class WarmExecutor:
                     self.stop.wait(0.5)
                     continue
                 if res.HasField("task") and res.token:
-                    self.execute(res.token)
+                    try:
+                        self.execute(res.token)
+                    except Exception:
+                        log.exception("a ClientApp task could not be completed")
                 else:
                     self.stop.wait(self.poll_s)
         finally:
