@@ -25,6 +25,7 @@ from coordinator.api import create_app, create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.settings import Settings
 
+
 def _app(tmp: Path) -> tuple[FastAPI, str]:
     settings = Settings(home=tmp)
     url = settings.effective_database_url
