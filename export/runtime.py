@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 __all__ = [
+    "FileLock",
+    "atomic_write",
     "descendants",
     "die_with_parent",
     "flower_env",
@@ -144,3 +146,61 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
+    mix: temp file in the same directory, fsync, rename, fsync the directory."""
+    import contextlib  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class FileLock:
+    """A lock held across threads (a mutex) and processes (``flock`` on a sidecar file)."""
+
+    def __init__(self, lock_path: Path) -> None:
+        import threading  # noqa: PLC0415
+
+        self.lock_path = lock_path
+        self._thread_lock = threading.Lock()
+
+    def __enter__(self) -> FileLock:
+        import fcntl  # noqa: PLC0415
+
+        self._thread_lock.acquire()
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        import fcntl  # noqa: PLC0415
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+        finally:
+            self._thread_lock.release()

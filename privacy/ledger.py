@@ -27,20 +27,16 @@ File format, version 1::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
-import os
-import tempfile
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeGuard
 
+from export.runtime import FileLock, atomic_write
 from privacy.dp import (
     HistoryEntry,
     check_round_budget,
@@ -258,8 +254,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
-        self._lock_path = self._path.with_name(self._path.name + ".lock")
-        self._lock = threading.Lock()
+        self._file_lock = FileLock(self._path.with_name(self._path.name + ".lock"))
 
     @property
     def path(self) -> Path:
@@ -268,20 +263,9 @@ class PrivacyLedger:
 
     # -- storage -------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> FileLock:
         """Hold the thread lock and the cross-process file lock."""
-        with self._lock:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+        return self._file_lock
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -301,25 +285,7 @@ class PrivacyLedger:
     def _write(self, doc: Mapping[str, Any]) -> None:
         """Replace the ledger atomically: temp file, fsync, rename, fsync the directory."""
         data = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
-        directory = self._path.parent
-        fd, tmp_name = tempfile.mkstemp(
-            dir=directory, prefix=f".{self._path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, self._path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self._path, data)
 
     def _run(self, doc: Mapping[str, Any], run_id: str) -> dict[str, Any]:
         run = doc["runs"].get(run_id)

@@ -34,20 +34,17 @@ policy file the site refuses every run: default-deny. Format, version 1::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
-import os
-import tempfile
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
+
+from export.runtime import FileLock, atomic_write
 
 if TYPE_CHECKING:
     from privacy.ledger import PrivacyLedger
@@ -348,25 +345,7 @@ def _now() -> str:
 
 
 def _atomic_write(path: Path, text: str, *, mode: int) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, text.encode("utf-8"), mode=mode)
 
 
 def _validate_book(doc: object) -> list[str]:
@@ -409,27 +388,15 @@ class ApprovalBook:
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
-        self._lock_path = self._path.with_name(self._path.name + ".lock")
-        self._lock = threading.Lock()
+        self._file_lock = FileLock(self._path.with_name(self._path.name + ".lock"))
 
     @property
     def path(self) -> Path:
         """The approvals file."""
         return self._path
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._lock:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+    def _locked(self) -> FileLock:
+        return self._file_lock
 
     def _read(self) -> dict[str, Any]:
         try:
