@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.flower_control import FlowerControl
-from export.runtime import free_port
+from export.runtime import die_with_parent, free_port
 
 __all__ = ["main"]
 
@@ -63,8 +63,9 @@ class Procs:
     def start(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
         fh = log.open("wb")
+        # Every process dies with the demo, even if the demo itself is killed.
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent)
         fh.close()
         self.items.append((name, proc))
         return proc
