@@ -196,8 +196,8 @@ class Federation:
 
 
 @contextmanager
-def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp"
-               ) -> Iterator[Federation]:
+def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
+               extra_env: dict[str, str] | None = None) -> Iterator[Federation]:
     """Demo data for ``n_sites`` and a serving coordinator; sites are added by the test."""
     data = json.loads(run_cli([str(BIN / "fedward-site"), "demo-data", "--out",
                                str(work / "data"), "--task", task, "--sites",
@@ -205,7 +205,7 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp"
     home = work / "coordinator"
     api_port = free_port()
     env = dict(os.environ, FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port),
-               FEDWARD_FLEET_PORT=str(free_port()))
+               FEDWARD_FLEET_PORT=str(free_port()), **(extra_env or {}))
     env.pop("FEDWARD_DATABASE_URL", None)
     run_cli([str(BIN / "fedward-coordinator"), "init", "--home", str(home)], env=env)
     log = (work / "coordinator.log").open("ab")
