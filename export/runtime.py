@@ -7,11 +7,15 @@ same environment and stop a whole tree that *we* started, by PID, and nothing el
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -151,8 +155,6 @@ def _alive(pid: int) -> bool:
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
     mix: temp file in the same directory, fsync, rename, fsync the directory."""
-    import contextlib  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -178,14 +180,10 @@ class FileLock:
     """A lock held across threads (a mutex) and processes (``flock`` on a sidecar file)."""
 
     def __init__(self, lock_path: Path) -> None:
-        import threading  # noqa: PLC0415
-
         self.lock_path = lock_path
         self._thread_lock = threading.Lock()
 
     def __enter__(self) -> FileLock:
-        import fcntl  # noqa: PLC0415
-
         self._thread_lock.acquire()
         try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,8 +195,6 @@ class FileLock:
         return self
 
     def __exit__(self, *_: object) -> None:
-        import fcntl  # noqa: PLC0415
-
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
