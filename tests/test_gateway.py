@@ -194,3 +194,22 @@ def test_enrolled_sites_train_through_the_gateway_and_listen_on_loopback_only() 
             addresses = _listening_addresses(tree)
             assert addresses, "expected the tunnel and the SuperNode's local API"
             assert addresses <= {"127.0.0.1"}, addresses
+
+
+def test_a_site_renews_its_certificate_before_expiry_without_a_token(
+        fed: Federation, tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from site_agent.enroll import renew
+
+    files = _enrolled(fed, "site-renew", tmp_path)
+    old = x509.load_pem_x509_certificate(files.site_cert.read_bytes()).serial_number
+    renew(root=files.root, gateway=fed.fleet)
+    new = x509.load_pem_x509_certificate(files.site_cert.read_bytes()).serial_number
+    assert new != old
+    with _client(files, files.coordinator_ca) as c:
+        assert c.get(f"https://{fed.fleet}/health").status_code == 200
+    events = fed.api("GET", "/audit?limit=500").json()
+    items = events["items"] if isinstance(events, dict) else events
+    assert any(e["action"] == "site.cert_renewed" and e["subject"] == "site-renew"
+               for e in items)

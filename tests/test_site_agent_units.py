@@ -660,3 +660,34 @@ def test_clientapp_import_does_not_import_torch() -> None:
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_a_site_runs_only_the_appliances_own_app_bundle() -> None:
+    import io
+    import zipfile
+
+    from flwr.supercore.fab import Fab
+
+    from coordinator.flower_control import app_bundle
+    from site_agent.warm_executor import UnknownBundleError, check_bundle
+
+    own, digest = app_bundle()
+    check_bundle(Fab(digest, own, {}))  # the appliance's own bundle passes
+
+    def rewritten(old: str, new: str) -> Fab:
+        src = zipfile.ZipFile(io.BytesIO(own))
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as dst:
+            for item in src.infolist():
+                data = src.read(item)
+                if item.filename == "pyproject.toml":
+                    data = data.replace(old.encode(), new.encode())
+                dst.writestr(item, data)
+        return Fab("x", out.getvalue(), {})
+
+    with pytest.raises(UnknownBundleError, match="runs only code installed"):
+        check_bundle(rewritten("site_agent.clientapp:app", "evil.module:app"))
+    with pytest.raises(UnknownBundleError, match="runs only code installed"):
+        check_bundle(rewritten('publisher = "fedward"', 'publisher = "someone"'))
+    with pytest.raises(UnknownBundleError, match="unreadable app bundle"):
+        check_bundle(Fab("x", b"not a zip", {}))
