@@ -202,8 +202,10 @@ def test_coordinator_killed_mid_run_resumes_without_losing_or_repeating_rounds()
             fed.add_site(s["name"], s["csv"], s["schema"])
             fed.start_site(s["name"])
         fed.wait_online(2)
+        # After a SuperLink crash Flower keeps the nodes "active" for about 60 s, so sites
+        # may need that long to come back: the deadline must cover it.
         run_id = fed.launch(task="breast_cancer_mlp", rounds=4, local_epochs=1, epsilon=3.0,
-                            min_sites=2, round_deadline_s=60)
+                            min_sites=2, round_deadline_s=180)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             done = [r for r in fed.api("GET", f"/runs/{run_id}/rounds").json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,4 +17,5 @@ def short_tmp() -> Iterator[Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if not os.environ.get("FEDWARD_TEST_KEEP"):  # set it to keep logs for a post-mortem
+            shutil.rmtree(path, ignore_errors=True)
