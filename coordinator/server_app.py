@@ -285,10 +285,14 @@ class RoundLoop:
             )
         new = aggregate(updates, method=plan.aggregation)
         rel = save_checkpoint(self.home, plan.run_id, number, new)
-        repository.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
+        # The round is recorded as completed before its checkpoint: a crash in between
+        # resumes from the previous checkpoint and runs this round again (its row is reset,
+        # the sites answer from their stored replies), instead of leaving a round that has
+        # a checkpoint but is still "running".
         repository.finish_round(self.engine, plan.run_id, number, status="completed",
                                 participating=participating, failed=failed, late=late,
                                 seconds=self.clock() - t0)
+        repository.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
         log.info("round %s done in %.2f s with %s", number, self.clock() - t0, participating)
         return new
 
