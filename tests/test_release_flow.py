@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from federation import federation
+from federation import Federation, federation
 from tests_support import short_tmp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -32,27 +32,33 @@ def test_parity_gate_figures_come_from_the_sites_and_the_release_is_signed() -> 
                                 headers={"Authorization": f"Bearer {r.json()['token']}"})
 
         ml, reviewer = user("ml", "ml_engineer"), user("rev", "reviewer")
-        r = ml.post("/candidates", params={"wait": "false"},
-                    json={"run_id": run_id, "intended_use": "integration test, not for care"})
-        assert r.status_code == 202, r.text
-        cand = r.json()
-        deadline = time.monotonic() + 300
-        while cand["status"] == "evaluating" and time.monotonic() < deadline:
-            time.sleep(1)
-            cand = ml.get(f"/candidates/{cand['id']}").json()
-        gates = {g["name"]: g for g in cand["gates"]}
-        assert cand["status"] == "awaiting_review", gates
-        per_site = gates["export_parity"]["figures"]["per_site"]
-        assert sorted(per_site) == sites          # every site measured, on its own data
-        for figures in per_site.values():
-            assert set(figures) == {"onnx", "onnx-int8", "openvino"}
-            assert figures["onnx"]["agreement"] == 1.0
-            assert figures["onnx"]["max_abs_diff"] < 1e-4
-            assert figures["onnx"]["n"] > 0
-        # The sites' audit logs record the parity task, and only figures left them.
-        for name in sites:
-            log = (fed.sites[name].root / "audit.log").read_text()
-            assert '"action":"parity-measured"' in log.replace(" ", "")
-        r = reviewer.post(f"/candidates/{cand['id']}/approve", json={"reason": "gates pass"})
-        assert r.status_code == 201, r.text
-        assert r.json()["release_id"]
+        with ml, reviewer:
+            _propose_and_approve(ml, reviewer, run_id=run_id, sites=sites, fed=fed)
+
+
+def _propose_and_approve(ml: httpx.Client, reviewer: httpx.Client, *, run_id: int,
+                         sites: list[str], fed: Federation) -> None:
+    r = ml.post("/candidates", params={"wait": "false"},
+                json={"run_id": run_id, "intended_use": "integration test, not for care"})
+    assert r.status_code == 202, r.text
+    cand = r.json()
+    deadline = time.monotonic() + 300
+    while cand["status"] == "evaluating" and time.monotonic() < deadline:
+        time.sleep(1)
+        cand = ml.get(f"/candidates/{cand['id']}").json()
+    gates = {g["name"]: g for g in cand["gates"]}
+    assert cand["status"] == "awaiting_review", gates
+    per_site = gates["export_parity"]["figures"]["per_site"]
+    assert sorted(per_site) == sites          # every site measured, on its own data
+    for figures in per_site.values():
+        assert set(figures) == {"onnx", "onnx-int8", "openvino"}
+        assert figures["onnx"]["agreement"] == 1.0
+        assert figures["onnx"]["max_abs_diff"] < 1e-4
+        assert figures["onnx"]["n"] > 0
+    # The sites' audit logs record the parity task, and only figures left them.
+    for name in sites:
+        log = (fed.sites[name].root / "audit.log").read_text()
+        assert '"action":"parity-measured"' in log.replace(" ", "")
+    r = reviewer.post(f"/candidates/{cand['id']}/approve", json={"reason": "gates pass"})
+    assert r.status_code == 201, r.text
+    assert r.json()["release_id"]
