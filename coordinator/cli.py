@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
 
@@ -32,12 +33,6 @@ app = typer.Typer(help="Fedward coordinator: sites, runs, rounds.", no_args_is_h
 console = Console()
 err_console = Console(stderr=True)
 
-HomeOpt = Annotated[Path | None, typer.Option("--home", help="Coordinator data directory "
-                                              "(default $FEDWARD_HOME or ~/.fedward/coordinator)")]
-ApiOpt = Annotated[str | None, typer.Option("--api", help="API base URL (default "
-                                            "$FEDWARD_API or http://127.0.0.1:8600)")]
-TokenOpt = Annotated[str | None, typer.Option("--token", help="API token (default "
-                                              "$FEDWARD_TOKEN or the admin token file)")]
 
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")

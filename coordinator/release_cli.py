@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+
 if TYPE_CHECKING:
     from coordinator.cli import ApiClient
 
@@ -30,14 +32,6 @@ release_app = typer.Typer(help="Release candidates, approval, signed bundles, re
 console = Console()
 err_console = Console(stderr=True)
 
-# The same options as the other fedward-coordinator commands (coordinator.cli); repeated here
-# because coordinator.cli imports this module to mount it.
-HomeOpt = Annotated[Path | None, typer.Option("--home", help="Coordinator data directory "
-                                              "(default $FEDWARD_HOME or ~/.fedward/coordinator)")]
-ApiOpt = Annotated[str | None, typer.Option("--api", help="API base URL (default "
-                                            "$FEDWARD_API or http://127.0.0.1:8600)")]
-TokenOpt = Annotated[str | None, typer.Option("--token", help="API token (default "
-                                              "$FEDWARD_TOKEN or the admin token file)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")]
 
