@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from export.certs import ensure_ca, issue_server_cert, make_csr, write_private_key
 from export.wire import TokenFormatError, parse_enrollment_token
+from site_agent.config import SitePaths
 from site_agent.keys import ensure_node_key
 
 __all__ = ["EnrollError", "EnrollmentFiles", "enroll", "renew"]
@@ -37,26 +38,13 @@ class EnrollError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class EnrollmentFiles:
-    """Where enrollment leaves the site's TLS material (inside its data directory)."""
-
-    root: Path
-
-    @property
-    def keys(self) -> Path:
-        return self.root / "keys"
+class EnrollmentFiles(SitePaths):
+    """Where enrollment leaves the site's TLS material: the site's own paths (``keys``,
+    ``site_key``, ``site_cert``) plus what only enrollment uses."""
 
     @property
     def coordinator_ca(self) -> Path:
         return self.root / "coordinator-ca.pem"
-
-    @property
-    def site_key(self) -> Path:
-        return self.keys / "site-tls.key"
-
-    @property
-    def site_cert(self) -> Path:
-        return self.keys / "site-tls.pem"
 
     @property
     def local_pki(self) -> Path:
