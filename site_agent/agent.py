@@ -253,14 +253,16 @@ class SiteAgent:
             "--host", "127.0.0.1",
             "--port", str(free_port()),
         ]
-        executor: WarmExecutor | None = None
-        if config.executor == "warm":
-            # Tasks run in this process (see site_agent.warm_executor): no process per message.
-            runtime_port = int(cmd[-1])
-            cmd += ["--isolation", "process"]
-            executor = WarmExecutor(runtime_address=f"127.0.0.1:{runtime_port}",
-                                    app=clientapp_module.app)
-            threading.Thread(target=executor.run, name="warm-executor", daemon=True).start()
+        # The agent, not Flower's SuperExec, runs the ClientApp tasks (see
+        # site_agent.warm_executor): in this process ("warm", no process per message) or
+        # one process per task ("subprocess", as stock Flower). Either way the run's app
+        # bundle is checked first: sites run only code installed with the site agent.
+        runtime_port = int(cmd[-1])
+        cmd += ["--isolation", "process"]
+        executor = WarmExecutor(runtime_address=f"127.0.0.1:{runtime_port}",
+                                app=clientapp_module.app,
+                                per_task_process=config.executor == "subprocess")
+        threading.Thread(target=executor.run, name="task-executor", daemon=True).start()
         log_fh: IO[bytes]
         log_path = paths.logs / "supernode.log"
         start_offset = log_path.stat().st_size if log_path.exists() else 0
@@ -279,6 +281,5 @@ class SiteAgent:
                 stop_process_tree(self._proc)
                 self._proc = None
             finally:
-                if executor is not None:
-                    executor.stop.set()
+                executor.stop.set()
         return 0

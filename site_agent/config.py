@@ -107,8 +107,8 @@ class SiteConfig:
         reconnect_backoff_s: wait before restarting a SuperNode that exited; Flower keeps
             an authenticated node "active" for about 60 s after it drops.
         executor: ``warm`` runs ClientApp tasks inside the agent (no process per message);
-            ``subprocess`` is stock Flower (a ``flwr-clientapp`` process per message running
-            the same thin relay).
+            ``subprocess`` starts one process per message, as stock Flower does (slower;
+            for sites that want each task isolated). Both check the app bundle first.
     """
 
     name: str

@@ -20,6 +20,8 @@ from the network is unpickled: messages are Flower's protobuf and numpy ``.npy``
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -28,22 +30,31 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.config import get_fab_config
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.common.serde import context_from_proto, fab_from_proto
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import (
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
 )
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
-)
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from export.runtime import die_with_parent, stop_process_tree
 from export.wire import APP_COMPONENTS, APP_PUBLISHER, SiteErrorCode
 
 __all__ = ["UnknownBundleError", "WarmExecutor", "check_bundle"]
@@ -66,6 +77,48 @@ def _bounded_retries() -> RetryInvoker:
         max_tries=5,
         max_time=20.0,
     )
+
+
+# How long a task may wait for its message's content to reach the local SuperNode. Flower
+# waits up to 2 hours (PULL_MAX_TIME), which turns a stale task into a stuck site: after
+# the SuperLink restarts, a SuperNode can be left with a task whose message content will
+# never arrive (it logs "Run ... is not in RUNNING status. Ignoring message" after creating
+# the task), and this executor, holding that task, would never take the next one. The
+# content is normally on the SuperNode within a second of the task: 30 s is generous.
+PULL_MAX_TIME_S = 30.0
+
+
+def pull_task_input(client: RuntimeHttpClient, *, max_time: float = PULL_MAX_TIME_S
+                    ) -> tuple[Message, Context, Fab]:
+    """Pull a task's context, bundle and message, giving up after ``max_time`` seconds.
+
+    The same calls as ``flwr.supernode.runtime.run_clientapp.pull_task_input``, with a
+    bounded wait and a short back-off (Flower starts at 1 s, which a round pays whenever
+    the task is acquired before its message content is local).
+    """
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the task has no message")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message,
+        max_time=max_time,
+        initial_backoff=0.05,
+        backoff_cap=1.0,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, fab
 
 
 class UnknownBundleError(ValueError):
@@ -101,6 +154,7 @@ class WarmExecutor:
     runtime_address: str
     app: ClientApp
     poll_s: float = 0.05
+    per_task_process: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
     tasks_done: int = 0
 
@@ -132,13 +186,38 @@ class WarmExecutor:
                     continue
                 if res.HasField("task") and res.token:
                     try:
-                        self.execute(res.token)
+                        if self.per_task_process:
+                            self.execute_in_process(res.token)
+                        else:
+                            self.execute(res.token)
                     except Exception:
                         log.exception("a ClientApp task could not be completed")
                 else:
                     self.stop.wait(self.poll_s)
         finally:
             acquirer.close()
+
+    def execute_in_process(self, token: str, *, timeout_s: float = 3600.0) -> None:
+        """Carry out one task in a fresh process (the ``subprocess`` executor).
+
+        Flower's own ``flwr-clientapp`` would load whatever app the bundle names; this
+        process runs :meth:`execute`, so the bundle check applies in this mode too. The
+        token travels on stdin, never on the command line (``ps`` shows arguments).
+        """
+        cmd = [sys.executable, "-m", "site_agent.task_process", "--runtime",
+               self.runtime_address]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, preexec_fn=die_with_parent)
+        assert proc.stdin is not None
+        proc.stdin.write(token.encode())
+        proc.stdin.close()
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_process_tree(proc)
+            code = -1
+        if code != 0:
+            log.warning("task process exited with code %s", code)
+        self.tasks_done += 1
 
     def execute(self, token: str) -> None:
         """Carry out one task (the body of Flower's ``run_clientapp``, in-process)."""
@@ -150,7 +229,7 @@ class WarmExecutor:
         reply: Message | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context, _run, fab = pull_task_input(client)
+            message, context, fab = pull_task_input(client)
             try:
                 check_bundle(fab)
             except UnknownBundleError as err:

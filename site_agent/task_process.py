@@ -1,0 +1,37 @@
+"""One ClientApp task in its own process: the site agent's ``subprocess`` executor.
+
+Stock Flower starts a ``flwr-clientapp`` process per message, which loads the app named by
+the run's bundle. This entry point is what the site agent starts instead: it runs the same
+steps as the warm executor (pull the task, refuse any bundle that is not the appliance's
+own, call the relay, push the reply), so sites run only installed code in this mode too.
+The task token is read from stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from site_agent import clientapp
+from site_agent.warm_executor import WarmExecutor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m site_agent.task_process")
+    parser.add_argument("--runtime", required=True,
+                        help="the SuperNode's runtime API, 127.0.0.1:PORT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    token = sys.stdin.read().strip()
+    if not token:
+        print("no task token on stdin", file=sys.stderr)
+        return 2
+    executor = WarmExecutor(runtime_address=args.runtime, app=clientapp.app)
+    executor.execute(token)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
