@@ -15,9 +15,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.build import build_fab_from_files
-from flwr.common.serde import fab_to_proto, user_config_to_proto
+from flwr.common.serde import fab_to_proto, scalar_from_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListNodesRequest,
+    ListRunsRequest,
     RegisterNodeRequest,
     StartRunRequest,
     StopRunRequest,
@@ -32,11 +33,26 @@ from export.wire import APP_COMPONENTS, APP_NAME, APP_PUBLISHER
 __all__ = [
     "APP_COMPONENTS",
     "FlowerControl",
+    "FlowerRunState",
     "NodeKeyError",
     "app_bundle",
 ]
 
 APP_VERSION = "1.0.0"
+
+
+@dataclass(frozen=True)
+class FlowerRunState:
+    """The state of the newest Flower run that trains a coordinator run."""
+
+    flwr_run_id: int
+    status: str        # pending, starting, running or finished
+    sub_status: str    # for finished runs: completed, failed or stopped
+    details: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
 
 
 class NodeKeyError(ValueError):
@@ -150,3 +166,31 @@ class FlowerControl:
             client.StopRun(StopRunRequest(run_id=flwr_run_id))
         finally:
             client.close()
+
+    def training_runs(self, limit: int = 100) -> dict[int, FlowerRunState]:
+        """Coordinator run id -> the state of its newest Flower training run.
+
+        Read from the ``fedward-run-id`` each run was started with; parity runs (which
+        measure a release candidate and train nothing) are left out.
+        """
+        client = self._client()
+        try:
+            res = client.ListRuns(ListRunsRequest(limit=limit))
+        finally:
+            client.close()
+        newest: dict[int, tuple[str, FlowerRunState]] = {}
+        for flwr_id, run in res.run_dict.items():
+            cfg = {k: scalar_from_proto(v) for k, v in run.override_config.items()}
+            try:
+                ours = int(str(cfg.get("fedward-run-id", "")))
+                parity = int(str(cfg.get("fedward-parity-candidate", "0")))
+            except ValueError:
+                continue
+            if parity:
+                continue
+            state = FlowerRunState(flwr_run_id=int(flwr_id), status=run.status.status,
+                                   sub_status=run.status.sub_status,
+                                   details=run.status.details)
+            if ours not in newest or run.pending_at > newest[ours][0]:
+                newest[ours] = (run.pending_at, state)
+        return {ours: state for ours, (_, state) in newest.items()}

@@ -28,6 +28,12 @@ __all__ = ["Coordinator", "FlowerLauncher", "FlowerRegistrar", "init_home"]
 
 log = logging.getLogger("fedward.coordinator")
 
+# A run whose ServerApp has ended (a crash, an OOM kill, a bug) without finishing the run is
+# relaunched from its last checkpoint this many times before it is failed.
+MAX_SERVERAPP_RELAUNCHES = 2
+ORPHAN_CHECK_S = 5.0    # how often the watchdog looks for such runs
+ORPHAN_GRACE_S = 10.0   # a run must look orphaned this long (a run exists before its launch)
+
 
 def init_home(settings: Settings) -> CAFiles:
     """Create the data directory, the site CA, the SuperLink certificate and the schema."""
@@ -153,6 +159,8 @@ class Coordinator:
     superlink: SuperLinkProcess = field(init=False)
     gateway: SiteGateway = field(init=False)
     app: FastAPI = field(init=False)
+    _orphan_since: dict[int, float] = field(default_factory=dict, init=False)
+    _relaunches: dict[int, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         pki = init_home(self.settings)
@@ -191,6 +199,22 @@ class Coordinator:
         (self.settings.home / "superlink.address").write_text(self.superlink.address + "\n")
         (self.settings.home / "fleet.address").write_text(self.gateway.address + "\n")
 
+    def _control(self) -> FlowerControl:
+        return FlowerControl(address=self.superlink.address,
+                             ca_cert=self.superlink.pki.ca_cert)
+
+    def _relaunch(self, control: FlowerControl, run_id: int, why: str) -> bool:
+        """Start a run again as a new Flower run (it resumes after its last checkpoint)."""
+        try:
+            flwr_run = control.start_run(fedward_run_id=run_id)
+        except Exception as err:
+            repository.finish_run(self.engine, run_id, status="failed",
+                                  reason=f"{why}; relaunching failed: {err}")
+            return False
+        repository.note_run_resumed(self.engine, run_id, why=why, flwr_run_id=str(flwr_run))
+        log.warning("run %s resumed as Flower run %s (%s)", run_id, flwr_run, why)
+        return True
+
     def resume_interrupted_runs(self, why: str) -> list[int]:
         """Relaunch every run still marked pending or running as a new Flower run.
 
@@ -199,36 +223,83 @@ class Coordinator:
         round it already trained answers from its stored reply without spending privacy
         again. Runs that cannot be relaunched are failed with the reason.
         """
-        control = FlowerControl(address=self.superlink.address,
-                                ca_cert=self.superlink.pki.ca_cert)
-        resumed = []
-        for run_id in repository.running_run_ids(self.engine):
-            try:
-                flwr_run = control.start_run(fedward_run_id=run_id)
-            except Exception as err:
-                repository.finish_run(self.engine, run_id, status="failed",
-                                      reason=f"{why}; relaunching failed: {err}")
+        control = self._control()
+        return [run_id for run_id in repository.running_run_ids(self.engine)
+                if self._relaunch(control, run_id, why)]
+
+    def check_orphaned_runs(self, now: float | None = None) -> None:
+        """Notice runs whose ServerApp ended while the run had not (a crash, a kill, a bug).
+
+        Such a run would otherwise show "running" forever. After a grace period (a run is
+        committed a moment before its Flower run exists) it is relaunched from its last
+        checkpoint, at most :data:`MAX_SERVERAPP_RELAUNCHES` times; then, or if someone
+        stopped its Flower run, it is finished with a reason that says what Flower saw.
+        """
+        now = time.monotonic() if now is None else now
+        ours = repository.running_run_ids(self.engine)
+        if not ours:
+            self._orphan_since.clear()
+            return
+        control = self._control()
+        flower = control.training_runs()
+        for run_id in ours:
+            state = flower.get(run_id)
+            if state is not None and not state.finished:
+                self._orphan_since.pop(run_id, None)
                 continue
-            repository.note_run_resumed(self.engine, run_id, why=why,
-                                        flwr_run_id=str(flwr_run))
-            log.warning("run %s resumed as Flower run %s (%s)", run_id, flwr_run, why)
-            resumed.append(run_id)
-        return resumed
+            since = self._orphan_since.setdefault(run_id, now)
+            if now - since < ORPHAN_GRACE_S:
+                continue
+            del self._orphan_since[run_id]
+            if state is None:
+                what = "no Flower run is executing it"
+            else:
+                detail = state.details.strip().splitlines()[0][:300] if state.details else ""
+                what = (f"Flower run {state.flwr_run_id} ended {state.status}:"
+                        f"{state.sub_status}" + (f" ({detail})" if detail else ""))
+            if state is not None and state.sub_status == "stopped":
+                repository.finish_run(self.engine, run_id, status="stopped",
+                                      reason=f"stopped in Flower: {what}")
+                continue
+            tries = self._relaunches.get(run_id, 0)
+            why = f"the run's ServerApp ended before the run did: {what}"
+            if tries < MAX_SERVERAPP_RELAUNCHES:
+                self._relaunches[run_id] = tries + 1
+                log.error("%s; relaunching run %s (%d of %d)", why, run_id, tries + 1,
+                          MAX_SERVERAPP_RELAUNCHES)
+                self._relaunch(control, run_id, why)
+            else:
+                repository.finish_run(
+                    self.engine, run_id, status="failed",
+                    reason=f"{why}; relaunched {tries} times without success (the "
+                           "coordinator's superlink/superlink.log and the ServerApp logs in "
+                           "the SuperLink database say why)")
 
     def _watch_superlink(self, stop: threading.Event) -> None:
-        """Restart the SuperLink if it dies, then resume the runs that were in flight."""
+        """Restart the SuperLink if it dies, then resume the runs that were in flight.
+
+        Also notices runs whose ServerApp died on its own (see check_orphaned_runs).
+        """
+        last_orphan_check = time.monotonic()
         while not stop.wait(2.0):
-            if self.superlink.alive():
+            if not self.superlink.alive():
+                code = self.superlink.exit_code()
+                why = f"the SuperLink exited unexpectedly (code {code})"
+                log.error("%s; restarting it on %s", why, self.superlink.address)
+                try:
+                    self.superlink.start()
+                except SuperLinkError as err:
+                    log.error("could not restart the SuperLink: %s", err)
+                    continue
+                self._orphan_since.clear()
+                self.resume_interrupted_runs(why)
                 continue
-            code = self.superlink.exit_code()
-            why = f"the SuperLink exited unexpectedly (code {code})"
-            log.error("%s; restarting it on %s", why, self.superlink.address)
-            try:
-                self.superlink.start()
-            except SuperLinkError as err:
-                log.error("could not restart the SuperLink: %s", err)
-                continue
-            self.resume_interrupted_runs(why)
+            if time.monotonic() - last_orphan_check >= ORPHAN_CHECK_S:
+                last_orphan_check = time.monotonic()
+                try:
+                    self.check_orphaned_runs()
+                except Exception as err:  # a SuperLink that is restarting, a busy database
+                    log.warning("could not check for runs without a ServerApp: %s", err)
 
     def serve(self, *, ready: threading.Event | None = None) -> None:
         """Start the SuperLink and serve the API until interrupted; stops both on exit."""
