@@ -7,14 +7,17 @@ SuperLink's own address and CA (a single-host lab set-up, the demo) dials it dir
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.certs import CAFiles
-from site_agent.enroll import EnrollmentFiles
+from site_agent.enroll import EnrollmentFiles, finish_interrupted_renewal
 from site_agent.tunnel import SiteTunnel, TunnelConfig
 
 __all__ = ["Route", "open_route"]
+
+log = logging.getLogger("fedward.site.connect")
 
 
 @dataclass
@@ -38,6 +41,9 @@ class Route:
 def open_route(*, root: Path, superlink: str, ca_cert: Path) -> Route:
     """Start the tunnel for an enrolled site, or route directly to ``superlink``."""
     files = EnrollmentFiles(root)
+    done = finish_interrupted_renewal(files)
+    if done is not None:
+        log.warning("%s", done)
     if not files.enrolled:
         return Route(superlink=superlink, root_certificates=ca_cert)
     local = CAFiles.under(files.local_pki)

@@ -30,7 +30,7 @@ from export.wire import TokenFormatError, parse_enrollment_token
 from site_agent.config import SitePaths
 from site_agent.keys import ensure_node_key
 
-__all__ = ["EnrollError", "EnrollmentFiles", "enroll", "renew"]
+__all__ = ["EnrollError", "EnrollmentFiles", "enroll", "finish_interrupted_renewal", "renew"]
 
 
 class EnrollError(RuntimeError):
@@ -144,6 +144,7 @@ def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> st
 def renew(*, root: Path, gateway: str, timeout: float = 30.0) -> str:
     """Renew the site certificate before it expires, with the current one; returns expiry."""
     files = EnrollmentFiles(root)
+    finish_interrupted_renewal(files)
     if not files.enrolled:
         raise EnrollError("this site is not enrolled; run `fedward-site enroll` first")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -159,10 +160,44 @@ def renew(*, root: Path, gateway: str, timeout: float = 30.0) -> str:
     if resp.status_code != 200:
         raise EnrollError(f"the coordinator refused the renewal: {resp.text}")
     body = resp.json()
-    write_private_key(files.site_key.with_name("site-tls.key.new"), key)
-    _atomic_write(files.site_cert.with_name("site-tls.pem.new"),
-                  body["certificate_pem"].encode())
-    # Swap key and certificate together: key first, then certificate.
-    os.replace(files.site_key.with_name("site-tls.key.new"), files.site_key)
-    os.replace(files.site_cert.with_name("site-tls.pem.new"), files.site_cert)
+    new_key, new_cert = _pending(files)
+    write_private_key(new_key, key)
+    _atomic_write(new_cert, body["certificate_pem"].encode())
+    # Both new files are on disk: from here a crash is completed by the next start.
+    finish_interrupted_renewal(files)
     return str(body["not_after"])
+
+
+def _pending(files: EnrollmentFiles) -> tuple[Path, Path]:
+    return (files.site_key.with_name(files.site_key.name + ".new"),
+            files.site_cert.with_name(files.site_cert.name + ".new"))
+
+
+def finish_interrupted_renewal(files: EnrollmentFiles) -> str | None:
+    """Make the site's key and certificate a matching pair again after a renewal crash.
+
+    A renewal writes ``site-tls.key.new`` and ``site-tls.pem.new``, then moves the key and
+    then the certificate into place. A crash between those two moves would leave a new key
+    with the old certificate. This rolls forward when the new certificate is on disk and
+    matches a key (moved or not), and rolls back (drops the leftovers) otherwise. Returns
+    what it did, or None when there was nothing to do.
+    """
+    new_key, new_cert = _pending(files)
+    if not new_key.exists() and not new_cert.exists():
+        return None
+    key_path = new_key if new_key.exists() else files.site_key
+    try:
+        cert = x509.load_pem_x509_certificate(new_cert.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        matches = cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    except (OSError, ValueError):
+        matches = False
+    if matches:
+        if new_key.exists():
+            os.replace(new_key, files.site_key)
+        os.replace(new_cert, files.site_cert)
+        return "completed an interrupted certificate renewal"
+    for leftover in (new_key, new_cert):
+        leftover.unlink(missing_ok=True)
+    return "discarded an unfinished certificate renewal (the current certificate stays)"

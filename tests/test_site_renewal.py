@@ -1,0 +1,99 @@
+"""A certificate renewal cut short never leaves the site with a key that does not match its
+certificate: the next start completes it or drops it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from export.certs import write_private_key
+from site_agent.enroll import EnrollmentFiles, finish_interrupted_renewal
+
+
+def _pair() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hospital-a")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return key, cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[EnrollmentFiles, bytes, ec.EllipticCurvePrivateKey, bytes]:
+    files = EnrollmentFiles(tmp_path)
+    files.keys.mkdir(parents=True)
+    old_key, old_cert = _pair()
+    write_private_key(files.site_key, old_key)
+    files.site_cert.write_bytes(old_cert)
+    new_key, new_cert = _pair()
+    return files, old_cert, new_key, new_cert
+
+
+def _new(files: EnrollmentFiles) -> tuple[Path, Path]:
+    return (files.site_key.with_name("site-tls.key.new"),
+            files.site_cert.with_name("site-tls.pem.new"))
+
+
+def _matches(files: EnrollmentFiles) -> bool:
+    key = serialization.load_pem_private_key(files.site_key.read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate(files.site_cert.read_bytes())
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+
+
+def test_nothing_to_do_on_a_clean_site(
+        site: tuple[EnrollmentFiles, bytes, ec.EllipticCurvePrivateKey, bytes]) -> None:
+    files, old_cert, _, _ = site
+    assert finish_interrupted_renewal(files) is None
+    assert files.site_cert.read_bytes() == old_cert and _matches(files)
+
+
+def test_crash_between_the_two_moves_is_rolled_forward(
+        site: tuple[EnrollmentFiles, bytes, ec.EllipticCurvePrivateKey, bytes]) -> None:
+    files, _, new_key, new_cert = site
+    _, cert_new = _new(files)
+    write_private_key(files.site_key, new_key)   # the key was moved ...
+    cert_new.write_bytes(new_cert)               # ... the certificate was not
+    assert not _matches(files)
+    assert finish_interrupted_renewal(files) == "completed an interrupted certificate renewal"
+    assert files.site_cert.read_bytes() == new_cert and _matches(files)
+    assert not cert_new.exists()
+
+
+def test_crash_before_the_moves_is_rolled_forward(
+        site: tuple[EnrollmentFiles, bytes, ec.EllipticCurvePrivateKey, bytes]) -> None:
+    files, _, new_key, new_cert = site
+    key_new, cert_new = _new(files)
+    write_private_key(key_new, new_key)
+    cert_new.write_bytes(new_cert)
+    assert finish_interrupted_renewal(files) is not None
+    assert files.site_cert.read_bytes() == new_cert and _matches(files)
+    assert not key_new.exists() and not cert_new.exists()
+
+
+def test_a_key_without_its_certificate_is_dropped(
+        site: tuple[EnrollmentFiles, bytes, ec.EllipticCurvePrivateKey, bytes]) -> None:
+    files, old_cert, new_key, _ = site
+    key_new, _ = _new(files)
+    write_private_key(key_new, new_key)          # crash before the certificate was written
+    assert finish_interrupted_renewal(files) is not None
+    assert files.site_cert.read_bytes() == old_cert and _matches(files)
+    assert not key_new.exists()
+
+
+def test_a_certificate_that_matches_no_key_is_dropped(
+        site: tuple[EnrollmentFiles, bytes, ec.EllipticCurvePrivateKey, bytes]) -> None:
+    files, old_cert, _, _ = site
+    _, cert_new = _new(files)
+    cert_new.write_bytes(_pair()[1])             # someone else's certificate
+    assert "discarded" in (finish_interrupted_renewal(files) or "")
+    assert files.site_cert.read_bytes() == old_cert and _matches(files)
+    assert not cert_new.exists()
