@@ -8,8 +8,12 @@ is checked instead, against the code being deployed:
   subcommand or flag fails here;
 * every ``FEDWARD_*`` variable set anywhere is a field of the coordinator's settings;
 * the compose file's topology: three sites, each with its own volume and an internal network
-  shared only with the coordinator, no published site ports;
-* the one-shot scripts actually run (with their paths moved into a temporary folder);
+  shared only with the coordinator (and the site's init job, which enrolls over it), a
+  token volume per site shared only by its token job and its init job, no published site
+  ports; the jobs' order (coordinator-init, healthy coordinator, issue-token-X, X-init, X);
+* the one-shot scripts pass ``sh -n`` and ShellCheck (where installed), and run for real
+  (paths moved into a temporary folder) against a real coordinator: a site enrolls with
+  them, a second run changes nothing, and the enrolled agent connects through the gateway;
 * the systemd units' restart back-off against the site's ``reconnect_backoff_s``, their
   hardening, and ``systemd-analyze verify`` where it exists;
 * the chart's structure: every ``.Values`` path a template uses exists, control blocks are
@@ -28,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tomllib
@@ -36,6 +41,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import click
 import pytest
@@ -43,6 +49,10 @@ import typer
 
 from coordinator.settings import Settings
 from site_agent.config import SiteConfig
+from site_agent.enroll import EnrollmentFiles
+
+from federation import Site, federation
+from tests_support import short_tmp
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -59,6 +69,7 @@ IMAGES = {"coordinator.Dockerfile": "fedward-coordinator",
           "site-agent.Dockerfile": "fedward-site"}
 IMAGE_UID = 10001
 DATA_DIR = "/var/lib/fedward"
+EXCHANGE_DIR = "/var/lib/fedward-exchange"
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -85,8 +96,17 @@ def cli_group(script: str) -> click.Group:
     return group
 
 
-def check_cli(argv: list[str], where: str) -> None:
-    """Parse ``argv`` (console script first) with the CLI's own parser; nothing runs."""
+def check_cli(argv: list[str], where: str, env: dict[str, str] | None = None) -> None:
+    """Parse ``argv`` (console script first) with the CLI's own parser; nothing runs.
+
+    ``env`` holds the variables the command line sets for the command (``VAR=value cmd``):
+    click reads an option's ``envvar`` while parsing, so they are in place meanwhile.
+    """
+    with mock.patch.dict(os.environ, env or {}):
+        _parse_cli(argv, where)
+
+
+def _parse_cli(argv: list[str], where: str) -> None:
     script, *rest = argv
     cmd: click.Command = cli_group(script)
     path = [script]
@@ -116,24 +136,38 @@ def check_fedward_env(names: Iterable[str], where: str) -> None:
                                    f"(known: {sorted(known)})")
 
 
-def shell_invocations(script: str) -> list[list[str]]:
-    """Every ``fedward-*`` command line in a POSIX shell script, as argv lists."""
+def shell_invocations(script: str) -> list[tuple[dict[str, str], list[str]]]:
+    """Every ``fedward-*`` command line in a POSIX shell script: (variables set for it, argv).
+
+    Here-document bodies are skipped (they are another language's text, fed to stdin).
+    """
     text = re.sub(r"\\\n", " ", script)
-    found: list[list[str]] = []
+    found: list[tuple[dict[str, str], list[str]]] = []
+    heredoc_end: str | None = None
     for line in text.splitlines():
+        if heredoc_end is not None:
+            if line.strip() == heredoc_end:
+                heredoc_end = None
+            continue
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        for segment in re.split(r"&&|\|\||;|\|", line):
+        if here := re.search(r"<<-?\s*(['\"]?)(\w+)\1", line):
+            heredoc_end = here.group(2)
+        # A command substitution, $( ... ), is a command line of its own.
+        for segment in re.split(r"&&|\|\||;|\||\$\(|\)", line):
             try:
                 tokens = shlex.split(segment, comments=True)
             except ValueError:
                 continue
             for i, tok in enumerate(tokens):
                 if tok.startswith("fedward-"):
+                    env = dict(t.split("=", 1) for t in tokens[:i]
+                               if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", t))
                     # ${VAR:-default} stands for its default; other $VARs stay as text.
-                    found.append([re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", t) for t in tokens[i:]
-                                  if not re.match(r"\d?[<>]", t)])  # redirections
+                    argv = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", t) for t in tokens[i:]
+                            if not re.match(r"\d?[<>]", t)]  # redirections
+                    found.append((env, argv))
                     break
     return found
 
@@ -305,13 +339,30 @@ def test_compose_commands_use_known_clis_and_flags() -> None:
         assert argv[0] == "/bin/sh" and len(argv) == 2, f"{name}: runs {argv}"
         script = script_of(svc, argv[1])
         assert script.is_file(), f"{name}: {script} is missing"
-        subprocess.run(["sh", "-n", str(script)], check=True)
         calls = shell_invocations(script.read_text(encoding="utf-8"))
         assert calls, f"{script} runs no fedward CLI"
-        for call in calls:
-            check_cli(call, f"{script.name} (service {name})")
+        for env, call in calls:
+            check_cli(call, f"{script.name} (service {name})", env)
         seen_scripts.add(script.name)
     assert seen_scripts == {p.name for p in (COMPOSE_DIR / "scripts").glob("*.sh")}
+
+
+def test_compose_scripts_lint() -> None:
+    """``sh -n`` always; ShellCheck (POSIX sh dialect) where it is installed."""
+    scripts = sorted((COMPOSE_DIR / "scripts").glob("*.sh"))
+    assert scripts
+    for script in scripts:
+        assert script.read_text(encoding="utf-8").startswith("#!/bin/sh\n"), script.name
+        res = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True,
+                             check=False, timeout=30)
+        assert res.returncode == 0, f"{script.name}: {res.stderr}"
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (`apt-get install shellcheck`); `sh -n` passed")
+    res = subprocess.run([shellcheck, "--shell=sh", "--severity=style",
+                          *map(str, scripts)], capture_output=True, text=True, check=False,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_compose_topology_sites_isolated() -> None:
@@ -345,7 +396,30 @@ def test_compose_topology_sites_isolated() -> None:
             assert networks.get(net, {}).get("internal") is True, f"{net} must be internal"
             members = {n for n, s in running.items() if net in (s.get("networks") or [])}
             assert members == {site, "coordinator"}, f"network {net} joins {members}"
+            # One-shot jobs too: only the site's own init job, which enrolls through it.
+            everyone = {n for n, s in services.items() if net in (s.get("networks") or [])}
+            assert everyone == {site, f"{site}-init", "coordinator"}, (
+                f"network {net} joins {everyone}")
         assert svc.get("networks"), f"{site} is on no network"
+        init = services[f"{site}-init"]
+        assert init.get("network_mode") is None and init.get("networks") == svc["networks"], (
+            f"{site}-init must enroll over {site}'s own network, and only it")
+        # The site's enrollment token: a volume of its own, shared by the job that writes
+        # the token and the site's init job that uses it; never the agent nor the coordinator.
+        token_volume = f"token-{site}"
+        assert token_volume in data["volumes"]
+        users = {n for n, v in volumes_of.items() if token_volume in v}
+        assert users == {f"issue-token-{site}", f"{site}-init"}, (
+            f"{token_volume} is mounted by {users}")
+        for user in users:
+            mounts = [m for m in services[user]["volumes"] if m.split(":")[0] == token_volume]
+            assert mounts == [f"{token_volume}:/var/lib/fedward-exchange"], mounts
+    # No site-side service sees the coordinator's volume (CA key, admin token, database);
+    # the token-issuing jobs see it read-only.
+    for name, vols in volumes_of.items():
+        if "coordinator-data" in vols and name not in ("coordinator", "coordinator-init"):
+            assert name.startswith("issue-token-"), f"{name} mounts coordinator-data"
+            assert "coordinator-data:/var/lib/fedward:ro" in services[name]["volumes"]
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert name == "coordinator" and str(port).startswith("127.0.0.1:"), (
@@ -357,17 +431,53 @@ def test_compose_sites_dial_the_gateway_the_coordinator_serves() -> None:
     env = services["coordinator"]["environment"]
     check_fedward_env(env, "compose coordinator")
     check_fedward_env(services["coordinator-init"]["environment"], "compose coordinator-init")
+    assert services["coordinator-init"]["environment"] == env, (
+        "coordinator-init makes the gateway certificate the coordinator serves: same settings")
     hostnames = {h.strip() for h in env["FEDWARD_FLEET_HOSTNAMES"].split(",")}
     assert env["FEDWARD_FLEET_HOST"] == "0.0.0.0"
-    registered = services["register-sites"]["environment"]["SITES"].split()
-    assert registered == list(SITES)
+    issuers = sorted(n for n in services if n.startswith("issue-token-"))
+    assert issuers == [f"issue-token-{s}" for s in SITES]
     for site in SITES:
+        issuer = services[f"issue-token-{site}"]
+        assert issuer["environment"]["SITE_NAME"] == site
+        api = issuer["environment"]["COORDINATOR_API"]
+        assert api == f"http://coordinator:{env['FEDWARD_API_PORT']}", api
+        assert issuer.get("networks") == ["central"], "the API is reached over `central`"
         init_env = services[f"{site}-init"]["environment"]
         assert init_env["SITE_NAME"] == site
         host, _, port = init_env["FLEET_ADDRESS"].rpartition(":")
         assert host in hostnames, f"{site} dials {host}, not in the gateway certificate"
         assert port == str(env["FEDWARD_FLEET_PORT"])
-        assert services[f"{site}-init"].get("network_mode") == "none"
+
+
+def _depends(svc: dict[str, Any]) -> dict[str, str]:
+    deps = svc.get("depends_on", {})
+    assert isinstance(deps, dict), "depends_on must name a condition for each service"
+    return {name: str(spec.get("condition")) for name, spec in deps.items()}
+
+
+def test_compose_jobs_run_in_order_non_root() -> None:
+    """coordinator-init -> coordinator (healthy) -> issue-token-X -> X-init -> X."""
+    services = compose()["services"]
+    done, healthy = "service_completed_successfully", "service_healthy"
+    assert _depends(services["coordinator-init"]) == {}
+    assert _depends(services["coordinator"]) == {"coordinator-init": done}
+    for site in SITES:
+        assert _depends(services[f"issue-token-{site}"]) == {"coordinator": healthy}
+        assert _depends(services[f"{site}-init"]) == {"coordinator": healthy,
+                                                      f"issue-token-{site}": done}
+        assert _depends(services[site]) == {f"{site}-init": done}
+    # service_healthy needs a health check: the coordinator image's, or the service's own.
+    coordinator_stage = final_stage(dockerfile(DOCKER / "coordinator.Dockerfile"))
+    assert services["coordinator"].get("healthcheck") or [
+        a for i, a in coordinator_stage if i == "HEALTHCHECK"]
+    for name, svc in services.items():
+        one_shot = name.endswith("-init") or name.startswith("issue-token-")
+        assert (svc.get("restart") == "no") == one_shot, f"{name}: restart {svc.get('restart')}"
+        # Every service runs as the image's unprivileged user (10001): none overrides it.
+        assert "user" not in svc and "privileged" not in svc and "cap_add" not in svc, name
+        for dep in _depends(svc):
+            assert dep in services, f"{name} depends on unknown service {dep}"
 
 
 def _compose_cli() -> list[str] | None:
@@ -390,51 +500,113 @@ def test_compose_config_validates() -> None:
     assert res.returncode == 0, res.stderr
 
 
-def test_compose_init_scripts_run(tmp_path: Path) -> None:
-    """coordinator-init.sh then site-init.sh for one demo site, with their paths moved."""
+def _moved_script(script: str, out: Path, *, data_dir: Path, exchange: Path) -> Path:
+    """A compose script with its container paths moved to folders on this machine."""
+    text = (COMPOSE_DIR / "scripts" / script).read_text(encoding="utf-8")
+    text = text.replace(EXCHANGE_DIR, str(exchange)).replace(DATA_DIR, str(data_dir))
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def _sh(script: Path, env: dict[str, str], timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_compose_scripts_enroll_a_site_with_a_real_coordinator() -> None:
+    """The compose jobs, run for real outside containers against a real coordinator.
+
+    Folders stand in for the volumes: ``c`` for coordinator-data, ``t`` for
+    token-hospital-a, ``s`` for hospital-a-data. coordinator-init.sh, then (coordinator
+    serving) issue-token.sh and site-init.sh for hospital-a, each twice as a repeated
+    ``docker compose up`` runs them; then the enrolled agent connects through the gateway.
+    """
     if not (VENV_BIN / "fedward-site").exists():
         pytest.skip("the fedward console scripts are not installed next to this Python")
-    coord, site, exchange = tmp_path / "coord", tmp_path / "site", tmp_path / "exchange"
-    for d in (coord, site, exchange):
-        d.mkdir()
-
-    def moved(script: str, data_dir: Path) -> Path:
-        text = (COMPOSE_DIR / "scripts" / script).read_text(encoding="utf-8")
-        text = text.replace("/var/lib/fedward-exchange", str(exchange))
-        text = text.replace(DATA_DIR, str(data_dir))
-        out = tmp_path / f"{data_dir.name}-{script}"
-        out.write_text(text, encoding="utf-8")
-        return out
-
     services = compose()["services"]
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("FEDWARD_DATABASE_URL", None)
-    for key, value in services["coordinator-init"]["environment"].items():
-        env[key] = str(value).replace(DATA_DIR, str(coord))
-    subprocess.run(["sh", str(moved("coordinator-init.sh", coord))], env=env, check=True,
-                   capture_output=True, timeout=120)
-    assert (exchange / "ca.pem").read_bytes() == (coord / "coordinator/pki/ca.pem").read_bytes()
-    assert not list(exchange.glob("*.key")), "a private key in the exchange volume"
+    base = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    base.pop("FEDWARD_DATABASE_URL", None)
+    base.pop("FEDWARD_ENROLLMENT_TOKEN", None)
+    site = "hospital-a"
+    with short_tmp() as tmp:
+        central, tokens, site_vol = tmp / "c", tmp / "t", tmp / "s"
+        for d in (central, tokens, site_vol):
+            d.mkdir()
+        token_file = tokens / "enrollment.token"
+        coordinator_init = _moved_script("coordinator-init.sh", tmp / "coordinator-init.sh",
+                                         data_dir=central, exchange=tokens)
+        issue = _moved_script("issue-token.sh", tmp / "issue-token.sh", data_dir=central,
+                              exchange=tokens)
+        site_init = _moved_script("site-init.sh", tmp / "site-init.sh", data_dir=site_vol,
+                                  exchange=tokens)
+        site_env = {**base, **{k: str(v) for k, v in
+                               services[f"{site}-init"]["environment"].items()}}
 
-    site_env = {**env, **{k: str(v) for k, v in
-                          services["hospital-a-init"]["environment"].items()}}
-    run = subprocess.run(["sh", str(moved("site-init.sh", site))], env=site_env,
-                         capture_output=True, text=True, timeout=180, check=False)
-    assert run.returncode == 0, run.stdout + run.stderr
-    cfg = SiteConfig.load(site / "site")
-    assert cfg.name == "hospital-a"
-    assert cfg.superlink == site_env["FLEET_ADDRESS"]
-    assert cfg.reconnect_backoff_s == SiteConfig.__dataclass_fields__["reconnect_backoff_s"].default
-    assert (site / "site/keys/node_key").exists()
-    published = exchange / "node-keys" / "hospital-a.pub"
-    assert published.read_text() == (site / "site/keys/node_key.pub").read_text()
-    assert sorted(p.name for p in exchange.rglob("*") if p.is_file()) == [
-        "ca.pem", "hospital-a.pub"]
-    # Idempotent: a second `docker compose up` runs the job again.
-    again = subprocess.run(["sh", str(moved("site-init.sh", site))], env=site_env,
-                           capture_output=True, text=True, timeout=180, check=False)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert published.read_text() == (site / "site/keys/node_key.pub").read_text()
+        # Before any token: the site's job refuses, and says where the token should come from.
+        res = _sh(site_init, site_env)
+        assert res.returncode != 0 and "no enrollment token" in res.stderr, res.stderr
+        assert not (site_vol / "site" / "keys").exists()
+
+        env = {**base, **{k: str(v).replace(DATA_DIR, str(central)) for k, v in
+                          services["coordinator-init"]["environment"].items()}}
+        res = _sh(coordinator_init, env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        home = central / "coordinator"
+        assert (home / "admin.token").exists() and (home / "pki" / "ca.pem").exists()
+        assert not list(tokens.iterdir()), "coordinator-init hands nothing to the sites"
+
+        # The harness re-runs `init` (idempotent) in the same home and serves it.
+        with federation(central, n_sites=2) as fed:
+            assert fed.home == home
+            issue_env = {**base, **{k: str(v) for k, v in
+                                    services[f"issue-token-{site}"]["environment"].items()},
+                         "COORDINATOR_API": f"http://127.0.0.1:{fed.api_port}"}
+            res = _sh(issue, issue_env)
+            assert res.returncode == 0, res.stdout + res.stderr
+            token = token_file.read_text(encoding="utf-8").strip()
+            assert token.startswith(f"fw1.{site}."), token[:12]
+            assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+            assert token not in res.stdout + res.stderr, "the token must not reach the log"
+            assert sorted(p.name for p in tokens.iterdir()) == ["enrollment.token"]
+            assert fed.api("GET", f"/sites/{site}").json()["status"] == "added"
+
+            site_env["FLEET_ADDRESS"] = fed.fleet  # `coordinator:9092` inside compose
+            res = _sh(site_init, site_env, timeout=180)
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert token not in res.stdout + res.stderr
+            root = site_vol / "site"
+            files = EnrollmentFiles(root)
+            assert files.enrolled
+            assert files.coordinator_ca.read_bytes() == (home / "pki/ca.pem").read_bytes()
+            cfg = SiteConfig.load(root)
+            assert (cfg.name, cfg.superlink) == (site, fed.fleet)
+            backoff = SiteConfig.__dataclass_fields__["reconnect_backoff_s"].default
+            assert cfg.reconnect_backoff_s == backoff
+            assert (root / "policy.json").exists()
+            assert not list(tokens.iterdir()), "the used token is removed"
+            registered = fed.api("GET", f"/sites/{site}").json()
+            assert registered["status"] == "registered", registered
+            kept = {p: p.read_bytes() for p in (files.site_key, files.site_cert,
+                                                 files.node_key, files.node_public_key)}
+
+            # A second `docker compose up`: no new token for an enrolled site, and the site
+            # keeps its keys and certificate instead of failing on a used token.
+            res = _sh(issue, issue_env)
+            assert res.returncode == 0 and "enrolled already" in res.stdout, res.stdout
+            assert not list(tokens.iterdir())
+            res = _sh(site_init, site_env, timeout=180)
+            assert res.returncode == 0 and "enrolled already" in res.stdout, (
+                res.stdout + res.stderr)
+            assert {p: p.read_bytes() for p in kept} == kept
+
+            # The agent the compose service starts reaches the SuperLink through the gateway.
+            fed.sites[site] = Site(name=site, root=root)
+            fed.start_site(site)
+            fed.wait_online(1, timeout=120)
 
 
 # -- systemd -----------------------------------------------------------------------------

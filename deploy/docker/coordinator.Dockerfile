@@ -36,7 +36,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 # A fixed, unprivileged UID/GID (10001) so volume ownership is the same on every host and
 # Kubernetes' runAsUser/fsGroup can name it. /var/lib/fedward-exchange is only a mount
-# point for the compose demo's public-material volume (deploy/compose/README.md).
+# point for the compose demo's enrollment-token volumes (deploy/compose/README.md); made
+# here so that a new volume mounted on it belongs to 10001.
 RUN groupadd --system --gid 10001 fedward \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/fedward --no-create-home \
         --shell /usr/sbin/nologin fedward \

@@ -1,13 +1,12 @@
 #!/bin/sh
-# One-shot job (compose service coordinator-init), run as the image's non-root user.
-# Initialises the coordinator's data directory: site CA, gateway certificate for
-# $FEDWARD_FLEET_HOSTNAMES, database schema, first admin (token in admin.token, mode 0600).
-# Idempotent: what exists is kept. Then publishes the CA CERTIFICATE (public; never the
-# key) to the exchange volume, for the demo sites' init jobs.
+# One-shot job (compose service coordinator-init), run as the image's non-root user, with
+# no network. Initialises the coordinator's data directory: site CA, gateway certificate for
+# $FEDWARD_FLEET_HOSTNAMES, database schema, first admin (API token in admin.token, mode
+# 0600, which the issue-token-X jobs read). Idempotent: what exists is kept; the gateway
+# certificate is reissued only if the host names changed.
+#
+# Nothing is handed to the sites from here: each site's enrollment token pins the CA (a
+# prefix of its SHA-256), and `fedward-site enroll` fetches the CA from the gateway and
+# checks it against that pin.
 set -eu
-home=/var/lib/fedward/coordinator
-exchange=/var/lib/fedward-exchange
-
-fedward-coordinator init --home "$home"
-install -m 0644 "$home/pki/ca.pem" "$exchange/ca.pem"
-echo "coordinator-init: CA certificate published to the exchange volume"
+fedward-coordinator init --home /var/lib/fedward/coordinator
