@@ -82,6 +82,10 @@ class _SiteCache:
     revoked: frozenset[str] = frozenset()
 
 
+class _RegistrationFailed(RuntimeError):
+    """The SuperLink did not take a site's node key during enrollment."""
+
+
 class SiteGateway:
     """Runs the gateway on its own event loop thread."""
 
@@ -316,7 +320,10 @@ class SiteGateway:
                                             pki=self.config.pki)
                 if site.public_key not in (None, node_key.strip()):
                     raise EnrollmentError(f"site {site.name!r} already has another node key")
-                node_id = self.registrar(node_key.strip(), site.name)
+                try:
+                    node_id = self.registrar(node_key.strip(), site.name)
+                except Exception as err:  # Flower's control API; the token stays unused
+                    raise _RegistrationFailed(type(err).__name__) from err
                 site.public_key = node_key.strip()
                 site.flower_node_id = str(node_id)
                 site.status = "registered"
@@ -326,6 +333,14 @@ class SiteGateway:
         except (EnrollmentError, CSRError, NodeKeyError) as err:
             log.warning("enrollment refused: %s", err)
             return self._json(403, {"detail": str(err)})
+        except _RegistrationFailed as err:
+            log.error("enrollment: registering the node key with the SuperLink failed (%s)",
+                      err.__cause__)
+            return self._json(503, {"detail": f"the coordinator could not register this "
+                                              f"site's node key ({err}); the token was not "
+                                              "used: try again in a minute, and if it "
+                                              "persists ask the coordinator team to check "
+                                              "their superlink.log"})
         self.invalidate()
         log.info("site %s enrolled (certificate %s)", name, issued.serial)
         return self._json(200, {"site": name, "certificate_pem": issued.pem.decode(),

@@ -166,8 +166,14 @@ class SiteAgent:
                       "they are fixed (run `fedward-site check`):\n%s", err)
             data_failure = err.report.summary_for_coordinator()
         if not paths.node_key.exists():
-            log.error("no node key at %s; run `fedward-site keygen --dir %s`", paths.node_key,
-                      self.root)
+            if paths.site_cert.exists():
+                # An enrolled site: a new key would be one the coordinator does not know.
+                log.error("no node key at %s: restore keys/ from this site's backup, or "
+                          "re-enroll with a new token from the coordinator team "
+                          "(`fedward-site enroll`)", paths.node_key)
+            else:
+                log.error("no node key at %s; run `fedward-site keygen --dir %s`",
+                          paths.node_key, self.root)
             return 4
         audit = AuditLog(paths.audit_log)
         gate = SiteGate(site_name=config.name, policy_path=paths.policy,

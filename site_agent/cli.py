@@ -110,8 +110,13 @@ def enroll(
     from site_agent.enroll import enroll as do_enroll
 
     root = dir.expanduser().resolve()
+    paths = SitePaths(root)
+    if paths.site_cert.exists() and paths.site_key.exists():
+        _fail(f"this site is enrolled already (certificate {paths.site_cert}); nothing to do. "
+              "Renew a certificate with `fedward-site renew`; to enroll again (e.g. after "
+              "the coordinator team revoked this site), move keys/ aside first")
     existing: SiteConfig | None = None
-    if SitePaths(root).config.exists():
+    if paths.config.exists():
         try:
             existing = SiteConfig.load(root)
         except ConfigError as err:

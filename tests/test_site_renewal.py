@@ -97,3 +97,17 @@ def test_a_certificate_that_matches_no_key_is_dropped(
     assert "discarded" in (finish_interrupted_renewal(files) or "")
     assert files.site_cert.read_bytes() == old_cert and _matches(files)
     assert not cert_new.exists()
+
+
+def test_enroll_on_an_enrolled_site_says_so_and_changes_nothing(
+        site: tuple[EnrollmentFiles, bytes, ec.EllipticCurvePrivateKey, bytes]) -> None:
+    from typer.testing import CliRunner
+
+    from site_agent.cli import app
+
+    files, old_cert, _, _ = site
+    res = CliRunner().invoke(app, ["enroll", "--dir", str(files.root), "--gateway",
+                                   "127.0.0.1:9", "--token", "fw1.hospital-a.x.y"])
+    assert res.exit_code != 0
+    assert "enrolled already" in res.output and "fedward-site renew" in res.output
+    assert files.site_cert.read_bytes() == old_cert
