@@ -113,8 +113,10 @@ def enroll(
     paths = SitePaths(root)
     if paths.site_cert.exists() and paths.site_key.exists():
         _fail(f"this site is enrolled already (certificate {paths.site_cert}); nothing to do. "
-              "Renew a certificate with `fedward-site renew`; to enroll again (e.g. after "
-              "the coordinator team revoked this site), move keys/ aside first")
+              "Renew a certificate with `fedward-site renew`. To enroll again after the "
+              "coordinator rotated its CA, move keys/site-tls.pem and keys/site-tls.key "
+              "aside first; after a revocation (the site comes back under a new name), "
+              "move all of keys/ aside")
     existing: SiteConfig | None = None
     if paths.config.exists():
         try:
