@@ -36,14 +36,33 @@ __all__ = [
     "PlainTrainResult",
     "evaluate",
     "expected_steps",
+    "pick_grad_sample_mode",
     "sample_rate_for",
     "train_dp",
     "train_plain",
 ]
 
-_GRAD_SAMPLE_MODES: Final = ("hooks", "ew", "functorch")
+_GRAD_SAMPLE_MODES: Final = ("auto", "hooks", "ew", "functorch")
+# Layers whose per-sample gradients PyTorch's expanded weights ("ew") compute. Benchmark 3
+# (bench/dp_cost.py) measured "ew" as the fastest valid mode for both appliance models
+# (identical updates to "hooks"); a model with any other parameterised layer uses "hooks".
+_EW_LAYERS: Final = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm,
+                     nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _OPTIMIZERS: Final = ("sgd", "adam")
 _MECHANISM: Final = "prv"
+
+
+def pick_grad_sample_mode(model: nn.Module) -> str:
+    """The fastest Opacus per-sample gradient mode that is valid for ``model``.
+
+    ``"ew"`` when every module that holds its own trainable parameters is a layer expanded
+    weights supports, else ``"hooks"`` (which supports every layer Opacus knows).
+    """
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own and not isinstance(module, _EW_LAYERS):
+            return "hooks"
+    return "ew"
 
 
 @dataclass(frozen=True)
@@ -268,7 +287,7 @@ def train_dp(
     lr: float,
     seed: int,
     history: Sequence[HistoryEntry] = (),
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "auto",
     optimizer: str = "sgd",
 ) -> DPTrainResult:
     """Train ``model`` in place with DP-SGD for one round, continuing the run's accountant.
@@ -293,7 +312,8 @@ def train_dp(
         lr: learning rate, > 0.
         seed: makes sampling, noise and any randomness in the model reproducible.
         history: the run's accountant history before this round.
-        grad_sample_mode: how Opacus computes per-sample gradients: ``"hooks"``,
+        grad_sample_mode: how Opacus computes per-sample gradients: ``"auto"`` (the
+            fastest valid mode for the model, :func:`pick_grad_sample_mode`), ``"hooks"``,
             ``"ew"`` (expanded weights) or ``"functorch"``.
         optimizer: ``"sgd"`` or ``"adam"``.
 
@@ -323,6 +343,8 @@ def train_dp(
             f"unknown grad_sample_mode {grad_sample_mode!r}; use one of "
             f"{', '.join(_GRAD_SAMPLE_MODES)}"
         )
+    if grad_sample_mode == "auto":
+        grad_sample_mode = pick_grad_sample_mode(model)
     prior = _history(history)
     n = len(y)
     sample_rate = sample_rate_for(n_examples=n, batch_size=batch_size)

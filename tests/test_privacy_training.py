@@ -294,3 +294,35 @@ def test_evaluate_single_class_auc_is_nan(fresh_model: Callable[[], nn.Module]) 
 def test_evaluate_rejects_labels_outside_the_model(fresh_model: Callable[[], nn.Module]) -> None:
     with pytest.raises(ValueError, match="model has 2 classes"):
         evaluate(model=fresh_model(), features=np.zeros((2, 30)), labels=np.array([0, 5]))
+
+
+# -- the per-sample gradient mode -----------------------------------------------------------
+
+
+def test_both_appliance_models_get_expanded_weights() -> None:
+    from privacy.training import pick_grad_sample_mode
+
+    assert pick_grad_sample_mode(build_model("breast_cancer_mlp", seed=0)) == "ew"
+    assert pick_grad_sample_mode(build_model("digits_cnn", seed=0)) == "ew"
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.LSTM(4, 4), nn.PReLU()])
+def test_a_layer_expanded_weights_cannot_do_falls_back_to_hooks(layer: nn.Module) -> None:
+    from privacy.training import pick_grad_sample_mode
+
+    assert pick_grad_sample_mode(nn.Sequential(nn.Linear(4, 4), layer)) == "hooks"
+    layer.requires_grad_(False)  # frozen layers need no per-sample gradients
+    assert pick_grad_sample_mode(nn.Sequential(nn.Linear(4, 4), layer)) == "ew"
+
+
+def test_auto_mode_trains_exactly_as_the_mode_it_picks(
+    breast_cancer: Split, fresh_model: Callable[[], nn.Module]
+) -> None:
+    x, y, _, _ = breast_cancer
+    out = {}
+    for mode in ("auto", "ew"):
+        model = fresh_model()
+        train_dp(model=model, features=x, labels=y, noise_multiplier=1.0, max_grad_norm=1.0,
+                 batch_size=64, epochs=1, lr=0.1, seed=3, grad_sample_mode=mode)
+        out[mode] = model_arrays(model)
+    assert all(np.array_equal(out["auto"][k], out["ew"][k]) for k in out["ew"])
