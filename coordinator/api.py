@@ -57,7 +57,7 @@ from coordinator.models import (
 )
 from coordinator.pki import CAFiles
 from coordinator.releases import SiteParity
-from coordinator.repository import record_run_outcome
+from coordinator.repository import latest_admissions, record_run_outcome
 from coordinator.schemas import (
     AuditEventPublic,
     AuditPage,
@@ -816,6 +816,9 @@ def launch_run(
         max_grad_norm=body.max_grad_norm,
         seed=body.seed,
         sites=sites,
+        aggregation=body.aggregation,
+        approval_wait_s=body.approval_wait_s,
+        max_update_norm=body.max_update_norm,
     )
     assert project.id is not None
     run = Run(project_id=project.id, task=body.task, config_json=config.model_dump_json(),
@@ -865,7 +868,8 @@ def list_runs(
     if run_status is not None:
         query = query.where(Run.status == run_status)
     rows = session.exec(query.order_by(col(Run.id).desc()).offset(offset).limit(limit)).all()
-    return [RunPublic.of(run, name) for run, name in rows]
+    admissions = latest_admissions(session, [run.id for run, _ in rows if run.id is not None])
+    return [RunPublic.of(run, name, admissions.get(run.id or 0)) for run, name in rows]
 
 
 def _rounds(session: Session, run_id: int) -> list[RoundPublic]:
@@ -880,8 +884,9 @@ def get_run(run_id: int, session: SessionDep, _user: CurrentUser) -> RunDetail:
     run, project_name = _run_with_project(session, run_id)
     rounds = _rounds(session, run_id)
     running = [r.number for r in rounds if r.status == "running"]
+    admission = latest_admissions(session, [run_id]).get(run_id)
     return RunDetail(
-        **RunPublic.of(run, project_name).model_dump(),
+        **RunPublic.of(run, project_name, admission).model_dump(),
         rounds_completed=sum(r.status == "completed" for r in rounds),
         rounds_failed=sum(r.status == "failed" for r in rounds),
         current_round=max(running) if running else None,

@@ -25,7 +25,7 @@ from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
 
-__all__ = ["ApiClient", "app", "main"]
+__all__ = ["ApiClient", "app", "main", "waiting_note"]
 
 app = typer.Typer(help="Fedward coordinator: sites, runs, rounds.", no_args_is_help=True,
                   pretty_exceptions_enable=False,
@@ -110,7 +110,8 @@ def init(home: HomeOpt = None,
                           f"{token_file} (mode 0600)")
     engine.dispose()
     console.print(f"coordinator initialised in {settings.home}")
-    console.print(f"site CA certificate (give it to each hospital): {pki.ca_cert}")
+    console.print(f"site CA certificate: {pki.ca_cert} (sites get it with their enrollment "
+                  "token, which pins it: `fedward-coordinator enroll-token SITE`)")
 
 
 @app.command()
@@ -198,6 +199,14 @@ def launch(
     max_grad_norm: Annotated[float, typer.Option()] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
     site: Annotated[list[str] | None, typer.Option("--site", help="limit to these sites")] = None,
+    aggregation: Annotated[str, typer.Option(
+        help="fedavg, median or trimmed-mean")] = "fedavg",
+    approval_wait: Annotated[float, typer.Option(
+        help="seconds to wait before round 1 for sites whose policy wants a local approval "
+             "(0: do not wait)")] = 3600.0,
+    max_update_norm: Annotated[float | None, typer.Option(
+        help="reject site updates that move the model further than this (L2); default: "
+             "derived from the DP-SGD settings")] = None,
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -209,7 +218,10 @@ def launch(
         "project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
         "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
         "round_deadline_s": round_deadline, "max_grad_norm": max_grad_norm, "seed": seed,
+        "aggregation": aggregation, "approval_wait_s": approval_wait,
     }
+    if max_update_norm is not None:
+        body["max_update_norm"] = max_update_norm
     if lr is not None:
         body["lr"] = lr
     if batch_size is not None:
@@ -224,11 +236,25 @@ def launch(
                       f"watch it with `fedward-coordinator watch {run['id']}`")
 
 
+def waiting_note(run: dict[str, Any]) -> str:
+    """What a run waits for, for people: empty unless sites wait for a local approval."""
+    sites = run.get("waiting_for_approval") or []
+    if not sites:
+        return ""
+    since = str(run.get("waiting_since") or "")[11:19]
+    return (f"waiting for approval at {', '.join(sites)}"
+            + (f" since {since} UTC" if since else "")
+            + f": {'its' if len(sites) == 1 else 'their'} IT runs "
+            f"`fedward-site approve {run['id']}`")
+
+
 def _progress_table(run: dict[str, Any], rounds: list[dict[str, Any]],
                     metrics: dict[str, Any]) -> Table:
     cfg = run.get("config") or {}
+    note = waiting_note(run)
     table = Table(title=f"run {run['id']} · {run['task']} · {run['status']}"
-                  + (f" · {run['failure_reason']}" if run.get("failure_reason") else ""))
+                  + (f" · {run['failure_reason']}" if run.get("failure_reason") else "")
+                  + (f"\n{note}" if note else ""))
     for col in ("round", "status", "seconds", "site", "eval AUC", "eval acc", "train loss",
                 "epsilon", "failed / late"):
         table.add_column(col)
@@ -285,11 +311,11 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
 def runs(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
     """List runs."""
     client = _client(api, token, home)
-    table = Table("id", "project", "task", "status", "launched by", "created", "reason")
+    table = Table("id", "project", "task", "status", "launched by", "created", "reason / note")
     for r in client.call("GET", "/runs"):
         table.add_row(str(r["id"]), str(r.get("project", "")), r["task"], r["status"],
                       str(r.get("launched_by", "")), str(r.get("created_at", ""))[:19],
-                      str(r.get("failure_reason") or ""))
+                      str(r.get("failure_reason") or waiting_note(r)))
     console.print(table)
 
 

@@ -4,7 +4,13 @@ Each function is one short transaction on its own (the ServerApp holds an ``Engi
 session), and each can be repeated safely where a resumed run may repeat a step: a round
 started twice is one row, metrics and checkpoints recorded twice are updated in place, and a
 run finished twice keeps its first outcome. Audit entries (actor :data:`SERVERAPP_ACTOR`)
-record the run starting and finishing and every site that failed a round.
+record the run starting and finishing, every site that failed a round, every update
+rejected before aggregation, the digests of the updates each round received, and the run's
+admission (which sites accepted it, which wait for a local approval, which refused it).
+
+The admission state and the update digests live in the audit log only: it is the
+tamper-evident record, and the REST view of a run reads its admission from there
+(:func:`latest_admissions`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from datetime import datetime
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Final
 
@@ -33,14 +40,18 @@ from coordinator.models import (
 )
 
 __all__ = [
+    "ADMISSION_ACTIONS",
     "SERVERAPP_ACTOR",
     "RunNotFoundError",
+    "admission_record",
     "data_fingerprints",
     "finish_round",
     "finish_run",
     "last_checkpoint",
+    "latest_admissions",
     "mark_run_started",
     "note_run_resumed",
+    "record_admission",
     "record_checkpoint",
     "record_data_fingerprint",
     "record_run_outcome",
@@ -49,9 +60,14 @@ __all__ = [
     "running_run_ids",
     "site_names_by_node_id",
     "start_round",
+    "update_digests",
 ]
 
 SERVERAPP_ACTOR: Final = "serverapp"
+# run.waiting: the set of sites waiting for a local approval changed; run.admitted: the
+# admission ended and training starts; run.not_admitted: too few sites accepted the run.
+ADMISSION_ACTIONS: Final = ("run.waiting", "run.admitted", "run.not_admitted")
+_UPDATES_ACTION: Final = "round.updates"
 _FINISHED_ROUND_STATUSES: Final = frozenset({"completed", "failed"})
 _NOT_RESUMABLE: Final = frozenset({"completed", "stopped"})
 
@@ -192,12 +208,14 @@ def finish_round(
     failed: list[dict[str, Any]],
     late: list[str],
     seconds: float,
+    update_digests: dict[str, str] | None = None,
 ) -> None:
     """Record how round ``number`` ended, and audit every site that failed in it.
 
     Finishing a round that was never started creates it. Finishing it again with nothing
     new in between (no :func:`start_round`) updates the row but writes no second set of
-    audit entries.
+    audit entries. A failure in phase ``validate`` (an update rejected before aggregation)
+    is audited as ``update.rejected``, any other as ``site.failed``.
 
     Args:
         engine: Coordinator database engine.
@@ -209,6 +227,9 @@ def finish_round(
             as ``"code"`` are kept.
         late: Sites that missed the round's deadline.
         seconds: Wall time of the round.
+        update_digests: SHA-256 of each update received in the round (site -> digest),
+            audited as ``round.updates``; :func:`update_digests` reads them back so that a
+            resumed run still recognises a replayed update.
 
     Raises:
         RunNotFoundError: No such run.
@@ -238,7 +259,7 @@ def finish_round(
             append_event(
                 session,
                 actor=SERVERAPP_ACTOR,
-                action="site.failed",
+                action="update.rejected" if failure["phase"] == "validate" else "site.failed",
                 subject=f"site:{failure['site']}",
                 detail={"run_id": run_id, "round": number,
                         **{k: v for k, v in failure.items() if k != "site"}},
@@ -251,6 +272,94 @@ def finish_round(
                 subject=f"site:{site}",
                 detail={"run_id": run_id, "round": number},
             )
+        if update_digests:
+            append_event(
+                session,
+                actor=SERVERAPP_ACTOR,
+                action=_UPDATES_ACTION,
+                subject=f"run:{run_id}",
+                detail={"round": number, "sha256": dict(sorted(update_digests.items()))},
+            )
+
+
+def update_digests(engine: Engine, run_id: int) -> dict[int, dict[str, str]]:
+    """The digests of the updates each round of a run received (see :func:`finish_round`).
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+
+    Returns:
+        ``{round: {site: sha256}}``; a round finished twice (a resumed run) merges both.
+    """
+    out: dict[int, dict[str, str]] = {}
+    with session_scope(engine) as session:
+        rows = session.exec(select(AuditEvent).where(
+            AuditEvent.action == _UPDATES_ACTION,
+            AuditEvent.subject == f"run:{run_id}").order_by(col(AuditEvent.id))).all()
+        for event in rows:
+            detail = json.loads(event.detail_json)
+            out.setdefault(int(detail["round"]), {}).update(
+                {str(k): str(v) for k, v in detail["sha256"].items()})
+    return out
+
+
+def record_admission(engine: Engine, run_id: int, *, action: str,
+                     detail: dict[str, Any]) -> None:
+    """Audit a change of a run's admission (one of :data:`ADMISSION_ACTIONS`).
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+        action: ``run.waiting``, ``run.admitted`` or ``run.not_admitted``.
+        detail: The admission state: ``state``, ``waiting`` (site -> since, reason),
+            ``accepted``, ``refused`` and ``unanswered`` (site -> reason), ``offline``,
+            ``started`` and ``deadline`` (ISO 8601, UTC).
+
+    Raises:
+        RunNotFoundError: No such run.
+        ValueError: Unknown action.
+    """
+    if action not in ADMISSION_ACTIONS:
+        raise ValueError(f"admission action must be one of {ADMISSION_ACTIONS}, got {action!r}")
+    with session_scope(engine) as session:
+        _run(session, run_id)
+        append_event(session, actor=SERVERAPP_ACTOR, action=action, subject=f"run:{run_id}",
+                     detail=detail)
+
+
+def latest_admissions(session: Session, run_ids: list[int]
+                      ) -> dict[int, tuple[str, datetime, dict[str, Any]]]:
+    """The newest admission entry of each run: ``{run_id: (action, at, detail)}``.
+
+    Runs without one (admission not reached yet, or runs older than it) are absent.
+
+    Args:
+        session: Open session.
+        run_ids: The runs to look up.
+    """
+    if not run_ids:
+        return {}
+    subjects = [f"run:{i}" for i in run_ids]
+    rows = session.exec(select(AuditEvent).where(
+        col(AuditEvent.action).in_(ADMISSION_ACTIONS),
+        col(AuditEvent.subject).in_(subjects)).order_by(col(AuditEvent.id))).all()
+    out: dict[int, tuple[str, datetime, dict[str, Any]]] = {}
+    for event in rows:
+        try:
+            detail = json.loads(event.detail_json)
+        except ValueError:
+            continue  # a tampered entry; /audit/verify names it
+        if isinstance(detail, dict):
+            out[int(event.subject.split(":", 1)[1])] = (event.action, event.at, detail)
+    return out
+
+
+def admission_record(engine: Engine, run_id: int) -> tuple[str, dict[str, Any]] | None:
+    """The newest admission entry of a run as ``(action, detail)``, or None."""
+    with session_scope(engine) as session:
+        found = latest_admissions(session, [run_id]).get(run_id)
+    return None if found is None else (found[0], found[2])
 
 
 def record_site_metrics(

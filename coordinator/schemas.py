@@ -17,6 +17,7 @@ from coordinator.models import AuditEvent, Checkpoint, Project, Round, Run, Site
 __all__ = [
     "PROJECT_NAME_PATTERN",
     "SITE_NAME_PATTERN",
+    "AdmissionPublic",
     "AuditEventPublic",
     "AuditPage",
     "AuditVerifyResult",
@@ -35,6 +36,8 @@ __all__ = [
     "RunPublic",
     "SiteCreate",
     "SitePublic",
+    "SiteReason",
+    "SiteWaiting",
     "UserPublic",
 ]
 
@@ -184,6 +187,17 @@ class RunCreate(_Request):
         default="fedavg",
         description="How site updates are combined: weighted mean (FedAvg), or a robust "
         "coordinate-wise median or trimmed mean over sites.")
+    approval_wait_s: float = Field(
+        default=3600.0, ge=0, le=86400,
+        description="Before round 1, how long the run waits for sites whose policy wants a "
+        "local approval (0: ask once, do not wait). Training then starts with the sites "
+        "that accepted, if at least min_sites.")
+    max_update_norm: float | None = Field(
+        default=None, gt=0,
+        description="Reject a site's update whose L2 distance from the round's global model "
+        "is above this. Default: derived per site from the DP-SGD settings (lr, "
+        "max_grad_norm, batch size, local epochs, the site's example count and noise "
+        "multiplier), with a safety factor of 2.")
 
     @field_validator("task")
     @classmethod
@@ -221,10 +235,82 @@ class RunConfig(BaseModel):
     seed: int
     sites: list[str]
     aggregation: str = "fedavg"
+    approval_wait_s: float = 3600.0
+    max_update_norm: float | None = None
+
+
+class SiteWaiting(BaseModel):
+    """A site that waits for a local approval of the run."""
+
+    site: str
+    since: datetime | None = Field(description="When the site first answered "
+                                   "pending-approval.")
+    reason: str
+    action: str = Field(description="What the site's IT does to let the run in.")
+
+
+class SiteReason(BaseModel):
+    """A site and why (refused, or no usable answer)."""
+
+    site: str
+    reason: str
+
+
+class AdmissionPublic(BaseModel):
+    """Which sites accepted the run before round 1, which wait for approval, which refused.
+
+    ``state``: ``waiting`` (the admission is still asking), ``admitted`` (training
+    started; ``waiting`` then lists the sites whose latest train task was still pending
+    approval), ``not-admitted`` (too few sites accepted: the run failed).
+    """
+
+    state: str
+    updated_at: datetime
+    started_at: datetime | None
+    deadline: datetime | None = Field(description="When the approval wait ends.")
+    accepted: list[str]
+    waiting: list[SiteWaiting]
+    refused: list[SiteReason]
+    unanswered: list[SiteReason]
+    offline: list[str]
+
+    @classmethod
+    def of(cls, run_id: int, updated_at: datetime, detail: dict[str, Any]
+           ) -> AdmissionPublic:
+        """Build from the detail of the run's latest admission audit entry."""
+        def when(raw: object) -> datetime | None:
+            try:
+                return datetime.fromisoformat(str(raw)) if raw else None
+            except ValueError:
+                return None
+
+        def reasons(key: str) -> list[SiteReason]:
+            return [SiteReason(site=str(s), reason=str(r))
+                    for s, r in sorted(dict(detail.get(key) or {}).items())]
+
+        waiting = [
+            SiteWaiting(site=str(site), since=when(info.get("since")),
+                        reason=str(info.get("reason", "")),
+                        action=f"its IT runs `fedward-site approve {run_id}` (or `deny`)")
+            for site, info in sorted(dict(detail.get("waiting") or {}).items())
+            if isinstance(info, dict)
+        ]
+        return cls(state=str(detail.get("state", "")), updated_at=updated_at,
+                   started_at=when(detail.get("started")),
+                   deadline=when(detail.get("deadline")),
+                   accepted=[str(s) for s in detail.get("accepted") or []],
+                   waiting=waiting, refused=reasons("refused"),
+                   unanswered=reasons("unanswered"),
+                   offline=[str(s) for s in detail.get("offline") or []])
 
 
 class RunPublic(BaseModel):
-    """A run."""
+    """A run.
+
+    ``waiting_for_approval`` names the sites the run waits for now (their policy wants a
+    local approval and nobody has given it), ``waiting_since`` when the first of them
+    started waiting; both are empty once the run has ended.
+    """
 
     id: int
     project: str
@@ -237,11 +323,20 @@ class RunPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    waiting_for_approval: list[str] = Field(default_factory=list)
+    waiting_since: datetime | None = None
+    admission: AdmissionPublic | None = None
 
     @classmethod
-    def of(cls, run: Run, project_name: str) -> RunPublic:
-        """Build from the table row and its project's name."""
+    def of(cls, run: Run, project_name: str,
+           admission: tuple[str, datetime, dict[str, Any]] | None = None) -> RunPublic:
+        """Build from the table row, its project's name and its latest admission entry."""
         assert run.id is not None
+        adm = None if admission is None else AdmissionPublic.of(run.id, admission[1],
+                                                                admission[2])
+        live = adm is not None and run.status in ("pending", "running")
+        waiting = adm.waiting if live and adm is not None else []
+        since = [w.since for w in waiting if w.since is not None]
         return cls(
             id=run.id,
             project=project_name,
@@ -254,6 +349,9 @@ class RunPublic(BaseModel):
             created_at=run.created_at,
             started_at=run.started_at,
             finished_at=run.finished_at,
+            waiting_for_approval=[w.site for w in waiting],
+            waiting_since=min(since) if since else None,
+            admission=adm,
         )
 
 

@@ -13,6 +13,7 @@ The SuperLink starts this module in a ``flwr-serverapp`` process; it inherits
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,7 +21,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, Final, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -29,10 +32,14 @@ from sqlalchemy.engine import Engine
 
 from coordinator import repository
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
+from coordinator.models import utcnow
 from export.wire import (
+    ADMISSION_MESSAGE_TYPE,
     CFG,
     FINGERPRINT_KEYS,
+    MSG,
     REPLY_ARRAYS,
+    REPLY_CONFIG,
     REPLY_FINGERPRINT,
     REPLY_METRICS,
     TASK_ARRAYS,
@@ -40,12 +47,37 @@ from export.wire import (
     SiteErrorCode,
 )
 
-__all__ = ["RoundLoop", "RunPlan", "aggregate", "app", "validate_update"]
+__all__ = [
+    "APPROVAL_POLL_S",
+    "NORM_BOUND_FACTOR",
+    "RoundLoop",
+    "RunPlan",
+    "aggregate",
+    "app",
+    "dp_update_norm_bound",
+    "update_digest",
+    "update_norm",
+    "validate_update",
+]
 
 log = logging.getLogger("fedward.coordinator.rounds")
 
 _POLL_S = 0.1
 _ONLINE_POLL_S = 0.5
+# How often a site that answered "pending-approval" is asked again during admission.
+APPROVAL_POLL_S: Final = 3.0
+# The DP norm bound (dp_update_norm_bound) is a high-probability worst case: every clipped
+# per-sample gradient pointing the same way, Poisson batches and Gaussian noise 8 standard
+# deviations above their means. Honest updates of the real trainer measured at 0.04-0.55 of
+# it (breast_cancer_mlp and digits_cnn, epsilon 1-50, clip 0.1-5, 2-8 sites; see
+# docs/ml-team-guide.md). This factor on top keeps float rounding, a changed Opacus detail or
+# an unusual dataset from ever rejecting an honest site; the same updates scaled by 100 were
+# 9-28 times the bound at the default settings (1.8 times with a clip of 5, where clipping
+# hardly binds and the worst case is loose).
+NORM_BOUND_FACTOR: Final = 2.0
+_TAIL: Final = 8.0
+_PENDING_LABEL: Final = SiteErrorCode.NAMES[SiteErrorCode.PENDING_APPROVAL]
+_SITE_CODES: Final = frozenset(SiteErrorCode.NAMES.values())
 
 
 @dataclass(frozen=True)
@@ -68,6 +100,8 @@ class RunPlan:
     sites: tuple[str, ...]
     aggregation: str = "fedavg"
     final_evaluate: bool = True
+    approval_wait_s: float = 3600.0
+    max_update_norm: float | None = None
 
     def task_config(self, round_number: int, *, train: bool) -> ConfigRecord:
         return ConfigRecord({
@@ -92,9 +126,18 @@ class RunFailed(Exception):
 
 
 def validate_update(
-    arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]
+    arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], *,
+    reference: dict[str, np.ndarray] | None = None, max_norm: float | None = None,
 ) -> str | None:
-    """Why a site's update must be rejected before aggregation, or None if it is sound."""
+    """Why a site's update must be rejected before aggregation, or None if it is sound.
+
+    Args:
+        arrays: the model arrays the site sent back.
+        expected: the model's array names and shapes.
+        reference: the global model the site was sent this round; with ``max_norm``, the
+            update's change to it (:func:`update_norm`) may be at most ``max_norm``.
+        max_norm: the norm bound (see :func:`dp_update_norm_bound`).
+    """
     if set(arrays) != set(expected):
         return (f"update arrays {sorted(arrays)} do not match the model's "
                 f"{sorted(expected)}")
@@ -105,7 +148,73 @@ def validate_update(
             return f"array {name!r} has shape {list(arr.shape)}, expected {list(expected[name])}"
         if not np.all(np.isfinite(arr)):
             return f"array {name!r} contains NaN or Inf"
+    if reference is not None and max_norm is not None:
+        norm = update_norm(arrays, reference)
+        if not norm <= max_norm:
+            return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
     return None
+
+
+def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of the change from ``reference`` to ``arrays`` over all arrays (float64)."""
+    total = 0.0
+    for name, arr in arrays.items():
+        diff = arr.astype(np.float64) - reference[name].astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def update_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of an update (byte-identity)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, str(arr.dtype), list(arr.shape)]).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def dp_update_norm_bound(
+    *, n_examples: int, batch_size: int, local_epochs: int, lr: float, max_grad_norm: float,
+    noise_multiplier: float, n_params: int, factor: float = NORM_BOUND_FACTOR,
+) -> float:
+    """The largest L2 norm an honest DP-SGD round can move a site's model, times ``factor``.
+
+    The site trains with Opacus's DP-SGD and plain SGD (see :func:`privacy.train_dp`):
+    Poisson batches at rate ``q = 1 / ceil(n / batch)`` over ``T = local_epochs / q``
+    steps, and each step moves the parameters by ``lr / B * (sum of the batch's clipped
+    per-sample gradients + N(0, (sigma * C)^2 I))`` with ``B = int(n * q)`` (Opacus's
+    expected batch size). Over the round, by the triangle inequality::
+
+        ||delta|| <= lr / B * (C * S + sigma * C * ||sum of T standard normals in R^d||)
+
+    where ``S`` is the number of examples sampled over all steps (Binomial, mean
+    ``n * local_epochs``). The bound takes ``S <= mean + 8 sqrt(mean) + 8`` (at most
+    ``n * T``) and the noise norm ``<= sqrt(d * T) + 8``: exceeded with a probability far
+    below 1e-12, and only when every clipped gradient points the same way, which real
+    training never comes close to.
+
+    Args:
+        n_examples: the site's training examples (its ``num-examples`` metric).
+        batch_size: the run's expected batch size.
+        local_epochs: local epochs per round.
+        lr: the run's learning rate.
+        max_grad_norm: the per-sample clipping bound C.
+        noise_multiplier: sigma (the site's ``noise-multiplier`` metric; 0 when absent).
+        n_params: the number of values in the model (d).
+        factor: safety factor on top (:data:`NORM_BOUND_FACTOR`).
+
+    Returns:
+        The bound on the update's L2 norm.
+    """
+    n = max(1, int(n_examples))
+    steps_per_epoch = math.ceil(n / max(1, int(batch_size)))
+    steps = max(1, int(local_epochs)) * steps_per_epoch
+    expected_batch = max(1, int(n * (1 / steps_per_epoch)))  # as Opacus computes it
+    mean = float(n * max(1, int(local_epochs)))
+    sampled = min(float(n * steps), mean + _TAIL * math.sqrt(mean) + _TAIL)
+    noise = max(0.0, noise_multiplier) * max_grad_norm * (math.sqrt(n_params * steps) + _TAIL)
+    return factor * lr / expected_batch * (max_grad_norm * sampled + noise)
 
 
 def aggregate(
@@ -143,6 +252,22 @@ def aggregate(
     return out
 
 
+SiteState = Literal["accepted", "waiting", "refused", "unanswered"]
+
+
+@dataclass
+class _Answer:
+    """A site's last answer to the admission question."""
+
+    state: SiteState
+    reason: str = ""
+    since: str = ""  # ISO 8601 (UTC): when the site started waiting
+
+
+def _approve_hint(site: str, run_id: int) -> str:
+    return f"{site}: its IT runs `fedward-site approve {run_id}`"
+
+
 @dataclass
 class RoundLoop:
     """Runs one coordinator run on a Flower Grid.
@@ -153,6 +278,8 @@ class RoundLoop:
         home: the coordinator data directory (checkpoints live under it).
         plan: the run's plan.
         initial: builds the initial global model arrays (and their shapes) for the task.
+        clock: monotonic seconds (deadlines).
+        approval_poll_s: how often a site waiting for approval is asked again.
     """
 
     grid: Grid
@@ -161,11 +288,18 @@ class RoundLoop:
     plan: RunPlan
     initial: Callable[[], dict[str, np.ndarray]]
     clock: Callable[[], float] = field(default=time.monotonic)
+    approval_poll_s: float = APPROVAL_POLL_S
+    # The admission state as last recorded (see repository.record_admission).
+    _admission: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    # Digest of every update received in this run -> (first round, site), for replays.
+    _seen: dict[str, tuple[int, str]] = field(default_factory=dict, init=False, repr=False)
 
     def run(self) -> None:
         plan = self.plan
         try:
             start_round, arrays = self._resume_point()
+            self._load_seen()
+            self._admit(fresh=start_round == 1)
             expected = {k: tuple(v.shape) for k, v in arrays.items()}
             for number in range(start_round, plan.rounds + 1):
                 arrays = self._round(number, arrays, expected)
@@ -188,12 +322,196 @@ class RoundLoop:
         log.info("run %s resumes after round %s from its checkpoint", self.plan.run_id, number)
         return number + 1, arrays
 
+    def _load_seen(self) -> None:
+        """Digests of the updates earlier attempts of this run received (a resumed run)."""
+        for number, by_site in sorted(repository.update_digests(self.engine,
+                                                                self.plan.run_id).items()):
+            for site, digest in sorted(by_site.items()):
+                self._seen.setdefault(digest, (number, site))
+
     def _site_nodes(self) -> dict[int, str]:
         """Online nodes of this run's sites: node id -> site name."""
         by_node = repository.site_names_by_node_id(self.engine)
         wanted = set(self.plan.sites)
         online = set(self.grid.get_node_ids())
         return {int(n): s for n, s in by_node.items() if s in wanted and int(n) in online}
+
+    # -- admission ---------------------------------------------------------------------
+
+    def _admit(self, *, fresh: bool) -> None:
+        """Ask every online site whether its policy accepts the run, before round 1.
+
+        Nothing is trained or charged: the site answers from its policy check alone. A site
+        that waits for a local approval is asked again every :attr:`approval_poll_s`
+        seconds until it accepts or refuses, or the run's ``approval_wait_s`` has passed
+        since the admission began (a relaunched run keeps the original limit). Offline
+        sites, and sites whose agent gives no answer, are left to the round loop, as
+        before. Every round still asks every site of the run: a site approved after the
+        limit joins from its next round.
+
+        Raises:
+            RunFailed: fewer than ``min_sites`` sites can still take part.
+        """
+        plan = self.plan
+        prior = repository.admission_record(self.engine, plan.run_id)
+        if prior is not None and prior[1].get("state") == "admitted":
+            self._admission = dict(prior[1])
+            return
+        if not fresh:
+            return  # a run resumed after round 1 was admitted by an older coordinator
+        now = utcnow()
+        started, deadline = now, now + timedelta(seconds=max(0.0, plan.approval_wait_s))
+        answers: dict[str, _Answer] = {}
+        if prior is not None and prior[1].get("state") == "waiting":
+            # Relaunched during the admission: keep its clock and who waits since when.
+            started = _parse_time(prior[1].get("started"), now)
+            deadline = _parse_time(prior[1].get("deadline"), deadline)
+            for site, info in dict(prior[1].get("waiting") or {}).items():
+                answers[site] = _Answer("waiting", str(info.get("reason", "")),
+                                        str(info.get("since", "")))
+        self._admission = {"state": "waiting", "started": started.isoformat(),
+                           "deadline": deadline.isoformat()}
+        limit = self.clock() + max(0.0, (deadline - now).total_seconds())
+        ask_timeout = max(1.0, plan.round_deadline_s)
+        asked: set[str] = set()  # asked at least once by this process
+        outstanding: dict[str, tuple[str, float]] = {}  # message id -> (site, sent at)
+        next_ask: dict[str, float] = {}
+        recorded: dict[str, str] = {}
+        recorded_waiting = False
+        t0 = self.clock()
+        while True:
+            now_s = self.clock()
+            past_limit = now_s >= limit
+            nodes = self._site_nodes()
+            busy = {site for site, _ in outstanding.values()}
+            # Every online site is asked once (also past the limit: a relaunched run learns
+            # what its sites say now); a waiting one again until the limit.
+            to_ask = {node: site for node, site in nodes.items() if site not in busy and (
+                site not in asked or (not past_limit and answers[site].state == "waiting"
+                                      and now_s >= next_ask.get(site, 0.0)))}
+            if to_ask:
+                for mid, site in self._ask(to_ask, ttl=ask_timeout).items():
+                    outstanding[mid] = (site, now_s)
+                    asked.add(site)
+            if outstanding:
+                for reply in self.grid.pull_messages(list(outstanding)):
+                    entry = outstanding.pop(reply.metadata.reply_to_message_id, None)
+                    if entry is None:
+                        continue
+                    site = entry[0]
+                    answers[site] = _admission_answer(reply, answers.get(site))
+                    if answers[site].state == "waiting":
+                        next_ask[site] = self.clock() + self.approval_poll_s
+            for mid, (site, sent) in list(outstanding.items()):
+                if self.clock() - sent > ask_timeout:
+                    del outstanding[mid]
+                    if site not in answers or answers[site].state != "waiting":
+                        answers[site] = _Answer(
+                            "unanswered", f"no answer within {ask_timeout:.0f} s")
+            online = set(nodes.values())
+            waiting = {s for s, a in answers.items() if a.state == "waiting"}
+            # While someone waits, every change of who answered what is recorded, so the
+            # run's view stays current; the set emptying is recorded once more.
+            seen: dict[str, str] = {s: a.state for s, a in answers.items()}
+            if seen != recorded and (waiting or recorded_waiting):
+                self._record_admission("run.waiting", "waiting", answers, online)
+                recorded, recorded_waiting = seen, bool(waiting)
+            blocking = waiting & online
+            possible = [s for s in plan.sites
+                        if s not in answers or answers[s].state != "refused"]
+            if len(possible) < plan.min_sites:
+                break  # refusals leave too few sites, whatever the others answer
+            if not outstanding and (not blocking or past_limit):
+                break
+            # Pull answers every 0.1 s; otherwise sleep until the next question is due
+            # (at most 0.5 s, to notice sites coming online).
+            wake = min((next_ask.get(s, now_s) for s in blocking),
+                       default=now_s + _ONLINE_POLL_S)
+            time.sleep(_POLL_S if outstanding
+                       else min(_ONLINE_POLL_S, max(_POLL_S, wake - self.clock())))
+        online = set(self._site_nodes().values())
+        usable = [s for s in plan.sites if s not in answers
+                  or answers[s].state in ("accepted", "unanswered")]
+        if len(usable) < plan.min_sites:
+            reason = self._not_admitted_reason(answers, waited_s=self.clock() - t0)
+            self._record_admission("run.not_admitted", "not-admitted", answers, online,
+                                   reason=reason)
+            raise RunFailed(reason)
+        self._record_admission("run.admitted", "admitted", answers, online,
+                               waited_s=round(self.clock() - t0, 3))
+        log.info("run %s admitted: %s", plan.run_id, self._admission)
+
+    def _ask(self, nodes: dict[int, str], *, ttl: float) -> dict[str, str]:
+        """Push one admission question per node; returns message id -> site."""
+        msgs = [Message(
+            content=RecordDict({TASK_CONFIG: self.plan.task_config(0, train=False)}),
+            dst_node_id=node_id, message_type=ADMISSION_MESSAGE_TYPE,
+            group_id=f"run-{self.plan.run_id}-admission", ttl=ttl,
+        ) for node_id in nodes]
+        ids = list(self.grid.push_messages(msgs))
+        return {mid: nodes[m.metadata.dst_node_id] for mid, m in zip(ids, msgs, strict=True)
+                if mid}
+
+    def _record_admission(self, action: str, state: str, answers: dict[str, _Answer],
+                          online: set[str], **extra: Any) -> None:
+        detail: dict[str, Any] = {
+            "state": state,
+            "started": self._admission.get("started"),
+            "deadline": self._admission.get("deadline"),
+            "accepted": sorted(s for s, a in answers.items() if a.state == "accepted"),
+            "waiting": {s: {"since": a.since, "reason": a.reason}
+                        for s, a in sorted(answers.items()) if a.state == "waiting"},
+            "refused": {s: a.reason for s, a in sorted(answers.items())
+                        if a.state == "refused"},
+            "unanswered": {s: a.reason for s, a in sorted(answers.items())
+                           if a.state == "unanswered"},
+            "offline": sorted(s for s in self.plan.sites
+                              if s not in answers and s not in online),
+            **extra,
+        }
+        repository.record_admission(self.engine, self.plan.run_id, action=action,
+                                    detail=detail)
+        self._admission = detail
+
+    def _not_admitted_reason(self, answers: dict[str, _Answer], *, waited_s: float) -> str:
+        plan = self.plan
+        accepted = [s for s, a in sorted(answers.items()) if a.state == "accepted"]
+        waiting = [s for s, a in sorted(answers.items()) if a.state == "waiting"]
+        refused = [(s, a.reason) for s, a in sorted(answers.items()) if a.state == "refused"]
+        parts = [f"not admitted: {len(accepted)} of {len(plan.sites)} sites accepted the run "
+                 f"after {waited_s:.0f} s (approval wait {plan.approval_wait_s:g} s); it "
+                 f"needs at least {plan.min_sites}"]
+        if waiting:
+            parts.append("still waiting for approval at "
+                         + "; ".join(_approve_hint(s, plan.run_id) for s in waiting))
+        if refused:
+            parts.append("refused by " + "; ".join(f"{s} ({why})" for s, why in refused))
+        return "; ".join(parts)
+
+    def _note_waiting(self, waiting: dict[str, str], done: set[str]) -> None:
+        """Keep the run's waiting list true once training runs (train replies say it).
+
+        Args:
+            waiting: sites whose train task answered "pending-approval" -> the reason.
+            done: sites that answered otherwise (they no longer wait).
+        """
+        if not self._admission:
+            return
+        current: dict[str, Any] = dict(self._admission.get("waiting") or {})
+        changed = False
+        for site in sorted(set(waiting) - set(current)):
+            current[site] = {"since": utcnow().isoformat(), "reason": waiting[site]}
+            changed = True
+        for site in sorted(done & set(current)):
+            del current[site]
+            changed = True
+        if changed:
+            detail = {**self._admission, "waiting": current}
+            repository.record_admission(self.engine, self.plan.run_id, action="run.waiting",
+                                        detail=detail)
+            self._admission = detail
+
+    # -- rounds ------------------------------------------------------------------------
 
     def _wait_for_sites(self, deadline: float) -> dict[int, str]:
         nodes = self._site_nodes()
@@ -207,8 +525,12 @@ class RoundLoop:
 
     def _exchange(self, nodes: dict[int, str], arrays: dict[str, np.ndarray],
                   number: int, *, train: bool, deadline: float
-                  ) -> tuple[dict[str, Message], list[str]]:
-        """Send one message per site and collect replies until all are in or the deadline."""
+                  ) -> tuple[dict[str, Message], list[str], set[str]]:
+        """Send one message per site and collect replies until all are in or the deadline.
+
+        Returns the replies by site, the sites that did not answer in time, and the sites
+        that answered one message more than once (neither answer is trusted).
+        """
         ttl = max(1.0, deadline - self.clock())
         msgs = []
         for node_id in nodes:
@@ -225,17 +547,24 @@ class RoundLoop:
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: nodes[m.metadata.dst_node_id] for mid, m in zip(ids, msgs, strict=True)
                    if mid}
+        answered: dict[str, str] = {}
+        doubled: set[str] = set()
         replies: dict[str, Message] = {}
         while pending and self.clock() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
-                site = pending.pop(reply.metadata.reply_to_message_id, None)
+                mid = reply.metadata.reply_to_message_id
+                if mid in answered:
+                    doubled.add(answered[mid])
+                    continue
+                site = pending.pop(mid, None)
                 if site is not None:
+                    answered[mid] = site
                     replies[site] = reply
                     log.info("round %s: reply from %s after %.2f s", number, site,
                              self.clock() - t_push)
             if pending:
                 time.sleep(_POLL_S)
-        return replies, sorted(pending.values())
+        return replies, sorted(pending.values()), doubled
 
     def _round(self, number: int, arrays: dict[str, np.ndarray],
                expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -256,28 +585,61 @@ class RoundLoop:
                 f"{plan.round_deadline_s:.0f} s (offline: {', '.join(offline) or 'none'}); "
                 f"the run needs at least {plan.min_sites}"
             )
-        replies, late = self._exchange(nodes, arrays, number, train=True, deadline=deadline)
-        updates: list[tuple[dict[str, np.ndarray], float]] = []
-        participating: list[str] = []
+        replies, late, doubled = self._exchange(nodes, arrays, number, train=True,
+                                                deadline=deadline)
+        sound: dict[str, tuple[dict[str, np.ndarray], dict[str, float], str]] = {}
+        received: dict[str, str] = {}
         for site, reply in sorted(replies.items()):
-            outcome = self._accept(site, reply, expected)
+            if site in doubled:
+                failed.append(_duplicate(site, f"the site answered round {number}'s task more "
+                                               "than once; none of its answers is used"))
+                continue
+            outcome = self._accept(site, reply, expected, arrays)
             if isinstance(outcome, dict):
                 failed.append(outcome)
                 continue
             update, metrics = outcome
+            digest = update_digest(update)
+            received[site] = digest
+            earlier = self._seen.get(digest)
+            if earlier is not None and earlier[0] < number:
+                who = "it" if earlier[1] == site else earlier[1]
+                failed.append(_duplicate(site, f"byte-identical to the update {who} sent in "
+                                               f"round {earlier[0]} (a replay)"))
+                continue
+            sound[site] = (update, metrics, digest)
+        by_digest: dict[str, list[str]] = {}
+        for site, (_u, _m, digest) in sound.items():
+            by_digest.setdefault(digest, []).append(site)
+        updates: list[tuple[dict[str, np.ndarray], float]] = []
+        participating: list[str] = []
+        for site, (update, metrics, digest) in sorted(sound.items()):
+            twins = [s for s in by_digest[digest] if s != site]
+            if twins:
+                failed.append(_duplicate(site, "byte-identical to the update of "
+                                               f"{', '.join(twins)} in this round"))
+                continue
             repository.record_site_metrics(self.engine, plan.run_id, number, site, metrics)
-            fingerprint = _fingerprint(reply)
+            fingerprint = _fingerprint(replies[site])
             if fingerprint:
                 repository.record_data_fingerprint(self.engine, plan.run_id, number, site,
                                                    fingerprint)
             updates.append((update, metrics.get("num-examples", 1.0)))
             participating.append(site)
+        for site, digest in received.items():
+            self._seen.setdefault(digest, (number, site))
         for site in late:
             failed.append({"site": site, "phase": "train",
                            "reason": f"late: no reply within the {plan.round_deadline_s:.0f} s "
                                      "round deadline"})
+        # A site that answered (trained, refused, sent a rejected update) no longer waits.
+        answered = set(participating) | {
+            f["site"] for f in failed if f["phase"] == "validate"
+            or (f.get("code") in _SITE_CODES and f.get("code") != _PENDING_LABEL)}
+        self._note_waiting({f["site"]: f["reason"] for f in failed
+                            if f.get("code") == _PENDING_LABEL}, answered)
         if len(updates) < plan.min_sites:
-            self._fail_round(number, t0, participating, failed, late)
+            self._fail_round(number, t0, participating, failed, late, received)
             names = "; ".join(f"{f['site']}: {f['reason']}" for f in failed) or "none"
             raise RunFailed(
                 f"round {number}: {len(updates)} usable updates, the run needs at least "
@@ -291,12 +653,32 @@ class RoundLoop:
         # a checkpoint but is still "running".
         repository.finish_round(self.engine, plan.run_id, number, status="completed",
                                 participating=participating, failed=failed, late=late,
-                                seconds=self.clock() - t0)
+                                seconds=self.clock() - t0, update_digests=received)
         repository.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
         log.info("round %s done in %.2f s with %s", number, self.clock() - t0, participating)
         return new
 
-    def _accept(self, site: str, reply: Message, expected: dict[str, tuple[int, ...]]
+    def _norm_bound(self, metrics: dict[str, float], n_params: int
+                    ) -> tuple[float, str] | str:
+        """The norm bound for one site's update and how it was set, or why none can be."""
+        plan = self.plan
+        if plan.max_update_norm is not None:
+            return plan.max_update_norm, "the run's max_update_norm"
+        n = metrics.get("num-examples")
+        if n is None or not math.isfinite(n) or n < 1:
+            return ("the reply does not say how many examples the site trained on "
+                    "(num-examples), so the update's norm cannot be bounded")
+        sigma = metrics.get("noise-multiplier", 0.0)
+        sigma = sigma if math.isfinite(sigma) and sigma > 0 else 0.0
+        bound = dp_update_norm_bound(
+            n_examples=int(n), batch_size=plan.batch_size, local_epochs=plan.local_epochs,
+            lr=plan.lr, max_grad_norm=plan.max_grad_norm, noise_multiplier=sigma,
+            n_params=n_params)
+        return bound, (f"{NORM_BOUND_FACTOR:g} x the most DP-SGD can move the model with "
+                       f"{int(n)} examples, noise multiplier {sigma:.3g}")
+
+    def _accept(self, site: str, reply: Message, expected: dict[str, tuple[int, ...]],
+                reference: dict[str, np.ndarray]
                 ) -> tuple[dict[str, np.ndarray], dict[str, float]] | dict[str, str]:
         if reply.has_error():
             code = reply.error.code
@@ -313,17 +695,25 @@ class RoundLoop:
         except (KeyError, TypeError, ValueError) as err:
             return {"site": site, "phase": "train", "reason": f"malformed reply: {err}",
                     "code": "rejected-update"}
-        problem = validate_update(update, expected)
+        bound = self._norm_bound(metrics, sum(math.prod(s) for s in expected.values()))
+        problem: str | None
+        if isinstance(bound, str):
+            problem = validate_update(update, expected) or bound
+        else:
+            problem = validate_update(update, expected, reference=reference, max_norm=bound[0])
+            if problem is not None and problem.startswith("update norm"):
+                problem = f"{problem} ({bound[1]})"
         if problem is not None:
             return {"site": site, "phase": "validate", "reason": f"update rejected: {problem}",
                     "code": "rejected-update"}
         return update, metrics
 
     def _fail_round(self, number: int, t0: float, participating: list[str],
-                    failed: list[dict[str, str]], late: list[str]) -> None:
+                    failed: list[dict[str, str]], late: list[str],
+                    received: dict[str, str] | None = None) -> None:
         repository.finish_round(self.engine, self.plan.run_id, number, status="failed",
                                 participating=participating, failed=failed, late=late,
-                                seconds=self.clock() - t0)
+                                seconds=self.clock() - t0, update_digests=received)
 
     def _final_evaluate(self, arrays: dict[str, np.ndarray]) -> None:
         """Each site evaluates the final global model on its held-out split."""
@@ -332,14 +722,49 @@ class RoundLoop:
         nodes = self._site_nodes()
         if not nodes:
             return
-        replies, _late = self._exchange(nodes, arrays, plan.rounds, train=False,
-                                        deadline=deadline)
+        replies, _late, _doubled = self._exchange(nodes, arrays, plan.rounds, train=False,
+                                                  deadline=deadline)
         for site, reply in replies.items():
             if reply.has_error() or REPLY_METRICS not in reply.content.metric_records:
                 continue
             metrics = {f"final-{k}": float(v) for k, v in reply.content[REPLY_METRICS].items()
                        if isinstance(v, int | float) and math.isfinite(float(v))}
             repository.record_site_metrics(self.engine, plan.run_id, plan.rounds, site, metrics)
+
+
+def _admission_answer(reply: Message, before: _Answer | None) -> _Answer:
+    """A site's answer to the admission question (see export.wire.ADMISSION_ACTION)."""
+    if reply.has_error():
+        code = reply.error.code
+        label = SiteErrorCode.NAMES.get(code, f"flower-error-{code}")
+        reason = (reply.error.reason or label).splitlines()[0][:500]
+        if code == SiteErrorCode.PENDING_APPROVAL:
+            since = before.since if before is not None and before.state == "waiting" else ""
+            return _Answer("waiting", reason, since or utcnow().isoformat())
+        if code == SiteErrorCode.REFUSED_POLICY:
+            return _Answer("refused", reason)
+        # An older site agent without the admission handler, a trainer that is down, an
+        # engine error: no answer; the round loop treats the site as before.
+        return _Answer("unanswered", reason)
+    status = None
+    if REPLY_CONFIG in reply.content.config_records:
+        status = reply.content.config_records[REPLY_CONFIG].get(MSG.STATUS)
+    if status == MSG.ACCEPTED:
+        return _Answer("accepted")
+    return _Answer("unanswered", f"unexpected admission answer {str(status)[:40]!r}")
+
+
+def _parse_time(raw: object, default: datetime) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(str(raw))
+    except ValueError:
+        return default
+    return parsed if parsed.tzinfo is not None else default
+
+
+def _duplicate(site: str, why: str) -> dict[str, str]:
+    return {"site": site, "phase": "validate", "reason": f"duplicate update rejected: {why}",
+            "code": "duplicate-update"}
 
 
 def parity_dir(home: Path, candidate_id: int) -> Path:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "ADMISSION_ACTION",
+    "ADMISSION_MESSAGE_TYPE",
     "ALLOWED_REPLY_METRICS",
     "APP_COMPONENTS",
     "APP_NAME",
@@ -47,6 +49,13 @@ REPLY_ARRAYS: Final = "local_model"      # ArrayRecord: the site's updated array
 REPLY_METRICS: Final = "metrics"         # MetricRecord: allow-listed scalar metrics
 REPLY_CONFIG: Final = "status"           # ConfigRecord: outcome code and scrubbed reason
 
+# Admission (before round 1): "does your policy accept this run?". A Flower query message
+# with this action carries only TASK_CONFIG (no arrays); the site answers from its policy
+# check alone, touching no data: a reply whose REPLY_CONFIG says MSG.ACCEPTED, or an Error
+# with SiteErrorCode.PENDING_APPROVAL or REFUSED_POLICY and the reason.
+ADMISSION_ACTION: Final = "admission"
+ADMISSION_MESSAGE_TYPE: Final = f"query.{ADMISSION_ACTION}"
+
 
 class CFG:
     """Keys of the task ConfigRecord sent to a site each round."""
@@ -76,6 +85,7 @@ class MSG:
     REFUSED_DATA: Final = "refused-data-check"
     REFUSED_POLICY: Final = "refused-policy"
     FAILED: Final = "failed"
+    ACCEPTED: Final = "accepted"           # admission: the site's policy accepts the run
 
 
 # The only scalar metrics a site may send back. Everything else is blocked at the site.
@@ -123,6 +133,10 @@ class SiteErrorCode:
     TASK_FAILED: Final = 705        # training or evaluation raised at the site
     EGRESS_BLOCKED: Final = 706     # the egress guard blocked the outgoing result
     BAD_TASK: Final = 707           # the task message was malformed
+    # The site's policy wants a local approval of this run and nobody has given it yet: not
+    # a refusal, the run waits at the site until its IT runs `fedward-site approve RUN`
+    # (a denial is answered with REFUSED_POLICY).
+    PENDING_APPROVAL: Final = 708
 
     NAMES: Final = {
         701: "refused-budget",
@@ -132,6 +146,7 @@ class SiteErrorCode:
         705: "task-failed",
         706: "egress-blocked",
         707: "bad-task",
+        708: "pending-approval",
     }
 
 

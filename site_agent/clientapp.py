@@ -24,6 +24,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from export.wire import (
+    ADMISSION_ACTION,
     REPLY_ARRAYS,
     REPLY_FINGERPRINT,
     REPLY_METRICS,
@@ -106,6 +107,12 @@ def train(msg: Message, context: Context) -> Message:
 def parity(msg: Message, context: Context) -> Message:
     """Measure export parity of a release candidate on the site's held-out split."""
     return _relay(msg, context, "parity")
+
+
+@app.query(ADMISSION_ACTION)
+def admission(msg: Message, context: Context) -> Message:
+    """Say whether the site's policy accepts the run (before round 1; no data, no charge)."""
+    return _relay(msg, context, "admission")
 
 
 @app.evaluate()

@@ -21,8 +21,8 @@ policy file the site refuses every run: default-deny. Format, version 1::
 * ``max_rounds_per_day``: at most this many rounds trained in any 24 hours (``null``: no
   limit).
 
-``approvals.json`` is written by the agent (when a run's first task arrives) and by the
-``approve`` / ``deny`` commands, atomically and under a file lock::
+``approvals.json`` is written by the agent (when a run's first task or admission question
+arrives) and by the ``approve`` / ``deny`` commands, atomically and under a file lock::
 
     {"version": 1,
      "runs": {"7": {"run": "7", "project": "oncology", "task": "breast_cancer_mlp",
@@ -56,6 +56,7 @@ __all__ = [
     "Admission",
     "ApprovalBook",
     "ApprovalsError",
+    "PendingApproval",
     "PolicyError",
     "PolicyMissingError",
     "PolicyRefusal",
@@ -106,6 +107,14 @@ class PolicyRefusal(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class PendingApproval(PolicyRefusal):
+    """The policy wants a local approval of the run and nobody has decided yet.
+
+    Not a refusal: the run waits at the site until its IT approves or denies it. The
+    reason starts with :data:`PENDING_PREFIX`.
+    """
 
 
 # -- the policy file --------------------------------------------------------------------
@@ -566,8 +575,9 @@ class SiteGate:
         The run is recorded as seen on its first task, whatever the outcome.
 
         Raises:
+            PendingApproval: the run waits for a local approval (nobody decided yet).
             PolicyRefusal: the policy is missing or invalid, the project or task is not
-                accepted, the run is denied, or it waits for approval.
+                accepted, or the run is denied.
             ApprovalsError: if the approvals file cannot be read or written.
         """
         policy: SitePolicy | None
@@ -619,6 +629,8 @@ class SiteGate:
                              "refused" if reason is not None else "not-required"),
             })
         if reason is not None:
+            if reason.startswith(PENDING_PREFIX):
+                raise PendingApproval(reason)
             raise PolicyRefusal(reason)
         assert policy is not None
         return Admission(epsilon_cap=policy.projects[project].epsilon_cap,

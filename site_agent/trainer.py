@@ -3,13 +3,15 @@
 It lives inside the long-lived site agent, keeps torch imported and the site's data
 loaded, and serves one task at a time over a Unix socket to the thin ClientApp relay.
 Each task first passes the site gate (the site policy and local approvals, see
-:mod:`site_agent.policy`) before any data is touched. Each training task then: check the
-privacy budget (write-ahead in the ledger, under the smaller of the project's policy cap and
-the agent's own cap), evaluate the received global model on the site's held-out split, train
-with DP-SGD, pass the result through the egress guard, and answer. Every step is written to
-the site's audit log; a task whose record cannot be written is refused. A repeated task for
-a round that already trained is answered from the stored reply, so a resumed run never
-spends the site's privacy twice.
+:mod:`site_agent.policy`) before any data is touched. An admission question (the
+coordinator asks it before a run's first round) is answered from the gate alone: accepted,
+pending approval (``SiteErrorCode.PENDING_APPROVAL``) or refused. Each training task then:
+check the privacy budget (write-ahead in the ledger, under the smaller of the project's
+policy cap and the agent's own cap), evaluate the received global model on the site's
+held-out split, train with DP-SGD, pass the result through the egress guard, and answer.
+Every step is written to the site's audit log; a task whose record cannot be written is
+refused. A repeated task for a round that already trained is answered from the stored
+reply, so a resumed run never spends the site's privacy twice.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from export.tasks import array_shapes, get_task, model_arrays, set_model_arrays
-from export.wire import CFG, SiteErrorCode
+from export.wire import CFG, MSG, SiteErrorCode
 from privacy import (
     BudgetExceededError,
     PrivacyLedger,
@@ -50,6 +52,7 @@ from site_agent.ipc import IPCError, read_frame, write_frame
 from site_agent.policy import (
     Admission,
     ApprovalsError,
+    PendingApproval,
     PolicyRefusal,
     SiteGate,
     check_rounds_per_day,
@@ -121,6 +124,10 @@ class WarmTrainer:
     data_failure: dict[str, Any] | None = None
     gate: SiteGate | None = None
     noise_secret: bytes = b""
+    # run id -> the last admission answer written to the audit log (code, reason): the
+    # coordinator asks a waiting site again every few seconds; only changes are recorded.
+    _admission_answers: dict[str, tuple[int | None, str | None]] = field(
+        default_factory=dict, init=False, repr=False)
 
     def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -146,6 +153,8 @@ class WarmTrainer:
             round_number = int(config.get(CFG.ROUND, 0) or 0)
         except (TypeError, ValueError):
             round_number = 0  # for the audit only: _train refuses the task as malformed
+        if kind == "admission":
+            return self._admission(config, run_id)
         try:
             if kind not in ("train", "evaluate", "parity"):
                 raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
@@ -175,6 +184,33 @@ class WarmTrainer:
                                        "error": type(err).__name__})
             return {"error": {"code": SiteErrorCode.TASK_FAILED, "reason": reason}}, {}
 
+    def _admission(self, config: dict[str, Any], run_id: str
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Answer "does this site accept the run?" from the site gate alone.
+
+        The same gate as every task (so the approvals book records the run as seen, pending
+        or refused exactly as a first task would), but no data is touched, nothing is
+        charged and nothing but the answer leaves. The answer goes to the audit log when it
+        differs from the last one given for the run (the coordinator asks a waiting site
+        again every few seconds).
+        """
+        code: int | None = None
+        reason: str | None = None
+        try:
+            self._admit(config)
+        except TaskError as err:
+            code, reason = err.code, err.reason
+        if self._admission_answers.get(run_id) != (code, reason):
+            if code is None:
+                self.audit("admission-accepted", {"run": run_id})
+            else:
+                self.audit("task-refused", {"run": run_id, "round": 0, "kind": "admission",
+                                            "code": code, "reason": reason})
+            self._admission_answers[run_id] = (code, reason)
+        if code is not None:
+            return {"error": {"code": code, "reason": reason}}, {}
+        return {"status": {MSG.STATUS: MSG.ACCEPTED}}, {}
+
     def _admit(self, config: dict[str, Any]) -> Admission | None:
         """Apply the site gate; None when the trainer runs without one."""
         if self.gate is None:
@@ -189,6 +225,8 @@ class WarmTrainer:
         try:
             return self.gate.admit(run_id=run_id, project=project, task=task,
                                    total_rounds=total_rounds)
+        except PendingApproval as err:
+            raise TaskError(SiteErrorCode.PENDING_APPROVAL, err.reason) from None
         except PolicyRefusal as err:
             raise TaskError(SiteErrorCode.REFUSED_POLICY, err.reason) from None
         except ApprovalsError as err:

@@ -25,6 +25,7 @@ from coordinator.repository import (
     finish_round,
     finish_run,
     mark_run_started,
+    record_admission,
     record_checkpoint,
     record_site_metrics,
     start_round,
@@ -334,6 +335,9 @@ def launch_ready(engine: Engine, make_client: Callable[..., TestClient],
         ({"delta": 1}, "delta", "less than 1"),
         ({"local_epochs": 51}, "local_epochs", "less than or equal to 50"),
         ({"round_deadline_s": 1}, "round_deadline_s", "greater than or equal to 5"),
+        ({"approval_wait_s": -1}, "approval_wait_s", "greater than or equal to 0"),
+        ({"approval_wait_s": 86401}, "approval_wait_s", "less than or equal to 86400"),
+        ({"max_update_norm": 0}, "max_update_norm", "greater than 0"),
         ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
         ({"round": 3}, "round", "Extra inputs are not permitted"),
         ({"sites": ["site-a", "site-a"]}, "sites", "more than once: site-a"),
@@ -352,6 +356,67 @@ def test_bad_run_fields_are_422_naming_the_field(
     assert why in body["message"]
     assert body["detail"][0]["loc"][0] == "body"  # FastAPI's own structure is kept
     assert launcher.launched == []
+
+
+def test_run_options_reach_the_stored_config(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+) -> None:
+    client, headers, _ = launch_ready
+    default = client.post(api("/runs"), json=run_body(), headers=headers).json()["config"]
+    assert (default["aggregation"], default["approval_wait_s"], default["max_update_norm"]) \
+        == ("fedavg", 3600.0, None)
+    chosen = client.post(api("/runs"), json=run_body(
+        aggregation="median", approval_wait_s=0, max_update_norm=25.0),
+        headers=headers).json()["config"]
+    assert (chosen["aggregation"], chosen["approval_wait_s"], chosen["max_update_norm"]) \
+        == ("median", 0.0, 25.0)
+
+
+def test_run_view_names_the_sites_it_waits_for_and_what_their_it_does(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher], engine: Engine,
+) -> None:
+    from coordinator.cli import waiting_note
+
+    client, headers, _ = launch_ready
+    run_id = client.post(api("/runs"), json=run_body(), headers=headers).json()["id"]
+    mark_run_started(engine, run_id, "4242")
+    assert client.get(api(f"/runs/{run_id}"), headers=headers).json()[
+        "waiting_for_approval"] == []
+    since = "2026-01-31T09:12:03+00:00"
+    reason = (f"pending-approval: run {run_id} waits for approval at site site-b "
+              f"(fedward-site approve {run_id})")
+    record_admission(engine, run_id, action="run.waiting", detail={
+        "state": "waiting", "started": since, "deadline": "2026-01-31T10:12:03+00:00",
+        "accepted": ["site-a"], "waiting": {"site-b": {"since": since, "reason": reason}},
+        "refused": {}, "unanswered": {}, "offline": []})
+
+    run = client.get(api(f"/runs/{run_id}"), headers=headers).json()
+    assert run["status"] == "running"
+    assert run["waiting_for_approval"] == ["site-b"]
+    assert run["waiting_since"] == "2026-01-31T09:12:03Z"
+    assert run["admission"]["state"] == "waiting"
+    assert run["admission"]["accepted"] == ["site-a"]
+    assert run["admission"]["waiting"] == [{
+        "site": "site-b", "since": "2026-01-31T09:12:03Z", "reason": reason,
+        "action": f"its IT runs `fedward-site approve {run_id}` (or `deny`)"}]
+    listed = {r["id"]: r for r in client.get(api("/runs"), headers=headers).json()}
+    assert listed[run_id]["waiting_for_approval"] == ["site-b"]
+    assert waiting_note(run) == (f"waiting for approval at site-b since 09:12:03 UTC: its IT "
+                                 f"runs `fedward-site approve {run_id}`")
+
+    record_admission(engine, run_id, action="run.admitted", detail={
+        "state": "admitted", "accepted": ["site-a", "site-b"], "waiting": {}})
+    run = client.get(api(f"/runs/{run_id}"), headers=headers).json()
+    assert run["waiting_for_approval"] == [] and run["admission"]["state"] == "admitted"
+    assert waiting_note(run) == ""
+    # A run that has ended waits for nobody, whatever its last admission entry says.
+    record_admission(engine, run_id, action="run.waiting", detail={
+        "state": "admitted", "waiting": {"site-b": {"since": since, "reason": reason}}})
+    assert client.get(api(f"/runs/{run_id}"), headers=headers).json()[
+        "waiting_for_approval"] == ["site-b"]
+    finish_run(engine, run_id, status="completed", reason=None)
+    assert client.get(api(f"/runs/{run_id}"), headers=headers).json()[
+        "waiting_for_approval"] == []
 
 
 def test_missing_required_field_is_named(

@@ -9,11 +9,14 @@ import ipaddress
 import json
 import math
 import os
+import re
 import stat
+import time
 import tomllib
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import uuid4
 
@@ -26,20 +29,40 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
+from coordinator import repository
 from coordinator.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from coordinator.db import make_engine, run_migrations, session_scope
-from coordinator.models import Project, Round, Run, Site, SiteMetric
+from coordinator.models import AuditEvent, Project, Round, Run, Site, SiteMetric
 from coordinator.pki import ensure_ca, issue_server_cert
-from coordinator.repository import last_checkpoint, record_checkpoint
+from coordinator.repository import finish_round, last_checkpoint, record_checkpoint
 from coordinator.schemas import NodeKeyCreate
-from export.wire import CFG, REPLY_ARRAYS, REPLY_METRICS, TASK_ARRAYS, TASK_CONFIG, SiteErrorCode
+from export.wire import (
+    ADMISSION_MESSAGE_TYPE,
+    CFG,
+    MSG,
+    REPLY_ARRAYS,
+    REPLY_CONFIG,
+    REPLY_METRICS,
+    TASK_ARRAYS,
+    TASK_CONFIG,
+    SiteErrorCode,
+)
 from site_agent.keys import ensure_node_key
 
 with warnings.catch_warnings():
     # flwr imports typer, which touches aliases that Click 8.3+ deprecates: harmless here.
     warnings.filterwarnings("ignore", message=r"'click\.utils\.get_\w+_stream' is deprecated",
                             category=DeprecationWarning)
-    from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import (
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Error,
+        Message,
+        MessageType,
+        MetricRecord,
+        RecordDict,
+    )
     from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -49,7 +72,16 @@ with warnings.catch_warnings():
         app_bundle,
         node_public_key_bytes,
     )
-    from coordinator.server_app import RoundLoop, RunPlan, aggregate, validate_update
+    from coordinator.server_app import (
+        NORM_BOUND_FACTOR,
+        RoundLoop,
+        RunPlan,
+        aggregate,
+        dp_update_norm_bound,
+        update_digest,
+        update_norm,
+        validate_update,
+    )
 
 EXPECTED = {"w": (2, 3), "b": (3,)}
 
@@ -137,14 +169,26 @@ SiteFn = Callable[[Message], Message | None]
 NODES = {"hospital-a": 11, "hospital-b": 12, "hospital-c": 13}
 
 
+def accepting(msg: Message) -> Message:
+    """A site whose policy accepts the run (the answer to the admission question)."""
+    return Message(RecordDict({REPLY_CONFIG: ConfigRecord({MSG.STATUS: MSG.ACCEPTED})}),
+                   reply_to=msg)
+
+
 class SiteGrid(Grid):
     """A Grid whose sites answer in-process: ``sites[node_id](msg)`` returns the reply (or
-    None: the site never answers). Only nodes in ``online`` are reported connected."""
+    None: the site never answers). Only nodes in ``online`` are reported connected.
 
-    def __init__(self, sites: dict[int, SiteFn], online: Iterable[int]) -> None:
+    Admission questions go to ``admission[node_id]`` (default: the run is accepted) and are
+    kept in ``asked``; every other message is kept in ``sent``."""
+
+    def __init__(self, sites: dict[int, SiteFn], online: Iterable[int],
+                 admission: dict[int, SiteFn] | None = None) -> None:
         self.sites = sites
         self.online = list(online)
+        self.admission = admission or {}
         self.sent: list[Message] = []
+        self.asked: list[Message] = []
         self._replies: dict[str, Message] = {}
 
     def set_run(self, run: object) -> None:
@@ -168,8 +212,12 @@ class SiteGrid(Grid):
         for msg in messages:
             msg_id = uuid4().hex
             msg.metadata.__dict__["_message_id"] = msg_id  # what the SuperLink would set
-            self.sent.append(msg)
-            reply = self.sites[msg.metadata.dst_node_id](msg)
+            if msg.metadata.message_type == ADMISSION_MESSAGE_TYPE:
+                self.asked.append(msg)
+                reply = self.admission.get(msg.metadata.dst_node_id, accepting)(msg)
+            else:
+                self.sent.append(msg)
+                reply = self.sites[msg.metadata.dst_node_id](msg)
             if reply is not None:
                 self._replies[msg_id] = reply
             ids.append(msg_id)
@@ -257,7 +305,8 @@ def make_plan(engine: Engine) -> PlanFactory:
         values: dict[str, object] = {
             "run_id": run_id, "project": "oncology", "task": "breast_cancer_mlp", "rounds": 1,
             "local_epochs": 1, "epsilon": 3.0, "delta": 1e-5, "min_sites": 1,
-            "round_deadline_s": 5.0, "lr": 0.05, "batch_size": 32, "max_grad_norm": 1.0,
+            # lr 1.0 is the task's default: the fake sites' changes stay within the DP bound.
+            "round_deadline_s": 5.0, "lr": 1.0, "batch_size": 32, "max_grad_norm": 1.0,
             "seed": 0, "sites": tuple(NODES), "final_evaluate": False,
         }
         values.update(overrides)
@@ -380,6 +429,474 @@ def test_round_loop_resumes_from_the_last_checkpoint_and_evaluates_at_the_end(
                                      col(SiteMetric.name).startswith("final-")))}
     assert finals == {("hospital-a", "final-eval-accuracy"): 0.75,
                       ("hospital-b", "final-eval-accuracy"): 0.75}
+
+
+# --- admission: sites' policies accept the run before round 1 -----------------------------
+
+
+def pending(msg: Message) -> Message:
+    """A site whose policy waits for a local approval of the run."""
+    run = msg.content[TASK_CONFIG][CFG.RUN_ID]
+    return Message(Error(code=SiteErrorCode.PENDING_APPROVAL,
+                         reason=f"pending-approval: run {run} waits for approval at site "
+                                f"hospital-b (fedward-site approve {run})"), reply_to=msg)
+
+
+def denied(msg: Message) -> Message:
+    run = msg.content[TASK_CONFIG][CFG.RUN_ID]
+    return Message(Error(code=SiteErrorCode.REFUSED_POLICY,
+                         reason=f"refused-policy: run {run} was denied at this site"),
+                   reply_to=msg)
+
+
+def in_turn(*answers: SiteFn) -> SiteFn:
+    """Answers with each function in turn; the last one answers from then on."""
+    calls = iter(range(10**6))
+
+    def answer(msg: Message) -> Message | None:
+        return answers[min(next(calls), len(answers) - 1)](msg)
+
+    return answer
+
+
+def audit_of(engine: Engine, *actions: str) -> list[tuple[str, str, dict[str, object]]]:
+    with session_scope(engine) as session:
+        rows = session.exec(select(AuditEvent).where(col(AuditEvent.action).in_(actions))
+                            .order_by(col(AuditEvent.id))).all()
+        return [(e.action, e.subject, json.loads(e.detail_json)) for e in rows]
+
+
+def test_run_waits_for_a_site_pending_approval_then_both_train_from_round_1(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(rounds=2, sites=("hospital-a", "hospital-b"))
+    seen_while_waiting: list[tuple[str, dict[str, object]] | None] = []
+
+    def approved_on_the_fourth_ask(msg: Message) -> Message:
+        if len([m for m in grid.asked if m.metadata.dst_node_id == 12]) < 4:
+            seen_while_waiting.append(repository.admission_record(engine, plan.run_id))
+            return pending(msg)
+        return accepting(msg)
+
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(4.0)}, online=[11, 12],
+                    admission={12: approved_on_the_fourth_ask})
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.02).run()
+
+    assert run_row(engine, plan.run_id).status == "completed"
+    rounds = rounds_of(engine, plan.run_id)
+    for rnd in rounds:
+        assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-b"]
+        assert json.loads(rnd.failed_sites_json) == []
+    # hospital-a was asked once; hospital-b again until it answered (no training meanwhile).
+    asked = [m.metadata.dst_node_id for m in grid.asked]
+    assert asked.count(11) == 1 and asked.count(12) == 4
+    assert all(m.metadata.message_type == ADMISSION_MESSAGE_TYPE
+               and not m.content.array_records for m in grid.asked)
+    assert all(dict(m.content[TASK_CONFIG])[CFG.TRAIN] is False for m in grid.asked)
+    # While it waited, the run's record said so, naming the site, since when and why.
+    waiting_view = [v for v in seen_while_waiting if v is not None][-1]
+    assert waiting_view[0] == "run.waiting"
+    detail = waiting_view[1]
+    assert detail["state"] == "waiting" and detail["accepted"] == ["hospital-a"]
+    waiting = detail["waiting"]
+    assert isinstance(waiting, dict) and list(waiting) == ["hospital-b"]
+    assert waiting["hospital-b"]["since"]
+    assert waiting["hospital-b"]["reason"].startswith(f"pending-approval: run {plan.run_id} ")
+    events = audit_of(engine, "run.waiting", "run.admitted")
+    assert [a for a, _, _ in events] == ["run.waiting", "run.waiting", "run.admitted"]
+    assert events[-1][2]["accepted"] == ["hospital-a", "hospital-b"]
+    assert events[-1][2]["waiting"] == {} and events[-1][2]["state"] == "admitted"
+
+
+def test_a_denial_is_named_and_the_run_goes_on_with_the_others_at_once(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(sites=("hospital-a", "hospital-b"))
+    grid = SiteGrid({11: good_site(1.0), 12: denied}, online=[11, 12], admission={12: denied})
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.02).run()
+
+    assert run_row(engine, plan.run_id).status == "completed"
+    assert len(grid.asked) == 2  # a refusal is final: never asked again
+    (admitted,) = audit_of(engine, "run.admitted")
+    assert admitted[2]["refused"] == {
+        "hospital-b": f"refused-policy: run {plan.run_id} was denied at this site"}
+    assert admitted[2]["accepted"] == ["hospital-a"]
+    # The round loop still asks it (the site may change its mind) and names its refusal.
+    (rnd,) = rounds_of(engine, plan.run_id)
+    (failed,) = json.loads(rnd.failed_sites_json)
+    assert failed["site"] == "hospital-b" and failed["code"] == "refused-policy"
+
+
+def test_refusals_that_leave_too_few_sites_fail_the_run_before_any_training(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(min_sites=3, sites=("hospital-a", "hospital-b", "hospital-c"))
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(1.0), 13: good_site(1.0)},
+                    online=[11, 12, 13], admission={12: denied, 13: pending})
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.02).run()
+
+    run = run_row(engine, plan.run_id)
+    assert run.status == "failed" and grid.sent == [] and rounds_of(engine, plan.run_id) == []
+    assert run.failure_reason is not None
+    assert run.failure_reason.startswith("not admitted: 1 of 3 sites accepted the run")
+    assert "it needs at least 3" in run.failure_reason
+    assert (f"refused by hospital-b (refused-policy: run {plan.run_id} was denied at this "
+            "site)") in run.failure_reason
+    # hospital-c's approval could not help any more: the run did not wait an hour for it.
+    assert (f"still waiting for approval at hospital-c: its IT runs `fedward-site approve "
+            f"{plan.run_id}`") in run.failure_reason
+    assert [a for a, _, _ in audit_of(engine, "run.not_admitted", "run.finished")] == [
+        "run.not_admitted", "run.finished"]
+
+
+def test_the_approval_wait_limit_fails_the_run_saying_what_the_sites_it_must_do(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(min_sites=2, sites=("hospital-a", "hospital-b"), approval_wait_s=0.4)
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(1.0)}, online=[11, 12],
+                    admission={12: pending})
+    t0 = time.monotonic()
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.05).run()
+
+    assert time.monotonic() - t0 >= 0.4
+    run = run_row(engine, plan.run_id)
+    assert run.status == "failed" and grid.sent == []
+    assert re.fullmatch(
+        r"not admitted: 1 of 2 sites accepted the run after \d+ s \(approval wait 0.4 s\); "
+        r"it needs at least 2; still waiting for approval at hospital-b: its IT runs "
+        rf"`fedward-site approve {plan.run_id}`", run.failure_reason or ""), run.failure_reason
+    assert [m.metadata.dst_node_id for m in grid.asked].count(12) >= 2  # asked again
+    (not_admitted,) = audit_of(engine, "run.not_admitted")
+    assert list(not_admitted[2]["waiting"]) == ["hospital-b"]  # type: ignore[call-overload]
+
+
+def test_after_the_wait_limit_training_starts_and_a_late_approval_joins_later_rounds(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(rounds=3, sites=("hospital-a", "hospital-b"), approval_wait_s=0.2)
+    grid = SiteGrid({11: good_site(1.0), 12: in_turn(pending, good_site(2.5))},
+                    online=[11, 12], admission={12: pending})
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.05).run()
+
+    assert run_row(engine, plan.run_id).status == "completed"
+    rounds = rounds_of(engine, plan.run_id)
+    assert json.loads(rounds[0].participating_sites_json) == ["hospital-a"]
+    (waiting,) = json.loads(rounds[0].failed_sites_json)
+    assert (waiting["site"], waiting["phase"], waiting["code"]) == (
+        "hospital-b", "train", "pending-approval")
+    assert json.loads(rounds[1].participating_sites_json) == ["hospital-a", "hospital-b"]
+    # The run's record: admitted while hospital-b still waited; it stopped waiting in round 2.
+    events = audit_of(engine, "run.waiting", "run.admitted")
+    assert [a for a, _, _ in events] == ["run.waiting", "run.admitted", "run.waiting"]
+    assert list(events[1][2]["waiting"]) == ["hospital-b"]  # type: ignore[call-overload]
+    assert events[2][2]["waiting"] == {} and events[2][2]["state"] == "admitted"
+
+
+def test_offline_and_unanswering_sites_are_left_to_the_round_loop(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(min_sites=2)
+
+    def old_agent(msg: Message) -> Message:
+        # An agent without the admission handler: Flower's "ClientApp raised" error.
+        return Message(Error(code=0, reason="ValueError: No query function registered with "
+                                            "name 'admission'"), reply_to=msg)
+
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0), 13: good_site(3.0)},
+                    online=[11, 12], admission={12: old_agent})
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.02).run()
+
+    assert run_row(engine, plan.run_id).status == "completed"
+    (rnd,) = rounds_of(engine, plan.run_id)
+    assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-b"]
+    (admitted,) = audit_of(engine, "run.admitted")
+    assert admitted[2]["offline"] == ["hospital-c"]
+    assert list(admitted[2]["unanswered"]) == ["hospital-b"]  # type: ignore[call-overload]
+
+
+def test_a_relaunched_run_keeps_its_admission(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    admitted = make_plan(sites=("hospital-a", "hospital-b"))
+    repository.record_admission(engine, admitted.run_id, action="run.admitted", detail={
+        "state": "admitted", "accepted": ["hospital-a", "hospital-b"], "waiting": {}})
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0)}, online=[11, 12],
+                    admission={12: pending})
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=admitted,
+              initial=lambda: arrays_of(0.0)).run()
+    assert grid.asked == [] and run_row(engine, admitted.run_id).status == "completed"
+
+    # Relaunched while waiting: the original limit holds (here: passed an hour ago).
+    waited = make_plan(min_sites=2, sites=("hospital-a", "hospital-b"), approval_wait_s=3600)
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
+    repository.record_admission(engine, waited.run_id, action="run.waiting", detail={
+        "state": "waiting", "started": long_ago.isoformat(),
+        "deadline": (long_ago + timedelta(hours=1)).isoformat(),
+        "waiting": {"hospital-b": {"since": long_ago.isoformat(), "reason": "pending"}}})
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0)}, online=[11, 12],
+                    admission={12: pending})
+    t0 = time.monotonic()
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=waited,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.02).run()
+    assert time.monotonic() - t0 < 30
+    run = run_row(engine, waited.run_id)
+    assert run.status == "failed" and run.failure_reason is not None
+    assert "still waiting for approval at hospital-b" in run.failure_reason
+    (not_admitted,) = audit_of(engine, "run.not_admitted")
+    waiting = not_admitted[2]["waiting"]
+    assert isinstance(waiting, dict)
+    assert waiting["hospital-b"]["since"] == long_ago.isoformat()  # kept, not restarted
+
+
+# --- update checks: norm bound and duplicates ---------------------------------------------
+
+
+def test_dp_norm_bound_follows_the_dp_sgd_arithmetic() -> None:
+    # 100 examples, batch 32: 4 Poisson steps, Opacus's expected batch 25; examples sampled
+    # over the round at most 100 + 8 * 10 + 8 = 188; noise norm at most sigma * (6 + 8).
+    assert dp_update_norm_bound(n_examples=100, batch_size=32, local_epochs=1, lr=1.0,
+                                max_grad_norm=1.0, noise_multiplier=0.0, n_params=9,
+                                factor=1.0) == pytest.approx(188 / 25)
+    assert dp_update_norm_bound(n_examples=100, batch_size=32, local_epochs=1, lr=0.5,
+                                max_grad_norm=2.0, noise_multiplier=2.0, n_params=9,
+                                factor=1.0) == pytest.approx(0.5 / 25 * (2 * 188 + 2 * 2 * 14))
+    assert NORM_BOUND_FACTOR == 2.0
+    assert dp_update_norm_bound(n_examples=100, batch_size=32, local_epochs=1, lr=1.0,
+                                max_grad_norm=1.0, noise_multiplier=0.0,
+                                n_params=9) == pytest.approx(2 * 188 / 25)
+
+
+def test_validate_update_rejects_an_update_beyond_the_norm_bound() -> None:
+    start = arrays_of(0.0)
+    assert update_norm(arrays_of(0.5), start) == pytest.approx(1.5)
+    assert validate_update(arrays_of(0.5), EXPECTED, reference=start, max_norm=1.5) is None
+    assert validate_update(arrays_of(0.5), EXPECTED, reference=start, max_norm=1.0) == (
+        "update norm 1.5 exceeds the bound 1")
+    # NaN never passes as "within the bound".
+    nan = arrays_of(0.5)
+    nan["w"][0, 0] = np.nan
+    assert validate_update(nan, EXPECTED, reference=start, max_norm=1e9) == (
+        "array 'w' contains NaN or Inf")
+
+
+@pytest.fixture(scope="module")
+def demo_sites(tmp_path_factory: pytest.TempPathFactory) -> list[object]:
+    from site_agent.data import load_schema, load_site_data
+    from site_agent.datasets import write_demo_federation
+
+    fed = write_demo_federation(task="breast_cancer_mlp",
+                                out_dir=tmp_path_factory.mktemp("fed"), n_sites=3)
+    return [load_site_data(csv_path=s.csv_path, schema=load_schema(s.schema_path))
+            for s in fed.sites]
+
+
+def trainer_site(data: object, root: Path, *, scale: float = 1.0) -> SiteFn:
+    """A site that trains with the real warm trainer (DP-SGD, Opacus); ``scale`` multiplies
+    its change to the global model (1.0: honest)."""
+    from privacy import PrivacyLedger
+    from site_agent.trainer import WarmTrainer
+
+    trainer = WarmTrainer(site_name=root.name, task="breast_cancer_mlp", data=data,  # type: ignore[arg-type]
+                          ledger=PrivacyLedger(root / "privacy-ledger.json"),
+                          replies_dir=root / "replies")
+
+    def answer(msg: Message) -> Message:
+        incoming = {k: v.numpy() for k, v in msg.content[TASK_ARRAYS].items()}
+        reply, out = trainer.handle({"kind": "train", "config": dict(msg.content[TASK_CONFIG])},
+                                    incoming)
+        assert "error" not in reply, reply
+        sent = {k: (incoming[k] + np.float32(scale) * (out[k] - incoming[k])).astype(np.float32)
+                for k in out}
+        return Message(RecordDict({
+            REPLY_ARRAYS: ArrayRecord({k: Array(v) for k, v in sent.items()}),
+            REPLY_METRICS: MetricRecord(dict(reply["metrics"])),
+        }), reply_to=msg)
+
+    return answer
+
+
+def test_honest_dp_updates_pass_the_norm_bound_and_a_scaled_one_is_rejected(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path, demo_sites: list[object]
+) -> None:
+    import torch
+
+    from export.tasks import build_model, model_arrays
+
+    torch.set_num_threads(1)
+    plan = make_plan(rounds=2, min_sites=2, lr=1.0, batch_size=32, max_grad_norm=1.0,
+                     epsilon=3.0, local_epochs=2, round_deadline_s=600.0)
+    grid = SiteGrid({11: trainer_site(demo_sites[0], tmp_path / "hospital-a"),
+                     12: trainer_site(demo_sites[1], tmp_path / "hospital-b"),
+                     13: trainer_site(demo_sites[0], tmp_path / "hospital-c", scale=100.0)},
+                    online=[11, 12, 13])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: model_arrays(build_model("breast_cancer_mlp", seed=0))).run()
+
+    assert run_row(engine, plan.run_id).status == "completed"
+    for rnd in rounds_of(engine, plan.run_id):
+        assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-b"]
+        (poisoned,) = json.loads(rnd.failed_sites_json)
+        assert (poisoned["site"], poisoned["phase"], poisoned["code"]) == (
+            "hospital-c", "validate", "rejected-update")
+        assert poisoned["reason"].startswith("update rejected: update norm ")
+        assert "exceeds the bound" in poisoned["reason"]
+        assert "(2 x the most DP-SGD can move the model with " in poisoned["reason"]
+    rejected = audit_of(engine, "update.rejected")
+    assert [(s, d["round"]) for _, s, d in rejected] == [("site:hospital-c", 1),
+                                                         ("site:hospital-c", 2)]
+    assert set(rejected[0][2]) == {"run_id", "round", "phase", "reason", "code"}
+
+
+def test_a_run_option_replaces_the_derived_norm_bound(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(max_update_norm=2.0)
+    grid = SiteGrid({11: good_site(0.5), 12: good_site(1.0), 13: good_site(0.25)},
+                    online=[11, 12, 13])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    (rnd,) = rounds_of(engine, plan.run_id)
+    assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-c"]
+    (failed,) = json.loads(rnd.failed_sites_json)
+    assert failed["reason"] == ("update rejected: update norm 3 exceeds the bound 2 (the "
+                                "run's max_update_norm)")
+
+
+def test_an_update_without_its_example_count_cannot_be_bounded_and_is_rejected(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    def no_count(msg: Message) -> Message:
+        incoming = {k: v.numpy() for k, v in msg.content[TASK_ARRAYS].items()}
+        return Message(RecordDict({
+            REPLY_ARRAYS: ArrayRecord({k: Array(v + np.float32(0.1)) for k, v in
+                                       incoming.items()}),
+            REPLY_METRICS: MetricRecord({"train-loss": 0.3}),
+        }), reply_to=msg)
+
+    plan = make_plan()
+    grid = SiteGrid({11: good_site(1.0), 12: no_count, 13: good_site(2.0)},
+                    online=[11, 12, 13])
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    (rnd,) = rounds_of(engine, plan.run_id)
+    (failed,) = json.loads(rnd.failed_sites_json)
+    assert failed["site"] == "hospital-b" and failed["phase"] == "validate"
+    assert "does not say how many examples" in failed["reason"]
+
+
+def test_identical_updates_of_two_sites_in_one_round_are_both_rejected(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan()
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(1.0), 13: good_site(2.0)},
+                    online=[11, 12, 13])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    (rnd,) = rounds_of(engine, plan.run_id)
+    assert json.loads(rnd.participating_sites_json) == ["hospital-c"]
+    failed = {f["site"]: f for f in json.loads(rnd.failed_sites_json)}
+    assert failed["hospital-a"] == {
+        "site": "hospital-a", "phase": "validate", "code": "duplicate-update",
+        "reason": "duplicate update rejected: byte-identical to the update of hospital-b in "
+                  "this round"}
+    assert failed["hospital-b"]["reason"].endswith("the update of hospital-a in this round")
+    assert [s for _, s, _ in audit_of(engine, "update.rejected")] == ["site:hospital-a",
+                                                                     "site:hospital-b"]
+
+
+def test_a_replayed_update_from_an_earlier_round_is_rejected(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    first: list[Message] = []
+
+    def replaying(msg: Message) -> Message:
+        if not first:
+            first.append(good_site(1.0)(msg))
+            return first[0]
+        return Message(first[0].content, reply_to=msg)  # round 1's update again
+
+    plan = make_plan(rounds=2)
+    grid = SiteGrid({11: replaying, 12: good_site(2.0), 13: good_site(3.0)},
+                    online=[11, 12, 13])
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    first_round, second = rounds_of(engine, plan.run_id)
+    assert "hospital-a" in json.loads(first_round.participating_sites_json)
+    failed = {f["site"]: f for f in json.loads(second.failed_sites_json)}
+    assert failed["hospital-a"]["reason"] == (
+        "duplicate update rejected: byte-identical to the update it sent in round 1 "
+        "(a replay)")
+    assert failed["hospital-a"]["code"] == "duplicate-update"
+
+
+def test_a_round_repeated_after_a_crash_accepts_the_sites_stored_reply(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    # Round 1 was aggregated and recorded, then the coordinator died before its
+    # checkpoint: the relaunched run repeats round 1 from the same global model, and the
+    # site answers with its stored reply, byte for byte. Same round: not a replay.
+    plan = make_plan(sites=("hospital-a", "hospital-b"))
+    finish_round(engine, plan.run_id, 1, status="completed",
+                 participating=["hospital-a", "hospital-b"], failed=[], late=[], seconds=1.0,
+                 update_digests={"hospital-a": update_digest(arrays_of(1.0)),
+                                 "hospital-b": update_digest(arrays_of(2.0))})
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0)}, online=[11, 12])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    assert run_row(engine, plan.run_id).status == "completed"
+    (rnd,) = rounds_of(engine, plan.run_id)
+    assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-b"]
+    assert json.loads(rnd.failed_sites_json) == []
+
+
+class DoubleReplyGrid(SiteGrid):
+    """Delivers every reply of node ``twice`` two times (a replayed or forged answer)."""
+
+    def __init__(self, *args: object, twice: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.twice = twice
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = list(super().pull_messages(message_ids))
+        doubled = [m for m in out if m.metadata.src_node_id == self.twice]
+        return [*out, *doubled]
+
+
+def test_a_second_reply_to_one_task_rejects_the_sites_update(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan()
+    grid = DoubleReplyGrid({11: good_site(1.0), 12: good_site(2.0), 13: good_site(3.0)},
+                           online=[11, 12, 13], twice=12)
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    (rnd,) = rounds_of(engine, plan.run_id)
+    assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-c"]
+    (failed,) = json.loads(rnd.failed_sites_json)
+    assert failed["site"] == "hospital-b" and failed["code"] == "duplicate-update"
+    assert failed["reason"] == ("duplicate update rejected: the site answered round 1's task "
+                                "more than once; none of its answers is used")
 
 
 # --- checkpoints -------------------------------------------------------------------------

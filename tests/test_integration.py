@@ -212,37 +212,54 @@ def test_site_requiring_approval_waits_as_pending_until_its_it_approves() -> Non
         fed.wait_online(2)
         run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
                             min_sites=1, round_deadline_s=30)
-        # Hospital IT sees the run waiting at their site and approves it with the CLI.
-        book = ApprovalBook(fed.sites[careful].root / "approvals.json")
+        # The coordinator shows the run waiting for that site, and trains nothing meanwhile.
         deadline = time.monotonic() + 120
-        record = None
+        run: dict[str, object] = {}
         while time.monotonic() < deadline:
-            record = book.get(str(run_id))
-            if record is not None and record.last_refusal is not None:
+            run = fed.api("GET", f"/runs/{run_id}").json()
+            answered = (run.get("admission") or {}).get("accepted")
+            if (run.get("waiting_for_approval") and answered) or run["status"] in (
+                    "completed", "failed", "stopped"):
                 break
-            time.sleep(0.05)
+            time.sleep(0.2)
+        assert run["status"] == "running" and run["waiting_for_approval"] == [careful], run
+        assert run["waiting_since"]
+        admission = run["admission"]
+        assert isinstance(admission, dict) and admission["state"] == "waiting"
+        assert admission["accepted"] == [free]
+        (waiting,) = admission["waiting"]
+        assert waiting["reason"] == (f"pending-approval: run {run_id} waits for approval at "
+                                     f"site {careful} (fedward-site approve {run_id})")
+        assert fed.api("GET", f"/runs/{run_id}/rounds").json() == []
+        listing_cli = run_cli([str(BIN / "fedward-coordinator"), "runs"],
+                              env=dict(fed.env, COLUMNS="400"))
+        assert (f"waiting for approval at {careful}" in listing_cli.stdout
+                and f"`fedward-site approve {run_id}`" in listing_cli.stdout), listing_cli.stdout
+        # Hospital IT sees the run waiting at their site and approves it with the CLI.
+        record = ApprovalBook(fed.sites[careful].root / "approvals.json").get(str(run_id))
         assert record is not None and record.last_refusal is not None
         assert record.last_refusal.startswith("pending-approval")
         site_cli = str(BIN / "fedward-site")
         run_cli([site_cli, "approve", str(run_id), "--dir", str(fed.sites[careful].root),
                  "--by", "it-on-call"])
 
-        run = fed.wait_run(run_id)
-        assert run["status"] == "completed", run
+        done = fed.wait_run(run_id)
+        assert done["status"] == "completed", done
+        assert done["waiting_for_approval"] == []
         rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
         assert [r["number"] for r in rounds] == [1, 2, 3]
-        first = rounds[0]
-        assert first["participating_sites"] == [free]
-        waiting = {f["site"]: f for f in first["failed_sites"]}[careful]
-        assert waiting["reason"] == (f"pending-approval: run {run_id} waits for approval at "
-                                     f"site {careful} (fedward-site approve {run_id})")
-        assert waiting.get("code", "refused-policy") == "refused-policy"
-        # Once approved, the site takes part: certainly in the last round.
-        assert sorted(rounds[-1]["participating_sites"]) == sorted([free, careful])
+        # Both sites train from round 1: the run waited instead of going on without one.
         for rnd in rounds:
-            if careful not in rnd["participating_sites"]:
-                named = {f["site"]: f["reason"] for f in rnd["failed_sites"]}
-                assert named[careful].startswith("pending-approval"), rnd
+            assert sorted(rnd["participating_sites"]) == sorted([free, careful]), rnd
+            assert rnd["failed_sites"] == [], rnd
+        audit = fed.api("GET", "/audit?limit=500").json()["items"]
+        admission_log = [(e["action"], e["detail"]) for e in reversed(audit)
+                         if e["subject"] == f"run:{run_id}"
+                         and e["action"] in ("run.waiting", "run.admitted")]
+        assert admission_log[0][0] == "run.waiting"
+        assert list(admission_log[0][1]["waiting"]) == [careful]
+        assert admission_log[-1][0] == "run.admitted"
+        assert admission_log[-1][1]["accepted"] == sorted([free, careful])
 
         # The site's own records: the run, the wait, the approval, what left, all chained.
         listing = json.loads(run_cli([site_cli, "runs", "--dir", str(fed.sites[careful].root),
@@ -254,11 +271,16 @@ def test_site_requiring_approval_waits_as_pending_until_its_it_approves() -> Non
         assert "audit log intact" in verify.stdout
         entries, verdict = read_entries(fed.sites[careful].root / "audit.log")
         assert verdict.intact
-        actions = [e.action for e in entries if e.detail.get("run") == str(run_id)]
+        mine = [e for e in entries if e.detail.get("run") == str(run_id)]
+        actions = [e.action for e in mine]
         assert actions[0] == "run-seen" and actions[1] == "task-refused"
-        assert "run-approved" in actions and "round-trained" in actions
-        assert actions.index("run-approved") < actions.index("round-trained")
+        assert mine[1].detail["code"] == 708 and mine[1].detail["kind"] == "admission"
+        # Asked again every few seconds while it waited: recorded once, not per question.
+        assert actions.count("task-refused") == 1
+        assert actions.index("run-approved") < actions.index("admission-accepted") < \
+            actions.index("round-trained")
         trained = [e for e in entries if e.action == "round-trained"]
+        assert len(trained) == 3
         assert all(e.detail["bytes_out"] > 0 and e.detail["array_shapes"] for e in trained)
         # The site that needed no approval was never held.
         free_book = ApprovalBook(fed.sites[free].root / "approvals.json").get(str(run_id))

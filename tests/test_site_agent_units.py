@@ -691,3 +691,37 @@ def test_a_site_runs_only_the_appliances_own_app_bundle() -> None:
         check_bundle(rewritten('publisher = "fedward"', 'publisher = "someone"'))
     with pytest.raises(UnknownBundleError, match="unreadable app bundle"):
         check_bundle(Fab("x", b"not a zip", {}))
+
+
+def test_the_relay_routes_an_admission_question_to_the_trainer_without_arrays(
+    make_trainer: TrainerFactory, short_socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from export.wire import ADMISSION_MESSAGE_TYPE, MSG, REPLY_CONFIG, TASK_CONFIG
+    from site_agent.clientapp import SOCKET_KEY
+    from site_agent.clientapp import app as relay
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 4242)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    trainer, audit = make_trainer()  # no site gate: every run is accepted
+    sock_path = short_socket_dir / "run" / "trainer.sock"
+    server = TrainerServer(path=sock_path, trainer=trainer)
+    server.start()
+    try:
+        question = Message(content=RecordDict({TASK_CONFIG: ConfigRecord(
+            {k: v for k, v in task_config(0).items()})}), dst_node_id=7,
+            message_type=ADMISSION_MESSAGE_TYPE)
+        question.metadata.__dict__["_message_id"] = "m-1"
+        context = Context(run_id=4242, node_id=7, node_config={SOCKET_KEY: str(sock_path)},
+                          state=RecordDict(), run_config={})
+        reply = relay(question, context)
+    finally:
+        server.stop()
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == "m-1"
+    assert dict(reply.content.config_records[REPLY_CONFIG]) == {MSG.STATUS: MSG.ACCEPTED}
+    assert not reply.content.array_records
+    assert audit.actions == ["admission-accepted"]

@@ -318,7 +318,8 @@ def test_pending_run_waits_then_trains_once_approved(
     trainer, audit = make_trainer()
     for _ in range(2):  # asked again: still waiting, still recorded once
         code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
-        assert code == SiteErrorCode.REFUSED_POLICY
+        # Waiting is not a refusal: a code of its own, which the coordinator shows as such.
+        assert code == SiteErrorCode.PENDING_APPROVAL == 708
         assert reason == ("pending-approval: run run-1 waits for approval at site hospital-a "
                           "(fedward-site approve run-1)")
     assert guard.touched == 0
@@ -344,6 +345,65 @@ def test_pending_run_waits_then_trains_once_approved(
     assert actions(audit) == ["policy-loaded", "run-seen", "task-refused", "task-refused",
                               "run-approved", "round-reserved", "round-trained"]
     assert verify_log(audit.path) is None
+
+
+def admission(**overrides: Any) -> dict[str, Any]:
+    return {"kind": "admission", "config": task_config(0, **{CFG.TRAIN: False, **overrides})}
+
+
+def test_admission_is_answered_from_the_policy_alone_and_recorded_once_per_answer(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, require_approval=True)
+    trainer, audit = make_trainer()
+    for _ in range(3):  # the coordinator asks a waiting site again every few seconds
+        reply, out = trainer.handle(admission(), {})
+        code, reason = refusal(reply)
+        assert code == SiteErrorCode.PENDING_APPROVAL and out == {}
+        assert reason == ("pending-approval: run run-1 waits for approval at site hospital-a "
+                          "(fedward-site approve run-1)")
+    book = ApprovalBook(SitePaths(tmp_path).approvals)
+    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))[0].status == \
+        "pending"
+    result = CliRunner().invoke(site_cli, ["approve", "run-1", "--dir", str(tmp_path),
+                                           "--by", "dr-it"])
+    assert result.exit_code == 0, result.output
+    for _ in range(2):
+        reply, out = trainer.handle(admission(), {})
+        assert reply == {"status": {"status": "accepted"}} and out == {}
+    # Nothing was read, trained or charged: the answer comes from the policy check only.
+    assert guard.touched == 0
+    assert not (tmp_path / "privacy-ledger.json").exists()
+    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))[0].status == \
+        "approved"
+    assert actions(audit) == ["policy-loaded", "run-seen", "task-refused", "run-approved",
+                              "admission-accepted"]
+    entries, _ = read_entries(audit.path)
+    assert entries[2].detail == {
+        "run": "run-1", "round": 0, "kind": "admission", "code": 708,
+        "reason": "pending-approval: run run-1 waits for approval at site hospital-a "
+                  "(fedward-site approve run-1)"}
+
+
+def test_admission_of_a_denied_or_unaccepted_run_is_a_refusal(
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    guard: DataGuard, tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, require_approval=True)
+    trainer, _ = make_trainer()
+    refusal(trainer.handle(admission(), {})[0])
+    result = CliRunner().invoke(site_cli, ["deny", "run-1", "--dir", str(tmp_path),
+                                           "--reason", "no ethics approval"])
+    assert result.exit_code == 0, result.output
+    code, reason = refusal(trainer.handle(admission(), {})[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert reason == "refused-policy: run run-1 was denied at this site"
+    code, reason = refusal(trainer.handle(admission(**{CFG.RUN_ID: "run-2",
+                                                        CFG.PROJECT: "cardiology"}), {})[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert reason == "refused-policy: project cardiology is not accepted by this site"
+    assert guard.touched == 0
 
 
 def test_denied_run_is_refused_for_training_and_evaluation(
