@@ -530,6 +530,27 @@ class PrivacyLedger:
             self._write(doc)
             return projected
 
+    def warm_next_round(self, *, run_id: str, steps: int) -> None:
+        """Compute, without writing anything, the epsilons :meth:`reserve_round` will need
+        for one more round of ``steps`` steps (run and project), so that the accountant's
+        cache answers them at once when the round comes. Does nothing for unknown runs.
+
+        A PRV composition takes about half a second on a small machine: done while the
+        site waits between rounds, it leaves the round's critical path.
+        """
+        with self._locked():
+            doc = self._read()
+        run = doc["runs"].get(run_id)
+        if run is None:
+            return
+        step: HistoryEntry = (float(run["noise_multiplier"]), float(run["sample_rate"]),
+                              int(steps))
+        epsilon_for_history([*_history_of(run), step], delta=run["delta"],
+                            mechanism=_MECHANISM)
+        project_history, project_delta = self._project_history(doc["runs"], run["project"])
+        epsilon_for_history([*project_history, step], delta=project_delta,
+                            mechanism=_MECHANISM)
+
     def complete_round(self, *, run_id: str, round_number: int) -> float:
         """Mark a reserved round done; repeating it does nothing.
 

@@ -39,6 +39,7 @@ from export.wire import CFG, MSG, SiteErrorCode
 from privacy import (
     BudgetExceededError,
     PrivacyLedger,
+    epsilon_for_history,
     evaluate,
     expected_steps,
     noise_multiplier_for_run,
@@ -101,7 +102,8 @@ class WarmTrainer:
         epsilon_cap: the agent's own cap (``fedward-site start --epsilon-cap``); the smaller
             of it and the project's policy cap bounds the run and the project (None: the
             policy's cap, or the run's budget alone without a gate).
-        grad_sample_mode: Opacus per-sample gradient mode.
+        grad_sample_mode: Opacus per-sample gradient mode (``auto``: the fastest mode that
+            is valid for the model, see ``privacy.training.pick_grad_sample_mode``).
         data_failure: when the data failed its checks, the summary that may leave the site
             (kinds and counts); every task is then refused with it, before any training.
         noise_secret: a secret only this site holds; the DP noise and Poisson sampling of
@@ -120,7 +122,7 @@ class WarmTrainer:
     replies_dir: Path
     audit: AuditFn = field(default=lambda action, detail: None)
     epsilon_cap: float | None = None
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
     data_failure: dict[str, Any] | None = None
     gate: SiteGate | None = None
     noise_secret: bytes = b""
@@ -128,6 +130,53 @@ class WarmTrainer:
     # coordinator asks a waiting site again every few seconds; only changes are recorded.
     _admission_answers: dict[str, tuple[int | None, str | None]] = field(
         default_factory=dict, init=False, repr=False)
+    # Held while privacy accounting for a coming round is computed in the background
+    # (see _warm); a task waits for it instead of computing the same thing twice.
+    _warm_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
+                                       repr=False)
+
+    def _warm(self, what: str, fn: Callable[[], object]) -> None:
+        """Run ``fn`` (privacy accounting for a coming round) in the background.
+
+        The noise-multiplier search and PRV compositions are cached in ``privacy.dp``;
+        computing them while the site waits for the round takes them off the round's
+        critical path. At most one warm-up at a time; failures only cost the cache.
+        """
+        if not self._warm_lock.acquire(blocking=False):
+            return
+
+        def work() -> None:
+            started = time.perf_counter()
+            try:
+                fn()
+                log.debug("warmed %s in %.2f s", what, time.perf_counter() - started)
+            except Exception as err:
+                log.debug("warming %s failed: %s", what, err)
+            finally:
+                self._warm_lock.release()
+
+        threading.Thread(target=work, name="privacy-warm-up", daemon=True).start()
+
+    def _warm_first_round(self, config: dict[str, Any]) -> None:
+        """After admission: the run's noise multiplier and round 1's epsilon, ahead."""
+        if self.data is None or self.ledger.get_run(str(config.get(CFG.RUN_ID))) is not None:
+            return
+        try:
+            epsilon, delta = float(config[CFG.EPSILON]), float(config[CFG.DELTA])
+            rounds, epochs = int(config[CFG.TOTAL_ROUNDS]), int(config[CFG.LOCAL_EPOCHS])
+            batch = int(config[CFG.BATCH])
+        except (KeyError, TypeError, ValueError):
+            return
+        n_train = len(self.data.train_y)
+        q = sample_rate_for(n_examples=n_train, batch_size=batch)
+        steps = expected_steps(n_examples=n_train, batch_size=batch, epochs=epochs)
+
+        def first() -> None:
+            sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
+                                             total_epochs=rounds * epochs)
+            epsilon_for_history([(sigma, q, steps)], delta=delta)
+
+        self._warm("the first round", first)
 
     def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -209,6 +258,7 @@ class WarmTrainer:
             self._admission_answers[run_id] = (code, reason)
         if code is not None:
             return {"error": {"code": code, "reason": reason}}, {}
+        self._warm_first_round(config)
         return {"status": {MSG.STATUS: MSG.ACCEPTED}}, {}
 
     def _admit(self, config: dict[str, Any]) -> Admission | None:
@@ -377,6 +427,8 @@ class WarmTrainer:
         n_train = len(self.data.train_y)
         q = sample_rate_for(n_examples=n_train, batch_size=batch)
         steps = expected_steps(n_examples=n_train, batch_size=batch, epochs=local_epochs)
+        with self._warm_lock:
+            pass  # a warm-up for this round still running: wait, then use its results
         entry = self.ledger.get_run(run_id)
         if entry is None:
             sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
@@ -430,6 +482,9 @@ class WarmTrainer:
         })
         reply = ({"metrics": metrics, "fingerprint": self._fingerprint()}, out)
         self._store_reply(run_id, round_number, incoming, reply)
+        if round_number < total_rounds:
+            self._warm(f"round {round_number + 1}",
+                       lambda: self.ledger.warm_next_round(run_id=run_id, steps=steps))
         return reply
 
     # -- idempotent replays ------------------------------------------------------------

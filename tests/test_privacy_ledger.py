@@ -395,3 +395,20 @@ def test_a_planned_run_fits_its_budget_and_no_more(
         assert ledger.history(run_id) == history
     else:  # pragma: no cover - the search leaves at most 0.01 of slack
         assert ledger.reserve_round(run_id=run_id, round_number=rounds + 1, steps=steps) == beyond
+
+
+def test_warming_the_next_round_leaves_only_cache_hits_for_it(
+        make_ledger: LedgerFactory, ledger_path: Path) -> None:
+    from privacy.dp import _epsilon
+
+    ledger = make_ledger(run_id="warm", project="warm-proj", sigma=SIGMA * 1.37)
+    ledger.reserve_round(run_id="warm", round_number=1, steps=STEPS, cap=50.0)
+    ledger.complete_round(run_id="warm", round_number=1)
+    before = ledger_path.read_bytes()
+    ledger.warm_next_round(run_id="warm", steps=STEPS)
+    assert ledger_path.read_bytes() == before          # nothing written
+    misses = _epsilon.cache_info().misses
+    after = ledger.reserve_round(run_id="warm", round_number=2, steps=STEPS, cap=50.0)
+    assert _epsilon.cache_info().misses == misses      # round 2's accounting was ready
+    assert after == epsilon_for_history([(SIGMA * 1.37, Q, 2 * STEPS)], delta=DELTA)
+    ledger.warm_next_round(run_id="unknown", steps=STEPS)  # unknown runs: nothing to do
