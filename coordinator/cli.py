@@ -174,6 +174,22 @@ def enroll_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: Tok
                   f"--gateway {out['fleet_address']} --token TOKEN")
 
 
+@app.command()
+def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the sites: status (new, registered, revoked), Flower node, registration time."""
+    client = _client(api, token, home)
+    rows = client.call("GET", "/sites")
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("name", "status", "Flower node", "registered", "added")
+    for s in rows:
+        table.add_row(s["name"], s["status"], str(s.get("flower_node_id") or ""),
+                      str(s.get("registered_at") or "")[:19], str(s.get("created_at", ""))[:19])
+    console.print(table)
+
+
 @app.command("revoke-site")
 def revoke_site(name: str,
                 reason: Annotated[str, typer.Option(help="why (kept in the audit log)")],

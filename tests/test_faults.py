@@ -47,7 +47,7 @@ def test_straggler_is_named_late_and_its_late_reply_is_ignored() -> None:
             fed.start_site(s["name"])
         fed.wait_online(3)
         run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
-                            min_sites=2, round_deadline_s=10)
+                            min_sites=2, round_deadline_s=15)
         _wait_round(fed, run_id, 1)
         slow = _agent_pid(fed, sites[2])
         os.kill(slow, signal.SIGSTOP)      # the site hangs: a straggler

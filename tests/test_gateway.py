@@ -103,6 +103,9 @@ def test_revoked_site_is_refused_at_once(fed: Federation, tmp_path: Path) -> Non
     items = events["items"] if isinstance(events, dict) else events
     assert any(e["action"] == "site.revoked" and "laptop stolen" in str(e["detail"])
                for e in items)
+    listed = {s["name"]: s for s in json.loads(fed.coord_cli("sites", "--json").stdout)}
+    assert listed["site-rev"]["status"] == "revoked"
+    assert "site-rev" in fed.coord_cli("sites").stdout
 
 
 def test_a_site_cannot_speak_for_another_sites_node(fed: Federation, tmp_path: Path) -> None:

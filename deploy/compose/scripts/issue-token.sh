@@ -23,24 +23,11 @@ set -eu
 home=/var/lib/fedward/coordinator
 token_file=/var/lib/fedward-exchange/enrollment.token
 
-# The site's status, from the REST API (`new` if the coordinator does not know it yet).
-status=$(python - "$SITE_NAME" "$COORDINATOR_API" "$home/admin.token" <<'PY'
-import sys
-from pathlib import Path
-
-from click.exceptions import Exit
-
-from coordinator.cli import ApiClient
-
-name, api, admin_token = sys.argv[1:]
-client = ApiClient(api, Path(admin_token).read_text(encoding="utf-8").strip())
-try:
-    sites = client.call("GET", "/sites")
-except Exit as stop:  # the client has said what went wrong
-    sys.exit(stop.exit_code)
-print(next((s["status"] for s in sites if s["name"] == name), "new"))
-PY
-)
+# The site's status at the coordinator (`new` if it does not know the site yet).
+status=$(fedward-coordinator sites --json --home "$home" --api "$COORDINATOR_API" |
+    python -c 'import json, sys; name = sys.argv[1]
+print(next((s["status"] for s in json.load(sys.stdin) if s["name"] == name), "new"))' \
+    "$SITE_NAME")
 if [ "$status" = registered ]; then
     rm -f "$token_file"
     echo "issue-token: $SITE_NAME is enrolled already; no token issued"
