@@ -14,7 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -23,7 +27,7 @@ def free_port() -> int:
     """A free TCP port on 127.0.0.1 (bind to port 0, read it back)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -38,6 +42,9 @@ def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, 
         "PYTHONUNBUFFERED": "1",
     })
     env.pop("PYTHONPATH", None)
+    # The stock baseline runs Flower's own defaults: never inherit the appliance's shorter
+    # SuperExec task poll (export.runtime.flower_env sets it for the appliance's processes).
+    env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
     if extra:
         env.update(extra)
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -100,13 +107,14 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 def run_cmd(argv: list[str], env: dict[str, str], timeout_s: float,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a short command to completion with a hard timeout."""
     return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
-def wait_until(pred, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
+def wait_until(pred: Callable[[], _T | None], timeout_s: float, interval_s: float = 0.2,
+               what: str = "condition") -> _T:
     """Call ``pred`` until it returns a truthy value; raise TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:

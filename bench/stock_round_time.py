@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import VENV_BIN, Proc, flwr_env, free_port, run_cmd, wait_until
@@ -128,14 +129,14 @@ def write_cli_config(flwr_home: Path, port: int, ca: Path) -> Path:
     return cfg
 
 
-def flwr_json(args: list[str], env: dict[str, str], timeout_s: float = 60) -> dict:
+def flwr_json(args: list[str], env: dict[str, str], timeout_s: float = 60) -> dict[str, Any]:
     """Run `flwr ... --format json` and return the JSON object it prints."""
     r = run_cmd([str(VENV_BIN / "flwr"), *args, "--format", "json"], env=env, timeout_s=timeout_s)
     out = r.stdout.strip()
     start = out.find("{")
     if start < 0:
         raise RuntimeError(f"flwr {' '.join(args)} rc={r.returncode}: {out}\n{r.stderr}")
-    data = json.loads(out[start:])
+    data: dict[str, Any] = json.loads(out[start:])
     if not data.get("success", False):
         raise RuntimeError(f"flwr {' '.join(args)} failed: {data}")
     return data
@@ -146,7 +147,7 @@ def superlink_healthy(port: int, ca: Path) -> bool:
     try:
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=ctx,
                                     timeout=2) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except Exception:
         return False
 
@@ -154,39 +155,48 @@ def superlink_healthy(port: int, ca: Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=None, help="write the result here")
-    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
-    ap.add_argument("--probe-unregistered", action="store_true",
-                    help="also start a SuperNode with an unregistered key; record its exit")
-    args = ap.parse_args()
-    if args.sites < 1 or args.rounds < 1:
-        ap.error("--sites and --rounds must be >= 1")
+def run_stock(*, sites: int, rounds: int, tmp: Path, data_paths: list[Path] | None = None,
+              local_epochs: int = 1, probe_unregistered: bool = False,
+              env_extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the stock app once: ``sites`` SuperNodes, ``rounds`` rounds; return the figures.
 
+    Every process it starts lives under ``tmp`` (logs, state, keys) with a bounded lifetime
+    and is stopped by its PID before this returns; removing ``tmp`` is the caller's job.
+    ``data_paths`` are the sites' CSV partitions (features, then the label last, with a
+    header); without them the data set is split by index. ``env_extra`` goes into every
+    Flower process's environment (e.g. ``OMP_NUM_THREADS``). Raises on any failure, with
+    the error also in the result (``error``) the exception carries as ``.result``.
+    """
+    if sites < 1 or rounds < 1:
+        raise ValueError("sites and rounds must be >= 1")
     # Bounded lifetime of every process: generous for the measured run, never unbounded.
-    lifetime = 180 + 90 * args.rounds * max(1, args.sites // 2)
-    tmp = Path(tempfile.mkdtemp(prefix="stockflwr-"))
+    lifetime = 180 + 90 * rounds * max(1, sites // 2)
     procs: list[Proc] = []
-    result: dict = {"sites": args.sites, "rounds": args.rounds, "tmp": str(tmp)}
-    rc = 1
+    result: dict[str, Any] = {"sites": sites, "rounds": rounds, "local_epochs": local_epochs,
+                              "tmp": str(tmp)}
+
+    def env_for(home: Path) -> dict[str, str]:
+        return flwr_env(home, env_extra)
+
     try:
         t_setup = time.monotonic()
         ca, crt, key = make_tls(tmp)
-        data_paths = make_partitions(tmp, args.sites)
+        if data_paths is None:
+            data_paths = make_partitions(tmp, sites)
+        if len(data_paths) != sites:
+            raise ValueError(f"{len(data_paths)} data partitions for {sites} sites")
+        result["data_paths"] = [str(p) for p in data_paths]
         keys = []
-        for i in range(args.sites):
+        for i in range(sites):
             k = tmp / f"site{i}_key"
             make_node_key(k)
             keys.append(k)
         result["setup_seconds"] = time.monotonic() - t_setup
 
         port = free_port()
-        link_env = flwr_env(tmp / "home_superlink")
+        link_env = env_for(tmp / "home_superlink")
         cli_home = tmp / "home_cli"
-        cli_env = flwr_env(cli_home)
+        cli_env = env_for(cli_home)
         write_cli_config(cli_home, port, ca)
 
         # --- SuperLink -------------------------------------------------------------------
@@ -218,7 +228,7 @@ def main() -> int:
         result["register_seconds_total"] = time.monotonic() - t0
 
         # --- optional: unregistered key ------------------------------------------------------
-        if args.probe_unregistered:
+        if probe_unregistered:
             k = tmp / "rogue_key"
             make_node_key(k)
             t0 = time.monotonic()
@@ -226,7 +236,7 @@ def main() -> int:
                 str(VENV_BIN / "flower-supernode"), "--root-certificates", str(ca),
                 "--superlink", f"127.0.0.1:{port}", "--auth-supernode-private-key", str(k),
                 "--port", str(free_port()),
-            ], flwr_env(tmp / "home_rogue"), tmp / "rogue.log", 60, cwd=tmp)
+            ], env_for(tmp / "home_rogue"), tmp / "rogue.log", 60, cwd=tmp)
             procs.append(rogue)
             try:
                 wait_until(lambda: rogue.poll() is not None, 55, what="rogue SuperNode exit")
@@ -241,13 +251,13 @@ def main() -> int:
 
         # --- SuperNodes ------------------------------------------------------------------------
         t0 = time.monotonic()
-        for i in range(args.sites):
+        for i in range(sites):
             node = Proc(f"supernode{i}", [
                 str(VENV_BIN / "flower-supernode"), "--root-certificates", str(ca),
                 "--superlink", f"127.0.0.1:{port}", "--auth-supernode-private-key", str(keys[i]),
                 "--node-config", f"data-path='{data_paths[i]}'",
                 "--port", str(free_port()),
-            ], flwr_env(tmp / f"home_site{i}"), tmp / f"supernode{i}.log", lifetime, cwd=tmp)
+            ], env_for(tmp / f"home_site{i}"), tmp / f"supernode{i}.log", lifetime, cwd=tmp)
             procs.append(node)
 
         def all_online() -> bool:
@@ -258,7 +268,7 @@ def main() -> int:
             online = {n["node-id"] for n in nodes if n["status"] == "online"}
             return set(node_ids) <= online
 
-        wait_until(all_online, 90, interval_s=0.5, what="all SuperNodes online")
+        wait_until(all_online, 60 + 15 * sites, interval_s=0.5, what="all SuperNodes online")
         result["supernodes_online_seconds"] = time.monotonic() - t0
 
         # --- the run -----------------------------------------------------------------------
@@ -266,13 +276,14 @@ def main() -> int:
         t0 = time.monotonic()
         started = flwr_json([
             "run", str(APP_DIR), CONN, "--run-config",
-            f"num-server-rounds={args.rounds} min-nodes={args.sites} timing-path='{timing_path}'",
+            f"num-server-rounds={rounds} min-nodes={sites} local-epochs={local_epochs} "
+            f"timing-path='{timing_path}'",
         ], cli_env)
         run_id = started["run-id"]
         result["run_id"] = run_id
         result["flwr_run_cli_seconds"] = time.monotonic() - t0
 
-        def finished():
+        def finished() -> dict[str, Any] | None:
             for p in procs:
                 if p.name != "rogue" and p.poll() is not None:
                     raise RuntimeError(f"{p.name} exited {p.poll()}:\n{p.log_tail()}")
@@ -299,19 +310,53 @@ def main() -> int:
             "train_metrics": timing["train_metrics"],
             "evaluate_metrics": timing["evaluate_metrics"],
         })
-        rc = 0
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
-        print(result["error"], file=sys.stderr)
+        raise StockRunError(result["error"], result) from exc
     finally:
         for p in reversed(procs):
             p.stop()
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+class StockRunError(RuntimeError):
+    """The stock run failed; ``result`` holds what was measured up to the failure."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None, help="write the result here")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--probe-unregistered", action="store_true",
+                    help="also start a SuperNode with an unregistered key; record its exit")
+    args = ap.parse_args()
+    if args.sites < 1 or args.rounds < 1:
+        ap.error("--sites and --rounds must be >= 1")
+
+    tmp = Path(tempfile.mkdtemp(prefix="stockflwr-"))
+    rc = 1
+    try:
+        result = run_stock(sites=args.sites, rounds=args.rounds, tmp=tmp,
+                           local_epochs=args.local_epochs,
+                           probe_unregistered=args.probe_unregistered)
+        rc = 0
+    except StockRunError as exc:
+        result = exc.result
+        print(result["error"], file=sys.stderr)
+    finally:
         if not args.keep and rc == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"logs kept in {tmp}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
     summary = {k: result.get(k) for k in ("sites", "rounds", "median_round_seconds",
                                            "round_seconds", "total_rounds_seconds",

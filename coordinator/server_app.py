@@ -867,6 +867,9 @@ def main(grid: Grid, context: Context) -> None:
     from export.tasks import build_model, model_arrays
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # httpx logs every request at INFO, the 0.1 s reply pulls included; Flower uploads each
+    # line to the SuperLink's database: noise that costs round time (benchmark 1).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     run_id = int(str(context.run_config["fedward-run-id"]))
     home = Path(os.environ["FEDWARD_HOME"])
     engine = make_engine(os.environ["FEDWARD_DATABASE_URL"])
