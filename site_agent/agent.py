@@ -83,6 +83,10 @@ def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> s
                 ctx.wrap_socket(raw, server_hostname=host):
             return None
     except ssl.SSLCertVerificationError as err:
+        if err.verify_code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID / _HAS_EXPIRED
+            return (f"the coordinator at {address} presented a certificate that is "
+                    f"{err.verify_message} by this machine's clock: the clock is probably "
+                    "wrong; set it right (NTP); `fedward-site doctor` measures the skew")
         return (f"the coordinator at {address} presented a certificate the site's CA does "
                 f"not trust ({err.verify_message}); get the current CA certificate")
     except OSError as err:

@@ -62,6 +62,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _clock_hint(err: Exception) -> str:
+    """What to do when TLS failed on certificate dates: usually this machine's clock."""
+    text = str(err).lower()
+    if "not yet valid" in text or "expired" in text:
+        return ("; a certificate looked not yet valid or expired, which usually means this "
+                "machine's clock is wrong: set it right (NTP) and retry; `fedward-site "
+                "doctor` measures the skew against the coordinator")
+    return ""
+
+
 def _fetch_ca(gateway: str, pin: str, *, timeout: float) -> bytes:
     """The gateway's CA, accepted only if its SHA-256 starts with the token's pin."""
     host, _, port = gateway.rpartition(":")
@@ -121,7 +131,8 @@ def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> st
                                 "csr_pem": make_csr(key, parts.site).decode(),
                                 "node_public_key": node_public})
     except httpx.HTTPError as err:
-        raise EnrollError(f"enrollment request to {gateway} failed ({err})") from None
+        raise EnrollError(f"enrollment request to {gateway} failed ({err}){_clock_hint(err)}"
+                          ) from None
     if resp.status_code != 200:
         try:
             detail = resp.json().get("detail", resp.text)
@@ -156,7 +167,8 @@ def renew(*, root: Path, gateway: str, timeout: float = 30.0) -> str:
         resp = httpx.post(f"https://{gateway}/fedward/renew", verify=ctx, timeout=timeout,
                           json={"csr_pem": make_csr(key, name).decode()})
     except httpx.HTTPError as err:
-        raise EnrollError(f"renewal request to {gateway} failed ({err})") from None
+        raise EnrollError(f"renewal request to {gateway} failed ({err}){_clock_hint(err)}"
+                          ) from None
     if resp.status_code != 200:
         raise EnrollError(f"the coordinator refused the renewal: {resp.text}")
     body = resp.json()

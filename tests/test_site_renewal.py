@@ -111,3 +111,53 @@ def test_enroll_on_an_enrolled_site_says_so_and_changes_nothing(
     assert res.exit_code != 0
     assert "enrolled already" in res.output and "fedward-site renew" in res.output
     assert files.site_cert.read_bytes() == old_cert
+
+
+def test_a_certificate_date_failure_points_at_the_clock() -> None:
+    import ssl
+
+    from site_agent.enroll import _clock_hint
+
+    err = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+                                          "verify failed: certificate is not yet valid")
+    assert "clock" in _clock_hint(err) and "doctor" in _clock_hint(err)
+    assert _clock_hint(ConnectionRefusedError("refused")) == ""
+
+
+def test_a_site_clock_an_hour_behind_is_named_as_the_likely_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import ssl
+    import threading
+
+    import export.certs as certs
+    from site_agent.agent import probe_coordinator
+
+    files = certs.ensure_ca(tmp_path / "pki")
+    real_now = certs._now
+    # The coordinator's clock is an hour ahead of this one: its certificate starts later.
+    monkeypatch.setattr(certs, "_now", lambda: real_now() + timedelta(hours=1))
+    certs.issue_server_cert(files)
+    monkeypatch.setattr(certs, "_now", real_now)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(files.server_cert, files.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        problem = probe_coordinator(f"127.0.0.1:{listener.getsockname()[1]}", files.ca_cert,
+                                    timeout=5)
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+    assert problem is not None and "clock" in problem and "not yet valid" in problem
