@@ -38,6 +38,7 @@ from export.wire import (
     CFG,
     FINGERPRINT_KEYS,
     MSG,
+    PACKED,
     REPLY_ARRAYS,
     REPLY_CONFIG,
     REPLY_FINGERPRINT,
@@ -45,6 +46,9 @@ from export.wire import (
     TASK_ARRAYS,
     TASK_CONFIG,
     SiteErrorCode,
+    pack_arrays,
+    parse_layout,
+    unpack_arrays,
 )
 
 __all__ = [
@@ -293,6 +297,9 @@ class RoundLoop:
     _admission: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # Digest of every update received in this run -> (first round, site), for replays.
     _seen: dict[str, tuple[int, str]] = field(default_factory=dict, init=False, repr=False)
+    # The array layout of the packed model last sent (see export.wire.PACKED).
+    _layout: list[tuple[str, tuple[int, ...]]] = field(default_factory=list, init=False,
+                                                      repr=False)
 
     def run(self) -> None:
         plan = self.plan
@@ -532,11 +539,16 @@ class RoundLoop:
         that answered one message more than once (neither answer is trusted).
         """
         ttl = max(1.0, deadline - self.clock())
+        flat, layout = pack_arrays(arrays)
+        # Replies are packed in the order of the layout sent: unpack them with it.
+        self._layout = parse_layout(layout)
+        config = self.plan.task_config(number, train=train)
+        config[CFG.LAYOUT] = layout
         msgs = []
         for node_id in nodes:
             content = RecordDict({
-                TASK_ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                TASK_CONFIG: self.plan.task_config(number, train=train),
+                TASK_ARRAYS: ArrayRecord({PACKED: Array(flat)}),
+                TASK_CONFIG: config,
             })
             msgs.append(Message(
                 content=content, dst_node_id=node_id,
@@ -690,6 +702,8 @@ class RoundLoop:
                     "code": label}
         try:
             update = {k: v.numpy() for k, v in reply.content.array_records[REPLY_ARRAYS].items()}
+            if set(update) == {PACKED}:
+                update = unpack_arrays(update[PACKED], self._layout)
             metrics = {k: float(v) for k, v in reply.content[REPLY_METRICS].items()
                        if isinstance(v, int | float)}
         except (KeyError, TypeError, ValueError) as err:

@@ -6,9 +6,14 @@ relay and warm trainer read them; the egress guard checks replies against the al
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
 
 __all__ = [
     "ADMISSION_ACTION",
@@ -20,6 +25,7 @@ __all__ = [
     "CFG",
     "FINGERPRINT_KEYS",
     "MSG",
+    "PACKED",
     "REPLY_ARRAYS",
     "REPLY_CONFIG",
     "REPLY_FINGERPRINT",
@@ -29,7 +35,10 @@ __all__ = [
     "EnrollmentTokenParts",
     "SiteErrorCode",
     "TokenFormatError",
+    "pack_arrays",
     "parse_enrollment_token",
+    "parse_layout",
+    "unpack_arrays",
 ]
 
 APP_PUBLISHER: Final = "fedward"
@@ -48,6 +57,54 @@ TASK_CONFIG: Final = "task"              # ConfigRecord: what the site must do t
 REPLY_ARRAYS: Final = "local_model"      # ArrayRecord: the site's updated arrays
 REPLY_METRICS: Final = "metrics"         # MetricRecord: allow-listed scalar metrics
 REPLY_CONFIG: Final = "status"           # ConfigRecord: outcome code and scrubbed reason
+
+# A model travels as ONE float32 array (PACKED) inside TASK_ARRAYS / REPLY_ARRAYS, its
+# arrays concatenated in the order of CFG.LAYOUT: Flower sends every array of a record as
+# its own objects, each its own HTTPS request at every hop, so one array instead of one per
+# layer halves a round message's requests (benchmark 1). The reply follows the layout of
+# its task; the coordinator unpacks it against the model's own layout.
+PACKED: Final = "packed"
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    """One float32 array and its layout (JSON) from named float32 arrays."""
+    layout = [[name, list(arr.shape)] for name, arr in arrays.items()]
+    for name, arr in arrays.items():
+        if arr.dtype != np.float32:
+            raise ValueError(f"array {name!r} has dtype {arr.dtype}; only float32 is packed")
+    flat = (np.concatenate([np.ravel(a) for a in arrays.values()]) if arrays
+            else np.zeros(0, np.float32))
+    return flat.astype(np.float32, copy=False), json.dumps(layout)
+
+
+def parse_layout(layout: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(name, shape), ...]`` from a layout; ValueError if it is not one."""
+    try:
+        raw = json.loads(layout)
+        out = [(str(name), tuple(int(d) for d in shape)) for name, shape in raw]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"malformed array layout ({type(err).__name__})") from None
+    if any(d < 0 for _, shape in out for d in shape) or len({n for n, _ in out}) != len(out):
+        raise ValueError("malformed array layout (negative size or repeated name)")
+    return out
+
+
+def unpack_arrays(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]
+                  ) -> dict[str, np.ndarray]:
+    """Named arrays from a packed one; ValueError if sizes or dtype do not match."""
+    if flat.dtype != np.float32 or flat.ndim != 1:
+        raise ValueError(f"packed model is {flat.dtype} with {flat.ndim} dimensions, "
+                         "expected 1-dimensional float32")
+    sizes = [math.prod(shape) for _, shape in layout]
+    if flat.size != sum(sizes):
+        raise ValueError(f"packed model has {flat.size} values, the layout {sum(sizes)}")
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for (name, shape), size in zip(layout, sizes, strict=True):
+        out[name] = flat[start:start + size].reshape(shape)
+        start += size
+    return out
+
 
 # Admission (before round 1): "does your policy accept this run?". A Flower query message
 # with this action carries only TASK_CONFIG (no arrays); the site answers from its policy
@@ -73,6 +130,7 @@ class CFG:
     BATCH: Final = "batch-size"            # expected batch size (int)
     SEED: Final = "seed"                   # run seed (int)
     TRAIN: Final = "train"                 # False: evaluate only (bool)
+    LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)
 
 
 class MSG:

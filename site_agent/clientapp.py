@@ -25,12 +25,17 @@ from flwr.clientapp import ClientApp
 
 from export.wire import (
     ADMISSION_ACTION,
+    CFG,
+    PACKED,
     REPLY_ARRAYS,
     REPLY_FINGERPRINT,
     REPLY_METRICS,
     TASK_ARRAYS,
     TASK_CONFIG,
     SiteErrorCode,
+    pack_arrays,
+    parse_layout,
+    unpack_arrays,
 )
 from site_agent.ipc import IPCError, request
 
@@ -59,6 +64,12 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
             if TASK_ARRAYS in msg.content.array_records
             else {}
         )
+        # A packed model (export.wire.PACKED): unpacked for the trainer, and the reply
+        # packed again in the same order.
+        layout = None
+        if set(arrays) == {PACKED} and isinstance(config.get(CFG.LAYOUT), str):
+            layout = parse_layout(config.pop(CFG.LAYOUT))
+            arrays = unpack_arrays(arrays[PACKED], layout)
     except (KeyError, TypeError, ValueError):
         return Message(Error(code=SiteErrorCode.BAD_TASK, reason="bad-task: malformed message"),
                        reply_to=msg)
@@ -85,7 +96,11 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
         )
     content = RecordDict()
     if out_arrays:
-        content[REPLY_ARRAYS] = ArrayRecord({k: Array(v) for k, v in out_arrays.items()})
+        if layout is not None and set(out_arrays) == {name for name, _ in layout}:
+            flat, _ = pack_arrays({name: out_arrays[name] for name, _ in layout})
+            content[REPLY_ARRAYS] = ArrayRecord({PACKED: Array(flat)})
+        else:
+            content[REPLY_ARRAYS] = ArrayRecord({k: Array(v) for k, v in out_arrays.items()})
     content[REPLY_METRICS] = MetricRecord(
         {str(k): float(v) for k, v in dict(reply.get("metrics", {})).items()}
     )

@@ -40,12 +40,15 @@ from export.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
     MSG,
+    PACKED,
     REPLY_ARRAYS,
     REPLY_CONFIG,
     REPLY_METRICS,
     TASK_ARRAYS,
     TASK_CONFIG,
     SiteErrorCode,
+    parse_layout,
+    unpack_arrays,
 )
 from site_agent.keys import ensure_node_key
 
@@ -235,6 +238,33 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
+def task_arrays(msg: Message) -> dict[str, np.ndarray]:
+    """The model a task message carries (packed on the wire, see export.wire.PACKED)."""
+    record = msg.content.array_records[TASK_ARRAYS]
+    arrays = {k: v.numpy() for k, v in record.items()}
+    if set(arrays) == {PACKED}:
+        return unpack_arrays(arrays[PACKED], parse_layout(msg.content[TASK_CONFIG][CFG.LAYOUT]))
+    return arrays
+
+
+def packed_site(delta: float, n: float = 100.0, *, extra: int = 0) -> SiteFn:
+    """Like good_site, but answers as the site relay does: one packed array (``extra``
+    values too many, for a malformed one)."""
+
+    def answer(msg: Message) -> Message:
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return Message(RecordDict({REPLY_METRICS: MetricRecord({"eval-accuracy": 0.75})}),
+                           reply_to=msg)
+        flat = msg.content.array_records[TASK_ARRAYS][PACKED].numpy() + np.float32(delta)
+        flat = np.concatenate([flat, np.zeros(extra, np.float32)])
+        return Message(RecordDict({
+            REPLY_ARRAYS: ArrayRecord({PACKED: Array(flat.astype(np.float32))}),
+            REPLY_METRICS: MetricRecord({"num-examples": n, "train-loss": 0.3}),
+        }), reply_to=msg)
+
+    return answer
+
+
 def good_site(delta: float, n: float = 100.0) -> SiteFn:
     """A site that adds ``delta`` to every weight when training and reports metrics."""
 
@@ -242,7 +272,7 @@ def good_site(delta: float, n: float = 100.0) -> SiteFn:
         if msg.metadata.message_type == MessageType.EVALUATE:
             return Message(RecordDict({REPLY_METRICS: MetricRecord(
                 {"eval-accuracy": 0.75, "eval-loss": math.nan})}), reply_to=msg)
-        incoming = {k: v.numpy() for k, v in msg.content[TASK_ARRAYS].items()}
+        incoming = task_arrays(msg)
         return Message(RecordDict({
             REPLY_ARRAYS: ArrayRecord({k: Array(v + np.float32(delta))
                                        for k, v in incoming.items()}),
@@ -360,6 +390,30 @@ def test_round_loop_aggregates_sound_updates_and_names_each_failed_site(
     assert all(c[CFG.RUN_ID] == str(plan.run_id) and c[CFG.TRAIN] for c in configs)
 
 
+def test_packed_replies_are_unpacked_and_a_packed_reply_of_the_wrong_size_is_rejected(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan()
+    grid = SiteGrid({11: packed_site(1.0, n=100.0), 12: good_site(4.0, n=300.0),
+                     13: packed_site(1.0, extra=3)}, online=[11, 12, 13])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(10.0)).run()
+
+    assert run_row(engine, plan.run_id).status == "completed"
+    (rnd,) = rounds_of(engine, plan.run_id)
+    assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-b"]
+    failed = {f["site"]: f for f in json.loads(rnd.failed_sites_json)}
+    assert failed["hospital-c"]["code"] == "rejected-update"
+    assert "packed model has 12 values, the layout 9" in failed["hospital-c"]["reason"]
+    # The task went out as one array, with its layout; the sound replies were averaged.
+    sent = grid.sent[0].content.array_records[TASK_ARRAYS]
+    assert list(sent) == [PACKED]
+    last = last_checkpoint(engine, plan.run_id)
+    assert last is not None
+    np.testing.assert_allclose(load_checkpoint(tmp_path / last[1])["b"], 10.0 + 3.25)
+
+
 def test_round_loop_fails_the_run_naming_late_and_offline_sites(
     engine: Engine, make_plan: PlanFactory, tmp_path: Path
 ) -> None:
@@ -417,7 +471,7 @@ def test_round_loop_resumes_from_the_last_checkpoint_and_evaluates_at_the_end(
     eval_msgs = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
     assert len(train_msgs) == 2 and len(eval_msgs) == 2
     assert all(m.content[TASK_CONFIG][CFG.ROUND] == 2 for m in train_msgs)
-    np.testing.assert_array_equal(train_msgs[0].content[TASK_ARRAYS]["w"].numpy(),
+    np.testing.assert_array_equal(task_arrays(train_msgs[0])["w"],
                                   arrays_of(10.0)["w"])
     last = last_checkpoint(engine, plan.run_id)
     assert last is not None and last[0] == 2
@@ -712,7 +766,7 @@ def trainer_site(data: object, root: Path, *, scale: float = 1.0) -> SiteFn:
                           replies_dir=root / "replies")
 
     def answer(msg: Message) -> Message:
-        incoming = {k: v.numpy() for k, v in msg.content[TASK_ARRAYS].items()}
+        incoming = task_arrays(msg)
         reply, out = trainer.handle({"kind": "train", "config": dict(msg.content[TASK_CONFIG])},
                                     incoming)
         assert "error" not in reply, reply
@@ -780,7 +834,7 @@ def test_an_update_without_its_example_count_cannot_be_bounded_and_is_rejected(
     engine: Engine, make_plan: PlanFactory, tmp_path: Path
 ) -> None:
     def no_count(msg: Message) -> Message:
-        incoming = {k: v.numpy() for k, v in msg.content[TASK_ARRAYS].items()}
+        incoming = task_arrays(msg)
         return Message(RecordDict({
             REPLY_ARRAYS: ArrayRecord({k: Array(v + np.float32(0.1)) for k, v in
                                        incoming.items()}),

@@ -725,3 +725,54 @@ def test_the_relay_routes_an_admission_question_to_the_trainer_without_arrays(
     assert dict(reply.content.config_records[REPLY_CONFIG]) == {MSG.STATUS: MSG.ACCEPTED}
     assert not reply.content.array_records
     assert audit.actions == ["admission-accepted"]
+
+
+def test_the_relay_unpacks_a_packed_model_and_packs_the_reply_in_its_order(
+    make_trainer: TrainerFactory, short_socket_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    global_arrays: dict[str, np.ndarray],
+) -> None:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from export.wire import (
+        CFG,
+        PACKED,
+        REPLY_ARRAYS,
+        TASK_ARRAYS,
+        TASK_CONFIG,
+        pack_arrays,
+        parse_layout,
+        unpack_arrays,
+    )
+    from site_agent.clientapp import SOCKET_KEY
+    from site_agent.clientapp import app as relay
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 4242)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    trainer, audit = make_trainer()
+    # Reverse the model's own order: the reply must follow the task's layout, not the model's.
+    ordered = dict(reversed(list(global_arrays.items())))
+    flat, layout = pack_arrays(ordered)
+    sock_path = short_socket_dir / "run" / "trainer.sock"
+    server = TrainerServer(path=sock_path, trainer=trainer)
+    server.start()
+    try:
+        task = Message(content=RecordDict({
+            TASK_ARRAYS: ArrayRecord({PACKED: Array(flat)}),
+            TASK_CONFIG: ConfigRecord({**task_config(1), CFG.LAYOUT: layout})}),
+            dst_node_id=7, message_type=MessageType.TRAIN)
+        task.metadata.__dict__["_message_id"] = "m-2"
+        context = Context(run_id=4242, node_id=7, node_config={SOCKET_KEY: str(sock_path)},
+                          state=RecordDict(), run_config={})
+        reply = relay(task, context)
+    finally:
+        server.stop()
+    assert not reply.has_error(), reply.error
+    record = reply.content.array_records[REPLY_ARRAYS]
+    assert list(record) == [PACKED]
+    out = unpack_arrays(record[PACKED].numpy(), parse_layout(layout))
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ordered.items()}
+    assert any(not np.array_equal(out[k], ordered[k]) for k in out)   # it trained
+    assert audit.actions == ["round-reserved", "round-trained"]
