@@ -884,6 +884,14 @@ def main(grid: Grid, context: Context) -> None:
     # httpx logs every request at INFO, the 0.1 s reply pulls included; Flower uploads each
     # line to the SuperLink's database: noise that costs round time (benchmark 1).
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A reply pulled while its objects are still being uploaded waits 1 s in Flower before
+    # the first retry; a short, bounded back-off instead (see site_agent.supernode_main).
+    from flwr.superlink.grid import http_grid
+
+    from export.runtime import with_short_backoff
+
+    setattr(http_grid, "pull_objects",  # noqa: B010
+            with_short_backoff(getattr(http_grid, "pull_objects")))  # noqa: B009
     run_id = int(str(context.run_config["fedward-run-id"]))
     home = Path(os.environ["FEDWARD_HOME"])
     engine = make_engine(os.environ["FEDWARD_DATABASE_URL"])

@@ -636,17 +636,55 @@ def test_flwr_supernode_still_sleeps_where_the_patch_applies() -> None:
 
 
 def test_main_patches_only_the_supernode_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
     sci = start_client_internal
     monkeypatch.setattr(sci, "time", time)  # restored after the test
+    flowers_pull = getattr(sci, "pull_objects")  # noqa: B009
+    monkeypatch.setattr(sci, "pull_objects", flowers_pull)  # restored after the test
     seen: list[object] = []
-    monkeypatch.setattr(supernode_main, "flower_supernode", lambda: seen.append(sci.time))
+    monkeypatch.setattr(supernode_main, "flower_supernode",
+                        lambda: seen.append((sci.time, getattr(sci, "pull_objects"))))  # noqa: B009
     monkeypatch.setenv(supernode_main.POLL_ENV, "0.3")
 
     supernode_main.main()
 
-    assert len(seen) == 1 and isinstance(seen[0], supernode_main.ShortSleep)
-    assert seen[0].cap_s == 0.3
+    assert len(seen) == 1
+    sleep, pull = seen[0]  # type: ignore[misc]
+    assert isinstance(sleep, supernode_main.ShortSleep) and sleep.cap_s == 0.3
+    assert isinstance(pull, functools.partial) and pull.func is flowers_pull
     assert inspect.isbuiltin(time.sleep)  # the real time module is untouched
+
+
+def test_object_pulls_retry_after_a_short_back_off_not_flowers_second() -> None:
+    import functools
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+    from flwr.superlink.grid import http_grid
+
+    from export.runtime import with_short_backoff
+
+    # Both modules the appliance patches still call Flower's pull_objects by that name.
+    assert getattr(start_client_internal, "pull_objects") is inflatable_utils.pull_objects  # noqa: B009
+    assert getattr(http_grid, "pull_objects") is inflatable_utils.pull_objects  # noqa: B009
+
+    def timed(pull: object) -> float:
+        tries: dict[str, int] = {}
+
+        def fetch(object_id: str) -> bytes:  # not uploaded yet on the first try
+            tries[object_id] = tries.get(object_id, 0) + 1
+            if tries[object_id] == 1:
+                raise ObjectUnavailableError(object_id)
+            return b"x"
+
+        t0 = time.monotonic()
+        assert pull(["a"], fetch) == {"a": b"x"}  # type: ignore[operator]
+        return time.monotonic() - t0
+
+    short = with_short_backoff(inflatable_utils.pull_objects)
+    assert isinstance(short, functools.partial)
+    assert timed(short) < 0.3 < 0.7 < timed(inflatable_utils.pull_objects)
 
 
 # --- clientapp ---------------------------------------------------------------------------
