@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from site_agent import clientapp
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     executor = WarmExecutor(runtime_address=args.runtime, app=clientapp.app)
     executor.execute(token)
+    logging.getLogger("fedward.site.executor").info("task run in its own process (pid %s)",
+                                                    os.getpid())
     return 0
 
 

@@ -28,6 +28,10 @@ def test_dp_run_with_a_budget_refusal_completes_and_names_the_refusing_site() ->
         sites = fed.data["sites"]
         for s in sites:
             fed.add_site(s["name"], s["csv"], s["schema"])
+        # hospital-b runs each task in a process of its own (executor "subprocess").
+        config_path = fed.sites[sites[1]["name"]].root / "site.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "executor": "subprocess"}))
         # hospital-c's own policy caps epsilon far below what any round needs.
         fed.start_site(sites[0]["name"])
         fed.start_site(sites[1]["name"])
@@ -44,6 +48,8 @@ def test_dp_run_with_a_budget_refusal_completes_and_names_the_refusing_site() ->
             refused = {f["site"]: f for f in rnd["failed_sites"]}
             assert set(refused) == {sites[2]["name"]}
             assert "refused-budget" in refused[sites[2]["name"]]["reason"]
+        log_b = fed.sites[sites[1]["name"]].log
+        assert log_b is not None and "task run in its own process" in log_b.read_text()
         metrics = fed.api("GET", f"/runs/{run_id}/metrics").json()["rounds"]
         last = {m["round"]: m["sites"] for m in metrics}[2]
         for s in sites[:2]:
