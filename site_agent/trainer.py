@@ -157,6 +157,13 @@ class WarmTrainer:
 
         threading.Thread(target=work, name="privacy-warm-up", daemon=True).start()
 
+    def _sampling(self, *, batch: int, epochs: int) -> tuple[float, int]:
+        """The round's Poisson sample rate and DP-SGD steps on this site's training rows."""
+        assert self.data is not None
+        n_train = len(self.data.train_y)
+        return (sample_rate_for(n_examples=n_train, batch_size=batch),
+                expected_steps(n_examples=n_train, batch_size=batch, epochs=epochs))
+
     def _warm_first_round(self, config: dict[str, Any]) -> None:
         """After admission: the run's noise multiplier and round 1's epsilon, ahead."""
         if self.data is None or self.ledger.get_run(str(config.get(CFG.RUN_ID))) is not None:
@@ -167,9 +174,7 @@ class WarmTrainer:
             batch = int(config[CFG.BATCH])
         except (KeyError, TypeError, ValueError):
             return
-        n_train = len(self.data.train_y)
-        q = sample_rate_for(n_examples=n_train, batch_size=batch)
-        steps = expected_steps(n_examples=n_train, batch_size=batch, epochs=epochs)
+        q, steps = self._sampling(batch=batch, epochs=epochs)
 
         def first() -> None:
             sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
@@ -425,8 +430,7 @@ class WarmTrainer:
         assert self.data is not None
         # Only the number of training rows is read before the budget check.
         n_train = len(self.data.train_y)
-        q = sample_rate_for(n_examples=n_train, batch_size=batch)
-        steps = expected_steps(n_examples=n_train, batch_size=batch, epochs=local_epochs)
+        q, steps = self._sampling(batch=batch, epochs=local_epochs)
         with self._warm_lock:
             pass  # a warm-up for this round still running: wait, then use its results
         entry = self.ledger.get_run(run_id)

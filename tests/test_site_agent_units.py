@@ -814,3 +814,42 @@ def test_the_relay_unpacks_a_packed_model_and_packs_the_reply_in_its_order(
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ordered.items()}
     assert any(not np.array_equal(out[k], ordered[k]) for k in out)   # it trained
     assert audit.actions == ["round-reserved", "round-trained"]
+
+
+def _idle(trainer: WarmTrainer) -> None:
+    """Wait for the trainer's background privacy warm-up to finish."""
+    assert trainer._warm_lock.acquire(timeout=120)
+    trainer._warm_lock.release()
+
+
+def test_after_a_round_the_next_rounds_accounting_is_ready_before_it_comes(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray]
+) -> None:
+    from privacy.dp import _epsilon
+
+    trainer, _ = make_trainer()
+    fresh = {CFG.EPSILON: 2.718}  # a budget no other test uses: nothing cached before
+    reply, out = trainer.handle(train_header(1, **fresh), global_arrays)
+    assert "error" not in reply
+    _idle(trainer)
+    misses = _epsilon.cache_info().misses
+    reply, _ = trainer.handle(train_header(2, **fresh), out)
+    assert "error" not in reply
+    assert _epsilon.cache_info().misses == misses   # round 2 computed no new epsilon
+
+
+def test_an_accepted_admission_starts_the_runs_noise_search_ahead_of_round_one(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray]
+) -> None:
+    from privacy.dp import _epsilon, _search_noise
+
+    trainer, _ = make_trainer()
+    fresh = {CFG.EPSILON: 2.903, CFG.RUN_ID: "run-admitted"}
+    reply, _ = trainer.handle({"kind": "admission", "config": task_config(0, **fresh)}, {})
+    assert "error" not in reply
+    _idle(trainer)
+    searches, epsilons = _search_noise.cache_info().misses, _epsilon.cache_info().misses
+    reply, _ = trainer.handle(train_header(1, **fresh), global_arrays)
+    assert "error" not in reply
+    assert _search_noise.cache_info().misses == searches
+    assert _epsilon.cache_info().misses == epsilons
