@@ -106,6 +106,16 @@ class Federation:
         self._procs.append(site.proc)
         return site
 
+    def join_all_sites(self) -> list[str]:
+        """Add every site of the data split, start it, and wait until all are online."""
+        names = []
+        for s in self.data["sites"]:
+            self.add_site(s["name"], s["csv"], s["schema"])
+            self.start_site(s["name"])
+            names.append(s["name"])
+        self.wait_online(len(names))
+        return names
+
     def kill_site(self, name: str) -> None:
         """SIGKILL a site agent and everything it started: the site drops off the network."""
         proc = self.sites[name].proc

@@ -41,11 +41,7 @@ def _agent_pid(fed: Federation, name: str) -> int:
 
 def test_straggler_is_named_late_and_its_late_reply_is_ignored() -> None:
     with short_tmp() as work, federation(work, n_sites=3) as fed:
-        sites = [s["name"] for s in fed.data["sites"]]
-        for s in fed.data["sites"]:
-            fed.add_site(s["name"], s["csv"], s["schema"])
-            fed.start_site(s["name"])
-        fed.wait_online(3)
+        sites = fed.join_all_sites()
         run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=15)
         _wait_round(fed, run_id, 1)
@@ -95,11 +91,7 @@ def test_site_killed_mid_round_is_named_keeps_its_epsilon_and_rejoins() -> None:
     from privacy import PrivacyLedger
 
     with short_tmp() as work, federation(work, n_sites=3) as fed:
-        sites = [s["name"] for s in fed.data["sites"]]
-        for s in fed.data["sites"]:
-            fed.add_site(s["name"], s["csv"], s["schema"])
-            fed.start_site(s["name"])
-        fed.wait_online(3)
+        sites = fed.join_all_sites()
         # Round 1 includes each site's noise calibration: give it room on a busy machine.
         run_id = fed.launch(task="breast_cancer_mlp", rounds=14, local_epochs=1,
                             epsilon=8.0, min_sites=2, round_deadline_s=20)
@@ -139,10 +131,7 @@ def test_site_killed_mid_round_is_named_keeps_its_epsilon_and_rejoins() -> None:
 def test_coordinator_killed_mid_run_resumes_without_losing_or_repeating_rounds() -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         sites = fed.data["sites"]
-        for s in sites:
-            fed.add_site(s["name"], s["csv"], s["schema"])
-            fed.start_site(s["name"])
-        fed.wait_online(2)
+        fed.join_all_sites()
         # After a SuperLink crash Flower keeps the nodes "active" for about 60 s, so sites
         # may need that long to come back: the deadline must cover it.
         run_id = fed.launch(task="breast_cancer_mlp", rounds=4, local_epochs=1, epsilon=3.0,

@@ -81,10 +81,7 @@ def test_dp_run_with_a_budget_refusal_completes_and_names_the_refusing_site() ->
 def test_site_killed_mid_run_is_named_and_the_run_completes_with_the_rest() -> None:
     with short_tmp() as work, federation(work, n_sites=3) as fed:
         sites = fed.data["sites"]
-        for s in sites:
-            fed.add_site(s["name"], s["csv"], s["schema"])
-            fed.start_site(s["name"])
-        fed.wait_online(3)
+        fed.join_all_sites()
         run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=15)
         victim = sites[2]["name"]
@@ -182,11 +179,7 @@ def test_site_with_bad_data_refuses_and_the_coordinator_sees_kinds_not_values() 
 
 def test_coordinator_restarts_a_dead_superlink_and_sites_come_back() -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
-        sites = fed.data["sites"]
-        for s in sites:
-            fed.add_site(s["name"], s["csv"], s["schema"])
-            fed.start_site(s["name"])
-        fed.wait_online(2)
+        fed.join_all_sites()
         address = fed.superlink
         superlinks = [pid for pid in descendants(fed.coordinator.pid)
                       if "flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes()

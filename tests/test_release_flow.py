@@ -15,11 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 def test_parity_gate_figures_come_from_the_sites_and_the_release_is_signed() -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
-        sites = sorted(s["name"] for s in fed.data["sites"])
-        for s in fed.data["sites"]:
-            fed.add_site(s["name"], s["csv"], s["schema"])
-            fed.start_site(s["name"])
-        fed.wait_online(2)
+        sites = sorted(fed.join_all_sites())
         run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=60)
         assert fed.wait_run(run_id)["status"] == "completed"
