@@ -54,7 +54,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from export.runtime import die_with_parent, stop_process_tree
+from export.runtime import die_with_parent, stop_process_tree, with_short_backoff
 from export.wire import APP_COMPONENTS, APP_PUBLISHER, SiteErrorCode
 
 __all__ = ["UnknownBundleError", "WarmExecutor", "check_bundle"]
@@ -93,8 +93,9 @@ def pull_task_input(client: RuntimeHttpClient, *, max_time: float = PULL_MAX_TIM
     """Pull a task's context, bundle and message, giving up after ``max_time`` seconds.
 
     The same calls as ``flwr.supernode.runtime.run_clientapp.pull_task_input``, with a
-    bounded wait and a short back-off (Flower starts at 1 s, which a round pays whenever
-    the task is acquired before its message content is local).
+    bounded wait and the appliance's short back-off (``export.runtime``; Flower starts at
+    1 s, which a round pays whenever the task is acquired before its message content is
+    local).
     """
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = res.task_id
@@ -107,15 +108,13 @@ def pull_task_input(client: RuntimeHttpClient, *, max_time: float = PULL_MAX_TIM
         raise RuntimeError("the task has no message")
     node = Node(node_id=context.node_id)
     tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
+    message = with_short_backoff(pull_and_inflate_object_from_tree)(
         tree,
         make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
                                                   context.run_id),
         return_type=Message,
         max_time=max_time,
-        initial_backoff=0.05,
-        backoff_cap=1.0,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message, context, fab
