@@ -24,6 +24,8 @@ from privacy import (
     planned_steps,
 )
 
+from tests_support import no_warm_ups_left
+
 DELTA = 1e-5
 SIGMA = 1.5
 Q = 0.1
@@ -401,6 +403,7 @@ def test_warming_the_next_round_leaves_only_cache_hits_for_it(
         make_ledger: LedgerFactory, ledger_path: Path) -> None:
     from privacy.dp import _epsilon
 
+    no_warm_ups_left()
     ledger = make_ledger(run_id="warm", project="warm-proj", sigma=SIGMA * 1.37)
     ledger.reserve_round(run_id="warm", round_number=1, steps=STEPS, cap=50.0)
     ledger.complete_round(run_id="warm", round_number=1)

@@ -36,6 +36,8 @@ from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.ipc import IPCError, read_frame, request, write_frame
 from site_agent.trainer import TrainerServer, WarmTrainer
 
+from tests_support import no_warm_ups_left
+
 with warnings.catch_warnings():
     # flwr imports typer, which touches an alias that Click 8.3+ deprecates: harmless here.
     warnings.filterwarnings("ignore", message=r"'click\.utils\.get_\w+_stream' is deprecated",
@@ -822,21 +824,12 @@ def _idle(trainer: WarmTrainer) -> None:
     trainer._warm_lock.release()
 
 
-def _no_warm_ups_left() -> None:
-    """Wait for warm-ups other tests' trainers left running: the accountant's cache is
-    shared by the process, so one finishing mid-test would count as a miss here."""
-    for thread in threading.enumerate():
-        if thread.name == "privacy-warm-up":
-            thread.join(timeout=120)
-            assert not thread.is_alive(), "a privacy warm-up ran past two minutes"
-
-
 def test_after_a_round_the_next_rounds_accounting_is_ready_before_it_comes(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray]
 ) -> None:
     from privacy.dp import _epsilon
 
-    _no_warm_ups_left()
+    no_warm_ups_left()
     trainer, _ = make_trainer()
     # A budget no other test uses (nothing cached before), and round 2 the last one, so
     # that no warm-up for a round 3 runs while round 2's misses are counted.
@@ -855,7 +848,7 @@ def test_an_accepted_admission_starts_the_runs_noise_search_ahead_of_round_one(
 ) -> None:
     from privacy.dp import _epsilon, _search_noise
 
-    _no_warm_ups_left()
+    no_warm_ups_left()
     trainer, _ = make_trainer()
     # One round: no warm-up for a round 2 runs while round 1's misses are counted.
     fresh = {CFG.EPSILON: 2.903, CFG.RUN_ID: "run-admitted", CFG.TOTAL_ROUNDS: 1}
