@@ -644,18 +644,73 @@ def test_main_patches_only_the_supernode_module(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(sci, "time", time)  # restored after the test
     flowers_pull = getattr(sci, "pull_objects")  # noqa: B009
     monkeypatch.setattr(sci, "pull_objects", flowers_pull)  # restored after the test
+    flowers_pull_and_store = sci._pull_and_store_message
+    monkeypatch.setattr(sci, "_pull_and_store_message", flowers_pull_and_store)
     seen: list[object] = []
     monkeypatch.setattr(supernode_main, "flower_supernode",
-                        lambda: seen.append((sci.time, getattr(sci, "pull_objects"))))  # noqa: B009
+                        lambda: seen.append((sci.time, getattr(sci, "pull_objects"),  # noqa: B009
+                                             sci._pull_and_store_message)))
     monkeypatch.setenv(supernode_main.POLL_ENV, "0.3")
 
     supernode_main.main()
 
     assert len(seen) == 1
-    sleep, pull = seen[0]  # type: ignore[misc]
+    sleep, pull, pull_and_store = seen[0]  # type: ignore[misc]
     assert isinstance(sleep, supernode_main.ShortSleep) and sleep.cap_s == 0.3
     assert isinstance(pull, functools.partial) and pull.func is flowers_pull
+    assert pull_and_store.__wrapped__ is flowers_pull_and_store
     assert inspect.isbuiltin(time.sleep)  # the real time module is untouched
+
+
+def _stale_task_scenario(pull_and_store: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+                         ) -> tuple[Any, list[Any]]:
+    """Flower's own node state receives a message of run 77 whose content pull is answered
+    "run not running" (what a SuperLink restarted after that run ended answers)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run, RunNotRunningException
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    for name, value in (("_task_id", 1), ("_run_id", 77), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    state.set_node_id(7)
+    run = Run.create_empty(77)
+    run.fab_hash = "f" * 64
+    state.store_run(run)
+    message = Message(content=RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=7,
+                      message_type="train")
+    message.metadata.__dict__["_message_id"] = message.object_id
+
+    def run_ended(*_: Any) -> bytes:
+        raise RunNotRunningException
+
+    pull_and_store(state=state, object_store=state.object_store, node_config={},
+                   receive=lambda: (message, get_object_tree(message)),
+                   get_run=lambda _: run, get_fab=lambda *_: None,
+                   pull_object=run_ended, confirm_message_received=run_ended,
+                   trusted_entities=None)
+    return state, list(state.get_tasks(run_ids=[77]))
+
+
+def test_flower_alone_leaves_a_pending_task_when_a_run_ends_mid_pull(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bug the patch below works around: if this fails, Flower fixed it (drop the patch).
+    _, tasks = _stale_task_scenario(start_client_internal._pull_and_store_message,
+                                    monkeypatch)
+    assert [t.status.status for t in tasks] == ["pending"]
+
+
+def test_a_run_ending_mid_pull_fails_its_task_instead_of_leaving_it_pending(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    patched = supernode_main.finish_tasks_of_ended_runs(
+        start_client_internal._pull_and_store_message)
+    state, tasks = _stale_task_scenario(patched, monkeypatch)
+    assert [(t.status.status, t.status.sub_status) for t in tasks] == [("finished", "failed")]
+    assert "no longer running" in tasks[0].status.details
+    assert not state.get_messages_legacy(run_ids=[77])   # the message is gone with it
 
 
 def test_object_pulls_retry_after_a_short_back_off_not_flowers_second() -> None:
