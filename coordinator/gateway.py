@@ -6,15 +6,18 @@ certificate from the site CA, and:
 
 * forwards ``/v1/fleet/*`` and ``/health`` to the SuperLink only for a client that presents
   a valid, unrevoked certificate issued by the site CA, and only when the Flower node key in
-  the request (``flwr-public-key``) is the key registered for the site named in that
-  certificate: a site can speak only for its own node;
+  the request (``flwr-public-key``, required) is the key registered for the site named in
+  that certificate: a site can speak only for its own node;
 * serves enrollment (``/fedward/ca``, ``/fedward/enroll``) without a client certificate:
   a site has none before it enrolls, and the one-time token is the credential;
 * serves renewal (``/fedward/renew``) to a site with its current certificate;
 * refuses every other path (403), the control and runtime APIs above all.
 
 It is a small HTTP/1.1 proxy (h11 for parsing, httpx for the upstream) running in the
-coordinator process; every refusal is logged with the client's identity.
+coordinator process; every refusal is logged with the client's identity. Like a front
+server it bounds what a client can hold: a TLS handshake, a read between two chunks and a
+write each have a deadline (``idle_timeout_s``), request heads are limited to h11's 16 KiB,
+bodies to 512 MiB, and connections at once to ``max_connections`` (more are closed at once).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class GatewayConfig:
     cert: Path
     key: Path
     superlink: str
+    idle_timeout_s: float = 60.0    # nginx's client_header/body and send timeouts
+    max_connections: int = 512      # nginx's default worker_connections
 
 
 @dataclass
@@ -99,6 +104,7 @@ class SiteGateway:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._upstream: httpx.AsyncClient | None = None
+        self._open = 0   # connections being served (touched only on the event loop)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -126,7 +132,8 @@ class SiteGateway:
         self._upstream = httpx.AsyncClient(base_url=f"https://{self.config.superlink}",
                                            verify=ca, timeout=120.0)
         self._server = loop.run_until_complete(asyncio.start_server(
-            self._handle, self.config.host, self.config.port, ssl=self._server_ssl()))
+            self._handle, self.config.host, self.config.port, ssl=self._server_ssl(),
+            ssl_handshake_timeout=self.config.idle_timeout_s))
         if self.config.port == 0:
             sock = self._server.sockets[0]
             self.config = GatewayConfig(**{**self.config.__dict__,
@@ -194,6 +201,12 @@ class SiteGateway:
     # -- HTTP ---------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.config.max_connections:
+            log.warning("gateway at %d connections: closed one from %s",
+                        self._open, writer.get_extra_info("peername"))
+            writer.close()
+            return
+        self._open += 1
         conn = h11.Connection(h11.SERVER)
         peer = self._peer(writer)
         try:
@@ -212,7 +225,11 @@ class SiteGateway:
         except (h11.RemoteProtocolError, ConnectionError, asyncio.IncompleteReadError,
                 ssl.SSLError) as err:
             log.debug("gateway connection closed: %s", err)
+        except TimeoutError:
+            log.debug("gateway connection from %s idle past %.0f s: closed", peer,
+                      self.config.idle_timeout_s)
         finally:
+            self._open -= 1
             writer.close()
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader
@@ -222,7 +239,8 @@ class SiteGateway:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await reader.read(65536)
+                data = await asyncio.wait_for(reader.read(65536),
+                                              self.config.idle_timeout_s)
                 conn.receive_data(data)
                 if not data and request is None:
                     return None, b""
@@ -244,7 +262,7 @@ class SiteGateway:
         writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
         writer.write(conn.send(h11.Data(data=content)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), self.config.idle_timeout_s)
 
     @staticmethod
     def _json(status: int, payload: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]],
@@ -278,16 +296,21 @@ class SiteGateway:
         if site not in cache.node_keys:
             return self._json(403, {"detail": f"forbidden: site {site!r} is not registered"})
         if path.startswith("/v1/fleet/"):
+            # Flower signs every fleet request with the node key and sends that key along;
+            # a request without one is refused here rather than left to the SuperLink.
             presented = dict(request.headers).get(_NODE_KEY_HEADER)
-            if presented is not None:
-                try:
-                    key = base64.b64decode(presented, validate=True)
-                except ValueError:
-                    key = b""
-                if key != cache.node_keys[site]:
-                    log.warning("gateway refused %s: node key is not site %s's", path, site)
-                    return self._json(403, {"detail": "forbidden: the Flower node key does "
-                                                      f"not belong to site {site!r}"})
+            if presented is None:
+                log.warning("gateway refused %s from site %s: no Flower node key", path, site)
+                return self._json(403, {"detail": "forbidden: fleet requests must carry the "
+                                                  "site's Flower node key (flwr-public-key)"})
+            try:
+                key = base64.b64decode(presented, validate=True)
+            except ValueError:
+                key = b""
+            if key != cache.node_keys[site]:
+                log.warning("gateway refused %s: node key is not site %s's", path, site)
+                return self._json(403, {"detail": "forbidden: the Flower node key does "
+                                                  f"not belong to site {site!r}"})
         return await self._forward(method, path, request, body)
 
     async def _forward(self, method: str, path: str, request: h11.Request, body: bytes

@@ -119,6 +119,9 @@ def test_a_site_cannot_speak_for_another_sites_node(fed: Federation, tmp_path: P
                    headers={"flwr-public-key": forged})
         assert r.status_code == 403
         assert "does not belong to site 'site-a1'" in r.text
+        r = c.post(f"https://{fed.fleet}/v1/fleet/pull-messages", content=b"")
+        assert r.status_code == 403
+        assert "must carry the site's Flower node key" in r.text
 
 
 def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,

@@ -1,10 +1,16 @@
-"""The gateway's enrollment step when the SuperLink does not take the node key."""
+"""The gateway on its own: enrollment when the SuperLink does not take the node key, and
+the limits on what one client can hold (idle connections, connections at once)."""
 
 from __future__ import annotations
 
 import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import select
 
@@ -50,3 +56,80 @@ def test_a_node_key_the_superlink_refuses_is_a_503_and_the_token_stays_unused(
         row = session.exec(select(Site)).one()
         assert row.public_key is None and row.status != "registered"
     engine.dispose()
+
+
+# --- what a client can hold ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_gateway(tmp_path: Path) -> Iterator[tuple[SiteGateway, ssl.SSLContext]]:
+    settings = Settings(home=tmp_path / "home")
+    pki = init_home(settings)
+    engine = make_engine(settings.effective_database_url)
+    cert, key = gateway_cert_paths(pki)
+    gateway = SiteGateway(config=GatewayConfig(host="127.0.0.1", port=0, pki=pki, cert=cert,
+                                               key=key, superlink="127.0.0.1:1",
+                                               idle_timeout_s=1.5, max_connections=2),
+                          engine=engine, registrar=lambda key, name: "0")
+    gateway.start()
+    client = ssl.create_default_context(cafile=str(pki.ca_cert))
+    client.check_hostname = False
+    try:
+        yield gateway, client
+    finally:
+        gateway.stop()
+        engine.dispose()
+
+
+def _connect(gateway: SiteGateway, client: ssl.SSLContext) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", gateway.config.port), timeout=10)
+    return client.wrap_socket(raw)
+
+
+def _closed_within(sock: ssl.SSLSocket, seconds: float) -> bool:
+    """True if the gateway closes the connection within ``seconds`` (it sends nothing)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def test_a_connection_that_sends_nothing_or_half_a_request_is_closed_after_the_idle_limit(
+        small_gateway: tuple[SiteGateway, ssl.SSLContext]) -> None:
+    gateway, client = small_gateway
+    silent = _connect(gateway, client)
+    slow = _connect(gateway, client)
+    slow.sendall(b"GET /fedward/ca HTTP/1.1\r\nHost: x\r\n")   # and never the blank line
+    started = time.monotonic()
+    assert _closed_within(silent, 10) and _closed_within(slow, 10)
+    assert time.monotonic() - started < 8
+    silent.close()
+    slow.close()
+    # Nor may a client hold one by never finishing the TLS handshake.
+    no_tls = socket.create_connection(("127.0.0.1", gateway.config.port), timeout=10)
+    no_tls.sendall(b"\x16\x03\x01")   # the start of a ClientHello, then nothing
+    assert no_tls.recv(1) == b""
+    no_tls.close()
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_gateway_serves_again_after(
+        small_gateway: tuple[SiteGateway, ssl.SSLContext]) -> None:
+    gateway, client = small_gateway
+    held = [_connect(gateway, client) for _ in range(2)]
+    time.sleep(0.3)   # both are being served (idle) before the third arrives
+    extra = _connect(gateway, client)
+    assert _closed_within(extra, 1.0)      # at once, well before the 1.5 s idle limit
+    extra.close()
+    for sock in held:
+        sock.close()
+    time.sleep(0.5)
+    again = _connect(gateway, client)
+    again.sendall(b"GET /fedward/ca HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = b""
+    while chunk := again.recv(65536):
+        reply += chunk
+    again.close()
+    assert reply.startswith(b"HTTP/1.1 200") and b"BEGIN CERTIFICATE" in reply
