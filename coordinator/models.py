@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import DateTime, Dialect, Text, UniqueConstraint
+from sqlalchemy import DateTime, Dialect, Index, Text, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -242,6 +242,8 @@ class AuditEvent(SQLModel, table=True):
     """
 
     __tablename__ = "audit_events"
+    # Run views look events up by action and subject (admission state, rejected updates).
+    __table_args__ = (Index("ix_audit_events_action_subject", "action", "subject"),)
 
     id: int | None = _pk()
     at: datetime = Field(sa_type=UTCDateTime, nullable=False)

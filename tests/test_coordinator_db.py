@@ -36,7 +36,7 @@ TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "check
           "audit_events", "enrollment_tokens", "site_certificates", "user_credentials",
           "login_sessions", "project_gates", "release_candidates", "releases",
           "alembic_version"}
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 @pytest.fixture
@@ -182,6 +182,32 @@ def test_audit_chain_links_and_verifies(engine: Engine) -> None:
                                         detail={"i": 0, "x": 0.1})
         assert verify_chain(session) is None
     assert len(ids) == 3
+
+
+def test_a_database_from_an_older_release_upgrades_with_its_audit_chain_intact(
+        tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from coordinator.db import MIGRATIONS_DIR
+
+    url = f"sqlite:///{tmp_path / 'old' / 'c.db'}"
+    config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    eng = make_engine(url)
+    try:
+        with eng.connect() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0003")      # the schema before the audit lookup index
+        _append(eng, 4)
+        run_migrations(url)
+        assert "ix_audit_events_action_subject" in {
+            ix["name"] for ix in inspect(eng).get_indexes("audit_events")}
+        with Session(eng) as session:
+            assert len(session.exec(select(AuditEvent)).all()) == 4
+            assert verify_chain(session) is None
+    finally:
+        eng.dispose()
 
 
 @pytest.mark.parametrize(
