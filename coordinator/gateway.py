@@ -26,6 +26,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import ssl
 import threading
 import time
@@ -50,12 +51,14 @@ from coordinator.flower_control import NodeKeyError, node_public_key_bytes
 from coordinator.models import Site, utcnow
 from coordinator.pki import CAFiles, CSRError
 
-__all__ = ["FORWARDED_PREFIXES", "GatewayConfig", "SiteGateway"]
+__all__ = ["GatewayConfig", "SiteGateway"]
 
 log = logging.getLogger("fedward.coordinator.gateway")
 
-FORWARDED_PREFIXES = ("/v1/fleet/",)
-FORWARDED_EXACT = ("/health",)
+# The exact shape of every path forwarded: Flower's fleet calls are /v1/fleet/<name>. Nothing
+# that a client library or the SuperLink could normalise into another path (``..``, ``//``,
+# percent-escapes, backslashes) matches, so the path checked is the path the SuperLink sees.
+_FORWARDABLE = re.compile(r"^(?:/v1/fleet/[a-z0-9][a-z0-9-]{0,63}|/health)$")
 _NODE_KEY_HEADER = b"flwr-public-key"
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                b"te", b"trailers", b"transfer-encoding", b"upgrade", b"host",
@@ -280,7 +283,7 @@ class SiteGateway:
             return await asyncio.to_thread(self._enroll, body)
         if path == "/fedward/renew" and method == "POST":
             return await asyncio.to_thread(self._renew, body, peer)
-        if not (path.startswith(FORWARDED_PREFIXES) or path in FORWARDED_EXACT):
+        if not _FORWARDABLE.fullmatch(path):
             log.warning("gateway refused %s %s from %s", method, path, peer)
             return self._json(403, {"detail": "forbidden: the site gateway forwards only the "
                                               "Flower fleet API"})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +124,45 @@ def test_a_site_cannot_speak_for_another_sites_node(fed: Federation, tmp_path: P
         r = c.post(f"https://{fed.fleet}/v1/fleet/pull-messages", content=b"")
         assert r.status_code == 403
         assert "must carry the site's Flower node key" in r.text
+
+
+def _raw_request(files: EnrollmentFiles, address: str, target: str,
+                 headers: dict[str, str]) -> bytes:
+    """One request with ``target`` sent byte for byte (httpx would normalise ``..``)."""
+    ctx = ssl.create_default_context(cafile=str(files.coordinator_ca))
+    ctx.load_cert_chain(str(files.site_cert), str(files.site_key))
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        tls.sendall(f"POST {target} HTTP/1.1\r\nHost: {address}\r\n{head}"
+                    "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("target", [
+    "/v1/fleet/../control/list-runs",            # a client library removes the ..
+    "/v1/fleet/%2e%2e/control/list-runs",
+    "/v1/fleet/..%2fcontrol/list-runs",
+    "//v1/control/list-runs",
+    "/v1/fleet//../../v1/control/list-runs",
+    "/v1/fleet/pull-messages/../../control/stop-run",
+    "/health/../v1/control/list-runs",
+    "/v1/fleet\\..\\control\\list-runs",
+])
+def test_no_path_trick_reaches_the_control_api(fed: Federation, tmp_path: Path,
+                                               target: str) -> None:
+    files = _enrolled(fed, f"site-{hashlib.sha256(target.encode()).hexdigest()[:8]}", tmp_path)
+    node_key = (files.keys / "node_key.pub").read_text()
+    from coordinator.flower_control import node_public_key_bytes
+
+    own_key = base64.b64encode(node_public_key_bytes(node_key)).decode()
+    reply = _raw_request(files, fed.fleet, target, {"flwr-public-key": own_key})
+    assert reply.startswith(b"HTTP/1.1 403"), reply[:200]
+    assert b"only the Flower fleet API" in reply
 
 
 def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
