@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -82,6 +83,27 @@ NORM_BOUND_FACTOR: Final = 2.0
 _TAIL: Final = 8.0
 _PENDING_LABEL: Final = SiteErrorCode.NAMES[SiteErrorCode.PENDING_APPROVAL]
 _SITE_CODES: Final = frozenset(SiteErrorCode.NAMES.values())
+# Where a site's error reply says it stopped: its refusals by code; a task that raised says
+# its phase itself ("task-failed: ValueError during train (phase evaluate): ...").
+_PHASE_OF_CODE: Final = {
+    SiteErrorCode.PENDING_APPROVAL: "admission",
+    SiteErrorCode.REFUSED_POLICY: "policy",
+    SiteErrorCode.REFUSED_BUDGET: "budget",
+    SiteErrorCode.REFUSED_DATA: "data",
+    SiteErrorCode.EGRESS_BLOCKED: "egress",
+    SiteErrorCode.BAD_TASK: "task",
+    SiteErrorCode.TRAINER_UNAVAILABLE: "agent",
+    SiteErrorCode.TASK_FAILED: "train",
+}
+_PHASE_IN_REASON: Final = re.compile(r"\(phase ([a-z][a-z-]{0,31})\)")
+
+
+def failure_phase(code: int, reason: str) -> str:
+    """The phase a site's error reply names, or the one its code implies (``engine`` for
+    Flower's own errors, e.g. a node that went away)."""
+    if code == SiteErrorCode.TASK_FAILED and (found := _PHASE_IN_REASON.search(reason)):
+        return found.group(1)
+    return _PHASE_OF_CODE.get(code, "engine")
 
 
 @dataclass(frozen=True)
@@ -698,7 +720,8 @@ class RoundLoop:
             reason = reply.error.reason or label
             # An engine error (e.g. the node went offline) comes from the SuperLink, not from
             # the site: keep only its first line; it can hold a stack trace.
-            return {"site": site, "phase": "train", "reason": reason.splitlines()[0][:500],
+            first = reason.splitlines()[0][:500] if reason.strip() else label
+            return {"site": site, "phase": failure_phase(code, first), "reason": first,
                     "code": label}
         try:
             update = {k: v.numpy() for k, v in reply.content.array_records[REPLY_ARRAYS].items()}
@@ -707,7 +730,7 @@ class RoundLoop:
             metrics = {k: float(v) for k, v in reply.content[REPLY_METRICS].items()
                        if isinstance(v, int | float)}
         except (KeyError, TypeError, ValueError) as err:
-            return {"site": site, "phase": "train", "reason": f"malformed reply: {err}",
+            return {"site": site, "phase": "validate", "reason": f"malformed reply: {err}",
                     "code": "rejected-update"}
         bound = self._norm_bound(metrics, sum(math.prod(s) for s in expected.values()))
         problem: str | None

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from export.runtime import die_with_parent, flower_env, free_port, stop_process_tree
 from privacy import PrivacyLedger
@@ -149,6 +149,7 @@ class SiteAgent:
     epsilon_cap: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _audit: AuditLog | None = field(default=None, init=False)
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
@@ -179,7 +180,7 @@ class SiteAgent:
                 log.error("no node key at %s; run `fedward-site keygen --dir %s`",
                           paths.node_key, self.root)
             return 4
-        audit = AuditLog(paths.audit_log)
+        audit = self._audit = AuditLog(paths.audit_log)
         gate = SiteGate(site_name=config.name, policy_path=paths.policy,
                         approvals=ApprovalBook(paths.approvals), audit=audit)
         policy_state = _report_policy(gate, paths)
@@ -198,6 +199,7 @@ class SiteAgent:
             ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies, audit=audit,
             epsilon_cap=self.epsilon_cap, data_failure=data_failure, gate=gate,
             noise_secret=ensure_noise_secret(paths.keys / "noise.secret"),
+            data_dir=config.resolve(self.root, config.data_path).parent,
         )
         server = TrainerServer(path=paths.socket, trainer=trainer)
         server.start()
@@ -213,6 +215,10 @@ class SiteAgent:
                 stop_process_tree(self._proc)
             server.stop()
             _audit_or_log(audit, "agent-stopped", {"site": config.name})
+
+    def _record(self, action: str, detail: dict[str, Any]) -> None:
+        if self._audit is not None:
+            _audit_or_log(self._audit, action, detail)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop.set()
@@ -271,7 +277,8 @@ class SiteAgent:
         cmd += ["--isolation", "process"]
         executor = WarmExecutor(runtime_address=f"127.0.0.1:{runtime_port}",
                                 app=clientapp_module.app,
-                                per_task_process=config.executor == "subprocess")
+                                per_task_process=config.executor == "subprocess",
+                                audit=self._record)
         threading.Thread(target=executor.run, name="task-executor", daemon=True).start()
         log_fh: IO[bytes]
         log_path = paths.logs / "supernode.log"

@@ -1,22 +1,37 @@
 """The site's egress guard: what may leave the site, checked on every outgoing result.
 
-It runs inside the site agent at the point where a result is handed back to the relay, so
-it holds whatever the training code does. Only parameter arrays with exactly the shapes of
-the task's model and scalar metrics from the allow-list pass; anything else blocks the
-whole message.
+It runs inside the site agent at the point where a result is handed back to the relay
+(:func:`check_reply`, called by the trainer on every answer whatever produced it), so it
+holds whatever the training code does. Only parameter arrays with exactly the shapes of the
+task's model and scalar metrics from the allow-list pass, plus three fixed kinds of text
+that never carry data values: the data fingerprint (SHA-256 hex digests and row counts, in
+fixed formats), the admission answer "accepted", and an error reply's code and reason
+(written by the site agent itself). Anything else blocks the whole message.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from export.wire import ALLOWED_REPLY_METRICS
+from export.wire import ALLOWED_REPLY_METRICS, FINGERPRINT_KEYS, MSG
 
-__all__ = ["EgressReport", "EgressViolation", "check_outgoing"]
+__all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply"]
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_COUNT = re.compile(r"[0-9]{1,12}")
+# The exact format of each fingerprint field: nothing free-form can ride in it.
+_FINGERPRINT_FORMATS: dict[str, re.Pattern[str]] = {
+    "schema-hash": _HEX64, "content-sha256": _HEX64,
+    "n-rows": _COUNT, "n-train": _COUNT, "n-test": _COUNT,
+}
+assert set(_FINGERPRINT_FORMATS) == FINGERPRINT_KEYS
+_MAX_REASON = 4000
 
 
 class EgressViolation(Exception):
@@ -34,6 +49,7 @@ class EgressReport:
     n_bytes: int
     array_shapes: dict[str, list[int]]
     metric_names: list[str]
+    text_fields: list[str] = field(default_factory=list)   # e.g. "fingerprint.n-rows"
 
 
 def check_outgoing(
@@ -82,3 +98,70 @@ def check_outgoing(
         array_shapes={k: list(v.shape) for k, v in arrays.items() if isinstance(v, np.ndarray)},
         metric_names=sorted(metrics),
     )
+
+
+def _text_problems(reply: Mapping[str, Any]) -> tuple[list[str], list[str], int]:
+    """Problems with the reply's text parts, the text fields that leave, and their bytes."""
+    problems: list[str] = []
+    fields: list[str] = []
+    n_bytes = 0
+    unknown = sorted(set(reply) - {"metrics", "fingerprint", "status", "error"})
+    if unknown:
+        problems.append(f"reply parts not on the allow-list: {unknown}")
+    fingerprint = reply.get("fingerprint")
+    if fingerprint is not None:
+        if not isinstance(fingerprint, Mapping):
+            problems.append("the fingerprint is not a mapping")
+        else:
+            for key, value in fingerprint.items():
+                pattern = _FINGERPRINT_FORMATS.get(str(key))
+                if pattern is None:
+                    problems.append(f"fingerprint field {key!r} is not on the allow-list")
+                elif not isinstance(value, str) or not pattern.fullmatch(value):
+                    problems.append(f"fingerprint field {key!r} is not in its fixed format")
+                else:
+                    fields.append(f"fingerprint.{key}")
+                    n_bytes += len(value)
+    status = reply.get("status")
+    if status is not None:
+        if not isinstance(status, Mapping) or dict(status) != {MSG.STATUS: MSG.ACCEPTED}:
+            problems.append("the status part may only say that the run is accepted")
+        else:
+            fields.append("status")
+    error = reply.get("error")
+    if error is not None:
+        if (not isinstance(error, Mapping) or set(error) != {"code", "reason"}
+                or isinstance(error["code"], bool) or not isinstance(error["code"], int)
+                or not isinstance(error["reason"], str) or len(error["reason"]) > _MAX_REASON):
+            problems.append("an error reply carries only a code and a short reason")
+        else:
+            fields.append("error")
+            n_bytes += len(error["reason"])
+    return problems, fields, n_bytes
+
+
+def check_reply(*, reply: Mapping[str, Any], arrays: Mapping[str, object],
+                expected_shapes: Mapping[str, tuple[int, ...]]) -> EgressReport:
+    """Check a whole answer at the point it is handed back; raise :class:`EgressViolation`.
+
+    Args:
+        reply: the answer's header (``metrics``, ``fingerprint``, ``status`` or ``error``).
+        arrays: the arrays about to leave.
+        expected_shapes: the task model's array names and shapes.
+    """
+    problems, fields, text_bytes = _text_problems(reply)
+    metrics = reply.get("metrics", {})
+    if not isinstance(metrics, Mapping):
+        problems.append("the metrics part is not a mapping")
+        metrics = {}
+    if "error" in reply and (arrays or metrics):
+        problems.append("an error reply carries nothing else")
+    try:
+        report = check_outgoing(expected_shapes=expected_shapes, arrays=arrays, metrics=metrics)
+    except EgressViolation as err:
+        problems = [*err.problems, *problems]
+        report = None
+    if problems or report is None:
+        raise EgressViolation(problems)
+    return EgressReport(n_bytes=report.n_bytes + text_bytes, array_shapes=report.array_shapes,
+                        metric_names=report.metric_names, text_fields=sorted(fields))

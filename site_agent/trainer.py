@@ -48,7 +48,8 @@ from privacy import (
 )
 from site_agent.audit import AuditLogError
 from site_agent.data import SiteData
-from site_agent.egress import EgressViolation, check_outgoing
+from site_agent.diagnostics import failure_reason
+from site_agent.egress import EgressViolation, check_outgoing, check_reply
 from site_agent.ipc import IPCError, read_frame, write_frame
 from site_agent.policy import (
     Admission,
@@ -113,6 +114,8 @@ class WarmTrainer:
         gate: the site policy and local approvals, applied to every task before any data
             is touched. The site agent always installs one; None (no policy at all) is only
             for tests and tools that embed the trainer.
+        data_dir: the folder of the site's data file: a failure's message names paths in it
+            by the folder's name only (``site_agent.diagnostics``).
     """
 
     site_name: str
@@ -126,6 +129,11 @@ class WarmTrainer:
     data_failure: dict[str, Any] | None = None
     gate: SiteGate | None = None
     noise_secret: bytes = b""
+    data_dir: Path | None = None
+    # Where the task being handled is (policy, data, model, privacy, evaluate, train, egress):
+    # a failure names it. Tasks are handled one at a time (TrainerServer's lock).
+    _phase: str = field(default="policy", init=False, repr=False)
+    _shapes: dict[str, tuple[int, ...]] | None = field(default=None, init=False, repr=False)
     # run id -> the last admission answer written to the audit log (code, reason): the
     # coordinator asks a waiting site again every few seconds; only changes are recorded.
     _admission_answers: dict[str, tuple[int | None, str | None]] = field(
@@ -185,9 +193,14 @@ class WarmTrainer:
 
     def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Answer one task frame; refusals and failures become error answers."""
+        """Answer one task frame; refusals and failures become error answers.
+
+        Every answer passes the egress guard here, at the one point where it is handed back,
+        whatever produced it.
+        """
         try:
-            return self._handle(header, arrays)
+            reply, out = self._handle(header, arrays)
+            return self._hand_back(header, reply, out)
         except AuditLogError as err:
             # Nothing leaves the site without a record: fail closed.
             log.error("task refused: %s", err)
@@ -197,9 +210,36 @@ class WarmTrainer:
                            "`fedward-site audit verify` and `fedward-site doctor`"),
             }}, {}
 
+    def _model_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:
+            self._shapes = array_shapes(get_task(self.task).build(seed=0))
+        return self._shapes
+
+    def _hand_back(self, header: dict[str, Any], reply: dict[str, Any],
+                   out: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The egress guard on a whole answer: only model-shaped arrays (train answers),
+        allow-listed metrics and the fixed-format text parts leave."""
+        kind = str(header.get("kind", ""))
+        try:
+            check_reply(reply=reply, arrays=out,
+                        expected_shapes=self._model_shapes() if kind == "train" else {})
+        except EgressViolation as err:
+            config = header.get("config") if isinstance(header.get("config"), dict) else {}
+            assert isinstance(config, dict)
+            self.audit("egress-blocked", {"run": str(config.get(CFG.RUN_ID, "?")),
+                                          "round": config.get(CFG.ROUND), "kind": kind,
+                                          "problems": err.problems})
+            log.error("blocked an outgoing answer: %s", err)
+            return {"error": {"code": SiteErrorCode.EGRESS_BLOCKED, "reason": str(err)}}, {}
+        return reply, out
+
+    def _at(self, phase: str) -> None:
+        self._phase = phase
+
     def _handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         kind = str(header.get("kind", ""))
+        self._at("policy")
         config = header.get("config") if isinstance(header.get("config"), dict) else {}
         assert isinstance(config, dict)
         run_id = str(config.get(CFG.RUN_ID, "?"))
@@ -215,6 +255,7 @@ class WarmTrainer:
             # The site's policy comes first: a run it does not accept learns nothing else
             # about the site, and no data is touched.
             admission = self._admit(config)
+            self._at("data")
             if self.data is None or self.data_failure is not None:
                 raise TaskError(SiteErrorCode.REFUSED_DATA, self._data_failure_reason())
             if kind == "train":
@@ -232,10 +273,12 @@ class WarmTrainer:
             return {"error": {"code": SiteErrorCode.EGRESS_BLOCKED, "reason": str(err)}}, {}
         except Exception as err:
             log.exception("task failed")
-            # Exception text can quote data values: only the type leaves the site.
-            reason = f"task-failed: {type(err).__name__} during {kind or 'task'}"
+            # Exception text can quote data values: what leaves is the type, the phase and a
+            # scrubbed message (no quoted text, numbers or paths); the full text stays here.
+            reason = failure_reason(err, kind=kind, phase=self._phase, data_dir=self.data_dir)
             self.audit("task-failed", {"run": run_id, "round": round_number,
-                                       "error": type(err).__name__})
+                                       "error": type(err).__name__, "phase": self._phase,
+                                       "reason": reason})
             return {"error": {"code": SiteErrorCode.TASK_FAILED, "reason": reason}}, {}
 
     def _admission(self, config: dict[str, Any], run_id: str
@@ -363,7 +406,9 @@ class WarmTrainer:
             model_arrays_in, files = split_arrays(arrays)
         except ParityTaskError as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+        self._at("model")
         _model, shapes = self._model_for(config, model_arrays_in)
+        self._at("parity")
         metrics = evaluate_parity(task=self.task, model_arrays=model_arrays_in, files=files,
                                   features=self.data.test_x,
                                   workdir=self.replies_dir.parent / "run")
@@ -376,7 +421,9 @@ class WarmTrainer:
 
     def _evaluate_only(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        self._at("model")
         model, shapes = self._model_for(config, arrays)
+        self._at("evaluate")
         metrics = _finite_metrics(self._eval_metrics(model))
         report = check_outgoing(expected_shapes=shapes, arrays={}, metrics=metrics)
         self.audit("evaluated", {"run": str(config.get(CFG.RUN_ID)),
@@ -425,9 +472,11 @@ class WarmTrainer:
                 raise TaskError(SiteErrorCode.REFUSED_POLICY, err.reason) from None
             cap = admission.epsilon_cap if cap is None else min(cap, admission.epsilon_cap)
 
+        self._at("model")
         model, shapes = self._model_for(config, arrays)
 
         assert self.data is not None
+        self._at("privacy")
         # Only the number of training rows is read before the budget check.
         n_train = len(self.data.train_y)
         q, steps = self._sampling(batch=batch, epochs=local_epochs)
@@ -452,7 +501,9 @@ class WarmTrainer:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         self.audit("round-reserved", {"run": run_id, "round": round_number,
                                       "epsilon_after": projected})
+        self._at("evaluate")
         metrics = self._eval_metrics(model)
+        self._at("train")
         model.train()
         result = train_dp(
             model=model,
@@ -476,15 +527,17 @@ class WarmTrainer:
             "noise-multiplier": sigma,
             "train-seconds": result.seconds,
         })
+        self._at("egress")
         metrics = _finite_metrics(metrics)
         out = model_arrays(model)
-        report = check_outgoing(expected_shapes=shapes, arrays=out, metrics=metrics)
+        answer = {"metrics": metrics, "fingerprint": self._fingerprint()}
+        report = check_reply(reply=answer, arrays=out, expected_shapes=shapes)
         self.audit("round-trained", {
             "run": run_id, "round": round_number, "epsilon_spent": spent,
             "bytes_out": report.n_bytes, "array_shapes": report.array_shapes,
-            "metrics": report.metric_names,
+            "metrics": report.metric_names, "text": report.text_fields,
         })
-        reply = ({"metrics": metrics, "fingerprint": self._fingerprint()}, out)
+        reply = (answer, out)
         self._store_reply(run_id, round_number, incoming, reply)
         if round_number < total_rounds:
             self._warm(f"round {round_number + 1}",

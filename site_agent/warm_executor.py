@@ -23,7 +23,9 @@ import logging
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from flwr.app import Context, Error, Message
@@ -56,6 +58,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from export.runtime import die_with_parent, stop_process_tree, with_short_backoff
 from export.wire import APP_COMPONENTS, APP_PUBLISHER, SiteErrorCode
+from site_agent.diagnostics import failure_reason
 
 __all__ = ["UnknownBundleError", "WarmExecutor", "check_bundle"]
 
@@ -148,12 +151,15 @@ class WarmExecutor:
         runtime_address: the SuperNode's runtime API, ``127.0.0.1:PORT``.
         app: the ClientApp to run (the appliance's relay).
         poll_s: how often to ask for a task when idle.
+        per_task_process: run each task in its own process (``executor: subprocess``).
+        audit: records a refused app bundle in the site's audit log (action, detail).
     """
 
     runtime_address: str
     app: ClientApp
     poll_s: float = 0.05
     per_task_process: bool = False
+    audit: Callable[[str, dict[str, Any]], None] = field(default=lambda action, detail: None)
     stop: threading.Event = field(default_factory=threading.Event)
     tasks_done: int = 0
 
@@ -233,6 +239,8 @@ class WarmExecutor:
                 check_bundle(fab)
             except UnknownBundleError as err:
                 log.warning("refused a run: %s", err)
+                self.audit("bundle-refused", {"flwr_run": int(message.metadata.run_id),
+                                              "reason": str(err)})
                 reply = Message(Error(code=SiteErrorCode.REFUSED_POLICY,
                                       reason=f"refused-policy: {err}"), reply_to=message)
                 details = str(err)
@@ -241,7 +249,7 @@ class WarmExecutor:
                 status, details = SubStatus.COMPLETED, ""
         except Exception as err:
             log.exception("ClientApp task failed")
-            details = f"task-failed: {type(err).__name__}"
+            details = failure_reason(err, kind="task", phase="executor")
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       reason=details), reply_to=message)

@@ -376,7 +376,7 @@ def test_round_loop_aggregates_sound_updates_and_names_each_failed_site(
     assert json.loads(rounds[0].participating_sites_json) == ["hospital-a"]
     failed = {f["site"]: f for f in json.loads(rounds[0].failed_sites_json)}
     assert failed["hospital-b"] == {
-        "site": "hospital-b", "phase": "train", "code": "refused-budget",
+        "site": "hospital-b", "phase": "budget", "code": "refused-budget",
         "reason": "refused-budget: the round would spend 3.2 > 3.0"}
     assert failed["hospital-c"]["phase"] == "validate"
     assert failed["hospital-c"]["reason"] == "update rejected: array 'w' contains NaN or Inf"
@@ -405,13 +405,81 @@ def test_packed_replies_are_unpacked_and_a_packed_reply_of_the_wrong_size_is_rej
     assert json.loads(rnd.participating_sites_json) == ["hospital-a", "hospital-b"]
     failed = {f["site"]: f for f in json.loads(rnd.failed_sites_json)}
     assert failed["hospital-c"]["code"] == "rejected-update"
+    assert failed["hospital-c"]["phase"] == "validate"
     assert "packed model has 12 values, the layout 9" in failed["hospital-c"]["reason"]
+    rejected = audit_of(engine, "update.rejected")
+    assert [(subject, detail["phase"], detail["run_id"]) for _, subject, detail in rejected] \
+        == [("site:hospital-c", "validate", plan.run_id)]
     # The task went out as one array, with its layout; the sound replies were averaged.
     sent = grid.sent[0].content.array_records[TASK_ARRAYS]
     assert list(sent) == [PACKED]
     last = last_checkpoint(engine, plan.run_id)
     assert last is not None
     np.testing.assert_allclose(load_checkpoint(tmp_path / last[1])["b"], 10.0 + 3.25)
+
+
+def failing_site(msg: Message) -> Message:
+    """A site whose task raised while it evaluated the received model (the reason the site
+    agent writes, see site_agent.diagnostics)."""
+    return Message(Error(code=SiteErrorCode.TASK_FAILED,
+                         reason="task-failed: ValueError during train (phase evaluate): could "
+                                "not convert <text> to float\nTraceback ..."), reply_to=msg)
+
+
+def test_a_site_failure_is_shown_with_its_site_phase_exception_and_scrubbed_message(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan()
+    grid = SiteGrid({11: good_site(1.0), 12: failing_site, 13: good_site(2.0)},
+                    online=[11, 12, 13])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    (rnd,) = rounds_of(engine, plan.run_id)
+    (failed,) = json.loads(rnd.failed_sites_json)
+    assert failed == {"site": "hospital-b", "phase": "evaluate", "code": "task-failed",
+                      "reason": "task-failed: ValueError during train (phase evaluate): "
+                                "could not convert <text> to float"}
+    (event,) = audit_of(engine, "site.failed")
+    assert event[1] == "site:hospital-b" and event[2]["phase"] == "evaluate"
+
+
+@pytest.mark.parametrize(("code", "reason", "phase"), [
+    (SiteErrorCode.TASK_FAILED, "task-failed: OSError during train (phase privacy): x",
+     "privacy"),
+    (SiteErrorCode.TASK_FAILED, "task-failed: ValueError during train", "train"),
+    (SiteErrorCode.REFUSED_DATA, "refused-data-check: ...", "data"),
+    (SiteErrorCode.EGRESS_BLOCKED, "egress blocked: ...", "egress"),
+    (SiteErrorCode.PENDING_APPROVAL, "pending-approval: ...", "admission"),
+    (SiteErrorCode.TRAINER_UNAVAILABLE, "trainer-unavailable: ...", "agent"),
+    (0, "the node went offline", "engine"),
+    # Only a task failure names its own phase: a refusal cannot claim another.
+    (SiteErrorCode.REFUSED_POLICY, "refused-policy: (phase train)", "policy"),
+])
+def test_failure_phase_from_a_sites_error_reply(code: int, reason: str, phase: str) -> None:
+    from coordinator.server_app import failure_phase
+
+    assert failure_phase(code, reason) == phase
+
+
+@pytest.mark.parametrize(("aggregation", "expected"), [("median", 2.0), ("fedavg", 103 / 3),
+                                                        ("trimmed-mean", 2.0)])
+def test_the_runs_aggregation_is_the_one_the_round_loop_uses(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path, aggregation: str, expected: float
+) -> None:
+    # An outlier within the norm bound (max_update_norm set high): only the robust
+    # aggregations keep it out of the model.
+    plan = make_plan(aggregation=aggregation, max_update_norm=1e6)
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0), 13: good_site(100.0)},
+                    online=[11, 12, 13])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    last = last_checkpoint(engine, plan.run_id)
+    assert last is not None
+    np.testing.assert_allclose(load_checkpoint(tmp_path / last[1])["w"], expected, rtol=1e-6)
 
 
 def test_round_loop_fails_the_run_naming_late_and_offline_sites(
@@ -646,7 +714,7 @@ def test_after_the_wait_limit_training_starts_and_a_late_approval_joins_later_ro
     assert json.loads(rounds[0].participating_sites_json) == ["hospital-a"]
     (waiting,) = json.loads(rounds[0].failed_sites_json)
     assert (waiting["site"], waiting["phase"], waiting["code"]) == (
-        "hospital-b", "train", "pending-approval")
+        "hospital-b", "admission", "pending-approval")
     assert json.loads(rounds[1].participating_sites_json) == ["hospital-a", "hospital-b"]
     # The run's record: admitted while hospital-b still waited; it stopped waiting in round 2.
     events = audit_of(engine, "run.waiting", "run.admitted")

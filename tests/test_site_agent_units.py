@@ -418,21 +418,63 @@ def test_malformed_task_is_answered_with_bad_task(
     assert run is None or run.history == ()
 
 
-def test_exception_in_training_leaves_only_its_type_name(
+def test_exception_in_training_leaves_its_type_phase_and_a_scrubbed_message(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
+    data_dir = tmp_path / "hospital-data"
+
     def boom(**_: object) -> None:
-        raise ValueError("secret value 123.456")
+        raise ValueError(f"could not convert 'Jane Doe' to float: 123.456 in "
+                         f"{data_dir / 'patients.csv'} (see /etc/fedward/x.conf)")
 
     monkeypatch.setattr(trainer_module, "train_dp", boom)
     trainer, audit = make_trainer()
+    trainer.data_dir = data_dir
     reply, out = trainer.handle(train_header(1), global_arrays)
     code, reason = error_of(reply)
     assert code == SiteErrorCode.TASK_FAILED == 705 and out == {}
-    assert reason == "task-failed: ValueError during train"
-    assert "123.456" not in json.dumps(list(audit))
-    assert audit[-1] == ("task-failed", {"run": "run-1", "round": 1, "error": "ValueError"})
+    assert reason == ("task-failed: ValueError during train (phase train): could not convert "
+                      "<text> to float: <n> in <hospital-data> (see <path>)")
+    for secret in ("123.456", "Jane", "patients.csv", "/etc", str(tmp_path)):
+        assert secret not in json.dumps(list(audit)) and secret not in reason
+    assert audit[-1] == ("task-failed", {"run": "run-1", "round": 1, "error": "ValueError",
+                                         "phase": "train", "reason": reason})
+
+
+@pytest.mark.parametrize(("target", "phase"), [
+    ("_eval_metrics", "evaluate"), ("noise_multiplier_for_run", "privacy"),
+    ("set_model_arrays", "model"), ("model_arrays", "egress")])
+def test_a_failure_names_the_phase_it_happened_in(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch, target: str, phase: str,
+) -> None:
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError("failed")
+
+    trainer, _ = make_trainer()
+    if hasattr(trainer_module, target):
+        monkeypatch.setattr(trainer_module, target, boom)
+    else:
+        monkeypatch.setattr(trainer, target, boom)
+    fresh = {CFG.RUN_ID: f"run-{phase}", CFG.EPSILON: 2.47}   # nothing cached or opened
+    _, reason = error_of(trainer.handle(train_header(1, **fresh), global_arrays)[0])
+    assert reason == f"task-failed: RuntimeError during train (phase {phase}): failed"
+
+
+def test_scrub_keeps_the_shape_of_a_message_and_drops_values_and_paths() -> None:
+    from site_agent.diagnostics import MAX_MESSAGE, scrub
+
+    data = Path("/srv/site/data")
+    assert scrub("mat1 and mat2 shapes cannot be multiplied (64x30 and 31x16)") == \
+        "mat1 and mat2 shapes cannot be multiplied (<n> and <n>)"
+    assert scrub("[Errno 2] No such file or directory: '/srv/site/data/a b.csv'",
+                 data_dir=data) == "[Errno <n>] No such file or directory: <data>"
+    assert scrub("value -1.5e-3 at C:\\x\\y.csv, `rm` and \"x\"") == \
+        "value <n> at <path>, <text> and <text>"
+    assert scrub("float32 in fc1 failed\nTraceback: 42") == "float32 in fc1 failed"
+    assert len(scrub("a " * 500)) == MAX_MESSAGE
+    assert scrub("") == ""
 
 
 def test_leaky_training_output_is_blocked_by_the_egress_guard(
@@ -452,6 +494,61 @@ def test_leaky_training_output_is_blocked_by_the_egress_guard(
     assert "arrays not in the task's model: ['leak']" in reason
     assert audit[-1][0] == "egress-blocked"
     assert audit[-1][1]["problems"] == ["arrays not in the task's model: ['leak']"]
+
+
+@pytest.mark.parametrize("leak", ["metric", "fingerprint", "reply-part", "evaluate-arrays"])
+def test_every_kind_of_leak_is_blocked_where_the_answer_is_handed_back(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch, leak: str,
+) -> None:
+    trainer, audit = make_trainer()
+    kind = "evaluate" if leak == "evaluate-arrays" else "train"
+    if leak == "metric":
+        real_metrics = trainer_module._finite_metrics
+        monkeypatch.setattr(trainer_module, "_finite_metrics",
+                            lambda m: {**real_metrics(m), "mean-age": 61.0})
+        expected = "metric 'mean-age' is not on the allow-list"
+    elif leak == "fingerprint":
+        real_fp = trainer._fingerprint
+        monkeypatch.setattr(trainer, "_fingerprint",
+                            lambda: {**real_fp(), "n-rows": "Jane Doe, 1961-02-03"})
+        expected = "fingerprint field 'n-rows' is not in its fixed format"
+    else:
+        real_handle = trainer._handle
+
+        def leaky_handle(header: dict[str, Any], arrays: dict[str, np.ndarray]
+                         ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            reply, out = real_handle(header, arrays)
+            if leak == "reply-part":
+                return {**reply, "notes": "patient 17 is Jane Doe"}, out
+            return reply, {"net.0.weight": global_arrays["net.0.weight"]}
+
+        monkeypatch.setattr(trainer, "_handle", leaky_handle)
+        expected = ("reply parts not on the allow-list: ['notes']" if leak == "reply-part"
+                    else "arrays not in the task's model: ['net.0.weight']")
+    header = train_header(1) if kind == "train" else {"kind": "evaluate",
+                                                      "config": task_config()}
+    reply, out = trainer.handle(header, global_arrays)
+    code, reason = error_of(reply)
+    assert code == SiteErrorCode.EGRESS_BLOCKED and out == {}
+    assert expected in reason
+    assert audit[-1][0] == "egress-blocked" and expected in audit[-1][1]["problems"]
+    assert "Jane" not in json.dumps(list(audit))
+
+
+def test_what_left_the_site_in_a_round_includes_its_text_fields(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
+) -> None:
+    trainer, audit = make_trainer()
+    reply, out = trainer.handle(train_header(1), global_arrays)
+    assert "error" not in reply
+    trained = dict(audit)["round-trained"]
+    assert trained["text"] == ["fingerprint.content-sha256", "fingerprint.n-rows",
+                               "fingerprint.n-test", "fingerprint.n-train",
+                               "fingerprint.schema-hash"]
+    arrays_bytes = sum(a.nbytes for a in out.values())
+    text_bytes = sum(len(v) for v in reply["fingerprint"].values())
+    assert trained["bytes_out"] == arrays_bytes + 8 * len(reply["metrics"]) + text_bytes
 
 
 def test_evaluate_task_returns_metrics_only_and_charges_nothing(
