@@ -346,10 +346,16 @@ class SiteGateway:
                                             pki=self.config.pki)
                 if site.public_key not in (None, node_key.strip()):
                     raise EnrollmentError(f"site {site.name!r} already has another node key")
-                try:
-                    node_id = self.registrar(node_key.strip(), site.name)
-                except Exception as err:  # Flower's control API; the token stays unused
-                    raise _RegistrationFailed(type(err).__name__) from err
+                if site.public_key == node_key.strip() and site.flower_node_id:
+                    # Re-enrolling with the node key it has (a new TLS certificate, e.g.
+                    # after the coordinator rotated its CA): the SuperLink knows the key
+                    # already and would refuse to register it twice.
+                    node_id = site.flower_node_id
+                else:
+                    try:
+                        node_id = self.registrar(node_key.strip(), site.name)
+                    except Exception as err:  # Flower's control API; the token stays unused
+                        raise _RegistrationFailed(type(err).__name__) from err
                 site.public_key = node_key.strip()
                 site.flower_node_id = str(node_id)
                 site.status = "registered"

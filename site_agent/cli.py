@@ -125,6 +125,18 @@ def enroll(
             _fail(str(err))
     elif data is None or schema is None:
         _fail("this site is not configured yet: give --data and --schema too")
+    task: str | None = None
+    if existing is None:
+        # Checked before the token is spent: a typo here must not leave a site with a
+        # certificate but no configuration.
+        assert data is not None and schema is not None
+        if not data.expanduser().is_file():
+            _fail(f"no data file at {data}: give the path of the site's training CSV "
+                  "(nothing was sent to the coordinator; the token is still unused)")
+        try:
+            task = load_schema(schema.expanduser()).task
+        except (SchemaError, OSError) as err:
+            _fail(f"{err} (nothing was sent to the coordinator; the token is still unused)")
     try:
         name = do_enroll(root=root, gateway=gateway, token=token)
     except EnrollError as err:
@@ -133,13 +145,8 @@ def enroll(
         raw = {**existing.__dict__, "superlink": gateway, "ca_cert": "coordinator-ca.pem"}
         raw.pop("version", None)
         cfg = SiteConfig.from_dict(raw)
-        task = None
     else:
         assert data is not None and schema is not None
-        try:
-            task = load_schema(schema).task
-        except SchemaError as err:
-            _fail(str(err))
         cfg = SiteConfig.from_dict({
             "name": name, "superlink": gateway, "ca_cert": "coordinator-ca.pem",
             "data_path": str(data.expanduser().resolve()),

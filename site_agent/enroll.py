@@ -144,11 +144,11 @@ def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> st
     local = ensure_ca(files.local_pki, common_name=f"Fedward site-local CA ({parts.site})")
     if not local.server_cert.exists():
         issue_server_cert(local, hosts=("127.0.0.1",))
-    _atomic_write(files.site_cert, body["certificate_pem"].encode())  # last: now enrolled
-    (root / "enrollment.json").write_text(json.dumps(
+    _atomic_write(root / "enrollment.json", (json.dumps(
         {"site": body["site"], "gateway": gateway, "not_after": body["not_after"],
          "ca_sha256": hashlib.sha256(x509.load_pem_x509_certificate(ca_pem).public_bytes(
-             serialization.Encoding.DER)).hexdigest()}, indent=2) + "\n")
+             serialization.Encoding.DER)).hexdigest()}, indent=2) + "\n").encode())
+    _atomic_write(files.site_cert, body["certificate_pem"].encode())  # last: now enrolled
     return str(body["site"])
 
 

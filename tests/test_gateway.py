@@ -165,6 +165,28 @@ def test_no_path_trick_reaches_the_control_api(fed: Federation, tmp_path: Path,
     assert b"only the Flower fleet API" in reply
 
 
+def test_a_site_enrolls_again_with_its_node_key_for_a_new_certificate(
+        fed: Federation, tmp_path: Path) -> None:
+    """What a CA rotation asks of every site: a new token, a new TLS key and certificate,
+    the same Flower node key (which the SuperLink already knows and would not register
+    twice)."""
+    files = _enrolled(fed, "site-again", tmp_path)
+    before = fed.api("GET", "/sites/site-again").json()
+    node_key = (files.keys / "node_key.pub").read_text()
+    for old in (files.site_cert, files.site_key):
+        old.rename(old.with_name(old.name + ".old"))
+    assert enroll(root=files.root, gateway=fed.fleet, token=_token(fed, "site-again")) \
+        == "site-again"
+    after = fed.api("GET", "/sites/site-again").json()
+    assert after["status"] == "registered"
+    assert after["flower_node_id"] == before["flower_node_id"]
+    assert (files.keys / "node_key.pub").read_text() == node_key
+    assert files.site_cert.read_bytes() != (files.site_cert.with_name("site-tls.pem.old")
+                                            .read_bytes())
+    with _client(files, files.coordinator_ca) as c:
+        assert c.get(f"https://{fed.fleet}/health").status_code == 200
+
+
 def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
                                                               tmp_path: Path) -> None:
     token = _token(fed, "site-tok")

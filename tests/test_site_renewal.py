@@ -1,5 +1,6 @@
-"""A certificate renewal cut short never leaves the site with a key that does not match its
-certificate: the next start completes it or drops it."""
+"""Enrollment and renewal edges at the site: a renewal cut short never leaves the site with
+a key that does not match its certificate (the next start completes it or drops it); enroll
+refuses on an enrolled site and checks its own inputs before it spends a token."""
 
 from __future__ import annotations
 
@@ -161,3 +162,26 @@ def test_a_site_clock_an_hour_behind_is_named_as_the_likely_cause(
         thread.join(timeout=5)
         listener.close()
     assert problem is not None and "clock" in problem and "not yet valid" in problem
+
+
+@pytest.mark.parametrize("missing", ["data", "schema"])
+def test_enroll_checks_the_data_and_schema_paths_before_it_spends_the_token(
+        tmp_path: Path, missing: str) -> None:
+    from typer.testing import CliRunner
+
+    from site_agent.cli import app
+    from site_agent.datasets import write_demo_federation
+
+    demo = write_demo_federation(task="breast_cancer_mlp", out_dir=tmp_path / "demo",
+                                 n_sites=1).sites[0]
+    data = tmp_path / "nowhere.csv" if missing == "data" else demo.csv_path
+    schema = tmp_path / "nowhere.json" if missing == "schema" else demo.schema_path
+    root = tmp_path / "site"
+    # Nothing listens on port 9: had enroll contacted the coordinator, it would say so.
+    res = CliRunner().invoke(app, ["enroll", "--dir", str(root), "--gateway", "127.0.0.1:9",
+                                   "--token", "fw1.hospital-a.x.y", "--data", str(data),
+                                   "--schema", str(schema)])
+    assert res.exit_code != 0
+    said = " ".join(res.output.split())   # the console wraps long lines
+    assert "nowhere" in said and "the token is still unused" in said
+    assert not (root / "keys").exists() and not (root / "site.json").exists()
