@@ -6,6 +6,9 @@ only, with a server certificate from a CA that exists only at this site (made at
 and that the local SuperNode trusts; each connection it accepts is relayed byte for byte
 over a new TLS connection to the gateway that presents the site's certificate and verifies
 the gateway against the coordinator's CA. Nothing is parsed or changed in between.
+
+The site's certificate is read again whenever its file changes, so a certificate renewed
+with ``fedward-site renew`` is used from the next connection on, without a restart.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class SiteTunnel:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._client_ctx: ssl.SSLContext | None = None
+        self._open: set[asyncio.StreamWriter] = set()   # both ends of every relayed connection
+        self._client_stamp: tuple[int, ...] = ()
 
     @property
     def address(self) -> str:
@@ -54,6 +60,28 @@ class SiteTunnel:
         ctx = ssl.create_default_context(cafile=str(self.config.coordinator_ca))
         ctx.load_cert_chain(str(self.config.client_cert), str(self.config.client_key))
         return ctx
+
+    def _stamp(self) -> tuple[int, ...]:
+        cert, key = self.config.client_cert.stat(), self.config.client_key.stat()
+        return cert.st_mtime_ns, cert.st_size, key.st_mtime_ns, key.st_size
+
+    def client_context(self) -> ssl.SSLContext:
+        """The context for the next connection to the gateway: the site certificate as it
+        is on disk now (a renewed one from the next connection on). A pair that cannot be
+        loaded (a renewal half-written) leaves the last good context in use."""
+        try:
+            stamp = self._stamp()
+            if self._client_ctx is None or stamp != self._client_stamp:
+                ctx = self._client_ssl()
+                if self._client_ctx is not None:
+                    log.info("the site certificate changed on disk: using the new one")
+                self._client_ctx, self._client_stamp = ctx, stamp
+        except (OSError, ssl.SSLError) as err:
+            if self._client_ctx is None:
+                raise
+            log.warning("cannot load the site certificate again (%s); still using the "
+                        "previous one", err)
+        return self._client_ctx
 
     def _server_ssl(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -73,9 +101,9 @@ class SiteTunnel:
         self._loop = loop
         asyncio.set_event_loop(loop)
         try:
-            client_ctx = self._client_ssl()
+            self.client_context()
             server = loop.run_until_complete(asyncio.start_server(
-                lambda r, w: self._relay(r, w, client_ctx), "127.0.0.1", 0,
+                lambda r, w: self._relay(r, w, self.client_context()), "127.0.0.1", 0,
                 ssl=self._server_ssl()))
         except (OSError, ssl.SSLError) as err:
             self._error = err
@@ -86,20 +114,31 @@ class SiteTunnel:
         try:
             loop.run_forever()
         finally:
+            # Close what is still open (relays in flight) before the loop goes away.
             server.close()
+            for writer in list(self._open):
+                writer.close()
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(asyncio.sleep(0.05))   # transports finish closing
             loop.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      client_ctx: ssl.SSLContext) -> None:
         host, _, port = self.config.gateway.rpartition(":")
+        self._open.add(writer)
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(host, int(port), ssl=client_ctx,
                                         server_hostname=host), timeout=15)
         except (OSError, ssl.SSLError, TimeoutError) as err:
             log.warning("cannot reach the coordinator gateway %s: %s", self.config.gateway, err)
+            self._open.discard(writer)
             writer.close()
             return
+        self._open.add(up_writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -112,7 +151,11 @@ class SiteTunnel:
                 with contextlib.suppress(Exception):
                     dst.close()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            self._open.discard(writer)
+            self._open.discard(up_writer)
 
     def stop(self) -> None:
         if self._loop is not None:

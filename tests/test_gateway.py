@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import socket
+import sqlite3
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -269,15 +271,34 @@ def test_a_site_renews_its_certificate_before_expiry_without_a_token(
         fed: Federation, tmp_path: Path) -> None:
     from cryptography import x509
 
+    from site_agent.connect import open_route
     from site_agent.enroll import renew
 
     files = _enrolled(fed, "site-renew", tmp_path)
     old = x509.load_pem_x509_certificate(files.site_cert.read_bytes()).serial_number
-    renew(root=files.root, gateway=fed.fleet)
-    new = x509.load_pem_x509_certificate(files.site_cert.read_bytes()).serial_number
-    assert new != old
-    with _client(files, files.coordinator_ca) as c:
-        assert c.get(f"https://{fed.fleet}/health").status_code == 200
+    route = open_route(root=files.root, superlink=fed.fleet,   # a running agent's tunnel
+                       ca_cert=files.coordinator_ca)
+    assert route.tunnel is not None
+    try:
+        renew(root=files.root, gateway=fed.fleet)
+        new = x509.load_pem_x509_certificate(files.site_cert.read_bytes()).serial_number
+        assert new != old
+        with _client(files, files.coordinator_ca) as c:
+            assert c.get(f"https://{fed.fleet}/health").status_code == 200
+        # The running tunnel presents the renewed certificate from its next connection on:
+        # with the old one revoked, it still gets through.
+        db = sqlite3.connect(fed.home / "coordinator.db")
+        db.execute("UPDATE site_certificates SET revoked_at = ?, revoke_reason = 'test' "
+                   "WHERE serial = ?", (dt.datetime.now(dt.UTC).isoformat(), format(old, "x")))
+        db.commit()
+        db.close()
+        time.sleep(2.5)     # the gateway's identity cache
+        local = httpx.Client(verify=ssl.create_default_context(
+            cafile=str(route.root_certificates)), timeout=10)
+        with local:
+            assert local.get(f"https://{route.superlink}/health").status_code == 200
+    finally:
+        route.tunnel.stop()
     events = fed.api("GET", "/audit?limit=500").json()
     items = events["items"] if isinstance(events, dict) else events
     assert any(e["action"] == "site.cert_renewed" and e["subject"] == "site-renew"
