@@ -13,13 +13,16 @@ The Flower boundary is injected: a :class:`RunLauncher` starts a run on the Supe
 :class:`NodeRegistrar` registers a site's SuperNode key with it. Without them the routes
 that need them answer 503.
 
-Validation errors (422) keep FastAPI's ``detail`` list and add ``message``, one
-``"{field}: {why}"`` per problem, for people and scripts that just print it.
+Validation errors (422) keep FastAPI's ``detail`` list (without the submitted values: an
+answer never echoes what was sent) and add ``message``, one ``"{field}: {why}"`` per
+problem, for people and scripts that just print it. A request body over
+:data:`MAX_BODY_BYTES` is refused with 413 before it is read further.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 from collections.abc import Sequence
@@ -30,13 +33,16 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine, func, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator.audit import append_event, verify_chain
 from coordinator.db import SessionDep
@@ -83,10 +89,12 @@ from coordinator.settings import Settings
 __all__ = [
     "API_PREFIX",
     "AUDIT_ROLES",
+    "MAX_BODY_BYTES",
     "MIN_PASSWORD_LENGTH",
     "SESSION_TTL",
     "USER_ADMIN_ROLES",
     "WRITE_ROLES",
+    "BodySizeLimit",
     "CurrentUser",
     "NodeRegistrar",
     "RunLauncher",
@@ -109,6 +117,10 @@ USER_ADMIN_ROLES: Final = frozenset({"admin"})
 SESSION_TTL: Final = timedelta(hours=12)
 MIN_PASSWORD_LENGTH: Final = 12
 MAX_PASSWORD_LENGTH: Final = 1024
+# Every request body of this API is a small JSON document (its largest fields, a node key
+# or an intended use, are a few KiB) or the portal's login form; nothing is uploaded. 1 MiB
+# leaves room to spare and keeps a single request from holding much memory.
+MAX_BODY_BYTES: Final = 1024 * 1024
 _USER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _LOC_PREFIXES: Final = frozenset({"body", "query", "path", "header", "cookie"})
 
@@ -402,21 +414,84 @@ def _field_name(loc: Sequence[Any]) -> str:
     return ".".join(parts) or "body"
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+def _json_error(error: dict[str, Any], document: Any) -> dict[str, Any]:
+    """FastAPI's "JSON decode error" (``loc`` ends in a character offset) said plainly."""
+    loc = error.get("loc", ())
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+    doc = document if isinstance(document, str) else ""
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - (doc.rfind("\n", 0, pos) + 1) + 1
+    why = (error.get("ctx") or {}).get("error", "")
+    return {"type": "json_invalid", "loc": ["body"],
+            "msg": f"the request body is not valid JSON (line {line}, column {column}): {why}"}
+
+
+def _not_an_object(error: dict[str, Any], request: Request) -> dict[str, Any] | None:
+    """The body as a whole is missing or not a JSON object: say so, and how to send one."""
+    kind = error.get("type")
+    if (tuple(error.get("loc", ())) != ("body",)
+            or kind not in ("missing", "model_attributes_type", "dict_type")):
+        return None
+    if kind == "missing":
+        why = "the request body is missing: send a JSON object"
+    elif "json" in request.headers.get("content-type", "").lower():
+        why = "the request body must be a JSON object ({...})"
+    else:  # FastAPI hands a body not sent as JSON to the model as raw bytes
+        why = "the request body must be a JSON object sent with 'Content-Type: application/json'"
+    return {"type": kind, "loc": ["body"], "msg": why}
+
+
+def _public_error(error: dict[str, Any]) -> dict[str, Any]:
+    # Never echo ``input``: a 50 MB field would come back as a 50 MB answer, and a password
+    # sent in the wrong field would be written back. ``ctx`` keeps only plain values (limits
+    # like ``max_length``); the reason is in ``msg`` anyway.
+    out: dict[str, Any] = {"type": error.get("type", ""), "loc": list(error.get("loc", ())),
+                           "msg": error.get("msg", "")}
+    ctx = {k: v for k, v in (error.get("ctx") or {}).items()
+           if isinstance(v, (str, int, float, bool)) or v is None}
+    if ctx:
+        out["ctx"] = ctx
+    return out
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    message = "; ".join(f"{_field_name(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
+    errors: list[dict[str, Any]] = []
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            errors.append(_json_error(error, exc.body))
+        else:
+            errors.append(_not_an_object(error, request) or _public_error(error))
+    message = "; ".join(f"{_field_name(e['loc'])}: {e['msg']}" for e in errors)
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={"detail": jsonable_encoder(errors), "message": message},
     )
 
 
-def _field_error(field: str, message: str, value: Any = None) -> NoReturn:
+_UNREADABLE_BODY: Final = "There was an error parsing the body"  # FastAPI's words
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # FastAPI answers 400 with only _UNREADABLE_BODY when reading a JSON body fails other
+    # than by a syntax error; the cause (chained) says what was wrong with it.
+    assert isinstance(exc, StarletteHTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and exc.detail == _UNREADABLE_BODY and cause is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            why = "it is not UTF-8 text"
+        elif isinstance(cause, ValueError) and "digits" in str(cause):
+            why = "a number in it has more than 4300 digits"
+        else:
+            why = type(cause).__name__
+        exc = StarletteHTTPException(400, f"the request body is not valid JSON: {why}",
+                                     headers=exc.headers)
+    return await http_exception_handler(request, exc)
+
+
+def _field_error(field: str, message: str) -> NoReturn:
     """Reject a request body field after parsing, in the same shape as FastAPI's own 422."""
-    raise RequestValidationError(
-        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}]
-    )
+    raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message}])
 
 
 def _not_found(what: str) -> NoReturn:
@@ -514,14 +589,14 @@ def create_user_route(body: UserCreate, session: SessionDep, user: CurrentUser) 
     """Create a user (admin only); the answer holds its API token, shown only this once."""
     _require(user, USER_ADMIN_ROLES)
     if body.role not in ROLES:
-        _field_error("role", f"unknown role; roles: {', '.join(sorted(ROLES))}", body.role)
+        _field_error("role", f"unknown role; roles: {', '.join(sorted(ROLES))}")
     if session.exec(select(User).where(User.name == body.name)).first() is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"user {body.name!r} already exists")
     try:
         new, token = create_user(session, name=body.name, role=body.role, actor=user.name,
                                  password=body.password)
     except ValueError as err:
-        _field_error("name", str(err), body.name)
+        _field_error("name", str(err))
     session.commit()
     return UserCreated(user=UserPublic.of(new), token=token)
 
@@ -762,11 +837,11 @@ def _resolve_sites(session: Session, body: RunCreate) -> list[str]:
     found = {s.name: s for s in session.exec(select(Site).where(col(Site.name).in_(body.sites)))}
     unknown = [n for n in body.sites if n not in found]
     if unknown:
-        _field_error("sites", f"unknown site(s): {', '.join(unknown)}", body.sites)
+        _field_error("sites", f"unknown site(s): {', '.join(unknown)}")
     unregistered = [f"{n} ({found[n].status})" for n in body.sites
                     if found[n].status != "registered"]
     if unregistered:
-        _field_error("sites", f"site(s) not registered: {', '.join(unregistered)}", body.sites)
+        _field_error("sites", f"site(s) not registered: {', '.join(unregistered)}")
     return list(body.sites)
 
 
@@ -792,14 +867,13 @@ def launch_run(
                             "run launching is not configured on this coordinator")
     project = session.exec(select(Project).where(Project.name == body.project)).first()
     if project is None:
-        _field_error("project", f"unknown project {body.project!r}", body.project)
+        _field_error("project", f"unknown project {body.project!r}")
     sites = _resolve_sites(session, body)
     if body.min_sites > len(sites):
         _field_error(
             "min_sites",
             f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
             f"will take part ({', '.join(sites) or 'none'})",
-            body.min_sites,
         )
     from export.tasks import TASKS  # torch-heavy; see RunCreate._known_task
 
@@ -967,6 +1041,88 @@ async def _out_of_range(_request: Request, _exc: Exception) -> JSONResponse:
         "message": message})
 
 
+def _too_large_reason(limit: int) -> str:
+    size = f"{limit // (1024 * 1024)} MiB" if limit % (1024 * 1024) == 0 else f"{limit} bytes"
+    return (f"request body too large: this API accepts at most {size} ({limit} bytes) per "
+            "request. Its requests are small JSON documents; check what is being sent (a "
+            "file or a data set does not belong in an API request)")
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a streamed body passes the limit.
+
+    An ``HTTPException`` so that FastAPI, which turns any other error while reading a body
+    into "There was an error parsing the body", passes it on to its handler as a 413.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status.HTTP_413_CONTENT_TOO_LARGE, _too_large_reason(limit),
+                         headers={"Connection": "close"})
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 and a reason.
+
+    A ``Content-Length`` over the limit is refused before any of the body is read; a body
+    without one (chunked) is counted as it arrives and refused once it passes the limit, so
+    at most the limit plus one chunk is ever held. The answer says ``Connection: close``: the
+    server then stops reading the rest rather than receiving it only to discard it.
+
+    Args:
+        app: The application to protect.
+        max_bytes: The largest body accepted.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        lengths = [v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"]
+        if any(not v.strip().isdigit() for v in lengths):
+            await _send_json(send, status.HTTP_400_BAD_REQUEST,
+                             "the Content-Length header is not a whole number of bytes")
+            return
+        if any(int(v) > self.max_bytes for v in lengths):
+            await _send_json(send, status.HTTP_413_CONTENT_TOO_LARGE,
+                             _too_large_reason(self.max_bytes))
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except _BodyTooLarge as exc:  # read outside FastAPI's handlers (e.g. a mounted app)
+            if started:
+                raise
+            await _send_json(send, exc.status_code, str(exc.detail))
+
+
+async def _send_json(send: Send, code: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": code, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(
     *,
     settings: Settings,
@@ -1008,7 +1164,9 @@ def create_app(
     app.state.registrar = registrar
     app.state.site_parity = site_parity
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OverflowError, _out_of_range)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.include_router(router)
     app.include_router(release_router)
     app.include_router(portal_router)

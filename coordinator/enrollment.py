@@ -1,6 +1,6 @@
 """Site enrollment: one-time tokens, certificate issuance, renewal and revocation.
 
-A token is ``fw1.<site>.<secret>.<ca-fingerprint-prefix>``. It carries nothing secret
+A token is ``fw1.<site>.<secret>.<ca-fingerprint-prefix>.<check>``. It carries nothing secret
 beyond the random part, which the coordinator stores only as a SHA-256. The CA fingerprint
 prefix lets a site pin the coordinator's CA on first contact (as kubeadm's discovery hash
 does), so a token typed into the wrong host cannot be used to impersonate the coordinator.
@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from coordinator.audit import append_event
 from coordinator.models import EnrollmentToken, Site, SiteCertificate, utcnow
 from coordinator.pki import CAFiles, IssuedCert, ca_fingerprint, issue_site_cert
-from export.wire import TokenFormatError, parse_enrollment_token
+from export.wire import TokenFormatError, format_enrollment_token, parse_enrollment_token
 
 __all__ = [
     "TOKEN_TTL",
@@ -52,7 +52,8 @@ def create_token(session: Session, *, site: Site, pki: CAFiles, actor: str,
                                 expires_at=expires))
     append_event(session, actor=actor, action="site.enrollment_token", subject=site.name,
                  detail={"expires_at": expires.isoformat()})
-    return f"fw1.{site.name}.{secret}.{ca_fingerprint(pki)[:32]}", expires
+    return format_enrollment_token(site=site.name, secret=secret,
+                                   ca_pin=ca_fingerprint(pki)[:32]), expires
 
 
 def redeem_token(session: Session, *, token: str, csr_pem: bytes, pki: CAFiles

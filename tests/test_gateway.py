@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from export.certs import ensure_ca, make_csr, write_private_key
 from export.runtime import descendants
-from export.wire import parse_enrollment_token
+from export.wire import format_enrollment_token, parse_enrollment_token
 from site_agent.enroll import EnrollError, EnrollmentFiles, enroll
 from site_agent.keys import ensure_node_key
 
@@ -197,8 +197,22 @@ def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
         enroll(root=tmp_path / "two", gateway=fed.fleet, token=token)
     with pytest.raises(EnrollError, match="not a Fedward enrollment token"):
         enroll(root=tmp_path / "three", gateway=fed.fleet, token=token[:-3] + " x")
+    # One character of the secret or of the pin mistyped: a typo, said before anything is
+    # sent, not "unknown token" or "wrong coordinator".
+    fresh = _token(fed, "site-typo")
+    parts = parse_enrollment_token(fresh)
+    for typo in (fresh.replace(parts.secret, parts.secret[:5] + ("A" if parts.secret[5] != "A"
+                                                                   else "B") + parts.secret[6:]),
+                 fresh.replace(parts.ca_pin, ("1" if parts.ca_pin[0] != "1" else "2")
+                               + parts.ca_pin[1:])):
+        with pytest.raises(EnrollError, match="has a typo"):
+            enroll(root=tmp_path / "typo", gateway=fed.fleet, token=typo)
+    assert not (tmp_path / "typo").exists()
+    assert enroll(root=tmp_path / "typo-fixed", gateway=fed.fleet, token=fresh) == "site-typo"
+    # A well-formed token made for another CA: the coordinator reached is not the one that
+    # issued it (wrong address, or a CA rotated since).
     parts = parse_enrollment_token(_token(fed, "site-pin"))
-    wrong_pin = f"fw1.{parts.site}.{parts.secret}.{'0' * 32}"
+    wrong_pin = format_enrollment_token(site=parts.site, secret=parts.secret, ca_pin="0" * 32)
     with pytest.raises(EnrollError, match="does not match your token"):
         enroll(root=tmp_path / "four", gateway=fed.fleet, token=wrong_pin)
     # Nothing half-written: no certificate, so the site is simply not enrolled.

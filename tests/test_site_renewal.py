@@ -108,7 +108,7 @@ def test_enroll_on_an_enrolled_site_says_so_and_changes_nothing(
 
     files, old_cert, _, _ = site
     res = CliRunner().invoke(app, ["enroll", "--dir", str(files.root), "--gateway",
-                                   "127.0.0.1:9", "--token", "fw1.hospital-a.x.y"])
+                                   "127.0.0.1:9", "--token", "fw1.hospital-a.x.y.z"])
     assert res.exit_code != 0
     assert "enrolled already" in res.output and "fedward-site renew" in res.output
     assert files.site_cert.read_bytes() == old_cert
@@ -179,7 +179,7 @@ def test_enroll_checks_the_data_and_schema_paths_before_it_spends_the_token(
     root = tmp_path / "site"
     # Nothing listens on port 9: had enroll contacted the coordinator, it would say so.
     res = CliRunner().invoke(app, ["enroll", "--dir", str(root), "--gateway", "127.0.0.1:9",
-                                   "--token", "fw1.hospital-a.x.y", "--data", str(data),
+                                   "--token", "fw1.hospital-a.x.y.z", "--data", str(data),
                                    "--schema", str(schema)])
     assert res.exit_code != 0
     said = " ".join(res.output.split())   # the console wraps long lines

@@ -2,7 +2,7 @@
 # One-shot job (compose services issue-token-X), run as the image's non-root user, on the
 # `central` network once the coordinator is healthy. What the coordinator team does once per
 # site: `fedward-coordinator enroll-token $SITE_NAME` adds the site if it is new and issues
-# its one-time enrollment token (`fw1.<site>.<secret>.<CA pin>`, valid 24 h), with the admin
+# its one-time enrollment token (`fw1.<site>.<secret>.<CA pin>.<check>`, valid 24 h), with the admin
 # token that coordinator-init wrote (coordinator volume, mounted read-only).
 #
 # The token goes to /var/lib/fedward-exchange/enrollment.token, mode 0600, in a volume
