@@ -28,7 +28,7 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Request, Response
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
@@ -37,6 +37,7 @@ from coordinator.api import API_PREFIX, CurrentUser, require_role
 from coordinator.audit import append_event
 from coordinator.db import SessionDep
 from coordinator.models import Checkpoint, Project, Release, ReleaseCandidate, Run
+from coordinator.schemas import _Request
 from coordinator.settings import Settings
 
 __all__ = [
@@ -86,8 +87,6 @@ def _engine(request: Request) -> Engine:
 # --- bodies ------------------------------------------------------------------------------
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class CandidateCreate(_Request):

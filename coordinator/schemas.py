@@ -49,7 +49,10 @@ ProjectName = Annotated[str, StringConstraints(pattern=PROJECT_NAME_PATTERN)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """A request body: unknown fields, NaN/Inf and wrong JSON types (``true`` or ``"5"``
+    for a number) are refused with a 422 that names the field, not coerced."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # --- users -------------------------------------------------------------------------------

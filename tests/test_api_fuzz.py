@@ -301,7 +301,14 @@ def test_wrong_types_are_named_with_what_was_expected(
         app_and_token: tuple[FastAPI, str]) -> None:
     r = _post_run(*app_and_token, rounds="lots-of-rounds", epsilon=[1])
     assert r.status_code == 422
-    assert _reason(r) == ("rounds: Input should be a valid integer, unable to parse string "
-                          "as an integer; epsilon: Input should be a valid number")
+    assert _reason(r) == ("rounds: Input should be a valid integer; "
+                          "epsilon: Input should be a valid number")
     assert "lots-of-rounds" not in r.text and not _echoes_input(r)
     assert [e["loc"] for e in r.json()["detail"]] == [["body", "rounds"], ["body", "epsilon"]]
+    # Nothing is coerced: a number in a string, or true for a number, is a wrong type too.
+    r = _post_run(*app_and_token, rounds="5", epsilon=True)
+    assert r.status_code == 422
+    assert _reason(r) == ("rounds: Input should be a valid integer; "
+                          "epsilon: Input should be a valid number")
+    # An integer where a number is expected is a number.
+    assert _post_run(*app_and_token, epsilon=3).status_code != 422
