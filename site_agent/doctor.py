@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import importlib.metadata
+import json
 import re
 import shutil
 import ssl
@@ -309,13 +310,19 @@ def check_registration(paths: SitePaths, *, config_name: str | None = None,
             fingerprint = (" (fingerprint " + public_key_fingerprint(
                 paths.node_public_key.read_text().strip()) + ")")
         site = config_name or "SITE-NAME"
+        if paths.site_cert.exists():   # enrolled: the key was registered at enrollment
+            ask = (f"ask the coordinator team to check `fedward-coordinator sites` for {site} "
+                   f"and compare its node key with {paths.node_public_key}{fingerprint} by "
+                   "phone; if the site is not registered any more, they send a new token "
+                   "and you enroll again (keep keys/node_key)")
+        else:
+            ask = (f"send {paths.node_public_key}{fingerprint} to the coordinator team and "
+                   f"ask them to run `fedward-coordinator add-site {site} --node-key "
+                   "node_key.pub`; compare the fingerprint by phone")
         message = (f"the coordinator refused this site's node key (SuperNode exit code 305, "
-                   f"{when}): the key is not registered. Send {paths.node_public_key}"
-                   f"{fingerprint} to the coordinator team and ask them to run "
-                   f"`fedward-coordinator add-site {site} --node-key node_key.pub`; compare "
-                   "the fingerprint by phone. (Right after an agent restart this can also "
-                   "mean the coordinator still sees the node as active: the agent retries "
-                   "after its back-off.)")
+                   f"{when}): the key is not registered. {ask}. (Right after an agent "
+                   "restart this can also mean the coordinator still sees the node as "
+                   "active: the agent retries after its back-off.)")
         return Check(name, "fail" if age_s <= RECENT_LOG_S else "warn", message)
     help_text = SUPERNODE_EXIT_HELP.get(code, "see the SuperNode log")
     return Check(name, "warn", f"the SuperNode last exited with code {code} ({when}): "
@@ -436,6 +443,50 @@ def check_reachability(address: str, ca_cert: Path, *, timeout: float = 3.0) -> 
                  "team)")
 
 
+def check_gateway_identity(address: str, ca_cert: Path, client_cert: tuple[Path, Path], *,
+                           timeout: float = 3.0) -> Check:
+    """The gateway accepts this site's certificate: one ``GET /health`` presenting it.
+
+    The gateway answers 403 with its reason for a revoked certificate, a site it does not
+    know as registered, or no certificate; that reason is what the check reports.
+    """
+    name = "gateway accepts this site"
+    host, port = _split_address(address)
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_cert))
+        ctx.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+    except (OSError, ssl.SSLError) as err:
+        return Check(name, "fail", f"cannot load the site's TLS files ({err}): restore keys/ "
+                     "from backup, or enroll again with a new token")
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
+    try:
+        conn.request("GET", "/health", headers={"User-Agent": "fedward-site-doctor"})
+        response = conn.getresponse()
+        body = response.read(64 * 1024)
+        status = response.status
+    except (OSError, http.client.HTTPException) as err:
+        return _skip(name, f"no answer from {address} ({type(err).__name__}; see "
+                     "'coordinator reachable')")
+    finally:
+        conn.close()
+    if status == 200:
+        return Check(name, "ok", "the gateway accepts this site's certificate")
+    try:
+        detail = str(json.loads(body).get("detail", ""))
+    except (ValueError, AttributeError):
+        detail = ""
+    detail = detail or f"HTTP {status}"
+    if "revoked" in detail:
+        fix = ("the coordinator team revoked this site; it can come back only under a new "
+               "name: ask them for a token, move keys/ aside and enroll again")
+    elif "not registered" in detail:
+        fix = ("ask the coordinator team to check `fedward-coordinator sites`; if the site is "
+               "not listed as registered, they send a new token and you enroll again")
+    else:
+        fix = "if the coordinator rotated its CA, enroll again with a new token"
+    return Check(name, "fail", f"the gateway refuses this site: {detail}. {fix}")
+
+
 # -- all together ------------------------------------------------------------------------
 
 
@@ -466,6 +517,9 @@ def run_doctor(root: Path, *, timeout: float = 3.0) -> list[Check]:
             checks.append(check_clock_skew(cfg.superlink, ca, client_cert=client,
                                            timeout=timeout))
             checks.append(check_reachability(cfg.superlink, ca, timeout=timeout))
+            if client is not None:
+                checks.append(check_gateway_identity(cfg.superlink, ca, client,
+                                                     timeout=timeout))
     checks.append(check_registration(paths, config_name=cfg.name if cfg else None))
     checks.append(check_disk(root))
     checks.append(check_packages())

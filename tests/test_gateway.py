@@ -96,13 +96,22 @@ def test_no_certificate_or_another_ca_is_refused(fed: Federation, tmp_path: Path
 
 
 def test_revoked_site_is_refused_at_once(fed: Federation, tmp_path: Path) -> None:
+    from site_agent.doctor import check_gateway_identity
+
     files = _enrolled(fed, "site-rev", tmp_path)
+    pair = (files.site_cert, files.site_key)
+    assert check_gateway_identity(fed.fleet, files.coordinator_ca, pair).status == "ok"
     with _client(files, files.coordinator_ca) as c:
         assert c.get(f"https://{fed.fleet}/health").status_code == 200
         r = fed.api("POST", "/sites/site-rev/revoke", {"reason": "laptop stolen"})
         assert r.status_code == 200, r.text
         r = c.get(f"https://{fed.fleet}/health")
         assert r.status_code == 403 and "revoked" in r.text
+    # What the site's IT sees from `fedward-site doctor`.
+    check = check_gateway_identity(fed.fleet, files.coordinator_ca, pair)
+    assert check.status == "fail"
+    assert "the certificate of site 'site-rev' is revoked" in check.message
+    assert "new name" in check.message
     events = fed.api("GET", "/audit").json()
     items = events["items"] if isinstance(events, dict) else events
     assert any(e["action"] == "site.revoked" and "laptop stolen" in str(e["detail"])

@@ -290,6 +290,11 @@ def test_registration_refused_says_what_to_send(tmp_path: Path) -> None:
     assert "the key is not registered" in check.message
     assert "fedward-coordinator add-site hospital-a --node-key node_key.pub" in check.message
     assert "fingerprint SHA256:" in check.message
+    # An enrolled site registered its key at enrollment: add-site is not its remedy.
+    paths.site_cert.write_text("enrolled")
+    check = doctor.check_registration(paths, config_name="hospital-a")
+    assert "fedward-coordinator sites" in check.message and "add-site" not in check.message
+    paths.site_cert.unlink()
     write_log(paths, "Exit Code: 305\n", age_s=3 * 3600)
     assert doctor.check_registration(paths).status == "warn"
     write_log(paths, "Exit Code: 305\nINFO SuperNode ID: 123456\nINFO [RUN 4]\n")
