@@ -69,9 +69,22 @@ def test_enrolled_site_reaches_the_fleet_api_and_nothing_else(fed: Federation,
             r = c.post(f"https://{fed.fleet}{path}", content=b"")
             assert r.status_code == 403, (path, r.text)
             assert "only the Flower fleet API" in r.text
-    # The private keys never left: only the site has them, the coordinator has none.
-    assert files.site_key.exists()
-    assert not list(fed.home.rglob("site-tls.key"))
+    # The private keys never left: no file the coordinator keeps (database, logs, PKI)
+    # holds the site's TLS key or its node key, in PEM or as the raw private number.
+    from cryptography.hazmat.primitives import serialization
+
+    secrets_: list[bytes] = []
+    for key in (serialization.load_pem_private_key(files.site_key.read_bytes(), None),
+                serialization.load_ssh_private_key((files.keys / "node_key").read_bytes(),
+                                                   None)):
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        scalar = key.private_numbers().private_value.to_bytes((key.key_size + 7) // 8, "big")
+        secrets_ += [scalar, scalar.hex().encode(), base64.b64encode(scalar)[:40]]
+    kept = [p for p in fed.home.rglob("*") if p.is_file()]
+    assert any(p.name == "coordinator.db" for p in kept)
+    for path in kept:
+        content = path.read_bytes()
+        assert not any(secret in content for secret in secrets_), path
 
 
 def test_no_certificate_or_another_ca_is_refused(fed: Federation, tmp_path: Path) -> None:
