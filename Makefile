@@ -31,7 +31,13 @@ unit: install
 
 test: lint typecheck unit
 
-bench: install
+# Benchmark 2 needs Ray: the `bench` extra (flwr[simulation]), installed once on top of dev.
+BENCH_STAMP := $(VENV)/.fedward-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -1,8 +1,11 @@
-"""Shared helpers of the benchmarks 2-7: machine facts, medians, results files, memory.
+"""Shared helpers of the benchmarks 1-7: machine facts, provenance, medians, results files,
+memory.
 
 Every benchmark writes ``bench/results/<name>.json`` (all raw figures) and
 ``bench/results/<name>.md`` (the table that goes into ``docs/benchmarks.md``), prints the
-table, and states in both how far its repetitions were scaled down.
+table, and states in both how far its repetitions were scaled down. Both files carry the
+provenance (:func:`provenance`): the git commit measured, whether the working tree differed
+from it, and the machine's 1-minute load average when the benchmark started and ended.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -34,6 +38,83 @@ QUIET_ENV = {
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
 }
 os.environ.update(QUIET_ENV)
+
+# When this benchmark started: the first import of this module, or mark_start().
+_START: dict[str, Any] = {}
+
+
+def mark_start() -> None:
+    """Record the start of a benchmark: clocks, the load average and the git state.
+
+    Called when this module is first imported (a benchmark script imports it at its top), so
+    a script needs to call it only to restart the clock.
+    """
+    _START.update(started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), t0=time.monotonic(),
+                  load_1min=round(os.getloadavg()[0], 2), git=git_state())
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark measured and whether the working tree differed from it.
+
+    ``dirty`` counts changed and untracked files anywhere in the checkout except
+    ``bench/results/`` (the benchmarks' own output); ``dirty_paths`` names up to 30 of them
+    so that a reader can judge whether they touch what was measured.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+
+    try:
+        short = git("rev-parse", "--short", "HEAD").strip()
+        full = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=all")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "commit_full": None, "dirty": None, "dirty_paths": [],
+                "note": "not a git checkout (or git missing)"}
+    paths = [line[3:] for line in status.splitlines()
+             if not line[3:].startswith("bench/results/")]
+    return {"commit": short, "commit_full": full, "dirty": bool(paths),
+            "dirty_files": len(paths), "dirty_paths": paths[:30]}
+
+
+mark_start()
+
+
+def provenance() -> dict[str, Any]:
+    """Commit, dirty flag and the 1-minute load average at this benchmark's start and now.
+
+    ``commit``, ``dirty`` and ``dirty_paths`` are read when the benchmark started (the code a
+    benchmark imports is the code it measures); ``commit_at_end`` says where HEAD was when it
+    finished, and ``commit_changed_during_run`` whether someone committed in between.
+    """
+    start, end = dict(_START["git"]), git_state()
+    return {
+        **start,
+        "commit_at_end": end.get("commit"),
+        "commit_changed_during_run": start.get("commit") != end.get("commit"),
+        "started_at": _START["started_at"],
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_seconds": round(time.monotonic() - _START["t0"], 1),
+        "load_1min_start": _START["load_1min"],
+        "load_1min_end": round(os.getloadavg()[0], 2),
+        "nproc": len(os.sched_getaffinity(0)),
+    }
+
+
+def provenance_line(prov: dict[str, Any]) -> str:
+    """One markdown line stating what a results table measured, where and under what load."""
+    commit = f"`{prov['commit']}`" if prov.get("commit") else "unknown commit"
+    if prov.get("dirty"):
+        commit += f" with {prov['dirty_files']} uncommitted file(s) in the working tree"
+    elif prov.get("dirty") is False:
+        commit += " (clean working tree)"
+    if prov.get("commit_changed_during_run"):
+        commit += f" (HEAD moved to `{prov.get('commit_at_end')}` during the run)"
+    when = prov["finished_at"]  # 2026-11-29T05:20:25+0000
+    return (f"*Measured at commit {commit}, finished {when[:10]} {when[11:16]} {when[19:]}, "
+            f"{prov['wall_seconds'] / 60:.1f} min; 1-minute load average "
+            f"{prov['load_1min_start']:.2f} at start, {prov['load_1min_end']:.2f} at end, on "
+            f"{prov['nproc']} CPUs.*\n\n")
 
 
 def exit_on_sigterm() -> None:
@@ -101,10 +182,16 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, data: dict[str, Any], md: str) -> tuple[Path, Path]:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically; print the table."""
+    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically; print the table.
+
+    Both get the provenance (commit, dirty flag, load at start and end): the JSON under
+    ``provenance``, the markdown as its first line.
+    """
     RESULTS.mkdir(exist_ok=True)
-    data = {"benchmark": name, "machine": machine(),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **data}
+    prov = provenance()
+    data = {"benchmark": name, "provenance": prov, "machine": machine(),
+            "finished_at": prov["finished_at"], **data}
+    md = provenance_line(prov) + md
     jpath, mpath = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     for path, text in ((jpath, json.dumps(data, indent=2, default=str) + "\n"), (mpath, md)):
         tmp = path.with_suffix(path.suffix + ".tmp")

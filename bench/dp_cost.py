@@ -11,18 +11,20 @@ clipping, whose ``make_private`` returns a wrapped criterion). Three figures per
 
 * **epoch**: one local epoch of the DP training loop after ``make_private`` (the loop of
   ``privacy.training.train_dp``, mode by mode), against one epoch of the same loop without
-  DP. One warm-up epoch per mode, then 5 timed epochs, interleaved across modes so that
+  DP. One warm-up epoch per mode, then 15 timed epochs, interleaved across modes so that
   drift on a shared machine hits every mode alike; medians.
 * **train_dp call**: the appliance's own ``privacy.training.train_dp`` with 1 epoch
   (``make_private`` set-up and the cleanup included), against ``train_plain`` with 1 epoch;
-  median of 5, interleaved. ``train_dp`` accepts hooks, ew and functorch only; ``ghost``
+  median of 15, interleaved. ``train_dp`` accepts hooks, ew and functorch only; ``ghost``
   has no figure here.
 * **valid**: the mode ran (set-up, an epoch, a forward pass afterwards) without raising,
   AND one noise-free DP step on a fixed batch moved the weights exactly as ``hooks`` did
   (max abs difference <= 1e-5): a mode that computes different per-sample gradients is not
   a faster DP-SGD, it is another algorithm.
 
-Repetitions: median of 5 (the brief's setting). About a minute on 2 cores.
+Repetitions: median of 15 (the tiny MLP's epochs take milliseconds: with 5, a run
+under load put ``hooks`` ahead of ``ew``, which 15 did not confirm). About a minute on
+2 cores.
 
     .venv/bin/python bench/dp_cost.py
 """
@@ -235,7 +237,8 @@ def bench_task(task: str, reps: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=15,
+                    help="timed repetitions per mode (5 let load swap hooks and ew)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (the site agent's default torch_threads is 1)")
     args = ap.parse_args()

@@ -148,20 +148,20 @@ def _loadavg() -> list[float]:
 
 
 def code_version() -> dict[str, Any]:
-    """Which appliance code ran: the git commit and how many of the appliance's files
-    differ from it; outside a checkout, ``FEDWARD_BENCH_CODE_NOTE`` (e.g. the commit a
-    snapshot was taken from)."""
+    """Which appliance code ran: the commit and dirty flag (``benchutil.git_state``; every
+    benchmark's ``provenance`` carries them too) and how many of the appliance's own files
+    differ from the commit; ``FEDWARD_BENCH_CODE_NOTE`` adds a note (e.g. the commit a
+    snapshot outside a checkout was taken from)."""
     info: dict[str, Any] = {"root": str(bu.ROOT),
-                            "note": os.environ.get("FEDWARD_BENCH_CODE_NOTE")}
+                            "note": os.environ.get("FEDWARD_BENCH_CODE_NOTE"),
+                            **bu.git_state()}
     try:
-        head = subprocess.run(["git", "-C", str(bu.ROOT), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=30, check=True)
         dirty = subprocess.run(["git", "-C", str(bu.ROOT), "status", "--porcelain", "--",
                                 "coordinator", "site_agent", "privacy", "export"],
                                capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return info
-    info["git_head"] = head.stdout.strip()
+    info["git_head"] = info.get("commit_full")
     info["appliance_files_changed_since_head"] = len(dirty.stdout.splitlines())
     return info
 
@@ -614,6 +614,7 @@ def main() -> int:
     # Only the loopback coordinator the harness starts: never a configured database.
     os.environ.pop("FEDWARD_DATABASE_URL", None)
 
+    bu.mark_start()  # the provenance's start load average and clock
     t_start = time.monotonic()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     tmp = Path(tempfile.mkdtemp(prefix="fedward-bench1-"))

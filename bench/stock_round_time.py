@@ -340,6 +340,9 @@ def main() -> int:
     if args.sites < 1 or args.rounds < 1:
         ap.error("--sites and --rounds must be >= 1")
 
+    import benchutil as bu  # provenance: commit, dirty flag, load at start and end
+
+    bu.mark_start()
     tmp = Path(tempfile.mkdtemp(prefix="stockflwr-"))
     rc = 1
     try:
@@ -356,6 +359,7 @@ def main() -> int:
         else:
             print(f"logs kept in {tmp}", file=sys.stderr)
     if args.json:
+        result["provenance"] = bu.provenance()
         args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
     summary = {k: result.get(k) for k in ("sites", "rounds", "median_round_seconds",

@@ -15,22 +15,29 @@ model ends up with do not depend on it.
 
 Setting: breast-cancer MLP, ``write_demo_federation`` with 3 sites, seed 0 (the same split
 for every seed and epsilon); 5 rounds x 3 local epochs; the task's default lr (1.0, SGD) and
-batch size (32); clip 1.0; each site's own noise multiplier for its sample rate; the site
-training seed of the appliance (``run seed x 100003 + round``, the same at every site, as
-``site_agent.trainer`` does). Seeds 0, 1, 2 change the initial model and the training
-randomness, not the split. Test set: the federation's ``global_test.csv`` (20% held out,
-stratified; no site holds any of its rows).
+batch size (32); clip 1.0; each site's own noise multiplier for its sample rate. Test set:
+the federation's ``global_test.csv`` (20% held out, stratified; no site holds any of its
+rows).
+
+DP noise and Poisson sampling are seeded as the appliance seeds them: each site derives the
+round's seed from a secret only it holds (``site_agent.trainer.WarmTrainer._noise_seed``:
+HMAC-SHA256 of ``run/round`` under the site's ``noise_secret``, called here unchanged), so
+every site draws its own, independent noise. The appliance makes that secret from
+``os.urandom`` once per site; here each site's secret is derived from the benchmark seed
+and the site's name, so that a run can be repeated. Seeds 0, 1, 2 change the initial model
+and every site's secret, not the split.
 
 Baseline, as ``fedward-demo`` computes it: all sites' rows pooled in one place
 (``pooled_train.csv``), no DP, Adam lr 0.01, as many epochs as the federated run trained in
 total (15), ``privacy.train_plain``. A second, non-private FedAvg run of the same federation
-(``train_plain`` at the sites, same lr, batch and rounds) separates the cost of DP from the
-cost of federating.
+(``train_plain`` at the sites, same lr, batch, rounds and per-site seeds) separates the cost
+of DP from the cost of federating.
 
-A second DP variant ("independent site seeds") gives each site its own training seed: with
-the appliance's shared seed every site draws the same noise each round, so averaging the
-sites' updates does not average the noise down. About 1 minute on 2 cores; 3 seeds (the
-brief's setting).
+A secondary variant, labelled "shared run seed (appliance before 9d632bf)", seeds every
+site with the run seed (``seed x 100003 + round``), as the site agent did before the
+per-site noise secret: all sites then draw the same noise each round and averaging does not
+average it down. It is kept for comparison only; ``--no-shared`` skips it. About 1 minute on
+2 cores; 3 seeds (the brief's setting).
 
     .venv/bin/python bench/utility.py
 """
@@ -38,11 +45,13 @@ brief's setting).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +65,7 @@ LOCAL_EPOCHS = 3
 DELTA = 1e-5
 CLIP = 1.0
 N_SITES = 3
+SHARED_LABEL = "secondary, NOT the appliance: shared run seed (before 9d632bf)"
 
 for _msg in ("Secure RNG turned off", "Optimal order is the largest alpha",
              "Using a non-full backward hook", "Full backward hook"):
@@ -77,9 +87,37 @@ def federation(tmp: Path) -> dict[str, Any]:
     return {"sites": sites, "test": (test_x, test_y), "pooled": (pooled_x, pooled_y)}
 
 
+def site_secret(seed: int, site: str) -> bytes:
+    """A site's 32-byte noise secret, reproducible from the benchmark seed and site name.
+
+    The appliance draws it from ``os.urandom`` (``site_agent.keys.ensure_noise_secret``);
+    only its independence between sites matters for the model's quality.
+    """
+    return hashlib.sha256(f"fedward-bench-utility/{seed}/{site}".encode()).digest()
+
+
+def site_round_seed(*, seed: int, site: str, run_id: str, rnd: int, shared: bool) -> int:
+    """The training seed of one site in one round.
+
+    ``shared=False``: the appliance's own derivation, ``WarmTrainer._noise_seed`` called on
+    a stand-in that holds only the site's secret (the method reads nothing else).
+    ``shared=True``: the old run seed, the same at every site.
+    """
+    if shared:
+        return seed * 100_003 + rnd
+    from site_agent.trainer import WarmTrainer
+
+    holder = SimpleNamespace(noise_secret=site_secret(seed, site))
+    return int(WarmTrainer._noise_seed(holder, run_id, rnd))  # type: ignore[arg-type]
+
+
 def run_federated(fed: dict[str, Any], *, epsilon: float | None, seed: int,
-                  independent_site_seeds: bool = False) -> dict[str, Any]:
-    """One in-process federated run; ``epsilon=None`` trains without DP."""
+                  shared_seed: bool = False) -> dict[str, Any]:
+    """One in-process federated run; ``epsilon=None`` trains without DP.
+
+    ``shared_seed``: every site trains with the run seed (the old behaviour) instead of its
+    own secret-derived seed (the appliance's).
+    """
     from coordinator.server_app import aggregate
     from export.tasks import build_model, get_task, model_arrays, set_model_arrays
     from privacy import (
@@ -102,14 +140,16 @@ def run_federated(fed: dict[str, Any], *, epsilon: float | None, seed: int,
                 epsilon=epsilon, delta=DELTA, sample_rate=q,
                 total_epochs=ROUNDS * LOCAL_EPOCHS)
         histories[s["name"]] = []
+    # The noise seed depends on the run id; one id per benchmark seed, so every epsilon of a
+    # seed sees the same secrets (common random numbers across epsilons).
+    run_id = f"bench-utility-seed-{seed}"
     for rnd in range(1, ROUNDS + 1):
         updates = []
-        for k, s in enumerate(fed["sites"]):
+        for s in fed["sites"]:
             model = build_model(TASK, seed=0)
             set_model_arrays(model, global_arrays)
-            site_seed = seed * 100_003 + rnd  # site_agent.trainer's training seed
-            if independent_site_seeds:
-                site_seed += 7919 * (k + 1)
+            site_seed = site_round_seed(seed=seed, site=s["name"], run_id=run_id, rnd=rnd,
+                                        shared=shared_seed)
             if epsilon is None:
                 train_plain(model=model, features=s["x"], labels=s["y"], batch_size=batch,
                             epochs=LOCAL_EPOCHS, lr=lr, seed=site_seed)
@@ -146,14 +186,15 @@ def pooled_baseline(fed: dict[str, Any], seed: int) -> dict[str, float]:
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return {"median": bu.median(values), "mean": sum(values) / len(values),
+            "min": min(values), "max": max(values)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-independent", action="store_true",
-                    help="skip the independent-site-seeds variant")
+    ap.add_argument("--no-shared", action="store_true",
+                    help="skip the secondary shared-run-seed variant (the old behaviour)")
     args = ap.parse_args()
     bu.exit_on_sigterm()
     import torch
@@ -170,25 +211,26 @@ def main() -> None:
         for eps in EPSILONS:
             runs.setdefault(f"federated DP, epsilon {eps:g}", []).append(
                 run_federated(fed, epsilon=eps, seed=seed))
-            if not args.no_independent:
-                runs.setdefault(f"federated DP, epsilon {eps:g}, independent site seeds",
-                                []).append(run_federated(fed, epsilon=eps, seed=seed,
-                                                         independent_site_seeds=True))
+            if not args.no_shared:
+                runs.setdefault(f"{SHARED_LABEL}, epsilon {eps:g}", []).append(
+                    run_federated(fed, epsilon=eps, seed=seed, shared_seed=True))
         print(f"seed {seed} done ({time.monotonic() - t0:.0f}s)", flush=True)
 
     base = _stats([r["auc"] for r in runs["pooled, no DP (baseline)"]])
     summary, rows = {}, []
     order = sorted(runs, key=lambda k: (not k.startswith("pooled"),
-                                        "independent" in k, k != "federated, no DP", k))
+                                        k.startswith(SHARED_LABEL), k != "federated, no DP", k))
     for name in order:
         auc = _stats([r["auc"] for r in runs[name]])
         acc = _stats([r["accuracy"] for r in runs[name]])
         spent = [max(r["epsilon_spent"].values()) for r in runs[name] if r.get("epsilon_spent")]
         summary[name] = {"auc": auc, "accuracy": acc, "per_seed": runs[name],
                          "max_epsilon_spent": max(spent) if spent else None}
-        rows.append([name, f"{auc['mean']:.4f}", f"{auc['min']:.4f} / {auc['max']:.4f}",
-                     f"{auc['mean'] - base['mean']:+.4f}", f"{auc['mean'] / base['mean']:.3f}",
-                     f"{acc['mean']:.3f}", bu.fmt(max(spent), 3) if spent else "-"])
+        rows.append([name, f"{auc['median']:.4f}", f"{auc['mean']:.4f}",
+                     f"{auc['min']:.4f} / {auc['max']:.4f}",
+                     f"{auc['median'] - base['median']:+.4f}",
+                     f"{auc['median'] / base['median']:.3f}",
+                     f"{acc['median']:.3f}", bu.fmt(max(spent), 3) if spent else "-"])
     sigma = runs[f"federated DP, epsilon {EPSILONS[1]:g}"][0]["noise_multipliers"]
     sizes = ", ".join(f"{s['name']} {len(s['y'])}" for s in fed["sites"])
     md = (
@@ -198,15 +240,27 @@ def main() -> None:
         f"site agent's 25% hold-out: {sizes}; test {len(fed['test'][1])} rows), {ROUNDS} "
         f"rounds x {LOCAL_EPOCHS} local epochs, SGD lr 1.0, batch 32, clip {CLIP}, delta "
         f"{DELTA:g}; seeds {', '.join(map(str, SEEDS))}. Noise multipliers at epsilon "
-        f"{EPSILONS[1]:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in sigma.items()) + ".\n\n"
-        + bu.md_table(["setting", "test AUC mean", "min / max", "vs baseline (diff)",
-                       "vs baseline (ratio)", "accuracy mean", "max epsilon spent"], rows)
+        f"{EPSILONS[1]:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in sigma.items()) + ". "
+        "DP noise and sampling seeded per site from a secret only that site holds "
+        "(`WarmTrainer._noise_seed`), as the appliance does: every site draws independent "
+        "noise. Ratios and differences are against the pooled baseline of the same seeds in "
+        "this run; medians and means over the seeds.\n\n"
+        + bu.md_table(["setting", "test AUC median", "mean", "min / max",
+                       "median vs baseline (diff)", "median vs baseline (ratio)",
+                       "accuracy median", "max epsilon spent"], rows)
     )
+    if not args.no_shared:
+        md += (f"\nThe rows \"{SHARED_LABEL}\" are NOT the appliance's behaviour: every site "
+               "trains with the run seed (`seed x 100003 + round`), as the site agent did "
+               "before commit 9d632bf, so all sites draw the same noise each round and "
+               "FedAvg does not average it down. Kept for comparison only.\n")
     bu.write_results("utility", {
         "task": TASK, "epsilons": EPSILONS, "seeds": SEEDS, "rounds": ROUNDS,
         "local_epochs": LOCAL_EPOCHS, "delta": DELTA, "max_grad_norm": CLIP,
         "site_train_rows": {s["name"]: len(s["y"]) for s in fed["sites"]},
         "test_rows": len(fed["test"][1]), "seconds": time.monotonic() - t0,
+        "noise_seeding": "per site: WarmTrainer._noise_seed(HMAC of run/round under the "
+                         "site's secret); secondary rows: shared run seed (old behaviour)",
         "summary": summary}, md)
 
 
