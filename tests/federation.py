@@ -75,6 +75,31 @@ class Federation:
                           headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
         return r
 
+    def audit_events(self) -> list[dict[str, Any]]:
+        """The coordinator's whole audit log, read through the API, oldest first."""
+        by_id: dict[int, dict[str, Any]] = {}
+        while True:
+            r = self.api("GET", f"/audit?limit=500&offset={len(by_id)}")
+            assert r.status_code == 200, r.text
+            page = r.json()
+            by_id.update({int(e["id"]): e for e in page["items"]})
+            if not page["items"] or len(by_id) >= page["total"]:
+                return [by_id[i] for i in sorted(by_id)]
+
+    def site_audit(self, name: str) -> list[Any]:
+        """A site's own audit log (``site_agent.audit.AuditEntry``s), oldest first.
+
+        Asserts first that ``fedward-site audit verify`` finds the hash chain intact.
+        """
+        from site_agent.audit import read_entries
+
+        root = self.sites[name].root
+        verify = run_cli([str(BIN / "fedward-site"), "audit", "verify", "--dir", str(root)])
+        assert "audit log intact" in verify.stdout, verify.stdout
+        entries, verdict = read_entries(root / "audit.log")
+        assert verdict.intact, verdict
+        return entries
+
     def coord_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli([str(BIN / "fedward-coordinator"), *args], env=self.env, check=check)
 
