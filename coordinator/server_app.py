@@ -28,6 +28,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
@@ -95,6 +96,8 @@ _PHASE_OF_CODE: Final = {
     SiteErrorCode.TRAINER_UNAVAILABLE: "agent",
     SiteErrorCode.TASK_FAILED: "train",
 }
+# Flower's error replies for a message or reply whose time to live ran out.
+_EXPIRED: Final = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 _PHASE_IN_REASON: Final = re.compile(r"\(phase ([a-z][a-z-]{0,31})\)")
 
 
@@ -587,6 +590,11 @@ class RoundLoop:
         while pending and self.clock() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id
+                if reply.has_error() and reply.error.code in _EXPIRED:
+                    # The SuperLink's own answer that the message (or its reply) expired:
+                    # messages live until the deadline, so this is "no answer in time",
+                    # and the site is named late when the deadline passes.
+                    continue
                 if mid in answered:
                     doubled.add(answered[mid])
                     continue

@@ -256,7 +256,18 @@ class WarmExecutor:
         finally:
             try:
                 if reply is not None and context is not None:
-                    push_message(client, reply, context)
+                    try:
+                        push_message(client, reply, context)
+                    except Exception as err:
+                        # Most often a reply to a round the coordinator already closed (its
+                        # message expired at the deadline): it never leaves the site.
+                        log.warning("the reply to a task could not be handed to the SuperNode "
+                                    "(%s: %s); it was not sent", type(err).__name__, err)
+                        self.audit("reply-not-sent", {
+                            "flwr_run": int(reply.metadata.run_id),
+                            "group": reply.metadata.group_id,
+                            "error": type(err).__name__})
+                        status, details = SubStatus.FAILED, "the reply could not be sent"
                 push_task_output(client=client, context=context, sub_status=status,
                                  details=details)
             finally:

@@ -66,6 +66,7 @@ with warnings.catch_warnings():
         MetricRecord,
         RecordDict,
     )
+    from flwr.common.constant import ErrorCode
     from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -443,6 +444,31 @@ def test_a_site_failure_is_shown_with_its_site_phase_exception_and_scrubbed_mess
                                 "could not convert <text> to float"}
     (event,) = audit_of(engine, "site.failed")
     assert event[1] == "site:hospital-b" and event[2]["phase"] == "evaluate"
+
+
+def expired(msg: Message) -> Message:
+    """What the SuperLink answers for a message whose time to live (the deadline) ran out."""
+    return Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
+                         reason="Error: Message Unavailable - ... expired due to its TTL"),
+                   reply_to=msg)
+
+
+def test_an_expired_message_is_a_late_site_not_an_engine_failure(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(round_deadline_s=2.0)
+    grid = SiteGrid({11: good_site(1.0), 12: expired, 13: good_site(2.0)}, online=[11, 12, 13])
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    (rnd,) = rounds_of(engine, plan.run_id)
+    assert json.loads(rnd.late_sites_json) == ["hospital-b"]
+    (failed,) = json.loads(rnd.failed_sites_json)
+    assert failed["site"] == "hospital-b" and failed["reason"].startswith("late")
+    (late,) = audit_of(engine, "site.late")
+    assert late[1] == "site:hospital-b"
+    assert all(e[2]["phase"] != "engine" for e in audit_of(engine, "site.failed"))
 
 
 @pytest.mark.parametrize(("code", "reason", "phase"), [
