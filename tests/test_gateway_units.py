@@ -69,7 +69,7 @@ def small_gateway(tmp_path: Path) -> Iterator[tuple[SiteGateway, ssl.SSLContext]
     cert, key = gateway_cert_paths(pki)
     gateway = SiteGateway(config=GatewayConfig(host="127.0.0.1", port=0, pki=pki, cert=cert,
                                                key=key, superlink="127.0.0.1:1",
-                                               idle_timeout_s=1.5, max_connections=2),
+                                               idle_timeout_s=3.0, max_connections=2),
                           engine=engine, registrar=lambda key, name: "0")
     gateway.start()
     client = ssl.create_default_context(cafile=str(pki.ca_cert))
@@ -105,7 +105,7 @@ def test_a_connection_that_sends_nothing_or_half_a_request_is_closed_after_the_i
     slow.sendall(b"GET /fedward/ca HTTP/1.1\r\nHost: x\r\n")   # and never the blank line
     started = time.monotonic()
     assert _closed_within(silent, 10) and _closed_within(slow, 10)
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 9
     silent.close()
     slow.close()
     # Nor may a client hold one by never finishing the TLS handshake.
@@ -121,7 +121,7 @@ def test_connections_beyond_the_cap_are_closed_and_the_gateway_serves_again_afte
     held = [_connect(gateway, client) for _ in range(2)]
     time.sleep(0.3)   # both are being served (idle) before the third arrives
     extra = _connect(gateway, client)
-    assert _closed_within(extra, 1.0)      # at once, well before the 1.5 s idle limit
+    assert _closed_within(extra, 2.0)      # at once, before the 3 s idle limit
     extra.close()
     for sock in held:
         sock.close()
