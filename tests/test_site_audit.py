@@ -248,9 +248,11 @@ def test_a_trained_round_is_audited_without_data_values(tmp_path: Path) -> None:
     assert trained.detail["run"] == "7" and trained.detail["round"] == 1
     assert trained.detail["epsilon_spent"] == pytest.approx(reply["metrics"]["epsilon-spent"])
     assert trained.detail["array_shapes"] == {k: list(v.shape) for k, v in out.items()}
+    # What left: the arrays, 8 bytes a metric, and the fingerprint's text (hashes, counts).
     assert trained.detail["bytes_out"] == sum(v.nbytes for v in out.values()) + \
-        8 * len(reply["metrics"])
+        8 * len(reply["metrics"]) + sum(len(v) for v in reply["fingerprint"].values())
     assert trained.detail["metrics"] == sorted(reply["metrics"])
+    assert trained.detail["text"] == sorted(f"fingerprint.{k}" for k in reply["fingerprint"])
     text = log.path.read_text()
     for name in ("train-loss", "eval-loss", "eval-accuracy", "eval-auc"):
         assert repr(reply["metrics"][name]) not in text, name
