@@ -32,6 +32,7 @@ __all__ = [
     "MIGRATIONS_DIR",
     "SQLITE_BUSY_TIMEOUT_MS",
     "SessionDep",
+    "alembic_config",
     "get_session",
     "make_engine",
     "run_migrations",
@@ -89,7 +90,15 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def run_migrations(url: str) -> None:
+def alembic_config() -> Config:
+    """The Alembic configuration of the migrations shipped inside the package (whatever
+    the working directory)."""
+    config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def run_migrations(url: str, *, revision: str = "head") -> None:
     """Bring the database at ``url`` to the newest schema (``alembic upgrade head``).
 
     Uses the migrations shipped inside the package, whatever the working directory, and
@@ -98,15 +107,15 @@ def run_migrations(url: str) -> None:
 
     Args:
         url: SQLAlchemy database URL.
+        revision: the revision to upgrade to (tests build older schemas with it).
     """
-    config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config = alembic_config()
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
             # env.py uses this connection instead of building its own engine.
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
     finally:
         engine.dispose()
 

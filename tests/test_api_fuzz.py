@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,6 @@ import hypothesis
 import hypothesis.errors
 import pytest
 import schemathesis
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from schemathesis import GenerationMode
@@ -39,6 +37,8 @@ from schemathesis.specs.openapi.checks import (
 from coordinator.api import MAX_BODY_BYTES, create_app, create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.settings import Settings
+
+from tests_support import served_app
 
 TOO_LARGE = "request body too large: this API accepts at most 1 MiB (1048576 bytes)"
 _FUZZ_SETTINGS = hypothesis.settings(max_examples=8, deadline=None, derandomize=True,
@@ -66,24 +66,8 @@ def app_and_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fa
 @pytest.fixture(scope="module")
 def served(app_and_token: tuple[FastAPI, str]) -> Iterator[tuple[str, int]]:
     """The app behind a real uvicorn on a free 127.0.0.1 port: (host, port)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app_and_token[0], ws="none", log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name="fuzz-uvicorn")
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+    with served_app(app_and_token[0], name="fuzz-uvicorn") as port:
         yield "127.0.0.1", port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 def _reason(response: httpx.Response) -> str | None:

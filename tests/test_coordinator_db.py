@@ -186,19 +186,10 @@ def test_audit_chain_links_and_verifies(engine: Engine) -> None:
 
 def test_a_database_from_an_older_release_upgrades_with_its_audit_chain_intact(
         tmp_path: Path) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    from coordinator.db import MIGRATIONS_DIR
-
     url = f"sqlite:///{tmp_path / 'old' / 'c.db'}"
-    config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    run_migrations(url, revision="0003")     # the schema before the audit lookup index
     eng = make_engine(url)
     try:
-        with eng.connect() as connection:
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0003")      # the schema before the audit lookup index
         _append(eng, 4)
         run_migrations(url)
         assert "ix_audit_events_action_subject" in {

@@ -13,16 +13,12 @@ never ``playwright install`` (it downloads a browser).
 from __future__ import annotations
 
 import io
-import socket
 import tarfile
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from sqlalchemy import Engine
 
 from coordinator.api import API_PREFIX, create_app
@@ -40,6 +36,7 @@ from test_releases import (
     make_user,
     seed_run,
 )
+from tests_support import served_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -104,26 +101,12 @@ def portal(tmp_path: Path) -> Iterator[Portal]:
     run_migrations(url)
     engine = make_engine(url)
     approved, revoked, waiting = _seed(engine, home)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings=Settings(home=home),
-                                                      engine=engine),
-                                           ws="none", log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name="portal-uvicorn")
-    thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield Portal(base=f"http://127.0.0.1:{port}", home=home, approved=approved,
-                     revoked=revoked, waiting=waiting)
+        with served_app(create_app(settings=Settings(home=home), engine=engine),
+                        name="portal-uvicorn") as port:
+            yield Portal(base=f"http://127.0.0.1:{port}", home=home, approved=approved,
+                         revoked=revoked, waiting=waiting)
     finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
         engine.dispose()
 
 

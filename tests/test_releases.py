@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import torch
 from alembic import command
-from alembic.config import Config
 from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import roc_auc_score
 from sqlalchemy import Engine, inspect
@@ -39,7 +38,7 @@ from coordinator import release_cli
 from coordinator.api import create_app, create_user
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.cli import ApiClient
-from coordinator.db import MIGRATIONS_DIR, make_engine, run_migrations, session_scope
+from coordinator.db import alembic_config, make_engine, run_migrations, session_scope
 from coordinator.models import (
     AuditEvent,
     Checkpoint,
@@ -975,8 +974,7 @@ def test_training_curve_svg_edge_cases() -> None:
 def test_migration_0003_downgrades_and_upgrades(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     run_migrations(url)
-    config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config = alembic_config()
     eng = make_engine(url)
     try:
         with eng.connect() as connection:
