@@ -354,6 +354,16 @@ def rounds_of(engine: Engine, run_id: int) -> list[Round]:
         return list(rows)
 
 
+def one_round_with(engine: Engine, tmp_path: Path, plan: RunPlan, middle: SiteFn) -> Round:
+    """Run a one-round plan with hospital-b answering as ``middle`` between two sound sites
+    (hospital-a and hospital-c, distinct updates); returns the round's row."""
+    grid = SiteGrid({11: good_site(1.0), 12: middle, 13: good_site(2.0)}, online=[11, 12, 13])
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+    (rnd,) = rounds_of(engine, plan.run_id)
+    return rnd
+
+
 def run_row(engine: Engine, run_id: int) -> Run:
     with session_scope(engine) as session:
         run = session.get(Run, run_id)
@@ -430,14 +440,7 @@ def failing_site(msg: Message) -> Message:
 def test_a_site_failure_is_shown_with_its_site_phase_exception_and_scrubbed_message(
     engine: Engine, make_plan: PlanFactory, tmp_path: Path
 ) -> None:
-    plan = make_plan()
-    grid = SiteGrid({11: good_site(1.0), 12: failing_site, 13: good_site(2.0)},
-                    online=[11, 12, 13])
-
-    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
-              initial=lambda: arrays_of(0.0)).run()
-
-    (rnd,) = rounds_of(engine, plan.run_id)
+    rnd = one_round_with(engine, tmp_path, make_plan(), failing_site)
     (failed,) = json.loads(rnd.failed_sites_json)
     assert failed == {"site": "hospital-b", "phase": "evaluate", "code": "task-failed",
                       "reason": "task-failed: ValueError during train (phase evaluate): "
@@ -456,13 +459,7 @@ def expired(msg: Message) -> Message:
 def test_an_expired_message_is_a_late_site_not_an_engine_failure(
     engine: Engine, make_plan: PlanFactory, tmp_path: Path
 ) -> None:
-    plan = make_plan(round_deadline_s=2.0)
-    grid = SiteGrid({11: good_site(1.0), 12: expired, 13: good_site(2.0)}, online=[11, 12, 13])
-
-    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
-              initial=lambda: arrays_of(0.0)).run()
-
-    (rnd,) = rounds_of(engine, plan.run_id)
+    rnd = one_round_with(engine, tmp_path, make_plan(round_deadline_s=2.0), expired)
     assert json.loads(rnd.late_sites_json) == ["hospital-b"]
     (failed,) = json.loads(rnd.failed_sites_json)
     assert failed["site"] == "hospital-b" and failed["reason"].startswith("late")
@@ -935,13 +932,7 @@ def test_an_update_without_its_example_count_cannot_be_bounded_and_is_rejected(
             REPLY_METRICS: MetricRecord({"train-loss": 0.3}),
         }), reply_to=msg)
 
-    plan = make_plan()
-    grid = SiteGrid({11: good_site(1.0), 12: no_count, 13: good_site(2.0)},
-                    online=[11, 12, 13])
-    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
-              initial=lambda: arrays_of(0.0)).run()
-
-    (rnd,) = rounds_of(engine, plan.run_id)
+    rnd = one_round_with(engine, tmp_path, make_plan(), no_count)
     (failed,) = json.loads(rnd.failed_sites_json)
     assert failed["site"] == "hospital-b" and failed["phase"] == "validate"
     assert "does not say how many examples" in failed["reason"]
