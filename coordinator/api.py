@@ -1,12 +1,16 @@
 """The coordinator's REST API (``/api/v1``), built by :func:`create_app`.
 
-Authentication is a bearer token (``Authorization: Bearer <token>``): a user's API token,
-or a session token from ``POST /login`` (name and password, expires after
-:data:`SESSION_TTL`). Only SHA-256 digests of tokens are stored; passwords are stored as
-argon2id hashes. Roles: ``admin`` and ``ml_engineer`` may change things (projects, sites,
-runs); every authenticated user may read projects, sites and runs; the audit log is open to
-everyone but ``clinician``; only ``admin`` creates users. The release workflow's routes
-(:mod:`coordinator.release_api`) and the release portal (:mod:`coordinator.portal`) are
+Authentication is a bearer token (``Authorization: Bearer <token>``): a user's API token
+(expires after ``Settings.token_ttl_days``), or a session token from ``POST /login`` (name
+and password, expires after :data:`SESSION_TTL`). Either ends earlier when it is revoked
+(``POST /logout``, a password change, an admin) or its user is disabled. Logins are
+rate-limited (:mod:`coordinator.login_limits`). Only SHA-256 digests of tokens are stored;
+passwords are stored as argon2id hashes. Roles: ``admin`` and ``ml_engineer`` may change
+things (projects, sites, runs); every authenticated user may read projects, sites and runs;
+the audit log is open to everyone but ``clinician``; only ``admin`` creates, disables and
+deletes users and issues site enrollment tokens (each mints a site certificate). The
+release workflow's routes (:mod:`coordinator.release_api`), the account routes
+(:mod:`coordinator.users_api`) and the release portal (:mod:`coordinator.portal`) are
 mounted here too; docs/ml-team-guide.md has the whole role matrix.
 
 The Flower boundary is injected: a :class:`RunLauncher` starts a run on the SuperLink, a
@@ -47,6 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from coordinator.audit import append_event, verify_chain
 from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
+from coordinator.login_limits import LoginLimiter, LoginThrottled
 from coordinator.models import (
     ROLES,
     AuditEvent,
@@ -89,6 +94,7 @@ from coordinator.settings import Settings
 __all__ = [
     "API_PREFIX",
     "AUDIT_ROLES",
+    "DEFAULT_TOKEN_TTL",
     "MAX_BODY_BYTES",
     "MIN_PASSWORD_LENGTH",
     "SESSION_TTL",
@@ -98,6 +104,8 @@ __all__ = [
     "CurrentUser",
     "NodeRegistrar",
     "RunLauncher",
+    "checked_login",
+    "client_address",
     "create_app",
     "create_user",
     "end_session",
@@ -105,7 +113,9 @@ __all__ = [
     "hash_token",
     "open_session",
     "require_role",
+    "revoke_credentials",
     "set_password",
+    "token_problem",
     "user_for_token",
     "verify_password",
 ]
@@ -115,6 +125,7 @@ WRITE_ROLES: Final = frozenset({"admin", "ml_engineer"})
 AUDIT_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
 USER_ADMIN_ROLES: Final = frozenset({"admin"})
 SESSION_TTL: Final = timedelta(hours=12)
+DEFAULT_TOKEN_TTL: Final = timedelta(days=90)   # Settings.token_ttl_days
 MIN_PASSWORD_LENGTH: Final = 12
 MAX_PASSWORD_LENGTH: Final = 1024
 # Every request body of this API is a small JSON document (its largest fields, a node key
@@ -138,6 +149,10 @@ class NodeRegistrar(Protocol):
 
     def register(self, public_key: str, name: str) -> str:
         """Register ``public_key`` for site ``name``; return the Flower node id."""
+        ...
+
+    def unregister(self, node_id: str) -> None:
+        """Unregister Flower node ``node_id`` (done when its site is revoked)."""
         ...
 
 
@@ -196,42 +211,70 @@ def verify_password(password_hash: str, password: str) -> bool:
         return False
 
 
-def set_password(session: Session, user: User, password: str, *, actor: str) -> None:
+def set_password(session: Session, user: User, password: str | None = None, *, actor: str,
+                 encoded: str | None = None, keep_token: str | None = None) -> None:
     """Set or replace a user's password, in the session's transaction (the caller commits).
 
-    Every open login session of the user ends: a changed password locks out whoever
-    logged in with the old one.
+    Every other credential of the user ends: its open login sessions and its API token,
+    except the one token ``keep_token`` (the one the change was made with), so a changed
+    password locks out whoever held the old one or anything obtained with it.
 
     Args:
         session: Open session.
         user: The user (flushed, ``id`` set).
         password: The new password (see :func:`hash_password` for the rules).
         actor: Who sets it, for the audit log.
+        encoded: The new password already hashed with :func:`hash_password`, instead of
+            ``password`` (so the slow hash can run outside a write transaction).
+        keep_token: A token of this user that stays valid.
 
     Raises:
         ValueError: The password breaks the length rules.
     """
     assert user.id is not None
-    encoded = hash_password(password)
+    if encoded is None:
+        assert password is not None
+        encoded = hash_password(password)
     row = session.exec(select(UserCredential).where(UserCredential.user_id == user.id)).first()
     if row is None:
         row = UserCredential(user_id=user.id, password_hash=encoded)
     else:
         row.password_hash, row.updated_at = encoded, utcnow()
     session.add(row)
-    now = utcnow()
-    for open_ in session.exec(select(LoginSession).where(
-            LoginSession.user_id == user.id, col(LoginSession.ended_at).is_(None))).all():
-        open_.ended_at = now
-        session.add(open_)
+    ended = revoke_credentials(session, user, keep_token=keep_token)
     session.flush()
     append_event(session, actor=actor, action="user.password_set", subject=f"user:{user.name}",
-                 detail={})
+                 detail=ended)
+
+
+def revoke_credentials(session: Session, user: User, *, keep_token: str | None = None
+                       ) -> dict[str, Any]:
+    """End a user's login sessions and revoke its API token, except ``keep_token``.
+
+    In the session's transaction (the caller commits and audits).
+
+    Returns:
+        What ended: ``{"sessions_ended": n, "api_token_revoked": bool}``.
+    """
+    keep = hash_token(keep_token) if keep_token is not None else None
+    now = utcnow()
+    ended = 0
+    for open_ in session.exec(select(LoginSession).where(
+            LoginSession.user_id == user.id, col(LoginSession.ended_at).is_(None))).all():
+        if open_.token_hash != keep:
+            open_.ended_at = now
+            session.add(open_)
+            ended += 1
+    revoked = user.token_hash != keep and user.token_revoked_at is None
+    if revoked:
+        user.token_revoked_at = now
+        session.add(user)
+    return {"sessions_ended": ended, "api_token_revoked": revoked}
 
 
 def create_user(
     session: Session, *, name: str, role: str, actor: str = "system",
-    password: str | None = None,
+    password: str | None = None, token_ttl: timedelta = DEFAULT_TOKEN_TTL,
 ) -> tuple[User, str]:
     """Create a user and its API token, in the session's transaction (the caller commits).
 
@@ -242,6 +285,7 @@ def create_user(
         actor: Who creates the user, for the audit log.
         password: A password for ``POST /login`` and the release portal; ``None`` for an
             account that uses its API token only.
+        token_ttl: How long the API token works.
 
     Returns:
         The user (flushed, ``id`` set) and the plaintext token. The token is not stored and
@@ -259,49 +303,67 @@ def create_user(
     if password is not None:
         _check_password(password)  # before anything is written
     token = secrets.token_urlsafe(32)
-    user = User(name=name, role=role, token_hash=hash_token(token))
+    user = User(name=name, role=role, token_hash=hash_token(token),
+                token_expires_at=utcnow() + token_ttl)
     session.add(user)
     session.flush()
     append_event(session, actor=actor, action="user.created", subject=f"user:{name}",
-                 detail={"role": role, "password": password is not None})
+                 detail={"role": role, "password": password is not None,
+                         "token_expires_at": user.token_expires_at.isoformat()})
     if password is not None:
-        set_password(session, user, password, actor=actor)
+        set_password(session, user, password, actor=actor, keep_token=token)
     return user, token
 
 
-def open_session(session: Session, *, name: str, password: str) -> tuple[User, str, datetime]:
+def open_session(session: Session, *, name: str, password: str, address: str = "unknown"
+                 ) -> tuple[User, str, datetime]:
     """Check a name and password and open a login session (the caller commits).
 
-    Success and failure are both audited (``user.login``, ``user.login_failed``).
+    The password is checked outside any transaction: the session's current transaction
+    ends first, so a slow hash never holds the database (on SQLite, its one write lock).
+    Success and failure are both audited (``user.login``, ``user.login_failed``); a failed
+    login names the user only when the name is a user's: a password typed into the name
+    field is never stored.
 
     Args:
         session: Open session.
         name: User name.
         password: The user's password.
+        address: The client's address, for the audit log.
 
     Returns:
         The user, the session token (shown once; only its SHA-256 is stored) and when it
         expires.
 
     Raises:
-        PermissionError: Unknown user, no password set, or a wrong password (one message
-            for all three, so the answer does not tell which names exist).
+        PermissionError: Unknown user, no password set, a wrong password (one message for
+            all three, so the answer does not tell which names exist), or, once the
+            password checked out, a disabled user.
     """
-    row = session.exec(
-        select(User, UserCredential).join(UserCredential,
-                                          col(UserCredential.user_id) == col(User.id))
-        .where(User.name == name)
-    ).first()
-    if row is None:
+    known = session.exec(select(User).where(User.name == name)).first()
+    credential = None if known is None else session.exec(
+        select(UserCredential).where(UserCredential.user_id == known.id)).first()
+    known_id = None if known is None else known.id
+    stored = None if credential is None else credential.password_hash
+    session.commit()
+    if stored is None:
         verify_password(_DUMMY_HASH, password)  # same work as for a real user
         ok = False
     else:
-        ok = verify_password(row[1].password_hash, password)
-    if row is None or not ok:
+        ok = verify_password(stored, password)
+    if known_id is None or not ok:
         append_event(session, actor="anonymous", action="user.login_failed",
-                     subject=f"user:{name[:64]}", detail={})
+                     subject=f"user:{name}" if known_id is not None else "user:(unknown)",
+                     detail={"address": address[:64]})
         raise PermissionError("wrong user name or password")
-    user = row[0]
+    user = session.get(User, known_id)
+    if user is None:
+        raise PermissionError("wrong user name or password")   # deleted meanwhile
+    if user.disabled_at is not None:
+        append_event(session, actor="anonymous", action="user.login_failed",
+                     subject=f"user:{user.name}", detail={"address": address[:64],
+                                                          "reason": "disabled"})
+        raise PermissionError("this account is disabled; ask a coordinator admin")
     assert user.id is not None
     token = secrets.token_urlsafe(32)
     expires = utcnow() + SESSION_TTL
@@ -311,24 +373,59 @@ def open_session(session: Session, *, name: str, password: str) -> tuple[User, s
     return user, token, expires
 
 
+def token_problem(session: Session, token: str) -> tuple[User | None, str]:
+    """The user a token belongs to, or why it is refused.
+
+    Args:
+        session: Open session.
+        token: The presented token (an API token or a login session token).
+
+    Returns:
+        ``(user, "")`` for a valid token of an enabled user, else ``(None, why)`` where
+        ``why`` says what happened and what to do; it never tells whether an unknown token
+        was ever valid.
+    """
+    digest = hash_token(token)
+    now = utcnow()
+    user = session.exec(select(User).where(User.token_hash == digest)).first()
+    if user is not None:
+        if user.token_revoked_at is not None:
+            return None, (f"this API token was revoked on "
+                          f"{user.token_revoked_at:%Y-%m-%d %H:%M} UTC; log in again or ask "
+                          "an admin for a new one (`fedward-coordinator new-token NAME`)")
+        if user.token_expires_at <= now:
+            return None, (f"this API token expired on {user.token_expires_at:%Y-%m-%d %H:%M} "
+                          "UTC; ask an admin for a new one (`fedward-coordinator new-token "
+                          "NAME`)")
+    else:
+        login = session.exec(select(LoginSession).where(LoginSession.token_hash == digest)
+                             ).first()
+        if login is None:
+            return None, "unknown API token"
+        if login.ended_at is not None:
+            return None, "this login session was ended (logout or password change); log in again"
+        if login.expires_at <= now:
+            return None, "this login session expired; log in again"
+        user = session.get(User, login.user_id)
+        if user is None:
+            return None, "unknown API token"
+    if user.disabled_at is not None:
+        return None, f"user {user.name!r} is disabled; ask a coordinator admin"
+    return user, ""
+
+
 def user_for_token(session: Session, token: str) -> User | None:
-    """The user an API token or an unexpired, open login session token belongs to.
+    """The user a valid token belongs to (see :func:`token_problem`).
 
     Args:
         session: Open session.
         token: The presented token.
 
     Returns:
-        The user, or ``None`` when the token is unknown, expired or logged out.
+        The user, or ``None`` when the token is unknown, expired, revoked or logged out, or
+        its user is disabled.
     """
-    digest = hash_token(token)
-    user = session.exec(select(User).where(User.token_hash == digest)).first()
-    if user is not None:
-        return user
-    login = session.exec(select(LoginSession).where(LoginSession.token_hash == digest)).first()
-    if login is None or login.ended_at is not None or login.expires_at <= utcnow():
-        return None
-    return session.get(User, login.user_id)
+    return token_problem(session, token)[0]
 
 
 def end_session(session: Session, token: str) -> bool:
@@ -363,7 +460,7 @@ def get_current_user(
 
     Raises:
         HTTPException: 401 when the header is missing, malformed or the token is unknown,
-            expired or logged out.
+            expired, revoked or logged out, or its user is disabled.
     """
     if credentials is None:
         raise HTTPException(
@@ -371,11 +468,11 @@ def get_current_user(
             detail="missing API token: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    user = user_for_token(session, credentials.credentials)
+    user, why = token_problem(session, credentials.credentials)
     if user is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            detail="unknown API token",
+            detail=why,
             headers={"WWW-Authenticate": "Bearer"},
         )
     return user
@@ -542,12 +639,46 @@ class LoginPublic(BaseModel):
     user: UserPublic
 
 
-@router.post("/login", tags=["users"], responses={401: {"description": "Wrong name or "
-                                                                      "password"}})
-def login(body: LoginRequest, session: SessionDep) -> LoginPublic:
+def client_address(request: Request) -> str:
+    """The client's address as the server saw it (for rate limits and the audit log)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+def checked_login(request: Request, session: Session, *, name: str, password: str
+                  ) -> tuple[User, str, datetime]:
+    """:func:`open_session` within the login rate limits of the application.
+
+    The caller commits (a failed attempt is audited as well).
+
+    Raises:
+        LoginThrottled: Too many failed logins for this name or from this address, or too
+            many checks at once; nothing was checked.
+        PermissionError: As :func:`open_session`.
+    """
+    limiter: LoginLimiter = request.app.state.login_limiter
+    address = client_address(request)
+    limiter.check(name=name, address=address)
+    with limiter.slot():
+        limiter.check(name=name, address=address)   # others may have failed meanwhile
+        try:
+            return open_session(session, name=name, password=password, address=address)
+        except PermissionError:
+            limiter.failed(name=name, address=address)
+            raise
+
+
+@router.post("/login", tags=["users"], responses={
+    401: {"description": "Wrong name or password, or a disabled user"},
+    429: {"description": "Too many failed logins (for this name or from this address) or "
+                         "too many at once; the Retry-After header says when to try again"}})
+def login(body: LoginRequest, request: Request, session: SessionDep) -> LoginPublic:
     """Exchange a name and password for a session token (valid 12 h). No token needed."""
     try:
-        user, token, expires = open_session(session, name=body.name, password=body.password)
+        user, token, expires = checked_login(request, session, name=body.name,
+                                             password=body.password)
+    except LoginThrottled as err:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(err),
+                            headers={"Retry-After": str(err.retry_after_s)}) from None
     except PermissionError as err:
         session.commit()  # keep the audit entry of the failed attempt
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(err)) from None
@@ -556,12 +687,27 @@ def login(body: LoginRequest, session: SessionDep) -> LoginPublic:
 
 
 @router.post("/logout", status_code=204, tags=["users"], responses=_401)
-def logout(session: SessionDep, _user: CurrentUser,
-           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+def logout(session: SessionDep, user: CurrentUser,
+           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+           everywhere: Annotated[bool, Query(
+               description="also end every other session and revoke the API token")] = False
            ) -> None:
-    """End the login session whose token is sent (API tokens stay valid)."""
+    """Revoke the token sent: a login session ends, an API token stops working for good.
+
+    With ``everywhere=true`` every other credential of the user ends as well.
+    """
     assert credentials is not None  # CurrentUser has checked it
-    end_session(session, credentials.credentials)
+    token = credentials.credentials
+    if everywhere:
+        detail = revoke_credentials(session, user)
+    elif end_session(session, token):
+        detail = {"sessions_ended": 1, "api_token_revoked": False}
+    else:   # the user's API token (CurrentUser has checked that it is one of the two)
+        user.token_revoked_at = utcnow()
+        session.add(user)
+        detail = {"sessions_ended": 0, "api_token_revoked": True}
+    append_event(session, actor=user.name, action="user.logout", subject=f"user:{user.name}",
+                 detail=detail)
     session.commit()
 
 
@@ -584,8 +730,14 @@ class UserCreated(BaseModel):
     token: str
 
 
+def _token_ttl(request: Request) -> timedelta:
+    settings: Settings = request.app.state.settings
+    return timedelta(days=settings.token_ttl_days)
+
+
 @router.post("/users", status_code=201, tags=["users"], responses={**_401, **_403})
-def create_user_route(body: UserCreate, session: SessionDep, user: CurrentUser) -> UserCreated:
+def create_user_route(body: UserCreate, request: Request, session: SessionDep,
+                      user: CurrentUser) -> UserCreated:
     """Create a user (admin only); the answer holds its API token, shown only this once."""
     _require(user, USER_ADMIN_ROLES)
     if body.role not in ROLES:
@@ -594,7 +746,7 @@ def create_user_route(body: UserCreate, session: SessionDep, user: CurrentUser) 
         raise HTTPException(status.HTTP_409_CONFLICT, f"user {body.name!r} already exists")
     try:
         new, token = create_user(session, name=body.name, role=body.role, actor=user.name,
-                                 password=body.password)
+                                 password=body.password, token_ttl=_token_ttl(request))
     except ValueError as err:
         _field_error("name", str(err))
     session.commit()
@@ -618,17 +770,27 @@ class PasswordChange(BaseModel):
 @router.put("/users/{name}/password", status_code=204, tags=["users"],
             responses={**_401, **_403, **_404})
 def change_password(name: str, body: PasswordChange, session: SessionDep,
-                    user: CurrentUser) -> None:
+                    user: CurrentUser,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                           Depends(_bearer)]) -> None:
     """Set a user's password: an admin for anyone, every user for themself.
 
-    The user's open login sessions end.
+    Every other credential of the user ends: its login sessions and its API token, all but
+    the token this request was made with.
     """
     if user.name != name:
         _require(user, USER_ADMIN_ROLES)
     target = session.exec(select(User).where(User.name == name)).first()
     if target is None:
         _not_found(f"user {name!r}")
-    set_password(session, target, body.password, actor=user.name)
+    session.commit()   # the slow hash runs outside any transaction
+    encoded = hash_password(body.password)
+    target = session.exec(select(User).where(User.name == name)).first()
+    if target is None:
+        _not_found(f"user {name!r}")
+    assert credentials is not None
+    set_password(session, target, actor=user.name, encoded=encoded,
+                 keep_token=credentials.credentials if target.id == user.id else None)
     session.commit()
 
 
@@ -787,8 +949,12 @@ class RevokeRequest(BaseModel):
              responses={**_401, **_403, **_404, 409: {"description": "Site revoked"}})
 def issue_enrollment_token(name: str, request: Request, session: SessionDep,
                            user: CurrentUser) -> EnrollmentTokenPublic:
-    """Issue a one-time, expiring (24 h) enrollment token for a site."""
-    _require(user, WRITE_ROLES)
+    """Issue a one-time, expiring (24 h) enrollment token for a site (admin only).
+
+    The token mints a site certificate, so it is an admin's to give: whoever holds one can
+    connect to the gateway as that site.
+    """
+    _require(user, USER_ADMIN_ROLES)
     site = _site(session, name)
     settings: Settings = request.app.state.settings
     try:
@@ -805,15 +971,45 @@ def issue_enrollment_token(name: str, request: Request, session: SessionDep,
 @router.post("/sites/{name}/revoke", tags=["sites"], responses={**_401, **_403, **_404})
 def revoke(name: str, body: RevokeRequest, request: Request, session: SessionDep,
            user: CurrentUser) -> SitePublic:
-    """Revoke a site: its certificates stop working at the gateway at once."""
-    _require(user, frozenset({"admin"}))
+    """Revoke a site: its certificates stop working at the gateway at once, and its node
+    is unregistered from Flower.
+
+    Revoking a revoked site again retries unregistering its node, if that failed before.
+    """
+    _require(user, USER_ADMIN_ROLES)
     site = _site(session, name)
-    revoke_site(session, site=site, actor=user.name, reason=body.reason)
+    if site.status != "revoked":
+        revoke_site(session, site=site, actor=user.name, reason=body.reason)
+    node_id = site.flower_node_id
     session.commit()
     gateway = getattr(request.app.state, "gateway", None)
     if gateway is not None:
         gateway.invalidate()
+    if node_id is not None:
+        _unregister_node(request, session, site=name, node_id=node_id, actor=user.name)
     return SitePublic.of(site)
+
+
+def _unregister_node(request: Request, session: Session, *, site: str, node_id: str,
+                     actor: str) -> None:
+    """Unregister a revoked site's Flower node, so the SuperLink refuses its key too.
+
+    The gateway already refuses the site; this closes the door behind it. A failure is
+    audited (``site.unregister_failed``) and answered by revoking again later.
+    """
+    registrar: NodeRegistrar | None = request.app.state.registrar
+    if registrar is None:
+        return
+    try:
+        registrar.unregister(node_id)
+    except Exception as exc:  # the Flower boundary; the revocation itself stands
+        append_event(session, actor=actor, action="site.unregister_failed",
+                     subject=f"site:{site}", detail={"flower_node_id": node_id,
+                                                     "reason": _reason(exc)})
+    else:
+        append_event(session, actor=actor, action="site.unregistered",
+                     subject=f"site:{site}", detail={"flower_node_id": node_id})
+    session.commit()
 
 
 # runs
@@ -1150,6 +1346,7 @@ def create_app(
     """
     from coordinator.portal import router as portal_router
     from coordinator.release_api import router as release_router
+    from coordinator.users_api import router as users_router
 
     app = FastAPI(
         title="Fedward coordinator",
@@ -1163,11 +1360,13 @@ def create_app(
     app.state.launcher = launcher
     app.state.registrar = registrar
     app.state.site_parity = site_parity
+    app.state.login_limiter = LoginLimiter()
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OverflowError, _out_of_range)
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.include_router(router)
+    app.include_router(users_router)
     app.include_router(release_router)
     app.include_router(portal_router)
     return app

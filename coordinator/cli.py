@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,16 +103,61 @@ def init(home: HomeOpt = None,
     token_file = settings.home / ADMIN_TOKEN_FILE
     with session_scope(engine) as session:
         if session.exec(select(User).where(User.name == admin)).first() is None:
-            _user, token = create_user(session, name=admin, role="admin")
-            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(token + "\n")
+            _user, token = create_user(session, name=admin, role="admin",
+                                       token_ttl=timedelta(days=settings.token_ttl_days))
+            _write_token_file(token_file, token)
             console.print(f"admin account [bold]{admin}[/] created; its API token is in "
-                          f"{token_file} (mode 0600)")
+                          f"{token_file} (mode 0600, valid {settings.token_ttl_days} days: "
+                          "renew it with `fedward-coordinator admin-token`)")
     engine.dispose()
     console.print(f"coordinator initialised in {settings.home}")
     console.print(f"site CA certificate: {pki.ca_cert} (sites get it with their enrollment "
                   "token, which pins it: `fedward-coordinator enroll-token SITE`)")
+
+
+def _write_token_file(path: Path, token: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+
+
+@app.command("admin-token")
+def admin_token(home: HomeOpt = None,
+                admin: Annotated[str, typer.Option(help="the admin account")] = "admin") -> None:
+    """Issue the admin a new API token, directly in the database, into the admin token file.
+
+    For the coordinator host only (it needs the data directory): when the admin's token
+    expired or was revoked, or to rotate it. The previous token stops working.
+    """
+    from sqlmodel import select
+
+    from coordinator.db import make_engine, session_scope
+    from coordinator.models import User
+    from coordinator.users_api import issue_api_token
+
+    settings = _settings(home)
+    if not (settings.home / "pki").exists():
+        _fail(f"{settings.home} is not a coordinator data directory; give --home or set "
+              "FEDWARD_HOME (run `fedward-coordinator init` first on a new host)")
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with session_scope(engine) as session:
+            user = session.exec(select(User).where(User.name == admin)).first()
+            if user is None or user.role != "admin":
+                _fail(f"no admin account named {admin!r}; give its name with --admin")
+            assert user is not None
+            if user.disabled_at is not None:
+                _fail(f"admin {admin!r} is disabled; another admin can enable it "
+                      f"(`fedward-coordinator enable-user {admin}`)")
+            token = issue_api_token(session, user, actor="local:admin-token",
+                                    ttl=timedelta(days=settings.token_ttl_days))
+            expires = user.token_expires_at
+    finally:
+        engine.dispose()
+    token_file = settings.home / ADMIN_TOKEN_FILE
+    _write_token_file(token_file, token)
+    console.print(f"new API token for [bold]{admin}[/] in {token_file} (mode 0600), valid "
+                  f"until {expires:%Y-%m-%d %H:%M} UTC; the previous one no longer works")
 
 
 @app.command()
@@ -369,6 +415,74 @@ def create_user_cmd(
     out = _client(api, token, home).call("POST", "/users", body)
     console.print(f"user [bold]{name}[/] ({role}) created; its API token, shown only now:")
     print(out["token"])
+
+
+@app.command()
+def users(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the users (admins): role, when the API token expires, disabled or not."""
+    rows = _client(api, token, home).call("GET", "/users")
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("name", "role", "API token", "state")
+    for u in rows:
+        expires = f"expires {str(u['token_expires_at'])[:16]}"
+        table.add_row(u["name"], u["role"], "revoked" if u["token_revoked"] else expires,
+                      f"disabled since {str(u['disabled_at'])[:16]}" if u.get("disabled_at")
+                      else "enabled")
+    console.print(table)
+
+
+@app.command("new-token")
+def new_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None
+              ) -> None:
+    """Issue a user a new API token (admins for anyone, a user for themself); the old one
+    stops working. Prints the token once."""
+    out = _client(api, token, home).call("POST", f"/users/{name}/token")
+    console.print(f"new API token for [bold]{name}[/], valid until "
+                  f"{str(out['expires_at'])[:16]} UTC, shown only now:")
+    print(out["token"])
+
+
+@app.command("revoke-tokens")
+def revoke_tokens(name: str, home: HomeOpt = None, api: ApiOpt = None,
+                  token: TokenOpt = None) -> None:
+    """Revoke a user's API token and end all its login sessions (admins for anyone, a user
+    for themself)."""
+    _client(api, token, home).call("POST", f"/users/{name}/revoke-tokens")
+    console.print(f"every token of [bold]{name}[/] is revoked; `fedward-coordinator new-token "
+                  f"{name}` issues a new one")
+
+
+@app.command("disable-user")
+def disable_user(name: str,
+                 reason: Annotated[str, typer.Option(help="why (kept in the audit log)")],
+                 home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
+    """Disable a user (admins): no login and no token of theirs works until enabled."""
+    _client(api, token, home).call("POST", f"/users/{name}/disable", {"reason": reason})
+    console.print(f"user [bold]{name}[/] disabled")
+
+
+@app.command("enable-user")
+def enable_user(name: str, home: HomeOpt = None, api: ApiOpt = None,
+                token: TokenOpt = None) -> None:
+    """Enable a disabled user again (admins); its old tokens stay revoked."""
+    _client(api, token, home).call("POST", f"/users/{name}/enable")
+    console.print(f"user [bold]{name}[/] enabled; it logs in with its password, or "
+                  f"`fedward-coordinator new-token {name}` gives it an API token")
+
+
+@app.command("delete-user")
+def delete_user(name: str,
+                yes: Annotated[bool, typer.Option("--yes", help="do not ask to confirm")] = False,
+                home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
+    """Delete a user (admins): account, password and sessions. The audit log keeps what it
+    did."""
+    if not yes and not typer.confirm(f"delete user {name}?"):
+        raise typer.Exit(1)
+    _client(api, token, home).call("DELETE", f"/users/{name}")
+    console.print(f"user [bold]{name}[/] deleted")
 
 
 def main() -> None:

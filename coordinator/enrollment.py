@@ -27,6 +27,7 @@ __all__ = [
     "renew_certificate",
     "revoke_site",
     "revoked_serials",
+    "superseded_serials",
 ]
 
 TOKEN_TTL = dt.timedelta(hours=24)
@@ -84,16 +85,24 @@ def redeem_token(session: Session, *, token: str, csr_pem: bytes, pki: CAFiles
     issued = issue_site_cert(pki, csr_pem=csr_pem, site_name=site.name)
     row.used_at = utcnow()
     assert site.id is not None
+    # Enrolling again (a reinstalled site, a rotated CA) replaces whatever the site held.
+    retired = _retire(session, site_id=site.id, new_serial=issued.serial)
     session.add(SiteCertificate(site_id=site.id, serial=issued.serial,
                                 not_after=issued.not_after))
     append_event(session, actor=f"site:{site.name}", action="site.enrolled", subject=site.name,
-                 detail={"serial": issued.serial, "not_after": issued.not_after.isoformat()})
+                 detail={"serial": issued.serial, "not_after": issued.not_after.isoformat(),
+                         "retired_serials": retired})
     return site, issued
 
 
 def renew_certificate(session: Session, *, site_name: str, serial: str, csr_pem: bytes,
                       pki: CAFiles) -> IssuedCert:
-    """Issue a fresh certificate to a site that presents its current, valid one."""
+    """Issue a fresh certificate to a site that presents its current, valid one.
+
+    The presented certificate (and any other the site still held) is revoked in the same
+    transaction, marked as superseded by the new serial: a site holds one valid
+    certificate at a time.
+    """
     site = session.exec(select(Site).where(Site.name == site_name)).first()
     if site is None or site.status == "revoked":
         raise EnrollmentError(f"site {site_name!r} is not enrolled or is revoked")
@@ -103,11 +112,26 @@ def renew_certificate(session: Session, *, site_name: str, serial: str, csr_pem:
         raise EnrollmentError("the presented certificate is not a valid certificate of this site")
     issued = issue_site_cert(pki, csr_pem=csr_pem, site_name=site_name)
     assert site.id is not None
+    retired = _retire(session, site_id=site.id, new_serial=issued.serial)
     session.add(SiteCertificate(site_id=site.id, serial=issued.serial,
                                 not_after=issued.not_after))
     append_event(session, actor=f"site:{site_name}", action="site.cert_renewed",
-                 subject=site_name, detail={"old_serial": serial, "serial": issued.serial})
+                 subject=site_name, detail={"old_serial": serial, "serial": issued.serial,
+                                            "retired_serials": retired})
     return issued
+
+
+def _retire(session: Session, *, site_id: int, new_serial: str) -> list[str]:
+    """Revoke every valid certificate of a site as superseded by ``new_serial``."""
+    now = utcnow()
+    certs = session.exec(select(SiteCertificate).where(
+        SiteCertificate.site_id == site_id, col(SiteCertificate.revoked_at).is_(None))).all()
+    for cert in certs:
+        cert.revoked_at = now
+        cert.revoke_reason = f"superseded by certificate {new_serial}"
+        cert.superseded_by = new_serial
+        session.add(cert)
+    return sorted(c.serial for c in certs)
 
 
 def revoke_site(session: Session, *, site: Site, actor: str, reason: str) -> list[str]:
@@ -128,7 +152,14 @@ def revoke_site(session: Session, *, site: Site, actor: str, reason: str) -> lis
 
 
 def revoked_serials(session: Session) -> frozenset[str]:
-    """Serials of every revoked site certificate."""
+    """Serials of every revoked site certificate (superseded ones included)."""
     rows = session.exec(select(SiteCertificate.serial).where(
         col(SiteCertificate.revoked_at).is_not(None))).all()
+    return frozenset(rows)
+
+
+def superseded_serials(session: Session) -> frozenset[str]:
+    """Serials of the site certificates retired by a renewal or a new enrollment."""
+    rows = session.exec(select(SiteCertificate.serial).where(
+        col(SiteCertificate.superseded_by).is_not(None))).all()
     return frozenset(rows)

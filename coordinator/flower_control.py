@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,6 +23,7 @@ from flwr.proto.control_pb2 import (
     RegisterNodeRequest,
     StartRunRequest,
     StopRunRequest,
+    UnregisterNodeRequest,
 )
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
@@ -125,6 +127,23 @@ class FlowerControl:
         finally:
             client.close()
         return int(res.node_id)
+
+    def unregister_node(self, node_id: int) -> bool:
+        """Unregister a node: the SuperLink refuses its key from now on.
+
+        Returns:
+            True if it was registered, False if it was not (already unregistered).
+        """
+        client = self._client()
+        try:
+            client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code == 404:   # "Node ID not found for account"
+                return False
+            raise
+        finally:
+            client.close()
+        return True
 
     def online_node_ids(self) -> list[int]:
         """Ids of the registered nodes the SuperLink currently sees online."""

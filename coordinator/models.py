@@ -112,7 +112,10 @@ def _created() -> Any:
 class User(SQLModel, table=True):
     """A person or service account of the coordinator.
 
-    Only the SHA-256 of the API token is stored; the token is shown once at creation.
+    Only the SHA-256 of the API token is stored; the token is shown once when it is issued.
+    It works until ``token_expires_at``, or until it is revoked (``token_revoked_at``: a
+    logout with it, a password change, an admin). A disabled user (``disabled_at``) can
+    neither log in nor use any token.
     """
 
     __tablename__ = "users"
@@ -122,6 +125,9 @@ class User(SQLModel, table=True):
     role: str = Field(max_length=32, nullable=False)
     token_hash: str = Field(max_length=64, unique=True, nullable=False)
     created_at: datetime = _created()
+    token_expires_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    token_revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    disabled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class Project(SQLModel, table=True):
@@ -270,7 +276,11 @@ class EnrollmentToken(SQLModel, table=True):
 
 
 class SiteCertificate(SQLModel, table=True):
-    """A client certificate the site CA issued to a site (serial as hex)."""
+    """A client certificate the site CA issued to a site (serial as hex).
+
+    A certificate replaced by a renewal (or a new enrollment) is revoked, and
+    ``superseded_by`` names the serial that replaced it.
+    """
 
     __tablename__ = "site_certificates"
 
@@ -281,6 +291,7 @@ class SiteCertificate(SQLModel, table=True):
     not_after: datetime = Field(sa_type=UTCDateTime, nullable=False)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     revoke_reason: str | None = Field(default=None, sa_type=Text)
+    superseded_by: str | None = Field(default=None, max_length=64)
 
 
 # --- releases (revision 0003) ---------------------------------------------------------------

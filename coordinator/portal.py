@@ -27,9 +27,10 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from coordinator import releases
-from coordinator.api import SESSION_TTL, end_session, open_session, user_for_token
+from coordinator.api import SESSION_TTL, checked_login, end_session, user_for_token
 from coordinator.audit import append_event
 from coordinator.db import SessionDep
+from coordinator.login_limits import LoginThrottled
 from coordinator.models import Release, ReleaseCandidate, User
 from coordinator.settings import Settings
 from export.bundle import BundleVerificationError
@@ -115,7 +116,12 @@ def login(request: Request, session: SessionDep,
           next: Annotated[str, Form()] = "") -> Response:
     """Check the name and password; on success set the session cookie and go on."""
     try:
-        _, token, _ = open_session(session, name=name, password=password)
+        _, token, _ = checked_login(request, session, name=name, password=password)
+    except LoginThrottled as err:
+        response = _page(request, "login.html", user=None, status_code=429,
+                         next=_safe_next(next), error=str(err))
+        response.headers["Retry-After"] = str(err.retry_after_s)
+        return response
     except PermissionError as err:
         session.commit()  # the failed attempt stays in the audit log
         return _page(request, "login.html", user=None, status_code=401,

@@ -65,12 +65,20 @@ class UserPublic(BaseModel):
     name: str
     role: str
     created_at: datetime
+    token_expires_at: datetime = Field(description="When the user's API token stops working")
+    token_revoked: bool = Field(description="The API token was revoked (logout, password "
+                                            "change, an admin)")
+    disabled_at: datetime | None = Field(
+        default=None, description="Set while the user is disabled: no login, no token")
 
     @classmethod
     def of(cls, user: User) -> UserPublic:
         """Build from the table row."""
         assert user.id is not None
-        return cls(id=user.id, name=user.name, role=user.role, created_at=user.created_at)
+        return cls(id=user.id, name=user.name, role=user.role, created_at=user.created_at,
+                   token_expires_at=user.token_expires_at,
+                   token_revoked=user.token_revoked_at is not None,
+                   disabled_at=user.disabled_at)
 
 
 # --- projects ----------------------------------------------------------------------------

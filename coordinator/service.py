@@ -73,6 +73,9 @@ class FlowerRegistrar:
     def register(self, public_key: str, name: str) -> str:
         return str(self.control.register_node(public_key=public_key, name=name))
 
+    def unregister(self, node_id: str) -> None:
+        self.control.unregister_node(int(node_id))
+
 
 @dataclass
 class FlowerLauncher:

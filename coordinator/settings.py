@@ -33,6 +33,8 @@ class Settings(BaseSettings):
         fleet_port: TCP port of the site gateway (0: pick a free one, for tests).
         fleet_hostnames: Comma-separated names and IPs sites use to reach the gateway; they
             go into the gateway's TLS certificate.
+        token_ttl_days: How long a user's API token works after it is issued (a login
+            session lasts 12 hours).
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -44,6 +46,7 @@ class Settings(BaseSettings):
     fleet_host: str = "127.0.0.1"
     fleet_port: int = Field(default=9092, ge=0, le=65535)
     fleet_hostnames: str = "127.0.0.1,localhost"
+    token_ttl_days: int = Field(default=90, ge=1, le=3650)
 
     @field_validator("home")
     @classmethod

@@ -36,7 +36,7 @@ TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "check
           "audit_events", "enrollment_tokens", "site_certificates", "user_credentials",
           "login_sessions", "project_gates", "release_candidates", "releases",
           "alembic_version"}
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 @pytest.fixture

@@ -858,9 +858,14 @@ def test_password_login_sessions_and_logout(client: TestClient, engine: Engine,
     me = {"Authorization": f"Bearer {token}"}
     assert client.put(api("/users/eng/password"), json={"password": "x" * 20},
                       headers=me).status_code == 403
+    other = {"Authorization": f"Bearer {client.post(api('/login'), json=login).json()['token']}"}
     assert client.put(api("/users/dr.ada/password"), json={"password": "another passphrase"},
                       headers=me).status_code == 204
-    assert client.get(api("/me"), headers=me).status_code == 401
+    # Every other credential ends (the other session, the API token); the one used stays.
+    assert client.get(api("/me"), headers=other).status_code == 401
+    assert client.get(api("/me"), headers={"Authorization": f"Bearer {api_token}"}
+                      ).status_code == 401
+    assert client.get(api("/me"), headers=me).status_code == 200
 
     r = client.post(api("/users"), json={"name": "short", "role": "reviewer", "password": "x"},
                     headers=users["admin"])

@@ -1,0 +1,181 @@
+"""Routes that end or renew a user's credentials: new API token, revoke, disable, delete.
+
+Mounted by :func:`coordinator.api.create_app` under ``/api/v1``. An admin may act on any
+user; every user may renew or revoke their own tokens. No admin can disable or delete
+themself, nor the last enabled admin: the coordinator always keeps one way in.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
+
+from fastapi import APIRouter, HTTPException, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session, col, func, select
+
+from coordinator.api import (
+    API_PREFIX,
+    USER_ADMIN_ROLES,
+    CurrentUser,
+    hash_token,
+    require_role,
+    revoke_credentials,
+)
+from coordinator.audit import append_event
+from coordinator.db import SessionDep
+from coordinator.models import LoginSession, User, UserCredential, utcnow
+from coordinator.schemas import UserPublic
+from coordinator.settings import Settings
+
+__all__ = ["issue_api_token", "router"]
+
+router = APIRouter(prefix=API_PREFIX, tags=["users"])
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or unknown API token"},
+    403: {"description": "The user's role may not do this"},
+    404: {"description": "No such user"},
+}
+
+
+class NewToken(BaseModel):
+    """A user's new API token, shown this once; the previous one no longer works."""
+
+    user: UserPublic
+    token: str
+    expires_at: datetime
+
+
+class DisableRequest(BaseModel):
+    """Why a user is disabled (kept in the audit log)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=3, max_length=500)
+
+
+def issue_api_token(session: Session, user: User, *, actor: str, ttl: timedelta) -> str:
+    """Give ``user`` a new API token that works for ``ttl``; the old one stops working.
+
+    In the session's transaction (the caller commits).
+
+    Returns:
+        The token (only its SHA-256 is stored).
+    """
+    token = secrets.token_urlsafe(32)
+    user.token_hash = hash_token(token)
+    user.token_expires_at = utcnow() + ttl
+    user.token_revoked_at = None
+    session.add(user)
+    append_event(session, actor=actor, action="user.token_issued", subject=f"user:{user.name}",
+                 detail={"expires_at": user.token_expires_at.isoformat()})
+    return token
+
+
+def _target(session: Session, name: str) -> User:
+    user = session.exec(select(User).where(User.name == name)).first()
+    if user is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"user {name!r} not found")
+    return user
+
+
+def _self_or_admin(user: User, name: str) -> None:
+    if user.name != name:
+        require_role(user, USER_ADMIN_ROLES)
+
+
+def _refuse(message: str) -> NoReturn:
+    raise HTTPException(status.HTTP_409_CONFLICT, message)
+
+
+def _keep_an_admin(session: Session, user: User, target: User, what: str) -> None:
+    """Refuse to leave the coordinator without an enabled admin, or an admin without
+    their own account."""
+    if target.id == user.id:
+        _refuse(f"you cannot {what} your own account; another admin can")
+    if target.role == "admin" and target.disabled_at is None:
+        admins = session.exec(select(func.count()).select_from(User).where(
+            User.role == "admin", col(User.disabled_at).is_(None))).one()
+        if admins <= 1:
+            _refuse(f"{target.name!r} is the last enabled admin; create another admin first")
+
+
+@router.post("/users/{name}/token", status_code=201, responses=_RESPONSES)
+def new_token(name: str, request: Request, session: SessionDep, user: CurrentUser) -> NewToken:
+    """Issue a new API token (an admin for anyone, every user for themself).
+
+    The previous API token stops working at once; login sessions are not affected.
+    """
+    _self_or_admin(user, name)
+    target = _target(session, name)
+    if target.disabled_at is not None:
+        _refuse(f"user {name!r} is disabled; enable it first")
+    settings: Settings = request.app.state.settings
+    token = issue_api_token(session, target, actor=user.name,
+                            ttl=timedelta(days=settings.token_ttl_days))
+    session.commit()
+    return NewToken(user=UserPublic.of(target), token=token,
+                    expires_at=target.token_expires_at)
+
+
+@router.post("/users/{name}/revoke-tokens", status_code=204, responses=_RESPONSES)
+def revoke_tokens(name: str, session: SessionDep, user: CurrentUser) -> None:
+    """Revoke every credential of a user: its API token and all its login sessions
+    (an admin for anyone, every user for themself). Its password stays."""
+    _self_or_admin(user, name)
+    target = _target(session, name)
+    detail = revoke_credentials(session, target)
+    append_event(session, actor=user.name, action="user.tokens_revoked",
+                 subject=f"user:{target.name}", detail=detail)
+    session.commit()
+
+
+@router.post("/users/{name}/disable", responses=_RESPONSES)
+def disable_user(name: str, body: DisableRequest, session: SessionDep,
+                 user: CurrentUser) -> UserPublic:
+    """Disable a user (admin only): no login, no token of theirs works, until enabled."""
+    require_role(user, USER_ADMIN_ROLES)
+    target = _target(session, name)
+    if target.disabled_at is None:
+        _keep_an_admin(session, user, target, "disable")
+        target.disabled_at = utcnow()
+        session.add(target)
+        detail = revoke_credentials(session, target)
+        append_event(session, actor=user.name, action="user.disabled",
+                     subject=f"user:{target.name}", detail={"reason": body.reason, **detail})
+        session.commit()
+    return UserPublic.of(target)
+
+
+@router.post("/users/{name}/enable", responses=_RESPONSES)
+def enable_user(name: str, session: SessionDep, user: CurrentUser) -> UserPublic:
+    """Enable a disabled user again (admin only). Its old tokens stay revoked: it logs in
+    with its password, or an admin issues it a new API token."""
+    require_role(user, USER_ADMIN_ROLES)
+    target = _target(session, name)
+    if target.disabled_at is not None:
+        target.disabled_at = None
+        session.add(target)
+        append_event(session, actor=user.name, action="user.enabled",
+                     subject=f"user:{target.name}", detail={})
+        session.commit()
+    return UserPublic.of(target)
+
+
+@router.delete("/users/{name}", status_code=204, responses=_RESPONSES)
+def delete_user(name: str, session: SessionDep, user: CurrentUser) -> None:
+    """Delete a user (admin only): its account, password and sessions. What it did stays
+    in the audit log and in the runs and releases that name it."""
+    require_role(user, USER_ADMIN_ROLES)
+    target = _target(session, name)
+    _keep_an_admin(session, user, target, "delete")
+    for row in session.exec(select(LoginSession).where(LoginSession.user_id == target.id)):
+        session.delete(row)
+    for cred in session.exec(select(UserCredential).where(
+            UserCredential.user_id == target.id)):
+        session.delete(cred)
+    session.flush()
+    session.delete(target)
+    append_event(session, actor=user.name, action="user.deleted",
+                 subject=f"user:{target.name}", detail={"role": target.role})
+    session.commit()
