@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, text
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from coordinator.api import API_PREFIX, create_app, create_user
 from coordinator.db import make_engine, run_migrations, session_scope
@@ -86,12 +86,18 @@ class FakeRegistrar:
     def __init__(self, *, fail: Exception | None = None) -> None:
         self.fail = fail
         self.calls: list[tuple[str, str]] = []
+        self.unregistered: list[str] = []
 
     def register(self, public_key: str, name: str) -> str:
         self.calls.append((public_key, name))
         if self.fail is not None:
             raise self.fail
         return BIG_NODE_ID if not self.calls[:-1] else str(1000 + len(self.calls))
+
+    def unregister(self, node_id: str) -> None:
+        self.unregistered.append(node_id)
+        if self.fail is not None:
+            raise self.fail
 
 
 @pytest.fixture
@@ -640,3 +646,239 @@ def test_node_id_already_taken_is_409(make_client: Callable[..., TestClient],
     assert r.status_code == 409
     assert r.json()["detail"] == "Flower node id 5 is already another site's"
     assert client.get(api("/sites/site-b"), headers=headers).json()["status"] == "added"
+
+
+# --- credentials that end ------------------------------------------------------------------
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _user(client: TestClient, admin: dict[str, str], name: str, role: str = "ml_engineer",
+          password: str | None = "a long enough passphrase") -> str:  # noqa: S107
+    body: dict[str, Any] = {"name": name, "role": role}
+    if password is not None:
+        body["password"] = password
+    r = client.post(api("/users"), json=body, headers=admin)
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
+def _audit(engine: Engine) -> list[AuditEvent]:
+    with Session(engine) as session:
+        return list(session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all())
+
+
+def test_api_tokens_expire_after_the_configured_lifetime(
+        engine: Engine, tmp_path: Path, token_for: Callable[..., dict[str, str]]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from coordinator.models import User
+
+    settings = Settings(home=tmp_path / "home", token_ttl_days=7)
+    with TestClient(create_app(settings=settings, engine=engine)) as client:
+        token = _user(client, token_for("admin"), "short-lived", password=None)
+        me = client.get(api("/me"), headers=_bearer(token)).json()
+        expires = datetime.fromisoformat(me["token_expires_at"])
+        assert abs(expires - (datetime.now(UTC) + timedelta(days=7))) < timedelta(minutes=1)
+        with session_scope(engine) as session:
+            user = session.exec(select(User).where(User.name == "short-lived")).one()
+            user.token_expires_at = datetime.now(UTC) - timedelta(seconds=1)
+            session.add(user)
+        r = client.get(api("/me"), headers=_bearer(token))
+        assert r.status_code == 401
+        assert r.json()["detail"].startswith("this API token expired on ")
+        assert "fedward-coordinator new-token" in r.json()["detail"]
+
+
+def test_logout_revokes_the_token_it_is_sent_with(
+        make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]]
+) -> None:
+    client, admin = make_client(), token_for("admin")
+    token = _user(client, admin, "leaver")
+    assert client.post(api("/logout"), headers=_bearer(token)).status_code == 204
+    r = client.get(api("/me"), headers=_bearer(token))
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+    # Everywhere: every session and the API token at once.
+    token = client.post(api("/users/leaver/token"), headers=admin).json()["token"]
+    login = {"name": "leaver", "password": "a long enough passphrase"}
+    sessions = [client.post(api("/login"), json=login).json()["token"] for _ in range(2)]
+    assert client.post(api("/logout?everywhere=true"),
+                       headers=_bearer(sessions[0])).status_code == 204
+    for t in [token, *sessions]:
+        assert client.get(api("/me"), headers=_bearer(t)).status_code == 401
+
+
+def test_new_token_and_revoke_tokens_for_oneself_or_by_an_admin(
+        make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]]
+) -> None:
+    client, admin = make_client(), token_for("admin")
+    old = _user(client, admin, "rotor")
+    r = client.post(api("/users/rotor/token"), headers=_bearer(old))
+    assert r.status_code == 201, r.text
+    new = r.json()["token"]
+    assert client.get(api("/me"), headers=_bearer(old)).status_code == 401
+    assert client.get(api("/me"), headers=_bearer(new)).json()["name"] == "rotor"
+    other = _user(client, admin, "someone-else")
+    assert client.post(api("/users/rotor/token"), headers=_bearer(other)).status_code == 403
+    assert client.post(api("/users/rotor/revoke-tokens"),
+                       headers=_bearer(other)).status_code == 403
+    assert client.post(api("/users/rotor/revoke-tokens"), headers=admin).status_code == 204
+    assert client.get(api("/me"), headers=_bearer(new)).status_code == 401
+    listed = {u["name"]: u for u in client.get(api("/users"), headers=admin).json()}
+    assert listed["rotor"]["token_revoked"] is True
+    assert listed["someone-else"]["token_revoked"] is False
+
+
+def test_admins_disable_enable_and_delete_users(
+        engine: Engine, make_client: Callable[..., TestClient],
+        token_for: Callable[..., dict[str, str]]) -> None:
+    client, admin = make_client(), token_for("admin")
+    token = _user(client, admin, "departed")
+    login = {"name": "departed", "password": "a long enough passphrase"}
+    session_token = client.post(api("/login"), json=login).json()["token"]
+    engineer = _user(client, admin, "engineer", password=None)
+    assert client.post(api("/users/departed/disable"), json={"reason": "left the team"},
+                       headers=_bearer(engineer)).status_code == 403
+    r = client.post(api("/users/departed/disable"), json={"reason": "left the team"},
+                    headers=admin)
+    assert r.status_code == 200 and r.json()["disabled_at"] is not None
+    for t in (token, session_token):
+        r = client.get(api("/me"), headers=_bearer(t))
+        assert r.status_code == 401
+    r = client.post(api("/login"), json=login)
+    assert (r.status_code, r.json()["detail"]) == (
+        401, "this account is disabled; ask a coordinator admin")
+    assert client.post(api("/users/departed/enable"), headers=admin).status_code == 200
+    assert client.get(api("/me"), headers=_bearer(token)).status_code == 401  # stays revoked
+    assert client.post(api("/login"), json=login).status_code == 200
+    assert client.delete(api("/users/departed"), headers=_bearer(engineer)).status_code == 403
+    assert client.delete(api("/users/departed"), headers=admin).status_code == 204
+    assert client.post(api("/login"), json=login).status_code == 401
+    names = [u["name"] for u in client.get(api("/users"), headers=admin).json()]
+    assert "departed" not in names
+    actions = [e.action for e in _audit(engine)]
+    assert {"user.disabled", "user.enabled", "user.deleted"} <= set(actions)
+    # No admin can lock themself out, nor leave the coordinator without an enabled admin.
+    me = client.get(api("/me"), headers=admin).json()["name"]
+    r = client.post(api(f"/users/{me}/disable"), json={"reason": "oops"}, headers=admin)
+    assert r.status_code == 409 and "your own account" in r.json()["detail"]
+    second = _user(client, admin, "second-admin", role="admin", password=None)
+    assert client.post(api(f"/users/{me}/disable"), json={"reason": "rotation"},
+                       headers=_bearer(second)).status_code == 200
+    r = client.delete(api("/users/second-admin"), headers=_bearer(second))
+    assert r.status_code == 409
+
+
+def test_enrollment_tokens_are_an_admins(
+        make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]]
+) -> None:
+    from coordinator.pki import ensure_ca
+
+    client, admin = make_client(), token_for("admin")
+    ensure_ca(Path(client.app.state.settings.home) / "pki")  # type: ignore[attr-defined]
+    client.post(api("/sites"), json={"name": "site-e"}, headers=admin)
+    r = client.post(api("/sites/site-e/enrollment-token"), headers=token_for("ml_engineer"))
+    assert r.status_code == 403 and "needs one of admin" in r.json()["detail"]
+    assert client.post(api("/sites/site-e/enrollment-token"),
+                       headers=admin).status_code == 201
+
+
+def test_revoking_a_site_unregisters_its_flower_node(
+        engine: Engine, make_client: Callable[..., TestClient],
+        token_for: Callable[..., dict[str, str]]) -> None:
+    registrar = FakeRegistrar()
+    client, admin = make_client(registrar=registrar), token_for("admin")
+    setup_registered_sites(client, admin, ["site-r"])
+    node_id = client.get(api("/sites/site-r"), headers=admin).json()["flower_node_id"]
+    r = client.post(api("/sites/site-r/revoke"), json={"reason": "decommissioned"},
+                    headers=admin)
+    assert r.status_code == 200 and r.json()["status"] == "revoked"
+    assert registrar.unregistered == [node_id]
+    assert [e.action for e in _audit(engine)][-1] == "site.unregistered"
+    # Flower could not be reached: the revocation stands, the failure is audited, and a
+    # second revoke tries again.
+    setup_registered_sites(client, admin, ["site-s"])
+    registrar.fail = RuntimeError("SuperLink restarting")
+    r = client.post(api("/sites/site-s/revoke"), json={"reason": "stolen"}, headers=admin)
+    assert r.status_code == 200 and r.json()["status"] == "revoked"
+    assert [e.action for e in _audit(engine)][-1] == "site.unregister_failed"
+    registrar.fail = None
+    client.post(api("/sites/site-s/revoke"), json={"reason": "stolen"}, headers=admin)
+    assert [e.action for e in _audit(engine)][-1] == "site.unregistered"
+
+
+# --- logins --------------------------------------------------------------------------------
+
+
+def test_a_password_typed_as_the_name_is_not_kept(
+        engine: Engine, make_client: Callable[..., TestClient],
+        token_for: Callable[..., dict[str, str]]) -> None:
+    client = make_client()
+    _user(client, token_for("admin"), "dr.ada")
+    secret = "Tr0ub4dor&3-correct-horse"
+    for name in (secret, "dr.ada"):
+        r = client.post(api("/login"), json={"name": name, "password": "wrong password!"})
+        assert r.status_code == 401
+    failed = [e for e in _audit(engine) if e.action == "user.login_failed"]
+    assert [e.subject for e in failed] == ["user:(unknown)", "user:dr.ada"]
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT * FROM audit_events")).all()
+    assert secret not in repr(rows)
+
+
+def test_logins_are_rate_limited_per_user_and_per_address(
+        make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]]
+) -> None:
+    client = make_client()
+    _user(client, token_for("admin"), "target")
+    wrong = {"name": "target", "password": "not the password"}
+    for _ in range(5):
+        assert client.post(api("/login"), json=wrong).status_code == 401
+    r = client.post(api("/login"), json={"name": "target",
+                                         "password": "a long enough passphrase"})
+    assert r.status_code == 429   # even the right password: nothing is checked now
+    assert int(r.headers["retry-after"]) > 200
+    assert r.json()["detail"].startswith("too many failed logins from this user name (5 in "
+                                         "the last 5 min); try again in ")
+    # Other names from the same address go on failing until the address has 20 failures.
+    for i in range(15):
+        r = client.post(api("/login"), json={"name": f"guess-{i}", "password": "x"})
+        assert r.status_code == 401, (i, r.text)
+    r = client.post(api("/login"), json={"name": "guess-x", "password": "x"})
+    assert r.status_code == 429
+    assert "from this address" in r.json()["detail"] and "retry-after" in r.headers
+
+
+def test_a_password_check_never_holds_the_database(
+        engine: Engine, tmp_path: Path, make_client: Callable[..., TestClient],
+        token_for: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a login's argon2 hash runs, another process can still write (SQLite's one
+    write lock is free): parallel logins cannot lock the gateway or the round loop out."""
+    import sqlite3
+
+    from coordinator import api as api_module
+
+    client = make_client()
+    _user(client, token_for("admin"), "hasher")
+    real = api_module.verify_password
+    probes: list[str] = []
+
+    def probing(password_hash: str, password: str) -> bool:
+        other = sqlite3.connect(tmp_path / "home" / "coordinator.db", timeout=0.2)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            probes.append("free")
+        except sqlite3.OperationalError as err:
+            probes.append(str(err))
+        finally:
+            other.close()
+        return real(password_hash, password)
+
+    monkeypatch.setattr(api_module, "verify_password", probing)
+    for name, password in [("hasher", "a long enough passphrase"), ("hasher", "wrong one!"),
+                           ("nobody", "whatever")]:
+        client.post(api("/login"), json={"name": name, "password": password})
+    assert probes == ["free", "free", "free"]
