@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -196,6 +197,44 @@ def test_a_database_from_an_older_release_upgrades_with_its_audit_chain_intact(
             ix["name"] for ix in inspect(eng).get_indexes("audit_events")}
         with Session(eng) as session:
             assert len(session.exec(select(AuditEvent)).all()) == 4
+            assert verify_chain(session) is None
+    finally:
+        eng.dispose()
+
+
+def test_an_upgrade_from_0004_keeps_users_and_certificates_and_gives_old_tokens_an_end(
+        tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from coordinator.api import user_for_token
+    from coordinator.models import SiteCertificate, User
+
+    url = f"sqlite:///{tmp_path / 'old' / 'c.db'}"
+    run_migrations(url, revision="0004")     # before token expiry, disabled users, renewal
+    eng = make_engine(url)
+    try:
+        with eng.begin() as connection:   # rows as the 0004 release wrote them
+            connection.execute(text(
+                "INSERT INTO users (name, role, token_hash, created_at) VALUES "
+                "('alice', 'admin', :h, '2026-01-02 03:04:05.000000')"),
+                {"h": hashlib.sha256(b"old-token").hexdigest()})
+            connection.execute(text(
+                "INSERT INTO sites (name, status, created_at) VALUES "
+                "('site-a', 'registered', '2026-01-02 03:04:05.000000')"))
+            connection.execute(text(
+                "INSERT INTO site_certificates (site_id, serial, issued_at, not_after) VALUES "
+                "(1, 'abc1', '2026-01-02 03:04:05.000000', '2027-01-02 03:04:05.000000')"))
+        _append(eng, 2)
+        run_migrations(url)
+        with Session(eng) as session:
+            alice = session.exec(select(User)).one()
+            assert (alice.name, alice.role, alice.disabled_at, alice.token_revoked_at) == (
+                "alice", "admin", None, None)
+            left = alice.token_expires_at - datetime.now(UTC)
+            assert timedelta(days=89) < left <= timedelta(days=90)
+            assert user_for_token(session, "old-token") == alice   # still works, until then
+            cert = session.exec(select(SiteCertificate)).one()
+            assert (cert.serial, cert.revoked_at, cert.superseded_by) == ("abc1", None, None)
             assert verify_chain(session) is None
     finally:
         eng.dispose()
