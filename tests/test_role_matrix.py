@@ -24,6 +24,7 @@ from sqlmodel import select
 from coordinator.api import API_PREFIX, create_app
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import ReleaseCandidate, Site
+from coordinator.pki import ensure_ca
 from coordinator.settings import Settings
 
 from test_coordinator_api import FakeLauncher, TestClient
@@ -55,6 +56,12 @@ MATRIX: Final[dict[str, frozenset[str]]] = {
     "list releases": frozenset(ROLES),
     "download bundle": frozenset(ROLES),
     "create user": frozenset({"admin"}),
+    "issue enrollment token": frozenset({"admin"}),
+    "revoke site": frozenset({"admin"}),
+    "issue token for another user": frozenset({"admin"}),
+    "revoke tokens of another user": frozenset({"admin"}),
+    "disable user": frozenset({"admin"}),
+    "delete user": frozenset({"admin"}),
 }
 PUBLIC_ROUTES: Final = frozenset({
     ("GET", "/health"), ("POST", "/login"), ("GET", "/revocations"), ("GET", "/release-key"),
@@ -102,9 +109,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     headers = {role: make_user(engine, role, role, password=None) for role in ROLES}
     proposer = make_user(engine, "ml_engineer", "proposer", password=None)
     approver = make_user(engine, "reviewer", "approver", password=None)
+    for role in ROLES:   # each role acts on its own accounts and sites
+        for kind in ("tok", "rvk", "dis", "del"):
+            make_user(engine, "clinician", f"{kind}-{role.replace('_', '-')}", password=None)
+    ensure_ca(home / "pki")   # an enrollment token pins the site CA
     with session_scope(engine) as session:
         session.add(Site(name="site-a", status="registered", flower_node_id="11",
                          public_key="ssh-ed25519 AAAA"))
+        for role in ROLES:
+            session.add(Site(name=f"rv-{role.replace('_', '-')}", status="added"))
     app = create_app(settings=Settings(home=home), engine=engine,
                      launcher=FakeLauncher(engine), site_parity=FixedParity(good_figures()))
     client = TestClient(app)
@@ -134,6 +147,7 @@ Request = tuple[str, str, dict[str, Any] | None, int]
 def _request(world: World, action: str, role: str) -> Request:
     """(method, path, body, success status) of one action, on this role's own object."""
     run = world.run_id
+    own = role.replace("_", "-")
     requests: dict[str, Callable[[], Request]] = {
         "list runs": lambda: ("GET", "/runs", None, 200),
         "launch run": lambda: ("POST", "/runs", {"project": "cardio",
@@ -161,6 +175,15 @@ def _request(world: World, action: str, role: str) -> Request:
                                     None, 200),
         "create user": lambda: ("POST", "/users", {"name": f"new-{role}",
                                                    "role": "clinician"}, 201),
+        "issue enrollment token": lambda: ("POST", "/sites/site-a/enrollment-token", None,
+                                           201),
+        "revoke site": lambda: ("POST", f"/sites/rv-{own}/revoke", {"reason": "matrix"}, 200),
+        "issue token for another user": lambda: ("POST", f"/users/tok-{own}/token", None, 201),
+        "revoke tokens of another user": lambda: ("POST", f"/users/rvk-{own}/revoke-tokens",
+                                                  None, 204),
+        "disable user": lambda: ("POST", f"/users/dis-{own}/disable", {"reason": "matrix"},
+                                 200),
+        "delete user": lambda: ("DELETE", f"/users/del-{own}", None, 204),
     }
     return requests[action]()
 
