@@ -7,6 +7,7 @@ integration tests.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -882,3 +883,82 @@ def test_a_password_check_never_holds_the_database(
                            ("nobody", "whatever")]:
         client.post(api("/login"), json={"name": name, "password": password})
     assert probes == ["free", "free", "free"]
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+def test_user_commands_of_the_cli(make_client: Callable[..., TestClient],
+                                  token_for: Callable[..., dict[str, str]],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator import cli
+
+    client, admin = make_client(), token_for("admin")
+    token = _user(client, admin, "carol", password=None)
+
+    def in_process(*_args: Any) -> cli.ApiClient:
+        out = cli.ApiClient.__new__(cli.ApiClient)
+        out.base = "http://testserver"
+        out._http = TestClient(client.app, base_url="http://testserver/api/v1",
+                               headers=admin)
+        return out
+
+    monkeypatch.setattr(cli, "_client", in_process)
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(cli.app, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    fresh = run("new-token", "carol").strip().splitlines()[-1]
+    assert client.get(api("/me"), headers=_bearer(token)).status_code == 401
+    assert client.get(api("/me"), headers=_bearer(fresh)).status_code == 200
+    run("revoke-tokens", "carol")
+    assert client.get(api("/me"), headers=_bearer(fresh)).status_code == 401
+    run("disable-user", "carol", "--reason", "on leave")
+    listed = run("users")
+    assert "carol" in listed and "disabled since" in listed
+    run("enable-user", "carol")
+    assert "enabled" in run("users")
+    run("delete-user", "carol", "--yes")
+    assert "carol" not in {u["name"] for u in json.loads(run("users", "--json"))}
+
+
+def test_admin_token_command_renews_the_admins_token_from_the_data_directory(
+        tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from typer.testing import CliRunner
+
+    from coordinator import cli
+    from coordinator.api import user_for_token
+    from coordinator.models import User
+
+    home = tmp_path / "coord"
+    runner = CliRunner()
+    assert runner.invoke(cli.app, ["init", "--home", str(home)]).exit_code == 0
+    old = (home / "admin.token").read_text().strip()
+    url = f"sqlite:///{home / 'coordinator.db'}"
+    eng = make_engine(url)
+    try:
+        with session_scope(eng) as session:
+            admin = session.exec(select(User).where(User.name == "admin")).one()
+            admin.token_expires_at = datetime.now(UTC)
+            session.add(admin)
+        result = runner.invoke(cli.app, ["admin-token", "--home", str(home)])
+        assert result.exit_code == 0, result.output
+        assert "the previous one no longer works" in " ".join(result.output.split())
+        new = (home / "admin.token").read_text().strip()
+        assert (home / "admin.token").stat().st_mode & 0o777 == 0o600
+        with Session(eng) as session:
+            assert user_for_token(session, old) is None
+            user = user_for_token(session, new)
+            assert user is not None and user.name == "admin"
+        result = runner.invoke(cli.app, ["admin-token", "--home", str(tmp_path / "nothing")])
+        assert result.exit_code == 1
+        assert "not a coordinator data directory" in " ".join(result.output.split())
+    finally:
+        eng.dispose()
