@@ -10,6 +10,7 @@ import os
 import socket
 import sqlite3
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,19 +317,27 @@ def test_a_site_renews_its_certificate_before_expiry_without_a_token(
                        ca_cert=files.coordinator_ca)
     assert route.tunnel is not None
     try:
+        old_pair = (files.root / "old.pem", files.root / "old.key")
+        old_pair[0].write_bytes(files.site_cert.read_bytes())
+        old_pair[1].write_bytes(files.site_key.read_bytes())
         renew(root=files.root, gateway=fed.fleet)
         new = x509.load_pem_x509_certificate(files.site_cert.read_bytes()).serial_number
         assert new != old
         with _client(files, files.coordinator_ca) as c:
             assert c.get(f"https://{fed.fleet}/health").status_code == 200
-        # The running tunnel presents the renewed certificate from its next connection on:
-        # with the old one revoked, it still gets through.
+        # The old certificate is retired at once: the site holds one valid certificate.
+        ctx = ssl.create_default_context(cafile=str(files.coordinator_ca))
+        ctx.load_cert_chain(str(old_pair[0]), str(old_pair[1]))
+        with httpx.Client(verify=ctx, timeout=10) as c:
+            r = c.get(f"https://{fed.fleet}/health")
+            assert r.status_code == 403 and "replaced by a renewal" in r.text
         db = sqlite3.connect(fed.home / "coordinator.db")
-        db.execute("UPDATE site_certificates SET revoked_at = ?, revoke_reason = 'test' "
-                   "WHERE serial = ?", (dt.datetime.now(dt.UTC).isoformat(), format(old, "x")))
-        db.commit()
+        valid = db.execute("SELECT serial FROM site_certificates JOIN sites ON sites.id = "
+                           "site_certificates.site_id WHERE sites.name = 'site-renew' AND "
+                           "revoked_at IS NULL").fetchall()
         db.close()
-        time.sleep(2.5)     # the gateway's identity cache
+        assert valid == [(format(new, "x"),)]
+        # The running tunnel presents the renewed certificate from its next connection on.
         local = httpx.Client(verify=ssl.create_default_context(
             cafile=str(route.root_certificates)), timeout=10)
         with local:
@@ -339,3 +348,104 @@ def test_a_site_renews_its_certificate_before_expiry_without_a_token(
     items = events["items"] if isinstance(events, dict) else events
     assert any(e["action"] == "site.cert_renewed" and e["subject"] == "site-renew"
                for e in items)
+
+
+def test_repeated_flower_headers_are_refused_and_forwarding_headers_never_reach_the_superlink(
+        fed: Federation, tmp_path: Path) -> None:
+    from coordinator.flower_control import node_public_key_bytes
+
+    files = _enrolled(fed, "site-dup", tmp_path)
+    other = _enrolled(fed, "site-dup-other", tmp_path)
+    keys = [base64.b64encode(node_public_key_bytes((f.keys / "node_key.pub").read_text())
+                             ).decode() for f in (files, other)]
+    # Flower would trust the first key (the other site's); the gateway checked the last.
+    for target, headers in [("/v1/fleet/pull-messages", [keys[1], keys[0]])]:
+        ctx = ssl.create_default_context(cafile=str(files.coordinator_ca))
+        ctx.load_cert_chain(str(files.site_cert), str(files.site_key))
+        host, port = fed.fleet.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            head = "".join(f"flwr-public-key: {k}\r\n" for k in headers)
+            tls.sendall(f"POST {target} HTTP/1.1\r\nHost: {fed.fleet}\r\n{head}"
+                        "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+        assert b"flwr-public-key more than once" in reply
+    # The SuperLink's access log names each fleet call's client: the gateway, never an
+    # address the site made up (its server would take one from 127.0.0.1 at its word).
+    log = fed.home / "superlink" / "superlink.log"
+    path = "/v1/fleet/pull-messages"
+    before = log.read_text().count(path)
+    with _client(files, files.coordinator_ca) as c:
+        r = c.post(f"https://{fed.fleet}{path}", content=b"",
+                   headers={"flwr-public-key": keys[0], "X-Forwarded-For": "198.51.100.23",
+                            "X-Real-IP": "198.51.100.23", "Forwarded": "for=198.51.100.23"})
+        assert r.status_code != 403, r.text   # the gateway let it through
+    deadline = time.monotonic() + 10
+    while log.read_text().count(path) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().count(path) > before
+    assert "198.51.100.23" not in log.read_text()
+
+
+def test_revoking_a_site_unregisters_its_flower_node(fed: Federation, tmp_path: Path) -> None:
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    from coordinator.flower_control import FlowerControl
+
+    _enrolled(fed, "site-gone", tmp_path)
+    node_id = int(fed.api("GET", "/sites/site-gone").json()["flower_node_id"])
+    control = FlowerControl(address=fed.superlink, ca_cert=fed.home / "pki" / "ca.pem")
+
+    def status() -> str:
+        client = control._client()
+        try:
+            nodes = client.ListNodes(ListNodesRequest()).nodes_info
+        finally:
+            client.close()
+        return next(str(n.status) for n in nodes if int(n.node_id) == node_id)
+
+    assert status() != "unregistered"
+    r = fed.api("POST", "/sites/site-gone/revoke", {"reason": "hospital left the project"})
+    assert r.status_code == 200, r.text
+    assert status() == "unregistered"
+    assert any(e["action"] == "site.unregistered" and e["subject"] == "site:site-gone"
+               for e in fed.audit_events())
+
+
+def test_the_gateway_serves_sites_while_wrong_logins_flood_the_api(
+        fed: Federation, tmp_path: Path) -> None:
+    files = _enrolled(fed, "site-busy", tmp_path)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def flood() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{fed.api_port}/api/v1",
+                          timeout=60) as api:
+            while not stop.is_set():
+                r = api.post("/login", json={"name": "admin", "password": "not the password"})
+                statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(24)]
+    for t in threads:
+        t.start()
+    slowest = 0.0
+    answers: list[int] = []
+    try:
+        with _client(files, files.coordinator_ca) as c:
+            deadline = time.monotonic() + 15   # several registry reads (one per 2 s)
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                answers.append(c.get(f"https://{fed.fleet}/health").status_code)
+                slowest = max(slowest, time.monotonic() - started)
+                time.sleep(0.25)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert set(answers) == {200}, answers
+    assert slowest < 5.0, f"a site waited {slowest:.1f} s"
+    assert statuses and set(statuses) <= {401, 429}, sorted(set(statuses))
+    assert 429 in statuses
