@@ -171,6 +171,7 @@ class SiteGateway:
         self._ready = threading.Event()
         self._upstream: httpx.AsyncClient | None = None
         self._tls: ssl.SSLContext | None = None
+        self._stopping = False
         self._limits = ConnectionLimits(config.limits)   # touched only on the event loop
         self.refusals = RefusalLog(log)
 
@@ -207,6 +208,12 @@ class SiteGateway:
             self.config = GatewayConfig(**{**self.config.__dict__,
                                            "port": int(sock.getsockname()[1])})
         self._ready.set()
+
+        def _summarise() -> None:   # refusals left out of the log are counted within a minute
+            self.refusals.flush()
+            loop.call_later(self.refusals.window_s, _summarise)
+
+        loop.call_later(self.refusals.window_s, _summarise)
         try:
             loop.run_forever()
         finally:
@@ -224,6 +231,7 @@ class SiteGateway:
             return
 
         def _close() -> None:
+            self._stopping = True
             if self._server is not None:
                 self._server.close()
             loop.stop()
@@ -326,7 +334,22 @@ class SiteGateway:
                       self.config.idle_timeout_s)
         finally:
             self._limits.release(slot)
-            writer.close()
+            await self._close(writer)
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close gracefully (TLS close_notify) if the client lets us within a few seconds;
+        else, or when the gateway stops, drop the socket."""
+        if self._stopping:
+            writer.transport.abort()
+            return
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 5.0)
+        except (TimeoutError, OSError, ssl.SSLError):
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      client: _Client) -> None:

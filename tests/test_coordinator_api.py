@@ -962,3 +962,20 @@ def test_admin_token_command_renews_the_admins_token_from_the_data_directory(
         assert "not a coordinator data directory" in " ".join(result.output.split())
     finally:
         eng.dispose()
+
+
+def test_the_portal_login_shares_the_rate_limits(
+        make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]]
+) -> None:
+    client = make_client()
+    _user(client, token_for("admin"), "dr.lee", role="clinician")
+    form = {"name": "dr.lee", "password": "not the password", "next": ""}
+    for _ in range(3):
+        assert client.post("/portal/login", data=form).status_code == 401
+    for _ in range(2):   # the API's failures count for the same name
+        assert client.post(api("/login"), json={"name": "dr.lee", "password": "nope"}
+                           ).status_code == 401
+    r = client.post("/portal/login", data={**form, "password": "a long enough passphrase"})
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) > 0
+    assert "too many failed logins from this user name" in r.text
