@@ -449,3 +449,35 @@ def test_the_gateway_serves_sites_while_wrong_logins_flood_the_api(
     assert slowest < 5.0, f"a site waited {slowest:.1f} s"
     assert statuses and set(statuses) <= {401, 429}, sorted(set(statuses))
     assert 429 in statuses
+
+
+def test_a_running_site_renews_mid_run_and_keeps_taking_part() -> None:
+    """Renewal retires the certificate the running agent's open connections use: they are
+    closed at their next request and Flower's client reconnects with the new one."""
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        for s in fed.data["sites"]:
+            token = json.loads(fed.coord_cli("enroll-token", s["name"], "--json").stdout)["token"]
+            root = work / "sites" / s["name"]
+            run_cli([str(BIN / "fedward-site"), "enroll", "--dir", str(root), "--gateway",
+                     fed.fleet, "--token", token, "--data", s["csv"], "--schema", s["schema"],
+                     "--project", "test"])
+            fed.sites[s["name"]] = Site(name=s["name"], root=root)
+            fed.start_site(s["name"])
+        fed.wait_online(2)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=4, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                r["status"] == "completed"
+                for r in fed.api("GET", f"/runs/{run_id}/rounds").json()):
+            time.sleep(0.5)
+        first = fed.data["sites"][0]["name"]
+        out = run_cli([str(BIN / "fedward-site"), "renew", "--dir",
+                       str(fed.sites[first].root)])
+        assert "certificate renewed" in out.stdout
+        run = fed.wait_run(run_id)
+        assert run["status"] == "completed", run
+        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
+        assert all(r["participating_sites"] == sorted(fed.sites) for r in rounds), rounds
+        assert any("replaced by a renewal" in line
+                   for line in (work / "coordinator.log").read_text().splitlines())
