@@ -14,7 +14,10 @@ Every checkpoint of a run is a *model version*. An ML engineer proposes one as a
 ``export_parity``
     Figures measured AT the sites by a :class:`SiteParity` evaluator on their held-out data,
     within :data:`PARITY_TOLERANCES`. Without an evaluator the gate fails: a parity figure
-    the coordinator made up would be worse than none.
+    the coordinator made up would be worse than none. A site measures only a model it
+    evaluated in the run, runs its own export of it (refusing artefacts that differ from
+    it), measures each format of a model once, and reports coarse bounds (agreement rounded
+    down to 1/20, largest difference rounded up to a power of ten).
 ``privacy_statement``
     Every participating site reported its cumulative epsilon, within the run's budget, and
     the run's delta is recorded.
@@ -147,6 +150,11 @@ PRIVACY_MECHANISM: Final = "DP-SGD"
 # The site agent's accountant (privacy.dp's default); sites report only the epsilon.
 PRIVACY_ACCOUNTANT: Final = "prv"
 FINGERPRINTS_NOT_REPORTED: Final = "not reported: no site sent a data fingerprint for this run"
+DATA_FINGERPRINT_METHOD: Final = (
+    "content-hmac: HMAC-SHA256 of the site's data file under a key only that site holds (so "
+    "nobody with a copy of a file can confirm a site holds it; an auditor the site gives its "
+    "key recomputes it, see `fedward-site fingerprint --reveal-key`); schema-hash: SHA-256 "
+    "of the declared data schema; n-rows, n-train, n-test: row counts")
 _EPSILON_METRIC: Final = "epsilon-spent"
 _FINGERPRINT_METRIC_PREFIX: Final = "fingerprint-"
 # Site metric names (export.wire.ALLOWED_REPLY_METRICS) -> evaluation figure names.
@@ -218,8 +226,10 @@ class IntegrityFailure(ReleaseError):
 class SiteParity(Protocol):
     """Measures a candidate's exported artefacts against its PyTorch model AT the sites.
 
-    Each site loads the artefacts and the checkpoint, runs both on its own held-out data and
-    sends back only the figures (see :func:`export.parity.parity_report`).
+    Each site checks that the checkpoint is a global model it evaluated in the run and that
+    every artefact is the same function as its own export of it, then runs its own export
+    and the PyTorch model on its held-out data and sends back only coarse figures (see
+    ``site_agent.parity_task``).
     """
 
     def evaluate(self, *, run_id: int, candidate_id: int,
@@ -448,7 +458,8 @@ def build_lineage(engine: Engine, *, home: Path, run_id: int, round_number: int
         ``run`` (config and seed), ``software`` (package versions, code revision, Flower app
         bundle hash), ``rounds`` (sites per round), ``privacy`` (epsilon and delta per
         site), ``evaluation`` (per-site metrics of this version) and ``data_fingerprints``
-        (``None`` with ``data_fingerprints_note`` when no site reported one).
+        (``None`` with ``data_fingerprints_note`` when no site reported one) with
+        ``data_fingerprint_method`` (what each fingerprint field is).
 
     Raises:
         NotFound: No such run or checkpoint.
@@ -499,6 +510,7 @@ def build_lineage(engine: Engine, *, home: Path, run_id: int, round_number: int
         "evaluation": _evaluation(metrics, round_number, int(config.get("rounds", 0))),
         "data_fingerprints": fingerprints or None,
         "data_fingerprints_note": None if fingerprints else FINGERPRINTS_NOT_REPORTED,
+        "data_fingerprint_method": DATA_FINGERPRINT_METHOD,
     }
 
 

@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "verify_bundle": "export.bundle",
     "write_bundle": "export.bundle",
     "create_app": "export.serve",
+    "canonical_digest": "export.canonical",
 }
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "UnsupportedModelError",
     "VerifiedBundle",
     "build_model",
+    "canonical_digest",
     "create_app",
     "export_onnx",
     "export_onnx_int8",

@@ -796,12 +796,14 @@ def test_lineage_takes_the_fingerprints_the_sites_reported(
     lineage = client.get(api(f"/versions/{run_id}/3/lineage"), headers=users["rev"]).json()
     assert lineage["data_fingerprints"]["hospital-a"] == [
         {"round": 1, "fingerprint": {"n-rows": 284.0}}]
-    fingerprint = {"schema-hash": "ab" * 32, "content-sha256": "cd" * 32, "n-rows": "284"}
+    fingerprint = {"schema-hash": "ab" * 32, "content-hmac": "cd" * 32, "n-rows": "284"}
     record_data_fingerprint(engine, run_id, 1, "hospital-b", fingerprint)
     lineage = client.get(api(f"/versions/{run_id}/3/lineage"), headers=users["rev"]).json()
     assert lineage["data_fingerprints"] == {"hospital-b": [{"round": 1,
                                                             "fingerprint": fingerprint}]}
     assert lineage["data_fingerprints_note"] is None
+    assert lineage["data_fingerprint_method"].startswith(
+        "content-hmac: HMAC-SHA256 of the site's data file under a key only that site holds")
 
 
 # --- gates settings, passwords -------------------------------------------------------------
