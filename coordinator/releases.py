@@ -95,6 +95,8 @@ from export.bundle import (
 __all__ = [
     "GATE_ROLES",
     "GATE_THRESHOLDS",
+    "HELD_OUT_NOT_DP",
+    "NOT_COVERED_BY_DP",
     "PARITY_TOLERANCES",
     "PROPOSE_ROLES",
     "REVIEW_ROLES",
@@ -150,6 +152,16 @@ PRIVACY_MECHANISM: Final = "DP-SGD"
 # The site agent's accountant (privacy.dp's default); sites report only the epsilon.
 PRIVACY_ACCOUNTANT: Final = "prv"
 FINGERPRINTS_NOT_REPORTED: Final = "not reported: no site sent a data fingerprint for this run"
+# What a release card shows that the DP guarantee does not cover (in its privacy statement).
+NOT_COVERED_BY_DP: Final = (
+    "held-out evaluation metrics per site (loss, accuracy, AUC, rows evaluated), reported "
+    "without noise, and the training curve drawn from them",
+    "export parity figures per site (coarse: agreement in twentieths, largest difference as "
+    "a power of ten), measured on held-out rows without noise",
+    "data fingerprints (row counts, schema hash, keyed file digest)",
+)
+HELD_OUT_NOT_DP: Final = ("Held-out figures each site computed without noise: not covered by "
+                          "the differential-privacy guarantee.")
 DATA_FINGERPRINT_METHOD: Final = (
     "content-hmac: HMAC-SHA256 of the site's data file under a key only that site holds (so "
     "nobody with a copy of a file can confirm a site holds it; an auditor the site gives its "
@@ -1006,7 +1018,11 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
         f"{privacy['max_grad_norm']}, Gaussian noise); each site's privacy loss is accounted "
         f"with the {PRIVACY_ACCOUNTANT.upper()} accountant and stayed within epsilon "
         f"{privacy['epsilon_budget_per_site']} at delta {privacy['delta']} for the whole run "
-        f"up to round {cand.round_number}. No patient record left any site."
+        f"up to round {cand.round_number}. No patient record left any site. The guarantee "
+        "covers the model's weights. It does not cover the held-out metrics: each site's "
+        "evaluation figures (loss, accuracy, AUC, row counts), the training curve drawn from "
+        "them and the coarse export parity figures are computed on the site's held-out rows "
+        "without noise. No training loss left any site."
     )
     return {
         "release_id": release_id,
@@ -1028,6 +1044,7 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
             "epsilon_budget_per_site": privacy["epsilon_budget_per_site"],
             "delta": privacy["delta"],
             "per_site": per_site_privacy,
+            "not_covered": list(NOT_COVERED_BY_DP),
         },
         "export_parity": by_name.get("export_parity", {}).get("figures", {}),
         "formats": {fmt: list(ARTEFACT_FILES[fmt]) for fmt in FORMATS},
@@ -1311,18 +1328,21 @@ _PALETTE: Final = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17be
 def _curves(metrics: Mapping[int, Mapping[str, Mapping[str, float]]], up_to_round: int,
             final_round: int) -> tuple[dict[str, list[tuple[float, float]]],
                                        dict[str, list[tuple[float, float]]]]:
-    """Per-site (model after round k, value) points: evaluation AUC and training loss."""
+    """Per-site (model after round k, value) points: held-out AUC and held-out loss.
+
+    No training loss is drawn: sites do not send it (it is not covered by DP-SGD's
+    accounting), and one sent by an older site agent is ignored.
+    """
     auc: dict[str, list[tuple[float, float]]] = {}
     loss: dict[str, list[tuple[float, float]]] = {}
     for number in sorted(metrics):
         for site, values in sorted(metrics[number].items()):
             # Evaluated at the start of round n: the model after round n - 1.
-            if "eval-auc" in values and number - 1 <= up_to_round:
-                auc.setdefault(site, []).append((number - 1, values["eval-auc"]))
-            if "train-loss" in values and number <= up_to_round:
-                loss.setdefault(site, []).append((number, values["train-loss"]))
-            if (number == final_round == up_to_round and "final-eval-auc" in values):
-                auc.setdefault(site, []).append((number, values["final-eval-auc"]))
+            for name, series in (("eval-auc", auc), ("eval-loss", loss)):
+                if name in values and number - 1 <= up_to_round:
+                    series.setdefault(site, []).append((number - 1, values[name]))
+                if number == final_round == up_to_round and f"final-{name}" in values:
+                    series.setdefault(site, []).append((number, values[f"final-{name}"]))
     return auc, loss
 
 
@@ -1380,7 +1400,10 @@ def _panel(x0: float, title: str, series: Mapping[str, list[tuple[float, float]]
 
 def training_curve_svg(*, metrics: Mapping[int, Mapping[str, Mapping[str, float]]],
                        up_to_round: int, final_round: int, title: str) -> str:
-    """Draw per-site evaluation AUC and training loss by round as a standalone SVG.
+    """Draw per-site held-out AUC and loss by round as a standalone SVG.
+
+    The figures are each site's evaluation of the global model on its held-out split,
+    reported without noise: the drawing says that they are not covered by the DP guarantee.
 
     Args:
         metrics: Round -> site -> metric name -> value, as the sites reported them.
@@ -1396,17 +1419,19 @@ def training_curve_svg(*, metrics: Mapping[int, Mapping[str, Mapping[str, float]
     sites = sorted(set(auc) | set(loss))
     colours = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(sites)}
     legend_h = 18 * ((len(sites) + 3) // 4)
-    height = 300 + legend_h
+    height = 320 + legend_h
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="700" height="{height}" '
              f'viewBox="0 0 700 {height}" font-family="sans-serif" role="img">',
              f"<title>{escape(title)}</title>",
              '<rect width="100%" height="100%" fill="white"/>']
-    parts += _panel(10, "Evaluation AUC per site", auc, colours, fixed_y=(0.0, 1.0))
-    parts += _panel(360, "Training loss per site", loss, colours, fixed_y=None)
+    parts += _panel(10, "Held-out AUC per site", auc, colours, fixed_y=(0.0, 1.0))
+    parts += _panel(360, "Held-out loss per site", loss, colours, fixed_y=None)
     for i, site in enumerate(sites):
         x, y = 20 + (i % 4) * 170, 292 + 18 * (i // 4)
         parts.append(f'<rect x="{x}" y="{y - 9}" width="12" height="12" '
                      f'fill="{colours[site]}"/>')
         parts.append(f'<text x="{x + 17}" y="{y + 1}" font-size="12">{escape(site)}</text>')
+    parts.append(f'<text x="20" y="{height - 10}" font-size="11" fill="#444">'
+                 f"{escape(HELD_OUT_NOT_DP)}</text>")
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

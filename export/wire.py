@@ -159,7 +159,8 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
     {
         "num-examples",        # training examples used (weight for FedAvg)
         "num-eval-examples",   # held-out examples evaluated
-        "train-loss",
+        # No "train-loss": the loss on the training rows is not covered by DP-SGD's
+        # accounting (it singled out an outlier record), so it never leaves a site.
         "eval-loss",           # loss of the received global model on the site's held-out split
         "eval-accuracy",
         "eval-auc",

@@ -551,9 +551,10 @@ class WarmTrainer:
             grad_sample_mode=self.grad_sample_mode,
         )
         spent = self.ledger.complete_round(run_id=run_id, round_number=round_number)
+        # No training loss leaves the site: it is a statistic of the training rows that
+        # DP-SGD's accounting does not cover (one round's loss singled out an outlier record).
         metrics.update({
             "num-examples": float(n_train),
-            "train-loss": result.loss,
             "epsilon-spent": spent,
             "epsilon-round": max(0.0, spent - spent_before),
             "noise-multiplier": sigma,

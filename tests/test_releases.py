@@ -49,7 +49,7 @@ from coordinator.models import (
     Run,
     UserCredential,
 )
-from coordinator.releases import SiteParity, training_curve_svg
+from coordinator.releases import HELD_OUT_NOT_DP, SiteParity, training_curve_svg
 from coordinator.repository import (
     finish_round,
     finish_run,
@@ -444,6 +444,10 @@ def test_propose_gate_approve_download_verify_revoke(
     assert card["input"]["columns"] == list(BREAST_CANCER_COLUMNS)
     privacy = card["privacy_statement"]
     assert privacy["mechanism"] == "DP-SGD" and privacy["accountant"] == "prv"
+    # The card says what the guarantee does not cover: the held-out metrics it shows.
+    assert "It does not cover the held-out metrics" in privacy["text"]
+    assert "No training loss left any site" in privacy["text"]
+    assert privacy["not_covered"][0].startswith("held-out evaluation metrics per site")
     assert privacy["per_site"] == {s: {"epsilon": pytest.approx(2.7), "delta": 1e-5}
                                    for s in SITES}
     assert set(card["metrics_per_site"]["per_site"]) == set(SITES)
@@ -961,16 +965,20 @@ def test_training_curve_svg_edge_cases() -> None:
     texts = [t.text for t in empty.iter("{http://www.w3.org/2000/svg}text")]
     assert texts.count("no figures reported") == 2
     svg = training_curve_svg(
-        metrics={1: {"<b>site</b>": {"eval-auc": 0.5, "train-loss": float("nan")}},
-                 2: {"<b>site</b>": {"eval-auc": 0.7, "train-loss": 0.4}}},
+        metrics={1: {"<b>site</b>": {"eval-auc": 0.5, "eval-loss": float("nan")}},
+                 2: {"<b>site</b>": {"eval-auc": 0.7, "eval-loss": float("nan"),
+                                     "train-loss": 0.4}}},
         up_to_round=1, final_round=3, title="a & b")
     root = ET.fromstring(svg)  # noqa: S314 - well-formed: names and titles are escaped
     assert "&lt;b&gt;site&lt;/b&gt;" in svg and "<script" not in svg
-    # AUC: rounds 1 and 2 evaluate the models after rounds 0 and 1. Loss: round 1 only,
-    # and that one is NaN, so the loss panel has nothing to draw.
+    # AUC: rounds 1 and 2 evaluate the models after rounds 0 and 1. The held-out loss is
+    # NaN both times, and a training loss (an older site sent one) is never drawn: the loss
+    # panel has nothing to draw.
     assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 1
-    assert [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")].count(
-        "no figures reported") == 1
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert texts.count("no figures reported") == 1
+    assert "Held-out loss per site" in texts and "Training loss per site" not in texts
+    assert HELD_OUT_NOT_DP in texts
 
 
 def test_migration_0003_downgrades_and_upgrades(tmp_path: Path) -> None:
