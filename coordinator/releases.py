@@ -27,7 +27,8 @@ proposer approves or rejects it with a reason. Approval writes the signed bundle
 (:func:`export.bundle.write_bundle`, OpenSSF model-signing format) to
 ``home/releases/<release-id>/`` with the coordinator's release key, created at first use
 under ``home/release-key/`` (the private key never leaves it). An admin can revoke a release;
-the revocation list is public. Every step is in the audit log.
+the revocation list is public and signed with the release key at each request
+(:func:`signed_revocation_list`). Every step is in the audit log.
 
 Transactions: functions that take a ``Session`` work inside the caller's transaction (the
 caller commits). Functions that take an ``Engine`` export, talk to sites or write bundles,
@@ -127,6 +128,7 @@ __all__ = [
     "revocation_list",
     "revoke_release",
     "set_gates",
+    "signed_revocation_list",
     "training_curve_svg",
     "verified_bundle",
 ]
@@ -1301,7 +1303,7 @@ def release_view(session: Session, release: Release) -> dict[str, Any]:
 
 
 def revocation_list(session: Session) -> dict[str, Any]:
-    """The public revocation list, in the shape ``fedward-verify --revocations`` reads.
+    """The revoked releases (unsigned: what the signed list is made of, and what staff see).
 
     Args:
         session: Open session.
@@ -1317,6 +1319,28 @@ def revocation_list(session: Session) -> dict[str, Any]:
                      "reason": r.revoke_reason} for r in rows],
         "generated_at": utcnow().isoformat(),
     }
+
+
+def signed_revocation_list(session: Session, home: Path) -> dict[str, Any] | None:
+    """The public revocation list, signed now with the release key, as ``fedward-verify``
+    and ``fedward-serve`` read it (see :mod:`export.revocations`).
+
+    Args:
+        session: Open session.
+        home: The coordinator's data directory (the release key is under it).
+
+    Returns:
+        The signed document, or ``None`` before the first release (no key, nothing to
+        revoke).
+    """
+    from export.revocations import sign_revocations
+
+    if release_public_key(home) is None:
+        return None
+    private, _public = release_key(home)
+    listed = revocation_list(session)
+    return sign_revocations(revoked=listed["revoked"], private_key=private,
+                            issued_at=utcnow())
 
 
 # --- training curve ----------------------------------------------------------------------

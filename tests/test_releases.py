@@ -64,10 +64,11 @@ from coordinator.settings import Settings
 from export.bundle import (
     ArtefactFormat,
     BundleVerificationError,
-    load_revocations,
     verify_bundle,
 )
 from export.parity import parity_report
+from export.revocations import RevocationSource, load_revocations
+from export.serve import create_app as create_inference_app
 from export.tasks import (
     BREAST_CANCER_COLUMNS,
     TASKS,
@@ -79,6 +80,7 @@ from export.tasks import (
 from export.verify_cli import app as verify_app
 
 from test_coordinator_api import TestClient, api
+from tests_support import served_app
 
 # torch 2.13's ONNX exporter trips its own pytree deprecation shim (see test_export_formats);
 # flwr's FAB builder (the app bundle hash in every lineage) asks pathspec for a style it
@@ -473,23 +475,41 @@ def test_propose_gate_approve_download_verify_revoke(
     folder = unpack(r.content, tmp_path / "clinic")
     assert verify_bundle(bundle_dir=folder, public_key=pub, release_id=rid).release_id == rid
 
-    # Revocation: admins only, once; the list is public and verification honours it.
-    assert client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
-                       headers=users["rev"]).status_code == 403
-    r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
-                    headers=users["admin"])
-    assert r.status_code == 200, r.text
-    assert r.json()["revoked_by"] == "admin"
-    r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "again"},
-                    headers=users["admin"])
-    assert r.status_code == 409
-    revocations = client.get(api("/revocations")).json()
-    assert [(x["release_id"], x["reason"]) for x in revocations["revoked"]] == [
-        (rid, "label leak found")]
+    # Revocation is checked by default, online, against the coordinator's signed list.
+    with served_app(create_app(settings=Settings(home=home), engine=engine),
+                    name="coordinator-api") as port:
+        runner = CliRunner(env={"FEDWARD_COORDINATOR": f"http://127.0.0.1:{port}"})
+        before = runner.invoke(verify_app, [str(folder), "--public-key", str(pub)])
+        assert before.exit_code == 0, before.output
+        assert before.stdout.startswith(f"verified: release {rid}, 7 files, not revoked as of")
+        online = RevocationSource(coordinator=f"http://127.0.0.1:{port}")
+        serving = TestClient(create_inference_app(bundle_dir=folder, public_key=pub,
+                                                  revocations=online))
+        assert serving.get("/health").status_code == 200
+
+        # Admins only, once.
+        assert client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
+                           headers=users["rev"]).status_code == 403
+        r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
+                        headers=users["admin"])
+        assert r.status_code == 200, r.text
+        assert r.json()["revoked_by"] == "admin"
+        r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "again"},
+                        headers=users["admin"])
+        assert r.status_code == 409
+
+        after = runner.invoke(verify_app, [str(folder), "--public-key", str(pub)])
+        assert after.exit_code == 1
+        assert f"verification failed: release {rid} is revoked" in after.stderr
+        assert serving.post("/reload").json()["detail"] == (
+            f"not serving: release {rid} is revoked")
+    # The list is signed with the release key; saved, it serves offline for a week.
     rev_file = tmp_path / "revocations.json"
-    rev_file.write_text(json.dumps(revocations))
+    rev_file.write_bytes(client.get(api("/revocations")).content)
+    listed = load_revocations(rev_file, public_key=pub)
+    assert dict(listed.reasons) == {rid: "label leak found"}
     with pytest.raises(BundleVerificationError, match=f"^release {rid} is revoked$"):
-        verify_bundle(bundle_dir=folder, public_key=pub, revoked=load_revocations(rev_file))
+        verify_bundle(bundle_dir=folder, public_key=pub, revoked=listed.revoked)
     result = CliRunner().invoke(verify_app, [str(folder), "--public-key", str(pub),
                                              "--revocations", str(rev_file)])
     assert result.exit_code == 1
