@@ -12,9 +12,11 @@ A bundle is a plain folder::
 
 ``model.sig`` is in the OpenSSF model-signing format (``model-signing`` 1.1.1, key mode,
 EC P-256): a Sigstore bundle whose DSSE envelope carries an in-toto statement listing every
-file and its SHA-256 digest. Anyone can check a bundle with the standard tool::
+file and its SHA-256 digest. Anyone can check the signature and the signed files with the
+standard tool (``--no-ignore-git-paths``: by default it skips ``.git*`` files)::
 
-    model_signing verify key <release> --signature <release>/model.sig --public_key pub.pem
+    model_signing verify key <release> --signature <release>/model.sig --public_key pub.pem \
+        --no-ignore-git-paths
 
 Signing goes through the ``model_signing`` Python API, so the format is the standard one by
 construction. Verification here does not use ``model_signing``: it reads the same format
@@ -481,8 +483,8 @@ def render_model_card_md(card: Mapping[str, Any], digests: Mapping[str, str]) ->
         "--coordinator <release portal address>",
         "",
         "The standard OpenSSF tool checks the signature and the signed files only (not "
-        "revocation, not the release id, not symlinks or stray folders); as a second "
-        "opinion, with `.git*` files included:",
+        "revocation, not the release id, not stray empty folders); as a second opinion, "
+        "with `.git*` files included:",
         "",
         "    model_signing verify key <bundle> --signature <bundle>/model.sig "
         "--public_key <release key .pub.pem> --no-ignore-git-paths",
