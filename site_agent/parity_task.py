@@ -183,16 +183,22 @@ def _exporter_versions() -> str:
 def _export_own(task: str, model: Any, out_dir: Path, formats: list[ArtefactFormat]
                 ) -> dict[ArtefactFormat, Path]:
     """The site's own export of ``model``, as the coordinator's release gates make it."""
-    from export.onnx_export import export_onnx, export_onnx_int8, export_openvino
+    from export.onnx_export import (
+        export_onnx,
+        export_onnx_int8,
+        export_openvino,
+        quiet_exporters,
+    )
 
-    onnx_path = export_onnx(model=model, task=task, out_dir=out_dir)
-    paths: dict[ArtefactFormat, Path] = {"onnx": onnx_path}
-    if "onnx-int8" in formats:
-        # Dynamic INT8, as the coordinator quantizes (it holds no rows to calibrate on).
-        paths["onnx-int8"] = export_onnx_int8(onnx_path=onnx_path, out_dir=out_dir,
-                                              calibration=None)
-    if "openvino" in formats:
-        paths["openvino"] = export_openvino(onnx_path=onnx_path, out_dir=out_dir)
+    with quiet_exporters():
+        onnx_path = export_onnx(model=model, task=task, out_dir=out_dir)
+        paths: dict[ArtefactFormat, Path] = {"onnx": onnx_path}
+        if "onnx-int8" in formats:
+            # Dynamic INT8, as the coordinator quantizes (it holds no rows to calibrate on).
+            paths["onnx-int8"] = export_onnx_int8(onnx_path=onnx_path, out_dir=out_dir,
+                                                  calibration=None)
+        if "openvino" in formats:
+            paths["openvino"] = export_openvino(onnx_path=onnx_path, out_dir=out_dir)
     return paths
 
 
@@ -239,7 +245,8 @@ def measure_parity(*, task: str, run_id: str, model_arrays: dict[str, np.ndarray
             f"parity of model {digest[:16]} was measured here already for {', '.join(again)}; "
             "a site measures each format of a model once", detail)
     model = build_model(task, seed=0)
-    set_model_arrays(model, {k: np.asarray(v, dtype=np.float32) for k, v in model_arrays.items()})
+    # A copy: arrays that came over the socket are read-only views torch warns about.
+    set_model_arrays(model, {k: np.array(v, dtype=np.float32) for k, v in model_arrays.items()})
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="parity-", dir=workdir))
     try:

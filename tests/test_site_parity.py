@@ -8,6 +8,7 @@ returns (largest logit difference on its held-out rows) is a patient value.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,12 +183,17 @@ def test_a_crafted_graph_is_refused_audited_and_never_run(
 
 
 def test_genuine_parity_is_measured_once_with_coarse_figures(
-        trainer: Trainer, candidate: Candidate) -> None:
+        trainer: Trainer, candidate: Candidate, caplog: pytest.LogCaptureFixture) -> None:
     site, log = trainer
     evaluate(site, candidate.arrays)
     task = parity_task(candidate.arrays, candidate.files)
 
-    reply, _ = site.handle({"kind": "parity", "config": config()}, task)
+    with caplog.at_level(logging.INFO):
+        reply, _ = site.handle({"kind": "parity", "config": config()}, task)
+
+    # The exporters' chatter stays out of the site's log (hospital IT reads it).
+    assert [r.getMessage()[:60] for r in caplog.records
+            if not r.name.startswith("fedward")] == []
 
     assert "error" not in reply, reply
     metrics = reply["metrics"]
