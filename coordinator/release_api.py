@@ -479,7 +479,8 @@ def revocations(request: Request, session: SessionDep) -> dict[str, Any]:
     it says when it was issued). Its ``payload`` is base64 JSON naming each revoked release
     and why.
     """
-    signed = releases.signed_revocation_list(session, _home(request))
+    with _refusals():
+        signed = releases.signed_revocation_list(session, _home(request))
     if signed is None:
         raise HTTPException(404, "no release has been signed yet, so there is no revocation "
                                  "list")
