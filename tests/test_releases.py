@@ -830,6 +830,26 @@ def test_lineage_takes_the_fingerprints_the_sites_reported(
         "content-hmac: HMAC-SHA256 of the site's data file under a key only that site holds")
 
 
+def test_the_coordinator_keeps_only_the_keyed_fingerprint_of_a_site(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older site agent still sends the plain SHA-256 of its file: it is not recorded."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from coordinator.server_app import _fingerprint
+    from export.wire import REPLY_FINGERPRINT
+
+    # Messages read the identity of the task that makes them (as in a ServerApp process).
+    for name, value in (("_task_id", 1), ("_run_id", 4242), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    sent = Message(RecordDict({}), dst_node_id=1, message_type=MessageType.TRAIN)
+    reply = Message(RecordDict({REPLY_FINGERPRINT: ConfigRecord({
+        "content-sha256": "ab" * 32, "content-hmac": "cd" * 32, "n-rows": "284"})}),
+        reply_to=sent)
+    assert _fingerprint(reply) == {"content-hmac": "cd" * 32, "n-rows": "284"}
+
+
 # --- gates settings, passwords -------------------------------------------------------------
 
 
