@@ -317,7 +317,7 @@ def _progress_table(run: dict[str, Any], rounds: list[dict[str, Any]],
     table = Table(title=f"run {run['id']} · {run['task']} · {run['status']}"
                   + (f" · {run['failure_reason']}" if run.get("failure_reason") else "")
                   + (f"\n{note}" if note else ""))
-    for col in ("round", "status", "seconds", "site", "eval AUC", "eval acc", "train loss",
+    for col in ("round", "status", "seconds", "site", "eval AUC", "eval acc", "eval loss",
                 "epsilon", "failed / late"):
         table.add_column(col)
     by_round: dict[int, dict[str, dict[str, float]]] = {
@@ -335,7 +335,7 @@ def _progress_table(run: dict[str, Any], rounds: list[dict[str, Any]],
                 f"{rnd['seconds']:.2f}" if first and rnd.get("seconds") else "",
                 site_name,
                 _fmt(vals.get("eval-auc")), _fmt(vals.get("eval-accuracy")),
-                _fmt(vals.get("train-loss")), _fmt(vals.get("epsilon-spent")),
+                _fmt(vals.get("eval-loss")), _fmt(vals.get("epsilon-spent")),
                 failed if first else "",
             )
             first = False

@@ -439,7 +439,7 @@ def download_bundle(release_id: str, request: Request, session: SessionDep,
     """The signed bundle as a ``.tar.gz`` (verified on the coordinator before it is sent).
 
     Check it after unpacking: ``fedward-verify <folder> --public-key release.pub.pem
-    --revocations revocations.json``.
+    --coordinator <portal address>``.
     """
     require_role(user, ALL_ROLES)
     with _refusals():
@@ -469,11 +469,22 @@ def revoke(release_id: str, body: DecisionRequest, session: SessionDep,
 # --- public ------------------------------------------------------------------------------
 
 
-@router.get("/revocations", tags=["releases"])
-def revocations(session: SessionDep) -> dict[str, Any]:
-    """The revocation list (no token needed): save it and pass it to ``fedward-verify
-    --revocations``."""
-    return releases.revocation_list(session)
+@router.get("/revocations", tags=["releases"],
+            responses={404: {"description": "No release has been signed yet"}})
+def revocations(request: Request, session: SessionDep) -> dict[str, Any]:
+    """The revocation list, signed with the release key (no token needed).
+
+    ``fedward-verify --coordinator URL`` and ``fedward-serve --coordinator URL`` fetch it at
+    every check; saved to a file it is what ``--revocations FILE`` reads (for at most 7 days:
+    it says when it was issued). Its ``payload`` is base64 JSON naming each revoked release
+    and why.
+    """
+    with _refusals():
+        signed = releases.signed_revocation_list(session, _home(request))
+    if signed is None:
+        raise HTTPException(404, "no release has been signed yet, so there is no revocation "
+                                 "list")
+    return signed
 
 
 @router.get("/release-key", tags=["releases"],

@@ -212,12 +212,8 @@ def download(release_id: str,
                                       "the coordinator serves.")] = None,
              home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
     """Download a release, its public key and the revocation list, unpack and verify it."""
-    from export.bundle import (
-        BundleVerificationError,
-        load_revocations,
-        public_key_fingerprint,
-        verify_bundle,
-    )
+    from export.bundle import BundleVerificationError, public_key_fingerprint, verify_bundle
+    from export.revocations import load_revocations
 
     client = _client(api, token, home)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,8 +226,9 @@ def download(release_id: str,
     revocations.write_bytes(_get_bytes(client, "/revocations"))
     folder = _unpack(archive, release_id, out)
     try:
+        listed = load_revocations(revocations, public_key=public_key)
         verified = verify_bundle(bundle_dir=folder, public_key=public_key,
-                                 revoked=load_revocations(revocations), release_id=release_id)
+                                 revoked=listed.revoked, release_id=release_id)
     except BundleVerificationError as err:
         _fail(f"verification failed: {err}. Do not use this bundle.")
         return

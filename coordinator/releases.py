@@ -14,7 +14,10 @@ Every checkpoint of a run is a *model version*. An ML engineer proposes one as a
 ``export_parity``
     Figures measured AT the sites by a :class:`SiteParity` evaluator on their held-out data,
     within :data:`PARITY_TOLERANCES`. Without an evaluator the gate fails: a parity figure
-    the coordinator made up would be worse than none.
+    the coordinator made up would be worse than none. A site measures only a model it
+    evaluated in the run, runs its own export of it (refusing artefacts that differ from
+    it), measures each format of a model once, and reports coarse bounds (agreement rounded
+    down to 1/20, largest difference rounded up to a power of ten).
 ``privacy_statement``
     Every participating site reported its cumulative epsilon, within the run's budget, and
     the run's delta is recorded.
@@ -24,7 +27,8 @@ proposer approves or rejects it with a reason. Approval writes the signed bundle
 (:func:`export.bundle.write_bundle`, OpenSSF model-signing format) to
 ``home/releases/<release-id>/`` with the coordinator's release key, created at first use
 under ``home/release-key/`` (the private key never leaves it). An admin can revoke a release;
-the revocation list is public. Every step is in the audit log.
+the revocation list is public and signed with the release key at each request
+(:func:`signed_revocation_list`). Every step is in the audit log.
 
 Transactions: functions that take a ``Session`` work inside the caller's transaction (the
 caller commits). Functions that take an ``Engine`` export, talk to sites or write bundles,
@@ -92,6 +96,8 @@ from export.bundle import (
 __all__ = [
     "GATE_ROLES",
     "GATE_THRESHOLDS",
+    "HELD_OUT_NOT_DP",
+    "NOT_COVERED_BY_DP",
     "PARITY_TOLERANCES",
     "PROPOSE_ROLES",
     "REVIEW_ROLES",
@@ -122,6 +128,7 @@ __all__ = [
     "revocation_list",
     "revoke_release",
     "set_gates",
+    "signed_revocation_list",
     "training_curve_svg",
     "verified_bundle",
 ]
@@ -147,6 +154,21 @@ PRIVACY_MECHANISM: Final = "DP-SGD"
 # The site agent's accountant (privacy.dp's default); sites report only the epsilon.
 PRIVACY_ACCOUNTANT: Final = "prv"
 FINGERPRINTS_NOT_REPORTED: Final = "not reported: no site sent a data fingerprint for this run"
+# What a release card shows that the DP guarantee does not cover (in its privacy statement).
+NOT_COVERED_BY_DP: Final = (
+    "held-out evaluation metrics per site (loss, accuracy, AUC, rows evaluated), reported "
+    "without noise, and the training curve drawn from them",
+    "export parity figures per site (coarse: agreement in twentieths, largest difference as "
+    "a power of ten), measured on held-out rows without noise",
+    "data fingerprints (row counts, schema hash, keyed file digest)",
+)
+HELD_OUT_NOT_DP: Final = ("Held-out figures each site computed without noise: not covered by "
+                          "the differential-privacy guarantee.")
+DATA_FINGERPRINT_METHOD: Final = (
+    "content-hmac: HMAC-SHA256 of the site's data file under a key only that site holds (so "
+    "nobody with a copy of a file can confirm a site holds it; an auditor the site gives its "
+    "key recomputes it, see `fedward-site fingerprint --reveal-key`); schema-hash: SHA-256 "
+    "of the declared data schema; n-rows, n-train, n-test: row counts")
 _EPSILON_METRIC: Final = "epsilon-spent"
 _FINGERPRINT_METRIC_PREFIX: Final = "fingerprint-"
 # Site metric names (export.wire.ALLOWED_REPLY_METRICS) -> evaluation figure names.
@@ -218,8 +240,10 @@ class IntegrityFailure(ReleaseError):
 class SiteParity(Protocol):
     """Measures a candidate's exported artefacts against its PyTorch model AT the sites.
 
-    Each site loads the artefacts and the checkpoint, runs both on its own held-out data and
-    sends back only the figures (see :func:`export.parity.parity_report`).
+    Each site checks that the checkpoint is a global model it evaluated in the run and that
+    every artefact is the same function as its own export of it, then runs its own export
+    and the PyTorch model on its held-out data and sends back only coarse figures (see
+    ``site_agent.parity_task``).
     """
 
     def evaluate(self, *, run_id: int, candidate_id: int,
@@ -448,7 +472,8 @@ def build_lineage(engine: Engine, *, home: Path, run_id: int, round_number: int
         ``run`` (config and seed), ``software`` (package versions, code revision, Flower app
         bundle hash), ``rounds`` (sites per round), ``privacy`` (epsilon and delta per
         site), ``evaluation`` (per-site metrics of this version) and ``data_fingerprints``
-        (``None`` with ``data_fingerprints_note`` when no site reported one).
+        (``None`` with ``data_fingerprints_note`` when no site reported one) with
+        ``data_fingerprint_method`` (what each fingerprint field is).
 
     Raises:
         NotFound: No such run or checkpoint.
@@ -499,6 +524,7 @@ def build_lineage(engine: Engine, *, home: Path, run_id: int, round_number: int
         "evaluation": _evaluation(metrics, round_number, int(config.get("rounds", 0))),
         "data_fingerprints": fingerprints or None,
         "data_fingerprints_note": None if fingerprints else FINGERPRINTS_NOT_REPORTED,
+        "data_fingerprint_method": DATA_FINGERPRINT_METHOD,
     }
 
 
@@ -994,7 +1020,11 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
         f"{privacy['max_grad_norm']}, Gaussian noise); each site's privacy loss is accounted "
         f"with the {PRIVACY_ACCOUNTANT.upper()} accountant and stayed within epsilon "
         f"{privacy['epsilon_budget_per_site']} at delta {privacy['delta']} for the whole run "
-        f"up to round {cand.round_number}. No patient record left any site."
+        f"up to round {cand.round_number}. No patient record left any site. The guarantee "
+        "covers the model's weights. It does not cover the held-out metrics: each site's "
+        "evaluation figures (loss, accuracy, AUC, row counts), the training curve drawn from "
+        "them and the coarse export parity figures are computed on the site's held-out rows "
+        "without noise. No training loss left any site."
     )
     return {
         "release_id": release_id,
@@ -1016,6 +1046,7 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
             "epsilon_budget_per_site": privacy["epsilon_budget_per_site"],
             "delta": privacy["delta"],
             "per_site": per_site_privacy,
+            "not_covered": list(NOT_COVERED_BY_DP),
         },
         "export_parity": by_name.get("export_parity", {}).get("figures", {}),
         "formats": {fmt: list(ARTEFACT_FILES[fmt]) for fmt in FORMATS},
@@ -1272,7 +1303,7 @@ def release_view(session: Session, release: Release) -> dict[str, Any]:
 
 
 def revocation_list(session: Session) -> dict[str, Any]:
-    """The public revocation list, in the shape ``fedward-verify --revocations`` reads.
+    """The revoked releases (unsigned: what the signed list is made of, and what staff see).
 
     Args:
         session: Open session.
@@ -1290,6 +1321,28 @@ def revocation_list(session: Session) -> dict[str, Any]:
     }
 
 
+def signed_revocation_list(session: Session, home: Path) -> dict[str, Any] | None:
+    """The public revocation list, signed now with the release key, as ``fedward-verify``
+    and ``fedward-serve`` read it (see :mod:`export.revocations`).
+
+    Args:
+        session: Open session.
+        home: The coordinator's data directory (the release key is under it).
+
+    Returns:
+        The signed document, or ``None`` before the first release (no key, nothing to
+        revoke).
+    """
+    from export.revocations import sign_revocations
+
+    if release_public_key(home) is None:
+        return None
+    private, _public = release_key(home)
+    listed = revocation_list(session)
+    return sign_revocations(revoked=listed["revoked"], private_key=private,
+                            issued_at=utcnow())
+
+
 # --- training curve ----------------------------------------------------------------------
 
 _PALETTE: Final = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
@@ -1299,18 +1352,21 @@ _PALETTE: Final = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17be
 def _curves(metrics: Mapping[int, Mapping[str, Mapping[str, float]]], up_to_round: int,
             final_round: int) -> tuple[dict[str, list[tuple[float, float]]],
                                        dict[str, list[tuple[float, float]]]]:
-    """Per-site (model after round k, value) points: evaluation AUC and training loss."""
+    """Per-site (model after round k, value) points: held-out AUC and held-out loss.
+
+    No training loss is drawn: sites do not send it (it is not covered by DP-SGD's
+    accounting), and one sent by an older site agent is ignored.
+    """
     auc: dict[str, list[tuple[float, float]]] = {}
     loss: dict[str, list[tuple[float, float]]] = {}
     for number in sorted(metrics):
         for site, values in sorted(metrics[number].items()):
             # Evaluated at the start of round n: the model after round n - 1.
-            if "eval-auc" in values and number - 1 <= up_to_round:
-                auc.setdefault(site, []).append((number - 1, values["eval-auc"]))
-            if "train-loss" in values and number <= up_to_round:
-                loss.setdefault(site, []).append((number, values["train-loss"]))
-            if (number == final_round == up_to_round and "final-eval-auc" in values):
-                auc.setdefault(site, []).append((number, values["final-eval-auc"]))
+            for name, series in (("eval-auc", auc), ("eval-loss", loss)):
+                if name in values and number - 1 <= up_to_round:
+                    series.setdefault(site, []).append((number - 1, values[name]))
+                if number == final_round == up_to_round and f"final-{name}" in values:
+                    series.setdefault(site, []).append((number, values[f"final-{name}"]))
     return auc, loss
 
 
@@ -1368,7 +1424,10 @@ def _panel(x0: float, title: str, series: Mapping[str, list[tuple[float, float]]
 
 def training_curve_svg(*, metrics: Mapping[int, Mapping[str, Mapping[str, float]]],
                        up_to_round: int, final_round: int, title: str) -> str:
-    """Draw per-site evaluation AUC and training loss by round as a standalone SVG.
+    """Draw per-site held-out AUC and loss by round as a standalone SVG.
+
+    The figures are each site's evaluation of the global model on its held-out split,
+    reported without noise: the drawing says that they are not covered by the DP guarantee.
 
     Args:
         metrics: Round -> site -> metric name -> value, as the sites reported them.
@@ -1384,17 +1443,19 @@ def training_curve_svg(*, metrics: Mapping[int, Mapping[str, Mapping[str, float]
     sites = sorted(set(auc) | set(loss))
     colours = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(sites)}
     legend_h = 18 * ((len(sites) + 3) // 4)
-    height = 300 + legend_h
+    height = 320 + legend_h
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="700" height="{height}" '
              f'viewBox="0 0 700 {height}" font-family="sans-serif" role="img">',
              f"<title>{escape(title)}</title>",
              '<rect width="100%" height="100%" fill="white"/>']
-    parts += _panel(10, "Evaluation AUC per site", auc, colours, fixed_y=(0.0, 1.0))
-    parts += _panel(360, "Training loss per site", loss, colours, fixed_y=None)
+    parts += _panel(10, "Held-out AUC per site", auc, colours, fixed_y=(0.0, 1.0))
+    parts += _panel(360, "Held-out loss per site", loss, colours, fixed_y=None)
     for i, site in enumerate(sites):
         x, y = 20 + (i % 4) * 170, 292 + 18 * (i // 4)
         parts.append(f'<rect x="{x}" y="{y - 9}" width="12" height="12" '
                      f'fill="{colours[site]}"/>')
         parts.append(f'<text x="{x + 17}" y="{y + 1}" font-size="12">{escape(site)}</text>')
+    parts.append(f'<text x="20" y="{height - 10}" font-size="11" fill="#444">'
+                 f"{escape(HELD_OUT_NOT_DP)}</text>")
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

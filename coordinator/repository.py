@@ -585,7 +585,7 @@ def record_data_fingerprint(engine: Engine, run_id: int, number: int, site_name:
         run_id: Coordinator run id.
         number: Round in which the site reported it.
         site_name: The site.
-        fingerprint: ``schema-hash``, ``content-sha256`` and row counts.
+        fingerprint: ``schema-hash``, ``content-hmac`` (keyed by the site) and row counts.
     """
     with session_scope(engine) as session:
         existing = session.exec(select(AuditEvent).where(

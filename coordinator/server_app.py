@@ -821,6 +821,10 @@ def run_parity(*, grid: Grid, engine: Engine, plan: RunPlan, request_dir: Path,
                clock: Callable[[], float] = time.monotonic) -> None:
     """Send each site of the run the candidate's artefacts; collect only the figures.
 
+    A site answers only for a checkpoint it evaluated in the run and artefacts equal to its
+    own export, once per format (``site_agent.parity_task``); a refusal is recorded as that
+    site's failure with its reason.
+
     Reads ``request.json`` (checkpoint path, artefact files) from ``request_dir`` and writes
     ``result.json`` there atomically: per site, per format, max_abs_diff, agreement and n,
     plus the sites that failed and why.

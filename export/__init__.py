@@ -27,11 +27,13 @@ _LAZY: dict[str, str] = {
     "BundleWriteError": "export.bundle",
     "VerifiedBundle": "export.bundle",
     "generate_release_key": "export.bundle",
-    "load_revocations": "export.bundle",
+    "load_revocations": "export.revocations",
+    "RevocationSource": "export.revocations",
     "public_key_fingerprint": "export.bundle",
     "verify_bundle": "export.bundle",
     "write_bundle": "export.bundle",
     "create_app": "export.serve",
+    "canonical_digest": "export.canonical",
 }
 
 __all__ = [
@@ -39,11 +41,13 @@ __all__ = [
     "BundleVerificationError",
     "BundleWriteError",
     "ParityReport",
+    "RevocationSource",
     "TaskSpec",
     "UnknownTaskError",
     "UnsupportedModelError",
     "VerifiedBundle",
     "build_model",
+    "canonical_digest",
     "create_app",
     "export_onnx",
     "export_onnx_int8",

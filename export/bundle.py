@@ -12,9 +12,11 @@ A bundle is a plain folder::
 
 ``model.sig`` is in the OpenSSF model-signing format (``model-signing`` 1.1.1, key mode,
 EC P-256): a Sigstore bundle whose DSSE envelope carries an in-toto statement listing every
-file and its SHA-256 digest. Anyone can check a bundle with the standard tool::
+file and its SHA-256 digest. Anyone can check the signature and the signed files with the
+standard tool (``--no-ignore-git-paths``: by default it skips ``.git*`` files)::
 
-    model_signing verify key <release> --signature <release>/model.sig --public_key pub.pem
+    model_signing verify key <release> --signature <release>/model.sig --public_key pub.pem \
+        --no-ignore-git-paths
 
 Signing goes through the ``model_signing`` Python API, so the format is the standard one by
 construction. Verification here does not use ``model_signing``: it reads the same format
@@ -23,7 +25,8 @@ stricter than the standard tool's defaults. That tool ignores ``.git*`` files an
 the serialization options named inside the signature; :func:`verify_bundle` accepts exactly
 one serialization (every file, SHA-256, no symlinks, only ``model.sig`` left out), refuses
 any symlink, special file, unlisted file or folder, and any manifest name that is not a
-plain relative path, and checks the revocation list. It fails closed: it returns a
+plain relative path, and refuses a release id it is told is revoked (the signed revocation
+list is :mod:`export.revocations`). It fails closed: it returns a
 :class:`VerifiedBundle` or raises one :class:`BundleVerificationError` whose message says
 what is wrong.
 """
@@ -63,7 +66,6 @@ __all__ = [
     "BundleWriteError",
     "VerifiedBundle",
     "generate_release_key",
-    "load_revocations",
     "public_key_fingerprint",
     "public_key_path",
     "render_model_card_md",
@@ -474,14 +476,18 @@ def render_model_card_md(card: Mapping[str, Any], digests: Mapping[str, str]) ->
     lines += [f"| `{n}` | `{d}` |" for n, d in sorted(digests.items())]
     lines += [
         "",
-        "The signed manifest in `model.sig` is authoritative. Check the bundle before use:",
+        "The signed manifest in `model.sig` is authoritative. Check the bundle before use, "
+        "signature, files and revocation together:",
         "",
-        "    fedward-verify <bundle> --public-key <release key .pub.pem>",
+        "    fedward-verify <bundle> --public-key <release key .pub.pem> "
+        "--coordinator <release portal address>",
         "",
-        "or, with the standard OpenSSF tool:",
+        "The standard OpenSSF tool checks the signature and the signed files only (not "
+        "revocation, not the release id, not stray empty folders); as a second opinion, "
+        "with `.git*` files included:",
         "",
         "    model_signing verify key <bundle> --signature <bundle>/model.sig "
-        "--public_key <release key .pub.pem>",
+        "--public_key <release key .pub.pem> --no-ignore-git-paths",
         "",
     ]
     return "\n".join(lines)
@@ -494,41 +500,6 @@ def _md_value(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- verifying
-
-
-def load_revocations(path: Path) -> frozenset[str]:
-    """Read a revocation list: the release ids that must no longer be used.
-
-    Accepted JSON shapes: ``["r1", "r2"]``, ``{"revoked": ["r1"]}`` or
-    ``{"revoked": [{"release_id": "r1", "reason": "..."}]}``.
-
-    Args:
-        path: The JSON file.
-
-    Returns:
-        The revoked release ids.
-
-    Raises:
-        BundleVerificationError: The file cannot be read or has another shape (fail
-            closed: an unreadable revocation list never means "nothing is revoked").
-    """
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleVerificationError(f"cannot read the revocation list {path}: {exc}") \
-            from None
-    entries = raw.get("revoked") if isinstance(raw, dict) else raw
-    if not isinstance(entries, list):
-        raise BundleVerificationError(f"revocation list {path} must be a JSON list or an "
-                                      "object with a 'revoked' list")
-    ids: set[str] = set()
-    for entry in entries:
-        rid = entry.get(RELEASE_ID_KEY) if isinstance(entry, dict) else entry
-        if not isinstance(rid, str) or not rid:
-            raise BundleVerificationError(f"revocation list {path} has an entry without a "
-                                          f"release id: {entry!r}")
-        ids.add(rid)
-    return frozenset(ids)
 
 
 def verify_bundle(*, bundle_dir: Path, public_key: Path,

@@ -19,11 +19,16 @@ into ``out_dir`` and returns the main file's path.
 Known noise: torch 2.13's exporter emits a ``FutureWarning`` ("`isinstance(treespec,
 LeafSpec)` is deprecated") from its own pytree code and logs that torchvision is missing;
 onnxruntime's quantizer logs "Please consider to run pre-processing before quantization".
-All harmless. Tests run with warnings as errors and ignore that one warning by message.
+All harmless. Tests run with warnings as errors and ignore that one warning by message;
+:func:`quiet_exporters` keeps all of it out of a site agent's log, read by hospital IT.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +47,50 @@ __all__ = [
     "export_onnx",
     "export_onnx_int8",
     "export_openvino",
+    "quiet_exporters",
     "unwrap_model",
 ]
 
 INPUT_NAME = "features"  # (batch, n_features) float32, raw values as the sites hold them
 OUTPUT_NAME = "logits"   # (batch, n_classes) float32
 _STRIPPED_METADATA = frozenset({"pkg.torch.onnx.stack_trace"})
+
+
+# Loggers of the exporters' progress notes ("torchvision is not installed", "No unused
+# functions to remove", ...): nothing anyone running the appliance can act on.
+_CHATTY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+
+
+class _QuantizerNotes(logging.Filter):
+    """Drops what onnxruntime's quantizer logs on the root logger (its "consider running
+    pre-processing" advice and per-tensor notes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/onnxruntime/quantization/" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Keep the exporters' known, harmless notes out of the log while exporting.
+
+    Errors still show; only notes and warnings of the exporters themselves are held back.
+    """
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    quantizer = _QuantizerNotes()
+    root = logging.getLogger()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    root.addFilter(quantizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is "
+                                    "deprecated", category=FutureWarning)
+            yield
+    finally:
+        root.removeFilter(quantizer)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 class UnsupportedModelError(ValueError):

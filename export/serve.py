@@ -1,11 +1,13 @@
 """``fedward-serve``: a local inference service for one verified release bundle.
 
 The service serves a model only while its bundle verifies. At start it verifies the
-bundle (signature, every digest, file list, revocation list) and refuses to start
-otherwise. ``POST /reload`` reads the revocation list again and re-verifies; if that
-fails the service stops answering predictions (503 with the reason) until a reload
-succeeds. It never keeps serving a model whose bundle no longer verifies, not even the
-copy already in memory: fail closed.
+bundle (signature, every digest, file list) and its revocation status against the
+coordinator's signed revocation list (``--coordinator URL`` fetches it, ``--revocations
+FILE`` reads a saved one; ``--unsafe-skip-revocation-check`` skips it with a warning), and
+refuses to start otherwise. ``POST /reload`` gets the revocation list again and
+re-verifies; if that fails the service stops answering predictions (503 with the reason)
+until a reload succeeds. It never keeps serving a model whose bundle no longer verifies,
+not even the copy already in memory: fail closed.
 
 The model is loaded from the bytes whose digest was checked, not re-read from the path,
 so a file swapped after verification is never run. ONNX Runtime runs ``model.onnx`` on
@@ -35,10 +37,18 @@ from export.bundle import (
     SERVING_FILE,
     BundleError,
     BundleVerificationError,
-    load_revocations,
     verify_bundle,
 )
 from export.parity import Predictor, load_onnx_bytes
+from export.revocations import DEFAULT_MAX_AGE, RevocationSource
+from export.verify_cli import (
+    UNSAFE_SKIP_WARNING,
+    CoordinatorOpt,
+    MaxAgeOpt,
+    RevocationsOpt,
+    UnsafeSkipOpt,
+    revocation_source,
+)
 
 __all__ = [
     "DEFAULT_HOST",
@@ -105,10 +115,10 @@ class _Service:
     """The bundle source and what is being served; swapped whole, under a lock."""
 
     def __init__(self, *, bundle_dir: Path, public_key: Path,
-                 revocations_path: Path | None) -> None:
+                 revocations: RevocationSource) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.public_key = Path(public_key)
-        self.revocations_path = None if revocations_path is None else Path(revocations_path)
+        self.revocations = revocations
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._loaded: _Loaded | None = None
@@ -116,10 +126,11 @@ class _Service:
 
     def load(self) -> _Loaded:
         """Verify the bundle and load its model; raise BundleError with the reason."""
-        revoked = (load_revocations(self.revocations_path)
-                   if self.revocations_path is not None else frozenset())
+        listed = self.revocations.load(self.public_key)
+        if listed is None:
+            log.warning("%s", UNSAFE_SKIP_WARNING)
         verified = verify_bundle(bundle_dir=self.bundle_dir, public_key=self.public_key,
-                                 revoked=revoked)
+                                 revoked=frozenset() if listed is None else listed.revoked)
         if SERVING_FILE not in verified.files:
             raise BundleVerificationError(f"bundle has no {SERVING_FILE} to serve")
         data = verified.read_verified(SERVING_FILE)
@@ -182,14 +193,14 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(*, bundle_dir: Path, public_key: Path,
-               revocations_path: Path | None) -> FastAPI:
+               revocations: RevocationSource) -> FastAPI:
     """Build the inference service for one bundle, verifying it first.
 
     Args:
         bundle_dir: The release bundle folder.
         public_key: The release public key (PEM).
-        revocations_path: Revocation list (JSON, see :func:`export.bundle.load_revocations`)
-            read at start and at every reload, or None.
+        revocations: Where the signed revocation list comes from, at start and at every
+            reload (see :class:`export.revocations.RevocationSource`).
 
     Returns:
         The FastAPI application.
@@ -199,7 +210,7 @@ def create_app(*, bundle_dir: Path, public_key: Path,
             refuses to start.
     """
     service = _Service(bundle_dir=bundle_dir, public_key=public_key,
-                       revocations_path=revocations_path)
+                       revocations=revocations)
     service.reload()  # raises: refuse to start on a bundle that does not verify
     app = FastAPI(title="Fedward inference service", version="1")
     app.state.service = service
@@ -253,8 +264,10 @@ def serve(
     bundle: Annotated[Path, typer.Option("--bundle", help="The release bundle folder.")],
     public_key: Annotated[Path, typer.Option("--public-key", help="The release public key "
                                              "(PEM), as published on the release portal.")],
-    revocations: Annotated[Path | None, typer.Option(
-        "--revocations", help="Revocation list (JSON), re-read at every /reload.")] = None,
+    coordinator: CoordinatorOpt = None,
+    revocations: RevocationsOpt = None,
+    unsafe_skip_revocation_check: UnsafeSkipOpt = False,
+    max_revocation_age_days: MaxAgeOpt = DEFAULT_MAX_AGE.days,
     host: Annotated[str, typer.Option("--host", help="Address to bind; loopback by "
                                       "default.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = DEFAULT_PORT,
@@ -263,7 +276,12 @@ def serve(
     import uvicorn
 
     try:
-        app = create_app(bundle_dir=bundle, public_key=public_key, revocations_path=revocations)
+        source = revocation_source(coordinator=coordinator, revocations=revocations,
+                                   unsafe_skip=unsafe_skip_revocation_check,
+                                   max_age_days=max_revocation_age_days)
+        if source.unsafe_skip:
+            typer.echo(UNSAFE_SKIP_WARNING, err=True)
+        app = create_app(bundle_dir=bundle, public_key=public_key, revocations=source)
     except BundleError as exc:
         typer.echo(f"refusing to start: {exc}", err=True)
         raise typer.Exit(1) from None

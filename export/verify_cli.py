@@ -1,26 +1,73 @@
 """``fedward-verify``: check a release bundle before anyone uses it.
 
 Exit 0 and ``verified: release <id>, N files`` when the signature, every digest, the file
-list and the revocation list all check out; exit 1 with the reason otherwise. Run only
+list and the revocation status all check out; exit 1 with the reason otherwise. Run only
 bundles this command accepts.
+
+Revocation is checked by default against the coordinator's signed revocation list:
+fetched with ``--coordinator URL`` (or ``FEDWARD_COORDINATOR``), or read from a signed list
+saved from the portal with ``--revocations FILE``. Without either the bundle is refused;
+``--unsafe-skip-revocation-check`` skips the check, with a warning, for an offline check
+made knowingly.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from export.bundle import BundleVerificationError, load_revocations, verify_bundle
+from export.bundle import BundleVerificationError, verify_bundle
+from export.revocations import DEFAULT_MAX_AGE, UNSAFE_SKIP_FLAG, RevocationSource
 
-__all__ = ["EXIT_OK", "EXIT_REFUSED", "app", "main"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "UNSAFE_SKIP_WARNING",
+    "CoordinatorOpt",
+    "MaxAgeOpt",
+    "RevocationsOpt",
+    "UnsafeSkipOpt",
+    "app",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the bundle must not be used; the message says why
+UNSAFE_SKIP_WARNING = (
+    "WARNING: revocation NOT checked (--unsafe-skip-revocation-check): this release may have "
+    "been withdrawn. Check it against the release portal's revocation list before using it "
+    "for patients.")
+
+CoordinatorOpt = Annotated[str | None, typer.Option(
+    "--coordinator", envvar="FEDWARD_COORDINATOR",
+    help="The release portal's address (https://host): the signed revocation list is "
+         "fetched from it at every check.")]
+RevocationsOpt = Annotated[Path | None, typer.Option(
+    "--revocations", help="A signed revocation list saved from the release portal "
+                          "(/api/v1/revocations), instead of --coordinator.")]
+UnsafeSkipOpt = Annotated[bool, typer.Option(
+    UNSAFE_SKIP_FLAG, help="Do not check revocation at all (offline only, knowingly): a "
+                           "withdrawn release then passes.")]
+MaxAgeOpt = Annotated[float, typer.Option(
+    "--max-revocation-age-days", min=0.01,
+    help="Refuse a revocation list issued longer ago than this.")]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Verify a Fedward release bundle (signature, digests, revocation).")
+
+
+def revocation_source(*, coordinator: str | None, revocations: Path | None,
+                      unsafe_skip: bool, max_age_days: float) -> RevocationSource:
+    """The source the options name (see :class:`export.revocations.RevocationSource`).
+
+    Raises:
+        BundleVerificationError: None or several given, or a malformed address.
+    """
+    return RevocationSource(coordinator=coordinator, path=revocations, unsafe_skip=unsafe_skip,
+                            max_age=timedelta(days=max_age_days))
 
 
 @app.command()
@@ -28,22 +75,34 @@ def verify(
     bundle: Annotated[Path, typer.Argument(help="The release bundle folder.")],
     public_key: Annotated[Path, typer.Option("--public-key", help="The release public key "
                                              "(PEM), as published on the release portal.")],
-    revocations: Annotated[Path | None, typer.Option(
-        "--revocations", help="Revocation list (JSON) from the release portal.")] = None,
+    coordinator: CoordinatorOpt = None,
+    revocations: RevocationsOpt = None,
+    unsafe_skip_revocation_check: UnsafeSkipOpt = False,
+    max_revocation_age_days: MaxAgeOpt = DEFAULT_MAX_AGE.days,
     release_id: Annotated[str | None, typer.Option(
         "--release-id", help="Also require this release id.")] = None,
 ) -> None:
-    """Verify BUNDLE against the release key and, if given, the revocation list."""
+    """Verify BUNDLE against the release key and the signed revocation list."""
     try:
-        revoked = load_revocations(revocations) if revocations is not None else frozenset()
-        verified = verify_bundle(bundle_dir=bundle, public_key=public_key, revoked=revoked,
+        source = revocation_source(coordinator=coordinator, revocations=revocations,
+                                   unsafe_skip=unsafe_skip_revocation_check,
+                                   max_age_days=max_revocation_age_days)
+        listed = source.load(public_key)
+        verified = verify_bundle(bundle_dir=bundle, public_key=public_key,
+                                 revoked=frozenset() if listed is None else listed.revoked,
                                  release_id=release_id)
     except BundleVerificationError as exc:
         typer.echo(f"verification failed: {exc}", err=True)
         typer.echo("Do not use this bundle. Fetch it again from the release portal, or ask "
                    "the release administrator.", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
-    typer.echo(f"verified: release {verified.release_id}, {len(verified.files)} files")
+    if listed is None:
+        typer.echo(UNSAFE_SKIP_WARNING, err=True)
+        typer.echo(f"verified (revocation not checked): release {verified.release_id}, "
+                   f"{len(verified.files)} files")
+        return
+    typer.echo(f"verified: release {verified.release_id}, {len(verified.files)} files, not "
+               f"revoked as of {listed.issued_at.isoformat(timespec='seconds')}")
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ __all__ = [
     "FINGERPRINT_KEYS",
     "MSG",
     "PACKED",
+    "PARITY_AGREEMENT_STEPS",
+    "PARITY_DIFF_CEILINGS",
     "REPLY_ARRAYS",
     "REPLY_CONFIG",
     "REPLY_FINGERPRINT",
@@ -37,7 +39,10 @@ __all__ = [
     "EnrollmentTokenParts",
     "SiteErrorCode",
     "TokenFormatError",
+    "coarse_agreement",
+    "coarse_max_abs_diff",
     "format_enrollment_token",
+    "is_coarse_parity_figure",
     "pack_arrays",
     "parse_enrollment_token",
     "parse_layout",
@@ -154,7 +159,8 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
     {
         "num-examples",        # training examples used (weight for FedAvg)
         "num-eval-examples",   # held-out examples evaluated
-        "train-loss",
+        # No "train-loss": the loss on the training rows is not covered by DP-SGD's
+        # accounting (it singled out an outlier record), so it never leaves a site.
         "eval-loss",           # loss of the received global model on the site's held-out split
         "eval-accuracy",
         "eval-auc",
@@ -173,9 +179,47 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
     }
 )
 
-# What a site may say about its data: hashes and counts, never values.
+# Parity figures leave a site only on a coarse grid (export parity, see
+# site_agent.parity_task): the agreement rounded DOWN to a multiple of 1/20, the largest
+# logit difference rounded UP to a power of ten (0 stays 0; anything over 100 reads 1000).
+# Both are bounds in the safe direction for the release gates (whose tolerances, 1e-4,
+# 1.0 and 0.95, lie on the grid), and neither can carry a patient's value.
+PARITY_AGREEMENT_STEPS: Final = 20
+PARITY_DIFF_CEILINGS: Final = tuple(10.0 ** k for k in range(-7, 4))
+
+
+def coarse_agreement(value: float) -> float:
+    """A class agreement share rounded down to the grid (NaN stays NaN, and is blocked)."""
+    if not math.isfinite(value):
+        return value
+    # The tiny nudge keeps an exact 19/20 from flooring to 18/20 through float error;
+    # shares of real row counts are never that close to a grid point without being on it.
+    steps = math.floor(min(max(value, 0.0), 1.0) * PARITY_AGREEMENT_STEPS + 1e-9)
+    return steps / PARITY_AGREEMENT_STEPS
+
+
+def coarse_max_abs_diff(value: float) -> float:
+    """A largest absolute difference rounded up to a power of ten (NaN stays NaN)."""
+    if not math.isfinite(value) or value == 0.0:
+        return value
+    return next((c for c in PARITY_DIFF_CEILINGS if abs(value) <= c), PARITY_DIFF_CEILINGS[-1])
+
+
+def is_coarse_parity_figure(name: str, value: float) -> bool:
+    """Whether a parity metric's value lies on its grid (other metrics: True)."""
+    if name.startswith("parity-") and name.endswith("-agreement"):
+        scaled = value * PARITY_AGREEMENT_STEPS
+        return 0.0 <= value <= 1.0 and abs(scaled - round(scaled)) < 1e-9
+    if name.startswith("parity-") and name.endswith("-max-abs-diff"):
+        return value == 0.0 or value in PARITY_DIFF_CEILINGS
+    return True
+
+
+# What a site may say about its data: hashes and counts, never values. The file's digest is
+# keyed (HMAC-SHA256 under a key only the site holds, site_agent.data.keyed_fingerprint): a
+# plain SHA-256 would let anyone holding a candidate copy of the file confirm it.
 FINGERPRINT_KEYS: Final = frozenset(
-    {"schema-hash", "content-sha256", "n-rows", "n-train", "n-test"})
+    {"schema-hash", "content-hmac", "n-rows", "n-train", "n-test"})
 REPLY_FINGERPRINT: Final = "fingerprint"   # ConfigRecord name in a reply
 
 

@@ -31,7 +31,7 @@ from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.connect import Route, open_route
 from site_agent.data import DataCheckError, SiteData, load_schema, load_site_data
-from site_agent.keys import ensure_noise_secret
+from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure_noise_secret
 from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
@@ -163,7 +163,8 @@ class SiteAgent:
         data_failure: dict[str, object] | None = None
         try:
             data = load_site_data(csv_path=config.resolve(self.root, config.data_path),
-                                  schema=schema)
+                                  schema=schema, fingerprint_key=ensure_fingerprint_key(
+                                      paths.keys / FINGERPRINT_KEY_FILE))
         except DataCheckError as err:
             # No training on bad data. The agent still connects so that the coordinator can
             # show the ML team that this site failed its data check (kinds and counts only).

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from site_agent.config import ConfigError, SiteConfig, SitePaths
+from site_agent.fingerprint_cli import fingerprint
 
 __all__ = ["app", "main"]
 
@@ -28,6 +29,7 @@ audit_app = typer.Typer(help="The site's local audit log: show entries, verify t
                         no_args_is_help=True, add_completion=False)
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
+app.command("fingerprint")(fingerprint)
 console = Console()
 err_console = Console(stderr=True)
 

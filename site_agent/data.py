@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import math
@@ -47,6 +48,7 @@ __all__ = [
     "SchemaError",
     "SiteData",
     "check_data",
+    "keyed_fingerprint",
     "load_schema",
     "load_site_data",
 ]
@@ -787,6 +789,25 @@ def check_data(*, csv_path: Path, schema: DataSchema) -> DataReport:
 # ---------------------------------------------------------------------------------------
 
 
+def keyed_fingerprint(key: bytes, content: bytes) -> str:
+    """HMAC-SHA256 (hex) of a data file's bytes under the site's fingerprint key.
+
+    Unlike a plain SHA-256, nobody without the key can confirm a guess of the file, and two
+    sites holding the same file send different fingerprints. Anyone given the key recomputes
+    it with standard tools: ``openssl dgst -sha256 -mac HMAC -macopt hexkey:KEY FILE``.
+
+    Args:
+        key: The site's fingerprint key (``site_agent.keys.ensure_fingerprint_key``).
+        content: The file's bytes.
+
+    Returns:
+        64 lowercase hex characters.
+    """
+    if len(key) < 16:
+        raise ValueError("a fingerprint key has at least 16 bytes")
+    return hmac.new(key, content, hashlib.sha256).hexdigest()
+
+
 @dataclass(frozen=True)
 class DataFingerprint:
     """What the coordinator may learn about a site's data: hashes and counts, no values.
@@ -798,7 +819,10 @@ class DataFingerprint:
         n_rows: Data rows in the file.
         n_train: Rows used for training.
         n_test: Rows held out for local evaluation.
-        content_sha256: SHA-256 (hex) of the file's bytes.
+        content_sha256: SHA-256 (hex) of the file's bytes. It stays at the site: anyone
+            with a copy of a candidate file could confirm it.
+        content_hmac: :func:`keyed_fingerprint` of the file under the site's key, what may
+            leave the site; None when no key was given.
     """
 
     schema_hash: str
@@ -806,8 +830,9 @@ class DataFingerprint:
     n_train: int
     n_test: int
     content_sha256: str
+    content_hmac: str | None = None
 
-    def to_dict(self) -> dict[str, str | int]:
+    def to_dict(self) -> dict[str, str | int | None]:
         """The fingerprint as a JSON-ready dict."""
         return {
             "schema_hash": self.schema_hash,
@@ -815,6 +840,7 @@ class DataFingerprint:
             "n_train": self.n_train,
             "n_test": self.n_test,
             "content_sha256": self.content_sha256,
+            "content_hmac": self.content_hmac,
         }
 
 
@@ -851,6 +877,7 @@ def load_site_data(
     schema: DataSchema,
     holdout_fraction: float = 0.25,
     seed: int = 0,
+    fingerprint_key: bytes | None = None,
 ) -> SiteData:
     """Check a site's CSV file and load it as train and held-out arrays.
 
@@ -862,6 +889,8 @@ def load_site_data(
         schema: The schema the site declared for it.
         holdout_fraction: Share of rows held out for local evaluation, in (0, 1).
         seed: Seed of the split.
+        fingerprint_key: The site's fingerprint key; without it the fingerprint has no
+            ``content_hmac`` and no digest of the file may leave the site.
 
     Returns:
         The arrays and the data fingerprint.
@@ -891,6 +920,8 @@ def load_site_data(
         n_train=len(train_y),
         n_test=len(test_y),
         content_sha256=hashlib.sha256(scan.content).hexdigest(),
+        content_hmac=(None if fingerprint_key is None
+                      else keyed_fingerprint(fingerprint_key, scan.content)),
     )
     return SiteData(
         train_x=np.ascontiguousarray(train_x, dtype=np.float32),

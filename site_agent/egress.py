@@ -3,10 +3,12 @@
 It runs inside the site agent at the point where a result is handed back to the relay
 (:func:`check_reply`, called by the trainer on every answer whatever produced it), so it
 holds whatever the training code does. Only parameter arrays with exactly the shapes of the
-task's model and scalar metrics from the allow-list pass, plus three fixed kinds of text
-that never carry data values: the data fingerprint (SHA-256 hex digests and row counts, in
-fixed formats), the admission answer "accepted", and an error reply's code and reason
-(written by the site agent itself). Anything else blocks the whole message.
+task's model and scalar metrics from the allow-list pass (export parity figures only on
+their coarse grid, see :func:`export.wire.coarse_agreement`), plus three fixed kinds of text
+that never carry data values: the data fingerprint (the schema's SHA-256, a keyed HMAC of
+the data file and row counts, in fixed formats), the admission answer "accepted", and an
+error reply's code and reason (written by the site agent itself). Anything else blocks the
+whole message.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from export.wire import ALLOWED_REPLY_METRICS, FINGERPRINT_KEYS, MSG
+from export.wire import (
+    ALLOWED_REPLY_METRICS,
+    FINGERPRINT_KEYS,
+    MSG,
+    is_coarse_parity_figure,
+)
 
 __all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply"]
 
@@ -27,7 +34,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _COUNT = re.compile(r"[0-9]{1,12}")
 # The exact format of each fingerprint field: nothing free-form can ride in it.
 _FINGERPRINT_FORMATS: dict[str, re.Pattern[str]] = {
-    "schema-hash": _HEX64, "content-sha256": _HEX64,
+    "schema-hash": _HEX64, "content-hmac": _HEX64,
     "n-rows": _COUNT, "n-train": _COUNT, "n-test": _COUNT,
 }
 assert set(_FINGERPRINT_FORMATS) == FINGERPRINT_KEYS
@@ -90,6 +97,9 @@ def check_outgoing(
             problems.append(f"metric {key!r} is not a number")
         elif not math.isfinite(float(value)):
             problems.append(f"metric {key!r} is not finite")
+        elif not is_coarse_parity_figure(key, float(value)):
+            # A precise parity figure is a channel out of the held-out rows.
+            problems.append(f"parity figure {key!r} is not on its coarse grid")
     if problems:
         raise EgressViolation(problems)
     n_bytes = sum(int(a.nbytes) for a in arrays.values() if isinstance(a, np.ndarray))

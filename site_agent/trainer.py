@@ -51,6 +51,14 @@ from site_agent.data import SiteData
 from site_agent.diagnostics import failure_reason
 from site_agent.egress import EgressViolation, check_outgoing, check_reply
 from site_agent.ipc import IPCError, read_frame, write_frame
+from site_agent.parity_task import (
+    ParityBook,
+    ParityRefused,
+    ParityTaskError,
+    measure_parity,
+    model_digest,
+    split_arrays,
+)
 from site_agent.policy import (
     Admission,
     ApprovalsError,
@@ -390,17 +398,31 @@ class WarmTrainer:
         return int.from_bytes(digest[:8], "big") >> 1
 
     def _fingerprint(self) -> dict[str, str]:
-        """Hashes and counts of the site's data: what lineage records, never values."""
+        """Hashes and counts of the site's data: what lineage records, never values. The
+        file's digest leaves only keyed (HMAC under the site's key), never its plain SHA-256."""
         assert self.data is not None
         fp = self.data.fingerprint
-        return {"schema-hash": fp.schema_hash, "content-sha256": fp.content_sha256,
-                "n-rows": str(fp.n_rows), "n-train": str(fp.n_train), "n-test": str(fp.n_test)}
+        out = {"schema-hash": fp.schema_hash, "n-rows": str(fp.n_rows),
+               "n-train": str(fp.n_train), "n-test": str(fp.n_test)}
+        if fp.content_hmac is not None:
+            out["content-hmac"] = fp.content_hmac
+        return out
+
+    def _parity_book(self) -> ParityBook:
+        return ParityBook(self.replies_dir / "parity-book.json")
+
+    def _remember_model(self, run_id: str, arrays: dict[str, np.ndarray]) -> None:
+        """Note a global model this site evaluated: the only models it measures parity of."""
+        try:
+            self._parity_book().remember_model(run_id, model_digest(arrays))
+        except (OSError, ValueError) as err:  # parity of this model will be refused
+            log.warning("could not note the global model in the parity book: %s", err)
 
     def _parity(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Compare a candidate's exported artefacts with its model on the held-out split."""
-        from site_agent.parity_task import ParityTaskError, evaluate_parity, split_arrays
-
+        """Measure a candidate's export parity on the held-out split (site_agent.parity_task:
+        only a model this site evaluated, only artefacts equal to the site's own export, each
+        format once, coarse figures)."""
         assert self.data is not None
         try:
             model_arrays_in, files = split_arrays(arrays)
@@ -409,13 +431,21 @@ class WarmTrainer:
         self._at("model")
         _model, shapes = self._model_for(config, model_arrays_in)
         self._at("parity")
-        metrics = evaluate_parity(task=self.task, model_arrays=model_arrays_in, files=files,
-                                  features=self.data.test_x,
-                                  workdir=self.replies_dir.parent / "run")
-        metrics = _finite_metrics(metrics)
+        run_id = str(config.get(CFG.RUN_ID))
+        try:
+            outcome = measure_parity(task=self.task, run_id=run_id,
+                                     model_arrays=model_arrays_in, files=files,
+                                     features=self.data.test_x,
+                                     workdir=self.replies_dir.parent / "run",
+                                     book=self._parity_book())
+        except ParityRefused as err:
+            self.audit("parity-refused", {"run": run_id, **err.detail})
+            raise TaskError(SiteErrorCode.REFUSED_POLICY, f"refused-policy: {err}") from None
+        metrics = _finite_metrics(outcome.metrics)
         report = check_outgoing(expected_shapes=shapes, arrays={}, metrics=metrics)
-        self.audit("parity-measured", {"run": str(config.get(CFG.RUN_ID)),
-                                       "files": sorted(files), "bytes_out": report.n_bytes,
+        self.audit("parity-measured", {"run": run_id, "model": outcome.model,
+                                       "formats": outcome.formats, "files": sorted(files),
+                                       "bytes_out": report.n_bytes,
                                        "metrics": report.metric_names})
         return {"metrics": metrics}, {}
 
@@ -425,6 +455,7 @@ class WarmTrainer:
         model, shapes = self._model_for(config, arrays)
         self._at("evaluate")
         metrics = _finite_metrics(self._eval_metrics(model))
+        self._remember_model(str(config.get(CFG.RUN_ID)), arrays)
         report = check_outgoing(expected_shapes=shapes, arrays={}, metrics=metrics)
         self.audit("evaluated", {"run": str(config.get(CFG.RUN_ID)),
                                  "round": int(config.get(CFG.ROUND, 0)),
@@ -503,6 +534,7 @@ class WarmTrainer:
                                       "epsilon_after": projected})
         self._at("evaluate")
         metrics = self._eval_metrics(model)
+        self._remember_model(run_id, arrays)
         self._at("train")
         model.train()
         result = train_dp(
@@ -519,9 +551,10 @@ class WarmTrainer:
             grad_sample_mode=self.grad_sample_mode,
         )
         spent = self.ledger.complete_round(run_id=run_id, round_number=round_number)
+        # No training loss leaves the site: it is a statistic of the training rows that
+        # DP-SGD's accounting does not cover (one round's loss singled out an outlier record).
         metrics.update({
             "num-examples": float(n_train),
-            "train-loss": result.loss,
             "epsilon-spent": spent,
             "epsilon-round": max(0.0, spent - spent_before),
             "noise-multiplier": sigma,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,12 +24,13 @@ from export.bundle import (
     BundleVerificationError,
     BundleWriteError,
     generate_release_key,
-    load_revocations,
     public_key_fingerprint,
     public_key_path,
     verify_bundle,
     write_bundle,
 )
+from export.revocations import load_revocations, sign_revocations
+from export.verify_cli import UNSAFE_SKIP_WARNING
 from export.verify_cli import app as verify_app
 
 RELEASE = "rel-1"
@@ -236,22 +238,30 @@ def test_a_garbled_signature_file(make_bundle: MakeBundle, keys: Keys) -> None:
     assert _verify(bundle, keys) == "model.sig is malformed"
 
 
+def signed_list(path: Path, keys: Keys, *revoked: str) -> Path:
+    """A revocation list signed with ``keys`` (as the coordinator serves it) at ``path``."""
+    doc = sign_revocations(revoked=[{"release_id": r, "reason": "bad AUC"} for r in revoked],
+                           private_key=keys.private, issued_at=datetime.now(UTC))
+    path.write_text(json.dumps(doc))
+    return path
+
+
 def test_a_revoked_release(make_bundle: MakeBundle, keys: Keys, tmp_path: Path) -> None:
     bundle = make_bundle()
     assert _verify(bundle, keys, revoked={RELEASE, "rel-0"}) == "release rel-1 is revoked"
-    rev = tmp_path / "revocations.json"
-    rev.write_text(json.dumps({"revoked": [{"release_id": RELEASE, "reason": "bad AUC"}]}))
-    assert _verify(bundle, keys, revoked=load_revocations(rev)) == "release rel-1 is revoked"
+    rev = signed_list(tmp_path / "revocations.json", keys, RELEASE)
+    listed = load_revocations(rev, public_key=keys.public)
+    assert _verify(bundle, keys, revoked=listed.revoked) == "release rel-1 is revoked"
     verify_bundle(bundle_dir=bundle, public_key=keys.public, revoked={"rel-0"})
 
 
-def test_an_unreadable_revocation_list_fails_closed(tmp_path: Path) -> None:
+def test_an_unreadable_revocation_list_fails_closed(tmp_path: Path, keys: Keys) -> None:
     bad = tmp_path / "revocations.json"
-    bad.write_text('{"revoked": "rel-1"}')
-    with pytest.raises(BundleVerificationError, match="must be a JSON list"):
-        load_revocations(bad)
+    bad.write_text("{not json")
+    with pytest.raises(BundleVerificationError, match="is not JSON"):
+        load_revocations(bad, public_key=keys.public)
     with pytest.raises(BundleVerificationError, match="cannot read the revocation list"):
-        load_revocations(tmp_path / "absent.json")
+        load_revocations(tmp_path / "absent.json", public_key=keys.public)
 
 
 def test_another_release_than_expected(make_bundle: MakeBundle, keys: Keys) -> None:
@@ -414,20 +424,63 @@ def test_a_killed_writer_leaves_only_a_clearly_named_temp_folder(keys: Keys,
 
 def test_verify_command(make_bundle: MakeBundle, keys: Keys, tmp_path: Path) -> None:
     bundle = make_bundle()
-    runner = CliRunner()
-    ok = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public)])
+    runner = CliRunner(env={"FEDWARD_COORDINATOR": None})
+    current = signed_list(tmp_path / "current.json", keys, "rel-0")
+    ok = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public),
+                                    "--revocations", str(current)])
     assert ok.exit_code == 0, ok.output
-    assert ok.stdout.strip() == "verified: release rel-1, 5 files"
+    assert ok.stdout.startswith("verified: release rel-1, 5 files, not revoked as of ")
 
-    rev = tmp_path / "revocations.json"
-    rev.write_text(json.dumps([RELEASE]))
+    rev = signed_list(tmp_path / "revocations.json", keys, RELEASE)
     revoked = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public),
                                          "--revocations", str(rev)])
     assert revoked.exit_code == 1
     assert "verification failed: release rel-1 is revoked" in revoked.stderr
 
     (bundle / "model.onnx").write_bytes(b"tampered")
-    bad = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public)])
+    bad = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public),
+                                     "--revocations", str(current)])
     assert bad.exit_code == 1
     assert ("verification failed: digest mismatch: model.onnx changed since it was signed"
             in bad.stderr)
+
+
+def test_verify_checks_revocation_by_default(make_bundle: MakeBundle, keys: Keys) -> None:
+    bundle = make_bundle()
+    runner = CliRunner(env={"FEDWARD_COORDINATOR": None})
+    unknown = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public)])
+    assert unknown.exit_code == 1
+    assert ("verification failed: the release's revocation status is unknown: give "
+            "--coordinator URL" in unknown.stderr)
+    assert "--unsafe-skip-revocation-check" in unknown.stderr
+
+
+def test_the_unsafe_flag_skips_revocation_and_warns(make_bundle: MakeBundle,
+                                                    keys: Keys) -> None:
+    bundle = make_bundle()
+    runner = CliRunner(env={"FEDWARD_COORDINATOR": None})
+    skipped = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public),
+                                         "--unsafe-skip-revocation-check"])
+    assert skipped.exit_code == 0, skipped.output
+    assert skipped.stdout.strip() == "verified (revocation not checked): release rel-1, 5 files"
+    assert UNSAFE_SKIP_WARNING in skipped.stderr
+    both = runner.invoke(verify_app, [str(bundle), "--public-key", str(keys.public),
+                                      "--unsafe-skip-revocation-check", "--coordinator",
+                                      "https://coordinator.example"])
+    assert both.exit_code == 1
+    assert "give only one of --coordinator, --revocations and" in both.stderr
+
+
+def test_the_guides_model_signing_command_refuses_an_added_git_file(
+        make_bundle: MakeBundle, keys: Keys) -> None:
+    """The standard tool skips .git* files unless told not to: the guide tells it not to."""
+    bundle = make_bundle()
+    (bundle / ".gitattributes").write_text("*.onnx filter=lfs")
+    tool = Path(sys.executable).parent / "model_signing"
+    cmd = [str(tool), "verify", "key", str(bundle), "--signature", str(bundle / "model.sig"),
+           "--public_key", str(keys.public)]
+    default = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert default.returncode == 0  # the tool's default: the added file is not looked at
+    guide = subprocess.run([*cmd, "--no-ignore-git-paths"], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert guide.returncode != 0, guide.stdout

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from export.bundle import (
     write_bundle,
 )
 from export.onnx_export import export_onnx
+from export.revocations import RevocationSource, sign_revocations
 from export.serve import cli as serve_cli
 from export.serve import create_app
 from export.tasks import build_model
@@ -41,6 +45,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 RELEASE = "rel-1"
+# Only for tests about something else than revocation: the check is skipped, knowingly.
+SKIP = RevocationSource(unsafe_skip=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +77,17 @@ def make_bundle(tmp_path: Path, artefact: tuple[Path, torch.nn.Module],
     return make
 
 
-@pytest.fixture
-def revocations(tmp_path: Path) -> Path:
-    path = tmp_path / "revocations.json"
-    path.write_text(json.dumps({"revoked": []}))
+def write_list(path: Path, keys: tuple[Path, Path], *revoked: str) -> Path:
+    """Write a revocation list signed with the release key, as the coordinator serves it."""
+    path.write_text(json.dumps(sign_revocations(
+        revoked=[{"release_id": r, "reason": "AUC drop at site B"} for r in revoked],
+        private_key=keys[0], issued_at=datetime.now(UTC))))
     return path
+
+
+@pytest.fixture
+def revocations(tmp_path: Path, keys: tuple[Path, Path]) -> Path:
+    return write_list(tmp_path / "revocations.json", keys)
 
 
 @pytest.fixture
@@ -85,8 +97,9 @@ def rows() -> list[list[float]]:
 
 def _refusal(bundle: Path, public_key: Path, revocations: Path | None = None) -> str:
     """The exact reason create_app refuses to start."""
+    source = SKIP if revocations is None else RevocationSource(path=revocations)
     with pytest.raises(BundleVerificationError) as info:
-        create_app(bundle_dir=bundle, public_key=public_key, revocations_path=revocations)
+        create_app(bundle_dir=bundle, public_key=public_key, revocations=source)
     return str(info.value)
 
 
@@ -94,7 +107,7 @@ def test_a_good_bundle_serves_predictions(make_bundle: MakeBundle, keys: tuple[P
                                           revocations: Path, rows: list[list[float]],
                                           artefact: tuple[Path, torch.nn.Module]) -> None:
     app = create_app(bundle_dir=make_bundle(), public_key=keys[1],
-                     revocations_path=revocations)
+                     revocations=RevocationSource(path=revocations))
     client = TestClient(app)
     assert client.get("/health").json() == {"status": "ok", "release_id": RELEASE,
                                             "reason": None}
@@ -127,7 +140,7 @@ def test_an_unsigned_bundle_refuses_to_start(make_bundle: MakeBundle,
 
 def test_a_revoked_bundle_refuses_to_start(make_bundle: MakeBundle, keys: tuple[Path, Path],
                                            revocations: Path) -> None:
-    revocations.write_text(json.dumps([RELEASE]))
+    write_list(revocations, keys, RELEASE)
     assert _refusal(make_bundle(), keys[1], revocations) == "release rel-1 is revoked"
 
 
@@ -136,11 +149,10 @@ def test_revocation_then_reload_stops_predictions(make_bundle: MakeBundle,
                                                   revocations: Path,
                                                   rows: list[list[float]]) -> None:
     client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
-                                   revocations_path=revocations))
+                                   revocations=RevocationSource(path=revocations)))
     assert client.post("/predict", json={"instances": rows}).status_code == 200
 
-    revocations.write_text(json.dumps({"revoked": [{"release_id": RELEASE,
-                                                    "reason": "AUC drop at site B"}]}))
+    write_list(revocations, keys, RELEASE)
     res = client.post("/reload")
     assert res.status_code == 503
     assert res.json()["detail"] == "not serving: release rel-1 is revoked"
@@ -152,7 +164,7 @@ def test_revocation_then_reload_stops_predictions(make_bundle: MakeBundle,
                              "reason": "release rel-1 is revoked"}
 
     # Lifting the revocation needs an explicit, successful reload.
-    revocations.write_text(json.dumps({"revoked": []}))
+    write_list(revocations, keys)
     assert client.post("/predict", json={"instances": rows}).status_code == 503
     res = client.post("/reload")
     assert res.status_code == 200
@@ -165,7 +177,7 @@ def test_tampering_after_start_stops_predictions_at_reload(make_bundle: MakeBund
                                                            rows: list[list[float]]) -> None:
     bundle = make_bundle()
     client = TestClient(create_app(bundle_dir=bundle, public_key=keys[1],
-                                   revocations_path=None))
+                                   revocations=SKIP))
     (bundle / "extra.onnx").write_bytes(b"not signed")
     res = client.post("/reload")
     assert res.status_code == 503
@@ -178,7 +190,7 @@ def test_a_missing_revocation_list_at_reload_fails_closed(make_bundle: MakeBundl
                                                           keys: tuple[Path, Path],
                                                           revocations: Path) -> None:
     client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
-                                   revocations_path=revocations))
+                                   revocations=RevocationSource(path=revocations)))
     revocations.unlink()
     res = client.post("/reload")
     assert res.status_code == 503
@@ -196,7 +208,7 @@ def test_a_missing_revocation_list_at_reload_fails_closed(make_bundle: MakeBundl
 def test_bad_requests_get_422(make_bundle: MakeBundle, keys: tuple[Path, Path],
                               body: dict[str, object], detail_part: str) -> None:
     client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
-                                   revocations_path=None))
+                                   revocations=SKIP))
     res = client.post("/predict", json=body)
     assert res.status_code == 422
     assert detail_part in res.text
@@ -206,7 +218,7 @@ def test_bad_requests_get_422(make_bundle: MakeBundle, keys: tuple[Path, Path],
 def test_non_finite_values_get_422(make_bundle: MakeBundle, keys: tuple[Path, Path],
                                    value: str) -> None:
     client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
-                                   revocations_path=None))
+                                   revocations=SKIP))
     row = ", ".join(["1.0"] * 29 + [value])
     res = client.post("/predict", content=f'{{"instances": [[{row}]]}}',
                       headers={"content-type": "application/json"})
@@ -217,11 +229,45 @@ def test_the_serve_command_refuses_a_tampered_bundle(make_bundle: MakeBundle,
                                                      keys: tuple[Path, Path]) -> None:
     bundle = make_bundle()
     (bundle / "model_card.md").write_text("edited")
-    res = CliRunner().invoke(serve_cli, ["--bundle", str(bundle),
-                                         "--public-key", str(keys[1])])
+    res = CliRunner().invoke(serve_cli, ["--bundle", str(bundle), "--public-key",
+                                         str(keys[1]), "--unsafe-skip-revocation-check"])
     assert res.exit_code == 1
     assert ("refusing to start: digest mismatch: model_card.md changed since it was signed"
             in res.stderr)
+
+
+def test_an_unsigned_or_altered_revocation_list_is_refused(
+        make_bundle: MakeBundle, keys: tuple[Path, Path], revocations: Path) -> None:
+    bundle = make_bundle()
+    revocations.write_text(json.dumps({"revoked": []}))  # what earlier versions served
+    assert _refusal(bundle, keys[1], revocations).startswith(
+        f"the revocation list {revocations} is not signed")
+    doc = sign_revocations(revoked=[{"release_id": RELEASE, "reason": "recalled"}],
+                           private_key=keys[0], issued_at=datetime.now(UTC))
+    sig = bytearray(base64.b64decode(doc["dsseEnvelope"]["signatures"][0]["sig"]))
+    sig[-1] ^= 0x01
+    doc["dsseEnvelope"]["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
+    revocations.write_text(json.dumps(doc))
+    assert _refusal(bundle, keys[1], revocations).startswith("bad signature: the "
+                                                             "revocation list")
+
+
+def test_the_serve_command_needs_a_revocation_source(make_bundle: MakeBundle,
+                                                     keys: tuple[Path, Path]) -> None:
+    res = CliRunner(env={"FEDWARD_COORDINATOR": None}).invoke(
+        serve_cli, ["--bundle", str(make_bundle()), "--public-key", str(keys[1])])
+    assert res.exit_code == 1
+    assert "refusing to start: the release's revocation status is unknown" in res.stderr
+
+
+def test_skipping_the_revocation_check_serves_with_a_warning(
+        make_bundle: MakeBundle, keys: tuple[Path, Path], rows: list[list[float]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="export.serve"):
+        client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                                       revocations=SKIP))
+    assert client.post("/predict", json={"instances": rows}).status_code == 200
+    assert "WARNING: revocation NOT checked (--unsafe-skip-revocation-check)" in caplog.text
 
 
 def test_the_service_does_not_import_torch() -> None:

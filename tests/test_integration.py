@@ -67,7 +67,7 @@ def test_dp_run_with_a_budget_refusal_completes_and_names_the_refusing_site() ->
         model = build_model("breast_cancer_mlp", seed=0)
         set_model_arrays(model, dict(load_file(str(fed.home / ckpts[-1]["path"]))))
         # Nothing but the allow-listed metrics came back from any site.
-        allowed = {"num-examples", "num-eval-examples", "train-loss", "eval-loss",
+        allowed = {"num-examples", "num-eval-examples", "eval-loss",
                    "eval-accuracy", "eval-auc", "epsilon-spent", "epsilon-round",
                    "noise-multiplier", "train-seconds"}
         for rnd in metrics:

@@ -149,6 +149,9 @@ def test_a_clinician_logs_in_sees_the_approved_release_and_downloads_it(
             pub = tmp_path / "release.pub.pem"
             pub.write_bytes((portal.home / "release-key" / "release.pub.pem").read_bytes())
             assert fingerprint == public_key_fingerprint(pub.read_bytes())
+            # The check it shows fetches this portal's signed revocation list.
+            assert (f"--public-key release.pub.pem --coordinator {portal.base}"
+                    in page.locator("pre").first.inner_text())
             curve = page.locator("img.curve")
             assert curve.evaluate("img => img.complete && img.naturalWidth > 0")
             page.screenshot(path=str(tmp_path / "release.png"), full_page=True)

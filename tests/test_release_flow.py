@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -29,11 +30,19 @@ def test_parity_gate_figures_come_from_the_sites_and_the_release_is_signed() -> 
 
         ml, reviewer = user("ml", "ml_engineer"), user("rev", "reviewer")
         with ml, reviewer:
-            _propose_and_approve(ml, reviewer, run_id=run_id, sites=sites, fed=fed)
+            figures = _propose_and_approve(ml, reviewer, run_id=run_id, sites=sites, fed=fed)
+            # The same checkpoint proposed again: each site refuses to measure it a second
+            # time, and the gate uses what they measured for the first candidate.
+            again = _gates(ml, run_id)
+            assert again["export_parity"]["passed"], again["export_parity"]
+            assert again["export_parity"]["figures"]["per_site"] == figures
+            for name in sites:
+                log = (fed.sites[name].root / "audit.log").read_text().replace(" ", "")
+                assert log.count('"action":"parity-measured"') == 1
+                assert "wasmeasuredherealready" in log
 
 
-def _propose_and_approve(ml: httpx.Client, reviewer: httpx.Client, *, run_id: int,
-                         sites: list[str], fed: Federation) -> None:
+def _gates(ml: httpx.Client, run_id: int) -> dict[str, Any]:
     r = ml.post("/candidates", params={"wait": "false"},
                 json={"run_id": run_id, "intended_use": "integration test, not for care"})
     assert r.status_code == 202, r.text
@@ -43,7 +52,15 @@ def _propose_and_approve(ml: httpx.Client, reviewer: httpx.Client, *, run_id: in
         time.sleep(1)
         cand = ml.get(f"/candidates/{cand['id']}").json()
     gates = {g["name"]: g for g in cand["gates"]}
-    assert cand["status"] == "awaiting_review", gates
+    assert cand["status"] == "awaiting_review", {n: g["reason"] for n, g in gates.items()
+                                                 if not g["passed"]}
+    return {**gates, "_candidate": cand}
+
+
+def _propose_and_approve(ml: httpx.Client, reviewer: httpx.Client, *, run_id: int,
+                         sites: list[str], fed: Federation) -> dict[str, Any]:
+    gates = _gates(ml, run_id)
+    cand = gates.pop("_candidate")
     per_site = gates["export_parity"]["figures"]["per_site"]
     assert sorted(per_site) == sites          # every site measured, on its own data
     for figures in per_site.values():
@@ -58,3 +75,4 @@ def _propose_and_approve(ml: httpx.Client, reviewer: httpx.Client, *, run_id: in
     r = reviewer.post(f"/candidates/{cand['id']}/approve", json={"reason": "gates pass"})
     assert r.status_code == 201, r.text
     assert r.json()["release_id"]
+    return dict(per_site)

@@ -49,7 +49,7 @@ from coordinator.models import (
     Run,
     UserCredential,
 )
-from coordinator.releases import SiteParity, training_curve_svg
+from coordinator.releases import HELD_OUT_NOT_DP, SiteParity, training_curve_svg
 from coordinator.repository import (
     finish_round,
     finish_run,
@@ -64,10 +64,11 @@ from coordinator.settings import Settings
 from export.bundle import (
     ArtefactFormat,
     BundleVerificationError,
-    load_revocations,
     verify_bundle,
 )
 from export.parity import parity_report
+from export.revocations import RevocationSource, load_revocations
+from export.serve import create_app as create_inference_app
 from export.tasks import (
     BREAST_CANCER_COLUMNS,
     TASKS,
@@ -79,6 +80,7 @@ from export.tasks import (
 from export.verify_cli import app as verify_app
 
 from test_coordinator_api import TestClient, api
+from tests_support import served_app
 
 # torch 2.13's ONNX exporter trips its own pytree deprecation shim (see test_export_formats);
 # flwr's FAB builder (the app bundle hash in every lineage) asks pathspec for a style it
@@ -444,6 +446,10 @@ def test_propose_gate_approve_download_verify_revoke(
     assert card["input"]["columns"] == list(BREAST_CANCER_COLUMNS)
     privacy = card["privacy_statement"]
     assert privacy["mechanism"] == "DP-SGD" and privacy["accountant"] == "prv"
+    # The card says what the guarantee does not cover: the held-out metrics it shows.
+    assert "It does not cover the held-out metrics" in privacy["text"]
+    assert "No training loss left any site" in privacy["text"]
+    assert privacy["not_covered"][0].startswith("held-out evaluation metrics per site")
     assert privacy["per_site"] == {s: {"epsilon": pytest.approx(2.7), "delta": 1e-5}
                                    for s in SITES}
     assert set(card["metrics_per_site"]["per_site"]) == set(SITES)
@@ -469,23 +475,41 @@ def test_propose_gate_approve_download_verify_revoke(
     folder = unpack(r.content, tmp_path / "clinic")
     assert verify_bundle(bundle_dir=folder, public_key=pub, release_id=rid).release_id == rid
 
-    # Revocation: admins only, once; the list is public and verification honours it.
-    assert client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
-                       headers=users["rev"]).status_code == 403
-    r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
-                    headers=users["admin"])
-    assert r.status_code == 200, r.text
-    assert r.json()["revoked_by"] == "admin"
-    r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "again"},
-                    headers=users["admin"])
-    assert r.status_code == 409
-    revocations = client.get(api("/revocations")).json()
-    assert [(x["release_id"], x["reason"]) for x in revocations["revoked"]] == [
-        (rid, "label leak found")]
+    # Revocation is checked by default, online, against the coordinator's signed list.
+    with served_app(create_app(settings=Settings(home=home), engine=engine),
+                    name="coordinator-api") as port:
+        runner = CliRunner(env={"FEDWARD_COORDINATOR": f"http://127.0.0.1:{port}"})
+        before = runner.invoke(verify_app, [str(folder), "--public-key", str(pub)])
+        assert before.exit_code == 0, before.output
+        assert before.stdout.startswith(f"verified: release {rid}, 7 files, not revoked as of")
+        online = RevocationSource(coordinator=f"http://127.0.0.1:{port}")
+        serving = TestClient(create_inference_app(bundle_dir=folder, public_key=pub,
+                                                  revocations=online))
+        assert serving.get("/health").status_code == 200
+
+        # Admins only, once.
+        assert client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
+                           headers=users["rev"]).status_code == 403
+        r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak found"},
+                        headers=users["admin"])
+        assert r.status_code == 200, r.text
+        assert r.json()["revoked_by"] == "admin"
+        r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "again"},
+                        headers=users["admin"])
+        assert r.status_code == 409
+
+        after = runner.invoke(verify_app, [str(folder), "--public-key", str(pub)])
+        assert after.exit_code == 1
+        assert f"verification failed: release {rid} is revoked" in after.stderr
+        assert serving.post("/reload").json()["detail"] == (
+            f"not serving: release {rid} is revoked")
+    # The list is signed with the release key; saved, it serves offline for a week.
     rev_file = tmp_path / "revocations.json"
-    rev_file.write_text(json.dumps(revocations))
+    rev_file.write_bytes(client.get(api("/revocations")).content)
+    listed = load_revocations(rev_file, public_key=pub)
+    assert dict(listed.reasons) == {rid: "label leak found"}
     with pytest.raises(BundleVerificationError, match=f"^release {rid} is revoked$"):
-        verify_bundle(bundle_dir=folder, public_key=pub, revoked=load_revocations(rev_file))
+        verify_bundle(bundle_dir=folder, public_key=pub, revoked=listed.revoked)
     result = CliRunner().invoke(verify_app, [str(folder), "--public-key", str(pub),
                                              "--revocations", str(rev_file)])
     assert result.exit_code == 1
@@ -796,12 +820,34 @@ def test_lineage_takes_the_fingerprints_the_sites_reported(
     lineage = client.get(api(f"/versions/{run_id}/3/lineage"), headers=users["rev"]).json()
     assert lineage["data_fingerprints"]["hospital-a"] == [
         {"round": 1, "fingerprint": {"n-rows": 284.0}}]
-    fingerprint = {"schema-hash": "ab" * 32, "content-sha256": "cd" * 32, "n-rows": "284"}
+    fingerprint = {"schema-hash": "ab" * 32, "content-hmac": "cd" * 32, "n-rows": "284"}
     record_data_fingerprint(engine, run_id, 1, "hospital-b", fingerprint)
     lineage = client.get(api(f"/versions/{run_id}/3/lineage"), headers=users["rev"]).json()
     assert lineage["data_fingerprints"] == {"hospital-b": [{"round": 1,
                                                             "fingerprint": fingerprint}]}
     assert lineage["data_fingerprints_note"] is None
+    assert lineage["data_fingerprint_method"].startswith(
+        "content-hmac: HMAC-SHA256 of the site's data file under a key only that site holds")
+
+
+def test_the_coordinator_keeps_only_the_keyed_fingerprint_of_a_site(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older site agent still sends the plain SHA-256 of its file: it is not recorded."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from coordinator.server_app import _fingerprint
+    from export.wire import REPLY_FINGERPRINT
+
+    # Messages read the identity of the task that makes them (as in a ServerApp process).
+    for name, value in (("_task_id", 1), ("_run_id", 4242), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    sent = Message(RecordDict({}), dst_node_id=1, message_type=MessageType.TRAIN)
+    reply = Message(RecordDict({REPLY_FINGERPRINT: ConfigRecord({
+        "content-sha256": "ab" * 32, "content-hmac": "cd" * 32, "n-rows": "284"})}),
+        reply_to=sent)
+    assert _fingerprint(reply) == {"content-hmac": "cd" * 32, "n-rows": "284"}
 
 
 # --- gates settings, passwords -------------------------------------------------------------
@@ -964,16 +1010,20 @@ def test_training_curve_svg_edge_cases() -> None:
     texts = [t.text for t in empty.iter("{http://www.w3.org/2000/svg}text")]
     assert texts.count("no figures reported") == 2
     svg = training_curve_svg(
-        metrics={1: {"<b>site</b>": {"eval-auc": 0.5, "train-loss": float("nan")}},
-                 2: {"<b>site</b>": {"eval-auc": 0.7, "train-loss": 0.4}}},
+        metrics={1: {"<b>site</b>": {"eval-auc": 0.5, "eval-loss": float("nan")}},
+                 2: {"<b>site</b>": {"eval-auc": 0.7, "eval-loss": float("nan"),
+                                     "train-loss": 0.4}}},
         up_to_round=1, final_round=3, title="a & b")
     root = ET.fromstring(svg)  # noqa: S314 - well-formed: names and titles are escaped
     assert "&lt;b&gt;site&lt;/b&gt;" in svg and "<script" not in svg
-    # AUC: rounds 1 and 2 evaluate the models after rounds 0 and 1. Loss: round 1 only,
-    # and that one is NaN, so the loss panel has nothing to draw.
+    # AUC: rounds 1 and 2 evaluate the models after rounds 0 and 1. The held-out loss is
+    # NaN both times, and a training loss (an older site sent one) is never drawn: the loss
+    # panel has nothing to draw.
     assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 1
-    assert [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")].count(
-        "no figures reported") == 1
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert texts.count("no figures reported") == 1
+    assert "Held-out loss per site" in texts and "Training loss per site" not in texts
+    assert HELD_OUT_NOT_DP in texts
 
 
 def test_migration_0003_downgrades_and_upgrades(tmp_path: Path) -> None:

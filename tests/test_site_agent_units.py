@@ -167,8 +167,11 @@ def clean_arrays() -> dict[str, np.ndarray]:
         (lambda a, m: a.update(b=np.ones(3, np.float64)),
          "array 'b' is not a float32 numpy array"),
         (lambda a, m: a.pop("b"), "model arrays missing: ['b']"),
-        (lambda a, m: m.update({"train-loss": "0.31"}), "metric 'train-loss' is not a number"),
-        (lambda a, m: m.update({"train-loss": True}), "metric 'train-loss' is not a number"),
+        (lambda a, m: m.update({"eval-loss": "0.31"}), "metric 'eval-loss' is not a number"),
+        (lambda a, m: m.update({"eval-loss": True}), "metric 'eval-loss' is not a number"),
+        # The loss on the training rows is not covered by DP-SGD: it never leaves.
+        (lambda a, m: m.update({"train-loss": 0.31}),
+         "metric 'train-loss' is not on the allow-list"),
         (lambda a, m: m.update({"patient-age": 54.0}),
          "metric 'patient-age' is not on the allow-list"),
         (lambda a, m: m.update({"eval-auc": math.nan}), "metric 'eval-auc' is not finite"),
@@ -179,7 +182,7 @@ def test_leaky_result_is_blocked_with_the_exact_problem(
     change: Callable[[dict[str, Any], dict[str, Any]], object], problem: str
 ) -> None:
     arrays: dict[str, Any] = clean_arrays()
-    metrics: dict[str, Any] = {"num-examples": 100.0, "train-loss": 0.5}
+    metrics: dict[str, Any] = {"num-examples": 100.0, "eval-loss": 0.5}
     change(arrays, metrics)
     with pytest.raises(EgressViolation) as info:
         check_outgoing(expected_shapes=SHAPES, arrays=arrays, metrics=metrics)
@@ -187,11 +190,11 @@ def test_leaky_result_is_blocked_with_the_exact_problem(
 
 
 def test_clean_result_passes_and_the_report_holds_no_values() -> None:
-    metrics = {"num-examples": 123.0, "train-loss": 0.4321, "epsilon-spent": 1.5}
+    metrics = {"num-examples": 123.0, "eval-loss": 0.4321, "epsilon-spent": 1.5}
     report = check_outgoing(expected_shapes=SHAPES, arrays=clean_arrays(), metrics=metrics)
     assert report.n_bytes == 6 * 4 + 3 * 4 + 8 * 3
     assert report.array_shapes == {"w": [2, 3], "b": [3]}
-    assert report.metric_names == ["epsilon-spent", "num-examples", "train-loss"]
+    assert report.metric_names == ["epsilon-spent", "eval-loss", "num-examples"]
     text = repr(report)
     assert "0.4321" not in text and "123" not in text
 
@@ -288,12 +291,13 @@ def test_train_task_returns_model_arrays_and_charges_the_ledger(
     assert 0 < metrics["epsilon-spent"] <= 3.0
     assert metrics["epsilon-round"] == pytest.approx(metrics["epsilon-spent"])
     assert metrics["num-examples"] == len(trainer.data.train_y)
-    assert {"eval-loss", "eval-accuracy", "train-loss", "noise-multiplier"} <= set(metrics)
+    assert {"eval-loss", "eval-accuracy", "noise-multiplier"} <= set(metrics)
+    assert "train-loss" not in metrics  # not covered by DP: it never leaves the site
     run = PrivacyLedger(tmp_path / "privacy-ledger.json").get_run("run-1")
     assert run is not None and run.rounds[1].status == "done"
     assert run.rounds[1].epsilon_after == pytest.approx(metrics["epsilon-spent"])
     assert audit.actions == ["round-reserved", "round-trained"]
-    assert "epsilon_spent" in audit[-1][1] and "train-loss" in audit[-1][1]["metrics"]
+    assert "epsilon_spent" in audit[-1][1] and "eval-loss" in audit[-1][1]["metrics"]
 
 
 def test_same_task_again_is_answered_from_the_stored_reply_without_charging(
@@ -543,9 +547,9 @@ def test_what_left_the_site_in_a_round_includes_its_text_fields(
     reply, out = trainer.handle(train_header(1), global_arrays)
     assert "error" not in reply
     trained = dict(audit)["round-trained"]
-    assert trained["text"] == ["fingerprint.content-sha256", "fingerprint.n-rows",
-                               "fingerprint.n-test", "fingerprint.n-train",
-                               "fingerprint.schema-hash"]
+    # This site's data was loaded without a fingerprint key: no digest of the file leaves.
+    assert trained["text"] == ["fingerprint.n-rows", "fingerprint.n-test",
+                               "fingerprint.n-train", "fingerprint.schema-hash"]
     arrays_bytes = sum(a.nbytes for a in out.values())
     text_bytes = sum(len(v) for v in reply["fingerprint"].values())
     assert trained["bytes_out"] == arrays_bytes + 8 * len(reply["metrics"]) + text_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ from site_agent.audit import (
 from site_agent.cli import app as site_cli
 from site_agent.data import load_schema, load_site_data
 from site_agent.datasets import write_demo_federation
+from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key
 from site_agent.trainer import WarmTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +231,9 @@ def test_concurrent_appends_from_two_processes_stay_linear(tmp_path: Path) -> No
 def test_a_trained_round_is_audited_without_data_values(tmp_path: Path) -> None:
     fed = write_demo_federation(task="breast_cancer_mlp", out_dir=tmp_path / "fed", n_sites=2)
     site = fed.sites[0]
-    data = load_site_data(csv_path=site.csv_path, schema=load_schema(site.schema_path))
+    key = ensure_fingerprint_key(tmp_path / "keys" / FINGERPRINT_KEY_FILE)
+    data = load_site_data(csv_path=site.csv_path, schema=load_schema(site.schema_path),
+                          fingerprint_key=key)
     log = AuditLog(tmp_path / "audit.log")
     trainer = WarmTrainer(site_name="hospital-a", task="breast_cancer_mlp", data=data,
                           ledger=PrivacyLedger(tmp_path / "ledger.json"),
@@ -253,8 +257,13 @@ def test_a_trained_round_is_audited_without_data_values(tmp_path: Path) -> None:
         8 * len(reply["metrics"]) + sum(len(v) for v in reply["fingerprint"].values())
     assert trained.detail["metrics"] == sorted(reply["metrics"])
     assert trained.detail["text"] == sorted(f"fingerprint.{k}" for k in reply["fingerprint"])
+    # The file's digest leaves keyed, never as the plain SHA-256 anyone could confirm.
+    assert sorted(reply["fingerprint"]) == ["content-hmac", "n-rows", "n-test", "n-train",
+                                            "schema-hash"]
+    plain = hashlib.sha256(site.csv_path.read_bytes()).hexdigest()
+    assert plain not in json.dumps(reply) and plain not in log.path.read_text()
     text = log.path.read_text()
-    for name in ("train-loss", "eval-loss", "eval-accuracy", "eval-auc"):
+    for name in ("eval-loss", "eval-accuracy", "eval-auc"):
         assert repr(reply["metrics"][name]) not in text, name
     first_row = site.csv_path.read_text().splitlines()[1].split(",")
     assert all(cell not in text for cell in first_row if len(cell) > 3)
@@ -319,3 +328,38 @@ def test_cli_show_warns_about_a_broken_log(tmp_path: Path,
     assert res.exit_code == 1
     assert "entry 5 is broken" in res.output
     assert os.path.getsize(log.path) > 0
+
+
+def test_cli_fingerprint_recomputes_what_leaves_and_reveals_the_key_on_record(
+        tmp_path: Path) -> None:
+    fed = write_demo_federation(task="breast_cancer_mlp", out_dir=tmp_path / "fed", n_sites=2)
+    site, root = fed.sites[0], tmp_path / "site"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("placeholder: init only copies it\n")
+    runner = CliRunner()
+    done = runner.invoke(site_cli, ["init", "--dir", str(root), "--name", "hospital-a",
+                                    "--superlink", "127.0.0.1:9092", "--ca-cert", str(ca),
+                                    "--data", str(site.csv_path),
+                                    "--schema", str(site.schema_path)])
+    assert done.exit_code == 0, done.output
+    # What the agent sends (the key is made at first use, by whichever comes first).
+    shown = runner.invoke(site_cli, ["fingerprint", "--dir", str(root)])
+    assert shown.exit_code == 0, shown.output
+    key = (root / "keys" / FINGERPRINT_KEY_FILE).read_bytes()
+    sent = load_site_data(csv_path=site.csv_path, schema=load_schema(site.schema_path),
+                          fingerprint_key=key).fingerprint.content_hmac
+    assert sent is not None and f"content-hmac: {sent}" in shown.output
+    assert key.hex() not in shown.output.replace("\n", "")
+    assert not (root / "audit.log").exists()
+
+    revealed = runner.invoke(site_cli, ["fingerprint", "--dir", str(root), "--reveal-key"],
+                             )
+    assert revealed.exit_code == 0, revealed.output
+    assert f"fingerprint key (hex): {key.hex()}" in revealed.output
+    command = next(line.strip() for line in revealed.output.splitlines()
+                   if line.strip().startswith("openssl dgst"))
+    auditor = subprocess.run(command.split(), capture_output=True, text=True, timeout=30,
+                             check=True)
+    assert auditor.stdout.strip().endswith(sent)
+    entries, verdict = read_entries(root / "audit.log")
+    assert verdict.intact and [e.action for e in entries] == ["fingerprint-key-revealed"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -24,10 +26,12 @@ from site_agent.data import (
     ProblemKind,
     SchemaError,
     check_data,
+    keyed_fingerprint,
     load_schema,
     load_site_data,
 )
 from site_agent.datasets import DemoFederation, read_labeled_csv, write_demo_federation
+from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key
 
 BC = "breast_cancer_mlp"
 LABEL = "diagnosis"
@@ -412,7 +416,31 @@ def test_fingerprint_changes_with_one_byte(write_csv: WriteCsv, bc_table: list[l
     assert (after.schema_hash, after.n_rows) == (before.schema_hash, before.n_rows)
     # Hashes and counts only: no label counts (they would reveal the case mix).
     assert set(before.to_dict()) == {"schema_hash", "n_rows", "n_train", "n_test",
-                                     "content_sha256"}
+                                     "content_sha256", "content_hmac"}
+
+
+def test_the_fingerprint_that_leaves_is_keyed_per_site(
+        write_csv: WriteCsv, bc_table: list[list[str]], schema: DataSchema,
+        tmp_path: Path) -> None:
+    path = write_csv(bc_table)
+    plain = hashlib.sha256(path.read_bytes()).hexdigest()
+    # Two sites holding the same file, each with its own key made at first use.
+    key_a = ensure_fingerprint_key(tmp_path / "a" / "keys" / FINGERPRINT_KEY_FILE)
+    key_b = ensure_fingerprint_key(tmp_path / "b" / "keys" / FINGERPRINT_KEY_FILE)
+    a = load_site_data(csv_path=path, schema=schema, fingerprint_key=key_a).fingerprint
+    b = load_site_data(csv_path=path, schema=schema, fingerprint_key=key_b).fingerprint
+    assert a.content_hmac is not None and b.content_hmac is not None
+    assert a.content_hmac != b.content_hmac
+    assert plain not in (a.content_hmac, b.content_hmac)
+    # The site (or an auditor given the key) recomputes it from the file.
+    assert a.content_hmac == hmac.new(key_a, path.read_bytes(), hashlib.sha256).hexdigest()
+    assert keyed_fingerprint(key_a, path.read_bytes()) == a.content_hmac
+    # The key is made once, private, and kept.
+    key_file = tmp_path / "a" / "keys" / FINGERPRINT_KEY_FILE
+    assert (key_file.stat().st_mode & 0o777) == 0o600
+    assert ensure_fingerprint_key(key_file) == key_a
+    # Without a key nothing of the file's digest is meant to leave.
+    assert load_site_data(csv_path=path, schema=schema).fingerprint.content_hmac is None
 
 
 @settings(max_examples=40, deadline=None)
