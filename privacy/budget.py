@@ -134,9 +134,8 @@ class PlanCheck:
             f"run {self.run_id} needs epsilon {self.run_needs:.3f} at this site for its "
             f"{self.rounds} round(s) x {self.local_epochs} local epoch(s) (noise multiplier "
             f"{self.noise_multiplier:.3f}); " + "; ".join(parts) + ". Nothing was trained or "
-            "charged. The ML team can launch a run with a smaller epsilon or fewer rounds or "
-            "local epochs; the site's IT can raise the cap in its policy.json if its "
-            "governance allows"
+            "charged; a smaller run (epsilon, rounds, local epochs) may fit, or the site's IT "
+            "may raise the cap"
         )
 
 
