@@ -387,8 +387,9 @@ def test_starting_the_trainer_shows_hospital_it_no_advice_it_cannot_follow() -> 
         warnings.simplefilter("always")
         _warm_up(TASK)   # what the site agent runs at every start
         # An accounting whose optimal RDP order is at the edge of Opacus's range (it asks
-        # to "expand the range of alphas" there).
-        epsilon_for_history([(5.0, 0.1, 1)], delta=DELTA)
+        # to "expand the range of alphas" there); a noise multiplier no other test uses, so
+        # that the answer is computed here, not taken from the cache.
+        epsilon_for_history([(5.0123457, 0.1, 1)], delta=DELTA)
     texts = [str(w.message) for w in seen]
     assert not [t for t in texts if "Secure RNG" in t or "alpha" in t], texts
 
