@@ -20,12 +20,12 @@ the federation's ``global_test.csv`` (20% held out, stratified; no site holds an
 rows).
 
 DP noise and Poisson sampling are seeded as the appliance seeds them: each site derives the
-round's seed from a secret only it holds (``site_agent.trainer.WarmTrainer._noise_seed``:
-HMAC-SHA256 of ``run/round`` under the site's ``noise_secret``, called here unchanged), so
-every site draws its own, independent noise. The appliance makes that secret from
-``os.urandom`` once per site; here each site's secret is derived from the benchmark seed
-and the site's name, so that a run can be repeated. Seeds 0, 1, 2 change the initial model
-and every site's secret, not the split.
+round's seed with ``site_agent.trainer.round_noise_seed`` (HMAC-SHA256 under the site's
+``noise_secret`` of the run, the round and fresh entropy), so every site draws its own,
+independent noise. The appliance makes the secret from ``os.urandom`` once per site and
+draws the entropy fresh every round; here both are derived from the benchmark seed and the
+site's name, so that a run can be repeated. Seeds 0, 1, 2 change the initial model and
+every site's secret, not the split.
 
 Baseline, as ``fedward-demo`` computes it: all sites' rows pooled in one place
 (``pooled_train.csv``), no DP, Adam lr 0.01, as many epochs as the federated run trained in
@@ -51,7 +51,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,16 +98,18 @@ def site_secret(seed: int, site: str) -> bytes:
 def site_round_seed(*, seed: int, site: str, run_id: str, rnd: int, shared: bool) -> int:
     """The training seed of one site in one round.
 
-    ``shared=False``: the appliance's own derivation, ``WarmTrainer._noise_seed`` called on
-    a stand-in that holds only the site's secret (the method reads nothing else).
+    ``shared=False``: the appliance's own derivation, ``round_noise_seed``, with entropy
+    derived from the benchmark seed, the site, the run and the round in place of the
+    operating system's fresh bytes (so that a run can be repeated).
     ``shared=True``: the old run seed, the same at every site.
     """
     if shared:
         return seed * 100_003 + rnd
-    from site_agent.trainer import WarmTrainer
+    from site_agent.trainer import round_noise_seed
 
-    holder = SimpleNamespace(noise_secret=site_secret(seed, site))
-    return int(WarmTrainer._noise_seed(holder, run_id, rnd))  # type: ignore[arg-type]
+    entropy = hashlib.sha256(f"fedward-bench-utility/{seed}/{site}/{run_id}/{rnd}".encode())
+    return round_noise_seed(secret=site_secret(seed, site), run_id=run_id, round_number=rnd,
+                            entropy=entropy.digest())
 
 
 def run_federated(fed: dict[str, Any], *, epsilon: float | None, seed: int,
@@ -242,9 +243,9 @@ def main() -> None:
         f"{DELTA:g}; seeds {', '.join(map(str, SEEDS))}. Noise multipliers at epsilon "
         f"{EPSILONS[1]:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in sigma.items()) + ". "
         "DP noise and sampling seeded per site from a secret only that site holds "
-        "(`WarmTrainer._noise_seed`), as the appliance does: every site draws independent "
-        "noise. Ratios and differences are against the pooled baseline of the same seeds in "
-        "this run; medians and means over the seeds.\n\n"
+        "and fresh entropy (`round_noise_seed`), as the appliance does: every site draws "
+        "independent noise. Ratios and differences are against the pooled baseline of the "
+        "same seeds in this run; medians and means over the seeds.\n\n"
         + bu.md_table(["setting", "test AUC median", "mean", "min / max",
                        "median vs baseline (diff)", "median vs baseline (ratio)",
                        "accuracy median", "max epsilon spent"], rows)
@@ -259,8 +260,9 @@ def main() -> None:
         "local_epochs": LOCAL_EPOCHS, "delta": DELTA, "max_grad_norm": CLIP,
         "site_train_rows": {s["name"]: len(s["y"]) for s in fed["sites"]},
         "test_rows": len(fed["test"][1]), "seconds": time.monotonic() - t0,
-        "noise_seeding": "per site: WarmTrainer._noise_seed(HMAC of run/round under the "
-                         "site's secret); secondary rows: shared run seed (old behaviour)",
+        "noise_seeding": "per site: round_noise_seed(HMAC of run/round/entropy under the "
+                         "site's secret; entropy derived from the seed so a run repeats); "
+                         "secondary rows: shared run seed (old behaviour)",
         "summary": summary}, md)
 
 

@@ -786,7 +786,9 @@ def _admission_answer(reply: Message, before: _Answer | None) -> _Answer:
         if code == SiteErrorCode.PENDING_APPROVAL:
             since = before.since if before is not None and before.state == "waiting" else ""
             return _Answer("waiting", reason, since or utcnow().isoformat())
-        if code == SiteErrorCode.REFUSED_POLICY:
+        if code in (SiteErrorCode.REFUSED_POLICY, SiteErrorCode.REFUSED_BUDGET):
+            # A budget refusal names the run's needs and the site's spent and caps: the
+            # reason is recorded as the site sent it (run view, watch, not-admitted reason).
             return _Answer("refused", reason)
         # An older site agent without the admission handler, a trainer that is down, an
         # engine error: no answer; the round loop treats the site as before.

@@ -12,9 +12,11 @@ the full history with that round's steps appended.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -95,26 +97,45 @@ def planned_steps(*, sample_rate: float, epochs: int) -> int:
 _CACHE_SIZE: Final = 512
 
 
+@contextlib.contextmanager
+def _without_alpha_advice() -> Iterator[None]:
+    """Drop Opacus's "Optimal order is the largest alpha ... consider expanding the range
+    of alphas" warning, and only that one, while an epsilon is computed.
+
+    The PRV accountant uses an RDP bound only to size its numerical domain; a loose bound
+    widens the domain and leaves the PRV epsilon's error bound intact (with the RDP
+    accountant the epsilon is a valid, if looser, upper bound). The advice names a
+    setting that neither hospital IT nor the ML team can change, so it would only alarm the
+    people who read the site's and the coordinator's logs.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha",
+                                category=UserWarning)
+        yield
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _search_noise(
     epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
+    with _without_alpha_advice():
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
         )
-    )
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _epsilon(entries: tuple[HistoryEntry, ...], delta: float, mechanism: str) -> float:
     accountant: IAccountant = PRVAccountant() if mechanism == "prv" else RDPAccountant()
     accountant.history = list(entries)
-    return float(accountant.get_epsilon(delta=delta))
+    with _without_alpha_advice():
+        return float(accountant.get_epsilon(delta=delta))
 
 
 def noise_multiplier_for_run(
@@ -198,7 +219,9 @@ def _normalise(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
         merged[key] = merged.get(key, 0) + int(steps)
     if problems:
         raise ValueError("invalid accountant history: " + "; ".join(problems))
-    return [(sigma, q, steps) for (sigma, q), steps in merged.items()]
+    # Sorted, so that the same steps charged in another order (runs listed differently,
+    # a round warmed ahead) hit the same cache entry.
+    return sorted((sigma, q, steps) for (sigma, q), steps in merged.items())
 
 
 def epsilon_for_history(
@@ -228,6 +251,14 @@ def epsilon_for_history(
     return _epsilon(tuple(entries), float(delta), mechanism)
 
 
+# What a site's IT can raise when a budget of this scope is reached.
+_RAISE_HINT: Final = {
+    "run": "raise the site's epsilon cap for this project in its policy",
+    "project": "raise the site's epsilon cap for this project in its policy",
+    "site": "raise the site-wide cap (site_epsilon_cap) in the site's policy",
+}
+
+
 class BudgetExceededError(Exception):
     """A round would take a site's spent epsilon past its budget.
 
@@ -245,12 +276,13 @@ class BudgetExceededError(Exception):
         self.projected = projected
         self.budget = budget
         self.scope = scope
+        hint = _RAISE_HINT.get(scope, _RAISE_HINT["run"])
         super().__init__(
             f"privacy budget exceeded: this round would bring the {scope}'s epsilon from "
             f"{spent:.4f} to {projected:.4f}, over its budget of {budget:.4f}. The round was "
-            f"not trained and nothing was charged. To go on, raise the site's epsilon cap "
-            f"for this project in its policy, or launch a new run with fewer rounds or "
-            f"local epochs (or a larger budget) so that its noise is planned for it."
+            f"not trained and nothing was charged. To go on, {hint}, or launch a new run "
+            f"with fewer rounds or local epochs (or a larger budget) so that its noise is "
+            f"planned for it."
         )
 
 

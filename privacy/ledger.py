@@ -7,7 +7,10 @@ anything else:
 * **Write-ahead charging.** A round is charged (its steps appended to the run's accountant
   history) and persisted *before* it trains. A round that trains and then crashes has
   still been charged; a retried or resumed round is recognised by its number and never
-  charged twice.
+  charged twice. A caller that keeps its own record of charges (the site's audit log) writes
+  it from the ``on_charge`` hook of :meth:`PrivacyLedger.reserve_round`, which runs after
+  the budget checks and before the charge is persisted: a crash in between leaves a record
+  without a charge, never a charge without its record.
 * **Never half-written, never silently reset.** Every change is written to a temporary
   file in the same directory, fsynced, atomically renamed over the ledger and the
   directory fsynced. A ledger that cannot be read raises :class:`LedgerCorruptError`:
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -357,14 +360,42 @@ class PrivacyLedger:
             return 0.0
         return epsilon_for_history(history, delta=delta, mechanism=_MECHANISM)
 
+    def site_epsilon(self) -> float:
+        """Epsilon spent by every run of every project at this site, composed together.
+
+        A site that serves several projects on the same patients releases all of them
+        about the same people: this is the figure a site-wide cap bounds. Reported at the
+        largest delta of the runs, as :meth:`project_epsilon` does. ``0.0`` for no runs.
+
+        Raises:
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        with self._locked():
+            runs = self._read()["runs"]
+        history, delta = self._project_history(runs, None)
+        if not history:
+            return 0.0
+        return epsilon_for_history(history, delta=delta, mechanism=_MECHANISM)
+
+    def all_runs(self) -> dict[str, RunLedger]:
+        """Every run of the ledger, read at once: run id -> :class:`RunLedger`.
+
+        Raises:
+            LedgerCorruptError: if the ledger file cannot be trusted.
+        """
+        with self._locked():
+            runs = self._read()["runs"]
+        return {run_id: _view(run) for run_id, run in sorted(runs.items())}
+
     @staticmethod
     def _project_history(
-        runs: Mapping[str, Any], project: str
+        runs: Mapping[str, Any], project: str | None
     ) -> tuple[list[HistoryEntry], float]:
+        """The histories of ``project``'s runs (every run for None) and their largest delta."""
         history: list[HistoryEntry] = []
         delta = 0.0
         for run in runs.values():
-            if run["project"] == project:
+            if project is None or run["project"] == project:
                 history.extend(_history_of(run))
                 delta = max(delta, float(run["delta"]))
         return history, delta
@@ -441,7 +472,14 @@ class PrivacyLedger:
             self._write(doc)
 
     def reserve_round(
-        self, *, run_id: str, round_number: int, steps: int, cap: float | None = None
+        self,
+        *,
+        run_id: str,
+        round_number: int,
+        steps: int,
+        cap: float | None = None,
+        site_cap: float | None = None,
+        on_charge: Callable[[float], None] | None = None,
     ) -> float:
         """Charge a round before it trains (write-ahead) and return the run's epsilon after it.
 
@@ -455,13 +493,22 @@ class PrivacyLedger:
         * the run's epsilon after the round must not exceed ``min(epsilon_budget, cap)``;
         * with a ``cap``, the epsilon of all the project's runs composed (see
           :meth:`project_epsilon`) must not exceed ``cap`` either: the cap is the site's
-          limit for the whole project, not only for one run.
+          limit for the whole project, not only for one run;
+        * with a ``site_cap``, the epsilon of every run of every project composed (see
+          :meth:`site_epsilon`) must not exceed it.
 
         Args:
             run_id: a run opened with :meth:`open_run`.
             round_number: the coordinator's round number, >= 0.
             steps: DP-SGD steps the round will take (``privacy.training.expected_steps``).
             cap: the site's epsilon cap for the run's project (from its policy), if any.
+            site_cap: the site's cap over all its projects (from its policy), if any.
+            on_charge: called with the run's epsilon after the round once every check has
+                passed and before the charge is written, only when the round is charged
+                now (not for a retry). It runs under the ledger's lock, so it must not call
+                this ledger (the lock is not re-entrant). If it raises, nothing is
+                charged and the exception propagates: the site's audit entry of the charge
+                is written here, so that no charge can exist without it.
 
         Returns:
             The run's epsilon once this round is charged.
@@ -477,8 +524,9 @@ class PrivacyLedger:
             raise ValueError(f"round_number must be an integer >= 0; got {round_number!r}")
         if not (_is_int(steps) and steps >= 1):
             raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
-        if cap is not None and not (_is_number(cap) and cap > 0):
-            raise ValueError(f"cap must be > 0 when given; got {cap!r}")
+        for name, value in (("cap", cap), ("site_cap", site_cap)):
+            if value is not None and not (_is_number(value) and value > 0):
+                raise ValueError(f"{name} must be > 0 when given; got {value!r}")
         with self._locked():
             doc = self._read()
             run = self._run(doc, run_id)
@@ -520,6 +568,18 @@ class PrivacyLedger:
                     mechanism=_MECHANISM,
                     scope="project",
                 )
+            if site_cap is not None:
+                site_history, site_delta = self._project_history(doc["runs"], None)
+                check_round_budget(
+                    history=site_history,
+                    next_step=step,
+                    delta=site_delta,
+                    budget=float(site_cap),
+                    mechanism=_MECHANISM,
+                    scope="site",
+                )
+            if on_charge is not None:
+                on_charge(projected)
             run["history"].append(list(step))
             run["rounds"][key] = {
                 "status": "reserved",
@@ -545,11 +605,28 @@ class PrivacyLedger:
             return
         step: HistoryEntry = (float(run["noise_multiplier"]), float(run["sample_rate"]),
                               int(steps))
-        epsilon_for_history([*_history_of(run), step], delta=run["delta"],
-                            mechanism=_MECHANISM)
-        project_history, project_delta = self._project_history(doc["runs"], run["project"])
-        epsilon_for_history([*project_history, step], delta=project_delta,
-                            mechanism=_MECHANISM)
+        self._warm(doc, run_id=run_id, project=run["project"], delta=float(run["delta"]),
+                   step=step)
+
+    def warm_first_round(self, *, run_id: str, project: str, delta: float,
+                         step: HistoryEntry) -> None:
+        """As :meth:`warm_next_round`, for a run not opened yet: the epsilons
+        :meth:`reserve_round` will compute for its first round ``step``."""
+        with self._locked():
+            doc = self._read()
+        self._warm(doc, run_id=run_id, project=project, delta=delta, step=step)
+
+    def _warm(self, doc: Mapping[str, Any], *, run_id: str, project: str, delta: float,
+              step: HistoryEntry) -> None:
+        runs = doc["runs"]
+        run = runs.get(run_id)
+        own = _history_of(run) if run is not None else []
+        epsilon_for_history([*own, step], delta=delta, mechanism=_MECHANISM)
+        others = {k: v for k, v in runs.items() if k != run_id}
+        for scope in (project, None):
+            history, scope_delta = self._project_history(others, scope)
+            history = [*history, *own, step]
+            epsilon_for_history(history, delta=max(scope_delta, delta), mechanism=_MECHANISM)
 
     def complete_round(self, *, run_id: str, round_number: int) -> float:
         """Mark a reserved round done; repeating it does nothing.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -359,7 +360,17 @@ def train_dp(
         batch_size=batch_size,
         generator=torch.Generator().manual_seed(loader_seed),
     )
-    engine = PrivacyEngine(accountant=_MECHANISM)
+    with warnings.catch_warnings():
+        # Opacus warns on every engine that its secure RNG is off and asks to retrain with
+        # secure_mode before production. secure_mode needs torchcsprng, whose last release
+        # (2021) does not install with this torch: advice no hospital can follow. The noise
+        # source is chosen on purpose instead (a generator seeded for each round from the
+        # operating system's entropy at the site: site_agent.trainer.round_noise_seed,
+        # docs/operator-guide.md "Privacy"), so only this one warning is dropped, here where
+        # Opacus emits it; every other warning still shows.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off",
+                                category=UserWarning)
+        engine = PrivacyEngine(accountant=_MECHANISM)
     # A fresh engine per round, loaded with the run's history: epsilon composes over the
     # run instead of restarting from zero each round.
     engine.accountant.load_state_dict({"history": list(prior), "mechanism": _MECHANISM})

@@ -8,7 +8,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 from site_agent.fingerprint_cli import fingerprint
+
+if TYPE_CHECKING:
+    from privacy.budget import SiteBudget
 
 __all__ = ["app", "main"]
 
@@ -177,7 +180,8 @@ def renew(dir: DirOpt) -> None:
 
 
 def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: float,
-                          require_approval: bool, force: bool) -> None:
+                          require_approval: bool, force: bool,
+                          site_epsilon_cap: float | None = None) -> None:
     from site_agent.policy import PolicyError, SitePolicy
 
     path = SitePaths(root).policy
@@ -187,7 +191,8 @@ def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: f
         return
     try:
         policy = SitePolicy.starter(project=project, task=task, epsilon_cap=epsilon_cap,
-                                    require_approval=require_approval)
+                                    require_approval=require_approval,
+                                    site_epsilon_cap=site_epsilon_cap)
     except PolicyError as err:
         _fail(str(err))
     policy.save(path)
@@ -271,6 +276,9 @@ def policy_init(
         help="epsilon cap for all of the project's runs at this site, composed")] = 10.0,
     require_approval: Annotated[bool, typer.Option(
         "--require-approval", help="each new run waits for `fedward-site approve`")] = False,
+    site_epsilon_cap: Annotated[float | None, typer.Option(
+        help="epsilon cap for all runs of all projects at this site, composed "
+             "(default: none)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing policy")] = False,
 ) -> None:
     """Write a starter site policy (policy.json) for one project."""
@@ -287,7 +295,8 @@ def policy_init(
     if path.exists() and not force:
         _fail(f"{path} exists; edit it, or replace it with --force")
     _write_starter_policy(root, project=project, task=task, epsilon_cap=epsilon_cap,
-                          require_approval=require_approval, force=True)
+                          require_approval=require_approval, force=True,
+                          site_epsilon_cap=site_epsilon_cap)
 
 
 @policy_app.command("check")
@@ -316,6 +325,9 @@ def policy_check(dir: DirOpt,
     console.print(f"  approval of each new run: "
                   f"{'required' if policy.require_approval else 'not required'}")
     console.print(f"  rounds per 24 h: {policy.max_rounds_per_day or 'unlimited'}")
+    site_cap = policy.site_epsilon_cap
+    console.print("  site-wide epsilon cap (all projects composed): "
+                  + ("none" if site_cap is None else f"{site_cap:g}"), highlight=False)
 
 
 # -- runs and approvals ----------------------------------------------------------------------
@@ -330,34 +342,125 @@ def _user(by: str | None) -> str:
         return "unknown"
 
 
+def _budget(paths: SitePaths) -> tuple[SiteBudget, str]:
+    """The site's composed privacy figures, and the policy's state (``ok``, ``missing`` or
+    ``invalid``: then no cap is shown, and the agent refuses every run anyway)."""
+    from privacy import PrivacyLedger, site_budget
+    from site_agent.policy import PolicyError, PolicyMissingError, SitePolicy
+
+    caps: dict[str, float] = {}
+    site_cap: float | None = None
+    try:
+        policy = SitePolicy.load(paths.policy)
+        caps = {name: p.epsilon_cap for name, p in policy.projects.items()}
+        site_cap, state = policy.site_epsilon_cap, "ok"
+    except PolicyMissingError:
+        state = "missing"
+    except PolicyError:
+        state = "invalid"
+    return site_budget(PrivacyLedger(paths.ledger), project_caps=caps, site_cap=site_cap), state
+
+
+def _cap_text(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
+def _budget_table(budget: SiteBudget) -> Table:
+    """Spent (composed) and left per project and site-wide, for people."""
+    table = Table("privacy budget", "spent (composed)", "cap", "left",
+                  title="epsilon at this site", title_justify="left")
+    for scope in (*budget.projects, budget.site):
+        label = f"project {scope.name}" if scope.scope == "project" else "site-wide (all projects)"
+        table.add_row(label, f"{scope.spent:.3f}", _cap_text(scope.cap), _cap_text(scope.left))
+    return table
+
+
+_COMPOSED_NOTE = ("Per-run epsilons do not add up: a project's figure composes every step of "
+                  "all its runs (the figure its cap bounds), and is usually well below their "
+                  "sum.")
+
+
 @app.command()
 def runs(dir: DirOpt,
          as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
          ) -> None:
-    """List the runs this site has seen, their state and the epsilon they spent here."""
+    """List the runs this site has seen, their state and the epsilon they spent here, and
+    the epsilon spent (composed) and left per project and site-wide."""
     from privacy import LedgerCorruptError, PrivacyLedger
     from site_agent.policy import ApprovalBook, ApprovalsError, run_statuses
 
     paths = SitePaths(dir.expanduser().resolve())
     try:
         statuses = run_statuses(ApprovalBook(paths.approvals), PrivacyLedger(paths.ledger))
+        budget, _state = _budget(paths)
     except (ApprovalsError, LedgerCorruptError) as err:
         _fail(str(err))
+    projects = {p.name: p for p in budget.projects}
     if as_json:
-        print(json.dumps([s.to_dict() for s in statuses]))
+        # One object per run, as before; each also carries its project's and the site's
+        # composed figures (spent, cap, left).
+        print(json.dumps([{
+            **s.to_dict(),
+            "project_budget": (projects[s.record.project].to_dict()
+                               if s.record.project in projects else None),
+            "site_budget": budget.site.to_dict(),
+        } for s in statuses]))
         return
     if not statuses:
         console.print("no run seen yet (a run is listed when its first task arrives)")
-        return
-    table = Table("run", "project", "task", "first seen (UTC)", "status", "rounds",
-                  "epsilon", "decided by", "note")
+    else:
+        table = Table("run", "project", "task", "first seen (UTC)", "status", "rounds",
+                      "run epsilon", "decided by", "note")
+        for st in statuses:
+            rec = st.record
+            note = rec.reason if st.status == "denied" else (rec.last_refusal or "")
+            table.add_row(rec.run, rec.project, rec.task,
+                          rec.first_seen[:19].replace("T", " "), st.status,
+                          f"{st.rounds_trained}/{rec.total_rounds}", f"{st.epsilon_spent:.3f}",
+                          rec.by or "", note or "")
+        console.print(table)
+    console.print(_budget_table(budget))
+    console.print(_COMPOSED_NOTE, highlight=False)
+
+
+@app.command()
+def status(dir: DirOpt,
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
+           ) -> None:
+    """The site at a glance: its policy, the runs it has seen, and the epsilon spent
+    (composed) and left per project and site-wide."""
+    from privacy import LedgerCorruptError, PrivacyLedger
+    from site_agent.policy import ApprovalBook, ApprovalsError, run_statuses
+
+    root = dir.expanduser().resolve()
+    paths = SitePaths(root)
+    name: str | None = None
+    try:
+        name = SiteConfig.load(root).name
+    except ConfigError:
+        name = None  # shown as not configured; the budget is still read
+    try:
+        statuses = run_statuses(ApprovalBook(paths.approvals), PrivacyLedger(paths.ledger))
+        budget, policy_state = _budget(paths)
+    except (ApprovalsError, LedgerCorruptError) as err:
+        _fail(str(err))
+    counts: dict[str, int] = {}
     for st in statuses:
-        rec = st.record
-        note = rec.reason if st.status == "denied" else (rec.last_refusal or "")
-        table.add_row(rec.run, rec.project, rec.task, rec.first_seen[:19].replace("T", " "),
-                      st.status, f"{st.rounds_trained}/{rec.total_rounds}",
-                      f"{st.epsilon_spent:.3f}", rec.by or "", note or "")
-    console.print(table)
+        counts[st.status] = counts.get(st.status, 0) + 1
+    if as_json:
+        print(json.dumps({"site": name, "policy": policy_state, "runs": counts,
+                          "projects": [p.to_dict() for p in budget.projects],
+                          "site_budget": budget.site.to_dict(), "run_epsilon": budget.runs}))
+        return
+    console.print(f"site {name or '(not configured: run `fedward-site init`)'} at {root}",
+                  highlight=False, markup=False)
+    console.print(f"policy: {policy_state}" + ("" if policy_state == "ok" else
+                  " (every run is refused until it is fixed: `fedward-site policy check`)"),
+                  highlight=False)
+    seen = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet"
+    console.print(f"runs seen: {seen}", highlight=False)
+    console.print(_budget_table(budget))
+    console.print(_COMPOSED_NOTE, highlight=False)
 
 
 def _decide(root: Path, run: str, decision: str, *, by: str, reason: str | None) -> None:

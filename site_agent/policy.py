@@ -12,10 +12,15 @@ policy file the site refuses every run: default-deny. Format, version 1::
     {"version": 1,
      "projects": {"oncology": {"epsilon_cap": 4.0, "tasks": ["breast_cancer_mlp"]}},
      "require_approval": true,
-     "max_rounds_per_day": 50}
+     "max_rounds_per_day": 50,
+     "site_epsilon_cap": 6.0}
 
 * ``projects``: the only projects the site works for; per project, the epsilon cap for all
   of the project's runs at this site composed together, and the registry tasks accepted.
+* ``site_epsilon_cap`` (optional, ``null``: none): the most epsilon every run of every
+  project may spend at this site, composed together. Projects that train on the same
+  patients release information about the same people: a cap per project alone would let
+  each project spend its whole cap on them.
 * ``require_approval``: each new run waits ("pending-approval") until someone at the site
   runs ``fedward-site approve RUN``.
 * ``max_rounds_per_day``: at most this many rounds trained in any 24 hours (``null``: no
@@ -73,7 +78,8 @@ __all__ = [
 POLICY_VERSION: Final = 1
 APPROVALS_VERSION: Final = 1
 PENDING_PREFIX: Final = "pending-approval"
-_TOP_KEYS: Final = ("version", "projects", "require_approval", "max_rounds_per_day")
+_TOP_KEYS: Final = ("version", "projects", "require_approval", "max_rounds_per_day",
+                    "site_epsilon_cap")
 _REQUIRED_KEYS: Final = ("version", "projects", "require_approval")
 _PROJECT_KEYS: Final = ("epsilon_cap", "tasks")
 _DAY: Final = timedelta(hours=24)
@@ -154,12 +160,15 @@ class SitePolicy:
         projects: project name -> :class:`ProjectPolicy` (an immutable mapping).
         require_approval: each new run waits for a local approval.
         max_rounds_per_day: at most this many rounds trained in any 24 hours; None: no limit.
+        site_epsilon_cap: the most epsilon all runs of all projects may spend at this
+            site, composed together; None: no site-wide cap.
         version: the file format version (1).
     """
 
     projects: Mapping[str, ProjectPolicy]
     require_approval: bool
     max_rounds_per_day: int | None = None
+    site_epsilon_cap: float | None = None
     version: int = POLICY_VERSION
 
     @classmethod
@@ -210,19 +219,23 @@ class SitePolicy:
             for name, spec in raw["projects"].items()
         }
         rounds = raw.get("max_rounds_per_day")
+        site_cap = raw.get("site_epsilon_cap")
         return cls(projects=MappingProxyType(projects),
                    require_approval=bool(raw["require_approval"]),
-                   max_rounds_per_day=None if rounds is None else int(rounds))
+                   max_rounds_per_day=None if rounds is None else int(rounds),
+                   site_epsilon_cap=None if site_cap is None else float(site_cap))
 
     @classmethod
     def starter(cls, *, project: str, task: str, epsilon_cap: float = 10.0,
-                require_approval: bool = False) -> SitePolicy:
+                require_approval: bool = False,
+                site_epsilon_cap: float | None = None) -> SitePolicy:
         """The policy ``fedward-site init`` writes: one project, the site's own task."""
         return cls.from_dict({
             "version": POLICY_VERSION,
             "projects": {project: {"epsilon_cap": epsilon_cap, "tasks": [task]}},
             "require_approval": require_approval,
             "max_rounds_per_day": None,
+            "site_epsilon_cap": site_epsilon_cap,
         }, source="starter policy")
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +246,7 @@ class SitePolicy:
                          for name, p in sorted(self.projects.items())},
             "require_approval": self.require_approval,
             "max_rounds_per_day": self.max_rounds_per_day,
+            "site_epsilon_cap": self.site_epsilon_cap,
         }
 
     def save(self, path: Path) -> None:
@@ -266,6 +280,9 @@ def _validate(raw: object) -> list[str]:
     if rounds is not None and not (isinstance(rounds, int) and not isinstance(rounds, bool)
                                    and rounds >= 1):
         problems.append(f"max_rounds_per_day is {rounds!r}, expected an integer >= 1 or null")
+    site_cap = raw.get("site_epsilon_cap")
+    if site_cap is not None and not (_is_number(site_cap) and site_cap > 0):
+        problems.append(f"site_epsilon_cap is {site_cap!r}, expected a number > 0 or null")
     projects = raw.get("projects")
     if "projects" in raw and not isinstance(projects, dict):
         problems.append("projects must be an object: project name -> "
@@ -515,10 +532,12 @@ class Admission:
     Attributes:
         epsilon_cap: the project's epsilon cap (all its runs at this site, composed).
         max_rounds_per_day: the daily round limit, if any.
+        site_epsilon_cap: the site-wide cap (every run of every project, composed), if any.
     """
 
     epsilon_cap: float
     max_rounds_per_day: int | None
+    site_epsilon_cap: float | None = None
 
 
 AuditFn = Callable[[str, dict[str, Any]], None]
@@ -566,6 +585,7 @@ class SiteGate:
                 "digest": digest, "projects": sorted(policy.projects),
                 "require_approval": policy.require_approval,
                 "max_rounds_per_day": policy.max_rounds_per_day,
+                "site_epsilon_cap": policy.site_epsilon_cap,
             })
         return policy
 
@@ -634,7 +654,8 @@ class SiteGate:
             raise PolicyRefusal(reason)
         assert policy is not None
         return Admission(epsilon_cap=policy.projects[project].epsilon_cap,
-                         max_rounds_per_day=policy.max_rounds_per_day)
+                         max_rounds_per_day=policy.max_rounds_per_day,
+                         site_epsilon_cap=policy.site_epsilon_cap)
 
 
 def rounds_trained_since(ledger: PrivacyLedger, since: datetime, *,

@@ -4,11 +4,15 @@ It lives inside the long-lived site agent, keeps torch imported and the site's d
 loaded, and serves one task at a time over a Unix socket to the thin ClientApp relay.
 Each task first passes the site gate (the site policy and local approvals, see
 :mod:`site_agent.policy`) before any data is touched. An admission question (the
-coordinator asks it before a run's first round) is answered from the gate alone: accepted,
-pending approval (``SiteErrorCode.PENDING_APPROVAL``) or refused. Each training task then:
-check the privacy budget (write-ahead in the ledger, under the smaller of the project's
-policy cap and the agent's own cap), evaluate the received global model on the site's
-held-out split, train with DP-SGD, pass the result through the egress guard, and answer.
+coordinator asks it before a run's first round) is answered from the gate (accepted,
+pending approval: ``SiteErrorCode.PENDING_APPROVAL``, or refused) and from the run's whole
+plan checked against the site's remaining budgets (run, project and site-wide, see
+:mod:`privacy.budget`): a run that cannot finish within them is refused before it trains
+anything (``SiteErrorCode.REFUSED_BUDGET``), with the figures. No data is read for it. Each
+training task then: check the privacy budget (write-ahead in the ledger, under the smaller
+of the project's policy cap and the agent's own cap, and the site-wide cap), evaluate the
+received global model on the site's held-out split, train with DP-SGD, pass the result
+through the egress guard, and answer.
 Every step is written to the site's audit log; a task whose record cannot be written is
 refused. A repeated task for a round that already trained is answered from the stored
 reply, so a resumed run never spends the site's privacy twice.
@@ -38,7 +42,10 @@ from export.tasks import array_shapes, get_task, model_arrays, set_model_arrays
 from export.wire import CFG, MSG, SiteErrorCode
 from privacy import (
     BudgetExceededError,
+    PlanCheck,
+    PlanExceededError,
     PrivacyLedger,
+    check_run_plan,
     epsilon_for_history,
     evaluate,
     expected_steps,
@@ -68,7 +75,7 @@ from site_agent.policy import (
     check_rounds_per_day,
 )
 
-__all__ = ["TaskError", "TrainerServer", "WarmTrainer"]
+__all__ = ["TaskError", "TrainerServer", "WarmTrainer", "round_noise_seed"]
 
 log = logging.getLogger("fedward.site.trainer")
 
@@ -96,6 +103,43 @@ def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
 
 
+def round_noise_seed(*, secret: bytes, run_id: str, round_number: int, entropy: bytes) -> int:
+    """The 63-bit seed of one round's DP noise and Poisson sampling at a site.
+
+    HMAC-SHA256 under the site's noise secret of the run, the round and ``entropy``, which
+    the trainer draws fresh from the operating system (``secrets.token_bytes(32)``) for
+    every round and never stores. The seed is therefore unknown to the coordinator (nothing
+    it chose decides it) and to anyone holding a copy of the site's secret (a backup, a
+    stolen disk image): noise that could be regenerated could be subtracted from the
+    update. The secret still keeps the seed out of reach should the operating system's
+    entropy ever be weak (a cloned virtual machine). The price, chosen on purpose: a round
+    cannot be re-trained to the same result; a repeated round is answered from its stored
+    reply instead (``WarmTrainer``).
+
+    The seed drives PyTorch's generator (not a cryptographic one; Opacus's secure_mode,
+    which would draw every sample from a CSPRNG, needs torchcsprng, unmaintained since
+    2021). An observer sees only noised sums of clipped gradients, never the generator's
+    raw output.
+
+    Args:
+        secret: the site's noise secret (``site_agent.keys.ensure_noise_secret``); may be
+            empty (tools that embed the trainer), the entropy then decides alone.
+        run_id: the run.
+        round_number: the round.
+        entropy: at least 16 fresh random bytes (fixed bytes only in benchmarks that must
+            repeat a run).
+
+    Raises:
+        ValueError: if ``entropy`` is shorter than 16 bytes.
+    """
+    if len(entropy) < 16:
+        raise ValueError(f"a round's noise seed needs at least 16 bytes of entropy, got "
+                         f"{len(entropy)}")
+    message = f"{run_id}/{round_number}/".encode() + entropy
+    digest = hmac.new(secret, message, hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 @dataclass
 class WarmTrainer:
     """Carries out tasks for one site.
@@ -115,10 +159,11 @@ class WarmTrainer:
             is valid for the model, see ``privacy.training.pick_grad_sample_mode``).
         data_failure: when the data failed its checks, the summary that may leave the site
             (kinds and counts); every task is then refused with it, before any training.
-        noise_secret: a secret only this site holds; the DP noise and Poisson sampling of
-            each round are seeded from it (and the run and round), never from anything the
-            coordinator chose, or the coordinator could regenerate the noise and remove it.
-            Empty: fresh operating-system randomness every round.
+        noise_secret: a secret only this site holds, mixed into the seed of each round's
+            DP noise and Poisson sampling together with fresh operating-system entropy
+            (:func:`round_noise_seed`). Nothing the coordinator chose goes into the seed,
+            or it could regenerate the noise and remove it; and the seed is never stored,
+            so not even a copy of this secret reproduces a round's noise.
         gate: the site policy and local approvals, applied to every task before any data
             is touched. The site agent always installs one; None (no policy at all) is only
             for tests and tools that embed the trainer.
@@ -181,7 +226,8 @@ class WarmTrainer:
                 expected_steps(n_examples=n_train, batch_size=batch, epochs=epochs))
 
     def _warm_first_round(self, config: dict[str, Any]) -> None:
-        """After admission: the run's noise multiplier and round 1's epsilon, ahead."""
+        """While a run waits for a local approval: its noise multiplier, in the background,
+        so that the admission answer after the approval does not have to search it."""
         if self.data is None or self.ledger.get_run(str(config.get(CFG.RUN_ID))) is not None:
             return
         try:
@@ -279,6 +325,8 @@ class WarmTrainer:
             self.audit("egress-blocked", {"run": run_id, "round": round_number,
                                           "problems": err.problems})
             return {"error": {"code": SiteErrorCode.EGRESS_BLOCKED, "reason": str(err)}}, {}
+        except AuditLogError:
+            raise  # handle() refuses the task: nothing happens here without its record
         except Exception as err:
             log.exception("task failed")
             # Exception text can quote data values: what leaves is the type, the phase and a
@@ -302,7 +350,9 @@ class WarmTrainer:
         code: int | None = None
         reason: str | None = None
         try:
-            self._admit(config)
+            admission = self._admit(config)
+            self._at("privacy")
+            self._check_plan(config, admission, round_number=0, warm=True)
         except TaskError as err:
             code, reason = err.code, err.reason
         if self._admission_answers.get(run_id) != (code, reason):
@@ -312,9 +362,10 @@ class WarmTrainer:
                 self.audit("task-refused", {"run": run_id, "round": 0, "kind": "admission",
                                             "code": code, "reason": reason})
             self._admission_answers[run_id] = (code, reason)
+        if code == SiteErrorCode.PENDING_APPROVAL:
+            self._warm_first_round(config)
         if code is not None:
             return {"error": {"code": code, "reason": reason}}, {}
-        self._warm_first_round(config)
         return {"status": {MSG.STATUS: MSG.ACCEPTED}}, {}
 
     def _admit(self, config: dict[str, Any]) -> Admission | None:
@@ -341,6 +392,79 @@ class WarmTrainer:
                 SiteErrorCode.REFUSED_POLICY,
                 "refused-policy: the site cannot read its approvals file; its IT restores it "
                 "(the site agent's log says how)") from None
+
+    def _caps(self, admission: Admission | None) -> tuple[float | None, float | None]:
+        """(the project's cap, the site-wide cap) for a task the gate let through.
+
+        The project's is the smaller of the policy's and the agent's own (``--epsilon-cap``);
+        it also bounds one run. The site-wide cap comes from the policy alone.
+        """
+        cap = self.epsilon_cap
+        if admission is None:
+            return cap, None
+        cap = admission.epsilon_cap if cap is None else min(cap, admission.epsilon_cap)
+        return cap, admission.site_epsilon_cap
+
+    def _check_plan(self, config: dict[str, Any], admission: Admission | None, *,
+                    round_number: int, warm: bool = False) -> PlanCheck | None:
+        """Check the run's whole remaining plan against every budget of the site.
+
+        The rounds the run still has to train here, at the noise multiplier it will use,
+        composed with everything the site has spent: refused with the figures when they do
+        not fit any cap, so that a run never trains rounds it cannot finish. Reads only the
+        number of training rows; writes nothing. None when there is nothing to check (no
+        data loaded: every task is refused for that anyway; no round left to train).
+
+        With ``warm`` (the admission answer), every epsilon the run's first round will
+        compute is computed now, so that round 1 costs no more than a later round.
+
+        Raises:
+            TaskError: ``REFUSED_BUDGET`` with the figures; ``BAD_TASK`` for a malformed
+                task.
+        """
+        if self.data is None or self.data_failure is not None:
+            return None
+        try:
+            run_id = str(config[CFG.RUN_ID])
+            project = str(config[CFG.PROJECT])
+            total_rounds = int(config[CFG.TOTAL_ROUNDS])
+            local_epochs = int(config[CFG.LOCAL_EPOCHS])
+            epsilon = float(config[CFG.EPSILON])
+            delta = float(config[CFG.DELTA])
+            batch = int(config[CFG.BATCH])
+            q, steps = self._sampling(batch=batch, epochs=local_epochs)
+        except (KeyError, TypeError, ValueError) as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        with self._warm_lock:
+            pass  # a search for this run still running in the background: use its result
+        entry = self.ledger.get_run(run_id)
+        if entry is not None:
+            sigma, q, delta = entry.noise_multiplier, entry.sample_rate, entry.delta
+            epsilon = entry.epsilon_budget
+            rounds_left = total_rounds - len(entry.rounds)
+        else:
+            try:
+                sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
+                                                 total_epochs=total_rounds * local_epochs)
+            except ValueError as err:
+                raise TaskError(SiteErrorCode.REFUSED_BUDGET,
+                                f"refused-budget: {err}") from None
+            rounds_left = total_rounds - max(round_number, 1) + 1
+        if rounds_left < 1:
+            return None
+        cap, site_cap = self._caps(admission)
+        try:
+            check = check_run_plan(
+                self.ledger, run_id=run_id, project=project, delta=delta,
+                noise_multiplier=sigma, sample_rate=q, rounds=rounds_left,
+                local_epochs=local_epochs, steps=steps * rounds_left, run_budget=epsilon,
+                cap=cap, site_cap=site_cap)
+        except PlanExceededError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+        if warm and entry is None:
+            self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
+                                         step=(sigma, q, steps))
+        return check
 
     def _data_failure_reason(self) -> str:
         # Kinds, counts and declared column names only (DataReport.summary_for_coordinator).
@@ -390,12 +514,10 @@ class WarmTrainer:
         }
 
     def _noise_seed(self, run_id: str, round_number: int) -> int:
-        """The seed of a round's DP noise and sampling: secret to this site."""
-        if not self.noise_secret:
-            return secrets.randbits(63)
-        digest = hmac.new(self.noise_secret, f"{run_id}/{round_number}".encode(),
-                          hashlib.sha256).digest()
-        return int.from_bytes(digest[:8], "big") >> 1
+        """The seed of a round's DP noise and sampling: fresh, secret to this site, kept
+        nowhere (see :func:`round_noise_seed`)."""
+        return round_noise_seed(secret=self.noise_secret, run_id=run_id,
+                                round_number=round_number, entropy=secrets.token_bytes(32))
 
     def _fingerprint(self) -> dict[str, str]:
         """Hashes and counts of the site's data: what lineage records, never values. The
@@ -494,14 +616,13 @@ class WarmTrainer:
                 f"refused-policy: round {round_number} of run {run_id} was already trained "
                 "and answered with another global model; a site trains each round once",
             )
-        cap = self.epsilon_cap
+        cap, site_cap = self._caps(admission)
         if admission is not None:
             try:
                 check_rounds_per_day(self.ledger, limit=admission.max_rounds_per_day,
                                      run_id=run_id, round_number=round_number)
             except PolicyRefusal as err:
                 raise TaskError(SiteErrorCode.REFUSED_POLICY, err.reason) from None
-            cap = admission.epsilon_cap if cap is None else min(cap, admission.epsilon_cap)
 
         self._at("model")
         model, shapes = self._model_for(config, arrays)
@@ -515,6 +636,10 @@ class WarmTrainer:
             pass  # a warm-up for this round still running: wait, then use its results
         entry = self.ledger.get_run(run_id)
         if entry is None:
+            # The run's first round here (its admission may have been answered by an
+            # earlier agent, or not asked at all): its whole plan must fit before any of it
+            # trains, as at admission.
+            self._check_plan(config, admission, round_number=round_number)
             sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
                                              total_epochs=total_rounds * local_epochs)
             self.ledger.open_run(run_id=run_id, project=project, epsilon_budget=epsilon,
@@ -523,15 +648,21 @@ class WarmTrainer:
             sigma = entry.noise_multiplier
         prior = self.ledger.history(run_id)
         spent_before = self.ledger.epsilon_spent(run_id)
+
+        def record(epsilon_after: float) -> None:
+            # Written inside the reservation, after its checks and before the charge: a
+            # crash in between leaves this entry without a charge, never a charge without
+            # its entry; an audit log that cannot be written charges nothing.
+            self.audit("round-reserved", {"run": run_id, "round": round_number,
+                                          "epsilon_after": epsilon_after})
+
         try:
             # Write-ahead: the round is charged before the data is touched (evaluation of the
             # received model included), so a refused round reads nothing.
-            projected = self.ledger.reserve_round(run_id=run_id, round_number=round_number,
-                                                  steps=steps, cap=cap)
+            self.ledger.reserve_round(run_id=run_id, round_number=round_number, steps=steps,
+                                      cap=cap, site_cap=site_cap, on_charge=record)
         except BudgetExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
-        self.audit("round-reserved", {"run": run_id, "round": round_number,
-                                      "epsilon_after": projected})
         self._at("evaluate")
         metrics = self._eval_metrics(model)
         self._remember_model(run_id, arrays)

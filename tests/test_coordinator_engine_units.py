@@ -675,6 +675,40 @@ def test_a_denial_is_named_and_the_run_goes_on_with_the_others_at_once(
     assert failed["site"] == "hospital-b" and failed["code"] == "refused-policy"
 
 
+def over_budget(msg: Message) -> Message:
+    """A site whose remaining budget cannot hold the whole run (its answer to admission)."""
+    run = msg.content[TASK_CONFIG][CFG.RUN_ID]
+    return Message(Error(code=SiteErrorCode.REFUSED_BUDGET,
+                         reason=f"refused-budget: run {run} needs epsilon 2.995 at this site "
+                                "for its 4 round(s) x 1 local epoch(s) (noise multiplier "
+                                "1.020); project test's epsilon at this site would go from "
+                                "1.996 spent to 3.702, over its cap of 3.500 (1.504 left)"),
+                   reply_to=msg)
+
+
+def test_a_budget_refusal_at_admission_fails_the_run_with_the_sites_figures_untrained(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(min_sites=2, sites=("hospital-a", "hospital-b"))
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(1.0)}, online=[11, 12],
+                    admission={12: over_budget})
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0), approval_poll_s=0.02).run()
+
+    run = run_row(engine, plan.run_id)
+    # Refused up front: no round was sent, so no site trained or spent anything.
+    assert run.status == "failed" and grid.sent == [] and rounds_of(engine, plan.run_id) == []
+    assert run.failure_reason is not None
+    assert run.failure_reason.startswith("not admitted: 1 of 2 sites accepted the run")
+    assert ("refused by hospital-b (refused-budget: run "
+            f"{plan.run_id} needs epsilon 2.995 at this site") in run.failure_reason
+    assert "from 1.996 spent to 3.702, over its cap of 3.500" in run.failure_reason
+    (not_admitted,) = audit_of(engine, "run.not_admitted")
+    assert not_admitted[2]["refused"]["hospital-b"].startswith("refused-budget: run ")
+    assert "over its cap of 3.500 (1.504 left)" in not_admitted[2]["refused"]["hospital-b"]
+
+
 def test_refusals_that_leave_too_few_sites_fail_the_run_before_any_training(
     engine: Engine, make_plan: PlanFactory, tmp_path: Path
 ) -> None:

@@ -148,8 +148,8 @@ def test_straggler_answers_late_and_its_late_reply_is_not_used() -> None:
 
         # The straggler did answer that round: it was charged for it (seen in its ledger)
         # while the round was open, and trained and answered it only after the coordinator
-        # had closed the round. (Its "round-reserved" audit entry can be later than the
-        # ledger's charge: the agent may be frozen between writing the two.)
+        # had closed the round. (Its "round-reserved" audit entry is written just before
+        # the ledger's charge, inside the reservation.)
         entries = fed.site_audit(slow)
         trained = _by_round(entries, run_id, "round-trained")
         assert late in trained, f"the straggler never answered round {late}"

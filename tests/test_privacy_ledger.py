@@ -17,11 +17,14 @@ from hypothesis import strategies as st
 from privacy import (
     BudgetExceededError,
     LedgerCorruptError,
+    PlanExceededError,
     PrivacyLedger,
     UnknownRunError,
+    check_run_plan,
     epsilon_for_history,
     noise_multiplier_for_run,
     planned_steps,
+    site_budget,
 )
 
 from tests_support import no_warm_ups_left
@@ -415,3 +418,142 @@ def test_warming_the_next_round_leaves_only_cache_hits_for_it(
     assert _epsilon.cache_info().misses == misses      # round 2's accounting was ready
     assert after == epsilon_for_history([(SIGMA * 1.37, Q, 2 * STEPS)], delta=DELTA)
     ledger.warm_next_round(run_id="unknown", steps=STEPS)  # unknown runs: nothing to do
+
+
+def test_warming_also_readies_the_site_wide_check(
+        make_ledger: LedgerFactory, ledger_path: Path) -> None:
+    from privacy.dp import _epsilon
+
+    no_warm_ups_left()
+    make_ledger(run_id="other", project="other-proj", sigma=SIGMA * 1.41)
+    ledger = make_ledger(run_id="warm2", project="warm-proj", sigma=SIGMA * 1.43)
+    ledger.reserve_round(run_id="other", round_number=1, steps=STEPS)
+    ledger.warm_next_round(run_id="warm2", steps=STEPS)
+    misses = _epsilon.cache_info().misses
+    ledger.reserve_round(run_id="warm2", round_number=1, steps=STEPS, cap=50.0, site_cap=50.0)
+    assert _epsilon.cache_info().misses == misses
+
+
+# --- the site-wide cap, the audit hook, whole-run plans ----------------------------------
+
+
+def test_site_cap_composes_every_project_of_the_site(make_ledger: LedgerFactory,
+                                                     ledger_path: Path) -> None:
+    make_ledger(run_id="onc", project="oncology")
+    ledger = make_ledger(run_id="card", project="cardiology")
+    ledger.reserve_round(run_id="onc", round_number=1, steps=STEPS)
+    one = ledger.project_epsilon("oncology")
+    both = epsilon_for_history([(SIGMA, Q, 2 * STEPS)], delta=DELTA)
+    assert ledger.site_epsilon() == one
+    before = ledger_path.read_bytes()
+    # Each project alone stays within the cap; the two composed do not.
+    site_cap = (one + both) / 2
+    with pytest.raises(BudgetExceededError) as info:
+        ledger.reserve_round(run_id="card", round_number=1, steps=STEPS, cap=10.0,
+                             site_cap=site_cap)
+    assert info.value.scope == "site" and info.value.projected == both
+    assert info.value.spent == one and info.value.budget == site_cap
+    assert "site-wide cap (site_epsilon_cap)" in str(info.value)
+    assert ledger_path.read_bytes() == before
+    ledger.reserve_round(run_id="card", round_number=1, steps=STEPS, cap=10.0,
+                         site_cap=both * 1.01)
+    assert ledger.site_epsilon() == both
+    assert ledger.project_epsilon("cardiology") == one  # projects stay apart
+
+
+def test_the_charge_hook_runs_before_the_charge_and_its_failure_charges_nothing(
+        make_ledger: LedgerFactory, ledger_path: Path) -> None:
+    ledger = make_ledger()
+    seen: list[tuple[float, bool]] = []
+
+    def hook(epsilon_after: float) -> None:
+        # What the ledger file holds when the hook runs (it runs under the ledger's lock:
+        # read the file, not the ledger).
+        rounds = json.loads(ledger_path.read_text())["runs"]["run-1"]["rounds"]
+        seen.append((epsilon_after, "1" in rounds))
+
+    eps = ledger.reserve_round(run_id="run-1", round_number=1, steps=STEPS, on_charge=hook)
+    assert seen == [(eps, False)]            # called once, before round 1 was written
+    ledger.reserve_round(run_id="run-1", round_number=1, steps=STEPS, on_charge=hook)
+    assert len(seen) == 1                    # a retry charges nothing and records nothing
+
+    def failing(epsilon_after: float) -> None:
+        raise OSError("the audit log's disk is full")
+
+    before = ledger_path.read_bytes()
+    with pytest.raises(OSError, match="disk is full"):
+        ledger.reserve_round(run_id="run-1", round_number=2, steps=STEPS, on_charge=failing)
+    assert ledger_path.read_bytes() == before
+    assert ledger.history("run-1") == [(SIGMA, Q, STEPS)]
+
+
+def test_a_plan_that_cannot_finish_is_refused_with_the_figures(
+        make_ledger: LedgerFactory, ledger_path: Path) -> None:
+    ledger = make_ledger(run_id="old")
+    for number in (1, 2):
+        ledger.reserve_round(run_id="old", round_number=number, steps=STEPS)
+    spent = ledger.project_epsilon("proj")
+    plan = dict(run_id="new", project="proj", delta=DELTA, noise_multiplier=SIGMA,
+                sample_rate=Q, rounds=3, local_epochs=1, steps=3 * STEPS, run_budget=50.0)
+    after = epsilon_for_history([(SIGMA, Q, 5 * STEPS)], delta=DELTA)
+    needs = epsilon_for_history([(SIGMA, Q, 3 * STEPS)], delta=DELTA)
+    # The first round alone would fit the cap (the per-round check admits it); the plan
+    # does not.
+    first_round = epsilon_for_history([(SIGMA, Q, 3 * STEPS)], delta=DELTA)
+    cap = (first_round + after) / 2
+    before = ledger_path.read_bytes()
+    with pytest.raises(PlanExceededError) as info:
+        check_run_plan(ledger, cap=cap, **plan)  # type: ignore[arg-type]
+    check = info.value.check
+    assert [s.scope for s in check.exceeded] == ["project"]
+    (project,) = check.exceeded
+    assert (project.spent, project.after, project.cap) == (spent, after, cap)
+    assert check.run_needs == needs
+    text = str(info.value)
+    assert text.startswith(f"run new needs epsilon {needs:.3f} at this site for its 3 "
+                           "round(s) x 1 local epoch(s)")
+    assert (f"project proj's epsilon at this site would go from {spent:.3f} spent to "
+            f"{after:.3f}, over its cap of {cap:.3f} ({cap - spent:.3f} left)") in text
+    assert ledger_path.read_bytes() == before
+    # A cap that holds the plan: admitted, every figure reported.
+    ok = check_run_plan(ledger, cap=after * 1.01, site_cap=after * 1.01,
+                        **plan)  # type: ignore[arg-type]
+    assert [s.scope for s in ok.scopes] == ["run", "project", "site"]
+    assert not ok.exceeded and ok.scopes[2].after == after
+    # A run's own budget above the cap: refused for the run itself.
+    with pytest.raises(PlanExceededError, match="the run's own epsilon would reach"):
+        check_run_plan(ledger, cap=needs * 0.9, **plan)  # type: ignore[arg-type]
+
+
+def test_a_plan_counts_the_rounds_a_run_has_already_charged(make_ledger: LedgerFactory) -> None:
+    ledger = make_ledger(run_id="half")
+    ledger.reserve_round(run_id="half", round_number=1, steps=STEPS)
+    check = check_run_plan(ledger, run_id="half", project="proj", delta=DELTA,
+                           noise_multiplier=SIGMA, sample_rate=Q, rounds=1, local_epochs=1,
+                           steps=STEPS, run_budget=50.0, cap=50.0)
+    two = epsilon_for_history([(SIGMA, Q, 2 * STEPS)], delta=DELTA)
+    assert check.run_needs == two and check.scopes[1].after == two
+    assert check.scopes[0].spent == ledger.epsilon_spent("half")
+
+
+def test_the_site_figures_compose_runs_instead_of_adding_them(
+        make_ledger: LedgerFactory) -> None:
+    make_ledger(run_id="a", project="oncology")
+    ledger = make_ledger(run_id="b", project="oncology", sigma=SIGMA * 1.5)
+    make_ledger(run_id="c", project="cardiology")
+    ledger.reserve_round(run_id="a", round_number=1, steps=STEPS)
+    ledger.reserve_round(run_id="b", round_number=1, steps=STEPS)
+    ledger.reserve_round(run_id="c", round_number=1, steps=STEPS)
+    budget = site_budget(ledger, project_caps={"oncology": 4.0, "radiology": 1.0},
+                         site_cap=None)
+    by_name = {p.name: p for p in budget.projects}
+    assert sorted(by_name) == ["cardiology", "oncology", "radiology"]
+    onc = by_name["oncology"]
+    assert onc.spent == ledger.project_epsilon("oncology")
+    assert onc.spent < budget.runs["a"] + budget.runs["b"]       # composed, not summed
+    assert onc.left == pytest.approx(4.0 - onc.spent)
+    assert by_name["cardiology"].cap is None and by_name["cardiology"].left is None
+    assert by_name["radiology"].spent == 0.0
+    assert budget.site.spent == ledger.site_epsilon() and budget.site.cap is None
+    assert budget.to_dict()["site"] == {"scope": "site", "name": "site",
+                                        "spent": budget.site.spent, "cap": None, "left": None}

@@ -380,8 +380,9 @@ def test_cap_on_a_new_run_refuses_before_any_round_is_charged(
     trainer, _ = make_trainer(epsilon_cap=0.01)
     reply, _ = trainer.handle(train_header(1), global_arrays)
     assert error_of(reply)[0] == SiteErrorCode.REFUSED_BUDGET
+    # The run's whole plan was refused before the run was even opened in the ledger.
     ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
-    assert ledger.history("run-1") == [] and ledger.epsilon_spent("run-1") == 0.0
+    assert ledger.get_run("run-1") is None and ledger.site_epsilon() == 0.0
 
 
 def test_task_for_another_task_name_is_refused_by_policy(

@@ -85,6 +85,7 @@ def test_policy_reports_every_problem_at_once() -> None:
         },
         "require_approval": "no",
         "max_rounds_per_day": 0,
+        "site_epsilon_cap": -1,
         "allow_everything": True,
     }
     with pytest.raises(PolicyError) as info:
@@ -92,10 +93,11 @@ def test_policy_reports_every_problem_at_once() -> None:
     problems = info.value.problems
     assert problems == [
         "unknown keys ['allow_everything'] (known: ['version', 'projects', "
-        "'require_approval', 'max_rounds_per_day'])",
+        "'require_approval', 'max_rounds_per_day', 'site_epsilon_cap'])",
         "version is 2, expected 1",
         "require_approval is 'no', expected true or false",
         "max_rounds_per_day is 0, expected an integer >= 1 or null",
+        "site_epsilon_cap is -1, expected a number > 0 or null",
         "project 'oncology': unknown keys ['colour'] (known: ['epsilon_cap', 'tasks'])",
         "project 'oncology': epsilon_cap is 0, expected a number > 0",
         "project 'oncology': task 'no-such-task' is not a registry task (known: "
@@ -141,7 +143,7 @@ def test_starter_policy_round_trips(tmp_path: Path) -> None:
     assert loaded == starter
     assert loaded.to_dict() == {
         "version": 1, "projects": {"default": {"epsilon_cap": 10.0, "tasks": [TASK]}},
-        "require_approval": False, "max_rounds_per_day": None,
+        "require_approval": False, "max_rounds_per_day": None, "site_epsilon_cap": None,
     }
 
 
@@ -506,32 +508,35 @@ def test_project_cap_composes_the_runs_of_a_project(
     make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
     global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
 ) -> None:
-    write_policy(tmp_path)  # cap 10: run-1 trains freely
+    write_policy(tmp_path)  # cap 10: both runs are admitted and train their first round
     trainer, audit = make_trainer()
     guard.arm(False)
-    reply1, _ = trainer.handle(train(1), global_arrays)
-    eps1 = reply1["metrics"]["epsilon-spent"]
+    reply1, out1 = trainer.handle(train(1), global_arrays)
+    assert "error" not in reply1
+    assert "error" not in trainer.handle(train(1, **{CFG.RUN_ID: "run-2"}), global_arrays)[0]
     ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
     one_round = ledger.history("run-1")
     assert len(one_round) == 1
     two_rounds = epsilon_for_history(one_round * 2, delta=1e-5)
-    # A cap that holds one round of either run but not both composed.
-    cap = (eps1 + two_rounds) / 2
+    three_rounds = epsilon_for_history(one_round * 3, delta=1e-5)
+    # IT lowers the cap mid-run: run-1's round 2 alone fits (two rounds), but not composed
+    # with run-2's round (three rounds), so the per-round check refuses it.
+    cap = (two_rounds + three_rounds) / 2
     write_policy(tmp_path, projects={"oncology": {"epsilon_cap": cap, "tasks": [TASK]}})
     guard.arm(True)
-    reply2, out2 = trainer.handle(train(1, **{CFG.RUN_ID: "run-2"}), global_arrays)
+    before = ledger.history("run-1")
+    reply2, out2 = trainer.handle(train(2), out1)
     code, reason = refusal(reply2)
     assert code == SiteErrorCode.REFUSED_BUDGET == 701 and out2 == {}
     assert reason.startswith("refused-budget: privacy budget exceeded: this round would "
                              "bring the project's epsilon from")
     assert f"over its budget of {cap:.4f}" in reason
-    assert ledger.history("run-2") == []
-    # The same round alone fits the cap: the refusal came from the project's composition.
-    assert eps1 < cap
+    assert ledger.history("run-1") == before
+    assert two_rounds < cap   # the run alone fits: the refusal came from the composition
     # Another project at the same site is not charged with oncology's epsilon.
     write_policy(tmp_path, projects={
         "oncology": {"epsilon_cap": cap, "tasks": [TASK]},
-        "cardiology": {"epsilon_cap": cap, "tasks": [TASK]}})
+        "cardiology": {"epsilon_cap": 10.0, "tasks": [TASK]}})
     guard.arm(False)
     reply3, _ = trainer.handle(train(1, **{CFG.RUN_ID: "run-3", CFG.PROJECT: "cardiology"}),
                                global_arrays)
@@ -546,13 +551,13 @@ def test_the_smaller_of_the_agent_cap_and_the_policy_cap_applies(
     write_policy(tmp_path, projects={"oncology": {"epsilon_cap": 0.01, "tasks": [TASK]}})
     trainer, _ = make_trainer(epsilon_cap=100.0)
     code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
-    assert code == SiteErrorCode.REFUSED_BUDGET and "over its budget of 0.0100" in reason
+    assert code == SiteErrorCode.REFUSED_BUDGET and "over the 0.010 this site" in reason
     write_policy(tmp_path)  # policy cap 10
     trainer, _ = make_trainer(epsilon_cap=0.02)
     code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
-    assert code == SiteErrorCode.REFUSED_BUDGET and "over its budget of 0.0200" in reason
+    assert code == SiteErrorCode.REFUSED_BUDGET and "over the 0.020 this site" in reason
     assert guard.touched == 0
-    assert PrivacyLedger(tmp_path / "privacy-ledger.json").history("run-1") == []
+    assert PrivacyLedger(tmp_path / "privacy-ledger.json").get_run("run-1") is None
 
 
 def test_the_coordinator_never_writes_the_policy(
@@ -638,5 +643,5 @@ def test_policy_cli_writes_a_starter_and_checks_it(tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert json.loads(bad.output)["problems"] == [
         "unknown keys ['colour'] (known: ['version', 'projects', 'require_approval', "
-        "'max_rounds_per_day'])",
+        "'max_rounds_per_day', 'site_epsilon_cap'])",
         "version is 3, expected 1"]
