@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Final
@@ -97,8 +98,24 @@ def planned_steps(*, sample_rate: float, epochs: int) -> int:
 _CACHE_SIZE: Final = 512
 
 
+# Python's warning filters are process-wide and ``warnings.catch_warnings`` is not
+# thread-safe: a context that ends in one thread restores the filter list it saved, removing
+# a filter another thread's context added meanwhile. The site computes epsilons in background
+# threads while a round trains, so every such context in the appliance holds this one lock.
+_WARNING_FILTERS_LOCK: Final = threading.RLock()
+
+
 @contextlib.contextmanager
-def _without_alpha_advice() -> Iterator[None]:
+def without_warnings(*messages: str) -> Iterator[None]:
+    """Drop the ``UserWarning`` whose message starts with one of ``messages`` (regular
+    expressions), and only those, inside the block; safe to use from several threads."""
+    with _WARNING_FILTERS_LOCK, warnings.catch_warnings():
+        for message in messages:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
+def _without_alpha_advice() -> contextlib.AbstractContextManager[None]:
     """Drop Opacus's "Optimal order is the largest alpha ... consider expanding the range
     of alphas" warning, and only that one, while an epsilon is computed.
 
@@ -108,10 +125,7 @@ def _without_alpha_advice() -> Iterator[None]:
     setting that neither hospital IT nor the ML team can change, so it would only alarm the
     people who read the site's and the coordinator's logs.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha",
-                                category=UserWarning)
-        yield
+    return without_warnings("Optimal order is the (largest|smallest) alpha")
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy.dp import HistoryEntry
+from privacy.dp import HistoryEntry, without_warnings
 
 __all__ = [
     "DPTrainResult",
@@ -360,7 +359,7 @@ def train_dp(
         batch_size=batch_size,
         generator=torch.Generator().manual_seed(loader_seed),
     )
-    with warnings.catch_warnings():
+    with without_warnings("Secure RNG turned off"):
         # Opacus warns on every engine that its secure RNG is off and asks to retrain with
         # secure_mode before production. secure_mode needs torchcsprng, whose last release
         # (2021) does not install with this torch: advice no hospital can follow. The noise
@@ -368,8 +367,6 @@ def train_dp(
         # operating system's entropy at the site: site_agent.trainer.round_noise_seed,
         # docs/operator-guide.md "Privacy"), so only this one warning is dropped, here where
         # Opacus emits it; every other warning still shows.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off",
-                                category=UserWarning)
         engine = PrivacyEngine(accountant=_MECHANISM)
     # A fresh engine per round, loaded with the run's history: epsilon composes over the
     # run instead of restarting from zero each round.
