@@ -1061,14 +1061,14 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
                           "checkpoint_sha256": cand.checkpoint_sha256,
                           "candidate_id": cand.id},
         "metrics_per_site": lineage["evaluation"],
-        "contributing_sites": {
-            "completed_rounds": participation.get("rounds"),
-            "rounds_per_site": {s: v["rounds"] for s, v in
-                                participation.get("per_site", {}).items()},
-            "contributing": participation.get("contributing", []),
-            "min_sites": participation.get("min_sites"),
-            "min_round_share": participation.get("min_round_share"),
-        },
+        # A candidate gated before the participation gate existed has no such figures.
+        **({"contributing_sites": {
+            "completed_rounds": participation["rounds"],
+            "rounds_per_site": {s: v["rounds"] for s, v in participation["per_site"].items()},
+            "contributing": participation["contributing"],
+            "min_sites": participation["min_sites"],
+            "min_round_share": participation["min_round_share"],
+        }} if participation else {}),
         "privacy_statement": {
             "text": statement,
             "mechanism": PRIVACY_MECHANISM,
