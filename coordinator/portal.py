@@ -4,9 +4,16 @@ People log in with their name and password; the session token lives in an HttpOn
 SameSite=Strict cookie scoped to ``/portal``. Every role sees the approved, unrevoked
 releases with their signed model cards, a download link, the release public key and its
 fingerprint, and each release's lineage. Staff (admin, ML engineer, reviewer) also see the
-candidates with their gates and the lineage of any model version. Changing anything
-(proposing, approving, revoking) goes through the API or the CLI, never through a page,
-so the pages need no forms besides login and logout.
+candidates with their gates, the lineage of any model version, and each candidate's page:
+its gate results and a summary of its model card (contributing sites, per-site metrics,
+epsilon per site), from which reviewers and admins approve or reject it with a reason, under
+the same rules as the API (never their own proposal, only a candidate whose gates passed).
+Proposing and revoking go through the API or the CLI.
+
+Every form that changes something carries a per-session CSRF token: an HMAC of the session
+token (which never leaves its HttpOnly cookie), so it needs no storage, changes at every
+login and tells nothing about the session token. A form without the right token is refused,
+on top of the cookie's SameSite=Strict.
 
 The model card shown is the one inside the bundle, read only after the bundle verified on
 the coordinator; a bundle that fails verification is shown as such, without a download link.
@@ -15,6 +22,8 @@ Pages carry no script at all and a strict Content-Security-Policy.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -26,12 +35,12 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from coordinator import releases
+from coordinator import release_gates, releases
 from coordinator.api import SESSION_TTL, checked_login, end_session, user_for_token
 from coordinator.audit import append_event
 from coordinator.db import SessionDep
 from coordinator.login_limits import LoginThrottled
-from coordinator.models import Release, ReleaseCandidate, User
+from coordinator.models import Project, Release, ReleaseCandidate, Run, User
 from coordinator.settings import Settings
 from export.bundle import BundleVerificationError
 
@@ -49,7 +58,27 @@ _SECURITY_HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 
+_CSRF_CONTEXT: Final = b"fedward-portal-csrf-v1"
+_REASON_MIN, _REASON_MAX = 3, 2000   # as the API's DecisionRequest
+
 router = APIRouter(prefix=PORTAL_PREFIX, include_in_schema=False)
+
+
+def csrf_token(session_token: str) -> str:
+    """The CSRF token of a portal session: HMAC-SHA256 of a fixed label under its token.
+
+    Args:
+        session_token: The session token from the portal's cookie.
+
+    Returns:
+        Hex digest to put in the session's forms.
+    """
+    return hmac.new(session_token.encode(), _CSRF_CONTEXT, hashlib.sha256).hexdigest()
+
+
+def _csrf_ok(request: Request, presented: str) -> bool:
+    token = request.cookies.get(COOKIE_NAME)
+    return bool(token) and hmac.compare_digest(csrf_token(str(token)), presented)
 
 
 def _secure(response: Response) -> Response:
@@ -59,8 +88,10 @@ def _secure(response: Response) -> Response:
 
 def _page(request: Request, name: str, *, user: User | None, status_code: int = 200,
           **context: Any) -> Response:
+    token = request.cookies.get(COOKIE_NAME)
+    csrf = csrf_token(token) if user is not None and token else ""
     response = _TEMPLATES.TemplateResponse(
-        request, name, {"user": user, "prefix": PORTAL_PREFIX, **context},
+        request, name, {"user": user, "prefix": PORTAL_PREFIX, "csrf": csrf, **context},
         status_code=status_code)
     return _secure(response)
 
@@ -69,12 +100,14 @@ def _error(request: Request, user: User | None, status_code: int, message: str) 
     return _page(request, "error.html", user=user, status_code=status_code, message=message)
 
 
-def _user(request: Request, session: Session) -> User:
-    """The logged-in user, or a redirect (303) to the login page that comes back here."""
+def _user(request: Request, session: Session, *, back: str | None = None) -> User:
+    """The logged-in user, or a redirect (303) to the login page that comes back here (or to
+    ``back``: a form's page, not the address it posts to)."""
     token = request.cookies.get(COOKIE_NAME)
     user = user_for_token(session, token) if token else None
     if user is None:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = back or (request.url.path
+                          + (f"?{request.url.query}" if request.url.query else ""))
         raise HTTPException(303, "log in first", headers={
             "Location": f"{PORTAL_PREFIX}/login?next={quote(target, safe='')}"})
     return user
@@ -286,3 +319,134 @@ def version_lineage(run_id: int, round_number: int, request: Request,
                  title=f"Lineage of run {run_id}, round {round_number}", lineage=lineage,
                  back=f"{PORTAL_PREFIX}/candidates",
                  raw=json.dumps(lineage, indent=2, sort_keys=True))
+
+
+# --- a candidate and its review ----------------------------------------------------------
+
+
+def _candidate_view(session: Session, cand: ReleaseCandidate) -> dict[str, Any]:
+    """What a reviewer decides on: the gates and a summary of the model card to be."""
+    run = session.get(Run, cand.run_id)
+    assert run is not None  # foreign key
+    project = session.get(Project, run.project_id)
+    assert project is not None  # foreign key
+    gates: list[dict[str, Any]] = json.loads(cand.gates_json)
+    lineage: dict[str, Any] = json.loads(cand.lineage_json)
+    by_name = {g["name"]: g for g in gates}
+    participation = by_name.get(release_gates.PARTICIPATION_GATE, {}).get("figures") or {}
+    evaluation = lineage.get("evaluation") or {}
+    privacy = lineage.get("privacy") or {}
+    parity = (by_name.get("export_parity", {}).get("figures") or {}).get("per_site") or {}
+    rounds = participation.get("per_site") or {}
+    metrics = evaluation.get("per_site") or {}
+    epsilon = privacy.get("per_site") or {}
+    sites = sorted(set(rounds) | set(metrics) | set(epsilon))
+    release = session.exec(select(Release).where(Release.candidate_id == cand.id)).first()
+    return {
+        "c": cand, "project": project.name, "task": run.task, "gates": gates,
+        "running_gate": release_gates.running_gate(cand.status, gates),
+        "release_id": release.release_id if release else None,
+        "participation": participation,
+        "sites": [{"name": s, "rounds": rounds.get(s), "metrics": metrics.get(s, {}),
+                   "epsilon": epsilon.get(s, {}).get("epsilon_spent"),
+                   "counted": s in participation.get("contributing", [])} for s in sites],
+        "evaluation_source": evaluation.get("source"),
+        "privacy": privacy,
+        "parity": parity,
+    }
+
+
+def _not_a_reviewer(user: User) -> str:
+    return (f"Only reviewers and admins approve or reject candidates; you are "
+            f"{user.role.replace('_', ' ')}.")
+
+
+def _review_state(user: User, cand: ReleaseCandidate) -> tuple[bool, bool, str | None]:
+    """(may approve, may reject, why not) for this user and candidate, as the API rules."""
+    if user.role not in releases.REVIEW_ROLES:
+        return False, False, _not_a_reviewer(user)
+    if cand.proposed_by == user.name:
+        return False, False, ("You proposed this candidate: a second person (a reviewer or "
+                              "another admin) must approve or reject it.")
+    approve = cand.status == "awaiting_review"
+    reject = cand.status in {"awaiting_review", "gates_failed"}
+    if cand.status == "gates_failed":
+        return False, True, "It failed its gates, so it cannot be approved; you may reject it."
+    return approve, reject, None
+
+
+def _candidate_page(request: Request, session: Session, user: User, candidate_id: int, *,
+                    status_code: int = 200, error: str | None = None,
+                    reason: str = "") -> Response:
+    cand = session.get(ReleaseCandidate, candidate_id, populate_existing=True)
+    if cand is None:
+        return _error(request, user, 404, f"Candidate {candidate_id} not found.")
+    may_approve, may_reject, why_not = _review_state(user, cand)
+    return _page(request, "candidate.html", user=user, status_code=status_code,
+                 item=_candidate_view(session, cand), may_approve=may_approve,
+                 may_reject=may_reject, why_not=why_not, error=error, reason=reason)
+
+
+@router.get("/candidates/{candidate_id}", response_class=HTMLResponse)
+def candidate_page(candidate_id: int, request: Request, session: SessionDep) -> Response:
+    """A candidate: its gates, its model card summary and, for reviewers, the decision."""
+    user = _user(request, session)
+    if user.role not in releases.STAFF_ROLES:
+        return _error(request, user, 403, "Only staff see release candidates; approved "
+                      "releases are listed under Releases.")
+    return _candidate_page(request, session, user, candidate_id)
+
+
+def _decide(request: Request, session: Session, candidate_id: int, verb: str, reason: str,
+            csrf: str) -> Response:
+    page = f"{PORTAL_PREFIX}/candidates/{candidate_id}"
+    user = _user(request, session, back=page)
+    if user.role not in releases.STAFF_ROLES:
+        return _error(request, user, 403, "Only staff see release candidates.")
+    if not _csrf_ok(request, csrf):
+        return _candidate_page(request, session, user, candidate_id, status_code=403, error=(
+            "This form did not come from your current portal session (perhaps you logged in "
+            "again since). Nothing was changed: check the candidate below and decide again."))
+    if user.role not in releases.REVIEW_ROLES:
+        return _candidate_page(request, session, user, candidate_id, status_code=403,
+                               error=_not_a_reviewer(user))
+    reason = reason.strip()
+    if not _REASON_MIN <= len(reason) <= _REASON_MAX:
+        return _candidate_page(
+            request, session, user, candidate_id, status_code=422, reason=reason,
+            error=f"Give a reason to {verb} ({_REASON_MIN} to {_REASON_MAX} characters): it "
+                  "goes into the audit log and, on approval, the model card.")
+    try:
+        if verb == "approve":
+            session.commit()  # approving signs and writes files: no transaction held
+            engine: Engine = request.app.state.engine
+            release = releases.approve_candidate(engine, home=_home(request),
+                                                 candidate_id=candidate_id, user=user,
+                                                 reason=reason)
+            target = f"{PORTAL_PREFIX}/releases/{quote(release.release_id, safe='')}"
+        else:
+            releases.reject_candidate(session, candidate_id=candidate_id, user=user,
+                                      reason=reason)
+            session.commit()
+            target = page
+    except releases.ReleaseError as err:
+        session.rollback()
+        message = str(err)
+        return _candidate_page(request, session, user, candidate_id,
+                               status_code=err.status_code, reason=reason,
+                               error=message[:1].upper() + message[1:] + ".")
+    return _secure(RedirectResponse(target, status_code=303))
+
+
+@router.post("/candidates/{candidate_id}/approve", response_class=HTMLResponse)
+def approve(candidate_id: int, request: Request, session: SessionDep,
+            reason: Annotated[str, Form()] = "", csrf: Annotated[str, Form()] = "") -> Response:
+    """Approve a candidate (reviewers and admins, not their own): sign and publish it."""
+    return _decide(request, session, candidate_id, "approve", reason, csrf)
+
+
+@router.post("/candidates/{candidate_id}/reject", response_class=HTMLResponse)
+def reject(candidate_id: int, request: Request, session: SessionDep,
+           reason: Annotated[str, Form()] = "", csrf: Annotated[str, Form()] = "") -> Response:
+    """Reject a candidate with a reason (reviewers and admins, not their own)."""
+    return _decide(request, session, candidate_id, "reject", reason, csrf)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from coordinator import releases
+from coordinator import release_gates, releases
 from coordinator.api import API_PREFIX, CurrentUser, require_role
 from coordinator.audit import append_event
 from coordinator.db import SessionDep
@@ -107,17 +107,27 @@ class DecisionRequest(_Request):
 
 
 class GatesUpdate(_Request):
-    """Body of ``PUT /projects/{name}/gates``: per-site minimums (omitted or null: none)."""
+    """Body of ``PUT /projects/{name}/gates`` (omitted or null: not set, the default
+    applies) and ``PATCH`` (omitted: unchanged; null: back to the default)."""
 
     min_site_auc: float | None = Field(default=None, ge=0, le=1)
     min_site_accuracy: float | None = Field(default=None, ge=0, le=1)
+    min_sites: int | None = Field(default=None, ge=1, le=10_000, description=(
+        "Sites that must have contributed; default 2, or every site of the run if fewer."))
+    min_round_share: float | None = Field(default=None, gt=0, le=1, description=(
+        "Share of the completed rounds a site must have trained in to count; default 0.5."))
 
 
 class GatesPublic(BaseModel):
-    """A project's gate thresholds (empty: none set, the metrics gate passes)."""
+    """A project's gate thresholds: those set, and the defaults that apply to the rest."""
 
     project: str
-    thresholds: dict[str, float]
+    thresholds: dict[str, int | float] = Field(description="The thresholds set for the "
+                                               "project (empty: none set).")
+    defaults: dict[str, int | float] = Field(description=(
+        "What applies where a participation threshold is not set (min_sites is capped at "
+        "the run's number of sites); an unset metric minimum is not checked."))
+    help: dict[str, str] = Field(description="What each threshold means.")
 
 
 class GateResult(BaseModel):
@@ -147,6 +157,8 @@ class CandidatePublic(BaseModel):
     decided_at: datetime | None
     decision_reason: str | None
     release_id: str | None
+    running_gate: str | None = Field(description="While ``evaluating``: the gate being "
+                                     "evaluated now (the finished ones are in ``gates``).")
 
 
 class ReleasePublic(BaseModel):
@@ -209,6 +221,7 @@ def _candidate_public(session: Session, cand: ReleaseCandidate) -> CandidatePubl
         created_at=cand.created_at, gates=[GateResult(**g) for g in json.loads(cand.gates_json)],
         decided_by=cand.decided_by, decided_at=cand.decided_at,
         decision_reason=cand.decision_reason, release_id=release,
+        running_gate=release_gates.running_gate(cand.status, json.loads(cand.gates_json)),
     )
 
 
@@ -275,24 +288,46 @@ def version_lineage(run_id: int, round_number: int, request: Request, session: S
 # --- gates -------------------------------------------------------------------------------
 
 
+def _gates_public(project: str, thresholds: dict[str, int | float]) -> GatesPublic:
+    return GatesPublic(project=project, thresholds=thresholds,
+                       defaults={"min_sites": release_gates.DEFAULT_MIN_SITES,
+                                 "min_round_share": release_gates.DEFAULT_MIN_ROUND_SHARE},
+                       help=dict(release_gates.THRESHOLD_HELP))
+
+
 @router.get("/projects/{name}/gates", tags=["releases"], responses={**_AUTH, **_404})
 def get_gates(name: str, session: SessionDep, user: CurrentUser) -> GatesPublic:
-    """A project's per-site minimum metrics for release candidates."""
+    """A project's release gate thresholds: those set and the defaults for the rest."""
     require_role(user, releases.STAFF_ROLES)
     with _refusals():
-        return GatesPublic(project=name, thresholds=releases.get_gates(session, name))
+        return _gates_public(name, releases.get_gates(session, name))
 
 
 @router.put("/projects/{name}/gates", tags=["releases"], responses={**_AUTH, **_404})
 def put_gates(name: str, body: GatesUpdate, session: SessionDep,
               user: CurrentUser) -> GatesPublic:
-    """Replace a project's per-site minimum metrics (reviewers and admins)."""
+    """Replace all of a project's gate thresholds (reviewers and admins); an omitted one is
+    unset (its default applies)."""
     require_role(user, releases.GATE_ROLES)
     with _refusals():
         thresholds = releases.set_gates(session, project_name=name,
                                         thresholds=body.model_dump(), actor=user.name)
     session.commit()
-    return GatesPublic(project=name, thresholds=thresholds)
+    return _gates_public(name, thresholds)
+
+
+@router.patch("/projects/{name}/gates", tags=["releases"], responses={**_AUTH, **_404})
+def patch_gates(name: str, body: GatesUpdate, session: SessionDep,
+                user: CurrentUser) -> GatesPublic:
+    """Change only the thresholds named in the body (reviewers and admins); ``null`` unsets
+    one (its default applies again), an omitted one stays as it is."""
+    require_role(user, releases.GATE_ROLES)
+    with _refusals():
+        thresholds = releases.set_gates(session, project_name=name, actor=user.name,
+                                        thresholds=body.model_dump(include=body.model_fields_set),
+                                        merge=True)
+    session.commit()
+    return _gates_public(name, thresholds)
 
 
 # --- candidates --------------------------------------------------------------------------

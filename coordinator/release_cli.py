@@ -4,6 +4,10 @@ Every command talks to the coordinator's REST API with the caller's token, like 
 ``fedward-coordinator``; the roles the API enforces apply (see docs/ml-team-guide.md).
 ``download`` also fetches the public key and the revocation list and verifies the bundle
 before it says anything is usable.
+
+Tables never cut an id or a reason: ids and gate names keep their full width and reasons
+wrap between words, whatever the terminal's width; ``--json`` prints the API's answer.
+Progress (``propose``) goes to stderr, so ``--json`` output on stdout stays parseable.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.release_gates import GATE_ORDER, THRESHOLD_HELP
 
 if TYPE_CHECKING:
     from coordinator.cli import ApiClient
@@ -47,14 +52,84 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _id_column(header: str, values: list[str]) -> Column:
+    """A column that is never wrapped nor cut: as wide as its longest value."""
+    return Column(header, no_wrap=True, min_width=max([len(header), *map(len, values)]))
+
+
+def _text_column(header: str) -> Column:
+    """A column whose text wraps between words; a word wider than the column folds."""
+    return Column(header, overflow="fold", ratio=1)
+
+
 def _gates_table(candidate: dict[str, Any]) -> Table:
-    table = Table("gate", "result", "reason",
+    names = [g["name"] for g in candidate["gates"]]
+    table = Table(_id_column("gate", names), Column("result", no_wrap=True),
+                  _text_column("reason"),
                   title=f"candidate {candidate['id']} · run {candidate['run_id']} round "
-                        f"{candidate['round']} · {candidate['status']}")
+                        f"{candidate['round']} · {candidate['status']}", expand=True)
     for gate in candidate["gates"]:
         table.add_row(gate["name"], "passed" if gate["passed"] else "[red]failed[/]",
                       gate["reason"])
     return table
+
+
+# What each gate does while it runs, for the progress of `propose`.
+_RUNNING: dict[str, str] = {
+    "site_participation": "counting the rounds each site trained in",
+    "export": "exporting ONNX, ONNX Runtime INT8 and OpenVINO (seconds)",
+    "site_metrics": "checking each site's held-out metrics against the project's minimums",
+    "export_parity": "each site compares the exports with the model on its held-out data "
+                     "(up to the sites' round deadline)",
+    "privacy_statement": "checking each site's reported epsilon against the run's budget",
+}
+_STILL_RUNNING_EVERY_S = 10.0
+
+
+def _parity_lines(gate: dict[str, Any]) -> list[str]:
+    """One line per site with the parity figures it reported."""
+    per_site = (gate.get("figures") or {}).get("per_site") or {}
+    return [f"      {site}: " + "; ".join(
+        f"{fmt} agreement {f['agreement']:.2f}, max diff {f['max_abs_diff']:.0e}"
+        for fmt, f in formats.items()) for site, formats in sorted(per_site.items())]
+
+
+def _wait_for_gates(client: ApiClient, cand: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Poll the candidate until its gates have run, printing each gate as it starts and ends."""
+    started = time.monotonic()
+    err_console.print(f"candidate {cand['id']} (run {cand['run_id']}, round {cand['round']}): "
+                      f"running {len(GATE_ORDER)} gates", soft_wrap=True)
+    shown: set[str] = set()
+    running: str | None = None
+    noted = started
+    while True:
+        elapsed = time.monotonic() - started
+        for gate in cand["gates"]:
+            if gate["name"] in shown:
+                continue
+            shown.add(gate["name"])
+            mark = "passed" if gate["passed"] else "[red]FAILED[/]"
+            err_console.print(f"  {gate['name']}: {mark} at {elapsed:.0f} s: {gate['reason']}",
+                              soft_wrap=True, highlight=False)
+            if gate["name"] == "export_parity":
+                for line in _parity_lines(gate):
+                    err_console.print(line, soft_wrap=True, highlight=False)
+        if cand["status"] != "evaluating":
+            return cand
+        now = time.monotonic()
+        current = cand.get("running_gate")
+        if current and current != running:
+            running, noted = current, now
+            err_console.print(f"  {current}: running, {_RUNNING.get(current, 'please wait')}",
+                              soft_wrap=True, highlight=False)
+        elif running and now - noted >= _STILL_RUNNING_EVERY_S:
+            noted = now
+            err_console.print(f"  {running}: still running ({elapsed:.0f} s)", highlight=False)
+        if now - started > timeout:
+            _fail(f"candidate {cand['id']} is still being evaluated after {timeout:.0f} s; "
+                  f"check it later with `fedward-coordinator release candidates`")
+        time.sleep(1.0)
+        cand = client.call("GET", f"/candidates/{cand['id']}")
 
 
 @release_app.command()
@@ -69,20 +144,16 @@ def propose(run_id: int,
                      "minutes).")] = 900.0,
             home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
-    """Propose a run's checkpoint as a release candidate and wait for its gates."""
+    """Propose a run's checkpoint as a release candidate and wait for its gates.
+
+    Each gate is reported on stderr as it starts and ends (parity with each site's figures).
+    """
     body: dict[str, Any] = {"run_id": run_id, "intended_use": intended_use}
     if round_number is not None:
         body["round"] = round_number
     client = _client(api, token, home)
     # Answered at once (202); the gates run on the coordinator while we poll.
-    cand = client.call("POST", "/candidates?wait=false", body)
-    deadline = time.monotonic() + timeout
-    while cand["status"] == "evaluating":
-        if time.monotonic() > deadline:
-            _fail(f"candidate {cand['id']} is still being evaluated after {timeout:.0f} s; "
-                  f"check it later with `fedward-coordinator release candidates`")
-        time.sleep(1.0)
-        cand = client.call("GET", f"/candidates/{cand['id']}")
+    cand = _wait_for_gates(client, client.call("POST", "/candidates?wait=false", body), timeout)
     if as_json:
         print(json.dumps(cand))
         return
@@ -141,10 +212,18 @@ def list_releases(include_revoked: Annotated[bool, typer.Option(
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("release", "task", "approved by", "created", "revoked")
+    if not rows:
+        console.print("no release yet" if include_revoked else "no current release (--all "
+                      "also lists revoked ones)")
+        return
+    table = Table(_id_column("release", [r["release_id"] for r in rows]),
+                  _text_column("approved"), _text_column("status"), expand=True)
     for r in rows:
-        table.add_row(r["release_id"], r["task"], str(r["approved_by"]), r["created_at"][:16],
-                      f"{r['revoked_at'][:16]}: {r['revoke_reason']}" if r["revoked_at"] else "")
+        status = (f"[red]revoked[/] {r['revoked_at'][:16].replace('T', ' ')} by "
+                  f"{r['revoked_by']}: {r['revoke_reason']}" if r["revoked_at"] else "current")
+        table.add_row(f"{r['release_id']}\n[dim]{r['task']}[/]",
+                      f"{r['created_at'][:16].replace('T', ' ')} by {r['approved_by']}: "
+                      f"{r['approval_reason']}", status)
     console.print(table)
 
 
@@ -158,14 +237,59 @@ def revoke(release_id: str, reason: ReasonOpt, home: HomeOpt = None, api: ApiOpt
 
 @release_app.command()
 def gates(project: str,
-          min_site_auc: Annotated[float | None, typer.Option(help="Per-site minimum AUC.")] = None,
+          min_sites: Annotated[int | None, typer.Option(
+              help="Sites that must have contributed (default 2, or all of a run's sites "
+                   "if fewer).")] = None,
+          min_round_share: Annotated[float | None, typer.Option(
+              help="Share of the completed rounds a site must have trained in to count "
+                   "(default 0.5).")] = None,
+          min_site_auc: Annotated[float | None, typer.Option(
+              help="Held-out AUC every site must reach.")] = None,
           min_site_accuracy: Annotated[float | None, typer.Option(
-              help="Per-site minimum accuracy.")] = None,
-          home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
-    """Set a project's per-site minimum metrics (reviewers and admins); omitted: none."""
-    out = _client(api, token, home).call("PUT", f"/projects/{project}/gates", {
-        "min_site_auc": min_site_auc, "min_site_accuracy": min_site_accuracy})
-    console.print(f"gates of [bold]{project}[/]: {out['thresholds'] or 'no thresholds set'}")
+              help="Held-out accuracy every site must reach.")] = None,
+          clear: Annotated[list[str] | None, typer.Option(
+              "--clear", help="Unset this threshold (its default applies again); "
+                              "repeatable.")] = None,
+          home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Show a project's release gate thresholds; with options, change those named.
+
+    Without options nothing changes. Each option sets one threshold and keeps the others
+    (reviewers and admins); --clear NAME unsets one.
+    """
+    changes: dict[str, float | int | None] = {
+        k: v for k, v in (("min_sites", min_sites), ("min_round_share", min_round_share),
+                          ("min_site_auc", min_site_auc),
+                          ("min_site_accuracy", min_site_accuracy)) if v is not None}
+    for name in clear or []:
+        if name not in THRESHOLD_HELP:
+            _fail(f"--clear {name}: no such threshold (known: {', '.join(THRESHOLD_HELP)})")
+        if name in changes:
+            _fail(f"--clear {name} and --{name.replace('_', '-')} contradict each other")
+        changes[name] = None
+    client = _client(api, token, home)
+    path = f"/projects/{project}/gates"
+    out = client.call("PATCH", path, changes) if changes else client.call("GET", path)
+    if as_json:
+        print(json.dumps(out))
+        return
+    names = list(THRESHOLD_HELP)
+    table = Table(_id_column("threshold", names), Column("in force", no_wrap=True),
+                  _text_column("meaning"), expand=True,
+                  title=f"release gates of project {project}" + (" (changed)" if changes
+                                                                 else ""))
+    for name in names:
+        if name in out["thresholds"]:
+            value = f"{out['thresholds'][name]:g}"
+        elif name in out["defaults"]:
+            value = f"{out['defaults'][name]:g} (default)"
+        else:
+            value = "not set"
+        table.add_row(name, value, out["help"].get(name, ""))
+    console.print(table)
+    if not changes:
+        console.print("Change one with e.g. --min-sites 3, unset one with --clear NAME "
+                      "(reviewers and admins).", highlight=False)
 
 
 @release_app.command()

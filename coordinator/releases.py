@@ -8,6 +8,10 @@ Every checkpoint of a run is a *model version*. An ML engineer proposes one as a
     ONNX, ONNX Runtime INT8 and OpenVINO IR artefacts built from the checkpoint into the
     candidate's staging folder (``home/candidates/candidate-<id>/``). A model no exporter
     supports fails here, with the exporter's reason.
+``site_participation``
+    Enough sites trained the model: at least ``min_sites`` sites (default 2, or every site
+    of the run if it has fewer) each took part in at least ``min_round_share`` (default
+    half) of the completed rounds up to this version (:mod:`coordinator.release_gates`).
 ``site_metrics``
     Each participating site's evaluation of this version against the project's minimums
     (``min_site_auc``, ``min_site_accuracy``; none set: passes, "no thresholds set").
@@ -53,7 +57,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
@@ -62,7 +66,7 @@ from xml.sax.saxutils import escape
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from coordinator import repository
+from coordinator import release_gates, repository
 from coordinator.audit import append_event
 from coordinator.checkpoints import CheckpointError, load_checkpoint
 from coordinator.db import session_scope
@@ -145,10 +149,7 @@ REVOKE_ROLES: Final = frozenset({"admin"})
 STAFF_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
 
 # Project gate threshold name -> the evaluation metric it bounds from below.
-GATE_THRESHOLDS: Final[Mapping[str, str]] = {
-    "min_site_auc": "auc",
-    "min_site_accuracy": "accuracy",
-}
+GATE_THRESHOLDS: Final[Mapping[str, str]] = release_gates.METRIC_THRESHOLDS
 TRAINING_CURVE_FILE: Final = "training_curve.svg"
 PRIVACY_MECHANISM: Final = "DP-SGD"
 # The site agent's accountant (privacy.dp's default); sites report only the epsilon.
@@ -531,8 +532,8 @@ def build_lineage(engine: Engine, *, home: Path, run_id: int, round_number: int
 # --- project gates -----------------------------------------------------------------------
 
 
-def get_gates(session: Session, project_name: str) -> dict[str, float]:
-    """A project's gate thresholds (empty: none set).
+def get_gates(session: Session, project_name: str) -> dict[str, float | int]:
+    """A project's gate thresholds as set (empty: none set, the defaults apply).
 
     Raises:
         NotFound: No such project.
@@ -544,35 +545,40 @@ def get_gates(session: Session, project_name: str) -> dict[str, float]:
     return {} if row is None else dict(json.loads(row.thresholds_json))
 
 
-def set_gates(session: Session, *, project_name: str, thresholds: Mapping[str, float | None],
-              actor: str) -> dict[str, float]:
-    """Replace a project's gate thresholds and audit the change (the caller commits).
+def set_gates(session: Session, *, project_name: str,
+              thresholds: Mapping[str, float | int | None], actor: str,
+              merge: bool = False) -> dict[str, float | int]:
+    """Replace (or, with ``merge``, change) a project's gate thresholds and audit the change
+    (the caller commits).
 
     Args:
         session: Open session.
         project_name: The project.
-        thresholds: Names from :data:`GATE_THRESHOLDS` -> minimum in [0, 1]; ``None`` drops
-            the threshold.
+        thresholds: Names from :data:`GATE_THRESHOLDS` -> minimum in [0, 1], ``min_sites``
+            -> a whole number >= 1, ``min_round_share`` -> a share in (0, 1]; ``None`` drops
+            the threshold (the default applies again).
         actor: Who sets them.
+        merge: Keep the thresholds ``thresholds`` does not name (otherwise they are
+            dropped).
 
     Returns:
-        The thresholds now in force.
+        The thresholds now set.
 
     Raises:
         NotFound: No such project.
-        InvalidRequest: An unknown name or a value outside [0, 1].
+        InvalidRequest: An unknown name or a value out of range (every problem at once).
     """
     project = session.exec(select(Project).where(Project.name == project_name)).first()
     if project is None:
         raise NotFound(f"project {project_name!r} not found")
-    problems = [f"unknown threshold {k!r}" for k in thresholds if k not in GATE_THRESHOLDS]
-    problems += [f"{k} must be a number between 0 and 1" for k, v in thresholds.items()
-                 if v is not None and not (_finite(v) and 0.0 <= v <= 1.0)]
+    problems = release_gates.threshold_problems(thresholds)
     if problems:
-        raise InvalidRequest("; ".join(problems) + f" (known: {', '.join(GATE_THRESHOLDS)})")
-    clean = {k: float(v) for k, v in thresholds.items() if v is not None}
+        raise InvalidRequest("; ".join(problems))
     row = session.exec(select(ProjectGates).where(ProjectGates.project_id == project.id)).first()
     before = {} if row is None else json.loads(row.thresholds_json)
+    wanted = {**before, **thresholds} if merge else dict(thresholds)
+    clean: dict[str, float | int] = {k: (int(v) if k == "min_sites" else float(v))
+                                     for k, v in wanted.items() if v is not None}
     assert project.id is not None
     if row is None:
         row = ProjectGates(project_id=project.id, thresholds_json="{}", updated_by=actor)
@@ -587,8 +593,9 @@ def set_gates(session: Session, *, project_name: str, thresholds: Mapping[str, f
 # --- gates -------------------------------------------------------------------------------
 
 
-def _metrics_gate(thresholds: Mapping[str, float], evaluation: Mapping[str, Any],
+def _metrics_gate(all_thresholds: Mapping[str, float], evaluation: Mapping[str, Any],
                   participants: Sequence[str]) -> dict[str, Any]:
+    thresholds = {k: v for k, v in all_thresholds.items() if k in GATE_THRESHOLDS}
     per_site: dict[str, dict[str, float]] = evaluation.get("per_site", {})
     figures = {"thresholds": dict(thresholds), "per_site": per_site,
                "source": evaluation.get("source")}
@@ -807,7 +814,9 @@ def evaluate_candidate(engine: Engine, *, home: Path, candidate_id: int,
     try:
         lineage = build_lineage(engine, home=home, run_id=run_id, round_number=round_number)
         gates = _run_gates(home=home, lineage=lineage, task=task, thresholds=thresholds,
-                           staging=staging, candidate_id=candidate_id, site_parity=site_parity)
+                           staging=staging, candidate_id=candidate_id, site_parity=site_parity,
+                           on_gate=lambda done: release_gates.record_partial_gates(
+                               engine, candidate_id, _json_safe(done)))
     except Exception as exc:  # record any failure as a failed gate; never leave "evaluating"
         log.exception("evaluating candidate %s failed", candidate_id)
         gates = [_gate("evaluation", False, f"evaluating the candidate failed: "
@@ -831,10 +840,22 @@ def evaluate_candidate(engine: Engine, *, home: Path, candidate_id: int,
 
 def _run_gates(*, home: Path, lineage: Mapping[str, Any], task: str,
                thresholds: Mapping[str, float], staging: Path, candidate_id: int,
-               site_parity: SiteParity | None) -> list[dict[str, Any]]:
+               site_parity: SiteParity | None,
+               on_gate: Callable[[list[dict[str, Any]]], None] = lambda _done: None
+               ) -> list[dict[str, Any]]:
+    """Run every gate in :data:`release_gates.GATE_ORDER`; ``on_gate`` hears of each result."""
     participants: list[str] = list(lineage["participating_sites"])
     version = lineage["version"]
     gates: list[dict[str, Any]] = []
+
+    def add(gate: dict[str, Any]) -> None:
+        gates.append(gate)
+        try:
+            on_gate(list(gates))
+        except Exception:  # progress is a courtesy: it never fails the evaluation
+            log.exception("recording the progress of candidate %s failed", candidate_id)
+
+    add(release_gates.participation_gate(lineage, thresholds))
     if staging.exists():  # left over from an earlier attempt: start clean
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -843,28 +864,28 @@ def _run_gates(*, home: Path, lineage: Mapping[str, Any], task: str,
         arrays = load_checkpoint(home / version["checkpoint"]["path"],
                                  expected_sha256=version["checkpoint"]["sha256"])
         artefacts = _export_artefacts(task=task, arrays=arrays, out_dir=staging)
-        gates.append(_gate("export", True, f"exported {', '.join(FORMATS)}",
-                           {"files": _artefact_files(staging)}))
+        add(_gate("export", True, f"exported {', '.join(FORMATS)}",
+                  {"files": _artefact_files(staging)}))
     except (CheckpointError, _ExportFailed) as err:
         shutil.rmtree(staging, ignore_errors=True)
-        gates.append(_gate("export", False, f"no exporter supports this model: {err}"
-                           if isinstance(err, _ExportFailed) else str(err), {}))
-    gates.append(_metrics_gate(thresholds, lineage["evaluation"], participants))
+        add(_gate("export", False, f"no exporter supports this model: {err}"
+                  if isinstance(err, _ExportFailed) else str(err), {}))
+    add(_metrics_gate(thresholds, lineage["evaluation"], participants))
     if not artefacts:
-        gates.append(_gate("export_parity", False, "not measured: the export failed", {}))
+        add(_gate("export_parity", False, "not measured: the export failed", {}))
     elif site_parity is None:
-        gates.append(_gate("export_parity", False, "no site parity evaluator configured", {}))
+        add(_gate("export_parity", False, "no site parity evaluator configured", {}))
     else:
         try:
             results = site_parity.evaluate(run_id=int(lineage["run"]["id"]),
                                            candidate_id=candidate_id,
                                            artefacts={f: p for f, p in artefacts.items()})
         except Exception as exc:  # the sites' boundary can fail in many ways; say how
-            gates.append(_gate("export_parity", False, f"the sites could not measure parity: "
-                               f"{type(exc).__name__}: {exc}", {}))
+            add(_gate("export_parity", False, f"the sites could not measure parity: "
+                      f"{type(exc).__name__}: {exc}", {}))
         else:
-            gates.append(_parity_gate(results, participants))
-    gates.append(_privacy_gate(lineage["privacy"], participants))
+            add(_parity_gate(results, participants))
+    add(_privacy_gate(lineage["privacy"], participants))
     return gates
 
 
@@ -1012,6 +1033,7 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
     lineage: dict[str, Any] = json.loads(cand.lineage_json)
     gates: list[dict[str, Any]] = json.loads(cand.gates_json)
     by_name = {g["name"]: g for g in gates}
+    participation = by_name.get(release_gates.PARTICIPATION_GATE, {}).get("figures") or {}
     privacy = lineage["privacy"]
     per_site_privacy = {s: {"epsilon": v["epsilon_spent"], "delta": v["delta"]}
                         for s, v in privacy["per_site"].items()}
@@ -1039,6 +1061,14 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
                           "checkpoint_sha256": cand.checkpoint_sha256,
                           "candidate_id": cand.id},
         "metrics_per_site": lineage["evaluation"],
+        # A candidate gated before the participation gate existed has no such figures.
+        **({"contributing_sites": {
+            "completed_rounds": participation["rounds"],
+            "rounds_per_site": {s: v["rounds"] for s, v in participation["per_site"].items()},
+            "contributing": participation["contributing"],
+            "min_sites": participation["min_sites"],
+            "min_round_share": participation["min_round_share"],
+        }} if participation else {}),
         "privacy_statement": {
             "text": statement,
             "mechanism": PRIVACY_MECHANISM,

@@ -466,11 +466,14 @@ def render_model_card_md(card: Mapping[str, Any], digests: Mapping[str, str]) ->
     """
     release_id = card.get(RELEASE_ID_KEY, "?")
     lines = [f"# Model release {release_id}", ""]
-    for key in ("task", "intended_use", "privacy_statement"):
+    first = ("task", "intended_use", "contributing_sites", "privacy_statement")
+    for key in first:
         if key in card:
-            lines += [f"## {key.replace('_', ' ').capitalize()}", "", _md_value(card[key]), ""]
-    for key in sorted(k for k in card if k not in {RELEASE_ID_KEY, "task", "intended_use",
-                                                   "privacy_statement"}):
+            value = card[key]
+            text = _contributors_md(value) if key == "contributing_sites" else None
+            lines += [f"## {key.replace('_', ' ').capitalize()}", "",
+                      text if text is not None else _md_value(value), ""]
+    for key in sorted(k for k in card if k not in {RELEASE_ID_KEY, *first}):
         lines += [f"## {key.replace('_', ' ').capitalize()}", "", _md_value(card[key]), ""]
     lines += ["## Files", "", "| file | SHA-256 |", "|---|---|"]
     lines += [f"| `{n}` | `{d}` |" for n, d in sorted(digests.items())]
@@ -491,6 +494,23 @@ def render_model_card_md(card: Mapping[str, Any], digests: Mapping[str, str]) ->
         "",
     ]
     return "\n".join(lines)
+
+
+def _contributors_md(value: Any) -> str | None:
+    """Which sites trained the model, as a table; ``None`` if ``value`` has another shape."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("rounds_per_site"), Mapping):
+        return None
+    total = value.get("completed_rounds")
+    counted = set(value.get("contributing") or [])
+    share = value.get("min_round_share")
+    share_text = f"{share:.0%}" if isinstance(share, int | float) else str(share)
+    rows = [f"| {site} | {n} of {total} | {'yes' if site in counted else 'no'} |"
+            for site, n in sorted(value["rounds_per_site"].items())]
+    return "\n".join([
+        f"A site counts as contributing when it trained in at least {share_text} of the "
+        f"completed rounds; at least "
+        f"{value.get('min_sites')} had to.", "",
+        "| site | rounds trained | contributing |", "|---|---|---|", *rows])
 
 
 def _md_value(value: Any) -> str:

@@ -210,7 +210,8 @@ def seed_run(engine: Engine, home: Path, *, project: str = "cardio",
              rounds: int = 3, sites: Sequence[str] = SITES, budget: float = 3.0,
              final: Mapping[str, Mapping[str, float]] | None = None,
              epsilon: Mapping[str, float | None] | None = None,
-             extra_metrics: Mapping[str, float] | None = None) -> int:
+             extra_metrics: Mapping[str, float] | None = None,
+             trained: Mapping[int, Sequence[str]] | None = None) -> int:
     """Record a completed run with metrics per round and a checkpoint after every round.
 
     Args:
@@ -220,11 +221,14 @@ def seed_run(engine: Engine, home: Path, *, project: str = "cardio",
         task: Task name of the run.
         arrays: The model's arrays (default: the trained breast-cancer MLP).
         rounds: Rounds of the run.
-        sites: Sites that took part in every round.
+        sites: The run's sites (each takes part in every round unless ``trained`` says
+            otherwise).
         budget: The run's epsilon budget per site.
         final: Site -> {"auc", "accuracy"} of the final evaluation (default: the real ones).
         epsilon: Site -> the epsilon it reports after the last round (None: never reports).
         extra_metrics: More metrics every site reports in round 1.
+        trained: Round -> the sites whose update was aggregated in it (default: every
+            site); the others are recorded as failed in that round and report nothing.
 
     Returns:
         The run id.
@@ -252,7 +256,10 @@ def seed_run(engine: Engine, home: Path, *, project: str = "cardio",
     mark_run_started(engine, run_id, "4242")
     for n in range(1, rounds + 1):
         start_round(engine, run_id, n)
+        in_round = list(sites) if trained is None else list(trained.get(n, sites))
         for i, site in enumerate(sites):
+            if site not in in_round:
+                continue
             last_eps = (epsilon or {}).get(site, budget * 0.9)
             metrics = {"eval-auc": 0.6 + 0.1 * n + 0.01 * i, "eval-accuracy": 0.55 + 0.1 * n,
                        "eval-loss": 0.8 - 0.1 * n, "num-eval-examples": 60.0,
@@ -262,8 +269,9 @@ def seed_run(engine: Engine, home: Path, *, project: str = "cardio",
             if n == 1 and extra_metrics:
                 metrics.update(extra_metrics)
             record_site_metrics(engine, run_id, n, site, metrics)
-        finish_round(engine, run_id, n, status="completed", participating=list(sites),
-                     failed=[], late=[], seconds=1.0)
+        finish_round(engine, run_id, n, status="completed", participating=in_round,
+                     failed=[{"site": s, "phase": "train", "reason": "offline"}
+                             for s in sites if s not in in_round], late=[], seconds=1.0)
         rel, sha = save_checkpoint(home, run_id, n, arrays)
         record_checkpoint(engine, run_id, n, str(rel), sha)
     for site in sites:
@@ -383,7 +391,8 @@ def test_propose_gate_approve_download_verify_revoke(
     assert cand["status"] == "awaiting_review", cand["gates"]
     assert cand["round"] == 3 and cand["proposed_by"] == "eng"
     gates = gates_of(cand)
-    assert list(gates) == ["export", "site_metrics", "export_parity", "privacy_statement"]
+    assert list(gates) == ["site_participation", "export", "site_metrics", "export_parity",
+                           "privacy_statement"]
     assert all(g["passed"] for g in gates.values())
     assert set(gates["export"]["figures"]["files"]) == {
         "model.onnx", "model.int8.onnx", "model.xml", "model.bin"}
@@ -395,6 +404,9 @@ def test_propose_gate_approve_download_verify_revoke(
         assert parity[site]["onnx-int8"]["agreement"] >= 0.95
     assert gates["site_metrics"]["reason"].startswith("every site (hospital-a, hospital-b) meets")
     assert "DP-SGD, prv accountant" in gates["privacy_statement"]["reason"]
+    assert gates["site_participation"]["reason"] == (
+        "2 sites contributed (each in at least 50% of the 3 completed rounds; 2 needed); "
+        "rounds trained: hospital-a 3/3, hospital-b 3/3")
 
     # Two-person rule: an ML engineer cannot approve at all; an admin not their own proposal.
     r = client.post(api(f"/candidates/{cand['id']}/approve"), json={"reason": "fine"},
@@ -453,6 +465,11 @@ def test_propose_gate_approve_download_verify_revoke(
     assert privacy["per_site"] == {s: {"epsilon": pytest.approx(2.7), "delta": 1e-5}
                                    for s in SITES}
     assert set(card["metrics_per_site"]["per_site"]) == set(SITES)
+    assert card["contributing_sites"] == {
+        "completed_rounds": 3, "rounds_per_site": {"hospital-a": 3, "hospital-b": 3},
+        "contributing": list(SITES), "min_sites": 2, "min_round_share": 0.5}
+    card_md = (bundle / "model_card.md").read_text()
+    assert "## Contributing sites" in card_md and "| hospital-b | 3 of 3 | yes |" in card_md
     assert card["metrics_per_site"]["source"].startswith("final evaluation")
     assert card["approval"] == {"proposed_by": "eng", "proposed_at": card["approval"][
         "proposed_at"], "approved_by": "rev", "approved_at": card["approval"]["approved_at"],
@@ -556,6 +573,72 @@ def test_a_site_below_the_project_minimum_fails_the_metrics_gate(
     assert r.json()["detail"] == (f"candidate {cand['id']} cannot be approved: it failed its "
                                   "gates: site_metrics: hospital-b auc 0.7100 < 0.8000")
     assert not (home / "releases").exists() or not any((home / "releases").iterdir())
+
+
+THREE = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def test_a_model_only_one_of_three_sites_trained_fails_the_participation_gate(
+        make_client: Callable[..., TestClient], engine: Engine, home: Path,
+        users: dict[str, Headers]) -> None:
+    client = make_client(site_parity=FixedParity(good_figures(THREE)))
+    run_id = seed_run(engine, home, sites=THREE, trained={n: ["hospital-a"] for n in (1, 2, 3)})
+    cand = propose(client, users["eng"], run_id)
+    assert cand["status"] == "gates_failed"
+    gate = gates_of(cand)["site_participation"]
+    assert gate["passed"] is False
+    assert gate["reason"] == (
+        "1 site contributed, 2 needed (each in at least 50% of the 3 completed rounds); "
+        "rounds trained: hospital-a 3/3, hospital-b 0/3, hospital-c 0/3; not counted: "
+        "hospital-b, hospital-c")
+    assert gate["figures"]["per_site"]["hospital-b"] == {"rounds": 0, "share": 0.0}
+    assert gate["figures"]["contributing"] == ["hospital-a"]
+    # Every other gate passed: participation alone keeps this model from review.
+    assert [n for n, g in gates_of(cand).items() if not g["passed"]] == ["site_participation"]
+    r = client.post(api(f"/candidates/{cand['id']}/approve"), json={"reason": "ship it"},
+                    headers=users["rev"])
+    assert r.status_code == 409
+    assert "site_participation: 1 site contributed, 2 needed" in r.json()["detail"]
+
+
+def test_sites_that_trained_in_enough_rounds_pass_the_participation_gate(
+        make_client: Callable[..., TestClient], engine: Engine, home: Path,
+        users: dict[str, Headers]) -> None:
+    client = make_client(site_parity=FixedParity(good_figures(THREE)))
+    # b missed one round of three (2/3 counts), c trained only once (1/3 does not).
+    run_id = seed_run(engine, home, sites=THREE, trained={
+        1: THREE, 2: ["hospital-a", "hospital-b"], 3: ["hospital-a"]})
+    cand = propose(client, users["eng"], run_id)
+    gate = gates_of(cand)["site_participation"]
+    assert cand["status"] == "awaiting_review", gate
+    assert gate["reason"] == (
+        "2 sites contributed (each in at least 50% of the 3 completed rounds; 2 needed); "
+        "rounds trained: hospital-a 3/3, hospital-b 2/3, hospital-c 1/3")
+    assert gate["figures"]["contributing"] == ["hospital-a", "hospital-b"]
+
+    # The project asks for all three: the same run fails, and says why.
+    r = client.patch(api("/projects/cardio/gates"), json={"min_sites": 3},
+                     headers=users["rev"])
+    assert r.status_code == 200, r.text
+    cand = propose(client, users["eng"], run_id)
+    gate = gates_of(cand)["site_participation"]
+    assert (cand["status"], gate["reason"]) == ("gates_failed", (
+        "2 sites contributed, 3 needed (each in at least 50% of the 3 completed rounds); "
+        "rounds trained: hospital-a 3/3, hospital-b 2/3, hospital-c 1/3; not counted: "
+        "hospital-c"))
+    # A lower share lets c count again.
+    client.patch(api("/projects/cardio/gates"), json={"min_round_share": 0.3},
+                 headers=users["rev"])
+    assert propose(client, users["eng"], run_id)["status"] == "awaiting_review"
+
+
+def test_a_single_site_run_needs_only_its_one_site(
+        make_client: Callable[..., TestClient], engine: Engine, home: Path,
+        users: dict[str, Headers]) -> None:
+    client = make_client(site_parity=FixedParity(good_figures(["solo"])))
+    cand = propose(client, users["eng"], seed_run(engine, home, sites=["solo"]))
+    gate = gates_of(cand)["site_participation"]
+    assert (gate["passed"], gate["figures"]["min_sites"]) == (True, 1)
 
 
 def test_without_thresholds_the_metrics_gate_passes_and_says_so(
@@ -857,8 +940,16 @@ def test_gate_settings_are_validated(client: TestClient, engine: Engine, home: P
                                      users: dict[str, Headers]) -> None:
     seed_run(engine, home, rounds=1)
     url = api("/projects/cardio/gates")
-    assert client.get(url, headers=users["eng"]).json() == {"project": "cardio",
-                                                            "thresholds": {}}
+    shown = client.get(url, headers=users["eng"]).json()
+    assert (shown["project"], shown["thresholds"]) == ("cardio", {})
+    assert shown["defaults"] == {"min_sites": 2, "min_round_share": 0.5}
+    assert set(shown["help"]) == {"min_sites", "min_round_share", "min_site_auc",
+                                  "min_site_accuracy"}
+    for bad, message in [({"min_sites": 0}, "min_sites: "), ({"min_sites": 2.5}, "min_sites: "),
+                         ({"min_round_share": 0}, "min_round_share: "),
+                         ({"min_round_share": 1.2}, "min_round_share: ")]:
+        r = client.patch(url, json=bad, headers=users["rev"])
+        assert r.status_code == 422 and r.json()["message"].startswith(message), r.text
     r = client.put(url, json={"min_site_auc": 1.5}, headers=users["rev"])
     assert r.status_code == 422 and r.json()["message"].startswith("min_site_auc: ")
     r = client.put(url, json={"min_site_f1": 0.5}, headers=users["rev"])
@@ -866,6 +957,25 @@ def test_gate_settings_are_validated(client: TestClient, engine: Engine, home: P
     assert client.put(url, json={"min_site_auc": 0.5}, headers=users["eng"]).status_code == 403
     assert client.put(api("/projects/nope/gates"), json={},
                       headers=users["rev"]).status_code == 404
+
+
+def test_patching_gates_changes_only_what_it_names(
+        client: TestClient, engine: Engine, home: Path, users: dict[str, Headers]) -> None:
+    seed_run(engine, home, rounds=1)
+    url = api("/projects/cardio/gates")
+    r = client.put(url, json={"min_site_auc": 0.8, "min_sites": 3}, headers=users["rev"])
+    assert r.json()["thresholds"] == {"min_site_auc": 0.8, "min_sites": 3}
+    r = client.patch(url, json={"min_site_accuracy": 0.7}, headers=users["rev"])
+    assert r.json()["thresholds"] == {"min_site_auc": 0.8, "min_site_accuracy": 0.7,
+                                      "min_sites": 3}
+    r = client.patch(url, json={"min_sites": None}, headers=users["admin"])
+    assert r.json()["thresholds"] == {"min_site_auc": 0.8, "min_site_accuracy": 0.7}
+    assert client.patch(url, json={"min_sites": 2}, headers=users["eng"]).status_code == 403
+    assert client.get(url, headers=users["rev"]).json()["thresholds"] == r.json()["thresholds"]
+    with session_scope(engine) as session:
+        events = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "project.gates_set")).all()
+    assert json.loads(events[-1].detail_json)["after"] == r.json()["thresholds"]
 
 
 def test_password_login_sessions_and_logout(client: TestClient, engine: Engine,
@@ -946,7 +1056,7 @@ def test_release_cli(client: TestClient, engine: Engine, home: Path, users: dict
     result = runner.invoke(release_cli.release_app, ["propose", str(run_id), "--intended-use",
                                                      INTENDED_USE, "--json"])
     assert result.exit_code == 0, result.output
-    cand = json.loads(result.output)
+    cand = json.loads(result.stdout)   # progress goes to stderr
     assert cand["status"] == "awaiting_review"
     result = runner.invoke(release_cli.release_app, ["approve", str(cand["id"]), "--reason",
                                                      "reviewed"])

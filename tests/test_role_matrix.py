@@ -49,6 +49,9 @@ MATRIX: Final[dict[str, frozenset[str]]] = {
     "approve candidate": frozenset({"admin", "reviewer"}),
     "reject candidate": frozenset({"admin", "reviewer"}),
     "set project gates": frozenset({"admin", "reviewer"}),
+    "read project gates": frozenset({"admin", "ml_engineer", "reviewer"}),
+    "approve candidate in the portal": frozenset({"admin", "reviewer"}),
+    "reject candidate in the portal": frozenset({"admin", "reviewer"}),
     "list candidates": frozenset({"admin", "ml_engineer", "reviewer"}),
     "read lineage": frozenset({"admin", "ml_engineer", "reviewer"}),
     "revoke release": frozenset({"admin"}),
@@ -128,7 +131,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     json={"run_id": world.run_id, "intended_use": INTENDED_USE})
     assert r.status_code == 201 and r.json()["status"] == "awaiting_review", r.text
     first = int(r.json()["id"])
-    for action in ("approve", "reject"):
+    for action in ("approve", "reject", "portal-approve", "portal-reject"):
         for role in ROLES:
             world.candidates[f"{action}:{role}"] = _clone_candidate(world, first)
     for key in [f"revoke:{role}" for role in ROLES] + ["download"]:
@@ -164,6 +167,7 @@ def _request(world: World, action: str, role: str) -> Request:
             {"reason": "matrix rejection"}, 200),
         "set project gates": lambda: ("PUT", "/projects/cardio/gates",
                                       {"min_site_auc": 0.5}, 200),
+        "read project gates": lambda: ("GET", "/projects/cardio/gates", None, 200),
         "list candidates": lambda: ("GET", "/candidates", None, 200),
         "read lineage": lambda: ("GET", f"/versions/{run}/3/lineage", None, 200),
         "revoke release": lambda: (
@@ -188,8 +192,12 @@ def _request(world: World, action: str, role: str) -> Request:
     return requests[action]()
 
 
+PORTAL_ACTIONS: Final = {"approve candidate in the portal": "approve",
+                         "reject candidate in the portal": "reject"}
+
+
 @pytest.mark.parametrize("role", ROLES)
-@pytest.mark.parametrize("action", list(MATRIX))
+@pytest.mark.parametrize("action", [a for a in MATRIX if a not in PORTAL_ACTIONS])
 def test_role_against_action(world: World, action: str, role: str) -> None:
     method, path, body, success = _request(world, action, role)
     r = world.client.request(method, API_PREFIX + path, json=body, headers=world.headers[role])
@@ -198,6 +206,36 @@ def test_role_against_action(world: World, action: str, role: str) -> None:
     else:
         assert r.status_code == 403, f"{role} {action}: {r.status_code} {r.text[:300]}"
         assert r.json()["detail"].startswith(f"role {role!r} may not do this; needs one of ")
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("action", list(PORTAL_ACTIONS))
+def test_role_against_portal_decision(world: World, action: str, role: str) -> None:
+    """The portal's approve and reject forms follow the API's roles (the session cookie
+    holds the role's token, the form its CSRF token)."""
+    from coordinator.portal import COOKIE_NAME, csrf_token
+
+    verb = PORTAL_ACTIONS[action]
+    cand = world.candidates[f"portal-{verb}:{role}"]
+    token = world.headers[role]["Authorization"].split()[1]
+    r = world.client.post(f"/portal/candidates/{cand}/{verb}", follow_redirects=False,
+                          data={"reason": f"matrix {verb} in the portal",
+                                "csrf": csrf_token(token)},
+                          headers={"Cookie": f"{COOKIE_NAME}={token}"})
+    with session_scope(world.engine) as session:
+        row = session.get(ReleaseCandidate, cand)
+        assert row is not None
+        status = row.status
+    if role in MATRIX[action]:
+        assert r.status_code == 303, f"{role} {action}: {r.status_code} {r.text[:300]}"
+        assert status == ("approved" if verb == "approve" else "rejected")
+    elif role == "clinician":
+        assert r.status_code == 403 and "Only staff see release candidates" in r.text
+        assert status == "awaiting_review"
+    else:
+        assert r.status_code == 403, f"{role} {action}: {r.status_code} {r.text[:300]}"
+        assert "Only reviewers and admins approve or reject candidates" in r.text
+        assert status == "awaiting_review"
 
 
 def test_a_forbidden_attempt_changes_nothing(world: World) -> None:
@@ -227,7 +265,8 @@ def test_every_route_needs_a_token_except_the_public_ones(world: World) -> None:
 
 def test_portal_pages_need_a_login(world: World) -> None:
     for path in ["/portal/releases", f"/portal/releases/{world.releases['download']}",
-                 f"/portal/releases/{world.releases['download']}/download", "/portal/candidates"]:
+                 f"/portal/releases/{world.releases['download']}/download", "/portal/candidates",
+                 f"/portal/candidates/{world.candidates['approve:admin']}"]:
         r = world.client.get(path, follow_redirects=False)
         assert r.status_code == 303, path
         assert r.headers["location"].startswith("/portal/login?next=")
