@@ -132,8 +132,15 @@ class SiteGateway:
         self._loop = loop
         asyncio.set_event_loop(loop)
         ca = ssl.create_default_context(cafile=str(self.config.pki.ca_cert))
-        self._upstream = httpx.AsyncClient(base_url=f"https://{self.config.superlink}",
-                                           verify=ca, timeout=120.0)
+        if self.config.superlink.startswith("unix:"):
+            # The SuperLink's socket in the coordinator's data directory; TLS still checks
+            # its 127.0.0.1 certificate.
+            self._upstream = httpx.AsyncClient(
+                base_url="https://127.0.0.1", timeout=120.0,
+                transport=httpx.AsyncHTTPTransport(uds=self.config.superlink[5:], verify=ca))
+        else:
+            self._upstream = httpx.AsyncClient(base_url=f"https://{self.config.superlink}",
+                                               verify=ca, timeout=120.0)
         self._server = loop.run_until_complete(asyncio.start_server(
             self._handle, self.config.host, self.config.port, ssl=self._server_ssl(),
             ssl_handshake_timeout=self.config.idle_timeout_s))

@@ -59,6 +59,7 @@ class Federation:
 
     @property
     def superlink(self) -> str:
+        """The SuperLink as the coordinator's host reaches it: ``unix:/.../superlink.sock``."""
         return (self.home / "superlink.address").read_text().strip()
 
     @property
@@ -239,9 +240,9 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
                                str(n_sites)]).stdout)
     home = work / "coordinator"
     api_port = free_port()
-    env = dict(os.environ, FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port),
+    env = {k: v for k, v in os.environ.items() if k != "FEDWARD_DATABASE_URL"}
+    env.update(FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port),
                FEDWARD_FLEET_PORT=str(free_port()), **(extra_env or {}))
-    env.pop("FEDWARD_DATABASE_URL", None)
     run_cli([str(BIN / "fedward-coordinator"), "init", "--home", str(home)], env=env)
     log = (work / "coordinator.log").open("ab")
     coord = subprocess.Popen(
