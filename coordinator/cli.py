@@ -117,11 +117,14 @@ def init(home: HomeOpt = None,
 @app.command()
 def serve(home: HomeOpt = None,
           port: Annotated[int | None, typer.Option(help="REST API port")] = None,
-          superlink_port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1 "
-                                                      "(0: pick a free one)")] = 0,
+          superlink_port: Annotated[int, typer.Option(
+              help="SuperLink port on 127.0.0.1 inside its private network namespace "
+                   "(0: pick one); the coordinator reaches it through run/superlink.sock")
+          ] = 0,
           fleet_port: Annotated[int | None, typer.Option(
               help="site gateway port (the one port sites connect to)")] = None) -> None:
-    """Run the coordinator: SuperLink on loopback plus the REST API, until Ctrl-C/SIGTERM."""
+    """Run the coordinator: SuperLink (private namespace), gateway and REST API, until
+    Ctrl-C/SIGTERM."""
     from coordinator.service import Coordinator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "

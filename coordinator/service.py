@@ -172,6 +172,7 @@ class Coordinator:
             run_dir=self.settings.home / "run",
             database_url=url,
             port=self.superlink_port,
+            mode=self.settings.flower_isolation,
             # Every ServerApp process inherits these; the database URL reaches it in a
             # 0600 file instead (see coordinator.superlink).
             extra_env={"FEDWARD_HOME": str(self.settings.home)},

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from coordinator.pki import CAFiles
 from export.netns import EXIT_NO_SANDBOX, Sandbox, isolation_mode, sandbox_failure
-from export.relay import Endpoint, RelayThread
+from export.relay import Endpoint, RelayThread, unix_transport
 from export.runtime import atomic_write, flower_env, free_port, venv_bin
 
 __all__ = ["DATABASE_URL_FILE_ENV", "SuperLinkError", "SuperLinkProcess", "database_route"]
@@ -189,7 +189,7 @@ class SuperLinkProcess:
     def healthy(self) -> bool:
         """True when ``/health`` answers 200 over TLS verified against the coordinator CA."""
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
-        transport = httpx.HTTPTransport(uds=str(self.socket_path), verify=ctx)
+        transport = unix_transport(self.socket_path, verify=ctx)
         try:
             with httpx.Client(transport=transport, timeout=2.0) as client:
                 r = client.get("https://127.0.0.1/health")

@@ -120,8 +120,8 @@ class Sandbox:
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def argv(self) -> list[str]:
-        for listen, target in self.relays:   # fail here, with the reason, not in the child
-            Endpoint.parse(listen), Endpoint.parse(target)
+        for spec in (spec for pair in self.relays for spec in pair):
+            Endpoint.parse(spec)   # a bad endpoint fails here, with the reason
         out = [sys.executable, "-m", "export.netns", "--mode", self.mode]
         for listen, target in self.relays:
             out += ["--relay", f"{listen}={target}"]
@@ -144,15 +144,16 @@ class Sandbox:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        tree = descendants(proc.pid)
+        tree = descendants(proc.pid) if self.mode == "container" else []
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()       # the sandbox's own child dies with it, and the namespace too
+            proc.kill()       # its first process dies with it, and the namespace with that
             proc.wait(timeout=5)
-        for pid in tree:      # container mode has no PID namespace to empty: sweep
-            _kill_quietly(pid, signal.SIGKILL)
+            # Container mode has no PID namespace that the kernel empties: sweep.
+            for pid in tree:
+                _kill_quietly(pid, signal.SIGKILL)
 
 
 def _kill_quietly(pid: int, sig: int) -> None:
@@ -257,6 +258,8 @@ class _Init:
                     code = os.waitstatus_to_exitcode(status)
                     child.returncode = code     # Popen must not wait for it again
             if code is not None:
+                # Gone: from now on a connection to a relay is refused, not half-served.
+                relays.stop()
                 break
             if self.stopping_since is not None and \
                     time.monotonic() - self.stopping_since > STOP_GRACE_S:
@@ -276,7 +279,6 @@ class _Init:
             except ChildProcessError:
                 break
         self._signal_all(signal.SIGKILL)
-        relays.stop()
         return code if code >= 0 else 128 - code
 
 

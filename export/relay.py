@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,9 @@ __all__ = [
     "RelayThread",
     "open_relay",
     "over_unix_socket",
+    "unix_connect",
     "unix_path",
+    "unix_transport",
 ]
 
 log = logging.getLogger("fedward.relay")
@@ -85,15 +88,30 @@ def unix_path(address: str) -> Path | None:
     return Path(address[5:]) if address.startswith("unix:") else None
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, *,
+                reset_if_silent: bool = False) -> None:
+    """Copy ``src`` to ``dst`` until EOF; pass a half-close on.
+
+    With ``reset_if_silent``, a far end that ends (or fails) before sending a single byte
+    resets ``dst`` instead: behind a relay, "nothing is listening there" must still read as
+    a refused connection, not as a server that hung up mid-handshake.
+    """
+    sent = 0
     try:
         while data := await src.read(_CHUNK):
             dst.write(data)
+            sent += len(data)
             await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()   # pass a half-close on; the other direction may still talk
     except (ConnectionError, OSError):
-        dst.close()
+        if reset_if_silent and sent == 0:
+            _reset(dst)
+        else:
+            dst.close()
+        return
+    if reset_if_silent and sent == 0:
+        _reset(dst)
+    elif dst.can_write_eof():
+        dst.write_eof()   # the other direction may still talk
 
 
 async def _bridge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -102,14 +120,29 @@ async def _bridge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         up_reader, up_writer = await asyncio.wait_for(target.connect(), timeout=10)
     except (OSError, TimeoutError) as err:
         log.debug("relay: cannot reach %s: %s", target, err)
-        writer.close()
+        _reset(writer)
         return
     try:
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        await asyncio.gather(_pump(reader, up_writer),
+                             _pump(up_reader, writer, reset_if_silent=True))
     finally:
         for w in (writer, up_writer):
             with contextlib.suppress(Exception):
                 w.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with a reset, not an orderly end.
+
+    The far end is down: to the client this must look like a connection refused, which
+    Flower's clients retry. An orderly close in the middle of its TLS handshake reads as an
+    "SSL" error instead, on which Flower's retry policy gives up for good.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -195,6 +228,37 @@ class RelayThread:
             self._thread.join(timeout=5)
 
 
+def unix_transport(path: Path, *, verify: Any = False) -> Any:
+    """An ``httpx.HTTPTransport`` that connects to the Unix socket ``path``.
+
+    httpcore 1.0 leaves the socket of a failed Unix connect to the garbage collector (a
+    ResourceWarning each time the SuperLink is restarting); this transport's connects close
+    it. TLS, when ``verify`` asks for it, still checks the host named in the request URL.
+    """
+    import httpcore
+    import httpx
+    from httpcore._backends.sync import SyncStream
+
+    class ClosingUnixBackend(httpcore.SyncBackend):
+        def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                socket_options: Any = None) -> httpcore.NetworkStream:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(path)
+            except TimeoutError as err:
+                sock.close()
+                raise httpcore.ConnectTimeout(str(err)) from None
+            except OSError as err:
+                sock.close()
+                raise httpcore.ConnectError(str(err)) from None
+            return SyncStream(sock)
+
+    transport = httpx.HTTPTransport(uds=str(path), verify=verify)
+    transport._pool._network_backend = ClosingUnixBackend()  # pinned httpcore 1.0
+    return transport
+
+
 def over_unix_socket(client: Any, path: Path, *, verify: Any = False) -> Any:
     """Point a Flower protobuf-over-HTTP client (``ControlHttpClient``,
     ``RuntimeHttpClient``) at a Unix socket instead of a TCP port; returns the client.
@@ -206,9 +270,8 @@ def over_unix_socket(client: Any, path: Path, *, verify: Any = False) -> Any:
     import httpx  # not at module level: the sandbox needs only the standard library
 
     old: httpx.Client = client._client
-    client._client = httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(path), verify=verify),
-        timeout=old.timeout, follow_redirects=old.follow_redirects)
+    client._client = httpx.Client(transport=unix_transport(path, verify=verify),
+                                  timeout=old.timeout, follow_redirects=old.follow_redirects)
     old.close()
     return client
 
