@@ -178,15 +178,6 @@ def test_no_other_local_account_reaches_a_flower_api_or_the_tunnel(
     tcp, unix = _listeners(everyone)
     host_ns = _netns(os.getpid())
     public = {int(fed.fleet.rpartition(":")[2]), fed.api_port}
-    # Not vacuous: the SuperLink and both SuperNodes listen (in namespaces of their own).
-    assert len({ns for ns, _ in tcp if ns != host_ns}) >= 3, tcp
-    assert {p for ns, p in tcp if ns == host_ns} == public, tcp
-    expected_sockets = {str(fed.home / "run" / "superlink.sock")} | {
-        str(s.root / "run" / n) for s in fed.sites.values()
-        for n in ("supernode.sock", "trainer.sock")} | {
-        str(fed.sites[fed.data["sites"][1]["name"]].root / "run" / "tunnel.sock")}
-    assert expected_sockets <= unix, unix
-
     serverapp = _serverapps(coordinator)
     assert serverapp, "expected the run's ServerApp"
     argv = _cmdline(serverapp[0])
@@ -205,6 +196,16 @@ def test_no_other_local_account_reaches_a_flower_api_or_the_tunnel(
             assert seen[key] == "ECONNREFUSED", (key, seen)
         else:
             assert seen[key] == "EACCES", (key, seen)
+
+    # Not vacuous: the SuperLink and both SuperNodes listen, in namespaces of their own,
+    # and every socket that leads to them was tried.
+    assert len({ns for ns, _ in tcp if ns != host_ns}) >= 3, tcp
+    assert {p for ns, p in tcp if ns == host_ns} == public, tcp
+    expected_sockets = {str(fed.home / "run" / "superlink.sock")} | {
+        str(s.root / "run" / n) for s in fed.sites.values()
+        for n in ("supernode.sock", "trainer.sock")} | {
+        str(fed.sites[fed.data["sites"][1]["name"]].root / "run" / "tunnel.sock")}
+    assert expected_sockets <= unix, unix
 
     # Nor can the account step into a namespace to reach them from inside.
     for pid in (fed.coordinator.pid, *serverapp):
@@ -388,3 +389,31 @@ def test_an_unprivileged_account_gets_a_sandbox_of_its_own() -> None:
                 proc.wait(timeout=10)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def test_the_serverapp_reaches_each_kind_of_database_the_right_way(tmp_path: Path) -> None:
+    from coordinator.superlink import database_route
+
+    run = tmp_path / "run"
+    sock = f"unix:{run / 'database.sock'}"
+    # Files and Unix sockets work in any network namespace: nothing to relay.
+    for url in (f"sqlite:///{tmp_path}/c.db",
+                "postgresql+psycopg2://fw:pw@/fedward?host=/var/run/postgresql"):
+        assert database_route(url, run, mode="namespace") == (url, [], [])
+    # Loopback over TCP: the namespace's own 127.0.0.1, same port, through the relay.
+    url, inside, outside = database_route(
+        "postgresql+psycopg2://fw:pw@localhost:5433/fedward", run, mode="namespace")
+    assert url == "postgresql+psycopg2://fw:pw@127.0.0.1:5433/fedward"
+    assert inside == [("tcp:127.0.0.1:5433", sock)]
+    assert outside == [(sock, "tcp:localhost:5433")]
+    # A server elsewhere keeps its name (TLS checks it) and is dialled at the relay.
+    url, inside, outside = database_route(
+        "postgresql+psycopg2://fw:pw@db.example.org/fedward?sslmode=verify-full", run,
+        mode="namespace")
+    assert url == ("postgresql+psycopg2://fw:pw@db.example.org/fedward?hostaddr=127.0.0.1"
+                   "&sslmode=verify-full")
+    assert inside == [("tcp:127.0.0.1:5432", sock)]
+    assert outside == [(sock, "tcp:db.example.org:5432")]
+    # In a container the ServerApp shares the coordinator's network.
+    remote = "postgresql+psycopg2://fw:pw@db.example.org/fedward"
+    assert database_route(remote, run, mode="container") == (remote, [], [])
