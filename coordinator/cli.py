@@ -135,7 +135,12 @@ def serve(home: HomeOpt = None,
         settings = settings.model_copy(update={"api_port": port})
     if fleet_port is not None:
         settings = settings.model_copy(update={"fleet_port": fleet_port})
-    Coordinator(settings=settings, superlink_port=superlink_port).serve()
+    from coordinator.superlink import SuperLinkError
+
+    try:
+        Coordinator(settings=settings, superlink_port=superlink_port).serve()
+    except SuperLinkError as err:
+        _fail(f"the Flower SuperLink could not start: {err}")
 
 
 @app.command("add-site")

@@ -176,7 +176,7 @@ class SuperLinkProcess:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 why = sandbox_failure(self.log_path, since) if code == EXIT_NO_SANDBOX else None
-                self._proc = None
+                self.stop()
                 raise SuperLinkError(why or f"flower-superlink exited with code {code}; "
                                      f"see {self.log_path}")
             if self.healthy():

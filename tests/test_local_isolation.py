@@ -417,3 +417,64 @@ def test_the_serverapp_reaches_each_kind_of_database_the_right_way(tmp_path: Pat
     # In a container the ServerApp shares the coordinator's network.
     remote = "postgresql+psycopg2://fw:pw@db.example.org/fedward"
     assert database_route(remote, run, mode="container") == (remote, [], [])
+
+
+def test_container_mode_keeps_the_relays_and_still_ends_the_whole_tree() -> None:
+    """The images' mode: no namespaces, the same sockets, nothing left after a stop."""
+    from export.netns import Sandbox
+    from export.runtime import free_port
+
+    port = free_port()
+    with short_tmp() as work:
+        pidfile = work / "grandchild.pid"
+        # A server that first starts a detached grandchild (as Flower's SuperExec does).
+        program = (
+            "import socket,subprocess,sys\n"
+            "g=subprocess.Popen([sys.executable,'-c','import time; time.sleep(300)'],"
+            "start_new_session=True)\n"
+            f"open('{pidfile}','w').write(str(g.pid))\n"
+            f"s=socket.create_server(('127.0.0.1',{port}))\n"
+            "while True:\n"
+            "    c,_=s.accept(); c.sendall(b'hello'); c.close()\n")
+        sandbox = Sandbox(command=[sys.executable, "-c", program], mode="container",
+                          relays=[(f"unix:{work / 's.sock'}", f"tcp:127.0.0.1:{port}")])
+        with (work / "log").open("ab") as log:
+            proc = sandbox.start(env=dict(os.environ), stdout=log)
+        try:
+            deadline = time.monotonic() + 30
+            got = b""
+            while not got:
+                assert proc.poll() is None, (work / "log").read_text()
+                assert time.monotonic() < deadline, (work / "log").read_text()
+                time.sleep(0.1)
+                if pidfile.exists() and (work / "s.sock").exists():
+                    import socket
+                    with socket.socket(socket.AF_UNIX) as c:
+                        c.connect(str(work / "s.sock"))
+                        got = c.recv(16)
+            assert got == b"hello"
+            grandchild = int(pidfile.read_text())
+            assert _alive({grandchild})
+        finally:
+            sandbox.stop()
+        assert proc.returncode is not None
+        assert not _alive({grandchild}), "the detached grandchild outlived the stop"
+
+
+def test_a_sandbox_that_cannot_start_names_the_reason_to_the_coordinator() -> None:
+    from coordinator.pki import ensure_ca, issue_server_cert
+    from coordinator.superlink import SuperLinkError, SuperLinkProcess
+
+    with short_tmp() as work:
+        pki = ensure_ca(work / "pki")
+        issue_server_cert(pki)
+        run = work / "run"
+        run.mkdir()
+        (run / "superlink.sock").write_text("not a socket")
+        link = SuperLinkProcess(home=work / "superlink", pki=pki, run_dir=run,
+                                database_url=f"sqlite:///{work / 'c.db'}")
+        with pytest.raises(SuperLinkError, match=r"superlink\.sock exists and is not a "
+                                                 r"socket; move it away"):
+            link.start(timeout=30)
+        assert not link.alive()
+        assert (run / "superlink.sock").read_text() == "not a socket"   # left alone
