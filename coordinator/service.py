@@ -151,7 +151,7 @@ class FlowerSiteParity:
 
 @dataclass
 class Coordinator:
-    """A running coordinator: SuperLink on loopback plus the REST API."""
+    """A running coordinator: SuperLink (in its sandbox), site gateway and REST API."""
 
     settings: Settings
     superlink_port: int = 0
@@ -179,7 +179,7 @@ class Coordinator:
         )
 
     def start_superlink(self) -> None:
-        """Start the SuperLink (loopback), the site gateway (fleet port) and build the API."""
+        """Start the SuperLink (sandboxed), the site gateway (fleet port) and build the API."""
         self.superlink.start()
         control = FlowerControl(address=self.superlink.address, ca_cert=self.superlink.pki.ca_cert)
         registrar = FlowerRegistrar(control)

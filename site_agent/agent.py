@@ -29,7 +29,13 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from export.netns import EXIT_NO_SANDBOX, Sandbox, isolation_mode, sandbox_failure
+from export.netns import (
+    EXIT_NO_SANDBOX,
+    IsolationError,
+    Sandbox,
+    isolation_mode,
+    sandbox_failure,
+)
 from export.relay import Endpoint, RelayThread, unix_connect, unix_path
 from export.runtime import flower_env, free_port
 from privacy import PrivacyLedger
@@ -144,7 +150,10 @@ def restrict_site_dir(root: Path) -> list[Path]:
     tightened = []
     for dirpath, dirnames, filenames in os.walk(root):
         for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            st = os.lstat(entry)
+            try:
+                st = os.lstat(entry)
+            except FileNotFoundError:
+                continue
             if not (st.st_mode & 0o077) or os.path.islink(entry) or st.st_uid != os.geteuid():
                 continue
             os.chmod(entry, 0o700 if os.path.isdir(entry) else st.st_mode & 0o700)
@@ -229,6 +238,11 @@ class SiteAgent:
             os.close(lock_fd)
 
     def _run_locked(self, paths: SitePaths, config: SiteConfig) -> int:
+        try:
+            isolation_mode()
+        except IsolationError as err:
+            log.error("%s", err)
+            return 5
         os.umask(0o077)   # everything the agent and its children write: 0600 / 0700
         tightened = restrict_site_dir(self.root)
         if tightened:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,14 @@ for kind, where in json.loads(sys.argv[1]):
         s.close()
 print(json.dumps(out))
 """
+
+
+def _needs_a_probe_account() -> None:
+    missing = [t for t in ("runuser", "unshare", "nsenter", SYSTEM_PYTHON)
+               if shutil.which(t) is None]
+    if missing or os.geteuid() != 0:
+        pytest.fail(f"this test needs root and {missing or 'runuser, unshare, nsenter'}: "
+                    "apt-get install util-linux python3", pytrace=False)
 
 
 def _as_probe(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -153,6 +162,7 @@ def _enroll_site(fed: Federation, s: dict[str, Any]) -> Site:
 @pytest.fixture(scope="module")
 def running() -> Iterator[tuple[Federation, int]]:
     """A federation in the middle of a long run: a direct site and an enrolled site."""
+    _needs_a_probe_account()
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         direct, enrolled = fed.data["sites"]
         site = fed.add_site(direct["name"], direct["csv"], direct["schema"])
@@ -328,6 +338,7 @@ def test_no_flower_process_gets_the_database_password() -> None:
 
 
 def test_a_sandbox_that_cannot_have_namespaces_says_what_to_allow() -> None:
+    _needs_a_probe_account()
     # In a user namespace with no id mapping, the process's id has no mapping in its
     # parent namespace, so the kernel refuses it a new one: like a host that forbids them.
     res = subprocess.run(
@@ -343,6 +354,7 @@ def test_a_sandbox_that_cannot_have_namespaces_says_what_to_allow() -> None:
 
 def test_an_unprivileged_account_gets_a_sandbox_of_its_own() -> None:
     """The non-root path (a user namespace), end to end: loopback inside, relay outside."""
+    _needs_a_probe_account()
     with short_tmp() as work:
         work.chmod(0o755)
         run = work / "run"
