@@ -193,6 +193,7 @@ def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: f
     except PolicyError as err:
         _fail(str(err))
     policy.save(path)
+    path.chmod(0o600)   # like everything in the site directory: this account's alone
     console.print(f"site policy written to {path}: accepts project {project!r} for task "
                   f"{task}, epsilon cap {epsilon_cap:g}, approval "
                   f"{'required' if require_approval else 'not required'}; edit it to change")
