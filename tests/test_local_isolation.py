@@ -36,9 +36,19 @@ from tests_support import short_tmp
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PROBE_USER = "nobody"
-# The probe runs with the system's interpreter: the test's own may live where ``nobody``
-# cannot read (a virtualenv under /root). It needs only the standard library.
-SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _python_for_anyone() -> str:
+    """An interpreter ``nobody`` may run: the test's own if every folder above it is open
+    to others (not a virtualenv under /root), else the system's. The probes need only the
+    standard library."""
+    exe = Path(os.path.realpath(sys.executable))
+    if all(os.stat(p).st_mode & 0o001 for p in exe.parents) and os.stat(exe).st_mode & 0o001:
+        return str(exe)
+    return shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "/usr/bin/python3"
+
+
+SYSTEM_PYTHON = _python_for_anyone()
 
 _PROBE = r"""
 import errno, json, socket, sys
@@ -361,7 +371,15 @@ def test_an_unprivileged_account_gets_a_sandbox_of_its_own() -> None:
         run.mkdir(mode=0o700)
         os.chown(run, 65534, 65534)
         sock = run / "s.sock"
-        root = str(Path(__file__).resolve().parents[1])
+        # The sandbox's modules, where ``nobody`` can read them (the checkout may not be).
+        package = work / "pkg" / "export"
+        package.mkdir(parents=True)
+        source = Path(__file__).resolve().parents[1] / "export"
+        for name in ("__init__.py", "netns.py", "relay.py", "runtime.py"):
+            shutil.copyfile(source / name, package / name)
+        for folder in (work / "pkg", package):
+            folder.chmod(0o755)
+        root = str(work / "pkg")
         # Answers two connections with the first uid of its user namespace's map, then ends.
         server = ("import socket\ns=socket.create_server(('127.0.0.1',8123))\n"
                   "for _ in range(2):\n"
