@@ -339,11 +339,13 @@ class SiteAgent:
             if self._stop.is_set():
                 break
             help_text = SUPERNODE_EXIT_HELP.get(code, "see the SuperNode log")
+            if code in (302, 303, 606, EXIT_NO_SANDBOX):   # a restart cannot fix these
+                log.error("SuperNode exited with code %s: %s; the agent stops (log: %s)",
+                          code, help_text, paths.logs / "supernode.log")
+                return 5
             log.warning("SuperNode exited with code %s: %s; restarting in %.0f s (log: %s)",
                         code, help_text, config.reconnect_backoff_s,
                         paths.logs / "supernode.log")
-            if code in (302, 303, 606, EXIT_NO_SANDBOX):
-                return 5
             self._stop.wait(config.reconnect_backoff_s)
         return 0
 
