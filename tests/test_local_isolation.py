@@ -508,3 +508,29 @@ def test_a_sandbox_that_cannot_start_names_the_reason_to_the_coordinator() -> No
             link.start(timeout=30)
         assert not link.alive()
         assert (run / "superlink.sock").read_text() == "not a socket"   # left alone
+
+
+def test_a_coordinator_without_root_trains_with_its_superlink_in_a_user_namespace() -> None:
+    """The systemd unit's case: the coordinator's account is not root, so the sandbox makes
+    a user namespace first. Here the coordinator runs as uid 1000 of a user namespace of the
+    test's making (``nobody`` could not read this checkout's interpreter); the sandbox then
+    takes the unprivileged path, with the real SuperLink, SuperExec and ServerApp."""
+    _needs_a_probe_account()
+    wrap = ("unshare", "--user", "--map-user=1000", "--map-group=1000", "--")
+    with short_tmp() as work, federation(work, n_sites=1, wrap=wrap) as fed:
+        s = fed.data["sites"][0]
+        fed.add_site(s["name"], s["csv"], s["schema"])
+        fed.start_site(s["name"])
+        fed.wait_online(1)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=8.0,
+                            min_sites=1, round_deadline_s=60)
+        assert fed.wait_run(run_id)["status"] == "completed"
+        coordinator = _coordinator_python(fed)
+        superlink = [p for p in descendants(coordinator)
+                     if _cmdline(p)[1:2] and _cmdline(p)[1].endswith("/flower-superlink")]
+        assert len(superlink) == 1
+        # Its own user and network namespaces, nested in the coordinator's.
+        for ns in ("user", "net"):
+            assert os.readlink(f"/proc/{superlink[0]}/ns/{ns}") != \
+                os.readlink(f"/proc/{coordinator}/ns/{ns}"), ns
+        assert Path(f"/proc/{superlink[0]}/uid_map").read_text().split()[0] == "1000"
