@@ -264,11 +264,11 @@ class _Init:
             if self.stopping_since is not None and \
                     time.monotonic() - self.stopping_since > STOP_GRACE_S:
                 self._signal_all(signal.SIGKILL)
-            readable = select.select([self.parent_gone] if self.parent_gone else [], [], [],
-                                     0.1)[0]
-            if readable and not os.read(self.parent_gone or 0, 1):
-                self._signal_all(signal.SIGKILL)   # the sandbox's parent died
-                return 137
+            watch = [] if self.parent_gone is None else [self.parent_gone]
+            for fd in select.select(watch, [], [], 0.1)[0]:
+                if not os.read(fd, 1):
+                    self._signal_all(signal.SIGKILL)   # the sandbox's parent died
+                    return 137
         # The command ended: whatever it left behind ends too (gracefully first).
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
