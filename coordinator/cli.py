@@ -163,11 +163,14 @@ def admin_token(home: HomeOpt = None,
 @app.command()
 def serve(home: HomeOpt = None,
           port: Annotated[int | None, typer.Option(help="REST API port")] = None,
-          superlink_port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1 "
-                                                      "(0: pick a free one)")] = 0,
+          superlink_port: Annotated[int, typer.Option(
+              help="SuperLink port on 127.0.0.1 inside its private network namespace "
+                   "(0: pick one); the coordinator reaches it through run/superlink.sock")
+          ] = 0,
           fleet_port: Annotated[int | None, typer.Option(
               help="site gateway port (the one port sites connect to)")] = None) -> None:
-    """Run the coordinator: SuperLink on loopback plus the REST API, until Ctrl-C/SIGTERM."""
+    """Run the coordinator: SuperLink (private namespace), gateway and REST API, until
+    Ctrl-C/SIGTERM."""
     from coordinator.service import Coordinator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
@@ -178,7 +181,12 @@ def serve(home: HomeOpt = None,
         settings = settings.model_copy(update={"api_port": port})
     if fleet_port is not None:
         settings = settings.model_copy(update={"fleet_port": fleet_port})
-    Coordinator(settings=settings, superlink_port=superlink_port).serve()
+    from coordinator.superlink import SuperLinkError
+
+    try:
+        Coordinator(settings=settings, superlink_port=superlink_port).serve()
+    except SuperLinkError as err:
+        _fail(f"the Flower SuperLink could not start: {err}")
 
 
 @app.command("add-site")

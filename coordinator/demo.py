@@ -231,7 +231,7 @@ def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs
                    work / "coordinator.log")
         superlink = (home / "superlink.address").read_text().strip()
         console.print(f"  API http://127.0.0.1:{api_port}/docs · SuperLink {superlink} (TLS, "
-                      "node auth, loopback only)")
+                      "node auth, private namespace)")
 
         console.rule("[bold]3. Sites: init, keygen, register, start")
         for s in fed["sites"]:

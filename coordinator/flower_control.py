@@ -1,4 +1,4 @@
-"""The coordinator's client for the SuperLink's control API (loopback only).
+"""The coordinator's client for the SuperLink's control API (a Unix socket only it can open).
 
 flwr 1.42 has no public Python API for starting runs or registering nodes; these calls go
 through the same internal modules the ``flwr`` CLI uses, which is why flwr is pinned to one
@@ -8,6 +8,7 @@ exact version. Everything here is reached only from the coordinator host.
 from __future__ import annotations
 
 import hashlib
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+from export.relay import over_unix_socket, unix_path
 from export.wire import APP_COMPONENTS, APP_NAME, APP_PUBLISHER
 
 __all__ = [
@@ -104,18 +106,28 @@ def node_public_key_bytes(openssh_public_key: str) -> bytes:
 
 @dataclass
 class FlowerControl:
-    """A control-API client bound to the coordinator's own SuperLink on loopback."""
+    """A control-API client bound to the coordinator's own SuperLink.
+
+    ``address`` is ``unix:/path`` (the SuperLink's socket in the coordinator's data
+    directory) or ``host:port``; either way TLS is verified against ``ca_cert`` for the
+    SuperLink's 127.0.0.1 certificate.
+    """
 
     address: str
     ca_cert: Path
 
     def _client(self) -> ControlHttpClient:
-        return ControlHttpClient.from_server_address(
-            server_address=self.address,
+        path = unix_path(self.address)
+        client = ControlHttpClient.from_server_address(
+            server_address="127.0.0.1" if path is not None else self.address,
             insecure=False,
             root_certificates=self.ca_cert.read_bytes(),
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
         )
+        if path is not None:
+            ctx = ssl.create_default_context(cafile=str(self.ca_cert))
+            over_unix_socket(client, path, verify=ctx)
+        return client
 
     def register_node(self, *, public_key: str, name: str) -> int:
         """Register a site's node key; returns the Flower node id (stable across restarts)."""

@@ -152,8 +152,16 @@ class _Drop(Exception):
 
 
 def make_upstream(superlink: str, ca_cert: Path) -> httpx.AsyncClient:
-    """The HTTP client that reaches the SuperLink's fleet API (built on the gateway's loop)."""
+    """The HTTP client that reaches the SuperLink's fleet API (built on the gateway's loop).
+
+    ``superlink`` is ``unix:/path`` for the SuperLink's socket in the coordinator's data
+    directory (TLS still checks its 127.0.0.1 certificate), or ``host:port``.
+    """
     ca = ssl.create_default_context(cafile=str(ca_cert))
+    if superlink.startswith("unix:"):
+        return httpx.AsyncClient(
+            base_url="https://127.0.0.1", timeout=120.0,
+            transport=httpx.AsyncHTTPTransport(uds=superlink[5:], verify=ca))
     return httpx.AsyncClient(base_url=f"https://{superlink}", verify=ca, timeout=120.0)
 
 

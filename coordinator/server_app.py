@@ -8,7 +8,7 @@ checkpoint. It sends one message per site per round (the site evaluates the rece
 model and then trains) and pulls replies on its own short loop instead of the Grid's 3 s poll.
 
 The SuperLink starts this module in a ``flwr-serverapp`` process; it inherits
-``FEDWARD_HOME`` and ``FEDWARD_DATABASE_URL`` from the coordinator.
+``FEDWARD_HOME`` and ``FEDWARD_DATABASE_URL_FILE`` from the coordinator.
 """
 
 from __future__ import annotations
@@ -931,7 +931,8 @@ def main(grid: Grid, context: Context) -> None:
             with_short_backoff(getattr(http_grid, "pull_objects")))  # noqa: B009
     run_id = int(str(context.run_config["fedward-run-id"]))
     home = Path(os.environ["FEDWARD_HOME"])
-    engine = make_engine(os.environ["FEDWARD_DATABASE_URL"])
+    # The URL may hold a password: it comes in a 0600 file, never in the environment.
+    engine = make_engine(Path(os.environ["FEDWARD_DATABASE_URL_FILE"]).read_text().strip())
     plan = load_plan(engine, run_id)
     candidate = int(str(context.run_config.get("fedward-parity-candidate", "0")))
     if candidate:

@@ -194,7 +194,7 @@ class FlowerSiteParity:
 
 @dataclass
 class Coordinator:
-    """A running coordinator: SuperLink on loopback plus the REST API."""
+    """A running coordinator: SuperLink (in its sandbox), site gateway and REST API."""
 
     settings: Settings
     superlink_port: int = 0
@@ -209,21 +209,20 @@ class Coordinator:
         pki = init_home(self.settings)
         url = self.settings.effective_database_url
         self.engine = make_engine(url)
-        previous = self.settings.home / "superlink.address"
-        if self.superlink_port == 0 and previous.exists():
-            # Same port as before a restart: enrolled sites reach it through the gateway,
-            # but sites configured with the SuperLink's address directly keep working too.
-            self.superlink_port = int(previous.read_text().strip().rpartition(":")[2])
         self.superlink = SuperLinkProcess(
             home=self.settings.home / "superlink",
             pki=pki,
+            run_dir=self.settings.home / "run",
+            database_url=url,
             port=self.superlink_port,
-            # Every ServerApp process inherits these: it records rounds in our database.
-            extra_env={"FEDWARD_HOME": str(self.settings.home), "FEDWARD_DATABASE_URL": url},
+            mode=self.settings.flower_isolation,
+            # Every ServerApp process inherits these; the database URL reaches it in a
+            # 0600 file instead (see coordinator.superlink).
+            extra_env={"FEDWARD_HOME": str(self.settings.home)},
         )
 
     def start_superlink(self) -> None:
-        """Start the SuperLink (loopback), the site gateway (fleet port) and build the API."""
+        """Start the SuperLink (sandboxed), the site gateway (fleet port) and build the API."""
         self.superlink.start()
         control = FlowerControl(address=self.superlink.address, ca_cert=self.superlink.pki.ca_cert)
         registrar = FlowerRegistrar(control)
@@ -354,8 +353,10 @@ class Coordinator:
         config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.settings.api_port,
                                 log_level="warning", access_log=False)
         server = uvicorn.Server(config)
-        log.info("coordinator API on http://%s:%s (OpenAPI at /docs); SuperLink on %s",
-                 self.settings.api_host, self.settings.api_port, self.superlink.address)
+        log.info("coordinator API on http://%s:%s (OpenAPI at /docs); site gateway on %s "
+                 "(the address sites enroll with); SuperLink in a private namespace, reached "
+                 "at %s", self.settings.api_host, self.settings.api_port,
+                 self.gateway.address, self.superlink.address)
         if ready is not None:
             ready.set()
         try:

@@ -8,6 +8,7 @@ database, and the REST API listens on loopback only. PostgreSQL is chosen by set
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,11 @@ class Settings(BaseSettings):
             go into the gateway's TLS certificate.
         token_ttl_days: How long a user's API token works after it is issued (a login
             session lasts 12 hours).
+        flower_isolation: ``namespace`` (default) runs the SuperLink, its SuperExec and
+            ServerApps in a private network and PID namespace that no other local account
+            can reach; ``container`` only in a container whose network namespace holds
+            nothing but the coordinator (the appliance's images set it). The site agent
+            reads the same variable, ``FEDWARD_FLOWER_ISOLATION``.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -47,6 +53,7 @@ class Settings(BaseSettings):
     fleet_port: int = Field(default=9092, ge=0, le=65535)
     fleet_hostnames: str = "127.0.0.1,localhost"
     token_ttl_days: int = Field(default=90, ge=1, le=3650)
+    flower_isolation: Literal["namespace", "container"] = "namespace"
 
     @field_validator("home")
     @classmethod

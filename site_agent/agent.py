@@ -2,19 +2,25 @@
 
 It loads and checks the site's data once (refusing to train on bad data), serves the warm
 trainer on a Unix socket inside the data directory, and keeps one ``flower-supernode``
-connected outbound to the coordinator, restarting it with the back-off Flower needs. It
-never listens on a non-loopback address. Every task passes the site gate (the policy file
-and local approvals, re-read for every task) and is written to the local audit log.
+connected outbound to the coordinator, restarting it with the back-off Flower needs. The
+SuperNode runs in a private network namespace (:mod:`export.netns`): its runtime API, which
+has no authentication, is reachable only through a Unix socket in the site's 0700 ``run/``
+directory, and it reaches the coordinator only through the route it is given. The agent
+listens on no TCP port at all. One agent per site directory: a second one is refused (a
+lock held while the agent runs). Every task passes the site gate (the policy file and local
+approvals, re-read for every task) and is written to the local audit log.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import re
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +29,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from export.runtime import die_with_parent, flower_env, free_port, stop_process_tree
+from export.netns import (
+    EXIT_NO_SANDBOX,
+    IsolationError,
+    Sandbox,
+    isolation_mode,
+    sandbox_failure,
+)
+from export.relay import Endpoint, RelayThread, unix_connect, unix_path
+from export.runtime import flower_env, free_port
 from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
 from site_agent.audit import AuditLog, AuditLogError
@@ -36,7 +50,8 @@ from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, Sit
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
 
-__all__ = ["SUPERNODE_EXIT_HELP", "SiteAgent", "flower_exit_code", "probe_coordinator"]
+__all__ = ["SUPERNODE_EXIT_HELP", "AgentLockError", "SiteAgent", "flower_exit_code",
+           "hold_site_lock", "probe_coordinator", "restrict_site_dir"]
 
 log = logging.getLogger("fedward.site.agent")
 
@@ -49,6 +64,7 @@ SUPERNODE_EXIT_HELP: dict[int, str] = {
           "--node-key node_key.pub`), or the node is still marked active after a restart "
           "(the agent retries after its back-off)"),
     606: "the coordinator runs another Flower version; update the site agent",
+    EXIT_NO_SANDBOX: "the SuperNode's private network namespace could not be made",
 }
 
 
@@ -73,14 +89,17 @@ def flower_exit_code(log_path: Path, process_status: int, *, since: int = 0) -> 
 
 def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
     """None if a TLS connection to ``address`` verifies against the CA, else why not."""
+    path = unix_path(address)
     host, _, port = address.rpartition(":")
     try:
         ctx = ssl.create_default_context(cafile=str(ca_cert))
     except (OSError, ssl.SSLError) as err:
         return f"cannot read the coordinator CA certificate {ca_cert}: {err}"
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as raw, \
-                ctx.wrap_socket(raw, server_hostname=host):
+        raw = unix_connect(path, timeout=timeout) if path is not None else \
+            socket.create_connection((host, int(port)), timeout=timeout)
+        # A SuperLink socket on this host carries the SuperLink's 127.0.0.1 certificate.
+        with raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1" if path else host):
             return None
     except ssl.SSLCertVerificationError as err:
         if err.verify_code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID / _HAS_EXPIRED
@@ -91,6 +110,55 @@ def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> s
                 f"not trust ({err.verify_message}); get the current CA certificate")
     except OSError as err:
         return f"the coordinator at {address} is not reachable ({err})"
+
+
+class AgentLockError(RuntimeError):
+    """Another site agent runs on this site directory."""
+
+
+def hold_site_lock(paths: SitePaths) -> int:
+    """Take the site directory's agent lock for the life of this process; returns its fd.
+
+    ``flock`` on ``agent.lock``: the kernel drops it when the agent ends, however it ends,
+    so a crash leaves nothing to clean up. The file holds the holder's PID, for the message.
+    """
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        raise AgentLockError(
+            f"another site agent (pid {holder}) is already running on {paths.root}; a "
+            "site directory serves one agent at a time. Stop the running one first "
+            "(`systemctl stop fedward-site`, or Ctrl-C in its terminal), or give this one "
+            "a directory of its own with --dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def restrict_site_dir(root: Path) -> list[Path]:
+    """Make the site directory private to the agent's user: directories 0700, files 0600.
+
+    The directory holds patients' derived data (replies, logs), keys and the audit log;
+    other local accounts have no business reading any of it. Symbolic links are left as
+    they are (what they point to belongs to someone else). Returns what was tightened.
+    """
+    tightened = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            try:
+                st = os.lstat(entry)
+            except FileNotFoundError:
+                continue
+            if not (st.st_mode & 0o077) or os.path.islink(entry) or st.st_uid != os.geteuid():
+                continue
+            os.chmod(entry, 0o700 if os.path.isdir(entry) else st.st_mode & 0o700)
+            tightened.append(Path(entry))
+    return tightened
 
 
 def _warm_up(task: str) -> None:
@@ -148,7 +216,7 @@ class SiteAgent:
     root: Path
     epsilon_cap: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
-    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _sandbox: Sandbox | None = field(default=None, init=False)
     _audit: AuditLog | None = field(default=None, init=False)
 
     def request_stop(self, *_: object) -> None:
@@ -158,6 +226,29 @@ class SiteAgent:
         """Run until SIGTERM/SIGINT; returns a process exit code."""
         paths = SitePaths(self.root)
         config = SiteConfig.load(self.root)
+        # Before anything that creates or removes a file: a second agent changes nothing.
+        try:
+            lock_fd = hold_site_lock(paths)
+        except AgentLockError as err:
+            log.error("%s", err)
+            return 6
+        try:
+            return self._run_locked(paths, config)
+        finally:
+            os.close(lock_fd)
+
+    def _run_locked(self, paths: SitePaths, config: SiteConfig) -> int:
+        try:
+            isolation_mode()
+        except IsolationError as err:
+            log.error("%s", err)
+            return 5
+        os.umask(0o077)   # everything the agent and its children write: 0600 / 0700
+        tightened = restrict_site_dir(self.root)
+        if tightened:
+            log.warning("made %d files and folders of %s readable by this account only "
+                        "(they were open to other local accounts), e.g. %s", len(tightened),
+                        self.root, tightened[0])
         schema = load_schema(config.resolve(self.root, config.schema_path))
         data: SiteData | None = None
         data_failure: dict[str, object] | None = None
@@ -212,8 +303,8 @@ class SiteAgent:
         try:
             return self._supervise(config, paths)
         finally:
-            if self._proc is not None:
-                stop_process_tree(self._proc)
+            if self._sandbox is not None:
+                self._sandbox.stop()
             server.stop()
             _audit_or_log(audit, "agent-stopped", {"site": config.name})
 
@@ -231,7 +322,7 @@ class SiteAgent:
         route = open_route(root=self.root, superlink=config.superlink, ca_cert=ca)
         if route.via_gateway:
             log.info("enrolled: the SuperNode reaches the gateway %s through the tunnel on %s",
-                     config.superlink, route.superlink)
+                     config.superlink, route.upstream)
         try:
             return self._supervise_route(config, paths, ca, route)
         finally:
@@ -249,34 +340,50 @@ class SiteAgent:
             if self._stop.is_set():
                 break
             help_text = SUPERNODE_EXIT_HELP.get(code, "see the SuperNode log")
+            if code in (302, 303, 606, EXIT_NO_SANDBOX):   # a restart cannot fix these
+                log.error("SuperNode exited with code %s: %s; the agent stops (log: %s)",
+                          code, help_text, paths.logs / "supernode.log")
+                return 5
             log.warning("SuperNode exited with code %s: %s; restarting in %.0f s (log: %s)",
                         code, help_text, config.reconnect_backoff_s,
                         paths.logs / "supernode.log")
-            if code in (302, 303, 606):
-                return 5
             self._stop.wait(config.reconnect_backoff_s)
         return 0
 
     def _run_supernode(self, config: SiteConfig, paths: SitePaths, route: Route) -> int:
         paths.flwr_home.mkdir(parents=True, exist_ok=True)
+        # Inside the SuperNode's namespace: its runtime API, and a port that leads to the
+        # coordinator (the tunnel, or the SuperLink). Both are its own 127.0.0.1.
+        runtime_port, upstream_port = free_port(), free_port()
+        upstream = unix_path(route.upstream)
+        outside: RelayThread | None = None
+        if upstream is None:   # host:port: the agent dials it on the SuperNode's behalf
+            upstream = paths.upstream_socket
+            outside = RelayThread([(Endpoint(path=upstream),
+                                    Endpoint.parse(f"tcp:{route.upstream}"))],
+                                  name="upstream-relay")
+            outside.start()
         cmd = [
             # Flower's SuperNode with a shorter idle poll (see site_agent.supernode_main).
             sys.executable, "-m", "site_agent.supernode_main",
             "--root-certificates", str(route.root_certificates),
-            "--superlink", route.superlink,
+            "--superlink", f"127.0.0.1:{upstream_port}",
             "--auth-supernode-private-key", str(paths.node_key),
             "--node-config", f'{SOCKET_KEY}="{paths.socket}"',
-            # The SuperNode's runtime API for its ClientApp processes: loopback only.
+            # The SuperNode's runtime API for the ClientApp tasks, in its namespace only.
             "--host", "127.0.0.1",
-            "--port", str(free_port()),
+            "--port", str(runtime_port),
+            # The agent, not Flower's SuperExec, runs the ClientApp tasks (see
+            # site_agent.warm_executor): in this process ("warm", no process per message)
+            # or one process per task ("subprocess", as stock Flower). Either way the run's
+            # app bundle is checked first: sites run only code installed with the agent.
+            "--isolation", "process",
         ]
-        # The agent, not Flower's SuperExec, runs the ClientApp tasks (see
-        # site_agent.warm_executor): in this process ("warm", no process per message) or
-        # one process per task ("subprocess", as stock Flower). Either way the run's app
-        # bundle is checked first: sites run only code installed with the site agent.
-        runtime_port = int(cmd[-1])
-        cmd += ["--isolation", "process"]
-        executor = WarmExecutor(runtime_address=f"127.0.0.1:{runtime_port}",
+        sandbox = self._sandbox = Sandbox(command=cmd, mode=isolation_mode(), relays=[
+            (f"unix:{paths.supernode_socket}", f"tcp:127.0.0.1:{runtime_port}"),
+            (f"tcp:127.0.0.1:{upstream_port}", f"unix:{upstream}"),
+        ])
+        executor = WarmExecutor(runtime_address=f"unix:{paths.supernode_socket}",
                                 app=clientapp_module.app,
                                 per_task_process=config.executor == "subprocess",
                                 audit=self._record)
@@ -284,20 +391,23 @@ class SiteAgent:
         log_fh: IO[bytes]
         log_path = paths.logs / "supernode.log"
         start_offset = log_path.stat().st_size if log_path.exists() else 0
-        with open(log_path, "ab") as log_fh:
-            self._proc = subprocess.Popen(cmd, env=flower_env(str(paths.flwr_home)),
-                                          stdout=log_fh, stderr=subprocess.STDOUT,
-                                          preexec_fn=die_with_parent)
-            log.info("SuperNode started (pid %s) towards %s", self._proc.pid, config.superlink)
-            try:
+        try:
+            with open(log_path, "ab") as log_fh:
+                proc = sandbox.start(env=flower_env(str(paths.flwr_home)), stdout=log_fh)
+                log.info("SuperNode started (pid %s) towards %s", proc.pid, config.superlink)
                 while not self._stop.is_set():
-                    code = self._proc.poll()
+                    code = proc.poll()
                     if code is not None:
-                        self._proc = None
+                        self._sandbox = None
+                        if code == EXIT_NO_SANDBOX:
+                            log.error("%s", sandbox_failure(log_path, start_offset))
+                            return code
                         return flower_exit_code(log_path, code, since=start_offset)
                     time.sleep(0.5)
-                stop_process_tree(self._proc)
-                self._proc = None
-            finally:
-                executor.stop.set()
+                sandbox.stop()
+                self._sandbox = None
+        finally:
+            executor.stop.set()
+            if outside is not None:
+                outside.stop()
         return 0

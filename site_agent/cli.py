@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -48,7 +49,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 def init(
     dir: DirOpt,
     name: Annotated[str, typer.Option(help="site name, as the coordinator knows it")],
-    superlink: Annotated[str, typer.Option(help="coordinator fleet address host:port")],
+    superlink: Annotated[str, typer.Option(
+        help="coordinator fleet address host:port (a lab site on the coordinator's host: "
+             "the content of the coordinator's superlink.address, unix:/...)")],
     ca_cert: Annotated[Path, typer.Option(help="the coordinator's CA certificate (PEM)")],
     data: Annotated[Path, typer.Option(help="the site's training data (CSV)")],
     schema: Annotated[Path, typer.Option(help="the data's schema (JSON)")],
@@ -72,7 +75,8 @@ def init(
     except SchemaError as err:
         _fail(str(err))
     root = dir.expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.chmod(0o700)
     if ca_cert.resolve() != (root / "coordinator-ca.pem").resolve():
         shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
     try:
@@ -196,6 +200,7 @@ def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: f
     except PolicyError as err:
         _fail(str(err))
     policy.save(path)
+    path.chmod(0o600)   # like everything in the site directory: this account's alone
     console.print(f"site policy written to {path}: accepts project {project!r} for task "
                   f"{task}, epsilon cap {epsilon_cap:g}, approval "
                   f"{'required' if require_approval else 'not required'}; edit it to change")
@@ -613,6 +618,9 @@ def demo_data(
 
 def main() -> None:
     """Console entry point."""
+    # The site directory holds keys, the audit log, replies and logs derived from patient
+    # data: whatever any command writes there is for the site's account alone.
+    os.umask(0o077)
     try:
         app()
     except KeyboardInterrupt:

@@ -77,8 +77,33 @@ class SitePaths:
         return self.root / "approvals.json"
 
     @property
+    def run(self) -> Path:
+        """The agent's sockets (mode 0700): only the agent's user may connect to them."""
+        return self.root / "run"
+
+    @property
     def socket(self) -> Path:
-        return self.root / "run" / "trainer.sock"
+        return self.run / "trainer.sock"
+
+    @property
+    def tunnel_socket(self) -> Path:
+        """The tunnel's entrance (an enrolled site's SuperNode reaches the gateway here)."""
+        return self.run / "tunnel.sock"
+
+    @property
+    def supernode_socket(self) -> Path:
+        """The SuperNode's runtime API, relayed out of its private network namespace."""
+        return self.run / "supernode.sock"
+
+    @property
+    def upstream_socket(self) -> Path:
+        """A site that is not enrolled: the agent relays this socket to the SuperLink."""
+        return self.run / "upstream.sock"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the running agent: one agent per site directory."""
+        return self.root / "agent.lock"
 
     @property
     def logs(self) -> Path:
@@ -99,7 +124,9 @@ class SiteConfig:
 
     Attributes:
         name: the site's name as the coordinator knows it (lowercase, digits, dashes).
-        superlink: host:port of the coordinator's fleet endpoint.
+        superlink: host:port of the coordinator's fleet endpoint (a lab site on the
+            coordinator's own host that is not enrolled: ``unix:`` and the path of the
+            coordinator's SuperLink socket, as in its ``superlink.address`` file).
         ca_cert: the coordinator's CA certificate (PEM) that the site trusts.
         data_path: the CSV file with the site's training data.
         schema_path: the JSON schema the data must match.
@@ -158,8 +185,8 @@ class SiteConfig:
                 f"name {name!r} must be 3-40 characters of lowercase letters, digits and dashes"
             )
         superlink = raw.get("superlink")
-        if isinstance(superlink, str) and superlink and not re.match(r"^[^:\s]+:\d{1,5}$",
-                                                                     superlink):
+        if isinstance(superlink, str) and superlink and not re.match(
+                r"^(?:[^:\s]+:\d{1,5}|unix:/\S+)$", superlink):
             problems.append(f"superlink {superlink!r} must be host:port")
         threads = raw.get("torch_threads", 1)
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:

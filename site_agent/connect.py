@@ -1,8 +1,11 @@
 """How the site's SuperNode reaches the coordinator: directly, or through the tunnel.
 
 An enrolled site (one with a certificate from ``fedward-site enroll``) always goes through
-its tunnel to the coordinator's gateway, with mutual TLS. A site configured by hand with the
-SuperLink's own address and CA (a single-host lab set-up, the demo) dials it directly.
+its tunnel to the coordinator's gateway, with mutual TLS; the tunnel listens on a Unix
+socket in the site's ``run/`` directory. A site configured by hand with the SuperLink's own
+address and CA (a single-host lab set-up, the demo: ``unix:`` and the path of the
+coordinator's SuperLink socket) dials it directly. Either way the SuperNode, in its own
+network namespace, reaches ``Route.upstream`` through a relay (see ``site_agent.agent``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.certs import CAFiles
+from site_agent.config import SitePaths
 from site_agent.enroll import EnrollmentFiles, finish_interrupted_renewal
 from site_agent.tunnel import SiteTunnel, TunnelConfig
 
@@ -22,9 +26,15 @@ log = logging.getLogger("fedward.site.connect")
 
 @dataclass
 class Route:
-    """What the SuperNode is started with, and the tunnel to stop afterwards."""
+    """Where the SuperNode's connections go, and the tunnel to stop afterwards.
 
-    superlink: str
+    Attributes:
+        upstream: ``unix:/path`` (the tunnel, or the coordinator's SuperLink socket) or
+            ``host:port`` (relayed by the agent).
+        root_certificates: the CA that the SuperNode verifies the far end with.
+    """
+
+    upstream: str
     root_certificates: Path
     tunnel: SiteTunnel | None = None
 
@@ -45,11 +55,12 @@ def open_route(*, root: Path, superlink: str, ca_cert: Path) -> Route:
     if done is not None:
         log.warning("%s", done)
     if not files.enrolled:
-        return Route(superlink=superlink, root_certificates=ca_cert)
+        return Route(upstream=superlink, root_certificates=ca_cert)
     local = CAFiles.under(files.local_pki)
     tunnel = SiteTunnel(TunnelConfig(
         gateway=superlink, coordinator_ca=files.coordinator_ca,
         client_cert=files.site_cert, client_key=files.site_key,
-        local_cert=local.server_cert, local_key=local.server_key))
+        local_cert=local.server_cert, local_key=local.server_key,
+        socket_path=SitePaths(root).tunnel_socket))
     tunnel.start()
-    return Route(superlink=tunnel.address, root_certificates=local.ca_cert, tunnel=tunnel)
+    return Route(upstream=tunnel.address, root_certificates=local.ca_cert, tunnel=tunnel)

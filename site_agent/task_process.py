@@ -21,7 +21,7 @@ from site_agent.warm_executor import WarmExecutor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m site_agent.task_process")
     parser.add_argument("--runtime", required=True,
-                        help="the SuperNode's runtime API, 127.0.0.1:PORT")
+                        help="the SuperNode's runtime API: unix:/PATH or 127.0.0.1:PORT")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

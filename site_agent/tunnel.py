@@ -1,11 +1,15 @@
 """The site's tunnel to the coordinator's gateway: mutual TLS on behalf of the SuperNode.
 
 Flower's SuperNode can verify the server it talks to but cannot present a client
-certificate, and the coordinator's gateway requires one. The tunnel listens on 127.0.0.1
-only, with a server certificate from a CA that exists only at this site (made at enrollment)
-and that the local SuperNode trusts; each connection it accepts is relayed byte for byte
-over a new TLS connection to the gateway that presents the site's certificate and verifies
-the gateway against the coordinator's CA. Nothing is parsed or changed in between.
+certificate, and the coordinator's gateway requires one. The tunnel listens on a Unix socket
+(mode 0600, in the site's 0700 ``run/`` directory: no TCP port, so no other local account
+can borrow the site's certificate through it, to renew it or to speak as the site), with a
+server certificate for 127.0.0.1 from a CA that exists only at this site (made at
+enrollment) and that the local SuperNode trusts; the SuperNode, in its own network
+namespace, reaches the socket through a relay (:mod:`export.netns`). Each connection the
+tunnel accepts is relayed byte for byte over a new TLS connection to the gateway that
+presents the site's certificate and verifies the gateway against the coordinator's CA.
+Nothing is parsed or changed in between.
 
 The site's certificate is read again whenever its file changes, so a certificate renewed
 with ``fedward-site renew`` is used from the next connection on, without a restart.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import threading
 from dataclasses import dataclass
@@ -36,14 +41,14 @@ class TunnelConfig:
     client_key: Path
     local_cert: Path        # the tunnel's own 127.0.0.1 certificate (site-local CA)
     local_key: Path
+    socket_path: Path       # where it listens: a Unix socket, in a directory of mode 0700
 
 
 class SiteTunnel:
-    """Runs the tunnel on its own event-loop thread; ``address`` is what the SuperNode dials."""
+    """Runs the tunnel on its own event-loop thread; ``address`` is where it listens."""
 
     def __init__(self, config: TunnelConfig) -> None:
         self.config = config
-        self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -54,7 +59,7 @@ class SiteTunnel:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"unix:{self.config.socket_path}"
 
     def _client_ssl(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.config.coordinator_ca))
@@ -100,16 +105,23 @@ class SiteTunnel:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
+        path = self.config.socket_path
         try:
             self.client_context()
-            server = loop.run_until_complete(asyncio.start_server(
-                lambda r, w: self._relay(r, w, self.client_context()), "127.0.0.1", 0,
-                ssl=self._server_ssl()))
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            path.unlink(missing_ok=True)   # the site lock says no other agent owns it
+            old_umask = os.umask(0o177)    # born 0600: no moment where others may connect
+            try:
+                server = loop.run_until_complete(asyncio.start_unix_server(
+                    lambda r, w: self._relay(r, w, self.client_context()), str(path),
+                    ssl=self._server_ssl()))
+            finally:
+                os.umask(old_umask)
         except (OSError, ssl.SSLError) as err:
             self._error = err
             self._ready.set()
             return
-        self.port = int(server.sockets[0].getsockname()[1])
         self._ready.set()
         try:
             loop.run_forever()
@@ -124,6 +136,7 @@ class SiteTunnel:
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(asyncio.sleep(0.05))   # transports finish closing
             loop.close()
+            path.unlink(missing_ok=True)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      client_ctx: ssl.SSLContext) -> None:

@@ -6,7 +6,8 @@ per site per round on this hardware, the largest cost of a round once training i
 ``--isolation process`` the SuperNode leaves task execution to an outside process; this
 module is that process's loop, running inside the long-lived site agent:
 
-1. acquire a ClientApp task from the SuperNode's runtime API (loopback only),
+1. acquire a ClientApp task from the SuperNode's runtime API (a Unix socket in the site's
+   0700 ``run/`` directory, relayed into the SuperNode's private network namespace),
 2. pull its message, context, run and app bundle (FAB),
 3. refuse any bundle that is not the appliance's own (sites run only installed code),
 4. call the appliance's ClientApp (the same relay module Flower would load, which hands the
@@ -56,6 +57,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from export.relay import over_unix_socket, unix_path
 from export.runtime import die_with_parent, stop_process_tree, with_short_backoff
 from export.wire import APP_COMPONENTS, APP_PUBLISHER, SiteErrorCode
 from site_agent.diagnostics import failure_reason
@@ -148,7 +150,8 @@ class WarmExecutor:
     """Runs the SuperNode's ClientApp tasks in this process, one at a time.
 
     Args:
-        runtime_address: the SuperNode's runtime API, ``127.0.0.1:PORT``.
+        runtime_address: the SuperNode's runtime API: ``unix:/path`` (the agent's relay
+            into the SuperNode's namespace) or ``127.0.0.1:PORT``.
         app: the ClientApp to run (the appliance's relay).
         poll_s: how often to ask for a task when idle.
         per_task_process: run each task in its own process (``executor: subprocess``).
@@ -167,13 +170,19 @@ class WarmExecutor:
         interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))  # type: ignore[arg-type]
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address,
-            insecure=True,  # loopback only: the SuperNode's runtime API binds 127.0.0.1
+        path = unix_path(self.runtime_address)
+        client = RuntimeHttpClient.from_server_address(
+            server_address="127.0.0.1" if path is not None else self.runtime_address,
+            # Plain HTTP: the runtime API never leaves this host, and only the agent's
+            # user may open its socket.
+            insecure=True,
             root_certificates=None,
             interceptors=interceptors,
             retry_invoker=_bounded_retries(),
         )
+        if path is not None:
+            over_unix_socket(client, path)
+        return client
 
     def run(self) -> None:
         """Serve tasks until :attr:`stop` is set."""

@@ -56,9 +56,12 @@ class Federation:
     sites: dict[str, Site] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # A command the coordinator runs under (e.g. ``unshare --user ...``): empty for none.
+    wrap: tuple[str, ...] = ()
 
     @property
     def superlink(self) -> str:
+        """The SuperLink as the coordinator's host reaches it: ``unix:/.../superlink.sock``."""
         return (self.home / "superlink.address").read_text().strip()
 
     @property
@@ -185,7 +188,8 @@ class Federation:
     def _start_coordinator(self) -> subprocess.Popen[bytes]:
         log = (self.work / "coordinator.log").open("ab")
         proc = subprocess.Popen(
-            ["timeout", "-k", "5", str(LIFETIME_S), str(BIN / "fedward-coordinator"), "serve",
+            ["timeout", "-k", "5", str(LIFETIME_S), *self.wrap,
+             str(BIN / "fedward-coordinator"), "serve",
              "--home", str(self.home)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
             start_new_session=True)
@@ -232,6 +236,7 @@ class Federation:
 
 @contextmanager
 def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
+               wrap: tuple[str, ...] = (),
                extra_env: dict[str, str] | None = None) -> Iterator[Federation]:
     """Demo data for ``n_sites`` and a serving coordinator; sites are added by the test."""
     data = json.loads(run_cli([str(BIN / "fedward-site"), "demo-data", "--out",
@@ -239,18 +244,18 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
                                str(n_sites)]).stdout)
     home = work / "coordinator"
     api_port = free_port()
-    env = dict(os.environ, FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port),
+    env = {k: v for k, v in os.environ.items() if k != "FEDWARD_DATABASE_URL"}
+    env.update(FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port),
                FEDWARD_FLEET_PORT=str(free_port()), **(extra_env or {}))
-    env.pop("FEDWARD_DATABASE_URL", None)
     run_cli([str(BIN / "fedward-coordinator"), "init", "--home", str(home)], env=env)
     log = (work / "coordinator.log").open("ab")
     coord = subprocess.Popen(
-        ["timeout", "-k", "5", str(LIFETIME_S), str(BIN / "fedward-coordinator"), "serve",
-         "--home", str(home)],
+        ["timeout", "-k", "5", str(LIFETIME_S), *wrap, str(BIN / "fedward-coordinator"),
+         "serve", "--home", str(home)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         start_new_session=True)
     fed = Federation(work=work, home=home, env=env, api_port=api_port, coordinator=coord,
-                     data=data)
+                     data=data, wrap=wrap)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

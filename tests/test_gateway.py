@@ -277,7 +277,7 @@ def _listening_addresses(pids: set[int]) -> set[str]:
     return found
 
 
-def test_enrolled_sites_train_through_the_gateway_and_listen_on_loopback_only() -> None:
+def test_enrolled_sites_train_through_the_gateway_and_listen_on_no_host_port() -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         for s in fed.data["sites"]:
             out = fed.coord_cli("enroll-token", s["name"], "--json")
@@ -299,9 +299,13 @@ def test_enrolled_sites_train_through_the_gateway_and_listen_on_loopback_only() 
         for site in fed.sites.values():
             assert site.proc is not None
             tree = {site.proc.pid, *descendants(site.proc.pid)}
-            addresses = _listening_addresses(tree)
-            assert addresses, "expected the tunnel and the SuperNode's local API"
-            assert addresses <= {"127.0.0.1"}, addresses
+            # The tunnel and the SuperNode's runtime API are Unix sockets that only the
+            # site's account may open; the SuperNode's own ports are in its namespace.
+            assert _listening_addresses(tree) == set()
+            run_dir = site.root / "run"
+            assert run_dir.stat().st_mode & 0o777 == 0o700
+            for name in ("tunnel.sock", "supernode.sock", "trainer.sock"):
+                assert (run_dir / name).stat().st_mode & 0o777 == 0o600, name
 
 
 def test_a_site_renews_its_certificate_before_expiry_without_a_token(
@@ -338,10 +342,12 @@ def test_a_site_renews_its_certificate_before_expiry_without_a_token(
         db.close()
         assert valid == [(format(new, "x"),)]
         # The running tunnel presents the renewed certificate from its next connection on.
-        local = httpx.Client(verify=ssl.create_default_context(
-            cafile=str(route.root_certificates)), timeout=10)
+        assert route.upstream == f"unix:{files.root / 'run' / 'tunnel.sock'}"
+        local = httpx.Client(transport=httpx.HTTPTransport(
+            uds=route.upstream[5:], verify=ssl.create_default_context(
+                cafile=str(route.root_certificates))), timeout=10)
         with local:
-            assert local.get(f"https://{route.superlink}/health").status_code == 200
+            assert local.get("https://127.0.0.1/health").status_code == 200
     finally:
         route.tunnel.stop()
     events = fed.api("GET", "/audit?limit=500").json()

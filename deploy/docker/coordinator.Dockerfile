@@ -43,6 +43,10 @@ RUN groupadd --system --gid 10001 fedward \
         --shell /usr/sbin/nologin fedward \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/fedward /var/lib/fedward-exchange
 COPY --from=build /opt/fedward/venv /opt/fedward/venv
+# Flower's APIs have no authentication, so they must be out of other local accounts'
+# reach. On a host the appliance makes a private network namespace for them; a container
+# already has one of its own, holding only this service (no other process, no other user),
+# and the default seccomp profile forbids making another: "container" uses it as is.
 ENV PATH=/opt/fedward/venv/bin:$PATH \
     HOME=/var/lib/fedward \
     PYTHONUNBUFFERED=1 \
@@ -52,7 +56,8 @@ ENV PATH=/opt/fedward/venv/bin:$PATH \
     FEDWARD_API_HOST=0.0.0.0 \
     FEDWARD_API_PORT=8600 \
     FEDWARD_FLEET_HOST=0.0.0.0 \
-    FEDWARD_FLEET_PORT=9092
+    FEDWARD_FLEET_PORT=9092 \
+    FEDWARD_FLOWER_ISOLATION=container
 # The coordinator's state: database (SQLite by default), site CA and its key, checkpoints,
 # the SuperLink's state. Back it up; losing the CA key means re-enrolling every site.
 VOLUME ["/var/lib/fedward"]

@@ -45,11 +45,16 @@ RUN groupadd --system --gid 10001 fedward \
         --shell /usr/sbin/nologin fedward \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/fedward /var/lib/fedward-exchange
 COPY --from=build /opt/fedward/venv /opt/fedward/venv
+# Flower's APIs have no authentication, so they must be out of other local accounts'
+# reach. On a host the appliance makes a private network namespace for them; a container
+# already has one of its own, holding only this service (no other process, no other user),
+# and the default seccomp profile forbids making another: "container" uses it as is.
 ENV PATH=/opt/fedward/venv/bin:$PATH \
     HOME=/var/lib/fedward \
     PYTHONUNBUFFERED=1 \
     FLWR_TELEMETRY_ENABLED=0 \
-    FLWR_DISABLE_UPDATE_CHECK=1
+    FLWR_DISABLE_UPDATE_CHECK=1 \
+    FEDWARD_FLOWER_ISOLATION=container
 # The site's own state: site.json, keys (the private halves never leave), the privacy
 # ledger, replies, logs. Back it up; never reset the ledger.
 VOLUME ["/var/lib/fedward"]
