@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coordinator.mlflow_names import check_alias, check_name_template, check_tracking_uri
+
 __all__ = ["DEFAULT_HOME", "Settings", "load_settings"]
 
 DEFAULT_HOME = Path("~/.fedward/coordinator")
@@ -35,6 +37,16 @@ class Settings(BaseSettings):
             go into the gateway's TLS certificate.
         token_ttl_days: How long a user's API token works after it is issued (a login
             session lasts 12 hours).
+        mlflow_tracking_uri: The MLflow tracking server (``http(s)://host:port``) that
+            completed runs and approved releases are handed to; ``None``: no automatic
+            hand-off (``fedward-coordinator mlflow export`` still works with a URI).
+        mlflow_experiment: MLflow experiment of a project's runs; ``{project}`` is replaced
+            by the project name.
+        mlflow_model_name: Registered model that a project's approved releases become
+            versions of; ``{project}`` is replaced by the project name.
+        mlflow_alias: Alias set on the newest approved (unrevoked) release's version.
+        mlflow_retry_s: How often pending hand-offs are looked for, and the first retry's
+            delay after a failure (it doubles per failure, up to 15 minutes).
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -47,6 +59,11 @@ class Settings(BaseSettings):
     fleet_port: int = Field(default=9092, ge=0, le=65535)
     fleet_hostnames: str = "127.0.0.1,localhost"
     token_ttl_days: int = Field(default=90, ge=1, le=3650)
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "fedward-{project}"
+    mlflow_model_name: str = "fedward-{project}"
+    mlflow_alias: str = "approved"
+    mlflow_retry_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("home")
     @classmethod
@@ -60,6 +77,23 @@ class Settings(BaseSettings):
         if value is not None and not value.strip():
             return None
         return value
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return check_tracking_uri(value)
+
+    @field_validator("mlflow_experiment", "mlflow_model_name")
+    @classmethod
+    def _project_template(cls, value: str) -> str:
+        return check_name_template(value)
+
+    @field_validator("mlflow_alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        return check_alias(value)
 
     @property
     def effective_database_url(self) -> str:
