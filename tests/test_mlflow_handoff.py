@@ -377,3 +377,39 @@ def test_hand_off_to_a_closed_port_is_refused_at_once(engine: Engine, home: Path
     row = exports(engine)[("run", str(run_id))]
     assert (row.state, row.tracking_uri, row.attempts) == ("pending", uri, 1)
     assert row.next_attempt_at is not None and "not reachable" in (row.last_error or "")
+
+
+# --- a real federation ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(480)
+def test_a_real_run_is_handed_to_mlflow_when_it_completes(server: MlflowServer) -> None:
+    from federation import federation
+    from tests_support import short_tmp
+
+    # The ServerApp records the completion (and the hand-off) in its own process; the
+    # coordinator's worker exports it.
+    env = {"FEDWARD_MLFLOW_TRACKING_URI": server.uri, "FEDWARD_MLFLOW_RETRY_S": "1"}
+    with short_tmp() as work, federation(work, n_sites=2, extra_env=env) as fed:
+        sites = sorted(fed.join_all_sites())
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=60)
+        assert fed.wait_run(run_id)["status"] == "completed"
+        client = _client(server.uri)
+        runs = wait_for("the run in MLflow", lambda: [
+            r for r in ml_runs(client, "fedward-test", run_id)
+            if r.info.status == "FINISHED"], timeout=60)
+        assert len(runs) == 1
+        ml_id = runs[0].info.run_id
+        for site in sites:
+            eps = client.get_metric_history(ml_id, f"site.{site}.epsilon-spent")
+            assert sorted(h.step for h in eps) == [1, 2]
+            assert 0 < max(h.value for h in eps) <= 3.0
+            assert client.get_metric_history(ml_id, f"site.{site}.eval-auc")
+        assert runs[0].data.params["sites"] == ",".join(sites)
+        assert runs[0].data.params["rounds"] == "2"
+        status = json.loads(fed.coord_cli("mlflow", "status", "--json").stdout)
+        assert [(e["kind"], e["subject"], e["requested_by"]) for e in status["recent"]] == [
+            ("run", str(run_id), "coordinator")]
+        assert status["pending"] == [] and status["failed"] == []
