@@ -104,12 +104,17 @@ def coordinator_id(home: Path) -> str:
     run 1).
     """
     path = home / COORDINATOR_ID_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return path.read_text(encoding="ascii").strip()
-    with os.fdopen(fd, "w", encoding="ascii") as out:
-        out.write(uuid.uuid4().hex + "\n")
+    if not path.exists():
+        # Written aside, then linked into place: a reader never sees a half-written id, and
+        # of two first writers one wins (link refuses an existing name).
+        tmp = home / f".{COORDINATOR_ID_FILE}.{uuid.uuid4().hex}"
+        tmp.write_text(uuid.uuid4().hex + "\n", encoding="ascii")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_text(encoding="ascii").strip()
 
 
@@ -145,7 +150,8 @@ def mlflow_errors() -> tuple[type[BaseException], ...]:
 
 
 def _code_revision() -> str:
-    from coordinator.releases import _code_revision as revision  # git, read once per call
+    # The lineage's own helper (runs `git rev-parse`): one definition of "code revision".
+    from coordinator.releases import _code_revision as revision
 
     return revision()
 

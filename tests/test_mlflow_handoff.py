@@ -25,7 +25,7 @@ from sqlmodel import col, select
 import coordinator.mlflow_export  # noqa: F401 - switches MLflow's telemetry off first
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations, session_scope
-from coordinator.models import AuditEvent, MlflowExport, SiteMetric
+from coordinator.models import AuditEvent, MlflowExport, Run, SiteMetric
 from coordinator.settings import Settings
 from export.bundle import verify_bundle
 
@@ -305,6 +305,23 @@ def test_approved_releases_are_registered_automatically_and_the_alias_follows(
         assert status["pending"] == [] and status["failed"] == []
         assert {(e["kind"], e["subject"]) for e in status["recent"]} == {
             ("run", str(run_id)), ("release", rid1), ("release", rid2)}
+
+
+# --- the hooks never fail what they hook into ------------------------------------------------
+
+
+def test_a_hand_off_that_cannot_be_recorded_never_fails_the_run(
+        engine: Engine, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDWARD_MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with engine.begin() as connection:  # the outbox is broken: its table is gone
+        connection.exec_driver_sql("DROP TABLE mlflow_exports")
+    run_id = seed_run(engine, home, project="broken", sites=SITES)  # ends with finish_run
+    with session_scope(engine) as session:
+        run = session.get(Run, run_id)
+        assert run is not None and run.status == "completed"
+        finished = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "run.finished", AuditEvent.subject == f"run:{run_id}")).all()
+    assert len(finished) == 1
 
 
 # --- an unreachable server -----------------------------------------------------------------
