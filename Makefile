@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedward-installed
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint typecheck unit bench clean mlflow-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,22 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install
+# The MLflow tracking server the tests start (the full `mlflow` package, pinned) lives in a
+# venv of its own: it cannot share the product's pins, and the product ships only the client
+# (mlflow-skinny). Created once; the tests find it at .venv-mlflow/bin/mlflow.
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.fedward-installed
+$(MLFLOW_STAMP):
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q mlflow==3.17.2
+	touch $(MLFLOW_STAMP)
+
+mlflow-server: $(MLFLOW_STAMP)
+
+unit: install mlflow-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test: lint typecheck unit
+test: mlflow-server lint typecheck unit
 
 # Benchmark 2 needs Ray: the `bench` extra (flwr[simulation]), installed once on top of dev.
 BENCH_STAMP := $(VENV)/.fedward-bench-installed

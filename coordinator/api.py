@@ -1344,6 +1344,7 @@ def create_app(
     Returns:
         The application; OpenAPI docs at ``/docs``, the release portal at ``/portal``.
     """
+    from coordinator.mlflow_api import router as mlflow_router
     from coordinator.portal import router as portal_router
     from coordinator.release_api import router as release_router
     from coordinator.users_api import router as users_router
@@ -1369,4 +1370,5 @@ def create_app(
     app.include_router(users_router)
     app.include_router(release_router)
     app.include_router(portal_router)
+    app.include_router(mlflow_router)
     return app

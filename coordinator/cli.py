@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
 
@@ -37,6 +38,7 @@ err_console = Console(stderr=True)
 
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
+app.add_typer(mlflow_app, name="mlflow")
 
 
 def _settings(home: Path | None) -> Settings:

@@ -18,6 +18,7 @@ from sqlmodel import Field, SQLModel
 __all__ = [
     "CANDIDATE_STATUSES",
     "CHECKPOINT_FORMATS",
+    "MLFLOW_EXPORT_STATES",
     "NAMING_CONVENTION",
     "ROLES",
     "ROUND_STATUSES",
@@ -28,6 +29,7 @@ __all__ = [
     "Checkpoint",
     "EnrollmentToken",
     "LoginSession",
+    "MlflowExport",
     "Project",
     "ProjectGates",
     "Release",
@@ -52,6 +54,8 @@ CHECKPOINT_FORMATS: Final = frozenset({"safetensors"})
 # evaluating -> gates_failed | awaiting_review -> approved | rejected
 CANDIDATE_STATUSES: Final = frozenset(
     {"evaluating", "gates_failed", "awaiting_review", "approved", "rejected"})
+# pending (to do, or retried after a failure) -> done | failed (cannot succeed by retrying)
+MLFLOW_EXPORT_STATES: Final = frozenset({"pending", "done", "failed"})
 
 
 # Every constraint gets a predictable name on every backend, so later migrations can drop or
@@ -378,3 +382,33 @@ class Release(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     revoked_by: str | None = Field(default=None, max_length=64)
     revoke_reason: str | None = Field(default=None, sa_type=Text)
+
+
+# --- MLflow hand-off (revision 0006) ---------------------------------------------------------
+
+
+class MlflowExport(SQLModel, table=True):
+    """A hand-off of a run (``kind`` "run", ``subject`` its id) or of an approved release
+    (``kind`` "release", ``subject`` its release id) to an MLflow tracking server.
+
+    The row is written in the same transaction that completes the run or approves the
+    release, so a hand-off is never lost; a background worker does it and retries it.
+    ``tracking_uri`` is the server an explicit export named (``None``: the configured one).
+    ``result_json`` says where it went (MLflow run id, model name and version).
+    """
+
+    __tablename__ = "mlflow_exports"
+    __table_args__ = (UniqueConstraint("kind", "subject"),)
+
+    id: int | None = _pk()
+    kind: str = Field(max_length=16, nullable=False)
+    subject: str = Field(max_length=128, nullable=False)
+    tracking_uri: str | None = Field(default=None, sa_type=Text)
+    state: str = Field(default="pending", max_length=16, nullable=False)
+    attempts: int = Field(default=0, nullable=False)
+    last_error: str | None = Field(default=None, sa_type=Text)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    requested_by: str = Field(max_length=64, nullable=False)
+    requested_at: datetime = _created()
+    exported_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    result_json: str = Field(default="{}", sa_type=Text, nullable=False)

@@ -70,6 +70,7 @@ from coordinator import release_gates, repository
 from coordinator.audit import append_event
 from coordinator.checkpoints import CheckpointError, load_checkpoint
 from coordinator.db import session_scope
+from coordinator.mlflow_outbox import note_release_approved
 from coordinator.models import (
     Checkpoint,
     Project,
@@ -1173,6 +1174,7 @@ def approve_candidate(engine: Engine, *, home: Path, candidate_id: int, user: Us
                          subject=f"release:{release_id}",
                          detail={"candidate_id": candidate_id, "key_fingerprint": fingerprint,
                                  "signature_sha256": _sha256(out / SIGNATURE_FILE)})
+            note_release_approved(session, release)
             return release
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)

@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 
 from coordinator.audit import append_event
 from coordinator.db import session_scope
+from coordinator.mlflow_outbox import note_run_finished
 from coordinator.models import (
     RUN_FINAL_STATUSES,
     AuditEvent,
@@ -500,6 +501,7 @@ def finish_run(engine: Engine, run_id: int, *, status: str, reason: str | None) 
         if run.status in RUN_FINAL_STATUSES:
             return
         record_run_outcome(session, run, status=status, reason=reason, actor=SERVERAPP_ACTOR)
+        note_run_finished(session, run)
 
 
 def record_run_outcome(

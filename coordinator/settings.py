@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coordinator.mlflow_names import check_alias, check_name_template, check_tracking_uri
+
 __all__ = ["DEFAULT_HOME", "Settings", "load_settings"]
 
 DEFAULT_HOME = Path("~/.fedward/coordinator")
@@ -41,6 +43,16 @@ class Settings(BaseSettings):
             can reach; ``container`` only in a container whose network namespace holds
             nothing but the coordinator (the appliance's images set it). The site agent
             reads the same variable, ``FEDWARD_FLOWER_ISOLATION``.
+        mlflow_tracking_uri: The MLflow tracking server (``http(s)://host:port``) that
+            completed runs and approved releases are handed to; ``None``: no automatic
+            hand-off (``fedward-coordinator mlflow export`` still works with a URI).
+        mlflow_experiment: MLflow experiment of a project's runs; ``{project}`` is replaced
+            by the project name.
+        mlflow_model_name: Registered model that a project's approved releases become
+            versions of; ``{project}`` is replaced by the project name.
+        mlflow_alias: Alias set on the newest approved (unrevoked) release's version.
+        mlflow_retry_s: How often pending hand-offs are looked for, and the first retry's
+            delay after a failure (it doubles per failure, up to 15 minutes).
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -54,6 +66,11 @@ class Settings(BaseSettings):
     fleet_hostnames: str = "127.0.0.1,localhost"
     token_ttl_days: int = Field(default=90, ge=1, le=3650)
     flower_isolation: Literal["namespace", "container"] = "namespace"
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "fedward-{project}"
+    mlflow_model_name: str = "fedward-{project}"
+    mlflow_alias: str = "approved"
+    mlflow_retry_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("home")
     @classmethod
@@ -67,6 +84,23 @@ class Settings(BaseSettings):
         if value is not None and not value.strip():
             return None
         return value
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return check_tracking_uri(value)
+
+    @field_validator("mlflow_experiment", "mlflow_model_name")
+    @classmethod
+    def _project_template(cls, value: str) -> str:
+        return check_name_template(value)
+
+    @field_validator("mlflow_alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        return check_alias(value)
 
     @property
     def effective_database_url(self) -> str:
