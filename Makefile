@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedward-installed
 
-.PHONY: install demo test lint typecheck unit bench clean mlflow-server
+.PHONY: install demo test lint typecheck unit bench clean mlflow-server system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,10 +38,15 @@ $(MLFLOW_STAMP):
 
 mlflow-server: $(MLFLOW_STAMP)
 
-unit: install mlflow-server
+# The Debian packages the tests use (PostgreSQL, Chromium, nftables, ...): installed when this
+# runs as root with apt-get, otherwise named with the command that installs them, at once.
+system-packages:
+	.ci/system-packages
+
+unit: system-packages install mlflow-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test: mlflow-server lint typecheck unit
+test: system-packages mlflow-server lint typecheck unit
 
 # Benchmark 2 needs Ray: the `bench` extra (flwr[simulation]), installed once on top of dev.
 BENCH_STAMP := $(VENV)/.fedward-bench-installed
