@@ -405,6 +405,46 @@ def test_aggregation_options_are_stored_complete_with_their_defaults(
                     "bias_correction": False})
 
 
+def test_launch_passes_aggregation_options_and_shows_why_bad_ones_are_refused(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator import cli
+
+    client, headers, launcher = launch_ready
+
+    def in_process(*_args: Any) -> cli.ApiClient:
+        out = cli.ApiClient.__new__(cli.ApiClient)
+        out.base = "http://testserver"
+        out._http = TestClient(client.app, base_url="http://testserver/api/v1",
+                               headers=headers)
+        return out
+
+    monkeypatch.setattr(cli, "_client", in_process)
+    runner = CliRunner()
+    base = ["launch", "--project", "oncology", "--task", "breast_cancer_mlp",
+            "--aggregation", "fedadam"]
+
+    ok = runner.invoke(cli.app, [*base, "--aggregation-option", "server_lr=0.05",
+                                 "--aggregation-option", "bias_correction=true", "--json"])
+    assert ok.exit_code == 0, ok.output
+    config = json.loads(ok.output)["config"]
+    assert config["aggregation_options"] == {"server_lr": 0.05, "beta1": 0.9, "beta2": 0.99,
+                                             "tau": 0.001, "bias_correction": True}
+    bad = runner.invoke(cli.app, [*base, "--aggregation-option", "beta1=2"])
+    assert bad.exit_code == 1
+    assert " ".join(bad.output.split()) == (
+        "error: POST /runs -> 422: aggregation_options: Value error, aggregation 'fedadam' "
+        "(takes server_lr, beta1, beta2, tau, bias_correction): beta1: Input should be less "
+        "than 1")
+    typo = runner.invoke(cli.app, [*base, "--aggregation-option", "server_lr"])
+    assert typo.exit_code == 1
+    assert "--aggregation-option 'server_lr': write KEY=VALUE" in " ".join(typo.output.split())
+    assert len(launcher.launched) == 1
+
+
 def test_run_view_names_the_sites_it_waits_for_and_what_their_it_does(
     launch_ready: tuple[TestClient, dict[str, str], FakeLauncher], engine: Engine,
 ) -> None:
