@@ -336,22 +336,29 @@ class RoundLoop:
             return 1, self.initial()
         number, rel_path, sha = last
         arrays = load_checkpoint(self.home / rel_path, expected_sha256=sha)
-        self._resume_aggregator(self.home / rel_path, sha)
+        self._resume_aggregator(self.home / rel_path, sha, number)
         log.info("run %s resumes after round %s from its checkpoint", self.plan.run_id, number)
         return number + 1, arrays
 
-    def _resume_aggregator(self, path: Path, sha: str) -> None:
-        """Continue a server optimiser from the state saved with the checkpoint."""
+    def _resume_aggregator(self, path: Path, sha: str, number: int) -> None:
+        """Continue a server optimiser from the state saved with the checkpoint.
+
+        Without that state the optimiser would restart from zero mid-run: the run fails
+        instead (relaunching cannot bring the state back).
+        """
         agg = self._aggregator
         assert agg is not None
-        state = load_server_state(path, expected_sha256=sha, aggregation=self.plan.aggregation)
-        if state is None and agg.stateful:
-            raise CheckpointError(f"checkpoint {path} has no {self.plan.aggregation} state: "
-                                  "the server optimiser cannot continue where it stopped")
         try:
+            state = load_server_state(path, expected_sha256=sha,
+                                      aggregation=self.plan.aggregation)
+            if state is None and agg.stateful:
+                raise CheckpointError(f"checkpoint {path} has no {self.plan.aggregation} "
+                                      "state")
             agg.load_state_dict(state or {})
-        except AggregationError as err:
-            raise CheckpointError(f"checkpoint {path}: {err}") from None
+        except (CheckpointError, AggregationError) as err:
+            raise RunFailed(f"cannot resume after round {number}: {err}; the server "
+                            "optimiser cannot continue where it stopped (launch the run "
+                            "again)") from None
 
     def _load_seen(self) -> None:
         """Digests of the updates earlier attempts of this run received (a resumed run)."""

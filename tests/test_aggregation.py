@@ -253,24 +253,37 @@ def test_a_resumed_run_continues_the_server_optimiser_from_its_checkpoint(
     assert not np.allclose(fresh["w"], straight, rtol=1e-3)
 
 
-def test_a_resumed_run_whose_state_file_is_gone_fails_instead_of_restarting_the_optimiser(
+def test_a_resumed_run_whose_state_is_gone_fails_instead_of_restarting_the_optimiser(
     engine: Engine, make_plan: PlanFactory, tmp_path: Path,
 ) -> None:
-    plan = make_plan(rounds=1, aggregation="fedavgm")
     grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0), 13: good_site(3.0)},
                     online=[11, 12, 13])
-    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
-              initial=lambda: arrays_of(0.0)).run()
-    (tmp_path / server_state_path(plan.run_id, 1)).unlink()
-    with pytest.raises(CheckpointError, match=r"optimiser state .* is missing"):
-        RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=replace(plan, rounds=2),
+    agg = make_aggregator("fedavgm")
+    agg.aggregate(arrays_of(0.0), [SiteUpdate("hospital-a", arrays_of(1.0), 1.0)])
+
+    # Round 1 checkpointed with its state, then the state file lost.
+    lost = make_plan(rounds=2, aggregation="fedavgm")
+    rel, sha = save_checkpoint(tmp_path, lost.run_id, 1, arrays_of(1.0),
+                               server_state=agg.state_dict(), aggregation="fedavgm")
+    record_checkpoint(engine, lost.run_id, 1, str(rel), sha)
+    state_file = tmp_path / server_state_path(lost.run_id, 1)
+    state_file.unlink()
+    # Round 1 checkpointed without state (an older coordinator) for a stateful run.
+    bare = make_plan(rounds=2, aggregation="fedavgm")
+    rel2, sha2 = save_checkpoint(tmp_path, bare.run_id, 1, arrays_of(1.0))
+    record_checkpoint(engine, bare.run_id, 1, str(rel2), sha2)
+
+    for plan in (lost, bare):
+        RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
                   initial=lambda: arrays_of(0.0)).run()
-    # A checkpoint written without state (an older coordinator) for a stateful run.
-    rel, sha = save_checkpoint(tmp_path, plan.run_id, 2, arrays_of(1.0))
-    record_checkpoint(engine, plan.run_id, 2, str(rel), sha)
-    with pytest.raises(CheckpointError, match="has no fedavgm state"):
-        RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=replace(plan, rounds=3),
-                  initial=lambda: arrays_of(0.0)).run()
+    assert grid.sent == []  # neither trained a round with a restarted optimiser
+    assert run_row(engine, lost.run_id).failure_reason == (
+        f"cannot resume after round 1: the server optimiser state {state_file} of checkpoint "
+        f"{tmp_path / rel} is missing; the server optimiser cannot continue where it "
+        "stopped (launch the run again)")
+    assert run_row(engine, bare.run_id).failure_reason == (
+        f"cannot resume after round 1: checkpoint {tmp_path / rel2} has no fedavgm state; "
+        "the server optimiser cannot continue where it stopped (launch the run again)")
 
 
 def test_an_aggregation_the_coordinator_does_not_know_fails_the_run_with_the_known_ones(
