@@ -1087,6 +1087,7 @@ def launch_run(
         seed=body.seed,
         sites=sites,
         aggregation=body.aggregation,
+        aggregation_options=body.aggregation_options,
         approval_wait_s=body.approval_wait_s,
         max_update_norm=body.max_update_norm,
     )

@@ -256,6 +256,21 @@ def revoke_site(name: str,
     console.print(f"site [bold]{name}[/] revoked")
 
 
+def _key_values(items: list[str], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a VALUE that reads as a JSON number or true/false is one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"{option} {item!r}: write KEY=VALUE, e.g. {option} server_lr=0.5")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key.strip()] = value if isinstance(value, int | float | bool) else raw
+    return out
+
+
 @app.command()
 def launch(
     project: Annotated[str, typer.Option(help="project name (created if new)")],
@@ -272,7 +287,12 @@ def launch(
     seed: Annotated[int, typer.Option()] = 0,
     site: Annotated[list[str] | None, typer.Option("--site", help="limit to these sites")] = None,
     aggregation: Annotated[str, typer.Option(
-        help="fedavg, median or trimmed-mean")] = "fedavg",
+        help="fedavg, median, trimmed-mean, or a server optimiser: fedavgm, fedadam, "
+             "fedyogi (or a plugin's strategy)")] = "fedavg",
+    aggregation_option: Annotated[list[str] | None, typer.Option(
+        "--aggregation-option", metavar="KEY=VALUE",
+        help="an option of the aggregation, repeatable, e.g. server_lr=0.5 momentum=0.9 "
+             "(docs/ml-team-guide.md lists each strategy's options)")] = None,
     approval_wait: Annotated[float, typer.Option(
         help="seconds to wait before round 1 for sites whose policy wants a local approval "
              "(0: do not wait)")] = 3600.0,
@@ -292,6 +312,8 @@ def launch(
         "round_deadline_s": round_deadline, "max_grad_norm": max_grad_norm, "seed": seed,
         "aggregation": aggregation, "approval_wait_s": approval_wait,
     }
+    if aggregation_option:
+        body["aggregation_options"] = _key_values(aggregation_option, "--aggregation-option")
     if max_update_norm is not None:
         body["max_update_norm"] = max_update_norm
     if lr is not None:

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 from coordinator.models import AuditEvent, Checkpoint, Project, Round, Run, Site, User
 
@@ -194,10 +201,17 @@ class RunCreate(_Request):
     max_grad_norm: float = Field(default=1.0, gt=0)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     sites: list[SiteName] | None = Field(default=None, min_length=1)
-    aggregation: Literal["fedavg", "median", "trimmed-mean"] = Field(
-        default="fedavg",
-        description="How site updates are combined: weighted mean (FedAvg), or a robust "
-        "coordinate-wise median or trimmed mean over sites.")
+    aggregation: str = Field(
+        default="fedavg", max_length=64,
+        description="How site updates are combined (coordinator.aggregation): fedavg "
+        "(weighted mean), median or trimmed-mean (robust, coordinate-wise), the server "
+        "optimisers fedavgm, fedadam and fedyogi, or a strategy a plugin registered under "
+        "the entry point group fedward.aggregators.")
+    # Any JSON value here: each strategy's own options model checks names and types.
+    aggregation_options: dict[str, Any] = Field(
+        default_factory=dict, max_length=32,
+        description="Options of the aggregation, e.g. {\"server_lr\": 0.1, \"beta1\": 0.9} "
+        "for fedadam (see docs/ml-team-guide.md); unknown options are refused.")
     approval_wait_s: float = Field(
         default=3600.0, ge=0, le=86400,
         description="Before round 1, how long the run waits for sites whose policy wants a "
@@ -221,6 +235,25 @@ class RunCreate(_Request):
             known = ", ".join(sorted(TASKS))
             raise ValueError(f"unknown task {value!r} (known tasks: {known})")
         return value
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_aggregation(cls, value: str) -> str:
+        from coordinator.aggregation import aggregator_class
+
+        aggregator_class(value)  # AggregationError (a ValueError) names the known ones
+        return value
+
+    @field_validator("aggregation_options")
+    @classmethod
+    def _aggregation_options(cls, value: dict[str, Any], info: ValidationInfo
+                             ) -> dict[str, Any]:
+        from coordinator.aggregation import validate_options
+
+        name = info.data.get("aggregation")
+        if name is None:  # the name itself was refused; that error says why
+            return value
+        return validate_options(name, value)
 
     @field_validator("sites")
     @classmethod
@@ -246,6 +279,7 @@ class RunConfig(BaseModel):
     seed: int
     sites: list[str]
     aggregation: str = "fedavg"
+    aggregation_options: dict[str, Any] = Field(default_factory=dict)
     approval_wait_s: float = 3600.0
     max_update_norm: float | None = None
 

@@ -33,7 +33,19 @@ from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
 from coordinator import repository
-from coordinator.checkpoints import load_checkpoint, save_checkpoint
+from coordinator.aggregation import (
+    AggregationError,
+    Aggregator,
+    SiteUpdate,
+    aggregate,
+    make_aggregator,
+)
+from coordinator.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_server_state,
+    save_checkpoint,
+)
 from coordinator.models import utcnow
 from export.wire import (
     ADMISSION_MESSAGE_TYPE,
@@ -128,6 +140,8 @@ class RunPlan:
     seed: int
     sites: tuple[str, ...]
     aggregation: str = "fedavg"
+    # The aggregation's options, complete (coordinator.aggregation.validate_options).
+    aggregation_options: dict[str, Any] = field(default_factory=dict)
     final_evaluate: bool = True
     approval_wait_s: float = 3600.0
     max_update_norm: float | None = None
@@ -246,41 +260,6 @@ def dp_update_norm_bound(
     return factor * lr / expected_batch * (max_grad_norm * sampled + noise)
 
 
-def aggregate(
-    updates: list[tuple[dict[str, np.ndarray], float]], *, method: str = "fedavg"
-) -> dict[str, np.ndarray]:
-    """Combine site updates: weighted mean (FedAvg), coordinate-wise median or trimmed mean."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    names = list(updates[0][0])
-    out: dict[str, np.ndarray] = {}
-    # A site-reported weight that is NaN or infinite counts as 0: max(nan, 0.0) is nan, and
-    # one such weight would turn the whole global model into NaN.
-    weights = np.array([w if math.isfinite(w) and w > 0 else 0.0 for _, w in updates],
-                       dtype=np.float64)
-    if weights.max() <= 0:
-        weights = np.ones_like(weights)
-    weights = weights / weights.max()  # huge counts must not overflow the sum
-    for name in names:
-        stack = np.stack([u[name].astype(np.float64) for u, _ in updates])
-        if method == "fedavg":
-            agg = np.tensordot(weights / weights.sum(), stack, axes=1)
-        elif method == "median":
-            agg = np.median(stack, axis=0)
-        elif method == "trimmed-mean":
-            # Drop the highest and lowest 20% per coordinate, and at least one of each as
-            # soon as there are 3 sites: hospital federations are small, and int(0.2 * n)
-            # would trim nothing below 5 sites.
-            n = len(updates)
-            k = max(1, int(n * 0.2)) if n >= 3 else 0
-            srt = np.sort(stack, axis=0)
-            agg = srt[k:len(updates) - k].mean(axis=0) if len(updates) > 2 * k else srt.mean(0)
-        else:
-            raise ValueError(f"unknown aggregation {method!r}: use fedavg, median or trimmed-mean")
-        out[name] = agg.astype(np.float32)
-    return out
-
-
 SiteState = Literal["accepted", "waiting", "refused", "unanswered"]
 
 
@@ -325,10 +304,16 @@ class RoundLoop:
     # The array layout of the packed model last sent (see export.wire.PACKED).
     _layout: list[tuple[str, tuple[int, ...]]] = field(default_factory=list, init=False,
                                                       repr=False)
+    # The run's aggregation strategy (coordinator.aggregation), with its state.
+    _aggregator: Aggregator | None = field(default=None, init=False, repr=False)
 
     def run(self) -> None:
         plan = self.plan
         try:
+            try:
+                self._aggregator = make_aggregator(plan.aggregation, plan.aggregation_options)
+            except AggregationError as err:
+                raise RunFailed(f"cannot aggregate: {err}") from None
             start_round, arrays = self._resume_point()
             self._load_seen()
             self._admit(fresh=start_round == 1)
@@ -351,8 +336,29 @@ class RoundLoop:
             return 1, self.initial()
         number, rel_path, sha = last
         arrays = load_checkpoint(self.home / rel_path, expected_sha256=sha)
+        self._resume_aggregator(self.home / rel_path, sha, number)
         log.info("run %s resumes after round %s from its checkpoint", self.plan.run_id, number)
         return number + 1, arrays
+
+    def _resume_aggregator(self, path: Path, sha: str, number: int) -> None:
+        """Continue a server optimiser from the state saved with the checkpoint.
+
+        Without that state the optimiser would restart from zero mid-run: the run fails
+        instead (relaunching cannot bring the state back).
+        """
+        agg = self._aggregator
+        assert agg is not None
+        try:
+            state = load_server_state(path, expected_sha256=sha,
+                                      aggregation=self.plan.aggregation)
+            if state is None and agg.stateful:
+                raise CheckpointError(f"checkpoint {path} has no {self.plan.aggregation} "
+                                      "state")
+            agg.load_state_dict(state or {})
+        except (CheckpointError, AggregationError) as err:
+            raise RunFailed(f"cannot resume after round {number}: {err}; the server "
+                            "optimiser cannot continue where it stopped (launch the run "
+                            "again)") from None
 
     def _load_seen(self) -> None:
         """Digests of the updates earlier attempts of this run received (a resumed run)."""
@@ -653,7 +659,7 @@ class RoundLoop:
         by_digest: dict[str, list[str]] = {}
         for site, (_u, _m, digest) in sound.items():
             by_digest.setdefault(digest, []).append(site)
-        updates: list[tuple[dict[str, np.ndarray], float]] = []
+        updates: list[SiteUpdate] = []
         participating: list[str] = []
         for site, (update, metrics, digest) in sorted(sound.items()):
             twins = [s for s in by_digest[digest] if s != site]
@@ -666,7 +672,7 @@ class RoundLoop:
             if fingerprint:
                 repository.record_data_fingerprint(self.engine, plan.run_id, number, site,
                                                    fingerprint)
-            updates.append((update, metrics.get("num-examples", 1.0)))
+            updates.append(SiteUpdate(site, update, metrics.get("num-examples", 1.0)))
             participating.append(site)
         for site, digest in received.items():
             self._seen.setdefault(digest, (number, site))
@@ -687,8 +693,11 @@ class RoundLoop:
                 f"round {number}: {len(updates)} usable updates, the run needs at least "
                 f"{plan.min_sites} (failed or late: {names})"
             )
-        new = aggregate(updates, method=plan.aggregation)
-        rel = save_checkpoint(self.home, plan.run_id, number, new)
+        assert self._aggregator is not None
+        new = self._aggregator.aggregate(arrays, updates)
+        rel = save_checkpoint(self.home, plan.run_id, number, new,
+                              server_state=self._aggregator.state_dict(),
+                              aggregation=plan.aggregation)
         # The round is recorded as completed before its checkpoint: a crash in between
         # resumes from the previous checkpoint and runs this round again (its row is reset,
         # the sites answer from their stored replies), instead of leaving a round that has

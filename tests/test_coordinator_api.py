@@ -349,6 +349,18 @@ def launch_ready(engine: Engine, make_client: Callable[..., TestClient],
         ({"round": 3}, "round", "Extra inputs are not permitted"),
         ({"sites": ["site-a", "site-a"]}, "sites", "more than once: site-a"),
         ({"sites": ["Site_A"]}, "sites.0", "should match pattern"),
+        ({"aggregation": "krum"}, "aggregation", "unknown aggregation 'krum': use fedavg, "
+                                                 "median, trimmed-mean, fedavgm, fedadam or "
+                                                 "fedyogi"),
+        ({"aggregation": "fedadam", "aggregation_options": {"beta1": 1.5, "eta": 0.1}},
+         "aggregation_options", "aggregation 'fedadam' (takes server_lr, beta1, beta2, tau, "
+                                "bias_correction): beta1: Input should be less than 1; eta: "
+                                "unknown option"),
+        ({"aggregation_options": {"server_lr": 0.5}}, "aggregation_options",
+         "aggregation 'fedavg' (takes no options): server_lr: unknown option"),
+        ({"aggregation": "fedavgm", "aggregation_options": {"momentum": [0.9]}},
+         "aggregation_options", "(takes server_lr, momentum): momentum: Input should be a "
+                                "valid number"),
     ],
 )
 def test_bad_run_fields_are_422_naming_the_field(
@@ -377,6 +389,60 @@ def test_run_options_reach_the_stored_config(
         headers=headers).json()["config"]
     assert (chosen["aggregation"], chosen["approval_wait_s"], chosen["max_update_norm"]) \
         == ("median", 0.0, 25.0)
+
+
+def test_aggregation_options_are_stored_complete_with_their_defaults(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+) -> None:
+    client, headers, _ = launch_ready
+    default = client.post(api("/runs"), json=run_body(), headers=headers).json()["config"]
+    assert default["aggregation_options"] == {}
+    chosen = client.post(api("/runs"), json=run_body(
+        aggregation="fedadam", aggregation_options={"server_lr": 0.05, "tau": 0.01}),
+        headers=headers).json()["config"]
+    assert (chosen["aggregation"], chosen["aggregation_options"]) == (
+        "fedadam", {"server_lr": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 0.01,
+                    "bias_correction": False})
+
+
+def test_launch_passes_aggregation_options_and_shows_why_bad_ones_are_refused(
+    launch_ready: tuple[TestClient, dict[str, str], FakeLauncher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator import cli
+
+    client, headers, launcher = launch_ready
+
+    def in_process(*_args: Any) -> cli.ApiClient:
+        out = cli.ApiClient.__new__(cli.ApiClient)
+        out.base = "http://testserver"
+        out._http = TestClient(client.app, base_url="http://testserver/api/v1",
+                               headers=headers)
+        return out
+
+    monkeypatch.setattr(cli, "_client", in_process)
+    runner = CliRunner()
+    base = ["launch", "--project", "oncology", "--task", "breast_cancer_mlp",
+            "--aggregation", "fedadam"]
+
+    ok = runner.invoke(cli.app, [*base, "--aggregation-option", "server_lr=0.05",
+                                 "--aggregation-option", "bias_correction=true", "--json"])
+    assert ok.exit_code == 0, ok.output
+    config = json.loads(ok.output)["config"]
+    assert config["aggregation_options"] == {"server_lr": 0.05, "beta1": 0.9, "beta2": 0.99,
+                                             "tau": 0.001, "bias_correction": True}
+    bad = runner.invoke(cli.app, [*base, "--aggregation-option", "beta1=2"])
+    assert bad.exit_code == 1
+    assert " ".join(bad.output.split()) == (
+        "error: POST /runs -> 422: aggregation_options: Value error, aggregation 'fedadam' "
+        "(takes server_lr, beta1, beta2, tau, bias_correction): beta1: Input should be less "
+        "than 1")
+    typo = runner.invoke(cli.app, [*base, "--aggregation-option", "server_lr"])
+    assert typo.exit_code == 1
+    assert "--aggregation-option 'server_lr': write KEY=VALUE" in " ".join(typo.output.split())
+    assert len(launcher.launched) == 1
 
 
 def test_run_view_names_the_sites_it_waits_for_and_what_their_it_does(
