@@ -16,18 +16,22 @@ bounds, RDP the looser, so a PLD figure well above the RDP one means a numerical
 Speed: identical mechanisms are grouped first (a run's rounds at one noise multiplier and
 sample rate are one DP-SGD event of all their steps, exact since composition does not
 depend on order); each group's distribution is cached (its single step too, see
-``privacy.mechanisms``) and composed once per figure; figures are cached by their groups
-and delta. Another round of a run then costs one self-composition and a few convolutions.
+``privacy.mechanisms``); the composition of every prefix of groups is kept as a live
+accountant (a composed distribution, an RDP accountant) that the next figure builds on; and
+figures are cached by their groups and delta. Another round of a run then costs one
+self-composition and one convolution, whatever the site's history.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
 import logging
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Generic, Literal, TypeVar
 
 from dp_accounting import dp_event, rdp
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
@@ -87,21 +91,20 @@ class Composition:
                 "pld": self.pld, "rdp": self.rdp}
 
 
-def _group_key(group: Group) -> tuple[str, int]:
-    return json.dumps(group[0].to_dict(), sort_keys=True), group[1]
-
-
 def group_mechanisms(mechanisms: Iterable[Mechanism]) -> tuple[Group, ...]:
-    """Identical mechanisms grouped: ``(unit, times)``, in a canonical order.
+    """Identical mechanisms grouped: ``(unit, times)``, each group placed where its *last*
+    occurrence is.
 
-    The order does not depend on the order of ``mechanisms``, so that the same mechanisms
-    listed differently hit the same cache entries.
+    Composition does not depend on order; the order only decides what the prefix caches
+    below can reuse. A ledger lists its entries oldest first, so the group that a new
+    round changes (its run's DP-SGD steps) comes last, and everything before it is a prefix
+    composed in an earlier round.
     """
     counts: dict[Mechanism, int] = {}
     for mechanism in mechanisms:
         unit, times = mechanism.unit()
-        counts[unit] = counts.get(unit, 0) + times
-    return tuple(sorted(counts.items(), key=_group_key))
+        counts[unit] = counts.pop(unit, 0) + times   # re-inserted: moves to the end
+    return tuple(counts.items())
 
 
 @functools.lru_cache(maxsize=128)
@@ -109,24 +112,88 @@ def _group_pld(unit: Mechanism, times: int) -> PLD | None:
     return unit.pld(times, PLD_INTERVAL)
 
 
+T = TypeVar("T")
+
+
+class _PrefixCache(Generic[T]):
+    """Composition state per prefix of groups (a live accountant per prefix), least
+    recently used dropped first. Another round of a run then composes one group onto a
+    cached prefix instead of every group again."""
+
+    def __init__(self, size: int, start: Callable[[], T],
+                 add: Callable[[T, Group], T]) -> None:
+        self._size = size
+        self._start = start
+        self._add = add
+        self._items: OrderedDict[tuple[Group, ...], T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get(self, key: tuple[Group, ...]) -> tuple[bool, T | None]:
+        with self._lock:
+            if key not in self._items:
+                return False, None
+            self._items.move_to_end(key)
+            return True, self._items[key]
+
+    def _put(self, key: tuple[Group, ...], value: T) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def state(self, groups: tuple[Group, ...]) -> T:
+        """The composed state of ``groups``, built on the longest cached prefix."""
+        state = self._start()
+        length = 0
+        for prefix in range(len(groups), 0, -1):
+            found, cached = self._get(groups[:prefix])
+            if found:
+                length, state = prefix, cached  # type: ignore[assignment]
+                break
+        for i in range(length, len(groups)):
+            state = self._add(state, groups[i])
+            # Only the whole and the one-shorter prefix are kept: the next round of the
+            # same run reuses the latter.
+            if i >= len(groups) - 2:
+                self._put(groups[:i + 1], state)
+        return state
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def _add_pld(total: PLD | None, group: Group) -> PLD | None:
+    dist = _group_pld(*group)
+    assert dist is not None
+    return dist if total is None else total.compose(dist)
+
+
+def _add_rdp(total: rdp.RdpAccountant, group: Group) -> rdp.RdpAccountant:
+    # The accountant accumulates in place: each prefix keeps its own copy.
+    out = copy.deepcopy(total)
+    out.compose(dp_event.SelfComposedDpEvent(group[0].dp_event(), group[1]))
+    return out
+
+
+# A composed distribution of a site's whole history is a few hundred kilobytes.
+_PLD_PREFIXES: Final = _PrefixCache[PLD | None](32, lambda: None, _add_pld)
+_RDP_PREFIXES: Final = _PrefixCache[rdp.RdpAccountant](64, rdp.RdpAccountant, _add_rdp)
+
+
 @functools.lru_cache(maxsize=512)
 def _pld_epsilon(groups: tuple[Group, ...], delta: float) -> float | None:
-    total: PLD | None = None
-    for unit, times in groups:
-        dist = _group_pld(unit, times)
-        if dist is None:
-            return None
-        total = dist if total is None else total.compose(dist)
+    if any(_group_pld(*group) is None for group in groups):
+        return None
+    total = _PLD_PREFIXES.state(groups)
     assert total is not None
     return float(total.get_epsilon_for_delta(delta))
 
 
 @functools.lru_cache(maxsize=512)
 def _rdp_epsilon(groups: tuple[Group, ...], delta: float) -> float:
-    accountant = rdp.RdpAccountant()
-    accountant.compose(dp_event.ComposedDpEvent(
-        [dp_event.SelfComposedDpEvent(unit.dp_event(), times) for unit, times in groups]))
-    return float(accountant.get_epsilon(delta))
+    return float(_RDP_PREFIXES.state(groups).get_epsilon(delta))
 
 
 def compose_mechanisms(mechanisms: Iterable[Mechanism], *, delta: float,

@@ -122,15 +122,20 @@ _REGISTRY: dict[str, type[Mechanism]] = {}
 MECHANISMS: Final[Mapping[str, type[Mechanism]]] = MappingProxyType(_REGISTRY)
 """Type name -> class: the allow-list the ledger decodes through."""
 
+# Type name -> {field: int, float or Mechanism}, read once at registration.
+_FIELDS: dict[str, dict[str, object]] = {}
+
 
 def register(cls: M) -> M:
     """Class decorator: add a mechanism class to the allow-list under its ``TYPE``."""
     if not cls.TYPE or cls.TYPE in _REGISTRY:
         raise ValueError(f"mechanism type {cls.TYPE!r} is empty or registered twice")
-    for name, hint in get_type_hints(cls).items():
-        if name != "TYPE" and hint not in (int, float, Mechanism):
+    fields = {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    for name, hint in fields.items():
+        if hint not in (int, float, Mechanism):
             raise TypeError(f"{cls.__name__}.{name}: fields are int, float or Mechanism")
     _REGISTRY[cls.TYPE] = cls
+    _FIELDS[cls.TYPE] = fields
     return cls
 
 
@@ -161,7 +166,7 @@ def decode_mechanism(doc: Mapping[str, Any]) -> Mechanism:
     cls = _REGISTRY.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise UnknownMechanismType(type_name)
-    hints = {k: v for k, v in get_type_hints(cls).items() if k != "TYPE"}
+    hints = _FIELDS[cls.TYPE]
     given = set(doc) - {"type"}
     if given != set(hints):
         raise MechanismFormatError(
