@@ -39,6 +39,8 @@ def site(tmp_path: Path) -> SitePaths:
 def test_a_json_ledger_of_the_previous_version_migrates_on_first_open(site: SitePaths) -> None:
     legacy = site.ledger.with_suffix(".json")
     ledger = PrivacyLedger(site.ledger)
+    assert ledger.run_ids() == ["card-1", "card-2", "onc-1", "onc-2"]   # the first open
+    assert not legacy.exists() and site.ledger.exists()
 
     # The same epsilons, within 1% (PRV then, dp-accounting's PLD now).
     for run_id, figure in V1_FIGURES["runs"].items():
