@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from site_agent.config import SitePaths
 
@@ -29,15 +30,18 @@ _console = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False)
 
 
-def entries_table(entries: list[Entry], *, title: str | None = None) -> Table:
-    """The ledger's entries for people: one row per disclosure, its mechanism in words."""
-    table = Table("#", "run", "purpose", "key", "state", "mechanism", "delta",
-                  "run epsilon after", "reserved (UTC)", title=title, title_justify="left")
+def entries_table(entries: list[Entry], *, title: str | None = None) -> Text:
+    """The ledger's entries for people: two lines per disclosure (what, when, state; then
+    its mechanism in words), readable at any terminal width."""
+    out = Text()
+    if title:
+        out.append(title + "\n", style="italic")
     for e in entries:
-        table.add_row(str(e.id), e.run_id, e.purpose, e.key, e.state, e.mechanism.describe(),
-                      f"{e.delta:g}", f"{e.epsilon_after:.3f}",
-                      e.reserved_at[:19].replace("T", " "))
-    return table
+        out.append(f"#{e.id}  run {e.run_id}  {e.purpose} {e.key}  ", style="bold")
+        out.append(f"{e.state}  reserved {e.reserved_at[:16].replace('T', ' ')} UTC  "
+                   f"delta {e.delta:g}  run epsilon after {e.epsilon_after:.3f}\n")
+        out.append(f"    {e.mechanism.describe()}\n")
+    return out
 
 
 def _figures(ledger: PrivacyLedger, run: str | None) -> dict[str, Any]:

@@ -366,6 +366,10 @@ def test_the_ledger_file_is_private_to_the_site_account(make_ledger: LedgerFacto
     con = sqlite3.connect(ledger_path)
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        # While a connection is open SQLite keeps its write-ahead log beside the file,
+        # with the file's own mode.
+        for name in ("privacy-ledger.sqlite-wal", "privacy-ledger.sqlite-shm"):
+            assert ledger_path.with_name(name).stat().st_mode & 0o777 == 0o600
     finally:
         con.close()
 

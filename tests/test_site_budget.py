@@ -521,3 +521,47 @@ def test_a_ledger_entry_of_an_unknown_mechanism_stops_training_naming_it(
     assert result.exit_code == 1
     assert "SkellamRound" in result.output and "entry 2 (run 'run-1', statistics)" in (
         result.output.replace("\n", ""))
+
+
+def test_ledger_show_and_runs_detail_list_every_disclosure_with_its_mechanism(
+    tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, caps={"oncology": 9.0})
+    ledger = PrivacyLedger(SitePaths(tmp_path).ledger)
+    ledger.open_run(run_id="7", project="oncology", epsilon_budget=6.0, delta=DELTA,
+                    noise_multiplier=1.7, sample_rate=0.125)
+    ledger.reserve(run_id="7", purpose="statistics", key="table-1",
+                   mechanism=LaplaceRelease(scale=10.0, l1_sensitivity=1.0, count=2))
+    for n in (1, 2):
+        ledger.reserve_round(run_id="7", round_number=n, steps=8)
+    ledger.complete_round(run_id="7", round_number=1)
+    ApprovalBook(SitePaths(tmp_path).approvals).observe(
+        run_id="7", project="oncology", task=TASK, total_rounds=3, refusal=lambda record: None)
+    runner = CliRunner()
+
+    shown = json.loads(runner.invoke(site_cli, ["ledger", "show", "--dir", str(tmp_path),
+                                                "--json"]).output)
+    assert [(e["purpose"], e["key"], e["state"], e["mechanism"]["type"])
+            for e in shown["entries"]] == [("statistics", "table-1", "reserved", "LaplaceRelease"),
+                                           ("round", "1", "charged", "DpSgd"),
+                                           ("round", "2", "reserved", "DpSgd")]
+    run_figure = shown["figures"]["runs"]["7"]
+    assert run_figure["accountant"] == "pld"
+    assert run_figure["epsilon"] == ledger.epsilon_spent("7")
+    assert run_figure["epsilon"] < run_figure["rdp"]           # the looser cross-check
+    assert shown["figures"]["site"]["epsilon"] == ledger.site_epsilon()
+
+    text = runner.invoke(site_cli, ["ledger", "show", "--dir", str(tmp_path)],
+                         terminal_width=200).output
+    assert "Laplace release x2: scale 10, L1 sensitivity 1" in text
+    assert "DP-SGD: 8 step(s), noise multiplier 1.7, sample rate 0.125" in text
+    assert f"{ledger.epsilon_spent('7'):.3f}" in text and "PLD" in text
+
+    rows = json.loads(runner.invoke(site_cli, ["runs", "--dir", str(tmp_path), "--json",
+                                               "--detail"]).output)
+    assert [d["purpose"] for d in rows[0]["disclosures"]] == ["statistics", "round", "round"]
+    assert rows[0]["epsilon_spent"] == ledger.epsilon_spent("7")
+    assert rows[0]["rounds_trained"] == 1
+    text = runner.invoke(site_cli, ["runs", "--dir", str(tmp_path), "--detail"],
+                         terminal_width=200).output
+    assert "run 7: disclosures" in text and "Laplace release x2" in text
