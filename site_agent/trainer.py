@@ -251,8 +251,11 @@ class WarmTrainer:
         round's accounting, in the background, so that the admission answer after the
         approval does not have to compute them."""
         run_id = str(config.get(CFG.RUN_ID))
-        if self.data is None or self.ledger.get_run(run_id) is not None:
-            return
+        try:
+            if self.data is None or self.ledger.get_run(run_id) is not None:
+                return
+        except LedgerCorruptError:
+            return  # refused, with the reason, once the approval lets it be asked
         try:
             project = str(config[CFG.PROJECT])
             epsilon, delta = float(config[CFG.EPSILON]), float(config[CFG.DELTA])

@@ -565,3 +565,21 @@ def test_ledger_show_and_runs_detail_list_every_disclosure_with_its_mechanism(
     text = runner.invoke(site_cli, ["runs", "--dir", str(tmp_path), "--detail"],
                          terminal_width=200).output
     assert "run 7: disclosures" in text and "Laplace release x2" in text
+
+
+def test_a_run_waiting_for_approval_is_answered_pending_over_an_unreadable_ledger(
+    make_trainer: TrainerFactory, tmp_path: Path,
+) -> None:
+    paths = SitePaths(tmp_path)
+    paths.policy.write_text(json.dumps({
+        "version": 1, "require_approval": True, "max_rounds_per_day": None,
+        "site_epsilon_cap": None,
+        "projects": {"oncology": {"epsilon_cap": 10.0, "tasks": [TASK]}}}))
+    paths.ledger.write_bytes(b"not a database " * 100)
+    reply, _ = make_trainer().handle(admission(), {})
+    code, reason = refusal(reply)          # answered, not a dropped connection
+    assert code == SiteErrorCode.PENDING_APPROVAL
+    ApprovalBook(paths.approvals).decide("run-1", "approved", by="it")
+    code, reason = refusal(make_trainer().handle(admission(), {})[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert "its privacy ledger cannot be read" in reason
