@@ -392,17 +392,24 @@ def dp_cost(data: dict[str, Any], metrics_api: dict[str, Any], *, local_epochs: 
     ``train_plain`` on the site's own training rows (the site agent's split), same local
     epochs, batch and lr; median of ``reps``, interleaved; one torch thread.
 
-    Also the privacy accounting a warm round costs the site: its ledger charges each round
-    before training with one PRV epsilon of the run's history up to and including that
-    round (``privacy.dp.check_round_budget``; the history of the round before is cached in
-    the trainer's process). Timed here for round 2, with Opacus's ``PRVAccountant`` as
-    ``privacy.dp`` calls it, the history merged into one entry as ``privacy.dp`` does.
+    Also the privacy accounting a round costs the site: its ledger charges each round
+    before training with the composed epsilon of the run's recorded mechanisms up to and
+    including that round (dp-accounting's PLD, ``privacy.accounting``). Timed here for
+    round 2 from cold caches (in the appliance it is usually computed in the background
+    while the site waits for the round).
     """
     import torch
-    from opacus.accountants import PRVAccountant
 
     from export.tasks import build_model, get_task
-    from privacy import expected_steps, sample_rate_for, train_dp, train_plain
+    from privacy import (
+        DpSgd,
+        compose_mechanisms,
+        expected_steps,
+        sample_rate_for,
+        train_dp,
+        train_plain,
+    )
+    from privacy.accounting import clear_caches
     from site_agent.data import DataSchema, load_site_data
 
     torch.set_num_threads(1)
@@ -424,10 +431,9 @@ def dp_cost(data: dict[str, Any], metrics_api: dict[str, Any], *, local_epochs: 
         steps = expected_steps(n_examples=len(d.train_y), batch_size=spec.default_batch_size,
                                epochs=local_epochs)
         for rep in range(reps):
-            accountant = PRVAccountant()
-            accountant.history = [(sigma, q, 2 * steps)]
+            clear_caches()
             t = time.perf_counter()
-            accountant.get_epsilon(delta=DELTA)
+            compose_mechanisms([DpSgd(sigma, q, steps)] * 2, delta=DELTA)
             acct_s.append(time.perf_counter() - t)
             r = train_dp(model=build_model(TASK, seed=0), features=d.train_x,
                          labels=d.train_y, noise_multiplier=sigma, max_grad_norm=1.0,
@@ -550,7 +556,7 @@ def report(summaries: list[dict[str, Any]], *, rounds: int, repeats: int, local_
          for s in summaries])
     t4 = bu.md_table(
         ["sites", "DP training in the run, slowest site", "`train_dp`", "`train_plain`",
-         "DP training extra", "PRV accounting of a warm round",
+         "DP training extra", "PLD accounting of a round",
          "DP extra + accounting, share of the appliance's round"],
         [[s["sites"], f(s["dp_train_in_run_max_over_sites_median_s"], 3),
           f(max(v["dp_median_s"] for v in s["dp_cost_in_process"].values()), 3),
@@ -579,8 +585,9 @@ def report(summaries: list[dict[str, Any]], *, rounds: int, repeats: int, local_
         "columns are timed in this process after the runs, one thread, nothing else of this "
         "benchmark running, median of the repetitions, max over the sites: "
         "`privacy.train_dp` against `train_plain` on each site's own training rows (the "
-        "site agent's split), same epochs, batch and lr; and the PRV accountant's epsilon "
-        "that the site's ledger computes before each warm round (its budget check; part of "
+        "site agent's split), same epochs, batch and lr; and the composed PLD epsilon "
+        "that the site's ledger computes before each round, from cold caches (its budget "
+        "check; part of "
         "'other site work' above):\n\n" + t4
         + "\nStock Flower's round (median over rounds 2..R; train phase = "
         "`configure_train` to `aggregate_train`, i.e. one train message per site and its "

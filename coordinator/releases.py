@@ -153,8 +153,9 @@ STAFF_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
 GATE_THRESHOLDS: Final[Mapping[str, str]] = release_gates.METRIC_THRESHOLDS
 TRAINING_CURVE_FILE: Final = "training_curve.svg"
 PRIVACY_MECHANISM: Final = "DP-SGD"
-# The site agent's accountant (privacy.dp's default); sites report only the epsilon.
-PRIVACY_ACCOUNTANT: Final = "prv"
+# The site agent's ledger accountant (dp-accounting's privacy loss distributions,
+# privacy.accounting); sites report only the epsilon.
+PRIVACY_ACCOUNTANT: Final = "pld"
 FINGERPRINTS_NOT_REPORTED: Final = "not reported: no site sent a data fingerprint for this run"
 # What a release card shows that the DP guarantee does not cover (in its privacy statement).
 NOT_COVERED_BY_DP: Final = (

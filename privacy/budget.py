@@ -1,42 +1,45 @@
 """A site's budgets as a whole: a run's plan checked up front, and the composed figures.
 
-The ledger checks one round at a time (:meth:`privacy.ledger.PrivacyLedger.reserve_round`).
+The ledger checks one disclosure at a time (:meth:`privacy.ledger.PrivacyLedger.reserve`).
 That alone admits a run whose later rounds cannot fit: it trains until the round that
 crosses a cap, and the epsilon spent on the rounds before it buys nothing. Here a run's
-*whole plan* (the steps of every round it still has to train, at the noise multiplier it
-will use) is composed with what the site has already spent, per scope:
+*whole plan* (the mechanisms it will still add: the DP-SGD steps of every round it has left
+at the noise multiplier it will use, any statistics or tuning it declares) is composed with
+every mechanism the site has already recorded, per scope:
 
-* ``run``: the run's own epsilon, against the smaller of its budget and the caps;
-* ``project``: every run of the run's project at this site, against the project's cap;
-* ``site``: every run of every project at this site, against the site-wide cap.
+* ``run``: the run's own epsilon, against the smaller of its budget and the project's cap;
+* ``project``: every disclosure of the run's project at this site, against its cap;
+* ``site``: every disclosure of every project at this site, against the site-wide cap.
 
-Composition, not addition: epsilons of tight accountants (PRV here) do not add up, so two
-runs of 2.995 and 1.996 composed may be 3.70. Every figure below is composed over the
-accountant histories in the ledger, at the largest delta of the runs it covers (the
-weakest guarantee among them), exactly as the per-round checks compose them.
+Composition, not addition, with the ledger's own accountant (:mod:`privacy.accounting`:
+PLD, or RDP where a tuning selection is involved): two runs of 2.99 and 2.00 composed may
+be 3.70. Projects and the site are stated at the largest delta of what they cover.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from privacy.dp import HistoryEntry, epsilon_for_history
-from privacy.ledger import PrivacyLedger, RunLedger
+from privacy.accounting import Composition, compose_mechanisms
+from privacy.ledger import PrivacyLedger
+from privacy.ledger_types import Snapshot
+from privacy.mechanisms import DpSgd, Mechanism
 
 __all__ = [
     "PlanCheck",
     "PlanExceededError",
     "ScopeBudget",
     "SiteBudget",
+    "check_plan",
     "check_run_plan",
     "site_budget",
 ]
 
 Scope = Literal["run", "project", "site"]
 
-# The same float allowance as privacy.dp's per-round check: a plan exactly at a cap fits.
+# The same float allowance as the ledger's per-disclosure check: a plan exactly at a cap fits.
 _RTOL: Final = 1e-9
 
 
@@ -47,10 +50,14 @@ class ScopeBudget:
     Attributes:
         scope: ``run``, ``project`` or ``site``.
         name: the run id, the project name, or ``site``.
-        spent: epsilon spent in this scope so far, composed.
+        spent: epsilon spent in this scope so far, composed over every disclosure.
         cap: the most it may reach; None when no cap applies.
-        after: the composed epsilon once the planned run is charged in full (None when
-            no plan was checked).
+        after: the composed epsilon once the plan is charged in full (None when no plan
+            was checked).
+        accountant: which accountant produced the figures: ``pld``, ``rdp`` (a tuning
+            selection is involved) or ``none`` (nothing spent).
+        cross_check: the RDP figure of ``spent``, where it was asked for and ``pld`` is
+            the accountant (an upper bound too, looser).
     """
 
     scope: Scope
@@ -58,13 +65,15 @@ class ScopeBudget:
     spent: float
     cap: float | None
     after: float | None = None
+    accountant: str = "none"
+    cross_check: float | None = None
 
     @property
     def left(self) -> float | None:
         """``cap - spent`` (never below 0); None without a cap.
 
-        A run fits when the *composed* figure after it stays within the cap, which the
-        checks compute exactly; this difference is what hospital IT reads at a glance.
+        A disclosure fits when the *composed* figure after it stays within the cap, which
+        the checks compute exactly; this difference is what hospital IT reads at a glance.
         """
         return None if self.cap is None else max(0.0, self.cap - self.spent)
 
@@ -77,9 +86,12 @@ class ScopeBudget:
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready view."""
         out: dict[str, object] = {"scope": self.scope, "name": self.name,
-                                  "spent": self.spent, "cap": self.cap, "left": self.left}
+                                  "spent": self.spent, "cap": self.cap, "left": self.left,
+                                  "accountant": self.accountant}
         if self.after is not None:
             out["after"] = self.after
+        if self.cross_check is not None:
+            out["rdp_cross_check"] = self.cross_check
         return out
 
 
@@ -90,22 +102,16 @@ class PlanCheck:
     Attributes:
         run_id: the run.
         project: its project.
-        rounds: rounds the plan still trains at this site.
-        local_epochs: local epochs per round.
-        noise_multiplier: the run's noise multiplier.
-        sample_rate: its Poisson sampling rate per step.
-        steps: DP-SGD steps the plan still charges.
+        plan: the mechanisms the run will still add.
+        summary: the plan in words (``its 4 round(s) x 1 local epoch(s) (noise ...)``).
         run_needs: the run's own epsilon once the plan is charged in full.
         scopes: the run, project and site budgets (the last two only where a cap applies).
     """
 
     run_id: str
     project: str
-    rounds: int
-    local_epochs: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
+    plan: tuple[Mechanism, ...]
+    summary: str
     run_needs: float
     scopes: tuple[ScopeBudget, ...]
 
@@ -131,9 +137,8 @@ class PlanCheck:
                 parts.append(f"{what} would go from {s.spent:.3f} spent to {s.after:.3f}, "
                              f"over its cap of {s.cap:.3f} ({s.left or 0.0:.3f} left)")
         return (
-            f"run {self.run_id} needs epsilon {self.run_needs:.3f} at this site for its "
-            f"{self.rounds} round(s) x {self.local_epochs} local epoch(s) (noise multiplier "
-            f"{self.noise_multiplier:.3f}); " + "; ".join(parts) + ". Nothing was trained or "
+            f"run {self.run_id} needs epsilon {self.run_needs:.3f} at this site for "
+            f"{self.summary}; " + "; ".join(parts) + ". Nothing was read, trained or "
             "charged; a smaller run (epsilon, rounds, local epochs) may fit, or the site's IT "
             "may raise the cap"
         )
@@ -151,19 +156,62 @@ class PlanExceededError(Exception):
         super().__init__(check.reason())
 
 
-def _composed(runs: Mapping[str, RunLedger], *, project: str | None,
-              extra: list[HistoryEntry], delta: float) -> tuple[float, float]:
-    """(spent, after): the scope's runs composed, without and with the ``extra`` steps.
+def _scope_figures(snap: Snapshot, extra: Sequence[Mechanism], delta: float, *,
+                   run_id: str | None = None, project: str | None = None
+                   ) -> tuple[Composition, Composition]:
+    """(spent, after): a scope's recorded mechanisms composed, without and with ``extra``.
 
-    The scope is ``project``'s runs, or every run for None; ``after`` is reported at the
-    largest delta of the scope's runs and ``delta`` (the planned run's).
+    ``after`` is stated at the largest delta of the scope and ``delta`` (the run's).
     """
-    chosen = [r for r in runs.values() if project is None or r.project == project]
-    history = [h for r in chosen for h in r.history]
-    spent_delta = max((r.delta for r in chosen), default=0.0)
-    spent = epsilon_for_history(history, delta=spent_delta) if history else 0.0
-    after = epsilon_for_history([*history, *extra], delta=max(spent_delta, delta))
+    before, scope_delta = snap.scope(run_id=run_id, project=project)
+    spent = (compose_mechanisms(before, delta=scope_delta) if before else
+             Composition(epsilon=0.0, delta=delta, accountant="none"))
+    after = compose_mechanisms([*before, *extra], delta=max(scope_delta, delta))
     return spent, after
+
+
+def check_plan(ledger: PrivacyLedger, *, run_id: str, project: str, delta: float,
+               plan: Sequence[Mechanism], summary: str, run_budget: float,
+               cap: float | None = None, site_cap: float | None = None) -> PlanCheck:
+    """Check that the mechanisms a run will still add fit every budget of the site.
+
+    Args:
+        ledger: the site's privacy ledger (read only; nothing is written).
+        run_id: the run (it may already be open in the ledger with entries charged).
+        project: its project.
+        delta: the run's delta (the ledger's, once the run is open).
+        plan: every mechanism the run will still add at this site.
+        summary: the plan in words, for the message.
+        run_budget: the run's epsilon budget.
+        cap: the cap of the run's project at this site, which also bounds one run.
+        site_cap: the site-wide cap over every project; None: none.
+
+    Returns:
+        The :class:`PlanCheck` (every figure), when the plan fits.
+
+    Raises:
+        PlanExceededError: when it does not, with the figures.
+        LedgerCorruptError: if the ledger cannot be trusted.
+    """
+    snap = ledger.snapshot()
+    own = snap.runs.get(run_id)
+    run_delta = own.delta if own is not None else float(delta)
+    run_spent, run_after = _scope_figures(snap, plan, run_delta, run_id=run_id)
+    run_cap = run_budget if cap is None else min(run_budget, cap)
+    scopes = [ScopeBudget("run", run_id, run_spent.epsilon, run_cap, run_after.epsilon,
+                          run_after.accountant)]
+    for scope, name, scope_cap in (("project", project, cap), ("site", None, site_cap)):
+        if scope_cap is None:
+            continue
+        spent, after = _scope_figures(snap, plan, run_delta, project=name)
+        scopes.append(ScopeBudget("project" if scope == "project" else "site",
+                                  name or "site", spent.epsilon, scope_cap, after.epsilon,
+                                  after.accountant))
+    check = PlanCheck(run_id=run_id, project=project, plan=tuple(plan), summary=summary,
+                      run_needs=run_after.epsilon, scopes=tuple(scopes))
+    if check.exceeded:
+        raise PlanExceededError(check)
+    return check
 
 
 def check_run_plan(
@@ -181,11 +229,11 @@ def check_run_plan(
     cap: float | None = None,
     site_cap: float | None = None,
 ) -> PlanCheck:
-    """Check that a run's remaining plan fits every budget of the site, before it trains.
+    """:func:`check_plan` for the DP-SGD rounds a run still has to train.
 
     Args:
-        ledger: the site's privacy ledger (read only; nothing is written).
-        run_id: the run (it may already be open in the ledger with rounds charged).
+        ledger: the site's privacy ledger (read only).
+        run_id: the run.
         project: its project.
         delta: the run's delta.
         noise_multiplier: the noise multiplier it trains with (the ledger's, once opened).
@@ -198,35 +246,14 @@ def check_run_plan(
             agent's own), which also bounds one run; None: none.
         site_cap: the site-wide cap over every project; None: none.
 
-    Returns:
-        The :class:`PlanCheck` (every figure), when the plan fits.
-
     Raises:
-        PlanExceededError: when it does not, with the figures.
-        LedgerCorruptError: if the ledger file cannot be trusted.
+        PlanExceededError: when the plan does not fit, with the figures.
     """
-    runs = ledger.all_runs()
-    plan: list[HistoryEntry] = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    own = runs.get(run_id)
-    own_history = list(own.history) if own is not None else []
-    run_delta = own.delta if own is not None else float(delta)
-    run_spent = epsilon_for_history(own_history, delta=run_delta) if own_history else 0.0
-    run_needs = epsilon_for_history([*own_history, *plan], delta=run_delta)
-    run_cap = run_budget if cap is None else min(run_budget, cap)
-    scopes = [ScopeBudget("run", run_id, run_spent, run_cap, run_needs)]
-    if cap is not None:
-        spent, after = _composed(runs, project=project, extra=plan, delta=run_delta)
-        scopes.append(ScopeBudget("project", project, spent, cap, after))
-    if site_cap is not None:
-        spent, after = _composed(runs, project=None, extra=plan, delta=run_delta)
-        scopes.append(ScopeBudget("site", "site", spent, site_cap, after))
-    check = PlanCheck(run_id=run_id, project=project, rounds=rounds,
-                      local_epochs=local_epochs, noise_multiplier=float(noise_multiplier),
-                      sample_rate=float(sample_rate), steps=int(steps), run_needs=run_needs,
-                      scopes=tuple(scopes))
-    if check.exceeded:
-        raise PlanExceededError(check)
-    return check
+    plan = [DpSgd(float(noise_multiplier), float(sample_rate), int(steps))]
+    summary = (f"its {rounds} round(s) x {local_epochs} local epoch(s) (noise multiplier "
+               f"{noise_multiplier:.3f})")
+    return check_plan(ledger, run_id=run_id, project=project, delta=delta, plan=plan,
+                      summary=summary, run_budget=run_budget, cap=cap, site_cap=site_cap)
 
 
 @dataclass(frozen=True)
@@ -250,31 +277,32 @@ class SiteBudget:
 
 
 def site_budget(ledger: PrivacyLedger, *, project_caps: Mapping[str, float],
-                site_cap: float | None) -> SiteBudget:
-    """The composed figures hospital IT reads (``fedward-site runs`` and ``status``).
+                site_cap: float | None, cross_check: bool = False) -> SiteBudget:
+    """The composed figures hospital IT reads (``fedward-site runs``, ``status``, ``ledger``).
 
     Args:
         ledger: the site's privacy ledger.
         project_caps: project -> its epsilon cap (from the site policy); projects in the
             ledger but no longer in the policy are shown without a cap.
         site_cap: the site-wide cap, if any.
+        cross_check: also compute the RDP figure of every PLD one.
 
     Raises:
-        LedgerCorruptError: if the ledger file cannot be trusted.
+        LedgerCorruptError: if the ledger cannot be trusted.
     """
-    runs = ledger.all_runs()
+    snap = ledger.snapshot()
 
-    def composed(project: str | None) -> float:
-        chosen = [r for r in runs.values() if project is None or r.project == project]
-        history = [h for r in chosen for h in r.history]
-        if not history:
-            return 0.0
-        return epsilon_for_history(history, delta=max(r.delta for r in chosen))
+    def figure(scope: Scope, name: str, cap: float | None, **kwargs: str) -> ScopeBudget:
+        mechanisms, delta = snap.scope(**kwargs)  # type: ignore[arg-type]
+        if not mechanisms:
+            return ScopeBudget(scope, name, 0.0, cap)
+        c = compose_mechanisms(mechanisms, delta=delta, cross_check=cross_check)
+        return ScopeBudget(scope, name, c.epsilon, cap, accountant=c.accountant,
+                           cross_check=c.rdp if c.accountant == "pld" else None)
 
-    names = sorted({r.project for r in runs.values()} | set(project_caps))
-    projects = tuple(ScopeBudget("project", name, composed(name), project_caps.get(name))
+    names = sorted({r.project for r in snap.runs.values()} | set(project_caps))
+    projects = tuple(figure("project", name, project_caps.get(name), project=name)
                      for name in names)
-    own = {run_id: (epsilon_for_history(list(r.history), delta=r.delta) if r.history
-                    else 0.0) for run_id, r in runs.items()}
-    return SiteBudget(projects=projects, site=ScopeBudget("site", "site", composed(None),
-                                                          site_cap), runs=own)
+    runs = {run_id: figure("run", run_id, None, run_id=run_id).spent
+            for run_id in snap.runs}
+    return SiteBudget(projects=projects, site=figure("site", "site", site_cap), runs=runs)

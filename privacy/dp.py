@@ -8,6 +8,10 @@ the noise multiplier chosen once for the run's whole budget (rounds x local epoc
 Why a history and not a running epsilon: epsilons do not add up under tight accounting
 (PRV, RDP), so the only correct way to learn the epsilon after one more round is to compose
 the full history with that round's steps appended.
+
+The site's ledger composes every disclosure with dp-accounting instead
+(:mod:`privacy.accounting`); Opacus's PRV stays here for the noise-multiplier search, for
+Opacus's own optimizer history, and as an independent check of pure DP-SGD histories.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Final
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from privacy.accounting import compose_mechanisms
+from privacy.mechanisms import DpSgd
 
 __all__ = [
     "SUPPORTED_MECHANISMS",
@@ -167,9 +174,11 @@ def noise_multiplier_for_run(
     ``make_private_with_epsilon`` does) would let every round spend the full budget.
 
     The number of steps is :func:`planned_steps`, i.e. what the training loop will really
-    take, and Opacus's binary search returns a noise multiplier whose epsilon is *at most*
-    ``epsilon`` (within 0.01 below it), so charging every planned round through
-    :func:`check_round_budget` never exceeds the budget.
+    take. Opacus's binary search (PRV) returns a noise multiplier whose epsilon is *at most*
+    ``epsilon`` (within 0.01 below it); it is then raised, where needed, until the ledger's
+    own accountant (dp-accounting's PLD, which the ledger charges every round with) also
+    puts the whole run at or below ``epsilon``, so charging every planned round never
+    exceeds the budget.
 
     Args:
         epsilon: the run's epsilon budget, > 0.
@@ -195,13 +204,39 @@ def noise_multiplier_for_run(
     steps = planned_steps(sample_rate=sample_rate, epochs=total_epochs)
     try:
         sigma = _search_noise(float(epsilon), float(delta), float(sample_rate), steps, accountant)
+        return _within_ledger_figure(sigma, float(epsilon), float(delta),
+                                     float(sample_rate), steps)
     except ValueError as exc:
         raise ValueError(
             f"no noise multiplier reaches epsilon {epsilon} at delta {delta} over {steps} "
             f"steps at sample rate {sample_rate}: raise the budget or plan fewer rounds or "
             f"epochs ({exc})"
         ) from exc
-    return sigma
+
+
+# Each try raises the noise by 0.2%; Opacus's PRV and the ledger's PLD differ by about 1%
+# of epsilon at most, which a handful of tries covers.
+_NOISE_STEP: Final = 1.002
+_NOISE_TRIES: Final = 100
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _within_ledger_figure(sigma: float, epsilon: float, delta: float, sample_rate: float,
+                          steps: int) -> float:
+    """The smallest ``sigma * 1.002**k`` whose run the ledger's accountant (dp-accounting's
+    PLD) puts at most at ``epsilon``.
+
+    The ledger charges rounds with PLD, the search used Opacus's PRV: the two agree within
+    about 0.01 but not exactly, and a noise that PRV puts just under the budget could leave
+    the run's last round refused by the ledger.
+    """
+    for _ in range(_NOISE_TRIES):
+        if compose_mechanisms([DpSgd(sigma, sample_rate, steps)],
+                              delta=delta).epsilon <= epsilon:
+            return sigma
+        sigma *= _NOISE_STEP
+    raise ValueError(f"the ledger's accountant puts noise multiplier {sigma:.4g} still "
+                     f"over epsilon {epsilon}")
 
 
 def _normalise(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
@@ -274,30 +309,45 @@ _RAISE_HINT: Final = {
 
 
 class BudgetExceededError(Exception):
-    """A round would take a site's spent epsilon past its budget.
+    """A disclosure (a round, a statistics release...) would take a site's spent epsilon past
+    a budget; nothing was read or charged.
 
     Attributes:
-        spent: epsilon spent before the refused round.
-        projected: epsilon the round would have brought it to.
-        budget: the budget it would have exceeded.
-        scope: what the budget belongs to, e.g. ``"run"`` or ``"project"``.
+        spent: epsilon spent in the scope before the refused disclosure.
+        projected: epsilon the disclosure would have brought it to.
+        budget: the budget (cap) it would have exceeded.
+        scope: what the budget belongs to: ``"run"``, ``"project"`` or ``"site"``.
+        needs: the disclosure's own epsilon, alone (None when not computed).
+        what: the disclosure, in words (``"this round"``).
+        accountant: the accountant of the figures (``"pld"``, ``"rdp"``; empty: Opacus).
     """
 
     def __init__(
-        self, *, spent: float, projected: float, budget: float, scope: str = "run"
+        self, *, spent: float, projected: float, budget: float, scope: str = "run",
+        needs: float | None = None, what: str = "this round", accountant: str = "",
     ) -> None:
         self.spent = spent
         self.projected = projected
         self.budget = budget
         self.scope = scope
+        self.needs = needs
+        self.what = what
+        self.accountant = accountant
         hint = _RAISE_HINT.get(scope, _RAISE_HINT["run"])
+        own = "" if needs is None else f"; it needs {needs:.4f} on its own"
+        by = f" ({accountant.upper()} accounting)" if accountant else ""
         super().__init__(
-            f"privacy budget exceeded: this round would bring the {scope}'s epsilon from "
-            f"{spent:.4f} to {projected:.4f}, over its budget of {budget:.4f}. The round was "
-            f"not trained and nothing was charged. To go on, {hint}, or launch a new run "
-            f"with fewer rounds or local epochs (or a larger budget) so that its noise is "
-            f"planned for it."
+            f"privacy budget exceeded: {what} would bring the {scope}'s epsilon from "
+            f"{spent:.4f} to {projected:.4f}, over its budget of {budget:.4f} "
+            f"({self.left:.4f} left{own}){by}. Nothing was read for it and nothing was "
+            f"charged. To go on, {hint}, or launch a new run with fewer rounds or local "
+            f"epochs (or a larger budget) so that its noise is planned for it."
         )
+
+    @property
+    def left(self) -> float:
+        """What the scope had left before the refused disclosure (never below 0)."""
+        return max(0.0, self.budget - self.spent)
 
 
 def check_round_budget(

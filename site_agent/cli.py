@@ -18,6 +18,7 @@ from rich.table import Table
 
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 from site_agent.fingerprint_cli import fingerprint
+from site_agent.ledger_cli import entries_table, ledger_app
 
 if TYPE_CHECKING:
     from privacy.budget import SiteBudget
@@ -33,6 +34,7 @@ audit_app = typer.Typer(help="The site's local audit log: show entries, verify t
                         no_args_is_help=True, add_completion=False)
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
+app.add_typer(ledger_app, name="ledger")
 app.command("fingerprint")(fingerprint)
 console = Console()
 err_console = Console(stderr=True)
@@ -372,22 +374,27 @@ def _cap_text(value: float | None) -> str:
 
 def _budget_table(budget: SiteBudget) -> Table:
     """Spent (composed) and left per project and site-wide, for people."""
-    table = Table("privacy budget", "spent (composed)", "cap", "left",
+    table = Table("privacy budget", "spent (composed)", "cap", "left", "accountant",
                   title="epsilon at this site", title_justify="left")
     for scope in (*budget.projects, budget.site):
         label = f"project {scope.name}" if scope.scope == "project" else "site-wide (all projects)"
-        table.add_row(label, f"{scope.spent:.3f}", _cap_text(scope.cap), _cap_text(scope.left))
+        table.add_row(label, f"{scope.spent:.3f}", _cap_text(scope.cap), _cap_text(scope.left),
+                      "" if scope.accountant == "none" else scope.accountant.upper())
     return table
 
 
-_COMPOSED_NOTE = ("Per-run epsilons do not add up: a project's figure composes every step of "
-                  "all its runs (the figure its cap bounds), and is usually well below their "
-                  "sum.")
+_COMPOSED_NOTE = ("Per-run epsilons do not add up: a project's figure composes every "
+                  "disclosure of all its runs (training, statistics, tuning, monitoring: the "
+                  "figure its cap bounds), and is usually well below their sum. "
+                  "`fedward-site ledger show` lists every disclosure.")
 
 
 @app.command()
 def runs(dir: DirOpt,
-         as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
+         as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+         detail: Annotated[bool, typer.Option(
+             "--detail", help="also list each run's disclosures (the privacy ledger's "
+                              "mechanisms)")] = False,
          ) -> None:
     """List the runs this site has seen, their state and the epsilon they spent here, and
     the epsilon spent (composed) and left per project and site-wide."""
@@ -395,20 +402,27 @@ def runs(dir: DirOpt,
     from site_agent.policy import ApprovalBook, ApprovalsError, run_statuses
 
     paths = SitePaths(dir.expanduser().resolve())
+    ledger = PrivacyLedger(paths.ledger)
     try:
-        statuses = run_statuses(ApprovalBook(paths.approvals), PrivacyLedger(paths.ledger))
+        statuses = run_statuses(ApprovalBook(paths.approvals), ledger)
         budget, _state = _budget(paths)
+        entries = ledger.entries() if detail else []
     except (ApprovalsError, LedgerCorruptError) as err:
         _fail(str(err))
     projects = {p.name: p for p in budget.projects}
     if as_json:
         # One object per run, as before; each also carries its project's and the site's
-        # composed figures (spent, cap, left).
+        # composed figures (spent, cap, left), and with --detail its disclosures.
         print(json.dumps([{
             **s.to_dict(),
             "project_budget": (projects[s.record.project].to_dict()
                                if s.record.project in projects else None),
             "site_budget": budget.site.to_dict(),
+            **({"disclosures": [{"id": e.id, "purpose": e.purpose, "key": e.key,
+                                 "state": e.state, "mechanism": e.mechanism.to_dict(),
+                                 "delta": e.delta, "epsilon_after": e.epsilon_after}
+                                for e in entries if e.run_id == s.record.run]}
+               if detail else {}),
         } for s in statuses]))
         return
     if not statuses:
@@ -424,6 +438,11 @@ def runs(dir: DirOpt,
                           f"{st.rounds_trained}/{rec.total_rounds}", f"{st.epsilon_spent:.3f}",
                           rec.by or "", note or "")
         console.print(table)
+    if detail:
+        for st in statuses:
+            own = [e for e in entries if e.run_id == st.record.run]
+            if own:
+                console.print(entries_table(own, title=f"run {st.record.run}: disclosures"))
     console.print(_budget_table(budget))
     console.print(_COMPOSED_NOTE, highlight=False)
 

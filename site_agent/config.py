@@ -50,7 +50,10 @@ class SitePaths:
 
     @property
     def ledger(self) -> Path:
-        return self.root / "privacy-ledger.json"
+        """The privacy ledger (SQLite). Earlier versions kept ``privacy-ledger.json``: it
+        migrates on the ledger's first open and stays beside it as
+        ``privacy-ledger.json.migrated``."""
+        return self.root / "privacy-ledger.sqlite"
 
     @property
     def site_cert(self) -> Path:

@@ -40,6 +40,7 @@ __all__ = [
     "check_config",
     "check_data",
     "check_disk",
+    "check_ledger",
     "check_node_key",
     "check_packages",
     "check_policy",
@@ -63,6 +64,8 @@ PINNED_PACKAGES: Final[dict[str, str | None]] = {
     "flwr": "1.42.0",
     "torch": "2.13.0",
     "opacus": None,
+    # Every epsilon of the privacy ledger is computed with it: figures must not drift.
+    "dp-accounting": "0.6.0",
 }
 _EXIT_RE: Final = re.compile(rb"Exit Code: (\d+)")
 _NODE_ID_RE: Final = re.compile(rb"SuperNode ID: (\d+)")
@@ -240,6 +243,36 @@ def check_disk(root: Path, *, min_free: int = MIN_FREE_BYTES) -> Check:
                      "and the audit log must always be writable (the site refuses tasks "
                      "otherwise); free some space or grow the volume")
     return Check(name, "ok", f"{gib:.1f} GiB free in {root}")
+
+
+def check_ledger(paths: SitePaths) -> Check:
+    """The privacy ledger can be read and every entry accounted (else the site refuses to
+    train); a JSON ledger of an earlier version is checked, not migrated, here."""
+    from privacy import LedgerCorruptError, PrivacyLedger
+    from privacy.ledger_migrate import LegacyFormatError, read_legacy_ledger
+
+    name = "privacy ledger"
+    legacy = paths.ledger.with_suffix(".json")
+    if not paths.ledger.exists():
+        if not legacy.exists():
+            return Check(name, "ok", f"no ledger yet at {paths.ledger}: nothing spent")
+        try:
+            runs = read_legacy_ledger(legacy)
+        except (OSError, LegacyFormatError) as err:
+            return Check(name, "fail", f"{legacy} cannot be migrated: {err}. The site "
+                         "refuses to train until it is restored from the site's backup")
+        return Check(name, "ok", f"{legacy} ({len(runs)} run(s)) migrates to "
+                     f"{paths.ledger.name} when the site agent next opens it")
+    try:
+        snap = PrivacyLedger(paths.ledger).snapshot()
+        mode = paths.ledger.stat().st_mode & 0o777
+    except (LedgerCorruptError, OSError) as err:
+        return Check(name, "fail", str(err))
+    if mode & 0o077:
+        return Check(name, "warn", f"{paths.ledger} has mode {mode:04o}: make it 0600 "
+                     f"(`chmod 600 {paths.ledger}`)")
+    return Check(name, "ok", f"{len(snap.runs)} run(s), {len(snap.entries)} entr(y/ies) at "
+                 f"{paths.ledger}; see `fedward-site ledger show`")
 
 
 def _base_version(version: str) -> str:
@@ -523,6 +556,7 @@ def run_doctor(root: Path, *, timeout: float = 3.0) -> list[Check]:
                 checks.append(check_gateway_identity(cfg.superlink, ca, client,
                                                      timeout=timeout))
     checks.append(check_registration(paths, config_name=cfg.name if cfg else None))
+    checks.append(check_ledger(paths))
     checks.append(check_disk(root))
     checks.append(check_packages())
     return checks

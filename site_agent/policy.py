@@ -670,10 +670,7 @@ def rounds_trained_since(ledger: PrivacyLedger, since: datetime, *,
         exclude: a (run id, round) not to count: the round about to be retried.
     """
     times: list[datetime] = []
-    for run_id in ledger.run_ids():
-        run = ledger.get_run(run_id)
-        if run is None:
-            continue
+    for run_id, run in ledger.all_runs().items():
         for number, rec in run.rounds.items():
             if exclude is not None and (run_id, number) == exclude:
                 continue
@@ -719,8 +716,8 @@ class RunStatus:
             (no approval needed, nothing trained yet), ``refused`` (its last task was
             refused by the policy), ``running`` (rounds trained), ``done`` (its last
             planned round trained here).
-        rounds_trained: rounds trained to the end (done in the privacy ledger).
-        epsilon_spent: the run's epsilon at this site after its last charged round.
+        rounds_trained: rounds trained to the end (charged in the privacy ledger).
+        epsilon_spent: the run's epsilon at this site, every disclosure composed.
     """
 
     record: RunRecord
@@ -737,15 +734,16 @@ class RunStatus:
 def run_statuses(book: ApprovalBook, ledger: PrivacyLedger) -> list[RunStatus]:
     """Every run seen at the site, oldest first, with its state and epsilon spent."""
     out: list[RunStatus] = []
+    runs = ledger.all_runs()
     for rec in book.all():
-        entry = ledger.get_run(rec.run)
+        entry = runs.get(rec.run)
         rounds = entry.rounds if entry is not None else {}
-        trained = sum(1 for r in rounds.values() if r.status == "done")
-        eps = max((r.epsilon_after for r in rounds.values()), default=0.0)
+        trained = sum(1 for r in rounds.values() if r.status == "charged")
+        eps = max((e.epsilon_after for e in entry.entries), default=0.0) if entry else 0.0
         status: RunState
         if rec.decision == "denied":
             status = "denied"
-        elif any(n >= rec.total_rounds and r.status == "done" for n, r in rounds.items()):
+        elif any(n >= rec.total_rounds and r.status == "charged" for n, r in rounds.items()):
             status = "done"  # its last planned round trained here
         elif rec.last_refusal is not None and rec.last_refusal.startswith(PENDING_PREFIX):
             status = "pending"

@@ -42,11 +42,12 @@ from export.tasks import array_shapes, get_task, model_arrays, set_model_arrays
 from export.wire import CFG, MSG, SiteErrorCode
 from privacy import (
     BudgetExceededError,
+    LedgerCorruptError,
     PlanCheck,
     PlanExceededError,
     PrivacyLedger,
+    UnknownMechanismError,
     check_run_plan,
-    epsilon_for_history,
     evaluate,
     expected_steps,
     noise_multiplier_for_run,
@@ -89,6 +90,26 @@ class TaskError(Exception):
         self.code = code
         self.reason = reason
         super().__init__(reason)
+
+
+def _ledger_refusal(err: LedgerCorruptError) -> TaskError:
+    """The refusal a site answers while its privacy ledger cannot be trusted.
+
+    An entry with an unknown mechanism is named (its number and type: nothing about the
+    data); other damage is only reported as such (the full text, with paths, stays in the
+    site's log).
+    """
+    log.error("task refused: %s", err)
+    if isinstance(err, UnknownMechanismError):
+        named = "; ".join(f"entry {i} records mechanism type {kind!r}"
+                          for i, _run, _purpose, kind in err.unknown)
+        detail = (f"its privacy ledger holds an entry this version cannot account ({named}), "
+                  "and nothing is left out of its budget")
+    else:
+        detail = "its privacy ledger cannot be read"
+    return TaskError(SiteErrorCode.REFUSED_POLICY,
+                     f"refused-policy: the site refuses to train: {detail}; its IT runs "
+                     "`fedward-site doctor` and `fedward-site ledger show`")
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -226,11 +247,17 @@ class WarmTrainer:
                 expected_steps(n_examples=n_train, batch_size=batch, epochs=epochs))
 
     def _warm_first_round(self, config: dict[str, Any]) -> None:
-        """While a run waits for a local approval: its noise multiplier, in the background,
-        so that the admission answer after the approval does not have to search it."""
-        if self.data is None or self.ledger.get_run(str(config.get(CFG.RUN_ID))) is not None:
-            return
+        """While a run waits for a local approval: its noise multiplier and its first
+        round's accounting, in the background, so that the admission answer after the
+        approval does not have to compute them."""
+        run_id = str(config.get(CFG.RUN_ID))
         try:
+            if self.data is None or self.ledger.get_run(run_id) is not None:
+                return
+        except LedgerCorruptError:
+            return  # refused, with the reason, once the approval lets it be asked
+        try:
+            project = str(config[CFG.PROJECT])
             epsilon, delta = float(config[CFG.EPSILON]), float(config[CFG.DELTA])
             rounds, epochs = int(config[CFG.TOTAL_ROUNDS]), int(config[CFG.LOCAL_EPOCHS])
             batch = int(config[CFG.BATCH])
@@ -241,7 +268,8 @@ class WarmTrainer:
         def first() -> None:
             sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
                                              total_epochs=rounds * epochs)
-            epsilon_for_history([(sigma, q, steps)], delta=delta)
+            self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
+                                         step=(sigma, q, steps))
 
         self._warm("the first round", first)
 
@@ -317,7 +345,8 @@ class WarmTrainer:
             if kind == "parity":
                 return self._parity(config, arrays)
             return self._evaluate_only(config, arrays)
-        except TaskError as err:
+        except (TaskError, LedgerCorruptError) as caught:
+            err = caught if isinstance(caught, TaskError) else _ledger_refusal(caught)
             self.audit("task-refused", {"run": run_id, "round": round_number,
                                         "code": err.code, "reason": err.reason})
             return {"error": {"code": err.code, "reason": err.reason}}, {}
@@ -352,7 +381,10 @@ class WarmTrainer:
         try:
             admission = self._admit(config)
             self._at("privacy")
-            self._check_plan(config, admission, round_number=0, warm=True)
+            try:
+                self._check_plan(config, admission, round_number=0, warm=True)
+            except LedgerCorruptError as err:
+                raise _ledger_refusal(err) from None
         except TaskError as err:
             code, reason = err.code, err.reason
         if self._admission_answers.get(run_id) != (code, reason):
@@ -438,11 +470,14 @@ class WarmTrainer:
         with self._warm_lock:
             pass  # a search for this run still running in the background: use its result
         entry = self.ledger.get_run(run_id)
-        if entry is not None:
+        if entry is not None and entry.noise_multiplier is not None \
+                and entry.sample_rate is not None:
             sigma, q, delta = entry.noise_multiplier, entry.sample_rate, entry.delta
             epsilon = entry.epsilon_budget
             rounds_left = total_rounds - len(entry.rounds)
         else:
+            if entry is not None:  # opened by an earlier disclosure (statistics): its terms
+                epsilon, delta = entry.epsilon_budget, entry.delta
             try:
                 sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
                                                  total_epochs=total_rounds * local_epochs)
@@ -461,7 +496,7 @@ class WarmTrainer:
                 cap=cap, site_cap=site_cap)
         except PlanExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
-        if warm and entry is None:
+        if warm and (entry is None or entry.noise_multiplier is None):
             self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
                                          step=(sigma, q, steps))
         return check
@@ -607,7 +642,7 @@ class WarmTrainer:
             return replay
         known = self.ledger.get_run(run_id)
         done = known.rounds.get(round_number) if known is not None else None
-        if done is not None and done.status == "done":
+        if done is not None and done.status == "charged":
             # reserve_round would not charge an already charged round again: training it a
             # second time (another global model, or an older round) would release a second
             # result for one charge.
@@ -635,10 +670,13 @@ class WarmTrainer:
         with self._warm_lock:
             pass  # a warm-up for this round still running: wait, then use its results
         entry = self.ledger.get_run(run_id)
-        if entry is None:
+        if entry is None or entry.noise_multiplier is None:
             # The run's first round here (its admission may have been answered by an
             # earlier agent, or not asked at all): its whole plan must fit before any of it
-            # trains, as at admission.
+            # trains, as at admission. A run that disclosed statistics first keeps the
+            # budget and delta it was opened with.
+            if entry is not None:
+                epsilon, delta = entry.epsilon_budget, entry.delta
             self._check_plan(config, admission, round_number=round_number)
             sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
                                              total_epochs=total_rounds * local_epochs)

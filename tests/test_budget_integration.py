@@ -59,7 +59,7 @@ def test_a_run_too_large_for_a_sites_budget_is_refused_at_admission_and_charges_
         assert fed.api("GET", f"/runs/{too_large}/rounds").json() == []
         for name in sites:
             root = fed.sites[name].root
-            assert PrivacyLedger(root / "privacy-ledger.json").site_epsilon() == 0.0
+            assert PrivacyLedger(root / "privacy-ledger.sqlite").site_epsilon() == 0.0
             entries, verdict = read_entries(root / "audit.log")
             assert verdict.intact
             mine = [e for e in entries if e.detail.get("run") == str(too_large)]
@@ -76,19 +76,19 @@ def test_a_run_too_large_for_a_sites_budget_is_refused_at_admission_and_charges_
         run = fed.wait_run(fits)
         assert run["status"] == "completed", run
         root = fed.sites[project_capped].root
-        ledger = PrivacyLedger(root / "privacy-ledger.json")
+        ledger = PrivacyLedger(root / "privacy-ledger.sqlite")
         spent = ledger.project_epsilon("test")
         assert 0 < spent <= 0.8
         status = json.loads(run_cli([str(BIN / "fedward-site"), "status", "--dir", str(root),
                                      "--json"]).stdout)
         assert status["projects"] == [{"scope": "project", "name": "test", "spent": spent,
-                                       "cap": 1.5, "left": 1.5 - spent}]
+                                       "cap": 1.5, "left": 1.5 - spent, "accountant": "pld"}]
         assert status["site_budget"]["spent"] == spent
         # Every charge in every site's ledger has its audit entry.
         for name in sites:
             site_root = fed.sites[name].root
             charges = {(run_id, n) for run_id, r in
-                       PrivacyLedger(site_root / "privacy-ledger.json").all_runs().items()
+                       PrivacyLedger(site_root / "privacy-ledger.sqlite").all_runs().items()
                        for n in r.rounds}
             assert charges == {(str(fits), 1), (str(fits), 2)}
             entries, _ = read_entries(site_root / "audit.log")

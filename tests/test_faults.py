@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -44,16 +44,24 @@ def _agent_pid(fed: Federation, name: str) -> int:
 
 
 def _ledger_rounds(fed: Federation, name: str) -> dict[int, str]:
-    """Round number -> status ("reserved" or "done") in a site's privacy ledger.
+    """Round number -> state ("reserved" or "charged") in a site's privacy ledger.
 
     The sites in these tests take part in one run each, so rounds are not told apart by run.
-    The ledger is replaced atomically: a read never sees a half-written file.
+    Read with SQLite itself (a read sees committed transactions only), never creating the
+    file: an empty file would not be a ledger.
     """
+    path = fed.sites[name].root / "privacy-ledger.sqlite"
     try:
-        runs = json.loads((fed.sites[name].root / "privacy-ledger.json").read_text())["runs"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return {}
-    return {int(n): r["status"] for run in runs.values() for n, r in run["rounds"].items()}
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
+    except sqlite3.OperationalError:
+        return {}  # not created yet
+    try:
+        rows = con.execute("SELECT round, state FROM entries WHERE purpose = 'round'")
+        return {int(n): str(state) for n, state in rows}
+    except sqlite3.OperationalError:
+        return {}  # being created
+    finally:
+        con.close()
 
 
 def _on_training(fed: Federation, names: list[str], act: Callable[[], None], *,
@@ -62,7 +70,7 @@ def _on_training(fed: Federation, names: list[str], act: Callable[[], None], *,
     """Call ``act`` the moment one of the sites ``names`` is training a round.
 
     The ledger charges a round ("reserved") before the site touches its data and marks it
-    "done" after training, just before the site answers: in between, the round is charged
+    "charged" after training, just before the site answers: in between, the round is charged
     at the site and its answer has not left it. ``rounds`` limits which round numbers
     count; once all of them are done at every site, the moment was missed and this fails.
     Returns the site and the round it was training.
@@ -76,7 +84,7 @@ def _on_training(fed: Federation, names: list[str], act: Callable[[], None], *,
             if training:
                 act()
                 return name, training[0]
-        if rounds is not None and all(seen[name].get(n) == "done"
+        if rounds is not None and all(seen[name].get(n) == "charged"
                                       for name in names for n in rounds):
             raise AssertionError(f"{names} trained rounds {sorted(rounds)} between two looks "
                                  "at their ledgers")
@@ -188,7 +196,7 @@ def test_site_killed_mid_round_is_named_keeps_its_epsilon_and_rejoins() -> None:
         cut = _kill_while_training(fed, sites[2])
         # What the killed agent left behind: a whole ledger in which the round it was
         # training is charged (write-ahead), never forgotten.
-        ledger = PrivacyLedger(fed.sites[sites[2]].root / "privacy-ledger.json")
+        ledger = PrivacyLedger(fed.sites[sites[2]].root / "privacy-ledger.sqlite")
         (site_run,) = ledger.run_ids()
         view = ledger.get_run(site_run)
         assert view is not None and cut in view.rounds
@@ -210,7 +218,7 @@ def test_site_killed_mid_round_is_named_keeps_its_epsilon_and_rejoins() -> None:
         assert back, "the site never rejoined after its restart"
         # The cut round stays charged after the restart, and every later round adds to it.
         assert cut in {r["number"] for r in missing}
-        after = PrivacyLedger(fed.sites[sites[2]].root / "privacy-ledger.json")
+        after = PrivacyLedger(fed.sites[sites[2]].root / "privacy-ledger.sqlite")
         final = after.get_run(site_run)
         assert final is not None and cut in final.rounds
         assert len(final.history) == len(final.rounds)
@@ -218,8 +226,7 @@ def test_site_killed_mid_round_is_named_keeps_its_epsilon_and_rejoins() -> None:
 
 
 def test_coordinator_killed_while_a_site_trains_resumes_from_the_last_checkpoint() -> None:
-    from privacy import PrivacyLedger
-    from privacy.dp import epsilon_for_history
+    from privacy import DpSgd, PrivacyLedger, compose_mechanisms
 
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         names = fed.join_all_sites()
@@ -283,19 +290,19 @@ def test_coordinator_killed_while_a_site_trains_resumes_from_the_last_checkpoint
                 assert _utc(trained[3][0].at) < _utc(replayed[3][0].at)
             # The privacy ledger charged each round it trained once: its epsilon is exactly
             # that of four rounds, and it is what the site reported after round 4.
-            ledger = PrivacyLedger(fed.sites[name].root / "privacy-ledger.json")
+            ledger = PrivacyLedger(fed.sites[name].root / "privacy-ledger.sqlite")
             (site_run,) = ledger.run_ids()
             view = ledger.get_run(site_run)
             assert view is not None
             assert {n: r.status for n, r in view.rounds.items()} == {
-                1: "done", 2: "done", 3: "done", 4: "done"}
+                1: "charged", 2: "charged", 3: "charged", 4: "charged"}
             steps = {r.steps for r in view.rounds.values()}
             assert len(steps) == 1
             one_round = (view.noise_multiplier, view.sample_rate, steps.pop())
             assert list(view.history) == [one_round] * 4
             spent = ledger.epsilon_spent(site_run)
-            assert spent == pytest.approx(
-                epsilon_for_history([one_round] * len(trained), delta=view.delta), rel=1e-9)
+            assert spent == pytest.approx(compose_mechanisms(
+                [DpSgd(*one_round)] * len(trained), delta=view.delta).epsilon, rel=1e-9)
             assert spent == pytest.approx(trained[4][0].detail["epsilon_spent"], rel=1e-9)
             assert spent == pytest.approx(metrics[4][name]["epsilon-spent"], rel=1e-9)
             assert spent <= 3.0

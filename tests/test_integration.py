@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from export.runtime import descendants
 from export.tasks import build_model, set_model_arrays
+from privacy import PrivacyLedger
 
 from federation import BIN, federation, run_cli
 from tests_support import short_tmp
@@ -56,11 +57,13 @@ def test_dp_run_with_a_budget_refusal_completes_and_names_the_refusing_site() ->
             eps = last[s["name"]]["epsilon-spent"]
             assert 0 < eps <= 3.0
             # The site's own ledger agrees with what the coordinator was told.
-            ledger = json.loads((fed.sites[s["name"]].root / "privacy-ledger.json").read_text())
-            assert json.dumps(ledger).count('"done"') == 2
+            ledger = PrivacyLedger(fed.sites[s["name"]].root / "privacy-ledger.sqlite")
+            (site_run,) = ledger.all_runs().values()
+            assert [r.status for r in site_run.rounds.values()] == ["charged", "charged"]
+            assert ledger.epsilon_spent(site_run.run_id) == pytest.approx(eps, rel=1e-9)
         # The refusing site trained nothing and charged nothing.
-        ledger_c = fed.sites[sites[2]["name"]].root / "privacy-ledger.json"
-        assert not ledger_c.exists() or '"done"' not in ledger_c.read_text()
+        assert PrivacyLedger(fed.sites[sites[2]["name"]].root / "privacy-ledger.sqlite"
+                             ).entries() == []
         # Every round left a checkpoint the coordinator can load without pickle.
         ckpts = fed.api("GET", f"/runs/{run_id}/checkpoints").json()
         assert [c["round_number"] for c in ckpts] == [1, 2]

@@ -22,22 +22,35 @@ DELTA = 1e-5
 
 def test_public_api() -> None:
     assert privacy.__all__ == [
+        "MECHANISMS",
         "BudgetExceededError",
+        "Caps",
+        "Composition",
         "DPTrainResult",
+        "DpSgd",
+        "Entry",
         "EvalResult",
+        "GaussianRelease",
         "HistoryEntry",
+        "LaplaceRelease",
         "LedgerCorruptError",
+        "Mechanism",
         "PlainTrainResult",
         "PlanCheck",
         "PlanExceededError",
         "PrivacyLedger",
+        "Reservation",
         "RoundRecord",
         "RunLedger",
         "ScopeBudget",
         "SiteBudget",
+        "TuningSelection",
+        "UnknownMechanismError",
         "UnknownRunError",
+        "check_plan",
         "check_round_budget",
         "check_run_plan",
+        "compose_mechanisms",
         "epsilon_for_history",
         "evaluate",
         "expected_steps",
@@ -172,3 +185,25 @@ def test_every_planned_round_of_a_run_passes_the_check() -> None:
         history.append((sigma, q, steps))
     with pytest.raises(BudgetExceededError):
         check_round_budget(history=history, next_step=(sigma, q, steps), delta=DELTA, budget=1.0)
+
+
+def test_the_noise_keeps_the_ledgers_own_figure_within_the_budget() -> None:
+    """Opacus's PRV search picks the noise, the ledger charges with dp-accounting's PLD: the
+    two differ by up to about 0.01, so a noise just under the budget by PRV is raised until
+    the PLD figure of the whole run fits too."""
+    from privacy import DpSgd, compose_mechanisms
+    from privacy.dp import _within_ledger_figure
+
+    q, steps, epsilon = 0.05, planned_steps(sample_rate=0.05, epochs=6), 2.0
+    sigma = noise_multiplier_for_run(epsilon=epsilon, delta=DELTA, sample_rate=q,
+                                     total_epochs=6)
+
+    def pld(s: float) -> float:
+        return compose_mechanisms([DpSgd(s, q, steps)], delta=DELTA).epsilon
+
+    assert pld(sigma) <= epsilon
+    too_little = sigma * 0.97                     # PRV and PLD both put it over the budget
+    assert pld(too_little) > epsilon
+    raised = _within_ledger_figure(too_little, epsilon, DELTA, q, steps)
+    assert pld(raised) <= epsilon < pld(raised / 1.002)   # the first step that fits
+    assert _within_ledger_figure(sigma, epsilon, DELTA, q, steps) == sigma  # nothing to do

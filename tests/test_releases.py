@@ -457,7 +457,7 @@ def test_propose_gate_approve_download_verify_revoke(
     assert card["task"] == "breast_cancer_mlp"
     assert card["input"]["columns"] == list(BREAST_CANCER_COLUMNS)
     privacy = card["privacy_statement"]
-    assert privacy["mechanism"] == "DP-SGD" and privacy["accountant"] == "prv"
+    assert privacy["mechanism"] == "DP-SGD" and privacy["accountant"] == "pld"
     # The card says what the guarantee does not cover: the held-out metrics it shows.
     assert "It does not cover the held-out metrics" in privacy["text"]
     assert "No training loss left any site" in privacy["text"]

@@ -264,7 +264,7 @@ def make_trainer(site_data: SiteData, tmp_path: Path) -> TrainerFactory:
         audit = Audit()
         trainer = WarmTrainer(
             site_name="hospital-a", task=TASK, data=site_data,
-            ledger=PrivacyLedger(tmp_path / "privacy-ledger.json"),
+            ledger=PrivacyLedger(tmp_path / "privacy-ledger.sqlite"),
             replies_dir=tmp_path / "replies", audit=audit, epsilon_cap=epsilon_cap,
         )
         return trainer, audit
@@ -293,8 +293,8 @@ def test_train_task_returns_model_arrays_and_charges_the_ledger(
     assert metrics["num-examples"] == len(trainer.data.train_y)
     assert {"eval-loss", "eval-accuracy", "noise-multiplier"} <= set(metrics)
     assert "train-loss" not in metrics  # not covered by DP: it never leaves the site
-    run = PrivacyLedger(tmp_path / "privacy-ledger.json").get_run("run-1")
-    assert run is not None and run.rounds[1].status == "done"
+    run = PrivacyLedger(tmp_path / "privacy-ledger.sqlite").get_run("run-1")
+    assert run is not None and run.rounds[1].status == "charged"
     assert run.rounds[1].epsilon_after == pytest.approx(metrics["epsilon-spent"])
     assert audit.actions == ["round-reserved", "round-trained"]
     assert "epsilon_spent" in audit[-1][1] and "eval-loss" in audit[-1][1]["metrics"]
@@ -305,7 +305,7 @@ def test_same_task_again_is_answered_from_the_stored_reply_without_charging(
 ) -> None:
     trainer, _ = make_trainer()
     first, first_out = trainer.handle(train_header(1), global_arrays)
-    ledger_file = tmp_path / "privacy-ledger.json"
+    ledger_file = tmp_path / "privacy-ledger.sqlite"
     ledger_before = ledger_file.read_bytes()
 
     restarted, audit = make_trainer()  # the site agent restarted between the two tasks
@@ -324,7 +324,7 @@ def test_finished_round_with_another_global_model_is_refused_not_retrained(
 ) -> None:
     trainer, audit = make_trainer()
     trainer.handle(train_header(1), global_arrays)
-    ledger_before = (tmp_path / "privacy-ledger.json").read_bytes()
+    ledger_before = (tmp_path / "privacy-ledger.sqlite").read_bytes()
     other = {k: v + np.float32(0.01) for k, v in global_arrays.items()}
 
     reply, out = trainer.handle(train_header(1), other)
@@ -332,7 +332,7 @@ def test_finished_round_with_another_global_model_is_refused_not_retrained(
     code, reason = error_of(reply)
     assert code == SiteErrorCode.REFUSED_POLICY and out == {}
     assert "round 1 of run run-1 was already trained" in reason
-    assert (tmp_path / "privacy-ledger.json").read_bytes() == ledger_before
+    assert (tmp_path / "privacy-ledger.sqlite").read_bytes() == ledger_before
     assert audit.actions[-1] == "task-refused"
 
 
@@ -351,7 +351,7 @@ def test_restarted_trainer_keeps_accumulating_epsilon(
     # A fresh Opacus engine per round would report only this round's epsilon.
     assert reply2["metrics"]["epsilon-round"] < eps2
     assert eps2 - eps1 == pytest.approx(reply2["metrics"]["epsilon-round"])
-    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.sqlite")
     assert ledger.epsilon_spent("run-1") == pytest.approx(eps2)
     assert len(ledger.history("run-1")) == 2
 
@@ -361,7 +361,7 @@ def test_cap_below_the_round_refuses_with_budget_code_and_leaves_the_ledger(
 ) -> None:
     first, _ = make_trainer()
     reply1, out1 = first.handle(train_header(1), global_arrays)
-    ledger_file = tmp_path / "privacy-ledger.json"
+    ledger_file = tmp_path / "privacy-ledger.sqlite"
     before = ledger_file.read_bytes()
 
     capped, audit = make_trainer(epsilon_cap=reply1["metrics"]["epsilon-spent"] * 1.01)
@@ -381,7 +381,7 @@ def test_cap_on_a_new_run_refuses_before_any_round_is_charged(
     reply, _ = trainer.handle(train_header(1), global_arrays)
     assert error_of(reply)[0] == SiteErrorCode.REFUSED_BUDGET
     # The run's whole plan was refused before the run was even opened in the ledger.
-    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.sqlite")
     assert ledger.get_run("run-1") is None and ledger.site_epsilon() == 0.0
 
 
@@ -418,7 +418,7 @@ def test_malformed_task_is_answered_with_bad_task(
     assert code == SiteErrorCode.BAD_TASK == 707 and out == {}
     assert reason in got
     assert audit.actions == ["task-refused"]
-    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.sqlite")
     run = ledger.get_run("run-1")
     assert run is None or run.history == ()
 
@@ -565,7 +565,7 @@ def test_evaluate_task_returns_metrics_only_and_charges_nothing(
     assert reply["metrics"]["num-eval-examples"] == len(trainer.data.test_y)
     assert 0.0 <= reply["metrics"]["eval-accuracy"] <= 1.0
     assert audit.actions == ["evaluated"]
-    assert not (tmp_path / "privacy-ledger.json").exists()
+    assert not (tmp_path / "privacy-ledger.sqlite").exists()
 
 
 @pytest.fixture
@@ -984,7 +984,7 @@ def _idle(trainer: WarmTrainer) -> None:
 def test_after_a_round_the_next_rounds_accounting_is_ready_before_it_comes(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray]
 ) -> None:
-    from privacy.dp import _epsilon
+    from privacy.accounting import _pld_epsilon
 
     no_warm_ups_left()
     trainer, _ = make_trainer()
@@ -994,16 +994,17 @@ def test_after_a_round_the_next_rounds_accounting_is_ready_before_it_comes(
     reply, out = trainer.handle(train_header(1, **fresh), global_arrays)
     assert "error" not in reply
     _idle(trainer)
-    misses = _epsilon.cache_info().misses
+    misses = _pld_epsilon.cache_info().misses
     reply, _ = trainer.handle(train_header(2, **fresh), out)
     assert "error" not in reply
-    assert _epsilon.cache_info().misses == misses   # round 2 computed no new epsilon
+    assert _pld_epsilon.cache_info().misses == misses   # round 2 computed no new epsilon
 
 
 def test_an_accepted_admission_starts_the_runs_noise_search_ahead_of_round_one(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray]
 ) -> None:
-    from privacy.dp import _epsilon, _search_noise
+    from privacy.accounting import _pld_epsilon
+    from privacy.dp import _search_noise
 
     no_warm_ups_left()
     trainer, _ = make_trainer()
@@ -1012,8 +1013,8 @@ def test_an_accepted_admission_starts_the_runs_noise_search_ahead_of_round_one(
     reply, _ = trainer.handle({"kind": "admission", "config": task_config(0, **fresh)}, {})
     assert "error" not in reply
     _idle(trainer)
-    searches, epsilons = _search_noise.cache_info().misses, _epsilon.cache_info().misses
+    searches, epsilons = _search_noise.cache_info().misses, _pld_epsilon.cache_info().misses
     reply, _ = trainer.handle(train_header(1, **fresh), global_arrays)
     assert "error" not in reply
     assert _search_noise.cache_info().misses == searches
-    assert _epsilon.cache_info().misses == epsilons
+    assert _pld_epsilon.cache_info().misses == epsilons

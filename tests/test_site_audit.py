@@ -236,7 +236,7 @@ def test_a_trained_round_is_audited_without_data_values(tmp_path: Path) -> None:
                           fingerprint_key=key)
     log = AuditLog(tmp_path / "audit.log")
     trainer = WarmTrainer(site_name="hospital-a", task="breast_cancer_mlp", data=data,
-                          ledger=PrivacyLedger(tmp_path / "ledger.json"),
+                          ledger=PrivacyLedger(tmp_path / "ledger.sqlite"),
                           replies_dir=tmp_path / "replies", audit=log)
     config = {CFG.RUN_ID: "7", CFG.PROJECT: "oncology", CFG.TASK: "breast_cancer_mlp",
               CFG.ROUND: 1, CFG.TOTAL_ROUNDS: 2, CFG.LOCAL_EPOCHS: 1, CFG.EPSILON: 3.0,
@@ -273,7 +273,7 @@ def test_a_log_that_cannot_be_written_refuses_the_task(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     path.write_bytes(b"damaged last entry\n")
     trainer = WarmTrainer(site_name="hospital-a", task="breast_cancer_mlp", data=None,
-                          ledger=PrivacyLedger(tmp_path / "ledger.json"),
+                          ledger=PrivacyLedger(tmp_path / "ledger.sqlite"),
                           replies_dir=tmp_path / "replies", audit=AuditLog(path),
                           data_failure={"problems": []})
     reply, out = trainer.handle({"kind": "train", "config": {}}, {})

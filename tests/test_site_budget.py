@@ -25,7 +25,11 @@ import site_agent.trainer as trainer_module
 from export.tasks import build_model, model_arrays
 from export.wire import CFG, SiteErrorCode
 from privacy import (
+    Caps,
+    DpSgd,
+    LaplaceRelease,
     PrivacyLedger,
+    compose_mechanisms,
     epsilon_for_history,
     expected_steps,
     noise_multiplier_for_run,
@@ -148,6 +152,11 @@ def plan_figures(data: SiteData, *, epsilon: float = 3.0, rounds: int = 4
     return sigma, q, steps
 
 
+def dpsgd_epsilon(*history: tuple[float, float, int]) -> float:
+    """The ledger accountant's figure of DP-SGD steps (sigma, q, steps)."""
+    return compose_mechanisms([DpSgd(*h) for h in history], delta=DELTA).epsilon
+
+
 def charged(root: Path) -> set[tuple[str, int]]:
     runs = PrivacyLedger(SitePaths(root).ledger).all_runs()
     return {(run_id, n) for run_id, run in runs.items() for n in run.rounds}
@@ -168,8 +177,8 @@ def test_a_run_that_cannot_finish_within_the_cap_is_refused_at_admission(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     sigma, q, steps = plan_figures(site_data)
-    after_one = epsilon_for_history([(sigma, q, steps)], delta=DELTA)
-    whole = epsilon_for_history([(sigma, q, 4 * steps)], delta=DELTA)
+    after_one = dpsgd_epsilon((sigma, q, steps))
+    whole = dpsgd_epsilon((sigma, q, 4 * steps))
     # Round 1 alone fits the project's cap (the per-round check would train it and the
     # next); the run's four rounds do not.
     cap = (after_one + whole) / 2
@@ -183,7 +192,7 @@ def test_a_run_that_cannot_finish_within_the_cap_is_refused_at_admission(
     assert reason.startswith(f"refused-budget: run run-1 needs epsilon {whole:.3f} at this "
                              "site for its 4 round(s) x 1 local epoch(s)")
     assert f"over the {cap:.3f} this site allows one run of project oncology" in reason
-    assert "Nothing was trained or charged" in reason
+    assert "Nothing was read, trained or charged" in reason
     # The site's own record: the refusal with its figures, nothing charged.
     entries, _ = read_entries(SitePaths(tmp_path).audit_log)
     (refused,) = [e for e in entries if e.action == "task-refused"]
@@ -200,7 +209,8 @@ def test_a_run_that_cannot_finish_within_the_cap_is_refused_at_admission(
 def test_a_run_that_fits_is_admitted_and_leaves_round_one_no_accounting_to_do(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path,
 ) -> None:
-    from privacy.dp import _epsilon, _search_noise
+    from privacy.accounting import _pld_epsilon
+    from privacy.dp import _search_noise
 
     no_warm_ups_left()
     write_policy(tmp_path, caps={"oncology": 9.0}, site_cap=9.5)
@@ -217,11 +227,11 @@ def test_a_run_that_fits_is_admitted_and_leaves_round_one_no_accounting_to_do(
 
     assert reply == {"status": {"status": "accepted"}}
     # No background work: the admission answer came after the run's accounting was done.
-    searches, epsilons = _search_noise.cache_info().misses, _epsilon.cache_info().misses
+    searches, epsilons = _search_noise.cache_info().misses, _pld_epsilon.cache_info().misses
     reply, _ = trainer.handle(train(1, **fresh), global_arrays)
     assert "error" not in reply, reply
     assert _search_noise.cache_info().misses == searches     # round 1 ran no noise search
-    assert _epsilon.cache_info().misses == epsilons          # nor any new composition
+    assert _pld_epsilon.cache_info().misses == epsilons      # nor any new composition
 
 
 # --- Privacy 7: a site-wide cap over every project ----------------------------------------
@@ -241,8 +251,7 @@ def test_the_site_wide_cap_bounds_every_project_at_admission_and_at_each_round(
     spent = ledger.site_epsilon()
     # Cardiology's run fits its own project's cap, but not on top of oncology's spend.
     sigma, q, steps = plan_figures(site_data, epsilon=3.0, rounds=4)
-    whole = epsilon_for_history([*ledger.history("run-1"), (sigma, q, 4 * steps)],
-                                delta=DELTA)
+    whole = dpsgd_epsilon(*ledger.history("run-1"), (sigma, q, 4 * steps))
     site_cap = (spent + whole) / 2
     write_policy(tmp_path, caps=caps, site_cap=site_cap)
     cardio = {CFG.RUN_ID: "run-c", CFG.PROJECT: "cardiology"}
@@ -287,7 +296,7 @@ _KILLED_TRAINER = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
     import numpy as np
-    import privacy.ledger as ledger_module
+    import privacy.ledger_db as ledger_db
     from export.tasks import build_model, model_arrays
     from export.wire import CFG
     from privacy import PrivacyLedger
@@ -297,11 +306,14 @@ _KILLED_TRAINER = textwrap.dedent("""
 
     root, csv, schema, where = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     log = AuditLog(root / "audit.log")
-    real_write = ledger_module.atomic_write
+    real_writing = ledger_db._Store.writing
 
-    def write_then_die(path, data, **kwargs):
-        real_write(path, data, **kwargs)
-        if where == "after-ledger-write" and '"reserved"' in data.decode():
+    def writing_then_die(self):
+        # The reservation's transaction commits when the block ends; then die.
+        with real_writing(self) as tx:
+            yield tx
+        if where == "after-ledger-write" and any(
+                e.state == "reserved" for e in self.read().entries):
             os.kill(os.getpid(), signal.SIGKILL)   # the charge is on disk, nothing after it
 
     def audit(action, detail):
@@ -309,10 +321,11 @@ _KILLED_TRAINER = textwrap.dedent("""
         if where == "after-audit-entry" and action == "round-reserved":
             os.kill(os.getpid(), signal.SIGKILL)   # the entry is on disk, nothing after it
 
-    ledger_module.atomic_write = write_then_die
+    import contextlib
+    ledger_db._Store.writing = contextlib.contextmanager(writing_then_die)
     trainer = WarmTrainer(site_name="hospital-a", task="breast_cancer_mlp",
                           data=load_site_data(csv_path=Path(csv), schema=load_schema(Path(schema))),
-                          ledger=PrivacyLedger(root / "privacy-ledger.json"),
+                          ledger=PrivacyLedger(root / "privacy-ledger.sqlite"),
                           replies_dir=root / "replies", audit=audit)
     config = {CFG.RUN_ID: "run-k", CFG.PROJECT: "oncology", CFG.TASK: "breast_cancer_mlp",
               CFG.ROUND: 1, CFG.TOTAL_ROUNDS: 2, CFG.LOCAL_EPOCHS: 1, CFG.EPSILON: 3.0,
@@ -353,7 +366,7 @@ def test_a_rounds_noise_is_fresh_even_for_whoever_holds_the_sites_secret(
     updates = []
     for copy in ("a", "b"):  # two copies of one site: same secret, data, run and round
         trainer = WarmTrainer(site_name="hospital-a", task=TASK, data=site_data,
-                              ledger=PrivacyLedger(tmp_path / copy / "ledger.json"),
+                              ledger=PrivacyLedger(tmp_path / copy / "ledger.sqlite"),
                               replies_dir=tmp_path / copy / "replies", noise_secret=secret)
         reply, out = trainer.handle(train(1), global_arrays)
         assert "error" not in reply
@@ -421,7 +434,8 @@ def test_runs_and_status_show_spent_composed_and_left_per_project_and_site(
     rows = json.loads(runner.invoke(site_cli, ["runs", "--dir", str(tmp_path), "--json"]).output)
     assert [r["epsilon_spent"] for r in rows] == per_run
     assert rows[0]["project_budget"] == {"scope": "project", "name": "oncology",
-                                         "spent": composed, "cap": 4.0, "left": 4.0 - composed}
+                                         "spent": composed, "cap": 4.0, "left": 4.0 - composed,
+                                         "accountant": "pld"}
     assert rows[0]["site_budget"]["spent"] == composed and rows[0]["site_budget"]["cap"] == 6.0
     status = json.loads(runner.invoke(site_cli, ["status", "--dir", str(tmp_path),
                                                  "--json"]).output)
@@ -435,3 +449,137 @@ def test_runs_and_status_show_spent_composed_and_left_per_project_and_site(
         assert f"{composed:.3f}" in text and f"{4.0 - composed:.3f}" in text
         assert "site-wide (all projects)" in text and f"{6.0 - composed:.3f}" in text
         assert "do not add up" in text
+
+
+# --- one accountant over every disclosure -------------------------------------------------
+
+
+def test_statistics_released_earlier_count_against_a_runs_admission(
+    make_trainer: TrainerFactory, site_data: SiteData, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sigma, q, steps = plan_figures(site_data)
+    whole = dpsgd_epsilon((sigma, q, 4 * steps))
+    write_policy(tmp_path, caps={"oncology": whole * 1.05})
+    # Alone, the run's training fits the project's cap.
+    assert trainer_accepts(make_trainer(), admission())
+    # Another run of the project released statistics about the same rows: composed with
+    # them, the training no longer fits. Refused at admission, with the figures.
+    ledger = PrivacyLedger(SitePaths(tmp_path).ledger)
+    ledger.open_run(run_id="study-stats", project="oncology", epsilon_budget=5.0, delta=DELTA)
+    stats = LaplaceRelease(scale=2.0, l1_sensitivity=1.0, count=1)
+    ledger.reserve(run_id="study-stats", purpose="statistics", key="table-1", mechanism=stats,
+                   caps=Caps(project=whole * 1.05))
+    spent = ledger.project_epsilon("oncology")
+    after = compose_mechanisms([stats, DpSgd(sigma, q, 4 * steps)], delta=DELTA).epsilon
+    guard = Untouched(monkeypatch)
+    code, reason = refusal(make_trainer().handle(admission(**{CFG.RUN_ID: "run-2"}), {})[0])
+    assert code == SiteErrorCode.REFUSED_BUDGET
+    assert (f"project oncology's epsilon at this site would go from {spent:.3f} spent to "
+            f"{after:.3f}") in reason
+    assert guard.touched == 0
+
+
+def trainer_accepts(trainer: WarmTrainer, task: dict[str, Any]) -> bool:
+    reply, _ = trainer.handle(task, {})
+    return reply == {"status": {"status": "accepted"}}
+
+
+def test_a_ledger_entry_of_an_unknown_mechanism_stops_training_naming_it(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    write_policy(tmp_path)
+    trainer = make_trainer()
+    reply, out = trainer.handle(train(1), global_arrays)
+    assert "error" not in reply
+    # A newer Fedward recorded a mechanism this version does not know.
+    con = sqlite3.connect(SitePaths(tmp_path).ledger)
+    try:
+        con.execute("INSERT INTO entries (run_id, project, purpose, key, round, delta, "
+                    "mechanism, state, epsilon_after, reserved_at) VALUES ('run-1', 'oncology',"
+                    " 'statistics', 'new-kind', NULL, 1e-5, '{\"type\": \"SkellamRound\"}', "
+                    "'charged', 2.0, '2027-01-01T00:00:00+00:00')")
+        con.commit()
+    finally:
+        con.close()
+    guard = Untouched(monkeypatch)
+    for task, arrays in ((train(2), out), (admission(**{CFG.RUN_ID: "run-9"}), {})):
+        code, reason = refusal(trainer.handle(task, arrays)[0])
+        assert code == SiteErrorCode.REFUSED_POLICY
+        assert ("refused-policy: the site refuses to train: its privacy ledger holds an entry "
+                "this version cannot account (entry 2 records mechanism type "
+                "'SkellamRound')") in reason
+        assert "fedward-site ledger show" in reason
+    assert guard.touched == 0
+    entries, _ = read_entries(SitePaths(tmp_path).audit_log)
+    assert [e.detail["code"] for e in entries if e.action == "task-refused"] == [703, 703]
+    # Hospital IT sees the entry as stored.
+    result = CliRunner().invoke(site_cli, ["ledger", "show", "--dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "SkellamRound" in result.output and "entry 2 (run 'run-1', statistics)" in (
+        result.output.replace("\n", ""))
+
+
+def test_ledger_show_and_runs_detail_list_every_disclosure_with_its_mechanism(
+    tmp_path: Path,
+) -> None:
+    write_policy(tmp_path, caps={"oncology": 9.0})
+    ledger = PrivacyLedger(SitePaths(tmp_path).ledger)
+    ledger.open_run(run_id="7", project="oncology", epsilon_budget=6.0, delta=DELTA,
+                    noise_multiplier=1.7, sample_rate=0.125)
+    ledger.reserve(run_id="7", purpose="statistics", key="table-1",
+                   mechanism=LaplaceRelease(scale=10.0, l1_sensitivity=1.0, count=2))
+    for n in (1, 2):
+        ledger.reserve_round(run_id="7", round_number=n, steps=8)
+    ledger.complete_round(run_id="7", round_number=1)
+    ApprovalBook(SitePaths(tmp_path).approvals).observe(
+        run_id="7", project="oncology", task=TASK, total_rounds=3, refusal=lambda record: None)
+    runner = CliRunner()
+
+    shown = json.loads(runner.invoke(site_cli, ["ledger", "show", "--dir", str(tmp_path),
+                                                "--json"]).output)
+    assert [(e["purpose"], e["key"], e["state"], e["mechanism"]["type"])
+            for e in shown["entries"]] == [("statistics", "table-1", "reserved", "LaplaceRelease"),
+                                           ("round", "1", "charged", "DpSgd"),
+                                           ("round", "2", "reserved", "DpSgd")]
+    run_figure = shown["figures"]["runs"]["7"]
+    assert run_figure["accountant"] == "pld"
+    assert run_figure["epsilon"] == ledger.epsilon_spent("7")
+    assert run_figure["epsilon"] < run_figure["rdp"]           # the looser cross-check
+    assert shown["figures"]["site"]["epsilon"] == ledger.site_epsilon()
+
+    text = runner.invoke(site_cli, ["ledger", "show", "--dir", str(tmp_path)],
+                         terminal_width=200).output
+    assert "Laplace release x2: scale 10, L1 sensitivity 1" in text
+    assert "DP-SGD: 8 step(s), noise multiplier 1.7, sample rate 0.125" in text
+    assert f"{ledger.epsilon_spent('7'):.3f}" in text and "PLD" in text
+
+    rows = json.loads(runner.invoke(site_cli, ["runs", "--dir", str(tmp_path), "--json",
+                                               "--detail"]).output)
+    assert [d["purpose"] for d in rows[0]["disclosures"]] == ["statistics", "round", "round"]
+    assert rows[0]["epsilon_spent"] == ledger.epsilon_spent("7")
+    assert rows[0]["rounds_trained"] == 1
+    text = runner.invoke(site_cli, ["runs", "--dir", str(tmp_path), "--detail"],
+                         terminal_width=200).output
+    assert "run 7: disclosures" in text and "Laplace release x2" in text
+
+
+def test_a_run_waiting_for_approval_is_answered_pending_over_an_unreadable_ledger(
+    make_trainer: TrainerFactory, tmp_path: Path,
+) -> None:
+    paths = SitePaths(tmp_path)
+    paths.policy.write_text(json.dumps({
+        "version": 1, "require_approval": True, "max_rounds_per_day": None,
+        "site_epsilon_cap": None,
+        "projects": {"oncology": {"epsilon_cap": 10.0, "tasks": [TASK]}}}))
+    paths.ledger.write_bytes(b"not a database " * 100)
+    reply, _ = make_trainer().handle(admission(), {})
+    code, reason = refusal(reply)          # answered, not a dropped connection
+    assert code == SiteErrorCode.PENDING_APPROVAL
+    ApprovalBook(paths.approvals).decide("run-1", "approved", by="it")
+    code, reason = refusal(make_trainer().handle(admission(), {})[0])
+    assert code == SiteErrorCode.REFUSED_POLICY
+    assert "its privacy ledger cannot be read" in reason

@@ -382,6 +382,37 @@ def test_package_versions(tmp_path: Path) -> None:
     assert "torch is" not in check.message  # 2.13.0+cpu is the pinned 2.13.0
 
 
+# --- the privacy ledger ---------------------------------------------------------------------
+
+
+def test_the_ledger_check_fails_on_what_would_stop_training(tmp_path: Path) -> None:
+    import sqlite3
+
+    from privacy import PrivacyLedger
+
+    paths = SitePaths(tmp_path)
+    assert doctor.check_ledger(paths).status == "ok"          # nothing spent yet
+    ledger = PrivacyLedger(paths.ledger)
+    ledger.open_run(run_id="r", project="p", epsilon_budget=3.0, delta=1e-5,
+                    noise_multiplier=2.0, sample_rate=0.1)
+    ledger.reserve_round(run_id="r", round_number=1, steps=5)
+    check = doctor.check_ledger(paths)
+    assert check.status == "ok" and "1 run(s), 1 entr(y/ies)" in check.message
+    paths.ledger.chmod(0o644)
+    check = doctor.check_ledger(paths)
+    assert check.status == "warn" and "chmod 600" in check.message
+    paths.ledger.chmod(0o600)
+    con = sqlite3.connect(paths.ledger)
+    try:
+        con.execute("UPDATE entries SET mechanism = '{\"type\": \"SkellamRound\"}'")
+        con.commit()
+    finally:
+        con.close()
+    check = doctor.check_ledger(paths)
+    assert check.status == "fail"
+    assert "entry 1 (run 'r', round) records mechanism type 'SkellamRound'" in check.message
+
+
 # --- all together -------------------------------------------------------------------------
 
 
@@ -410,7 +441,7 @@ def test_doctor_on_a_healthy_site_passes(site: Path, serve: Callable[..., DateSe
         "site configuration": "ok", "data against schema": "ok", "site policy": "ok",
         "node key": "ok", "coordinator CA certificate": "ok", "site certificate": "skip",
         "clock skew": "ok", "coordinator reachable": "ok", "node registration": "skip",
-        "disk space": "ok", "package versions": "ok",
+        "privacy ledger": "ok", "disk space": "ok", "package versions": "ok",
     }
     human = CliRunner().invoke(site_cli, ["doctor", "--dir", str(site)])
     assert human.exit_code == 0 and "0 failed" in human.output

@@ -116,7 +116,7 @@ def trainer(site_data: SiteData, tmp_path: Path) -> Trainer:
     """A site's warm trainer writing a real, hash-chained audit log."""
     log = tmp_path / "audit.log"
     return WarmTrainer(site_name="hospital-a", task=TASK, data=site_data,
-                       ledger=PrivacyLedger(tmp_path / "privacy-ledger.json"),
+                       ledger=PrivacyLedger(tmp_path / "privacy-ledger.sqlite"),
                        replies_dir=tmp_path / "replies", audit=AuditLog(log)), log
 
 

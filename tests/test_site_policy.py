@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import site_agent.trainer as trainer_module
 from export.tasks import build_model, model_arrays
 from export.wire import CFG, SiteErrorCode
-from privacy import PrivacyLedger, epsilon_for_history
+from privacy import DpSgd, PrivacyLedger, compose_mechanisms
 from site_agent.audit import AuditLog, read_entries, verify_log
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
@@ -258,7 +258,7 @@ def test_without_a_policy_file_every_task_is_refused(
                           "write policy.json before it accepts any run "
                           "(fedward-site policy init)")
     assert guard.touched == 0
-    assert not (tmp_path / "privacy-ledger.json").exists()
+    assert not (tmp_path / "privacy-ledger.sqlite").exists()
     assert actions(audit) == ["policy-missing", "run-seen", "task-refused", "task-refused"]
 
 
@@ -292,7 +292,7 @@ def test_project_not_in_the_policy_is_refused_before_any_data(
     assert code == SiteErrorCode.REFUSED_POLICY and out == {}
     assert reason == "refused-policy: project cardiology is not accepted by this site"
     assert guard.touched == 0
-    assert not (tmp_path / "privacy-ledger.json").exists()
+    assert not (tmp_path / "privacy-ledger.sqlite").exists()
     entries, _ = read_entries(audit.path)
     seen = next(e for e in entries if e.action == "run-seen")
     assert seen.detail == {"run": "run-1", "project": "cardiology", "task": TASK,
@@ -325,11 +325,11 @@ def test_pending_run_waits_then_trains_once_approved(
         assert reason == ("pending-approval: run run-1 waits for approval at site hospital-a "
                           "(fedward-site approve run-1)")
     assert guard.touched == 0
-    assert not (tmp_path / "privacy-ledger.json").exists()
+    assert not (tmp_path / "privacy-ledger.sqlite").exists()
     book = ApprovalBook(SitePaths(tmp_path).approvals)
     record = book.get("run-1")
     assert record is not None and record.decision is None
-    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))[0].status == \
+    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.sqlite"))[0].status == \
         "pending"
 
     result = CliRunner().invoke(site_cli, ["approve", "run-1", "--dir", str(tmp_path),
@@ -341,7 +341,7 @@ def test_pending_run_waits_then_trains_once_approved(
     reply, out = trainer.handle(train(1), global_arrays)
     assert "error" not in reply and out
     assert reply["metrics"]["epsilon-spent"] > 0
-    statuses = run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))
+    statuses = run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.sqlite"))
     assert [(s.status, s.rounds_trained, s.record.by) for s in statuses] == \
         [("running", 1, "dr-it")]
     assert actions(audit) == ["policy-loaded", "run-seen", "task-refused", "task-refused",
@@ -366,7 +366,7 @@ def test_admission_is_answered_from_the_policy_alone_and_recorded_once_per_answe
         assert reason == ("pending-approval: run run-1 waits for approval at site hospital-a "
                           "(fedward-site approve run-1)")
     book = ApprovalBook(SitePaths(tmp_path).approvals)
-    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))[0].status == \
+    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.sqlite"))[0].status == \
         "pending"
     result = CliRunner().invoke(site_cli, ["approve", "run-1", "--dir", str(tmp_path),
                                            "--by", "dr-it"])
@@ -376,8 +376,8 @@ def test_admission_is_answered_from_the_policy_alone_and_recorded_once_per_answe
         assert reply == {"status": {"status": "accepted"}} and out == {}
     # Nothing was read, trained or charged: the answer comes from the policy check only.
     assert guard.touched == 0
-    assert not (tmp_path / "privacy-ledger.json").exists()
-    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.json"))[0].status == \
+    assert not (tmp_path / "privacy-ledger.sqlite").exists()
+    assert run_statuses(book, PrivacyLedger(tmp_path / "privacy-ledger.sqlite"))[0].status == \
         "approved"
     assert actions(audit) == ["policy-loaded", "run-seen", "task-refused", "run-approved",
                               "admission-accepted"]
@@ -434,7 +434,7 @@ def test_denied_run_is_refused_for_training_and_evaluation(
         "run": "run-1", "project": "oncology", "task": TASK, "by": "dr-it",
         "previous": None, "reason": "not in our ethics approval"}]
     statuses = run_statuses(ApprovalBook(SitePaths(tmp_path).approvals),
-                            PrivacyLedger(tmp_path / "privacy-ledger.json"))
+                            PrivacyLedger(tmp_path / "privacy-ledger.sqlite"))
     assert statuses[0].status == "denied"
 
 
@@ -497,7 +497,7 @@ def test_max_rounds_per_day_refuses_the_round_over_the_limit(
     assert reason.startswith("refused-policy: this site trains at most 1 round(s) per 24 "
                              "hours and has trained 1; the next round can train in 2")
     assert guard.touched == 0
-    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.sqlite")
     assert len(ledger.history("run-1")) == 1
     # A day later the window has moved on.
     check_rounds_per_day(ledger, limit=1, run_id="run-1", round_number=2,
@@ -514,11 +514,11 @@ def test_project_cap_composes_the_runs_of_a_project(
     reply1, out1 = trainer.handle(train(1), global_arrays)
     assert "error" not in reply1
     assert "error" not in trainer.handle(train(1, **{CFG.RUN_ID: "run-2"}), global_arrays)[0]
-    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.sqlite")
     one_round = ledger.history("run-1")
     assert len(one_round) == 1
-    two_rounds = epsilon_for_history(one_round * 2, delta=1e-5)
-    three_rounds = epsilon_for_history(one_round * 3, delta=1e-5)
+    two_rounds = compose_mechanisms([DpSgd(*h) for h in one_round * 2], delta=1e-5).epsilon
+    three_rounds = compose_mechanisms([DpSgd(*h) for h in one_round * 3], delta=1e-5).epsilon
     # IT lowers the cap mid-run: run-1's round 2 alone fits (two rounds), but not composed
     # with run-2's round (three rounds), so the per-round check refuses it.
     cap = (two_rounds + three_rounds) / 2
@@ -557,7 +557,7 @@ def test_the_smaller_of_the_agent_cap_and_the_policy_cap_applies(
     code, reason = refusal(trainer.handle(train(1), global_arrays)[0])
     assert code == SiteErrorCode.REFUSED_BUDGET and "over the 0.020 this site" in reason
     assert guard.touched == 0
-    assert PrivacyLedger(tmp_path / "privacy-ledger.json").get_run("run-1") is None
+    assert PrivacyLedger(tmp_path / "privacy-ledger.sqlite").get_run("run-1") is None
 
 
 def test_the_coordinator_never_writes_the_policy(
