@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/fedward-demo
 
 lint: install
-	$(BIN)/ruff check coordinator site_agent privacy export tests bench
+	$(BIN)/ruff check fedward coordinator site_agent privacy export tests bench
 
 typecheck: install
 	$(BIN)/mypy

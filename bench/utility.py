@@ -120,7 +120,8 @@ def run_federated(fed: dict[str, Any], *, epsilon: float | None, seed: int,
     own secret-derived seed (the appliance's).
     """
     from coordinator.server_app import aggregate
-    from export.tasks import build_model, get_task, model_arrays, set_model_arrays
+    from fedward.models import model_arrays, set_model_arrays
+    from fedward.tasks import build_model, get_task
     from privacy import (
         epsilon_for_history,
         evaluate,
@@ -173,7 +174,7 @@ def run_federated(fed: dict[str, Any], *, epsilon: float | None, seed: int,
 
 
 def pooled_baseline(fed: dict[str, Any], seed: int) -> dict[str, float]:
-    from export.tasks import build_model, get_task
+    from fedward.tasks import build_model, get_task
     from privacy import evaluate, train_plain
 
     spec = get_task(TASK)

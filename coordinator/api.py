@@ -1071,7 +1071,7 @@ def launch_run(
             f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
             f"will take part ({', '.join(sites) or 'none'})",
         )
-    from export.tasks import TASKS  # torch-heavy; see RunCreate._known_task
+    from fedward.tasks import TASKS  # torch-heavy; see RunCreate._known_task
 
     task = TASKS[body.task]
     config = RunConfig(

@@ -31,8 +31,8 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from export.relay import over_unix_socket, unix_path
-from export.wire import APP_COMPONENTS, APP_NAME, APP_PUBLISHER
+from fedward.sandbox.relay import over_unix_socket, unix_path
+from fedward.wire import APP_COMPONENTS, APP_NAME, APP_PUBLISHER
 
 __all__ = [
     "APP_COMPONENTS",

@@ -173,7 +173,7 @@ DATA_FINGERPRINT_METHOD: Final = (
     "of the declared data schema; n-rows, n-train, n-test: row counts")
 _EPSILON_METRIC: Final = "epsilon-spent"
 _FINGERPRINT_METRIC_PREFIX: Final = "fingerprint-"
-# Site metric names (export.wire.ALLOWED_REPLY_METRICS) -> evaluation figure names.
+# Site metric names (fedward.wire.ALLOWED_REPLY_METRICS) -> evaluation figure names.
 _EVAL_METRICS: Final[Mapping[str, str]] = {
     "eval-auc": "auc",
     "eval-accuracy": "accuracy",
@@ -706,7 +706,8 @@ def _export_artefacts(*, task: str, arrays: dict[str, Any], out_dir: Path
         export_onnx_int8,
         export_openvino,
     )
-    from export.tasks import UnknownTaskError, build_model, set_model_arrays
+    from fedward.models import set_model_arrays
+    from fedward.tasks import UnknownTaskError, build_model
 
     try:
         model = build_model(task)
@@ -1028,7 +1029,7 @@ def _release_id(project: str, run_id: int, round_number: int, candidate_id: int)
 def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Project,
                 approver: str, reason: str, approved_at: str) -> dict[str, Any]:
     from export.onnx_export import INPUT_NAME, OUTPUT_NAME
-    from export.tasks import get_task
+    from fedward.tasks import get_task
 
     spec = get_task(run.task)
     lineage: dict[str, Any] = json.loads(cand.lineage_json)

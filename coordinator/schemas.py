@@ -182,7 +182,7 @@ class RunCreate(_Request):
     """
 
     project: str = Field(min_length=1, max_length=64)
-    task: str = Field(description="A task of the shared registry (export.tasks.TASKS).")
+    task: str = Field(description="A task of the shared registry (fedward.tasks.TASKS).")
     rounds: int = Field(ge=1, le=100)
     local_epochs: int = Field(default=1, ge=1, le=50)
     epsilon: float = Field(gt=0, le=100, description="Privacy budget per site for the run.")
@@ -215,7 +215,7 @@ class RunCreate(_Request):
     def _known_task(cls, value: str) -> str:
         # Imported here, not at module level: the registry imports torch, which the API's
         # other routes (and the CLI) do not need to pay for at start-up.
-        from export.tasks import TASKS
+        from fedward.tasks import TASKS
 
         if value not in TASKS:
             known = ", ".join(sorted(TASKS))

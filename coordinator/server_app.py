@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from coordinator import repository
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.models import utcnow
-from export.wire import (
+from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
     FINGERPRINT_KEYS,
@@ -322,7 +322,7 @@ class RoundLoop:
     _admission: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # Digest of every update received in this run -> (first round, site), for replays.
     _seen: dict[str, tuple[int, str]] = field(default_factory=dict, init=False, repr=False)
-    # The array layout of the packed model last sent (see export.wire.PACKED).
+    # The array layout of the packed model last sent (see fedward.wire.PACKED).
     _layout: list[tuple[str, tuple[int, ...]]] = field(default_factory=list, init=False,
                                                       repr=False)
 
@@ -778,7 +778,7 @@ class RoundLoop:
 
 
 def _admission_answer(reply: Message, before: _Answer | None) -> _Answer:
-    """A site's answer to the admission question (see export.wire.ADMISSION_ACTION)."""
+    """A site's answer to the admission question (see fedward.wire.ADMISSION_ACTION)."""
     if reply.has_error():
         code = reply.error.code
         label = SiteErrorCode.NAMES.get(code, f"flower-error-{code}")
@@ -915,7 +915,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point the SuperLink calls for every run of the appliance's app."""
     from coordinator.db import make_engine
-    from export.tasks import build_model, model_arrays
+    from fedward.models import model_arrays
+    from fedward.tasks import build_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # httpx logs every request at INFO, the 0.1 s reply pulls included; Flower uploads each
@@ -925,7 +926,7 @@ def main(grid: Grid, context: Context) -> None:
     # the first retry; a short, bounded back-off instead (see site_agent.supernode_main).
     from flwr.superlink.grid import http_grid
 
-    from export.runtime import with_short_backoff
+    from fedward.flower.backoff import with_short_backoff
 
     setattr(http_grid, "pull_objects",  # noqa: B010
             with_short_backoff(getattr(http_grid, "pull_objects")))  # noqa: B009

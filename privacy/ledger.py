@@ -39,7 +39,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeGuard
 
-from export.runtime import FileLock, atomic_write
+from fedward.files import FileLock, atomic_write
 from privacy.dp import (
     HistoryEntry,
     check_round_budget,

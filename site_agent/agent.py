@@ -3,7 +3,7 @@
 It loads and checks the site's data once (refusing to train on bad data), serves the warm
 trainer on a Unix socket inside the data directory, and keeps one ``flower-supernode``
 connected outbound to the coordinator, restarting it with the back-off Flower needs. The
-SuperNode runs in a private network namespace (:mod:`export.netns`): its runtime API, which
+SuperNode runs in a private network namespace (:mod:`fedward.sandbox.netns`): its runtime API, which
 has no authentication, is reachable only through a Unix socket in the site's 0700 ``run/``
 directory, and it reaches the coordinator only through the route it is given. The agent
 listens on no TCP port at all. One agent per site directory: a second one is refused (a
@@ -29,15 +29,16 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from export.netns import (
+from fedward.flower.env import flower_env
+from fedward.procs import free_port
+from fedward.sandbox.netns import (
     EXIT_NO_SANDBOX,
     IsolationError,
     Sandbox,
     isolation_mode,
     sandbox_failure,
 )
-from export.relay import Endpoint, RelayThread, unix_connect, unix_path
-from export.runtime import flower_env, free_port
+from fedward.sandbox.relay import Endpoint, RelayThread, unix_connect, unix_path
 from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
 from site_agent.audit import AuditLog, AuditLogError
@@ -169,7 +170,7 @@ def _warm_up(task: str) -> None:
     """
     import numpy as np
 
-    from export.tasks import build_model, get_task
+    from fedward.tasks import build_model, get_task
     from privacy import train_dp
 
     spec = get_task(task)

@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from export.certs import ensure_ca, issue_server_cert, make_csr, write_private_key
-from export.wire import TokenFormatError, parse_enrollment_token
+from fedward.certs import ensure_ca, issue_server_cert, make_csr, write_private_key
+from fedward.tokens import TokenFormatError, parse_enrollment_token
 from site_agent.config import SitePaths
 from site_agent.keys import ensure_node_key
 

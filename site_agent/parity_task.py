@@ -16,7 +16,7 @@ turned the old parity figures into a read-out of patient cells. So a site:
 4. measures each format of a model at most once (recorded before any row is read);
 5. returns only coarse figures: the class agreement rounded down to a multiple of 1/20 and
    the largest logit difference rounded up to a power of ten
-   (:func:`export.wire.coarse_agreement`, :func:`export.wire.coarse_max_abs_diff`), which
+   (:func:`fedward.wire.coarse_agreement`, :func:`fedward.wire.coarse_max_abs_diff`), which
    the egress guard enforces.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from export.bundle import ARTEFACT_FILES, FORMATS, ArtefactFormat
 from export.canonical import canonical_digest, describe_difference
-from export.wire import coarse_agreement, coarse_max_abs_diff
+from fedward.wire import coarse_agreement, coarse_max_abs_diff
 
 __all__ = [
     "ARTEFACT_PREFIX",
@@ -228,7 +228,8 @@ def measure_parity(*, task: str, run_id: str, model_arrays: dict[str, np.ndarray
         ValueError: The arrays do not fit the task's model.
     """
     from export.parity import parity_report
-    from export.tasks import build_model, set_model_arrays
+    from fedward.models import set_model_arrays
+    from fedward.tasks import build_model
 
     digest = model_digest(model_arrays)
     formats = [f for f in FORMATS if all(n in files for n in ARTEFACT_FILES[f])]

@@ -49,7 +49,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from export.runtime import FileLock, atomic_write
+from fedward.files import FileLock, atomic_write
 
 if TYPE_CHECKING:
     from privacy.ledger import PrivacyLedger
@@ -146,8 +146,8 @@ def _is_number(value: object) -> bool:
 
 
 def _known_tasks() -> frozenset[str]:
-    # Imported here: export.tasks imports torch, which the light CLI commands never need.
-    from export.tasks import TASKS
+    # Imported here: fedward.tasks imports torch, which the light CLI commands never need.
+    from fedward.tasks import TASKS
 
     return frozenset(TASKS)
 

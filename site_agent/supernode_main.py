@@ -24,7 +24,7 @@ import flwr.supernode.start_client_internal as _start_client_internal
 from flwr.supercore.run import RunNotRunningException
 from flwr.supernode.cli.flower_supernode import flower_supernode
 
-from export.runtime import with_short_backoff
+from fedward.flower.backoff import with_short_backoff
 
 __all__ = ["POLL_ENV", "RunEndedWhileReceiving", "ShortSleep", "finish_tasks_of_ended_runs",
            "main"]

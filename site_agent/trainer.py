@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.tasks import array_shapes, get_task, model_arrays, set_model_arrays
-from export.wire import CFG, MSG, SiteErrorCode
+from fedward.models import array_shapes, model_arrays, set_model_arrays
+from fedward.tasks import get_task
+from fedward.wire import CFG, MSG, SiteErrorCode
 from privacy import (
     BudgetExceededError,
     PlanCheck,

@@ -57,9 +57,10 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from export.relay import over_unix_socket, unix_path
-from export.runtime import die_with_parent, stop_process_tree, with_short_backoff
-from export.wire import APP_COMPONENTS, APP_PUBLISHER, SiteErrorCode
+from fedward.flower.backoff import with_short_backoff
+from fedward.procs import die_with_parent, stop_process_tree
+from fedward.sandbox.relay import over_unix_socket, unix_path
+from fedward.wire import APP_COMPONENTS, APP_PUBLISHER, SiteErrorCode
 from site_agent.diagnostics import failure_reason
 
 __all__ = ["UnknownBundleError", "WarmExecutor", "check_bundle"]
@@ -98,7 +99,7 @@ def pull_task_input(client: RuntimeHttpClient, *, max_time: float = PULL_MAX_TIM
     """Pull a task's context, bundle and message, giving up after ``max_time`` seconds.
 
     The same calls as ``flwr.supernode.runtime.run_clientapp.pull_task_input``, with a
-    bounded wait and the appliance's short back-off (``export.runtime``; Flower starts at
+    bounded wait and the appliance's short back-off (``fedward.procs``; Flower starts at
     1 s, which a round pays whenever the task is acquired before its message content is
     local).
     """

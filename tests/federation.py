@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from export.runtime import descendants, free_port
+from fedward.procs import descendants, free_port
 
 BIN = Path(sys.executable).parent
 LIFETIME_S = 600

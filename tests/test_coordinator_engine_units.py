@@ -36,7 +36,7 @@ from coordinator.models import AuditEvent, Project, Round, Run, Site, SiteMetric
 from coordinator.pki import ensure_ca, issue_server_cert
 from coordinator.repository import finish_round, last_checkpoint, record_checkpoint
 from coordinator.schemas import NodeKeyCreate
-from export.wire import (
+from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
     MSG,
@@ -240,7 +240,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def task_arrays(msg: Message) -> dict[str, np.ndarray]:
-    """The model a task message carries (packed on the wire, see export.wire.PACKED)."""
+    """The model a task message carries (packed on the wire, see fedward.wire.PACKED)."""
     record = msg.content.array_records[TASK_ARRAYS]
     arrays = {k: v.numpy() for k, v in record.items()}
     if set(arrays) == {PACKED}:
@@ -910,7 +910,8 @@ def test_honest_dp_updates_pass_the_norm_bound_and_a_scaled_one_is_rejected(
 ) -> None:
     import torch
 
-    from export.tasks import build_model, model_arrays
+    from fedward.models import model_arrays
+    from fedward.tasks import build_model
 
     torch.set_num_threads(1)
     plan = make_plan(rounds=2, min_sites=2, lr=1.0, batch_size=32, max_grad_norm=1.0,

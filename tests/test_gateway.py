@@ -19,9 +19,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from export.certs import ensure_ca, make_csr, write_private_key
-from export.runtime import descendants
-from export.wire import format_enrollment_token, parse_enrollment_token
+from fedward.certs import ensure_ca, make_csr, write_private_key
+from fedward.procs import descendants
+from fedward.tokens import format_enrollment_token, parse_enrollment_token
 from site_agent.enroll import EnrollError, EnrollmentFiles, enroll
 from site_agent.keys import ensure_node_key
 
@@ -97,7 +97,7 @@ def test_no_certificate_or_another_ca_is_refused(fed: Federation, tmp_path: Path
     rogue = ensure_ca(tmp_path / "rogue")
     key = ec.generate_private_key(ec.SECP256R1())
     write_private_key(tmp_path / "rogue.key", key)
-    from export.certs import issue_site_cert
+    from fedward.certs import issue_site_cert
 
     cert = issue_site_cert(rogue, csr_pem=make_csr(key, "site-nocert"), site_name="site-nocert")
     (tmp_path / "rogue.pem").write_bytes(cert.pem)

@@ -37,7 +37,7 @@ from coordinator.models import EnrollmentToken, Site, SiteCertificate
 from coordinator.pki import CAFiles
 from coordinator.service import gateway_cert_paths, init_home
 from coordinator.settings import Settings
-from export.certs import make_csr, write_private_key
+from fedward.certs import make_csr, write_private_key
 from site_agent.keys import ensure_node_key
 
 

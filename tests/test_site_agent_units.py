@@ -26,8 +26,9 @@ import torch
 
 import site_agent.trainer as trainer_module
 from coordinator.pki import ensure_ca, issue_server_cert
-from export.tasks import array_shapes, build_model, model_arrays
-from export.wire import CFG, SiteErrorCode
+from fedward.models import array_shapes, model_arrays
+from fedward.tasks import build_model
+from fedward.wire import CFG, SiteErrorCode
 from privacy import PrivacyLedger
 from site_agent.config import ConfigError, SiteConfig
 from site_agent.data import SiteData, load_schema, load_site_data
@@ -822,7 +823,7 @@ def test_object_pulls_retry_after_a_short_back_off_not_flowers_second() -> None:
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
     from flwr.superlink.grid import http_grid
 
-    from export.runtime import with_short_backoff
+    from fedward.flower.backoff import with_short_backoff
 
     # Both modules the appliance patches still call Flower's pull_objects by that name.
     assert getattr(start_client_internal, "pull_objects") is inflatable_utils.pull_objects  # noqa: B009
@@ -896,7 +897,7 @@ def test_the_relay_routes_an_admission_question_to_the_trainer_without_arrays(
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from export.wire import ADMISSION_MESSAGE_TYPE, MSG, REPLY_CONFIG, TASK_CONFIG
+    from fedward.wire import ADMISSION_MESSAGE_TYPE, MSG, REPLY_CONFIG, TASK_CONFIG
     from site_agent.clientapp import SOCKET_KEY
     from site_agent.clientapp import app as relay
 
@@ -932,7 +933,7 @@ def test_the_relay_unpacks_a_packed_model_and_packs_the_reply_in_its_order(
     from flwr.common import MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
-    from export.wire import (
+    from fedward.wire import (
         CFG,
         PACKED,
         REPLY_ARRAYS,

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from export.tasks import build_model, model_arrays
-from export.wire import CFG, SiteErrorCode
+from fedward.models import model_arrays
+from fedward.tasks import build_model
+from fedward.wire import CFG, SiteErrorCode
 from privacy import PrivacyLedger
 from site_agent.audit import (
     GENESIS_HASH,

@@ -22,8 +22,9 @@ import torch
 from typer.testing import CliRunner
 
 import site_agent.trainer as trainer_module
-from export.tasks import build_model, model_arrays
-from export.wire import CFG, SiteErrorCode
+from fedward.models import model_arrays
+from fedward.tasks import build_model
+from fedward.wire import CFG, SiteErrorCode
 from privacy import (
     PrivacyLedger,
     epsilon_for_history,
@@ -288,8 +289,9 @@ _KILLED_TRAINER = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import privacy.ledger as ledger_module
-    from export.tasks import build_model, model_arrays
-    from export.wire import CFG
+    from fedward.models import model_arrays
+    from fedward.tasks import build_model
+    from fedward.wire import CFG
     from privacy import PrivacyLedger
     from site_agent.audit import AuditLog
     from site_agent.data import load_schema, load_site_data

@@ -6,13 +6,9 @@ relay and warm trainer read them; the egress guard checks replies against the al
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -36,15 +32,11 @@ __all__ = [
     "REPLY_METRICS",
     "TASK_ARRAYS",
     "TASK_CONFIG",
-    "EnrollmentTokenParts",
     "SiteErrorCode",
-    "TokenFormatError",
     "coarse_agreement",
     "coarse_max_abs_diff",
-    "format_enrollment_token",
     "is_coarse_parity_figure",
     "pack_arrays",
-    "parse_enrollment_token",
     "parse_layout",
     "unpack_arrays",
 ]
@@ -180,7 +172,7 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
 )
 
 # Parity figures leave a site only on a coarse grid (export parity, see
-# site_agent.parity_task): the agreement rounded DOWN to a multiple of 1/20, the largest
+# the site's parity task): the agreement rounded DOWN to a multiple of 1/20, the largest
 # logit difference rounded UP to a power of ten (0 stays 0; anything over 100 reads 1000).
 # Both are bounds in the safe direction for the release gates (whose tolerances, 1e-4,
 # 1.0 and 0.95, lie on the grid), and neither can carry a patient's value.
@@ -216,7 +208,7 @@ def is_coarse_parity_figure(name: str, value: float) -> bool:
 
 
 # What a site may say about its data: hashes and counts, never values. The file's digest is
-# keyed (HMAC-SHA256 under a key only the site holds, site_agent.data.keyed_fingerprint): a
+# keyed (HMAC-SHA256 under a key only the site holds): a
 # plain SHA-256 would let anyone holding a candidate copy of the file confirm it.
 FINGERPRINT_KEYS: Final = frozenset(
     {"schema-hash", "content-hmac", "n-rows", "n-train", "n-test"})
@@ -253,48 +245,3 @@ class SiteErrorCode:
         707: "bad-task",
         708: "pending-approval",
     }
-
-
-_TOKEN_RE = re.compile(r"^fw1\.([a-z0-9][a-z0-9-]{1,38}[a-z0-9])\.([A-Za-z0-9_-]{32,64})\."
-                       r"([0-9a-f]{32})\.([0-9a-f]{8})$")
-
-
-def _token_check(site: str, secret: str, ca_pin: str) -> str:
-    return hashlib.sha256(f"{site}.{secret}.{ca_pin}".encode()).hexdigest()[:8]
-
-
-class TokenFormatError(ValueError):
-    """The text is not an enrollment token."""
-
-
-@dataclass(frozen=True)
-class EnrollmentTokenParts:
-    """``fw1.<site>.<secret>.<ca-pin>.<check>``: the site name, the one-time secret, the
-    first 32 hex digits of the SHA-256 of the coordinator CA certificate (DER), and 8 check
-    digits over the rest (so a token mistyped or cut short is told apart from a wrong one)."""
-
-    site: str
-    secret: str
-    ca_pin: str
-
-
-def format_enrollment_token(*, site: str, secret: str, ca_pin: str) -> str:
-    """The text of a token (see :class:`EnrollmentTokenParts`)."""
-    return f"fw1.{site}.{secret}.{ca_pin}.{_token_check(site, secret, ca_pin)}"
-
-
-def parse_enrollment_token(token: str) -> EnrollmentTokenParts:
-    """Split a token; a typo gives an error that says what a token looks like."""
-    m = _TOKEN_RE.match(token.strip())
-    if m is None:
-        raise TokenFormatError(
-            "this is not a Fedward enrollment token (expected "
-            "fw1.<site>.<secret>.<pin>.<check>, one line, no spaces); copy it again, whole, "
-            "from the coordinator team's message")
-    parts = EnrollmentTokenParts(site=m.group(1), secret=m.group(2), ca_pin=m.group(3))
-    if not hmac.compare_digest(m.group(4), _token_check(parts.site, parts.secret,
-                                                        parts.ca_pin)):
-        raise TokenFormatError(
-            "this enrollment token has a typo (its check digits do not match the rest); copy "
-            "it again, whole, from the coordinator team's message (nothing was sent)")
-    return parts
