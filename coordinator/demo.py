@@ -34,7 +34,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.flower_control import FlowerControl
+from fedward.flower.control import FlowerControl
 from fedward.procs import die_with_parent, free_port
 
 __all__ = ["main"]

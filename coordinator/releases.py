@@ -354,7 +354,7 @@ _PACKAGES: Final = ("fedward", "flwr", "torch", "opacus", "onnx", "onnxruntime",
 @functools.cache
 def _software() -> dict[str, Any]:
     """Versions of the packages installed here, the code revision and the Flower app hash."""
-    from coordinator.flower_control import app_bundle  # imports flwr: only when needed
+    from fedward.flower.fab import app_bundle  # imports flwr: only when needed
 
     packages: dict[str, str] = {}
     for name in _PACKAGES:

@@ -28,13 +28,13 @@ from typing import Any, Final, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
 from coordinator import repository
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.models import utcnow
+from fedward.flower.serverapp import EXPIRED_ERROR_CODES, shorten_object_pulls
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
@@ -96,8 +96,6 @@ _PHASE_OF_CODE: Final = {
     SiteErrorCode.TRAINER_UNAVAILABLE: "agent",
     SiteErrorCode.TASK_FAILED: "train",
 }
-# Flower's error replies for a message or reply whose time to live ran out.
-_EXPIRED: Final = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 _PHASE_IN_REASON: Final = re.compile(r"\(phase ([a-z][a-z-]{0,31})\)")
 
 
@@ -590,7 +588,7 @@ class RoundLoop:
         while pending and self.clock() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id
-                if reply.has_error() and reply.error.code in _EXPIRED:
+                if reply.has_error() and reply.error.code in EXPIRED_ERROR_CODES:
                     # The SuperLink's own answer that the message (or its reply) expired:
                     # messages live until the deadline, so this is "no answer in time",
                     # and the site is named late when the deadline passes.
@@ -923,13 +921,8 @@ def main(grid: Grid, context: Context) -> None:
     # line to the SuperLink's database: noise that costs round time (benchmark 1).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # A reply pulled while its objects are still being uploaded waits 1 s in Flower before
-    # the first retry; a short, bounded back-off instead (see site_agent.supernode_main).
-    from flwr.superlink.grid import http_grid
-
-    from fedward.flower.backoff import with_short_backoff
-
-    setattr(http_grid, "pull_objects",  # noqa: B010
-            with_short_backoff(getattr(http_grid, "pull_objects")))  # noqa: B009
+    # the first retry; a short, bounded back-off instead.
+    shorten_object_pulls()
     run_id = int(str(context.run_config["fedward-run-id"]))
     home = Path(os.environ["FEDWARD_HOME"])
     # The URL may hold a password: it comes in a 0600 file, never in the environment.

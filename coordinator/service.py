@@ -20,11 +20,11 @@ from sqlalchemy.engine import Engine
 from coordinator import repository
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
-from coordinator.flower_control import FlowerControl
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
+from fedward.flower.control import FlowerControl
 
 __all__ = ["Coordinator", "FlowerLauncher", "FlowerRegistrar", "init_home"]
 

@@ -17,9 +17,6 @@ __all__ = [
     "ADMISSION_ACTION",
     "ADMISSION_MESSAGE_TYPE",
     "ALLOWED_REPLY_METRICS",
-    "APP_COMPONENTS",
-    "APP_NAME",
-    "APP_PUBLISHER",
     "CFG",
     "FINGERPRINT_KEYS",
     "MSG",
@@ -40,16 +37,6 @@ __all__ = [
     "parse_layout",
     "unpack_arrays",
 ]
-
-APP_PUBLISHER: Final = "fedward"
-APP_NAME: Final = "fedward-app"
-
-# The app bundle (FAB) a run ships is a thin pointer to modules installed with fedward;
-# a site refuses any bundle whose components differ (sites run only installed code).
-APP_COMPONENTS: Final = {
-    "serverapp": "coordinator.server_app:app",
-    "clientapp": "site_agent.clientapp:app",
-}
 
 # Record names inside a Flower Message's RecordDict.
 TASK_ARRAYS: Final = "global_model"      # ArrayRecord: the global model's arrays

@@ -156,7 +156,7 @@ class Federation:
         proc.wait(timeout=10)
 
     def wait_online(self, n: int, timeout: float = 60) -> None:
-        from coordinator.flower_control import FlowerControl
+        from fedward.flower.control import FlowerControl
 
         control = FlowerControl(address=self.superlink, ca_cert=self.home / "pki" / "ca.pem")
         deadline = time.monotonic() + timeout

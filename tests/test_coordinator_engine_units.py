@@ -70,12 +70,6 @@ with warnings.catch_warnings():
     from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
-    from coordinator.flower_control import (
-        APP_COMPONENTS,
-        NodeKeyError,
-        app_bundle,
-        node_public_key_bytes,
-    )
     from coordinator.server_app import (
         NORM_BOUND_FACTOR,
         RoundLoop,
@@ -86,6 +80,8 @@ with warnings.catch_warnings():
         update_norm,
         validate_update,
     )
+    from fedward.flower.control import NodeKeyError, node_public_key_bytes
+    from fedward.flower.fab import APP_COMPONENTS, app_bundle
 
 EXPECTED = {"w": (2, 3), "b": (3,)}
 
