@@ -53,7 +53,6 @@ import math
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 import threading
@@ -97,6 +96,7 @@ from export.bundle import (
     verify_bundle,
     write_bundle,
 )
+from fedward import code_revision
 
 __all__ = [
     "GATE_ROLES",
@@ -364,26 +364,10 @@ def _software() -> dict[str, Any]:
             packages[name] = "not installed"
     return {
         "packages": packages,
-        "code_revision": _code_revision(),
+        "code_revision": code_revision(),
         "flower_app_bundle_sha256": app_bundle()[1],
         "note": "installed on the coordinator when this lineage was recorded",
     }
-
-
-def _code_revision() -> str:
-    """``git rev-parse HEAD`` of the source tree, ``+modified`` if it has local changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if len(head) != 40:
-        return "unknown"
-    return head + ("+modified" if dirty else "")
 
 
 def _evaluation(metrics: Mapping[int, Mapping[str, Mapping[str, float]]], round_number: int,

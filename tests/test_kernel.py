@@ -1,0 +1,121 @@
+"""The kernel package ``fedward``: model registry, build metadata, process and file helpers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import fedward
+from fedward.models import UnknownModelError, build, get_family, known_families
+from fedward.tasks import TaskSpec
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("fedward", "coordinator", "site_agent", "privacy", "export")
+
+
+# --- model registry --------------------------------------------------------------------------
+
+
+def _plugin(root: Path, *, name: str, entry: str) -> None:
+    """A distribution ``fake-models`` on ``root`` whose ``fedward.models`` entry point
+    ``name`` names ``entry``; its module builds a plain linear model."""
+    dist = root / "fake_models-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-models\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[fedward.models]\n{name} = {entry}\n")
+    (root / "fake_models_mod.py").write_text(
+        "from torch import nn\n\n"
+        "def build(n_in: int = 3, n_out: int = 2) -> nn.Module:\n"
+        "    return nn.Linear(n_in, n_out)\n\n"
+        "NOT_A_FACTORY = 42\n")
+
+
+def test_a_model_family_installed_as_a_plugin_is_found_and_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UnknownModelError):
+        get_family("tiny_linear")
+    _plugin(tmp_path, name="tiny_linear", entry="fake_models_mod:build")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "tiny_linear" in known_families()
+    model = build("tiny_linear", {"n_in": 5}, seed=3)
+    assert tuple(model.state_dict()["weight"].shape) == (2, 5)
+    again = build("tiny_linear", {"n_in": 5}, seed=3)
+    assert model.state_dict()["weight"].equal(again.state_dict()["weight"])
+    spec = TaskSpec(name="t", description="d", feature_columns=("a", "b", "c"),
+                    label_column="y", n_classes=2, default_lr=0.1, default_batch_size=8,
+                    model="tiny_linear")
+    assert tuple(spec.build().state_dict()["weight"].shape) == (2, 3)
+
+
+def test_an_unknown_model_family_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(UnknownModelError) as err:
+        get_family("resnet9000")
+    message = str(err.value)
+    assert "unknown model family 'resnet9000'" in message
+    assert "digits_cnn, tabular_mlp" in message
+    assert "fedward.models" in message
+
+
+def test_a_plugin_may_not_take_a_built_in_name_or_be_no_factory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _plugin(tmp_path / "a", name="tabular_mlp", entry="fake_models_mod:build")
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    with pytest.raises(UnknownModelError, match="takes the built-in family name"):
+        known_families()
+    monkeypatch.undo()
+    _plugin(tmp_path / "b", name="broken", entry="fake_models_mod:NOT_A_FACTORY")
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))
+    with pytest.raises(UnknownModelError, match="is not callable"):
+        get_family("broken")
+
+
+def test_reading_the_task_registry_loads_no_torch() -> None:
+    code = ("import sys, fedward, fedward.tasks, fedward.wire, fedward.tokens, fedward.procs,"
+            " fedward.files, fedward.certs, fedward.flower, fedward.flower.env,"
+            " fedward.flower.exit_codes\n"
+            "fedward.tasks.get_task('breast_cancer_mlp')\n"
+            "print(sorted(m for m in ('torch', 'flwr') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+# --- build metadata --------------------------------------------------------------------------
+
+
+def test_the_code_revision_answers_from_build_metadata() -> None:
+    revision = fedward.code_revision()
+    assert revision == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+modified)?", revision)
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"version": "0.1.1.dev3+gabc1234.d20261206", "commit": "g" + "ab" * 20, "dirty": True},
+     "ab" * 20 + "+modified"),
+    ({"version": "0.1.1.dev3+gabc1234", "commit": "g" + "cd" * 20, "dirty": False},
+     "cd" * 20),
+    ({"version": "0.1.1.dev3+gabc12345.d20261206"}, "abc12345+modified"),
+    ({"version": "0.1.0", "commit": None, "dirty": False}, "unknown"),
+])
+def test_the_code_revision_is_read_from_the_version_file(
+        monkeypatch: pytest.MonkeyPatch, fields: dict[str, object], expected: str) -> None:
+    monkeypatch.setitem(sys.modules, "fedward._version",
+                        types.SimpleNamespace(**fields))  # type: ignore[arg-type]
+    assert fedward.code_revision() == expected
+
+
+def test_nothing_in_the_packages_runs_git() -> None:
+    calls = re.compile(r"""(\[\s*["']git["']|["']git\s|shutil\.which\(\s*["']git|import git\b|"""
+                       r"""from git\b)""")
+    found = [f"{path.relative_to(REPO)}:{n}"
+             for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), start=1)
+             if calls.search(line)]
+    assert found == []
