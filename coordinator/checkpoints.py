@@ -8,11 +8,12 @@ verified against the SHA-256 recorded in the database before use.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
+
+from fedward.files import atomic_write
 
 __all__ = ["CheckpointError", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
@@ -40,12 +41,8 @@ def save_checkpoint(
     """Write the global model after a round; returns (relative path, sha256)."""
     rel = checkpoint_path(run_id, round_number)
     path = home / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}),
+                 mode=0o644)
     return rel, _sha256(path)
 
 

@@ -26,6 +26,7 @@ from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
+from fedward.files import atomic_write
 
 __all__ = ["ApiClient", "app", "main", "waiting_note"]
 
@@ -118,9 +119,7 @@ def init(home: HomeOpt = None,
 
 
 def _write_token_file(path: Path, token: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
+    atomic_write(path, token + "\n", mode=0o600)
 
 
 @app.command("admin-token")

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 from coordinator import repository
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.models import utcnow
+from fedward.files import atomic_write
 from fedward.flower.serverapp import EXPIRED_ERROR_CODES, shorten_object_pulls
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
@@ -872,10 +873,8 @@ def run_parity(*, grid: Grid, engine: Engine, plan: RunPlan, request_dir: Path,
             time.sleep(_POLL_S)
     for site in pending.values():
         failed[site] = f"late: no reply within {plan.round_deadline_s:.0f} s"
-    out = request_dir / "result.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sites": results, "failed": failed}, indent=2))
-    os.replace(tmp, out)
+    atomic_write(request_dir / "result.json",
+                 json.dumps({"sites": results, "failed": failed}, indent=2))
 
 
 def _parity_by_format(metrics: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ import numpy as np
 
 from export.bundle import ARTEFACT_FILES, FORMATS, ArtefactFormat
 from export.canonical import canonical_digest, describe_difference
+from fedward.files import atomic_write
 from fedward.wire import coarse_agreement, coarse_max_abs_diff
 
 __all__ = [
@@ -120,14 +120,7 @@ class ParityBook:
         return raw
 
     def _save(self, book: Mapping[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(book, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(book, sort_keys=True), mode=0o600)
 
     def remember_model(self, run_id: str, digest: str) -> None:
         """Record that this site evaluated the global model ``digest`` in run ``run_id``."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
 from fedward.tasks import get_task
 from fedward.wire import CFG, MSG, SiteErrorCode
@@ -718,14 +720,12 @@ class WarmTrainer:
     def _store_reply(self, run_id: str, round_number: int, incoming: str,
                      reply: tuple[dict[str, Any], dict[str, np.ndarray]]) -> None:
         meta_path, arr_path = self._reply_paths(run_id)
-        self.replies_dir.mkdir(parents=True, exist_ok=True)
-        tmp_arr = arr_path.with_name(arr_path.stem + ".tmp.npz")
-        np.savez(tmp_arr, allow_pickle=False, **reply[1])
-        os.replace(tmp_arr, arr_path)
-        tmp_meta = meta_path.with_suffix(".tmp")
-        tmp_meta.write_text(json.dumps({"run": run_id, "round": round_number,
-                                        "incoming": incoming, "header": reply[0]}))
-        os.replace(tmp_meta, meta_path)
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **reply[1])
+        atomic_write(arr_path, buf.getvalue(), mode=0o600)
+        atomic_write(meta_path, json.dumps({"run": run_id, "round": round_number,
+                                            "incoming": incoming, "header": reply[0]}),
+                     mode=0o600)
 
     def _load_reply(self, run_id: str, round_number: int, incoming: str
                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

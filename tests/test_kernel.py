@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -119,3 +120,88 @@ def test_nothing_in_the_packages_runs_git() -> None:
              for n, line in enumerate(path.read_text().splitlines(), start=1)
              if calls.search(line)]
     assert found == []
+
+
+# --- one atomic write ----------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_with_the_mode_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    from fedward.files import atomic_write
+
+    target = tmp_path / "sub" / "state.json"
+    atomic_write(target, "first", mode=0o644)
+    assert target.read_text() == "first" and target.stat().st_mode & 0o777 == 0o644
+    atomic_write(target, b"second")
+    assert target.read_bytes() == b"second" and target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["state.json"]
+
+
+def test_a_failed_atomic_write_keeps_the_old_content(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedward import files
+
+    target = tmp_path / "state.json"
+    files.atomic_write(target, "old")
+
+    def no_space(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space"):
+        files.atomic_write(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_files_are_replaced_only_through_the_one_atomic_write() -> None:
+    """Every replace-a-file in the packages goes through fedward.files.atomic_write; the
+    only other renames publish something already written through it (a signed bundle's
+    staged folder, a renewal's staged key and certificate)."""
+    allowed = {("fedward/files.py", "os.replace(tmp, path)"),
+               ("export/bundle.py", "os.rename(stage, final)"),
+               ("site_agent/enroll.py", "os.replace(new_key, files.site_key)"),
+               ("site_agent/enroll.py", "os.replace(new_cert, files.site_cert)")}
+    found = set()
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for line in path.read_text().splitlines():
+                code = line.split("#", 1)[0].strip()
+                if re.search(r"\bos\.(replace|rename)\(|\.replace\(\s*\w*path\s*\)|"
+                             r"\.rename\(", code):
+                    found.add((str(path.relative_to(REPO)), code))
+    assert found == allowed
+
+
+# --- process trees (psutil) ----------------------------------------------------------------
+
+
+def test_stop_process_tree_ends_a_detached_grandchild(tmp_path: Path) -> None:
+    import psutil
+
+    from fedward.procs import descendants, stop_process_tree
+
+    # A child that starts a grandchild in a session of its own (as Flower's helpers are),
+    # which ignores SIGTERM: only SIGKILL after the grace ends it.
+    script = ("import subprocess, sys, time\n"
+              "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'], "
+              "start_new_session=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 20
+        while not descendants(proc.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        grandchild = psutil.Process(descendants(proc.pid)[0])
+        t0 = time.monotonic()
+        stop_process_tree(proc, timeout=1.0)  # type: ignore[arg-type]
+        assert proc.poll() is not None
+        grandchild.wait(timeout=5)
+        assert not grandchild.is_running()
+        assert time.monotonic() - t0 < 4.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert descendants(proc.pid) == []
