@@ -53,7 +53,6 @@ from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.login_limits import LoginLimiter, LoginThrottled
 from coordinator.models import (
-    ROLES,
     AuditEvent,
     Checkpoint,
     LoginSession,
@@ -90,16 +89,20 @@ from coordinator.schemas import (
     UserPublic,
 )
 from coordinator.settings import Settings
+from fedward.roles import (
+    AUDIT_ROLES,
+    CERTIFICATE_ROLES,
+    ROLES,
+    USER_ADMIN_ROLES,
+    WRITE_ROLES,
+)
 
 __all__ = [
     "API_PREFIX",
-    "AUDIT_ROLES",
     "DEFAULT_TOKEN_TTL",
     "MAX_BODY_BYTES",
     "MIN_PASSWORD_LENGTH",
     "SESSION_TTL",
-    "USER_ADMIN_ROLES",
-    "WRITE_ROLES",
     "BodySizeLimit",
     "CurrentUser",
     "NodeRegistrar",
@@ -121,9 +124,6 @@ __all__ = [
 ]
 
 API_PREFIX: Final = "/api/v1"
-WRITE_ROLES: Final = frozenset({"admin", "ml_engineer"})
-AUDIT_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
-USER_ADMIN_ROLES: Final = frozenset({"admin"})
 SESSION_TTL: Final = timedelta(hours=12)
 DEFAULT_TOKEN_TTL: Final = timedelta(days=90)   # Settings.token_ttl_days
 MIN_PASSWORD_LENGTH: Final = 12
@@ -954,7 +954,7 @@ def issue_enrollment_token(name: str, request: Request, session: SessionDep,
     The token mints a site certificate, so it is an admin's to give: whoever holds one can
     connect to the gateway as that site.
     """
-    _require(user, USER_ADMIN_ROLES)
+    _require(user, CERTIFICATE_ROLES)
     site = _site(session, name)
     settings: Settings = request.app.state.settings
     try:
@@ -976,7 +976,7 @@ def revoke(name: str, body: RevokeRequest, request: Request, session: SessionDep
 
     Revoking a revoked site again retries unregistering its node, if that failed before.
     """
-    _require(user, USER_ADMIN_ROLES)
+    _require(user, CERTIFICATE_ROLES)
     site = _site(session, name)
     if site.status != "revoked":
         revoke_site(session, site=site, actor=user.name, reason=body.reason)

@@ -27,6 +27,7 @@ from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
 from fedward.files import atomic_write
+from fedward.roles import ADMIN
 
 __all__ = ["ApiClient", "app", "main", "waiting_note"]
 
@@ -106,7 +107,7 @@ def init(home: HomeOpt = None,
     token_file = settings.home / ADMIN_TOKEN_FILE
     with session_scope(engine) as session:
         if session.exec(select(User).where(User.name == admin)).first() is None:
-            _user, token = create_user(session, name=admin, role="admin",
+            _user, token = create_user(session, name=admin, role=ADMIN,
                                        token_ttl=timedelta(days=settings.token_ttl_days))
             _write_token_file(token_file, token)
             console.print(f"admin account [bold]{admin}[/] created; its API token is in "
@@ -144,7 +145,7 @@ def admin_token(home: HomeOpt = None,
     try:
         with session_scope(engine) as session:
             user = session.exec(select(User).where(User.name == admin)).first()
-            if user is None or user.role != "admin":
+            if user is None or user.role != ADMIN:
                 _fail(f"no admin account named {admin!r}; give its name with --admin")
             assert user is not None
             if user.disabled_at is not None:

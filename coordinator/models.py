@@ -20,7 +20,6 @@ __all__ = [
     "CHECKPOINT_FORMATS",
     "MLFLOW_EXPORT_STATES",
     "NAMING_CONVENTION",
-    "ROLES",
     "ROUND_STATUSES",
     "RUN_FINAL_STATUSES",
     "RUN_STATUSES",
@@ -45,7 +44,6 @@ __all__ = [
     "utcnow",
 ]
 
-ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer", "clinician"})
 SITE_STATUSES: Final = frozenset({"added", "registered", "revoked"})
 RUN_STATUSES: Final = frozenset({"pending", "running", "completed", "failed", "stopped"})
 RUN_FINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped"})

@@ -99,15 +99,10 @@ from export.bundle import (
 from fedward import code_revision
 
 __all__ = [
-    "GATE_ROLES",
     "GATE_THRESHOLDS",
     "HELD_OUT_NOT_DP",
     "NOT_COVERED_BY_DP",
     "PARITY_TOLERANCES",
-    "PROPOSE_ROLES",
-    "REVIEW_ROLES",
-    "REVOKE_ROLES",
-    "STAFF_ROLES",
     "TRAINING_CURVE_FILE",
     "Conflict",
     "Forbidden",
@@ -140,14 +135,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROPOSE_ROLES: Final = frozenset({"admin", "ml_engineer"})
-# Reviewing is a second person's job: an admin may review too, but never their own proposal.
-REVIEW_ROLES: Final = frozenset({"admin", "reviewer"})
-# Who sets a project's minimum metrics: not the ML engineers whose models must meet them.
-GATE_ROLES: Final = frozenset({"admin", "reviewer"})
-REVOKE_ROLES: Final = frozenset({"admin"})
-# Roles that see candidates and the lineage of any version (clinicians see releases only).
-STAFF_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
 
 # Project gate threshold name -> the evaluation metric it bounds from below.
 GATE_THRESHOLDS: Final[Mapping[str, str]] = release_gates.METRIC_THRESHOLDS

@@ -205,3 +205,39 @@ def test_stop_process_tree_ends_a_detached_grandchild(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert descendants(proc.pid) == []
+
+
+# --- one role table ------------------------------------------------------------------------
+
+
+def test_the_role_table_gives_each_permission_its_roles() -> None:
+    from fedward import roles
+    from fedward.roles import Permission, roles_that
+
+    staff = {"admin", "ml_engineer", "reviewer"}
+    assert {p: set(roles_that(p)) for p in Permission} == {
+        Permission.READ: staff | {"clinician"},
+        Permission.WRITE: {"admin", "ml_engineer"},
+        Permission.AUDIT: staff,
+        Permission.USER_ADMIN: {"admin"},
+        Permission.CERTIFICATES: {"admin"},
+        Permission.STAFF: staff,
+        Permission.PROPOSE: {"admin", "ml_engineer"},
+        Permission.REVIEW: {"admin", "reviewer"},
+        Permission.GATES: {"admin", "reviewer"},
+        Permission.REVOKE: {"admin"},
+    }
+    assert roles.ALL_ROLES == roles.ROLES
+    assert not roles.may("nobody", Permission.READ)
+
+
+def test_roles_are_named_only_in_the_role_table() -> None:
+    """No other module spells a role set or tests a role by its literal name."""
+    spelled = re.compile(r"""frozenset\(\{\s*["'](admin|ml_engineer|reviewer|clinician)["']|"""
+                         r"""role\s*[!=]=\s*["']|==\s*["'](admin|clinician)["']""")
+    found = [f"{path.relative_to(REPO)}:{n}"
+             for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
+             if path != REPO / "fedward" / "roles.py"
+             for n, line in enumerate(path.read_text().splitlines(), start=1)
+             if spelled.search(line)]
+    assert found == []
