@@ -13,7 +13,6 @@ The SuperLink starts this module in a ``flwr-serverapp`` process; it inherits
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from fedward.wire import (
     pack_arrays,
     parse_layout,
     unpack_arrays,
+    update_digest,
 )
 
 __all__ = [
@@ -62,7 +62,6 @@ __all__ = [
     "aggregate",
     "app",
     "dp_update_norm_bound",
-    "update_digest",
     "update_norm",
     "validate_update",
 ]
@@ -190,16 +189,6 @@ def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray])
         diff = arr.astype(np.float64) - reference[name].astype(np.float64)
         total += float(np.dot(diff.ravel(), diff.ravel()))
     return math.sqrt(total)
-
-
-def update_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of an update (byte-identity)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
-        h.update(json.dumps([name, str(arr.dtype), list(arr.shape)]).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def dp_update_norm_bound(

@@ -6,6 +6,7 @@ relay and warm trainer read them; the egress guard checks replies against the al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ __all__ = [
     "pack_arrays",
     "parse_layout",
     "unpack_arrays",
+    "update_digest",
 ]
 
 # Record names inside a Flower Message's RecordDict.
@@ -91,6 +93,23 @@ def unpack_arrays(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]
         out[name] = flat[start:start + size].reshape(shape)
         start += size
     return out
+
+
+def update_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of named arrays, in name order.
+
+    One digest for a model that crosses the wire, on both sides: the coordinator records
+    the digest of every update it receives (``round.updates`` in its audit log) and refuses
+    duplicates and replays by it; a site keys the reply it stores for a round by the digest
+    of the global model it received. Two arrays of equal values but another dtype or shape
+    differ (byte identity).
+    """
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, str(arr.dtype), list(arr.shape)]).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 # Admission (before round 1): "does your policy accept this run?". A Flower query message

@@ -76,12 +76,12 @@ with warnings.catch_warnings():
         RunPlan,
         aggregate,
         dp_update_norm_bound,
-        update_digest,
         update_norm,
         validate_update,
     )
     from fedward.flower.control import NodeKeyError, node_public_key_bytes
     from fedward.flower.fab import APP_COMPONENTS, app_bundle
+    from fedward.wire import update_digest
 
 EXPECTED = {"w": (2, 3), "b": (3,)}
 

@@ -241,3 +241,24 @@ def test_roles_are_named_only_in_the_role_table() -> None:
              for n, line in enumerate(path.read_text().splitlines(), start=1)
              if spelled.search(line)]
     assert found == []
+
+
+# --- one update digest ---------------------------------------------------------------------
+
+
+def test_one_update_digest_on_both_sides_unchanged_for_recorded_runs() -> None:
+    import numpy as np
+
+    import coordinator.server_app as server_app
+    import site_agent.trainer as trainer
+    from fedward.wire import update_digest
+
+    assert server_app.update_digest is update_digest is trainer.update_digest
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "b": np.array([0.5, -1.0], np.float32)}
+    # The value the coordinator recorded (audit ``round.updates``) before the digest moved
+    # here: a resumed run's replay check still reads its earlier rounds right.
+    assert update_digest(arrays) == (
+        "1c8c320c9f04bfdd8dbb06c7cc1fba5f5a947b245d6e26f40a76bcda1f7491e3")
+    assert update_digest({"w": arrays["w"].astype(np.float64)}) != update_digest(
+        {"w": arrays["w"]})

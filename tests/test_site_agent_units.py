@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -312,6 +313,32 @@ def test_same_task_again_is_answered_from_the_stored_reply_without_charging(
     for name in first_out:
         np.testing.assert_array_equal(again_out[name], first_out[name])
     assert ledger_file.read_bytes() == ledger_before
+    assert audit.actions == ["round-replayed"]
+
+
+def test_a_reply_stored_by_an_older_agent_is_still_found_for_a_repeated_round(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Replies stored before the one wire digest name the global model by the site's old
+    digest (names and bytes only); after an upgrade the repeated round must still be
+    answered from them, not refused as trained with another model."""
+    trainer, _ = make_trainer()
+    first, _ = trainer.handle(train_header(1), global_arrays)
+    meta_path, meta = next((path, json.loads(path.read_text()))
+                           for path in (tmp_path / "replies").glob("*.json")
+                           if "incoming" in json.loads(path.read_text()))
+    old = hashlib.sha256()
+    for name in sorted(global_arrays):
+        old.update(name.encode())
+        old.update(np.ascontiguousarray(global_arrays[name]).tobytes())
+    del meta["digest"]
+    meta["incoming"] = old.hexdigest()   # as the older agent wrote it
+    meta_path.write_text(json.dumps(meta))
+
+    restarted, audit = make_trainer()
+    again, _ = restarted.handle(train_header(1), global_arrays)
+
+    assert again == first
     assert audit.actions == ["round-replayed"]
 
 
