@@ -96,6 +96,7 @@ from fedward.roles import (
     USER_ADMIN_ROLES,
     WRITE_ROLES,
 )
+from fedward.run_config import RunSettings
 
 __all__ = [
     "API_PREFIX",
@@ -1071,25 +1072,16 @@ def launch_run(
             f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
             f"will take part ({', '.join(sites) or 'none'})",
         )
-    from fedward.tasks import TASKS  # torch-heavy; see RunCreate._known_task
+    from fedward.tasks import TASKS
 
     task = TASKS[body.task]
-    config = RunConfig(
-        rounds=body.rounds,
-        local_epochs=body.local_epochs,
-        epsilon=body.epsilon,
-        delta=body.delta,
-        min_sites=body.min_sites,
-        round_deadline_s=body.round_deadline_s,
+    settings = body.model_dump(include=set(RunSettings.model_fields))
+    settings.update(
         lr=body.lr if body.lr is not None else task.default_lr,
         batch_size=body.batch_size if body.batch_size is not None else task.default_batch_size,
-        max_grad_norm=body.max_grad_norm,
-        seed=body.seed,
         sites=sites,
-        aggregation=body.aggregation,
-        approval_wait_s=body.approval_wait_s,
-        max_update_norm=body.max_update_norm,
     )
+    config = RunConfig(**settings)
     assert project.id is not None
     run = Run(project_id=project.id, task=body.task, config_json=config.model_dump_json(),
               launched_by=user.name)

@@ -14,7 +14,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import httpx
 import typer
@@ -28,6 +28,7 @@ from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
 from fedward.files import atomic_write
 from fedward.roles import ADMIN
+from fedward.run_config import RunRequest
 
 __all__ = ["ApiClient", "app", "main", "waiting_note"]
 
@@ -256,50 +257,57 @@ def revoke_site(name: str,
     console.print(f"site [bold]{name}[/] revoked")
 
 
+def _run_option(name: str, *flags: str) -> Any:
+    """A ``launch`` option for the run setting ``name``, described by the run config."""
+    return typer.Option(*flags, help=RunRequest.model_fields[name].description)
+
+
+# The run config's defaults (the ones the API uses too), for the options below.
+_DEF: Final[dict[str, Any]] = {
+    name: info.get_default() for name, info in RunRequest.model_fields.items()
+    if not info.is_required()}
+
+
+# Option -> the run config field it sets (every other option has the field's own name).
+LAUNCH_OPTION_FIELDS: Final = {"round_deadline": "round_deadline_s",
+                               "approval_wait": "approval_wait_s", "site": "sites"}
+
+
 @app.command()
 def launch(
     project: Annotated[str, typer.Option(help="project name (created if new)")],
     task: Annotated[str, typer.Option(help="task from the registry, e.g. breast_cancer_mlp")],
-    rounds: Annotated[int, typer.Option()] = 5,
-    local_epochs: Annotated[int, typer.Option()] = 1,
-    epsilon: Annotated[float, typer.Option(help="epsilon budget per site for the run")] = 3.0,
-    delta: Annotated[float, typer.Option()] = 1e-5,
-    min_sites: Annotated[int, typer.Option()] = 2,
-    round_deadline: Annotated[float, typer.Option(help="seconds per round")] = 120.0,
-    lr: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
-    site: Annotated[list[str] | None, typer.Option("--site", help="limit to these sites")] = None,
-    aggregation: Annotated[str, typer.Option(
-        help="fedavg, median or trimmed-mean")] = "fedavg",
-    approval_wait: Annotated[float, typer.Option(
-        help="seconds to wait before round 1 for sites whose policy wants a local approval "
-             "(0: do not wait)")] = 3600.0,
-    max_update_norm: Annotated[float | None, typer.Option(
-        help="reject site updates that move the model further than this (L2); default: "
-             "derived from the DP-SGD settings")] = None,
+    epsilon: Annotated[float, _run_option("epsilon")],
+    rounds: Annotated[int, _run_option("rounds")] = _DEF["rounds"],
+    local_epochs: Annotated[int, _run_option("local_epochs")] = _DEF["local_epochs"],
+    delta: Annotated[float, _run_option("delta")] = _DEF["delta"],
+    min_sites: Annotated[int, _run_option("min_sites")] = _DEF["min_sites"],
+    round_deadline: Annotated[float, _run_option("round_deadline_s")] = _DEF["round_deadline_s"],
+    lr: Annotated[float | None, _run_option("lr")] = _DEF["lr"],
+    batch_size: Annotated[int | None, _run_option("batch_size")] = _DEF["batch_size"],
+    max_grad_norm: Annotated[float, _run_option("max_grad_norm")] = _DEF["max_grad_norm"],
+    seed: Annotated[int, _run_option("seed")] = _DEF["seed"],
+    site: Annotated[list[str] | None, _run_option("sites", "--site")] = _DEF["sites"],
+    aggregation: Annotated[str, _run_option("aggregation")] = _DEF["aggregation"],
+    approval_wait: Annotated[float, _run_option("approval_wait_s")] = _DEF["approval_wait_s"],
+    max_update_norm: Annotated[float | None,
+                               _run_option("max_update_norm")] = _DEF["max_update_norm"],
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Launch a federated DP run."""
+    """Launch a federated DP run (options and defaults: the run configuration's)."""
     client = _client(api, token, home)
     if project not in {p["name"] for p in client.call("GET", "/projects")}:
         client.call("POST", "/projects", {"name": project})
-    body: dict[str, Any] = {
-        "project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
-        "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
-        "round_deadline_s": round_deadline, "max_grad_norm": max_grad_norm, "seed": seed,
-        "aggregation": aggregation, "approval_wait_s": approval_wait,
-    }
-    if max_update_norm is not None:
-        body["max_update_norm"] = max_update_norm
-    if lr is not None:
-        body["lr"] = lr
-    if batch_size is not None:
-        body["batch_size"] = batch_size
-    if site:
-        body["sites"] = site
+    given = {"project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
+             "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
+             "round_deadline": round_deadline, "lr": lr, "batch_size": batch_size,
+             "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
+             "aggregation": aggregation, "approval_wait": approval_wait,
+             "max_update_norm": max_update_norm}
+    # Unset optional settings are left out: the coordinator fills in the task's defaults.
+    body: dict[str, Any] = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
+                            if v is not None}
     run = client.call("POST", "/runs", body)
     if as_json:
         print(json.dumps(run))

@@ -20,7 +20,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -35,6 +35,7 @@ from coordinator.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.models import utcnow
 from fedward.files import atomic_write
 from fedward.flower.serverapp import EXPIRED_ERROR_CODES, shorten_object_pulls
+from fedward.run_config import RunPlan
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
@@ -58,7 +59,6 @@ __all__ = [
     "APPROVAL_POLL_S",
     "NORM_BOUND_FACTOR",
     "RoundLoop",
-    "RunPlan",
     "aggregate",
     "app",
     "dp_update_norm_bound",
@@ -105,47 +105,6 @@ def failure_phase(code: int, reason: str) -> str:
     if code == SiteErrorCode.TASK_FAILED and (found := _PHASE_IN_REASON.search(reason)):
         return found.group(1)
     return _PHASE_OF_CODE.get(code, "engine")
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run asks for, read from the coordinator database."""
-
-    run_id: int
-    project: str
-    task: str
-    rounds: int
-    local_epochs: int
-    epsilon: float
-    delta: float
-    min_sites: int
-    round_deadline_s: float
-    lr: float
-    batch_size: int
-    max_grad_norm: float
-    seed: int
-    sites: tuple[str, ...]
-    aggregation: str = "fedavg"
-    final_evaluate: bool = True
-    approval_wait_s: float = 3600.0
-    max_update_norm: float | None = None
-
-    def task_config(self, round_number: int, *, train: bool) -> ConfigRecord:
-        return ConfigRecord({
-            CFG.RUN_ID: str(self.run_id),
-            CFG.PROJECT: self.project,
-            CFG.TASK: self.task,
-            CFG.ROUND: round_number,
-            CFG.TOTAL_ROUNDS: self.rounds,
-            CFG.LOCAL_EPOCHS: self.local_epochs,
-            CFG.EPSILON: self.epsilon,
-            CFG.DELTA: self.delta,
-            CFG.CLIP: self.max_grad_norm,
-            CFG.LR: self.lr,
-            CFG.BATCH: self.batch_size,
-            CFG.SEED: self.seed,
-            CFG.TRAIN: train,
-        })
 
 
 class RunFailed(Exception):
@@ -464,7 +423,7 @@ class RoundLoop:
     def _ask(self, nodes: dict[int, str], *, ttl: float) -> dict[str, str]:
         """Push one admission question per node; returns message id -> site."""
         msgs = [Message(
-            content=RecordDict({TASK_CONFIG: self.plan.task_config(0, train=False)}),
+            content=RecordDict({TASK_CONFIG: ConfigRecord(self.plan.task_config(0, train=False))}),
             dst_node_id=node_id, message_type=ADMISSION_MESSAGE_TYPE,
             group_id=f"run-{self.plan.run_id}-admission", ttl=ttl,
         ) for node_id in nodes]
@@ -555,7 +514,7 @@ class RoundLoop:
         flat, layout = pack_arrays(arrays)
         # Replies are packed in the order of the layout sent: unpack them with it.
         self._layout = parse_layout(layout)
-        config = self.plan.task_config(number, train=train)
+        config = ConfigRecord(self.plan.task_config(number, train=train))
         config[CFG.LAYOUT] = layout
         msgs = []
         for node_id in nodes:
@@ -836,7 +795,7 @@ def run_parity(*, grid: Grid, engine: Engine, plan: RunPlan, request_dir: Path,
         msgs.append(Message(
             content=RecordDict({
                 TASK_ARRAYS: ArrayRecord({k: Array(v) for k, v in payload.items()}),
-                TASK_CONFIG: plan.task_config(plan.rounds, train=False),
+                TASK_CONFIG: ConfigRecord(plan.task_config(plan.rounds, train=False)),
             }),
             dst_node_id=node_id, message_type=MessageType.QUERY,
             group_id=f"run-{plan.run_id}-parity", ttl=plan.round_deadline_s,
@@ -887,11 +846,7 @@ def _fingerprint(reply: Message) -> dict[str, str]:
 
 def load_plan(engine: Engine, run_id: int) -> RunPlan:
     """Read a run's plan from the database."""
-    raw = repository.run_config(engine, run_id)
-    names = {f.name for f in fields(RunPlan)}
-    values = {k: v for k, v in raw.items() if k in names}
-    values["sites"] = tuple(values.get("sites") or ())
-    return RunPlan(**values)
+    return RunPlan.model_validate(repository.run_config(engine, run_id))
 
 
 app = ServerApp()

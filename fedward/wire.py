@@ -14,6 +14,8 @@ from typing import Final
 
 import numpy as np
 
+from fedward.run_config import RunPlan, wire_keys
+
 __all__ = [
     "ADMISSION_ACTION",
     "ADMISSION_MESSAGE_TYPE",
@@ -120,21 +122,29 @@ ADMISSION_ACTION: Final = "admission"
 ADMISSION_MESSAGE_TYPE: Final = f"query.{ADMISSION_ACTION}"
 
 
-class CFG:
-    """Keys of the task ConfigRecord sent to a site each round."""
+_RUN: Final = wire_keys(RunPlan)
 
-    RUN_ID: Final = "run-id"               # coordinator run id (str)
-    PROJECT: Final = "project"             # project name (str)
-    TASK: Final = "task-name"              # task registry name (str)
+
+class CFG:
+    """Keys of the task ConfigRecord sent to a site each round.
+
+    The run's settings travel under the keys their fields declare in
+    :class:`fedward.run_config.RunPlan`; the round, the train flag and the layout are per
+    message.
+    """
+
+    RUN_ID: Final = _RUN["run_id"]                # coordinator run id (str)
+    PROJECT: Final = _RUN["project"]              # project name (str)
+    TASK: Final = _RUN["task"]                    # task registry name (str)
+    TOTAL_ROUNDS: Final = _RUN["rounds"]          # rounds planned for the run (int)
+    LOCAL_EPOCHS: Final = _RUN["local_epochs"]    # local epochs per round (int)
+    EPSILON: Final = _RUN["epsilon"]              # run's epsilon budget per site (float)
+    DELTA: Final = _RUN["delta"]                  # DP delta (float)
+    CLIP: Final = _RUN["max_grad_norm"]           # per-sample clipping bound (float)
+    LR: Final = _RUN["lr"]                        # local learning rate (float)
+    BATCH: Final = _RUN["batch_size"]             # expected batch size (int)
+    SEED: Final = _RUN["seed"]                    # run seed (int)
     ROUND: Final = "round"                 # 1-based round number (int)
-    TOTAL_ROUNDS: Final = "total-rounds"   # rounds planned for the run (int)
-    LOCAL_EPOCHS: Final = "local-epochs"   # local epochs per round (int)
-    EPSILON: Final = "epsilon-budget"      # run's epsilon budget per site (float)
-    DELTA: Final = "delta"                 # DP delta (float)
-    CLIP: Final = "max-grad-norm"          # per-sample clipping bound (float)
-    LR: Final = "learning-rate"            # local learning rate (float)
-    BATCH: Final = "batch-size"            # expected batch size (int)
-    SEED: Final = "seed"                   # run seed (int)
     TRAIN: Final = "train"                 # False: evaluate only (bool)
     LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)
 
