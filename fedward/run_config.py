@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 __all__ = [
     "AGGREGATIONS",
+    "ROUND_KEY",
     "SITE_NAME_PATTERN",
+    "TRAIN_KEY",
     "RunConfig",
     "RunPlan",
     "RunRequest",
@@ -35,6 +37,9 @@ __all__ = [
 ]
 
 SITE_NAME_PATTERN: Final = r"^[a-z0-9-]{3,40}$"
+# Task-message keys that are not settings: the round's number and whether the site trains.
+ROUND_KEY: Final = "round"
+TRAIN_KEY: Final = "train"
 SiteName = Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]
 AGGREGATIONS: Final = ("fedavg", "median", "trimmed-mean")
 
@@ -156,14 +161,12 @@ class RunPlan(RunConfig):
         the round, and whether the site trains or only evaluates: values are ``bool``,
         ``int``, ``float`` or ``str``, what a Flower ConfigRecord holds.
         """
-        from fedward.wire import CFG
-
         out: dict[str, Any] = {}
         for name, key in wire_keys(type(self)).items():
             value = getattr(self, name)
             out[key] = str(value) if name == "run_id" else value
-        out[CFG.ROUND] = round_number
-        out[CFG.TRAIN] = train
+        out[ROUND_KEY] = round_number
+        out[TRAIN_KEY] = train
         return out
 
 

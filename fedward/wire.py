@@ -14,7 +14,7 @@ from typing import Final
 
 import numpy as np
 
-from fedward.run_config import RunPlan, wire_keys
+from fedward.run_config import ROUND_KEY, TRAIN_KEY, RunPlan, wire_keys
 
 __all__ = [
     "ADMISSION_ACTION",
@@ -144,8 +144,8 @@ class CFG:
     LR: Final = _RUN["lr"]                        # local learning rate (float)
     BATCH: Final = _RUN["batch_size"]             # expected batch size (int)
     SEED: Final = _RUN["seed"]                    # run seed (int)
-    ROUND: Final = "round"                 # 1-based round number (int)
-    TRAIN: Final = "train"                 # False: evaluate only (bool)
+    ROUND: Final = ROUND_KEY                      # 1-based round number (int)
+    TRAIN: Final = TRAIN_KEY                      # False: evaluate only (bool)
     LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)
 
 
