@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Final
 
 from flwr.common.constant import ErrorCode
-from flwr.superlink.grid import http_grid
 
 from fedward.flower.backoff import with_short_backoff
 
@@ -22,8 +21,11 @@ def shorten_object_pulls() -> None:
 
     A reply pulled while its objects are still being uploaded waits 1 s in Flower before
     the first retry (see :mod:`fedward.flower.backoff`). The patch replaces the name
-    ``pull_objects`` in ``flwr.superlink.grid.http_grid`` only, once per process.
+    ``pull_objects`` in ``flwr.superlink.grid.http_grid`` only, once per process (imported
+    here: only the ServerApp process needs that module).
     """
+    from flwr.superlink.grid import http_grid
+
     current = getattr(http_grid, "pull_objects")  # noqa: B009
     if getattr(current, "func", None) is not None:
         return  # already patched in this process
