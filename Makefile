@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedward-installed
 
-.PHONY: install demo test lint typecheck unit bench clean mlflow-server system-packages
+.PHONY: install demo test lint typecheck imports unit bench clean mlflow-server system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,16 @@ demo: install
 	$(BIN)/fedward-demo
 
 lint: install
-	$(BIN)/ruff check coordinator site_agent privacy export tests bench
+	$(BIN)/ruff check fedward coordinator site_agent privacy export tests bench
 
 typecheck: install
 	$(BIN)/mypy
+
+# Dependency rules ([tool.importlinter] in pyproject.toml): the kernel imports neither side,
+# the coordinator and the site agent never import each other, only fedward.flower touches
+# Flower's internals, no import cycles.
+imports: install
+	$(BIN)/lint-imports
 
 # The MLflow tracking server the tests start (the full `mlflow` package, pinned) lives in a
 # venv of its own: it cannot share the product's pins, and the product ships only the client
@@ -46,7 +52,7 @@ system-packages:
 unit: system-packages install mlflow-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test: system-packages mlflow-server lint typecheck unit
+test: system-packages mlflow-server lint typecheck imports unit
 
 # Benchmark 2 needs Ray: the `bench` extra (flwr[simulation]), installed once on top of dev.
 BENCH_STAMP := $(VENV)/.fedward-bench-installed
@@ -58,4 +64,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf .fedward-demo demo-output .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .fedward-demo demo-output .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache

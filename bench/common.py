@@ -43,7 +43,7 @@ def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, 
     })
     env.pop("PYTHONPATH", None)
     # The stock baseline runs Flower's own defaults: never inherit the appliance's shorter
-    # SuperExec task poll (export.runtime.flower_env sets it for the appliance's processes).
+    # SuperExec task poll (fedward.flower.env.flower_env sets it for the appliance's processes).
     env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
     if extra:
         env.update(extra)

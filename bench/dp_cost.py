@@ -72,7 +72,7 @@ class Trainer:
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
-        from export.tasks import build_model, get_task
+        from fedward.tasks import build_model, get_task
 
         spec = get_task(task)
         self.mode = mode
@@ -125,7 +125,7 @@ def one_step_update(task: str, mode: str, x, y) -> dict[str, Any]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from export.tasks import build_model, get_task
+    from fedward.tasks import build_model, get_task
 
     spec = get_task(task)
     model = build_model(task, seed=0)
@@ -155,7 +155,7 @@ def bench_task(task: str, reps: int) -> dict[str, Any]:
     from privacy.training import train_dp, train_plain
 
     x, y = load(task)
-    from export.tasks import build_model, get_task
+    from fedward.tasks import build_model, get_task
 
     spec = get_task(task)
     res: dict[str, Any] = {"task": task, "rows": len(y), "batch_size": spec.default_batch_size,

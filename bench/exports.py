@@ -61,7 +61,7 @@ def engines(task: str, out: Path, threads: int, x) -> dict[str, Callable[[Any], 
 
     from export.onnx_export import export_onnx, export_onnx_int8, export_openvino
     from export.parity import import_openvino
-    from export.tasks import build_model
+    from fedward.tasks import build_model
 
     model = build_model(task, seed=0).eval()
     onnx_path = export_onnx(model=model, task=task, out_dir=out / "fp32")

@@ -12,7 +12,7 @@ In ONE invocation, for each site count N (``--sites 2,4,8``), on 127.0.0.1 only:
 * **stock Flower**: a SuperLink (TLS, node authentication) and N SuperNodes with Flower's
   default settings, running ``bench/stock_flower`` (Flower's FedAvg strategy, separate train
   and evaluate messages, a ``flwr-clientapp`` process per message): same model
-  (``export.tasks.build_model``), same CSV partitions (byte-identical files, checked by
+  (``fedward.tasks.build_model``), same CSV partitions (byte-identical files, checked by
   SHA-256), same local epochs, R rounds. No DP: plain SGD.
 
 The two sides run one after the other, never at the same time; which goes first alternates
@@ -400,7 +400,7 @@ def dp_cost(data: dict[str, Any], metrics_api: dict[str, Any], *, local_epochs: 
     """
     import torch
 
-    from export.tasks import build_model, get_task
+    from fedward.tasks import build_model, get_task
     from privacy import (
         DpSgd,
         compose_mechanisms,

@@ -1,7 +1,7 @@
 """Benchmark 2: how a round's cost grows with sites, on Flower's simulation engine (Ray).
 
 A stock ``ServerApp`` (Flower's ``FedAvg``) and a ``ClientApp`` that trains the appliance's
-breast-cancer MLP (``export.tasks``) for one local epoch on a tiny partition (16 rows drawn
+breast-cancer MLP (``fedward.tasks``) for one local epoch on a tiny partition (16 rows drawn
 per site from the Breast Cancer Wisconsin data, scikit-learn, nothing downloaded), run with
 ``flwr.simulation.run_simulation``. Cases (``--sites``, each ``N`` or ``N@fraction``):
 
@@ -74,7 +74,7 @@ def _build_apps(n_sites: int, rounds: int, fraction: float,
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    from export.tasks import build_model
+    from fedward.tasks import build_model
 
     client = ClientApp()
 

@@ -98,7 +98,7 @@ def make_partitions(d: Path, n: int) -> list[Path]:
     import numpy as np
     from sklearn.datasets import load_breast_cancer
 
-    from export.tasks import BREAST_CANCER_COLUMNS
+    from fedward.tasks import BREAST_CANCER_COLUMNS
 
     x, y = load_breast_cancer(return_X_y=True)
     header = ",".join([*BREAST_CANCER_COLUMNS, "diagnosis"])

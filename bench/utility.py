@@ -141,7 +141,8 @@ class Setting:
 
     def model(self, seed: int) -> Any:
         """The task's model, or the same MLP with another hidden width."""
-        from export.tasks import BREAST_CANCER_RANGES, TabularMLP, build_model
+        from fedward.models.tabular import TabularMLP
+        from fedward.tasks import BREAST_CANCER_RANGES, build_model
 
         if self.width == 8:
             return build_model(TASK, seed=seed)
@@ -163,7 +164,8 @@ def run_federated(fed: dict[str, Any], *, epsilon: float | None, seed: int,
     as the round loop builds them) and model width; default: the appliance's defaults.
     """
     from coordinator.aggregation import SiteUpdate, make_aggregator
-    from export.tasks import model_arrays, set_model_arrays
+    from fedward.models import model_arrays, set_model_arrays
+    from fedward.tasks import build_model, get_task
     from privacy import (
         epsilon_for_history,
         evaluate,
@@ -249,7 +251,7 @@ def pooled_dp(fed: dict[str, Any], *, epsilon: float, seed: int,
 
 
 def pooled_baseline(fed: dict[str, Any], seed: int) -> dict[str, float]:
-    from export.tasks import build_model, get_task
+    from fedward.tasks import build_model, get_task
     from privacy import evaluate, train_plain
 
     spec = get_task(TASK)

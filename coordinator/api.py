@@ -53,7 +53,6 @@ from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.login_limits import LoginLimiter, LoginThrottled
 from coordinator.models import (
-    ROLES,
     AuditEvent,
     Checkpoint,
     LoginSession,
@@ -90,16 +89,21 @@ from coordinator.schemas import (
     UserPublic,
 )
 from coordinator.settings import Settings
+from fedward.roles import (
+    AUDIT_ROLES,
+    CERTIFICATE_ROLES,
+    ROLES,
+    USER_ADMIN_ROLES,
+    WRITE_ROLES,
+)
+from fedward.run_config import RunSettings
 
 __all__ = [
     "API_PREFIX",
-    "AUDIT_ROLES",
     "DEFAULT_TOKEN_TTL",
     "MAX_BODY_BYTES",
     "MIN_PASSWORD_LENGTH",
     "SESSION_TTL",
-    "USER_ADMIN_ROLES",
-    "WRITE_ROLES",
     "BodySizeLimit",
     "CurrentUser",
     "NodeRegistrar",
@@ -121,9 +125,6 @@ __all__ = [
 ]
 
 API_PREFIX: Final = "/api/v1"
-WRITE_ROLES: Final = frozenset({"admin", "ml_engineer"})
-AUDIT_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
-USER_ADMIN_ROLES: Final = frozenset({"admin"})
 SESSION_TTL: Final = timedelta(hours=12)
 DEFAULT_TOKEN_TTL: Final = timedelta(days=90)   # Settings.token_ttl_days
 MIN_PASSWORD_LENGTH: Final = 12
@@ -954,7 +955,7 @@ def issue_enrollment_token(name: str, request: Request, session: SessionDep,
     The token mints a site certificate, so it is an admin's to give: whoever holds one can
     connect to the gateway as that site.
     """
-    _require(user, USER_ADMIN_ROLES)
+    _require(user, CERTIFICATE_ROLES)
     site = _site(session, name)
     settings: Settings = request.app.state.settings
     try:
@@ -976,7 +977,7 @@ def revoke(name: str, body: RevokeRequest, request: Request, session: SessionDep
 
     Revoking a revoked site again retries unregistering its node, if that failed before.
     """
-    _require(user, USER_ADMIN_ROLES)
+    _require(user, CERTIFICATE_ROLES)
     site = _site(session, name)
     if site.status != "revoked":
         revoke_site(session, site=site, actor=user.name, reason=body.reason)
@@ -1071,26 +1072,16 @@ def launch_run(
             f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
             f"will take part ({', '.join(sites) or 'none'})",
         )
-    from export.tasks import TASKS  # torch-heavy; see RunCreate._known_task
+    from fedward.tasks import TASKS
 
     task = TASKS[body.task]
-    config = RunConfig(
-        rounds=body.rounds,
-        local_epochs=body.local_epochs,
-        epsilon=body.epsilon,
-        delta=body.delta,
-        min_sites=body.min_sites,
-        round_deadline_s=body.round_deadline_s,
+    settings = body.model_dump(include=set(RunSettings.model_fields))
+    settings.update(
         lr=body.lr if body.lr is not None else task.default_lr,
         batch_size=body.batch_size if body.batch_size is not None else task.default_batch_size,
-        max_grad_norm=body.max_grad_norm,
-        seed=body.seed,
         sites=sites,
-        aggregation=body.aggregation,
-        aggregation_options=body.aggregation_options,
-        approval_wait_s=body.approval_wait_s,
-        max_update_norm=body.max_update_norm,
     )
+    config = RunConfig(**settings)
     assert project.id is not None
     run = Run(project_id=project.id, task=body.task, config_json=config.model_dump_json(),
               launched_by=user.name)

@@ -1,10 +1,12 @@
 """The coordinator's audit log: an append-only, hash-chained table.
 
-Each entry's hash is ``sha256(prev_hash + canonical_json({at, actor, action, subject,
-detail}))``, and each entry stores its predecessor's hash (the first one stores
-:data:`GENESIS_HASH`). Changing, deleting or reordering any entry breaks the chain at that
-entry or the next, which :func:`verify_chain` reports by id. (Deleting the newest entries
-is not detectable from the table alone; anchor the latest hash elsewhere for that.)
+Each entry stores its predecessor's hash (the first one stores :data:`GENESIS_HASH`) and
+its own, computed by :mod:`fedward.hashchain` over ``{at, actor, action, subject, detail}``
+(RFC 8785 canonical JSON; entries written before version 2 of the format keep the form they
+were written in, which ``hash_version`` records). Changing, deleting or reordering any
+entry breaks the chain at that entry or the next, which :func:`verify_chain` reports by id.
+(Deleting the newest entries is not detectable from the table alone; anchor the latest hash
+elsewhere for that.)
 
 Keeping the chain linear with several writers (the API process and the ServerApp process):
 
@@ -20,7 +22,6 @@ Keeping the chain linear with several writers (the API process and the ServerApp
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -29,23 +30,23 @@ from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from coordinator.models import AuditEvent, utcnow
+from fedward.hashchain import (
+    COORDINATOR_FORMAT,
+    CURRENT_VERSION,
+    GENESIS_HASH,
+    canonical_json,
+    normalise,
+)
 
 __all__ = ["AUDIT_LOCK_KEY", "GENESIS_HASH", "append_event", "event_hash", "verify_chain"]
 
-GENESIS_HASH: Final = "0" * 64
 # Arbitrary constant identifying "the audit chain" among PostgreSQL advisory locks.
 AUDIT_LOCK_KEY: Final = 0x46_45_44_41_55_44_31  # "FEDAUD1"
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-
-
 def event_hash(
     *, prev_hash: str, at: datetime, actor: str, action: str, subject: str,
-    detail: dict[str, Any],
+    detail: dict[str, Any], version: int = CURRENT_VERSION,
 ) -> str:
     """The hash of one audit entry.
 
@@ -56,20 +57,19 @@ def event_hash(
         action: What was done, dotted (``run.created``).
         subject: What it was done to (``run:12``).
         detail: JSON-serialisable details.
+        version: The chain format version the entry was written in.
 
     Returns:
         The SHA-256 hex digest.
     """
-    body = _canonical(
-        {
-            "at": _iso(at),
-            "actor": actor,
-            "action": action,
-            "subject": subject,
-            "detail": detail,
-        }
-    )
-    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+    return COORDINATOR_FORMAT.entry_hash(prev_hash=prev_hash, body=_body(
+        at=at, actor=actor, action=action, subject=subject, detail=detail), version=version)
+
+
+def _body(*, at: datetime, actor: str, action: str, subject: str,
+          detail: dict[str, Any]) -> dict[str, Any]:
+    return {"at": _iso(at), "actor": actor, "action": action, "subject": subject,
+            "detail": detail}
 
 
 def _iso(at: datetime) -> str:
@@ -108,18 +108,19 @@ def append_event(
     ).first()
     prev_hash = last if last is not None else GENESIS_HASH
     at = utcnow()
-    detail_json = _canonical(detail)
+    stored = normalise(detail)  # what is hashed is exactly what is stored
     event = AuditEvent(
         at=at,
         actor=actor,
         action=action,
         subject=subject,
-        detail_json=detail_json,
+        detail_json=canonical_json(stored).decode("utf-8"),
         prev_hash=prev_hash,
         hash=event_hash(
             prev_hash=prev_hash, at=at, actor=actor, action=action, subject=subject,
-            detail=json.loads(detail_json),
+            detail=stored,
         ),
+        hash_version=CURRENT_VERSION,
     )
     session.add(event)
     session.flush()
@@ -136,25 +137,24 @@ def verify_chain(session: Session) -> int | None:
         The id of the first entry whose stored hash, predecessor link or detail does not
         check out, or ``None`` if the chain is intact.
     """
-    expected_prev = GENESIS_HASH
+    expected_prev, previous_version = GENESIS_HASH, 1
     rows = session.exec(
         select(AuditEvent).order_by(col(AuditEvent.id)).execution_options(yield_per=500)
     )
     for event in rows:
         assert event.id is not None
-        if event.prev_hash != expected_prev:
-            return event.id
         try:
             detail = json.loads(event.detail_json)
         except ValueError:
             return event.id
         if not isinstance(detail, dict):
             return event.id
-        recomputed = event_hash(
-            prev_hash=event.prev_hash, at=event.at, actor=event.actor, action=event.action,
-            subject=event.subject, detail=detail,
-        )
-        if recomputed != event.hash:
+        problem = COORDINATOR_FORMAT.check_link(
+            expected_prev=expected_prev, prev_hash=event.prev_hash, stored_hash=event.hash,
+            body=_body(at=event.at, actor=event.actor, action=event.action,
+                       subject=event.subject, detail=detail),
+            version=event.hash_version, previous_version=previous_version)
+        if problem is not None:
             return event.id
-        expected_prev = event.hash
+        expected_prev, previous_version = event.hash, event.hash_version
     return None

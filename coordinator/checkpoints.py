@@ -15,13 +15,14 @@ exports, the demo) see the checkpoint's tensors as before.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
+
+from fedward.files import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -62,14 +63,9 @@ def _sha256(path: Path) -> str:
 
 def _write(path: Path, arrays: dict[str, np.ndarray],
            metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
-              metadata=metadata)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write a safetensors file durably and atomically (fedward.files.atomic_write)."""
+    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                            metadata=metadata), mode=0o644)
 
 
 def save_checkpoint(

@@ -14,7 +14,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import httpx
 import typer
@@ -26,6 +26,9 @@ from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
+from fedward.files import atomic_write
+from fedward.roles import ADMIN
+from fedward.run_config import RunRequest
 
 __all__ = ["ApiClient", "app", "main", "waiting_note"]
 
@@ -105,7 +108,7 @@ def init(home: HomeOpt = None,
     token_file = settings.home / ADMIN_TOKEN_FILE
     with session_scope(engine) as session:
         if session.exec(select(User).where(User.name == admin)).first() is None:
-            _user, token = create_user(session, name=admin, role="admin",
+            _user, token = create_user(session, name=admin, role=ADMIN,
                                        token_ttl=timedelta(days=settings.token_ttl_days))
             _write_token_file(token_file, token)
             console.print(f"admin account [bold]{admin}[/] created; its API token is in "
@@ -118,9 +121,7 @@ def init(home: HomeOpt = None,
 
 
 def _write_token_file(path: Path, token: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
+    atomic_write(path, token + "\n", mode=0o600)
 
 
 @app.command("admin-token")
@@ -145,7 +146,7 @@ def admin_token(home: HomeOpt = None,
     try:
         with session_scope(engine) as session:
             user = session.exec(select(User).where(User.name == admin)).first()
-            if user is None or user.role != "admin":
+            if user is None or user.role != ADMIN:
                 _fail(f"no admin account named {admin!r}; give its name with --admin")
             assert user is not None
             if user.disabled_at is not None:
@@ -269,59 +270,63 @@ def _key_values(items: list[str], option: str) -> dict[str, Any]:
             value = raw
         out[key.strip()] = value if isinstance(value, int | float | bool) else raw
     return out
+def _run_option(name: str, *flags: str) -> Any:
+    """A ``launch`` option for the run setting ``name``, described by the run config."""
+    return typer.Option(*flags, help=RunRequest.model_fields[name].description)
+
+
+# The run config's defaults (the ones the API uses too), for the options below.
+_DEF: Final[dict[str, Any]] = {
+    name: info.get_default() for name, info in RunRequest.model_fields.items()
+    if not info.is_required()}
+
+
+# Option -> the run config field it sets (every other option has the field's own name).
+LAUNCH_OPTION_FIELDS: Final = {"round_deadline": "round_deadline_s",
+                               "approval_wait": "approval_wait_s", "site": "sites"}
 
 
 @app.command()
 def launch(
     project: Annotated[str, typer.Option(help="project name (created if new)")],
     task: Annotated[str, typer.Option(help="task from the registry, e.g. breast_cancer_mlp")],
-    rounds: Annotated[int, typer.Option()] = 5,
-    local_epochs: Annotated[int, typer.Option()] = 1,
-    epsilon: Annotated[float, typer.Option(help="epsilon budget per site for the run")] = 3.0,
-    delta: Annotated[float, typer.Option()] = 1e-5,
-    min_sites: Annotated[int, typer.Option()] = 2,
-    round_deadline: Annotated[float, typer.Option(help="seconds per round")] = 120.0,
-    lr: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
-    site: Annotated[list[str] | None, typer.Option("--site", help="limit to these sites")] = None,
-    aggregation: Annotated[str, typer.Option(
-        help="fedavg, median, trimmed-mean, or a server optimiser: fedavgm, fedadam, "
-             "fedyogi (or a plugin's strategy)")] = "fedavg",
+    epsilon: Annotated[float, _run_option("epsilon")],
+    rounds: Annotated[int, _run_option("rounds")] = _DEF["rounds"],
+    local_epochs: Annotated[int, _run_option("local_epochs")] = _DEF["local_epochs"],
+    delta: Annotated[float, _run_option("delta")] = _DEF["delta"],
+    min_sites: Annotated[int, _run_option("min_sites")] = _DEF["min_sites"],
+    round_deadline: Annotated[float, _run_option("round_deadline_s")] = _DEF["round_deadline_s"],
+    lr: Annotated[float | None, _run_option("lr")] = _DEF["lr"],
+    batch_size: Annotated[int | None, _run_option("batch_size")] = _DEF["batch_size"],
+    max_grad_norm: Annotated[float, _run_option("max_grad_norm")] = _DEF["max_grad_norm"],
+    seed: Annotated[int, _run_option("seed")] = _DEF["seed"],
+    site: Annotated[list[str] | None, _run_option("sites", "--site")] = _DEF["sites"],
+    aggregation: Annotated[str, _run_option("aggregation")] = _DEF["aggregation"],
     aggregation_option: Annotated[list[str] | None, typer.Option(
         "--aggregation-option", metavar="KEY=VALUE",
         help="an option of the aggregation, repeatable, e.g. server_lr=0.5 momentum=0.9 "
              "(docs/ml-team-guide.md lists each strategy's options)")] = None,
-    approval_wait: Annotated[float, typer.Option(
-        help="seconds to wait before round 1 for sites whose policy wants a local approval "
-             "(0: do not wait)")] = 3600.0,
-    max_update_norm: Annotated[float | None, typer.Option(
-        help="reject site updates that move the model further than this (L2); default: "
-             "derived from the DP-SGD settings")] = None,
+    approval_wait: Annotated[float, _run_option("approval_wait_s")] = _DEF["approval_wait_s"],
+    max_update_norm: Annotated[float | None,
+                               _run_option("max_update_norm")] = _DEF["max_update_norm"],
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Launch a federated DP run."""
+    """Launch a federated DP run (options and defaults: the run configuration's)."""
     client = _client(api, token, home)
     if project not in {p["name"] for p in client.call("GET", "/projects")}:
         client.call("POST", "/projects", {"name": project})
-    body: dict[str, Any] = {
-        "project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
-        "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
-        "round_deadline_s": round_deadline, "max_grad_norm": max_grad_norm, "seed": seed,
-        "aggregation": aggregation, "approval_wait_s": approval_wait,
-    }
+    given = {"project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
+             "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
+             "round_deadline": round_deadline, "lr": lr, "batch_size": batch_size,
+             "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
+             "aggregation": aggregation, "approval_wait": approval_wait,
+             "max_update_norm": max_update_norm}
+    # Unset optional settings are left out: the coordinator fills in the task's defaults.
+    body: dict[str, Any] = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
+                            if v is not None}
     if aggregation_option:
         body["aggregation_options"] = _key_values(aggregation_option, "--aggregation-option")
-    if max_update_norm is not None:
-        body["max_update_norm"] = max_update_norm
-    if lr is not None:
-        body["lr"] = lr
-    if batch_size is not None:
-        body["batch_size"] = batch_size
-    if site:
-        body["sites"] = site
     run = client.call("POST", "/runs", body)
     if as_json:
         print(json.dumps(run))

@@ -34,8 +34,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.flower_control import FlowerControl
-from export.runtime import die_with_parent, free_port
+from fedward.flower.control import FlowerControl
+from fedward.procs import die_with_parent, free_port
 
 __all__ = ["main"]
 
@@ -200,7 +200,8 @@ def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs
              n_sites: int, stock_results: Path | None) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
-    from export.tasks import build_model, get_task, set_model_arrays
+    from fedward.models import set_model_arrays
+    from fedward.tasks import build_model, get_task
     from privacy import evaluate, train_plain
 
     task = "breast_cancer_mlp"

@@ -53,10 +53,10 @@ from coordinator.enrollment import (
     revoked_serials,
     superseded_serials,
 )
-from coordinator.flower_control import NodeKeyError, node_public_key_bytes
 from coordinator.gateway_limits import ConnectionLimits, LimitSettings, RefusalLog
 from coordinator.models import Site, utcnow
 from coordinator.pki import CAFiles, CSRError
+from fedward.flower.control import NodeKeyError, node_public_key_bytes
 
 __all__ = ["SMALL_BODY", "GatewayConfig", "SiteGateway"]
 

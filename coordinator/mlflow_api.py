@@ -24,13 +24,14 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from coordinator import mlflow_outbox
-from coordinator.api import API_PREFIX, WRITE_ROLES, CurrentUser, require_role
+from coordinator.api import API_PREFIX, CurrentUser, require_role
 from coordinator.audit import append_event
 from coordinator.db import SessionDep, session_scope
 from coordinator.mlflow_names import check_tracking_uri
 from coordinator.models import MlflowExport, Release, Run
 from coordinator.schemas import _Request
 from coordinator.settings import Settings
+from fedward.roles import WRITE_ROLES
 
 __all__ = ["ExportPublic", "ExportRequest", "HandoffStatus", "router"]
 

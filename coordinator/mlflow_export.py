@@ -39,6 +39,7 @@ from coordinator.mlflow_names import (
     project_name,
 )
 from coordinator.models import Project, Round, Run, SiteMetric
+from fedward import code_revision
 
 # Before any import of MLflow (see the module docstring); fewer, shorter HTTP retries than
 # MLflow's defaults (7 retries, about two minutes) so a dead server fails an export quickly.
@@ -149,13 +150,6 @@ def mlflow_errors() -> tuple[type[BaseException], ...]:
     return (MlflowException, requests.RequestException, OSError)
 
 
-def _code_revision() -> str:
-    # The lineage's own helper (runs `git rev-parse`): one definition of "code revision".
-    from coordinator.releases import _code_revision as revision
-
-    return revision()
-
-
 # --- runs ------------------------------------------------------------------------------
 
 
@@ -201,7 +195,7 @@ def _tags(rec: _RunRecord, cid: str) -> dict[str, str]:
     tags = {TAG_COORDINATOR: cid, TAG_RUN: str(run.id), TAG_PROJECT: rec.project,
             "fedward.task": run.task, "fedward.status": run.status,
             "fedward.launched_by": run.launched_by,
-            "fedward.code_revision": _code_revision(),
+            "fedward.code_revision": code_revision(),
             "mlflow.source.name": "fedward-coordinator"}
     if run.flwr_run_id:
         tags["fedward.flower_run_id"] = run.flwr_run_id

@@ -20,7 +20,6 @@ __all__ = [
     "CHECKPOINT_FORMATS",
     "MLFLOW_EXPORT_STATES",
     "NAMING_CONVENTION",
-    "ROLES",
     "ROUND_STATUSES",
     "RUN_FINAL_STATUSES",
     "RUN_STATUSES",
@@ -45,7 +44,6 @@ __all__ = [
     "utcnow",
 ]
 
-ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer", "clinician"})
 SITE_STATUSES: Final = frozenset({"added", "registered", "revoked"})
 RUN_STATUSES: Final = frozenset({"pending", "running", "completed", "failed", "stopped"})
 RUN_FINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped"})
@@ -263,6 +261,9 @@ class AuditEvent(SQLModel, table=True):
     detail_json: str = Field(sa_type=Text, nullable=False)
     prev_hash: str = Field(max_length=64, unique=True, nullable=False)
     hash: str = Field(max_length=64, unique=True, nullable=False)
+    # The hash chain format the entry was written in (fedward.hashchain): 1 for entries from
+    # before RFC 8785 canonical JSON (migration 0007), 2 since.
+    hash_version: int = Field(default=2, nullable=False, sa_column_kwargs={"server_default": "1"})
 
 
 class EnrollmentToken(SQLModel, table=True):

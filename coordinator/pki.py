@@ -1,10 +1,10 @@
 """The coordinator's PKI: the site CA made at init and the certificates it issues.
 
 The X.509 code is shared with the site agent (which makes its own local TLS material and
-CSRs) and lives in :mod:`export.certs`; this module is the coordinator's view of it.
+CSRs) and lives in :mod:`fedward.certs`; this module is the coordinator's view of it.
 """
 
-from export.certs import (
+from fedward.certs import (
     SITE_CERT_DAYS,
     CAFiles,
     CSRError,

@@ -43,6 +43,7 @@ from coordinator.login_limits import LoginThrottled
 from coordinator.models import Project, Release, ReleaseCandidate, Run, User
 from coordinator.settings import Settings
 from export.bundle import BundleVerificationError
+from fedward.roles import REVIEW_ROLES, STAFF_ROLES, Permission, may
 
 __all__ = ["COOKIE_NAME", "PORTAL_PREFIX", "router"]
 
@@ -184,7 +185,7 @@ def logout(request: Request, session: SessionDep) -> Response:
 
 def _visible(session: Session, user: User, release_id: str) -> Release:
     release = releases.find_release(session, release_id)
-    if release.revoked_at is not None and user.role == "clinician":
+    if release.revoked_at is not None and not may(user.role, Permission.STAFF):
         raise releases.Gone(f"release {release_id} was revoked on "
                             f"{release.revoked_at:%Y-%m-%d}: {release.revoke_reason}. "
                             "Stop using it and delete your copies.")
@@ -198,7 +199,7 @@ def releases_page(request: Request, session: SessionDep) -> Response:
     current = [releases.release_view(session, r)
                for r in releases.list_releases(session, include_revoked=False)]
     revoked = []
-    if user.role in releases.STAFF_ROLES:
+    if user.role in STAFF_ROLES:
         revoked = [releases.release_view(session, r)
                    for r in releases.list_releases(session, include_revoked=True)
                    if r.revoked_at is not None]
@@ -292,7 +293,7 @@ def public_key(request: Request) -> Response:
 def candidates_page(request: Request, session: SessionDep) -> Response:
     """Release candidates and their gates (staff only)."""
     user = _user(request, session)
-    if user.role not in releases.STAFF_ROLES:
+    if user.role not in STAFF_ROLES:
         return _error(request, user, 403, "Only staff see release candidates; approved "
                       "releases are listed under Releases.")
     rows = session.exec(select(ReleaseCandidate).order_by(col(ReleaseCandidate.id).desc())
@@ -306,7 +307,7 @@ def version_lineage(run_id: int, round_number: int, request: Request,
                     session: SessionDep) -> Response:
     """The lineage of any model version, built now from the database (staff only)."""
     user = _user(request, session)
-    if user.role not in releases.STAFF_ROLES:
+    if user.role not in STAFF_ROLES:
         return _error(request, user, 403, "Only staff see the lineage of unreleased versions.")
     session.commit()  # build_lineage opens its own transactions
     engine: Engine = request.app.state.engine
@@ -363,7 +364,7 @@ def _not_a_reviewer(user: User) -> str:
 
 def _review_state(user: User, cand: ReleaseCandidate) -> tuple[bool, bool, str | None]:
     """(may approve, may reject, why not) for this user and candidate, as the API rules."""
-    if user.role not in releases.REVIEW_ROLES:
+    if user.role not in REVIEW_ROLES:
         return False, False, _not_a_reviewer(user)
     if cand.proposed_by == user.name:
         return False, False, ("You proposed this candidate: a second person (a reviewer or "
@@ -391,7 +392,7 @@ def _candidate_page(request: Request, session: Session, user: User, candidate_id
 def candidate_page(candidate_id: int, request: Request, session: SessionDep) -> Response:
     """A candidate: its gates, its model card summary and, for reviewers, the decision."""
     user = _user(request, session)
-    if user.role not in releases.STAFF_ROLES:
+    if user.role not in STAFF_ROLES:
         return _error(request, user, 403, "Only staff see release candidates; approved "
                       "releases are listed under Releases.")
     return _candidate_page(request, session, user, candidate_id)
@@ -401,13 +402,13 @@ def _decide(request: Request, session: Session, candidate_id: int, verb: str, re
             csrf: str) -> Response:
     page = f"{PORTAL_PREFIX}/candidates/{candidate_id}"
     user = _user(request, session, back=page)
-    if user.role not in releases.STAFF_ROLES:
+    if user.role not in STAFF_ROLES:
         return _error(request, user, 403, "Only staff see release candidates.")
     if not _csrf_ok(request, csrf):
         return _candidate_page(request, session, user, candidate_id, status_code=403, error=(
             "This form did not come from your current portal session (perhaps you logged in "
             "again since). Nothing was changed: check the candidate below and decide again."))
-    if user.role not in releases.REVIEW_ROLES:
+    if user.role not in REVIEW_ROLES:
         return _candidate_page(request, session, user, candidate_id, status_code=403,
                                error=_not_a_reviewer(user))
     reason = reason.strip()

@@ -39,9 +39,18 @@ from coordinator.db import SessionDep
 from coordinator.models import Checkpoint, Project, Release, ReleaseCandidate, Run
 from coordinator.schemas import _Request
 from coordinator.settings import Settings
+from fedward.roles import (
+    ALL_ROLES,
+    GATE_ROLES,
+    PROPOSE_ROLES,
+    REVIEW_ROLES,
+    REVOKE_ROLES,
+    STAFF_ROLES,
+    Permission,
+    may,
+)
 
 __all__ = [
-    "ALL_ROLES",
     "CandidateCreate",
     "CandidatePublic",
     "DecisionRequest",
@@ -53,7 +62,6 @@ __all__ = [
     "router",
 ]
 
-ALL_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer", "clinician"})
 log = logging.getLogger(__name__)
 ARCHIVE_MEDIA_TYPE: Final = "application/gzip"
 
@@ -232,7 +240,7 @@ def _release_public(session: Session, release: Release) -> ReleasePublic:
 
 def _visible_release(session: Session, release_id: str, role: str) -> Release:
     release = releases.find_release(session, release_id)
-    if role == "clinician" and release.revoked_at is not None:
+    if not may(role, Permission.STAFF) and release.revoked_at is not None:
         raise releases.Gone(f"release {release_id} was revoked: {release.revoke_reason}")
     return release
 
@@ -247,7 +255,7 @@ def list_versions(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[VersionPublic]:
     """Model versions (run checkpoints), newest first, with their candidates and releases."""
-    require_role(user, releases.STAFF_ROLES)
+    require_role(user, STAFF_ROLES)
     query = (select(Checkpoint, Run, Project)
              .join(Run, col(Run.id) == col(Checkpoint.run_id))
              .join(Project, col(Project.id) == col(Run.project_id)))
@@ -278,7 +286,7 @@ def version_lineage(run_id: int, round_number: int, request: Request, session: S
                     user: CurrentUser) -> dict[str, Any]:
     """A version's lineage: run config and seed, software, sites per round, epsilon and delta
     per site, per-site evaluation, data fingerprints."""
-    require_role(user, releases.STAFF_ROLES)
+    require_role(user, STAFF_ROLES)
     session.commit()  # build_lineage opens its own transactions
     with _refusals():
         return releases.build_lineage(_engine(request), home=_home(request), run_id=run_id,
@@ -298,7 +306,7 @@ def _gates_public(project: str, thresholds: dict[str, int | float]) -> GatesPubl
 @router.get("/projects/{name}/gates", tags=["releases"], responses={**_AUTH, **_404})
 def get_gates(name: str, session: SessionDep, user: CurrentUser) -> GatesPublic:
     """A project's release gate thresholds: those set and the defaults for the rest."""
-    require_role(user, releases.STAFF_ROLES)
+    require_role(user, STAFF_ROLES)
     with _refusals():
         return _gates_public(name, releases.get_gates(session, name))
 
@@ -308,7 +316,7 @@ def put_gates(name: str, body: GatesUpdate, session: SessionDep,
               user: CurrentUser) -> GatesPublic:
     """Replace all of a project's gate thresholds (reviewers and admins); an omitted one is
     unset (its default applies)."""
-    require_role(user, releases.GATE_ROLES)
+    require_role(user, GATE_ROLES)
     with _refusals():
         thresholds = releases.set_gates(session, project_name=name,
                                         thresholds=body.model_dump(), actor=user.name)
@@ -321,7 +329,7 @@ def patch_gates(name: str, body: GatesUpdate, session: SessionDep,
                 user: CurrentUser) -> GatesPublic:
     """Change only the thresholds named in the body (reviewers and admins); ``null`` unsets
     one (its default applies again), an omitted one stays as it is."""
-    require_role(user, releases.GATE_ROLES)
+    require_role(user, GATE_ROLES)
     with _refusals():
         thresholds = releases.set_gates(session, project_name=name, actor=user.name,
                                         thresholds=body.model_dump(include=body.model_fields_set),
@@ -358,7 +366,7 @@ def propose(body: CandidateCreate, request: Request, response: Response,
     is ``awaiting_review`` or ``gates_failed``, and every gate says why with its figures.
     Without, the answer is 202 with ``status`` ``evaluating``; poll the candidate.
     """
-    require_role(user, releases.PROPOSE_ROLES)
+    require_role(user, PROPOSE_ROLES)
     with _refusals():
         cand = releases.propose_candidate(session, run_id=body.run_id, round_number=body.round,
                                           intended_use=body.intended_use, actor=user.name)
@@ -388,7 +396,7 @@ def list_candidates(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[CandidatePublic]:
     """Release candidates, newest first."""
-    require_role(user, releases.STAFF_ROLES)
+    require_role(user, STAFF_ROLES)
     query = select(ReleaseCandidate)
     if candidate_status is not None:
         query = query.where(ReleaseCandidate.status == candidate_status)
@@ -399,7 +407,7 @@ def list_candidates(
 @router.get("/candidates/{candidate_id}", tags=["releases"], responses={**_AUTH, **_404})
 def get_candidate(candidate_id: int, session: SessionDep, user: CurrentUser) -> CandidatePublic:
     """One candidate with its gates."""
-    require_role(user, releases.STAFF_ROLES)
+    require_role(user, STAFF_ROLES)
     cand = session.get(ReleaseCandidate, candidate_id)
     if cand is None:
         raise HTTPException(404, f"candidate {candidate_id} not found")
@@ -415,7 +423,7 @@ def approve(candidate_id: int, body: DecisionRequest, request: Request, session:
     403 for your own proposal; 409 when it is approved, rejected, failed its gates or is
     still being evaluated.
     """
-    require_role(user, releases.REVIEW_ROLES)
+    require_role(user, REVIEW_ROLES)
     session.commit()  # approving signs and writes files: no transaction held meanwhile
     with _refusals():
         release = releases.approve_candidate(_engine(request), home=_home(request),
@@ -431,7 +439,7 @@ def approve(candidate_id: int, body: DecisionRequest, request: Request, session:
 def reject(candidate_id: int, body: DecisionRequest, session: SessionDep,
            user: CurrentUser) -> CandidatePublic:
     """Reject a candidate with a reason (not your own proposal)."""
-    require_role(user, releases.REVIEW_ROLES)
+    require_role(user, REVIEW_ROLES)
     with _refusals():
         cand = releases.reject_candidate(session, candidate_id=candidate_id, user=user,
                                          reason=body.reason)
@@ -450,8 +458,8 @@ def list_releases(
 ) -> list[ReleasePublic]:
     """Approved releases, newest first; clinicians see only unrevoked ones."""
     require_role(user, ALL_ROLES)
-    rows = releases.list_releases(session,
-                                  include_revoked=include_revoked and user.role != "clinician")
+    staff = may(user.role, Permission.STAFF)
+    rows = releases.list_releases(session, include_revoked=include_revoked and staff)
     return [_release_public(session, r) for r in rows]
 
 
@@ -493,7 +501,7 @@ def revoke(release_id: str, body: DecisionRequest, session: SessionDep,
            user: CurrentUser) -> ReleasePublic:
     """Revoke a release (admins): it leaves the portal, downloads answer 410, and the
     revocation list names it."""
-    require_role(user, releases.REVOKE_ROLES)
+    require_role(user, REVOKE_ROLES)
     with _refusals():
         release = releases.revoke_release(session, release_id=release_id, user=user,
                                           reason=body.reason)

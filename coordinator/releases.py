@@ -53,7 +53,6 @@ import math
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 import threading
@@ -97,17 +96,13 @@ from export.bundle import (
     verify_bundle,
     write_bundle,
 )
+from fedward import code_revision
 
 __all__ = [
-    "GATE_ROLES",
     "GATE_THRESHOLDS",
     "HELD_OUT_NOT_DP",
     "NOT_COVERED_BY_DP",
     "PARITY_TOLERANCES",
-    "PROPOSE_ROLES",
-    "REVIEW_ROLES",
-    "REVOKE_ROLES",
-    "STAFF_ROLES",
     "TRAINING_CURVE_FILE",
     "Conflict",
     "Forbidden",
@@ -140,14 +135,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROPOSE_ROLES: Final = frozenset({"admin", "ml_engineer"})
-# Reviewing is a second person's job: an admin may review too, but never their own proposal.
-REVIEW_ROLES: Final = frozenset({"admin", "reviewer"})
-# Who sets a project's minimum metrics: not the ML engineers whose models must meet them.
-GATE_ROLES: Final = frozenset({"admin", "reviewer"})
-REVOKE_ROLES: Final = frozenset({"admin"})
-# Roles that see candidates and the lineage of any version (clinicians see releases only).
-STAFF_ROLES: Final = frozenset({"admin", "ml_engineer", "reviewer"})
 
 # Project gate threshold name -> the evaluation metric it bounds from below.
 GATE_THRESHOLDS: Final[Mapping[str, str]] = release_gates.METRIC_THRESHOLDS
@@ -174,7 +161,7 @@ DATA_FINGERPRINT_METHOD: Final = (
     "of the declared data schema; n-rows, n-train, n-test: row counts")
 _EPSILON_METRIC: Final = "epsilon-spent"
 _FINGERPRINT_METRIC_PREFIX: Final = "fingerprint-"
-# Site metric names (export.wire.ALLOWED_REPLY_METRICS) -> evaluation figure names.
+# Site metric names (fedward.wire.ALLOWED_REPLY_METRICS) -> evaluation figure names.
 _EVAL_METRICS: Final[Mapping[str, str]] = {
     "eval-auc": "auc",
     "eval-accuracy": "accuracy",
@@ -355,7 +342,7 @@ _PACKAGES: Final = ("fedward", "flwr", "torch", "opacus", "onnx", "onnxruntime",
 @functools.cache
 def _software() -> dict[str, Any]:
     """Versions of the packages installed here, the code revision and the Flower app hash."""
-    from coordinator.flower_control import app_bundle  # imports flwr: only when needed
+    from fedward.flower.fab import app_bundle  # imports flwr: only when needed
 
     packages: dict[str, str] = {}
     for name in _PACKAGES:
@@ -365,26 +352,10 @@ def _software() -> dict[str, Any]:
             packages[name] = "not installed"
     return {
         "packages": packages,
-        "code_revision": _code_revision(),
+        "code_revision": code_revision(),
         "flower_app_bundle_sha256": app_bundle()[1],
         "note": "installed on the coordinator when this lineage was recorded",
     }
-
-
-def _code_revision() -> str:
-    """``git rev-parse HEAD`` of the source tree, ``+modified`` if it has local changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if len(head) != 40:
-        return "unknown"
-    return head + ("+modified" if dirty else "")
 
 
 def _evaluation(metrics: Mapping[int, Mapping[str, Mapping[str, float]]], round_number: int,
@@ -707,7 +678,8 @@ def _export_artefacts(*, task: str, arrays: dict[str, Any], out_dir: Path
         export_onnx_int8,
         export_openvino,
     )
-    from export.tasks import UnknownTaskError, build_model, set_model_arrays
+    from fedward.models import set_model_arrays
+    from fedward.tasks import UnknownTaskError, build_model
 
     try:
         model = build_model(task)
@@ -1029,7 +1001,7 @@ def _release_id(project: str, run_id: int, round_number: int, candidate_id: int)
 def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Project,
                 approver: str, reason: str, approved_at: str) -> dict[str, Any]:
     from export.onnx_export import INPUT_NAME, OUTPUT_NAME
-    from export.tasks import get_task
+    from fedward.tasks import get_task
 
     spec = get_task(run.task)
     lineage: dict[str, Any] = json.loads(cand.lineage_json)

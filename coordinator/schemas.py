@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from coordinator.models import AuditEvent, Checkpoint, Project, Round, Run, Site, User
+from fedward.run_config import SITE_NAME_PATTERN, RunConfig, RunRequest, SiteName
 
 __all__ = [
     "PROJECT_NAME_PATTERN",
@@ -48,10 +49,8 @@ __all__ = [
     "UserPublic",
 ]
 
-SITE_NAME_PATTERN: Final = r"^[a-z0-9-]{3,40}$"
 PROJECT_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
-SiteName = Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]
 ProjectName = Annotated[str, StringConstraints(pattern=PROJECT_NAME_PATTERN)]
 
 
@@ -180,61 +179,15 @@ class SitePublic(BaseModel):
 # --- runs --------------------------------------------------------------------------------
 
 
-class RunCreate(_Request):
+class RunCreate(RunRequest):
     """Body of ``POST /runs``: what to train, how long, with which privacy budget and where.
 
-    ``lr`` and ``batch_size`` default to the task's own defaults; ``sites`` defaults to every
-    registered site. ``min_sites`` is checked against the sites that will take part when the
-    run is created.
+    The fields, defaults and bounds are the one run configuration's
+    (:class:`fedward.run_config.RunRequest`). ``lr`` and ``batch_size`` default to the
+    task's own defaults; ``sites`` defaults to every registered site. ``min_sites`` is
+    checked against the sites that will take part when the run is created. The aggregation
+    and its options are checked against the coordinator's aggregation registry.
     """
-
-    project: str = Field(min_length=1, max_length=64)
-    task: str = Field(description="A task of the shared registry (export.tasks.TASKS).")
-    rounds: int = Field(ge=1, le=100)
-    local_epochs: int = Field(default=1, ge=1, le=50)
-    epsilon: float = Field(gt=0, le=100, description="Privacy budget per site for the run.")
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-    min_sites: int = Field(default=1, ge=1)
-    round_deadline_s: float = Field(default=120.0, ge=5, le=3600)
-    lr: float | None = Field(default=None, gt=0)
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    sites: list[SiteName] | None = Field(default=None, min_length=1)
-    aggregation: str = Field(
-        default="fedavg", max_length=64,
-        description="How site updates are combined (coordinator.aggregation): fedavg "
-        "(weighted mean), median or trimmed-mean (robust, coordinate-wise), the server "
-        "optimisers fedavgm, fedadam and fedyogi, or a strategy a plugin registered under "
-        "the entry point group fedward.aggregators.")
-    # Any JSON value here: each strategy's own options model checks names and types.
-    aggregation_options: dict[str, Any] = Field(
-        default_factory=dict, max_length=32,
-        description="Options of the aggregation, e.g. {\"server_lr\": 0.1, \"beta1\": 0.9} "
-        "for fedadam (see docs/ml-team-guide.md); unknown options are refused.")
-    approval_wait_s: float = Field(
-        default=3600.0, ge=0, le=86400,
-        description="Before round 1, how long the run waits for sites whose policy wants a "
-        "local approval (0: ask once, do not wait). Training then starts with the sites "
-        "that accepted, if at least min_sites.")
-    max_update_norm: float | None = Field(
-        default=None, gt=0,
-        description="Reject a site's update whose L2 distance from the round's global model "
-        "is above this. Default: derived per site from the DP-SGD settings (lr, "
-        "max_grad_norm, batch size, local epochs, the site's example count and noise "
-        "multiplier), with a safety factor of 2.")
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        # Imported here, not at module level: the registry imports torch, which the API's
-        # other routes (and the CLI) do not need to pay for at start-up.
-        from export.tasks import TASKS
-
-        if value not in TASKS:
-            known = ", ".join(sorted(TASKS))
-            raise ValueError(f"unknown task {value!r} (known tasks: {known})")
-        return value
 
     @field_validator("aggregation")
     @classmethod
@@ -254,34 +207,6 @@ class RunCreate(_Request):
         if name is None:  # the name itself was refused; that error says why
             return value
         return validate_options(name, value)
-
-    @field_validator("sites")
-    @classmethod
-    def _distinct(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and len(set(value)) != len(value):
-            dupes = sorted({s for s in value if value.count(s) > 1})
-            raise ValueError(f"sites listed more than once: {', '.join(dupes)}")
-        return value
-
-
-class RunConfig(BaseModel):
-    """The resolved configuration of a run, as stored in ``Run.config_json``."""
-
-    rounds: int
-    local_epochs: int
-    epsilon: float
-    delta: float
-    min_sites: int
-    round_deadline_s: float
-    lr: float
-    batch_size: int
-    max_grad_norm: float
-    seed: int
-    sites: list[str]
-    aggregation: str = "fedavg"
-    aggregation_options: dict[str, Any] = Field(default_factory=dict)
-    approval_wait_s: float = 3600.0
-    max_update_norm: float | None = None
 
 
 class SiteWaiting(BaseModel):

@@ -13,7 +13,6 @@ The SuperLink starts this module in a ``flwr-serverapp`` process; it inherits
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -21,14 +20,13 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
@@ -47,7 +45,10 @@ from coordinator.checkpoints import (
     save_checkpoint,
 )
 from coordinator.models import utcnow
-from export.wire import (
+from fedward.files import atomic_write
+from fedward.flower.serverapp import EXPIRED_ERROR_CODES, shorten_object_pulls
+from fedward.run_config import RunPlan
+from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
     FINGERPRINT_KEYS,
@@ -63,17 +64,16 @@ from export.wire import (
     pack_arrays,
     parse_layout,
     unpack_arrays,
+    update_digest,
 )
 
 __all__ = [
     "APPROVAL_POLL_S",
     "NORM_BOUND_FACTOR",
     "RoundLoop",
-    "RunPlan",
     "aggregate",
     "app",
     "dp_update_norm_bound",
-    "update_digest",
     "update_norm",
     "validate_update",
 ]
@@ -108,8 +108,6 @@ _PHASE_OF_CODE: Final = {
     SiteErrorCode.TRAINER_UNAVAILABLE: "agent",
     SiteErrorCode.TASK_FAILED: "train",
 }
-# Flower's error replies for a message or reply whose time to live ran out.
-_EXPIRED: Final = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 _PHASE_IN_REASON: Final = re.compile(r"\(phase ([a-z][a-z-]{0,31})\)")
 
 
@@ -119,49 +117,6 @@ def failure_phase(code: int, reason: str) -> str:
     if code == SiteErrorCode.TASK_FAILED and (found := _PHASE_IN_REASON.search(reason)):
         return found.group(1)
     return _PHASE_OF_CODE.get(code, "engine")
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run asks for, read from the coordinator database."""
-
-    run_id: int
-    project: str
-    task: str
-    rounds: int
-    local_epochs: int
-    epsilon: float
-    delta: float
-    min_sites: int
-    round_deadline_s: float
-    lr: float
-    batch_size: int
-    max_grad_norm: float
-    seed: int
-    sites: tuple[str, ...]
-    aggregation: str = "fedavg"
-    # The aggregation's options, complete (coordinator.aggregation.validate_options).
-    aggregation_options: dict[str, Any] = field(default_factory=dict)
-    final_evaluate: bool = True
-    approval_wait_s: float = 3600.0
-    max_update_norm: float | None = None
-
-    def task_config(self, round_number: int, *, train: bool) -> ConfigRecord:
-        return ConfigRecord({
-            CFG.RUN_ID: str(self.run_id),
-            CFG.PROJECT: self.project,
-            CFG.TASK: self.task,
-            CFG.ROUND: round_number,
-            CFG.TOTAL_ROUNDS: self.rounds,
-            CFG.LOCAL_EPOCHS: self.local_epochs,
-            CFG.EPSILON: self.epsilon,
-            CFG.DELTA: self.delta,
-            CFG.CLIP: self.max_grad_norm,
-            CFG.LR: self.lr,
-            CFG.BATCH: self.batch_size,
-            CFG.SEED: self.seed,
-            CFG.TRAIN: train,
-        })
 
 
 class RunFailed(Exception):
@@ -205,16 +160,6 @@ def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray])
         diff = arr.astype(np.float64) - reference[name].astype(np.float64)
         total += float(np.dot(diff.ravel(), diff.ravel()))
     return math.sqrt(total)
-
-
-def update_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of an update (byte-identity)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
-        h.update(json.dumps([name, str(arr.dtype), list(arr.shape)]).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def dp_update_norm_bound(
@@ -301,7 +246,7 @@ class RoundLoop:
     _admission: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # Digest of every update received in this run -> (first round, site), for replays.
     _seen: dict[str, tuple[int, str]] = field(default_factory=dict, init=False, repr=False)
-    # The array layout of the packed model last sent (see export.wire.PACKED).
+    # The array layout of the packed model last sent (see fedward.wire.PACKED).
     _layout: list[tuple[str, tuple[int, ...]]] = field(default_factory=list, init=False,
                                                       repr=False)
     # The run's aggregation strategy (coordinator.aggregation), with its state.
@@ -482,7 +427,7 @@ class RoundLoop:
     def _ask(self, nodes: dict[int, str], *, ttl: float) -> dict[str, str]:
         """Push one admission question per node; returns message id -> site."""
         msgs = [Message(
-            content=RecordDict({TASK_CONFIG: self.plan.task_config(0, train=False)}),
+            content=RecordDict({TASK_CONFIG: ConfigRecord(self.plan.task_config(0, train=False))}),
             dst_node_id=node_id, message_type=ADMISSION_MESSAGE_TYPE,
             group_id=f"run-{self.plan.run_id}-admission", ttl=ttl,
         ) for node_id in nodes]
@@ -573,7 +518,7 @@ class RoundLoop:
         flat, layout = pack_arrays(arrays)
         # Replies are packed in the order of the layout sent: unpack them with it.
         self._layout = parse_layout(layout)
-        config = self.plan.task_config(number, train=train)
+        config = ConfigRecord(self.plan.task_config(number, train=train))
         config[CFG.LAYOUT] = layout
         msgs = []
         for node_id in nodes:
@@ -596,7 +541,7 @@ class RoundLoop:
         while pending and self.clock() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id
-                if reply.has_error() and reply.error.code in _EXPIRED:
+                if reply.has_error() and reply.error.code in EXPIRED_ERROR_CODES:
                     # The SuperLink's own answer that the message (or its reply) expired:
                     # messages live until the deadline, so this is "no answer in time",
                     # and the site is named late when the deadline passes.
@@ -787,7 +732,7 @@ class RoundLoop:
 
 
 def _admission_answer(reply: Message, before: _Answer | None) -> _Answer:
-    """A site's answer to the admission question (see export.wire.ADMISSION_ACTION)."""
+    """A site's answer to the admission question (see fedward.wire.ADMISSION_ACTION)."""
     if reply.has_error():
         code = reply.error.code
         label = SiteErrorCode.NAMES.get(code, f"flower-error-{code}")
@@ -857,7 +802,7 @@ def run_parity(*, grid: Grid, engine: Engine, plan: RunPlan, request_dir: Path,
         msgs.append(Message(
             content=RecordDict({
                 TASK_ARRAYS: ArrayRecord({k: Array(v) for k, v in payload.items()}),
-                TASK_CONFIG: plan.task_config(plan.rounds, train=False),
+                TASK_CONFIG: ConfigRecord(plan.task_config(plan.rounds, train=False)),
             }),
             dst_node_id=node_id, message_type=MessageType.QUERY,
             group_id=f"run-{plan.run_id}-parity", ttl=plan.round_deadline_s,
@@ -883,10 +828,8 @@ def run_parity(*, grid: Grid, engine: Engine, plan: RunPlan, request_dir: Path,
             time.sleep(_POLL_S)
     for site in pending.values():
         failed[site] = f"late: no reply within {plan.round_deadline_s:.0f} s"
-    out = request_dir / "result.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sites": results, "failed": failed}, indent=2))
-    os.replace(tmp, out)
+    atomic_write(request_dir / "result.json",
+                 json.dumps({"sites": results, "failed": failed}, indent=2))
 
 
 def _parity_by_format(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -910,11 +853,7 @@ def _fingerprint(reply: Message) -> dict[str, str]:
 
 def load_plan(engine: Engine, run_id: int) -> RunPlan:
     """Read a run's plan from the database."""
-    raw = repository.run_config(engine, run_id)
-    names = {f.name for f in fields(RunPlan)}
-    values = {k: v for k, v in raw.items() if k in names}
-    values["sites"] = tuple(values.get("sites") or ())
-    return RunPlan(**values)
+    return RunPlan.model_validate(repository.run_config(engine, run_id))
 
 
 app = ServerApp()
@@ -924,20 +863,16 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point the SuperLink calls for every run of the appliance's app."""
     from coordinator.db import make_engine
-    from export.tasks import build_model, model_arrays
+    from fedward.models import model_arrays
+    from fedward.tasks import build_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # httpx logs every request at INFO, the 0.1 s reply pulls included; Flower uploads each
     # line to the SuperLink's database: noise that costs round time (benchmark 1).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # A reply pulled while its objects are still being uploaded waits 1 s in Flower before
-    # the first retry; a short, bounded back-off instead (see site_agent.supernode_main).
-    from flwr.superlink.grid import http_grid
-
-    from export.runtime import with_short_backoff
-
-    setattr(http_grid, "pull_objects",  # noqa: B010
-            with_short_backoff(getattr(http_grid, "pull_objects")))  # noqa: B009
+    # the first retry; a short, bounded back-off instead.
+    shorten_object_pulls()
     run_id = int(str(context.run_config["fedward-run-id"]))
     home = Path(os.environ["FEDWARD_HOME"])
     # The URL may hold a password: it comes in a 0600 file, never in the environment.

@@ -20,11 +20,12 @@ from sqlalchemy.engine import Engine
 from coordinator import repository
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
-from coordinator.flower_control import FlowerControl
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
+from fedward.files import atomic_write
+from fedward.flower.control import FlowerControl
 
 __all__ = ["Coordinator", "FlowerLauncher", "FlowerRegistrar", "init_home"]
 
@@ -140,7 +141,7 @@ class FlowerSiteParity:
                 raise SiteParityError(f"the checkpoint of candidate {candidate_id} changed "
                                       "since it was proposed")
             rel, sha = ckpt.path, ckpt.sha256
-        (req_dir / "request.json").write_text(json.dumps({
+        atomic_write(req_dir / "request.json", json.dumps({
             "checkpoint": str(self.home / rel), "sha256": sha, "files": sorted(files)}))
         # A site measures each format of a model once (site_agent.parity_task) and refuses
         # a repeat; a later candidate of the same checkpoint with the same artefacts reuses
@@ -185,11 +186,8 @@ class FlowerSiteParity:
 
     def _remember(self, sha: str, req_dir: Path, files: Mapping[str, bool],
                   sites: Mapping[str, Any]) -> None:
-        path = self._cache_path(sha)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"artefacts": self._digests(req_dir, files),
-                                   "sites": dict(sites)}, indent=2))
-        os.replace(tmp, path)
+        atomic_write(self._cache_path(sha), json.dumps({
+            "artefacts": self._digests(req_dir, files), "sites": dict(sites)}, indent=2))
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The SuperLink serves the fleet, control and runtime APIs on one port and the open-source
 control API has no authentication, so no other local account may reach it. It runs, with
 the SuperExec and ServerApps it starts, in a private network namespace of its own
-(:mod:`export.netns`): its 127.0.0.1 is not the host's. The coordinator reaches it through
+(:mod:`fedward.sandbox.netns`): its 127.0.0.1 is not the host's. The coordinator reaches it through
 one Unix socket in its data directory (mode 0600, directory 0700); sites reach its fleet
 API through the coordinator's gateway, never directly.
 """
@@ -22,9 +22,11 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from coordinator.pki import CAFiles
-from export.netns import EXIT_NO_SANDBOX, Sandbox, isolation_mode, sandbox_failure
-from export.relay import Endpoint, RelayThread, unix_transport
-from export.runtime import atomic_write, flower_env, free_port, venv_bin
+from fedward.files import atomic_write
+from fedward.flower.env import flower_env
+from fedward.procs import free_port, venv_bin
+from fedward.sandbox.netns import EXIT_NO_SANDBOX, Sandbox, isolation_mode, sandbox_failure
+from fedward.sandbox.relay import Endpoint, RelayThread, unix_transport
 
 __all__ = ["DATABASE_URL_FILE_ENV", "SuperLinkError", "SuperLinkProcess", "database_route"]
 
@@ -86,7 +88,7 @@ class SuperLinkProcess:
         port: the SuperLink's port on its namespace's 127.0.0.1 (0 picks a free one).
         extra_env: variables every ServerApp process inherits (no secrets: they are passed
             on to every Flower process).
-        mode: ``namespace`` or ``container`` (see :mod:`export.netns`); default from
+        mode: ``namespace`` or ``container`` (see :mod:`fedward.sandbox.netns`); default from
             ``FEDWARD_FLOWER_ISOLATION``.
     """
 

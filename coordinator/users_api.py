@@ -17,7 +17,6 @@ from sqlmodel import Session, col, func, select
 
 from coordinator.api import (
     API_PREFIX,
-    USER_ADMIN_ROLES,
     CurrentUser,
     hash_token,
     require_role,
@@ -28,6 +27,7 @@ from coordinator.db import SessionDep
 from coordinator.models import LoginSession, User, UserCredential, utcnow
 from coordinator.schemas import UserPublic
 from coordinator.settings import Settings
+from fedward.roles import ADMIN, USER_ADMIN_ROLES
 
 __all__ = ["issue_api_token", "router"]
 
@@ -93,9 +93,9 @@ def _keep_an_admin(session: Session, user: User, target: User, what: str) -> Non
     their own account."""
     if target.id == user.id:
         _refuse(f"you cannot {what} your own account; another admin can")
-    if target.role == "admin" and target.disabled_at is None:
+    if target.role == ADMIN and target.disabled_at is None:
         admins = session.exec(select(func.count()).select_from(User).where(
-            User.role == "admin", col(User.disabled_at).is_(None))).one()
+            User.role == ADMIN, col(User.disabled_at).is_(None))).one()
         if admins <= 1:
             _refuse(f"{target.name!r} is the last enabled admin; create another admin first")
 

@@ -1,7 +1,8 @@
-"""Turning trained models into release artefacts, and the registry of tasks both sides share.
+"""Turning trained models into release artefacts: exports, parity, signed bundles, revocation,
+and the clinician's tools (``fedward-verify``, ``fedward-serve``).
 
-Importing ``export`` is cheap on purpose: the Flower relay process imports ``export.wire``
-and must not pay for torch. The torch-backed names load on first use.
+Importing ``export`` is cheap on purpose: the torch-backed names load on first use. The
+task and model registry both sides share lives in :mod:`fedward.tasks`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,6 @@ from typing import Any
 
 # Public name -> the module that defines it. Each module is imported on first use only.
 _LAZY: dict[str, str] = {
-    "TASKS": "export.tasks",
-    "TaskSpec": "export.tasks",
-    "UnknownTaskError": "export.tasks",
-    "build_model": "export.tasks",
-    "get_task": "export.tasks",
     "UnsupportedModelError": "export.onnx_export",
     "export_onnx": "export.onnx_export",
     "export_onnx_int8": "export.onnx_export",
@@ -37,23 +33,18 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "TASKS",
     "BundleVerificationError",
     "BundleWriteError",
     "ParityReport",
     "RevocationSource",
-    "TaskSpec",
-    "UnknownTaskError",
     "UnsupportedModelError",
     "VerifiedBundle",
-    "build_model",
     "canonical_digest",
     "create_app",
     "export_onnx",
     "export_onnx_int8",
     "export_openvino",
     "generate_release_key",
-    "get_task",
     "load_revocations",
     "load_session",
     "parity_report",

@@ -52,6 +52,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedward.files import atomic_write
+
 __all__ = [
     "ARTEFACT_FILES",
     "FORMATS",
@@ -373,9 +375,9 @@ def write_bundle(*, out_dir: Path, files: Mapping[str, Path], model_card: Mappin
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             digests[rel] = _copy_synced(Path(files[rel]), dst)
-        _write_synced(stage / MODEL_CARD_JSON, card_json.encode())
+        atomic_write(stage / MODEL_CARD_JSON, card_json.encode(), mode=0o644)
         md = render_model_card_md(card, digests)
-        _write_synced(stage / MODEL_CARD_MD, md.encode())
+        atomic_write(stage / MODEL_CARD_MD, md.encode(), mode=0o644)
         _sign_folder(stage, Path(private_key))
         _fsync_file(stage / SIGNATURE_FILE)
         # Never publish a bundle that would not verify.
@@ -423,14 +425,6 @@ def _copy_synced(src: Path, dst: Path) -> str:
         fout.flush()
         os.fsync(fout.fileno())
     return h.hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _fsync_file(path: Path) -> None:

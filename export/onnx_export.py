@@ -38,7 +38,7 @@ from torch import nn
 
 from export.bundle import ARTEFACT_FILES
 from export.parity import import_openvino
-from export.tasks import get_task
+from fedward.tasks import get_task
 
 __all__ = [
     "INPUT_NAME",

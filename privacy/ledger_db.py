@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from export.runtime import FileLock
+from fedward.files import FileLock
 from privacy.accounting import compose_mechanisms
 from privacy.ledger_migrate import LegacyFormatError, LegacyRun, read_legacy_ledger
 from privacy.ledger_types import (

@@ -3,7 +3,7 @@
 It loads and checks the site's data once (refusing to train on bad data), serves the warm
 trainer on a Unix socket inside the data directory, and keeps one ``flower-supernode``
 connected outbound to the coordinator, restarting it with the back-off Flower needs. The
-SuperNode runs in a private network namespace (:mod:`export.netns`): its runtime API, which
+SuperNode runs in a private network namespace (:mod:`fedward.sandbox.netns`): its runtime API, which
 has no authentication, is reachable only through a Unix socket in the site's 0700 ``run/``
 directory, and it reaches the coordinator only through the route it is given. The agent
 listens on no TCP port at all. One agent per site directory: a second one is refused (a
@@ -17,7 +17,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -29,15 +28,17 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from export.netns import (
+from fedward.flower.env import flower_env
+from fedward.flower.exit_codes import FATAL_EXIT_CODES, SUPERNODE_EXIT_HELP, flower_exit_code
+from fedward.procs import free_port
+from fedward.sandbox.netns import (
     EXIT_NO_SANDBOX,
     IsolationError,
     Sandbox,
     isolation_mode,
     sandbox_failure,
 )
-from export.relay import Endpoint, RelayThread, unix_connect, unix_path
-from export.runtime import flower_env, free_port
+from fedward.sandbox.relay import Endpoint, RelayThread, unix_connect, unix_path
 from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
 from site_agent.audit import AuditLog, AuditLogError
@@ -50,42 +51,10 @@ from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, Sit
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
 
-__all__ = ["SUPERNODE_EXIT_HELP", "AgentLockError", "SiteAgent", "flower_exit_code",
-           "hold_site_lock", "probe_coordinator", "restrict_site_dir"]
+__all__ = ["AgentLockError", "SiteAgent", "hold_site_lock", "probe_coordinator",
+           "restrict_site_dir"]
 
 log = logging.getLogger("fedward.site.agent")
-
-# What a SuperNode exit code means for hospital IT, and what to do about it.
-SUPERNODE_EXIT_HELP: dict[int, str] = {
-    302: "the site's node key file cannot be read; re-create it with `fedward-site keygen`",
-    303: "the coordinator address is configured without TLS; use the TLS address",
-    305: ("the coordinator refused the connection: either the site's node key is not "
-          "registered (ask the ML team to run `fedward-coordinator add-site NAME "
-          "--node-key node_key.pub`), or the node is still marked active after a restart "
-          "(the agent retries after its back-off)"),
-    606: "the coordinator runs another Flower version; update the site agent",
-    EXIT_NO_SANDBOX: "the SuperNode's private network namespace could not be made",
-}
-
-
-_EXIT_CODE_RE = re.compile(rb"Exit Code: (\d+)")
-
-
-def flower_exit_code(log_path: Path, process_status: int, *, since: int = 0) -> int:
-    """Flower's own exit code for a SuperNode that ended.
-
-    ``flwr_exit`` maps every code of 100 and above to process status 1 and writes the real
-    code to the log ("Exit Code: 305"), so the log written since ``since`` is searched.
-    """
-    try:
-        with log_path.open("rb") as fh:
-            fh.seek(since)
-            tail = fh.read()
-    except OSError:
-        return process_status
-    found = _EXIT_CODE_RE.findall(tail)
-    return int(found[-1]) if found else process_status
-
 
 def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
     """None if a TLS connection to ``address`` verifies against the CA, else why not."""
@@ -169,7 +138,7 @@ def _warm_up(task: str) -> None:
     """
     import numpy as np
 
-    from export.tasks import build_model, get_task
+    from fedward.tasks import build_model, get_task
     from privacy import train_dp
 
     spec = get_task(task)
@@ -340,7 +309,7 @@ class SiteAgent:
             if self._stop.is_set():
                 break
             help_text = SUPERNODE_EXIT_HELP.get(code, "see the SuperNode log")
-            if code in (302, 303, 606, EXIT_NO_SANDBOX):   # a restart cannot fix these
+            if code in FATAL_EXIT_CODES:   # a restart cannot fix these
                 log.error("SuperNode exited with code %s: %s; the agent stops (log: %s)",
                           code, help_text, paths.logs / "supernode.log")
                 return 5
@@ -364,8 +333,8 @@ class SiteAgent:
                                   name="upstream-relay")
             outside.start()
         cmd = [
-            # Flower's SuperNode with a shorter idle poll (see site_agent.supernode_main).
-            sys.executable, "-m", "site_agent.supernode_main",
+            # Flower's SuperNode with a shorter idle poll (see fedward.flower.supernode).
+            sys.executable, "-m", "fedward.flower.supernode",
             "--root-certificates", str(route.root_certificates),
             "--superlink", f"127.0.0.1:{upstream_port}",
             "--auth-supernode-private-key", str(paths.node_key),

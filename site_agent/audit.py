@@ -6,13 +6,17 @@ shapes, metric names: sizes and names, never values), with the epsilon spent.
 
 Entry format (``audit.log`` in the site's data directory, UTF-8, one entry per line)::
 
-    {"seq": 1, "at": "2025-01-31T09:12:03.123456+00:00", "action": "run-seen",
-     "detail": {"run": "7", "project": "oncology", ...},
-     "prev_hash": "000...000", "hash": "<sha256 hex>"}
+    {"action":"run-seen","at":"2025-01-31T09:12:03.123456+00:00",
+     "detail":{"project":"oncology","run":"7",...},"hash":"<sha256 hex>",
+     "prev_hash":"000...000","seq":1,"v":2}
 
-``hash`` is the SHA-256 of the canonical JSON (sorted keys, no spaces, ASCII) of the entry
-without ``hash``; ``prev_hash`` is the previous entry's ``hash`` (64 zeros for the first).
-``seq`` counts from 1 with no gaps. Editing, deleting, inserting or reordering an entry
+``prev_hash`` is the previous entry's ``hash`` (64 zeros for the first); ``hash`` is
+SHA-256 of ``prev_hash`` followed by the RFC 8785 canonical JSON of the entry without its
+two hashes (:mod:`fedward.hashchain`, the same chain as the coordinator's audit table).
+``seq`` counts from 1 with no gaps. Entries written before format version 2 have no ``v``
+and keep verifying in the form they were written in (the canonical JSON of the entry with
+``prev_hash`` and without ``hash``, sorted keys, ASCII); an entry without ``v`` after one
+with it breaks the chain. Editing, deleting, inserting or reordering an entry
 breaks the chain at that entry, and :func:`verify_log` names it. The chain proves
 consistency, not authorship: someone who can rewrite the whole file can recompute it, so
 ``fedward-site audit verify`` prints the head hash for IT to record elsewhere (a ticket, a
@@ -40,6 +44,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from fedward.files import fsync_dir
+from fedward.hashchain import (
+    CURRENT_VERSION,
+    GENESIS_HASH,
+    SITE_FORMAT,
+    VERSION_KEY,
+    LinkProblem,
+    canonical_json,
+    normalise,
+)
+
 __all__ = [
     "GENESIS_HASH",
     "AuditEntry",
@@ -52,7 +67,6 @@ __all__ = [
     "verify_log",
 ]
 
-GENESIS_HASH: Final = "0" * 64
 _FIELDS: Final = frozenset({"seq", "at", "action", "detail", "prev_hash", "hash"})
 _TAIL_CHUNK: Final = 64 * 1024
 
@@ -75,7 +89,8 @@ class AuditEntry:
         action: what happened (``run-seen``, ``round-trained``, ...).
         detail: names, sizes, ids and reasons; never data values.
         prev_hash: the previous entry's hash (:data:`GENESIS_HASH` for the first).
-        hash: SHA-256 of the canonical JSON of the other fields.
+        hash: the entry's hash (see the module docstring).
+        version: the chain format version it was written in (1: before RFC 8785).
     """
 
     seq: int
@@ -84,11 +99,15 @@ class AuditEntry:
     detail: Mapping[str, Any]
     prev_hash: str
     hash: str
+    version: int = CURRENT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as written to the log."""
-        return {"seq": self.seq, "at": self.at, "action": self.action,
-                "detail": dict(self.detail), "prev_hash": self.prev_hash, "hash": self.hash}
+        out = {"seq": self.seq, "at": self.at, "action": self.action,
+               "detail": dict(self.detail), "prev_hash": self.prev_hash, "hash": self.hash}
+        if self.version != 1:
+            out[VERSION_KEY] = self.version
+        return out
 
 
 @dataclass(frozen=True)
@@ -113,17 +132,21 @@ class LogVerdict:
         return self.broken_seq is None
 
 
-def _canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
-
-
 def entry_hash(*, seq: int, at: str, action: str, detail: Mapping[str, Any],
-               prev_hash: str) -> str:
-    """The hash an entry with these fields must carry."""
-    body = {"seq": seq, "at": at, "action": action, "detail": dict(detail),
-            "prev_hash": prev_hash}
-    return hashlib.sha256(_canonical(body)).hexdigest()
+               prev_hash: str, version: int = CURRENT_VERSION) -> str:
+    """The hash an entry with these fields must carry (in format ``version``)."""
+    body = {"seq": seq, "at": at, "action": action, "detail": dict(detail)}
+    return SITE_FORMAT.entry_hash(prev_hash=prev_hash, body=body, version=version)
+
+
+# What the log says about an entry that does not verify (the sequence was checked first).
+_PROBLEMS: Final = {
+    LinkProblem.UNKNOWN_VERSION: "its format version is not one this agent knows",
+    LinkProblem.DOWNGRADE: ("it is in the old format after entries in the new one (an entry "
+                            "was inserted or moved)"),
+    LinkProblem.NOT_JSON: "it holds a value that is not valid JSON (NaN or infinity)",
+    LinkProblem.HASH_MISMATCH: "its content does not match its hash (the entry was edited)",
+}
 
 
 def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
@@ -134,7 +157,8 @@ def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
     return parts[:-1], parts[-1]
 
 
-def _check_line(raw: bytes, seq: int, prev_hash: str) -> tuple[AuditEntry | None, str | None]:
+def _check_line(raw: bytes, seq: int, prev_hash: str, previous_version: int
+                ) -> tuple[AuditEntry | None, str | None]:
     """Parse and check one complete line: (entry, None) or (None, why it is broken)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -142,10 +166,15 @@ def _check_line(raw: bytes, seq: int, prev_hash: str) -> tuple[AuditEntry | None
         return None, "not a valid JSON line"
     if not isinstance(obj, dict):
         return None, "not a JSON object"
-    if set(obj) != _FIELDS:
-        missing = sorted(_FIELDS - set(obj))
-        extra = sorted(set(obj) - _FIELDS)
+    version = obj.get(VERSION_KEY, 1)
+    fields = _FIELDS | {VERSION_KEY} if VERSION_KEY in obj else _FIELDS
+    if set(obj) != fields:
+        missing = sorted(fields - set(obj))
+        extra = sorted(set(obj) - fields)
         return None, f"wrong fields (missing {missing}, unexpected {extra})"
+    if not isinstance(version, int) or isinstance(version, bool) or (
+            VERSION_KEY in obj and version == 1):
+        return None, _PROBLEMS[LinkProblem.UNKNOWN_VERSION]
     if (not isinstance(obj["seq"], int) or isinstance(obj["seq"], bool)
             or not isinstance(obj["at"], str) or not isinstance(obj["action"], str)
             or not isinstance(obj["detail"], dict) or not isinstance(obj["prev_hash"], str)
@@ -154,31 +183,32 @@ def _check_line(raw: bytes, seq: int, prev_hash: str) -> tuple[AuditEntry | None
     if obj["seq"] != seq:
         return None, (f"sequence number is {obj['seq']}, expected {seq} (an entry was "
                       "deleted, inserted or moved)")
-    if obj["prev_hash"] != prev_hash:
+    problem = SITE_FORMAT.check_link(
+        expected_prev=prev_hash, prev_hash=obj["prev_hash"], stored_hash=obj["hash"],
+        body={"seq": obj["seq"], "at": obj["at"], "action": obj["action"],
+              "detail": obj["detail"]},
+        version=version, previous_version=previous_version)
+    if problem is LinkProblem.BROKEN_LINK:
         return None, (f"it does not chain to entry {seq - 1} (an entry before it was "
                       "changed, deleted or moved)")
-    try:
-        want = entry_hash(seq=obj["seq"], at=obj["at"], action=obj["action"],
-                          detail=obj["detail"], prev_hash=obj["prev_hash"])
-    except ValueError:
-        return None, "it holds a value that is not valid JSON (NaN or infinity)"
-    if obj["hash"] != want:
-        return None, "its content does not match its hash (the entry was edited)"
+    if problem is not None:
+        return None, _PROBLEMS[problem]
     return AuditEntry(seq=obj["seq"], at=obj["at"], action=obj["action"],
-                      detail=obj["detail"], prev_hash=obj["prev_hash"], hash=obj["hash"]), None
+                      detail=obj["detail"], prev_hash=obj["prev_hash"], hash=obj["hash"],
+                      version=version), None
 
 
 def _walk(data: bytes) -> tuple[list[AuditEntry], LogVerdict]:
     lines, torn = _split_lines(data)
     entries: list[AuditEntry] = []
-    prev = GENESIS_HASH
+    prev, version = GENESIS_HASH, 1
     for i, raw in enumerate(lines, start=1):
-        entry, why = _check_line(raw, i, prev)
+        entry, why = _check_line(raw, i, prev, version)
         if entry is None:
             return entries, LogVerdict(n_entries=len(entries), broken_seq=i, why=why,
                                        head_hash=prev)
         entries.append(entry)
-        prev = entry.hash
+        prev, version = entry.hash, entry.version
     if torn:
         return entries, LogVerdict(
             n_entries=len(entries), broken_seq=len(lines) + 1,
@@ -244,7 +274,7 @@ class AuditLog:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
                     if created:
-                        _fsync_dir(self._path.parent)
+                        fsync_dir(self._path.parent)
                     yield fd
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
@@ -265,7 +295,7 @@ class AuditLog:
         """
         if not action:
             raise ValueError("an audit action must be a non-empty string")
-        body_detail = json.loads(_canonical(dict(detail)))  # a copy, checked serialisable
+        body_detail = normalise(dict(detail))  # a copy, checked serialisable
         try:
             with self._locked() as fd:
                 seq, prev = self._tail(fd)
@@ -287,7 +317,7 @@ class AuditLog:
         digest = entry_hash(seq=seq, at=at, action=action, detail=detail, prev_hash=prev)
         entry = AuditEntry(seq=seq, at=at, action=action, detail=detail, prev_hash=prev,
                            hash=digest)
-        line = _canonical(entry.to_dict()) + b"\n"
+        line = canonical_json(entry.to_dict()) + b"\n"
         # One write in O_APPEND mode: a concurrent reader never sees half an entry unless
         # the machine crashes mid-write (then verify names the torn line).
         written = os.write(fd, line)
@@ -358,11 +388,3 @@ class AuditLog:
                 "`fedward-site audit verify` and restore the file from backup"
             )
         return seq, digest
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -23,7 +23,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from export.wire import (
+from fedward.wire import (
     ADMISSION_ACTION,
     CFG,
     PACKED,
@@ -64,7 +64,7 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
             if TASK_ARRAYS in msg.content.array_records
             else {}
         )
-        # A packed model (export.wire.PACKED): unpacked for the trainer, and the reply
+        # A packed model (fedward.wire.PACKED): unpacked for the trainer, and the reply
         # packed again in the same order.
         layout = None
         if set(arrays) == {PACKED} and isinstance(config.get(CFG.LAYOUT), str):

@@ -7,11 +7,12 @@ site folder can be moved or restored from backup as a whole.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from fedward.files import atomic_write
 
 __all__ = ["CONFIG_FILE", "ConfigError", "SiteConfig", "SitePaths"]
 
@@ -217,7 +218,5 @@ class SiteConfig:
         """Write ``root/site.json`` atomically."""
         root.mkdir(parents=True, exist_ok=True)
         path = SitePaths(root).config
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(asdict(self), indent=2) + "\n", mode=0o600)
         return path

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.certs import CAFiles
+from fedward.certs import CAFiles
 from site_agent.config import SitePaths
 from site_agent.enroll import EnrollmentFiles, finish_interrupted_renewal
 from site_agent.tunnel import SiteTunnel, TunnelConfig

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from export.tasks import BREAST_CANCER_RANGES, TASKS, TaskSpec
+from fedward.tasks import BREAST_CANCER_RANGES, TASKS, TaskSpec
 
 __all__ = [
     "MIN_ROWS",
@@ -357,7 +357,7 @@ class DataSchema:
         numbers from 0 to 16.
 
         Args:
-            task_name: A task in :data:`export.tasks.TASKS`.
+            task_name: A task in :data:`fedward.tasks.TASKS`.
 
         Returns:
             The schema a site with standard data can use as is.

@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
-from export.tasks import TASKS
+from fedward.tasks import TASKS
 from site_agent.data import DataSchema, _read_checked
 
 __all__ = [

@@ -308,7 +308,7 @@ def check_packages(
 def check_registration(paths: SitePaths, *, config_name: str | None = None,
                        now: float | None = None) -> Check:
     """Whether the coordinator accepted this site's node key, from the SuperNode's log."""
-    from site_agent.agent import SUPERNODE_EXIT_HELP
+    from fedward.flower.exit_codes import SUPERNODE_EXIT_HELP
     from site_agent.keys import public_key_fingerprint
 
     name = "node registration"

@@ -4,7 +4,7 @@ It runs inside the site agent at the point where a result is handed back to the 
 (:func:`check_reply`, called by the trainer on every answer whatever produced it), so it
 holds whatever the training code does. Only parameter arrays with exactly the shapes of the
 task's model and scalar metrics from the allow-list pass (export parity figures only on
-their coarse grid, see :func:`export.wire.coarse_agreement`), plus three fixed kinds of text
+their coarse grid, see :func:`fedward.wire.coarse_agreement`), plus three fixed kinds of text
 that never carry data values: the data fingerprint (the schema's SHA-256, a keyed HMAC of
 the data file and row counts, in fixed formats), the admission answer "accepted", and an
 error reply's code and reason (written by the site agent itself). Anything else blocks the
@@ -21,12 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from export.wire import (
-    ALLOWED_REPLY_METRICS,
-    FINGERPRINT_KEYS,
-    MSG,
-    is_coarse_parity_figure,
-)
+from fedward.wire import ALLOWED_REPLY_METRICS, FINGERPRINT_KEYS, MSG, is_coarse_parity_figure
 
 __all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply"]
 

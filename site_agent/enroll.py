@@ -25,8 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from export.certs import ensure_ca, issue_server_cert, make_csr, write_private_key
-from export.wire import TokenFormatError, parse_enrollment_token
+from fedward.certs import ensure_ca, issue_server_cert, make_csr, write_private_key
+from fedward.files import atomic_write, fsync_dir
+from fedward.tokens import TokenFormatError, parse_enrollment_token
 from site_agent.config import SitePaths
 from site_agent.keys import ensure_node_key
 
@@ -53,13 +54,6 @@ class EnrollmentFiles(SitePaths):
     @property
     def enrolled(self) -> bool:
         return self.site_cert.exists() and self.site_key.exists()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _clock_hint(err: Exception) -> str:
@@ -123,7 +117,7 @@ def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> st
         key = ec.generate_private_key(ec.SECP256R1())
         write_private_key(files.site_key, key)
     node_public = ensure_node_key(files.keys / "node_key", files.keys / "node_key.pub")
-    _atomic_write(files.coordinator_ca, ca_pem)
+    atomic_write(files.coordinator_ca, ca_pem)
     verify = ssl.create_default_context(cafile=str(files.coordinator_ca))
     try:
         resp = httpx.post(f"https://{gateway}/fedward/enroll", verify=verify, timeout=timeout,
@@ -144,11 +138,11 @@ def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> st
     local = ensure_ca(files.local_pki, common_name=f"Fedward site-local CA ({parts.site})")
     if not local.server_cert.exists():
         issue_server_cert(local, hosts=("127.0.0.1",))
-    _atomic_write(root / "enrollment.json", (json.dumps(
+    atomic_write(root / "enrollment.json", (json.dumps(
         {"site": body["site"], "gateway": gateway, "not_after": body["not_after"],
          "ca_sha256": hashlib.sha256(x509.load_pem_x509_certificate(ca_pem).public_bytes(
              serialization.Encoding.DER)).hexdigest()}, indent=2) + "\n").encode())
-    _atomic_write(files.site_cert, body["certificate_pem"].encode())  # last: now enrolled
+    atomic_write(files.site_cert, body["certificate_pem"].encode())  # last: now enrolled
     return str(body["site"])
 
 
@@ -174,7 +168,7 @@ def renew(*, root: Path, gateway: str, timeout: float = 30.0) -> str:
     body = resp.json()
     new_key, new_cert = _pending(files)
     write_private_key(new_key, key)
-    _atomic_write(new_cert, body["certificate_pem"].encode())
+    atomic_write(new_cert, body["certificate_pem"].encode())
     # Both new files are on disk: from here a crash is completed by the next start.
     finish_interrupted_renewal(files)
     return str(body["not_after"])
@@ -209,6 +203,7 @@ def finish_interrupted_renewal(files: EnrollmentFiles) -> str | None:
         if new_key.exists():
             os.replace(new_key, files.site_key)
         os.replace(new_cert, files.site_cert)
+        fsync_dir(files.site_cert.parent)
         return "completed an interrupted certificate renewal"
     for leftover in (new_key, new_cert):
         leftover.unlink(missing_ok=True)

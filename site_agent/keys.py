@@ -9,6 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedward.files import atomic_write
+
 __all__ = [
     "FINGERPRINT_KEY_FILE",
     "ensure_fingerprint_key",
@@ -31,14 +33,12 @@ def ensure_node_key(private_path: Path, public_path: Path) -> str:
     private_path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(private_path.parent, 0o700)
     key = ec.generate_private_key(ec.SECP384R1())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.OpenSSH,
-                                   serialization.NoEncryption()))
+    atomic_write(private_path, key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.OpenSSH,
+                                                 serialization.NoEncryption()), mode=0o600)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
-    public_path.write_text(public + "\n")
+    atomic_write(public_path, public + "\n", mode=0o644)
     return public
 
 

@@ -16,7 +16,7 @@ turned the old parity figures into a read-out of patient cells. So a site:
 4. measures each format of a model at most once (recorded before any row is read);
 5. returns only coarse figures: the class agreement rounded down to a multiple of 1/20 and
    the largest logit difference rounded up to a power of ten
-   (:func:`export.wire.coarse_agreement`, :func:`export.wire.coarse_max_abs_diff`), which
+   (:func:`fedward.wire.coarse_agreement`, :func:`fedward.wire.coarse_max_abs_diff`), which
    the egress guard enforces.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -36,7 +35,8 @@ import numpy as np
 
 from export.bundle import ARTEFACT_FILES, FORMATS, ArtefactFormat
 from export.canonical import canonical_digest, describe_difference
-from export.wire import coarse_agreement, coarse_max_abs_diff
+from fedward.files import atomic_write
+from fedward.wire import coarse_agreement, coarse_max_abs_diff
 
 __all__ = [
     "ARTEFACT_PREFIX",
@@ -120,14 +120,7 @@ class ParityBook:
         return raw
 
     def _save(self, book: Mapping[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(book, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(book, sort_keys=True), mode=0o600)
 
     def remember_model(self, run_id: str, digest: str) -> None:
         """Record that this site evaluated the global model ``digest`` in run ``run_id``."""
@@ -228,7 +221,8 @@ def measure_parity(*, task: str, run_id: str, model_arrays: dict[str, np.ndarray
         ValueError: The arrays do not fit the task's model.
     """
     from export.parity import parity_report
-    from export.tasks import build_model, set_model_arrays
+    from fedward.models import set_model_arrays
+    from fedward.tasks import build_model
 
     digest = model_digest(model_arrays)
     formats = [f for f in FORMATS if all(n in files for n in ARTEFACT_FILES[f])]

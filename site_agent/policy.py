@@ -49,7 +49,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from export.runtime import FileLock, atomic_write
+from fedward.files import FileLock, atomic_write
 
 if TYPE_CHECKING:
     from privacy.ledger import PrivacyLedger
@@ -146,8 +146,8 @@ def _is_number(value: object) -> bool:
 
 
 def _known_tasks() -> frozenset[str]:
-    # Imported here: export.tasks imports torch, which the light CLI commands never need.
-    from export.tasks import TASKS
+    # Imported here: fedward.tasks imports torch, which the light CLI commands never need.
+    from fedward.tasks import TASKS
 
     return frozenset(TASKS)
 
@@ -251,7 +251,7 @@ class SitePolicy:
 
     def save(self, path: Path) -> None:
         """Write the policy to ``path`` atomically (mode 0644: IT reads it; the agent too)."""
-        _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n", mode=0o644)
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n", mode=0o644)
 
     def digest(self) -> str:
         """A short fingerprint of the policy's content, for the audit log."""
@@ -370,10 +370,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _atomic_write(path: Path, text: str, *, mode: int) -> None:
-    atomic_write(path, text.encode("utf-8"), mode=mode)
-
-
 def _validate_book(doc: object) -> list[str]:
     if not isinstance(doc, dict):
         return ["top level is not a JSON object"]
@@ -446,7 +442,7 @@ class ApprovalBook:
         return doc
 
     def _write(self, doc: Mapping[str, Any]) -> None:
-        _atomic_write(self._path, json.dumps(doc, indent=2, sort_keys=True) + "\n",
+        atomic_write(self._path, json.dumps(doc, indent=2, sort_keys=True) + "\n",
                       mode=0o600)
 
     def get(self, run_id: str) -> RunRecord | None:

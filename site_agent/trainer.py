@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -33,13 +34,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
 
-from export.tasks import array_shapes, get_task, model_arrays, set_model_arrays
-from export.wire import CFG, MSG, SiteErrorCode
+from fedward.files import atomic_write
+from fedward.models import array_shapes, model_arrays, set_model_arrays
+from fedward.tasks import get_task
+from fedward.wire import CFG, MSG, SiteErrorCode, update_digest
 from privacy import (
     BudgetExceededError,
     LedgerCorruptError,
@@ -112,12 +115,19 @@ def _ledger_refusal(err: LedgerCorruptError) -> TaskError:
                      "`fedward-site doctor` and `fedward-site ledger show`")
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
+# Stored replies name the digest of the global model they answer. Before the one digest of
+# the wire (fedward.wire.update_digest) they used this one: a reply stored then (no
+# "digest" key in its file) is still found for a repeated round after an upgrade, instead of
+# being mistaken for a round trained with another model.
+def _legacy_reply_digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):
         h.update(name.encode())
         h.update(np.ascontiguousarray(arrays[name]).tobytes())
     return h.hexdigest()
+
+
+_REPLY_DIGEST: Final = "fedward.wire.update_digest"
 
 
 def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -635,8 +645,8 @@ class WarmTrainer:
             batch = int(config[CFG.BATCH])
         except (KeyError, TypeError, ValueError) as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
-        incoming = _digest(arrays)
-        replay = self._load_reply(run_id, round_number, incoming)
+        incoming = update_digest(arrays)
+        replay = self._load_reply(run_id, round_number, incoming, arrays)
         if replay is not None:
             self.audit("round-replayed", {"run": run_id, "round": round_number})
             return replay
@@ -755,22 +765,24 @@ class WarmTrainer:
     def _store_reply(self, run_id: str, round_number: int, incoming: str,
                      reply: tuple[dict[str, Any], dict[str, np.ndarray]]) -> None:
         meta_path, arr_path = self._reply_paths(run_id)
-        self.replies_dir.mkdir(parents=True, exist_ok=True)
-        tmp_arr = arr_path.with_name(arr_path.stem + ".tmp.npz")
-        np.savez(tmp_arr, allow_pickle=False, **reply[1])
-        os.replace(tmp_arr, arr_path)
-        tmp_meta = meta_path.with_suffix(".tmp")
-        tmp_meta.write_text(json.dumps({"run": run_id, "round": round_number,
-                                        "incoming": incoming, "header": reply[0]}))
-        os.replace(tmp_meta, meta_path)
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **reply[1])
+        atomic_write(arr_path, buf.getvalue(), mode=0o600)
+        atomic_write(meta_path, json.dumps({"run": run_id, "round": round_number,
+                                            "incoming": incoming,
+                                            "digest": _REPLY_DIGEST, "header": reply[0]}),
+                     mode=0o600)
 
-    def _load_reply(self, run_id: str, round_number: int, incoming: str
+    def _load_reply(self, run_id: str, round_number: int, incoming: str,
+                    arrays: dict[str, np.ndarray]
                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         meta_path, arr_path = self._reply_paths(run_id)
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             return None
+        if meta.get("digest") != _REPLY_DIGEST:   # stored before the one wire digest
+            incoming = _legacy_reply_digest(arrays)
         if meta.get("round") != round_number or meta.get("incoming") != incoming:
             return None
         # NEVER allow_pickle: these files live on disk and could have been replaced.

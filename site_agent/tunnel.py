@@ -6,7 +6,7 @@ certificate, and the coordinator's gateway requires one. The tunnel listens on a
 can borrow the site's certificate through it, to renew it or to speak as the site), with a
 server certificate for 127.0.0.1 from a CA that exists only at this site (made at
 enrollment) and that the local SuperNode trusts; the SuperNode, in its own network
-namespace, reaches the socket through a relay (:mod:`export.netns`). Each connection the
+namespace, reaches the socket through a relay (:mod:`fedward.sandbox.netns`). Each connection the
 tunnel accepts is relayed byte for byte over a new TLS connection to the gateway that
 presents the site's certificate and verifies the gateway against the coordinator's CA.
 Nothing is parsed or changed in between.

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from export.runtime import descendants, free_port
+from fedward.procs import descendants, free_port
 
 BIN = Path(sys.executable).parent
 LIFETIME_S = 600
@@ -156,7 +156,7 @@ class Federation:
         proc.wait(timeout=10)
 
     def wait_online(self, n: int, timeout: float = 60) -> None:
-        from coordinator.flower_control import FlowerControl
+        from fedward.flower.control import FlowerControl
 
         control = FlowerControl(address=self.superlink, ca_cert=self.home / "pki" / "ca.pem")
         deadline = time.monotonic() + timeout

@@ -36,7 +36,8 @@ from coordinator.checkpoints import (
     server_state_path,
 )
 from coordinator.repository import last_checkpoint, record_checkpoint
-from export.tasks import build_model, set_model_arrays
+from fedward.models import set_model_arrays
+from fedward.tasks import build_model
 
 from federation import federation
 from tests_support import short_tmp

@@ -32,7 +32,7 @@ from coordinator.repository import (
     start_round,
 )
 from coordinator.settings import Settings
-from export.tasks import TASKS
+from fedward.tasks import TASKS
 
 with warnings.catch_warnings():
     # Import-time deprecation notices of the pinned Starlette, harmless here: it prefers

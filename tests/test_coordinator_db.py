@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import rfc8785
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
@@ -37,7 +39,7 @@ TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "check
           "audit_events", "enrollment_tokens", "site_certificates", "user_credentials",
           "login_sessions", "project_gates", "release_candidates", "releases", "mlflow_exports",
           "alembic_version"}
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 
 @pytest.fixture
@@ -171,6 +173,31 @@ def _append(engine: Engine, n: int, actor: str = "alice") -> list[int]:
     return ids
 
 
+def _append_as_old_release(engine: Engine, n: int, *, start: int = 0) -> None:
+    """Audit entries as releases before the chain format's version 2 wrote them: hash =
+    SHA-256(prev_hash + JSON with sorted keys, no spaces, non-ASCII kept)."""
+    with engine.begin() as connection:
+        last = connection.execute(text(
+            "SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1")).first()
+        prev = last[0] if last is not None else GENESIS_HASH
+        for i in range(start, start + n):
+            detail = {"i": i, "x": 0.1, "who": "Zoë"}
+            body = json.dumps({"at": f"2026-01-02T03:04:{i:02d}+00:00", "actor": "alice",
+                               "action": "test.event", "subject": f"thing:{i}",
+                               "detail": detail}, sort_keys=True, separators=(",", ":"),
+                              ensure_ascii=False)
+            digest = hashlib.sha256((prev + body).encode("utf-8")).hexdigest()
+            connection.execute(text(
+                "INSERT INTO audit_events (at, actor, action, subject, detail_json, "
+                "prev_hash, hash) VALUES (:at, 'alice', 'test.event', :subject, :detail, "
+                ":prev, :hash)"), {
+                    "at": f"2026-01-02 03:04:{i:02d}.000000", "subject": f"thing:{i}",
+                    "detail": json.dumps(detail, sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=False),
+                    "prev": prev, "hash": digest})
+            prev = digest
+
+
 def test_audit_chain_links_and_verifies(engine: Engine) -> None:
     ids = _append(engine, 3)
     with Session(engine) as session:
@@ -191,7 +218,7 @@ def test_a_database_from_an_older_release_upgrades_with_its_audit_chain_intact(
     run_migrations(url, revision="0003")     # the schema before the audit lookup index
     eng = make_engine(url)
     try:
-        _append(eng, 4)
+        _append_as_old_release(eng, 4)
         run_migrations(url)
         assert "ix_audit_events_action_subject" in {
             ix["name"] for ix in inspect(eng).get_indexes("audit_events")}
@@ -224,7 +251,7 @@ def test_an_upgrade_from_0004_keeps_users_and_certificates_and_gives_old_tokens_
             connection.execute(text(
                 "INSERT INTO site_certificates (site_id, serial, issued_at, not_after) VALUES "
                 "(1, 'abc1', '2026-01-02 03:04:05.000000', '2027-01-02 03:04:05.000000')"))
-        _append(eng, 2)
+        _append_as_old_release(eng, 2)
         run_migrations(url)
         with Session(eng) as session:
             alice = session.exec(select(User)).one()
@@ -277,6 +304,53 @@ def test_edited_and_rehashed_entry_breaks_the_next_link(engine: Engine) -> None:
                                 detail={"i": 1, "x": 0.1})
     with Session(engine) as session:
         assert verify_chain(session) == ids[2]
+
+
+def test_an_old_chain_goes_on_in_the_new_format_and_still_verifies(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old' / 'c.db'}"
+    run_migrations(url, revision="0006")     # the last schema before the format version
+    eng = make_engine(url)
+    try:
+        _append_as_old_release(eng, 3)
+        run_migrations(url)
+        ids = _append(eng, 2)
+        with Session(eng) as session:
+            events = session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
+            assert [e.hash_version for e in events] == [1, 1, 1, 2, 2]
+            assert events[3].prev_hash == events[2].hash
+            assert verify_chain(session) is None
+            # The new entries are RFC 8785 canonical JSON over the entry with "v": 2.
+            new = events[3]
+            body = {"at": new.at.astimezone(UTC).isoformat(), "actor": "alice",
+                    "action": "test.event", "subject": "thing:0",
+                    "detail": {"i": 0, "x": 0.1}, "v": 2}
+            assert new.hash == hashlib.sha256(
+                new.prev_hash.encode() + rfc8785.dumps(body)).hexdigest()
+        with eng.begin() as connection:   # an old entry edited: found at that entry
+            connection.execute(text(
+                "UPDATE audit_events SET detail_json = :d WHERE id = 2"),
+                {"d": '{"i":1,"who":"Zoe","x":0.1}'})
+        with Session(eng) as session:
+            assert verify_chain(session) == 2
+        with eng.begin() as connection:   # restored; then a new entry relabelled as old
+            connection.execute(text(
+                "UPDATE audit_events SET detail_json = :d WHERE id = 2"),
+                {"d": '{"i":1,"who":"Zoë","x":0.1}'})
+            connection.execute(text(
+                "UPDATE audit_events SET hash_version = 1 WHERE id = :i"), {"i": ids[1]})
+        with Session(eng) as session:
+            assert verify_chain(session) == ids[1]
+    finally:
+        eng.dispose()
+
+
+def test_an_old_format_entry_after_a_new_one_breaks_the_chain(engine: Engine) -> None:
+    _append(engine, 1)
+    _append_as_old_release(engine, 1, start=5)   # correctly linked and hashed, but old
+    with Session(engine) as session:
+        events = session.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
+        assert [e.hash_version for e in events] == [2, 1]
+        assert verify_chain(session) == events[1].id
 
 
 def test_prev_hash_is_unique_so_the_chain_cannot_fork(engine: Engine) -> None:

@@ -15,7 +15,6 @@ from sqlmodel import select
 
 from coordinator import repository
 from coordinator.db import session_scope
-from coordinator.flower_control import FlowerRunState
 from coordinator.models import AuditEvent, Project, Run
 from coordinator.service import (
     MAX_SERVERAPP_RELAUNCHES,
@@ -23,6 +22,7 @@ from coordinator.service import (
     Coordinator,
 )
 from coordinator.settings import Settings
+from fedward.flower.control import FlowerRunState
 
 
 @dataclass

@@ -27,7 +27,7 @@ from export.onnx_export import (
     export_openvino,
 )
 from export.parity import ParityReport, load_session, parity_report
-from export.tasks import build_model, get_task
+from fedward.tasks import build_model, get_task
 
 # torch 2.13's ONNX exporter deep-copies a pytree spec and trips its own deprecation shim;
 # harmless, and not ours to fix. Everything else stays an error.

@@ -34,7 +34,7 @@ def _agent_pid(fed: Federation, name: str) -> int:
     """The site agent's Python process (the site is started under `timeout`)."""
     proc = fed.sites[name].proc
     assert proc is not None
-    from export.runtime import descendants
+    from fedward.procs import descendants
 
     for pid in descendants(proc.pid):
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")

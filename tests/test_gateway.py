@@ -19,9 +19,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from export.certs import ensure_ca, make_csr, write_private_key
-from export.runtime import descendants
-from export.wire import format_enrollment_token, parse_enrollment_token
+from fedward.certs import ensure_ca, make_csr, write_private_key
+from fedward.procs import descendants
+from fedward.tokens import format_enrollment_token, parse_enrollment_token
 from site_agent.enroll import EnrollError, EnrollmentFiles, enroll
 from site_agent.keys import ensure_node_key
 
@@ -97,7 +97,7 @@ def test_no_certificate_or_another_ca_is_refused(fed: Federation, tmp_path: Path
     rogue = ensure_ca(tmp_path / "rogue")
     key = ec.generate_private_key(ec.SECP256R1())
     write_private_key(tmp_path / "rogue.key", key)
-    from export.certs import issue_site_cert
+    from fedward.certs import issue_site_cert
 
     cert = issue_site_cert(rogue, csr_pem=make_csr(key, "site-nocert"), site_name="site-nocert")
     (tmp_path / "rogue.pem").write_bytes(cert.pem)
@@ -138,7 +138,7 @@ def test_revoked_site_is_refused_at_once(fed: Federation, tmp_path: Path) -> Non
 def test_a_site_cannot_speak_for_another_sites_node(fed: Federation, tmp_path: Path) -> None:
     a = _enrolled(fed, "site-a1", tmp_path)
     other = ensure_node_key(tmp_path / "x" / "k", tmp_path / "x" / "k.pub")
-    from coordinator.flower_control import node_public_key_bytes
+    from fedward.flower.control import node_public_key_bytes
 
     forged = base64.b64encode(node_public_key_bytes(other)).decode()
     with _client(a, a.coordinator_ca) as c:
@@ -182,7 +182,7 @@ def test_no_path_trick_reaches_the_control_api(fed: Federation, tmp_path: Path,
                                                target: str) -> None:
     files = _enrolled(fed, f"site-{hashlib.sha256(target.encode()).hexdigest()[:8]}", tmp_path)
     node_key = (files.keys / "node_key.pub").read_text()
-    from coordinator.flower_control import node_public_key_bytes
+    from fedward.flower.control import node_public_key_bytes
 
     own_key = base64.b64encode(node_public_key_bytes(node_key)).decode()
     reply = _raw_request(files, fed.fleet, target, {"flwr-public-key": own_key})
@@ -358,7 +358,7 @@ def test_a_site_renews_its_certificate_before_expiry_without_a_token(
 
 def test_repeated_flower_headers_are_refused_and_forwarding_headers_never_reach_the_superlink(
         fed: Federation, tmp_path: Path) -> None:
-    from coordinator.flower_control import node_public_key_bytes
+    from fedward.flower.control import node_public_key_bytes
 
     files = _enrolled(fed, "site-dup", tmp_path)
     other = _enrolled(fed, "site-dup-other", tmp_path)
@@ -399,7 +399,7 @@ def test_repeated_flower_headers_are_refused_and_forwarding_headers_never_reach_
 def test_revoking_a_site_unregisters_its_flower_node(fed: Federation, tmp_path: Path) -> None:
     from flwr.proto.control_pb2 import ListNodesRequest
 
-    from coordinator.flower_control import FlowerControl
+    from fedward.flower.control import FlowerControl
 
     _enrolled(fed, "site-gone", tmp_path)
     node_id = int(fed.api("GET", "/sites/site-gone").json()["flower_node_id"])

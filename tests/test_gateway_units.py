@@ -30,14 +30,14 @@ from sqlmodel import col, select
 
 from coordinator.db import make_engine, session_scope
 from coordinator.enrollment import create_token
-from coordinator.flower_control import node_public_key_bytes
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.gateway_limits import RefusalLog
 from coordinator.models import EnrollmentToken, Site, SiteCertificate
 from coordinator.pki import CAFiles
 from coordinator.service import gateway_cert_paths, init_home
 from coordinator.settings import Settings
-from export.certs import make_csr, write_private_key
+from fedward.certs import make_csr, write_private_key
+from fedward.flower.control import node_public_key_bytes
 from site_agent.keys import ensure_node_key
 
 

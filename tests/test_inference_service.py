@@ -28,7 +28,7 @@ from export.onnx_export import export_onnx
 from export.revocations import RevocationSource, sign_revocations
 from export.serve import cli as serve_cli
 from export.serve import create_app
-from export.tasks import build_model
+from fedward.tasks import build_model
 
 with warnings.catch_warnings():
     # Import-time deprecation notices of the pinned Starlette (it prefers httpx2 to httpx,

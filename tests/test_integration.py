@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from export.runtime import descendants
-from export.tasks import build_model, set_model_arrays
+from fedward.models import set_model_arrays
+from fedward.procs import descendants
+from fedward.tasks import build_model
 from privacy import PrivacyLedger
 
 from federation import BIN, federation, run_cli

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from export.runtime import descendants
+from fedward.procs import descendants
 
 from federation import BIN, Federation, Site, federation, run_cli
 from tests_support import short_tmp
@@ -352,7 +352,7 @@ def test_a_sandbox_that_cannot_have_namespaces_says_what_to_allow() -> None:
     # In a user namespace with no id mapping, the process's id has no mapping in its
     # parent namespace, so the kernel refuses it a new one: like a host that forbids them.
     res = subprocess.run(
-        ["unshare", "--user", "--", sys.executable, "-m", "export.netns", "--", "true"],
+        ["unshare", "--user", "--", sys.executable, "-m", "fedward.sandbox.netns", "--", "true"],
         capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert res.returncode == 78, res
@@ -372,12 +372,13 @@ def test_an_unprivileged_account_gets_a_sandbox_of_its_own() -> None:
         os.chown(run, 65534, 65534)
         sock = run / "s.sock"
         # The sandbox's modules, where ``nobody`` can read them (the checkout may not be).
-        package = work / "pkg" / "export"
-        package.mkdir(parents=True)
-        source = Path(__file__).resolve().parents[1] / "export"
-        for name in ("__init__.py", "netns.py", "relay.py", "runtime.py"):
+        package = work / "pkg" / "fedward"
+        (package / "sandbox").mkdir(parents=True)
+        source = Path(__file__).resolve().parents[1] / "fedward"
+        for name in ("__init__.py", "procs.py", "sandbox/__init__.py", "sandbox/netns.py",
+                     "sandbox/relay.py"):
             shutil.copyfile(source / name, package / name)
-        for folder in (work / "pkg", package):
+        for folder in (work / "pkg", package, package / "sandbox"):
             folder.chmod(0o755)
         root = str(work / "pkg")
         # Answers two connections with the first uid of its user namespace's map, then ends.
@@ -388,7 +389,7 @@ def test_an_unprivileged_account_gets_a_sandbox_of_its_own() -> None:
                   "    c.close()\n")
         proc = subprocess.Popen(
             ["runuser", "-u", PROBE_USER, "--", "env", f"PYTHONPATH={root}", SYSTEM_PYTHON,
-             "-m", "export.netns", "--relay", f"unix:{sock}=tcp:127.0.0.1:8123", "--",
+             "-m", "fedward.sandbox.netns", "--relay", f"unix:{sock}=tcp:127.0.0.1:8123", "--",
              SYSTEM_PYTHON, "-c", server], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         client = ("import socket,sys,time\n"
                   "for _ in range(100):\n"
@@ -451,8 +452,8 @@ def test_the_serverapp_reaches_each_kind_of_database_the_right_way(tmp_path: Pat
 
 def test_container_mode_keeps_the_relays_and_still_ends_the_whole_tree() -> None:
     """The images' mode: no namespaces, the same sockets, nothing left after a stop."""
-    from export.netns import Sandbox
-    from export.runtime import free_port
+    from fedward.procs import free_port
+    from fedward.sandbox.netns import Sandbox
 
     port = free_port()
     with short_tmp() as work:

@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from export.tasks import build_model, model_arrays
+from fedward.models import model_arrays
+from fedward.tasks import build_model
 from privacy import (
     epsilon_for_history,
     evaluate,

@@ -69,15 +69,9 @@ from export.bundle import (
 from export.parity import parity_report
 from export.revocations import RevocationSource, load_revocations
 from export.serve import create_app as create_inference_app
-from export.tasks import (
-    BREAST_CANCER_COLUMNS,
-    TASKS,
-    TaskSpec,
-    build_model,
-    model_arrays,
-    set_model_arrays,
-)
 from export.verify_cli import app as verify_app
+from fedward.models import BUILTIN_FAMILIES, model_arrays, set_model_arrays
+from fedward.tasks import BREAST_CANCER_COLUMNS, TASKS, TaskSpec, build_model
 
 from test_coordinator_api import TestClient, api
 from tests_support import served_app
@@ -732,9 +726,10 @@ class _Eigen(nn.Module):
 def test_a_model_no_exporter_supports_is_refused_with_the_reason(
         client: TestClient, engine: Engine, home: Path, users: dict[str, Headers],
         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BUILTIN_FAMILIES, "eigen_demo", _Eigen)
     spec = TaskSpec(name="eigen_demo", description="test only", feature_columns=
                     BREAST_CANCER_COLUMNS, label_column="diagnosis", n_classes=2,
-                    default_lr=0.1, default_batch_size=32, _factory=_Eigen)
+                    default_lr=0.1, default_batch_size=32, model="eigen_demo")
     monkeypatch.setitem(TASKS, "eigen_demo", spec)
     run_id = seed_run(engine, home, task="eigen_demo", arrays=model_arrays(_Eigen()))
     cand = propose(client, users["eng"], run_id)
@@ -920,7 +915,7 @@ def test_the_coordinator_keeps_only_the_keyed_fingerprint_of_a_site(
     from flwr.supercore.task_identity import TaskIdentity
 
     from coordinator.server_app import _fingerprint
-    from export.wire import REPLY_FINGERPRINT
+    from fedward.wire import REPLY_FINGERPRINT
 
     # Messages read the identity of the task that makes them (as in a ServerApp process).
     for name, value in (("_task_id", 1), ("_run_id", 4242), ("_node_id", 0)):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
+import hashlib
 import json
 import math
-import re
 import shutil
 import socket
 import ssl
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +24,9 @@ import torch
 
 import site_agent.trainer as trainer_module
 from coordinator.pki import ensure_ca, issue_server_cert
-from export.tasks import array_shapes, build_model, model_arrays
-from export.wire import CFG, SiteErrorCode
+from fedward.models import array_shapes, model_arrays
+from fedward.tasks import build_model
+from fedward.wire import CFG, SiteErrorCode
 from privacy import PrivacyLedger
 from site_agent.config import ConfigError, SiteConfig
 from site_agent.data import SiteData, load_schema, load_site_data
@@ -42,10 +41,8 @@ with warnings.catch_warnings():
     # flwr imports typer, which touches an alias that Click 8.3+ deprecates: harmless here.
     warnings.filterwarnings("ignore", message=r"'click\.utils\.get_\w+_stream' is deprecated",
                             category=DeprecationWarning)
-    import flwr.supernode.start_client_internal as start_client_internal
-
-    from site_agent import supernode_main
-    from site_agent.agent import flower_exit_code, probe_coordinator
+    from fedward.flower.exit_codes import flower_exit_code
+    from site_agent.agent import probe_coordinator
 
 TASK = "breast_cancer_mlp"
 REPO = Path(__file__).resolve().parents[1]
@@ -316,6 +313,32 @@ def test_same_task_again_is_answered_from_the_stored_reply_without_charging(
     for name in first_out:
         np.testing.assert_array_equal(again_out[name], first_out[name])
     assert ledger_file.read_bytes() == ledger_before
+    assert audit.actions == ["round-replayed"]
+
+
+def test_a_reply_stored_by_an_older_agent_is_still_found_for_a_repeated_round(
+    make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Replies stored before the one wire digest name the global model by the site's old
+    digest (names and bytes only); after an upgrade the repeated round must still be
+    answered from them, not refused as trained with another model."""
+    trainer, _ = make_trainer()
+    first, _ = trainer.handle(train_header(1), global_arrays)
+    meta_path, meta = next((path, json.loads(path.read_text()))
+                           for path in (tmp_path / "replies").glob("*.json")
+                           if "incoming" in json.loads(path.read_text()))
+    old = hashlib.sha256()
+    for name in sorted(global_arrays):
+        old.update(name.encode())
+        old.update(np.ascontiguousarray(global_arrays[name]).tobytes())
+    del meta["digest"]
+    meta["incoming"] = old.hexdigest()   # as the older agent wrote it
+    meta_path.write_text(json.dumps(meta))
+
+    restarted, audit = make_trainer()
+    again, _ = restarted.handle(train_header(1), global_arrays)
+
+    assert again == first
     assert audit.actions == ["round-replayed"]
 
 
@@ -719,133 +742,6 @@ def test_probe_accepts_a_trusted_server_and_names_an_untrusted_one(
     assert "presented a certificate the site's CA does not trust" in problem
 
 
-# --- supernode entry point ---------------------------------------------------------------
-
-
-def test_short_sleep_caps_sleeps_and_passes_the_rest_through() -> None:
-    short = supernode_main.ShortSleep(0.05)
-    t0 = time.monotonic()
-    short.sleep(3)
-    assert time.monotonic() - t0 < 1.0
-    assert short.monotonic is time.monotonic
-    assert short.time is time.time
-
-
-def test_flwr_supernode_still_sleeps_where_the_patch_applies() -> None:
-    sci = start_client_internal
-    source = inspect.getsource(sci)
-    assert "time.sleep(3)" in source
-    assert re.search(r"^import time$", source, flags=re.M)
-    assert sci.time is time or isinstance(sci.time, supernode_main.ShortSleep)
-
-
-def test_main_patches_only_the_supernode_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    import functools
-
-    sci = start_client_internal
-    monkeypatch.setattr(sci, "time", time)  # restored after the test
-    flowers_pull = getattr(sci, "pull_objects")  # noqa: B009
-    monkeypatch.setattr(sci, "pull_objects", flowers_pull)  # restored after the test
-    flowers_pull_and_store = sci._pull_and_store_message
-    monkeypatch.setattr(sci, "_pull_and_store_message", flowers_pull_and_store)
-    seen: list[object] = []
-    monkeypatch.setattr(supernode_main, "flower_supernode",
-                        lambda: seen.append((sci.time, getattr(sci, "pull_objects"),  # noqa: B009
-                                             sci._pull_and_store_message)))
-    monkeypatch.setenv(supernode_main.POLL_ENV, "0.3")
-
-    supernode_main.main()
-
-    assert len(seen) == 1
-    sleep, pull, pull_and_store = seen[0]  # type: ignore[misc]
-    assert isinstance(sleep, supernode_main.ShortSleep) and sleep.cap_s == 0.3
-    assert isinstance(pull, functools.partial) and pull.func is flowers_pull
-    assert pull_and_store.__wrapped__ is flowers_pull_and_store
-    assert inspect.isbuiltin(time.sleep)  # the real time module is untouched
-
-
-def _stale_task_scenario(pull_and_store: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
-                         ) -> tuple[Any, list[Any]]:
-    """Flower's own node state receives a message of run 77 whose content pull is answered
-    "run not running" (what a SuperLink restarted after that run ended answers)."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.supercore.inflatable.inflatable_object import get_object_tree
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run, RunNotRunningException
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supernode.nodestate import NodeStateFactory
-
-    for name, value in (("_task_id", 1), ("_run_id", 77), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-    state = NodeStateFactory(ObjectStoreFactory()).state()
-    state.set_node_id(7)
-    run = Run.create_empty(77)
-    run.fab_hash = "f" * 64
-    state.store_run(run)
-    message = Message(content=RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=7,
-                      message_type="train")
-    message.metadata.__dict__["_message_id"] = message.object_id
-
-    def run_ended(*_: Any) -> bytes:
-        raise RunNotRunningException
-
-    pull_and_store(state=state, object_store=state.object_store, node_config={},
-                   receive=lambda: (message, get_object_tree(message)),
-                   get_run=lambda _: run, get_fab=lambda *_: None,
-                   pull_object=run_ended, confirm_message_received=run_ended,
-                   trusted_entities=None)
-    return state, list(state.get_tasks(run_ids=[77]))
-
-
-def test_flower_alone_leaves_a_pending_task_when_a_run_ends_mid_pull(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # The bug the patch below works around: if this fails, Flower fixed it (drop the patch).
-    _, tasks = _stale_task_scenario(start_client_internal._pull_and_store_message,
-                                    monkeypatch)
-    assert [t.status.status for t in tasks] == ["pending"]
-
-
-def test_a_run_ending_mid_pull_fails_its_task_instead_of_leaving_it_pending(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    patched = supernode_main.finish_tasks_of_ended_runs(
-        start_client_internal._pull_and_store_message)
-    state, tasks = _stale_task_scenario(patched, monkeypatch)
-    assert [(t.status.status, t.status.sub_status) for t in tasks] == [("finished", "failed")]
-    assert "no longer running" in tasks[0].status.details
-    assert not state.get_messages_legacy(run_ids=[77])   # the message is gone with it
-
-
-def test_object_pulls_retry_after_a_short_back_off_not_flowers_second() -> None:
-    import functools
-
-    from flwr.supercore.inflatable import inflatable_utils
-    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
-    from flwr.superlink.grid import http_grid
-
-    from export.runtime import with_short_backoff
-
-    # Both modules the appliance patches still call Flower's pull_objects by that name.
-    assert getattr(start_client_internal, "pull_objects") is inflatable_utils.pull_objects  # noqa: B009
-    assert getattr(http_grid, "pull_objects") is inflatable_utils.pull_objects  # noqa: B009
-
-    def timed(pull: object) -> float:
-        tries: dict[str, int] = {}
-
-        def fetch(object_id: str) -> bytes:  # not uploaded yet on the first try
-            tries[object_id] = tries.get(object_id, 0) + 1
-            if tries[object_id] == 1:
-                raise ObjectUnavailableError(object_id)
-            return b"x"
-
-        t0 = time.monotonic()
-        assert pull(["a"], fetch) == {"a": b"x"}  # type: ignore[operator]
-        return time.monotonic() - t0
-
-    short = with_short_backoff(inflatable_utils.pull_objects)
-    assert isinstance(short, functools.partial)
-    assert timed(short) < 0.3 < 0.7 < timed(inflatable_utils.pull_objects)
-
-
 # --- clientapp ---------------------------------------------------------------------------
 
 
@@ -865,8 +761,7 @@ def test_a_site_runs_only_the_appliances_own_app_bundle() -> None:
 
     from flwr.supercore.fab import Fab
 
-    from coordinator.flower_control import app_bundle
-    from site_agent.warm_executor import UnknownBundleError, check_bundle
+    from fedward.flower.fab import UnknownBundleError, app_bundle, check_bundle
 
     own, digest = app_bundle()
     check_bundle(Fab(digest, own, {}))  # the appliance's own bundle passes
@@ -896,7 +791,7 @@ def test_the_relay_routes_an_admission_question_to_the_trainer_without_arrays(
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from export.wire import ADMISSION_MESSAGE_TYPE, MSG, REPLY_CONFIG, TASK_CONFIG
+    from fedward.wire import ADMISSION_MESSAGE_TYPE, MSG, REPLY_CONFIG, TASK_CONFIG
     from site_agent.clientapp import SOCKET_KEY
     from site_agent.clientapp import app as relay
 
@@ -932,7 +827,7 @@ def test_the_relay_unpacks_a_packed_model_and_packs_the_reply_in_its_order(
     from flwr.common import MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
-    from export.wire import (
+    from fedward.wire import (
         CFG,
         PACKED,
         REPLY_ARRAYS,

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from typer.testing import CliRunner
 
-from export.tasks import build_model, model_arrays
-from export.wire import CFG, SiteErrorCode
+from fedward.models import model_arrays
+from fedward.tasks import build_model
+from fedward.wire import CFG, SiteErrorCode
 from privacy import PrivacyLedger
 from site_agent.audit import (
     GENESIS_HASH,
@@ -108,6 +110,68 @@ def test_an_edit_with_a_recomputed_hash_breaks_the_next_link(
     verdict = inspect_log(log.path)
     assert verdict.broken_seq == 4
     assert verdict.why is not None and "does not chain to entry 3" in verdict.why
+
+
+def _old_release_log(path: Path, n: int) -> None:
+    """A log as agents before format version 2 wrote it: each line the JSON (sorted keys,
+    no spaces, ASCII) of the entry, its hash SHA-256 of that JSON without the hash."""
+    prev = GENESIS_HASH
+    with path.open("wb") as fh:
+        for seq in range(1, n + 1):
+            entry: dict[str, Any] = {"seq": seq, "at": f"2026-01-02T03:04:0{seq}+00:00",
+                                     "action": "run-seen",
+                                     "detail": {"run": "7", "note": "Zoë", "eps": 0.5},
+                                     "prev_hash": prev}
+            entry["hash"] = hashlib.sha256(json.dumps(
+                entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+            fh.write(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+            prev = entry["hash"]
+
+
+def test_an_old_log_goes_on_in_the_new_format_and_still_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    _old_release_log(path, 3)
+    log = AuditLog(path)
+    log.append("round-trained", {"run": "7", "round": 1, "flwr_run": 2**63 - 5})
+    log.append("round-trained", {"run": "7", "round": 2, "eps": 1.0})
+    entries, verdict = read_entries(path)
+    assert verdict.intact and verdict.n_entries == 5
+    assert [e.version for e in entries] == [1, 1, 1, 2, 2]
+    assert entries[3].prev_hash == entries[2].hash
+    # A new line is RFC 8785 canonical JSON, and its hash covers the entry with "v": 2; an
+    # integer beyond 2**53 is kept exactly, as a string (I-JSON).
+    line = lines_of(path)[3]
+    obj = json.loads(line)
+    assert line == rfc8785.dumps(obj) + b"\n"
+    assert obj["detail"]["flwr_run"] == str(2**63 - 5) and obj["v"] == 2
+    body = {k: obj[k] for k in ("seq", "at", "action", "detail", "v")}
+    assert obj["hash"] == hashlib.sha256(obj["prev_hash"].encode()
+                                         + rfc8785.dumps(body)).hexdigest()
+
+
+def test_a_tampered_old_entry_or_an_old_entry_after_new_ones_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    _old_release_log(path, 3)
+    AuditLog(path).append("round-trained", {"run": "7", "round": 1})
+    edit_detail(path, 1, note="Zoe")
+    verdict = inspect_log(path)
+    assert verdict.broken_seq == 2
+    assert verdict.why == "its content does not match its hash (the entry was edited)"
+
+    _old_release_log(path, 2)
+    log = AuditLog(path)
+    log.append("round-trained", {"run": "7", "round": 1})
+    entries, _ = read_entries(path)
+    # A well-formed old-format entry chained after the new one: refused all the same.
+    old: dict[str, Any] = {"seq": 4, "at": "2026-01-02T03:05:00+00:00", "action": "run-seen",
+                           "detail": {}, "prev_hash": entries[-1].hash}
+    old["hash"] = hashlib.sha256(json.dumps(old, sort_keys=True,
+                                            separators=(",", ":")).encode()).hexdigest()
+    with path.open("ab") as fh:
+        fh.write(json.dumps(old, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    verdict = inspect_log(path)
+    assert verdict.broken_seq == 4 and verdict.n_entries == 3
+    assert verdict.why is not None and "old format after entries in the new one" in verdict.why
 
 
 def test_a_deleted_line_is_named(make_log: Callable[[int], AuditLog]) -> None:

@@ -22,8 +22,9 @@ import torch
 from typer.testing import CliRunner
 
 import site_agent.trainer as trainer_module
-from export.tasks import build_model, model_arrays
-from export.wire import CFG, SiteErrorCode
+from fedward.models import model_arrays
+from fedward.tasks import build_model
+from fedward.wire import CFG, SiteErrorCode
 from privacy import (
     Caps,
     DpSgd,
@@ -297,8 +298,9 @@ _KILLED_TRAINER = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import privacy.ledger_db as ledger_db
-    from export.tasks import build_model, model_arrays
-    from export.wire import CFG
+    from fedward.models import model_arrays
+    from fedward.tasks import build_model
+    from fedward.wire import CFG
     from privacy import PrivacyLedger
     from site_agent.audit import AuditLog
     from site_agent.data import load_schema, load_site_data

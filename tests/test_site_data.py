@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_breast_cancer
 
-from export.tasks import BREAST_CANCER_COLUMNS, TASKS
+from fedward.tasks import BREAST_CANCER_COLUMNS, TASKS
 from site_agent.data import (
     DataCheckError,
     DataSchema,

@@ -23,8 +23,9 @@ from onnx import helper
 from export.bundle import ARTEFACT_FILES, FORMATS
 from export.onnx_export import export_onnx, export_onnx_int8, export_openvino
 from export.parity import parity_report
-from export.tasks import build_model, model_arrays
-from export.wire import (
+from fedward.models import model_arrays
+from fedward.tasks import build_model
+from fedward.wire import (
     CFG,
     PARITY_DIFF_CEILINGS,
     SiteErrorCode,

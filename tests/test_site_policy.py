@@ -19,8 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 import site_agent.trainer as trainer_module
-from export.tasks import build_model, model_arrays
-from export.wire import CFG, SiteErrorCode
+from fedward.models import model_arrays
+from fedward.tasks import build_model
+from fedward.wire import CFG, SiteErrorCode
 from privacy import DpSgd, PrivacyLedger, compose_mechanisms
 from site_agent.audit import AuditLog, read_entries, verify_log
 from site_agent.cli import app as site_cli

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from export.certs import write_private_key
+from fedward.certs import write_private_key
 from site_agent.enroll import EnrollmentFiles, finish_interrupted_renewal
 
 
@@ -131,7 +131,7 @@ def test_a_site_clock_an_hour_behind_is_named_as_the_likely_cause(
     import ssl
     import threading
 
-    import export.certs as certs
+    import fedward.certs as certs
     from site_agent.agent import probe_coordinator
 
     files = certs.ensure_ca(tmp_path / "pki")

@@ -21,6 +21,7 @@ RUN python -m venv /opt/fedward/venv
 RUN /opt/fedward/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
         torch==2.13.0
 COPY pyproject.toml /src/
+COPY fedward /src/fedward
 COPY coordinator /src/coordinator
 COPY site_agent /src/site_agent
 COPY privacy /src/privacy

@@ -1,6 +1,6 @@
 """Model, data and the train/test loops, laid out as in Flower's PyTorch app template.
 
-The model comes from Fedward's task registry (``export.tasks``, installed in the environment),
+The model comes from Fedward's task registry (``fedward.tasks``, installed in the environment),
 so the baseline trains exactly the appliance's model on the same data.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from export.tasks import build_model
+from fedward.tasks import build_model
 
 
 def get_model(task: str) -> torch.nn.Module:

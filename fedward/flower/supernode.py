@@ -9,7 +9,8 @@ own ``flower_supernode`` unchanged. It also shortens the back-off of that module
 pulls (Flower waits 1 s before the first retry of an object still being uploaded), and
 makes a run that ends while a message's content is being pulled fail that message's task
 (see :func:`finish_tasks_of_ended_runs`). It relies on flwr being pinned to one exact
-version; tests check that the patched module still sleeps and pulls where this assumes.
+version; ``tests/test_flower_canaries.py`` checks that the patched module still sleeps
+and pulls where this assumes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import flwr.supernode.start_client_internal as _start_client_internal
 from flwr.supercore.run import RunNotRunningException
 from flwr.supernode.cli.flower_supernode import flower_supernode
 
-from export.runtime import with_short_backoff
+from fedward.flower.backoff import with_short_backoff
 
 __all__ = ["POLL_ENV", "RunEndedWhileReceiving", "ShortSleep", "finish_tasks_of_ended_runs",
            "main"]
@@ -83,7 +84,7 @@ def finish_tasks_of_ended_runs(pull_and_store: Callable[..., Any]) -> Callable[.
 
 
 def main() -> None:
-    """Console entry point: ``python -m site_agent.supernode_main <flower-supernode args>``."""
+    """Console entry point: ``python -m fedward.flower.supernode <flower-supernode args>``."""
     cap = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
     setattr(_start_client_internal, "time", ShortSleep(max(0.05, cap)))  # noqa: B010
     setattr(_start_client_internal, "pull_objects",  # noqa: B010

@@ -2,21 +2,22 @@
 
 flwr 1.42 has no public Python API for starting runs or registering nodes; these calls go
 through the same internal modules the ``flwr`` CLI uses, which is why flwr is pinned to one
-exact version. Everything here is reached only from the coordinator host.
+exact version. Flower's version handshake sends the caller's component name with every
+call; this client sends the CLI's (:data:`CONTROL_COMPONENT`), the control API's only caller
+in Flower. Everything here is reached only from the coordinator host.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import httpx
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.cli.build import build_fab_from_files
 from flwr.common.serde import fab_to_proto, scalar_from_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListNodesRequest,
@@ -31,18 +32,19 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from export.relay import over_unix_socket, unix_path
-from export.wire import APP_COMPONENTS, APP_NAME, APP_PUBLISHER
+from fedward.flower.fab import app_bundle
+from fedward.sandbox.relay import over_unix_socket, unix_path
 
 __all__ = [
-    "APP_COMPONENTS",
+    "CONTROL_COMPONENT",
     "FlowerControl",
     "FlowerRunState",
     "NodeKeyError",
-    "app_bundle",
+    "node_public_key_bytes",
 ]
 
-APP_VERSION = "1.0.0"
+# The component name the control client sends with every call: the flwr CLI's own.
+CONTROL_COMPONENT: Final = "flwr CLI"
 
 
 @dataclass(frozen=True)
@@ -61,33 +63,6 @@ class FlowerRunState:
 
 class NodeKeyError(ValueError):
     """A site's node public key is not an OpenSSH EC key on a NIST curve."""
-
-
-def _pyproject() -> bytes:
-    return (
-        "[build-system]\n"
-        'requires = ["hatchling"]\n'
-        'build-backend = "hatchling.build"\n\n'
-        "[project]\n"
-        f'name = "{APP_NAME}"\n'
-        f'version = "{APP_VERSION}"\n'
-        'description = "Fedward appliance app: a pointer to installed modules"\n'
-        "dependencies = []\n\n"
-        "[tool.flwr.app]\n"
-        f'publisher = "{APP_PUBLISHER}"\n\n'
-        "[tool.flwr.app.components]\n"
-        f'serverapp = "{APP_COMPONENTS["serverapp"]}"\n'
-        f'clientapp = "{APP_COMPONENTS["clientapp"]}"\n\n'
-        "[tool.flwr.app.config]\n"
-        'fedward-run-id = "0"\n'
-        'fedward-parity-candidate = "0"\n'
-    ).encode()
-
-
-def app_bundle() -> tuple[bytes, str]:
-    """The appliance's FAB and its SHA-256 (the same bytes for every run)."""
-    fab, _meta = build_fab_from_files({"pyproject.toml": _pyproject()})
-    return fab, hashlib.sha256(fab).hexdigest()
 
 
 def node_public_key_bytes(openssh_public_key: str) -> bytes:
@@ -122,7 +97,7 @@ class FlowerControl:
             server_address="127.0.0.1" if path is not None else self.address,
             insecure=False,
             root_certificates=self.ca_cert.read_bytes(),
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+            interceptors=[RuntimeVersionHttpInterceptor(component_name=CONTROL_COMPONENT)],
         )
         if path is not None:
             ctx = ssl.create_default_context(cafile=str(self.ca_cert))

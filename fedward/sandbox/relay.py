@@ -1,7 +1,7 @@
 """Byte relays between Unix sockets and TCP ports, for Flower processes kept off the host.
 
 Flower 1.42 serves and dials everything over TCP. The appliance runs its Flower processes
-in a private network namespace (see :mod:`export.netns`), where 127.0.0.1 is theirs alone,
+in a private network namespace (see :mod:`fedward.sandbox.netns`), where 127.0.0.1 is theirs alone,
 and joins that namespace to the rest of the appliance through Unix sockets in directories
 only the appliance's user can enter: a relay accepts on one side and copies bytes, both
 ways, to a new connection on the other. Nothing is parsed or changed in between, so TLS

@@ -7,10 +7,10 @@ shared loopback that is every local account. So each Flower process tree (the Su
 with its SuperExec and ServerApps; a site's SuperNode) runs in a *sandbox*: a network
 namespace of its own, whose 127.0.0.1 no other process shares, and a PID namespace whose
 processes the kernel kills all at once when the sandbox ends. The sandbox reaches, and is
-reached from, the appliance only through the relays it is given (:mod:`export.relay`):
+reached from, the appliance only through the relays it is given (:mod:`fedward.sandbox.relay`):
 Unix sockets in directories of mode 0700.
 
-``python -m export.netns --relay LISTEN=TARGET ... -- COMMAND...`` is the sandbox: as root
+``python -m fedward.sandbox.netns --relay LISTEN=TARGET ... -- COMMAND...`` is the sandbox: as root
 it unshares the network and PID namespaces; otherwise it first enters a user namespace
 that maps only its own user (unprivileged user namespaces must be allowed). It brings up
 loopback, starts the relays, runs COMMAND and exits with COMMAND's exit code. SIGTERM ends
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from export.relay import Endpoint, RelayError, RelayThread
-from export.runtime import descendants, die_with_parent
+from fedward.procs import descendants, die_with_parent
+from fedward.sandbox.relay import Endpoint, RelayError, RelayThread
 
 __all__ = [
     "EXIT_NO_SANDBOX",
@@ -122,7 +122,7 @@ class Sandbox:
     def argv(self) -> list[str]:
         for spec in (spec for pair in self.relays for spec in pair):
             Endpoint.parse(spec)   # a bad endpoint fails here, with the reason
-        out = [sys.executable, "-m", "export.netns", "--mode", self.mode]
+        out = [sys.executable, "-m", "fedward.sandbox.netns", "--mode", self.mode]
         for listen, target in self.relays:
             out += ["--relay", f"{listen}={target}"]
         return [*out, "--", *self.command]
@@ -317,7 +317,7 @@ def _run_in_namespaces(command: list[str], pairs: list[tuple[Endpoint, Endpoint]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.netns")
+    parser = argparse.ArgumentParser(prog="python -m fedward.sandbox.netns")
     parser.add_argument("--mode", choices=ISOLATION_MODES, default="namespace")
     parser.add_argument("--relay", action="append", default=[], metavar="LISTEN=TARGET")
     parser.add_argument("command", nargs=argparse.REMAINDER)

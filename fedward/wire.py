@@ -7,23 +7,19 @@ relay and warm trainer read them; the egress guard checks replies against the al
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+
+from fedward.run_config import ROUND_KEY, TRAIN_KEY, RunPlan, wire_keys
 
 __all__ = [
     "ADMISSION_ACTION",
     "ADMISSION_MESSAGE_TYPE",
     "ALLOWED_REPLY_METRICS",
-    "APP_COMPONENTS",
-    "APP_NAME",
-    "APP_PUBLISHER",
     "CFG",
     "FINGERPRINT_KEYS",
     "MSG",
@@ -36,28 +32,15 @@ __all__ = [
     "REPLY_METRICS",
     "TASK_ARRAYS",
     "TASK_CONFIG",
-    "EnrollmentTokenParts",
     "SiteErrorCode",
-    "TokenFormatError",
     "coarse_agreement",
     "coarse_max_abs_diff",
-    "format_enrollment_token",
     "is_coarse_parity_figure",
     "pack_arrays",
-    "parse_enrollment_token",
     "parse_layout",
     "unpack_arrays",
+    "update_digest",
 ]
-
-APP_PUBLISHER: Final = "fedward"
-APP_NAME: Final = "fedward-app"
-
-# The app bundle (FAB) a run ships is a thin pointer to modules installed with fedward;
-# a site refuses any bundle whose components differ (sites run only installed code).
-APP_COMPONENTS: Final = {
-    "serverapp": "coordinator.server_app:app",
-    "clientapp": "site_agent.clientapp:app",
-}
 
 # Record names inside a Flower Message's RecordDict.
 TASK_ARRAYS: Final = "global_model"      # ArrayRecord: the global model's arrays
@@ -114,6 +97,23 @@ def unpack_arrays(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]
     return out
 
 
+def update_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of named arrays, in name order.
+
+    One digest for a model that crosses the wire, on both sides: the coordinator records
+    the digest of every update it receives (``round.updates`` in its audit log) and refuses
+    duplicates and replays by it; a site keys the reply it stores for a round by the digest
+    of the global model it received. Two arrays of equal values but another dtype or shape
+    differ (byte identity).
+    """
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, str(arr.dtype), list(arr.shape)]).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 # Admission (before round 1): "does your policy accept this run?". A Flower query message
 # with this action carries only TASK_CONFIG (no arrays); the site answers from its policy
 # check alone, touching no data: a reply whose REPLY_CONFIG says MSG.ACCEPTED, or an Error
@@ -122,22 +122,30 @@ ADMISSION_ACTION: Final = "admission"
 ADMISSION_MESSAGE_TYPE: Final = f"query.{ADMISSION_ACTION}"
 
 
-class CFG:
-    """Keys of the task ConfigRecord sent to a site each round."""
+_RUN: Final = wire_keys(RunPlan)
 
-    RUN_ID: Final = "run-id"               # coordinator run id (str)
-    PROJECT: Final = "project"             # project name (str)
-    TASK: Final = "task-name"              # task registry name (str)
-    ROUND: Final = "round"                 # 1-based round number (int)
-    TOTAL_ROUNDS: Final = "total-rounds"   # rounds planned for the run (int)
-    LOCAL_EPOCHS: Final = "local-epochs"   # local epochs per round (int)
-    EPSILON: Final = "epsilon-budget"      # run's epsilon budget per site (float)
-    DELTA: Final = "delta"                 # DP delta (float)
-    CLIP: Final = "max-grad-norm"          # per-sample clipping bound (float)
-    LR: Final = "learning-rate"            # local learning rate (float)
-    BATCH: Final = "batch-size"            # expected batch size (int)
-    SEED: Final = "seed"                   # run seed (int)
-    TRAIN: Final = "train"                 # False: evaluate only (bool)
+
+class CFG:
+    """Keys of the task ConfigRecord sent to a site each round.
+
+    The run's settings travel under the keys their fields declare in
+    :class:`fedward.run_config.RunPlan`; the round, the train flag and the layout are per
+    message.
+    """
+
+    RUN_ID: Final = _RUN["run_id"]                # coordinator run id (str)
+    PROJECT: Final = _RUN["project"]              # project name (str)
+    TASK: Final = _RUN["task"]                    # task registry name (str)
+    TOTAL_ROUNDS: Final = _RUN["rounds"]          # rounds planned for the run (int)
+    LOCAL_EPOCHS: Final = _RUN["local_epochs"]    # local epochs per round (int)
+    EPSILON: Final = _RUN["epsilon"]              # run's epsilon budget per site (float)
+    DELTA: Final = _RUN["delta"]                  # DP delta (float)
+    CLIP: Final = _RUN["max_grad_norm"]           # per-sample clipping bound (float)
+    LR: Final = _RUN["lr"]                        # local learning rate (float)
+    BATCH: Final = _RUN["batch_size"]             # expected batch size (int)
+    SEED: Final = _RUN["seed"]                    # run seed (int)
+    ROUND: Final = ROUND_KEY                      # 1-based round number (int)
+    TRAIN: Final = TRAIN_KEY                      # False: evaluate only (bool)
     LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)
 
 
@@ -180,7 +188,7 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
 )
 
 # Parity figures leave a site only on a coarse grid (export parity, see
-# site_agent.parity_task): the agreement rounded DOWN to a multiple of 1/20, the largest
+# the site's parity task): the agreement rounded DOWN to a multiple of 1/20, the largest
 # logit difference rounded UP to a power of ten (0 stays 0; anything over 100 reads 1000).
 # Both are bounds in the safe direction for the release gates (whose tolerances, 1e-4,
 # 1.0 and 0.95, lie on the grid), and neither can carry a patient's value.
@@ -216,7 +224,7 @@ def is_coarse_parity_figure(name: str, value: float) -> bool:
 
 
 # What a site may say about its data: hashes and counts, never values. The file's digest is
-# keyed (HMAC-SHA256 under a key only the site holds, site_agent.data.keyed_fingerprint): a
+# keyed (HMAC-SHA256 under a key only the site holds): a
 # plain SHA-256 would let anyone holding a candidate copy of the file confirm it.
 FINGERPRINT_KEYS: Final = frozenset(
     {"schema-hash", "content-hmac", "n-rows", "n-train", "n-test"})
@@ -253,48 +261,3 @@ class SiteErrorCode:
         707: "bad-task",
         708: "pending-approval",
     }
-
-
-_TOKEN_RE = re.compile(r"^fw1\.([a-z0-9][a-z0-9-]{1,38}[a-z0-9])\.([A-Za-z0-9_-]{32,64})\."
-                       r"([0-9a-f]{32})\.([0-9a-f]{8})$")
-
-
-def _token_check(site: str, secret: str, ca_pin: str) -> str:
-    return hashlib.sha256(f"{site}.{secret}.{ca_pin}".encode()).hexdigest()[:8]
-
-
-class TokenFormatError(ValueError):
-    """The text is not an enrollment token."""
-
-
-@dataclass(frozen=True)
-class EnrollmentTokenParts:
-    """``fw1.<site>.<secret>.<ca-pin>.<check>``: the site name, the one-time secret, the
-    first 32 hex digits of the SHA-256 of the coordinator CA certificate (DER), and 8 check
-    digits over the rest (so a token mistyped or cut short is told apart from a wrong one)."""
-
-    site: str
-    secret: str
-    ca_pin: str
-
-
-def format_enrollment_token(*, site: str, secret: str, ca_pin: str) -> str:
-    """The text of a token (see :class:`EnrollmentTokenParts`)."""
-    return f"fw1.{site}.{secret}.{ca_pin}.{_token_check(site, secret, ca_pin)}"
-
-
-def parse_enrollment_token(token: str) -> EnrollmentTokenParts:
-    """Split a token; a typo gives an error that says what a token looks like."""
-    m = _TOKEN_RE.match(token.strip())
-    if m is None:
-        raise TokenFormatError(
-            "this is not a Fedward enrollment token (expected "
-            "fw1.<site>.<secret>.<pin>.<check>, one line, no spaces); copy it again, whole, "
-            "from the coordinator team's message")
-    parts = EnrollmentTokenParts(site=m.group(1), secret=m.group(2), ca_pin=m.group(3))
-    if not hmac.compare_digest(m.group(4), _token_check(parts.site, parts.secret,
-                                                        parts.ca_pin)):
-        raise TokenFormatError(
-            "this enrollment token has a typo (its check digits do not match the rest); copy "
-            "it again, whole, from the coordinator team's message (nothing was sent)")
-    return parts

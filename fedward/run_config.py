@@ -1,0 +1,187 @@
+"""THE run configuration: one pydantic model for the API, the CLI, the ServerApp and the wire.
+
+* :class:`RunSettings` holds every setting of a run once: its name (the REST API's field
+  name), type, default, bounds and description.
+* :class:`RunRequest` is what an ML engineer asks for (``POST /runs``, ``fedward-coordinator
+  launch``): the settings plus the project, the task and the sites. The CLI's options and
+  their defaults are taken from these fields.
+* :class:`RunConfig` is the resolved configuration the coordinator stores with the run
+  (the task's learning rate and batch size filled in, the sites named).
+* :class:`RunPlan` is what the ServerApp runs: the stored configuration with the run's
+  identity. Its :meth:`RunPlan.task_config` is the task configuration each round's message
+  carries; the wire key of each field is declared on the field (:class:`Wire`), and
+  :data:`fedward.wire.CFG` reads them from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Annotated, Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+__all__ = [
+    "ROUND_KEY",
+    "SITE_NAME_PATTERN",
+    "TRAIN_KEY",
+    "RunConfig",
+    "RunPlan",
+    "RunRequest",
+    "RunSettings",
+    "SiteName",
+    "Wire",
+    "wire_keys",
+]
+
+SITE_NAME_PATTERN: Final = r"^[a-z0-9-]{3,40}$"
+# Task-message keys that are not settings: the round's number and whether the site trains.
+ROUND_KEY: Final = "round"
+TRAIN_KEY: Final = "train"
+SiteName = Annotated[str, StringConstraints(pattern=SITE_NAME_PATTERN)]
+
+
+@dataclass(frozen=True)
+class Wire:
+    """Field metadata: the key under which a setting travels in a round's task message.
+
+    The spelling is part of the protocol between the coordinator and sites that may run
+    another release, so it stays as it is when a field is renamed here.
+    """
+
+    key: str
+
+
+class RunSettings(BaseModel):
+    """How a run trains: rounds, privacy budget, deadlines, local optimisation, robustness."""
+
+    rounds: Annotated[int, Wire("total-rounds")] = Field(
+        default=5, ge=1, le=100, description="Federated rounds to train.")
+    local_epochs: Annotated[int, Wire("local-epochs")] = Field(
+        default=1, ge=1, le=50, description="Local epochs each site trains per round.")
+    # No default: a run's privacy budget is always a decision someone made.
+    epsilon: Annotated[float, Wire("epsilon-budget")] = Field(
+        gt=0, le=100, description="Privacy budget (epsilon) per site for the run.")
+    delta: Annotated[float, Wire("delta")] = Field(
+        default=1e-5, gt=0, lt=1, description="DP delta.")
+    min_sites: int = Field(
+        default=1, ge=1,
+        description="Sites that must take part; checked against the run's sites at launch.")
+    round_deadline_s: float = Field(
+        default=120.0, ge=5, le=3600, description="Seconds per round.")
+    lr: Annotated[float | None, Wire("learning-rate")] = Field(
+        default=None, gt=0, description="Local learning rate (default: the task's).")
+    batch_size: Annotated[int | None, Wire("batch-size")] = Field(
+        default=None, ge=1, le=4096, description="Expected batch size (default: the task's).")
+    max_grad_norm: Annotated[float, Wire("max-grad-norm")] = Field(
+        default=1.0, gt=0, description="Per-sample gradient clipping bound of DP-SGD.")
+    seed: Annotated[int, Wire("seed")] = Field(
+        default=0, ge=0, le=2**32 - 1, description="Seed of the initial model.")
+    aggregation: str = Field(
+        default="fedavg", max_length=64,
+        description="How site updates are combined (coordinator.aggregation): fedavg "
+        "(weighted mean), median or trimmed-mean (robust, coordinate-wise), the server "
+        "optimisers fedavgm, fedadam and fedyogi, or a strategy a plugin registered under "
+        "the entry point group fedward.aggregators.")
+    # Any JSON value here: each strategy's own options model checks names and types (the
+    # coordinator's request model, which knows the registry).
+    aggregation_options: dict[str, Any] = Field(
+        default_factory=dict, max_length=32,
+        description="Options of the aggregation, e.g. {\"server_lr\": 0.1, \"beta1\": 0.9} "
+        "for fedadam (see docs/ml-team-guide.md); unknown options are refused.")
+    approval_wait_s: float = Field(
+        default=3600.0, ge=0, le=86400,
+        description="Before round 1, how long the run waits for sites whose policy wants a "
+        "local approval (0: ask once, do not wait). Training then starts with the sites "
+        "that accepted, if at least min_sites.")
+    max_update_norm: float | None = Field(
+        default=None, gt=0,
+        description="Reject a site's update whose L2 distance from the round's global model "
+        "is above this. Default: derived per site from the DP-SGD settings (lr, "
+        "max_grad_norm, batch size, local epochs, the site's example count and noise "
+        "multiplier), with a safety factor of 2.")
+
+
+class RunRequest(RunSettings):
+    """A run as an ML engineer asks for it: what to train, how, with which budget, where.
+
+    ``lr`` and ``batch_size`` default to the task's own defaults; ``sites`` defaults to every
+    registered site. Unknown fields, NaN/Inf and wrong JSON types (``true`` or ``"5"`` for a
+    number) are refused, not coerced.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    project: str = Field(min_length=1, max_length=64)
+    task: str = Field(description="A task of the shared registry (fedward.tasks.TASKS).")
+    sites: list[SiteName] | None = Field(
+        default=None, min_length=1,
+        description="The sites that take part (default: every registered site).")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from fedward.tasks import TASKS
+
+        if value not in TASKS:
+            known = ", ".join(sorted(TASKS))
+            raise ValueError(f"unknown task {value!r} (known tasks: {known})")
+        return value
+
+    @field_validator("sites")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            dupes = sorted({s for s in value if value.count(s) > 1})
+            raise ValueError(f"sites listed more than once: {', '.join(dupes)}")
+        return value
+
+
+class RunConfig(RunSettings):
+    """The resolved configuration of a run, as stored with it (``Run.config_json``)."""
+
+    lr: Annotated[float, Wire("learning-rate")] = Field(
+        gt=0, description="Local learning rate.")
+    batch_size: Annotated[int, Wire("batch-size")] = Field(
+        ge=1, le=4096, description="Expected batch size.")
+    sites: list[str] = Field(description="The sites that take part.")
+
+
+class RunPlan(RunConfig):
+    """What the ServerApp runs: the stored configuration with the run's identity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: Annotated[int, Wire("run-id")]
+    project: Annotated[str, Wire("project")]
+    task: Annotated[str, Wire("task-name")]
+    sites: tuple[str, ...] = Field(description="The sites that take part.")  # type: ignore[assignment]
+    # Not a setting of the API: tests of the round loop turn the final evaluation off.
+    final_evaluate: bool = True
+
+    def task_config(self, round_number: int, *, train: bool) -> dict[str, Any]:
+        """The task configuration of round ``round_number``'s message to each site.
+
+        Every field with a :class:`Wire` key, under that key (the run id as text), plus
+        the round, and whether the site trains or only evaluates: values are ``bool``,
+        ``int``, ``float`` or ``str``, what a Flower ConfigRecord holds.
+        """
+        out: dict[str, Any] = {}
+        for name, key in wire_keys(type(self)).items():
+            value = getattr(self, name)
+            out[key] = str(value) if name == "run_id" else value
+        out[ROUND_KEY] = round_number
+        out[TRAIN_KEY] = train
+        return out
+
+
+def wire_keys(model: type[BaseModel] = RunPlan) -> Mapping[str, str]:
+    """Field name -> wire key, for every field of ``model`` that travels in a task message."""
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        for meta in info.metadata:
+            if isinstance(meta, Wire):
+                out[name] = meta.key
+    return MappingProxyType(out)
+

@@ -1,0 +1,67 @@
+"""The one run configuration (fedward.run_config): API, CLI, ServerApp and wire derive from it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import typer
+
+from coordinator.cli import LAUNCH_OPTION_FIELDS
+from coordinator.cli import app as coordinator_cli
+from coordinator.schemas import RunCreate
+from fedward.run_config import RunConfig, RunPlan, RunRequest, RunSettings, wire_keys
+from fedward.wire import CFG
+
+
+def _launch_options() -> dict[str, Any]:
+    command = typer.main.get_command(coordinator_cli)
+    launch = command.commands["launch"]  # type: ignore[attr-defined]
+    return {p.name: p for p in launch.params}
+
+
+def test_every_launch_option_has_the_run_configs_default() -> None:
+    options = _launch_options()
+    fields = RunRequest.model_fields
+    by_field = {LAUNCH_OPTION_FIELDS.get(name, name): opt for name, opt in options.items()}
+    assert set(fields) <= set(by_field), set(fields) - set(by_field)
+    for name, info in fields.items():
+        option = by_field[name]
+        assert option.required == info.is_required(), name
+        if not info.is_required():
+            assert option.default == info.get_default(), (name, option.default)
+
+
+def test_the_api_request_is_the_run_config() -> None:
+    assert issubclass(RunCreate, RunRequest)
+    assert set(RunCreate.model_fields) == set(RunRequest.model_fields)
+    assert RunCreate.model_fields["min_sites"].get_default() == 1
+    assert RunCreate.model_fields["epsilon"].is_required()
+    with pytest.raises(ValueError, match="unknown task"):
+        RunCreate(project="p", task="nope", epsilon=1.0)
+
+
+def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
+    # The spelling is the protocol with sites that may run another release: pinned.
+    assert dict(wire_keys(RunPlan)) == {
+        "rounds": "total-rounds", "local_epochs": "local-epochs", "epsilon": "epsilon-budget",
+        "delta": "delta", "lr": "learning-rate", "batch_size": "batch-size",
+        "max_grad_norm": "max-grad-norm", "seed": "seed", "run_id": "run-id",
+        "project": "project", "task": "task-name"}
+    assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
+        "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
+        "batch-size")
+
+
+def test_the_serverapp_plan_is_the_stored_config_with_the_runs_identity() -> None:
+    stored = RunConfig(rounds=4, epsilon=2.5, lr=0.5, batch_size=16, sites=["a-1", "b-2"])
+    # Configs stored before the later settings existed still load, with their defaults.
+    old = stored.model_dump(exclude={"aggregation", "approval_wait_s", "max_update_norm"})
+    plan = RunPlan.model_validate({**old, "run_id": 7, "project": "onc",
+                                   "task": "breast_cancer_mlp"})
+    assert plan.sites == ("a-1", "b-2") and plan.aggregation == "fedavg"
+    assert plan.task_config(2, train=True) == {
+        "run-id": "7", "project": "onc", "task-name": "breast_cancer_mlp", "total-rounds": 4,
+        "local-epochs": 1, "epsilon-budget": 2.5, "delta": 1e-5, "learning-rate": 0.5,
+        "batch-size": 16, "max-grad-norm": 1.0, "seed": 0, "round": 2, "train": True}
+    assert set(RunSettings.model_fields) < set(RunPlan.model_fields)
