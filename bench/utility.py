@@ -165,7 +165,6 @@ def run_federated(fed: dict[str, Any], *, epsilon: float | None, seed: int,
     """
     from coordinator.aggregation import SiteUpdate, make_aggregator
     from fedward.models import model_arrays, set_model_arrays
-    from fedward.tasks import build_model, get_task
     from privacy import (
         epsilon_for_history,
         evaluate,

@@ -7,7 +7,6 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +238,7 @@ def test_a_resumed_run_continues_the_server_optimiser_from_its_checkpoint(
     home = tmp_path / "resumed"
     plan = make_plan(rounds=2, aggregation="fedadam", aggregation_options=options)
     run(plan, home)
-    resumed = run(replace(plan, rounds=3), home)
+    resumed = run(plan.model_copy(update={"rounds": 3}), home)
 
     assert [r.number for r in rounds_of(engine, plan.run_id)] == [1, 2, 3]
     np.testing.assert_allclose(resumed, straight, rtol=1e-6)
