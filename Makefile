@@ -5,14 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedward-installed
 
-.PHONY: install demo test lint typecheck imports unit bench clean mlflow-server system-packages
+.PHONY: install demo test lint typecheck imports unit bench clean mlflow-server system-packages \
+	clinician-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a CPU wheel lies on disk; an open range pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[coordinator,site,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -49,7 +50,21 @@ mlflow-server: $(MLFLOW_STAMP)
 system-packages:
 	.ci/system-packages
 
-unit: system-packages install mlflow-server
+# The clinician's install (the base distribution, no extra) is tested in a clean venv
+# (tests/test_packaging.py) from these wheels, fetched once: the base dependencies and the
+# build backend, so that the test installs offline and in seconds.
+CLINICIAN_WHEELS := $(VENV)/clinician-wheels
+CLINICIAN_STAMP := $(CLINICIAN_WHEELS)/.complete
+$(CLINICIAN_STAMP): pyproject.toml $(STAMP)
+	rm -rf $(CLINICIAN_WHEELS)
+	$(BIN)/pip wheel -q -w $(CLINICIAN_WHEELS) .
+	$(BIN)/pip download -q -d $(CLINICIAN_WHEELS) "setuptools>=68" setuptools-scm==10.3.4
+	rm -f $(CLINICIAN_WHEELS)/fedward-*.whl
+	touch $(CLINICIAN_STAMP)
+
+clinician-wheels: $(CLINICIAN_STAMP)
+
+unit: system-packages install mlflow-server clinician-wheels
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test: system-packages mlflow-server lint typecheck imports unit
@@ -57,7 +72,7 @@ test: system-packages mlflow-server lint typecheck imports unit
 # Benchmark 2 needs Ray: the `bench` extra (flwr[simulation]), installed once on top of dev.
 BENCH_STAMP := $(VENV)/.fedward-bench-installed
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -e ".[coordinator,site,dev,bench]"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

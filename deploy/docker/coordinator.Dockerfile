@@ -24,7 +24,7 @@ COPY coordinator /src/coordinator
 COPY site_agent /src/site_agent
 COPY privacy /src/privacy
 COPY export /src/export
-RUN /opt/fedward/venv/bin/pip install /src \
+RUN /opt/fedward/venv/bin/pip install "/src[coordinator]" \
  && /opt/fedward/venv/bin/pip check
 
 FROM python:3.11-slim

@@ -26,7 +26,7 @@ COPY coordinator /src/coordinator
 COPY site_agent /src/site_agent
 COPY privacy /src/privacy
 COPY export /src/export
-RUN /opt/fedward/venv/bin/pip install /src \
+RUN /opt/fedward/venv/bin/pip install "/src[site]" \
  && /opt/fedward/venv/bin/pip check
 
 FROM python:3.11-slim
