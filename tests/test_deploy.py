@@ -213,8 +213,10 @@ def image_entrypoint(dockerfile_name: str) -> tuple[list[str], list[str]]:
 
 
 def torch_pin() -> str:
-    pins = [d for d in PYPROJECT["project"]["dependencies"] if re.match(r"torch\s*==", d)]
-    assert len(pins) == 1, "pyproject.toml must pin torch exactly once"
+    # torch is in the training stack (the `training` extra), never in the clinician's base.
+    pins = [d for d in PYPROJECT["project"]["optional-dependencies"]["training"]
+            if re.match(r"torch\s*==", d)]
+    assert len(pins) == 1, "pyproject.toml must pin torch exactly once, in [training]"
     return str(pins[0]).split("==")[1].strip()
 
 
@@ -229,9 +231,11 @@ def test_dockerfile_base_torch_and_sources(name: str) -> None:
     torch_run = runs[torch_runs[0]]
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_run, (
         f"{name}: torch must come from the CPU wheel index, not PyPI's CUDA build")
-    project_runs = [n for n, r in enumerate(runs) if re.search(r"pip install[^&]* /src\b", r)]
+    extra = "site" if name.startswith("site") else "coordinator"
+    project_runs = [n for n, r in enumerate(runs)
+                    if re.search(r'pip install[^&]* "/src\[' + extra + r'\]"', r)]
     assert project_runs and torch_runs[0] < project_runs[0], (
-        f"{name}: install torch first, then the project")
+        f"{name}: install torch first, then the project with its [{extra}] extra")
     for run in runs:
         assert not re.search(r"\b(curl|wget|git clone)\b", run), f"{name}: downloads in {run!r}"
         if "--index-url" in run or "--extra-index-url" in run:
