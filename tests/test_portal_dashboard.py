@@ -342,7 +342,7 @@ def test_sites_page_and_who_sees_what(seeded: Seeded, browser: Any, tmp_path: Pa
     assert "/portal/login" in anonymous.url and "state%3Drunning" in anonymous.url
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(720)
 def test_the_run_page_of_a_real_federated_run(browser: Any, tmp_path: Path) -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         for s in fed.data["sites"]:
@@ -354,7 +354,7 @@ def test_the_run_page_of_a_real_federated_run(browser: Any, tmp_path: Path) -> N
         fed.wait_online(len(sites), timeout=180)
         run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=60)
-        assert fed.wait_run(run_id)["status"] == "completed"
+        assert fed.wait_run(run_id, timeout=420)["status"] == "completed"
         r = fed.api("POST", "/users", {"name": "eng", "role": "ml_engineer",
                                        "password": PASSWORD})
         assert r.status_code == 201, r.text
