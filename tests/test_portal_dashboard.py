@@ -12,6 +12,7 @@ Needs ``/usr/bin/chromium`` and the ``playwright`` package; never ``playwright i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -345,6 +346,11 @@ def test_sites_page_and_who_sees_what(seeded: Seeded, browser: Any, tmp_path: Pa
 @pytest.mark.timeout(720)
 def test_the_run_page_of_a_real_federated_run(browser: Any, tmp_path: Path) -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
+        # Under load the API answers before the SuperLink has written its address.
+        deadline = time.monotonic() + 120
+        while not (fed.home / "superlink.address").exists():
+            assert time.monotonic() < deadline, "the coordinator's SuperLink did not start"
+            time.sleep(0.5)
         for s in fed.data["sites"]:
             fed.add_site(s["name"], s["csv"], s["schema"])
             fed.start_site(s["name"])
