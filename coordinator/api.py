@@ -1338,6 +1338,7 @@ def create_app(
     """
     from coordinator.mlflow_api import router as mlflow_router
     from coordinator.portal import router as portal_router
+    from coordinator.portal_dashboard import router as dashboard_router
     from coordinator.release_api import router as release_router
     from coordinator.users_api import router as users_router
 
@@ -1362,5 +1363,6 @@ def create_app(
     app.include_router(users_router)
     app.include_router(release_router)
     app.include_router(portal_router)
+    app.include_router(dashboard_router)
     app.include_router(mlflow_router)
     return app

@@ -169,6 +169,8 @@ class Run(SQLModel, table=True):
     """
 
     __tablename__ = "runs"
+    # The dashboard lists runs by state, newest first (migration 0011).
+    __table_args__ = (Index("ix_runs_status_id", "status", "id"),)
 
     id: int | None = _pk()
     project_id: int = Field(foreign_key="projects.id", nullable=False, index=True)
@@ -215,6 +217,9 @@ class SiteMetric(SQLModel, table=True):
     __tablename__ = "site_metrics"
     __table_args__ = (
         UniqueConstraint("run_id", "round_number", "site_name", "name"),
+        # What each site reported spent (the dashboard's sites page), from the index alone
+        # (migration 0011).
+        Index("ix_site_metrics_name_site_run", "name", "site_name", "run_id", "value"),
     )
 
     id: int | None = _pk()

@@ -11,6 +11,9 @@ admission (which sites accepted it, which wait for a local approval, which refus
 The admission state and the update digests live in the audit log only: it is the
 tamper-evident record, and the REST view of a run reads its admission from there
 (:func:`latest_admissions`).
+
+The last section holds the reads the portal's dashboard makes (a page of runs, each run's
+newest round, what each site reported spent per project, certificate expiry).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Final
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
 from coordinator.audit import append_event
@@ -36,20 +39,24 @@ from coordinator.models import (
     Round,
     Run,
     Site,
+    SiteCertificate,
     SiteMetric,
     utcnow,
 )
 
 __all__ = [
     "ADMISSION_ACTIONS",
+    "EPSILON_METRIC",
     "SERVERAPP_ACTOR",
     "RunNotFoundError",
     "admission_record",
+    "certificate_expiry",
     "data_fingerprints",
     "finish_round",
     "finish_run",
     "last_checkpoint",
     "latest_admissions",
+    "latest_rounds",
     "mark_run_started",
     "note_run_resumed",
     "record_admission",
@@ -58,7 +65,9 @@ __all__ = [
     "record_run_outcome",
     "record_site_metrics",
     "run_config",
+    "run_page",
     "running_run_ids",
+    "site_epsilon_by_project",
     "site_names_by_node_id",
     "start_round",
     "update_digests",
@@ -69,6 +78,8 @@ SERVERAPP_ACTOR: Final = "serverapp"
 # admission ended and training starts; run.not_admitted: too few sites accepted the run.
 ADMISSION_ACTIONS: Final = ("run.waiting", "run.admitted", "run.not_admitted")
 _UPDATES_ACTION: Final = "round.updates"
+# The cumulative epsilon of a run at a site after a round, as the site reports it.
+EPSILON_METRIC: Final = "epsilon-spent"
 _FINISHED_ROUND_STATUSES: Final = frozenset({"completed", "failed"})
 _NOT_RESUMABLE: Final = frozenset({"completed", "stopped"})
 
@@ -620,3 +631,94 @@ def note_run_resumed(engine: Engine, run_id: int, *, why: str, flwr_run_id: str)
     with session_scope(engine) as session:
         append_event(session, actor="coordinator", action="run.relaunched",
                      subject=f"run:{run_id}", detail={"why": why, "flwr_run_id": flwr_run_id})
+
+
+# --- reads for the portal's dashboard (coordinator.portal_dashboard) ----------------------
+
+
+def run_page(session: Session, *, status: str | None, project_id: int | None, offset: int,
+             limit: int) -> tuple[list[tuple[Run, str]], int]:
+    """One page of runs, newest first, and how many runs match the filter in all.
+
+    Args:
+        session: Open session.
+        status: Only runs in this state (None: any).
+        project_id: Only this project's runs (None: any).
+        offset: Rows to skip.
+        limit: Rows to return at most.
+
+    Returns:
+        ``([(run, project name), ...], total)``.
+    """
+    where: list[Any] = []
+    if status is not None:
+        where.append(col(Run.status) == status)
+    if project_id is not None:
+        where.append(col(Run.project_id) == project_id)
+    total = session.exec(select(func.count()).select_from(Run).where(*where)).one()
+    rows = session.exec(
+        select(Run, Project.name).join(Project, col(Project.id) == col(Run.project_id))
+        .where(*where).order_by(col(Run.id).desc()).offset(offset).limit(limit)).all()
+    return [(run, name) for run, name in rows], int(total)
+
+
+def latest_rounds(session: Session, run_ids: list[int]) -> dict[int, Round]:
+    """The highest-numbered round row of each run (runs without a round are absent).
+
+    Args:
+        session: Open session.
+        run_ids: The runs to look up.
+    """
+    if not run_ids:
+        return {}
+    newest = (select(Round.run_id, func.max(Round.number).label("number"))
+              .where(col(Round.run_id).in_(run_ids)).group_by(col(Round.run_id)).subquery())
+    rows = session.exec(select(Round).join(
+        newest, (col(Round.run_id) == newest.c.run_id) & (col(Round.number) == newest.c.number)
+    )).all()
+    return {r.run_id: r for r in rows}
+
+
+def site_epsilon_by_project(session: Session) -> dict[str, dict[str, tuple[float, int]]]:
+    """What each site reported spent, per project: the sum of its runs' final figures.
+
+    Each run's ``epsilon-spent`` is cumulative, so a run's figure is its largest. Summing
+    a project's runs is basic composition: an upper bound of what the site's own ledger
+    states for the project (it composes tighter).
+
+    Args:
+        session: Open session.
+
+    Returns:
+        ``{site: {project: (epsilon, runs)}}``.
+    """
+    per_run = (select(SiteMetric.site_name, SiteMetric.run_id,
+                      func.max(SiteMetric.value).label("spent"))
+               .where(col(SiteMetric.name) == EPSILON_METRIC)
+               .group_by(col(SiteMetric.site_name), col(SiteMetric.run_id)).subquery())
+    rows = session.exec(
+        select(per_run.c.site_name, Project.name, func.sum(per_run.c.spent), func.count())
+        .join(Run, col(Run.id) == per_run.c.run_id)
+        .join(Project, col(Project.id) == col(Run.project_id))
+        .group_by(per_run.c.site_name, col(Project.name))).all()
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for site, project, spent, runs in rows:
+        out.setdefault(str(site), {})[str(project)] = (float(spent), int(runs))
+    return out
+
+
+def certificate_expiry(session: Session) -> dict[int, datetime]:
+    """The latest expiry among each site's unrevoked certificates: ``{site id: not_after}``.
+
+    Args:
+        session: Open session.
+    """
+    rows = session.exec(select(SiteCertificate.site_id, func.max(SiteCertificate.not_after))
+                        .where(col(SiteCertificate.revoked_at).is_(None))
+                        .group_by(col(SiteCertificate.site_id))).all()
+    # func.max bypasses UTCDateTime's result processing: SQLite hands back text or naive.
+    out: dict[int, datetime] = {}
+    for site_id, not_after in rows:
+        value = datetime.fromisoformat(not_after) if isinstance(not_after, str) else not_after
+        out[int(site_id)] = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return out

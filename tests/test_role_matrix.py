@@ -52,6 +52,7 @@ MATRIX: Final[dict[str, frozenset[str]]] = {
     "read project gates": frozenset({"admin", "ml_engineer", "reviewer"}),
     "approve candidate in the portal": frozenset({"admin", "reviewer"}),
     "reject candidate in the portal": frozenset({"admin", "reviewer"}),
+    "see runs and sites in the portal": frozenset({"admin", "ml_engineer", "reviewer"}),
     "list candidates": frozenset({"admin", "ml_engineer", "reviewer"}),
     "read lineage": frozenset({"admin", "ml_engineer", "reviewer"}),
     "revoke release": frozenset({"admin"}),
@@ -194,10 +195,12 @@ def _request(world: World, action: str, role: str) -> Request:
 
 PORTAL_ACTIONS: Final = {"approve candidate in the portal": "approve",
                          "reject candidate in the portal": "reject"}
+PORTAL_PAGES: Final = "see runs and sites in the portal"
 
 
 @pytest.mark.parametrize("role", ROLES)
-@pytest.mark.parametrize("action", [a for a in MATRIX if a not in PORTAL_ACTIONS])
+@pytest.mark.parametrize("action", [a for a in MATRIX
+                                    if a not in PORTAL_ACTIONS and a != PORTAL_PAGES])
 def test_role_against_action(world: World, action: str, role: str) -> None:
     method, path, body, success = _request(world, action, role)
     r = world.client.request(method, API_PREFIX + path, json=body, headers=world.headers[role])
@@ -238,6 +241,23 @@ def test_role_against_portal_decision(world: World, action: str, role: str) -> N
         assert status == "awaiting_review"
 
 
+@pytest.mark.parametrize("role", ROLES)
+def test_role_against_portal_dashboard(world: World, role: str) -> None:
+    """The dashboard's pages (runs, a run, sites) are for staff; a clinician gets 403."""
+    from coordinator.portal import COOKIE_NAME
+
+    token = world.headers[role]["Authorization"].split()[1]
+    for path in ("/portal/runs", "/portal/runs?state=completed", f"/portal/runs/{world.run_id}",
+                 "/portal/sites"):
+        r = world.client.get(path, follow_redirects=False,
+                             headers={"Cookie": f"{COOKIE_NAME}={token}"})
+        if role in MATRIX[PORTAL_PAGES]:
+            assert r.status_code == 200, f"{role} {path}: {r.status_code} {r.text[:300]}"
+        else:
+            assert r.status_code == 403, f"{role} {path}: {r.status_code} {r.text[:300]}"
+            assert "Only staff" in r.text
+
+
 def test_a_forbidden_attempt_changes_nothing(world: World) -> None:
     cand = world.candidates["approve:clinician"]
     r = world.client.post(f"{API_PREFIX}/candidates/{cand}/approve",
@@ -266,7 +286,8 @@ def test_every_route_needs_a_token_except_the_public_ones(world: World) -> None:
 def test_portal_pages_need_a_login(world: World) -> None:
     for path in ["/portal/releases", f"/portal/releases/{world.releases['download']}",
                  f"/portal/releases/{world.releases['download']}/download", "/portal/candidates",
-                 f"/portal/candidates/{world.candidates['approve:admin']}"]:
+                 f"/portal/candidates/{world.candidates['approve:admin']}",
+                 "/portal/runs", f"/portal/runs/{world.run_id}", "/portal/sites"]:
         r = world.client.get(path, follow_redirects=False)
         assert r.status_code == 303, path
         assert r.headers["location"].startswith("/portal/login?next=")
