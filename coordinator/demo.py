@@ -145,8 +145,17 @@ def _release_and_clinician(*, api: str, home: Path, run_id: int, work: Path, pro
             worst = formats.setdefault(fmt, {"max_abs_diff": 0.0, "agreement": 1.0})
             worst["max_abs_diff"] = max(worst["max_abs_diff"], float(fig["max_abs_diff"]))
             worst["agreement"] = min(worst["agreement"], float(fig["agreement"]))
+    audits = (parity or {}).get("membership_inference", {})
+    mia_aucs = [float(a["auc"]) for a in audits.values() if a.get("auc") is not None]
     out: dict[str, Any] = {"candidate_id": cand_id, "candidate_status": cand["status"],
-                           "formats": formats, "verified": False}
+                           "formats": formats, "verified": False,
+                           # Each site's membership-inference audit of the candidate.
+                           "membership_inference": {
+                               "max_site_auc": max(mia_aucs) if mia_aucs else None,
+                               "sites": audits}}
+    for site, audit in sorted(audits.items()):
+        console.print(f"  membership audit at {site}: attack AUC {audit.get('auc')}, "
+                      f"empirical epsilon >= {audit.get('epsilon_lower_bound')}")
     if cand["status"] != "awaiting_review":
         console.print(f"  [red]candidate {cand['status']}: not approved[/]")
         return out

@@ -97,6 +97,7 @@ from export.bundle import (
     write_bundle,
 )
 from fedward import code_revision
+from fedward.wire import MEMBERSHIP_KEY
 
 __all__ = [
     "GATE_THRESHOLDS",
@@ -151,7 +152,35 @@ NOT_COVERED_BY_DP: Final = (
     "export parity figures per site (coarse: agreement in twentieths, largest difference as "
     "a power of ten), measured on held-out rows without noise",
     "data fingerprints (row counts, schema hash, keyed file digest)",
+    "membership-inference audit figures per site (attack AUCs rounded up to a hundredth, "
+    "empirical epsilon lower bound rounded down to a tenth), measured on training and "
+    "held-out rows without noise",
 )
+MEMBERSHIP_METHOD: Final = (
+    "Each site attacks the candidate with its own rows: members are its training rows, "
+    "non-members its held-out rows. Two attacks on per-example loss: a loss threshold, and "
+    "the loss calibrated by the held-out losses of the record's class. AUC 0.5 means the "
+    "attacker does no better than guessing. The empirical epsilon lower bound is what the "
+    "stronger attack proves (threshold chosen on half of the rows, 95% Clopper-Pearson rates "
+    "on the other half); it must stay below the epsilon spent, which is an upper bound."
+)
+
+
+def membership_inference_card(per_site: Any) -> dict[str, Any]:
+    """The model card's section on measured leakage, from the sites' audits.
+
+    Args:
+        per_site: Site -> ``{"auc", "loss_auc", "calibrated_auc", "epsilon_lower_bound",
+            "n"}`` as the parity gate's figures hold them, or ``None``.
+
+    Returns:
+        ``{"method", "per_site", "max_site_auc", "sites"}`` (``max_site_auc`` is ``None``
+        when no site reported an audit).
+    """
+    sites = {str(k): dict(v) for k, v in (per_site or {}).items() if isinstance(v, Mapping)}
+    aucs = [float(v["auc"]) for v in sites.values() if _finite(v.get("auc", math.nan))]
+    return {"method": MEMBERSHIP_METHOD, "per_site": sites,
+            "max_site_auc": max(aucs) if aucs else None, "sites": len(sites)}
 HELD_OUT_NOT_DP: Final = ("Held-out figures each site computed without noise: not covered by "
                           "the differential-privacy guarantee.")
 DATA_FINGERPRINT_METHOD: Final = (
@@ -658,7 +687,12 @@ def _parity_gate(results: Any, participants: Sequence[str]) -> dict[str, Any]:
             if not agreement >= tol.min_agreement:
                 problems.append(f"{site} {fmt} agreement {agreement:.4f} < "
                                 f"{tol.min_agreement:g}")
-    figures_out = {"tolerances": tolerances, "per_site": clean}
+    figures_out: dict[str, Any] = {"tolerances": tolerances, "per_site": clean}
+    audits = {str(site): dict(v[MEMBERSHIP_KEY]) for site, v in sorted(results.items())
+              if isinstance(v, Mapping) and isinstance(v.get(MEMBERSHIP_KEY), Mapping)}
+    if audits:
+        # Not a gate: what the card shows beside the epsilon (membership_inference_card).
+        figures_out[MEMBERSHIP_KEY] = audits
     if problems:
         return _gate("export_parity", False, "; ".join(problems), figures_out)
     return _gate("export_parity", True, f"{len(clean)} site(s) within tolerance for "
@@ -1008,6 +1042,7 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
     gates: list[dict[str, Any]] = json.loads(cand.gates_json)
     by_name = {g["name"]: g for g in gates}
     participation = by_name.get(release_gates.PARTICIPATION_GATE, {}).get("figures") or {}
+    parity_figures: dict[str, Any] = by_name.get("export_parity", {}).get("figures", {}) or {}
     privacy = lineage["privacy"]
     per_site_privacy = {s: {"epsilon": v["epsilon_spent"], "delta": v["delta"]}
                         for s, v in privacy["per_site"].items()}
@@ -1020,7 +1055,8 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
         "covers the model's weights. It does not cover the held-out metrics: each site's "
         "evaluation figures (loss, accuracy, AUC, row counts), the training curve drawn from "
         "them and the coarse export parity figures are computed on the site's held-out rows "
-        "without noise. No training loss left any site."
+        "without noise, and so are the coarse membership-inference audit figures (on its "
+        "training and held-out rows). No training loss left any site."
     )
     return {
         "release_id": release_id,
@@ -1052,7 +1088,8 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
             "per_site": per_site_privacy,
             "not_covered": list(NOT_COVERED_BY_DP),
         },
-        "export_parity": by_name.get("export_parity", {}).get("figures", {}),
+        "export_parity": {k: v for k, v in parity_figures.items() if k != MEMBERSHIP_KEY},
+        "membership_inference": membership_inference_card(parity_figures.get(MEMBERSHIP_KEY)),
         "formats": {fmt: list(ARTEFACT_FILES[fmt]) for fmt in FORMATS},
         "gates": gates,
         "approval": {"proposed_by": cand.proposed_by, "proposed_at": cand.created_at.isoformat(),

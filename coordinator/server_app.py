@@ -52,6 +52,8 @@ from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
     FINGERPRINT_KEYS,
+    MEMBERSHIP_FIGURES,
+    MEMBERSHIP_KEY,
     MSG,
     PACKED,
     REPLY_ARRAYS,
@@ -840,6 +842,10 @@ def _parity_by_format(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
         agree = metrics.get(f"parity-{fmt}-agreement")
         if diff is not None and agree is not None:
             out[fmt] = {"max_abs_diff": diff, "agreement": agree, "n": n}
+    audit = {key: metrics[name] for key, name in MEMBERSHIP_FIGURES.items() if name in metrics}
+    if audit:
+        # The site's membership-inference audit of the same candidate (model card).
+        out[MEMBERSHIP_KEY] = audit
     return out
 
 

@@ -460,11 +460,14 @@ def render_model_card_md(card: Mapping[str, Any], digests: Mapping[str, str]) ->
     """
     release_id = card.get(RELEASE_ID_KEY, "?")
     lines = [f"# Model release {release_id}", ""]
-    first = ("task", "intended_use", "contributing_sites", "privacy_statement")
+    first = ("task", "intended_use", "contributing_sites", "privacy_statement",
+             "membership_inference")
     for key in first:
         if key in card:
             value = card[key]
-            text = _contributors_md(value) if key == "contributing_sites" else None
+            text = (_contributors_md(value) if key == "contributing_sites" else
+                    _membership_md(value, card.get("privacy_statement"))
+                    if key == "membership_inference" else None)
             lines += [f"## {key.replace('_', ' ').capitalize()}", "",
                       text if text is not None else _md_value(value), ""]
     for key in sorted(k for k in card if k not in {RELEASE_ID_KEY, *first}):
@@ -488,6 +491,26 @@ def render_model_card_md(card: Mapping[str, Any], digests: Mapping[str, str]) ->
         "",
     ]
     return "\n".join(lines)
+
+
+def _membership_md(value: Any, privacy: Any) -> str | None:
+    """The measured-leakage section as a table beside each site's epsilon, or ``None``."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("per_site"), Mapping):
+        return None
+    spent = privacy.get("per_site", {}) if isinstance(privacy, Mapping) else {}
+    rows = [str(value.get("method", "")), "",
+            "| site | epsilon spent | attack AUC | loss AUC | calibrated AUC | "
+            "empirical epsilon >= | rows per side |", "|---|---|---|---|---|---|---|"]
+    for site, a in sorted(value["per_site"].items()):
+        if not isinstance(a, Mapping):
+            continue
+        eps = spent.get(site, {}).get("epsilon") if isinstance(spent, Mapping) else None
+        rows.append(f"| {site} | {_md_value(eps)} | {_md_value(a.get('auc'))} | "
+                    f"{_md_value(a.get('loss_auc'))} | {_md_value(a.get('calibrated_auc'))} | "
+                    f"{_md_value(a.get('epsilon_lower_bound'))} | {_md_value(a.get('n'))} |")
+    if not value["per_site"]:
+        rows.append("| (no site reported an audit) | | | | | | |")
+    return "\n".join(rows)
 
 
 def _contributors_md(value: Any) -> str | None:

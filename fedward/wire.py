@@ -22,6 +22,8 @@ __all__ = [
     "ALLOWED_REPLY_METRICS",
     "CFG",
     "FINGERPRINT_KEYS",
+    "MEMBERSHIP_FIGURES",
+    "MEMBERSHIP_KEY",
     "MSG",
     "PACKED",
     "PARITY_AGREEMENT_STEPS",
@@ -184,8 +186,23 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
         "parity-onnx-int8-agreement",
         "parity-openvino-max-abs-diff",
         "parity-openvino-agreement",
+        # Membership-inference audit of a release candidate at the site (model card): the
+        # attacks' AUCs rounded up to a hundredth, the empirical epsilon lower bound rounded
+        # down to a tenth, and the rows audited per side (privacy.membership).
+        "mia-auc",
+        "mia-loss-auc",
+        "mia-calibrated-auc",
+        "mia-epsilon-lb",
+        "mia-n",
     }
 )
+
+# A site's membership-inference audit in a candidate's parity result: the key, and the
+# figure -> reply metric names (the card's names on the left).
+MEMBERSHIP_KEY: Final = "membership_inference"
+MEMBERSHIP_FIGURES: Final = {"auc": "mia-auc", "loss_auc": "mia-loss-auc",
+                             "calibrated_auc": "mia-calibrated-auc",
+                             "epsilon_lower_bound": "mia-epsilon-lb", "n": "mia-n"}
 
 # Parity figures leave a site only on a coarse grid (export parity, see
 # the site's parity task): the agreement rounded DOWN to a multiple of 1/20, the largest
@@ -214,12 +231,16 @@ def coarse_max_abs_diff(value: float) -> float:
 
 
 def is_coarse_parity_figure(name: str, value: float) -> bool:
-    """Whether a parity metric's value lies on its grid (other metrics: True)."""
+    """Whether a parity or membership-audit figure lies on its grid (others: True)."""
     if name.startswith("parity-") and name.endswith("-agreement"):
         scaled = value * PARITY_AGREEMENT_STEPS
         return 0.0 <= value <= 1.0 and abs(scaled - round(scaled)) < 1e-9
     if name.startswith("parity-") and name.endswith("-max-abs-diff"):
         return value == 0.0 or value in PARITY_DIFF_CEILINGS
+    if name.startswith("mia-") and name.endswith("auc"):
+        return 0.0 <= value <= 1.0 and abs(value * 100 - round(value * 100)) < 1e-6
+    if name == "mia-epsilon-lb":
+        return value >= 0.0 and abs(value * 10 - round(value * 10)) < 1e-6
     return True
 
 

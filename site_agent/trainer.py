@@ -57,6 +57,7 @@ from privacy import (
     sample_rate_for,
     train_dp,
 )
+from privacy.membership import audit_membership
 from site_agent.audit import AuditLogError
 from site_agent.data import SiteData
 from site_agent.diagnostics import failure_reason
@@ -128,6 +129,8 @@ def _legacy_reply_digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 _REPLY_DIGEST: Final = "fedward.wire.update_digest"
+# The delta a membership audit reads its epsilon bound against when a task names none.
+DEFAULT_AUDIT_DELTA: Final = 1e-5
 
 
 def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -609,12 +612,30 @@ class WarmTrainer:
             self.audit("parity-refused", {"run": run_id, **err.detail})
             raise TaskError(SiteErrorCode.REFUSED_POLICY, f"refused-policy: {err}") from None
         metrics = _finite_metrics(outcome.metrics)
+        metrics.update(self._membership_audit(run_id, config, _model))
         report = check_outgoing(expected_shapes=shapes, arrays={}, metrics=metrics)
         self.audit("parity-measured", {"run": run_id, "model": outcome.model,
                                        "formats": outcome.formats, "files": sorted(files),
                                        "bytes_out": report.n_bytes,
                                        "metrics": report.metric_names})
         return {"metrics": metrics}, {}
+
+    def _membership_audit(self, run_id: str, config: dict[str, Any],
+                          model: torch.nn.Module) -> dict[str, float]:
+        """Membership-inference audit of a candidate this site evaluated (privacy.membership):
+        the site's training rows against its held-out rows; only coarse figures leave."""
+        assert self.data is not None
+        try:
+            delta = float(config.get(CFG.DELTA, DEFAULT_AUDIT_DELTA))
+            audit = audit_membership(model=model, train_x=self.data.train_x,
+                                     train_y=self.data.train_y, test_x=self.data.test_x,
+                                     test_y=self.data.test_y, delta=delta)
+        except ValueError as err:  # too few rows, or a model giving NaN: no figures
+            self.audit("membership-audit-skipped", {"run": run_id, "reason": str(err)})
+            return {}
+        figures = audit.coarse()
+        self.audit("membership-audited", {"run": run_id, **figures})
+        return figures
 
     def _evaluate_only(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

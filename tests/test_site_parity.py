@@ -31,6 +31,7 @@ from fedward.wire import (
     SiteErrorCode,
     coarse_agreement,
     coarse_max_abs_diff,
+    is_coarse_parity_figure,
 )
 from privacy import PrivacyLedger
 from site_agent.audit import AuditLog, read_entries
@@ -215,6 +216,27 @@ def test_genuine_parity_is_measured_once_with_coarse_figures(
     assert again["error"]["code"] == SiteErrorCode.REFUSED_POLICY
     assert "was measured here already for onnx, onnx-int8, openvino" in again["error"]["reason"]
     assert [a for a, _ in audit_actions(log)][-2:] == ["parity-refused", "task-refused"]
+
+
+def test_the_parity_reply_carries_the_sites_coarse_membership_audit(
+        trainer: Trainer, candidate: Candidate) -> None:
+    site, log = trainer
+    evaluate(site, candidate.arrays)
+    reply, _ = site.handle({"kind": "parity", "config": config()},
+                           parity_task(candidate.arrays, candidate.files))
+    assert "error" not in reply, reply
+    metrics = reply["metrics"]
+    n_test = len(site.data.test_y)  # type: ignore[union-attr]
+    assert metrics["mia-n"] == min(n_test, len(site.data.train_y))  # type: ignore[union-attr]
+    for name in ("mia-auc", "mia-loss-auc", "mia-calibrated-auc"):
+        assert 0.0 <= metrics[name] <= 1.0 and metrics[name] * 100 == round(metrics[name] * 100)
+    assert metrics["mia-auc"] == max(metrics["mia-loss-auc"], metrics["mia-calibrated-auc"])
+    assert metrics["mia-epsilon-lb"] * 10 == round(metrics["mia-epsilon-lb"] * 10)
+    audited = [d for a, d in audit_actions(log) if a == "membership-audited"]
+    assert audited and audited[0]["mia-auc"] == metrics["mia-auc"]
+    # The egress guard lets only the coarse grid through.
+    assert not is_coarse_parity_figure("mia-auc", 0.6234)
+    assert not is_coarse_parity_figure("mia-epsilon-lb", 0.37)
 
 
 def test_parity_of_a_model_the_site_never_evaluated_is_refused(
