@@ -43,6 +43,7 @@ import shutil
 import ssl
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -176,6 +177,111 @@ def hop_latency(fed: harness.Federation, reps: int = 40) -> dict[str, dict[str, 
             for name, make, url in hops}
 
 
+# Which process a CPU figure belongs to, by its command line (first match wins: a sandbox's
+# command line also holds the command it runs).
+ROLES: tuple[tuple[str, str], ...] = (
+    ("fedward.sandbox", "namespace relays"),
+    ("flwr-serverapp", "ServerApp"),
+    ("flower-superexec", "SuperExec"),
+    ("flower-superlink", "SuperLink"),
+    ("fedward.flower.supernode", "SuperNodes"),
+    ("fedward-coordinator", "coordinator (API, gateway)"),
+    ("fedward-site", "site agents (tunnel, executor, trainer)"),
+)
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _role(pid: int) -> str | None:
+    cmd = _cmdline(pid)
+    if not cmd or Path(cmd.split(" ", 1)[0]).name == "timeout":
+        return None
+    return next((role for needle, role in ROLES if needle in cmd), "other")
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])   # utime + stime
+
+
+class CpuSampler:
+    """Samples the CPU time of every process of a federation (coordinator and site agents,
+    with all they start) twice a second, from /proc, in a thread. CPU time, unlike wall
+    time, hardly depends on what else the machine runs: it says where a round's work goes
+    even on a loaded machine."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[int, int]]] = []
+        self.roles: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self, roots: list[int]) -> None:
+        from fedward.procs import descendants
+
+        ticks: dict[int, int] = {}
+        for pid in [q for root in roots for q in (root, *descendants(root))]:
+            if pid not in self.roles:
+                role = _role(pid)
+                if role is None:
+                    continue
+                self.roles[pid] = role
+            got = _cpu_ticks(pid)
+            if got is not None:
+                ticks[pid] = got
+        self.samples.append((time.time(), ticks))
+
+    def start(self, fed: harness.Federation) -> None:
+        roots = [fed.coordinator.pid, *[s.proc.pid for s in fed.sites.values() if s.proc]]
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                self._sample(roots)
+                self._stop.wait(self.interval_s)
+
+        self._thread = threading.Thread(target=loop, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        return {"samples": [[t, {str(k): v for k, v in ticks.items()}]
+                            for t, ticks in self.samples],
+                "roles": {str(k): v for k, v in self.roles.items()}}
+
+
+def cpu_per_round(cpu: dict[str, Any], rounds_api: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU seconds per round by role over rounds 2..R: from the first sample at or after
+    round 2's start to the last at or before the last round's end (a process that ends in
+    between counts up to its last sample)."""
+    done = [r for r in rounds_api if r.get("seconds") is not None]
+    if len(done) < 2 or not cpu.get("samples"):
+        return {}
+    t0 = r1._db_epoch(done[1]["started_at"])
+    t1 = r1._db_epoch(done[-1]["started_at"]) + float(done[-1]["seconds"])
+    window = [(t, ticks) for t, ticks in cpu["samples"] if t0 <= t <= t1]
+    if len(window) < 2:
+        return {}
+    first, used = window[0][1], {}
+    for _t, ticks in window[1:]:
+        for pid, value in ticks.items():
+            used[pid] = value - first.get(pid, 0)   # born in the window: all of it
+    per_role: dict[str, float] = {}
+    for pid, value in used.items():
+        role = cpu["roles"].get(pid, "other")
+        per_role[role] = per_role.get(role, 0.0) + value / _TICK
+    n_rounds = len(done) - 1
+    out = {role: v / n_rounds for role, v in sorted(per_role.items())}
+    out["total"] = sum(per_role.values()) / n_rounds
+    out["window_s"] = window[-1][0] - window[0][0]
+    return out
+
+
 def later(values: list[float]) -> list[float]:
     return values[1:] if len(values) > 1 else values
 
@@ -194,6 +300,8 @@ def side_summary(run: dict[str, Any]) -> dict[str, Any]:
         out["breakdown_median"] = {k: bu.median(b[k] for b in warm) for k in keys}
         first = run["breakdown"][0]
         out["breakdown_round1"] = {k: first.get(k, float("nan")) for k in keys}
+    if "cpu_samples" in run:
+        out["cpu_seconds_per_round"] = cpu_per_round(run["cpu_samples"], run["rounds_api"])
     return out
 
 
@@ -207,6 +315,9 @@ def summarize(n: int, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         s["goal_met"] = s["ratio_stock_over_production"] >= GOAL
     if prod:
         s["round1_goal_met"] = prod["round1_over_later"] <= ROUND1_GOAL
+    probe = runs.get("production", {}).get("probe") or {}
+    if "hop_latency" in probe:
+        s["hop_latency"] = probe["hop_latency"]
     if prod and s.get("lab"):
         s["production_minus_lab_s"] = prod["median_s"] - s["lab"]["median_s"]
     return s
@@ -264,13 +375,43 @@ def report(summaries: list[dict[str, Any]], *, rounds: int, local_epochs: int,
     t2 = bu.md_table(["sites", "route", "round", *[labels[k] for k in SHOWN],
                       "delivery, mean over sites", "return, mean over sites",
                       "first to last reply"], bd_rows)
+    roles = [role for _, role in ROLES]
+    cpu_rows = []
+    for s in summaries:
+        for name in ("production", "lab"):
+            cpu = s.get(name, {}).get("cpu_seconds_per_round")
+            if cpu:
+                cpu_rows.append([s["sites"], name, *[f(cpu.get(r, 0.0)) for r in roles],
+                                 f(cpu["total"])])
+    t3 = bu.md_table(["sites", "route", *roles, "total"], cpu_rows) if cpu_rows else ""
+    hop_rows = []
+    for s in summaries:
+        hops = s.get("hop_latency") or {}
+        if "error" in hops or not hops:
+            continue
+        hop_rows.append([s["sites"], *[f"{f(hops[h]['kept_alive_ms'], 1)} / "
+                                       f"{f(hops[h]['new_connection_ms'], 1)}"
+                                       for h in ("superlink_socket", "gateway", "site_tunnel")]])
+    t4 = bu.md_table(["sites", "at the SuperLink's socket", "at the gateway (mutual TLS)",
+                      "at a site's tunnel socket"], hop_rows) if hop_rows else ""
+    tail = ""
+    if t3:
+        tail += ("\nCPU seconds per round by process (rounds 2..R, all processes of the "
+                 "federation sampled from /proc twice a second; unlike wall time, CPU time "
+                 "hardly depends on the machine's other load). The gateway runs in the "
+                 "coordinator's process, the tunnel in each site agent's; *namespace "
+                 "relays* are the sandboxes' byte relays on both hosts:\n\n" + t3)
+    if t4:
+        tail += ("\nOne request at each hop (`GET /health`, forwarded like a fleet request; "
+                 "median ms, kept-alive connection / new connection each time), measured "
+                 "before the run; each hop includes the ones after it:\n\n" + t4)
     return (head + t1 + "\nWhere the production round goes (seconds; benchmark 1's "
             "components, critical path = the site whose reply came last; median over rounds "
             "2..R, and round 1). On the production route *delivery* and *return* also hold "
             "the site's tunnel (Unix socket, relay into the SuperNode's namespace, mutual "
             "TLS), the gateway (handshake on a new connection, certificate and node-key "
             "check, streaming to the SuperLink's socket) and the coordinator's relay into "
-            "its namespace:\n\n" + t2)
+            "its namespace:\n\n" + t2 + tail)
 
 
 def main() -> int:
@@ -286,6 +427,8 @@ def main() -> int:
     ap.add_argument("--lab", action="store_true",
                     help="also run benchmark 1's lab route (sites dial the SuperLink socket)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    ap.add_argument("--name", default=NAME,
+                    help=f"results file name under bench/results (default {NAME})")
     args = ap.parse_args()
     site_counts = [int(x) for x in args.sites.split(",") if x.strip()]
     if not site_counts or min(site_counts) < 2 or args.rounds < 2:
@@ -325,7 +468,8 @@ def main() -> int:
                             n_sites=n, rounds=args.rounds, local_epochs=args.local_epochs,
                             epsilon=args.epsilon, deadline_s=args.round_deadline,
                             work=base / side, enrolled=side == "production",
-                            probe=check_production if side == "production" else None)
+                            probe=check_production if side == "production" else None,
+                            sampler=CpuSampler())
                         if r["data_sha256"] != sha:
                             raise RuntimeError(f"the {side} run's partitions differ from "
                                                "the stock run's")
@@ -368,7 +512,7 @@ def save(args: argparse.Namespace, done: list[int], site_counts: list[int], side
                + ", ".join(map(str, left)) + " not measured (yet).\n")
     if errors:
         md += "\nFailed: " + "; ".join(e.splitlines()[0] for e in errors) + "\n"
-    bu.write_results(NAME, {
+    bu.write_results(args.name, {
         "code": r1.code_version(),
         "wall_seconds": wall,
         "settings": {"sites": site_counts, "rounds": args.rounds,

@@ -352,12 +352,14 @@ def enroll_site(fed: harness.Federation, site: dict[str, Any]) -> None:
 def run_appliance(*, n_sites: int, rounds: int, local_epochs: int, epsilon: float,
                   deadline_s: float, work: Path, enrolled: bool = False,
                   probe: Callable[[harness.Federation], dict[str, Any]] | None = None,
-                  ) -> dict[str, Any]:
+                  sampler: Any = None) -> dict[str, Any]:
     """One DP run of the appliance with ``n_sites`` site agents; its figures.
 
     ``enrolled``: the sites enroll through the gateway and train through their tunnels (the
     production route) instead of dialling the SuperLink's socket (the lab route).
     ``probe`` is called once every site is online; what it returns goes under ``probe``.
+    ``sampler`` (``prod_path.CpuSampler``) is started with the federation just before the
+    launch and stopped when the run ends; what it returns goes under ``cpu_samples``.
     """
     lifetime = 300 + 30 * n_sites + rounds * 60 * max(1, n_sites // 2)
     harness.LIFETIME_S = lifetime  # every process the harness starts dies by then
@@ -383,11 +385,17 @@ def run_appliance(*, n_sites: int, rounds: int, local_epochs: int, epsilon: floa
             res["probe"] = probe(fed)
         res["data_sha256"] = {s["name"]: _sha256(Path(s["csv"])) for s in fed.data["sites"]}
         t0 = time.monotonic()
-        run_id = fed.launch(task=TASK, rounds=rounds, local_epochs=local_epochs,
-                            epsilon=epsilon, delta=DELTA, min_sites=n_sites,
-                            round_deadline_s=deadline_s)
-        run = wait_run(fed, run_id, stall_s=deadline_s + 60,
-                       timeout=max(60.0, lifetime - (time.monotonic() - t_all) - 30))
+        if sampler is not None:
+            sampler.start(fed)
+        try:
+            run_id = fed.launch(task=TASK, rounds=rounds, local_epochs=local_epochs,
+                                epsilon=epsilon, delta=DELTA, min_sites=n_sites,
+                                round_deadline_s=deadline_s)
+            run = wait_run(fed, run_id, stall_s=deadline_s + 60,
+                           timeout=max(60.0, lifetime - (time.monotonic() - t_all) - 30))
+        finally:
+            if sampler is not None:
+                res["cpu_samples"] = sampler.stop()
         res["run_wall_seconds"] = time.monotonic() - t0
         res["run_status"] = run["status"]
         res["failure_reason"] = run.get("failure_reason")
