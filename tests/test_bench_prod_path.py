@@ -60,3 +60,23 @@ def test_the_isolation_check_tells_a_namespaced_process_from_one_that_is_not(
     assert prod_path._isolated(os.getpid(), "sleep 42")
     assert not prod_path._isolated(os.getpid(), "sleep 41")   # same namespace as its parent
     assert not prod_path._isolated(os.getpid(), "sleep 43")   # no such process
+
+
+def test_cpu_per_round_counts_only_rounds_after_the_first_by_role() -> None:
+    tick = prod_path._TICK
+    rounds = [{"started_at": "2026-01-01T00:00:00Z", "seconds": 10.0},
+              {"started_at": "2026-01-01T00:00:10Z", "seconds": 10.0},
+              {"started_at": "2026-01-01T00:00:20Z", "seconds": 10.0}]
+    t0 = prod_path.r1._db_epoch(rounds[0]["started_at"])
+    cpu = {"roles": {"1": "SuperLink", "2": "coordinator (API, gateway)", "3": "ServerApp"},
+           "samples": [
+               [t0 + 5, {"1": 0, "2": 0}],                       # round 1: left out
+               [t0 + 10, {"1": 2 * tick, "2": tick}],            # round 2 starts
+               [t0 + 20, {"1": 4 * tick, "2": 2 * tick, "3": tick}],   # 3 born in round 2
+               [t0 + 30, {"1": 6 * tick, "2": 5 * tick}],         # 3 has ended
+               [t0 + 35, {"1": 100 * tick, "2": 100 * tick}]]}   # after the last round
+    out = prod_path.cpu_per_round(cpu, rounds)
+    assert out["SuperLink"] == 2.0                        # (6 - 2) / 2 rounds
+    assert out["coordinator (API, gateway)"] == 2.0       # (5 - 1) / 2
+    assert out["ServerApp"] == 0.5                        # 1 / 2
+    assert out["total"] == 4.5 and out["window_s"] == 20
