@@ -427,6 +427,9 @@ def main() -> int:
     ap.add_argument("--lab", action="store_true",
                     help="also run benchmark 1's lab route (sites dial the SuperLink socket)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    ap.add_argument("--extra-lifetime", type=float, default=600.0,
+                    help="seconds added to every appliance process's lifetime and to the "
+                         "waits for sites and run (enrollment; a heavily loaded machine)")
     ap.add_argument("--name", default=NAME,
                     help=f"results file name under bench/results (default {NAME})")
     args = ap.parse_args()
@@ -469,7 +472,7 @@ def main() -> int:
                             epsilon=args.epsilon, deadline_s=args.round_deadline,
                             work=base / side, enrolled=side == "production",
                             probe=check_production if side == "production" else None,
-                            sampler=CpuSampler())
+                            sampler=CpuSampler(), extra_lifetime_s=args.extra_lifetime)
                         if r["data_sha256"] != sha:
                             raise RuntimeError(f"the {side} run's partitions differ from "
                                                "the stock run's")

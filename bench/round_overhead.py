@@ -352,7 +352,7 @@ def enroll_site(fed: harness.Federation, site: dict[str, Any]) -> None:
 def run_appliance(*, n_sites: int, rounds: int, local_epochs: int, epsilon: float,
                   deadline_s: float, work: Path, enrolled: bool = False,
                   probe: Callable[[harness.Federation], dict[str, Any]] | None = None,
-                  sampler: Any = None) -> dict[str, Any]:
+                  sampler: Any = None, extra_lifetime_s: float = 0.0) -> dict[str, Any]:
     """One DP run of the appliance with ``n_sites`` site agents; its figures.
 
     ``enrolled``: the sites enroll through the gateway and train through their tunnels (the
@@ -360,8 +360,10 @@ def run_appliance(*, n_sites: int, rounds: int, local_epochs: int, epsilon: floa
     ``probe`` is called once every site is online; what it returns goes under ``probe``.
     ``sampler`` (``prod_path.CpuSampler``) is started with the federation just before the
     launch and stopped when the run ends; what it returns goes under ``cpu_samples``.
+    ``extra_lifetime_s`` lengthens every process's lifetime and the waits for the sites and
+    the run (enrollment, and a machine loaded far beyond its cores, need it).
     """
-    lifetime = 300 + 30 * n_sites + rounds * 60 * max(1, n_sites // 2)
+    lifetime = 300 + 30 * n_sites + rounds * 60 * max(1, n_sites // 2) + int(extra_lifetime_s)
     harness.LIFETIME_S = lifetime  # every process the harness starts dies by then
     res: dict[str, Any] = {"sites": n_sites, "rounds": rounds, "local_epochs": local_epochs,
                            "epsilon": epsilon, "dp": True, "loadavg_before": _loadavg()}
@@ -379,7 +381,7 @@ def run_appliance(*, n_sites: int, rounds: int, local_epochs: int, epsilon: floa
                 fed.add_site(s["name"], s["csv"], s["schema"])
         for s in fed.data["sites"]:
             fed.start_site(s["name"])
-        fed.wait_online(n_sites, timeout=60 + 20 * n_sites)
+        fed.wait_online(n_sites, timeout=60 + 20 * n_sites + extra_lifetime_s / 2)
         res["sites_online_seconds"] = time.monotonic() - t0
         if probe is not None:
             res["probe"] = probe(fed)
