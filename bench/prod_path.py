@@ -428,8 +428,8 @@ def main() -> int:
                     help="also run benchmark 1's lab route (sites dial the SuperLink socket)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     ap.add_argument("--extra-lifetime", type=float, default=600.0,
-                    help="seconds added to every appliance process's lifetime and to the "
-                         "waits for sites and run (enrollment; a heavily loaded machine)")
+                    help="seconds added to every process's lifetime (both sides) and to the "
+                         "appliance's waits for sites and run (enrollment; a loaded machine)")
     ap.add_argument("--name", default=NAME,
                     help=f"results file name under bench/results (default {NAME})")
     args = ap.parse_args()
@@ -464,7 +464,8 @@ def main() -> int:
                         r = run_stock(sites=n, rounds=args.rounds, tmp=base / side,
                                       data_paths=[Path(s["csv"]) for s in data["sites"]],
                                       local_epochs=args.local_epochs,
-                                      env_extra=r1.THREAD_ENV)
+                                      env_extra=r1.THREAD_ENV,
+                                      extra_lifetime_s=args.extra_lifetime)
                         r.update(loadavg_before=lb, loadavg_after=r1._loadavg(), dp=False)
                     else:
                         r = r1.run_appliance(

@@ -158,7 +158,8 @@ def superlink_healthy(port: int, ca: Path) -> bool:
 
 def run_stock(*, sites: int, rounds: int, tmp: Path, data_paths: list[Path] | None = None,
               local_epochs: int = 1, probe_unregistered: bool = False,
-              env_extra: dict[str, str] | None = None) -> dict[str, Any]:
+              env_extra: dict[str, str] | None = None,
+              extra_lifetime_s: float = 0.0) -> dict[str, Any]:
     """Run the stock app once: ``sites`` SuperNodes, ``rounds`` rounds; return the figures.
 
     Every process it starts lives under ``tmp`` (logs, state, keys) with a bounded lifetime
@@ -167,11 +168,12 @@ def run_stock(*, sites: int, rounds: int, tmp: Path, data_paths: list[Path] | No
     header); without them the data set is split by index. ``env_extra`` goes into every
     Flower process's environment (e.g. ``OMP_NUM_THREADS``). Raises on any failure, with
     the error also in the result (``error``) the exception carries as ``.result``.
+    ``extra_lifetime_s`` lengthens that lifetime (a machine loaded far beyond its cores).
     """
     if sites < 1 or rounds < 1:
         raise ValueError("sites and rounds must be >= 1")
     # Bounded lifetime of every process: generous for the measured run, never unbounded.
-    lifetime = 180 + 90 * rounds * max(1, sites // 2)
+    lifetime = 180 + 90 * rounds * max(1, sites // 2) + int(extra_lifetime_s)
     procs: list[Proc] = []
     result: dict[str, Any] = {"sites": sites, "rounds": rounds, "local_epochs": local_epochs,
                               "tmp": str(tmp)}
