@@ -53,6 +53,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -334,10 +336,34 @@ def wait_run(fed: harness.Federation, run_id: int, *, stall_s: float,
         time.sleep(1.0)
 
 
+def enroll_site(fed: harness.Federation, site: dict[str, Any]) -> None:
+    """Enroll one site as hospital IT does (``enroll-token`` on the coordinator, then
+    ``fedward-site enroll`` through the gateway): its agent then reaches the coordinator
+    through its local tunnel and the gateway, with mutual TLS."""
+    out = fed.coord_cli("enroll-token", site["name"], "--json")
+    token = json.loads(out.stdout)["token"]
+    root = fed.work / "sites" / site["name"]
+    harness.run_cli([str(harness.BIN / "fedward-site"), "enroll", "--dir", str(root),
+                     "--gateway", fed.fleet, "--token", token, "--data", site["csv"],
+                     "--schema", site["schema"], "--project", "test"], timeout=180)
+    fed.sites[site["name"]] = harness.Site(name=site["name"], root=root)
+
+
 def run_appliance(*, n_sites: int, rounds: int, local_epochs: int, epsilon: float,
-                  deadline_s: float, work: Path) -> dict[str, Any]:
-    """One DP run of the appliance with ``n_sites`` site agents; its figures."""
-    lifetime = 300 + 30 * n_sites + rounds * 60 * max(1, n_sites // 2)
+                  deadline_s: float, work: Path, enrolled: bool = False,
+                  probe: Callable[[harness.Federation], dict[str, Any]] | None = None,
+                  sampler: Any = None, extra_lifetime_s: float = 0.0) -> dict[str, Any]:
+    """One DP run of the appliance with ``n_sites`` site agents; its figures.
+
+    ``enrolled``: the sites enroll through the gateway and train through their tunnels (the
+    production route) instead of dialling the SuperLink's socket (the lab route).
+    ``probe`` is called once every site is online; what it returns goes under ``probe``.
+    ``sampler`` (``prod_path.CpuSampler``) is started with the federation just before the
+    launch and stopped when the run ends; what it returns goes under ``cpu_samples``.
+    ``extra_lifetime_s`` lengthens every process's lifetime and the waits for the sites and
+    the run (enrollment, and a machine loaded far beyond its cores, need it).
+    """
+    lifetime = 300 + 30 * n_sites + rounds * 60 * max(1, n_sites // 2) + int(extra_lifetime_s)
     harness.LIFETIME_S = lifetime  # every process the harness starts dies by then
     res: dict[str, Any] = {"sites": n_sites, "rounds": rounds, "local_epochs": local_epochs,
                            "epsilon": epsilon, "dp": True, "loadavg_before": _loadavg()}
@@ -345,19 +371,33 @@ def run_appliance(*, n_sites: int, rounds: int, local_epochs: int, epsilon: floa
     work.mkdir(parents=True, exist_ok=True)
     with harness.federation(work, n_sites=n_sites, task=TASK) as fed:
         t0 = time.monotonic()
-        for s in fed.data["sites"]:
-            fed.add_site(s["name"], s["csv"], s["schema"])
+        if enrolled:
+            # One enrollment after another took about a minute each on the loaded 2-core
+            # machine; they are independent, and not what is measured.
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(lambda s: enroll_site(fed, s), fed.data["sites"]))
+        else:
+            for s in fed.data["sites"]:
+                fed.add_site(s["name"], s["csv"], s["schema"])
         for s in fed.data["sites"]:
             fed.start_site(s["name"])
-        fed.wait_online(n_sites, timeout=60 + 20 * n_sites)
+        fed.wait_online(n_sites, timeout=60 + 20 * n_sites + extra_lifetime_s / 2)
         res["sites_online_seconds"] = time.monotonic() - t0
+        if probe is not None:
+            res["probe"] = probe(fed)
         res["data_sha256"] = {s["name"]: _sha256(Path(s["csv"])) for s in fed.data["sites"]}
         t0 = time.monotonic()
-        run_id = fed.launch(task=TASK, rounds=rounds, local_epochs=local_epochs,
-                            epsilon=epsilon, delta=DELTA, min_sites=n_sites,
-                            round_deadline_s=deadline_s)
-        run = wait_run(fed, run_id, stall_s=deadline_s + 60,
-                       timeout=max(60.0, lifetime - (time.monotonic() - t_all) - 30))
+        if sampler is not None:
+            sampler.start(fed)
+        try:
+            run_id = fed.launch(task=TASK, rounds=rounds, local_epochs=local_epochs,
+                                epsilon=epsilon, delta=DELTA, min_sites=n_sites,
+                                round_deadline_s=deadline_s)
+            run = wait_run(fed, run_id, stall_s=deadline_s + 60,
+                           timeout=max(60.0, lifetime - (time.monotonic() - t_all) - 30))
+        finally:
+            if sampler is not None:
+                res["cpu_samples"] = sampler.stop()
         res["run_wall_seconds"] = time.monotonic() - t0
         res["run_status"] = run["status"]
         res["failure_reason"] = run.get("failure_reason")

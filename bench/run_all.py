@@ -1,10 +1,16 @@
-"""``make bench``: benchmark 1, then benchmarks 2-7.
+"""``make bench``: benchmarks 1 and 1b, then benchmarks 2-7.
 
 Benchmark 1 (``bench/round_overhead.py``): seconds per round of the appliance against a
 stock Flower FedAvg deployment, both run on this machine in the same invocation, same model,
 same data partitions, same site count (2, 4 and 8 by default), TLS and node authentication
 on for both; the medians, their ratio and where the appliance's round time goes, in
 ``bench/results/round_overhead.json`` and ``.md``.
+
+Benchmark 1b (``bench/prod_path.py``): the same comparison with the sites on the production
+route (enrolled, through their tunnels and the coordinator's gateway, Flower in its
+namespaces) against stock Flower measured again in the same invocation, same site counts and
+rounds; round 1 against the later rounds; in ``bench/results/prod_path.json`` and ``.md``.
+``--no-prod`` skips it.
 
 Then it runs benchmarks 2-7 (``EXTRA``, each its own script, each bounded in time and
 writing ``bench/results/<name>.json`` and ``.md``); ``--no-extra`` skips them,
@@ -30,6 +36,8 @@ ROOT = HERE.parent
 # Benchmark 1 at 2, 4 and 8 sites x 6 rounds took 17 minutes on a loaded 2-core machine
 # (stock Flower at 8 sites a third of it); the limit leaves room for a slower one.
 ROUND_OVERHEAD_LIMIT_S = 3 * 3600
+# Benchmark 1b runs the same stock baseline plus the production route: the same order.
+PROD_PATH_LIMIT_S = 3 * 3600
 
 # Benchmarks 2-7: script, wall-clock limit in seconds (each but benchmark 2 is sized for
 # ~3 min on 2 cores; benchmark 2 took about 6 min with all 1000 sites taking part).
@@ -78,11 +86,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", default="2,4,8",
-                    help="benchmark 1: site counts, comma-separated")
-    ap.add_argument("--rounds", type=int, default=6, help="benchmark 1: rounds per run")
+                    help="benchmarks 1 and 1b: site counts, comma-separated")
+    ap.add_argument("--rounds", type=int, default=6, help="benchmarks 1 and 1b: rounds per run")
+    ap.add_argument("--no-prod", action="store_true",
+                    help="skip benchmark 1b (the production route against stock Flower)")
     ap.add_argument("--no-extra", action="store_true", help="skip benchmarks 2-7")
     ap.add_argument("--extra-only", action="store_true",
-                    help="run only benchmarks 2-7 (not the round-time comparison)")
+                    help="run only benchmarks 2-7 (not the round-time comparisons 1, 1b)")
     ap.add_argument("--only", default="",
                     help="run only these of benchmarks 2-7, comma-separated script names "
                          "(e.g. utility.py,scale_sim.py); implies --extra-only")
@@ -98,6 +108,10 @@ def main() -> None:
         failed = run_script("round_overhead.py", ["--sites", args.sites, "--rounds",
                                                   str(args.rounds)],
                             ROUND_OVERHEAD_LIMIT_S) != 0
+        if not args.no_prod and run_script("prod_path.py", ["--sites", args.sites, "--rounds",
+                                                            str(args.rounds)],
+                                           PROD_PATH_LIMIT_S) != 0:
+            failed = True
     if (only or not args.no_extra) and run_extra(only):
         failed = True
     if not args.no_docs and run_script("update_docs.py", [], 60) != 0:
