@@ -228,3 +228,58 @@ def test_metric_names_pin_the_in_process_metrics() -> None:
     names = {m.name + ("_total" if m.type == "counter" else "")
              for m in reg.collect()}
     assert names <= METRIC_NAMES
+
+
+# --- the site agent --------------------------------------------------------------------------
+
+
+def test_site_metrics_show_budget_state_and_no_paths(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from privacy import PrivacyLedger
+    from site_agent.metrics import METRIC_NAMES as SITE_METRICS
+    from site_agent.metrics import SiteState, start_listener
+    from site_agent.policy import SitePolicy
+
+    site = tmp_path / "site-data"
+    site.mkdir()
+    SitePolicy.starter(project="oncology", task="breast_cancer_mlp", epsilon_cap=4.0,
+                       require_approval=False).save(site / "policy.json")
+    ledger = PrivacyLedger(site / "ledger.db")
+    ledger.open_run(run_id="7", project="oncology", epsilon_budget=3.0, delta=1e-5,
+                    noise_multiplier=1.1, sample_rate=0.01)
+    ledger.reserve_round(run_id="7", round_number=1, steps=10)
+    ledger.complete_round(run_id="7", round_number=1)
+    ledger.reserve_round(run_id="7", round_number=2, steps=10)   # reserved, not trained
+    spent = ledger.project_epsilon("oncology")
+    state = SiteState(data_check_passed=True)
+    monkeypatch.setenv("FEDWARD_SITE_METRICS", "127.0.0.1:0")
+    served = start_listener(ledger=site / "ledger.db", policy=site / "policy.json",
+                            state=state)
+    assert served is not None
+    try:
+        text, s = scrape(served.address)
+        assert s[("fedward_agent_rounds_trained", (("project", "oncology"),))] == 1
+        assert s[("fedward_agent_epsilon_spent", (("project", "oncology"),))] == \
+            pytest.approx(spent)
+        assert s[("fedward_agent_epsilon_budget", (("project", "oncology"),))] == 4.0
+        assert s[("fedward_agent_epsilon_left", (("project", "oncology"),))] == \
+            pytest.approx(4.0 - spent)
+        assert s[("fedward_agent_data_check_passed", ())] == 1
+        assert s[("fedward_agent_route_up", ())] == 0
+        assert ("fedward_agent_last_coordinator_contact_timestamp_seconds", ()) not in s
+        assert family_names(text) == SITE_METRICS
+        assert str(tmp_path) not in text and "site-data" not in text
+        state.route_up = True
+        state.contact()
+        _, s = scrape(served.address)
+        assert s[("fedward_agent_route_up", ())] == 1
+        assert abs(s[("fedward_agent_last_coordinator_contact_timestamp_seconds", ())]
+                   - time.time()) < 30
+    finally:
+        served.stop()
+    monkeypatch.setenv("FEDWARD_SITE_METRICS", "off")
+    assert start_listener(ledger=site / "ledger.db", policy=site / "policy.json",
+                          state=state) is None
+    monkeypatch.setenv("FEDWARD_SITE_METRICS", "0.0.0.0:0")   # no token: refused, not opened
+    assert start_listener(ledger=site / "ledger.db", policy=site / "policy.json",
+                          state=state) is None
