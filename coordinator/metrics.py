@@ -79,7 +79,7 @@ GATEWAY_CONNECTIONS: Final = Counter(
     registry=None)
 GATEWAY_REFUSALS: Final = Counter(
     "fedward_gateway_refusals", "Requests and connections the site gateway refused, by kind "
-    "(tls-handshake, connection-limit, forbidden-path, ...).", ["reason"], registry=None)
+    "(tls-handshake, connection-limit, path, no-certificate, ...).", ["reason"], registry=None)
 
 _contacts: dict[str, float] = {}
 _contacts_lock = threading.Lock()
