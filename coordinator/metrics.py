@@ -8,8 +8,8 @@ Two kinds of figures:
 * read from the database at scrape time (:class:`DatabaseCollector`): runs by state, the
   round duration histogram and site failures by phase (rounds are recorded by the ServerApp
   processes, not here), sites by status and online, and certificate expiry. These survive a
-  restart and agree with the API. They are cached for ``cache_s`` seconds, so a busy API
-  and a scrape every few seconds never make the database the bottleneck.
+  restart and agree with the API. A background thread re-reads them every ``cache_s``
+  seconds (5), so a scrape never waits on the database, however busy the API keeps it.
 
 They are served on a listener of their own (:mod:`fedward.metrics_http`, loopback by
 default), never on the API port: a Prometheus server needs no API token to read them.
@@ -135,12 +135,14 @@ class ApiMetrics:
 
 @dataclass(eq=False)   # registries key collectors by identity
 class DatabaseCollector(Collector):
-    """Figures read from the coordinator database at scrape time (cached ``cache_s``).
+    """Figures read from the coordinator database (every ``cache_s`` seconds, or at every
+    scrape when ``cache_s`` is 0).
 
     Attributes:
         engine: The coordinator database.
         online_window_s: A site counts as online if the gateway served it this recently.
-        cache_s: Reuse the last reading for this long (0: read at every scrape).
+        cache_s: Re-read the database this often in a background thread, and serve the
+            last reading (0: read at every scrape, in the scrape).
     """
 
     engine: Engine
@@ -150,16 +152,36 @@ class DatabaseCollector(Collector):
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def collect(self) -> Iterator[Metric]:
+        # With a cache, a background thread re-reads the database every cache_s seconds and
+        # a scrape only renders the last reading: Prometheus scrapes less often than the
+        # cache lasts, so reading on demand would put the database on every scrape's path.
         with self._lock:
-            now = time.monotonic()
-            if self._cached is None or now - self._cached[0] >= self.cache_s:
-                try:
-                    self._cached = (now, self._read())
-                except Exception as err:  # a busy or restarting database: say so, keep going
-                    log.warning("metrics: cannot read the database: %s", err)
-                    if self._cached is None:
-                        return
-            yield from self._cached[1]
+            if self._cached is None or self.cache_s <= 0:
+                self._refresh()
+                if self.cache_s > 0:
+                    threading.Thread(target=self._keep_fresh, name="metrics-db",
+                                     daemon=True).start()
+            cached = self._cached
+        if cached is not None:
+            yield from cached[1]
+
+    def _refresh(self) -> None:
+        try:
+            self._cached = (time.monotonic(), self._read())
+        except Exception as err:  # a busy or restarting database: say so, keep the last
+            log.warning("metrics: cannot read the database: %s", err)
+
+    def _keep_fresh(self) -> None:
+        while True:
+            time.sleep(self.cache_s)
+            reading = None
+            try:
+                reading = (time.monotonic(), self._read())
+            except Exception as err:
+                log.warning("metrics: cannot read the database: %s", err)
+            if reading is not None:
+                with self._lock:
+                    self._cached = reading
 
     def _read(self) -> list[Metric]:
         with Session(self.engine) as session:

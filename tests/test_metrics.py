@@ -224,7 +224,7 @@ def test_gateway_connections_and_refusals_are_counted(tmp_path: Path, engine: En
 def test_metric_names_pin_the_in_process_metrics() -> None:
     # A metric added to coordinator.metrics without METRIC_NAMES would be invisible to the
     # check of the alert rules and the dashboard (tests/test_deploy_monitoring.py).
-    reg = build_registry(make_engine("sqlite://"), cache_s=60)
+    reg = build_registry(make_engine("sqlite://"), cache_s=0)
     names = {m.name + ("_total" if m.type == "counter" else "")
              for m in reg.collect()}
     assert names <= METRIC_NAMES
