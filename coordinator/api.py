@@ -52,6 +52,7 @@ from coordinator.audit import append_event, verify_chain
 from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.login_limits import LoginLimiter, LoginThrottled
+from coordinator.metrics import ApiMetrics
 from coordinator.models import (
     AuditEvent,
     Checkpoint,
@@ -1359,6 +1360,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OverflowError, _out_of_range)
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(ApiMetrics)  # outermost: times every request (coordinator.metrics)
     app.include_router(router)
     app.include_router(users_router)
     app.include_router(release_router)

@@ -53,7 +53,8 @@ from coordinator.enrollment import (
     revoked_serials,
     superseded_serials,
 )
-from coordinator.gateway_limits import ConnectionLimits, LimitSettings, RefusalLog
+from coordinator.gateway_limits import ConnectionLimits, LimitSettings
+from coordinator.metrics import GATEWAY_CONNECTIONS, CountingRefusalLog, note_site_contact
 from coordinator.models import Site, utcnow
 from coordinator.pki import CAFiles, CSRError
 from fedward.flower.control import NodeKeyError, node_public_key_bytes
@@ -181,7 +182,7 @@ class SiteGateway:
         self._tls: ssl.SSLContext | None = None
         self._stopping = False
         self._limits = ConnectionLimits(config.limits)   # touched only on the event loop
-        self.refusals = RefusalLog(log)
+        self.refusals = CountingRefusalLog(log)   # also counted for Prometheus
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -307,6 +308,7 @@ class SiteGateway:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         client = _Client(address=str(peername[0]) if peername else "?")
+        GATEWAY_CONNECTIONS.inc()
         slot = self._limits.admit(client.address)
         if isinstance(slot, str):
             self.refusals.refused(address=client.address, site=None, kind="connection-limit",
@@ -384,6 +386,7 @@ class SiteGateway:
             except _Drop:
                 return
             client.served += 1
+            note_site_contact(client.site)   # presence, for metrics (coordinator.metrics)
             if not keep or conn.our_state is h11.MUST_CLOSE \
                     or conn.their_state is h11.MUST_CLOSE:
                 return

@@ -21,6 +21,7 @@ from coordinator import repository
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.gateway import GatewayConfig, SiteGateway
+from coordinator.metrics import start_listener
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
@@ -348,6 +349,7 @@ class Coordinator:
         stop_watch = threading.Event()
         threading.Thread(target=self._watch_superlink, args=(stop_watch,), daemon=True,
                          name="superlink-watchdog").start()
+        metrics = start_listener(self.settings, self.engine)   # GET /metrics, apart from the API
         config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.settings.api_port,
                                 log_level="warning", access_log=False)
         server = uvicorn.Server(config)
@@ -361,6 +363,8 @@ class Coordinator:
             server.run()
         finally:
             stop_watch.set()
+            if metrics is not None:
+                metrics.stop()
             self.gateway.stop()
             self.superlink.stop()
             self.engine.dispose()

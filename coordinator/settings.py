@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         mlflow_alias: Alias set on the newest approved (unrevoked) release's version.
         mlflow_retry_s: How often pending hand-offs are looked for, and the first retry's
             delay after a failure (it doubles per failure, up to 15 minutes).
+        metrics_host: Address of the Prometheus metrics listener (``GET /metrics``, apart
+            from the API). Loopback by default; any other address needs
+            ``metrics_token_file``.
+        metrics_port: Its TCP port (0: pick a free one; -1: no metrics listener).
+        metrics_token_file: A file holding the bearer token Prometheus must present.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -71,6 +76,9 @@ class Settings(BaseSettings):
     mlflow_model_name: str = "fedward-{project}"
     mlflow_alias: str = "approved"
     mlflow_retry_s: float = Field(default=30.0, gt=0, le=3600)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=8601, ge=-1, le=65535)
+    metrics_token_file: Path | None = None
 
     @field_validator("home")
     @classmethod

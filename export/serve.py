@@ -13,15 +13,26 @@ The model is loaded from the bytes whose digest was checked, not re-read from th
 so a file swapped after verification is never run. ONNX Runtime runs ``model.onnx`` on
 CPU; torch is not imported.
 
+With ``--recheck-s`` (every 300 s by default) a background thread does what ``/reload``
+does on a schedule, so a release revoked at the coordinator stops answering within that
+interval without anyone calling ``/reload``; a later check that succeeds serves again.
+
+Answers name the predicted class (``classes``) where the task has class names, and carry
+``warnings`` for input values outside the task's plausible ranges (the feature and the
+range, never the value); both come from the task named in the signed model card.
+
 Routes: ``GET /health``, ``POST /predict`` (``{"instances": [[...], ...]}``), ``POST
-/reload``. It binds to 127.0.0.1 by default: put an authenticating proxy in front before
-exposing it to a network.
+/reload``, ``GET /metrics`` (Prometheus, :mod:`export.serve_metrics`). It binds to
+127.0.0.1 by default: put an authenticating proxy in front before exposing it to a network.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -30,7 +41,8 @@ import numpy as np
 import typer
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from export.bundle import (
@@ -41,6 +53,7 @@ from export.bundle import (
 )
 from export.parity import Predictor, load_onnx_bytes
 from export.revocations import DEFAULT_MAX_AGE, RevocationSource
+from export.serve_metrics import RangeCheck, ServeMetrics
 from export.verify_cli import (
     UNSAFE_SKIP_WARNING,
     CoordinatorOpt,
@@ -53,6 +66,7 @@ from export.verify_cli import (
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "DEFAULT_RECHECK_S",
     "MAX_INSTANCES",
     "HealthResponse",
     "PredictRequest",
@@ -64,6 +78,7 @@ __all__ = [
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8700
+DEFAULT_RECHECK_S: Final = 300.0
 MAX_INSTANCES: Final = 10_000
 _FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 
@@ -80,11 +95,17 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """Predicted class and class probabilities per row, with the release that made them."""
+    """Predicted class and class probabilities per row, with the release that made them.
+
+    ``classes`` names each predicted class where the task has class names (else null);
+    ``warnings`` lists input values outside the task's plausible ranges (empty if none).
+    """
 
     release_id: str
     predictions: list[int]
     probabilities: list[list[float]]
+    classes: list[str] | None = None
+    warnings: list[str] = Field(default_factory=list)
 
 
 class HealthResponse(BaseModel):
@@ -109,6 +130,7 @@ class _Loaded:
     n_files: int
     predictor: Predictor
     n_features: int
+    ranges: RangeCheck | None
 
 
 class _Service:
@@ -123,6 +145,7 @@ class _Service:
         self._reload_lock = threading.Lock()
         self._loaded: _Loaded | None = None
         self._reason: str | None = "not loaded"
+        self.metrics = ServeMetrics()
 
     def load(self) -> _Loaded:
         """Verify the bundle and load its model; raise BundleError with the reason."""
@@ -142,7 +165,9 @@ class _Service:
         if predictor.n_features is None:
             raise BundleVerificationError(f"{SERVING_FILE} does not declare its feature count")
         return _Loaded(release_id=verified.release_id, n_files=len(verified.files),
-                       predictor=predictor, n_features=predictor.n_features)
+                       predictor=predictor, n_features=predictor.n_features,
+                       ranges=RangeCheck.for_task(verified.model_card.get("task"),
+                                                  predictor.n_features))
 
     def reload(self) -> _Loaded:
         """Re-verify; on failure stop serving (fail closed) and re-raise."""
@@ -152,17 +177,29 @@ class _Service:
             except BundleError as exc:
                 with self._lock:
                     self._loaded, self._reason = None, str(exc)
+                self.metrics.now_serving(None)
                 log.error("bundle %s no longer verifies, predictions stopped: %s",
                           self.bundle_dir, exc)
                 raise
             with self._lock:
                 self._loaded, self._reason = loaded, None
+            self.metrics.now_serving(loaded.release_id)
             log.info("serving release %s from %s", loaded.release_id, self.bundle_dir)
             return loaded
 
     def current(self) -> tuple[_Loaded | None, str | None]:
         with self._lock:
             return self._loaded, self._reason
+
+    def recheck_every(self, interval_s: float, stop: threading.Event) -> None:
+        """Reload every ``interval_s`` seconds until ``stop`` is set (fail closed)."""
+        while not stop.wait(interval_s):
+            try:
+                self.reload()
+            except BundleError:
+                self.metrics.checked(False)   # reload logged why and stopped predictions
+            else:
+                self.metrics.checked(True)
 
 
 def _service(request: Request) -> _Service:
@@ -187,13 +224,15 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     and would copy patient feature values into responses and client logs.
     """
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    service: _Service = request.app.state.service
+    service.metrics.refusals.labels(reason="invalid-request").inc()
     detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
                "type": str(e.get("type", ""))} for e in errors]
     return JSONResponse(status_code=422, content={"detail": detail})
 
 
-def create_app(*, bundle_dir: Path, public_key: Path,
-               revocations: RevocationSource) -> FastAPI:
+def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSource,
+               recheck_s: float | None = None) -> FastAPI:
     """Build the inference service for one bundle, verifying it first.
 
     Args:
@@ -201,6 +240,8 @@ def create_app(*, bundle_dir: Path, public_key: Path,
         public_key: The release public key (PEM).
         revocations: Where the signed revocation list comes from, at start and at every
             reload (see :class:`export.revocations.RevocationSource`).
+        recheck_s: Re-read the revocation list and re-verify the bundle this often, while
+            the app runs (its lifespan); None: only at start and at ``POST /reload``.
 
     Returns:
         The FastAPI application.
@@ -212,7 +253,19 @@ def create_app(*, bundle_dir: Path, public_key: Path,
     service = _Service(bundle_dir=bundle_dir, public_key=public_key,
                        revocations=revocations)
     service.reload()  # raises: refuse to start on a bundle that does not verify
-    app = FastAPI(title="Fedward inference service", version="1")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        if recheck_s is not None:
+            threading.Thread(target=service.recheck_every, args=(recheck_s, stop),
+                             name="revocation-recheck", daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    app = FastAPI(title="Fedward inference service", version="1", lifespan=lifespan)
     app.state.service = service
     app.add_exception_handler(RequestValidationError, _invalid_request)
 
@@ -226,23 +279,38 @@ def create_app(*, bundle_dir: Path, public_key: Path,
 
     @app.post("/predict", response_model=PredictResponse)
     def predict(body: PredictRequest, svc: ServiceDep) -> PredictResponse:
+        t0 = time.perf_counter()
         loaded, reason = svc.current()
+        refused = svc.metrics.refusals
         if loaded is None:
+            refused.labels(reason="not-serving").inc()
             raise HTTPException(status_code=503, detail=f"not serving: {reason}")
         bad = [i for i, row in enumerate(body.instances) if len(row) != loaded.n_features]
         if bad:
+            refused.labels(reason="feature-count").inc()
             shown = ", ".join(str(i) for i in bad[:10])
             raise HTTPException(status_code=422, detail=(
                 f"each instance needs {loaded.n_features} features; instance(s) {shown} "
                 f"have {len(body.instances[bad[0]])}"))
         x = np.asarray(body.instances, dtype=np.float64)
         if np.abs(x).max() > _FLOAT32_MAX:  # finite as a JSON number, infinite as float32
+            refused.labels(reason="out-of-float32").inc()
             raise HTTPException(status_code=422, detail="feature values must fit in float32")
         logits = loaded.predictor(x.astype(np.float32))
         probs = _softmax(logits.astype(np.float64))
-        return PredictResponse(release_id=loaded.release_id,
-                               predictions=[int(c) for c in logits.argmax(axis=1)],
-                               probabilities=probs.tolist())
+        predicted = [int(c) for c in logits.argmax(axis=1)]
+        ranges = loaded.ranges
+        answer = PredictResponse(
+            release_id=loaded.release_id, predictions=predicted, probabilities=probs.tolist(),
+            classes=None if ranges is None else ranges.names(predicted),
+            warnings=[] if ranges is None else ranges.warnings(x, svc.metrics))
+        svc.metrics.predictions.inc(len(predicted))
+        svc.metrics.latency.observe(time.perf_counter() - t0)
+        return answer
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics(svc: ServiceDep) -> Response:
+        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/reload", response_model=ReloadResponse)
     def reload(svc: ServiceDep) -> ReloadResponse:
@@ -271,6 +339,10 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; loopback by "
                                       "default.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = DEFAULT_PORT,
+    recheck_s: Annotated[float, typer.Option(
+        "--recheck-s", min=0, help="Re-read the revocation list (and re-verify the bundle) "
+        "this often, in seconds; a revoked release stops answering within it. 0: only at "
+        "start and at POST /reload.")] = DEFAULT_RECHECK_S,
 ) -> None:
     """Verify the bundle, then serve /predict, /health and /reload."""
     import uvicorn
@@ -281,7 +353,8 @@ def serve(
                                    max_age_days=max_revocation_age_days)
         if source.unsafe_skip:
             typer.echo(UNSAFE_SKIP_WARNING, err=True)
-        app = create_app(bundle_dir=bundle, public_key=public_key, revocations=source)
+        app = create_app(bundle_dir=bundle, public_key=public_key, revocations=source,
+                         recheck_s=None if recheck_s == 0 or source.unsafe_skip else recheck_s)
     except BundleError as exc:
         typer.echo(f"refusing to start: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -28,6 +28,7 @@ __all__ = [
     "UnknownTaskError",
     "build_model",
     "get_task",
+    "plausible_ranges",
 ]
 
 # Published reference ranges of the Breast Cancer Wisconsin (Diagnostic) features, as
@@ -69,6 +70,21 @@ _BC_RANGES: dict[str, tuple[float, float]] = {
 BREAST_CANCER_COLUMNS: tuple[str, ...] = tuple(_BC_RANGES)
 BREAST_CANCER_RANGES: dict[str, tuple[float, float]] = dict(_BC_RANGES)
 DIGITS_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(64))
+_DIGITS_PIXEL_MAX = 16.0
+
+
+def plausible_ranges(task_name: str) -> dict[str, tuple[float, float]]:
+    """Feature -> the range a real value lies in, for the tasks that publish one.
+
+    The same limits as a site's default data check: breast cancer features from 0 to twice
+    the published maximum, digit pixels from 0 to 16. A task without published ranges has
+    none (an empty mapping); so does an unknown task.
+    """
+    if task_name == "breast_cancer_mlp":
+        return {name: (0.0, 2.0 * high) for name, (_, high) in _BC_RANGES.items()}
+    if task_name == "digits_cnn":
+        return dict.fromkeys(DIGITS_COLUMNS, (0.0, _DIGITS_PIXEL_MAX))
+    return {}
 
 
 class UnknownTaskError(KeyError):
@@ -82,6 +98,7 @@ class TaskSpec:
     Attributes:
         model: the model family's name (:func:`fedward.models.get_family`).
         model_params: keyword parameters of that family's factory.
+        class_names: a name per class index, for people (empty: the index is the answer).
     """
 
     name: str
@@ -93,6 +110,7 @@ class TaskSpec:
     default_batch_size: int
     model: str
     model_params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    class_names: tuple[str, ...] = ()
 
     @property
     def n_features(self) -> int:
@@ -123,6 +141,7 @@ TASKS: dict[str, TaskSpec] = {
         model_params={"low": [r[0] for r in _BC_RANGES.values()],
                       "high": [r[1] for r in _BC_RANGES.values()],
                       "hidden": 8, "n_classes": 2},
+        class_names=("malignant", "benign"),
     ),
     "digits_cnn": TaskSpec(
         name="digits_cnn",

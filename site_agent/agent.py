@@ -5,10 +5,11 @@ trainer on a Unix socket inside the data directory, and keeps one ``flower-super
 connected outbound to the coordinator, restarting it with the back-off Flower needs. The
 SuperNode runs in a private network namespace (:mod:`fedward.sandbox.netns`): its runtime API, which
 has no authentication, is reachable only through a Unix socket in the site's 0700 ``run/``
-directory, and it reaches the coordinator only through the route it is given. The agent
-listens on no TCP port at all. One agent per site directory: a second one is refused (a
-lock held while the agent runs). Every task passes the site gate (the policy file and local
-approvals, re-read for every task) and is written to the local audit log.
+directory, and it reaches the coordinator only through the route it is given. The agent's
+only TCP listener is its Prometheus metrics on 127.0.0.1 (:mod:`site_agent.metrics`).
+One agent per site directory: a second one is refused (a lock held while the agent runs).
+Every task passes the site gate (the policy file and local approvals, re-read for every
+task) and is written to the local audit log.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from site_agent.config import SiteConfig, SitePaths
 from site_agent.connect import Route, open_route
 from site_agent.data import DataCheckError, SiteData, load_schema, load_site_data
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure_noise_secret
+from site_agent.metrics import SiteState
+from site_agent.metrics import start_listener as start_metrics
 from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
@@ -187,6 +190,7 @@ class SiteAgent:
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _sandbox: Sandbox | None = field(default=None, init=False)
     _audit: AuditLog | None = field(default=None, init=False)
+    _state: SiteState = field(default_factory=SiteState, init=False)   # for metrics
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
@@ -264,6 +268,8 @@ class SiteAgent:
         )
         server = TrainerServer(path=paths.socket, trainer=trainer)
         server.start()
+        self._state.data_check_passed = data is not None
+        metrics = start_metrics(ledger=paths.ledger, policy=paths.policy, state=self._state)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         if data is not None:
@@ -275,9 +281,12 @@ class SiteAgent:
             if self._sandbox is not None:
                 self._sandbox.stop()
             server.stop()
+            if metrics is not None:
+                metrics.stop()
             _audit_or_log(audit, "agent-stopped", {"site": config.name})
 
     def _record(self, action: str, detail: dict[str, Any]) -> None:
+        self._state.contact()   # a task from the coordinator
         if self._audit is not None:
             _audit_or_log(self._audit, action, detail)
 
@@ -305,6 +314,7 @@ class SiteAgent:
                 log.warning("%s; retrying in 5 s", problem)
                 self._stop.wait(5.0)
                 continue
+            self._state.contact()
             code = self._run_supernode(config, paths, route)
             if self._stop.is_set():
                 break
@@ -364,6 +374,7 @@ class SiteAgent:
             with open(log_path, "ab") as log_fh:
                 proc = sandbox.start(env=flower_env(str(paths.flwr_home)), stdout=log_fh)
                 log.info("SuperNode started (pid %s) towards %s", proc.pid, config.superlink)
+                self._state.route_up = True
                 while not self._stop.is_set():
                     code = proc.poll()
                     if code is not None:
@@ -376,6 +387,7 @@ class SiteAgent:
                 sandbox.stop()
                 self._sandbox = None
         finally:
+            self._state.route_up = False
             executor.stop.set()
             if outside is not None:
                 outside.stop()

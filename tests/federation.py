@@ -246,7 +246,8 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
     api_port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "FEDWARD_DATABASE_URL"}
     env.update(FEDWARD_HOME=str(home), FEDWARD_API_PORT=str(api_port),
-               FEDWARD_FLEET_PORT=str(free_port()), **(extra_env or {}))
+               FEDWARD_FLEET_PORT=str(free_port()), FEDWARD_METRICS_PORT="0",
+               **(extra_env or {}))
     run_cli([str(BIN / "fedward-coordinator"), "init", "--home", str(home)], env=env)
     log = (work / "coordinator.log").open("ab")
     coord = subprocess.Popen(

@@ -273,3 +273,84 @@ def test_skipping_the_revocation_check_serves_with_a_warning(
 def test_the_service_does_not_import_torch() -> None:
     code = "import sys, export.serve; sys.exit(int('torch' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], timeout=60, check=False).returncode == 0
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_answers_name_classes_and_warn_on_implausible_inputs(
+        make_bundle: MakeBundle, keys: tuple[Path, Path], rows: list[list[float]]) -> None:
+    client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                                   revocations=SKIP))
+    res = client.post("/predict", json={"instances": rows})
+    body = res.json()
+    assert body["warnings"] == []
+    assert body["classes"] == [["malignant", "benign"][c] for c in body["predictions"]]
+    odd = [list(rows[0]), list(rows[1])]
+    odd[0][0] = 987.654      # mean_radius, plausible up to 2 x 28.11
+    odd[1][3] = -12.5        # mean_area below 0
+    body = client.post("/predict", json={"instances": odd}).json()
+    assert body["warnings"] == [
+        "instance 0: mean_radius is outside the plausible range [0, 56.22]; check the value "
+        "and its unit",
+        "instance 1: mean_area is outside the plausible range [0, 5002]; check the value and "
+        "its unit"]
+    assert "987" not in json.dumps(body["warnings"])
+    assert len(body["predictions"]) == 2     # a warning, not a refusal
+    text = client.get("/metrics").text
+    s = _samples(text)
+    assert s[("fedward_serve_out_of_range_inputs_total", (("feature", "mean_radius"),))] == 1
+    assert s[("fedward_serve_out_of_range_inputs_total", (("feature", "mean_area"),))] == 1
+    assert s[("fedward_serve_predictions_total", ())] == 7
+    assert s[("fedward_serve_predict_duration_seconds_count", ())] == 2
+    assert s[("fedward_serve_serving", ())] == 1
+    assert s[("fedward_serve_release_info", (("release_id", RELEASE),))] == 1
+    # Metrics never carry an input value or a path.
+    assert "987.654" not in text and "12.5" not in text and str(keys[1].parent) not in text
+    assert f"{rows[0][1]:g}" not in text
+
+
+def test_many_implausible_values_are_summarised(make_bundle: MakeBundle,
+                                                keys: tuple[Path, Path]) -> None:
+    client = TestClient(create_app(bundle_dir=make_bundle(), public_key=keys[1],
+                                   revocations=SKIP))
+    body = client.post("/predict", json={"instances": [[-1.0] * 30] * 2}).json()
+    assert len(body["warnings"]) == 21
+    assert body["warnings"][-1] == "... and 40 more values outside their range"
+
+
+def test_refusals_are_counted_by_reason(make_bundle: MakeBundle, keys: tuple[Path, Path],
+                                        tmp_path: Path, rows: list[list[float]]) -> None:
+    bundle = make_bundle()
+    client = TestClient(create_app(bundle_dir=bundle, public_key=keys[1],
+                                   revocations=RevocationSource(
+                                       path=write_list(tmp_path / "r.json", keys))))
+    assert client.post("/predict", json={"instances": [[1.0, 2.0]]}).status_code == 422
+    assert client.post("/predict", json={"instances": []}).status_code == 422
+    write_list(tmp_path / "r.json", keys, RELEASE)
+    assert client.post("/reload").status_code == 503
+    assert client.post("/predict", json={"instances": rows}).status_code == 503
+    s = _samples(client.get("/metrics").text)
+    assert s[("fedward_serve_refusals_total", (("reason", "feature-count"),))] == 1
+    assert s[("fedward_serve_refusals_total", (("reason", "invalid-request"),))] == 1
+    assert s[("fedward_serve_refusals_total", (("reason", "not-serving"),))] == 1
+    assert s[("fedward_serve_serving", ())] == 0
+    assert ("fedward_serve_release_info", (("release_id", RELEASE),)) not in s
+
+
+def test_a_task_without_class_names_answers_without_them(
+        tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    model = build_model("digits_cnn", seed=0)
+    onnx = export_onnx(model=model, task="digits_cnn", out_dir=tmp_path / "onnx")
+    bundle = write_bundle(out_dir=tmp_path / "digits", files={"model.onnx": onnx},
+                          model_card={"release_id": "rel-d", "task": "digits_cnn"},
+                          private_key=keys[0])
+    client = TestClient(create_app(bundle_dir=bundle, public_key=keys[1], revocations=SKIP))
+    body = client.post("/predict", json={"instances": [[3.0] * 63 + [17.0]]}).json()
+    assert body["classes"] is None
+    assert body["warnings"] == ["instance 0: pixel_63 is outside the plausible range [0, 16]; "
+                                "check the value and its unit"]

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -1146,3 +1147,35 @@ def test_migration_0003_downgrades_and_upgrades(tmp_path: Path) -> None:
                     "user_credentials"} <= set(inspect(connection).get_table_names())
     finally:
         eng.dispose()
+
+
+def test_a_revoked_release_stops_answering_without_a_reload(
+        client: TestClient, engine: Engine, home: Path, users: dict[str, Headers],
+        tmp_path: Path) -> None:
+    rid = _approved(client, engine, home, users)
+    folder = unpack(client.get(api(f"/releases/{rid}/bundle"), headers=users["clin"]).content,
+                    tmp_path / "clinic")
+    pub = tmp_path / "release.pub.pem"
+    pub.write_text(client.get(api("/release-key.pem")).text)
+    row = [[float(v) for v in load_breast_cancer().data[0]]]
+    with served_app(create_app(settings=Settings(home=home), engine=engine),
+                    name="coordinator-api") as port:
+        online = RevocationSource(coordinator=f"http://127.0.0.1:{port}")
+        with TestClient(create_inference_app(bundle_dir=folder, public_key=pub,
+                                             revocations=online, recheck_s=0.3)) as serving:
+            assert serving.post("/predict", json={"instances": row}).status_code == 200
+            time.sleep(1.0)   # a few checks pass and change nothing
+            assert serving.post("/predict", json={"instances": row}).status_code == 200
+            r = client.post(api(f"/releases/{rid}/revoke"), json={"reason": "label leak"},
+                            headers=users["admin"])
+            assert r.status_code == 200, r.text
+            revoked_at = time.monotonic()
+            while serving.post("/predict", json={"instances": row}).status_code == 200:
+                assert time.monotonic() - revoked_at < 10, "still answering 10 s after revoke"
+                time.sleep(0.05)
+            res = serving.post("/predict", json={"instances": row})
+            assert res.status_code == 503
+            assert res.json()["detail"] == f"not serving: release {rid} is revoked"
+            metrics = serving.get("/metrics").text
+            assert 'fedward_serve_revocation_checks_total{result="failed"}' in metrics
+            assert "fedward_serve_serving 0.0" in metrics
