@@ -184,8 +184,13 @@ def serve(home: HomeOpt = None,
         settings = settings.model_copy(update={"api_port": port})
     if fleet_port is not None:
         settings = settings.model_copy(update={"fleet_port": fleet_port})
+    from coordinator.ports import opened_ports, port_problem
     from coordinator.superlink import SuperLinkError
 
+    clash = port_problem(opened_ports(settings, superlink_port=superlink_port,
+                                      mode=settings.flower_isolation))
+    if clash is not None:
+        _fail(clash)
     try:
         Coordinator(settings=settings, superlink_port=superlink_port).serve()
     except SuperLinkError as err:
@@ -234,15 +239,19 @@ def enroll_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: Tok
 @app.command()
 def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the sites: status (new, registered, revoked), Flower node, registration time."""
+    """List the sites: status (added, registered, revoked), online or not and when the
+    gateway last heard from it, Flower node, registration time."""
     client = _client(api, token, home)
     rows = client.call("GET", "/sites")
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "status", "Flower node", "registered", "added")
+    table = Table("name", "status", "online", "last seen (UTC)", "Flower node", "registered",
+                  "added")
     for s in rows:
-        table.add_row(s["name"], s["status"], str(s.get("flower_node_id") or ""),
+        table.add_row(s["name"], s["status"], "online" if s.get("online") else "offline",
+                      str(s.get("last_seen_at") or "never")[:19].replace("T", " "),
+                      str(s.get("flower_node_id") or ""),
                       str(s.get("registered_at") or "")[:19], str(s.get("created_at", ""))[:19])
     console.print(table)
 
@@ -283,7 +292,8 @@ _DEF: Final[dict[str, Any]] = {
 
 # Option -> the run config field it sets (every other option has the field's own name).
 LAUNCH_OPTION_FIELDS: Final = {"round_deadline": "round_deadline_s",
-                               "approval_wait": "approval_wait_s", "site": "sites"}
+                               "approval_wait": "approval_wait_s", "site": "sites",
+                               "offline_grace": "offline_grace_s"}
 
 
 @app.command()
@@ -296,6 +306,7 @@ def launch(
     delta: Annotated[float, _run_option("delta")] = _DEF["delta"],
     min_sites: Annotated[int, _run_option("min_sites")] = _DEF["min_sites"],
     round_deadline: Annotated[float, _run_option("round_deadline_s")] = _DEF["round_deadline_s"],
+    offline_grace: Annotated[float, _run_option("offline_grace_s")] = _DEF["offline_grace_s"],
     lr: Annotated[float | None, _run_option("lr")] = _DEF["lr"],
     batch_size: Annotated[int | None, _run_option("batch_size")] = _DEF["batch_size"],
     max_grad_norm: Annotated[float, _run_option("max_grad_norm")] = _DEF["max_grad_norm"],
@@ -318,7 +329,8 @@ def launch(
         client.call("POST", "/projects", {"name": project})
     given = {"project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
              "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
-             "round_deadline": round_deadline, "lr": lr, "batch_size": batch_size,
+             "round_deadline": round_deadline, "offline_grace": offline_grace, "lr": lr,
+             "batch_size": batch_size,
              "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
              "aggregation": aggregation, "approval_wait": approval_wait,
              "max_update_norm": max_update_norm}

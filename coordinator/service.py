@@ -22,6 +22,8 @@ from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
+from coordinator.ports import sites_address
+from coordinator.presence import Presence
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
 from fedward.files import atomic_write
@@ -199,6 +201,7 @@ class Coordinator:
     engine: Engine = field(init=False)
     superlink: SuperLinkProcess = field(init=False)
     gateway: SiteGateway = field(init=False)
+    presence: Presence = field(init=False)
     app: FastAPI = field(init=False)
     _orphan_since: dict[int, float] = field(default_factory=dict, init=False)
     _relaunches: dict[int, int] = field(default_factory=dict, init=False)
@@ -207,6 +210,7 @@ class Coordinator:
         pki = init_home(self.settings)
         url = self.settings.effective_database_url
         self.engine = make_engine(url)
+        self.presence = Presence(self.engine)
         self.superlink = SuperLinkProcess(
             home=self.settings.home / "superlink",
             pki=pki,
@@ -229,8 +233,9 @@ class Coordinator:
             config=GatewayConfig(host=self.settings.fleet_host, port=self.settings.fleet_port,
                                  pki=self.superlink.pki, cert=cert, key=key,
                                  superlink=self.superlink.address),
-            engine=self.engine, registrar=registrar.register)
+            engine=self.engine, registrar=registrar.register, presence=self.presence)
         self.gateway.start()
+        self.presence.start()
         self.app = create_app(settings=self.settings, engine=self.engine,
                               launcher=FlowerLauncher(control), registrar=registrar,
                               site_parity=FlowerSiteParity(control, self.settings.home,
@@ -355,6 +360,10 @@ class Coordinator:
                  "(the address sites enroll with); SuperLink in a private namespace, reached "
                  "at %s", self.settings.api_host, self.settings.api_port,
                  self.gateway.address, self.superlink.address)
+        port = int(self.gateway.address.rsplit(":", 1)[1])
+        log.info("hospitals connect to the site gateway at %s (fedward-site enroll --gateway "
+                 "%s); it listens on %s", sites_address(self.settings, port),
+                 sites_address(self.settings, port), self.gateway.address)
         if ready is not None:
             ready.set()
         try:
@@ -362,6 +371,7 @@ class Coordinator:
         finally:
             stop_watch.set()
             self.gateway.stop()
+            self.presence.stop()
             self.superlink.stop()
             self.engine.dispose()
 
