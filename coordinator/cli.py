@@ -30,7 +30,7 @@ from fedward.files import atomic_write
 from fedward.roles import ADMIN
 from fedward.run_config import RunRequest
 
-__all__ = ["ApiClient", "app", "main", "waiting_note"]
+__all__ = ["ApiClient", "CoordinatorUnreachable", "app", "main", "waiting_note"]
 
 app = typer.Typer(help="Fedward coordinator: sites, runs, rounds.", no_args_is_help=True,
                   pretty_exceptions_enable=False,
@@ -39,6 +39,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# `watch` retries an unreachable coordinator after 1 s, doubling up to 15 s between tries.
+WATCH_RETRY_FIRST_S: Final = 1.0
+WATCH_RETRY_MAX_S: Final = 15.0
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
@@ -49,8 +52,20 @@ def _settings(home: Path | None) -> Settings:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, greppable
     raise typer.Exit(code)
+
+
+class CoordinatorUnreachable(Exception):
+    """The coordinator's API could not be reached (the message says how it failed).
+
+    Attributes:
+        refused: no connection could be made at all (nothing listens there).
+    """
+
+    def __init__(self, message: str, *, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ApiClient:
@@ -63,10 +78,24 @@ class ApiClient:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
+            return self.call_or_raise(method, path, body)
+        except CoordinatorUnreachable as err:
+            if err.refused:
+                _fail(f"the coordinator API at {self.base} is not reachable; is "
+                      "`fedward-coordinator serve` running?")
+            _fail(f"the coordinator API at {self.base} did not answer {method} {path} "
+                  f"({err}); try again, and check `fedward-coordinator serve`'s log")
+
+    def call_or_raise(self, method: str, path: str, body: dict[str, Any] | None = None
+                      ) -> Any:
+        """Like :meth:`call`, but raises :class:`CoordinatorUnreachable` when the API cannot
+        be reached (not running, restarting, a connection cut mid-answer)."""
+        try:
             r = self._http.request(method, path, json=body)
-        except httpx.ConnectError:
-            _fail(f"the coordinator API at {self.base} is not reachable; is "
-                  "`fedward-coordinator serve` running?")
+        except httpx.TransportError as err:
+            raise CoordinatorUnreachable(
+                f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
+                refused=isinstance(err, httpx.ConnectError)) from None
         if r.status_code >= 400:
             try:
                 detail = r.json()
@@ -400,14 +429,38 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
           timeout: Annotated[float, typer.Option(help="stop watching after this many "
                                                  "seconds")] = 3600.0,
           interval: Annotated[float, typer.Option()] = 1.0) -> None:
-    """Show a run's progress per round and site, live, until it ends."""
+    """Show a run's progress per round and site, live, until it ends.
+
+    While the coordinator is unreachable (restarting), says so once and tries again with a
+    growing pause (1 s doubling to 15 s), then goes on where it was; --timeout still bounds
+    the whole watch.
+    """
     client = _client(api, token, home)
     deadline = time.monotonic() + timeout
+    pause, down_since = WATCH_RETRY_FIRST_S, None
     with Live(console=console, refresh_per_second=4, transient=False) as live:
         while True:
-            run = client.call("GET", f"/runs/{run_id}")
-            rounds = client.call("GET", f"/runs/{run_id}/rounds")
-            metrics = client.call("GET", f"/runs/{run_id}/metrics")
+            try:
+                run = client.call_or_raise("GET", f"/runs/{run_id}")
+                rounds = client.call_or_raise("GET", f"/runs/{run_id}/rounds")
+                metrics = client.call_or_raise("GET", f"/runs/{run_id}/metrics")
+            except CoordinatorUnreachable as err:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    err_console.print(f"the coordinator at {client.base} is unreachable "
+                                      f"({err}); retrying until it is back")
+                if time.monotonic() + pause > deadline:
+                    _fail(f"the coordinator at {client.base} is still unreachable after "
+                          f"{time.monotonic() - down_since:.0f} s; stopped watching run "
+                          f"{run_id} (--timeout {timeout:.0f} s)")
+                time.sleep(pause)
+                pause = min(pause * 2, WATCH_RETRY_MAX_S)
+                continue
+            if down_since is not None:
+                err_console.print(f"the coordinator is reachable again after "
+                                  f"{time.monotonic() - down_since:.0f} s; watching run "
+                                  f"{run_id}")
+                pause, down_since = WATCH_RETRY_FIRST_S, None
             live.update(_progress_table(run, rounds, metrics))
             if run["status"] in ("completed", "failed", "stopped"):
                 break

@@ -348,7 +348,12 @@ class Coordinator:
 
     def serve(self, *, ready: threading.Event | None = None) -> None:
         """Start the SuperLink and serve the API until interrupted; stops both on exit."""
-        self.start_superlink()
+        try:
+            self.start_superlink()
+        except BaseException:
+            # e.g. the gateway could not listen: nothing started may outlive the failure.
+            self.superlink.stop()
+            raise
         self.resume_interrupted_runs("the coordinator restarted")
         stop_watch = threading.Event()
         threading.Thread(target=self._watch_superlink, args=(stop_watch,), daemon=True,
