@@ -93,7 +93,7 @@ def test_a_site_that_never_started_holds_no_round_and_sites_shows_it_offline() -
         absent = names[2]
         for name in names[:2]:
             fed.start_site(name)
-        fed.wait_online(2)
+        fed.wait_online(2, timeout=240)   # a loaded 2-core test machine starts agents slowly
         # The deadline is long: a round that waited for the absent site as before (half the
         # deadline) would take at least 30 s; with a 3 s grace it takes a few seconds.
         run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=8.0,
@@ -141,7 +141,12 @@ def test_a_site_that_never_started_holds_no_round_and_sites_shows_it_offline() -
 @pytest.mark.timeout(600)
 def test_a_35_s_coordinator_outage_mid_run_completes_with_every_site_and_watch_waits() -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
-        names = fed.join_all_sites()
+        names = []
+        for s in fed.data["sites"]:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+            fed.start_site(s["name"])
+            names.append(s["name"])
+        fed.wait_online(2, timeout=240)
         run_id = fed.launch(task="breast_cancer_mlp", rounds=5, local_epochs=1, epsilon=8.0,
                             min_sites=2, round_deadline_s=150)
         watch_log = work / "watch.log"

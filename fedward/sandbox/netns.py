@@ -238,6 +238,10 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _pdeathsig_kill() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
 def _unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         err = ctypes.get_errno()
@@ -307,10 +311,12 @@ class _Init:
             return EXIT_NO_SANDBOX
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_term)
-        # The command dies with this process even where no PID namespace ends it (container
-        # mode), so a killed coordinator or agent leaves no Flower process behind.
+        # Without a PID namespace (container mode) nothing else ends the command when this
+        # process is killed: it gets the parent-death signal, so a killed coordinator or
+        # agent leaves no Flower process behind. (With relay threads running, the child
+        # runs only a prctl through the already loaded libc: no import, no dlopen.)
         child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                 preexec_fn=die_with_parent)
+                                 preexec_fn=None if self.pid_namespace else _pdeathsig_kill)
         code: int | None = None
         while True:
             # Reap everything: orphans of the command are re-parented to us.
