@@ -83,7 +83,7 @@ def test_presence_writes_each_site_at_most_once_per_interval(tmp_path: Path) -> 
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_a_site_that_never_started_holds_no_round_and_sites_shows_it_offline() -> None:
     with short_tmp() as work, federation(work, n_sites=3) as fed:
         names = [s["name"] for s in fed.data["sites"]]
