@@ -67,6 +67,7 @@ from coordinator.models import (
     utcnow,
 )
 from coordinator.pki import CAFiles
+from coordinator.presence import last_seen
 from coordinator.releases import SiteParity
 from coordinator.repository import latest_admissions, record_run_outcome
 from coordinator.schemas import (
@@ -849,13 +850,15 @@ def add_site(body: SiteCreate, session: SessionDep, user: CurrentUser) -> SitePu
 @router.get("/sites", tags=["sites"], responses=_401)
 def list_sites(session: SessionDep, _user: CurrentUser) -> list[SitePublic]:
     """All sites, by name."""
-    return [SitePublic.of(s) for s in session.exec(select(Site).order_by(col(Site.name))).all()]
+    seen = last_seen(session)
+    return [SitePublic.of(s, last_seen_at=seen.get(s.name))
+            for s in session.exec(select(Site).order_by(col(Site.name))).all()]
 
 
 @router.get("/sites/{name}", tags=["sites"], responses={**_401, **_404})
 def get_site(name: str, session: SessionDep, _user: CurrentUser) -> SitePublic:
     """One site."""
-    return SitePublic.of(_site(session, name))
+    return SitePublic.of(_site(session, name), last_seen_at=last_seen(session).get(name))
 
 
 @router.post(

@@ -30,7 +30,7 @@ from fedward.files import atomic_write
 from fedward.roles import ADMIN
 from fedward.run_config import RunRequest
 
-__all__ = ["ApiClient", "app", "main", "waiting_note"]
+__all__ = ["ApiClient", "CoordinatorUnreachable", "app", "main", "waiting_note"]
 
 app = typer.Typer(help="Fedward coordinator: sites, runs, rounds.", no_args_is_help=True,
                   pretty_exceptions_enable=False,
@@ -39,6 +39,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# `watch` retries an unreachable coordinator after 1 s, doubling up to 15 s between tries.
+WATCH_RETRY_FIRST_S: Final = 1.0
+WATCH_RETRY_MAX_S: Final = 15.0
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
@@ -49,8 +52,20 @@ def _settings(home: Path | None) -> Settings:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, greppable
     raise typer.Exit(code)
+
+
+class CoordinatorUnreachable(Exception):
+    """The coordinator's API could not be reached (the message says how it failed).
+
+    Attributes:
+        refused: no connection could be made at all (nothing listens there).
+    """
+
+    def __init__(self, message: str, *, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ApiClient:
@@ -63,10 +78,24 @@ class ApiClient:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
+            return self.call_or_raise(method, path, body)
+        except CoordinatorUnreachable as err:
+            if err.refused:
+                _fail(f"the coordinator API at {self.base} is not reachable; is "
+                      "`fedward-coordinator serve` running?")
+            _fail(f"the coordinator API at {self.base} did not answer {method} {path} "
+                  f"({err}); try again, and check `fedward-coordinator serve`'s log")
+
+    def call_or_raise(self, method: str, path: str, body: dict[str, Any] | None = None
+                      ) -> Any:
+        """Like :meth:`call`, but raises :class:`CoordinatorUnreachable` when the API cannot
+        be reached (not running, restarting, a connection cut mid-answer)."""
+        try:
             r = self._http.request(method, path, json=body)
-        except httpx.ConnectError:
-            _fail(f"the coordinator API at {self.base} is not reachable; is "
-                  "`fedward-coordinator serve` running?")
+        except httpx.TransportError as err:
+            raise CoordinatorUnreachable(
+                f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
+                refused=isinstance(err, httpx.ConnectError)) from None
         if r.status_code >= 400:
             try:
                 detail = r.json()
@@ -184,8 +213,13 @@ def serve(home: HomeOpt = None,
         settings = settings.model_copy(update={"api_port": port})
     if fleet_port is not None:
         settings = settings.model_copy(update={"fleet_port": fleet_port})
+    from coordinator.ports import opened_ports, port_problem
     from coordinator.superlink import SuperLinkError
 
+    clash = port_problem(opened_ports(settings, superlink_port=superlink_port,
+                                      mode=settings.flower_isolation))
+    if clash is not None:
+        _fail(clash)
     try:
         Coordinator(settings=settings, superlink_port=superlink_port).serve()
     except SuperLinkError as err:
@@ -234,15 +268,19 @@ def enroll_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: Tok
 @app.command()
 def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the sites: status (new, registered, revoked), Flower node, registration time."""
+    """List the sites: status (added, registered, revoked), online or not and when the
+    gateway last heard from it, Flower node, registration time."""
     client = _client(api, token, home)
     rows = client.call("GET", "/sites")
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "status", "Flower node", "registered", "added")
+    table = Table("name", "status", "online", "last seen (UTC)", "Flower node", "registered",
+                  "added")
     for s in rows:
-        table.add_row(s["name"], s["status"], str(s.get("flower_node_id") or ""),
+        table.add_row(s["name"], s["status"], "online" if s.get("online") else "offline",
+                      str(s.get("last_seen_at") or "never")[:19].replace("T", " "),
+                      str(s.get("flower_node_id") or ""),
                       str(s.get("registered_at") or "")[:19], str(s.get("created_at", ""))[:19])
     console.print(table)
 
@@ -283,7 +321,8 @@ _DEF: Final[dict[str, Any]] = {
 
 # Option -> the run config field it sets (every other option has the field's own name).
 LAUNCH_OPTION_FIELDS: Final = {"round_deadline": "round_deadline_s",
-                               "approval_wait": "approval_wait_s", "site": "sites"}
+                               "approval_wait": "approval_wait_s", "site": "sites",
+                               "offline_grace": "offline_grace_s"}
 
 
 @app.command()
@@ -296,6 +335,7 @@ def launch(
     delta: Annotated[float, _run_option("delta")] = _DEF["delta"],
     min_sites: Annotated[int, _run_option("min_sites")] = _DEF["min_sites"],
     round_deadline: Annotated[float, _run_option("round_deadline_s")] = _DEF["round_deadline_s"],
+    offline_grace: Annotated[float, _run_option("offline_grace_s")] = _DEF["offline_grace_s"],
     lr: Annotated[float | None, _run_option("lr")] = _DEF["lr"],
     batch_size: Annotated[int | None, _run_option("batch_size")] = _DEF["batch_size"],
     max_grad_norm: Annotated[float, _run_option("max_grad_norm")] = _DEF["max_grad_norm"],
@@ -318,7 +358,8 @@ def launch(
         client.call("POST", "/projects", {"name": project})
     given = {"project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
              "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
-             "round_deadline": round_deadline, "lr": lr, "batch_size": batch_size,
+             "round_deadline": round_deadline, "offline_grace": offline_grace, "lr": lr,
+             "batch_size": batch_size,
              "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
              "aggregation": aggregation, "approval_wait": approval_wait,
              "max_update_norm": max_update_norm}
@@ -388,14 +429,38 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
           timeout: Annotated[float, typer.Option(help="stop watching after this many "
                                                  "seconds")] = 3600.0,
           interval: Annotated[float, typer.Option()] = 1.0) -> None:
-    """Show a run's progress per round and site, live, until it ends."""
+    """Show a run's progress per round and site, live, until it ends.
+
+    While the coordinator is unreachable (restarting), says so once and tries again with a
+    growing pause (1 s doubling to 15 s), then goes on where it was; --timeout still bounds
+    the whole watch.
+    """
     client = _client(api, token, home)
     deadline = time.monotonic() + timeout
+    pause, down_since = WATCH_RETRY_FIRST_S, None
     with Live(console=console, refresh_per_second=4, transient=False) as live:
         while True:
-            run = client.call("GET", f"/runs/{run_id}")
-            rounds = client.call("GET", f"/runs/{run_id}/rounds")
-            metrics = client.call("GET", f"/runs/{run_id}/metrics")
+            try:
+                run = client.call_or_raise("GET", f"/runs/{run_id}")
+                rounds = client.call_or_raise("GET", f"/runs/{run_id}/rounds")
+                metrics = client.call_or_raise("GET", f"/runs/{run_id}/metrics")
+            except CoordinatorUnreachable as err:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    err_console.print(f"the coordinator at {client.base} is unreachable "
+                                      f"({err}); retrying until it is back")
+                if time.monotonic() + pause > deadline:
+                    _fail(f"the coordinator at {client.base} is still unreachable after "
+                          f"{time.monotonic() - down_since:.0f} s; stopped watching run "
+                          f"{run_id} (--timeout {timeout:.0f} s)")
+                time.sleep(pause)
+                pause = min(pause * 2, WATCH_RETRY_MAX_S)
+                continue
+            if down_since is not None:
+                err_console.print(f"the coordinator is reachable again after "
+                                  f"{time.monotonic() - down_since:.0f} s; watching run "
+                                  f"{run_id}")
+                pause, down_since = WATCH_RETRY_FIRST_S, None
             live.update(_progress_table(run, rounds, metrics))
             if run["status"] in ("completed", "failed", "stopped"):
                 break

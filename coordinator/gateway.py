@@ -57,6 +57,7 @@ from coordinator.gateway_limits import ConnectionLimits, LimitSettings
 from coordinator.metrics import GATEWAY_CONNECTIONS, CountingRefusalLog, note_site_contact
 from coordinator.models import Site, utcnow
 from coordinator.pki import CAFiles, CSRError
+from coordinator.presence import Presence
 from fedward.flower.control import NodeKeyError, node_public_key_bytes
 
 __all__ = ["SMALL_BODY", "GatewayConfig", "SiteGateway"]
@@ -169,8 +170,10 @@ def make_upstream(superlink: str, ca_cert: Path) -> httpx.AsyncClient:
 class SiteGateway:
     """Runs the gateway on its own event loop thread."""
 
-    def __init__(self, *, config: GatewayConfig, engine: Engine, registrar: Registrar) -> None:
+    def __init__(self, *, config: GatewayConfig, engine: Engine, registrar: Registrar,
+                 presence: Presence | None = None) -> None:
         self.config = config
+        self.presence = presence   # told of every verified site request (last contact)
         self.engine = engine
         self.registrar = registrar
         self._cache = _SiteCache()
@@ -501,6 +504,8 @@ class SiteGateway:
                            "certificate from the site CA is required (enroll the site first)")
         cache = await self._site_identity(client)
         headers = self._checked_headers(request, path, client, cache)
+        if self.presence is not None:
+            self.presence.seen(client.site)
         await self._forward(conn, reader, writer, request, method, path, headers)
         return True
 

@@ -38,6 +38,7 @@ __all__ = [
     "Site",
     "SiteCertificate",
     "SiteMetric",
+    "SitePresence",
     "UTCDateTime",
     "User",
     "UserCredential",
@@ -302,6 +303,19 @@ class SiteCertificate(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     revoke_reason: str | None = Field(default=None, sa_type=Text)
     superseded_by: str | None = Field(default=None, max_length=64)
+
+
+class SitePresence(SQLModel, table=True):
+    """The last contact the site gateway saw from a site (revision 0009).
+
+    Written at most every few seconds per site by :mod:`coordinator.presence`; a row of its
+    own, so these frequent writes never touch the ``sites`` row that the API updates.
+    """
+
+    __tablename__ = "site_presence"
+
+    site_name: str = Field(max_length=40, primary_key=True)
+    last_seen_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
 
 
 # --- releases (revision 0003) ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from coordinator.models import AuditEvent, Checkpoint, Project, Round, Run, Site, User
+from coordinator.presence import is_online
 from fedward.run_config import SITE_NAME_PATTERN, RunConfig, RunRequest, SiteName
 
 __all__ = [
@@ -160,10 +161,16 @@ class SitePublic(BaseModel):
     public_key: str | None
     created_at: datetime
     registered_at: datetime | None
+    last_seen_at: datetime | None = Field(
+        default=None, description="The last request the site gateway saw from the site "
+        "(recorded every few seconds at most); null: never seen.")
+    online: bool = Field(
+        default=False, description="Whether the site's last contact is recent (within "
+        "coordinator.presence.ONLINE_WITHIN_S seconds).")
 
     @classmethod
-    def of(cls, site: Site) -> SitePublic:
-        """Build from the table row."""
+    def of(cls, site: Site, *, last_seen_at: datetime | None = None) -> SitePublic:
+        """Build from the table row and, where known, the site's last contact."""
         assert site.id is not None
         return cls(
             id=site.id,
@@ -173,6 +180,8 @@ class SitePublic(BaseModel):
             public_key=site.public_key,
             created_at=site.created_at,
             registered_at=site.registered_at,
+            last_seen_at=last_seen_at,
+            online=is_online(last_seen_at),
         )
 
 

@@ -46,7 +46,11 @@ from coordinator.checkpoints import (
 )
 from coordinator.models import utcnow
 from fedward.files import atomic_write
-from fedward.flower.serverapp import EXPIRED_ERROR_CODES, shorten_object_pulls
+from fedward.flower.serverapp import (
+    EXPIRED_ERROR_CODES,
+    NODE_UNAVAILABLE_CODE,
+    shorten_object_pulls,
+)
 from fedward.run_config import RunPlan
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
@@ -86,6 +90,12 @@ _POLL_S = 0.1
 _ONLINE_POLL_S = 0.5
 # How often a site that answered "pending-approval" is asked again during admission.
 APPROVAL_POLL_S: Final = 3.0
+# After a coordinator restart the SuperLink still holds each node's heartbeat deadline from
+# before the outage: a site that was up all along can be declared "Node Unavailable" until
+# it reconnects and sends a heartbeat (Flower: 2 x 30 s, plus the site's reconnect back-off).
+# For this long after a resumed run starts, such a site is waited for (within each round's
+# deadline) and sent its task again once it is back, instead of being counted as failed.
+RECONNECT_WINDOW_S: Final = 150.0
 # The DP norm bound (dp_update_norm_bound) is a high-probability worst case: every clipped
 # per-sample gradient pointing the same way, Poisson batches and Gaussian noise 8 standard
 # deviations above their means. Honest updates of the real trainer measured at 0.04-0.55 of
@@ -253,6 +263,10 @@ class RoundLoop:
                                                       repr=False)
     # The run's aggregation strategy (coordinator.aggregation), with its state.
     _aggregator: Aggregator | None = field(default=None, init=False, repr=False)
+    # Monotonic time until which a resumed run waits for its sites to reconnect (0: fresh).
+    _reconnect_until: float = field(default=0.0, init=False, repr=False)
+    # Sites the last exchange lost to "Node Unavailable" and never got back by the deadline.
+    _lost: set[str] = field(default_factory=set, init=False, repr=False)
 
     def run(self) -> None:
         plan = self.plan
@@ -262,6 +276,13 @@ class RoundLoop:
             except AggregationError as err:
                 raise RunFailed(f"cannot aggregate: {err}") from None
             start_round, arrays = self._resume_point()
+            if start_round > 1 or repository.admission_record(self.engine,
+                                                              plan.run_id) is not None:
+                # This ServerApp resumes a run (the coordinator or its SuperLink restarted):
+                # its sites may still be reconnecting.
+                self._reconnect_until = self.clock() + RECONNECT_WINDOW_S
+                log.info("run %s resumed: sites get up to %.0f s to reconnect", plan.run_id,
+                         RECONNECT_WINDOW_S)
             self._load_seen()
             self._admit(fresh=start_round == 1)
             expected = {k: tuple(v.shape) for k, v in arrays.items()}
@@ -498,15 +519,60 @@ class RoundLoop:
 
     # -- rounds ------------------------------------------------------------------------
 
-    def _wait_for_sites(self, deadline: float) -> dict[int, str]:
+    def _reconnecting(self) -> bool:
+        """True while a resumed run still gives its sites time to reconnect."""
+        return self.clock() < self._reconnect_until
+
+    def _wait_for_sites(self, deadline: float) -> tuple[dict[int, str], float]:
+        """The run's online sites, after waiting for the offline ones; and how long it waited.
+
+        A site offline when the round starts holds it for the run's ``offline_grace_s`` at
+        most (never more than half the deadline); a resumed run that is still giving its
+        sites time to reconnect waits up to half the deadline. With fewer than
+        ``min_sites`` online it waits until the deadline (the round cannot start anyway).
+        """
+        plan = self.plan
+        t0 = self.clock()
+        half = 0.5 * plan.round_deadline_s
+        grace = half if self._reconnecting() else min(max(0.0, plan.offline_grace_s), half)
         nodes = self._site_nodes()
-        while len(nodes) < len(self.plan.sites) and self.clock() < deadline:
-            if len(nodes) >= self.plan.min_sites and self.clock() > deadline - (
-                    0.5 * self.plan.round_deadline_s):
-                break  # enough sites; do not spend more than half the deadline waiting
+        while len(nodes) < len(plan.sites) and self.clock() < deadline:
+            if len(nodes) >= plan.min_sites and self.clock() >= t0 + grace:
+                break  # enough sites; an offline one does not hold the round longer
             time.sleep(_ONLINE_POLL_S)
             nodes = self._site_nodes()
-        return nodes
+        return nodes, self.clock() - t0
+
+    def _task_message(self, node_id: int, flat: np.ndarray, config: ConfigRecord,
+                      number: int, *, train: bool, ttl: float) -> Message:
+        content = RecordDict({
+            TASK_ARRAYS: ArrayRecord({PACKED: Array(flat)}),
+            TASK_CONFIG: config,
+        })
+        return Message(
+            content=content, dst_node_id=node_id,
+            message_type=MessageType.TRAIN if train else MessageType.EVALUATE,
+            group_id=f"run-{self.plan.run_id}-round-{number}", ttl=ttl,
+        )
+
+    def _resend_to_reconnected(self, lost: dict[str, float], flat: np.ndarray,
+                               config: ConfigRecord, number: int, *, train: bool,
+                               deadline: float) -> dict[str, str]:
+        """Send the task again to lost sites that are online again: message id -> site."""
+        back = {node: site for node, site in self._site_nodes().items() if site in lost}
+        if not back:
+            return {}
+        ttl = max(1.0, deadline - self.clock())
+        msgs = [self._task_message(node, flat, config, number, train=train, ttl=ttl)
+                for node in back]
+        out: dict[str, str] = {}
+        for mid, m in zip(self.grid.push_messages(msgs), msgs, strict=True):
+            if mid:
+                site = back[m.metadata.dst_node_id]
+                out[mid] = site
+                log.info("round %s: %s reconnected after %.1f s; its task is sent again",
+                         number, site, self.clock() - lost.pop(site))
+        return out
 
     def _exchange(self, nodes: dict[int, str], arrays: dict[str, np.ndarray],
                   number: int, *, train: bool, deadline: float
@@ -522,17 +588,8 @@ class RoundLoop:
         self._layout = parse_layout(layout)
         config = ConfigRecord(self.plan.task_config(number, train=train))
         config[CFG.LAYOUT] = layout
-        msgs = []
-        for node_id in nodes:
-            content = RecordDict({
-                TASK_ARRAYS: ArrayRecord({PACKED: Array(flat)}),
-                TASK_CONFIG: config,
-            })
-            msgs.append(Message(
-                content=content, dst_node_id=node_id,
-                message_type=MessageType.TRAIN if train else MessageType.EVALUATE,
-                group_id=f"run-{self.plan.run_id}-round-{number}", ttl=ttl,
-            ))
+        msgs = [self._task_message(node_id, flat, config, number, train=train, ttl=ttl)
+                for node_id in nodes]
         t_push = self.clock()
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: nodes[m.metadata.dst_node_id] for mid, m in zip(ids, msgs, strict=True)
@@ -540,13 +597,26 @@ class RoundLoop:
         answered: dict[str, str] = {}
         doubled: set[str] = set()
         replies: dict[str, Message] = {}
-        while pending and self.clock() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
+        lost: dict[str, float] = {}   # site -> when the SuperLink called it unavailable
+        while (pending or lost) and self.clock() < deadline:
+            if lost:
+                pending.update(self._resend_to_reconnected(lost, flat, config, number,
+                                                           train=train, deadline=deadline))
+            for reply in self.grid.pull_messages(list(pending)) if pending else []:
                 mid = reply.metadata.reply_to_message_id
                 if reply.has_error() and reply.error.code in EXPIRED_ERROR_CODES:
                     # The SuperLink's own answer that the message (or its reply) expired:
                     # messages live until the deadline, so this is "no answer in time",
                     # and the site is named late when the deadline passes.
+                    continue
+                if reply.has_error() and reply.error.code == NODE_UNAVAILABLE_CODE and \
+                        mid in pending and self._reconnecting():
+                    # Most likely our own outage: the site's heartbeat deadline passed while
+                    # the coordinator was down. Wait for it to reconnect, then ask again.
+                    gone = pending.pop(mid)
+                    lost[gone] = self.clock()
+                    log.warning("round %s: %s is unavailable to the restarted coordinator; "
+                                "waiting for it to reconnect", number, gone)
                     continue
                 if mid in answered:
                     doubled.add(answered[mid])
@@ -557,9 +627,10 @@ class RoundLoop:
                     replies[site] = reply
                     log.info("round %s: reply from %s after %.2f s", number, site,
                              self.clock() - t_push)
-            if pending:
+            if pending or lost:
                 time.sleep(_POLL_S)
-        return replies, sorted(pending.values()), doubled
+        self._lost = set(lost)
+        return replies, sorted({*pending.values(), *lost}), doubled
 
     def _round(self, number: int, arrays: dict[str, np.ndarray],
                expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -567,12 +638,15 @@ class RoundLoop:
         t0 = self.clock()
         deadline = t0 + plan.round_deadline_s
         repository.start_round(self.engine, plan.run_id, number)
-        nodes = self._wait_for_sites(deadline)
+        nodes, waited = self._wait_for_sites(deadline)
         offline = sorted(set(plan.sites) - set(nodes.values()))
         failed: list[dict[str, str]] = [
             {"site": s, "phase": "connect", "reason": "site offline (not connected to the "
-             "coordinator)"} for s in offline
+             f"coordinator; waited {waited:.1f} s)"} for s in offline
         ]
+        if offline and len(nodes) >= plan.min_sites:
+            log.info("round %s goes on without %s (offline; waited %.1f s)", number,
+                     ", ".join(offline), waited)
         if len(nodes) < plan.min_sites:
             self._fail_round(number, t0, [], failed, [])
             raise RunFailed(
@@ -624,9 +698,16 @@ class RoundLoop:
         for site, digest in received.items():
             self._seen.setdefault(digest, (number, site))
         for site in late:
+            if site in self._lost:
+                failed.append({"site": site, "phase": "connect",
+                               "reason": "site offline: it did not reconnect to the restarted "
+                                         f"coordinator within the {plan.round_deadline_s:.0f}"
+                                         " s round deadline"})
+                continue
             failed.append({"site": site, "phase": "train",
                            "reason": f"late: no reply within the {plan.round_deadline_s:.0f} s "
                                      "round deadline"})
+        late = [s for s in late if s not in self._lost]
         # A site that answered (trained, refused, sent a rejected update) no longer waits.
         answered = set(participating) | {
             f["site"] for f in failed if f["phase"] == "validate"

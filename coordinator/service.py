@@ -23,6 +23,8 @@ from coordinator.db import make_engine, run_migrations
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.metrics import start_listener
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
+from coordinator.ports import sites_address
+from coordinator.presence import Presence
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
 from fedward.files import atomic_write
@@ -200,6 +202,7 @@ class Coordinator:
     engine: Engine = field(init=False)
     superlink: SuperLinkProcess = field(init=False)
     gateway: SiteGateway = field(init=False)
+    presence: Presence = field(init=False)
     app: FastAPI = field(init=False)
     _orphan_since: dict[int, float] = field(default_factory=dict, init=False)
     _relaunches: dict[int, int] = field(default_factory=dict, init=False)
@@ -208,6 +211,7 @@ class Coordinator:
         pki = init_home(self.settings)
         url = self.settings.effective_database_url
         self.engine = make_engine(url)
+        self.presence = Presence(self.engine)
         self.superlink = SuperLinkProcess(
             home=self.settings.home / "superlink",
             pki=pki,
@@ -230,8 +234,9 @@ class Coordinator:
             config=GatewayConfig(host=self.settings.fleet_host, port=self.settings.fleet_port,
                                  pki=self.superlink.pki, cert=cert, key=key,
                                  superlink=self.superlink.address),
-            engine=self.engine, registrar=registrar.register)
+            engine=self.engine, registrar=registrar.register, presence=self.presence)
         self.gateway.start()
+        self.presence.start()
         self.app = create_app(settings=self.settings, engine=self.engine,
                               launcher=FlowerLauncher(control), registrar=registrar,
                               site_parity=FlowerSiteParity(control, self.settings.home,
@@ -344,7 +349,12 @@ class Coordinator:
 
     def serve(self, *, ready: threading.Event | None = None) -> None:
         """Start the SuperLink and serve the API until interrupted; stops both on exit."""
-        self.start_superlink()
+        try:
+            self.start_superlink()
+        except BaseException:
+            # e.g. the gateway could not listen: nothing started may outlive the failure.
+            self.superlink.stop()
+            raise
         self.resume_interrupted_runs("the coordinator restarted")
         stop_watch = threading.Event()
         threading.Thread(target=self._watch_superlink, args=(stop_watch,), daemon=True,
@@ -357,6 +367,10 @@ class Coordinator:
                  "(the address sites enroll with); SuperLink in a private namespace, reached "
                  "at %s", self.settings.api_host, self.settings.api_port,
                  self.gateway.address, self.superlink.address)
+        port = int(self.gateway.address.rsplit(":", 1)[1])
+        log.info("hospitals connect to the site gateway at %s (fedward-site enroll --gateway "
+                 "%s); it listens on %s", sites_address(self.settings, port),
+                 sites_address(self.settings, port), self.gateway.address)
         if ready is not None:
             ready.set()
         try:
@@ -366,6 +380,7 @@ class Coordinator:
             if metrics is not None:
                 metrics.stop()
             self.gateway.stop()
+            self.presence.stop()
             self.superlink.stop()
             self.engine.dispose()
 

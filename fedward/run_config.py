@@ -70,6 +70,13 @@ class RunSettings(BaseModel):
         description="Sites that must take part; checked against the run's sites at launch.")
     round_deadline_s: float = Field(
         default=120.0, ge=5, le=3600, description="Seconds per round.")
+    offline_grace_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="How long a round waits for a site of the run that is offline when the "
+        "round starts; then it goes on without it (named offline in the round's failed "
+        "sites) if at least min_sites are online. Capped at half the round deadline. After "
+        "a coordinator restart, the first round of the resumed run waits up to half its "
+        "deadline instead, for sites to reconnect.")
     lr: Annotated[float | None, Wire("learning-rate")] = Field(
         default=None, gt=0, description="Local learning rate (default: the task's).")
     batch_size: Annotated[int | None, Wire("batch-size")] = Field(

@@ -1187,3 +1187,107 @@ def test_rsa_node_keys_are_refused() -> None:
                                     serialization.PublicFormat.OpenSSH).decode()
     with pytest.raises(NodeKeyError, match="must be an ECDSA key"):
         node_public_key_bytes(rsa_text)
+
+
+# --- sites offline at a round's start; sites a restarted coordinator lost -------------------
+
+
+def test_a_site_offline_when_a_round_starts_holds_it_for_the_grace_only(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    # Half the deadline (the most the round used to wait for it) is 3 s; the grace 0.3 s.
+    plan = make_plan(min_sites=2, round_deadline_s=6.0, offline_grace_s=0.3)
+    grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0)}, online=[11, 12])
+
+    t0 = time.monotonic()
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    assert time.monotonic() - t0 < 2.0
+    assert run_row(engine, plan.run_id).status == "completed"
+    (round1,) = rounds_of(engine, plan.run_id)
+    assert json.loads(round1.participating_sites_json) == ["hospital-a", "hospital-b"]
+    (offline,) = json.loads(round1.failed_sites_json)
+    assert offline["site"] == "hospital-c" and offline["phase"] == "connect"
+    assert re.fullmatch(r"site offline \(not connected to the coordinator; waited 0\.\d s\)",
+                        offline["reason"]), offline
+
+
+def _unavailable_once(grid_ref: list[SiteGrid], node: int, answer: SiteFn,
+                      back_after_s: float) -> SiteFn:
+    """A site whose first task gets the SuperLink's "Node Unavailable" (its heartbeat
+    deadline passed while the coordinator was down); it is back online ``back_after_s``
+    later and then answers as ``answer``."""
+    state = {"calls": 0, "back_at": 0.0}
+
+    def site(msg: Message) -> Message | None:
+        state["calls"] += 1
+        if state["calls"] == 1:
+            grid_ref[0].online.remove(node)
+            state["back_at"] = time.monotonic() + back_after_s
+            return Message(Error(code=int(ErrorCode.NODE_UNAVAILABLE),
+                                 reason="Error: Node Unavailable"), reply_to=msg)
+        return answer(msg)
+
+    def online() -> None:
+        if state["back_at"] and time.monotonic() >= state["back_at"] and \
+                node not in grid_ref[0].online:
+            grid_ref[0].online.append(node)
+
+    site.online = online   # type: ignore[attr-defined]
+    return site
+
+
+class _ReconnectingGrid(SiteGrid):
+    def get_node_ids(self) -> Iterable[int]:
+        for fn in self.sites.values():
+            hook = getattr(fn, "online", None)
+            if hook is not None:
+                hook()
+        return list(self.online)
+
+
+def test_a_resumed_run_waits_for_a_site_its_outage_made_unavailable_and_asks_again(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(rounds=2, min_sites=2, round_deadline_s=5.0,
+                     sites=("hospital-a", "hospital-b"))
+    rel, sha = save_checkpoint(tmp_path, plan.run_id, 1, arrays_of(10.0))
+    record_checkpoint(engine, plan.run_id, 1, str(rel), sha)   # resumes after round 1
+    ref: list[SiteGrid] = []
+    grid = _ReconnectingGrid({11: good_site(1.0),
+                              12: _unavailable_once(ref, 12, good_site(2.0), 0.5)},
+                             online=[11, 12])
+    ref.append(grid)
+
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    run = run_row(engine, plan.run_id)
+    assert run.status == "completed", run.failure_reason
+    (round2,) = rounds_of(engine, plan.run_id)
+    assert json.loads(round2.participating_sites_json) == ["hospital-a", "hospital-b"]
+    assert json.loads(round2.failed_sites_json) == []
+    to_b = [m for m in grid.sent if m.metadata.dst_node_id == 12]
+    assert len(to_b) == 2   # asked again once it was back
+
+
+def test_a_fresh_run_still_counts_an_unavailable_site_as_failed_at_once(
+    engine: Engine, make_plan: PlanFactory, tmp_path: Path
+) -> None:
+    plan = make_plan(min_sites=1, round_deadline_s=5.0, sites=("hospital-a", "hospital-b"))
+    ref: list[SiteGrid] = []
+    grid = _ReconnectingGrid({11: good_site(1.0),
+                              12: _unavailable_once(ref, 12, good_site(2.0), 0.5)},
+                             online=[11, 12])
+    ref.append(grid)
+
+    t0 = time.monotonic()
+    RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=plan,
+              initial=lambda: arrays_of(0.0)).run()
+
+    assert time.monotonic() - t0 < 2.0
+    (round1,) = rounds_of(engine, plan.run_id)
+    assert json.loads(round1.participating_sites_json) == ["hospital-a"]
+    (failed,) = json.loads(round1.failed_sites_json)
+    assert failed["site"] == "hospital-b" and "Node Unavailable" in failed["reason"]

@@ -9,11 +9,14 @@ from flwr.common.constant import ErrorCode
 
 from fedward.flower.backoff import with_short_backoff
 
-__all__ = ["EXPIRED_ERROR_CODES", "shorten_object_pulls"]
+__all__ = ["EXPIRED_ERROR_CODES", "NODE_UNAVAILABLE_CODE", "shorten_object_pulls"]
 
 # Flower's error replies for a message or reply whose time to live ran out.
 EXPIRED_ERROR_CODES: Final = frozenset({int(ErrorCode.MESSAGE_UNAVAILABLE),
                                         int(ErrorCode.REPLY_MESSAGE_UNAVAILABLE)})
+# The SuperLink's error reply for a message whose destination node missed its heartbeats
+# (also a node that was up all along while the SuperLink itself was down).
+NODE_UNAVAILABLE_CODE: Final = int(ErrorCode.NODE_UNAVAILABLE)
 
 
 def shorten_object_pulls() -> None:

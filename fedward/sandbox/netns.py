@@ -38,10 +38,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from fedward.procs import descendants, die_with_parent
 from fedward.sandbox.relay import Endpoint, RelayError, RelayThread
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = [
     "EXIT_NO_SANDBOX",
@@ -140,20 +143,81 @@ class Sandbox:
         return self._proc
 
     def stop(self, *, timeout: float = STOP_GRACE_S + 5.0) -> None:
-        """End the command and everything it started; returns when all of it is gone."""
+        """End the command and everything it started; returns when all of it is gone.
+
+        "Gone" is checked on every process of the tree, not only on the sandbox's own: the
+        namespace's init may be reaped while the kernel is still tearing down the
+        processes it killed on its way out, and a process that outlived its parent is no
+        longer the parent's to wait for. Bounded: after ``timeout`` seconds (and as long
+        again for the tree) whatever is left is killed and waited for a last few seconds.
+        """
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        tree = descendants(proc.pid) if self.mode == "container" else []
+        tree = _Tree(proc.pid)
         proc.send_signal(signal.SIGTERM)
+        tree.update()     # anything started while the signal was on its way
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            tree.update()
             proc.kill()       # its first process dies with it, and the namespace with that
             proc.wait(timeout=5)
             # Container mode has no PID namespace that the kernel empties: sweep.
-            for pid in tree:
-                _kill_quietly(pid, signal.SIGKILL)
+            tree.kill()
+        tree.wait_gone(timeout=timeout)
+
+
+class _Tree:
+    """The processes under a PID, as seen when last updated (psutil handles, so a PID the
+    kernel hands to a new process after one of them ends is never mistaken for it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.procs: dict[int, psutil.Process] = {}
+        self.update()
+
+    def update(self) -> None:
+        import psutil
+
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            self.procs.setdefault(child.pid, child)
+
+    def _alive(self) -> list[psutil.Process]:
+        import psutil
+
+        out = []
+        for p in self.procs.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def kill(self) -> None:
+        import psutil
+
+        for p in self._alive():
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+    def wait_gone(self, *, timeout: float) -> None:
+        """Until none is left (zombies count as gone: they run nothing and hold nothing)."""
+        deadline = time.monotonic() + timeout
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._alive():
+            self.kill()
+            end = time.monotonic() + 5.0
+            while self._alive() and time.monotonic() < end:
+                time.sleep(0.05)
 
 
 def _kill_quietly(pid: int, sig: int) -> None:
@@ -172,6 +236,10 @@ def _prctl(option: int, value: int) -> None:
     if _libc.prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _pdeathsig_kill() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _unshare(flags: int) -> None:
@@ -243,7 +311,12 @@ class _Init:
             return EXIT_NO_SANDBOX
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_term)
-        child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+        # Without a PID namespace (container mode) nothing else ends the command when this
+        # process is killed: it gets the parent-death signal, so a killed coordinator or
+        # agent leaves no Flower process behind. (With relay threads running, the child
+        # runs only a prctl through the already loaded libc: no import, no dlopen.)
+        child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                 preexec_fn=None if self.pid_namespace else _pdeathsig_kill)
         code: int | None = None
         while True:
             # Reap everything: orphans of the command are re-parented to us.
