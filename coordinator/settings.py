@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         mlflow_alias: Alias set on the newest approved (unrevoked) release's version.
         mlflow_retry_s: How often pending hand-offs are looked for, and the first retry's
             delay after a failure (it doubles per failure, up to 15 minutes).
+        max_concurrent_runs: How many runs may be pending or running at once on this
+            coordinator; a launch beyond it is refused (429) naming the runs that hold it.
+        max_concurrent_runs_per_project: The same limit per project.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -71,6 +74,9 @@ class Settings(BaseSettings):
     mlflow_model_name: str = "fedward-{project}"
     mlflow_alias: str = "approved"
     mlflow_retry_s: float = Field(default=30.0, gt=0, le=3600)
+    # Every run holds a ServerApp process (about 150 MiB) and its sites' attention.
+    max_concurrent_runs: int = Field(default=4, ge=1, le=1000)
+    max_concurrent_runs_per_project: int = Field(default=2, ge=1, le=1000)
 
     @field_validator("home")
     @classmethod
