@@ -310,3 +310,28 @@ def test_site_audits_a_cancel_once_and_answers_with_nothing(tmp_path: Path) -> N
     assert [(e.action, e.detail) for e in entries] == [
         ("run-cancelled", {"run": "7", "project": "oncology", "by": "alice",
                            "reason": "wrong cohort"})]
+
+
+def test_both_clis_print_their_version() -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app as coordinator_app
+    from site_agent.cli import app as site_app
+
+    for program, cli in (("fedward-coordinator", coordinator_app), ("fedward-site", site_app)):
+        out = CliRunner().invoke(cli, ["--version"])
+        assert out.exit_code == 0, out.output
+        assert out.output.strip() == run_cli.version_line(program)
+
+
+def test_launch_needs_project_task_and_epsilon_unless_from(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app as coordinator_app
+
+    # Nothing listens on port 9 (discard): the options are checked before any request.
+    out = CliRunner().invoke(coordinator_app, ["launch", "--task", "breast_cancer_mlp",
+                                               "--api", "http://127.0.0.1:9",
+                                               "--home", str(tmp_path)])
+    assert out.exit_code == 2
+    assert "--project, --epsilon needed (or --from RUN" in out.output
