@@ -48,12 +48,14 @@ from sqlmodel import Session, col, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from coordinator import run_control
 from coordinator.audit import append_event, verify_chain
 from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.login_limits import LoginLimiter, LoginThrottled
 from coordinator.metrics import ApiMetrics
 from coordinator.models import (
+    RUN_FINAL_STATUSES,
     AuditEvent,
     Checkpoint,
     LoginSession,
@@ -1050,7 +1052,9 @@ def _resolve_sites(session: Session, body: RunCreate) -> list[str]:
     "/runs",
     status_code=201,
     tags=["runs"],
-    responses={**_401, **_403, 503: {"description": "The run could not be launched"}},
+    responses={**_401, **_403, 429: {"description": "Too many runs at once (the limit and "
+                                                     "the runs holding it are named)"},
+               503: {"description": "The run could not be launched"}},
 )
 def launch_run(
     body: RunCreate, request: Request, session: SessionDep, user: CurrentUser
@@ -1087,16 +1091,18 @@ def launch_run(
     )
     config = RunConfig(**settings)
     assert project.id is not None
-    run = Run(project_id=project.id, task=body.task, config_json=config.model_dump_json(),
-              launched_by=user.name)
-    session.add(run)
-    session.flush()
-    assert run.id is not None
-    run_id = run.id
-    append_event(session, actor=user.name, action="run.created", subject=f"run:{run_id}",
-                 detail={"project": project.name, "task": body.task,
-                         "config": config.model_dump()})
-    session.commit()
+    with run_control.LAUNCH_LOCK:  # the limits hold for concurrent launches too
+        run_control.check_run_limits(session, request.app.state.settings, project)
+        run = Run(project_id=project.id, task=body.task, config_json=config.model_dump_json(),
+                  launched_by=user.name)
+        session.add(run)
+        session.flush()
+        assert run.id is not None
+        run_id = run.id
+        append_event(session, actor=user.name, action="run.created", subject=f"run:{run_id}",
+                     detail={"project": project.name, "task": body.task,
+                             "config": config.model_dump()})
+        session.commit()
     # No transaction is open while the launcher runs: the ServerApp it starts may write.
     try:
         flwr_run_id = str(launcher.launch(run_id))
@@ -1104,7 +1110,7 @@ def launch_run(
         reason = f"launch failed: {_reason(exc)}"
         failed = session.get(Run, run_id, populate_existing=True)
         assert failed is not None
-        if failed.status not in ("completed", "failed", "stopped"):
+        if failed.status not in RUN_FINAL_STATUSES:
             record_run_outcome(session, failed, status="failed", reason=reason,
                                actor=user.name)
         session.commit()
@@ -1365,6 +1371,8 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(ApiMetrics)  # outermost: times every request (coordinator.metrics)
     app.include_router(router)
+    app.include_router(run_control.build_router(prefix=API_PREFIX, current_user=get_current_user,
+                                                require_role=require_role))
     app.include_router(users_router)
     app.include_router(release_router)
     app.include_router(portal_router)

@@ -16,12 +16,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final
 
+import click
 import httpx
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from coordinator import run_cli
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
@@ -45,6 +47,20 @@ WATCH_RETRY_MAX_S: Final = 15.0
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(run_cli.version_line("fedward-coordinator"))
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="print the version and the commit it was built from, then exit")] = False
+                  ) -> None:
+    """Fedward coordinator: sites, runs, rounds."""
 
 
 def _settings(home: Path | None) -> Settings:
@@ -327,9 +343,15 @@ LAUNCH_OPTION_FIELDS: Final = {"round_deadline": "round_deadline_s",
 
 @app.command()
 def launch(
-    project: Annotated[str, typer.Option(help="project name (created if new)")],
-    task: Annotated[str, typer.Option(help="task from the registry, e.g. breast_cancer_mlp")],
-    epsilon: Annotated[float, _run_option("epsilon")],
+    ctx: typer.Context,
+    project: Annotated[str | None, typer.Option(help="project name (created if new)")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="task from the registry, e.g. breast_cancer_mlp")] = None,
+    epsilon: Annotated[float | None, _run_option("epsilon")] = None,
+    from_run: Annotated[int | None, typer.Option(
+        "--from", metavar="RUN",
+        help="launch again with this run's recorded configuration; any option given "
+             "replaces its setting")] = None,
     rounds: Annotated[int, _run_option("rounds")] = _DEF["rounds"],
     local_epochs: Annotated[int, _run_option("local_epochs")] = _DEF["local_epochs"],
     delta: Annotated[float, _run_option("delta")] = _DEF["delta"],
@@ -352,10 +374,11 @@ def launch(
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Launch a federated DP run (options and defaults: the run configuration's)."""
+    """Launch a federated DP run (options and defaults: the run configuration's).
+
+    --project, --task and --epsilon are needed unless --from RUN gives them.
+    """
     client = _client(api, token, home)
-    if project not in {p["name"] for p in client.call("GET", "/projects")}:
-        client.call("POST", "/projects", {"name": project})
     given = {"project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
              "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
              "round_deadline": round_deadline, "offline_grace": offline_grace, "lr": lr,
@@ -368,12 +391,29 @@ def launch(
                             if v is not None}
     if aggregation_option:
         body["aggregation_options"] = _key_values(aggregation_option, "--aggregation-option")
+    if from_run is not None:
+        # Only what was typed replaces the recorded setting, not an option's default.
+        typed = {k for k in given if ctx.get_parameter_source(k) not in (
+            None, click.core.ParameterSource.DEFAULT)}
+        overrides = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
+                     if k in typed and v is not None}
+        if "aggregation_options" in body:
+            overrides["aggregation_options"] = body["aggregation_options"]
+        body = run_cli.relaunch_body(client.call("GET", f"/runs/{from_run}"), overrides)
+    missing = [f"--{k}" for k in ("project", "task", "epsilon") if body.get(k) is None]
+    if missing:
+        _fail(f"{', '.join(missing)} needed (or --from RUN, to launch a recorded run again)",
+              code=2)
+    if body["project"] not in {p["name"] for p in client.call("GET", "/projects")}:
+        client.call("POST", "/projects", {"name": body["project"]})
     run = client.call("POST", "/runs", body)
     if as_json:
         print(json.dumps(run))
     else:
-        console.print(f"run [bold]{run['id']}[/] launched (Flower run {run.get('flwr_run_id')}); "
-                      f"watch it with `fedward-coordinator watch {run['id']}`")
+        origin = f" from run {from_run}'s configuration" if from_run is not None else ""
+        console.print(f"run [bold]{run['id']}[/] launched{origin} (Flower run "
+                      f"{run.get('flwr_run_id')}); watch it with `fedward-coordinator watch "
+                      f"{run['id']}`")
 
 
 def waiting_note(run: dict[str, Any]) -> str:
@@ -428,7 +468,10 @@ def _fmt(v: float | None) -> str:
 def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
           timeout: Annotated[float, typer.Option(help="stop watching after this many "
                                                  "seconds")] = 3600.0,
-          interval: Annotated[float, typer.Option()] = 1.0) -> None:
+          interval: Annotated[float, typer.Option()] = 1.0,
+          as_json: Annotated[bool, typer.Option(
+              "--json", help="one JSON object per line for every change: run, rounds, "
+                             "metrics")] = False) -> None:
     """Show a run's progress per round and site, live, until it ends.
 
     While the coordinator is unreachable (restarting), says so once and tries again with a
@@ -437,6 +480,9 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
     """
     client = _client(api, token, home)
     deadline = time.monotonic() + timeout
+    if as_json:
+        _watch_json(client, run_id, deadline=deadline, timeout=timeout, interval=interval)
+        return
     pause, down_since = WATCH_RETRY_FIRST_S, None
     with Live(console=console, refresh_per_second=4, transient=False) as live:
         while True:
@@ -462,7 +508,7 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
                                   f"{run_id}")
                 pause, down_since = WATCH_RETRY_FIRST_S, None
             live.update(_progress_table(run, rounds, metrics))
-            if run["status"] in ("completed", "failed", "stopped"):
+            if run["status"] in run_cli.FINAL_STATUSES:
                 break
             if time.monotonic() > deadline:
                 _fail(f"run {run_id} still {run['status']} after {timeout:.0f} s")
@@ -471,12 +517,54 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
         raise typer.Exit(2)
 
 
+def _watch_json(client: ApiClient, run_id: int, *, deadline: float, timeout: float,
+                interval: float) -> None:
+    """``watch --json``: print a JSON line whenever the run, its rounds or metrics change."""
+    last = ""
+    pause, down_since = WATCH_RETRY_FIRST_S, None
+    while True:
+        try:
+            snapshot = run_cli.watch_snapshot(
+                client.call_or_raise("GET", f"/runs/{run_id}"),
+                client.call_or_raise("GET", f"/runs/{run_id}/rounds"),
+                client.call_or_raise("GET", f"/runs/{run_id}/metrics"))
+        except CoordinatorUnreachable as err:  # a restart: as the table view, on stderr
+            if down_since is None:
+                down_since = time.monotonic()
+                err_console.print(f"the coordinator at {client.base} is unreachable ({err}); "
+                                  "retrying until it is back")
+            if time.monotonic() + pause > deadline:
+                _fail(f"the coordinator at {client.base} is still unreachable after "
+                      f"{time.monotonic() - down_since:.0f} s (--timeout {timeout:.0f} s)")
+            time.sleep(pause)
+            pause = min(pause * 2, WATCH_RETRY_MAX_S)
+            continue
+        pause, down_since = WATCH_RETRY_FIRST_S, None
+        line = json.dumps(snapshot, sort_keys=True)
+        if line != last:
+            print(line, flush=True)
+            last = line
+        status = snapshot["run"]["status"]
+        if status in run_cli.FINAL_STATUSES:
+            if status != "completed":
+                raise typer.Exit(2)
+            return
+        if time.monotonic() > deadline:
+            _fail(f"run {run_id} still {status} after {timeout:.0f} s")
+        time.sleep(interval)
+
+
 @app.command()
-def runs(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
-    """List runs."""
+def runs(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+         as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List runs (newest first)."""
     client = _client(api, token, home)
+    rows = client.call("GET", "/runs")
+    if as_json:
+        print(json.dumps(rows))
+        return
     table = Table("id", "project", "task", "status", "launched by", "created", "reason / note")
-    for r in client.call("GET", "/runs"):
+    for r in rows:
         table.add_row(str(r["id"]), str(r.get("project", "")), r["task"], r["status"],
                       str(r.get("launched_by", "")), str(r.get("created_at", ""))[:19],
                       str(r.get("failure_reason") or waiting_note(r)))
@@ -495,6 +583,73 @@ def rounds(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOp
         print(json.dumps({"run": run, "rounds": rnds, "metrics": metrics}))
     else:
         console.print(_progress_table(run, rnds, metrics))
+
+
+@app.command()
+def cancel(run_id: int,
+           reason: Annotated[str, typer.Option(help="why (kept in the audit logs of the "
+                                                    "coordinator and of every site)")],
+           wait: Annotated[bool, typer.Option(
+               "--wait", help="wait until the run has ended")] = False,
+           home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Cancel a pending or running run: it ends within its round deadline plus 5 s."""
+    client = _client(api, token, home)
+    run = client.call("POST", f"/runs/{run_id}/cancel", {"reason": reason})
+    if wait:
+        limit = float(run["config"]["round_deadline_s"]) + 60.0
+        code, run = run_cli.wait_for_run(client, run_id, timeout=limit, interval=1.0)
+        if code == run_cli.WAIT_TIMED_OUT:
+            _fail(f"run {run_id} still {run['status']} {limit:.0f} s after the cancel")
+    if as_json:
+        print(json.dumps(run))
+        return
+    if run["status"] in run_cli.FINAL_STATUSES:
+        console.print(f"run [bold]{run_id}[/] {run['status']}: {run.get('failure_reason')}")
+    else:
+        console.print(f"run [bold]{run_id}[/]: cancel requested by {run['cancelled_by']} "
+                      f"({run['cancel_reason']}); it ends within its round deadline "
+                      f"({run['config']['round_deadline_s']:g} s) plus 5 s: "
+                      f"`fedward-coordinator wait {run_id}`")
+
+
+@app.command()
+def wait(run_id: int,
+         timeout: Annotated[float, typer.Option(
+             help="give up after this many seconds (exit code 6)")] = 86400.0,
+         interval: Annotated[float, typer.Option(help="seconds between polls")] = 5.0,
+         home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+         as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Wait until a run ends; the exit code says how (for schedulers and scripts).
+
+    0 completed, 3 failed, 4 cancelled, 5 stopped outside the coordinator, 6 --timeout
+    passed; 1 the command could not ask (API, run id, token), 2 a usage error.
+    """
+    client = _client(api, token, home)
+    code, run = run_cli.wait_for_run(client, run_id, timeout=timeout, interval=interval)
+    if as_json:
+        print(json.dumps(run))
+    elif code == run_cli.WAIT_TIMED_OUT:
+        err_console.print(f"run {run_id} still {run['status']} after {timeout:g} s")
+    else:
+        print(f"run {run_id} {run['status']}"
+              + (f": {run['failure_reason']}" if run.get("failure_reason") else ""))
+    raise typer.Exit(code)
+
+
+@app.command()
+def compare(run_a: int, run_b: int, home: HomeOpt = None, api: ApiOpt = None,
+            token: TokenOpt = None,
+            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Compare two runs: configuration differences, per-round and final metrics."""
+    client = _client(api, token, home)
+    data = run_cli.compare_runs(
+        client.call("GET", f"/runs/{run_a}"), client.call("GET", f"/runs/{run_a}/metrics"),
+        client.call("GET", f"/runs/{run_b}"), client.call("GET", f"/runs/{run_b}/metrics"))
+    if as_json:
+        print(json.dumps(data))
+    else:
+        print(run_cli.render_comparison(data, width=80))
 
 
 @app.command("create-user")

@@ -64,7 +64,8 @@ __all__ = [
 
 COORDINATOR_ID_FILE: Final = "coordinator.id"
 RELEASES_ARTIFACT_DIR: Final = "fedward/releases"
-_RUN_STATUS: Final = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
+_RUN_STATUS: Final = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED",
+                      "cancelled": "KILLED"}
 _PROBE_TIMEOUT_S: Final = 5.0
 
 

@@ -46,9 +46,10 @@ __all__ = [
 ]
 
 SITE_STATUSES: Final = frozenset({"added", "registered", "revoked"})
-RUN_STATUSES: Final = frozenset({"pending", "running", "completed", "failed", "stopped"})
-RUN_FINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped"})
-ROUND_STATUSES: Final = frozenset({"running", "completed", "failed"})
+RUN_STATUSES: Final = frozenset(
+    {"pending", "running", "completed", "failed", "stopped", "cancelled"})
+RUN_FINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped", "cancelled"})
+ROUND_STATUSES: Final = frozenset({"running", "completed", "failed", "cancelled"})
 CHECKPOINT_FORMATS: Final = frozenset({"safetensors"})
 # evaluating -> gates_failed | awaiting_review -> approved | rejected
 CANDIDATE_STATUSES: Final = frozenset(
@@ -184,6 +185,11 @@ class Run(SQLModel, table=True):
     created_at: datetime = _created()
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # A cancel request (coordinator.run_control): who, why, when. The run stays pending or
+    # running until its round loop (or, past its grace, the coordinator) ends it.
+    cancel_requested_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cancelled_by: str | None = Field(default=None, max_length=64)
+    cancel_reason: str | None = Field(default=None, sa_type=Text)
 
 
 class Round(SQLModel, table=True):

@@ -50,6 +50,7 @@ __all__ = [
     "SERVERAPP_ACTOR",
     "RunNotFoundError",
     "admission_record",
+    "cancel_request",
     "certificate_expiry",
     "data_fingerprints",
     "finish_round",
@@ -58,6 +59,7 @@ __all__ = [
     "latest_admissions",
     "latest_rounds",
     "mark_run_started",
+    "note_cancel_delivered",
     "note_run_resumed",
     "record_admission",
     "record_checkpoint",
@@ -80,8 +82,8 @@ ADMISSION_ACTIONS: Final = ("run.waiting", "run.admitted", "run.not_admitted")
 _UPDATES_ACTION: Final = "round.updates"
 # The cumulative epsilon of a run at a site after a round, as the site reports it.
 EPSILON_METRIC: Final = "epsilon-spent"
-_FINISHED_ROUND_STATUSES: Final = frozenset({"completed", "failed"})
-_NOT_RESUMABLE: Final = frozenset({"completed", "stopped"})
+_FINISHED_ROUND_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+_NOT_RESUMABLE: Final = frozenset({"completed", "stopped", "cancelled"})
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +235,7 @@ def finish_round(
         engine: Coordinator database engine.
         run_id: Coordinator run id.
         number: 1-based round number.
-        status: ``"completed"`` or ``"failed"``.
+        status: ``"completed"``, ``"failed"`` or ``"cancelled"``.
         participating: Sites whose results were aggregated.
         failed: One ``{"site", "phase", "reason"}`` per site that failed; extra keys such
             as ``"code"`` are kept.
@@ -248,7 +250,7 @@ def finish_round(
         ValueError: Bad status, round number or failed-site entry.
     """
     if status not in _FINISHED_ROUND_STATUSES:
-        raise ValueError(f"round status must be completed or failed, got {status!r}")
+        raise ValueError(f"round status must be completed, failed or cancelled, got {status!r}")
     if number < 1:
         raise ValueError(f"round numbers start at 1, got {number}")
     failures = _check_failed(failed)
@@ -499,8 +501,8 @@ def finish_run(engine: Engine, run_id: int, *, status: str, reason: str | None) 
     Args:
         engine: Coordinator database engine.
         run_id: Coordinator run id.
-        status: ``"completed"``, ``"failed"`` or ``"stopped"``.
-        reason: Why it failed or stopped (``None`` when completed).
+        status: ``"completed"``, ``"failed"``, ``"stopped"`` or ``"cancelled"``.
+        reason: Why it failed, stopped or was cancelled (``None`` when completed).
 
     Raises:
         RunNotFoundError: No such run.
@@ -523,8 +525,8 @@ def record_run_outcome(
     Args:
         session: Open session; the caller commits.
         run: The run row.
-        status: ``"completed"``, ``"failed"`` or ``"stopped"``.
-        reason: Why it failed or stopped.
+        status: ``"completed"``, ``"failed"``, ``"stopped"`` or ``"cancelled"``.
+        reason: Why it failed, stopped or was cancelled.
         actor: Who ended it (a user name, or :data:`SERVERAPP_ACTOR`).
 
     Raises:
@@ -549,6 +551,23 @@ def _check_final(status: str) -> None:
         raise ValueError(f"run status must be one of {sorted(RUN_FINAL_STATUSES)}, got {status!r}")
 
 
+def cancel_request(engine: Engine, run_id: int) -> tuple[str, str] | None:
+    """Who asked to cancel the run and why, or None while nobody has.
+
+    Args:
+        engine: Coordinator database engine.
+        run_id: Coordinator run id.
+
+    Raises:
+        RunNotFoundError: No such run.
+    """
+    with session_scope(engine) as session:
+        run = _run(session, run_id)
+        if run.cancel_requested_at is None:
+            return None
+        return run.cancelled_by or "?", run.cancel_reason or ""
+
+
 def site_names_by_node_id(engine: Engine) -> dict[str, str]:
     """Map Flower node id to site name, for registered (not revoked) sites.
 
@@ -570,7 +589,10 @@ def site_names_by_node_id(engine: Engine) -> dict[str, str]:
 
 
 def running_run_ids(engine: Engine) -> list[int]:
-    """Ids of the runs that are pending or running (not yet finished).
+    """Ids of the runs that are pending or running (not yet finished), to be kept going.
+
+    A run someone asked to cancel is left out: it is never relaunched; the coordinator's
+    cancellation check (:func:`coordinator.run_control.enforce_cancellations`) ends it.
 
     Args:
         engine: Coordinator database engine.
@@ -580,8 +602,8 @@ def running_run_ids(engine: Engine) -> list[int]:
     """
     with session_scope(engine) as session:
         rows = session.exec(
-            select(Run.id).where(col(Run.status).in_(("pending", "running"))).order_by(
-                col(Run.id))
+            select(Run.id).where(col(Run.status).in_(("pending", "running")),
+                                 col(Run.cancel_requested_at).is_(None)).order_by(col(Run.id))
         ).all()
         return [int(r) for r in rows if r is not None]
 
@@ -624,6 +646,14 @@ def data_fingerprints(engine: Engine, run_id: int) -> dict[str, list[dict[str, A
             site = event.subject.split("/site:", 1)[1]
             out.setdefault(site, []).append(json.loads(event.detail_json))
     return out
+
+
+def note_cancel_delivered(engine: Engine, run_id: int, *, told: list[str],
+                          not_told: dict[str, str]) -> None:
+    """Audit which sites acknowledged a run's cancellation and which could not be told."""
+    with session_scope(engine) as session:
+        append_event(session, actor=SERVERAPP_ACTOR, action="run.cancel_delivered",
+                     subject=f"run:{run_id}", detail={"told": told, "not_told": not_told})
 
 
 def note_run_resumed(engine: Engine, run_id: int, *, why: str, flwr_run_id: str) -> None:

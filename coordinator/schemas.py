@@ -305,6 +305,11 @@ class RunPublic(BaseModel):
     waiting_for_approval: list[str] = Field(default_factory=list)
     waiting_since: datetime | None = None
     admission: AdmissionPublic | None = None
+    cancel_requested_at: datetime | None = Field(
+        default=None, description="When someone asked to cancel the run (it ends within "
+                                  "its round deadline plus 5 s).")
+    cancelled_by: str | None = Field(default=None, description="Who asked to cancel it.")
+    cancel_reason: str | None = Field(default=None, description="Why, as they said.")
 
     @classmethod
     def of(cls, run: Run, project_name: str,
@@ -331,6 +336,9 @@ class RunPublic(BaseModel):
             waiting_for_approval=[w.site for w in waiting],
             waiting_since=min(since) if since else None,
             admission=adm,
+            cancel_requested_at=run.cancel_requested_at,
+            cancelled_by=run.cancelled_by,
+            cancel_reason=run.cancel_reason,
         )
 
 

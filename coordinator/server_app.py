@@ -54,6 +54,9 @@ from fedward.flower.serverapp import (
 from fedward.run_config import RunPlan
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
+    CANCEL_BY,
+    CANCEL_MESSAGE_TYPE,
+    CANCEL_REASON,
     CFG,
     FINGERPRINT_KEYS,
     MEMBERSHIP_FIGURES,
@@ -75,8 +78,10 @@ from fedward.wire import (
 
 __all__ = [
     "APPROVAL_POLL_S",
+    "CANCEL_POLL_S",
     "NORM_BOUND_FACTOR",
     "RoundLoop",
+    "RunCancelled",
     "aggregate",
     "app",
     "dp_update_norm_bound",
@@ -96,6 +101,11 @@ APPROVAL_POLL_S: Final = 3.0
 # For this long after a resumed run starts, such a site is waited for (within each round's
 # deadline) and sent its task again once it is back, instead of being counted as failed.
 RECONNECT_WINDOW_S: Final = 150.0
+# How often the round loop looks for a cancel request (one short read of the run's row).
+CANCEL_POLL_S: Final = 1.0
+# The longest the round loop waits for the sites to acknowledge a cancellation (at most the
+# run's round deadline): a site busy with the round's task answers once it is done.
+CANCEL_NOTIFY_MAX_S: Final = 60.0
 # The DP norm bound (dp_update_norm_bound) is a high-probability worst case: every clipped
 # per-sample gradient pointing the same way, Poisson batches and Gaussian noise 8 standard
 # deviations above their means. Honest updates of the real trainer measured at 0.04-0.55 of
@@ -133,6 +143,15 @@ def failure_phase(code: int, reason: str) -> str:
 
 class RunFailed(Exception):
     """The run cannot go on; the message is the reason recorded for the ML team."""
+
+
+class RunCancelled(Exception):
+    """Someone cancelled the run (``POST /runs/{id}/cancel``): who and why."""
+
+    def __init__(self, by: str, reason: str) -> None:
+        super().__init__(f"cancelled by {by}: {reason}")
+        self.by = by
+        self.reason = reason
 
 
 def validate_update(
@@ -254,6 +273,11 @@ class RoundLoop:
     initial: Callable[[], dict[str, np.ndarray]]
     clock: Callable[[], float] = field(default=time.monotonic)
     approval_poll_s: float = APPROVAL_POLL_S
+    cancel_poll_s: float = CANCEL_POLL_S
+    # When the run's row is next read for a cancel request (clock seconds).
+    _next_cancel_check: float = field(default=-math.inf, init=False, repr=False)
+    # The round in progress and when it started, while one is (a cancel ends it).
+    _current: tuple[int, float] | None = field(default=None, init=False, repr=False)
     # The admission state as last recorded (see repository.record_admission).
     _admission: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # Digest of every update received in this run -> (first round, site), for replays.
@@ -289,12 +313,93 @@ class RoundLoop:
             for number in range(start_round, plan.rounds + 1):
                 arrays = self._round(number, arrays, expected)
             if plan.final_evaluate:
+                self._check_cancel(now=True)
                 self._final_evaluate(arrays)
         except RunFailed as err:
             log.error("run %s failed: %s", plan.run_id, err)
             repository.finish_run(self.engine, plan.run_id, status="failed", reason=str(err))
             return
+        except RunCancelled as cancel:
+            self._end_cancelled(cancel)
+            return
         repository.finish_run(self.engine, plan.run_id, status="completed", reason=None)
+
+    # -- cancellation ------------------------------------------------------------------
+
+    def _check_cancel(self, *, now: bool = False) -> None:
+        """Raise :class:`RunCancelled` once someone asked to cancel the run.
+
+        Reads the run's row at most every :attr:`cancel_poll_s` seconds (always with
+        ``now``); called from every loop that waits (admission, sites coming online,
+        replies), so a cancel is noticed within about a second wherever the run is.
+        """
+        clock = self.clock()
+        if not now and clock < self._next_cancel_check:
+            return
+        self._next_cancel_check = clock + self.cancel_poll_s
+        request = repository.cancel_request(self.engine, self.plan.run_id)
+        if request is not None:
+            raise RunCancelled(*request)
+
+    def _end_cancelled(self, cancel: RunCancelled) -> None:
+        """End a cancelled run: its round, the sites told (and audited), then the run."""
+        plan = self.plan
+        log.warning("run %s %s", plan.run_id, cancel)
+        if self._current is not None:
+            number, t0 = self._current
+            repository.finish_round(self.engine, plan.run_id, number, status="cancelled",
+                                    participating=[], failed=[], late=[],
+                                    seconds=self.clock() - t0)
+            self._current = None
+        told, not_told = self._tell_sites(cancel)
+        repository.note_cancel_delivered(self.engine, plan.run_id, told=told,
+                                         not_told=not_told)
+        repository.finish_run(self.engine, plan.run_id, status="cancelled", reason=str(cancel))
+
+    def _tell_sites(self, cancel: RunCancelled) -> tuple[list[str], dict[str, str]]:
+        """Send every online site of the run the cancellation; wait (bounded) for acks.
+
+        Returns:
+            The sites that acknowledged it, and the others with why not.
+        """
+        plan = self.plan
+        wait = max(1.0, min(plan.round_deadline_s, CANCEL_NOTIFY_MAX_S))
+        not_told: dict[str, str] = {}
+        told: list[str] = []
+        try:
+            nodes = self._site_nodes()
+            for site in sorted(set(plan.sites) - set(nodes.values())):
+                not_told[site] = "offline"
+            config = ConfigRecord({**plan.task_config(0, train=False),
+                                   CANCEL_BY: cancel.by[:64], CANCEL_REASON: cancel.reason[:500]})
+            msgs = [Message(content=RecordDict({TASK_CONFIG: config}), dst_node_id=node_id,
+                            message_type=CANCEL_MESSAGE_TYPE,
+                            group_id=f"run-{plan.run_id}-cancel", ttl=wait)
+                    for node_id in nodes]
+            ids = list(self.grid.push_messages(msgs))
+            pending = {mid: nodes[m.metadata.dst_node_id]
+                       for mid, m in zip(ids, msgs, strict=True) if mid}
+            deadline = self.clock() + wait
+            while pending and self.clock() < deadline:
+                for reply in self.grid.pull_messages(list(pending)):
+                    answered = pending.pop(reply.metadata.reply_to_message_id, None)
+                    if answered is None:
+                        continue
+                    if reply.has_error():
+                        not_told[answered] = (reply.error.reason or "error").splitlines()[0][:300]
+                    else:
+                        told.append(answered)
+                if pending:
+                    time.sleep(_POLL_S)
+            for site in pending.values():
+                not_told[site] = f"no answer within {wait:.0f} s"
+        except Exception as err:  # the run ends cancelled whatever the Grid does
+            log.error("run %s: could not tell every site of the cancellation: %s",
+                      plan.run_id, err)
+            for site in plan.sites:
+                if site not in told:
+                    not_told.setdefault(site, f"not told: {str(err)[:200]}")
+        return sorted(told), dict(sorted(not_told.items()))
 
     # -- pieces ------------------------------------------------------------------------
 
@@ -386,6 +491,7 @@ class RoundLoop:
         recorded_waiting = False
         t0 = self.clock()
         while True:
+            self._check_cancel()
             now_s = self.clock()
             past_limit = now_s >= limit
             nodes = self._site_nodes()
@@ -539,6 +645,7 @@ class RoundLoop:
         while len(nodes) < len(plan.sites) and self.clock() < deadline:
             if len(nodes) >= plan.min_sites and self.clock() >= t0 + grace:
                 break  # enough sites; an offline one does not hold the round longer
+            self._check_cancel()
             time.sleep(_ONLINE_POLL_S)
             nodes = self._site_nodes()
         return nodes, self.clock() - t0
@@ -599,6 +706,7 @@ class RoundLoop:
         replies: dict[str, Message] = {}
         lost: dict[str, float] = {}   # site -> when the SuperLink called it unavailable
         while (pending or lost) and self.clock() < deadline:
+            self._check_cancel()
             if lost:
                 pending.update(self._resend_to_reconnected(lost, flat, config, number,
                                                            train=train, deadline=deadline))
@@ -637,7 +745,9 @@ class RoundLoop:
         plan = self.plan
         t0 = self.clock()
         deadline = t0 + plan.round_deadline_s
+        self._check_cancel(now=True)
         repository.start_round(self.engine, plan.run_id, number)
+        self._current = (number, t0)
         nodes, waited = self._wait_for_sites(deadline)
         offline = sorted(set(plan.sites) - set(nodes.values()))
         failed: list[dict[str, str]] = [
@@ -733,6 +843,7 @@ class RoundLoop:
         repository.finish_round(self.engine, plan.run_id, number, status="completed",
                                 participating=participating, failed=failed, late=late,
                                 seconds=self.clock() - t0, update_digests=received)
+        self._current = None
         repository.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
         log.info("round %s done in %.2f s with %s", number, self.clock() - t0, participating)
         return new
@@ -793,6 +904,7 @@ class RoundLoop:
     def _fail_round(self, number: int, t0: float, participating: list[str],
                     failed: list[dict[str, str]], late: list[str],
                     received: dict[str, str] | None = None) -> None:
+        self._current = None
         repository.finish_round(self.engine, self.plan.run_id, number, status="failed",
                                 participating=participating, failed=failed, late=late,
                                 seconds=self.clock() - t0, update_digests=received)

@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
-from coordinator import repository
+from coordinator import repository, run_control
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.gateway import GatewayConfig, SiteGateway
@@ -340,6 +340,10 @@ class Coordinator:
                 self._orphan_since.clear()
                 self.resume_interrupted_runs(why)
                 continue
+            try:  # cancelled runs that no round loop ended in time (coordinator.run_control)
+                run_control.enforce_cancellations(self.engine, self._control())
+            except Exception as err:  # a SuperLink that is restarting, a busy database
+                log.warning("could not check the cancelled runs: %s", err)
             if time.monotonic() - last_orphan_check >= ORPHAN_CHECK_S:
                 last_orphan_check = time.monotonic()
                 try:

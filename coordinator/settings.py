@@ -58,6 +58,9 @@ class Settings(BaseSettings):
             ``metrics_token_file``.
         metrics_port: Its TCP port (0: pick a free one; -1: no metrics listener).
         metrics_token_file: A file holding the bearer token Prometheus must present.
+        max_concurrent_runs: How many runs may be pending or running at once on this
+            coordinator; a launch beyond it is refused (429) naming the runs that hold it.
+        max_concurrent_runs_per_project: The same limit per project.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -79,6 +82,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=8601, ge=-1, le=65535)
     metrics_token_file: Path | None = None
+    # Every run holds a ServerApp process (about 150 MiB) and its sites' attention.
+    max_concurrent_runs: int = Field(default=4, ge=1, le=1000)
+    max_concurrent_runs_per_project: int = Field(default=2, ge=1, le=1000)
 
     @field_validator("home")
     @classmethod

@@ -20,6 +20,10 @@ __all__ = [
     "ADMISSION_ACTION",
     "ADMISSION_MESSAGE_TYPE",
     "ALLOWED_REPLY_METRICS",
+    "CANCEL_ACTION",
+    "CANCEL_BY",
+    "CANCEL_MESSAGE_TYPE",
+    "CANCEL_REASON",
     "CFG",
     "FINGERPRINT_KEYS",
     "MEMBERSHIP_FIGURES",
@@ -122,6 +126,15 @@ def update_digest(arrays: Mapping[str, np.ndarray]) -> str:
 # with SiteErrorCode.PENDING_APPROVAL or REFUSED_POLICY and the reason.
 ADMISSION_ACTION: Final = "admission"
 ADMISSION_MESSAGE_TYPE: Final = f"query.{ADMISSION_ACTION}"
+
+# Cancellation: "this run was cancelled; stop working on it". A Flower query message with
+# this action carries only TASK_CONFIG (the run's settings plus CANCEL_BY and
+# CANCEL_REASON); the site records it in its audit log, drops the run's warm state and
+# answers with an empty reply (nothing leaves).
+CANCEL_ACTION: Final = "cancel"
+CANCEL_MESSAGE_TYPE: Final = f"query.{CANCEL_ACTION}"
+CANCEL_BY: Final = "cancelled-by"          # who cancelled the run (a user name, str)
+CANCEL_REASON: Final = "cancel-reason"     # why (str, at most 500 characters)
 
 
 _RUN: Final = wire_keys(RunPlan)

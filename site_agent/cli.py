@@ -39,6 +39,23 @@ app.command("fingerprint")(fingerprint)
 console = Console()
 err_console = Console(stderr=True)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        import fedward
+
+        print(f"fedward-site {fedward.__version__} (commit {fedward.code_revision()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="print the version and the commit it was built from, then exit")] = False
+                  ) -> None:
+    """Fedward site agent: configure, check data, run."""
+
+
 DirOpt = Annotated[Path, typer.Option("--dir", help="the site's data directory")]
 
 

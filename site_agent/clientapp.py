@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedward.wire import (
     ADMISSION_ACTION,
+    CANCEL_ACTION,
     CFG,
     PACKED,
     REPLY_ARRAYS,
@@ -128,6 +129,12 @@ def parity(msg: Message, context: Context) -> Message:
 def admission(msg: Message, context: Context) -> Message:
     """Say whether the site's policy accepts the run (before round 1; no data, no charge)."""
     return _relay(msg, context, "admission")
+
+
+@app.query(CANCEL_ACTION)
+def cancel(msg: Message, context: Context) -> Message:
+    """The coordinator cancelled the run: the site audits it (nothing leaves but an ack)."""
+    return _relay(msg, context, "cancel")
 
 
 @app.evaluate()

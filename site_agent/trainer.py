@@ -42,7 +42,7 @@ import torch
 from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
 from fedward.tasks import get_task
-from fedward.wire import CFG, MSG, SiteErrorCode, update_digest
+from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG, MSG, SiteErrorCode, update_digest
 from privacy import (
     BudgetExceededError,
     LedgerCorruptError,
@@ -225,6 +225,8 @@ class WarmTrainer:
     # coordinator asks a waiting site again every few seconds; only changes are recorded.
     _admission_answers: dict[str, tuple[int | None, str | None]] = field(
         default_factory=dict, init=False, repr=False)
+    # Runs whose cancellation is in the audit log already (the message may come twice).
+    _cancelled_runs: set[str] = field(default_factory=set, init=False, repr=False)
     # Held while privacy accounting for a coming round is computed in the background
     # (see _warm); a task waits for it instead of computing the same thing twice.
     _warm_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
@@ -344,6 +346,8 @@ class WarmTrainer:
             round_number = 0  # for the audit only: _train refuses the task as malformed
         if kind == "admission":
             return self._admission(config, run_id)
+        if kind == "cancel":
+            return self._cancelled(config, run_id)
         try:
             if kind not in ("train", "evaluate", "parity"):
                 raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
@@ -412,6 +416,22 @@ class WarmTrainer:
         if code is not None:
             return {"error": {"code": code, "reason": reason}}, {}
         return {"status": {MSG.STATUS: MSG.ACCEPTED}}, {}
+
+    def _cancelled(self, config: dict[str, Any], run_id: str
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Record that the coordinator cancelled a run; answer with an empty reply.
+
+        No data is touched and nothing leaves: the answer only tells the coordinator the
+        message arrived. The entry is written once per run (a repeated message adds none).
+        """
+        if run_id not in self._cancelled_runs:
+            self.audit("run-cancelled", {
+                "run": run_id, "project": str(config.get(CFG.PROJECT, "?")),
+                "by": str(config.get(CANCEL_BY, "?"))[:64],
+                "reason": str(config.get(CANCEL_REASON, ""))[:500]})
+            self._cancelled_runs.add(run_id)
+            self._admission_answers.pop(run_id, None)
+        return {}, {}
 
     def _admit(self, config: dict[str, Any]) -> Admission | None:
         """Apply the site gate; None when the trainer runs without one."""

@@ -180,7 +180,7 @@ class Federation:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             run = self.api("GET", f"/runs/{run_id}").json()
-            if run["status"] in ("completed", "failed", "stopped"):
+            if run["status"] in ("completed", "failed", "stopped", "cancelled"):
                 return dict(run)
             time.sleep(0.5)
         raise AssertionError(f"run {run_id} did not end within {timeout} s")

@@ -417,7 +417,7 @@ def test_start_round_twice_is_one_row(engine: Engine, make_run: Callable[..., in
 
 def test_finish_round_validates_input(engine: Engine, make_run: Callable[..., int]) -> None:
     run_id = make_run()
-    with pytest.raises(ValueError, match="completed or failed"):
+    with pytest.raises(ValueError, match="completed, failed or cancelled"):
         finish_round(engine, run_id, 1, status="running", participating=[], failed=[],
                      late=[], seconds=1)
     with pytest.raises(ValueError, match="lacks phase, reason"):

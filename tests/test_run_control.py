@@ -1,0 +1,337 @@
+"""Run control without Flower: the cancel route, run limits, the coordinator's cancellation
+backstop, and what the CLI computes (wait's exit codes, launch --from, compare).
+
+The whole path with Flower, site agents and processes is in
+``tests/test_run_control_integration.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from coordinator import run_cli
+from coordinator.api import create_app
+from coordinator.models import Run
+from coordinator.repository import cancel_request, finish_run, mark_run_started
+from coordinator.run_control import enforce_cancellations
+from coordinator.settings import Settings
+from fedward.flower.control import FlowerRunState
+
+from test_coordinator_api import (  # noqa: F401 - fixtures
+    FakeLauncher,
+    TestClient,
+    api,
+    engine,
+    run_body,
+    setup_registered_sites,
+    token_for,
+)
+
+
+@pytest.fixture
+def client_with(tmp_path: Path, engine: Engine  # noqa: F811 - the fixture above
+                ) -> Iterator[Callable[..., tuple[TestClient, FakeLauncher]]]:
+    """Factory: a TestClient whose settings take ``overrides``, with a launcher that
+    marks each run started as its ServerApp would."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> tuple[TestClient, FakeLauncher]:
+        launcher = FakeLauncher(engine, serverapp_first=True)
+        settings = Settings(home=tmp_path / "home", **overrides)
+        client = TestClient(create_app(settings=settings, engine=engine, launcher=launcher,
+                                       registrar=_Registrar()))
+        client.__enter__()
+        clients.append(client)
+        return client, launcher
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+class _Registrar:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def register(self, public_key: str, name: str) -> str:
+        self.n += 1
+        return str(100 + self.n)
+
+    def unregister(self, node_id: str) -> None:
+        return None
+
+
+def _ready(client: TestClient, headers: dict[str, str], *projects: str) -> None:
+    for project in projects:
+        assert client.post(api("/projects"), json={"name": project},
+                           headers=headers).status_code == 201
+    setup_registered_sites(client, headers, ["site-a", "site-b"])
+
+
+def test_cancel_records_who_and_why_and_refuses_an_ended_run(
+        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,  # noqa: F811
+        token_for: Callable[..., dict[str, str]]) -> None:  # noqa: F811
+    client, _ = client_with()
+    alice, bob, reviewer = token_for("ml_engineer"), token_for("admin"), token_for("reviewer")
+    _ready(client, alice, "oncology")
+    run_id = client.post(api("/runs"), json=run_body(), headers=alice).json()["id"]
+
+    r = client.post(api(f"/runs/{run_id}/cancel"), json={"reason": "x"}, headers=reviewer)
+    assert r.status_code == 403 and "ml_engineer" in r.json()["detail"]
+    r = client.post(api(f"/runs/{run_id}/cancel"), json={"reason": ""}, headers=alice)
+    assert r.status_code == 422 and r.json()["message"].startswith("reason:")
+    assert client.post(api("/runs/999/cancel"), json={"reason": "x"},
+                       headers=alice).status_code == 404
+    assert cancel_request(engine, run_id) is None
+
+    r = client.post(api(f"/runs/{run_id}/cancel"), json={"reason": "wrong cohort"},
+                    headers=alice)
+    assert r.status_code == 202, r.text
+    run = r.json()
+    assert run["status"] == "running"   # the round loop ends it
+    assert (run["cancelled_by"], run["cancel_reason"]) == ("ml_engineer-0", "wrong cohort")
+    assert run["cancel_requested_at"]
+    # A second request while it ends: accepted, the first who and why stand.
+    again = client.post(api(f"/runs/{run_id}/cancel"), json={"reason": "other"}, headers=bob)
+    assert again.status_code == 202 and again.json()["cancel_reason"] == "wrong cohort"
+    assert cancel_request(engine, run_id) == ("ml_engineer-0", "wrong cohort")
+
+    finish_run(engine, run_id, status="cancelled", reason="cancelled by ml_engineer-0: "
+                                                           "wrong cohort")
+    shown = client.get(api(f"/runs/{run_id}"), headers=alice).json()
+    assert (shown["status"], shown["cancelled_by"]) == ("cancelled", "ml_engineer-0")
+    r = client.post(api(f"/runs/{run_id}/cancel"), json={"reason": "x"}, headers=alice)
+    assert r.status_code == 409
+    assert r.json()["detail"].startswith(f"run {run_id} has already ended (cancelled at ")
+    assert "only a pending or running run can be cancelled" in r.json()["detail"]
+    # A completed run: 409 too.
+    done_id = client.post(api("/runs"), json=run_body(), headers=alice).json()["id"]
+    finish_run(engine, done_id, status="completed", reason=None)
+    r = client.post(api(f"/runs/{done_id}/cancel"), json={"reason": "x"}, headers=alice)
+    assert r.status_code == 409 and "(completed at " in r.json()["detail"]
+    audit = client.get(api("/audit"), params={"limit": 500}, headers=bob).json()["items"]
+    requested = [e for e in audit if e["action"] == "run.cancel_requested"]
+    assert [(e["actor"], e["subject"], e["detail"]["reason"]) for e in requested] == [
+        ("ml_engineer-0", f"run:{run_id}", "wrong cohort")]
+    # A cancelled run is never resumed.
+    with pytest.raises(ValueError, match="already finished"):
+        mark_run_started(engine, run_id, "999")
+
+
+def test_run_limits_refuse_with_the_limit_and_the_runs_holding_it(
+        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,  # noqa: F811
+        token_for: Callable[..., dict[str, str]]) -> None:  # noqa: F811
+    client, launcher = client_with(max_concurrent_runs=3, max_concurrent_runs_per_project=2)
+    headers = token_for("ml_engineer")
+    _ready(client, headers, "oncology", "cardio")
+    first, second = (client.post(api("/runs"), json=run_body(), headers=headers).json()["id"]
+                     for _ in range(2))
+    r = client.post(api("/runs"), json=run_body(), headers=headers)
+    assert r.status_code == 429, r.text
+    assert r.json()["detail"] == (
+        "run limit reached: at most 2 runs at once in project 'oncology' (setting "
+        f"FEDWARD_MAX_CONCURRENT_RUNS_PER_PROJECT); held by run {first} (oncology, running), "
+        f"run {second} (oncology, running); wait for one of them to end, or cancel one "
+        "(`fedward-coordinator cancel RUN --reason TEXT`)")
+    third = client.post(api("/runs"), json=run_body(project="cardio"), headers=headers)
+    assert third.status_code == 201
+    # A run being cancelled still holds its place; the coordinator-wide limit names all.
+    client.post(api(f"/runs/{first}/cancel"), json={"reason": "make room"}, headers=headers)
+    r = client.post(api("/runs"), json=run_body(project="cardio"), headers=headers)
+    assert r.status_code == 429
+    assert r.json()["detail"].startswith(
+        f"run limit reached: at most 3 runs at once on this coordinator (setting "
+        f"FEDWARD_MAX_CONCURRENT_RUNS); held by run {first} (oncology, cancelling), run "
+        f"{second} (oncology, running), run {third.json()['id']} (cardio, running);")
+    # Nothing was written for the refused launches.
+    with Session(engine) as session:
+        assert session.get(Run, third.json()["id"] + 1) is None
+    assert len(launcher.launched) == 3
+    finish_run(engine, first, status="cancelled", reason="cancelled")
+    assert client.post(api("/runs"), json=run_body(), headers=headers).status_code == 201
+
+
+class _Control:
+    """The two control calls the cancellation backstop makes, recorded (the Flower side of
+    this path runs for real in the integration test)."""
+
+    def __init__(self, runs: dict[int, FlowerRunState]) -> None:
+        self.runs = runs
+        self.stopped: list[int] = []
+
+    def training_runs(self) -> dict[int, FlowerRunState]:
+        return self.runs
+
+    def stop_run(self, flwr_run_id: int) -> None:
+        self.stopped.append(flwr_run_id)
+
+
+def test_backstop_stops_a_flower_run_past_its_deadline_and_ends_runs_without_one(
+        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,  # noqa: F811
+        token_for: Callable[..., dict[str, str]]) -> None:  # noqa: F811
+    client, _ = client_with()
+    headers = token_for("ml_engineer")
+    _ready(client, headers, "oncology")
+    hung, orphan = (client.post(api("/runs"), json=run_body(round_deadline_s=30),
+                                headers=headers).json()["id"] for _ in range(2))
+    for run_id in (hung, orphan):
+        client.post(api(f"/runs/{run_id}/cancel"), json={"reason": "stop"}, headers=headers)
+    with Session(engine) as session:
+        row = session.get(Run, hung)
+        assert row is not None and row.cancel_requested_at is not None
+        asked = row.cancel_requested_at
+    control = _Control({hung: FlowerRunState(flwr_run_id=4242, status="running",
+                                             sub_status="", details="")})
+    # Within the grace (and, for a live Flower run, the round deadline): the round loop's turn.
+    assert enforce_cancellations(engine, control, now=asked + timedelta(seconds=4)) == []  # type: ignore[arg-type]
+    assert enforce_cancellations(engine, control, now=asked + timedelta(seconds=6)) == [orphan]  # type: ignore[arg-type]
+    assert enforce_cancellations(engine, control, now=asked + timedelta(seconds=34)) == []  # type: ignore[arg-type]
+    assert control.stopped == []
+    assert enforce_cancellations(engine, control, now=asked + timedelta(seconds=36)) == [hung]  # type: ignore[arg-type]
+    assert control.stopped == [4242]
+    runs = {r["id"]: r for r in client.get(api("/runs"), headers=headers).json()}
+    assert runs[orphan]["status"] == runs[hung]["status"] == "cancelled"
+    assert runs[orphan]["failure_reason"] == (
+        "cancelled by ml_engineer-0: stop (no ServerApp was executing it: ended by the "
+        "coordinator; sites not told)")
+    assert "the coordinator stopped Flower run 4242" in runs[hung]["failure_reason"]
+
+
+# --- the CLI's computations -------------------------------------------------------------
+
+
+class _Api:
+    """Answers GET /runs/{id} from a list of states, one per call."""
+
+    def __init__(self, states: list[str]) -> None:
+        self.states = states
+        self.calls = 0
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        state = self.states[min(self.calls, len(self.states) - 1)]
+        self.calls += 1
+        return {"id": 7, "status": state}
+
+
+@pytest.mark.parametrize(("final", "code"), [("completed", 0), ("failed", 3),
+                                             ("cancelled", 4), ("stopped", 5)])
+def test_wait_exit_codes_are_distinct_per_outcome(final: str, code: int) -> None:
+    now = [0.0]
+    got, run = run_cli.wait_for_run(_Api(["pending", "running", final]), 7, timeout=60,
+                                    clock=lambda: now[0],
+                                    sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert (got, run["status"]) == (code, final)
+    assert set(run_cli.WAIT_EXIT_HELP) == {0, 1, 2, 3, 4, 5, 6}   # each has its help text
+
+
+def test_wait_times_out_with_its_own_code() -> None:
+    now = [0.0]
+    api_ = _Api(["running"])
+    got, _ = run_cli.wait_for_run(api_, 7, timeout=10, interval=3, clock=lambda: now[0],
+                                  sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert got == run_cli.WAIT_TIMED_OUT == 6
+    assert api_.calls == 5   # 0, 3, 6, 9, 10 s
+
+
+def _run(run_id: int, **config: Any) -> dict[str, Any]:
+    base = {"rounds": 3, "epsilon": 3.0, "lr": 0.05, "sites": ["a", "b"], "seed": 0}
+    return {"id": run_id, "project": "onc", "task": "breast_cancer_mlp", "status": "completed",
+            "failure_reason": None, "config": {**base, **config}}
+
+
+def test_relaunch_body_keeps_the_recorded_config_and_applies_overrides() -> None:
+    body = run_cli.relaunch_body(_run(3), {"rounds": 8, "sites": ["a"]})
+    assert body == {"project": "onc", "task": "breast_cancer_mlp", "rounds": 8, "epsilon": 3.0,
+                    "lr": 0.05, "sites": ["a"], "seed": 0}
+
+
+def test_compare_shows_config_differences_and_metrics_in_80_columns() -> None:
+    def metrics(acc: list[float]) -> dict[str, Any]:
+        rounds: list[dict[str, Any]] = [
+            {"round": i + 1, "sites": {"a": {"eval-accuracy": v, "epsilon-spent": 1.0 + i},
+                                       "b": {"eval-accuracy": v + 0.1}}}
+            for i, v in enumerate(acc)]
+        rounds[-1]["sites"]["a"]["final-eval-accuracy"] = acc[-1] + 0.2
+        return {"rounds": rounds}
+
+    data = run_cli.compare_runs(_run(1), metrics([0.5, 0.6]),
+                                _run(2, rounds=3, lr=0.1, sites=["a", "b", "c" * 90]),
+                                metrics([0.7, 0.8, 0.9]))
+    assert data["config"] == {"lr": {"a": 0.05, "b": 0.1},
+                              "sites": {"a": ["a", "b"], "b": ["a", "b", "c" * 90]}}
+    assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    assert data["rounds"][0]["a"]["eval-accuracy"] == pytest.approx(0.55)
+    assert data["rounds"][2]["a"]["eval-accuracy"] is None   # A had two rounds
+    assert data["final"]["final-eval-accuracy"] == {"a": pytest.approx(0.8),
+                                                    "b": pytest.approx(1.1)}
+    text = run_cli.render_comparison(data, width=80)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    assert "lr" in text and "0.05" in text and "0.1" in text
+    assert "  final-eval-accuracy" in text and "0.300" in text   # B - A
+
+
+def test_version_line_names_the_build() -> None:
+    import fedward
+
+    line = run_cli.version_line("fedward-coordinator")
+    assert line == (f"fedward-coordinator {fedward.__version__} "
+                    f"(commit {fedward.code_revision()})")
+
+
+# --- the site's side of a cancel ---------------------------------------------------------
+
+
+def test_site_audits_a_cancel_once_and_answers_with_nothing(tmp_path: Path) -> None:
+    from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG
+    from privacy import PrivacyLedger
+    from site_agent.audit import AuditLog, read_entries
+    from site_agent.trainer import WarmTrainer
+
+    log = AuditLog(tmp_path / "audit.log")
+    # No data loaded: a cancel touches none, and the site's data check does not stop it.
+    trainer = WarmTrainer(site_name="hospital-a", task="breast_cancer_mlp", data=None,
+                          ledger=PrivacyLedger(tmp_path / "ledger.sqlite"),
+                          replies_dir=tmp_path / "replies", audit=log,
+                          data_failure={"problems": []})
+    config = {CFG.RUN_ID: "7", CFG.PROJECT: "oncology", CANCEL_BY: "alice",
+              CANCEL_REASON: "wrong cohort"}
+    for _ in range(2):   # the message may arrive twice: one entry
+        reply, out = trainer.handle({"kind": "cancel", "config": config}, {})
+        assert (reply, out) == ({}, {})   # passed the egress guard: nothing leaves
+    entries, verdict = read_entries(log.path)
+    assert verdict.intact
+    assert [(e.action, e.detail) for e in entries] == [
+        ("run-cancelled", {"run": "7", "project": "oncology", "by": "alice",
+                           "reason": "wrong cohort"})]
+
+
+def test_both_clis_print_their_version() -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app as coordinator_app
+    from site_agent.cli import app as site_app
+
+    for program, cli in (("fedward-coordinator", coordinator_app), ("fedward-site", site_app)):
+        out = CliRunner().invoke(cli, ["--version"])
+        assert out.exit_code == 0, out.output
+        assert out.output.strip() == run_cli.version_line(program)
+
+
+def test_launch_needs_project_task_and_epsilon_unless_from(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app as coordinator_app
+
+    # Nothing listens on port 9 (discard): the options are checked before any request.
+    out = CliRunner().invoke(coordinator_app, ["launch", "--task", "breast_cancer_mlp",
+                                               "--api", "http://127.0.0.1:9",
+                                               "--home", str(tmp_path)])
+    assert out.exit_code == 2
+    assert "--project, --epsilon needed (or --from RUN" in out.output
