@@ -425,7 +425,7 @@ def test_launch_passes_aggregation_options_and_shows_why_bad_ones_are_refused(
     monkeypatch.setattr(cli, "_client", in_process)
     runner = CliRunner()
     base = ["launch", "--project", "oncology", "--task", "breast_cancer_mlp",
-            "--aggregation", "fedadam"]
+            "--epsilon", "3", "--aggregation", "fedadam"]
 
     ok = runner.invoke(cli.app, [*base, "--aggregation-option", "server_lr=0.05",
                                  "--aggregation-option", "bias_correction=true", "--json"])

@@ -884,7 +884,7 @@ def trainer_site(data: object, root: Path, *, scale: float = 1.0) -> SiteFn:
     from site_agent.trainer import WarmTrainer
 
     trainer = WarmTrainer(site_name=root.name, task="breast_cancer_mlp", data=data,  # type: ignore[arg-type]
-                          ledger=PrivacyLedger(root / "privacy-ledger.json"),
+                          ledger=PrivacyLedger(root / "privacy-ledger.sqlite"),
                           replies_dir=root / "replies")
 
     def answer(msg: Message) -> Message:
