@@ -43,10 +43,10 @@ CLINICIAN = Path("docs/clinician.md")
 GUIDES = (README, ML, OPERATOR, CLINICIAN)
 SITES = ("hospital-a", "hospital-b")
 
-BLOCK_TIMEOUT_S = 240.0     # one block (a `watch` of a whole run is the longest)
-TOTAL_TIMEOUT_S = 1200.0    # the whole reading (measured: ~? s on a loaded 2-core machine)
+BLOCK_TIMEOUT_S = 420.0     # one block (`watch` of a whole run, `release propose` are the longest)
+TOTAL_TIMEOUT_S = 1500.0    # the whole reading (measured: about 1200 s at a load of 25 on 2 cores)
 READY_TIMEOUT_S = 120.0     # a background block's ready line
-LIFETIME_S = 900            # no process the test starts outlives this
+LIFETIME_S = int(TOTAL_TIMEOUT_S) + 300   # no process the test starts outlives this
 
 # The order a reader follows: (reader, file, sections). A section is a heading below the
 # file's title, or "Heading > Subheading" for a part of it; "" is the text above the first
@@ -145,8 +145,11 @@ def _script(reading: Reading, reader: Reader, block: Block, text: str, number: i
     save = (f'for __v in $(compgen -v); do case " {reading.base_vars} " in *" $__v "*) ;; '
             f'*) declare -p "$__v" 2>/dev/null ;; esac; done > {reader.state}.new && '
             f'mv {reader.state}.new {reader.state}')
-    wrapper.write_text(f"set -eo pipefail\nsource {reader.state}\ncd {reader.cwd}\n"
-                       f"source {body}\n{save}\n")
+    # The ERR trap names the line of the block whose command failed (for a command
+    # continued over several lines, its last line).
+    trap = """trap 'echo "guide-test: line $LINENO failed" >&2' ERR"""
+    wrapper.write_text(f"set -eo pipefail\nsource {reader.state}\ncd {reader.cwd}\n{trap}\n"
+                       f"source {body}\ntrap - ERR\n{save}\n")
     return wrapper
 
 
@@ -160,7 +163,9 @@ def _fail(block: Block, message: str, output: str, body_line: int | None = None)
 
 
 def _failing_line(output: str, script: str) -> int | None:
-    m = re.search(re.escape(script) + r": line (\d+):", output)
+    """The block's line that failed, from bash's own message or the ERR trap's."""
+    m = (re.search(re.escape(script) + r": line (\d+):", output)
+         or re.search(r"guide-test: line (\d+) failed", output))
     return int(m.group(1)) if m else None
 
 
@@ -299,6 +304,34 @@ def test_placeholders_and_synopses_are_refused(tmp_path: Path) -> None:
         read_blocks(md)
 
 
+def test_the_harness_keeps_shell_state_pastes_and_names_the_failing_line(
+        tmp_path: Path) -> None:
+    """Variables carry over, a copied value is pasted, a background block is stopped, and a
+    failing command is reported with its file and line."""
+    md = tmp_path / "g.md"
+    md.write_text("# G\n\n<!-- guide-test: copy SECRET=tok-[a-z]+ -->\n```\n"
+                  "X=42\necho tok-abc\n```\n\n<!-- guide-test: paste SECRET -->\n```\n"
+                  "read -r Y\ntest \"$X $Y\" = \"42 tok-abc\"\n```\n\n"
+                  "<!-- guide-test: background ready=serving -->\n```\n"
+                  "echo serving; sleep 600\n```\n\n```\necho one\nfalse\necho two\n```\n")
+    blocks = read_blocks(md, root=tmp_path)
+    base = subprocess.run(["bash", "-c", "compgen -v"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    reading = Reading(work=tmp_path, base_vars=" ".join([*base, "__v"]))
+    reader = Reader("r", tmp_path / "desk", {"PATH": os.environ["PATH"]}, {})
+    try:
+        for b in blocks[:3]:
+            run_block(reading, reader, b)
+        bg = reading.background[0][1]
+        assert bg.poll() is None
+        with pytest.raises(pytest.fail.Exception, match=r"g.md:22 \(line 2 of the block at "
+                                                        r"g.md:20"):
+            run_block(reading, reader, blocks[3])
+    finally:
+        reading.stop_all()
+    assert bg.poll() is not None
+
+
 def test_the_cli_names_home_and_token_settings_on_a_401(tmp_path: Path) -> None:
     """`fedward-coordinator sites` without the data directory: the 401 says what to set."""
     from coordinator.api import create_app
@@ -401,7 +434,7 @@ def _clinician_downloads(reader: Reader, ml: Reader) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(TOTAL_TIMEOUT_S + 120)
+@pytest.mark.timeout(TOTAL_TIMEOUT_S + 240)
 def test_the_guides_run_as_written(reading: Reading) -> None:
     """Every command block of the guides, in reading order, against real processes."""
     blocks = all_blocks()
