@@ -87,9 +87,12 @@ class CoordinatorUnreachable(Exception):
 class ApiClient:
     """A thin REST client that turns HTTP errors into one readable message."""
 
-    def __init__(self, base: str, token: str | None) -> None:
+    def __init__(self, base: str, token: str | None, *, token_source: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base = base.rstrip("/")
+        # Where the token came from, for the 401 message: a reader who forgot --home after
+        # `init --home` must learn which file was looked at and how to point elsewhere.
+        self.token_source = token_source
         self._http = httpx.Client(base_url=self.base + "/api/v1", headers=headers, timeout=30)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -118,8 +121,19 @@ class ApiClient:
                 msg = detail.get("message") or detail.get("detail")
             except ValueError:
                 msg = r.text
+            if r.status_code == 401:
+                msg = f"{msg}. {self._token_hint()}"
             _fail(f"{method} {path} -> {r.status_code}: {msg}")
         return r.json() if r.content else None
+
+    def _token_hint(self) -> str:
+        """What to do about a refused or missing API token (a 401)."""
+        where = f"The API token sent came from {self.token_source or 'the caller'}. "
+        return (where + "Give one with --token or FEDWARD_TOKEN; on the coordinator host, the "
+                "admin token is read from the data directory given with --home or "
+                "FEDWARD_HOME (the one `fedward-coordinator init --home` created), e.g. "
+                "`export FEDWARD_HOME=/var/lib/fedward/coordinator`; a token that expired or "
+                "was revoked: `fedward-coordinator admin-token --home DIR`")
 
 
 def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
@@ -127,12 +141,20 @@ def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
     settings = _settings(home)
     if base is None:
         base = f"http://{settings.api_host}:{settings.api_port}"
-    tok = token or os.environ.get("FEDWARD_TOKEN")
-    if tok is None:
+    source: str | None = None
+    tok = token
+    if tok is not None:
+        source = "--token"
+    elif (tok := os.environ.get("FEDWARD_TOKEN")) is not None:
+        source = "FEDWARD_TOKEN"
+    else:
         f = settings.home / ADMIN_TOKEN_FILE
         if f.exists():
             tok = f.read_text().strip()
-    return ApiClient(base, tok)
+            source = f"the admin token file {f}"
+        else:
+            source = f"nowhere: no --token, no FEDWARD_TOKEN and no admin token file at {f}"
+    return ApiClient(base, tok, token_source=source)
 
 
 @app.command()
