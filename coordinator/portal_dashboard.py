@@ -28,7 +28,7 @@ from markupsafe import Markup
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from coordinator import repository
+from coordinator import presence, repository
 from coordinator.db import SessionDep
 from coordinator.models import (
     RUN_STATUSES,
@@ -383,12 +383,14 @@ def sites_page(request: Request, session: SessionDep, page: str | None = None) -
                          .offset((number - 1) * SITES_PER_PAGE).limit(SITES_PER_PAGE)).all()
     expiry = repository.certificate_expiry(session)
     epsilon = repository.site_epsilon_by_project(session)
+    seen = presence.last_seen(session)
     now = utcnow()
     rows = []
     for site in sites:
         assert site.id is not None
         ends = expiry.get(site.id)
-        rows.append({"site": site, "expires": ends,
+        rows.append({"site": site, "expires": ends, "last_seen": seen.get(site.name),
+                     "online": presence.is_online(seen.get(site.name), now=now),
                      "days_left": None if ends is None else (ends - now).days,
                      "epsilon": sorted(epsilon.get(site.name, {}).items())})
     return _page(request, "sites.html", user=user, rows=rows, total=total, page=number,

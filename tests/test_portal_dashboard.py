@@ -305,11 +305,23 @@ def test_a_live_run_shows_progress_waiting_sites_curves_epsilon_and_failures(
 
 @pytest.mark.timeout(180)
 def test_sites_page_and_who_sees_what(seeded: Seeded, browser: Any, tmp_path: Path) -> None:
+    from coordinator.presence import Presence
+
+    # hospital-a was heard from just now (as the gateway records it), hospital-b an hour ago.
+    recent = Presence(seeded.engine)
+    recent.seen("hospital-a")
+    recent.flush(force=True)
+    old = Presence(seeded.engine, clock=lambda: utcnow() - timedelta(hours=1))
+    old.seen("hospital-b")
+    old.flush(force=True)
     page = browser.new_page()
     page.set_default_timeout(15_000)
     _login(page, seeded.base, "eng", "/portal/sites")
     assert _rows(page, "Sites") == 4
     a = page.locator("#site-hospital-a")
+    assert "online" in a.locator(".presence").inner_text()
+    assert "offline" in page.locator("#site-hospital-b .presence").inner_text()
+    assert "never" in page.locator("#site-hospital-d .presence").inner_text()
     assert "registered" in a.inner_text()
     assert "(199 days)" in a.locator(".expiry").inner_text()
     assert "4 days left" in page.locator("#site-hospital-b .expiry").inner_text()
