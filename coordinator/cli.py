@@ -26,6 +26,7 @@ from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
+from coordinator.study_cli import make_study_app
 from fedward.files import atomic_write
 from fedward.roles import ADMIN
 from fedward.run_config import RunRequest
@@ -42,6 +43,7 @@ err_console = Console(stderr=True)
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
+app.add_typer(make_study_app(lambda api, token, home: _client(api, token, home)), name="study")
 
 
 def _settings(home: Path | None) -> Settings:
@@ -289,8 +291,10 @@ LAUNCH_OPTION_FIELDS: Final = {"round_deadline": "round_deadline_s",
 @app.command()
 def launch(
     project: Annotated[str, typer.Option(help="project name (created if new)")],
-    task: Annotated[str, typer.Option(help="task from the registry, e.g. breast_cancer_mlp")],
     epsilon: Annotated[float, _run_option("epsilon")],
+    task: Annotated[str | None, typer.Option(
+        help="task from the registry, e.g. breast_cancer_mlp (or --study)")] = None,
+    study: Annotated[str | None, _run_option("study")] = None,
     rounds: Annotated[int, _run_option("rounds")] = _DEF["rounds"],
     local_epochs: Annotated[int, _run_option("local_epochs")] = _DEF["local_epochs"],
     delta: Annotated[float, _run_option("delta")] = _DEF["delta"],
@@ -316,7 +320,8 @@ def launch(
     client = _client(api, token, home)
     if project not in {p["name"] for p in client.call("GET", "/projects")}:
         client.call("POST", "/projects", {"name": project})
-    given = {"project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
+    given = {"project": project, "task": task, "study": study, "rounds": rounds,
+             "local_epochs": local_epochs,
              "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
              "round_deadline": round_deadline, "lr": lr, "batch_size": batch_size,
              "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
@@ -325,6 +330,9 @@ def launch(
     # Unset optional settings are left out: the coordinator fills in the task's defaults.
     body: dict[str, Any] = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
                             if v is not None}
+    if study is not None:  # options left at their defaults take the study's own
+        body = {k: v for k, v in body.items()
+                if k not in ("local_epochs", "max_grad_norm") or v != _DEF[k]}
     if aggregation_option:
         body["aggregation_options"] = _key_values(aggregation_option, "--aggregation-option")
     run = client.call("POST", "/runs", body)
