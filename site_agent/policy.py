@@ -315,7 +315,9 @@ def _validate(raw: object) -> list[str]:
             problems.extend(_study_problems(where, spec.get("studies", [])))
             tasks = spec.get("tasks")
             # A project that only trains approved studies may list no task.
-            if not (isinstance(tasks, list) and (tasks or spec.get("studies"))):
+            studies = spec.get("studies")
+            if not (isinstance(tasks, list)
+                    and (tasks or (isinstance(studies, list) and studies))):
                 problems.append(f"{where}: tasks is {tasks!r}, expected a non-empty list of "
                                 f"task names (known: {sorted(known)})")
                 continue

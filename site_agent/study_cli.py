@@ -29,7 +29,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -66,7 +66,7 @@ def approve_study(
             f"{', '.join(spec.label.classes)}; model {spec.model.family})"
     if digest in accepted.studies:
         console.print(f"study {label} is already approved for project {project}: "
-                      f"sha256 {digest}", highlight=False)
+                      f"sha256 {digest}", highlight=False, soft_wrap=True)
         return
     projects = dict(policy.projects)
     projects[project] = replace(accepted, studies=(*accepted.studies, digest))
@@ -81,4 +81,4 @@ def approve_study(
         err_console.print(f"[bold yellow]warning:[/] the approval is in the policy but the "
                           f"audit log could not be written: {err}")
     console.print(f"study {label} approved for project {project} by {who}: sha256 {digest}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)

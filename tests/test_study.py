@@ -329,3 +329,28 @@ def test_runs_naming_no_such_or_an_untrainable_study_are_refused(
     register(client, eng, text=BC.read_text().replace("hidden: [8]", "hidden: [16]"))
     assert "changes the features, label or model of task breast_cancer_mlp" in refusal(
         study="breast_cancer_mlp@1")
+
+
+def test_the_model_card_names_the_pinned_study_and_the_class_names() -> None:
+    from coordinator.models import Project, ReleaseCandidate
+    from coordinator.releases import _model_card
+
+    digest = load_spec(BC).content_hash()
+    privacy = {"per_site": {"site-a": {"epsilon_spent": 2.5, "delta": 1e-5}},
+               "max_grad_norm": 1.0, "epsilon_budget_per_site": 3.0, "delta": 1e-5}
+    cand = ReleaseCandidate(id=1, run_id=1, round_number=2, checkpoint_sha256="0" * 64,
+                            intended_use="research", proposed_by="eng",
+                            lineage_json=json.dumps({"privacy": privacy, "evaluation": {}}))
+    config = {"study": "breast_cancer_mlp@2", "study_hash": digest}
+
+    def card(run_config: dict[str, Any]) -> dict[str, Any]:
+        run = Run(id=1, project_id=1, task="breast_cancer_mlp", launched_by="eng",
+                  config_json=json.dumps(run_config))
+        return _model_card(release_id="r1", cand=cand, run=run,
+                           project=Project(id=1, name="oncology"), approver="rev",
+                           reason="ok", approved_at="2026-12-06T00:00:00+00:00")
+
+    with_study = card(config)
+    assert with_study["study"] == {"ref": "breast_cancer_mlp@2", "sha256": digest}
+    assert with_study["input"]["classes"] == ["malignant", "benign"]
+    assert "study" not in card({})
