@@ -659,10 +659,14 @@ class SiteGate:
             if (record.project, record.task, record.study_hash) != (project, task, study_hash):
                 # A reused run id (e.g. a coordinator database started afresh) must not
                 # inherit an approval given for another run.
+                if record.study_hash is None and study_hash is None:
+                    return (f"refused-policy: run {run_id} was first seen here for project "
+                            f"{record.project}, task {record.task}; a run's project and "
+                            "task cannot change")
                 return (f"refused-policy: run {run_id} was first seen here for project "
-                        f"{record.project}, task {record.task}"
-                        + (f", study {record.study}" if record.study_hash else "")
-                        + "; a run's project, task and study cannot change")
+                        f"{record.project}, task {record.task}, study "
+                        f"{record.study or 'none'}; a run's project, task and study cannot "
+                        "change")
             if policy is None:
                 return policy_problem
             accepted = policy.projects.get(project)
