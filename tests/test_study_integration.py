@@ -24,6 +24,7 @@ SPEC = example_spec_path("breast_cancer_mlp")
 
 def test_a_study_run_waits_for_the_site_that_has_not_approved_its_hash() -> None:
     from site_agent.audit import read_entries
+    from site_agent.policy import ApprovalBook
 
     digest = load_spec(SPEC, check_dp=False).content_hash()
     site_cli = str(BIN / "fedward-site")
@@ -87,15 +88,19 @@ def test_a_study_run_waits_for_the_site_that_has_not_approved_its_hash() -> None
         careful_root = str(fed.sites[careful].root)
         run_cli([site_cli, "policy", "approve-study", str(SPEC), "--project", "test", "--dir",
                  careful_root, "--by", "it-b"])
-        deadline = time.monotonic() + 60
+        # The site now waits only for its approval of the run itself (the coordinator's
+        # view keeps the first waiting reason while the site still waits).
+        book = ApprovalBook(fed.sites[careful].root / "approvals.json")
+        deadline = time.monotonic() + 120
+        refusal = None
         while time.monotonic() < deadline:
-            reasons = [w["reason"] for w in (fed.api("GET", f"/runs/{run_id}").json()
-                                             .get("admission") or {}).get("waiting", [])]
-            if reasons and reasons[0].startswith(f"pending-approval: run {run_id}"):
+            record = book.get(str(run_id))
+            refusal = None if record is None else record.last_refusal
+            if refusal is not None and refusal.startswith(f"pending-approval: run {run_id}"):
                 break
-            time.sleep(0.3)
-        assert reasons == [f"pending-approval: run {run_id} waits for approval at site "
-                           f"{careful} (fedward-site approve {run_id})"], reasons
+            time.sleep(0.5)
+        assert refusal == (f"pending-approval: run {run_id} waits for approval at site "
+                           f"{careful} (fedward-site approve {run_id})"), refusal
         run_cli([site_cli, "approve", str(run_id), "--dir", careful_root, "--by", "it-b"])
 
         done = fed.wait_run(run_id)
