@@ -1080,27 +1080,31 @@ def launch_run(
             f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
             f"will take part ({', '.join(sites) or 'none'})",
         )
+    from coordinator.study_registry import study_run_settings
     from fedward.tasks import TASKS
 
-    task = TASKS[body.task]
     settings = body.model_dump(include=set(RunSettings.model_fields))
+    task_name, study_settings = study_run_settings(session, body, _field_error)
+    task = TASKS[task_name]
+    settings.update(study_settings)
     settings.update(
-        lr=body.lr if body.lr is not None else task.default_lr,
-        batch_size=body.batch_size if body.batch_size is not None else task.default_batch_size,
+        lr=settings["lr"] if settings["lr"] is not None else task.default_lr,
+        batch_size=(settings["batch_size"] if settings["batch_size"] is not None
+                    else task.default_batch_size),
         sites=sites,
     )
     config = RunConfig(**settings)
     assert project.id is not None
     with run_control.LAUNCH_LOCK:  # the limits hold for concurrent launches too
         run_control.check_run_limits(session, request.app.state.settings, project)
-        run = Run(project_id=project.id, task=body.task, config_json=config.model_dump_json(),
+        run = Run(project_id=project.id, task=task_name, config_json=config.model_dump_json(),
                   launched_by=user.name)
         session.add(run)
         session.flush()
         assert run.id is not None
         run_id = run.id
         append_event(session, actor=user.name, action="run.created", subject=f"run:{run_id}",
-                     detail={"project": project.name, "task": body.task,
+                     detail={"project": project.name, "task": task_name,
                              "config": config.model_dump()})
         session.commit()
     # No transaction is open while the launcher runs: the ServerApp it starts may write.
@@ -1350,6 +1354,7 @@ def create_app(
     from coordinator.portal import router as portal_router
     from coordinator.portal_dashboard import router as dashboard_router
     from coordinator.release_api import router as release_router
+    from coordinator.study_api import make_router as make_study_router
     from coordinator.users_api import router as users_router
 
     app = FastAPI(
@@ -1378,4 +1383,5 @@ def create_app(
     app.include_router(portal_router)
     app.include_router(dashboard_router)
     app.include_router(mlflow_router)
+    app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
     return app

@@ -28,6 +28,7 @@ from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
+from coordinator.study_cli import make_study_app
 from fedward.files import atomic_write
 from fedward.roles import ADMIN
 from fedward.run_config import RunRequest
@@ -47,6 +48,7 @@ WATCH_RETRY_MAX_S: Final = 15.0
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
+app.add_typer(make_study_app(lambda api, token, home: _client(api, token, home)), name="study")
 
 
 def _print_version(value: bool) -> None:
@@ -368,8 +370,9 @@ def launch(
     ctx: typer.Context,
     project: Annotated[str | None, typer.Option(help="project name (created if new)")] = None,
     task: Annotated[str | None, typer.Option(
-        help="task from the registry, e.g. breast_cancer_mlp")] = None,
+        help="task from the registry, e.g. breast_cancer_mlp (or --study)")] = None,
     epsilon: Annotated[float | None, _run_option("epsilon")] = None,
+    study: Annotated[str | None, _run_option("study")] = None,
     from_run: Annotated[int | None, typer.Option(
         "--from", metavar="RUN",
         help="launch again with this run's recorded configuration; any option given "
@@ -401,7 +404,8 @@ def launch(
     --project, --task and --epsilon are needed unless --from RUN gives them.
     """
     client = _client(api, token, home)
-    given = {"project": project, "task": task, "rounds": rounds, "local_epochs": local_epochs,
+    given = {"project": project, "task": task, "study": study, "rounds": rounds,
+             "local_epochs": local_epochs,
              "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
              "round_deadline": round_deadline, "offline_grace": offline_grace, "lr": lr,
              "batch_size": batch_size,
@@ -411,6 +415,9 @@ def launch(
     # Unset optional settings are left out: the coordinator fills in the task's defaults.
     body: dict[str, Any] = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
                             if v is not None}
+    if study is not None:  # options left at their defaults take the study's own
+        body = {k: v for k, v in body.items()
+                if k not in ("local_epochs", "max_grad_norm") or v != _DEF[k]}
     if aggregation_option:
         body["aggregation_options"] = _key_values(aggregation_option, "--aggregation-option")
     if from_run is not None:
@@ -422,7 +429,9 @@ def launch(
         if "aggregation_options" in body:
             overrides["aggregation_options"] = body["aggregation_options"]
         body = run_cli.relaunch_body(client.call("GET", f"/runs/{from_run}"), overrides)
-    missing = [f"--{k}" for k in ("project", "task", "epsilon") if body.get(k) is None]
+    missing = [f"--{k}" for k in ("project", "epsilon") if body.get(k) is None]
+    if body.get("task") is None and body.get("study") is None:
+        missing.insert(1, "--task (or --study)")
     if missing:
         _fail(f"{', '.join(missing)} needed (or --from RUN, to launch a recorded run again)",
               code=2)

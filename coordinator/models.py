@@ -39,6 +39,7 @@ __all__ = [
     "SiteCertificate",
     "SiteMetric",
     "SitePresence",
+    "Study",
     "UTCDateTime",
     "User",
     "UserCredential",
@@ -438,3 +439,26 @@ class MlflowExport(SQLModel, table=True):
     requested_at: datetime = _created()
     exported_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     result_json: str = Field(default="{}", sa_type=Text, nullable=False)
+
+
+# --- Studies (revision 0010) -------------------------------------------------------------
+
+
+class Study(SQLModel, table=True):
+    """One version of a registered study spec (:mod:`fedward.study`).
+
+    A name's versions count up from 1; each holds its spec's canonical JSON and that
+    text's SHA-256, which runs pin and site policies approve. Rows are never changed.
+    """
+
+    __tablename__ = "studies"
+    __table_args__ = (UniqueConstraint("name", "version"),
+                      UniqueConstraint("name", "content_hash"))
+
+    id: int | None = _pk()
+    name: str = Field(max_length=64, nullable=False, index=True)
+    version: int = Field(nullable=False)
+    content_hash: str = Field(max_length=64, nullable=False, index=True)
+    spec_json: str = Field(sa_type=Text, nullable=False)
+    registered_by: str = Field(max_length=64, nullable=False)
+    created_at: datetime = _created()

@@ -1038,6 +1038,7 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
     from fedward.tasks import get_task
 
     spec = get_task(run.task)
+    config: dict[str, Any] = json.loads(run.config_json)
     lineage: dict[str, Any] = json.loads(cand.lineage_json)
     gates: list[dict[str, Any]] = json.loads(cand.gates_json)
     by_name = {g["name"]: g for g in gates}
@@ -1066,7 +1067,11 @@ def _model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: P
         "intended_use": cand.intended_use,
         "input": {"name": INPUT_NAME, "columns": list(spec.feature_columns),
                   "output": OUTPUT_NAME, "n_classes": spec.n_classes,
+                  "classes": list(spec.class_names),
                   "note": "raw values in this column order; the model scales them itself"},
+        # The study version the run pinned (runs of a registry task have none).
+        **({"study": {"ref": config["study"], "sha256": config["study_hash"]}}
+           if config.get("study_hash") else {}),
         "model_version": {"run_id": cand.run_id, "round": cand.round_number,
                           "checkpoint_sha256": cand.checkpoint_sha256,
                           "candidate_id": cand.id},

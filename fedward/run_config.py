@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ROUND_KEY",
@@ -113,28 +120,51 @@ class RunSettings(BaseModel):
 class RunRequest(RunSettings):
     """A run as an ML engineer asks for it: what to train, how, with which budget, where.
 
-    ``lr`` and ``batch_size`` default to the task's own defaults; ``sites`` defaults to every
-    registered site. Unknown fields, NaN/Inf and wrong JSON types (``true`` or ``"5"`` for a
-    number) are refused, not coerced.
+    What to train is a registry ``task`` or a registered ``study`` (one of the two).
+    ``lr`` and ``batch_size`` default to the task's or the study's own defaults (a study's
+    ``local_epochs`` and ``max_grad_norm`` too, where the request leaves them out);
+    ``sites`` defaults to every registered site. Unknown fields, NaN/Inf and wrong JSON
+    types (``true`` or ``"5"`` for a number) are refused, not coerced.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     project: str = Field(min_length=1, max_length=64)
-    task: str = Field(description="A task of the shared registry (fedward.tasks.TASKS).")
+    task: str | None = Field(
+        default=None, description="A task of the shared registry (fedward.tasks.TASKS).")
+    study: str | None = Field(
+        default=None, max_length=80,
+        description="A registered study, NAME@VERSION (or NAME: its newest version); "
+        "instead of task.")
     sites: list[SiteName] | None = Field(
         default=None, min_length=1,
         description="The sites that take part (default: every registered site).")
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, value: str) -> str:
+    def _known_task(cls, value: str | None) -> str | None:
         from fedward.tasks import TASKS
 
-        if value not in TASKS:
+        if value is not None and value not in TASKS:
             known = ", ".join(sorted(TASKS))
             raise ValueError(f"unknown task {value!r} (known tasks: {known})")
         return value
+
+    @field_validator("study")
+    @classmethod
+    def _study_ref(cls, value: str | None) -> str | None:
+        from fedward.study import parse_study_ref
+
+        if value is not None:
+            parse_study_ref(value)  # ValueError says what a reference looks like
+        return value
+
+    @model_validator(mode="after")
+    def _task_or_study(self) -> RunRequest:
+        if (self.task is None) == (self.study is None):
+            raise ValueError("name what to train: a task (e.g. breast_cancer_mlp) or a "
+                             "registered study (e.g. breast_cancer_mlp@1), not both")
+        return self
 
     @field_validator("sites")
     @classmethod
@@ -153,6 +183,13 @@ class RunConfig(RunSettings):
     batch_size: Annotated[int, Wire("batch-size")] = Field(
         ge=1, le=4096, description="Expected batch size.")
     sites: list[str] = Field(description="The sites that take part.")
+    # A run of a registered study pins its version and content hash: the spec cannot change
+    # under a run, and each site's policy approves the study by this hash.
+    study: Annotated[str | None, Wire("study")] = Field(
+        default=None, description="The study the run trains, NAME@VERSION.")
+    study_hash: Annotated[str | None, Wire("study-hash")] = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the study spec's canonical form.")
 
 
 class RunPlan(RunConfig):
@@ -172,11 +209,14 @@ class RunPlan(RunConfig):
 
         Every field with a :class:`Wire` key, under that key (the run id as text), plus
         the round, and whether the site trains or only evaluates: values are ``bool``,
-        ``int``, ``float`` or ``str``, what a Flower ConfigRecord holds.
+        ``int``, ``float`` or ``str``, what a Flower ConfigRecord holds; a field that is
+        None (a run without a study) is left out.
         """
         out: dict[str, Any] = {}
         for name, key in wire_keys(type(self)).items():
             value = getattr(self, name)
+            if value is None:
+                continue
             out[key] = str(value) if name == "run_id" else value
         out[ROUND_KEY] = round_number
         out[TRAIN_KEY] = train

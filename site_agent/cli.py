@@ -19,6 +19,7 @@ from rich.table import Table
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 from site_agent.fingerprint_cli import fingerprint
 from site_agent.ledger_cli import entries_table, ledger_app
+from site_agent.study_cli import approve_study
 
 if TYPE_CHECKING:
     from privacy.budget import SiteBudget
@@ -36,6 +37,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
 app.command("fingerprint")(fingerprint)
+policy_app.command("approve-study")(approve_study)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -344,8 +346,10 @@ def policy_check(dir: DirOpt,
         return
     console.print(f"[green]site policy OK[/]: {path}")
     for name, spec in sorted(policy.projects.items()):
-        console.print(f"  project {name}: tasks {', '.join(spec.tasks)}; epsilon cap "
+        console.print(f"  project {name}: tasks {', '.join(spec.tasks) or 'none'}; epsilon cap "
                       f"{spec.epsilon_cap:g}", highlight=False)
+        for digest in spec.studies:
+            console.print(f"    study approved: sha256 {digest}", highlight=False)
     console.print(f"  approval of each new run: "
                   f"{'required' if policy.require_approval else 'not required'}")
     console.print(f"  rounds per 24 h: {policy.max_rounds_per_day or 'unlimited'}")

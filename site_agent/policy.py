@@ -16,7 +16,12 @@ policy file the site refuses every run: default-deny. Format, version 1::
      "site_epsilon_cap": 6.0}
 
 * ``projects``: the only projects the site works for; per project, the epsilon cap for all
-  of the project's runs at this site composed together, and the registry tasks accepted.
+  of the project's runs at this site composed together, the registry tasks accepted, and
+  (optional) ``studies``: the study specs approved, each by its content hash (the SHA-256
+  that ``fedward-site policy approve-study FILE`` prints and the coordinator's ``study
+  show`` lists). A run of a study is let through only if its hash is listed: a changed spec
+  has another hash and needs its own approval. Until then it waits ("pending-approval")
+  when ``require_approval`` is on, and is refused otherwise.
 * ``site_epsilon_cap`` (optional, ``null``: none): the most epsilon every run of every
   project may spend at this site, composed together. Projects that train on the same
   patients release information about the same people: a cap per project alone would let
@@ -81,7 +86,8 @@ PENDING_PREFIX: Final = "pending-approval"
 _TOP_KEYS: Final = ("version", "projects", "require_approval", "max_rounds_per_day",
                     "site_epsilon_cap")
 _REQUIRED_KEYS: Final = ("version", "projects", "require_approval")
-_PROJECT_KEYS: Final = ("epsilon_cap", "tasks")
+_PROJECT_KEYS: Final = ("epsilon_cap", "tasks", "studies")
+_HASH_CHARS: Final = frozenset("0123456789abcdef")
 _DAY: Final = timedelta(hours=24)
 
 Decision = Literal["approved", "denied"]
@@ -134,10 +140,12 @@ class ProjectPolicy:
         epsilon_cap: the most epsilon all of the project's runs may spend at this site,
             composed together.
         tasks: registry task names the site trains for this project.
+        studies: content hashes (SHA-256, hex) of the study specs approved for it.
     """
 
     epsilon_cap: float
     tasks: tuple[str, ...]
+    studies: tuple[str, ...] = ()
 
 
 def _is_number(value: object) -> bool:
@@ -215,7 +223,8 @@ class SitePolicy:
         assert isinstance(raw, dict)
         projects = {
             str(name): ProjectPolicy(epsilon_cap=float(spec["epsilon_cap"]),
-                                     tasks=tuple(str(t) for t in spec["tasks"]))
+                                     tasks=tuple(str(t) for t in spec["tasks"]),
+                                     studies=tuple(str(h) for h in spec.get("studies", ())))
             for name, spec in raw["projects"].items()
         }
         rounds = raw.get("max_rounds_per_day")
@@ -242,7 +251,8 @@ class SitePolicy:
         """The policy as written to ``policy.json``."""
         return {
             "version": self.version,
-            "projects": {name: {"epsilon_cap": p.epsilon_cap, "tasks": list(p.tasks)}
+            "projects": {name: {"epsilon_cap": p.epsilon_cap, "tasks": list(p.tasks),
+                                **({"studies": list(p.studies)} if p.studies else {})}
                          for name, p in sorted(self.projects.items())},
             "require_approval": self.require_approval,
             "max_rounds_per_day": self.max_rounds_per_day,
@@ -302,8 +312,12 @@ def _validate(raw: object) -> list[str]:
             cap = spec.get("epsilon_cap")
             if not (isinstance(cap, int | float) and _is_number(cap) and cap > 0):
                 problems.append(f"{where}: epsilon_cap is {cap!r}, expected a number > 0")
+            problems.extend(_study_problems(where, spec.get("studies", [])))
             tasks = spec.get("tasks")
-            if not (isinstance(tasks, list) and tasks):
+            # A project that only trains approved studies may list no task.
+            studies = spec.get("studies")
+            if not (isinstance(tasks, list)
+                    and (tasks or (isinstance(studies, list) and studies))):
                 problems.append(f"{where}: tasks is {tasks!r}, expected a non-empty list of "
                                 f"task names (known: {sorted(known)})")
                 continue
@@ -314,6 +328,20 @@ def _validate(raw: object) -> list[str]:
             dupes = sorted({t for t in tasks if isinstance(t, str) and tasks.count(t) > 1})
             if dupes:
                 problems.append(f"{where}: tasks listed twice: {dupes}")
+    return problems
+
+
+def _study_problems(where: str, studies: object) -> list[str]:
+    """Problems of a project's ``studies``: a list of distinct SHA-256 hex digests."""
+    if not isinstance(studies, list):
+        return [f"{where}: studies is {studies!r}, expected a list of study hashes (SHA-256, "
+                "64 hex digits; `fedward-site policy approve-study FILE` adds one)"]
+    problems = [f"{where}: study hash {h!r} is not a SHA-256 (64 lowercase hex digits)"
+                for h in studies
+                if not (isinstance(h, str) and len(h) == 64 and set(h) <= _HASH_CHARS)]
+    dupes = sorted({h for h in studies if isinstance(h, str) and studies.count(h) > 1})
+    if dupes:
+        problems.append(f"{where}: studies listed twice: {dupes}")
     return problems
 
 
@@ -336,6 +364,8 @@ class RunRecord:
         reason: the reason given with a denial.
         last_refusal: the reason the run's last task was refused by the site policy (None
             when its last task was let through).
+        study: the study the run trains, NAME@VERSION (None: a registry task).
+        study_hash: that study's content hash.
     """
 
     run: str
@@ -348,13 +378,19 @@ class RunRecord:
     decided_at: str | None = None
     reason: str | None = None
     last_refusal: str | None = None
+    study: str | None = None
+    study_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as stored."""
-        return {"run": self.run, "project": self.project, "task": self.task,
-                "total_rounds": self.total_rounds, "first_seen": self.first_seen,
-                "decision": self.decision, "by": self.by, "decided_at": self.decided_at,
-                "reason": self.reason, "last_refusal": self.last_refusal}
+        """The record as stored (the study keys only for a run of a study)."""
+        out: dict[str, Any] = {
+            "run": self.run, "project": self.project, "task": self.task,
+            "total_rounds": self.total_rounds, "first_seen": self.first_seen,
+            "decision": self.decision, "by": self.by, "decided_at": self.decided_at,
+            "reason": self.reason, "last_refusal": self.last_refusal}
+        if self.study_hash is not None:
+            out.update(study=self.study, study_hash=self.study_hash)
+        return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> RunRecord:
@@ -363,7 +399,8 @@ class RunRecord:
                    total_rounds=int(raw["total_rounds"]), first_seen=raw["first_seen"],
                    decision=raw.get("decision"), by=raw.get("by"),
                    decided_at=raw.get("decided_at"), reason=raw.get("reason"),
-                   last_refusal=raw.get("last_refusal"))
+                   last_refusal=raw.get("last_refusal"), study=raw.get("study"),
+                   study_hash=raw.get("study_hash"))
 
 
 def _now() -> str:
@@ -392,7 +429,7 @@ def _validate_book(doc: object) -> list[str]:
             problems.append(f"{where}: total_rounds is not an integer")
         if rec.get("decision") not in (None, "approved", "denied"):
             problems.append(f"{where}: decision is {rec.get('decision')!r}")
-        for key in ("by", "decided_at", "reason", "last_refusal"):
+        for key in ("by", "decided_at", "reason", "last_refusal", "study", "study_hash"):
             if rec.get(key) is not None and not isinstance(rec.get(key), str):
                 problems.append(f"{where}: {key} is not a string")
     return problems
@@ -459,7 +496,8 @@ class ApprovalBook:
                       key=lambda r: (r.first_seen, r.run))
 
     def observe(self, *, run_id: str, project: str, task: str, total_rounds: int,
-                refusal: Callable[[RunRecord], str | None]) -> tuple[RunRecord, bool, str | None]:
+                refusal: Callable[[RunRecord], str | None], study: str | None = None,
+                study_hash: str | None = None) -> tuple[RunRecord, bool, str | None]:
         """Record a task of ``run_id`` and decide on it in one locked step.
 
         Args:
@@ -467,6 +505,8 @@ class ApprovalBook:
             project: its project (as the task says).
             task: its task name.
             total_rounds: rounds it plans.
+            study: the study it trains (NAME@VERSION), if any.
+            study_hash: that study's content hash.
             refusal: given the run's record, the refusal reason or None to let it through;
                 called under the lock so that a decision cannot change in between.
 
@@ -478,7 +518,8 @@ class ApprovalBook:
             raw = doc["runs"].get(run_id)
             new = raw is None
             record = (RunRecord(run=run_id, project=project, task=task,
-                                total_rounds=total_rounds, first_seen=_now())
+                                total_rounds=total_rounds, first_seen=_now(), study=study,
+                                study_hash=study_hash)
                       if raw is None else RunRecord.from_dict(raw))
             reason = refusal(record)
             if new or record.last_refusal != reason:
@@ -585,10 +626,13 @@ class SiteGate:
             })
         return policy
 
-    def admit(self, *, run_id: str, project: str, task: str, total_rounds: int) -> Admission:
+    def admit(self, *, run_id: str, project: str, task: str, total_rounds: int,
+              study: str | None = None, study_hash: str | None = None) -> Admission:
         """Let a task of ``run_id`` through, or raise :class:`PolicyRefusal` with the reason.
 
-        The run is recorded as seen on its first task, whatever the outcome.
+        The run is recorded as seen on its first task, whatever the outcome. A run of a
+        study (``study_hash`` given) needs that hash approved for the project instead of
+        the task being listed.
 
         Raises:
             PendingApproval: the run waits for a local approval (nobody decided yet).
@@ -612,18 +656,31 @@ class SiteGate:
                 "`fedward-site policy check` to see and fix it")
 
         def decide(record: RunRecord) -> str | None:
-            if (record.project, record.task) != (project, task):
+            if (record.project, record.task, record.study_hash) != (project, task, study_hash):
                 # A reused run id (e.g. a coordinator database started afresh) must not
                 # inherit an approval given for another run.
+                if record.study_hash is None and study_hash is None:
+                    return (f"refused-policy: run {run_id} was first seen here for project "
+                            f"{record.project}, task {record.task}; a run's project and "
+                            "task cannot change")
                 return (f"refused-policy: run {run_id} was first seen here for project "
-                        f"{record.project}, task {record.task}; a run's project and task "
-                        "cannot change")
+                        f"{record.project}, task {record.task}, study "
+                        f"{record.study or 'none'}; a run's project, task and study cannot "
+                        "change")
             if policy is None:
                 return policy_problem
             accepted = policy.projects.get(project)
             if accepted is None:
                 return f"refused-policy: project {project} is not accepted by this site"
-            if task not in accepted.tasks:
+            if study_hash is not None:
+                if study_hash not in accepted.studies:
+                    what = (f"study {study or '?'} (sha256 {study_hash}) is not approved for "
+                            f"project {project} at site {self.site_name}; its IT reviews the "
+                            "spec and approves it (fedward-site policy approve-study FILE "
+                            f"--project {project})")
+                    return (f"{PENDING_PREFIX}: {what}" if policy.require_approval
+                            else f"refused-policy: {what}")
+            elif task not in accepted.tasks:
                 return (f"refused-policy: task {task} is not accepted for project {project} "
                         "by this site")
             if record.decision == "denied":
@@ -635,11 +692,12 @@ class SiteGate:
 
         _record, new, reason = self.approvals.observe(
             run_id=run_id, project=project, task=task, total_rounds=total_rounds,
-            refusal=decide)
+            refusal=decide, study=study, study_hash=study_hash)
         if new:
             self.audit("run-seen", {
                 "run": run_id, "project": project, "task": task,
                 "total_rounds": total_rounds,
+                **({"study": study, "study_hash": study_hash} if study_hash else {}),
                 "approval": ("pending" if reason is not None
                              and reason.startswith(PENDING_PREFIX) else
                              "refused" if reason is not None else "not-required"),

@@ -445,8 +445,11 @@ class WarmTrainer:
         except (KeyError, TypeError, ValueError) as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
         try:
-            return self.gate.admit(run_id=run_id, project=project, task=task,
-                                   total_rounds=total_rounds)
+            study_hash = config.get(CFG.STUDY_HASH)
+            return self.gate.admit(
+                run_id=run_id, project=project, task=task, total_rounds=total_rounds,
+                study=None if study_hash is None else str(config.get(CFG.STUDY, "")),
+                study_hash=None if study_hash is None else str(study_hash))
         except PendingApproval as err:
             raise TaskError(SiteErrorCode.PENDING_APPROVAL, err.reason) from None
         except PolicyRefusal as err:

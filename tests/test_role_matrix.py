@@ -44,6 +44,8 @@ ROLES: Final = ("admin", "ml_engineer", "reviewer", "clinician")
 MATRIX: Final[dict[str, frozenset[str]]] = {
     "list runs": frozenset(ROLES),
     "launch run": frozenset({"admin", "ml_engineer"}),
+    "register study": frozenset({"admin", "ml_engineer"}),
+    "list studies": frozenset(ROLES),
     "add site": frozenset({"admin", "ml_engineer"}),
     "propose candidate": frozenset({"admin", "ml_engineer"}),
     "approve candidate": frozenset({"admin", "reviewer"}),
@@ -158,6 +160,13 @@ def _request(world: World, action: str, role: str) -> Request:
                                                  "task": "breast_cancer_mlp", "rounds": 2,
                                                  "epsilon": 3.0}, 201),
         "add site": lambda: ("POST", "/sites", {"name": f"site-{role.replace('_', '-')}"}, 201),
+        "register study": lambda: ("POST", "/studies", {"spec": {
+            "spec_version": 1, "name": f"matrix-{own}",
+            "features": [{"name": "age", "type": "numeric", "range": [0, 120]}],
+            "label": {"name": "y", "kind": "binary", "classes": ["no", "yes"]},
+            "model": {"family": "logistic_regression"},
+            "training": {"lr": 0.1, "batch_size": 16}}}, 201),
+        "list studies": lambda: ("GET", "/studies", None, 200),
         "propose candidate": lambda: ("POST", "/candidates",
                                       {"run_id": run, "intended_use": INTENDED_USE}, 201),
         "approve candidate": lambda: (

@@ -99,7 +99,7 @@ def test_policy_reports_every_problem_at_once() -> None:
         "require_approval is 'no', expected true or false",
         "max_rounds_per_day is 0, expected an integer >= 1 or null",
         "site_epsilon_cap is -1, expected a number > 0 or null",
-        "project 'oncology': unknown keys ['colour'] (known: ['epsilon_cap', 'tasks'])",
+        "project 'oncology': unknown keys ['colour'] (known: ['epsilon_cap', 'tasks', 'studies'])",
         "project 'oncology': epsilon_cap is 0, expected a number > 0",
         "project 'oncology': task 'no-such-task' is not a registry task (known: "
         "['breast_cancer_mlp', 'digits_cnn'])",

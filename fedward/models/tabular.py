@@ -32,14 +32,30 @@ class _RangeScaler(nn.Module):
 
 
 class TabularMLP(nn.Module):
-    """MLP for tabular data: fixed range scaling, then in-hidden-out."""
+    """MLP for tabular data: fixed range scaling, then hidden layers (ReLU), then the output.
 
-    def __init__(self, low: list[float], high: list[float], hidden: int, n_classes: int) -> None:
+    Args:
+        low: each input column's low end of its reference range.
+        high: each input column's high end.
+        hidden: the hidden layers' sizes (one int: one layer); empty: no hidden layer, i.e.
+            (multinomial) logistic regression on the scaled inputs.
+        n_classes: output classes.
+    """
+
+    def __init__(self, low: list[float], high: list[float], hidden: int | list[int],
+                 n_classes: int) -> None:
         super().__init__()
+        if len(low) != len(high) or not low:
+            raise ValueError(f"low and high need one value per input column (got {len(low)} "
+                             f"and {len(high)})")
+        sizes = [hidden] if isinstance(hidden, int) else list(hidden)
         self.scale = _RangeScaler(low, high)
-        self.net = nn.Sequential(
-            nn.Linear(len(low), hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
-        )
+        layers: list[nn.Module] = []
+        width = len(low)
+        for size in sizes:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.net = nn.Sequential(*layers, nn.Linear(width, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net(self.scale(x))

@@ -1,0 +1,93 @@
+"""``fedward-coordinator study``: register a study spec, list the registry, show a version.
+
+Mounted by :mod:`coordinator.cli`, which passes its REST client factory in (this module
+does not import ``coordinator.cli``, so no import cycle). Every command goes through the
+REST API (``/api/v1/studies``) with the caller's token, like ``launch``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Protocol
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+
+__all__ = ["make_study_app"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Client(Protocol):
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any: ...
+
+
+ClientFactory = Callable[[str | None, str | None, Path | None], _Client]
+
+
+def _fail(message: str) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(1)
+
+
+def make_study_app(client: ClientFactory) -> typer.Typer:
+    """The ``study`` command group, calling the API through ``client(api, token, home)``."""
+    study_app = typer.Typer(help="Study specs: register one, list the registry, show one.",
+                            no_args_is_help=True, add_completion=False)
+
+    @study_app.command("register")
+    def register(
+        spec_file: Annotated[Path, typer.Argument(help="the study spec, YAML or JSON",
+                                                  exists=True, dir_okay=False)],
+        home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+    ) -> None:
+        """Validate a study spec (every problem at once) and register it: identical content
+        again is the same version; a changed spec gets the name's next version."""
+        try:
+            text = spec_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            _fail(f"cannot read {spec_file}: {err}")
+        out = client(api, token, home).call(
+            "POST", "/studies", {"text": text, "source": spec_file.name})
+        if as_json:
+            print(json.dumps(out))
+            return
+        what = "registered" if out["created"] else "already registered (same content)"
+        console.print(f"study [bold]{out['ref']}[/] {what}: sha256 {out['hash']}",
+                      highlight=False)
+
+    @study_app.command("list")
+    def list_(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+              as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
+              ) -> None:
+        """Every version of every registered study."""
+        rows = client(api, token, home).call("GET", "/studies")
+        if as_json:
+            print(json.dumps(rows))
+            return
+        table = Table("study", "features", "label", "model", "sha256", "registered by",
+                      "created")
+        for r in rows:
+            table.add_row(r["ref"], str(r["n_features"]), str(r["label"]), str(r["model"]),
+                          r["hash"], r["registered_by"], r["created_at"][:19])
+        console.print(table)
+
+    @study_app.command("show")
+    def show(ref: Annotated[str, typer.Argument(help="NAME@VERSION, or NAME for the newest")],
+             home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+             spec_only: Annotated[bool, typer.Option(
+                 "--spec", help="print only the spec (JSON), e.g. to send to the sites")
+             ] = False) -> None:
+        """One version: its hash, who registered it, and the spec."""
+        out = client(api, token, home).call("GET", f"/studies/{ref}")
+        print(json.dumps(out["spec"] if spec_only else out, indent=2))
+
+    return study_app

@@ -1,0 +1,203 @@
+"""The coordinator's study registry: study specs by name, version and content hash.
+
+Registering a spec validates it (:func:`fedward.study.parse_spec`, every problem at once,
+DP-SGD trainability included) and stores its canonical JSON. Registering content that is
+already there is idempotent (the same version comes back); a changed spec under a name gets
+that name's next version. Versions are never changed or deleted: a run pins one by its hash.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
+
+from coordinator.audit import append_event
+from coordinator.models import Study
+from fedward.run_config import RunRequest
+from fedward.study import StudySpec, parse_spec, parse_study_ref
+from fedward.tasks import TASKS, task_from_spec
+
+__all__ = [
+    "Registered",
+    "StudyNotFoundError",
+    "StudyNotTrainableError",
+    "get_study",
+    "list_studies",
+    "register_study",
+    "spec_of",
+    "study_public",
+    "study_run_settings",
+    "trainable_task",
+]
+
+
+class StudyNotFoundError(LookupError):
+    """No study of that name, or not that version; the message lists what there is."""
+
+
+class StudyNotTrainableError(ValueError):
+    """A registered study that the sites of this release cannot train yet."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The outcome of :func:`register_study`.
+
+    Attributes:
+        study: the stored version.
+        created: False when identical content was registered already (idempotent).
+    """
+
+    study: Study
+    created: bool
+
+
+def register_study(session: Session, spec: StudySpec, *, actor: str) -> Registered:
+    """Store ``spec`` as its name's next version, or return the version that holds it.
+
+    Commits. Two coordinators' workers registering at once: the unique constraints keep
+    versions distinct; the loser sees the winner's row and answers from it.
+    """
+    digest = spec.content_hash()
+    for _attempt in range(3):
+        existing = session.exec(select(Study).where(Study.name == spec.name,
+                                                    Study.content_hash == digest)).first()
+        if existing is not None:
+            return Registered(existing, created=False)
+        newest = session.exec(select(func.max(Study.version))
+                              .where(Study.name == spec.name)).one()
+        study = Study(name=spec.name, version=int(newest or 0) + 1, content_hash=digest,
+                      spec_json=spec.canonical().decode("utf-8"), registered_by=actor)
+        session.add(study)
+        try:
+            session.flush()
+            append_event(session, actor=actor, action="study.registered",
+                         subject=f"study:{spec.name}@{study.version}",
+                         detail={"name": spec.name, "version": study.version,
+                                 "hash": digest, "features": len(spec.features),
+                                 "model": spec.model.family})
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            continue
+        session.refresh(study)
+        return Registered(study, created=True)
+    raise RuntimeError(f"could not register study {spec.name!r}: concurrent registrations "
+                       "kept taking its next version; try again")
+
+
+def list_studies(session: Session) -> list[Study]:
+    """Every version of every study, by name then version."""
+    return list(session.exec(select(Study).order_by(col(Study.name), col(Study.version))))
+
+
+def get_study(session: Session, ref: str) -> Study:
+    """The study ``NAME@VERSION``, or the newest version of ``NAME``.
+
+    Raises:
+        ValueError: ``ref`` is not a reference.
+        StudyNotFoundError: naming the registered versions (or studies).
+    """
+    name, version = parse_study_ref(ref)
+    query = select(Study).where(Study.name == name)
+    rows = list(session.exec(query.order_by(col(Study.version))))
+    if not rows:
+        names = sorted({s.name for s in session.exec(select(Study))})
+        raise StudyNotFoundError(
+            f"no study named {name!r} is registered (registered: {', '.join(names) or 'none'}"
+            "); register it with `fedward-coordinator study register FILE`")
+    if version is None:
+        return rows[-1]
+    for row in rows:
+        if row.version == version:
+            return row
+    raise StudyNotFoundError(
+        f"study {name!r} has no version {version} (versions: "
+        f"{', '.join(str(r.version) for r in rows)})")
+
+
+def spec_of(study: Study) -> StudySpec:
+    """The stored spec, validated again (without the DP check: it passed at registration)."""
+    return parse_spec(json.loads(study.spec_json), source=f"study {study.name}@{study.version}",
+                      check_dp=False)
+
+
+def trainable_task(study: Study) -> str:
+    """The registry task a run of ``study`` trains.
+
+    In this release a site holds data for one registry task and builds that task's model:
+    a study runs on it when it reads the same columns and label into the same model (its
+    training defaults, metrics, descriptions, units and missing-value rules may differ).
+
+    Raises:
+        StudyNotTrainableError: saying which task the name would need and why it differs.
+    """
+    spec = spec_of(study)
+    task = TASKS.get(spec.name)
+    if task is None:
+        raise StudyNotTrainableError(
+            f"study {study.name}@{study.version} is registered, but sites of this release "
+            f"train only the tasks {', '.join(sorted(TASKS))}: a study runs on a task of "
+            "its own name with the same features, label and model (site-side column "
+            "mapping comes with a later release)")
+    if not task.same_model(task_from_spec(spec)):
+        raise StudyNotTrainableError(
+            f"study {study.name}@{study.version} changes the features, label or model of "
+            f"task {task.name}, which sites of this release cannot train yet (they build "
+            "the shipped model of that task); keep those as in the shipped spec, change "
+            "training defaults, metrics or descriptions")
+    return task.name
+
+
+def study_public(study: Study, *, with_spec: bool = False) -> dict[str, Any]:
+    """The JSON view of a version (``GET /studies``, ``study show``)."""
+    spec = json.loads(study.spec_json)
+    out: dict[str, Any] = {
+        "name": study.name, "version": study.version, "ref": f"{study.name}@{study.version}",
+        "hash": study.content_hash, "registered_by": study.registered_by,
+        "created_at": study.created_at.isoformat(),
+        "n_features": len(spec.get("features", [])),
+        "label": spec.get("label", {}).get("name"),
+        "classes": spec.get("label", {}).get("classes"),
+        "model": spec.get("model", {}).get("family"),
+    }
+    if with_spec:
+        out["spec"] = spec
+    return out
+
+
+def study_run_settings(session: Session, request: RunRequest,
+                       refuse: Callable[[str, str], NoReturn]) -> tuple[str, dict[str, Any]]:
+    """The task of a run request and what its study adds to the run's settings.
+
+    For a request that names a ``task``: that task and nothing more. For one that names a
+    ``study``: the task it trains (:func:`trainable_task`), the study's ``NAME@VERSION`` and
+    content hash, and its training defaults for every setting the request left out
+    (``lr`` and ``batch_size`` come through the task's defaults, which are the study's).
+
+    Args:
+        session: the database session.
+        request: the run request.
+        refuse: called with (field, message) to refuse the request; does not return.
+    """
+    if request.study is None:
+        assert request.task is not None
+        return request.task, {}
+    try:
+        study = get_study(session, request.study)
+        task = trainable_task(study)
+    except (StudyNotFoundError, StudyNotTrainableError, ValueError) as err:
+        refuse("study", str(err))
+    spec = spec_of(study)
+    out: dict[str, Any] = {"study": f"{study.name}@{study.version}",
+                           "study_hash": study.content_hash}
+    given = request.model_fields_set
+    for name in ("lr", "batch_size", "local_epochs", "max_grad_norm"):
+        if name not in given or getattr(request, name) is None:
+            out[name] = getattr(spec.training, name)
+    return task, out
