@@ -156,8 +156,12 @@ def test_a_failed_atomic_write_keeps_the_old_content(tmp_path: Path,
 def test_files_are_replaced_only_through_the_one_atomic_write() -> None:
     """Every replace-a-file in the packages goes through fedward.files.atomic_write; the
     only other renames publish something already written through it (a signed bundle's
-    staged folder, a renewal's staged key and certificate)."""
+    staged folder, a renewal's staged key and certificate) or a database file built and
+    fsynced beside it (the privacy ledger's SQLite file made from a JSON ledger, and the
+    JSON ledger kept aside as its backup)."""
     allowed = {("fedward/files.py", "os.replace(tmp, path)"),
+               ("privacy/ledger_db.py", "os.replace(self.legacy, backup)"),
+               ("privacy/ledger_db.py", "os.replace(tmp, self.path)"),
                ("export/bundle.py", "os.rename(stage, final)"),
                ("site_agent/enroll.py", "os.replace(new_key, files.site_key)"),
                ("site_agent/enroll.py", "os.replace(new_cert, files.site_cert)")}
