@@ -217,7 +217,7 @@ def _outage_while_receiving(fed: Federation, slow_superlink: str) -> None:
     fed.kill_coordinator()
     down_at = time.monotonic()
     time.sleep(40)
-    fed.restart_coordinator()
+    fed.restart_coordinator(timeout=180)   # a loaded test machine may take over a minute
     run = fed.wait_run(run_id, timeout=330)
     total = time.monotonic() - down_at
     assert run["status"] == "completed", run.get("failure_reason")
@@ -241,23 +241,35 @@ def _outage_while_receiving(fed: Federation, slow_superlink: str) -> None:
 
 def test_an_agent_restarted_after_a_crash_rejoins_at_once_without_add_site_advice() -> None:
     with short_tmp() as work, federation(work, n_sites=1) as fed:
-        (name,) = fed.join_all_sites()
+        (demo,) = fed.data["sites"]
+        site = fed.add_site(demo["name"], demo["csv"], demo["schema"])
+        fed.start_site(site.name)
+        fed.wait_online(1, timeout=240)
         # Killed just after its node went online: the SuperLink would count the dead node
         # as online for about another 60 s (two missed heartbeats of 30 s).
-        site = fed.sites[name]
         node_log = site.root / "logs" / "supernode.log"
-        fed.kill_site(name)
+        fed.kill_site(site.name)
         killed_at = time.monotonic()
         node_offset = node_log.stat().st_size
-        agent_offset = (site.log or Path()).stat().st_size
-        fed.start_site(name)
-        deadline = killed_at + 120
+        agent_log = site.log or Path()
+        agent_offset = agent_log.stat().st_size
+        fed.start_site(site.name)
+        deadline = killed_at + 240
+        first_start: float | None = None   # the restarted agent's first SuperNode start
         while b"SuperNode ID:" not in node_log.read_bytes()[node_offset:]:
             assert time.monotonic() < deadline, "the restarted site never rejoined"
-            time.sleep(0.2)
-        rejoined_s = time.monotonic() - killed_at
-        print(f"rejoined {rejoined_s:.1f} s after the crash")
-        said = (site.log or Path()).read_bytes()[agent_offset:].decode(errors="replace")
+            if first_start is None and b"SuperNode started" in \
+                    agent_log.read_bytes()[agent_offset:]:
+                first_start = time.monotonic()
+            time.sleep(0.1)
+        now = time.monotonic()
+        assert first_start is not None
+        rejoin_s, after_kill_s = now - first_start, now - killed_at
+        print(f"rejoined {rejoin_s:.1f} s after the agent's first SuperNode start, "
+              f"{after_kill_s:.1f} s after the crash")
+        said = agent_log.read_bytes()[agent_offset:].decode(errors="replace")
         assert "add-site" not in said, said
-        assert rejoined_s < 40, (rejoined_s, said)
+        # Two SuperNode starts at most (the first one refused); without the fix the site
+        # waits for the SuperLink to time its old node out (up to 60 s after the crash).
+        assert rejoin_s < 25, (rejoin_s, after_kill_s, said)
         fed.wait_online(1)
