@@ -263,8 +263,10 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
     fed = Federation(work=work, home=home, env=env, api_port=api_port, coordinator=coord,
                      data=data, wrap=wrap)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        # A loaded test machine may take over a minute to start a coordinator; going on
+        # without one only fails later with a confusing error.
+        deadline = time.monotonic() + 180
+        while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{api_port}/api/v1/health",
                              timeout=1).status_code == 200:
@@ -272,6 +274,7 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
             except httpx.HTTPError:
                 pass
             assert coord.poll() is None, (work / "coordinator.log").read_text()
+            assert time.monotonic() < deadline, "the coordinator did not come up in 180 s"
             time.sleep(0.2)
         yield fed
     finally:
