@@ -16,6 +16,7 @@ import ssl
 from pathlib import Path
 from typing import Final
 
+import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.proto.fleet_pb2 import DeactivateNodeRequest
@@ -25,7 +26,7 @@ from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
 from fedward.sandbox.relay import over_unix_socket, unix_path
 
-__all__ = ["deactivate_node", "refused_as_still_active", "refused_as_unknown",
+__all__ = ["deactivate_node", "fleet_client", "refused_as_still_active", "refused_as_unknown",
            "still_active_node_id"]
 
 # What the SuperLink answers an ActivateNode for a node it still counts as online, and for
@@ -61,21 +62,17 @@ def refused_as_unknown(log_path: Path, *, since: int = 0) -> bool:
     return _UNKNOWN_KEY in _log_since(log_path, since)
 
 
-def deactivate_node(*, upstream: str, root_certificates: Path, node_key: Path, node_id: int,
-                    timeout: float = 10.0) -> None:
-    """Mark this site's node offline at the SuperLink, signed with its node key.
+def fleet_client(*, upstream: str, root_certificates: Path, node_key: Path,
+                 timeout: float = 10.0) -> FleetHttpClient:
+    """A Fleet API client that signs its requests with the site's node key, as the
+    SuperNode does (the caller closes it; it retries nothing).
 
     Args:
         upstream: where the SuperNode's connections go: ``unix:/path`` (the site's tunnel
             or the SuperLink's socket, whose certificate names 127.0.0.1) or ``host:port``.
         root_certificates: the CA that the far end's certificate is checked against.
         node_key: the site's node private key (OpenSSH format, as the SuperNode reads it).
-        node_id: the node id the SuperLink named when it refused the SuperNode.
-        timeout: seconds for the one request.
-
-    Raises:
-        Exception: the request failed (unreachable, refused); the caller falls back to
-            waiting for the SuperLink to time the node out.
+        timeout: seconds for each request.
     """
     private = serialization.load_ssh_private_key(node_key.read_bytes(), password=None)
     if not isinstance(private, ec.EllipticCurvePrivateKey):
@@ -89,6 +86,25 @@ def deactivate_node(*, upstream: str, root_certificates: Path, node_key: Path, n
     if path is not None:
         ctx = ssl.create_default_context(cafile=str(root_certificates))
         over_unix_socket(client, path, verify=ctx)
-    client._client.timeout = timeout   # one attempt, bounded: no retries here
-    with client:
+    client._client.timeout = httpx.Timeout(timeout)
+    return client
+
+
+def deactivate_node(*, upstream: str, root_certificates: Path, node_key: Path, node_id: int,
+                    timeout: float = 10.0) -> None:
+    """Mark this site's node offline at the SuperLink, signed with its node key.
+
+    Args:
+        upstream: as for :func:`fleet_client`.
+        root_certificates: as for :func:`fleet_client`.
+        node_key: as for :func:`fleet_client`.
+        node_id: the node id the SuperLink named when it refused the SuperNode.
+        timeout: seconds for the one request.
+
+    Raises:
+        Exception: the request failed (unreachable, refused); the caller falls back to
+            waiting for the SuperLink to time the node out.
+    """
+    with fleet_client(upstream=upstream, root_certificates=root_certificates,
+                      node_key=node_key, timeout=timeout) as client:
         client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
