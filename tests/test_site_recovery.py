@@ -203,21 +203,30 @@ def test_a_site_receiving_a_task_when_the_coordinator_dies_serves_later_rounds()
         superlink = fed.superlink.removeprefix("unix:")
         link = SlowLink(work / "slow.sock", Path(superlink))
         try:
-            _outage_while_receiving(fed, f"unix:{work / 'slow.sock'}")
+            _outage_while_receiving(fed, f"unix:{work / 'slow.sock'}", link)
         finally:
             link.close()
 
 
-def _outage_while_receiving(fed: Federation, slow_superlink: str) -> None:
+def _outage_while_receiving(fed: Federation, slow_superlink: str, link: SlowLink) -> None:
     names = _join_with_a_slow_line(fed, slow_superlink)
     run_id = fed.launch(task="breast_cancer_mlp", rounds=6, local_epochs=1,
                         epsilon=6.0, min_sites=2, round_deadline_s=150)
     _wait_round(fed, run_id, 1, timeout=300)
     caught = names[0]
     superlink = _superlink_pid(fed)
-    _while_receiving(fed, caught, lambda: os.kill(superlink, signal.SIGSTOP),
-                     lambda: os.kill(superlink, signal.SIGCONT))
+
+    def stop() -> None:   # what the site sees of a coordinator dying: nothing more arrives
+        os.kill(superlink, signal.SIGSTOP)
+        link.cut()
+
+    def go_on() -> None:
+        link.restore()
+        os.kill(superlink, signal.SIGCONT)
+
+    _while_receiving(fed, caught, stop, go_on)
     fed.kill_coordinator()
+    link.restore()   # the line itself is fine; the coordinator is gone
     down_at = time.monotonic()
     time.sleep(40)
     fed.restart_coordinator(timeout=180)   # a loaded test machine may take over a minute
