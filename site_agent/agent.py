@@ -164,9 +164,10 @@ def _warm_up(task: str) -> None:
 def _refusal_help(log_path: Path, since: int, stale: int | None) -> str:
     """What a refused SuperNode (exit code 305) means, from what the SuperLink said."""
     if stale is not None:
-        return ("the coordinator still counts this site's previous connection as active "
-                "(after a crash it forgets it within about a minute); nothing to do, the "
-                "agent retries after its back-off")
+        return ("the coordinator refused this site's node, which it accepted before: it "
+                "still counts the previous connection as active (after a crash it forgets "
+                "it within about a minute; the agent retries after its back-off), or the "
+                "site was removed (then run `fedward-site doctor`)")
     if refused_as_unknown(log_path, since=since):
         return ("the coordinator does not know this site's node key: ask the ML team to "
                 "run `fedward-coordinator add-site NAME --node-key node_key.pub`")

@@ -338,8 +338,9 @@ def check_registration(paths: SitePaths, *, config_name: str | None = None,
     code = int(last_exit.group(1))
     age_s = (time.time() if now is None else now) - mtime
     when = f"logged {age_s / 60:.0f} min ago"
-    before = tail[last_join.end() if last_join is not None else 0:last_exit.end()]
-    if code == 305 and still_active_node_id(before) is not None:
+    # Accepted before, then refused: after a crash the coordinator still counts the old
+    # connection (Flower tells the SuperNode only "Failed to activate SuperNode").
+    if code == 305 and (last_join is not None or still_active_node_id(tail) is not None):
         return Check(name, "warn", f"the coordinator still counted this site's previous "
                      f"connection as active ({when}): the agent did not stop cleanly (a "
                      "crash, a power cut). Nothing to do: the agent ends that connection "

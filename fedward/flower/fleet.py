@@ -34,6 +34,8 @@ __all__ = ["deactivate_node", "fleet_client", "refused_as_still_active", "refuse
 # SuperNode logs it before exiting with code 305.
 _STILL_ACTIVE_RE: Final = re.compile(rb"SuperNode with node ID (\d+) could not be activated")
 _UNKNOWN_KEY: Final = b"No SuperNode found with the given public key"
+# What the SuperNode logs once the SuperLink accepted it.
+_ACCEPTED_RE: Final = re.compile(rb"SuperNode ID: (\d+)")
 
 
 def _log_since(log_path: Path, since: int) -> bytes:
@@ -53,8 +55,25 @@ def still_active_node_id(log_text: bytes) -> int | None:
 
 
 def refused_as_still_active(log_path: Path, *, since: int = 0) -> int | None:
-    """:func:`still_active_node_id` of the SuperNode's log written since ``since``."""
-    return still_active_node_id(_log_since(log_path, since))
+    """The node id to end a stale session of, after a SuperNode that started at ``since``
+    in its log was refused; None when there is none to try.
+
+    The SuperLink tells a remote SuperNode only "Failed to activate SuperNode" (its reason,
+    with the node id, stays in the SuperLink's own log), so the id is the one this site's
+    node was last accepted under, earlier in the log (with node authentication a node keeps
+    its id across restarts). Ending that session is refused unless it is this key's node.
+    """
+    named = still_active_node_id(_log_since(log_path, since))
+    if named is not None:
+        return named
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(max(0, since - 256 * 1024))
+            earlier = fh.read(since - fh.tell())
+    except OSError:
+        return None
+    found = _ACCEPTED_RE.findall(earlier)
+    return int(found[-1]) if found else None
 
 
 def refused_as_unknown(log_path: Path, *, since: int = 0) -> bool:
