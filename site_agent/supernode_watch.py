@@ -34,6 +34,11 @@ STUCK_AFTER_S: Final = 90.0
 # Flower's SuperNode log lines (flwr/supernode/start_client_internal.py): a message is in
 # and its reply is awaited; the wait is over (a reply sent, or the message given up).
 _RECEIVED: Final = b"Received successfully"
+# Flower's HTTP retry, each time a call to the SuperLink fails and is tried again; and
+# lines that only an answer from the SuperLink produces.
+_RETRYING: Final = b"Connection attempt failed"
+_BACK: Final = (b"Connection successful", b"Receiving:", b"Received successfully",
+                b"Failed to receive", b"Sent successfully", b"Ignoring", b"SuperNode ID:")
 _WAIT_OVER: Final = (b"Sending:", b"Failed to receive", b"Ignoring message",
                      b"Ignoring reply", b"SuperNode ID:")
 
@@ -50,6 +55,7 @@ class SupernodeWatch:
     _partial: bytes = b""
     _last_report: float = float("-inf")
     _outage: float | None = None
+    _failing_since: float | None = None
     awaiting_since: float | None = None
 
     def poll(self, now: float | None = None) -> None:
@@ -63,12 +69,21 @@ class SupernodeWatch:
             return
         self.offset += len(chunk)
         done, _, self._partial = (self._partial + chunk).rpartition(b"\n")
+        # How long calls kept failing, as seen here: a call that ends otherwise than by
+        # going through (say, "run no longer running") logs no reconnect delay.
+        seen_down = 0.0
         for line in done.split(b"\n"):
+            if _RETRYING in line:
+                if self._failing_since is None:
+                    self._failing_since = now
+                continue
+            if self._failing_since is not None and any(mark in line for mark in _BACK):
+                seen_down, self._failing_since = now - self._failing_since, None
             if _RECEIVED in line:
                 self.awaiting_since = now
             elif any(mark in line for mark in _WAIT_OVER):
                 self.awaiting_since = None
-        longest = max(reconnect_delays(done), default=0.0)
+        longest = max([seen_down, *reconnect_delays(done)])
         # Several calls come back after one outage: reports closer together than the
         # outage itself are the same outage.
         if longest >= OUTAGE_REPORT_S and now - self._last_report >= max(longest, 30.0):

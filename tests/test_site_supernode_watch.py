@@ -80,3 +80,22 @@ def test_a_message_given_up_is_not_awaited(tmp_path: Path) -> None:
     watch.poll(now=0.0)
     assert watch.awaiting_since is None
     assert watch.stuck_for(executor_active_at=0.0, executor_busy=False, now=1e6) is None
+
+
+def test_an_outage_whose_call_ends_without_going_through_is_told_too(tmp_path: Path) -> None:
+    # After a coordinator restart the retried pull may end "run no longer running":
+    # Flower then logs no reconnect delay; the watch times the failing stretch itself.
+    log = tmp_path / "supernode.log"
+    log.write_text(RECEIVED.split("INFO :      Received")[0])
+    watch = SupernodeWatch(log, 0)
+    watch.poll(now=10.0)
+    _append(log, "WARNING :   Connection attempt failed, retrying in 0.70 seconds\n")
+    watch.poll(now=11.0)
+    _append(log, "WARNING :   Connection attempt failed, retrying in 9.51 seconds\n")
+    watch.poll(now=40.0)
+    assert watch.outage_ended() is None   # still down
+    _append(log, "ERROR :     Failed to receive message ab12: the run is no longer running at "
+                 "the SuperLink\n")
+    watch.poll(now=58.0)
+    assert watch.outage_ended() == 47.0
+
