@@ -296,7 +296,9 @@ def test_an_agent_restarted_after_a_crash_rejoins_at_once_without_add_site_advic
               f"{after_kill_s:.1f} s after the crash")
         said = agent_log.read_bytes()[agent_offset:].decode(errors="replace")
         assert "add-site" not in said, said
-        # Two SuperNode starts at most (the first one refused); without the fix the site
-        # waits for the SuperLink to time its old node out (up to 60 s after the crash).
-        assert rejoin_s < 25, (rejoin_s, after_kill_s, said)
+        # Two SuperNode starts (the first one refused; each took up to 15 s on a loaded test
+        # machine). Without ending the old session the site waits for the SuperLink to time
+        # the old node out: at least 50 s here (its last heartbeat was under 10 s before
+        # the first start, and it stays online for 60 s after one).
+        assert rejoin_s < 45, (rejoin_s, after_kill_s, said)
         fed.wait_online(1)
