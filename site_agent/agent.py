@@ -27,10 +27,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from fedward.flower.env import flower_env
-from fedward.flower.exit_codes import FATAL_EXIT_CODES, SUPERNODE_EXIT_HELP, flower_exit_code
+from fedward.flower.exit_codes import (
+    FATAL_EXIT_CODES,
+    NODE_CONNECTION_REFUSED,
+    SUPERNODE_EXIT_HELP,
+    flower_exit_code,
+)
+from fedward.flower.fleet import deactivate_node, refused_as_still_active, refused_as_unknown
 from fedward.procs import free_port
 from fedward.sandbox.netns import (
     EXIT_NO_SANDBOX,
@@ -51,6 +57,7 @@ from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure
 from site_agent.metrics import SiteState
 from site_agent.metrics import start_listener as start_metrics
 from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
+from site_agent.supernode_watch import SupernodeWatch
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
 
@@ -58,6 +65,11 @@ __all__ = ["AgentLockError", "SiteAgent", "hold_site_lock", "probe_coordinator",
            "restrict_site_dir"]
 
 log = logging.getLogger("fedward.site.agent")
+
+# What _run_supernode returns when the agent stopped a SuperNode that took no more tasks
+# (not a Flower exit code: those are 100 and above, process statuses below 100).
+STUCK_RESTART: Final = -1000
+
 
 def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
     """None if a TLS connection to ``address`` verifies against the CA, else why not."""
@@ -150,6 +162,19 @@ def _warm_up(task: str) -> None:
     y = (np.arange(16) % spec.n_classes).astype(np.int64)
     train_dp(model=build_model(task, seed=0), features=x, labels=y, noise_multiplier=1.0,
              max_grad_norm=1.0, batch_size=8, epochs=1, lr=0.1, seed=0)
+
+
+def _refusal_help(log_path: Path, since: int, stale: int | None) -> str:
+    """What a refused SuperNode (exit code 305) means, from what the SuperLink said."""
+    if stale is not None:
+        return ("the coordinator refused this site's node, which it accepted before: it "
+                "still counts the previous connection as active (after a crash it forgets "
+                "it within about a minute; the agent retries after its back-off), or the "
+                "site was removed (then run `fedward-site doctor`)")
+    if refused_as_unknown(log_path, since=since):
+        return ("the coordinator does not know this site's node key: ask the ML team to "
+                "run `fedward-coordinator add-site NAME --node-key node_key.pub`")
+    return SUPERNODE_EXIT_HELP[NODE_CONNECTION_REFUSED]
 
 
 def _audit_or_log(audit: AuditLog, action: str, detail: dict[str, object]) -> None:
@@ -308,6 +333,8 @@ class SiteAgent:
 
     def _supervise_route(self, config: SiteConfig, paths: SitePaths, ca: Path,
                          route: Route) -> int:
+        log_path = paths.logs / "supernode.log"
+        rejoined = False
         while not self._stop.is_set():
             problem = probe_coordinator(config.superlink, ca)
             if problem is not None:
@@ -315,10 +342,21 @@ class SiteAgent:
                 self._stop.wait(5.0)
                 continue
             self._state.contact()
+            since = log_path.stat().st_size if log_path.exists() else 0
             code = self._run_supernode(config, paths, route)
             if self._stop.is_set():
                 break
+            if code == STUCK_RESTART:   # stopped cleanly by the agent: back at once
+                continue
             help_text = SUPERNODE_EXIT_HELP.get(code, "see the SuperNode log")
+            if code == NODE_CONNECTION_REFUSED:
+                stale = refused_as_still_active(log_path, since=since)
+                if stale is not None and not rejoined and self._end_stale_session(
+                        route, paths, stale):
+                    rejoined = True   # once: a second refusal waits for the back-off
+                    continue
+                help_text = _refusal_help(log_path, since, stale)
+            rejoined = False
             if code in FATAL_EXIT_CODES:   # a restart cannot fix these
                 log.error("SuperNode exited with code %s: %s; the agent stops (log: %s)",
                           code, help_text, paths.logs / "supernode.log")
@@ -328,6 +366,20 @@ class SiteAgent:
                         paths.logs / "supernode.log")
             self._stop.wait(config.reconnect_backoff_s)
         return 0
+
+    def _end_stale_session(self, route: Route, paths: SitePaths, node_id: int) -> bool:
+        """Mark this site's node offline after the SuperLink refused it as still online
+        (the agent's previous run ended without saying goodbye); True if that worked."""
+        try:
+            deactivate_node(upstream=route.upstream, root_certificates=route.root_certificates,
+                            node_key=paths.node_key, node_id=node_id)
+        except Exception as err:
+            log.debug("could not end the node's previous session: %s", err)
+            return False
+        log.info("the coordinator still counted this site's previous connection as active "
+                 "(the agent did not stop cleanly last time); ended it, rejoining now")
+        self._record("stale-session-ended", {"node_id": str(node_id)})
+        return True
 
     def _run_supernode(self, config: SiteConfig, paths: SitePaths, route: Route) -> int:
         paths.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -375,7 +427,25 @@ class SiteAgent:
                 proc = sandbox.start(env=flower_env(str(paths.flwr_home)), stdout=log_fh)
                 log.info("SuperNode started (pid %s) towards %s", proc.pid, config.superlink)
                 self._state.route_up = True
+                watch = SupernodeWatch(log_path, start_offset)
                 while not self._stop.is_set():
+                    watch.poll()
+                    if (outage := watch.outage_ended()) is not None:
+                        # One line for hospital IT; Flower's detail is in supernode.log.
+                        log.warning("the coordinator was unreachable for %.0f s; the site "
+                                    "has caught up (connected again, it takes part in the "
+                                    "coming rounds)", outage)
+                        self._record("coordinator-unreachable", {"seconds": round(outage)})
+                    stuck = watch.stuck_for(executor_active_at=executor.active_at,
+                                            executor_busy=executor.busy)
+                    if stuck is not None:
+                        log.warning("the SuperNode has waited %.0f s for the reply to a "
+                                    "message no task is working on; restarting it", stuck)
+                        self._record("supernode-restarted", {"reason": "stuck",
+                                                             "seconds": round(stuck)})
+                        sandbox.stop()   # a clean stop: it leaves the coordinator at once
+                        self._sandbox = None
+                        return STUCK_RESTART
                     code = proc.poll()
                     if code is not None:
                         self._sandbox = None

@@ -118,8 +118,9 @@ def init(
 @app.command()
 def enroll(
     dir: DirOpt,
-    gateway: Annotated[str, typer.Option(help="the coordinator's fleet address host:port "
-                                         "(from the coordinator team)")],
+    gateway: Annotated[str, typer.Option(help="the coordinator's site gateway, host:port "
+                                         "(from the coordinator team; host alone: port "
+                                         "9092)")],
     token: Annotated[str, typer.Option(help="the one-time enrollment token",
                                        envvar="FEDWARD_ENROLLMENT_TOKEN")],
     data: Annotated[Path | None, typer.Option(help="training data (CSV); needed when the "
@@ -136,9 +137,16 @@ def enroll(
     through its gateway, with mutual TLS.
     """
     from site_agent.data import SchemaError, load_schema
-    from site_agent.enroll import EnrollError
+    from site_agent.enroll import EnrollError, gateway_address
     from site_agent.enroll import enroll as do_enroll
 
+    try:
+        address = gateway_address(gateway)
+    except EnrollError as err:
+        _fail(str(err))
+    if address != gateway.strip():
+        console.print(f"no port given: using the gateway's default port, {address}")
+    gateway = address
     root = dir.expanduser().resolve()
     paths = SitePaths(root)
     if paths.site_cert.exists() and paths.site_key.exists():

@@ -309,6 +309,7 @@ def check_registration(paths: SitePaths, *, config_name: str | None = None,
                        now: float | None = None) -> Check:
     """Whether the coordinator accepted this site's node key, from the SuperNode's log."""
     from fedward.flower.exit_codes import SUPERNODE_EXIT_HELP
+    from fedward.flower.fleet import still_active_node_id
     from site_agent.keys import public_key_fingerprint
 
     name = "node registration"
@@ -337,6 +338,14 @@ def check_registration(paths: SitePaths, *, config_name: str | None = None,
     code = int(last_exit.group(1))
     age_s = (time.time() if now is None else now) - mtime
     when = f"logged {age_s / 60:.0f} min ago"
+    # Accepted before, then refused: after a crash the coordinator still counts the old
+    # connection (Flower tells the SuperNode only "Failed to activate SuperNode").
+    if code == 305 and (last_join is not None or still_active_node_id(tail) is not None):
+        return Check(name, "warn", f"the coordinator still counted this site's previous "
+                     f"connection as active ({when}): the agent did not stop cleanly (a "
+                     "crash, a power cut). Nothing to do: the agent ends that connection "
+                     "with the node key and rejoins, or the coordinator forgets it within "
+                     "about a minute")
     if code == 305:
         fingerprint = ""
         if paths.node_public_key.exists():

@@ -6,8 +6,10 @@
 3. Send the token, a CSR and the node public key; receive the site certificate.
 4. Make a site-local CA and a 127.0.0.1 certificate for the tunnel the SuperNode dials.
 
-Every file is written atomically and the certificate last, so an enrollment that fails
-half-way leaves a site that is simply "not enrolled yet" and can try again with a new token.
+Every file is written atomically and the certificate last; an enrollment that fails at
+any step removes what it made (keys included: a key pair the coordinator never accepted is
+of no use), so the site is exactly as before, "not enrolled yet", and a retry starts clean.
+Keys that were there before (a site enrolling again keeps its node key) are never touched.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import httpx
 from cryptography import x509
@@ -31,7 +37,12 @@ from fedward.tokens import TokenFormatError, parse_enrollment_token
 from site_agent.config import SitePaths
 from site_agent.keys import ensure_node_key
 
-__all__ = ["EnrollError", "EnrollmentFiles", "enroll", "finish_interrupted_renewal", "renew"]
+__all__ = ["DEFAULT_GATEWAY_PORT", "EnrollError", "EnrollmentFiles", "enroll",
+           "finish_interrupted_renewal", "gateway_address", "renew"]
+
+# The coordinator's site gateway port unless its team chose another (``fleet_port`` in the
+# coordinator's settings; a test keeps the two equal).
+DEFAULT_GATEWAY_PORT: Final = 9092
 
 
 class EnrollError(RuntimeError):
@@ -66,9 +77,46 @@ def _clock_hint(err: Exception) -> str:
     return ""
 
 
+def gateway_address(text: str) -> str:
+    """``host:port`` of the gateway from what the operator typed: ``host`` alone means the
+    default gateway port.
+
+    Raises:
+        EnrollError: the port is not a number from 1 to 65535.
+    """
+    text = text.strip()
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = text, str(DEFAULT_GATEWAY_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EnrollError(f"--gateway {text!r} is not an address: give the coordinator's "
+                          f"site gateway as HOST:PORT, e.g. coordinator.example.org:"
+                          f"{DEFAULT_GATEWAY_PORT} (the coordinator team has it)")
+    return f"{host}:{port}"
+
+
+def _plain_http_server(host: str, port: int, *, timeout: float) -> str | None:
+    """What a server that failed the TLS handshake is, if it speaks plain HTTP: the
+    coordinator's API (its health route answers), some other web server, or None."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.sendall(f"GET /api/v1/health HTTP/1.1\r\nHost: {host}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+            answer = raw.recv(4096)
+    except OSError:
+        return None
+    if not answer.startswith(b"HTTP/1."):
+        return None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b'"database"' in body or b"uvicorn" in head.lower():
+        return "the coordinator's web API"
+    return "a plain-HTTP web server"
+
+
 def _fetch_ca(gateway: str, pin: str, *, timeout: float) -> bytes:
     """The gateway's CA, accepted only if its SHA-256 starts with the token's pin."""
     host, _, port = gateway.rpartition(":")
+    host = host.strip("[]")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # first contact: the pin below is the check
@@ -80,7 +128,19 @@ def _fetch_ca(gateway: str, pin: str, *, timeout: float) -> bytes:
             chunks = []
             while chunk := tls.recv(65536):
                 chunks.append(chunk)
-    except (OSError, ssl.SSLError) as err:
+    except ssl.SSLError as err:
+        what = _plain_http_server(host, int(port), timeout=timeout)
+        if what is not None:
+            raise EnrollError(
+                f"{gateway} is {what}, not the site gateway: it answers plain HTTP, while "
+                "sites enroll and connect over TLS on the gateway's own port. That port is "
+                "the one `fedward-coordinator serve` names in 'site gateway on HOST:PORT' "
+                f"({DEFAULT_GATEWAY_PORT} unless the coordinator team chose another); ask "
+                "them for it and retry with --gateway HOST:PORT") from None
+        raise EnrollError(f"{gateway} did not complete a TLS handshake ({err}); is it the "
+                          "coordinator's site gateway? Check the address with the "
+                          "coordinator team") from None
+    except OSError as err:
         raise EnrollError(f"the coordinator gateway at {gateway} is not reachable ({err}); "
                           "check the address and that outbound TCP to it is allowed") from None
     raw_resp = b"".join(chunks)
@@ -100,15 +160,66 @@ def _fetch_ca(gateway: str, pin: str, *, timeout: float) -> bytes:
     return body
 
 
+@contextmanager
+def _undone_on_failure(files: EnrollmentFiles) -> Iterator[None]:
+    """Remove what the block made if it fails; files that were there stay as they were."""
+    made = [files.root, files.keys, files.site_key, files.node_key, files.node_public_key,
+            files.local_pki, files.root / "enrollment.json", files.site_cert]
+    existed = {path for path in made if path.exists()}
+    ca_before = files.coordinator_ca.read_bytes() if files.coordinator_ca.exists() else None
+    try:
+        yield
+    except BaseException:
+        for path in reversed(made):
+            if path in existed or not path.exists():
+                continue
+            if path.is_dir():
+                if path == files.local_pki:
+                    shutil.rmtree(path, ignore_errors=True)
+                elif not any(path.iterdir()):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        if ca_before is not None:
+            atomic_write(files.coordinator_ca, ca_before)
+        else:
+            files.coordinator_ca.unlink(missing_ok=True)
+            if files.root not in existed and files.root.exists() \
+                    and not any(files.root.iterdir()):
+                files.root.rmdir()
+        raise
+
+
 def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> str:
-    """Enroll the site in ``root`` with the gateway; returns the site name."""
+    """Enroll the site in ``root`` with the gateway; returns the site name.
+
+    Args:
+        root: the site directory.
+        gateway: the coordinator's site gateway, ``host:port`` (``host`` alone: the
+            default gateway port).
+        token: the one-time enrollment token from the coordinator team.
+        timeout: seconds for each network step.
+
+    Raises:
+        EnrollError: enrollment failed (the message says why and what to do); nothing
+            that this attempt made is left behind.
+    """
     try:
         parts = parse_enrollment_token(token)
     except TokenFormatError as err:
         raise EnrollError(str(err)) from None
+    gateway = gateway_address(gateway)
     files = EnrollmentFiles(root)
     ca_pem = _fetch_ca(gateway, parts.ca_pin, timeout=timeout)
-    # Keys are made here and reused by a retried enrollment; the private halves stay.
+    with _undone_on_failure(files):
+        return _enroll_with(files, gateway=gateway, token=token, site=parts.site,
+                            ca_pem=ca_pem, timeout=timeout)
+
+
+def _enroll_with(files: EnrollmentFiles, *, gateway: str, token: str, site: str,
+                 ca_pem: bytes, timeout: float) -> str:
+    """The steps of :func:`enroll` that write files (undone by the caller on failure)."""
+    root = files.root
     if files.site_key.exists():
         key = serialization.load_pem_private_key(files.site_key.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -122,7 +233,7 @@ def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> st
     try:
         resp = httpx.post(f"https://{gateway}/fedward/enroll", verify=verify, timeout=timeout,
                           json={"token": token.strip(),
-                                "csr_pem": make_csr(key, parts.site).decode(),
+                                "csr_pem": make_csr(key, site).decode(),
                                 "node_public_key": node_public})
     except httpx.HTTPError as err:
         raise EnrollError(f"enrollment request to {gateway} failed ({err}){_clock_hint(err)}"
@@ -135,7 +246,7 @@ def enroll(*, root: Path, gateway: str, token: str, timeout: float = 30.0) -> st
         raise EnrollError(f"the coordinator refused the enrollment: {detail}")
     body = resp.json()
     # The site's own local CA and the tunnel's 127.0.0.1 certificate.
-    local = ensure_ca(files.local_pki, common_name=f"Fedward site-local CA ({parts.site})")
+    local = ensure_ca(files.local_pki, common_name=f"Fedward site-local CA ({site})")
     if not local.server_cert.exists():
         issue_server_cert(local, hosts=("127.0.0.1",))
     atomic_write(root / "enrollment.json", (json.dumps(

@@ -13,6 +13,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,12 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedward.flower.executor import CLIENT_APP_RAISED_EXCEPTION, ClientAppTask, TaskSource
+from fedward.flower.executor import (
+    CLIENT_APP_RAISED_EXCEPTION,
+    ClientAppTask,
+    TaskSource,
+    content_never_arrived,
+)
 from fedward.procs import die_with_parent, stop_process_tree
 from fedward.wire import SiteErrorCode
 from site_agent.diagnostics import failure_reason
@@ -50,6 +56,10 @@ class WarmExecutor:
     audit: Callable[[str, dict[str, Any]], None] = field(default=lambda action, detail: None)
     stop: threading.Event = field(default_factory=threading.Event)
     tasks_done: int = 0
+    # For the agent's SuperNode watch (site_agent.supernode_watch): whether a task runs
+    # now, and when one was last taken or finished (time.monotonic()).
+    busy: bool = False
+    active_at: float = field(default_factory=time.monotonic)
 
     def run(self) -> None:
         """Serve tasks until :attr:`stop` is set."""
@@ -65,6 +75,7 @@ class WarmExecutor:
                     self.stop.wait(0.5)
                     continue
                 if token is not None:
+                    self.busy, self.active_at = True, time.monotonic()
                     try:
                         if self.per_task_process:
                             self.execute_in_process(token)
@@ -72,6 +83,8 @@ class WarmExecutor:
                             self.execute(token)
                     except Exception:
                         log.exception("a ClientApp task could not be completed")
+                    finally:
+                        self.busy, self.active_at = False, time.monotonic()
                 else:
                     self.stop.wait(self.poll_s)
         finally:
@@ -121,7 +134,15 @@ class WarmExecutor:
                     reply = self.app(message=message, context=context)
                     completed, details = True, ""
             except Exception as err:
-                log.exception("ClientApp task failed")
+                if message is None and content_never_arrived(err):
+                    # The message's content never reached the SuperNode: the coordinator
+                    # went away while the site was receiving it. Nothing failed here, and
+                    # the agent says in one line when the coordinator is back (see
+                    # site_agent.agent); the traceback is for whoever debugs Flower.
+                    log.debug("a task's message did not arrive in full; the task is "
+                              "dropped", exc_info=True)
+                else:
+                    log.exception("ClientApp task failed")
                 details = failure_reason(err, kind="task", phase="executor")
                 if message is not None:
                     reply = Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=details),

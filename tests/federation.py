@@ -185,7 +185,7 @@ class Federation:
             time.sleep(0.5)
         raise AssertionError(f"run {run_id} did not end within {timeout} s")
 
-    def _start_coordinator(self) -> subprocess.Popen[bytes]:
+    def _start_coordinator(self, *, timeout: float = 60) -> subprocess.Popen[bytes]:
         log = (self.work / "coordinator.log").open("ab")
         proc = subprocess.Popen(
             ["timeout", "-k", "5", str(LIFETIME_S), *self.wrap,
@@ -194,7 +194,7 @@ class Federation:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
             start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"http://127.0.0.1:{self.api_port}/api/v1/health",
@@ -204,7 +204,13 @@ class Federation:
                 pass
             assert proc.poll() is None, (self.work / "coordinator.log").read_text()[-3000:]
             time.sleep(0.2)
-        raise AssertionError("coordinator did not come up")
+        for pid in [proc.pid, *descendants(proc.pid)]:   # leave nothing running behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+        raise AssertionError(f"coordinator did not come up within {timeout} s")
 
     def kill_coordinator(self) -> None:
         """SIGKILL the coordinator and everything it started."""
@@ -215,8 +221,8 @@ class Federation:
                 pass
         self.coordinator.wait(timeout=10)
 
-    def restart_coordinator(self) -> None:
-        self.coordinator = self._start_coordinator()
+    def restart_coordinator(self, *, timeout: float = 60) -> None:
+        self.coordinator = self._start_coordinator(timeout=timeout)
 
     def stop(self) -> None:
         for proc in [*self._procs, self.coordinator]:
@@ -258,8 +264,10 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
     fed = Federation(work=work, home=home, env=env, api_port=api_port, coordinator=coord,
                      data=data, wrap=wrap)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        # A loaded test machine may take over a minute to start a coordinator; going on
+        # without one only fails later with a confusing error.
+        deadline = time.monotonic() + 180
+        while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{api_port}/api/v1/health",
                              timeout=1).status_code == 200:
@@ -267,6 +275,7 @@ def federation(work: Path, *, n_sites: int = 3, task: str = "breast_cancer_mlp",
             except httpx.HTTPError:
                 pass
             assert coord.poll() is None, (work / "coordinator.log").read_text()
+            assert time.monotonic() < deadline, "the coordinator did not come up in 180 s"
             time.sleep(0.2)
         yield fed
     finally:

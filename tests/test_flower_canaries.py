@@ -99,6 +99,10 @@ def test_main_patches_only_the_supernode_module(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(sci, "pull_objects", flowers_pull)  # restored after the test
     flowers_pull_and_store = sci._pull_and_store_message
     monkeypatch.setattr(sci, "_pull_and_store_message", flowers_pull_and_store)
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    flowers_finish = InMemoryNodeState.finish_task
+    monkeypatch.setattr(InMemoryNodeState, "finish_task", flowers_finish)  # restored after
     seen: list[object] = []
     monkeypatch.setattr(supernode, "flower_supernode",
                         lambda: seen.append((sci.time, getattr(sci, "pull_objects"),  # noqa: B009
@@ -111,7 +115,8 @@ def test_main_patches_only_the_supernode_module(monkeypatch: pytest.MonkeyPatch)
     sleep, pull, pull_and_store = seen[0]  # type: ignore[misc]
     assert isinstance(sleep, supernode.ShortSleep) and sleep.cap_s == 0.3
     assert isinstance(pull, functools.partial) and pull.func is flowers_pull
-    assert pull_and_store.__wrapped__ is flowers_pull_and_store
+    assert pull_and_store.__wrapped__.__wrapped__ is flowers_pull_and_store
+    assert InMemoryNodeState.finish_task.__wrapped__ is flowers_finish  # type: ignore[attr-defined]
     assert inspect.isbuiltin(time.sleep)  # the real time module is untouched
 
 
@@ -164,6 +169,93 @@ def test_a_run_ending_mid_pull_fails_its_task_instead_of_leaving_it_pending(
     assert [(t.status.status, t.status.sub_status) for t in tasks] == [("finished", "failed")]
     assert "no longer running" in tasks[0].status.details
     assert not state.get_messages_legacy(run_ids=[77])   # the message is gone with it
+
+
+def _client_task_whose_message_was_taken(monkeypatch: pytest.MonkeyPatch
+                                         ) -> tuple[Any, int, str]:
+    """Flower's own node state holding a message of run 78 that a ClientApp task took (the
+    runtime API's PullMessages marks it retrieved) and has not answered."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    for name, value in (("_task_id", 1), ("_run_id", 78), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    state.set_node_id(7)
+    state.store_run(Run.create_empty(78))
+    message = Message(content=RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=7,
+                      message_type="train")
+    message.metadata.__dict__["_message_id"] = message.object_id
+    state.store_message(message)
+    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=78)
+    assert task_id is not None
+    (taken,) = state.get_messages_legacy(run_ids=[78], is_reply=False, limit=1)
+    state.record_message_processing_start(taken.metadata.message_id)
+    assert state.claim_task(task_id) is not None and state.activate_task(task_id)
+    return state, task_id, message.metadata.message_id
+
+
+def test_flower_alone_leaves_a_failed_client_task_unanswered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The wedge the patch below removes: the SuperNode would wait for ever for this reply.
+    # If this fails, Flower answers failed ClientApp tasks itself (drop the patch).
+    state, task_id, _ = _client_task_whose_message_was_taken(monkeypatch)
+    assert state.finish_task(task_id, "failed", "ObjectPullError")
+    assert not state.get_messages_legacy(is_reply=True)
+
+
+def test_a_failed_client_task_leaves_an_error_reply_to_its_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    state, task_id, message_id = _client_task_whose_message_was_taken(monkeypatch)
+    finish = supernode.answer_failed_client_tasks(InMemoryNodeState.finish_task)
+    assert finish(state, task_id, "failed", "ObjectPullError: pulling timed out")
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert reply.metadata.reply_to_message_id == message_id
+    assert reply.has_error() and "ObjectPullError" in reply.error.reason
+    # Finishing it again changes nothing (Flower refuses, no second reply).
+    assert not finish(state, task_id, "failed", "again")
+    assert not state.get_messages_legacy(is_reply=True)
+
+
+def test_a_completed_client_task_gets_no_error_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    state, task_id, _ = _client_task_whose_message_was_taken(monkeypatch)
+    finish = supernode.answer_failed_client_tasks(InMemoryNodeState.finish_task)
+    assert finish(state, task_id, "completed", "")
+    assert not state.get_messages_legacy(is_reply=True)
+
+
+def test_a_reply_to_a_message_that_never_arrived_is_not_sent_with_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import Error, Message
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+
+    state, _, message_id = _client_task_whose_message_was_taken(monkeypatch)
+    taken = state.msg_store[message_id].message
+    # The executor gave up and its error reply is written; then the SuperNode's own pull of
+    # the message's content fails too, and Flower deletes the message (not the reply).
+    error_reply = Message(Error(code=0, reason="gave up"), reply_to=taken)
+    error_reply.metadata.__dict__["_message_id"] = error_reply.object_id
+    state.store_message(error_reply)
+
+    def unreachable(*_: Any) -> bytes:
+        raise ConnectionError("the coordinator is unreachable")
+
+    patched = supernode.drop_replies_of_unreceived_messages(
+        start_client_internal._pull_and_store_message)
+    assert patched(state=state, object_store=state.object_store, node_config={},
+                   receive=lambda: (taken, get_object_tree(taken)),
+                   get_run=lambda _: None, get_fab=lambda *_: None,
+                   pull_object=unreachable, confirm_message_received=unreachable,
+                   trusted_entities=None) is None
+    assert not state.get_messages_legacy(is_reply=True)
 
 
 def test_object_pulls_retry_after_a_short_back_off_not_flowers_second() -> None:

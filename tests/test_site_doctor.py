@@ -300,6 +300,14 @@ def test_registration_refused_says_what_to_send(tmp_path: Path) -> None:
     write_log(paths, "Exit Code: 305\nINFO SuperNode ID: 123456\nINFO [RUN 4]\n")
     check = doctor.check_registration(paths)
     assert check.status == "ok" and "SuperNode ID 123456" in check.message
+    # Refused because the coordinator still counts the crashed agent's node as online: not a
+    # registration problem (Flower's own wording, as the SuperNode logs it).
+    write_log(paths, "INFO SuperNode ID: 1\nERROR Exit Code: 305\nFailed to initialize the "
+                     "connection to the SuperLink.\n[code: 2004] Failed to activate "
+                     "SuperNode.\n")
+    check = doctor.check_registration(paths, config_name="hospital-a")
+    assert check.status == "warn" and "add-site" not in check.message
+    assert "still counted this site's previous connection as active" in check.message
     write_log(paths, "INFO SuperNode ID: 1\nExit Code: 606\n")
     check = doctor.check_registration(paths)
     assert check.status == "warn" and "another Flower version" in check.message

@@ -45,7 +45,10 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -65,6 +68,7 @@ __all__ = [
     "ClientAppTask",
     "PulledTask",
     "TaskSource",
+    "content_never_arrived",
     "pull_task_input",
 ]
 
@@ -114,6 +118,12 @@ def _runtime_client(address: str, token: str | None) -> RuntimeHttpClient:
     if path is not None:
         over_unix_socket(client, path)
     return client
+
+
+def content_never_arrived(err: BaseException) -> bool:
+    """Whether a task failed because its message's content never reached the SuperNode
+    within :data:`PULL_MAX_TIME_S` (the coordinator went away while it was being received)."""
+    return isinstance(err, ObjectPullError)
 
 
 def pull_task_input(client: RuntimeHttpClient, *, max_time: float = PULL_MAX_TIME_S

@@ -28,6 +28,7 @@ __all__ = [
     "RUNTIME_VERSION_INCOMPATIBLE",
     "SUPERNODE_EXIT_HELP",
     "flower_exit_code",
+    "reconnect_delays",
 ]
 
 # Flower's ExitCode values the agent acts on (flwr.supercore.exit.exit_code.ExitCode).
@@ -56,6 +57,15 @@ FATAL_EXIT_CODES: Final = frozenset({NODE_AUTH_KEY_INVALID, NODE_WITHOUT_TLS,
                                      RUNTIME_VERSION_INCOMPATIBLE, EXIT_NO_SANDBOX})
 
 _EXIT_CODE_RE = re.compile(rb"Exit Code: (\d+)")
+# What Flower's HTTP retry logs when a call to the SuperLink went through after retries
+# (``flwr/supercore/retry/http_retry.py``): how long that call waited for the coordinator.
+_RECONNECT_RE = re.compile(rb"Connection successful after (\d+(?:\.\d+)?) seconds")
+
+
+def reconnect_delays(log_text: bytes) -> list[float]:
+    """How long each call in a piece of SuperNode log waited for the coordinator to answer
+    again (seconds), for calls that went through after being retried."""
+    return [float(m) for m in _RECONNECT_RE.findall(log_text)]
 
 
 def flower_exit_code(log_path: Path, process_status: int, *, since: int = 0) -> int:

@@ -6,9 +6,11 @@ message, and 0.5 s while waiting for its ClientApp's reply
 are most of a round's latency on a small model. This entry point caps every sleep in that
 one module (and nowhere else) at ``FEDWARD_SUPERNODE_POLL_S`` seconds, then runs Flower's
 own ``flower_supernode`` unchanged. It also shortens the back-off of that module's object
-pulls (Flower waits 1 s before the first retry of an object still being uploaded), and
+pulls (Flower waits 1 s before the first retry of an object still being uploaded),
 makes a run that ends while a message's content is being pulled fail that message's task
-(see :func:`finish_tasks_of_ended_runs`). It relies on flwr being pinned to one exact
+(see :func:`finish_tasks_of_ended_runs`), and answers a ClientApp task that ended without
+a reply with an error reply, so that a lost reply never leaves the SuperNode waiting for
+one (see :func:`answer_failed_client_tasks`). It relies on flwr being pinned to one exact
 version; ``tests/test_flower_canaries.py`` checks that the patched module still sleeps
 and pulls where this assumes.
 """
@@ -22,13 +24,17 @@ from collections.abc import Callable
 from typing import Any
 
 import flwr.supernode.start_client_internal as _start_client_internal
+from flwr.app import Error
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.supercore.constant import TaskType
 from flwr.supercore.run import RunNotRunningException
 from flwr.supernode.cli.flower_supernode import flower_supernode
+from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
 from fedward.flower.backoff import with_short_backoff
 
-__all__ = ["POLL_ENV", "RunEndedWhileReceiving", "ShortSleep", "finish_tasks_of_ended_runs",
-           "main"]
+__all__ = ["POLL_ENV", "RunEndedWhileReceiving", "ShortSleep", "answer_failed_client_tasks",
+           "drop_replies_of_unreceived_messages", "finish_tasks_of_ended_runs", "main"]
 
 POLL_ENV = "FEDWARD_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.25
@@ -83,6 +89,68 @@ def finish_tasks_of_ended_runs(pull_and_store: Callable[..., Any]) -> Callable[.
     return patched
 
 
+def answer_failed_client_tasks(finish_task: Callable[..., bool]) -> Callable[..., bool]:
+    """``InMemoryNodeState.finish_task``, except that a ClientApp task that ends without a
+    reply (failed or stopped) leaves an error reply to its message.
+
+    Flower's SuperNode handles one message at a time: after it has received a message it
+    waits, with no time limit, for a reply to it (``_push_messages``), and takes no other
+    message meanwhile. Flower writes an error reply itself when an AgentApp task fails or a
+    ClientApp's task token expires, but not when a ClientApp task reports that it failed.
+    A site's executor does just that when the message's content does not reach it in time:
+    after a coordinator outage the SuperNode may finish receiving that content later still,
+    and would then wait for ever for a reply nobody will write (the site took no task again
+    until its agent was restarted). With this, the error reply is there, the SuperNode sends
+    it (the coordinator ignores or counts it as that site's failure) and takes the next
+    message. A reply already written is never replaced (Flower skips answered messages).
+    """
+    @functools.wraps(finish_task)
+    def patched(self: InMemoryNodeState, task_id: int, sub_status: str, details: str
+                ) -> bool:
+        finished = finish_task(self, task_id, sub_status, details)
+        if finished and sub_status != SubStatus.COMPLETED:
+            tasks = self.get_tasks(task_ids=[task_id])
+            if tasks and tasks[0].type == TaskType.CLIENT_APP:
+                self._store_error_replies({tasks[0].run_id}, Error(
+                    int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION),
+                    f"the site's task ended without a reply: {details}"))
+        return finished
+    return patched
+
+
+def drop_replies_of_unreceived_messages(pull_and_store: Callable[..., Any]
+                                        ) -> Callable[..., Any]:
+    """Flower's ``_pull_and_store_message``, except that when a message could not be
+    received, any reply already written to it is dropped with it.
+
+    The executor may fail a task (and :func:`answer_failed_client_tasks` answer it) before
+    the SuperNode itself gives up on receiving the message; Flower then deletes the message
+    but not that reply, which would be sent along with the next message's reply. Nothing is
+    in flight when a receive fails (one message at a time), so every reply still waiting
+    then belongs to the message that was not received.
+    """
+    @functools.wraps(pull_and_store)
+    def patched(**kwargs: Any) -> Any:
+        received: list[object] = []
+        receive = kwargs["receive"]
+
+        def noting_receive() -> Any:
+            got = receive()
+            received.append(got)
+            return got
+
+        kwargs["receive"] = noting_receive
+        run_id = pull_and_store(**kwargs)
+        if run_id is None and any(got is not None for got in received):
+            state, store = kwargs["state"], kwargs["object_store"]
+            stale = [m.metadata.message_id for m in state.get_messages_legacy(is_reply=True)]
+            state.delete_messages(message_ids=stale)
+            for message_id in stale:
+                store.delete(message_id)
+        return run_id
+    return patched
+
+
 def main() -> None:
     """Console entry point: ``python -m fedward.flower.supernode <flower-supernode args>``."""
     cap = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
@@ -90,8 +158,10 @@ def main() -> None:
     setattr(_start_client_internal, "pull_objects",  # noqa: B010
             with_short_backoff(getattr(_start_client_internal, "pull_objects")))  # noqa: B009
     setattr(_start_client_internal, "_pull_and_store_message",  # noqa: B010
-            finish_tasks_of_ended_runs(
-                getattr(_start_client_internal, "_pull_and_store_message")))  # noqa: B009
+            drop_replies_of_unreceived_messages(finish_tasks_of_ended_runs(
+                getattr(_start_client_internal, "_pull_and_store_message"))))  # noqa: B009
+    InMemoryNodeState.finish_task = answer_failed_client_tasks(  # type: ignore[method-assign]
+        InMemoryNodeState.finish_task)
     flower_supernode()
 
 
