@@ -244,7 +244,8 @@ def test_runs_list_paginates_filters_and_refuses_bad_queries(
                         ("page=99999999999999999999", "Page must be a whole number from 1"),
                         ("page=4", "Page 4 does not exist: there are 3 pages"),
                         ("state=finished", "Unknown run state 'finished': choose one of "
-                                           "cancelled, completed, failed, pending, running, stopped"),
+                                           "cancelled, completed, failed, pending, running, "
+                                           "stopped"),
                         ("project=nope", "No project named 'nope'; projects: cardio, onco"),
                         ("project=cardio&state=running&page=2",
                          "Page 2 does not exist: there is 1 page")]:
