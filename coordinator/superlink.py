@@ -10,7 +10,6 @@ API through the coordinator's gateway, never directly.
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import subprocess
 import time
@@ -24,6 +23,7 @@ from sqlalchemy.engine import make_url
 from coordinator.pki import CAFiles
 from fedward.files import atomic_write
 from fedward.flower.env import flower_env
+from fedward.metrics_http import is_loopback
 from fedward.procs import free_port, venv_bin
 from fedward.sandbox.netns import EXIT_NO_SANDBOX, Sandbox, isolation_mode, sandbox_failure
 from fedward.sandbox.relay import Endpoint, RelayThread, unix_transport
@@ -38,15 +38,6 @@ DATABASE_URL_FILE_ENV = "FEDWARD_DATABASE_URL_FILE"
 
 class SuperLinkError(RuntimeError):
     """The SuperLink could not be started or reached."""
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def database_route(url: str, run_dir: Path, *, mode: str
@@ -69,7 +60,7 @@ def database_route(url: str, run_dir: Path, *, mode: str
     sock = f"unix:{run_dir / 'database.sock'}"
     inside = [(f"tcp:127.0.0.1:{port}", sock)]
     outside = [(sock, f"tcp:{host}:{port}")]
-    if _is_loopback(host):
+    if is_loopback(host):
         parsed = parsed.set(host="127.0.0.1")
     else:
         parsed = parsed.update_query_dict({"hostaddr": "127.0.0.1"})
