@@ -101,8 +101,9 @@ def make_router(*, current_user: Callable[..., Any],
         """One version with its spec: ``NAME@VERSION``, or ``NAME`` for the newest."""
         try:
             return study_public(get_study(session, ref), with_spec=True)
-        except ValueError as err:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
+        except ValueError as err:  # FastAPI's own 422 shape, as the API's other refusals
+            raise RequestValidationError([{"type": "value_error", "loc": ("path", "ref"),
+                                           "msg": str(err)}]) from None
         except StudyNotFoundError as err:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
 

@@ -62,7 +62,9 @@ DirOpt = Annotated[Path, typer.Option("--dir", help="the site's data directory")
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    # soft_wrap: never break an error (a path, a command to copy) at the terminal's width.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
+                      soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -347,7 +349,8 @@ def policy_check(dir: DirOpt,
         if as_json:
             print(json.dumps({"ok": False, "problems": err.problems}))
         else:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps({"ok": True, "policy": policy.to_dict()}))

@@ -1,7 +1,8 @@
 """The site agent's Prometheus metrics, for the hospital's own monitoring.
 
-Served by :class:`fedward.metrics_http.MetricsListener` on 127.0.0.1 (port 8602 by
-default; ``FEDWARD_SITE_METRICS=host:port`` moves it, ``off`` switches it off; an address
+Served by :class:`fedward.metrics_http.MetricsListener` when ``FEDWARD_SITE_METRICS`` asks
+for it (``on``: 127.0.0.1:8602, or ``host:port``; off by default, so that the agent listens
+on no TCP port unless its operator wants metrics; an address
 other than loopback needs ``FEDWARD_SITE_METRICS_TOKEN_FILE``). Figures:
 
 * per project, from the privacy ledger and the site policy: rounds trained, epsilon spent,
@@ -141,9 +142,13 @@ def start_listener(*, ledger: Path, policy: Path, state: SiteState) -> MetricsLi
     A listener that cannot start is logged and the agent runs on: training does not
     depend on monitoring.
     """
-    where = os.environ.get("FEDWARD_SITE_METRICS", DEFAULT_ADDRESS).strip()
+    # Off unless asked for: by default the agent listens on no TCP port at all (the
+    # operator's guide promises it; a local account cannot even read these figures).
+    where = os.environ.get("FEDWARD_SITE_METRICS", "off").strip()
     if where.lower() == "off":
         return None
+    if where.lower() == "on":
+        where = DEFAULT_ADDRESS
     try:
         host, port = parse_address(where)
         token_file = os.environ.get("FEDWARD_SITE_METRICS_TOKEN_FILE")

@@ -342,7 +342,7 @@ def test_refusals_are_counted_by_reason(make_bundle: MakeBundle, keys: tuple[Pat
     assert ("fedward_serve_release_info", (("release_id", RELEASE),)) not in s
 
 
-def test_a_task_without_class_names_answers_without_them(
+def test_a_digits_model_answers_each_digit_by_its_name_and_warns_on_a_pixel(
         tmp_path: Path, keys: tuple[Path, Path]) -> None:
     model = build_model("digits_cnn", seed=0)
     onnx = export_onnx(model=model, task="digits_cnn", out_dir=tmp_path / "onnx")
@@ -351,6 +351,7 @@ def test_a_task_without_class_names_answers_without_them(
                           private_key=keys[0])
     client = TestClient(create_app(bundle_dir=bundle, public_key=keys[1], revocations=SKIP))
     body = client.post("/predict", json={"instances": [[3.0] * 63 + [17.0]]}).json()
-    assert body["classes"] is None
+    # The digits study names its classes "0" to "9": the name is the digit predicted.
+    assert body["classes"] == [str(body["predictions"][0])]
     assert body["warnings"] == ["instance 0: pixel_63 is outside the plausible range [0, 16]; "
                                 "check the value and its unit"]

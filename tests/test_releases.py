@@ -398,7 +398,7 @@ def test_propose_gate_approve_download_verify_revoke(
         assert parity[site]["openvino"]["agreement"] == 1.0
         assert parity[site]["onnx-int8"]["agreement"] >= 0.95
     assert gates["site_metrics"]["reason"].startswith("every site (hospital-a, hospital-b) meets")
-    assert "DP-SGD, prv accountant" in gates["privacy_statement"]["reason"]
+    assert "DP-SGD, pld accountant" in gates["privacy_statement"]["reason"]
     assert gates["site_participation"]["reason"] == (
         "2 sites contributed (each in at least 50% of the 3 completed rounds; 2 needed); "
         "rounds trained: hospital-a 3/3, hospital-b 3/3")

@@ -227,6 +227,11 @@ def test_register_is_idempotent_and_a_changed_spec_gets_the_next_version(
     assert missing.status_code == 404
     assert missing.json()["detail"] == "study 'breast_cancer_mlp' has no version 7 " \
                                        "(versions: 1, 2)"
+    # A malformed reference: the API's usual 422 shape (a list of located problems).
+    bad = client.get(api("/studies/0"), headers=eng)
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["path", "ref"]
+    assert "is not a study reference" in bad.json()["detail"][0]["msg"]
     with Session(engine) as session:
         events = session.exec(select(AuditEvent).where(
             AuditEvent.action == "study.registered")).all()
