@@ -58,7 +58,7 @@ READING_ORDER: tuple[tuple[str, Path, tuple[str, ...]], ...] = (
     ("ml", ML, ("Set up the coordinator", "Add a site")),
     ("site", OPERATOR, ("What the site agent is", "Firewall", "Install", "Set up the site",
                         "Isolation from other local accounts")),
-    ("ml", ML, ("Launch and watch a run", "Tasks", "Round time",
+    ("ml", ML, ("Launch and watch a run", "Tasks", "Studies", "Round time",
                 "Releases > Users, passwords and roles", "Releases > Model versions and lineage",
                 "Releases > Candidates and gates", "Releases > How sites measure parity",
                 "Releases > Approval and the signed bundle")),

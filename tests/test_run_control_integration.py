@@ -110,6 +110,11 @@ def test_cancel_a_running_run_then_relaunch_compare_and_wait() -> None:
         assert [e["detail"] for e in delivered] == [{"told": sorted(names), "not_told": {}}]
         # The Flower run has ended and no ServerApp or ClientApp process is left.
         control = FlowerControl(address=fed.superlink, ca_cert=fed.home / "pki" / "ca.pem")
+        # The ServerApp records the run cancelled, then exits; Flower marks its run finished
+        # when it has exited: moments later (bounded).
+        ended_by = time.monotonic() + 30
+        while not control.training_runs()[run_id].finished and time.monotonic() < ended_by:
+            time.sleep(0.5)
         assert control.training_runs()[run_id].finished
         _no_process_left(fed)
 
