@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -96,10 +97,17 @@ def request_export(session: Session, *, kind: str, subject: str, requested_by: s
     return row
 
 
+# Set (to "1") in the ServerApp's environment when the coordinator hands completed runs to
+# MLflow automatically.
+MLFLOW_AUTO_ENV: Final = "FEDWARD_MLFLOW_AUTO"
+
+
 def _note(session: Session, kind: str, subject: str) -> None:
     """Add an automatic hand-off if one is configured; never raise (see the module doc)."""
     try:
-        if Settings().mlflow_tracking_uri is None:
+        # The ServerApp (which records a run's end) gets only MLFLOW_AUTO_ENV from the
+        # coordinator: the tracking URI itself may hold a password.
+        if Settings().mlflow_tracking_uri is None and os.environ.get(MLFLOW_AUTO_ENV) != "1":
             return
         with session.begin_nested():  # a failure here undoes only this row
             request_export(session, kind=kind, subject=subject, requested_by=AUTO_REQUESTER)

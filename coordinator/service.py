@@ -22,6 +22,7 @@ from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.metrics import start_listener
+from coordinator.mlflow_outbox import MLFLOW_AUTO_ENV
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
 from coordinator.ports import sites_address
 from coordinator.presence import Presence
@@ -221,7 +222,11 @@ class Coordinator:
             mode=self.settings.flower_isolation,
             # Every ServerApp process inherits these; the database URL reaches it in a
             # 0600 file instead (see coordinator.superlink).
-            extra_env={"FEDWARD_HOME": str(self.settings.home)},
+            # Whether a completed run is handed to MLflow, not where: the tracking URI may
+            # hold a password, and the ServerApp only records the hand-off (the API process's
+            # worker, which has the settings, does the export).
+            extra_env={"FEDWARD_HOME": str(self.settings.home),
+                       **({MLFLOW_AUTO_ENV: "1"} if self.settings.mlflow_tracking_uri else {})},
         )
 
     def start_superlink(self) -> None:
