@@ -103,9 +103,19 @@ def relaunch_body(run: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
     Returns:
         The request body.
     """
-    body: dict[str, Any] = {"project": run["project"], "task": run["task"],
-                            **dict(run["config"])}
+    config = dict(run["config"])
+    config.pop("study_hash", None)   # the coordinator pins it again from the study version
+    study = config.pop("study", None)
+    body: dict[str, Any] = {"project": run["project"], **config}
+    # A run of a study is launched again from the same study version (it names the task
+    # or the study, never both); a --task or --study given replaces it.
+    if study and "task" not in overrides:
+        body["study"] = study
+    else:
+        body["task"] = run["task"]
     body.update(overrides)
+    if "study" in overrides:
+        body.pop("task", None)
     return body
 
 

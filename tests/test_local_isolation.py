@@ -198,6 +198,11 @@ def test_no_other_local_account_reaches_a_flower_api_or_the_tunnel(
     tcp, unix = _listeners(everyone)
     host_ns = _netns(os.getpid())
     public = {int(fed.fleet.rpartition(":")[2]), fed.api_port}
+    # The coordinator's Prometheus listener is read-only figures on loopback, by design
+    # readable by local accounts (docs/ml-team-guide.md, "Coordinator metrics").
+    metrics = fed.home / "metrics.address"
+    if metrics.exists():
+        public.add(int(metrics.read_text().strip().rpartition(":")[2]))
     serverapp = _serverapps(coordinator)
     assert serverapp, "expected the run's ServerApp"
     argv = _cmdline(serverapp[0])

@@ -250,6 +250,13 @@ def test_relaunch_body_keeps_the_recorded_config_and_applies_overrides() -> None
     body = run_cli.relaunch_body(_run(3), {"rounds": 8, "sites": ["a"]})
     assert body == {"project": "onc", "task": "breast_cancer_mlp", "rounds": 8, "epsilon": 3.0,
                     "lr": 0.05, "sites": ["a"], "seed": 0}
+    # A run of a study: the same study version again (the hash is pinned anew), no task.
+    study_run = {**_run(4), "config": {**_run(4)["config"], "study": "bc@2",
+                                       "study_hash": "ab" * 32}}
+    again = run_cli.relaunch_body(study_run, {"rounds": 2})
+    assert again["study"] == "bc@2" and "task" not in again and "study_hash" not in again
+    assert run_cli.relaunch_body(study_run, {"task": "breast_cancer_mlp"})["task"] == (
+        "breast_cancer_mlp")
 
 
 def test_compare_shows_config_differences_and_metrics_in_80_columns() -> None:
