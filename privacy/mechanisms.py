@@ -16,6 +16,7 @@ decorated with :func:`register`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -63,7 +64,7 @@ def _positive(value: float) -> bool:
 
 
 @dataclass(frozen=True)
-class Mechanism:
+class Mechanism(abc.ABC):
     """One disclosure's privacy mechanism: the parameters that decide its privacy loss.
 
     Subclasses are frozen dataclasses whose fields are ``int``, ``float`` or ``Mechanism``;
@@ -72,13 +73,13 @@ class Mechanism:
 
     TYPE: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def problems(self) -> list[str]:
         """Every out-of-range parameter, in words (empty when the mechanism is sound)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dp_event(self) -> dp_event.DpEvent:
         """The dp-accounting event of one occurrence (what the RDP accountant composes)."""
-        raise NotImplementedError
 
     def unit(self) -> tuple[Mechanism, int]:
         """``(u, n)`` such that this mechanism is ``u`` composed ``n`` times.
@@ -98,9 +99,9 @@ class Mechanism:
         """
         return None
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """One line for people (``fedward-site ledger show``)."""
-        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form ``{"type": name, field: value, ...}`` (JSON-ready)."""
