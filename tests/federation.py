@@ -78,6 +78,14 @@ class Federation:
                           headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
         return r
 
+    def enrollment_token(self, site: str) -> str:
+        """A one-time enrollment token for ``site`` (added first if it is new)."""
+        r = self.api("POST", "/sites", {"name": site})
+        assert r.status_code in (201, 409), r.text
+        r = self.api("POST", f"/sites/{site}/enrollment-token")
+        assert r.status_code == 201, r.text
+        return str(r.json()["token"])
+
     def audit_events(self) -> list[dict[str, Any]]:
         """The coordinator's whole audit log, read through the API, oldest first."""
         by_id: dict[int, dict[str, Any]] = {}

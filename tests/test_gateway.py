@@ -37,17 +37,9 @@ def fed() -> Iterator[Federation]:
         yield f
 
 
-def _token(fed: Federation, site: str) -> str:
-    r = fed.api("POST", "/sites", {"name": site})
-    assert r.status_code in (201, 409), r.text
-    r = fed.api("POST", f"/sites/{site}/enrollment-token")
-    assert r.status_code == 201, r.text
-    return str(r.json()["token"])
-
-
 def _enrolled(fed: Federation, site: str, tmp: Path) -> EnrollmentFiles:
     root = tmp / site
-    assert enroll(root=root, gateway=fed.fleet, token=_token(fed, site)) == site
+    assert enroll(root=root, gateway=fed.fleet, token=fed.enrollment_token(site)) == site
     return EnrollmentFiles(root)
 
 
@@ -200,7 +192,7 @@ def test_a_site_enrolls_again_with_its_node_key_for_a_new_certificate(
     node_key = (files.keys / "node_key.pub").read_text()
     for old in (files.site_cert, files.site_key):
         old.rename(old.with_name(old.name + ".old"))
-    assert enroll(root=files.root, gateway=fed.fleet, token=_token(fed, "site-again")) \
+    assert enroll(root=files.root, gateway=fed.fleet, token=fed.enrollment_token("site-again")) \
         == "site-again"
     after = fed.api("GET", "/sites/site-again").json()
     assert after["status"] == "registered"
@@ -214,7 +206,7 @@ def test_a_site_enrolls_again_with_its_node_key_for_a_new_certificate(
 
 def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
                                                               tmp_path: Path) -> None:
-    token = _token(fed, "site-tok")
+    token = fed.enrollment_token("site-tok")
     assert enroll(root=tmp_path / "one", gateway=fed.fleet, token=token) == "site-tok"
     with pytest.raises(EnrollError, match="already used"):
         enroll(root=tmp_path / "two", gateway=fed.fleet, token=token)
@@ -222,7 +214,7 @@ def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
         enroll(root=tmp_path / "three", gateway=fed.fleet, token=token[:-3] + " x")
     # One character of the secret or of the pin mistyped: a typo, said before anything is
     # sent, not "unknown token" or "wrong coordinator".
-    fresh = _token(fed, "site-typo")
+    fresh = fed.enrollment_token("site-typo")
     parts = parse_enrollment_token(fresh)
     for typo in (fresh.replace(parts.secret, parts.secret[:5] + ("A" if parts.secret[5] != "A"
                                                                    else "B") + parts.secret[6:]),
@@ -234,13 +226,13 @@ def test_token_reuse_typo_expiry_and_wrong_ca_pin_are_refused(fed: Federation,
     assert enroll(root=tmp_path / "typo-fixed", gateway=fed.fleet, token=fresh) == "site-typo"
     # A well-formed token made for another CA: the coordinator reached is not the one that
     # issued it (wrong address, or a CA rotated since).
-    parts = parse_enrollment_token(_token(fed, "site-pin"))
+    parts = parse_enrollment_token(fed.enrollment_token("site-pin"))
     wrong_pin = format_enrollment_token(site=parts.site, secret=parts.secret, ca_pin="0" * 32)
     with pytest.raises(EnrollError, match="does not match your token"):
         enroll(root=tmp_path / "four", gateway=fed.fleet, token=wrong_pin)
     # Nothing half-written: no certificate, so the site is simply not enrolled.
     assert not EnrollmentFiles(tmp_path / "four").enrolled
-    expired = _token(fed, "site-exp")
+    expired = fed.enrollment_token("site-exp")
     import sqlite3
 
     db = sqlite3.connect(fed.home / "coordinator.db")

@@ -29,14 +29,6 @@ def fed() -> Iterator[Federation]:
         yield f
 
 
-def _token(fed: Federation, site: str) -> str:
-    r = fed.api("POST", "/sites", {"name": site})
-    assert r.status_code in (201, 409), r.text
-    r = fed.api("POST", f"/sites/{site}/enrollment-token")
-    assert r.status_code == 201, r.text
-    return str(r.json()["token"])
-
-
 def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
 
@@ -63,13 +55,13 @@ def test_enroll_with_a_host_alone_uses_the_default_port_without_a_traceback(
     root = tmp_path / "site"
     demo = fed.data["sites"][0]
     res = run_cli([str(BIN / "fedward-site"), "enroll", "--dir", str(root), "--gateway",
-                   "127.0.0.1", "--token", _token(fed, "hostonly"), "--data", demo["csv"],
+                   "127.0.0.1", "--token", fed.enrollment_token("hostonly"), "--data", demo["csv"],
                    "--schema", demo["schema"]], check=False, env=fed.env)
     said = " ".join((res.stdout + res.stderr).split())
     assert "Traceback" not in said, said
     assert "127.0.0.1:9092" in said, said
     res = run_cli([str(BIN / "fedward-site"), "enroll", "--dir", str(root), "--gateway",
-                   "127.0.0.1:http", "--token", _token(fed, "hostonly"), "--data",
+                   "127.0.0.1:http", "--token", fed.enrollment_token("hostonly"), "--data",
                    demo["csv"], "--schema", demo["schema"]], check=False, env=fed.env)
     said = " ".join((res.stdout + res.stderr).split())
     assert res.returncode != 0 and "Traceback" not in said and "HOST:PORT" in said, said
@@ -79,18 +71,19 @@ def test_the_api_port_given_for_the_gateway_is_named_as_the_api_port(
         fed: Federation, tmp_path: Path) -> None:
     root = tmp_path / "site"
     with pytest.raises(EnrollError) as caught:
-        enroll(root=root, gateway=f"127.0.0.1:{fed.api_port}", token=_token(fed, "apiport"))
+        enroll(root=root, gateway=f"127.0.0.1:{fed.api_port}",
+               token=fed.enrollment_token("apiport"))
     said = str(caught.value)
     assert "the coordinator's web API" in said and "not the site gateway" in said, said
     assert "site gateway on HOST:PORT" in said and str(DEFAULT_GATEWAY_PORT) in said, said
     assert _files(root) == set()
     # The same token still works at the right port: nothing was sent with it.
-    assert enroll(root=root, gateway=fed.fleet, token=_token(fed, "apiport")) == "apiport"
+    assert enroll(root=root, gateway=fed.fleet, token=fed.enrollment_token("apiport")) == "apiport"
 
 
 def test_a_refused_enrollment_leaves_no_keys_and_a_retry_works(fed: Federation,
                                                                tmp_path: Path) -> None:
-    token = _token(fed, "refused")
+    token = fed.enrollment_token("refused")
     assert enroll(root=tmp_path / "first", gateway=fed.fleet, token=token) == "refused"
     # The same token again (already used): the coordinator refuses after the site made its
     # keys and fetched the CA. None of that may stay.
@@ -100,7 +93,8 @@ def test_a_refused_enrollment_leaves_no_keys_and_a_retry_works(fed: Federation,
     assert _files(root) == set(), _files(root)
     assert not root.exists()
     # A retry with a new token starts clean and enrolls.
-    assert enroll(root=root, gateway=fed.fleet, token=_token(fed, "refused-2")) == "refused-2"
+    token = fed.enrollment_token("refused-2")
+    assert enroll(root=root, gateway=fed.fleet, token=token) == "refused-2"
     assert EnrollmentFiles(root).enrolled
 
 
@@ -110,7 +104,7 @@ def test_a_refused_enrollment_keeps_the_keys_that_were_there(fed: Federation,
     public = ensure_node_key(files.node_key, files.node_public_key)   # `fedward-site keygen`
     (files.root / "site.json").write_text("{}\n")
     before = _files(files.root)
-    token = _token(fed, "kept")
+    token = fed.enrollment_token("kept")
     assert enroll(root=tmp_path / "other", gateway=fed.fleet, token=token) == "kept"
     with pytest.raises(EnrollError, match="already used"):
         enroll(root=files.root, gateway=fed.fleet, token=token)
