@@ -289,6 +289,20 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+def _describe(pids: set[int]) -> dict[int, str]:
+    """What each PID is: command line, or (mid-exit, its memory gone) name, state, parent."""
+    out = {}
+    for pid in pids:
+        try:
+            _, _, tail = Path(f"/proc/{pid}/stat").read_text().partition(" (")
+            comm, _, rest = tail.rpartition(") ")
+            state, ppid = rest.split()[:2]
+        except (OSError, ValueError):
+            continue
+        out[pid] = f"{' '.join(_cmdline(pid)[:2]).strip() or comm} state={state} ppid={ppid}"
+    return out
+
+
 def test_nothing_the_coordinator_started_outlives_a_sigkill_or_a_stop() -> None:
     with short_tmp() as work, federation(work, n_sites=1) as fed:
         s = fed.data["sites"][0]
@@ -305,7 +319,7 @@ def test_nothing_the_coordinator_started_outlives_a_sigkill_or_a_stop() -> None:
         deadline = time.monotonic() + 2.0
         while _alive(started) and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = {p: _cmdline(p)[:2] for p in _alive(started)}
+        left = _describe(_alive(started))
         assert not left, f"alive 2 s after the coordinator was killed: {left}"
         fed.coordinator.wait(timeout=10)
 
@@ -316,10 +330,13 @@ def test_nothing_the_coordinator_started_outlives_a_sigkill_or_a_stop() -> None:
             time.sleep(0.3)
         coordinator = _coordinator_python(fed)
         started = set(descendants(coordinator))
+        before = _describe(started)
         os.kill(coordinator, signal.SIGTERM)
         fed.coordinator.wait(timeout=30)
-        left = {p: _cmdline(p)[:2] for p in _alive(started)}
-        assert not left, f"alive after the coordinator stopped: {left}"
+        left = _describe(_alive(started))
+        assert not left, (f"alive after the coordinator stopped: {left}; before the stop: "
+                          f"{before}; coordinator log:\n"
+                          + (work / "coordinator.log").read_text()[-4000:])
 
 
 def test_no_flower_process_gets_the_database_password() -> None:
