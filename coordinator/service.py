@@ -6,11 +6,13 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -382,9 +384,19 @@ class Coordinator:
                  sites_address(self.settings, port), self.gateway.address)
         if ready is not None:
             ready.set()
+        # uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and
+        # raises the signal again: with the default handler the process would end right
+        # there, before the `finally` below stops the gateway and the SuperLink, leaving
+        # Flower's processes to die of their parent's death, after this process has gone.
+        # A handler of our own makes that re-raised signal a no-op; before uvicorn installs
+        # its own, the same handler asks the server to shut down, so no SIGTERM is lost.
+        main = threading.current_thread() is threading.main_thread()  # else: no signals here
+        previous = signal.signal(signal.SIGTERM, _shutdown_on_signal(server)) if main else None
         try:
             server.run()
         finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             stop_watch.set()
             if metrics is not None:
                 metrics.stop()
@@ -392,6 +404,15 @@ class Coordinator:
             self.presence.stop()
             self.superlink.stop()
             self.engine.dispose()
+
+
+def _shutdown_on_signal(server: uvicorn.Server) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM handler that asks ``server`` to shut down (and nothing else)."""
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    return handler
 
 
 def home_path(value: str | None) -> Path | None:
