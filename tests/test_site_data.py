@@ -230,14 +230,44 @@ def test_file_level_problems_are_clear(tmp_path: Path, schema: DataSchema,
         load_site_data(csv_path=path, schema=schema)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file regardless of its mode")
-def test_permission_denied_is_unreadable(write_csv: WriteCsv, bc_table: list[list[str]],
-                                         schema: DataSchema) -> None:
-    path = write_csv(bc_table)
-    path.chmod(0)
-    report = check_data(csv_path=path, schema=schema)
-    assert [str(p.kind) for p in report.problems] == ["file-unreadable"]
-    assert "permission" in report.problems[0].message
+_CHECK_UNPRIVILEGED = """
+import json, sys
+from site_agent.data import DataSchema, check_data
+schema = DataSchema.from_dict(json.loads(sys.argv[2]))
+report = check_data(csv_path=__import__("pathlib").Path(sys.argv[1]), schema=schema)
+print(json.dumps([[str(p.kind), p.message] for p in report.problems]))
+"""
+
+
+def test_permission_denied_is_unreadable(bc_table: list[list[str]], schema: DataSchema) -> None:
+    """A file the agent's user may not read. Root reads any file whatever its mode through
+    its capabilities, so as root (CI) the check runs in a child process without them."""
+    import subprocess
+    import sys
+
+    folder = Path(tempfile.mkdtemp(prefix="fw-perm-"))
+    try:
+        folder.chmod(0o755)     # traversable by anyone: only the file's own mode refuses
+        path = folder / "site.csv"
+        with path.open("w", newline="") as fh:
+            csv.writer(fh).writerows([HEADER, *bc_table])
+        path.chmod(0)
+        if os.geteuid() != 0:
+            report = check_data(csv_path=path, schema=schema)
+            problems = [[str(p.kind), p.message] for p in report.problems]
+        else:
+            out = subprocess.run(
+                ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--",
+                 sys.executable, "-c", _CHECK_UNPRIVILEGED, str(path), schema.to_json()],
+                capture_output=True, text=True, timeout=120,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                cwd=folder, check=True)
+            problems = json.loads(out.stdout)
+        assert [kind for kind, _ in problems] == ["file-unreadable"]
+        assert "permission" in problems[0][1]
+    finally:
+        path.unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def test_too_few_rows_single_class_and_extra_column(write_csv: WriteCsv,
