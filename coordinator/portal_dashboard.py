@@ -44,7 +44,7 @@ from coordinator.models import (
 
 # The portal's own page helpers: these pages share its session, layout and error page.
 from coordinator.portal import PORTAL_PREFIX, _error, _page, _user
-from coordinator.releases import _PALETTE, _panel, training_curve_svg
+from coordinator.release_chart import PALETTE, panel, training_curve_svg
 from coordinator.schemas import RunPublic
 from fedward.roles import Permission, may
 
@@ -230,7 +230,7 @@ def epsilon_svg(*, spent: Mapping[str, Sequence[tuple[int, float]]], budget: flo
         SVG text (no script, no external reference).
     """
     sites = sorted(spent)
-    colours = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(sites)}
+    colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sites)}
     rounds = [r for pts in spent.values() for r, _ in pts] or [1]
     budget_key = "budget"
     series: dict[str, list[tuple[float, float]]] = {
@@ -244,7 +244,7 @@ def epsilon_svg(*, spent: Mapping[str, Sequence[tuple[int, float]]], budget: flo
              f'viewBox="0 0 350 {height}" font-family="sans-serif" role="img">',
              f"<title>{Markup.escape(title)}</title>",
              '<rect width="100%" height="100%" fill="white"/>']
-    parts += _panel(10, "Epsilon spent per site", series, colours, fixed_y=(0.0, top * 1.05))
+    parts += panel(10, "Epsilon spent per site", series, colours, fixed_y=(0.0, top * 1.05))
     for i, name in enumerate([*sites, budget_key]):
         x, y = 20 + (i % 2) * 165, 292 + 18 * (i // 2)
         label = f"budget ({budget:g} per site)" if name == budget_key else name

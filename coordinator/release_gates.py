@@ -24,9 +24,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from sqlalchemy import Engine
+from sqlmodel import Session, select
 
+from coordinator.audit import append_event
 from coordinator.db import session_scope
-from coordinator.models import ReleaseCandidate
+from coordinator.models import Project, ProjectGates, ReleaseCandidate, utcnow
+from coordinator.release_errors import InvalidRequest, NotFound
 
 __all__ = [
     "DEFAULT_MIN_ROUND_SHARE",
@@ -37,9 +40,11 @@ __all__ = [
     "PARTICIPATION_THRESHOLDS",
     "THRESHOLD_HELP",
     "contributing_sites",
+    "get_gates",
     "participation_gate",
     "record_partial_gates",
     "running_gate",
+    "set_gates",
     "threshold_problems",
 ]
 
@@ -207,3 +212,64 @@ def running_gate(status: str, gates: Sequence[Mapping[str, Any]]) -> str | None:
         return None
     done = {g.get("name") for g in gates}
     return next((name for name in GATE_ORDER if name not in done), None)
+
+
+# --- project thresholds ------------------------------------------------------------------
+
+
+def get_gates(session: Session, project_name: str) -> dict[str, float | int]:
+    """A project's gate thresholds as set (empty: none set, the defaults apply).
+
+    Raises:
+        NotFound: No such project.
+    """
+    project = session.exec(select(Project).where(Project.name == project_name)).first()
+    if project is None:
+        raise NotFound(f"project {project_name!r} not found")
+    row = session.exec(select(ProjectGates).where(ProjectGates.project_id == project.id)).first()
+    return {} if row is None else dict(json.loads(row.thresholds_json))
+
+
+def set_gates(session: Session, *, project_name: str,
+              thresholds: Mapping[str, float | int | None], actor: str,
+              merge: bool = False) -> dict[str, float | int]:
+    """Replace (or, with ``merge``, change) a project's gate thresholds and audit the change
+    (the caller commits).
+
+    Args:
+        session: Open session.
+        project_name: The project.
+        thresholds: Names from :data:`METRIC_THRESHOLDS` -> minimum in [0, 1], ``min_sites``
+            -> a whole number >= 1, ``min_round_share`` -> a share in (0, 1]; ``None`` drops
+            the threshold (the default applies again).
+        actor: Who sets them.
+        merge: Keep the thresholds ``thresholds`` does not name (otherwise they are
+            dropped).
+
+    Returns:
+        The thresholds now set.
+
+    Raises:
+        NotFound: No such project.
+        InvalidRequest: An unknown name or a value out of range (every problem at once).
+    """
+    project = session.exec(select(Project).where(Project.name == project_name)).first()
+    if project is None:
+        raise NotFound(f"project {project_name!r} not found")
+    problems = threshold_problems(thresholds)
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+    row = session.exec(select(ProjectGates).where(ProjectGates.project_id == project.id)).first()
+    before = {} if row is None else json.loads(row.thresholds_json)
+    wanted = {**before, **thresholds} if merge else dict(thresholds)
+    clean: dict[str, float | int] = {k: (int(v) if k == "min_sites" else float(v))
+                                     for k, v in wanted.items() if v is not None}
+    assert project.id is not None
+    if row is None:
+        row = ProjectGates(project_id=project.id, thresholds_json="{}", updated_by=actor)
+    row.thresholds_json = json.dumps(clean, sort_keys=True)
+    row.updated_by, row.updated_at = actor, utcnow()
+    session.add(row)
+    append_event(session, actor=actor, action="project.gates_set",
+                 subject=f"project:{project_name}", detail={"before": before, "after": clean})
+    return clean

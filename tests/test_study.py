@@ -343,8 +343,8 @@ def test_runs_naming_no_such_or_an_untrainable_study_are_refused(
 
 
 def test_the_model_card_names_the_pinned_study_and_the_class_names() -> None:
+    from coordinator.model_card import model_card
     from coordinator.models import Project, ReleaseCandidate
-    from coordinator.releases import _model_card
 
     digest = load_spec(BC).content_hash()
     privacy = {"per_site": {"site-a": {"epsilon_spent": 2.5, "delta": 1e-5}},
@@ -357,7 +357,7 @@ def test_the_model_card_names_the_pinned_study_and_the_class_names() -> None:
     def card(run_config: dict[str, Any]) -> dict[str, Any]:
         run = Run(id=1, project_id=1, task="breast_cancer_mlp", launched_by="eng",
                   config_json=json.dumps(run_config))
-        return _model_card(release_id="r1", cand=cand, run=run,
+        return model_card(release_id="r1", cand=cand, run=run,
                            project=Project(id=1, name="oncology"), approver="rev",
                            reason="ok", approved_at="2026-12-06T00:00:00+00:00")
 
