@@ -23,6 +23,8 @@ import httpx
 
 from fedward.procs import descendants, free_port
 
+from tests_support import wait_until
+
 BIN = Path(sys.executable).parent
 LIFETIME_S = 600
 
@@ -167,15 +169,14 @@ class Federation:
         from fedward.flower.control import FlowerControl
 
         control = FlowerControl(address=self.superlink, ca_cert=self.home / "pki" / "ca.pem")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def online() -> bool:
             try:
-                if len(control.online_node_ids()) >= n:
-                    return
+                return len(control.online_node_ids()) >= n
             except httpx.HTTPError:
-                pass  # the SuperLink is (re)starting
-            time.sleep(0.5)
-        raise AssertionError(f"fewer than {n} sites online after {timeout} s")
+                return False  # the SuperLink is (re)starting
+
+        wait_until(online, timeout=timeout, what=f"{n} sites online", interval=0.5)
 
     def launch(self, **body: Any) -> int:
         if self.api("GET", "/projects").json() == []:
@@ -185,13 +186,40 @@ class Federation:
         return int(r.json()["id"])
 
     def wait_run(self, run_id: int, timeout: float = 240) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ended() -> dict[str, Any] | None:
             run = self.api("GET", f"/runs/{run_id}").json()
-            if run["status"] in ("completed", "failed", "stopped", "cancelled"):
-                return dict(run)
-            time.sleep(0.5)
-        raise AssertionError(f"run {run_id} did not end within {timeout} s")
+            ended = run["status"] in ("completed", "failed", "stopped", "cancelled")
+            return dict(run) if ended else None
+
+        return wait_until(ended, timeout=timeout, what=f"run {run_id} ended", interval=0.5)
+
+    def wait_admission(self, run_id: int, timeout: float = 120) -> dict[str, Any]:
+        """The run once its admission has been answered while it waits for a site's
+        approval (or once it ended)."""
+        def answered() -> dict[str, Any] | None:
+            run = dict(self.api("GET", f"/runs/{run_id}").json())
+            accepted = (run.get("admission") or {}).get("accepted")
+            waiting = run.get("waiting_for_approval") and accepted
+            return run if waiting or run["status"] in ("completed", "failed", "stopped") \
+                else None
+
+        return wait_until(answered, timeout=timeout,
+                          what=f"run {run_id} waiting for a site's approval")
+
+    def wait_round(self, run_id: int, number: int, timeout: float = 120,
+                   interval: float = 0.2) -> None:
+        """Until round ``number`` of the run is completed; fails at once if the run ended."""
+        def completed() -> bool:
+            rounds = self.api("GET", f"/runs/{run_id}/rounds").json()
+            if any(r["number"] == number and r["status"] == "completed" for r in rounds):
+                return True
+            run = self.api("GET", f"/runs/{run_id}").json()
+            assert run["status"] in ("pending", "running"), \
+                f"run {run_id} ended before round {number} completed: {run}"
+            return False
+
+        wait_until(completed, timeout=timeout, what=f"round {number} of run {run_id} completed",
+                   interval=interval)
 
     def _start_coordinator(self, *, timeout: float = 60) -> subprocess.Popen[bytes]:
         log = (self.work / "coordinator.log").open("ab")

@@ -29,21 +29,11 @@ from coordinator.presence import ONLINE_WITHIN_S, Presence, is_online
 from fedward.procs import free_port
 
 from federation import BIN, Federation, Site, federation, run_cli
-from tests_support import short_tmp
+from tests_support import short_tmp, wait_until
 
 
 def _rounds(fed: Federation, run_id: int) -> list[dict[str, Any]]:
     return list(fed.api("GET", f"/runs/{run_id}/rounds").json())
-
-
-def _wait_round(fed: Federation, run_id: int, number: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r["number"] == number and r["status"] == "completed"
-               for r in _rounds(fed, run_id)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"round {number} did not complete")
 
 
 # -- presence, unit ---------------------------------------------------------------------
@@ -119,14 +109,12 @@ def test_a_site_that_never_started_holds_no_round_and_sites_shows_it_offline() -
 
         # The gateway saw the enrolled site (written at most every 10 s per site). The lab
         # route bypasses the gateway: that site is not seen there.
-        deadline = time.monotonic() + 30
-        while True:
-            listed = json.loads(fed.coord_cli("sites", "--json").stdout)
-            by_name = {s["name"]: s for s in listed}
-            if by_name[names[0]]["online"] or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert by_name[names[0]]["online"] is True, by_name[names[0]]
+        def listed_online() -> dict[str, Any] | None:
+            by_name = {s["name"]: s for s in json.loads(fed.coord_cli("sites", "--json").stdout)}
+            return by_name if by_name[names[0]]["online"] else None
+
+        by_name = wait_until(listed_online, timeout=30, interval=1,
+                             what=f"{names[0]} shown online by `sites --json`")
         seen = datetime.fromisoformat(by_name[names[0]]["last_seen_at"])
         assert datetime.now(UTC) - seen < timedelta(seconds=60), seen
         assert by_name[absent]["online"] is False and by_name[absent]["last_seen_at"] is None
@@ -136,10 +124,9 @@ def test_a_site_that_never_started_holds_no_round_and_sites_shows_it_offline() -
 
         # A site that stops is shown offline once its last contact is old enough.
         fed.kill_site(names[0])
-        deadline = time.monotonic() + ONLINE_WITHIN_S + 30
-        while fed.api("GET", f"/sites/{names[0]}").json()["online"]:
-            assert time.monotonic() < deadline, "a killed site still shows online"
-            time.sleep(2)
+        wait_until(lambda: not fed.api("GET", f"/sites/{names[0]}").json()["online"],
+                   timeout=ONLINE_WITHIN_S + 30, interval=2,
+                   what="a killed site shown offline")
 
 
 # -- a coordinator outage of about 35 s mid-run; `watch` through it ----------------------
@@ -165,7 +152,7 @@ def test_a_35_s_coordinator_outage_mid_run_completes_with_every_site_and_watch_w
                 env={**fed.env, "COLUMNS": "200"}, stdout=fh, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            _wait_round(fed, run_id, 2)
+            fed.wait_round(run_id, 2, timeout=180)
             fed.kill_coordinator()
             killed_at = datetime.now(UTC)
             time.sleep(35)

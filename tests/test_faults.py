@@ -19,17 +19,6 @@ from tests_support import short_tmp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-
-def _wait_round(fed: Federation, run_id: int, number: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
-        if any(r["number"] == number and r["status"] == "completed" for r in rounds):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"round {number} did not complete")
-
-
 def _agent_pid(fed: Federation, name: str) -> int:
     """The site agent's Python process (the site is started under `timeout`)."""
     proc = fed.sites[name].proc
@@ -139,7 +128,7 @@ def test_straggler_answers_late_and_its_late_reply_is_not_used() -> None:
         # and will answer it once it wakes up.
         _, late = _on_training(fed, [slow], freeze, rounds=(2, 3), timeout=180)
         try:
-            _wait_round(fed, run_id, late)
+            fed.wait_round(run_id, late, timeout=120, interval=0.1)
         finally:
             os.kill(pid, signal.SIGCONT)  # it wakes up and answers, too late
         run = fed.wait_run(run_id)
@@ -192,7 +181,7 @@ def test_site_killed_mid_round_is_named_keeps_its_epsilon_and_rejoins() -> None:
         # Round 1 includes each site's noise calibration: give it room on a busy machine.
         run_id = fed.launch(task="breast_cancer_mlp", rounds=14, local_epochs=1,
                             epsilon=8.0, min_sites=2, round_deadline_s=20)
-        _wait_round(fed, run_id, 1)
+        fed.wait_round(run_id, 1, timeout=120, interval=0.1)
         cut = _kill_while_training(fed, sites[2])
         # What the killed agent left behind: a whole ledger in which the round it was
         # training is charged (write-ahead), never forgotten.

@@ -464,11 +464,7 @@ def test_a_running_site_renews_mid_run_and_keeps_taking_part() -> None:
         fed.wait_online(2)
         run_id = fed.launch(task="breast_cancer_mlp", rounds=4, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=60)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(
-                r["status"] == "completed"
-                for r in fed.api("GET", f"/runs/{run_id}/rounds").json()):
-            time.sleep(0.5)
+        fed.wait_round(run_id, 1, interval=0.5)
         first = fed.data["sites"][0]["name"]
         out = run_cli([str(BIN / "fedward-site"), "renew", "--dir",
                        str(fed.sites[first].root)])

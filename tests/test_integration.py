@@ -90,12 +90,7 @@ def test_site_killed_mid_run_is_named_and_the_run_completes_with_the_rest() -> N
         run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=15)
         victim = sites[2]["name"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
-            if any(r["number"] == 1 and r["status"] == "completed" for r in rounds):
-                break
-            time.sleep(0.2)
+        fed.wait_round(run_id, 1)
         fed.kill_site(victim)
         run = fed.wait_run(run_id)
         assert run["status"] == "completed", run
@@ -230,15 +225,7 @@ def test_site_requiring_approval_waits_as_pending_until_its_it_approves() -> Non
         run_id = fed.launch(task="breast_cancer_mlp", rounds=3, local_epochs=1, epsilon=3.0,
                             min_sites=1, round_deadline_s=30)
         # The coordinator shows the run waiting for that site, and trains nothing meanwhile.
-        deadline = time.monotonic() + 120
-        run: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            run = fed.api("GET", f"/runs/{run_id}").json()
-            answered = (run.get("admission") or {}).get("accepted")
-            if (run.get("waiting_for_approval") and answered) or run["status"] in (
-                    "completed", "failed", "stopped"):
-                break
-            time.sleep(0.2)
+        run = fed.wait_admission(run_id)
         assert run["status"] == "running" and run["waiting_for_approval"] == [careful], run
         assert run["waiting_since"]
         admission = run["admission"]

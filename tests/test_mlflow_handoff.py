@@ -24,7 +24,7 @@ from sqlmodel import col, select
 
 import coordinator.mlflow_export  # noqa: F401 - switches MLflow's telemetry off first
 from coordinator.api import create_app
-from coordinator.db import make_engine, run_migrations, session_scope
+from coordinator.db import session_scope
 from coordinator.models import AuditEvent, MlflowExport, Run, SiteMetric
 from coordinator.settings import Settings
 from export.bundle import verify_bundle
@@ -48,22 +48,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
         yield srv
     # Telemetry was off: the server wrote no installation id.
     assert not (srv.root / "xdg" / "mlflow").exists()
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def engine(home: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{home / 'coordinator.db'}"
-    run_migrations(url)
-    eng = make_engine(url)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ gates (exports included), with parity figures from :class:`FixedParity`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from coordinator.api import API_PREFIX, create_app
-from coordinator.db import make_engine, run_migrations
 from coordinator.portal import COOKIE_NAME, csrf_token
 from coordinator.settings import Settings
 
@@ -34,22 +33,6 @@ from test_releases import (
 pytestmark = KNOWN_WARNINGS
 
 THREE = ("hospital-a", "hospital-b", "hospital-c")
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def engine(home: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{home / 'coordinator.db'}"
-    run_migrations(url)
-    eng = make_engine(url)
-    yield eng
-    eng.dispose()
 
 
 def _client(engine: Engine, home: Path) -> TestClient:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -33,18 +33,7 @@ DELTA = 1e-5
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Train these tiny models on one intra-op thread, as a site's trainer should.
-
-    On a 2-core machine that is busy with anything else, torch's default of one thread per
-    core makes the tiny per-sample ops of DP-SGD 10-20x slower (threads spin waiting for
-    each other); one thread gives the same numbers.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

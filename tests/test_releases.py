@@ -282,22 +282,6 @@ def seed_run(engine: Engine, home: Path, *, project: str = "cardio",
 # --- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def engine(home: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{home / 'coordinator.db'}"
-    run_migrations(url)
-    eng = make_engine(url)
-    yield eng
-    eng.dispose()
-
-
 Headers = dict[str, str]
 
 

@@ -204,13 +204,7 @@ def test_evaluate_only_reply_without_arrays_passes() -> None:
 # --- warm trainer ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny DP-SGD models train fastest on one intra-op thread (see test_privacy_training)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

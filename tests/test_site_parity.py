@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import helper
 
 from export.bundle import ARTEFACT_FILES, FORMATS
@@ -41,20 +39,14 @@ from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.parity_task import ARTEFACT_PREFIX, ParityBook, canonical_digest, model_digest
 from site_agent.trainer import WarmTrainer
 
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 TASK = "breast_cancer_mlp"
 LEAKED_COLUMN = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

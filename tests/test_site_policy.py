@@ -8,14 +8,13 @@ training raise if they are reached, so a refusal that touched the data would sho
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import site_agent.trainer as trainer_module
@@ -151,12 +150,7 @@ def test_starter_policy_round_trips(tmp_path: Path) -> None:
 # --- enforcement through WarmTrainer.handle ---------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

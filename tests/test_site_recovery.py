@@ -147,17 +147,6 @@ def _while_receiving(fed: Federation, name: str, stop: Callable[[], None],
         time.sleep(0.001)
     raise AssertionError(f"{name} was never caught receiving a message")
 
-
-def _wait_round(fed: Federation, run_id: int, number: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
-        if any(r["number"] == number and r["status"] == "completed" for r in rounds):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"round {number} did not complete")
-
-
 def _join_with_a_slow_line(fed: Federation, slow_superlink: str) -> list[str]:
     """Add and start every site, the first one behind ``slow_superlink``."""
     names = []
@@ -181,7 +170,7 @@ def test_a_site_whose_line_dies_while_it_receives_a_task_serves_later_rounds() -
             caught, _ = _join_with_a_slow_line(fed, f"unix:{work / 'slow.sock'}")
             run_id = fed.launch(task="breast_cancer_mlp", rounds=4, local_epochs=1,
                                 epsilon=6.0, min_sites=1, round_deadline_s=150)
-            _wait_round(fed, run_id, 1, timeout=300)
+            fed.wait_round(run_id, 1, timeout=300)
             _while_receiving(fed, caught, link.cut, link.restore)
             cut = max(r["number"] for r in fed.api("GET", f"/runs/{run_id}/rounds").json())
             time.sleep(40)
@@ -214,7 +203,7 @@ def _outage_while_receiving(fed: Federation, slow_superlink: str, link: SlowLink
     # were up all along (crash recovery item 1) is the coordinator's side, not tested here.
     run_id = fed.launch(task="breast_cancer_mlp", rounds=6, local_epochs=1,
                         epsilon=6.0, min_sites=1, round_deadline_s=150)
-    _wait_round(fed, run_id, 1, timeout=300)
+    fed.wait_round(run_id, 1, timeout=300)
     caught = names[0]
     superlink = _superlink_pid(fed)
 

@@ -18,7 +18,6 @@ from test_site_policy import (  # noqa: F401  (fixtures)
     global_arrays,
     guard,
     make_trainer,
-    one_torch_thread,
     policy_doc,
     refusal,
     site_data,
@@ -35,6 +34,8 @@ from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
 from site_agent.policy import ApprovalBook, PolicyError, SitePolicy
 from site_agent.trainer import WarmTrainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPEC = example_spec_path("breast_cancer_mlp")
 HASH = load_spec(SPEC, check_dp=False).content_hash()

@@ -5,7 +5,6 @@ approves it."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from fedward.study import load_spec
 from fedward.tasks import example_spec_path
 
 from federation import BIN, edit_site_policy, federation, run_cli
-from tests_support import short_tmp
+from tests_support import short_tmp, wait_until
 
 # More steps than one run of tests/test_integration.py: two approvals at one site.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -30,9 +29,8 @@ def test_a_study_run_waits_for_the_site_that_has_not_approved_its_hash() -> None
     site_cli = str(BIN / "fedward-site")
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         # Under heavy load the SuperLink may still be starting when the API first answers.
-        deadline = time.monotonic() + 180
-        while not (fed.home / "superlink.address").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until((fed.home / "superlink.address").exists, timeout=180,
+                   what="the SuperLink's address written", interval=0.5)
         sites = fed.data["sites"]
         for s in sites:
             fed.add_site(s["name"], s["csv"], s["schema"])
@@ -63,15 +61,7 @@ def test_a_study_run_waits_for_the_site_that_has_not_approved_its_hash() -> None
                                  "--round-deadline", "30", "--json")
         run_id = int(json.loads(launched.stdout)["id"])
 
-        deadline = time.monotonic() + 120
-        run: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            run = fed.api("GET", f"/runs/{run_id}").json()
-            answered = (run.get("admission") or {}).get("accepted")
-            if (run.get("waiting_for_approval") and answered) or run["status"] in (
-                    "completed", "failed", "stopped"):
-                break
-            time.sleep(0.2)
+        run = fed.wait_admission(run_id)
         assert run["waiting_for_approval"] == [careful], run
         config = run["config"]
         assert isinstance(config, dict)
@@ -91,14 +81,14 @@ def test_a_study_run_waits_for_the_site_that_has_not_approved_its_hash() -> None
         # The site now waits only for its approval of the run itself (the coordinator's
         # view keeps the first waiting reason while the site still waits).
         book = ApprovalBook(fed.sites[careful].root / "approvals.json")
-        deadline = time.monotonic() + 120
-        refusal = None
-        while time.monotonic() < deadline:
+        def run_refusal() -> str | None:
             record = book.get(str(run_id))
             refusal = None if record is None else record.last_refusal
-            if refusal is not None and refusal.startswith(f"pending-approval: run {run_id}"):
-                break
-            time.sleep(0.5)
+            ok = refusal is not None and refusal.startswith(f"pending-approval: run {run_id}")
+            return refusal if ok else None
+
+        refusal = wait_until(run_refusal, timeout=120, interval=0.5,
+                             what="the site waiting only for its approval of the run")
         assert refusal == (f"pending-approval: run {run_id} waits for approval at site "
                            f"{careful} (fedward-site approve {run_id})"), refusal
         run_cli([site_cli, "approve", str(run_id), "--dir", careful_root, "--by", "it-b"])

@@ -8,10 +8,12 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -23,6 +25,24 @@ def short_tmp() -> Iterator[Path]:
     finally:
         if not os.environ.get("FEDWARD_TEST_KEEP"):  # set it to keep logs for a post-mortem
             shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_until(condition: Callable[[], T], *, timeout: float, what: str,
+               interval: float = 0.2) -> T:
+    """Call ``condition`` until it returns something truthy, and return that.
+
+    Fails the test naming ``what`` after ``timeout`` seconds (bounded, like every loop in a
+    test). An assertion raised by ``condition`` ends the wait at once: a check that sees the
+    awaited thing can no longer happen (a process died, a run failed) should say so there.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
 
 
 def no_warm_ups_left() -> None:
