@@ -19,6 +19,7 @@ from rich.table import Table
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 from site_agent.fingerprint_cli import fingerprint
 from site_agent.ledger_cli import entries_table, ledger_app
+from site_agent.mapping_cli import mapping_app
 from site_agent.study_cli import approve_study
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ audit_app = typer.Typer(help="The site's local audit log: show entries, verify t
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(mapping_app, name="mapping")
 app.command("fingerprint")(fingerprint)
 policy_app.command("approve-study")(approve_study)
 console = Console()
@@ -253,26 +255,29 @@ def keygen(dir: DirOpt) -> None:
 def check(dir: DirOpt,
           as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
           ) -> None:
-    """Check the site's data against its schema and report every problem at once."""
-    from site_agent.data import SchemaError, check_data, load_schema
+    """Check the site's data against its schema (or its study mapping) and report every
+    problem at once."""
+    from site_agent.data import SchemaError
+    from site_agent.site_data import open_configured
 
     root = dir.expanduser().resolve()
     try:
         cfg = SiteConfig.load(root)
-        schema = load_schema(cfg.resolve(root, cfg.schema_path))
+        configured = open_configured(cfg, root)
     except (ConfigError, SchemaError) as err:
         _fail(str(err))
-    report = check_data(csv_path=cfg.resolve(root, cfg.data_path), schema=schema)
+    report = configured.check()
     if as_json:
         print(json.dumps({"ok": report.ok, "rows": report.n_rows,
                           "problems": [p.message for p in report.problems],
                           "warnings": [str(w) for w in report.warnings]}))
     elif report.ok:
-        console.print(f"[green]data OK[/]: {report.n_rows} rows match the schema "
-                      f"(task {schema.task})")
+        console.print(f"[green]data OK[/]: {report.n_rows} rows match the "
+                      f"{'study mapping' if cfg.uses_study else 'schema'} "
+                      f"(task {configured.task})")
     else:
         err_console.print(f"[bold red]{len(report.problems)} problem(s)[/] in "
-                          f"{cfg.data_path}:")
+                          f"{cfg.data_path or configured.connector.describe()}:")
         for p in report.problems:
             err_console.print(f"  - {p.message}")
     if not report.ok:
