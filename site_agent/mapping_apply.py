@@ -53,6 +53,7 @@ _MAX_CODES_SHOWN = 5
 # unit of the table is reported as a wrong unit, not as so many bad values.
 _WRONG_UNIT_OUTSIDE = 0.5
 _WRONG_UNIT_INSIDE = 0.95
+_RANGE_MARGIN = 0.1
 
 
 @dataclass
@@ -104,7 +105,9 @@ def check_mapping(binding: Binding, connector: Connector) -> MappedData:
         rows = [(n, list(cells)) for n, cells in table.rows]
     except TableReadError as exc:
         problems.append(exc.problem)
-    entries = {e.feature: e for e in mapping.features}
+    entries: dict[str, FeatureMap] = {}
+    for e in mapping.features:   # the first entry of a feature (a second is a problem)
+        entries.setdefault(e.feature, e)
     used = [e.column for e in entries.values()] + [mapping.label.column]
     pos = column_positions(table.header, used)
     for name in sorted(set(used)):
@@ -208,6 +211,11 @@ def _numeric_checks(feature: NumericFeature, entry: FeatureMap, values: np.ndarr
                     row_numbers: list[int]) -> list[tuple[ProblemKind, bool, str, _Tally]]:
     """Convert to the study's unit in place; find implausible values and a wrong unit."""
     lo, hi = feature.range
+    # A range is often a published minimum and maximum, rounded (the Breast Cancer spec's
+    # 0.05 for a minimum of 0.04996): a value within 10% of the range's width beyond an end
+    # is plausible; one beyond that is not.
+    margin = _RANGE_MARGIN * (hi - lo)
+    lo, hi = lo - margin, hi + margin
     study_unit = feature.unit
     if study_unit is not None and entry.unit is not None:
         try:
@@ -236,11 +244,13 @@ def _numeric_checks(feature: NumericFeature, entry: FeatureMap, values: np.ndarr
             inside = np.mean((as_other >= lo) & (as_other <= hi))
             if inside >= _WRONG_UNIT_INSIDE:
                 return [(ProblemKind.WRONG_UNIT, False,
-                         f"outside [{lo:g}, {hi:g}]{unit_text}: the values look like "
+                         f"outside [{feature.range[0]:g}, {feature.range[1]:g}]{unit_text}: the "
+                         f"values look like "
                          f"{other}, not {local} as the mapping says; set 'unit: {other}'",
                          tally)]
     return [(ProblemKind.OUT_OF_RANGE, False,
-             f"outside the study's plausible range [{lo:g}, {hi:g}]{unit_text}; check the "
+             f"outside the study's plausible range [{feature.range[0]:g}, "
+             f"{feature.range[1]:g}]{unit_text} (by more than 10% of its width); check the "
              "unit, correct the values, or add a local marker of a missing value to "
              "'missing_codes'", tally)]
 
