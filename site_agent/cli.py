@@ -78,41 +78,69 @@ def init(
         help="coordinator fleet address host:port (a lab site on the coordinator's host: "
              "the content of the coordinator's superlink.address, unix:/...)")],
     ca_cert: Annotated[Path, typer.Option(help="the coordinator's CA certificate (PEM)")],
-    data: Annotated[Path, typer.Option(help="the site's training data (CSV)")],
-    schema: Annotated[Path, typer.Option(help="the data's schema (JSON)")],
+    data: Annotated[Path | None, typer.Option(
+        help="the site's training data (CSV; Parquet by its .parquet suffix)")] = None,
+    schema: Annotated[Path | None, typer.Option(help="the data's schema (JSON)")] = None,
     torch_threads: Annotated[int, typer.Option()] = 1,
     reconnect_backoff: Annotated[float, typer.Option(help="seconds before restarting a "
                                                      "dropped SuperNode")] = 65.0,
     project: Annotated[str, typer.Option(
         help="project the starter policy accepts (from the coordinator team)")] = "default",
+    data_config: Annotated[Path | None, typer.Option(
+        help="instead of --data: a JSON file holding the data connector block, e.g. a "
+             "read-only SQL query (see the operator's guide)")] = None,
+    study: Annotated[str | None, typer.Option(
+        help="instead of --schema: the study the data is mapped to (a spec file, or an "
+             "example study's name), with --mapping")] = None,
+    mapping: Annotated[Path | None, typer.Option(
+        help="the mapping of the site's columns to --study (`fedward-site mapping "
+             "template` writes one)")] = None,
 ) -> None:
     """Write the site configuration (site.json), copy the CA certificate in, and write a
     starter site policy (policy.json) unless one exists."""
-    from site_agent.data import SchemaError, load_schema
+    from site_agent.data import SchemaError
+    from site_agent.site_data import open_configured
 
-    problems = [f"{label} {p} does not exist" for label, p in
-                (("CA certificate", ca_cert), ("data file", data), ("schema file", schema))
-                if not p.exists()]
+    named = [("CA certificate", ca_cert), ("data file", data), ("schema file", schema),
+             ("data connector file", data_config), ("mapping file", mapping)]
+    problems = [f"{label} {p} does not exist" for label, p in named
+                if p is not None and not p.exists()]
+    if (data is None) == (data_config is None):
+        problems.append("name the data with --data FILE or --data-config FILE (one of them)")
+    if schema is None and (study is None or mapping is None):
+        problems.append("name what the data is checked against: --schema FILE, or --study "
+                        "with --mapping")
     if problems:
         _fail("; ".join(problems))
-    try:
-        task = load_schema(schema).task
-    except SchemaError as err:
-        _fail(str(err))
+    raw: dict[str, Any] = {
+        "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
+        "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff}
+    if data_config is not None:
+        try:
+            raw["data"] = json.loads(data_config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            _fail(f"{data_config} is not a JSON connector block ({err})")
+    elif data is not None and data.suffix.lower() in (".parquet", ".pq"):
+        raw["data"] = {"connector": "parquet", "path": str(data.expanduser().resolve())}
+    elif data is not None:
+        raw["data_path"] = str(data.expanduser().resolve())
+    if schema is not None:
+        raw["schema_path"] = str(schema.expanduser().resolve())
+    else:
+        assert study is not None and mapping is not None
+        raw["study"] = (str(Path(study).expanduser().resolve()) if Path(study).is_file()
+                        else study)
+        raw["mapping"] = str(mapping.expanduser().resolve())
     root = dir.expanduser().resolve()
+    try:
+        cfg = SiteConfig.from_dict(raw)
+        task = open_configured(cfg, root).task   # every problem before anything is written
+    except (ConfigError, SchemaError) as err:
+        _fail(str(err))
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)
     if ca_cert.resolve() != (root / "coordinator-ca.pem").resolve():
         shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
-    try:
-        cfg = SiteConfig.from_dict({
-            "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
-            "data_path": str(data.expanduser().resolve()),
-            "schema_path": str(schema.expanduser().resolve()),
-            "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff,
-        })
-    except ConfigError as err:
-        _fail(str(err))
     path = cfg.save(root)
     console.print(f"site configuration written to {path}")
     _write_starter_policy(root, project=project, task=task, epsilon_cap=10.0,

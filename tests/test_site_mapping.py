@@ -227,10 +227,9 @@ def test_mapping_commands_template_check_show(write_table: WriteTable, tmp_path:
     assert sum(shown["label"]["classes"].values()) == 60
 
 
-def test_the_agent_loads_a_study_through_its_mapping(tmp_path: Path) -> None:
-    """A site whose site.json names a study and a mapping trains on the mapped arrays:
-    here Breast Cancer exported with local names, read from Parquet, equal to the
-    arrays of the original CSV path."""
+def _bc_site_files(tmp_path: Path) -> list[str]:
+    """Breast Cancer with local column names and M/B codes in Parquet, the same rows in the
+    original CSV layout, and the mapping; returns the diagnosis codes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -249,6 +248,17 @@ def test_the_agent_loads_a_study_through_its_mapping(tmp_path: Path) -> None:
                "features": [{"feature": c, "column": local[c]} for c in BREAST_CANCER_COLUMNS],
                "label": {"column": "DIAG", "codes": {"M": "malignant", "B": "benign"}}}
     (tmp_path / "mapping.yaml").write_text(yaml.safe_dump(mapping))
+    return diag
+
+
+def test_the_agent_loads_a_study_through_its_mapping(tmp_path: Path) -> None:
+    """A site whose site.json names a study and a mapping trains on the mapped arrays:
+    here Breast Cancer exported with local names, read from Parquet, equal to the
+    arrays of the original CSV path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    diag = _bc_site_files(tmp_path)
     cfg = SiteConfig.from_dict({"name": "site-a", "superlink": "h:1", "ca_cert": "c",
                                 "data": {"connector": "parquet", "path": "bc.parquet"},
                                 "study": "breast_cancer_mlp", "mapping": "mapping.yaml"})
@@ -298,3 +308,32 @@ def test_the_real_uci_file_maps_per_hospital(tmp_path: Path, study) -> None:  # 
         sizes[hospital] = len(y)
         assert x.shape[1] == len(study.input_columns()) and set(y.tolist()) == {0, 1}
     assert sum(sizes.values()) > 700, sizes
+
+
+def test_init_names_a_connector_and_a_study_mapping(tmp_path: Path) -> None:
+    _bc_site_files(tmp_path)
+    (tmp_path / "ca.pem").write_text("not checked by init")
+    site = tmp_path / "site"
+    runner = CliRunner()
+    base = ["init", "--dir", str(site), "--name", "site-a", "--superlink", "127.0.0.1:9092",
+            "--ca-cert", str(tmp_path / "ca.pem")]
+    result = runner.invoke(app, [*base, "--data", str(tmp_path / "bc.parquet")])
+    assert result.exit_code == 1 and "--study with --mapping" in result.output
+    (tmp_path / "bad.yaml").write_text("mapping_version: 1\nstudy: breast_cancer_mlp\n")
+    result = runner.invoke(app, [*base, "--data", str(tmp_path / "bc.parquet"), "--study",
+                                 "breast_cancer_mlp", "--mapping", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 1 and "features" in result.output and "label" in result.output
+    assert not site.exists()   # nothing written on a bad mapping
+    result = runner.invoke(app, [*base, "--data", str(tmp_path / "bc.parquet"), "--study",
+                                 "breast_cancer_mlp", "--mapping",
+                                 str(tmp_path / "mapping.yaml")])
+    assert result.exit_code == 0, result.output
+    raw = json.loads((site / "site.json").read_text())
+    assert raw["data"]["connector"] == "parquet" and raw["study"] == "breast_cancer_mlp"
+    assert "schema_path" in raw and raw["schema_path"] == ""
+    result = runner.invoke(app, ["check", "--dir", str(site)])
+    assert result.exit_code == 0 and "80 rows match the study mapping" in result.output
+    result = runner.invoke(app, ["mapping", "show", "--dir", str(site), "--json"])
+    assert json.loads(result.output)["label"]["classes"] == {"malignant": 56, "benign": 24}
+    result = runner.invoke(app, ["fingerprint", "--dir", str(site)])
+    assert result.exit_code == 0 and "bc.parquet" in result.output
