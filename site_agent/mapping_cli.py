@@ -250,7 +250,8 @@ def show(
         if "levels" in f:
             what = ", ".join(f"{k} {v}" for k, v in f["levels"].items())
         else:
-            what = f"min {f['min']}, mean {f['mean']}, max {f['max']} {f['unit'] or ''}"
+            unit = f" {f['unit']}" if f["unit"] else ""
+            what = f"min {f['min']}, mean {f['mean']}, max {f['max']}{unit}"
         _out.print(f"  {f['feature']} ({f['type']}): {what}; missing {f['missing']} "
                    f"({f['missing_rule']})")
     label = summary["label"]
