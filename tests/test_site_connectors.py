@@ -221,7 +221,10 @@ def test_postgresql_reads_through_a_read_only_transaction(
     caplog.set_level(logging.DEBUG)
     csv_data = load_site_data(csv_path=_write_csv(tmp_path / "d.csv", rows), schema=schema)
     conn = open_connector({"connector": "sql", "url": _with_password(pg_url),
-                           "query": "SELECT * FROM patients ORDER BY diagnosis"},
+                           # A literal % reaches the server as written (psycopg2
+                           # formats statements: the connector escapes it).
+                           "query": "SELECT * FROM patients WHERE 'a%' LIKE 'a%' "
+                                    "ORDER BY diagnosis"},
                           root=tmp_path)
     data = conn.load(schema, fingerprint_key=b"k" * 32)
     assert data.fingerprint.connector == "sql"

@@ -185,8 +185,13 @@ class SqlConnector(Connector):
                     "address, the account and that the database accepts this host"
                 ) from None
             with connection:
+                query = self.options.query
+                if connection.dialect.paramstyle in ("format", "pyformat"):
+                    # psycopg2 formats the statement with the (empty) parameters: a
+                    # literal % (LIKE 'a%') must reach it as %%.
+                    query = query.replace("%", "%%")
                 try:
-                    result = connection.exec_driver_sql(self.options.query)
+                    result = connection.exec_driver_sql(query)
                     names = result.keys()
                     header = [str(k).strip() for k in names]
                     rows = [tuple(r) for r in result.fetchall()]
