@@ -353,11 +353,12 @@ def policy_init(
     """Write a starter site policy (policy.json) for one project."""
     root = dir.expanduser().resolve()
     if task is None:
-        from site_agent.data import SchemaError, load_schema
+        from site_agent.data import SchemaError
+        from site_agent.site_data import open_configured
 
         try:
             cfg = SiteConfig.load(root)
-            task = load_schema(cfg.resolve(root, cfg.schema_path)).task
+            task = open_configured(cfg, root).task   # the schema's task, or the study's
         except (ConfigError, SchemaError) as err:
             _fail(f"{err}\n(or name the task with --task)")
     path = SitePaths(root).policy

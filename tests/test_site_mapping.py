@@ -337,3 +337,5 @@ def test_init_names_a_connector_and_a_study_mapping(tmp_path: Path) -> None:
     assert json.loads(result.output)["label"]["classes"] == {"malignant": 56, "benign": 24}
     result = runner.invoke(app, ["fingerprint", "--dir", str(site)])
     assert result.exit_code == 0 and "bc.parquet" in result.output
+    result = runner.invoke(app, ["policy", "init", "--dir", str(site), "--force"])
+    assert result.exit_code == 0 and "task breast_cancer_mlp" in result.output
