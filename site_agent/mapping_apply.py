@@ -105,6 +105,15 @@ def check_mapping(binding: Binding, connector: Connector) -> MappedData:
         rows = [(n, list(cells)) for n, cells in table.rows]
     except TableReadError as exc:
         problems.append(exc.problem)
+    ragged = _Tally()
+    for n, cells in rows:
+        if len(cells) != len(table.header):
+            ragged.add(n)
+    if ragged.count:
+        problems.append(DataProblem(
+            kind=ProblemKind.RAGGED_ROW, column=None, rows=ragged.rows, count=ragged.count,
+            message=f"{_rows_text(ragged, table.row_word)} do not have the header's "
+                    f"{len(table.header)} fields; check for stray commas or unquoted text"))
     entries: dict[str, FeatureMap] = {}
     for e in mapping.features:   # the first entry of a feature (a second is a problem)
         entries.setdefault(e.feature, e)

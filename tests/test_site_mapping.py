@@ -81,11 +81,10 @@ def write_table(tmp_path: Path) -> WriteTable:
     def _write(rows: list[dict[str, object]], header: list[str] | None = None) -> Path:
         path = tmp_path / f"uci-{next(counter)}.csv"
         header = header or UCI_HEADER
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            for r in rows:
-                writer.writerow(["" if r.get(h) is None else r.get(h) for h in header])
+        # Joined by hand, as some exports do: a comma inside a cell is not quoted.
+        lines = [",".join(header)] + [",".join("" if r.get(h) is None else str(r.get(h))
+                                               for h in header) for r in rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path
 
     return _write
@@ -152,6 +151,7 @@ def test_every_bad_input_is_reported_at_once_and_only_kinds_leave(
     rows[4]["cp"] = "angina?"
     rows[10]["trestbps"] = 400                     # implausible
     rows[12]["num"] = 9                            # label code not mapped
+    rows[20]["thal"] = "normal,extra"              # a stray comma (written unquoted below)
     for r in rows:                                 # cholesterol exported in mmol/L
         r["chol"] = round(int(r["chol"]) / 38.67, 2)  # type: ignore[call-overload]
     bad = json.loads(json.dumps(GOOD_MAPPING))
@@ -173,7 +173,9 @@ def test_every_bad_input_is_reported_at_once_and_only_kinds_leave(
         (ProblemKind.OUT_OF_RANGE, "resting_bp"),
         (ProblemKind.UNMAPPED_CODE, "disease"),
         (ProblemKind.WRONG_UNIT, "cholesterol"),
+        (ProblemKind.RAGGED_ROW, None),
     }, sorted(map(str, found))
+    assert found[(ProblemKind.RAGGED_ROW, None)].rows == [22]
     cp = found[(ProblemKind.UNMAPPED_CODE, "chest_pain")]
     assert (cp.count, cp.rows) == (2 + sum(r["cp"] == "asymptomatic" for r in rows),
                                    cp.rows) and 5 in cp.rows and 6 in cp.rows  # file lines
