@@ -160,6 +160,7 @@ def test_every_bad_input_is_reported_at_once_and_only_kinds_leave(
     bad["features"][2]["codes"]["asymptomatic"] = "silent"       # not a level
     bad["features"].append({"feature": "smoker", "column": "ca"})  # not in the study
     bad["label"]["codes"] = {"0": "absent", "1": "absent"}        # class present unmapped
+    bad["study_hash"] = "0" * 64                                   # another study version
     report = check_mapping(Binding(study=study, mapping=parse_mapping(bad)),
                            _csv(write_table(rows))).report
     found = {(p.kind, p.column): p for p in report.problems}
@@ -174,6 +175,7 @@ def test_every_bad_input_is_reported_at_once_and_only_kinds_leave(
         (ProblemKind.UNMAPPED_CODE, "disease"),
         (ProblemKind.WRONG_UNIT, "cholesterol"),
         (ProblemKind.RAGGED_ROW, None),
+        (ProblemKind.STUDY_MISMATCH, None),
     }, sorted(map(str, found))
     assert found[(ProblemKind.RAGGED_ROW, None)].rows == [22]
     cp = found[(ProblemKind.UNMAPPED_CODE, "chest_pain")]
