@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from datetime import timedelta
@@ -17,17 +16,23 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 import click
-import httpx
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from coordinator import run_cli
+from coordinator.cli_client import (
+    ADMIN_TOKEN_FILE,
+    ApiClient,
+    CoordinatorUnreachable,
+    api_client,
+    fail,
+    settings_for,
+)
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
-from coordinator.settings import Settings, load_settings
 from coordinator.study_cli import make_study_app
 from fedward.files import atomic_write
 from fedward.roles import ADMIN
@@ -45,10 +50,9 @@ err_console = Console(stderr=True)
 # `watch` retries an unreachable coordinator after 1 s, doubling up to 15 s between tries.
 WATCH_RETRY_FIRST_S: Final = 1.0
 WATCH_RETRY_MAX_S: Final = 15.0
-ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
-app.add_typer(make_study_app(lambda api, token, home: _client(api, token, home)), name="study")
+app.add_typer(make_study_app(lambda api, token, home: api_client(api, token, home)), name="study")
 
 
 def _print_version(value: bool) -> None:
@@ -65,100 +69,6 @@ def _main_options(version: Annotated[bool, typer.Option(
     """Fedward coordinator: sites, runs, rounds."""
 
 
-def _settings(home: Path | None) -> Settings:
-    return load_settings(home.expanduser().resolve() if home else None)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, greppable
-    raise typer.Exit(code)
-
-
-class CoordinatorUnreachable(Exception):
-    """The coordinator's API could not be reached (the message says how it failed).
-
-    Attributes:
-        refused: no connection could be made at all (nothing listens there).
-    """
-
-    def __init__(self, message: str, *, refused: bool) -> None:
-        super().__init__(message)
-        self.refused = refused
-
-
-class ApiClient:
-    """A thin REST client that turns HTTP errors into one readable message."""
-
-    def __init__(self, base: str, token: str | None, *, token_source: str | None = None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.base = base.rstrip("/")
-        # Where the token came from, for the 401 message: a reader who forgot --home after
-        # `init --home` must learn which file was looked at and how to point elsewhere.
-        self.token_source = token_source
-        self._http = httpx.Client(base_url=self.base + "/api/v1", headers=headers, timeout=30)
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        try:
-            return self.call_or_raise(method, path, body)
-        except CoordinatorUnreachable as err:
-            if err.refused:
-                _fail(f"the coordinator API at {self.base} is not reachable; is "
-                      "`fedward-coordinator serve` running?")
-            _fail(f"the coordinator API at {self.base} did not answer {method} {path} "
-                  f"({err}); try again, and check `fedward-coordinator serve`'s log")
-
-    def call_or_raise(self, method: str, path: str, body: dict[str, Any] | None = None
-                      ) -> Any:
-        """Like :meth:`call`, but raises :class:`CoordinatorUnreachable` when the API cannot
-        be reached (not running, restarting, a connection cut mid-answer)."""
-        try:
-            r = self._http.request(method, path, json=body)
-        except httpx.TransportError as err:
-            raise CoordinatorUnreachable(
-                f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
-                refused=isinstance(err, httpx.ConnectError)) from None
-        if r.status_code >= 400:
-            try:
-                detail = r.json()
-                msg = detail.get("message") or detail.get("detail")
-            except ValueError:
-                msg = r.text
-            if r.status_code == 401:
-                msg = f"{msg}. {self._token_hint()}"
-            _fail(f"{method} {path} -> {r.status_code}: {msg}")
-        return r.json() if r.content else None
-
-    def _token_hint(self) -> str:
-        """What to do about a refused or missing API token (a 401)."""
-        where = f"The API token sent came from {self.token_source or 'the caller'}. "
-        return (where + "Give one with --token or FEDWARD_TOKEN; on the coordinator host, the "
-                "admin token is read from the data directory given with --home or "
-                "FEDWARD_HOME (the one `fedward-coordinator init --home` created), e.g. "
-                "`export FEDWARD_HOME=/var/lib/fedward/coordinator`; a token that expired or "
-                "was revoked: `fedward-coordinator admin-token --home DIR`")
-
-
-def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
-    base = api or os.environ.get("FEDWARD_API")
-    settings = _settings(home)
-    if base is None:
-        base = f"http://{settings.api_host}:{settings.api_port}"
-    source: str | None = None
-    tok = token
-    if tok is not None:
-        source = "--token"
-    elif (tok := os.environ.get("FEDWARD_TOKEN")) is not None:
-        source = "FEDWARD_TOKEN"
-    else:
-        f = settings.home / ADMIN_TOKEN_FILE
-        if f.exists():
-            tok = f.read_text().strip()
-            source = f"the admin token file {f}"
-        else:
-            source = f"nowhere: no --token, no FEDWARD_TOKEN and no admin token file at {f}"
-    return ApiClient(base, tok, token_source=source)
-
-
 @app.command()
 def init(home: HomeOpt = None,
          admin: Annotated[str, typer.Option(help="name of the first admin account")] = "admin"
@@ -171,7 +81,7 @@ def init(home: HomeOpt = None,
     from coordinator.models import User
     from coordinator.service import init_home
 
-    settings = _settings(home)
+    settings = settings_for(home)
     pki = init_home(settings)
     engine = make_engine(settings.effective_database_url)
     token_file = settings.home / ADMIN_TOKEN_FILE
@@ -207,19 +117,19 @@ def admin_token(home: HomeOpt = None,
     from coordinator.models import User
     from coordinator.users_api import issue_api_token
 
-    settings = _settings(home)
+    settings = settings_for(home)
     if not (settings.home / "pki").exists():
-        _fail(f"{settings.home} is not a coordinator data directory; give --home or set "
+        fail(f"{settings.home} is not a coordinator data directory; give --home or set "
               "FEDWARD_HOME (run `fedward-coordinator init` first on a new host)")
     engine = make_engine(settings.effective_database_url)
     try:
         with session_scope(engine) as session:
             user = session.exec(select(User).where(User.name == admin)).first()
             if user is None or user.role != ADMIN:
-                _fail(f"no admin account named {admin!r}; give its name with --admin")
+                fail(f"no admin account named {admin!r}; give its name with --admin")
             assert user is not None
             if user.disabled_at is not None:
-                _fail(f"admin {admin!r} is disabled; another admin can enable it "
+                fail(f"admin {admin!r} is disabled; another admin can enable it "
                       f"(`fedward-coordinator enable-user {admin}`)")
             token = issue_api_token(session, user, actor="local:admin-token",
                                     ttl=timedelta(days=settings.token_ttl_days))
@@ -248,7 +158,7 @@ def serve(home: HomeOpt = None,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
                         "%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SuperLink call
-    settings = _settings(home)
+    settings = settings_for(home)
     if port is not None:
         settings = settings.model_copy(update={"api_port": port})
     if fleet_port is not None:
@@ -259,11 +169,11 @@ def serve(home: HomeOpt = None,
     clash = port_problem(opened_ports(settings, superlink_port=superlink_port,
                                       mode=settings.flower_isolation))
     if clash is not None:
-        _fail(clash)
+        fail(clash)
     try:
         Coordinator(settings=settings, superlink_port=superlink_port).serve()
     except SuperLinkError as err:
-        _fail(f"the Flower SuperLink could not start: {err}")
+        fail(f"the Flower SuperLink could not start: {err}")
 
 
 @app.command("add-site")
@@ -272,13 +182,13 @@ def add_site(name: str,
                  "--node-key", help="the site's node public key file (node_key.pub)")] = None,
              home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
     """Add a site and, with --node-key, register its Flower node key."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     existing = {s["name"] for s in client.call("GET", "/sites")}
     if name not in existing:
         client.call("POST", "/sites", {"name": name})
     if node_key is not None:
         if not node_key.exists():
-            _fail(f"{node_key} does not exist; copy node_key.pub from the site's keys folder")
+            fail(f"{node_key} does not exist; copy node_key.pub from the site's keys folder")
         site = client.call("POST", f"/sites/{name}/node-key",
                            {"public_key": node_key.read_text().strip()})
         console.print(f"site [bold]{name}[/] registered (Flower node {site.get('flower_node_id')})")
@@ -290,7 +200,7 @@ def add_site(name: str,
 def enroll_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Add the site if new and issue its one-time enrollment token (valid 24 h)."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     if name not in {s["name"] for s in client.call("GET", "/sites")}:
         client.call("POST", "/sites", {"name": name})
     out = client.call("POST", f"/sites/{name}/enrollment-token")
@@ -310,7 +220,7 @@ def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the sites: status (added, registered, revoked), online or not and when the
     gateway last heard from it, Flower node, registration time."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     rows = client.call("GET", "/sites")
     if as_json:
         print(json.dumps(rows))
@@ -330,7 +240,7 @@ def revoke_site(name: str,
                 reason: Annotated[str, typer.Option(help="why (kept in the audit log)")],
                 home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
     """Revoke a site: its certificates stop working at the gateway at once."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     client.call("POST", f"/sites/{name}/revoke", {"reason": reason})
     console.print(f"site [bold]{name}[/] revoked")
 
@@ -341,7 +251,7 @@ def _key_values(items: list[str], option: str) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            _fail(f"{option} {item!r}: write KEY=VALUE, e.g. {option} server_lr=0.5")
+            fail(f"{option} {item!r}: write KEY=VALUE, e.g. {option} server_lr=0.5")
         try:
             value = json.loads(raw)
         except ValueError:
@@ -403,7 +313,7 @@ def launch(
 
     --project, --task and --epsilon are needed unless --from RUN gives them.
     """
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     given = {"project": project, "task": task, "study": study, "rounds": rounds,
              "local_epochs": local_epochs,
              "epsilon": epsilon, "delta": delta, "min_sites": min_sites,
@@ -433,7 +343,7 @@ def launch(
     if body.get("task") is None and body.get("study") is None:
         missing.insert(1, "--task (or --study)")
     if missing:
-        _fail(f"{', '.join(missing)} needed (or --from RUN, to launch a recorded run again)",
+        fail(f"{', '.join(missing)} needed (or --from RUN, to launch a recorded run again)",
               code=2)
     if body["project"] not in {p["name"] for p in client.call("GET", "/projects")}:
         client.call("POST", "/projects", {"name": body["project"]})
@@ -509,7 +419,7 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
     growing pause (1 s doubling to 15 s), then goes on where it was; --timeout still bounds
     the whole watch.
     """
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     deadline = time.monotonic() + timeout
     if as_json:
         _watch_json(client, run_id, deadline=deadline, timeout=timeout, interval=interval)
@@ -527,7 +437,7 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
                     err_console.print(f"the coordinator at {client.base} is unreachable "
                                       f"({err}); retrying until it is back")
                 if time.monotonic() + pause > deadline:
-                    _fail(f"the coordinator at {client.base} is still unreachable after "
+                    fail(f"the coordinator at {client.base} is still unreachable after "
                           f"{time.monotonic() - down_since:.0f} s; stopped watching run "
                           f"{run_id} (--timeout {timeout:.0f} s)")
                 time.sleep(pause)
@@ -542,7 +452,7 @@ def watch(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt
             if run["status"] in run_cli.FINAL_STATUSES:
                 break
             if time.monotonic() > deadline:
-                _fail(f"run {run_id} still {run['status']} after {timeout:.0f} s")
+                fail(f"run {run_id} still {run['status']} after {timeout:.0f} s")
             time.sleep(interval)
     if run["status"] != "completed":
         raise typer.Exit(2)
@@ -565,7 +475,7 @@ def _watch_json(client: ApiClient, run_id: int, *, deadline: float, timeout: flo
                 err_console.print(f"the coordinator at {client.base} is unreachable ({err}); "
                                   "retrying until it is back")
             if time.monotonic() + pause > deadline:
-                _fail(f"the coordinator at {client.base} is still unreachable after "
+                fail(f"the coordinator at {client.base} is still unreachable after "
                       f"{time.monotonic() - down_since:.0f} s (--timeout {timeout:.0f} s)")
             time.sleep(pause)
             pause = min(pause * 2, WATCH_RETRY_MAX_S)
@@ -581,7 +491,7 @@ def _watch_json(client: ApiClient, run_id: int, *, deadline: float, timeout: flo
                 raise typer.Exit(2)
             return
         if time.monotonic() > deadline:
-            _fail(f"run {run_id} still {status} after {timeout:.0f} s")
+            fail(f"run {run_id} still {status} after {timeout:.0f} s")
         time.sleep(interval)
 
 
@@ -589,7 +499,7 @@ def _watch_json(client: ApiClient, run_id: int, *, deadline: float, timeout: flo
 def runs(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List runs (newest first)."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     rows = client.call("GET", "/runs")
     if as_json:
         print(json.dumps(rows))
@@ -606,7 +516,7 @@ def runs(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
 def rounds(run_id: int, home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List a run's rounds and per-site metrics."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     run = client.call("GET", f"/runs/{run_id}")
     rnds = client.call("GET", f"/runs/{run_id}/rounds")
     metrics = client.call("GET", f"/runs/{run_id}/metrics")
@@ -625,13 +535,13 @@ def cancel(run_id: int,
            home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Cancel a pending or running run: it ends within its round deadline plus 5 s."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     run = client.call("POST", f"/runs/{run_id}/cancel", {"reason": reason})
     if wait:
         limit = float(run["config"]["round_deadline_s"]) + 60.0
         code, run = run_cli.wait_for_run(client, run_id, timeout=limit, interval=1.0)
         if code == run_cli.WAIT_TIMED_OUT:
-            _fail(f"run {run_id} still {run['status']} {limit:.0f} s after the cancel")
+            fail(f"run {run_id} still {run['status']} {limit:.0f} s after the cancel")
     if as_json:
         print(json.dumps(run))
         return
@@ -656,7 +566,7 @@ def wait(run_id: int,
     0 completed, 3 failed, 4 cancelled, 5 stopped outside the coordinator, 6 --timeout
     passed; 1 the command could not ask (API, run id, token), 2 a usage error.
     """
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     code, run = run_cli.wait_for_run(client, run_id, timeout=timeout, interval=interval)
     if as_json:
         print(json.dumps(run))
@@ -673,7 +583,7 @@ def compare(run_a: int, run_b: int, home: HomeOpt = None, api: ApiOpt = None,
             token: TokenOpt = None,
             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Compare two runs: configuration differences, per-round and final metrics."""
-    client = _client(api, token, home)
+    client = api_client(api, token, home)
     data = run_cli.compare_runs(
         client.call("GET", f"/runs/{run_a}"), client.call("GET", f"/runs/{run_a}/metrics"),
         client.call("GET", f"/runs/{run_b}"), client.call("GET", f"/runs/{run_b}/metrics"))
@@ -700,7 +610,7 @@ def create_user_cmd(
     body: dict[str, Any] = {"name": name, "role": role}
     if not no_password:
         body["password"] = password
-    out = _client(api, token, home).call("POST", "/users", body)
+    out = api_client(api, token, home).call("POST", "/users", body)
     console.print(f"user [bold]{name}[/] ({role}) created; its API token, shown only now:")
     print(out["token"])
 
@@ -709,7 +619,7 @@ def create_user_cmd(
 def users(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the users (admins): role, when the API token expires, disabled or not."""
-    rows = _client(api, token, home).call("GET", "/users")
+    rows = api_client(api, token, home).call("GET", "/users")
     if as_json:
         print(json.dumps(rows))
         return
@@ -727,7 +637,7 @@ def new_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: TokenO
               ) -> None:
     """Issue a user a new API token (admins for anyone, a user for themself); the old one
     stops working. Prints the token once."""
-    out = _client(api, token, home).call("POST", f"/users/{name}/token")
+    out = api_client(api, token, home).call("POST", f"/users/{name}/token")
     console.print(f"new API token for [bold]{name}[/], valid until "
                   f"{str(out['expires_at'])[:16]} UTC, shown only now:")
     print(out["token"])
@@ -738,7 +648,7 @@ def revoke_tokens(name: str, home: HomeOpt = None, api: ApiOpt = None,
                   token: TokenOpt = None) -> None:
     """Revoke a user's API token and end all its login sessions (admins for anyone, a user
     for themself)."""
-    _client(api, token, home).call("POST", f"/users/{name}/revoke-tokens")
+    api_client(api, token, home).call("POST", f"/users/{name}/revoke-tokens")
     console.print(f"every token of [bold]{name}[/] is revoked; `fedward-coordinator new-token "
                   f"{name}` issues a new one")
 
@@ -748,7 +658,7 @@ def disable_user(name: str,
                  reason: Annotated[str, typer.Option(help="why (kept in the audit log)")],
                  home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
     """Disable a user (admins): no login and no token of theirs works until enabled."""
-    _client(api, token, home).call("POST", f"/users/{name}/disable", {"reason": reason})
+    api_client(api, token, home).call("POST", f"/users/{name}/disable", {"reason": reason})
     console.print(f"user [bold]{name}[/] disabled")
 
 
@@ -756,7 +666,7 @@ def disable_user(name: str,
 def enable_user(name: str, home: HomeOpt = None, api: ApiOpt = None,
                 token: TokenOpt = None) -> None:
     """Enable a disabled user again (admins); its old tokens stay revoked."""
-    _client(api, token, home).call("POST", f"/users/{name}/enable")
+    api_client(api, token, home).call("POST", f"/users/{name}/enable")
     console.print(f"user [bold]{name}[/] enabled; it logs in with its password, or "
                   f"`fedward-coordinator new-token {name}` gives it an API token")
 
@@ -769,7 +679,7 @@ def delete_user(name: str,
     did."""
     if not yes and not typer.confirm(f"delete user {name}?"):
         raise typer.Exit(1)
-    _client(api, token, home).call("DELETE", f"/users/{name}")
+    api_client(api, token, home).call("DELETE", f"/users/{name}")
     console.print(f"user [bold]{name}[/] deleted")
 
 

@@ -24,8 +24,8 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from coordinator import mlflow_outbox
-from coordinator.api import API_PREFIX, CurrentUser, require_role
 from coordinator.audit import append_event
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep, session_scope
 from coordinator.mlflow_names import check_tracking_uri
 from coordinator.models import MlflowExport, Release, Run

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.cli_client import ApiClient, api_client
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
-
-if TYPE_CHECKING:
-    from coordinator.cli import ApiClient
 
 __all__ = ["mlflow_app"]
 
@@ -34,9 +32,7 @@ UriOpt = Annotated[str | None, typer.Option(
 
 
 def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
-    from coordinator.cli import _client as make_client
-
-    return make_client(api, token, home)
+    return api_client(api, token, home)
 
 
 def _body(tracking_uri: str | None) -> dict[str, Any]:

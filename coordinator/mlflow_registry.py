@@ -28,7 +28,6 @@ from typing import Any, Final
 from sqlalchemy import Engine
 from sqlmodel import select
 
-from coordinator import releases
 from coordinator.db import session_scope
 from coordinator.mlflow_export import (
     RELEASES_ARTIFACT_DIR,
@@ -50,6 +49,8 @@ from coordinator.mlflow_names import (
     project_name,
 )
 from coordinator.models import Project, Release, ReleaseCandidate, Run
+from coordinator.release_errors import ReleaseError
+from coordinator.release_store import release_public_key, verified_bundle
 from export.bundle import SIGNATURE_FILE
 
 __all__ = ["LINEAGE_FILE", "PUBLIC_KEY_FILE", "register_release"]
@@ -158,11 +159,11 @@ def _create_version(client: Any, engine: Engine, *, home: Path, rec: _ReleaseRec
     from mlflow.exceptions import MlflowException
 
     try:
-        verified = releases.verified_bundle(home, rec.release)
-    except releases.ReleaseError as err:
+        verified = verified_bundle(home, rec.release)
+    except ReleaseError as err:
         raise HandoffRefused(f"release {rec.release.release_id} is not handed to MLflow: "
                              f"{err}") from None
-    key = releases.release_public_key(home)
+    key = release_public_key(home)
     if key is None:
         raise HandoffRefused("the release public key is missing")
     ml_run_id = export_run(engine, home=home, run_id=rec.run_id, target=target)["mlflow_run_id"]

@@ -36,8 +36,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from coordinator import release_gates, releases
-from coordinator.api import SESSION_TTL, checked_login, end_session, user_for_token
 from coordinator.audit import append_event
+from coordinator.auth import SESSION_TTL, checked_login, end_session, user_for_token
 from coordinator.db import SessionDep
 from coordinator.login_limits import LoginThrottled
 from coordinator.models import Project, Release, ReleaseCandidate, Run, User

@@ -33,8 +33,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from coordinator import release_gates, releases
-from coordinator.api import API_PREFIX, CurrentUser, require_role
 from coordinator.audit import append_event
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import Checkpoint, Project, Release, ReleaseCandidate, Run
 from coordinator.schemas import _Request

@@ -17,17 +17,15 @@ import json
 import tarfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from coordinator.cli_client import ApiClient, api_client
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.release_gates import GATE_ORDER, THRESHOLD_HELP
-
-if TYPE_CHECKING:
-    from coordinator.cli import ApiClient
 
 __all__ = ["release_app"]
 
@@ -42,9 +40,7 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (kept in the audit
 
 
 def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
-    from coordinator.cli import _client as make_client
-
-    return make_client(api, token, home)
+    return api_client(api, token, home)
 
 
 def _fail(message: str) -> None:

@@ -23,7 +23,7 @@ from coordinator.models import (
     utcnow,
 )
 from coordinator.release_errors import Conflict, Gone, IntegrityFailure, NotFound
-from coordinator.release_lineage import run_and_project
+from coordinator.release_queries import run_and_project
 from export.bundle import (
     SIGNATURE_FILE,
     BundleVerificationError,

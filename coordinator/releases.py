@@ -97,10 +97,8 @@ from coordinator.release_lineage import (
     PRIVACY_ACCOUNTANT,
     PRIVACY_MECHANISM,
     build_lineage,
-    checkpoint_row,
-    metrics_by_round,
-    run_and_project,
 )
+from coordinator.release_queries import checkpoint_row, metrics_by_round, run_and_project
 from coordinator.release_store import (
     RELEASES_DIR,
     bundle_archive,

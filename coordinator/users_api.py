@@ -15,14 +15,14 @@ from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, func, select
 
-from coordinator.api import (
+from coordinator.audit import append_event
+from coordinator.auth import (
     API_PREFIX,
     CurrentUser,
     hash_token,
     require_role,
     revoke_credentials,
 )
-from coordinator.audit import append_event
 from coordinator.db import SessionDep
 from coordinator.models import LoginSession, User, UserCredential, utcnow
 from coordinator.schemas import UserPublic

@@ -422,7 +422,7 @@ def test_launch_passes_aggregation_options_and_shows_why_bad_ones_are_refused(
                                headers=headers)
         return out
 
-    monkeypatch.setattr(cli, "_client", in_process)
+    monkeypatch.setattr(cli, "api_client", in_process)
     runner = CliRunner()
     base = ["launch", "--project", "oncology", "--task", "breast_cancer_mlp",
             "--epsilon", "3", "--aggregation", "fedadam"]
@@ -925,11 +925,11 @@ def test_a_password_check_never_holds_the_database(
     write lock is free): parallel logins cannot lock the gateway or the round loop out."""
     import sqlite3
 
-    from coordinator import api as api_module
+    from coordinator import auth as auth_module
 
     client = make_client()
     _user(client, token_for("admin"), "hasher")
-    real = api_module.verify_password
+    real = auth_module.verify_password
     probes: list[str] = []
 
     def probing(password_hash: str, password: str) -> bool:
@@ -944,7 +944,7 @@ def test_a_password_check_never_holds_the_database(
             other.close()
         return real(password_hash, password)
 
-    monkeypatch.setattr(api_module, "verify_password", probing)
+    monkeypatch.setattr(auth_module, "verify_password", probing)
     for name, password in [("hasher", "a long enough passphrase"), ("hasher", "wrong one!"),
                            ("nobody", "whatever")]:
         client.post(api("/login"), json={"name": name, "password": password})
@@ -971,7 +971,7 @@ def test_user_commands_of_the_cli(make_client: Callable[..., TestClient],
                                headers=admin)
         return out
 
-    monkeypatch.setattr(cli, "_client", in_process)
+    monkeypatch.setattr(cli, "api_client", in_process)
     runner = CliRunner()
 
     def run(*args: str) -> str:

@@ -1069,7 +1069,7 @@ def test_create_user_command(client: TestClient, users: dict[str, Headers],
                              monkeypatch: pytest.MonkeyPatch) -> None:
     from coordinator import cli
 
-    monkeypatch.setattr(cli, "_client", lambda *_a: _cli_client(client, users["admin"]))
+    monkeypatch.setattr(cli, "api_client", lambda *_a: _cli_client(client, users["admin"]))
     runner = CliRunner()
     result = runner.invoke(cli.app, ["create-user", "dr-kim", "--role", "clinician"],
                            input="a long enough passphrase\na long enough passphrase\n")
@@ -1085,7 +1085,7 @@ def test_create_user_command(client: TestClient, users: dict[str, Headers],
     assert result.exit_code == 0, result.output
     assert client.post(api("/login"), json={"name": "ci-bot", "password": "x" * 12}
                        ).status_code == 401
-    monkeypatch.setattr(cli, "_client", lambda *_a: _cli_client(client, users["eng"]))
+    monkeypatch.setattr(cli, "api_client", lambda *_a: _cli_client(client, users["eng"]))
     result = runner.invoke(cli.app, ["create-user", "eve", "--role", "admin",
                                      "--no-password"])
     assert result.exit_code == 1 and "403" in result.output
