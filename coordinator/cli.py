@@ -27,6 +27,7 @@ from coordinator import run_cli
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
+from coordinator.run_statistics_cli import make_runs_app
 from coordinator.settings import Settings, load_settings
 from coordinator.study_cli import make_study_app
 from fedward.files import atomic_write
@@ -49,6 +50,7 @@ ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: _client(api, token, home)), name="study")
+app.add_typer(make_runs_app(lambda api, token, home: _client(api, token, home)), name="runs")
 
 
 def _print_version(value: bool) -> None:
@@ -396,6 +398,10 @@ def launch(
     approval_wait: Annotated[float, _run_option("approval_wait_s")] = _DEF["approval_wait_s"],
     max_update_norm: Annotated[float | None,
                                _run_option("max_update_norm")] = _DEF["max_update_norm"],
+    statistics: Annotated[bool, _run_option("statistics", "--statistics/--no-statistics")
+                          ] = _DEF["statistics"],
+    statistics_epsilon: Annotated[float | None, _run_option("statistics_epsilon")
+                                  ] = _DEF["statistics_epsilon"],
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -411,7 +417,8 @@ def launch(
              "batch_size": batch_size,
              "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
              "aggregation": aggregation, "approval_wait": approval_wait,
-             "max_update_norm": max_update_norm}
+             "max_update_norm": max_update_norm, "statistics": statistics,
+             "statistics_epsilon": statistics_epsilon}
     # Unset optional settings are left out: the coordinator fills in the task's defaults.
     body: dict[str, Any] = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
                             if v is not None}
