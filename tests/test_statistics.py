@@ -335,3 +335,36 @@ def test_statistics_after_training_started_are_refused(
     reply, _ = trainer.handle({"kind": "statistics",
                                "config": config(**{CFG.STATISTICS: False})}, {})
     assert reply["error"]["code"] == SiteErrorCode.BAD_TASK
+
+
+def test_the_cli_table_shows_each_feature_of_the_stored_document() -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.run_statistics_cli import make_runs_app
+
+    total = np.zeros(expected_shape(TASK))
+    total[:, :BINS] = 41.6
+    total[:, BINS:] = (416.0, 2.4, 208.0, 110.0)
+    doc = reference_document(run_id=4, study={"name": TASK, "hash": "sha256:ab"},
+                             epsilon=0.3, delta=1e-5, sites=2, task=TASK, total=total)
+    answer = {"run_id": 4, "sites": ["hospital-a", "hospital-b"],
+              "failed": {"hospital-c": "offline"}, "reference": doc}
+    calls: list[str] = []
+
+    class Client:
+        def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+            calls.append(f"{method} {path}")
+            return answer
+
+    import typer
+
+    app = typer.Typer()
+    app.add_typer(make_runs_app(lambda api, token, home: Client()), name="runs")
+    out = CliRunner().invoke(app, ["runs", "statistics", "4"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert calls == ["GET /runs/4/statistics"]
+    assert "statistics of 2 site(s), epsilon 0.3 per site" in out.output
+    assert "not included: hospital-c: offline" in out.output
+    assert "mean_radius" in out.output and "418.4" in out.output
+    as_json = CliRunner().invoke(app, ["runs", "statistics", "4", "--json"])
+    assert json.loads(as_json.output) == answer

@@ -15,9 +15,10 @@ import time
 import httpx
 import pytest
 
-from federation import BIN, federation
 from fedward.statistics import BINS, REFERENCE_FILE, feature_names
 from privacy import PrivacyLedger
+
+from federation import BIN, federation
 from tests_support import short_tmp
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
