@@ -368,3 +368,46 @@ def test_the_cli_table_shows_each_feature_of_the_stored_document() -> None:
     assert "mean_radius" in out.output and "418.4" in out.output
     as_json = CliRunner().invoke(app, ["runs", "statistics", "4", "--json"])
     assert json.loads(as_json.output) == answer
+
+
+def test_the_runs_dashboard_page_shows_its_statistics(tmp_path: Path) -> None:
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from coordinator.api import create_app
+    from coordinator.db import make_engine, run_migrations
+    from coordinator.portal import COOKIE_NAME
+    from coordinator.run_statistics import store_statistics
+    from coordinator.settings import Settings
+
+    from test_releases import PASSWORD, make_user, seed_run
+
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home / 'coordinator.db'}"
+    run_migrations(url)
+    engine = make_engine(url)
+    try:
+        run_id = seed_run(engine, home, rounds=1)
+        plain = seed_run(engine, home, rounds=1)
+        total = np.zeros(expected_shape(TASK))
+        total[:, :BINS] = 41.6
+        total[:, BINS:] = (416.0, 2.4, 208.0, 110.0)
+        doc = reference_document(run_id=run_id, study={"name": TASK, "hash": "sha256:ab"},
+                                 epsilon=0.3, delta=1e-5, sites=2, task=TASK, total=total)
+        store_statistics(engine, run_id=run_id, reference=doc, sites=["hospital-a", "h-b"],
+                         failed={"hospital-c": "offline"}, seconds=1.5)
+        make_user(engine, "ml_engineer", "eng")
+        client = TestClient(create_app(settings=Settings(home=home), engine=engine))
+        r = client.post("/portal/login", data={"name": "eng", "password": PASSWORD},
+                        follow_redirects=False)
+        assert r.status_code == 303, r.text
+        assert re.search(rf"{COOKIE_NAME}=", r.headers["set-cookie"])
+        page = client.get(f"/portal/runs/{run_id}").text
+        assert "<h2>Statistics</h2>" in page and 'id="statistics"' in page
+        assert "Not included: hospital-c (offline)" in page
+        assert "<td>mean_radius</td><td>418</td><td>2</td>" in page
+        assert "<h2>Statistics</h2>" not in client.get(f"/portal/runs/{plain}").text
+    finally:
+        engine.dispose()
