@@ -411,3 +411,21 @@ def test_the_runs_dashboard_page_shows_its_statistics(tmp_path: Path) -> None:
         assert "<h2>Statistics</h2>" not in client.get(f"/portal/runs/{plain}").text
     finally:
         engine.dispose()
+
+
+def test_admission_plans_the_statistics_with_the_rounds(
+        tmp_path: Path, site_data: SiteData) -> None:
+    trainer = WarmTrainer(site_name="hospital-a", task=TASK, data=site_data,
+                          ledger=PrivacyLedger(tmp_path / "l.sqlite"),
+                          replies_dir=tmp_path / "replies", epsilon_cap=2.0)
+    reply, _ = trainer.handle({"kind": "admission", "config": config()}, {})
+    code, reason = reply["error"]["code"], reply["error"]["reason"]
+    assert code == SiteErrorCode.REFUSED_BUDGET
+    assert "its statistics release and its 3 round(s) x 1 local epoch(s)" in reason
+    ok = WarmTrainer(site_name="hospital-a", task=TASK, data=site_data,
+                     ledger=PrivacyLedger(tmp_path / "l2.sqlite"),
+                     replies_dir=tmp_path / "replies2")
+    assert ok.handle({"kind": "admission", "config": config()}, {})[0] == {
+        "status": {"status": "accepted"}}
+    # Nothing was charged or read for either answer.
+    assert PrivacyLedger(tmp_path / "l2.sqlite").entries() == []
