@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from export.bundle import verify_bundle
 from fedward.statistics import BINS, REFERENCE_FILE, feature_names
 from privacy import PrivacyLedger
 
@@ -109,3 +110,7 @@ def test_a_run_with_statistics_stores_them_and_its_release_ships_them() -> None:
              str(revocations)], capture_output=True, text=True, timeout=120)
         assert verified.returncode == 0, verified.stdout + verified.stderr
         assert f"verified: release {release_id}" in verified.stdout
+        # Listed in the signed manifest like every other file of the bundle.
+        listed = verify_bundle(bundle_dir=bundle, release_id=release_id,
+                               public_key=fed.home / "release-key" / "release.pub.pem")
+        assert REFERENCE_FILE in listed.files
