@@ -841,6 +841,24 @@ def list_checkpoints(
     return [CheckpointPublic.of(c) for c in rows]
 
 
+@router.get("/runs/{run_id}/statistics", tags=["runs"], responses={**_401, **_404})
+def run_statistics_route(run_id: int, session: SessionDep, _user: CurrentUser
+                         ) -> dict[str, Any]:
+    """The run's federated DP statistics: the sum of its sites' noised releases, as the
+    reference statistics document a release of the run ships (``reference``), with the
+    sites summed and the sites left out and why."""
+    from coordinator.run_statistics import read_statistics
+
+    _run_with_project(session, run_id)
+    out = read_statistics(session, run_id)
+    if out is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"run {run_id} has no statistics: it was launched without statistics, "
+                   "or its statistics phase has not finished (it runs before round 1)")
+    return out
+
+
 # audit
 
 

@@ -33,6 +33,7 @@ from coordinator.cli_client import (
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
+from coordinator.run_statistics_cli import make_runs_app
 from coordinator.study_cli import make_study_app
 from fedward.files import atomic_write
 from fedward.roles import ADMIN
@@ -53,6 +54,7 @@ WATCH_RETRY_MAX_S: Final = 15.0
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: api_client(api, token, home)), name="study")
+app.add_typer(make_runs_app(lambda api, token, home: api_client(api, token, home)), name="runs")
 
 
 def _print_version(value: bool) -> None:
@@ -306,6 +308,10 @@ def launch(
     approval_wait: Annotated[float, _run_option("approval_wait_s")] = _DEF["approval_wait_s"],
     max_update_norm: Annotated[float | None,
                                _run_option("max_update_norm")] = _DEF["max_update_norm"],
+    statistics: Annotated[bool, _run_option("statistics", "--statistics/--no-statistics")
+                          ] = _DEF["statistics"],
+    statistics_epsilon: Annotated[float | None, _run_option("statistics_epsilon")
+                                  ] = _DEF["statistics_epsilon"],
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -321,7 +327,8 @@ def launch(
              "batch_size": batch_size,
              "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
              "aggregation": aggregation, "approval_wait": approval_wait,
-             "max_update_norm": max_update_norm}
+             "max_update_norm": max_update_norm, "statistics": statistics,
+             "statistics_epsilon": statistics_epsilon}
     # Unset optional settings are left out: the coordinator fills in the task's defaults.
     body: dict[str, Any] = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
                             if v is not None}

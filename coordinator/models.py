@@ -462,3 +462,29 @@ class Study(SQLModel, table=True):
     spec_json: str = Field(sa_type=Text, nullable=False)
     registered_by: str = Field(max_length=64, nullable=False)
     created_at: datetime = _created()
+
+
+# --- Run statistics (revision 0012s) -----------------------------------------------------
+
+
+class RunStatistics(SQLModel, table=True):
+    """A run's federated DP statistics: the sum of its sites' noised releases.
+
+    ``reference_json`` is the reference statistics document (``fedward.statistics``,
+    format version 1) a release of the run ships; ``sites_json`` the sites summed,
+    ``failed_json`` the sites that did not contribute and why. One row per run, written
+    once by the ServerApp before round 1.
+    """
+
+    __tablename__ = "run_statistics"
+    __table_args__ = (UniqueConstraint("run_id"),)
+
+    id: int | None = _pk()
+    run_id: int = Field(foreign_key="runs.id", nullable=False)
+    epsilon: float = Field(nullable=False)
+    delta: float = Field(nullable=False)
+    reference_json: str = Field(sa_type=Text, nullable=False)
+    sites_json: str = Field(sa_type=Text, nullable=False)
+    failed_json: str = Field(default="{}", sa_type=Text, nullable=False)
+    seconds: float = Field(nullable=False)
+    created_at: datetime = _created()

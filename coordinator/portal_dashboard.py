@@ -28,7 +28,7 @@ from markupsafe import Markup
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from coordinator import presence, repository
+from coordinator import presence, repository, run_statistics
 from coordinator.db import SessionDep
 from coordinator.models import (
     RUN_STATUSES,
@@ -360,7 +360,8 @@ def run_page(run_id: str, request: Request, session: SessionDep) -> Response:
         running_deadline=(running.started_at.timestamp() + view.config.round_deadline_s)
         if running is not None and live else None,
         completed=sum(r.status == "completed" for r in rounds), candidates=candidates,
-        duration=duration, datetime=datetime)
+        duration=duration, datetime=datetime,
+        statistics=run_statistics.read_statistics(session, number))
 
 
 # --- sites -------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from typing import Any, Final, Protocol
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from coordinator import release_gates
+from coordinator import release_gates, run_statistics
 from coordinator.audit import append_event
 from coordinator.checkpoints import CheckpointError, load_checkpoint
 from coordinator.db import session_scope
@@ -124,6 +124,7 @@ from export.bundle import (
     public_key_fingerprint,
     write_bundle,
 )
+from fedward.statistics import REFERENCE_FILE
 from fedward.wire import MEMBERSHIP_KEY
 
 __all__ = [
@@ -633,6 +634,8 @@ def approve_candidate(engine: Engine, *, home: Path, candidate_id: int, user: Us
                            approved_at=approved_at.isoformat())
         metrics = metrics_by_round(session, cand.run_id)
         final_round = int(json.loads(run.config_json).get("rounds", 0))
+        # A run with a statistics phase: its summed DP statistics ship with the model.
+        reference = run_statistics.reference_bytes(session, cand.run_id)
     if staging_rel is None:
         raise IntegrityFailure(f"candidate {candidate_id} has no staged artefacts")
     staging = home / staging_rel
@@ -653,8 +656,12 @@ def approve_candidate(engine: Engine, *, home: Path, candidate_id: int, user: Us
                                             final_round=final_round,
                                             title=f"{release_id}: training curve"),
                          encoding="utf-8")
+        extra: dict[str, Path] = {}
+        if reference is not None:
+            extra[REFERENCE_FILE] = Path(tmp) / REFERENCE_FILE
+            extra[REFERENCE_FILE].write_bytes(reference)
         try:
-            write_bundle(out_dir=out, files={**files, TRAINING_CURVE_FILE: curve},
+            write_bundle(out_dir=out, files={**files, TRAINING_CURVE_FILE: curve, **extra},
                          model_card=card, private_key=private)
         except BundleWriteError as err:
             if "refusing to overwrite" in str(err):

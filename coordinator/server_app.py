@@ -30,7 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
-from coordinator import repository
+from coordinator import repository, run_statistics
 from coordinator.aggregation import (
     AggregationError,
     Aggregator,
@@ -309,6 +309,8 @@ class RoundLoop:
                          RECONNECT_WINDOW_S)
             self._load_seen()
             self._admit(fresh=start_round == 1)
+            if plan.statistics and start_round == 1:
+                self._statistics()
             expected = {k: tuple(v.shape) for k, v in arrays.items()}
             for number in range(start_round, plan.rounds + 1):
                 arrays = self._round(number, arrays, expected)
@@ -323,6 +325,18 @@ class RoundLoop:
             self._end_cancelled(cancel)
             return
         repository.finish_run(self.engine, plan.run_id, status="completed", reason=None)
+
+    def _statistics(self) -> None:
+        """The statistics phase (coordinator.run_statistics): before round 1, every
+        admitted online site releases its DP statistics; they are summed and kept."""
+        refused = set(dict(self._admission.get("refused") or {}))
+        nodes = {n: s for n, s in self._site_nodes().items() if s not in refused}
+        try:
+            run_statistics.statistics_phase(grid=self.grid, engine=self.engine,
+                                            plan=self.plan, nodes=nodes,
+                                            check_cancel=self._check_cancel, clock=self.clock)
+        except run_statistics.StatisticsFailed as err:
+            raise RunFailed(str(err)) from None
 
     # -- cancellation ------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 SITE_NAME_PATTERN: Final = r"^[a-z0-9-]{3,40}$"
+# The statistics phase's share of a run's epsilon: by default, and at most.
+DEFAULT_STATISTICS_SHARE: Final = 0.1
+MAX_STATISTICS_SHARE: Final = 0.5
 # Task-message keys that are not settings: the round's number and whether the site trains.
 ROUND_KEY: Final = "round"
 TRAIN_KEY: Final = "train"
@@ -109,12 +112,48 @@ class RunSettings(BaseModel):
         description="Before round 1, how long the run waits for sites whose policy wants a "
         "local approval (0: ask once, do not wait). Training then starts with the sites "
         "that accepted, if at least min_sites.")
+    statistics: Annotated[bool, Wire("statistics")] = Field(
+        default=False,
+        description="Before round 1, each site releases DP statistics of its data (per "
+        "feature: a histogram over the study's plausible range, rows, missing values, "
+        "clipped mean and standard deviation), charged to its privacy budget; the "
+        "coordinator keeps their sum with the run and a release ships it as "
+        "reference_statistics.json.")
+    statistics_epsilon: Annotated[float | None, Wire("statistics-epsilon")] = Field(
+        default=None, gt=0, le=50,
+        description="The part of epsilon the statistics may spend at each site, out of the "
+        "run's epsilon (the rest trains). Default with statistics on: a tenth of epsilon; "
+        "at most half of it.")
     max_update_norm: float | None = Field(
         default=None, gt=0,
         description="Reject a site's update whose L2 distance from the round's global model "
         "is above this. Default: derived per site from the DP-SGD settings (lr, "
         "max_grad_norm, batch size, local epochs, the site's example count and noise "
         "multiplier), with a safety factor of 2.")
+
+
+    @model_validator(mode="after")
+    def _statistics_share(self) -> RunSettings:
+        share = self.statistics_epsilon
+        if share is None:
+            return self
+        if not self.statistics:
+            raise ValueError("statistics_epsilon is set but statistics is off: turn "
+                             "statistics on, or leave statistics_epsilon out")
+        if share > MAX_STATISTICS_SHARE * self.epsilon:
+            raise ValueError(
+                f"statistics_epsilon {share:g} leaves too little of epsilon {self.epsilon:g} "
+                f"for training: at most {MAX_STATISTICS_SHARE:g} x epsilon "
+                f"({MAX_STATISTICS_SHARE * self.epsilon:g}) may go to statistics")
+        return self
+
+    def statistics_share(self) -> float | None:
+        """The epsilon the statistics phase spends at each site (None: no statistics)."""
+        if not self.statistics:
+            return None
+        if self.statistics_epsilon is not None:
+            return self.statistics_epsilon
+        return round(DEFAULT_STATISTICS_SHARE * self.epsilon, 12)
 
 
 class RunRequest(RunSettings):
@@ -177,6 +216,18 @@ class RunRequest(RunSettings):
 
 class RunConfig(RunSettings):
     """The resolved configuration of a run, as stored with it (``Run.config_json``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_statistics_share(cls, data: Any) -> Any:
+        # Stored and sent resolved: the site charges exactly what the run was launched with.
+        if isinstance(data, dict) and data.get("statistics") is True \
+                and data.get("statistics_epsilon") is None:
+            epsilon = data.get("epsilon")
+            if isinstance(epsilon, int | float) and not isinstance(epsilon, bool):
+                data = {**data, "statistics_epsilon": round(
+                    DEFAULT_STATISTICS_SHARE * float(epsilon), 12)}
+        return data
 
     lr: Annotated[float, Wire("learning-rate")] = Field(
         gt=0, description="Local learning rate.")

@@ -36,6 +36,8 @@ __all__ = [
     "REPLY_CONFIG",
     "REPLY_FINGERPRINT",
     "REPLY_METRICS",
+    "STATISTICS_ACTION",
+    "STATISTICS_MESSAGE_TYPE",
     "TASK_ARRAYS",
     "TASK_CONFIG",
     "SiteErrorCode",
@@ -137,6 +139,14 @@ CANCEL_BY: Final = "cancelled-by"          # who cancelled the run (a user name,
 CANCEL_REASON: Final = "cancel-reason"     # why (str, at most 500 characters)
 
 
+# Statistics (before round 1, runs with ``statistics`` on): "release your DP statistics". A
+# Flower query message with this action carries only TASK_CONFIG; the site charges a
+# Gaussian release to its privacy ledger before it reads a row, and answers with one float64
+# array (REPLY_ARRAYS / fedward.statistics.STATISTICS_ARRAY) of noised sums, the metrics
+# "statistics-noise-std" and "epsilon-spent", or an Error (REFUSED_BUDGET with the figures).
+STATISTICS_ACTION: Final = "statistics"
+STATISTICS_MESSAGE_TYPE: Final = f"query.{STATISTICS_ACTION}"
+
 _RUN: Final = wire_keys(RunPlan)
 
 
@@ -161,6 +171,8 @@ class CFG:
     LR: Final = _RUN["lr"]                        # local learning rate (float)
     BATCH: Final = _RUN["batch_size"]             # expected batch size (int)
     SEED: Final = _RUN["seed"]                    # run seed (int)
+    STATISTICS: Final = _RUN["statistics"]        # a statistics phase before round 1 (bool)
+    STATISTICS_EPSILON: Final = _RUN["statistics_epsilon"]  # its epsilon per site (float)
     ROUND: Final = ROUND_KEY                      # 1-based round number (int)
     TRAIN: Final = TRAIN_KEY                      # False: evaluate only (bool)
     LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)

@@ -228,6 +228,7 @@ def check_run_plan(
     run_budget: float,
     cap: float | None = None,
     site_cap: float | None = None,
+    before: Sequence[Mechanism] = (),
 ) -> PlanCheck:
     """:func:`check_plan` for the DP-SGD rounds a run still has to train.
 
@@ -245,13 +246,17 @@ def check_run_plan(
         cap: the cap of the run's project at this site (the smaller of the policy's and the
             agent's own), which also bounds one run; None: none.
         site_cap: the site-wide cap over every project; None: none.
+        before: what the run discloses here before those rounds and has not yet recorded
+            (its statistics release), planned with them.
 
     Raises:
         PlanExceededError: when the plan does not fit, with the figures.
     """
-    plan = [DpSgd(float(noise_multiplier), float(sample_rate), int(steps))]
+    plan = [*before, DpSgd(float(noise_multiplier), float(sample_rate), int(steps))]
     summary = (f"its {rounds} round(s) x {local_epochs} local epoch(s) (noise multiplier "
                f"{noise_multiplier:.3f})")
+    if before:
+        summary = f"its statistics release and {summary}"
     return check_plan(ledger, run_id=run_id, project=project, delta=delta, plan=plan,
                       summary=summary, run_budget=run_budget, cap=cap, site_cap=site_cap)
 

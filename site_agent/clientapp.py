@@ -31,6 +31,7 @@ from fedward.wire import (
     REPLY_ARRAYS,
     REPLY_FINGERPRINT,
     REPLY_METRICS,
+    STATISTICS_ACTION,
     TASK_ARRAYS,
     TASK_CONFIG,
     SiteErrorCode,
@@ -135,6 +136,12 @@ def admission(msg: Message, context: Context) -> Message:
 def cancel(msg: Message, context: Context) -> Message:
     """The coordinator cancelled the run: the site audits it (nothing leaves but an ack)."""
     return _relay(msg, context, "cancel")
+
+
+@app.query(STATISTICS_ACTION)
+def statistics(msg: Message, context: Context) -> Message:
+    """Release the site's DP statistics for the run (before round 1; charged, then noised)."""
+    return _relay(msg, context, "statistics")
 
 
 @app.evaluate()

@@ -7,8 +7,10 @@ task's model and scalar metrics from the allow-list pass (export parity figures 
 their coarse grid, see :func:`fedward.wire.coarse_agreement`), plus three fixed kinds of text
 that never carry data values: the data fingerprint (the schema's SHA-256, a keyed HMAC of
 the data file and row counts, in fixed formats), the admission answer "accepted", and an
-error reply's code and reason (written by the site agent itself). Anything else blocks the
-whole message.
+error reply's code and reason (written by the site agent itself). A statistics answer
+(:func:`check_statistics_reply`) carries one array of noised values instead, only when the
+privacy ledger holds the charged release it was noised for. Anything else blocks the whole
+message.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 
 from fedward.wire import ALLOWED_REPLY_METRICS, FINGERPRINT_KEYS, MSG, is_coarse_parity_figure
 
-__all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply"]
+__all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply",
+           "check_statistics_reply"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _COUNT = re.compile(r"[0-9]{1,12}")
@@ -170,3 +173,79 @@ def check_reply(*, reply: Mapping[str, Any], arrays: Mapping[str, object],
         raise EgressViolation(problems)
     return EgressReport(n_bytes=report.n_bytes + text_bytes, array_shapes=report.array_shapes,
                         metric_names=report.metric_names, text_fields=sorted(fields))
+
+
+# The figures a statistics answer carries besides its array: facts of the mechanism.
+_STATISTICS_METRICS: frozenset[str] = frozenset({"statistics-noise-std", "epsilon-spent"})
+
+
+def check_statistics_reply(*, reply: Mapping[str, Any], arrays: Mapping[str, object],
+                           shape: tuple[int, int], charged_noise_std: float | None
+                           ) -> EgressReport:
+    """Check a statistics answer (``fedward.wire.STATISTICS_ACTION``); raise
+    :class:`EgressViolation` unless only noised values leave.
+
+    What passes: exactly one float64 array named ``fedward.statistics.STATISTICS_ARRAY`` of
+    ``shape``, all finite, and the metrics ``statistics-noise-std`` (equal to the noise of
+    the release the ledger charged for the run) and ``epsilon-spent``; or an error reply.
+    Refused: no charged release for the run (nothing noised can leave without one), a noise
+    figure other than the charged one, any other array, metric or part, and counts that are
+    whole numbers (Gaussian noise makes every count fractional with probability one: whole
+    numbers are exact counts).
+
+    Args:
+        reply: the answer's header.
+        arrays: the arrays about to leave.
+        shape: the release's shape for the task, ``(features, bins + 4)``.
+        charged_noise_std: the noise std of the run's statistics entry in the ledger (read
+            by the caller from the ledger, not from the answer); None if there is none.
+    """
+    from fedward.statistics import BINS, STATISTICS_ARRAY
+
+    if "error" in reply:
+        return check_reply(reply=reply, arrays=arrays, expected_shapes={})
+    problems: list[str] = []
+    unknown = sorted(set(reply) - {"metrics"})
+    if unknown:
+        problems.append(f"reply parts not on the statistics allow-list: {unknown}")
+    metrics = reply.get("metrics", {})
+    if not isinstance(metrics, Mapping):
+        problems.append("the metrics part is not a mapping")
+        metrics = {}
+    extra = sorted(set(metrics) - _STATISTICS_METRICS)
+    if extra or set(metrics) != _STATISTICS_METRICS:
+        problems.append(f"a statistics answer carries exactly {sorted(_STATISTICS_METRICS)}; "
+                        f"got {sorted(metrics)}")
+    for key in sorted(set(metrics) & _STATISTICS_METRICS):
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(float(value)):
+            problems.append(f"metric {key!r} is not a finite number")
+    if charged_noise_std is None:
+        problems.append("no statistics release is charged in the privacy ledger for this run: "
+                        "un-noised statistics never leave")
+    elif metrics.get("statistics-noise-std") != charged_noise_std:
+        problems.append("the noise figure differs from the release charged in the ledger")
+    if set(arrays) != {STATISTICS_ARRAY}:
+        problems.append(f"a statistics answer carries one array {STATISTICS_ARRAY!r}; got "
+                        f"{sorted(arrays)}")
+    values = arrays.get(STATISTICS_ARRAY)
+    if values is not None:
+        if not isinstance(values, np.ndarray) or values.dtype != np.float64:
+            problems.append("the statistics array is not a float64 numpy array")
+        elif tuple(values.shape) != tuple(shape):
+            problems.append(f"the statistics array has shape {list(values.shape)}, expected "
+                            f"{list(shape)}")
+        elif not np.isfinite(values).all():
+            problems.append("the statistics array holds values that are not finite")
+        else:
+            counts = values[:, :BINS + 2]   # bins, rows with a value, missing
+            if np.any(counts == np.round(counts)):
+                problems.append("the statistics array holds whole-number counts: exact, "
+                                "un-noised counts never leave")
+    if problems:
+        raise EgressViolation(problems)
+    assert isinstance(values, np.ndarray)
+    return EgressReport(n_bytes=int(values.nbytes) + 8 * len(metrics),
+                        array_shapes={STATISTICS_ARRAY: list(values.shape)},
+                        metric_names=sorted(metrics))

@@ -41,10 +41,13 @@ import torch
 
 from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
+from fedward.statistics import expected_shape
 from fedward.tasks import get_task
 from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG, MSG, SiteErrorCode, update_digest
 from privacy import (
     BudgetExceededError,
+    Caps,
+    GaussianRelease,
     LedgerCorruptError,
     PlanCheck,
     PlanExceededError,
@@ -53,15 +56,20 @@ from privacy import (
     check_run_plan,
     evaluate,
     expected_steps,
-    noise_multiplier_for_run,
     sample_rate_for,
     train_dp,
 )
 from privacy.membership import audit_membership
+from privacy.release import noise_multiplier_after
 from site_agent.audit import AuditLogError
 from site_agent.data import SiteData
 from site_agent.diagnostics import failure_reason
-from site_agent.egress import EgressViolation, check_outgoing, check_reply
+from site_agent.egress import (
+    EgressViolation,
+    check_outgoing,
+    check_reply,
+    check_statistics_reply,
+)
 from site_agent.ipc import IPCError, read_frame, write_frame
 from site_agent.parity_task import (
     ParityBook,
@@ -78,6 +86,12 @@ from site_agent.policy import (
     PolicyRefusal,
     SiteGate,
     check_rounds_per_day,
+)
+from site_agent.statistics import (
+    StatisticsRefusal,
+    pending_statistics,
+    release_statistics,
+    run_statistics_mechanisms,
 )
 
 __all__ = ["TaskError", "TrainerServer", "WarmTrainer", "round_noise_seed"]
@@ -281,8 +295,8 @@ class WarmTrainer:
         q, steps = self._sampling(batch=batch, epochs=epochs)
 
         def first() -> None:
-            sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
-                                             total_epochs=rounds * epochs)
+            sigma = self._run_sigma(config, epsilon=epsilon, delta=delta, sample_rate=q,
+                                    total_epochs=rounds * epochs)
             self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
                                          step=(sigma, q, steps))
 
@@ -318,8 +332,11 @@ class WarmTrainer:
         allow-listed metrics and the fixed-format text parts leave."""
         kind = str(header.get("kind", ""))
         try:
-            check_reply(reply=reply, arrays=out,
-                        expected_shapes=self._model_shapes() if kind == "train" else {})
+            if kind == "statistics":
+                self._check_statistics_egress(header, reply, out)
+            else:
+                check_reply(reply=reply, arrays=out,
+                            expected_shapes=self._model_shapes() if kind == "train" else {})
         except EgressViolation as err:
             config = header.get("config") if isinstance(header.get("config"), dict) else {}
             assert isinstance(config, dict)
@@ -349,7 +366,7 @@ class WarmTrainer:
         if kind == "cancel":
             return self._cancelled(config, run_id)
         try:
-            if kind not in ("train", "evaluate", "parity"):
+            if kind not in ("train", "evaluate", "parity", "statistics"):
                 raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
             # The site's policy comes first: a run it does not accept learns nothing else
             # about the site, and no data is touched.
@@ -359,6 +376,8 @@ class WarmTrainer:
                 raise TaskError(SiteErrorCode.REFUSED_DATA, self._data_failure_reason())
             if kind == "train":
                 return self._train(config, arrays, admission)
+            if kind == "statistics":
+                return self._statistics(config, admission)
             if kind == "parity":
                 return self._parity(config, arrays)
             return self._evaluate_only(config, arrays)
@@ -515,8 +534,8 @@ class WarmTrainer:
             if entry is not None:  # opened by an earlier disclosure (statistics): its terms
                 epsilon, delta = entry.epsilon_budget, entry.delta
             try:
-                sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
-                                                 total_epochs=total_rounds * local_epochs)
+                sigma = self._run_sigma(config, epsilon=epsilon, delta=delta, sample_rate=q,
+                                        total_epochs=total_rounds * local_epochs)
             except ValueError as err:
                 raise TaskError(SiteErrorCode.REFUSED_BUDGET,
                                 f"refused-budget: {err}") from None
@@ -529,13 +548,49 @@ class WarmTrainer:
                 self.ledger, run_id=run_id, project=project, delta=delta,
                 noise_multiplier=sigma, sample_rate=q, rounds=rounds_left,
                 local_epochs=local_epochs, steps=steps * rounds_left, run_budget=epsilon,
-                cap=cap, site_cap=site_cap)
+                cap=cap, site_cap=site_cap, before=pending_statistics(self.ledger, config))
         except PlanExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         if warm and (entry is None or entry.noise_multiplier is None):
             self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
                                          step=(sigma, q, steps))
         return check
+
+    def _run_sigma(self, config: dict[str, Any], *, epsilon: float, delta: float,
+                   sample_rate: float, total_epochs: int) -> float:
+        """The run's DP-SGD noise multiplier, for what its budget leaves after its other
+        disclosures here (its statistics release, charged or still planned)."""
+        run_id = str(config.get(CFG.RUN_ID))
+        prior = [*run_statistics_mechanisms(self.ledger, run_id),
+                 *pending_statistics(self.ledger, config)]
+        return noise_multiplier_after(prior=prior, epsilon=epsilon, delta=delta,
+                                      sample_rate=sample_rate, total_epochs=total_epochs)
+
+    def _statistics(self, config: dict[str, Any], admission: Admission | None
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Release the run's DP statistics (site_agent.statistics): charged before any row
+        is read, noised, kept for a repeated question."""
+        assert self.data is not None
+        data = self.data
+        self._at("privacy")
+        cap, site_cap = self._caps(admission)
+        try:
+            return release_statistics(
+                ledger=self.ledger, config=config, features=lambda: data.train_x,
+                caps=Caps(project=cap, site=site_cap), replies_dir=self.replies_dir,
+                audit=self.audit, task=self.task)
+        except StatisticsRefusal as err:
+            raise TaskError(err.code, err.reason) from None
+
+    def _check_statistics_egress(self, header: dict[str, Any], reply: dict[str, Any],
+                                 out: dict[str, np.ndarray]) -> None:
+        """The egress guard on a statistics answer, against the release the ledger charged."""
+        config = header.get("config") if isinstance(header.get("config"), dict) else {}
+        assert isinstance(config, dict)
+        charged = [m for m in run_statistics_mechanisms(
+            self.ledger, str(config.get(CFG.RUN_ID))) if isinstance(m, GaussianRelease)]
+        check_statistics_reply(reply=reply, arrays=out, shape=expected_shape(self.task),
+                               charged_noise_std=charged[0].noise_std if charged else None)
 
     def _data_failure_reason(self) -> str:
         # Kinds, counts and declared column names only (DataReport.summary_for_coordinator).
@@ -732,8 +787,8 @@ class WarmTrainer:
             if entry is not None:
                 epsilon, delta = entry.epsilon_budget, entry.delta
             self._check_plan(config, admission, round_number=round_number)
-            sigma = noise_multiplier_for_run(epsilon=epsilon, delta=delta, sample_rate=q,
-                                             total_epochs=total_rounds * local_epochs)
+            sigma = self._run_sigma(config, epsilon=epsilon, delta=delta, sample_rate=q,
+                                    total_epochs=total_rounds * local_epochs)
             self.ledger.open_run(run_id=run_id, project=project, epsilon_budget=epsilon,
                                  delta=delta, noise_multiplier=sigma, sample_rate=q)
         else:

@@ -53,7 +53,8 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "rounds": "total-rounds", "local_epochs": "local-epochs", "epsilon": "epsilon-budget",
         "delta": "delta", "lr": "learning-rate", "batch_size": "batch-size",
         "max_grad_norm": "max-grad-norm", "seed": "seed", "study": "study",
-        "study_hash": "study-hash", "run_id": "run-id", "project": "project",
+        "study_hash": "study-hash", "statistics": "statistics",
+        "statistics_epsilon": "statistics-epsilon", "run_id": "run-id", "project": "project",
         "task": "task-name"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
@@ -70,5 +71,25 @@ def test_the_serverapp_plan_is_the_stored_config_with_the_runs_identity() -> Non
     assert plan.task_config(2, train=True) == {
         "run-id": "7", "project": "onc", "task-name": "breast_cancer_mlp", "total-rounds": 4,
         "local-epochs": 1, "epsilon-budget": 2.5, "delta": 1e-5, "learning-rate": 0.5,
-        "batch-size": 16, "max-grad-norm": 1.0, "seed": 0, "round": 2, "train": True}
+        "batch-size": 16, "max-grad-norm": 1.0, "seed": 0, "statistics": False,
+        "round": 2, "train": True}
     assert set(RunSettings.model_fields) < set(RunPlan.model_fields)
+
+
+def test_statistics_are_off_by_default_and_their_share_leaves_room_for_training() -> None:
+    base = {"project": "p", "task": "breast_cancer_mlp", "epsilon": 3.0}
+    assert RunRequest(**base).statistics_share() is None
+    assert RunRequest(**base, statistics=True).statistics_share() == pytest.approx(0.3)
+    assert RunRequest(**base, statistics=True,
+                      statistics_epsilon=1.5).statistics_share() == 1.5
+    with pytest.raises(ValueError, match="leaves too little of epsilon 3 for training"):
+        RunRequest(**base, statistics=True, statistics_epsilon=1.6)
+    with pytest.raises(ValueError, match="statistics is off"):
+        RunRequest(**base, statistics_epsilon=0.2)
+    # Stored and sent resolved: the site charges what the run was launched with.
+    config = RunConfig(epsilon=3.0, lr=0.5, batch_size=16, sites=["a-1"], statistics=True)
+    assert config.statistics_epsilon == pytest.approx(0.3)
+    plan = RunPlan.model_validate({**config.model_dump(), "run_id": 1, "project": "p",
+                                   "task": "breast_cancer_mlp"})
+    sent = plan.task_config(0, train=False)
+    assert sent[CFG.STATISTICS] is True and sent[CFG.STATISTICS_EPSILON] == pytest.approx(0.3)

@@ -465,7 +465,7 @@ def test_exception_in_training_leaves_its_type_phase_and_a_scrubbed_message(
 
 
 @pytest.mark.parametrize(("target", "phase"), [
-    ("_eval_metrics", "evaluate"), ("noise_multiplier_for_run", "privacy"),
+    ("_eval_metrics", "evaluate"), ("noise_multiplier_after", "privacy"),
     ("set_model_arrays", "model"), ("model_arrays", "egress")])
 def test_a_failure_names_the_phase_it_happened_in(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
