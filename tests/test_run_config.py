@@ -53,8 +53,8 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "rounds": "total-rounds", "local_epochs": "local-epochs", "epsilon": "epsilon-budget",
         "delta": "delta", "lr": "learning-rate", "batch_size": "batch-size",
         "max_grad_norm": "max-grad-norm", "seed": "seed", "study": "study",
-        "study_hash": "study-hash", "run_id": "run-id", "project": "project",
-        "task": "task-name"}
+        "study_hash": "study-hash", "tuning_search": "tuning-search", "run_id": "run-id",
+        "project": "project", "task": "task-name"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
         "batch-size")
