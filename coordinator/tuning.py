@@ -237,6 +237,9 @@ class _Search:
             if number == 0 and str(outcome).startswith("not admitted"):
                 self._finish("refused", self._refusal(run_id, str(outcome)))
                 return
+            if number == 0:  # the first trial cannot run: neither will the next ones
+                self._finish("failed", f"the first trial (run {run_id}) failed: {outcome}")
+                return
         self._finish("completed", None)
 
     def _launch_trial(self, number: int, params: dict[str, Any]) -> tuple[int, int]:
@@ -323,6 +326,11 @@ class _Search:
             parts.append(f"{site} accepted (its remaining budgets cover the search)")
         for site, why in sorted((detail.get("unanswered") or {}).items()):
             parts.append(f"{site} did not answer: {why}")
+        heard = {*(detail.get("refused") or {}), *(detail.get("accepted") or []),
+                 *(detail.get("unanswered") or {})}
+        for site in self.sites:
+            if site not in heard:  # the admission ends at the refusal that decides it
+                parts.append(f"{site} was not asked to the end (the refusal decided)")
         if len(parts) == 1:
             parts.append(reason)
         return "; ".join(parts) + (". Nothing was charged at any site; a smaller epsilon or "

@@ -120,6 +120,7 @@ def make_router(*, current_user: Callable[..., Any],
         if launcher is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 "run launching is not configured on this coordinator")
+        session.commit()  # the search writes in its own transactions (SQLite: one writer)
         try:
             tuning_id = start_tuning(request.app.state.engine, body, actor=user.name,
                                      launch=launcher.launch,
