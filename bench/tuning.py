@@ -179,8 +179,7 @@ def main() -> None:
         + [[f"tuned, {sp} (search total epsilon 3)", bu.fmt(summary[sp]["median_auc"], 4),
             f"{summary[sp]['median_gain']:+.4f}", bu.fmt(summary[sp]["median_trials"], 1)]
            for sp in SPACES])
-    md = (f"# Tuning under the budget (breast-cancer demo, {len(seeds)} seeds)\n\n"
-          f"{bu.provenance_line(data['provenance'])}\n\n{table}\n\n"
+    md = (f"\n{table}\n\n"
           f"Every figure: test AUC on global_test.csv, epsilon {EPSILON:g} per site in total "
           f"(delta {ut.DELTA:g}); geometric number of trials, mean {MEAN_TRIALS:g}. "
           f"{data['seconds']:.0f} s.\n")
