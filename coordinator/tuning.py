@@ -105,6 +105,9 @@ class TuningCreate(BaseModel):
         problems = [f"{name}: give [low, high] with 0 < low <= high, got {list(pair)}"
                     for name, pair in (("lr", self.lr), ("max_grad_norm", self.max_grad_norm))
                     if not 0 < pair[0] <= pair[1]]
+        if self.distribution == "geometric" and self.mean_trials < 1:
+            problems.append(f"a geometric number of trials has a mean of at least 1, got "
+                            f"{self.mean_trials:g} (or use distribution poisson)")
         if any(not 1 <= b <= 4096 for b in self.batch_sizes):
             problems.append(f"batch_sizes must lie in [1, 4096], got {self.batch_sizes}")
         if problems:

@@ -83,6 +83,8 @@ class SearchTerms:
             out.append(f"search id must be >= 1, got {self.search_id}")
         if not (math.isfinite(self.mean) and 0 < self.mean <= 100):
             out.append(f"mean number of trials must be in (0, 100], got {self.mean}")
+        if self.shape == 1.0 and self.mean < 1:
+            out.append(f"a geometric number of trials has a mean of at least 1, got {self.mean}")
         if not (self.shape == 1.0 or math.isinf(self.shape)):
             out.append(f"shape must be 1 (geometric) or inf (Poisson), got {self.shape}")
         for name in ("rounds", "max_local_epochs", "min_batch_size", "max_batch_size"):

@@ -59,6 +59,9 @@ def test_bad_requests_are_refused_saying_what_to_change(
     r = client.post("/api/v1/tunings", json={**body, "lr": [0.5, 0.1]}, headers=headers)
     assert r.status_code == 422
     assert "lr: give [low, high] with 0 < low <= high, got [0.5, 0.1]" in r.text
+    r = client.post("/api/v1/tunings", json={**body, "mean_trials": 0.5}, headers=headers)
+    assert r.status_code == 422
+    assert "a geometric number of trials has a mean of at least 1, got 0.5" in r.text
     r = client.post("/api/v1/tunings", json={**body, "project": "nope"}, headers=headers)
     assert r.status_code == 422 and "unknown project 'nope': create it first" in r.text
     r = client.post("/api/v1/tunings", json={**body, "sites": ["site-z"]}, headers=headers)
