@@ -40,6 +40,7 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("5", "exports", "exports.py"),
     ("6", "signing", "signing.py"),
     ("7", "api_load", "api_load.py"),
+    ("8", "tuning", "tuning.py"),
 ]
 
 

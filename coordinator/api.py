@@ -1011,6 +1011,7 @@ def create_app(
     from coordinator.portal_dashboard import router as dashboard_router
     from coordinator.release_api import router as release_router
     from coordinator.study_api import make_router as make_study_router
+    from coordinator.tuning_api import make_router as make_tuning_router
     from coordinator.users_api import router as users_router
 
     app = FastAPI(
@@ -1040,4 +1041,6 @@ def create_app(
     app.include_router(dashboard_router)
     app.include_router(mlflow_router)
     app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
+    app.include_router(make_tuning_router(current_user=get_current_user,
+                                          require_role=require_role))
     return app

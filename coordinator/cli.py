@@ -35,6 +35,7 @@ from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.run_statistics_cli import make_runs_app
 from coordinator.study_cli import make_study_app
+from coordinator.tuning_cli import make_tuning_app
 from fedward.files import atomic_write
 from fedward.roles import ADMIN
 from fedward.run_config import RunRequest
@@ -55,6 +56,7 @@ app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: api_client(api, token, home)), name="study")
 app.add_typer(make_runs_app(lambda api, token, home: api_client(api, token, home)), name="runs")
+app.add_typer(make_tuning_app(lambda api, token, home: api_client(api, token, home)), name="tune")
 
 
 def _print_version(value: bool) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "RUN_FINAL_STATUSES",
     "RUN_STATUSES",
     "SITE_STATUSES",
+    "TUNING_STATUSES",
     "AuditEvent",
     "Checkpoint",
     "EnrollmentToken",
@@ -40,6 +41,8 @@ __all__ = [
     "SiteMetric",
     "SitePresence",
     "Study",
+    "Tuning",
+    "TuningTrial",
     "UTCDateTime",
     "User",
     "UserCredential",
@@ -487,4 +490,51 @@ class RunStatistics(SQLModel, table=True):
     sites_json: str = Field(sa_type=Text, nullable=False)
     failed_json: str = Field(default="{}", sa_type=Text, nullable=False)
     seconds: float = Field(nullable=False)
+    created_at: datetime = _created()
+
+
+# --- Hyperparameter tuning (revision 0013) -----------------------------------------------
+
+TUNING_STATUSES: Final = frozenset({"running", "completed", "refused", "failed"})
+
+
+class Tuning(SQLModel, table=True):
+    """One federated hyperparameter search (:mod:`coordinator.tuning`).
+
+    ``request_json`` is the request as given; ``terms_json`` the search's terms every trial
+    carries to the sites (:class:`privacy.tuning.SearchTerms`); ``trials_planned`` the
+    random number of trials drawn before the first one (random stopping).
+    """
+
+    __tablename__ = "tunings"
+
+    id: int | None = _pk()
+    project_id: int = Field(foreign_key="projects.id", nullable=False, index=True)
+    task: str = Field(max_length=64, nullable=False)
+    status: str = Field(default="running", max_length=16, nullable=False)
+    request_json: str = Field(sa_type=Text, nullable=False)
+    terms_json: str = Field(default="{}", sa_type=Text, nullable=False)
+    trials_planned: int = Field(default=0, nullable=False)
+    best_run_id: int | None = Field(default=None, foreign_key="runs.id")
+    best_score: float | None = Field(default=None)
+    reason: str | None = Field(default=None, sa_type=Text)
+    created_by: str = Field(max_length=64, nullable=False)
+    created_at: datetime = _created()
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class TuningTrial(SQLModel, table=True):
+    """One trial of a search: the settings Optuna proposed, its run, and its score (the
+    mean of the sites' held-out AUC of the trial's final model)."""
+
+    __tablename__ = "tuning_trials"
+    __table_args__ = (UniqueConstraint("tuning_id", "number"),)
+
+    id: int | None = _pk()
+    tuning_id: int = Field(foreign_key="tunings.id", nullable=False, index=True)
+    number: int = Field(nullable=False)
+    run_id: int | None = Field(default=None, foreign_key="runs.id")
+    params_json: str = Field(sa_type=Text, nullable=False)
+    status: str = Field(default="running", max_length=16, nullable=False)
+    score: float | None = Field(default=None)
     created_at: datetime = _created()

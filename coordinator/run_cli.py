@@ -105,6 +105,8 @@ def relaunch_body(run: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
     """
     config = dict(run["config"])
     config.pop("study_hash", None)   # the coordinator pins it again from the study version
+    # A tuning trial launched again is an ordinary run, charged as one (not covered).
+    config.pop("tuning_search", None)
     study = config.pop("study", None)
     body: dict[str, Any] = {"project": run["project"], **config}
     # A run of a study is launched again from the same study version (it names the task

@@ -241,6 +241,11 @@ class RunConfig(RunSettings):
     study_hash: Annotated[str | None, Wire("study-hash")] = Field(
         default=None, pattern=r"^[0-9a-f]{64}$",
         description="SHA-256 of the study spec's canonical form.")
+    # Set only by the coordinator's tuning engine (never by POST /runs): the run is a trial
+    # of this search, whose one charge at each site covers it (privacy.tuning.SearchTerms).
+    tuning_search: Annotated[str | None, Wire("tuning-search")] = Field(
+        default=None, max_length=400,
+        description="The terms of the tuning search this run is a trial of (JSON).")
 
 
 class RunPlan(RunConfig):

@@ -163,6 +163,7 @@ class CFG:
     TASK: Final = _RUN["task"]                    # task registry name (str)
     STUDY: Final = _RUN["study"]                  # study NAME@VERSION (str; absent: none)
     STUDY_HASH: Final = _RUN["study_hash"]        # SHA-256 of the study spec (str)
+    TUNING_SEARCH: Final = _RUN["tuning_search"]  # a trial's search terms (JSON str; absent: none)
     TOTAL_ROUNDS: Final = _RUN["rounds"]          # rounds planned for the run (int)
     LOCAL_EPOCHS: Final = _RUN["local_epochs"]    # local epochs per round (int)
     EPSILON: Final = _RUN["epsilon"]              # run's epsilon budget per site (float)

@@ -54,7 +54,8 @@ from privacy.ledger_types import (
     RunLedger,
     Snapshot,
 )
-from privacy.mechanisms import DpSgd, Mechanism
+from privacy.mechanisms import CoveredTrial, DpSgd, Mechanism, TuningSelection
+from privacy.tuning import NotCoveredError, check_cover
 
 __all__ = [
     "PURPOSES",
@@ -62,6 +63,7 @@ __all__ = [
     "Entry",
     "EntryState",
     "LedgerCorruptError",
+    "NotCoveredError",
     "PrivacyLedger",
     "Purpose",
     "Reservation",
@@ -80,6 +82,30 @@ _WHAT: Final = {"round": "this round", "statistics": "this statistics release",
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _check_covered(snap: Snapshot, run: RunLedger, mechanism: CoveredTrial) -> None:
+    """A trial round costs nothing only under its search's charge: the search's selection
+    must be recorded, in the run's project, and the trial must stay under its reference.
+
+    Raises:
+        NotCoveredError: otherwise, saying why.
+    """
+    search = snap.find(f"tuning-{mechanism.search}", "tuning", str(mechanism.search))
+    if search is None or not isinstance(search.mechanism, TuningSelection):
+        raise NotCoveredError(
+            f"run {run.run_id!r}: tuning search {mechanism.search} has no charge in this "
+            f"ledger; a trial trains only after its search is charged")
+    if search.project != run.project:
+        raise NotCoveredError(
+            f"run {run.run_id!r} (project {run.project}) cannot be covered by tuning search "
+            f"{mechanism.search} of project {search.project}")
+    recorded = [e.mechanism for e in run.entries if isinstance(e.mechanism, CoveredTrial)]
+    if any(r.search != mechanism.search for r in recorded) or any(
+            not isinstance(e.mechanism, CoveredTrial) for e in run.entries):
+        raise NotCoveredError(f"run {run.run_id!r} has disclosures outside tuning search "
+                              f"{mechanism.search}: a trial run is covered as a whole or not")
+    check_cover(search.mechanism, recorded, mechanism)
 
 
 class PrivacyLedger:
@@ -265,6 +291,7 @@ class PrivacyLedger:
             BudgetExceededError: a check fails, with the figures; nothing is written.
             UnknownRunError: the run was never opened.
             ValueError: a bad argument, or the key is reserved with another mechanism.
+            NotCoveredError: a :class:`CoveredTrial` its search does not cover.
             LedgerCorruptError: the ledger cannot be trusted.
         """
         caps = caps or Caps()
@@ -290,6 +317,8 @@ class PrivacyLedger:
                         f"{existing.mechanism.describe()}, not {mechanism.describe()}: a "
                         f"retried disclosure must be the same")
                 return Reservation(entry=existing, new=False)
+            if isinstance(mechanism, CoveredTrial):
+                _check_covered(snap, run, mechanism)
             what = _WHAT[purpose]
             run_cap = run.epsilon_budget if caps.project is None else min(
                 run.epsilon_budget, caps.project)

@@ -31,6 +31,7 @@ from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution 
 
 __all__ = [
     "MECHANISMS",
+    "CoveredTrial",
     "DpSgd",
     "GaussianRelease",
     "LaplaceRelease",
@@ -363,6 +364,42 @@ class TuningSelection(Mechanism):
             self.shape, f"negative binomial, shape {self.shape:g}")
         return (f"tuning selection: best of a random number of trials (mean {self.mean:g}, "
                 f"{kind}), each trial {self.trial.describe()}")
+
+
+@register
+@dataclass(frozen=True)
+class CoveredTrial(Mechanism):
+    """One round of a tuning trial, already paid for by its search's :class:`TuningSelection`.
+
+    It records what the round trained with (so the site's ledger shows every trial round)
+    and adds nothing to any figure: the search's selection entry bounds every trial. The
+    ledger records one only after checking that the trial stays under the reference trial
+    its search charged for (``privacy.tuning.check_cover``).
+
+    Attributes:
+        trial: the round's own DP-SGD.
+        search: the coordinator's id of the tuning search that covers it.
+    """
+
+    TYPE: ClassVar[str] = "CoveredTrial"
+    trial: Mechanism
+    search: int
+
+    def problems(self) -> list[str]:
+        out = [f"trial: {p}" for p in self.trial.problems()]
+        if self.search < 1:
+            out.append(f"search must be >= 1, got {self.search!r}")
+        return out
+
+    def dp_event(self) -> dp_event.DpEvent:
+        return dp_event.NoOpDpEvent()
+
+    def pld(self, count: int, interval: float) -> PLD | None:
+        return pld_lib.identity(value_discretization_interval=interval)
+
+    def describe(self) -> str:
+        return f"tuning trial round, covered by tuning search {self.search}: " \
+               f"{self.trial.describe()}"
 
 
 # The costly part of a DP-SGD distribution is its single step; a site reuses few (sigma, q)

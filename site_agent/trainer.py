@@ -59,8 +59,11 @@ from privacy import (
     sample_rate_for,
     train_dp,
 )
+from privacy.mechanisms import CoveredTrial, DpSgd
 from privacy.membership import audit_membership
 from privacy.release import noise_multiplier_after
+from privacy.tuning import NotCoveredError
+from site_agent import tuning
 from site_agent.audit import AuditLogError
 from site_agent.data import SiteData
 from site_agent.diagnostics import failure_reason
@@ -522,6 +525,9 @@ class WarmTrainer:
             q, steps = self._sampling(batch=batch, epochs=local_epochs)
         except (KeyError, TypeError, ValueError) as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        if self._search_terms(config) is not None:
+            return self._check_search(config, admission, project=project, epsilon=epsilon,
+                                      delta=delta)
         with self._warm_lock:
             pass  # a search for this run still running in the background: use its result
         entry = self.ledger.get_run(run_id)
@@ -591,6 +597,60 @@ class WarmTrainer:
             self.ledger, str(config.get(CFG.RUN_ID))) if isinstance(m, GaussianRelease)]
         check_statistics_reply(reply=reply, arrays=out, shape=expected_shape(self.task),
                                charged_noise_std=charged[0].noise_std if charged else None)
+    # -- tuning trials (site_agent.tuning) ----------------------------------------------
+
+    def _search_terms(self, config: dict[str, Any]) -> tuning.SearchTerms | None:
+        try:
+            return tuning.search_terms(config)
+        except ValueError as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+
+    def _check_search(self, config: dict[str, Any], admission: Admission | None, *,
+                      project: str, epsilon: float, delta: float) -> PlanCheck | None:
+        """The plan of a tuning trial's run: its search's one charge, unless made already."""
+        terms = self._search_terms(config)
+        assert terms is not None and self.data is not None
+        cap, site_cap = self._caps(admission)
+        try:
+            return tuning.check_search(self.ledger, terms, project=project, epsilon=epsilon,
+                                       delta=delta, n_train=len(self.data.train_y), cap=cap,
+                                       site_cap=site_cap)
+        except PlanExceededError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+        except ValueError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+
+    def _open_trial(self, config: dict[str, Any], terms: tuning.SearchTerms,
+                    admission: Admission | None) -> CoveredTrial:
+        """Charge the trial's search (once per search) and open the trial's run in the
+        ledger at the search's noise; returns the round's covered mechanism."""
+        assert self.data is not None
+        run_id, project = str(config[CFG.RUN_ID]), str(config[CFG.PROJECT])
+        epsilon, delta = float(config[CFG.EPSILON]), float(config[CFG.DELTA])
+        cap, site_cap = self._caps(admission)
+        n_train = len(self.data.train_y)
+
+        def record(epsilon_after: float) -> None:
+            self.audit("tuning-charged", {"run": run_id, "search": terms.search_id,
+                                          "epsilon_after": epsilon_after})
+
+        try:
+            chosen = tuning.charge_search(
+                self.ledger, terms, project=project, epsilon=epsilon, delta=delta,
+                n_train=n_train, cap=cap, site_cap=site_cap, on_charge=record)
+            covered = tuning.trial_round(chosen, terms, n_train=n_train,
+                                         batch=int(config[CFG.BATCH]),
+                                         local_epochs=int(config[CFG.LOCAL_EPOCHS]))
+            trial = covered.trial
+            assert isinstance(trial, DpSgd)
+            self.ledger.open_run(run_id=run_id, project=project, epsilon_budget=epsilon,
+                                 delta=delta, noise_multiplier=trial.noise_multiplier,
+                                 sample_rate=trial.sample_rate)
+        except BudgetExceededError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+        except ValueError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+        return covered
 
     def _data_failure_reason(self) -> str:
         # Kinds, counts and declared column names only (DataReport.summary_for_coordinator).
@@ -779,7 +839,14 @@ class WarmTrainer:
         with self._warm_lock:
             pass  # a warm-up for this round still running: wait, then use its results
         entry = self.ledger.get_run(run_id)
-        if entry is None or entry.noise_multiplier is None:
+        terms = self._search_terms(config)
+        covered: CoveredTrial | None = None
+        if terms is not None:
+            # A tuning trial: its search's one charge covers it (privacy.tuning).
+            covered = self._open_trial(config, terms, admission)
+            assert isinstance(covered.trial, DpSgd)
+            sigma = covered.trial.noise_multiplier
+        elif entry is None or entry.noise_multiplier is None:
             # The run's first round here (its admission may have been answered by an
             # earlier agent, or not asked at all): its whole plan must fit before any of it
             # trains, as at admission. A run that disclosed statistics first keeps the
@@ -806,9 +873,15 @@ class WarmTrainer:
         try:
             # Write-ahead: the round is charged before the data is touched (evaluation of the
             # received model included), so a refused round reads nothing.
-            self.ledger.reserve_round(run_id=run_id, round_number=round_number, steps=steps,
-                                      cap=cap, site_cap=site_cap, on_charge=record)
-        except BudgetExceededError as err:
+            if covered is not None:
+                self.ledger.reserve(run_id=run_id, purpose="round", key=str(round_number),
+                                    mechanism=covered, caps=Caps(project=cap, site=site_cap),
+                                    on_charge=record)
+            else:
+                self.ledger.reserve_round(run_id=run_id, round_number=round_number,
+                                          steps=steps, cap=cap, site_cap=site_cap,
+                                          on_charge=record)
+        except (BudgetExceededError, NotCoveredError) as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         self._at("evaluate")
         metrics = self._eval_metrics(model)
@@ -829,6 +902,8 @@ class WarmTrainer:
             grad_sample_mode=self.grad_sample_mode,
         )
         spent = self.ledger.complete_round(run_id=run_id, round_number=round_number)
+        if terms is not None:  # a trial adds nothing: what it stands for is its search's
+            spent = spent_before = self.ledger.epsilon_spent(terms.ledger_run)
         # No training loss leaves the site: it is a statistic of the training rows that
         # DP-SGD's accounting does not cover (one round's loss singled out an outlier record).
         metrics.update({

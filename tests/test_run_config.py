@@ -54,8 +54,8 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "delta": "delta", "lr": "learning-rate", "batch_size": "batch-size",
         "max_grad_norm": "max-grad-norm", "seed": "seed", "study": "study",
         "study_hash": "study-hash", "statistics": "statistics",
-        "statistics_epsilon": "statistics-epsilon", "run_id": "run-id", "project": "project",
-        "task": "task-name"}
+        "statistics_epsilon": "statistics-epsilon", "tuning_search": "tuning-search",
+        "run_id": "run-id", "project": "project", "task": "task-name"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
         "batch-size")
