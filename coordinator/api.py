@@ -1353,6 +1353,7 @@ def create_app(
     from coordinator.mlflow_api import router as mlflow_router
     from coordinator.portal import router as portal_router
     from coordinator.portal_dashboard import router as dashboard_router
+    from coordinator.portal_run_control import router as portal_run_control_router
     from coordinator.release_api import router as release_router
     from coordinator.study_api import make_router as make_study_router
     from coordinator.users_api import router as users_router
@@ -1382,6 +1383,7 @@ def create_app(
     app.include_router(release_router)
     app.include_router(portal_router)
     app.include_router(dashboard_router)
+    app.include_router(portal_run_control_router)
     app.include_router(mlflow_router)
     app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
     return app
