@@ -71,7 +71,7 @@ from coordinator.models import (
 from coordinator.pki import CAFiles
 from coordinator.presence import last_seen
 from coordinator.releases import SiteParity
-from coordinator.repository import latest_admissions, record_run_outcome
+from coordinator.repository import certificate_expiry, latest_admissions, record_run_outcome
 from coordinator.schemas import (
     AuditEventPublic,
     AuditPage,
@@ -853,14 +853,19 @@ def add_site(body: SiteCreate, session: SessionDep, user: CurrentUser) -> SitePu
 def list_sites(session: SessionDep, _user: CurrentUser) -> list[SitePublic]:
     """All sites, by name."""
     seen = last_seen(session)
-    return [SitePublic.of(s, last_seen_at=seen.get(s.name))
+    expiry = certificate_expiry(session)
+    return [SitePublic.of(s, last_seen_at=seen.get(s.name),
+                          certificate_expires_at=expiry.get(s.id or 0))
             for s in session.exec(select(Site).order_by(col(Site.name))).all()]
 
 
 @router.get("/sites/{name}", tags=["sites"], responses={**_401, **_404})
 def get_site(name: str, session: SessionDep, _user: CurrentUser) -> SitePublic:
     """One site."""
-    return SitePublic.of(_site(session, name), last_seen_at=last_seen(session).get(name))
+    site = _site(session, name)
+    return SitePublic.of(site, last_seen_at=last_seen(session).get(name),
+                         certificate_expires_at=certificate_expiry(session).get(
+                             site.id or 0))
 
 
 @router.post(

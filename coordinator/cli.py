@@ -309,17 +309,20 @@ def enroll_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: Tok
 def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the sites: status (added, registered, revoked), online or not and when the
-    gateway last heard from it, Flower node, registration time."""
+    gateway last heard from it, the Fedward and Flower versions its agent reported, when its
+    certificate expires, Flower node, registration time."""
     client = _client(api, token, home)
     rows = client.call("GET", "/sites")
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "status", "online", "last seen (UTC)", "Flower node", "registered",
-                  "added")
+    table = Table("name", "status", "online", "last seen (UTC)", "Fedward", "Flower",
+                  "certificate expires", "Flower node", "registered", "added")
     for s in rows:
         table.add_row(s["name"], s["status"], "online" if s.get("online") else "offline",
                       str(s.get("last_seen_at") or "never")[:19].replace("T", " "),
+                      str(s.get("agent_version") or "-"), str(s.get("flower_version") or "-"),
+                      str(s.get("certificate_expires_at") or "-")[:10],
                       str(s.get("flower_node_id") or ""),
                       str(s.get("registered_at") or "")[:19], str(s.get("created_at", ""))[:19])
     console.print(table)

@@ -162,6 +162,11 @@ class Site(SQLModel, table=True):
     status: str = Field(default="added", max_length=16, nullable=False)
     created_at: datetime = _created()
     registered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # What the site agent last reported (coordinator.site_versions): checked versions only.
+    agent_version: str | None = Field(default=None, max_length=64)
+    flower_version: str | None = Field(default=None, max_length=64)
+    versions_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    versions_via: str | None = Field(default=None, max_length=16)
 
 
 class Run(SQLModel, table=True):

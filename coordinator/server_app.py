@@ -30,7 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
-from coordinator import repository
+from coordinator import repository, site_versions
 from coordinator.aggregation import (
     AggregationError,
     Aggregator,
@@ -45,6 +45,7 @@ from coordinator.checkpoints import (
     save_checkpoint,
 )
 from coordinator.models import utcnow
+from fedward.agent_versions import REPLY_VERSIONS
 from fedward.files import atomic_write
 from fedward.flower.serverapp import (
     EXPIRED_ERROR_CODES,
@@ -512,6 +513,7 @@ class RoundLoop:
                         continue
                     site = entry[0]
                     answers[site] = _admission_answer(reply, answers.get(site))
+                    _note_versions(self.engine, site, reply)
                     if answers[site].state == "waiting":
                         next_ask[site] = self.clock() + self.approval_poll_s
             for mid, (site, sent) in list(outstanding.items()):
@@ -1040,6 +1042,13 @@ def _parity_by_format(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
         # The site's membership-inference audit of the same candidate (model card).
         out[MEMBERSHIP_KEY] = audit
     return out
+
+
+def _note_versions(engine: Engine, site: str, reply: Message) -> None:
+    """Keep the Fedward and Flower versions an accepting site sent with its answer."""
+    if not reply.has_error() and REPLY_VERSIONS in reply.content.config_records:
+        site_versions.note_reply_versions(
+            engine, site, dict(reply.content.config_records[REPLY_VERSIONS]))
 
 
 def _fingerprint(reply: Message) -> dict[str, str]:

@@ -40,7 +40,7 @@ TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "check
           "login_sessions", "project_gates", "release_candidates", "releases", "mlflow_exports",
           "site_presence", "studies",
           "alembic_version"}
-HEAD_REVISION = "0011"
+HEAD_REVISION = "0012p"
 
 
 @pytest.fixture
