@@ -48,7 +48,7 @@ from sqlmodel import Session, col, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from coordinator import run_control
+from coordinator import evaluation, run_control
 from coordinator.audit import append_event, verify_chain
 from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
@@ -1389,6 +1389,8 @@ def create_app(
     app.include_router(portal_router)
     app.include_router(dashboard_router)
     app.include_router(portal_run_control_router)
+    app.include_router(evaluation.build_router(prefix=API_PREFIX, current_user=get_current_user,
+                                               require_role=require_role))
     app.include_router(mlflow_router)
     app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
     return app

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from coordinator import run_cli
+from coordinator import evaluation_cli, run_cli
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
@@ -47,6 +47,7 @@ WATCH_RETRY_FIRST_S: Final = 1.0
 WATCH_RETRY_MAX_S: Final = 15.0
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
+evaluation_cli.add_commands(app, lambda api, token, home: _client(api, token, home))
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: _client(api, token, home)), name="study")
 

@@ -1059,6 +1059,18 @@ def _fingerprint(reply: Message) -> dict[str, str]:
     return {k: str(v) for k, v in raw.items() if k in FINGERPRINT_KEYS}
 
 
+def _evaluation(grid: Grid, engine: Engine, home: Path, plan: RunPlan,
+                context: Context) -> bool:
+    """Carry out an evaluation on demand if this Flower run is one (it trains nothing)."""
+    from coordinator.evaluation_task import EVALUATION_KEY, run_evaluation
+
+    evaluation = int(str(context.run_config.get(EVALUATION_KEY, "0")))
+    if evaluation:
+        run_evaluation(grid=grid, engine=engine, home=home, plan=plan,
+                       evaluation_id=evaluation, flwr_run_id=str(context.run_id))
+    return bool(evaluation)
+
+
 def load_plan(engine: Engine, run_id: int) -> RunPlan:
     """Read a run's plan from the database."""
     return RunPlan.model_validate(repository.run_config(engine, run_id))
@@ -1090,6 +1102,8 @@ def main(grid: Grid, context: Context) -> None:
     if candidate:
         # Not a training run: the sites measure a release candidate's export parity.
         run_parity(grid=grid, engine=engine, plan=plan, request_dir=parity_dir(home, candidate))
+        return
+    if _evaluation(grid, engine, home, plan, context):
         return
     repository.mark_run_started(engine, run_id, str(context.run_id))
 
