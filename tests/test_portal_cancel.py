@@ -1,4 +1,4 @@
-"""Cancelling a run in the portal, in a real browser: Debian's Chromium.
+"""Cancelling a run in the portal, and a run's evaluations, in a real browser (Chromium).
 
 The real coordinator app is served by uvicorn over a database holding a running run, a
 pending run and a completed one. An ML engineer opens the running run's page, follows its
@@ -6,7 +6,8 @@ cancel button to the form, is refused without a reason, cancels with one, and th
 then shows who asked and why; once the round loop has ended the run (recorded here as the
 ServerApp records it) the page shows ``cancelled`` and no button. A reviewer sees no button
 and is refused the form. A finished run has no button, and a form posted for it anyway gets
-the API's 409 sentence; a form without the session's CSRF token changes nothing.
+the API's 409 sentence; a form without the session's CSRF token changes nothing. A finished
+run's page lists its evaluations on demand with each site's figures or reason.
 
 Needs ``/usr/bin/chromium`` and the ``playwright`` package; never ``playwright install``.
 """
@@ -218,3 +219,30 @@ def test_who_may_cancel_and_what_a_finished_run_answers(
         run = session.get(Run, served.pending)
         assert run is not None
         assert (run.cancelled_by, run.cancel_reason) == ("eng", "data not ready")
+
+
+def test_a_finished_runs_page_lists_its_evaluations_per_site(
+        served: Served, browser: Any) -> None:
+    import json
+
+    from coordinator.models import Evaluation, utcnow
+
+    with session_scope(served.engine) as session:
+        session.add(Evaluation(
+            run_id=served.completed, round_number=3, checkpoint_sha256="c" * 64,
+            requested_by="eng", status="completed", finished_at=utcnow(),
+            results_json=json.dumps({"hospital-a": {
+                "eval-auc": 0.9123, "eval-accuracy": 0.875, "eval-loss": 0.31,
+                "num-eval-examples": 57.0}}),
+            failed_json=json.dumps({"hospital-b": "refused-policy: project cardio is not "
+                                                  "in this site's policy"})))
+    page = _login(browser, served.base, "rev", f"/portal/runs/{served.completed}")
+    table = page.locator("table[aria-label^='Evaluation']")
+    assert table.count() == 1
+    a = table.locator("tr[id$='-hospital-a']").inner_text().split("\t")
+    assert a[:5] == ["hospital-a", "0.912", "0.875", "0.310", "57"]
+    b = table.locator("tr[id$='-hospital-b']").inner_text()
+    assert "refused-policy: project cardio is not in this site's policy" in b
+    assert "of the final checkpoint" in page.locator("div[id^='evaluation-']").inner_text()
+    page.goto(f"{served.base}/portal/runs/{served.running}")
+    assert page.locator("#no-evaluations").count() == 1
