@@ -252,13 +252,13 @@ def build_router(*, prefix: str, current_user: Callable[..., User],
         refuses it under its policy. Poll ``GET /evaluations/{id}`` for the results.
         """
         require_role(user, WRITE_ROLES)
+        run = session.get(Run, run_id)
+        if run is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id} not found")
         launcher: EvaluationLauncher | None = getattr(request.app.state, "launcher", None)
         if launcher is None or not hasattr(launcher, "launch_evaluation"):
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 "this coordinator cannot start Flower runs (no SuperLink)")
-        run = session.get(Run, run_id)
-        if run is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id} not found")
         expire_stale(session, [run_id])
         try:
             row = request_evaluation(session, run, actor=user.name, release_id=body.release_id)
