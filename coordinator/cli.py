@@ -21,7 +21,7 @@ import httpx
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
 from coordinator import evaluation_cli, run_cli
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
@@ -317,16 +317,25 @@ def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "status", "online", "last seen (UTC)", "Fedward", "Flower",
-                  "certificate expires", "Flower node", "registered", "added")
+    table = Table("name", "status", "online", "last seen (UTC)", "Flower node", "registered",
+                  "added")
     for s in rows:
         table.add_row(s["name"], s["status"], "online" if s.get("online") else "offline",
                       str(s.get("last_seen_at") or "never")[:19].replace("T", " "),
-                      str(s.get("agent_version") or "-"), str(s.get("flower_version") or "-"),
-                      str(s.get("certificate_expires_at") or "-")[:10],
                       str(s.get("flower_node_id") or ""),
                       str(s.get("registered_at") or "")[:19], str(s.get("created_at", ""))[:19])
     console.print(table)
+    # A second table: one table with every column would not fit 80 columns.
+    versions = Table("name", Column("Fedward", overflow="fold"), Column("Flower", overflow="fold"),
+                     "reported (UTC)", "certificate expires")
+    for s in rows:
+        versions.add_row(s["name"], str(s.get("agent_version") or "-"),
+                         str(s.get("flower_version") or "-"),
+                         f"{str(s.get('versions_at'))[:16].replace('T', ' ')} at "
+                         f"{s.get('versions_via')}" if s.get("versions_at") else "never",
+                         str(s["certificate_expires_at"])[:10]
+                         if s.get("certificate_expires_at") else "no valid certificate")
+    console.print(versions)
 
 
 @app.command("revoke-site")
