@@ -356,6 +356,7 @@ def run_page(run_id: str, request: Request, session: SessionDep) -> Response:
     return _page(
         request, "run.html", user=user, run=view, live=live, refresh_s=REFRESH_S,
         may_cancel=may(user.role, Permission.WRITE), evaluations=evaluations,
+        evaluating=any(e.status in ("pending", "running") for e in evaluations),
         elapsed=duration(_elapsed(run, utcnow())), rounds=rounds, lines=lines,
         round_rows=[{"r": r, "sites": json.loads(r.participating_sites_json),
                      "late": json.loads(r.late_sites_json)} for r in rounds],

@@ -244,5 +244,14 @@ def test_a_finished_runs_page_lists_its_evaluations_per_site(
     b = table.locator("tr[id$='-hospital-b']").inner_text()
     assert "refused-policy: project cardio is not in this site's policy" in b
     assert "of the final checkpoint" in page.locator("div[id^='evaluation-']").inner_text()
+    assert page.locator("#status").inner_text() == "completed"
+    assert page.locator("meta[http-equiv=refresh]").count() == 0
+    # While an evaluation is under way the finished run's page reloads itself.
+    with session_scope(served.engine) as session:
+        session.add(Evaluation(run_id=served.completed, round_number=3,
+                               checkpoint_sha256="c" * 64, requested_by="eng"))
+    page.reload()
+    assert page.locator("meta[http-equiv=refresh]").count() == 1
+    assert "pending" in page.locator("div[id^='evaluation-']").first.inner_text()
     page.goto(f"{served.base}/portal/runs/{served.running}")
     assert page.locator("#no-evaluations").count() == 1
