@@ -13,6 +13,7 @@ Reading the versions imports neither Flower nor torch (package metadata only).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -36,10 +37,18 @@ class VersionFormatError(ValueError):
 def local_versions() -> dict[str, str]:
     """This installation's versions, as a site reports them.
 
+    Read once per process: the code running is the code that was imported, even if a newer
+    release is installed beside it meanwhile (it reports its versions after a restart).
+
     Returns:
         Component (``fedward``, ``flower``) -> version; a component whose distribution is
         not installed (or whose version is not in the format) is left out.
     """
+    return dict(_read_versions())
+
+
+@functools.cache
+def _read_versions() -> tuple[tuple[str, str], ...]:
     from fedward import __version__
 
     found: dict[str, str] = {}
@@ -50,7 +59,7 @@ def local_versions() -> dict[str, str]:
             continue
         if _FORMAT.fullmatch(value):
             found[key] = value
-    return found
+    return tuple(found.items())
 
 
 def parse_versions(raw: object) -> dict[str, str]:
