@@ -44,7 +44,7 @@ from sqlmodel import Session, col, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from coordinator import run_control
+from coordinator import evaluation, run_control
 from coordinator.audit import append_event, verify_chain
 from coordinator.auth import (
     API_PREFIX,
@@ -88,7 +88,7 @@ from coordinator.models import (
 from coordinator.pki import CAFiles
 from coordinator.presence import last_seen
 from coordinator.releases import SiteParity
-from coordinator.repository import latest_admissions, record_run_outcome
+from coordinator.repository import certificate_expiry, latest_admissions, record_run_outcome
 from coordinator.schemas import (
     AuditEventPublic,
     AuditPage,
@@ -491,14 +491,19 @@ def add_site(body: SiteCreate, session: SessionDep, user: CurrentUser) -> SitePu
 def list_sites(session: SessionDep, _user: CurrentUser) -> list[SitePublic]:
     """All sites, by name."""
     seen = last_seen(session)
-    return [SitePublic.of(s, last_seen_at=seen.get(s.name))
+    expiry = certificate_expiry(session)
+    return [SitePublic.of(s, last_seen_at=seen.get(s.name),
+                          certificate_expires_at=expiry.get(s.id or 0))
             for s in session.exec(select(Site).order_by(col(Site.name))).all()]
 
 
 @router.get("/sites/{name}", tags=["sites"], responses={**_401, **_404})
 def get_site(name: str, session: SessionDep, _user: CurrentUser) -> SitePublic:
     """One site."""
-    return SitePublic.of(_site(session, name), last_seen_at=last_seen(session).get(name))
+    site = _site(session, name)
+    return SitePublic.of(site, last_seen_at=last_seen(session).get(name),
+                         certificate_expires_at=certificate_expiry(session).get(
+                             site.id or 0))
 
 
 @router.post(
@@ -1009,6 +1014,7 @@ def create_app(
     from coordinator.mlflow_api import router as mlflow_router
     from coordinator.portal import router as portal_router
     from coordinator.portal_dashboard import router as dashboard_router
+    from coordinator.portal_run_control import router as portal_run_control_router
     from coordinator.release_api import router as release_router
     from coordinator.study_api import make_router as make_study_router
     from coordinator.tuning_api import make_router as make_tuning_router
@@ -1039,6 +1045,9 @@ def create_app(
     app.include_router(release_router)
     app.include_router(portal_router)
     app.include_router(dashboard_router)
+    app.include_router(portal_run_control_router)
+    app.include_router(evaluation.build_router(prefix=API_PREFIX, current_user=get_current_user,
+                                               require_role=require_role))
     app.include_router(mlflow_router)
     app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
     app.include_router(make_tuning_router(current_user=get_current_user,

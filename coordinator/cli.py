@@ -19,9 +19,9 @@ import click
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
-from coordinator import run_cli
+from coordinator import evaluation_cli, run_cli
 from coordinator.cli_client import (
     ADMIN_TOKEN_FILE,
     ApiClient,
@@ -53,6 +53,7 @@ err_console = Console(stderr=True)
 WATCH_RETRY_FIRST_S: Final = 1.0
 WATCH_RETRY_MAX_S: Final = 15.0
 app.add_typer(release_app, name="release")
+evaluation_cli.add_commands(app, lambda api, token, home: api_client(api, token, home))
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: api_client(api, token, home)), name="study")
 app.add_typer(make_runs_app(lambda api, token, home: api_client(api, token, home)), name="runs")
@@ -223,7 +224,8 @@ def enroll_token(name: str, home: HomeOpt = None, api: ApiOpt = None, token: Tok
 def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the sites: status (added, registered, revoked), online or not and when the
-    gateway last heard from it, Flower node, registration time."""
+    gateway last heard from it, the Fedward and Flower versions its agent reported, when its
+    certificate expires, Flower node, registration time."""
     client = api_client(api, token, home)
     rows = client.call("GET", "/sites")
     if as_json:
@@ -237,6 +239,17 @@ def sites(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
                       str(s.get("flower_node_id") or ""),
                       str(s.get("registered_at") or "")[:19], str(s.get("created_at", ""))[:19])
     console.print(table)
+    # A second table: one table with every column would not fit 80 columns.
+    versions = Table("name", Column("Fedward", overflow="fold"), Column("Flower", overflow="fold"),
+                     "reported (UTC)", "certificate expires")
+    for s in rows:
+        versions.add_row(s["name"], str(s.get("agent_version") or "-"),
+                         str(s.get("flower_version") or "-"),
+                         f"{str(s.get('versions_at'))[:16].replace('T', ' ')} at "
+                         f"{s.get('versions_via')}" if s.get("versions_at") else "never",
+                         str(s["certificate_expires_at"])[:10]
+                         if s.get("certificate_expires_at") else "no valid certificate")
+    console.print(versions)
 
 
 @app.command("revoke-site")

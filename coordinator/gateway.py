@@ -58,6 +58,7 @@ from coordinator.metrics import GATEWAY_CONNECTIONS, CountingRefusalLog, note_si
 from coordinator.models import Site, utcnow
 from coordinator.pki import CAFiles, CSRError
 from coordinator.presence import Presence
+from coordinator.site_versions import note_versions
 from fedward.flower.control import NodeKeyError, node_public_key_bytes
 
 __all__ = ["SMALL_BODY", "GatewayConfig", "SiteGateway"]
@@ -661,6 +662,7 @@ class SiteGateway:
                 site.status = "registered"
                 site.registered_at = utcnow()
                 session.add(site)
+                note_versions(session, site, req.get("versions"), via="enrollment")
                 name = site.name
         except (EnrollmentError, CSRError, NodeKeyError) as err:
             self._refuse_in_thread(client, "enroll", f"enrollment refused: {err}")
@@ -682,7 +684,8 @@ class SiteGateway:
     def _renew(self, body: bytes, client: _Client) -> tuple[int, dict[str, Any]]:
         assert client.site is not None and client.serial is not None
         try:
-            csr = str(json.loads(body)["csr_pem"])
+            req = json.loads(body)
+            csr = str(req["csr_pem"])
         except (ValueError, KeyError, TypeError):
             return 400, {"detail": "expected JSON with csr_pem"}
         try:
@@ -690,6 +693,7 @@ class SiteGateway:
                 issued = renew_certificate(session, site_name=client.site,
                                            serial=client.serial, csr_pem=csr.encode(),
                                            pki=self.config.pki)
+                note_versions(session, client.site, req.get("versions"), via="renewal")
         except (EnrollmentError, CSRError) as err:
             self._refuse_in_thread(client, "renew", f"renewal refused: {err}")
             return 403, {"detail": str(err)}

@@ -165,6 +165,11 @@ class Site(SQLModel, table=True):
     status: str = Field(default="added", max_length=16, nullable=False)
     created_at: datetime = _created()
     registered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # What the site agent last reported (coordinator.site_versions): checked versions only.
+    agent_version: str | None = Field(default=None, max_length=64)
+    flower_version: str | None = Field(default=None, max_length=64)
+    versions_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    versions_via: str | None = Field(default=None, max_length=16)
 
 
 class Run(SQLModel, table=True):
@@ -538,3 +543,32 @@ class TuningTrial(SQLModel, table=True):
     status: str = Field(default="running", max_length=16, nullable=False)
     score: float | None = Field(default=None)
     created_at: datetime = _created()
+
+
+# --- evaluations on demand (revision 0014) ---------------------------------------------------
+
+EVALUATION_STATUSES: Final = frozenset({"pending", "running", "completed", "failed"})
+
+
+class Evaluation(SQLModel, table=True):
+    """A federated evaluation of one checkpoint on the sites' held-out data, on demand.
+
+    ``results_json`` holds ``{site: {metric: value}}`` for the sites that answered and
+    ``failed_json`` ``{site: reason}`` for those that did not (refused, offline, late).
+    """
+
+    __tablename__ = "evaluations"
+
+    id: int | None = _pk()
+    run_id: int = Field(foreign_key="runs.id", nullable=False, index=True)
+    release_id: str | None = Field(default=None, max_length=128)
+    round_number: int = Field(nullable=False)
+    checkpoint_sha256: str = Field(max_length=64, nullable=False)
+    requested_by: str = Field(max_length=64, nullable=False)
+    status: str = Field(default="pending", max_length=16, nullable=False)
+    flwr_run_id: str | None = Field(default=None, max_length=32)
+    created_at: datetime = _created()
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    failure_reason: str | None = Field(default=None, sa_type=Text)
+    results_json: str = Field(default="{}", sa_type=Text, nullable=False)
+    failed_json: str = Field(default="{}", sa_type=Text, nullable=False)

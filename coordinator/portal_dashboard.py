@@ -30,6 +30,7 @@ from sqlmodel import Session, col, select
 
 from coordinator import presence, repository, run_statistics
 from coordinator.db import SessionDep
+from coordinator.evaluation import EvaluationPublic, evaluations_of
 from coordinator.models import (
     RUN_STATUSES,
     Project,
@@ -350,8 +351,12 @@ def run_page(run_id: str, request: Request, session: SessionDep) -> Response:
     candidates = session.exec(select(ReleaseCandidate).where(ReleaseCandidate.run_id == number)
                               .order_by(col(ReleaseCandidate.id))).all()
     live = run.status in _LIVE
+    evaluations = [EvaluationPublic.of(e) for e in evaluations_of(session, number)]
+    session.commit()   # an evaluation past its time is failed when read
     return _page(
         request, "run.html", user=user, run=view, live=live, refresh_s=REFRESH_S,
+        may_cancel=may(user.role, Permission.WRITE), evaluations=evaluations,
+        evaluating=any(e.status in ("pending", "running") for e in evaluations),
         elapsed=duration(_elapsed(run, utcnow())), rounds=rounds, lines=lines,
         round_rows=[{"r": r, "sites": json.loads(r.participating_sites_json),
                      "late": json.loads(r.late_sites_json)} for r in rounds],

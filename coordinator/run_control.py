@@ -46,10 +46,13 @@ from fedward.run_config import RunConfig
 __all__ = [
     "ACTIVE_STATUSES",
     "CANCEL_GRACE_S",
+    "CANCEL_REASON_MAX",
     "LAUNCH_LOCK",
     "CancelRequest",
+    "RunFinishedError",
     "active_runs",
     "build_router",
+    "check_cancellable",
     "check_run_limits",
     "enforce_cancellations",
     "request_cancel",
@@ -58,6 +61,8 @@ __all__ = [
 log = logging.getLogger("fedward.coordinator.run_control")
 
 ACTIVE_STATUSES: Final = ("pending", "running")
+# The longest cancel reason (the API's body and the portal's form).
+CANCEL_REASON_MAX: Final = 500
 # What a cancel may take beyond the run's round deadline before the coordinator steps in.
 CANCEL_GRACE_S: Final = 5.0
 # Held while a launch checks the limits and commits its run (one API process serves them).
@@ -67,7 +72,7 @@ LAUNCH_LOCK: Final = threading.Lock()
 class CancelRequest(_Request):
     """Body of ``POST /runs/{id}/cancel``."""
 
-    reason: str = Field(min_length=1, max_length=500,
+    reason: str = Field(min_length=1, max_length=CANCEL_REASON_MAX,
                         description="Why the run is cancelled (kept in the audit logs of "
                                     "the coordinator and of every site).")
 
@@ -132,6 +137,21 @@ class RunFinishedError(ValueError):
     """The run has already ended: there is nothing to cancel."""
 
 
+def check_cancellable(run: Run) -> None:
+    """Refuse a run that has ended (the API's 409 and the portal's say the same).
+
+    Args:
+        run: The run row.
+
+    Raises:
+        RunFinishedError: The run has ended.
+    """
+    if run.status in RUN_FINAL_STATUSES:
+        ended = f" at {run.finished_at:%Y-%m-%d %H:%M:%S} UTC" if run.finished_at else ""
+        raise RunFinishedError(f"run {run.id} has already ended ({run.status}{ended}); only "
+                               "a pending or running run can be cancelled")
+
+
 def request_cancel(session: Session, run: Run, *, actor: str, reason: str) -> bool:
     """Record a cancel request in the session's transaction (the caller commits).
 
@@ -147,10 +167,7 @@ def request_cancel(session: Session, run: Run, *, actor: str, reason: str) -> bo
     Raises:
         RunFinishedError: The run has ended.
     """
-    if run.status in RUN_FINAL_STATUSES:
-        ended = f" at {run.finished_at:%Y-%m-%d %H:%M:%S} UTC" if run.finished_at else ""
-        raise RunFinishedError(f"run {run.id} has already ended ({run.status}{ended}); only "
-                               "a pending or running run can be cancelled")
+    check_cancellable(run)
     if run.cancel_requested_at is not None:
         return False
     run.cancel_requested_at = utcnow()

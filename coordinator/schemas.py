@@ -167,10 +167,24 @@ class SitePublic(BaseModel):
     online: bool = Field(
         default=False, description="Whether the site's last contact is recent (within "
         "coordinator.presence.ONLINE_WITHIN_S seconds).")
+    agent_version: str | None = Field(
+        default=None, description="The Fedward version the site agent last reported (at "
+        "enrollment, renewal or an accepted admission); null: none reported.")
+    flower_version: str | None = Field(
+        default=None, description="The Flower version the site agent last reported.")
+    versions_at: datetime | None = Field(
+        default=None, description="When the site last reported its versions.")
+    versions_via: str | None = Field(
+        default=None, description="How: enrollment, renewal or admission.")
+    certificate_expires_at: datetime | None = Field(
+        default=None, description="When the site's current certificate expires; null: it "
+        "holds no valid certificate.")
 
     @classmethod
-    def of(cls, site: Site, *, last_seen_at: datetime | None = None) -> SitePublic:
-        """Build from the table row and, where known, the site's last contact."""
+    def of(cls, site: Site, *, last_seen_at: datetime | None = None,
+           certificate_expires_at: datetime | None = None) -> SitePublic:
+        """Build from the table row and, where known, the site's last contact and the
+        expiry of its current certificate."""
         assert site.id is not None
         return cls(
             id=site.id,
@@ -182,6 +196,11 @@ class SitePublic(BaseModel):
             registered_at=site.registered_at,
             last_seen_at=last_seen_at,
             online=is_online(last_seen_at),
+            agent_version=site.agent_version,
+            flower_version=site.flower_version,
+            versions_at=site.versions_at,
+            versions_via=site.versions_via,
+            certificate_expires_at=certificate_expires_at,
         )
 
 

@@ -30,7 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
-from coordinator import repository, run_statistics
+from coordinator import repository, run_statistics, site_versions
 from coordinator.aggregation import (
     AggregationError,
     Aggregator,
@@ -45,6 +45,7 @@ from coordinator.checkpoints import (
     save_checkpoint,
 )
 from coordinator.models import utcnow
+from fedward.agent_versions import REPLY_VERSIONS
 from fedward.files import atomic_write
 from fedward.flower.serverapp import (
     EXPIRED_ERROR_CODES,
@@ -526,6 +527,7 @@ class RoundLoop:
                         continue
                     site = entry[0]
                     answers[site] = _admission_answer(reply, answers.get(site))
+                    _note_versions(self.engine, site, reply)
                     if answers[site].state == "waiting":
                         next_ask[site] = self.clock() + self.approval_poll_s
             for mid, (site, sent) in list(outstanding.items()):
@@ -1056,12 +1058,31 @@ def _parity_by_format(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _note_versions(engine: Engine, site: str, reply: Message) -> None:
+    """Keep the Fedward and Flower versions an accepting site sent with its answer."""
+    if not reply.has_error() and REPLY_VERSIONS in reply.content.config_records:
+        site_versions.note_reply_versions(
+            engine, site, dict(reply.content.config_records[REPLY_VERSIONS]))
+
+
 def _fingerprint(reply: Message) -> dict[str, str]:
     """The site's data fingerprint in a reply (hashes and counts only), if it sent one."""
     if REPLY_FINGERPRINT not in reply.content.config_records:
         return {}
     raw = reply.content.config_records[REPLY_FINGERPRINT]
     return {k: str(v) for k, v in raw.items() if k in FINGERPRINT_KEYS}
+
+
+def _evaluation(grid: Grid, engine: Engine, home: Path, plan: RunPlan,
+                context: Context) -> bool:
+    """Carry out an evaluation on demand if this Flower run is one (it trains nothing)."""
+    from coordinator.evaluation_task import EVALUATION_KEY, run_evaluation
+
+    evaluation = int(str(context.run_config.get(EVALUATION_KEY, "0")))
+    if evaluation:
+        run_evaluation(grid=grid, engine=engine, home=home, plan=plan,
+                       evaluation_id=evaluation, flwr_run_id=str(context.run_id))
+    return bool(evaluation)
 
 
 def load_plan(engine: Engine, run_id: int) -> RunPlan:
@@ -1095,6 +1116,8 @@ def main(grid: Grid, context: Context) -> None:
     if candidate:
         # Not a training run: the sites measure a release candidate's export parity.
         run_parity(grid=grid, engine=engine, plan=plan, request_dir=parity_dir(home, candidate))
+        return
+    if _evaluation(grid, engine, home, plan, context):
         return
     repository.mark_run_started(engine, run_id, str(context.run_id))
 

@@ -95,6 +95,10 @@ class FlowerLauncher:
     def launch(self, run_id: int) -> str:
         return str(self.control.start_run(fedward_run_id=run_id))
 
+    def launch_evaluation(self, run_id: int, evaluation_id: int) -> str:
+        """Start the Flower run that evaluates a checkpoint of ``run_id`` at its sites."""
+        return str(self.control.start_run(fedward_run_id=run_id, evaluation=evaluation_id))
+
 
 class SiteParityError(RuntimeError):
     """The sites could not measure a candidate's export parity."""

@@ -23,6 +23,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedward.agent_versions import REPLY_VERSIONS
 from fedward.wire import (
     ADMISSION_ACTION,
     CANCEL_ACTION,
@@ -109,6 +110,9 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
     if reply.get("fingerprint"):
         content[REPLY_FINGERPRINT] = ConfigRecord(
             {str(k): str(v) for k, v in reply["fingerprint"].items()})
+    if reply.get(REPLY_VERSIONS):
+        content[REPLY_VERSIONS] = ConfigRecord(
+            {str(k): str(v) for k, v in reply[REPLY_VERSIONS].items()})
     if reply.get("status"):
         content["status"] = ConfigRecord({str(k): str(v) for k, v in reply["status"].items()})
     return Message(content, reply_to=msg)

@@ -6,7 +6,8 @@ holds whatever the training code does. Only parameter arrays with exactly the sh
 task's model and scalar metrics from the allow-list pass (export parity figures only on
 their coarse grid, see :func:`fedward.wire.coarse_agreement`), plus three fixed kinds of text
 that never carry data values: the data fingerprint (the schema's SHA-256, a keyed HMAC of
-the data file and row counts, in fixed formats), the admission answer "accepted", and an
+the data file and row counts, in fixed formats), the admission answer "accepted" with the
+agent's Fedward and Flower versions (:mod:`fedward.agent_versions`' fixed format), and an
 error reply's code and reason (written by the site agent itself). A statistics answer
 (:func:`check_statistics_reply`) carries one array of noised values instead, only when the
 privacy ledger holds the charged release it was noised for. Anything else blocks the whole
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fedward.agent_versions import REPLY_VERSIONS, VersionFormatError, parse_versions
 from fedward.wire import ALLOWED_REPLY_METRICS, FINGERPRINT_KEYS, MSG, is_coarse_parity_figure
 
 __all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply",
@@ -113,7 +115,8 @@ def _text_problems(reply: Mapping[str, Any]) -> tuple[list[str], list[str], int]
     problems: list[str] = []
     fields: list[str] = []
     n_bytes = 0
-    unknown = sorted(set(reply) - {"metrics", "fingerprint", "status", "error"})
+    unknown = sorted(set(reply) - {"metrics", "fingerprint", "status", "error",
+                                   REPLY_VERSIONS})
     if unknown:
         problems.append(f"reply parts not on the allow-list: {unknown}")
     fingerprint = reply.get("fingerprint")
@@ -130,6 +133,14 @@ def _text_problems(reply: Mapping[str, Any]) -> tuple[list[str], list[str], int]
                 else:
                     fields.append(f"fingerprint.{key}")
                     n_bytes += len(value)
+    if REPLY_VERSIONS in reply:
+        try:
+            versions = parse_versions(reply[REPLY_VERSIONS])
+        except VersionFormatError as err:
+            problems.append(f"the versions part is not in its fixed format: {err}")
+        else:
+            fields.append(REPLY_VERSIONS)
+            n_bytes += sum(len(v) for v in versions.values())
     status = reply.get("status")
     if status is not None:
         if not isinstance(status, Mapping) or dict(status) != {MSG.STATUS: MSG.ACCEPTED}:

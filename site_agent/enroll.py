@@ -3,7 +3,9 @@
 1. Fetch the coordinator's CA from the gateway and check it against the pin in the token
    (first contact is unauthenticated; the pin is what makes it safe).
 2. Make the site's TLS key and Flower node key here; only public halves leave.
-3. Send the token, a CSR and the node public key; receive the site certificate.
+3. Send the token, a CSR, the node public key and the agent's Fedward and Flower versions
+   (a renewal sends the versions too: the coordinator shows what each site runs); receive
+   the site certificate.
 4. Make a site-local CA and a 127.0.0.1 certificate for the tunnel the SuperNode dials.
 
 Every file is written atomically and the certificate last; an enrollment that fails at
@@ -31,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedward.agent_versions import local_versions
 from fedward.certs import ensure_ca, issue_server_cert, make_csr, write_private_key
 from fedward.files import atomic_write, fsync_dir
 from fedward.tokens import TokenFormatError, parse_enrollment_token
@@ -234,7 +237,8 @@ def _enroll_with(files: EnrollmentFiles, *, gateway: str, token: str, site: str,
         resp = httpx.post(f"https://{gateway}/fedward/enroll", verify=verify, timeout=timeout,
                           json={"token": token.strip(),
                                 "csr_pem": make_csr(key, site).decode(),
-                                "node_public_key": node_public})
+                                "node_public_key": node_public,
+                                "versions": local_versions()})
     except httpx.HTTPError as err:
         raise EnrollError(f"enrollment request to {gateway} failed ({err}){_clock_hint(err)}"
                           ) from None
@@ -270,7 +274,8 @@ def renew(*, root: Path, gateway: str, timeout: float = 30.0) -> str:
     ctx.load_cert_chain(str(files.site_cert), str(files.site_key))
     try:
         resp = httpx.post(f"https://{gateway}/fedward/renew", verify=ctx, timeout=timeout,
-                          json={"csr_pem": make_csr(key, name).decode()})
+                          json={"csr_pem": make_csr(key, name).decode(),
+                                "versions": local_versions()})
     except httpx.HTTPError as err:
         raise EnrollError(f"renewal request to {gateway} failed ({err}){_clock_hint(err)}"
                           ) from None

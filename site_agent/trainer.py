@@ -39,6 +39,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
+from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
 from fedward.statistics import expected_shape
@@ -437,7 +438,9 @@ class WarmTrainer:
             self._warm_first_round(config)
         if code is not None:
             return {"error": {"code": code, "reason": reason}}, {}
-        return {"status": {MSG.STATUS: MSG.ACCEPTED}}, {}
+        # The agent's Fedward and Flower versions ride with an acceptance (fixed format,
+        # checked by the egress guard), so the coordinator shows what each site runs.
+        return {"status": {MSG.STATUS: MSG.ACCEPTED}, REPLY_VERSIONS: local_versions()}, {}
 
     def _cancelled(self, config: dict[str, Any], run_id: str
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

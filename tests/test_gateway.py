@@ -475,3 +475,56 @@ def test_a_running_site_renews_mid_run_and_keeps_taking_part() -> None:
         assert all(r["participating_sites"] == sorted(fed.sites) for r in rounds), rounds
         assert any("replaced by a renewal" in line
                    for line in (work / "coordinator.log").read_text().splitlines())
+
+
+def test_a_site_reports_its_versions_at_enrollment_and_renewal_and_bad_ones_are_dropped(
+        fed: Federation, tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    from fedward import __version__
+    from site_agent.enroll import renew
+
+    def listed(name: str) -> dict[str, object]:
+        rows = json.loads(run_cli([str(BIN / "fedward-coordinator"), "sites", "--json"],
+                                  env=fed.env).stdout)
+        return next(r for r in rows if r["name"] == name)
+
+    files = _enrolled(fed, "site-vers", tmp_path)
+    row = listed("site-vers")
+    assert (row["agent_version"], row["flower_version"], row["versions_via"]) == (
+        __version__, version("flwr"), "enrollment")
+    assert str(row["certificate_expires_at"])[:4].isdigit()
+    table = run_cli([str(BIN / "fedward-coordinator"), "sites"],
+                    env={**fed.env, "COLUMNS": "300"}).stdout
+    assert __version__ in table and version("flwr") in table
+
+    # An agent of an earlier release (as the coordinator last heard) renews: the new
+    # versions replace the old ones, and the change is audited.
+    db = sqlite3.connect(fed.home / "coordinator.db")
+    db.execute("UPDATE sites SET agent_version = '0.0.1' WHERE name = 'site-vers'")
+    db.commit()
+    db.close()
+    renew(root=files.root, gateway=fed.fleet)
+    row = listed("site-vers")
+    assert (row["agent_version"], row["versions_via"]) == (__version__, "renewal")
+    events = fed.api("GET", "/audit?limit=500").json()
+    items = events["items"] if isinstance(events, dict) else events
+    assert any(e["action"] == "site.versions" and e["subject"] == "site-vers"
+               and e["detail"]["previous"]["fedward"] == "0.0.1"
+               and e["detail"]["via"] == "renewal" for e in items)
+
+    # A hostile version is never stored: the enrollment goes through, the versions do not.
+    token = fed.enrollment_token("site-hostile")
+    key = ec.generate_private_key(ec.SECP256R1())
+    node_public = ensure_node_key(tmp_path / "hostile_node", tmp_path / "hostile_node.pub")
+    ca = tmp_path / "coordinator-ca.pem"
+    ca.write_bytes(files.coordinator_ca.read_bytes())
+    with _client(None, ca) as c:
+        r = c.post(f"https://{fed.fleet}/fedward/enroll", json={
+            "token": token, "csr_pem": make_csr(key, "site-hostile").decode(),
+            "node_public_key": node_public,
+            "versions": {"fedward": "<script>alert(1)</script>", "flower": "1.42.0"}})
+    assert r.status_code == 200, r.text
+    row = listed("site-hostile")
+    assert row["status"] == "registered"
+    assert (row["agent_version"], row["flower_version"]) == (None, None)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from coordinator.repository import (
     start_round,
 )
 from coordinator.settings import Settings
+from fedward import __version__
 from fedward.run_config import RunConfig
 
 from federation import federation
@@ -315,10 +317,27 @@ def test_sites_page_and_who_sees_what(seeded: Seeded, browser: Any, tmp_path: Pa
     old = Presence(seeded.engine, clock=lambda: utcnow() - timedelta(hours=1))
     old.seen("hospital-b")
     old.flush(force=True)
+    # Versions as hospital-a's agent reported them; hospital-b's row holds markup written
+    # straight into the table (the format check stops it on every channel): shown as text.
+    from coordinator.site_versions import note_versions
+
+    with session_scope(seeded.engine) as session:
+        assert note_versions(session, "hospital-a", {"fedward": "1.4.0",
+                                                     "flower": "1.42.0"}, via="admission")
+        b = session.exec(select(Site).where(Site.name == "hospital-b")).one()
+        b.agent_version, b.flower_version = "<img src=x id=injected>", "1.42.0"
+        b.versions_at, b.versions_via = utcnow(), "renewal"
+        session.add(b)
     page = browser.new_page()
     page.set_default_timeout(15_000)
     _login(page, seeded.base, "eng", "/portal/sites")
     assert _rows(page, "Sites") == 4
+    versions = page.locator("#site-hospital-a .versions").inner_text()
+    assert versions.startswith("Fedward 1.4.0\nFlower 1.42.0\nreported at admission, ")
+    assert page.locator("#injected").count() == 0
+    assert "Fedward <img src=x id=injected>" in page.locator(
+        "#site-hospital-b .versions").inner_text()
+    assert "not reported" in page.locator("#site-hospital-d .versions").inner_text()
     a = page.locator("#site-hospital-a")
     assert "online" in a.locator(".presence").inner_text()
     assert "offline" in page.locator("#site-hospital-b .presence").inner_text()
@@ -402,3 +421,6 @@ def test_the_run_page_of_a_real_federated_run(browser: Any, tmp_path: Path) -> N
         page.goto(f"{base}/portal/sites")
         for site in sites:
             assert "test:" in page.locator(f"#site-{site} .epsilon").inner_text()
+            # Registered without enrollment: the versions came with the admission answer.
+            assert page.locator(f"#site-{site} .versions").inner_text().startswith(
+                f"Fedward {__version__}\nFlower {version('flwr')}\nreported at admission")

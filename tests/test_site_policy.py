@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import site_agent.trainer as trainer_module
+from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.models import model_arrays
 from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
@@ -368,7 +369,9 @@ def test_admission_is_answered_from_the_policy_alone_and_recorded_once_per_answe
     assert result.exit_code == 0, result.output
     for _ in range(2):
         reply, out = trainer.handle(admission(), {})
-        assert reply == {"status": {"status": "accepted"}} and out == {}
+        # The acceptance carries the agent's versions (and nothing else).
+        assert reply == {"status": {"status": "accepted"},
+                         REPLY_VERSIONS: local_versions()} and out == {}
     # Nothing was read, trained or charged: the answer comes from the policy check only.
     assert guard.touched == 0
     assert not (tmp_path / "privacy-ledger.sqlite").exists()

@@ -141,11 +141,14 @@ class FlowerControl:
             client.close()
         return [int(n.node_id) for n in res.nodes_info if n.status == "online"]
 
-    def start_run(self, *, fedward_run_id: int, parity_candidate: int = 0) -> int:
+    def start_run(self, *, fedward_run_id: int, parity_candidate: int = 0,
+                  evaluation: int = 0) -> int:
         """Start a Flower run of the appliance's app for a coordinator run; returns its id.
 
         With ``parity_candidate`` the run does not train: the sites of run
-        ``fedward_run_id`` measure that release candidate's export parity.
+        ``fedward_run_id`` measure that release candidate's export parity. With
+        ``evaluation`` it does not train either: the sites evaluate the checkpoint of that
+        evaluation on demand (``coordinator.evaluation``).
         """
         fab_bytes, fab_hash = app_bundle()
         client = self._client()
@@ -156,6 +159,7 @@ class FlowerControl:
                     override_config=user_config_to_proto({
                         "fedward-run-id": str(fedward_run_id),
                         "fedward-parity-candidate": str(parity_candidate),
+                        "fedward-evaluation": str(evaluation),
                     }),
                 )
             )
@@ -177,7 +181,8 @@ class FlowerControl:
         """Coordinator run id -> the state of its newest Flower training run.
 
         Read from the ``fedward-run-id`` each run was started with; parity runs (which
-        measure a release candidate and train nothing) are left out.
+        measure a release candidate and train nothing) and evaluations on demand are left
+        out.
         """
         client = self._client()
         try:
@@ -190,9 +195,10 @@ class FlowerControl:
             try:
                 ours = int(str(cfg.get("fedward-run-id", "")))
                 parity = int(str(cfg.get("fedward-parity-candidate", "0")))
+                evaluation = int(str(cfg.get("fedward-evaluation", "0")))
             except ValueError:
                 continue
-            if parity:
+            if parity or evaluation:
                 continue
             state = FlowerRunState(flwr_run_id=int(flwr_id), status=run.status.status,
                                    sub_status=run.status.sub_status,

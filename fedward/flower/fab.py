@@ -53,6 +53,7 @@ def _pyproject() -> bytes:
         "[tool.flwr.app.config]\n"
         'fedward-run-id = "0"\n'
         'fedward-parity-candidate = "0"\n'
+        'fedward-evaluation = "0"\n'
     ).encode()
 
 

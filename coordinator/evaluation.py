@@ -1,0 +1,312 @@
+"""Federated evaluation on demand: a checkpoint evaluated on the sites' current held-out data.
+
+``POST /api/v1/runs/{id}/evaluations`` (``fedward-coordinator evaluate RUN``) evaluates the
+run's final checkpoint, or with ``release_id`` the checkpoint of one of its releases. The
+request is a row of ``evaluations`` (``pending``), then a Flower run of the appliance's app
+that trains nothing (:mod:`coordinator.evaluation_task`): every site of the run gets one
+evaluate message with the checkpoint, applies its policy to it as to any task of the run
+(a site may refuse: its reason is recorded), evaluates the model on its held-out split and
+returns the same allow-listed figures as a round's evaluation (AUC, accuracy, loss, the
+held-out row count). No training, no DP-SGD step, no privacy-ledger entry: like every
+per-round evaluation, these figures are computed without noise and are not covered by the
+DP guarantee. Results per site are stored on the row and shown on the run's portal page.
+
+An evaluation still pending or running after the run's round deadline plus
+:data:`STALE_AFTER_S` (its ServerApp died, the SuperLink never started it) is failed when
+next read, so nothing waits for ever.
+
+No ``from __future__ import annotations`` here: :func:`build_router` declares its routes
+with the caller's user dependency, and FastAPI reads those annotations as objects.
+"""
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Final, Protocol
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel, Field
+from sqlmodel import Session, col, select
+
+from coordinator.audit import append_event
+from coordinator.db import SessionDep
+from coordinator.models import (
+    Checkpoint,
+    Evaluation,
+    Release,
+    ReleaseCandidate,
+    Run,
+    User,
+    utcnow,
+)
+from coordinator.schemas import _Request
+from fedward.roles import WRITE_ROLES
+from fedward.run_config import RunConfig
+
+__all__ = [
+    "LIVE",
+    "STALE_AFTER_S",
+    "EvaluationLauncher",
+    "EvaluationPublic",
+    "EvaluationRequest",
+    "build_router",
+    "evaluations_of",
+    "expire_stale",
+    "request_evaluation",
+]
+
+log = logging.getLogger("fedward.coordinator.evaluation")
+
+LIVE: Final = ("pending", "running")
+# Beyond the run's round deadline, how long an evaluation may go without a result.
+STALE_AFTER_S: Final = 300.0
+
+
+class EvaluationLauncher(Protocol):
+    """Starts the Flower run that carries an evaluation (``coordinator.service``)."""
+
+    def launch_evaluation(self, run_id: int, evaluation_id: int) -> str:
+        """Start it; returns the Flower run id."""
+        ...
+
+
+class EvaluationRequest(_Request):
+    """Body of ``POST /runs/{id}/evaluations``."""
+
+    release_id: str | None = Field(
+        default=None, max_length=128,
+        description="Evaluate this release of the run (its checkpoint) instead of the run's "
+                    "final checkpoint.")
+
+
+class EvaluationPublic(BaseModel):
+    """An evaluation and, once it ended, each site's figures or why it gave none."""
+
+    id: int
+    run_id: int
+    release_id: str | None
+    round_number: int = Field(description="The round whose checkpoint was evaluated.")
+    checkpoint_sha256: str
+    requested_by: str
+    status: str = Field(description="pending, running, completed or failed.")
+    created_at: datetime
+    finished_at: datetime | None
+    failure_reason: str | None
+    sites: dict[str, dict[str, float]] = Field(
+        description="Site -> its figures on its held-out split (eval-auc, eval-accuracy, "
+                    "eval-loss, num-examples-test, ...).")
+    failed: dict[str, str] = Field(description="Site -> why it gave no figures.")
+
+    @classmethod
+    def of(cls, row: Evaluation) -> "EvaluationPublic":
+        """Build from the table row."""
+        assert row.id is not None
+        return cls(id=row.id, run_id=row.run_id, release_id=row.release_id,
+                   round_number=row.round_number, checkpoint_sha256=row.checkpoint_sha256,
+                   requested_by=row.requested_by, status=row.status,
+                   created_at=row.created_at, finished_at=row.finished_at,
+                   failure_reason=row.failure_reason, sites=json.loads(row.results_json),
+                   failed=json.loads(row.failed_json))
+
+
+class EvaluationRefused(ValueError):
+    """The evaluation cannot be asked for; ``status_code`` and the message say why."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _checkpoint(session: Session, run: Run, release_id: str | None
+                ) -> tuple[int, str]:
+    """(round, SHA-256) of the checkpoint to evaluate."""
+    if release_id is not None:
+        found = session.exec(select(Release, ReleaseCandidate).join(
+            ReleaseCandidate, col(ReleaseCandidate.id) == col(Release.candidate_id)).where(
+            Release.release_id == release_id)).first()
+        if found is None:
+            raise EvaluationRefused(404, f"release {release_id!r} not found "
+                                         "(`fedward-coordinator release list`)")
+        _, cand = found
+        if cand.run_id != run.id:
+            raise EvaluationRefused(409, f"release {release_id} comes from run {cand.run_id}, "
+                                         f"not run {run.id}: evaluate it as run "
+                                         f"{cand.run_id}'s")
+        return cand.round_number, cand.checkpoint_sha256
+    if run.status in LIVE:
+        raise EvaluationRefused(409, f"run {run.id} is still {run.status}: its final "
+                                     "checkpoint does not exist yet; evaluate it once it has "
+                                     "ended, or cancel it first")
+    last = session.exec(select(Checkpoint).where(Checkpoint.run_id == run.id)
+                        .order_by(col(Checkpoint.round_number).desc())).first()
+    if last is None:
+        raise EvaluationRefused(409, f"run {run.id} has no checkpoint (no round completed): "
+                                     "there is no model to evaluate")
+    return last.round_number, last.sha256
+
+
+def request_evaluation(session: Session, run: Run, *, actor: str,
+                       release_id: str | None = None) -> Evaluation:
+    """Record an evaluation request in the session's transaction (the caller commits).
+
+    Args:
+        session: Open session.
+        run: The run whose checkpoint is evaluated.
+        actor: Who asks.
+        release_id: A release of the run to evaluate instead of its final checkpoint.
+
+    Returns:
+        The new row (``pending``, with its id).
+
+    Raises:
+        EvaluationRefused: No such release, a release of another run, a run still going,
+            a run without a checkpoint, or an evaluation of the run already under way.
+    """
+    assert run.id is not None
+    round_number, sha256 = _checkpoint(session, run, release_id)
+    busy = session.exec(select(Evaluation).where(Evaluation.run_id == run.id,
+                                                 col(Evaluation.status).in_(LIVE))).first()
+    if busy is not None:
+        raise EvaluationRefused(409, f"evaluation {busy.id} of run {run.id} is still "
+                                     f"{busy.status}; wait for it (`fedward-coordinator "
+                                     f"evaluations {run.id}`)")
+    row = Evaluation(run_id=run.id, release_id=release_id, round_number=round_number,
+                     checkpoint_sha256=sha256, requested_by=actor)
+    session.add(row)
+    session.flush()
+    append_event(session, actor=actor, action="evaluation.requested",
+                 subject=f"run:{run.id}", detail={"evaluation": row.id, "round": round_number,
+                                                   "release": release_id})
+    return row
+
+
+def expire_stale(session: Session, run_ids: list[int] | None = None, *,
+                 now: datetime | None = None) -> int:
+    """Fail the evaluations that should have ended by now (the caller commits).
+
+    Args:
+        session: Open session.
+        run_ids: Only these runs' evaluations (None: all).
+        now: The current time (tests).
+
+    Returns:
+        How many were failed.
+    """
+    now = now or utcnow()
+    query = select(Evaluation, Run).join(Run, col(Run.id) == col(Evaluation.run_id)).where(
+        col(Evaluation.status).in_(LIVE))
+    if run_ids is not None:
+        query = query.where(col(Evaluation.run_id).in_(run_ids))
+    failed = 0
+    for row, run in session.exec(query).all():
+        limit = RunConfig.model_validate_json(run.config_json).round_deadline_s + STALE_AFTER_S
+        if now - row.created_at > timedelta(seconds=limit):
+            row.status, row.finished_at = "failed", now
+            row.failure_reason = (f"no result within {limit:.0f} s (the run's round deadline "
+                                  f"plus {STALE_AFTER_S:.0f} s): its Flower run "
+                                  f"{row.flwr_run_id or '(never started)'} did not finish; "
+                                  "see the coordinator's log and ask again")
+            session.add(row)
+            failed += 1
+    return failed
+
+
+def evaluations_of(session: Session, run_id: int) -> list[Evaluation]:
+    """A run's evaluations, newest first (stale ones failed first; the caller commits)."""
+    expire_stale(session, [run_id])
+    return list(session.exec(select(Evaluation).where(Evaluation.run_id == run_id)
+                             .order_by(col(Evaluation.id).desc())).all())
+
+
+def build_router(*, prefix: str, current_user: Callable[..., User],
+                 require_role: Callable[[User, frozenset[str]], None]) -> APIRouter:
+    """The evaluation routes, with the API's authentication.
+
+    Args:
+        prefix: The API's path prefix.
+        current_user: The API's dependency that authenticates the request.
+        require_role: Refuses a user without one of the roles (403).
+
+    Returns:
+        A router to include in the application.
+    """
+    router = APIRouter(prefix=prefix)
+    responses: dict[int | str, dict[str, Any]] = {
+        401: {"description": "Missing or unknown API token"},
+        403: {"description": "The user's role may not do this"},
+        404: {"description": "No such run or release"},
+        409: {"description": "Nothing to evaluate yet, or an evaluation is under way"},
+        503: {"description": "The coordinator cannot start Flower runs"},
+    }
+
+    @router.post("/runs/{run_id}/evaluations", status_code=202, tags=["runs"],
+                 responses=responses)
+    def evaluate(run_id: int, body: EvaluationRequest, request: Request,
+                 session: SessionDep, user: Annotated[User, Depends(current_user)]
+                 ) -> EvaluationPublic:
+        """Evaluate the run's final checkpoint (or one of its releases) at its sites.
+
+        Accepted at once; every site of the run evaluates the model on its current
+        held-out split (no training, no DP-SGD, nothing charged to its privacy budget) or
+        refuses it under its policy. Poll ``GET /evaluations/{id}`` for the results.
+        """
+        require_role(user, WRITE_ROLES)
+        run = session.get(Run, run_id)
+        if run is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id} not found")
+        launcher: EvaluationLauncher | None = getattr(request.app.state, "launcher", None)
+        if launcher is None or not hasattr(launcher, "launch_evaluation"):
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                "this coordinator cannot start Flower runs (no SuperLink)")
+        expire_stale(session, [run_id])
+        try:
+            row = request_evaluation(session, run, actor=user.name, release_id=body.release_id)
+        except EvaluationRefused as err:
+            raise HTTPException(err.status_code, str(err)) from None
+        session.commit()
+        assert row.id is not None
+        try:
+            # No transaction is open while the launcher runs: the ServerApp it starts writes.
+            flwr_run_id = launcher.launch_evaluation(run_id, row.id)
+        except Exception as err:  # the SuperLink's control API
+            log.error("could not start evaluation %s: %s", row.id, err)
+            row.status, row.finished_at = "failed", utcnow()
+            row.failure_reason = f"the SuperLink did not start it ({type(err).__name__})"
+            session.add(row)
+            session.commit()
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                f"evaluation {row.id} could not be started: "
+                                f"{row.failure_reason}; try again in a minute") from None
+        session.refresh(row)
+        if row.flwr_run_id is None:   # the ServerApp may have recorded it already
+            row.flwr_run_id = str(flwr_run_id)
+            session.add(row)
+            session.commit()
+        return EvaluationPublic.of(row)
+
+    @router.get("/runs/{run_id}/evaluations", tags=["runs"], responses=responses)
+    def list_evaluations(run_id: int, session: SessionDep,
+                         _user: Annotated[User, Depends(current_user)]
+                         ) -> list[EvaluationPublic]:
+        """The run's evaluations on demand, newest first."""
+        if session.get(Run, run_id) is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id} not found")
+        rows = evaluations_of(session, run_id)
+        session.commit()
+        return [EvaluationPublic.of(r) for r in rows]
+
+    @router.get("/evaluations/{evaluation_id}", tags=["runs"], responses=responses)
+    def get_evaluation(evaluation_id: int, session: SessionDep,
+                       _user: Annotated[User, Depends(current_user)]) -> EvaluationPublic:
+        """One evaluation and its results per site."""
+        row = session.get(Evaluation, evaluation_id)
+        if row is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND,
+                                f"evaluation {evaluation_id} not found")
+        expire_stale(session, [row.run_id])
+        session.commit()
+        session.refresh(row)
+        return EvaluationPublic.of(row)
+
+    return router

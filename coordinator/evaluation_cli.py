@@ -1,0 +1,126 @@
+"""``fedward-coordinator evaluate`` and ``evaluations``: federated evaluation on demand.
+
+Both talk to the coordinator's REST API with the caller's token; the coordinator starts the
+evaluation as a Flower run that trains nothing (:mod:`coordinator.evaluation`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Final, Protocol
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+
+__all__ = ["EVALUATE_EXIT_HELP", "add_commands", "render"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Exit codes of `evaluate` (1: any error of the request, 2: usage, as every command).
+EVALUATE_EXIT_HELP: Final = {
+    0: "the evaluation completed (at least one site evaluated the model)",
+    3: "the evaluation failed (no site evaluated the model; the reasons are printed)",
+    6: "--timeout passed while it was still pending or running",
+}
+_FIGURES: Final = (("eval-auc", "AUC"), ("eval-accuracy", "accuracy"),
+                   ("eval-loss", "loss"), ("num-eval-examples", "held-out rows"))
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON.")]
+
+
+class _Api(Protocol):
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any: ...
+
+
+def render(ev: dict[str, Any]) -> Table:
+    """One evaluation as a table: a line per site, its figures or why it has none.
+
+    Args:
+        ev: An evaluation as the API answers it.
+    """
+    of = f"release {ev['release_id']}" if ev.get("release_id") else "final checkpoint"
+    table = Table("site", *(label for _, label in _FIGURES), "note", title=(
+        f"Evaluation {ev['id']} of run {ev['run_id']} ({of}, round {ev['round_number']}): "
+        f"{ev['status']}"))
+    for site, figures in sorted(ev.get("sites", {}).items()):
+        table.add_row(site, *(f"{figures[k]:.4g}" if k in figures else "-" for k, _ in _FIGURES),
+                      "")
+    for site, why in sorted(ev.get("failed", {}).items()):
+        table.add_row(site, *("-" for _ in _FIGURES), why)
+    return table
+
+
+def add_commands(app: typer.Typer,
+                 client: Callable[[str | None, str | None, Path | None], _Api]) -> None:
+    """Declare ``evaluate`` and ``evaluations`` on the CLI.
+
+    Args:
+        app: ``fedward-coordinator``'s Typer app.
+        client: Makes the REST client from ``--api``, ``--token`` and ``--home``.
+    """
+    _client = client
+
+    @app.command("evaluate")
+    def evaluate(
+        run_id: Annotated[int | None, typer.Argument(
+            metavar="RUN",
+            help="the run whose final checkpoint is evaluated (optional with --release)")] = None,
+        release: Annotated[str | None, typer.Option(
+            "--release", metavar="ID", help="evaluate this release's model instead")] = None,
+        wait: Annotated[bool, typer.Option(
+            "--wait/--no-wait", help="wait for the results (default) or return at once")] = True,
+        timeout: Annotated[float, typer.Option(help="seconds to wait at most")] = 600.0,
+        home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Evaluate a run's final checkpoint (or a release) on the sites' current held-out data.
+
+        Nothing is trained and nothing is charged to a site's privacy budget; each site's
+        policy still decides whether it takes part. Exit codes: 0 completed, 3 failed (no site
+        evaluated it), 6 timed out, 1 the request was refused (the reason is printed).
+        """
+        client = _client(api, token, home)
+        if run_id is None:
+            if release is None:
+                raise typer.BadParameter("give a RUN, or --release ID")
+            run_id = int(client.call("GET", f"/releases/{release}")["run_id"])
+        ev = client.call("POST", f"/runs/{run_id}/evaluations", {"release_id": release})
+        deadline = time.monotonic() + timeout
+        while wait and ev["status"] in ("pending", "running") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            ev = client.call("GET", f"/evaluations/{ev['id']}")
+        if as_json:
+            print(json.dumps(ev))
+        else:
+            console.print(render(ev))
+            if ev.get("failure_reason"):
+                err_console.print(f"[bold red]failed:[/] {ev['failure_reason']}", soft_wrap=True)
+            elif ev["status"] in ("pending", "running"):
+                console.print(f"evaluation {ev['id']} is {ev['status']}: "
+                              f"`fedward-coordinator evaluations {run_id}` shows it later")
+        if ev["status"] == "failed":
+            raise typer.Exit(3)
+        if wait and ev["status"] != "completed":
+            raise typer.Exit(6)
+
+
+    @app.command("evaluations")
+    def evaluations(run_id: int, home: HomeOpt = None, api: ApiOpt = None,
+                    token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+        """A run's evaluations on demand, newest first, with each site's figures."""
+        rows = _client(api, token, home).call("GET", f"/runs/{run_id}/evaluations")
+        if as_json:
+            print(json.dumps(rows))
+            return
+        if not rows:
+            console.print(f"run {run_id} has not been evaluated on demand "
+                          f"(`fedward-coordinator evaluate {run_id}`)")
+        for ev in rows:
+            console.print(render(ev))

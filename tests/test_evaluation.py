@@ -1,0 +1,240 @@
+"""Federated evaluation on demand: the request's rules, and one real evaluation at two sites.
+
+The unit tests drive :mod:`coordinator.evaluation` over a real database seeded as a
+completed run (checkpoints after every round). The end-to-end test runs a real federation
+(coordinator, SuperLink, gateway, two site agents): it trains a two-round run, then a site's
+hospital IT withdraws the project from its policy, and ``fedward-coordinator evaluate``
+evaluates the final checkpoint: one site answers with its held-out figures (nothing trained,
+nothing charged to its privacy ledger, an ``evaluated`` entry in its audit log), the other
+refuses under its policy and its reason is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from coordinator.api import API_PREFIX, create_app
+from coordinator.db import make_engine, run_migrations, session_scope
+from coordinator.evaluation import (
+    STALE_AFTER_S,
+    EvaluationRefused,
+    evaluations_of,
+    expire_stale,
+    request_evaluation,
+)
+from coordinator.models import Evaluation, Release, ReleaseCandidate, Run, utcnow
+from coordinator.repository import finish_run, mark_run_started
+from coordinator.settings import Settings
+
+from federation import BIN, edit_site_policy, federation, run_cli
+from test_coordinator_api import TestClient
+from test_releases import KNOWN_WARNINGS, make_user, seed_run
+from tests_support import short_tmp
+
+pytestmark = KNOWN_WARNINGS
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> Iterator[tuple[Engine, Path, int]]:
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home / 'coordinator.db'}"
+    run_migrations(url)
+    engine = make_engine(url)
+    run_id = seed_run(engine, home, rounds=3)
+    yield engine, home, run_id
+    engine.dispose()
+
+
+def _run(session: Session, run_id: int) -> Run:
+    run = session.get(Run, run_id)
+    assert run is not None
+    return run
+
+
+def test_the_final_checkpoint_is_evaluated_once_at_a_time(
+        seeded: tuple[Engine, Path, int]) -> None:
+    engine, _, run_id = seeded
+    with session_scope(engine) as session:
+        row = request_evaluation(session, _run(session, run_id), actor="eng")
+        assert (row.round_number, row.status, row.release_id) == (3, "pending", None)
+    with session_scope(engine) as session, pytest.raises(EvaluationRefused) as err:
+        request_evaluation(session, _run(session, run_id), actor="eng")
+    assert err.value.status_code == 409
+    assert str(err.value) == (f"evaluation {row.id} of run {run_id} is still pending; wait "
+                              f"for it (`fedward-coordinator evaluations {run_id}`)")
+
+
+def test_a_run_still_going_without_a_checkpoint_or_another_runs_release_is_refused(
+        seeded: tuple[Engine, Path, int]) -> None:
+    engine, home, run_id = seeded
+    other = seed_run(engine, home, rounds=1)
+    with session_scope(engine) as session:
+        cand = ReleaseCandidate(run_id=other, round_number=1, checkpoint_sha256="a" * 64,
+                                proposed_by="eng", intended_use="x", status="approved")
+        session.add(cand)
+        session.flush()
+        assert cand.id is not None
+        session.add(Release(release_id="rel-other", candidate_id=cand.id, bundle_path="x",
+                            key_fingerprint="f", created_by="rev"))
+        fresh = Run(project_id=_run(session, run_id).project_id, task="breast_cancer_mlp",
+                    launched_by="eng", config_json=_run(session, run_id).config_json)
+        session.add(fresh)
+        session.flush()
+        fresh_id = fresh.id
+    assert fresh_id is not None
+    cases = [(run_id, "nope", 404, "release 'nope' not found"),
+             (run_id, "rel-other", 409, f"release rel-other comes from run {other}, not run "
+                                        f"{run_id}: evaluate it as run {other}'s"),
+             (fresh_id, None, 409, f"run {fresh_id} is still pending: its final checkpoint "
+                                   "does not exist yet")]
+    for target, release, code, said in cases:
+        with session_scope(engine) as session, pytest.raises(EvaluationRefused) as err:
+            request_evaluation(session, _run(session, target), actor="eng",
+                               release_id=release)
+        assert err.value.status_code == code and str(err.value).startswith(said), err.value
+    mark_run_started(engine, fresh_id, "1")
+    finish_run(engine, fresh_id, status="failed", reason="round 1: no site")
+    with session_scope(engine) as session, pytest.raises(EvaluationRefused,
+                                                         match="has no checkpoint"):
+        request_evaluation(session, _run(session, fresh_id), actor="eng")
+    # A release of the run itself: its candidate's checkpoint.
+    with session_scope(engine) as session:
+        row = request_evaluation(session, _run(session, other), actor="eng",
+                                 release_id="rel-other")
+        assert (row.round_number, row.checkpoint_sha256) == (1, "a" * 64)
+
+
+def test_an_evaluation_without_a_result_in_time_is_failed_when_read(
+        seeded: tuple[Engine, Path, int]) -> None:
+    engine, _, run_id = seeded
+    with session_scope(engine) as session:
+        row = request_evaluation(session, _run(session, run_id), actor="eng")
+        evaluation_id = row.id
+    with session_scope(engine) as session:
+        assert expire_stale(session, now=utcnow() + timedelta(seconds=60)) == 0
+        late = utcnow() + timedelta(seconds=120 + STALE_AFTER_S + 1)  # deadline 120 s
+        assert expire_stale(session, now=late) == 1
+    with session_scope(engine) as session:
+        (found,) = evaluations_of(session, run_id)
+        assert found.id == evaluation_id and found.status == "failed"
+        assert found.failure_reason is not None
+        assert "did not finish; see the coordinator's log and ask again" in found.failure_reason
+
+
+class _Launcher:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple[int, int]] = []
+
+    def launch(self, run_id: int) -> str:
+        raise AssertionError("an evaluation starts no training run")
+
+    def launch_evaluation(self, run_id: int, evaluation_id: int) -> str:
+        self.calls.append((run_id, evaluation_id))
+        if self.fail:
+            raise ConnectionError("SuperLink down")
+        return "99"
+
+
+def test_the_api_starts_it_refuses_what_it_cannot_and_who_may(
+        seeded: tuple[Engine, Path, int]) -> None:
+    engine, home, run_id = seeded
+    eng, rev = make_user(engine, "ml_engineer", "eng"), make_user(engine, "reviewer", "rev")
+    launcher = _Launcher()
+    client = TestClient(create_app(settings=Settings(home=home), engine=engine,
+                                   launcher=launcher))
+    url = f"{API_PREFIX}/runs/{run_id}/evaluations"
+    assert client.post(url, json={}, headers=rev).status_code == 403
+    r = client.post(url, json={}, headers=eng)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["status"], body["round_number"], body["requested_by"]) == ("pending", 3, "eng")
+    assert launcher.calls == [(run_id, body["id"])]
+    again = client.post(url, json={}, headers=eng)
+    assert again.status_code == 409 and "still pending" in again.json()["detail"]
+    assert client.post(f"{API_PREFIX}/runs/999/evaluations", json={},
+                       headers=eng).status_code == 404
+    listed = client.get(url, headers=rev).json()
+    assert [e["id"] for e in listed] == [body["id"]]
+    assert client.get(f"{API_PREFIX}/evaluations/{body['id']}",
+                      headers=rev).json()["status"] == "pending"
+    # The SuperLink does not start it: failed with the reason, nothing left pending.
+    with session_scope(engine) as session:
+        for row in session.exec(select(Evaluation)).all():
+            row.status = "completed"
+            session.add(row)
+    down = TestClient(create_app(settings=Settings(home=home), engine=engine,
+                                 launcher=_Launcher(fail=True)))
+    r = down.post(url, json={}, headers=eng)
+    assert r.status_code == 503 and "could not be started" in r.json()["detail"]
+    newest = down.get(url, headers=eng).json()[0]
+    assert newest["status"] == "failed"
+    assert newest["failure_reason"] == "the SuperLink did not start it (ConnectionError)"
+    no_flower = TestClient(create_app(settings=Settings(home=home), engine=engine))
+    assert no_flower.post(url, json={}, headers=eng).status_code == 503
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(720)
+def test_a_real_evaluation_at_two_sites_one_of_which_refuses() -> None:
+    from site_agent.audit import read_entries
+
+    with short_tmp() as work, federation(work, n_sites=2) as fed:
+        deadline = time.monotonic() + 120
+        while not (fed.home / "superlink.address").exists():
+            assert time.monotonic() < deadline, "the coordinator's SuperLink did not start"
+            time.sleep(0.5)
+        for s in fed.data["sites"]:
+            fed.add_site(s["name"], s["csv"], s["schema"])
+            fed.start_site(s["name"])
+        answers, refuses = sorted(fed.sites)
+        fed.wait_online(2, timeout=180)
+        run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
+                            min_sites=2, round_deadline_s=60)
+        assert fed.wait_run(run_id, timeout=420)["status"] == "completed"
+
+        ledger = fed.sites[answers].root / "privacy-ledger.sqlite"
+
+        def charged() -> list[tuple[object, ...]]:
+            db = sqlite3.connect(ledger)
+            try:
+                return db.execute("SELECT * FROM entries ORDER BY rowid").fetchall()
+            finally:
+                db.close()
+
+        before = charged()
+        # Hospital IT at the second site withdraws the project: its site refuses from now.
+        edit_site_policy(fed.sites[refuses], projects={})
+        done = fed.coord_cli("evaluate", str(run_id), "--json", "--timeout", "300",
+                             check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        ev = json.loads(done.stdout)
+        assert ev["status"] == "completed" and ev["round_number"] == 2
+        figures = ev["sites"][answers]
+        assert 0.0 <= figures["eval-auc"] <= 1.0 and 0.0 <= figures["eval-accuracy"] <= 1.0
+        assert figures["num-eval-examples"] > 0
+        assert set(ev["sites"]) == {answers}
+        assert ev["failed"][refuses].startswith("refused-policy"), ev["failed"]
+        # Nothing trained or charged at the site that answered; its audit log says what left.
+        assert charged() == before
+        entries, _ = read_entries(fed.sites[answers].root / "audit.log")
+        evaluated = [e for e in entries if e.action == "evaluated"
+                     and e.detail.get("run") == str(run_id)]
+        assert evaluated and evaluated[-1].detail["round"] == 2
+        assert not [e for e in entries if e.action == "round-trained"
+                    and e.detail.get("round", 0) > 2]
+        # The CLI lists it; the ServerApp's Flower run for it is not taken for a training run.
+        listed = run_cli([str(BIN / "fedward-coordinator"), "evaluations", str(run_id)],
+                         env={**fed.env, "COLUMNS": "300"}).stdout
+        assert f"Evaluation {ev['id']} of run {run_id}" in listed and refuses in listed
+        assert fed.api("GET", f"/runs/{run_id}").json()["status"] == "completed"
