@@ -25,6 +25,7 @@ from rich.table import Table
 
 from coordinator import run_cli
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.drift_cli import make_drift_app
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.settings import Settings, load_settings
@@ -49,6 +50,7 @@ ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 app.add_typer(release_app, name="release")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: _client(api, token, home)), name="study")
+app.add_typer(make_drift_app(lambda api, token, home: _client(api, token, home)), name="drift")
 
 
 def _print_version(value: bool) -> None:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from fedward.files import atomic_write
+from site_agent.drift_policy import drift_schedule_problems
 
 __all__ = ["CONFIG_FILE", "ConfigError", "SiteConfig", "SitePaths"]
 
 CONFIG_FILE = "site.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$")
 _KEYS = {"version", "name", "superlink", "ca_cert", "data_path", "schema_path",
-         "torch_threads", "reconnect_backoff_s", "executor"}
+         "torch_threads", "reconnect_backoff_s", "executor", "drift"}
 EXECUTORS = ("warm", "subprocess")
 
 
@@ -140,6 +141,8 @@ class SiteConfig:
         executor: ``warm`` runs ClientApp tasks inside the agent (no process per message);
             ``subprocess`` starts one process per message, as stock Flower does (slower;
             for sites that want each task isolated). Both check the app bundle first.
+        drift: the drift check's settings (:class:`site_agent.drift_policy.DriftSchedule`
+            reads them); None: no scheduled drift check.
     """
 
     name: str
@@ -150,6 +153,7 @@ class SiteConfig:
     torch_threads: int = 1
     reconnect_backoff_s: float = 65.0
     executor: str = "warm"
+    drift: dict[str, Any] | None = None
     version: int = 1
 
     def resolve(self, root: Path, value: str) -> Path:
@@ -201,6 +205,7 @@ class SiteConfig:
         executor = raw.get("executor", "warm")
         if executor not in EXECUTORS:
             problems.append(f"executor must be one of {list(EXECUTORS)}")
+        problems += drift_schedule_problems(raw.get("drift"))
         if problems:
             raise ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -212,11 +217,15 @@ class SiteConfig:
             torch_threads=int(threads),
             reconnect_backoff_s=float(backoff),
             executor=str(executor),
+            drift=raw.get("drift"),
         )
 
     def save(self, root: Path) -> Path:
         """Write ``root/site.json`` atomically."""
         root.mkdir(parents=True, exist_ok=True)
         path = SitePaths(root).config
-        atomic_write(path, json.dumps(asdict(self), indent=2) + "\n", mode=0o600)
+        doc = asdict(self)
+        if doc["drift"] is None:   # written only when configured
+            del doc["drift"]
+        atomic_write(path, json.dumps(doc, indent=2) + "\n", mode=0o600)
         return path

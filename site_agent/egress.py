@@ -8,22 +8,26 @@ their coarse grid, see :func:`fedward.wire.coarse_agreement`), plus three fixed 
 that never carry data values: the data fingerprint (the schema's SHA-256, a keyed HMAC of
 the data file and row counts, in fixed formats), the admission answer "accepted", and an
 error reply's code and reason (written by the site agent itself). Anything else blocks the
-whole message.
+whole message. Drift reports, which leave by their own path, pass
+:func:`check_drift_report` (scores from an allow-list only).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fedward.drift_wire import MAX_REPORT_BYTES, report_problems
 from fedward.wire import ALLOWED_REPLY_METRICS, FINGERPRINT_KEYS, MSG, is_coarse_parity_figure
 
-__all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply"]
+__all__ = ["EgressReport", "EgressViolation", "check_drift_report", "check_outgoing",
+           "check_reply"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _COUNT = re.compile(r"[0-9]{1,12}")
@@ -170,3 +174,28 @@ def check_reply(*, reply: Mapping[str, Any], arrays: Mapping[str, object],
         raise EgressViolation(problems)
     return EgressReport(n_bytes=report.n_bytes + text_bytes, array_shapes=report.array_shapes,
                         metric_names=report.metric_names, text_fields=sorted(fields))
+
+
+def check_drift_report(report: Mapping[str, Any], *, features: Collection[str]) -> int:
+    """Check a drift report before it leaves the site; return its size in bytes.
+
+    Only the fields of :mod:`fedward.drift_wire` pass, each in its fixed format: scores per
+    feature of the release (PSI, chi-square, degrees of freedom, p-value), accuracy, AUC,
+    the row count as a bucket, the privacy treatment and fixed-format identifiers. Any
+    other field, a feature the release does not have, or a value out of its range blocks
+    the whole report.
+
+    Args:
+        report: The report about to leave.
+        features: The release's feature names.
+
+    Raises:
+        EgressViolation: With every problem.
+    """
+    problems = report_problems(report, features=features)
+    if problems:
+        raise EgressViolation(problems)
+    size = len(json.dumps(report, allow_nan=False).encode())
+    if size > MAX_REPORT_BYTES:
+        raise EgressViolation([f"the drift report is {size} bytes, over {MAX_REPORT_BYTES}"])
+    return size

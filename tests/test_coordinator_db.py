@@ -38,9 +38,9 @@ from coordinator.settings import Settings, load_settings
 TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "checkpoints",
           "audit_events", "enrollment_tokens", "site_certificates", "user_credentials",
           "login_sessions", "project_gates", "release_candidates", "releases", "mlflow_exports",
-          "site_presence", "studies",
+          "site_presence", "studies", "drift_reports",
           "alembic_version"}
-HEAD_REVISION = "0011"
+HEAD_REVISION = "0012d"
 
 
 @pytest.fixture
