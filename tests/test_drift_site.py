@@ -290,3 +290,28 @@ def test_a_check_is_charged_to_the_ledger_before_it_is_queued(setup: SiteSetup) 
                                    "checked_at", "status", "failure"}
     assert len([e for e in PrivacyLedger(setup.root / "privacy-ledger.sqlite").entries()
                 if e.purpose == "drift"]) == 1
+
+
+def test_the_drift_settings_are_checked_with_every_problem_at_once() -> None:
+    from site_agent.config import ConfigError
+    from site_agent.policy import PolicyError
+
+    base = {"name": "site-a", "superlink": "127.0.0.1:9", "ca_cert": "ca.pem",
+            "data_path": "d.csv", "schema_path": "s.json"}
+    assert SiteConfig.from_dict(base).drift is None   # off by default
+    with pytest.raises(ConfigError) as info:
+        SiteConfig.from_dict({**base, "drift": {"release": "", "public_key": "k.pem",
+                                                "data": "new/", "interval_s": 5,
+                                                "cron": "daily"}})
+    text = str(info.value)
+    assert "'release' is required" in text and "interval_s must be null" in text
+    assert "unknown keys ['cron']" in text
+    policy = SitePolicy.starter(project="test", task=TASK).to_dict()
+    assert "drift" not in policy and SitePolicy.from_dict(policy).drift == DriftDisclosure()
+    with pytest.raises(PolicyError) as perr:
+        SitePolicy.from_dict({**policy, "drift": {"disclosure": "raw", "noise_multiplier": 0}})
+    assert "disclosure must be one of" in str(perr.value)
+    assert "noise_multiplier must be a number > 0" in str(perr.value)
+    unnoised = SitePolicy.from_dict({**policy, "drift": {"disclosure": "unnoised"}})
+    assert unnoised.drift.disclosure == "unnoised"
+    assert unnoised.to_dict()["drift"]["disclosure"] == "unnoised"
