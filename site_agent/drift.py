@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +78,8 @@ class Reference:
 
     run_id: Any
     features: tuple[ReferenceFeature, ...]
+    sites: int = 1
+    noise_std: float | None = None   # per bin of the summed counts, when the file states it
 
 
 def _bad(reason: str) -> DriftCheckError:
@@ -123,7 +125,16 @@ def load_reference(bundle: VerifiedBundle) -> Reference:
             raise _bad(f"feature {f['name']!r} needs B+1 increasing edges and B finite, "
                        "non-negative counts that are not all zero")
         features.append(ReferenceFeature(name=f["name"], edges=edges, counts=counts))
-    return Reference(run_id=doc.get("run_id"), features=tuple(features))
+    found = doc.get("privacy")
+    privacy: dict[str, Any] = found if isinstance(found, dict) else {}
+    sites = privacy.get("sites")
+    std = privacy.get("noise_std")
+    return Reference(
+        run_id=doc.get("run_id"), features=tuple(features),
+        sites=sites if isinstance(sites, int) and not isinstance(sites, bool) and sites > 0
+        else 1,
+        noise_std=float(std) if isinstance(std, int | float) and not isinstance(std, bool)
+        and math.isfinite(std) and std >= 0 else None)
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,7 @@ class DriftResult:
             (None: no labels or not a two-class task).
         accuracy: Exact accuracy on the labelled rows.
         auc: Exact AUC on the labelled rows (two-class tasks).
+        ref_noise_std: The reference counts' noise std taken into account (0: none known).
     """
 
     release_id: str
@@ -156,6 +168,7 @@ class DriftResult:
     score_hist: np.ndarray | None
     accuracy: float | None
     auc: float | None
+    ref_noise_std: float = 0.0
 
     def table(self) -> list[dict[str, Any]]:
         """Per feature, every figure, for the site's own screen."""
@@ -248,7 +261,8 @@ def _model_figures(bundle: VerifiedBundle, x: np.ndarray, y: np.ndarray
 
 
 def run_check(*, bundle_dir: Path, public_key: Path, data: Path, schema: DataSchema,
-              revoked: frozenset[str] = frozenset()) -> DriftResult:
+              revoked: frozenset[str] = frozenset(),
+              site_noise_std: Callable[[Any], float | None] | None = None) -> DriftResult:
     """Check the site's recent data against a release (see the module docstring).
 
     Args:
@@ -257,6 +271,10 @@ def run_check(*, bundle_dir: Path, public_key: Path, data: Path, schema: DataSch
         data: A CSV file of recent rows, or a folder of them, in the site's schema.
         schema: The site's data schema.
         revoked: Revoked release ids (from the coordinator's signed revocation list).
+        site_noise_std: Given the reference's run id, the noise std one site added to its
+            statistics release in that run (this site's ledger knows its own), when the
+            reference file does not state the summed noise; the sum's is then
+            ``sqrt(sites)`` times it.
 
     Returns:
         The whole result.
@@ -270,6 +288,11 @@ def run_check(*, bundle_dir: Path, public_key: Path, data: Path, schema: DataSch
         raise DriftCheckError("bundle-unverified", f"the release bundle {bundle_dir} does "
                               f"not verify: {err}") from None
     reference = load_reference(bundle)
+    ref_std = reference.noise_std
+    if ref_std is None and site_noise_std is not None:
+        own = site_noise_std(reference.run_id)
+        ref_std = None if own is None else own * math.sqrt(reference.sites)
+    ref_std = ref_std or 0.0
     columns = list(bundle.model_card.get("input", {}).get("columns", schema.feature_columns))
     parts = [_read_rows(p, schema) for p in _csv_files(data)]
     x = np.concatenate([p[0] for p in parts])
@@ -284,13 +307,14 @@ def run_check(*, bundle_dir: Path, public_key: Path, data: Path, schema: DataSch
         names.append(feature.name)
         observed.append(counts)
         ref.append(feature.counts)
-        scores[feature.name] = feature_score(counts, feature.counts)
+        scores[feature.name] = feature_score(counts, feature.counts, ref_noise_std=ref_std)
     correct, hist, accuracy, auc = (None, None, None, None) if y is None else \
         _model_figures(bundle, x, y)
     return DriftResult(
         release_id=bundle.release_id, project=str(bundle.model_card.get("project", "")),
         names=tuple(names), observed=tuple(observed), reference=tuple(ref), scores=scores,
-        n_rows=len(x), correct=correct, score_hist=hist, accuracy=accuracy, auc=auc)
+        n_rows=len(x), correct=correct, score_hist=hist, accuracy=accuracy, auc=auc,
+        ref_noise_std=ref_std)
 
 
 def _now() -> str:
@@ -357,7 +381,8 @@ def disclose(result: DriftResult, choice: DriftDisclosure, *,
         std = mechanism.scale * math.sqrt(2.0)
     features = {}
     for name, obs, ref in zip(result.names, result.observed, result.reference, strict=True):
-        s = feature_score(noised(obs), ref, noise_std=std)
+        s = feature_score(noised(obs), ref, noise_std=std,
+                          ref_noise_std=result.ref_noise_std)
         features[name] = {"psi": _short(s.psi), "chi2": _short(s.chi2), "dof": s.dof,
                           "p_value": _short(s.p_value)}
     n = float(noised(np.array([float(result.n_rows)]))[0])

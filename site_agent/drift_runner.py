@@ -113,6 +113,22 @@ def _charge(root: Path, result: DriftResult, report_id: str,
     return report
 
 
+def _statistics_noise(root: Path, run_id: Any) -> float | None:
+    """The noise std this site added to its statistics release in ``run_id`` (None: it
+    released none there), from its privacy ledger."""
+    from privacy import PrivacyLedger
+    from privacy.mechanisms import GaussianRelease
+
+    path = SitePaths(root).ledger
+    if not path.exists():
+        return None
+    for entry in PrivacyLedger(path).entries():
+        if entry.run_id == str(run_id) and entry.purpose == "statistics" \
+                and isinstance(entry.mechanism, GaussianRelease):
+            return float(entry.mechanism.noise_std)
+    return None
+
+
 def check_and_queue(root: Path, schedule: DriftSchedule, *,
                     rng: np.random.Generator | None = None) -> CheckOutcome:
     """Run one check and queue its report (see the module docstring).
@@ -148,7 +164,8 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
                 raise DriftCheckError("bundle-unverified", str(err)) from None
         result = run_check(bundle_dir=release_dir, public_key=key,
                            data=config.resolve(root, schedule.data), schema=schema,
-                           revoked=revoked)
+                           revoked=revoked,
+                           site_noise_std=lambda run: _statistics_noise(root, run))
         report_id = failed_report(result.release_id, "data-empty")["report_id"]
         report = _charge(root, result, report_id, rng)
         check_drift_report(report, features=result.names)

@@ -16,8 +16,9 @@ benchmark and its tests. Nothing here reads data or talks to the network.
   with ``p_i`` the pooled proportion, ``B' - 1`` degrees of freedom (``B'`` the bins
   that are not empty on both sides) and its upper-tail p-value. With ``v_i = 0`` this is
   Pearson's chi-square of the 2 x B table. When the site's counts carry DP noise of
-  standard deviation ``s`` (the disclosed report), ``v_i = s^2 / n_a^2`` adds the noise's
-  variance to the denominator, so the noise alone does not read as drift.
+  standard deviation ``s`` (the disclosed report) and the reference's of ``r`` (its DP
+  noise summed over the sites), ``v_i = s^2 / n_a^2 + r^2 / n_e^2`` adds the noises'
+  variances to the denominator, so the noise alone does not read as drift.
 * **Accuracy and AUC** from counts that can be noised: the number of correct predictions,
   and per class a histogram of the predicted probability of class 1 on :data:`SCORE_BINS`
   bins (two-class tasks; the AUC of binned scores counts ties as half).
@@ -101,14 +102,16 @@ def psi(observed: np.ndarray, reference: np.ndarray, *, floor: float = PSI_FLOOR
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def chi_square(observed: np.ndarray, reference: np.ndarray, *,
-               noise_std: float = 0.0) -> tuple[float, int, float]:
+def chi_square(observed: np.ndarray, reference: np.ndarray, *, noise_std: float = 0.0,
+               ref_noise_std: float = 0.0) -> tuple[float, int, float]:
     """Two-sample chi-square test of homogeneity (see the module docstring).
 
     Args:
         observed: The site's counts per bin (negatives, from noise, count as 0).
         reference: The reference counts on the same bins.
         noise_std: Standard deviation of the noise on each of ``observed``'s counts.
+        ref_noise_std: The same for the reference's counts (its DP noise, summed over
+            the sites that released it).
 
     Returns:
         ``(statistic, degrees of freedom, p-value)``; ``(0.0, 0, 1.0)`` when one side
@@ -125,22 +128,28 @@ def chi_square(observed: np.ndarray, reference: np.ndarray, *,
         return 0.0, 0, 1.0
     pooled = (o[keep] + r[keep]) / (n_o + n_r)
     diff = o[keep] / n_o - r[keep] / n_r
-    var = pooled * (1.0 / n_o + 1.0 / n_r) + (noise_std / n_o) ** 2
+    var = pooled * (1.0 / n_o + 1.0 / n_r) + (noise_std / n_o) ** 2 \
+        + (ref_noise_std / n_r) ** 2
     stat = float(np.sum(diff * diff / var))
     return stat, dof, float(chi2.sf(stat, dof))
 
 
-def feature_score(observed: np.ndarray, reference: np.ndarray, *,
-                  noise_std: float = 0.0) -> FeatureScore:
+def feature_score(observed: np.ndarray, reference: np.ndarray, *, noise_std: float = 0.0,
+                  ref_noise_std: float = 0.0) -> FeatureScore:
     """PSI and the chi-square test of one feature.
 
-    With noised counts the PSI's floor is raised to two noise standard deviations' share
-    of the rows: noise in a bin the reference leaves empty would otherwise read as a shift
-    (a noised count of 6 against a floor of 0.01 % weighs as much as a real one).
+    With noised counts (the site's, the reference's or both) the PSI's floor is raised to
+    two noise standard deviations' share of the rows: noise in a bin that is empty on the
+    other side would otherwise read as a shift (a noised count of 6 against a floor of
+    0.01 % weighs as much as a real one).
     """
-    stat, dof, p = chi_square(observed, reference, noise_std=noise_std)
-    n = float(np.clip(np.asarray(observed, dtype=np.float64), 0.0, None).sum())
-    floor = max(PSI_FLOOR, 2.0 * noise_std / n) if noise_std > 0 and n > 0 else PSI_FLOOR
+    stat, dof, p = chi_square(observed, reference, noise_std=noise_std,
+                              ref_noise_std=ref_noise_std)
+    floor = PSI_FLOOR
+    for counts, std in ((observed, noise_std), (reference, ref_noise_std)):
+        n = float(np.clip(np.asarray(counts, dtype=np.float64), 0.0, None).sum())
+        if std > 0 and n > 0:
+            floor = max(floor, 2.0 * std / n)
     return FeatureScore(psi=psi(observed, reference, floor=floor), chi2=stat, dof=dof,
                         p_value=p)
 
