@@ -96,6 +96,10 @@ def check(
             table.add_row(escape(row["feature"]), f"{row['psi']:.4f}", f"{row['chi2']:.2f}",
                           str(row["dof"]), f"{row['p_value']:.3g}")
         _console.print(table)
+        if result.ref_noise_std == 0:
+            _console.print("note: the reference's DP noise is not known here (this site took "
+                           "no part in the release's statistics phase and the file does not "
+                           "state it): PSI and p-values of sparse bins overstate drift")
         if result.accuracy is not None:
             auc = "n/a" if result.auc is None else f"{result.auc:.4f}"
             _console.print(f"labelled rows: accuracy {result.accuracy:.4f}, AUC {auc}")
