@@ -281,10 +281,14 @@ def test_a_check_is_charged_to_the_ledger_before_it_is_queued(setup: SiteSetup) 
     assert entries_[-1].action == "drift-check"
     # A project cap too small for one more check: the check fails as budget-exceeded, and
     # the report that leaves names only that.
-    policy = json.loads((setup.root / "policy.json").read_text())
+    original = (setup.root / "policy.json").read_text()
+    policy = json.loads(original)
     policy["projects"]["test"]["epsilon_cap"] = outcome.report["privacy"]["epsilon"] * 1.01
     (setup.root / "policy.json").write_text(json.dumps(policy))
-    refused = check_and_queue(setup.root, schedule)
+    try:
+        refused = check_and_queue(setup.root, schedule)
+    finally:
+        (setup.root / "policy.json").write_text(original)
     assert refused.error is not None and refused.error.kind == "budget-exceeded"
     assert set(refused.report) == {"format", "version", "report_id", "release_id",
                                    "checked_at", "status", "failure"}
@@ -315,3 +319,28 @@ def test_the_drift_settings_are_checked_with_every_problem_at_once() -> None:
     unnoised = SitePolicy.from_dict({**policy, "drift": {"disclosure": "unnoised"}})
     assert unnoised.drift.disclosure == "unnoised"
     assert unnoised.to_dict()["drift"]["disclosure"] == "unnoised"
+
+
+def test_the_command_shows_every_figure_at_the_site_and_fails_with_the_reason(
+        setup: SiteSetup, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "fedward-site")
+    ran = subprocess.run([cli, "drift", "check", "--dir", str(setup.root), "--json"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+    assert len(out["local"]["features"]) == 30 and out["error"] is None
+    assert out["report"]["status"] == "ok"
+    table = subprocess.run([cli, "drift", "check", "--dir", str(setup.root), "--data",
+                            str(tmp_path)], capture_output=True, text=True, timeout=120,
+                           check=False, env={**os.environ, "COLUMNS": "200"})
+    assert table.returncode == 3
+    assert "drift check failed (data-empty)" in table.stderr
+    assert "holds no .csv file" in table.stderr
+    assert "drift-check-failed (data-empty)" in table.stdout
+    shown = subprocess.run([cli, "drift", "show", "--dir", str(setup.root)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert '"failure": "data-empty"' in shown and tmp_path.name not in shown
