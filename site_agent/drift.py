@@ -35,7 +35,7 @@ import numpy as np
 from export.bundle import SERVING_FILE, BundleError, VerifiedBundle, verify_bundle
 from fedward.drift_wire import REPORT_FORMAT, REPORT_VERSION
 from privacy.mechanisms import GaussianRelease, LaplaceRelease, Mechanism
-from site_agent.data import DataCheckError, DataSchema, load_site_data
+from site_agent.data import DataCheckError, DataSchema, ProblemKind, SiteData, load_site_data
 from site_agent.drift_policy import DriftDisclosure
 from site_agent.drift_stats import (
     SCORE_BINS,
@@ -191,9 +191,42 @@ def _csv_files(data: Path) -> list[Path]:
     return [data]
 
 
+def _relabelled(path: Path, schema: DataSchema, label_at: int | None) -> Path:
+    """A private copy (0600) of a plain CSV file whose label column (if any) is replaced
+    by classes that take turns: the loader needs labels of more than one class, the drift
+    check then uses none of them."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    labels = [str(v) for v in schema.label_values]
+
+    def strip(line: str) -> str:
+        if label_at is None:
+            return line
+        cells = line.split(",")
+        return ",".join(cells[:label_at] + cells[label_at + 1:])
+
+    rows = [strip(ln) for ln in lines[1:] if ln.strip()]
+    fd, tmp = tempfile.mkstemp(suffix=".csv")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join([f"{strip(lines[0])},{schema.label_name}",
+                            *(f"{ln},{labels[i % len(labels)]}" for i, ln in enumerate(rows))])
+                 + "\n")
+    return Path(tmp)
+
+
+def _load(path: Path, schema: DataSchema, *, relabel: bool, label_at: int | None) -> SiteData:
+    if not relabel:
+        return load_site_data(csv_path=path, schema=schema)
+    copy = _relabelled(path, schema, label_at)
+    try:
+        return load_site_data(csv_path=copy, schema=schema)
+    finally:
+        copy.unlink(missing_ok=True)
+
+
 def _read_rows(path: Path, schema: DataSchema) -> tuple[np.ndarray, np.ndarray | None]:
-    """All rows of one CSV file through the site's data loader; labels None when the file
-    has no label column (its rows are then checked for input drift only)."""
+    """All rows of one CSV file through the site's data loader and its checks; labels None
+    when the file has no label column, or when every row has the same class (a batch of
+    outcomes can): its rows are then checked for input drift only."""
     try:
         with path.open(encoding="utf-8", errors="replace") as fh:
             header = fh.readline()
@@ -202,38 +235,28 @@ def _read_rows(path: Path, schema: DataSchema) -> tuple[np.ndarray, np.ndarray |
     if not header.strip():
         raise DriftCheckError("data-empty", f"{path} is empty")
     columns = [c.strip().strip('"') for c in header.rstrip("\r\n").split(",")]
-    unlabelled = schema.label_name not in columns
-    source = path
-    tmp: str | None = None
+    label_at = columns.index(schema.label_name) if schema.label_name in columns else None
+    labelled = label_at is not None
     try:
-        if unlabelled:
-            # The loader needs a label column: give it a constant one, in a private temp
-            # file (0600), and drop the labels afterwards. The feature checks stay the
-            # loader's.
-            # The classes take turns: the loader refuses a file of one class.
-            lines = path.read_text(encoding="utf-8").splitlines()
-            labels = [str(v) for v in schema.label_values]
-            rows = [ln for ln in lines[1:] if ln.strip()]
-            fd, tmp = tempfile.mkstemp(suffix=".csv")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write("\n".join([f"{lines[0]},{schema.label_name}",
-                                    *(f"{ln},{labels[i % len(labels)]}"
-                                      for i, ln in enumerate(rows))]) + "\n")
-            source = Path(tmp)
-        data = load_site_data(csv_path=source, schema=schema)
+        try:
+            data = _load(path, schema, relabel=not labelled, label_at=label_at)
+        except DataCheckError as err:
+            if not labelled or {p.kind for p in err.report.problems} != {
+                    ProblemKind.SINGLE_CLASS}:
+                raise
+            labelled = False
+            data = _load(path, schema, relabel=True, label_at=label_at)
     except DataCheckError as err:
-        kind = "data-empty" if "rows" in str(err) and "fewer" in str(err) else \
-            "data-unreadable"
+        kinds = {p.kind for p in err.report.problems}
+        kind = "data-empty" if kinds & {ProblemKind.TOO_FEW_ROWS, ProblemKind.FILE_EMPTY} \
+            else "data-unreadable"
         raise DriftCheckError(kind, f"the recent data {path} fails the site's data check: "
                               f"{err}") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise DriftCheckError("data-unreadable", f"cannot read {path}: {err}") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     x = np.concatenate([data.train_x, data.test_x])
     y = np.concatenate([data.train_y, data.test_y])
-    return x, None if unlabelled else y
+    return x, y if labelled else None
 
 
 def _model_figures(bundle: VerifiedBundle, x: np.ndarray, y: np.ndarray

@@ -71,7 +71,13 @@ def check(
     schedule = DriftSchedule(release=str(chosen["release"]),
                              public_key=str(chosen["public_key"]), data=str(chosen["data"]),
                              revocations=base.revocations if base else None)
-    outcome = check_and_queue(root, schedule)
+    from site_agent.audit import AuditLogError
+
+    try:
+        outcome = check_and_queue(root, schedule)
+    except AuditLogError as err:
+        _err.print(f"[bold red]error:[/] nothing was queued: {escape(str(err))}")
+        raise typer.Exit(1) from None
     if as_json:
         _console.print(json.dumps({
             "report": outcome.report,

@@ -178,8 +178,8 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
     except EgressViolation as err:   # a bug, not the data: nothing leaves, the site knows
         error = DriftCheckError("model-failed", str(err))
         report = failed_report(result.release_id if result else release_name, error.kind)
-    atomic_write(_outbox(root) / f"{report['report_id']}.json",
-                 json.dumps(report, allow_nan=False) + "\n", mode=0o600)
+    # The audit entry first: a report is queued to leave only once it is recorded (an
+    # audit log that cannot be written raises AuditLogError and nothing is queued).
     audit.append("drift-check", {
         "release": report["release_id"], "report": report["report_id"],
         "status": report["status"], **({"failure": report["failure"],
@@ -187,6 +187,8 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
             "rows": report["rows"], "features": len(report["features"]),
             "treatment": report["privacy"]["treatment"],
             "epsilon": report["privacy"]["epsilon"]})})
+    atomic_write(_outbox(root) / f"{report['report_id']}.json",
+                 json.dumps(report, allow_nan=False) + "\n", mode=0o600)
     return CheckOutcome(report=report, result=result, error=error)
 
 

@@ -175,10 +175,18 @@ def test_a_folder_of_new_rows_and_an_unlabelled_file(setup: SiteSetup, tmp_path:
                        schema=schema)
     assert result.accuracy is None and result.correct is None and result.auc is None
     assert len(result.names) == 30
+    # A labelled batch of one class (the loader refuses it for training): input drift only.
+    label_at = header.split(",").index(schema.label_name)
+    one = [ln for ln in lines if ln.split(",")[label_at] == lines[0].split(",")[label_at]]
+    single = tmp_path / "one-class.csv"
+    single.write_text("\n".join([header, *one]) + "\n")
+    same = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=single,
+                     schema=schema)
+    assert same.n_rows == len(one) and same.accuracy is None
 
 
 @pytest.mark.parametrize("case", ["no-reference", "empty-file", "empty-folder", "garbage",
-                                  "missing", "tampered"])
+                                  "missing", "tampered", "few-rows", "bad-cells"])
 def test_bad_input_fails_the_check_with_its_kind_and_reason(setup: SiteSetup, tmp_path: Path,
                                                             case: str) -> None:
     schema = load_schema(setup.schema)
@@ -188,7 +196,10 @@ def test_bad_input_fails_the_check_with_its_kind_and_reason(setup: SiteSetup, tm
                 "empty-folder": ("data-empty", "holds no .csv"),
                 "garbage": ("data-unreadable", "garbage.csv"),
                 "missing": ("data-unreadable", "does not exist"),
-                "tampered": ("bundle-unverified", "does not verify")}[case]
+                "tampered": ("bundle-unverified", "does not verify"),
+                "few-rows": ("data-empty", "too-few-rows"),
+                "bad-cells": ("data-unreadable", "wrong-type")}[case]
+    header, *lines = setup.csv.read_text().splitlines()
     if case == "no-reference":
         bundle = setup.bare_bundle
     elif case == "empty-file":
@@ -202,6 +213,13 @@ def test_bad_input_fails_the_check_with_its_kind_and_reason(setup: SiteSetup, tm
         data.write_bytes(b"\x00\xffnot,a,csv\n1,2\n")
     elif case == "missing":
         data = tmp_path / "nothing-here.csv"
+    elif case == "few-rows":
+        data = tmp_path / "few.csv"
+        data.write_text("\n".join([header, *lines[:3]]) + "\n")
+    elif case == "bad-cells":
+        data = tmp_path / "cells.csv"
+        data.write_text("\n".join([header, *lines[:40],
+                                   ",".join(["abc"] * len(header.split(",")))]) + "\n")
     else:
         bundle = tmp_path / "tampered"
         shutil.copytree(setup.bundle, bundle)
