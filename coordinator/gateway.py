@@ -724,7 +724,7 @@ class SiteGateway:
         assert client.site is not None
         try:
             doc = _drift_answer(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):   # nested past the limit
             self._refuse_in_thread(client, "drift", "drift report: not JSON")
             return 400, {"detail": "a drift report is one JSON object"}
         try:
