@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -432,7 +432,3 @@ def _short(value: float) -> float:
     """Six significant digits: the report stays small and says nothing finer."""
     return float(f"{value:.6g}")
 
-
-def describe(names: Sequence[str]) -> str:
-    """A short list of feature names for a message."""
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
