@@ -1011,9 +1011,11 @@ def create_app(
     Returns:
         The application; OpenAPI docs at ``/docs``, the release portal at ``/portal``.
     """
+    from coordinator.drift_api import make_router as make_drift_router
     from coordinator.mlflow_api import router as mlflow_router
     from coordinator.portal import router as portal_router
     from coordinator.portal_dashboard import router as dashboard_router
+    from coordinator.portal_drift import router as drift_portal_router
     from coordinator.portal_run_control import router as portal_run_control_router
     from coordinator.release_api import router as release_router
     from coordinator.study_api import make_router as make_study_router
@@ -1052,4 +1054,6 @@ def create_app(
     app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
     app.include_router(make_tuning_router(current_user=get_current_user,
                                           require_role=require_role))
+    app.include_router(make_drift_router(current_user=get_current_user, require_role=require_role))
+    app.include_router(drift_portal_router)
     return app

@@ -31,6 +31,7 @@ from coordinator.cli_client import (
     settings_for,
 )
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.drift_cli import make_drift_app
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
 from coordinator.run_statistics_cli import make_runs_app
@@ -58,6 +59,7 @@ app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: api_client(api, token, home)), name="study")
 app.add_typer(make_runs_app(lambda api, token, home: api_client(api, token, home)), name="runs")
 app.add_typer(make_tuning_app(lambda api, token, home: api_client(api, token, home)), name="tune")
+app.add_typer(make_drift_app(lambda api, token, home: api_client(api, token, home)), name="drift")
 
 
 def _print_version(value: bool) -> None:

@@ -11,6 +11,9 @@ certificate from the site CA, and:
 * serves enrollment (``/fedward/ca``, ``/fedward/enroll``) without a client certificate:
   a site has none before it enrolls, and the one-time token is the credential;
 * serves renewal (``/fedward/renew``) to a site with its current certificate;
+* takes a site's drift reports (``POST /fedward/drift``, JSON, at most
+  :data:`SMALL_BODY`) with its current certificate, the site named by the certificate
+  (:mod:`coordinator.drift` checks and stores them; nothing is unpickled);
 * refuses every other path (403), the control and runtime APIs above all.
 
 It is a small HTTP/1.1 proxy (h11 for parsing, httpx for the upstream) running in the
@@ -46,6 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
 from coordinator.db import session_scope
+from coordinator.drift import AlarmRule, DriftReportError, store_report
 from coordinator.enrollment import (
     EnrollmentError,
     redeem_token,
@@ -86,6 +90,7 @@ _CLIENT_FORWARDING = {b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
                       b"via"}
 MAX_FLEET_BODY = 512 * 1024 * 1024
 SMALL_BODY = 16 * 1024   # enrollment, renewal, CA: a CSR and a token fit many times over
+DRIFT_PATH = "/fedward/drift"
 _LINGER_BYTES = 64 * 1024   # read and dropped after a refusal, so the client sees the answer
 _CACHE_S = 2.0
 _HANDSHAKE_S = 15.0   # a TLS handshake takes milliseconds; a slow link, a few seconds
@@ -110,6 +115,7 @@ class GatewayConfig:
     max_per_address: int = 32       # anonymous connections (no verified certificate yet)
     max_per_site: int = 64
     reserved_for_sites: int | None = None   # None: a quarter of max_connections
+    drift_rule: AlarmRule = field(default_factory=AlarmRule)   # a drift report's alarm
 
     @property
     def limits(self) -> LimitSettings:
@@ -497,6 +503,20 @@ class SiteGateway:
             await self._send(conn, writer, status, json_type, json.dumps(payload).encode(),
                              close=status != 200)
             return status == 200
+        if path == DRIFT_PATH and method == "POST":
+            if client.site is None:
+                raise _Refused(403, "no-certificate", "drift reports need the site's "
+                                                      "current certificate")
+            await self._site_identity(client)   # revoked, retired, unregistered: refused
+            media = next((v for k, v in request.headers if k == b"content-type"), b"")
+            if media.split(b";", 1)[0].strip().lower() != b"application/json":
+                raise _Refused(415, "drift-content-type", "a drift report is JSON "
+                                                          "(content-type: application/json)")
+            body = await self._small_body(conn, reader, request)
+            status, payload = await asyncio.to_thread(self._drift, body, client)
+            await self._send(conn, writer, status, json_type, json.dumps(payload).encode(),
+                             close=status != 200)
+            return status == 200
         if not _FORWARDABLE.fullmatch(path):
             raise _Refused(403, "path", f"{method} {path[:200]}: forbidden: the site gateway "
                                         "forwards only the Flower fleet API")
@@ -703,6 +723,33 @@ class SiteGateway:
                  issued.serial, client.serial)
         return 200, {"certificate_pem": issued.pem.decode(),
                      "not_after": issued.not_after.isoformat()}
+
+    def _drift(self, body: bytes, client: _Client) -> tuple[int, dict[str, Any]]:
+        assert client.site is not None
+        try:
+            doc = _drift_answer(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):   # nested past the limit
+            self._refuse_in_thread(client, "drift", "drift report: not JSON")
+            return 400, {"detail": "a drift report is one JSON object"}
+        try:
+            row, new = store_report(self.engine, site=client.site, doc=doc,
+                                    rule=self.config.drift_rule)
+        except DriftReportError as err:
+            self._refuse_in_thread(client, "drift", str(err))
+            return err.status, {"detail": str(err)}
+        except SQLAlchemyError as err:
+            return 503, {"detail": f"the coordinator cannot store the report right now "
+                                   f"({type(err).__name__}); the site keeps it and retries"}
+        if new:
+            log.info("site %s reported drift check %s of release %s: %s%s", client.site,
+                     row.report_id, row.release_id, row.status,
+                     " (alarm)" if row.alarm else "")
+        return 200, {"stored": row.report_id, "alarm": row.alarm}
+
+
+def _drift_answer(body: bytes) -> object:
+    """The JSON of a drift report body (json.loads only: never pickle, never eval)."""
+    return json.loads(body.decode("utf-8"))
 
 
 def _body_pending(conn: h11.Connection) -> bool:

@@ -7,7 +7,8 @@ Two kinds of figures:
   connections, gateway refusals by kind, and each site's last contact through the gateway;
 * read from the database at scrape time (:class:`DatabaseCollector`): runs by state, the
   round duration histogram and site failures by phase (rounds are recorded by the ServerApp
-  processes, not here), sites by status and online, and certificate expiry. These survive a
+  processes, not here), sites by status and online, certificate expiry, and the drift alarm
+  and PSI per site, release and feature (:mod:`coordinator.drift`). These survive a
   restart and agree with the API. A background thread re-reads them every ``cache_s``
   seconds (5), so a scrape never waits on the database, however busy the API keeps it.
 
@@ -186,7 +187,7 @@ class DatabaseCollector(Collector):
     def _read(self) -> list[Metric]:
         with Session(self.engine) as session:
             return [self._runs(session), self._rounds(session), self._failures(session),
-                    *self._sites(session)]
+                    *self._sites(session), *self._drift(session)]
 
     @staticmethod
     def _runs(session: Session) -> Metric:
@@ -231,6 +232,10 @@ class DatabaseCollector(Collector):
         for phase, n in sorted(by_phase.items()):
             failures.add_metric([phase], float(n))
         return failures
+
+    @staticmethod
+    def _drift(session: Session) -> list[Metric]:
+        return _drift_metrics(session)
 
     def _sites(self, session: Session) -> list[Metric]:
         sites = session.exec(select(Site.name, Site.status)).all()
@@ -277,6 +282,26 @@ class DatabaseCollector(Collector):
         return [by_status, total_online, online, last, expiry]
 
 
+def _drift_metrics(session: Session) -> list[Metric]:
+    """Per site, release and feature of each pair's newest drift report: 1 if the feature
+    is in alarm, and its PSI (a score computed at the site, never a data value)."""
+    from coordinator.drift import latest_reports
+
+    alarm = GaugeMetricFamily(
+        "fedward_drift_alarm", "1 when the feature is in drift alarm in the newest drift "
+        "report of the site and release, else 0.", labels=["site", "release", "feature"])
+    score = GaugeMetricFamily(
+        "fedward_drift_psi", "Population stability index of the feature in the newest drift "
+        "report of the site and release.", labels=["site", "release", "feature"])
+    for row in latest_reports(session):
+        alarmed = set(json.loads(row.alarm_features_json))
+        for feature, figures in sorted(json.loads(row.features_json).items()):
+            labels = [row.site_name, row.release_id, feature]
+            alarm.add_metric(labels, 1.0 if feature in alarmed else 0.0)
+            score.add_metric(labels, float(figures["psi"]))
+    return [alarm, score]
+
+
 def _timestamp(value: Any) -> float:
     """A database time as Unix seconds (SQLite's aggregate returns the stored text)."""
     if isinstance(value, str):
@@ -314,7 +339,8 @@ METRIC_NAMES: Final = frozenset({
     "fedward_gateway_refusals_total", "fedward_runs", "fedward_round_duration_seconds",
     "fedward_site_failures_total", "fedward_sites", "fedward_sites_online",
     "fedward_site_online", "fedward_site_last_contact_timestamp_seconds",
-    "fedward_site_certificate_expiry_timestamp_seconds",
+    "fedward_site_certificate_expiry_timestamp_seconds", "fedward_drift_alarm",
+    "fedward_drift_psi",
 })
 
 

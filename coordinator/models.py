@@ -27,6 +27,7 @@ __all__ = [
     "TUNING_STATUSES",
     "AuditEvent",
     "Checkpoint",
+    "DriftReport",
     "EnrollmentToken",
     "LoginSession",
     "MlflowExport",
@@ -472,7 +473,7 @@ class Study(SQLModel, table=True):
     created_at: datetime = _created()
 
 
-# --- Run statistics (revision 0012s) -----------------------------------------------------
+# --- Run statistics (revision 0012) -----------------------------------------------------
 
 
 class RunStatistics(SQLModel, table=True):
@@ -572,3 +573,40 @@ class Evaluation(SQLModel, table=True):
     failure_reason: str | None = Field(default=None, sa_type=Text)
     results_json: str = Field(default="{}", sa_type=Text, nullable=False)
     failed_json: str = Field(default="{}", sa_type=Text, nullable=False)
+
+
+# --- Drift reports of released models (revision 0015) ---------------------------------------
+
+
+class DriftReport(SQLModel, table=True):
+    """One drift check of a release at a site, as the site reported it through the gateway.
+
+    Only scores (``features_json``: feature -> PSI, chi-square, dof, p-value), accuracy,
+    AUC, the row count's bucket and the privacy treatment, or for a failed check its kind
+    (``failure``). ``alarm`` and ``alarm_features_json`` are the coordinator's reading of
+    it under the alarm rule in force when it arrived (:mod:`coordinator.drift`).
+    ``report_id`` (made by the site) makes a report sent twice one row.
+    """
+
+    __tablename__ = "drift_reports"
+    __table_args__ = (Index("ix_drift_reports_site_release", "site_name", "release_id", "id"),)
+
+    id: int | None = _pk()
+    report_id: str = Field(max_length=32, unique=True, nullable=False)
+    site_name: str = Field(max_length=64, nullable=False)
+    release_id: str = Field(max_length=128, nullable=False, index=True)
+    checked_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    received_at: datetime = _created()
+    status: str = Field(max_length=16, nullable=False)
+    failure: str | None = Field(default=None, max_length=32)
+    rows_bucket: str | None = Field(default=None, max_length=16)
+    labelled: bool | None = None
+    treatment: str | None = Field(default=None, max_length=16)
+    epsilon: float | None = None
+    accuracy: float | None = None
+    auc: float | None = None
+    max_psi: float | None = None
+    min_p_value: float | None = None
+    alarm: bool = Field(default=False, nullable=False)
+    alarm_features_json: str = Field(default="[]", sa_type=Text, nullable=False)
+    features_json: str = Field(default="{}", sa_type=Text, nullable=False)

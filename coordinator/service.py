@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from coordinator import repository, run_control
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
+from coordinator.drift import AlarmRule
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.metrics import start_listener
 from coordinator.mlflow_outbox import MLFLOW_AUTO_ENV
@@ -244,7 +245,9 @@ class Coordinator:
         self.gateway = SiteGateway(
             config=GatewayConfig(host=self.settings.fleet_host, port=self.settings.fleet_port,
                                  pki=self.superlink.pki, cert=cert, key=key,
-                                 superlink=self.superlink.address),
+                                 superlink=self.superlink.address,
+                                 drift_rule=AlarmRule(psi=self.settings.drift_psi_alarm,
+                                                      alpha=self.settings.drift_alpha)),
             engine=self.engine, registrar=registrar.register, presence=self.presence)
         self.gateway.start()
         self.presence.start()

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
         max_concurrent_runs: How many runs may be pending or running at once on this
             coordinator; a launch beyond it is refused (429) naming the runs that hold it.
         max_concurrent_runs_per_project: The same limit per project.
+        drift_psi_alarm: A drift report's feature is in alarm above this PSI (0.25).
+        drift_alpha: ... or below this p-value, Bonferroni-corrected over the report's
+            features (0.01).
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDWARD_", extra="ignore")
@@ -85,6 +88,10 @@ class Settings(BaseSettings):
     # Every run holds a ServerApp process (about 150 MiB) and its sites' attention.
     max_concurrent_runs: int = Field(default=4, ge=1, le=1000)
     max_concurrent_runs_per_project: int = Field(default=2, ge=1, le=1000)
+    # The drift alarm (coordinator.drift): a feature is in alarm when its PSI is above
+    # drift_psi_alarm or its test's p-value below drift_alpha / (features in the report).
+    drift_psi_alarm: float = Field(default=0.25, gt=0, le=100)
+    drift_alpha: float = Field(default=0.01, gt=0, lt=1)
 
     @field_validator("home")
     @classmethod

@@ -53,6 +53,8 @@ from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.connect import Route, open_route
 from site_agent.data import DataCheckError, SiteData
+from site_agent.drift_policy import DriftSchedule
+from site_agent.drift_runner import DriftScheduler
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure_noise_secret
 from site_agent.metrics import SiteState
 from site_agent.metrics import start_listener as start_metrics
@@ -70,6 +72,18 @@ log = logging.getLogger("fedward.site.agent")
 # What _run_supernode returns when the agent stopped a SuperNode that took no more tasks
 # (not a Flower exit code: those are 100 and above, process statuses below 100).
 STUCK_RESTART: Final = -1000
+
+
+def _start_drift(root: Path, config: SiteConfig) -> DriftScheduler | None:
+    """The scheduled drift check of the site's configuration (off unless configured)."""
+    schedule = DriftSchedule.from_raw(config.drift)
+    if schedule is None or schedule.interval_s is None:
+        return None
+    scheduler = DriftScheduler(root, schedule)
+    scheduler.start()
+    log.info("drift check of %s every %.0f s (reports go to the coordinator's gateway)",
+             schedule.release, schedule.interval_s)
+    return scheduler
 
 
 def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
@@ -303,9 +317,12 @@ class SiteAgent:
         if data is not None:
             log.info("site %s ready: %d training rows, %d held out; trainer at %s",
                      config.name, len(data.train_y), len(data.test_y), paths.socket)
+        drift = _start_drift(self.root, config)
         try:
             return self._supervise(config, paths)
         finally:
+            if drift is not None:
+                drift.stop()
             if self._sandbox is not None:
                 self._sandbox.stop()
             server.stop()

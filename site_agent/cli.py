@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from site_agent.config import ConfigError, SiteConfig, SitePaths
+from site_agent.drift_cli import drift_app
 from site_agent.fingerprint_cli import fingerprint
 from site_agent.ledger_cli import entries_table, ledger_app
 from site_agent.mapping_cli import mapping_app
@@ -38,6 +39,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(mapping_app, name="mapping")
+app.add_typer(drift_app, name="drift")
 app.command("fingerprint")(fingerprint)
 policy_app.command("approve-study")(approve_study)
 console = Console()

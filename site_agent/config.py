@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedward.files import atomic_write
+from site_agent.drift_policy import drift_schedule_problems
 
 if TYPE_CHECKING:
     from site_agent.connectors import Connector
@@ -22,7 +23,8 @@ __all__ = ["CONFIG_FILE", "ConfigError", "SiteConfig", "SitePaths"]
 CONFIG_FILE = "site.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$")
 _KEYS = {"version", "name", "superlink", "ca_cert", "data_path", "schema_path",
-         "torch_threads", "reconnect_backoff_s", "executor", "data", "study", "mapping"}
+         "torch_threads", "reconnect_backoff_s", "executor", "data", "study", "mapping",
+         "drift"}
 EXECUTORS = ("warm", "subprocess")
 
 
@@ -152,6 +154,8 @@ class SiteConfig:
             example study shipped with fedward); with ``mapping``.
         mapping: the hospital's mapping of its columns to the study
             (:mod:`site_agent.mapping`); with ``study``, it replaces ``schema_path``.
+        drift: the drift check's settings (:class:`site_agent.drift_policy.DriftSchedule`
+            reads them); None: no scheduled drift check.
     """
 
     name: str
@@ -162,6 +166,7 @@ class SiteConfig:
     torch_threads: int = 1
     reconnect_backoff_s: float = 65.0
     executor: str = "warm"
+    drift: dict[str, Any] | None = None
     version: int = 1
     data: dict[str, Any] | None = None
     study: str | None = None
@@ -234,6 +239,7 @@ class SiteConfig:
         executor = raw.get("executor", "warm")
         if executor not in EXECUTORS:
             problems.append(f"executor must be one of {list(EXECUTORS)}")
+        problems += drift_schedule_problems(raw.get("drift"))
         if problems:
             raise ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -248,16 +254,17 @@ class SiteConfig:
             data=dict(raw["data"]) if isinstance(raw.get("data"), dict) else None,
             study=raw.get("study") or None,
             mapping=raw.get("mapping") or None,
+            drift=raw.get("drift"),
         )
 
     def save(self, root: Path) -> Path:
         """Write ``root/site.json`` atomically."""
         root.mkdir(parents=True, exist_ok=True)
         path = SitePaths(root).config
-        # The optional data/study/mapping keys only when set: a site.json without them
+        # The optional data/study/mapping/drift keys only when set: a site.json without them
         # reads the same in earlier versions.
         doc = {k: v for k, v in asdict(self).items()
-               if not (k in ("data", "study", "mapping") and v is None)}
+               if not (k in ("data", "study", "mapping", "drift") and v is None)}
         atomic_write(path, json.dumps(doc, indent=2) + "\n", mode=0o600)
         return path
 

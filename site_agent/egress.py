@@ -11,24 +11,27 @@ agent's Fedward and Flower versions (:mod:`fedward.agent_versions`' fixed format
 error reply's code and reason (written by the site agent itself). A statistics answer
 (:func:`check_statistics_reply`) carries one array of noised values instead, only when the
 privacy ledger holds the charged release it was noised for. Anything else blocks the whole
-message.
+message. Drift reports, which leave by their own path, pass :func:`check_drift_report`
+(scores from an allow-list only).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedward.agent_versions import REPLY_VERSIONS, VersionFormatError, parse_versions
+from fedward.drift_wire import MAX_REPORT_BYTES, report_problems
 from fedward.wire import ALLOWED_REPLY_METRICS, FINGERPRINT_KEYS, MSG, is_coarse_parity_figure
 
-__all__ = ["EgressReport", "EgressViolation", "check_outgoing", "check_reply",
-           "check_statistics_reply"]
+__all__ = ["EgressReport", "EgressViolation", "check_drift_report", "check_outgoing",
+           "check_reply", "check_statistics_reply"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _COUNT = re.compile(r"[0-9]{1,12}")
@@ -260,3 +263,26 @@ def check_statistics_reply(*, reply: Mapping[str, Any], arrays: Mapping[str, obj
     return EgressReport(n_bytes=int(values.nbytes) + 8 * len(metrics),
                         array_shapes={STATISTICS_ARRAY: list(values.shape)},
                         metric_names=sorted(metrics))
+def check_drift_report(report: Mapping[str, Any], *, features: Collection[str]) -> int:
+    """Check a drift report before it leaves the site; return its size in bytes.
+
+    Only the fields of :mod:`fedward.drift_wire` pass, each in its fixed format: scores per
+    feature of the release (PSI, chi-square, degrees of freedom, p-value), accuracy, AUC,
+    the row count as a bucket, the privacy treatment and fixed-format identifiers. Any
+    other field, a feature the release does not have, or a value out of its range blocks
+    the whole report.
+
+    Args:
+        report: The report about to leave.
+        features: The release's feature names.
+
+    Raises:
+        EgressViolation: With every problem.
+    """
+    problems = report_problems(report, features=features)
+    if problems:
+        raise EgressViolation(problems)
+    size = len(json.dumps(report, allow_nan=False).encode())
+    if size > MAX_REPORT_BYTES:
+        raise EgressViolation([f"the drift report is {size} bytes, over {MAX_REPORT_BYTES}"])
+    return size

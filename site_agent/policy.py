@@ -55,6 +55,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from fedward.files import FileLock, atomic_write
+from site_agent.drift_policy import DriftDisclosure, drift_policy_problems
 
 if TYPE_CHECKING:
     from privacy.ledger import PrivacyLedger
@@ -84,7 +85,7 @@ POLICY_VERSION: Final = 1
 APPROVALS_VERSION: Final = 1
 PENDING_PREFIX: Final = "pending-approval"
 _TOP_KEYS: Final = ("version", "projects", "require_approval", "max_rounds_per_day",
-                    "site_epsilon_cap")
+                    "site_epsilon_cap", "drift")
 _REQUIRED_KEYS: Final = ("version", "projects", "require_approval")
 _PROJECT_KEYS: Final = ("epsilon_cap", "tasks", "studies")
 _HASH_CHARS: Final = frozenset("0123456789abcdef")
@@ -170,6 +171,8 @@ class SitePolicy:
         max_rounds_per_day: at most this many rounds trained in any 24 hours; None: no limit.
         site_epsilon_cap: the most epsilon all runs of all projects may spend at this
             site, composed together; None: no site-wide cap.
+        drift: how drift reports leave (:mod:`site_agent.drift_policy`); the default
+            (no ``drift`` section) is Gaussian noise charged to the ledger.
         version: the file format version (1).
     """
 
@@ -177,6 +180,7 @@ class SitePolicy:
     require_approval: bool
     max_rounds_per_day: int | None = None
     site_epsilon_cap: float | None = None
+    drift: DriftDisclosure = field(default_factory=DriftDisclosure)
     version: int = POLICY_VERSION
 
     @classmethod
@@ -232,7 +236,8 @@ class SitePolicy:
         return cls(projects=MappingProxyType(projects),
                    require_approval=bool(raw["require_approval"]),
                    max_rounds_per_day=None if rounds is None else int(rounds),
-                   site_epsilon_cap=None if site_cap is None else float(site_cap))
+                   site_epsilon_cap=None if site_cap is None else float(site_cap),
+                   drift=DriftDisclosure.from_raw(raw.get("drift")))
 
     @classmethod
     def starter(cls, *, project: str, task: str, epsilon_cap: float = 10.0,
@@ -257,6 +262,7 @@ class SitePolicy:
             "require_approval": self.require_approval,
             "max_rounds_per_day": self.max_rounds_per_day,
             "site_epsilon_cap": self.site_epsilon_cap,
+            **({"drift": self.drift.to_dict()} if self.drift != DriftDisclosure() else {}),
         }
 
     def save(self, path: Path) -> None:
@@ -293,6 +299,7 @@ def _validate(raw: object) -> list[str]:
     site_cap = raw.get("site_epsilon_cap")
     if site_cap is not None and not (_is_number(site_cap) and site_cap > 0):
         problems.append(f"site_epsilon_cap is {site_cap!r}, expected a number > 0 or null")
+    problems += drift_policy_problems(raw.get("drift"))
     projects = raw.get("projects")
     if "projects" in raw and not isinstance(projects, dict):
         problems.append("projects must be an object: project name -> "

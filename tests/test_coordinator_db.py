@@ -39,7 +39,7 @@ TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "check
           "audit_events", "enrollment_tokens", "site_certificates", "user_credentials",
           "login_sessions", "project_gates", "release_candidates", "releases", "mlflow_exports",
           "site_presence", "studies", "run_statistics", "tunings", "tuning_trials",
-          "evaluations", "alembic_version"}
+          "evaluations", "drift_reports", "alembic_version"}
 HEAD_REVISION = "0012s"
 
 

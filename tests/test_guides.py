@@ -64,9 +64,11 @@ READING_ORDER: tuple[tuple[str, Path, tuple[str, ...]], ...] = (
                 "Releases > Approval and the signed bundle")),
     ("clinician", CLINICIAN, ("3. Download and verify", "4. Run it locally")),
     ("ml", ML, ("Releases > Downloads and revocation",
-                "Releases > Site parity and the coordinator", "MLflow hand-off")),
+                "Releases > Site parity and the coordinator", "Drift of released models",
+                "MLflow hand-off")),
     ("site", OPERATOR, ("What leaves the site", "Site policy", "Approving runs",
-                        "Privacy budget", "Audit log", "Doctor", "The data directory",
+                        "Privacy budget", "Audit log", "Drift checks of a released model",
+                        "Doctor", "The data directory",
                         "When something goes wrong")),
 )
 

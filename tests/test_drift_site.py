@@ -1,0 +1,364 @@
+"""The site's drift check: PSI, the two-sample test, the report that leaves, bad input.
+
+Real pieces throughout: a real ONNX model in a release bundle signed with a real release
+key, reference statistics summed from DP-noised per-site histograms
+(:mod:`drift_support`), the site's data loader, its privacy ledger and audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from drift_support import dp_reference, make_release, release_key
+from scipy.stats import chi2_contingency
+
+from fedward.drift_wire import report_problems
+from site_agent.config import SiteConfig
+from site_agent.data import load_schema
+from site_agent.datasets import read_labeled_csv, write_demo_federation
+from site_agent.drift import DriftCheckError, disclose, run_check
+from site_agent.drift_policy import DriftDisclosure, DriftSchedule
+from site_agent.drift_stats import PSI_FLOOR, auc_from_histograms, chi_square, psi, row_bucket
+from site_agent.egress import EgressViolation, check_drift_report
+from site_agent.policy import SitePolicy
+
+# torch's ONNX exporter (a real model goes into the test release) warns at import.
+pytestmark = [pytest.mark.filterwarnings(
+    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning")]
+
+TASK = "breast_cancer_mlp"
+RELEASE = "test-run1-round1-c1"
+
+
+# --- the statistics ----------------------------------------------------------------------
+
+
+def test_psi_matches_the_formula_worked_by_hand() -> None:
+    # a = (0.5, 0.3, 0.2), e = (0.4, 0.4, 0.2): 0.1 ln(1.25) - 0.1 ln(0.75) + 0 = 0.05108
+    expected = 0.1 * math.log(0.5 / 0.4) + (-0.1) * math.log(0.3 / 0.4)
+    assert psi(np.array([50.0, 30, 20]), np.array([400.0, 400, 200])) == \
+        pytest.approx(expected, abs=1e-12)
+    assert psi(np.array([10.0, 20, 30]), np.array([1.0, 2, 3])) == pytest.approx(0.0)
+    # PSI is symmetric in its two distributions.
+    a, b = np.array([5.0, 1, 9, 3]), np.array([2.0, 7, 4, 4])
+    assert psi(a, b) == pytest.approx(psi(b, a))
+
+
+def test_an_empty_bin_is_floored_not_infinite() -> None:
+    value = psi(np.array([0.0, 50, 50]), np.array([10.0, 45, 45]))
+    a = np.array([PSI_FLOOR, 0.5, 0.5])
+    a = a / a.sum()
+    e = np.array([0.1, 0.45, 0.45])
+    assert math.isfinite(value)
+    assert value == pytest.approx(float(np.sum((a - e) * np.log(a / e))), rel=1e-9)
+
+
+def test_the_chi_square_test_is_pearsons_test_of_the_two_by_b_table() -> None:
+    obs, ref = np.array([30.0, 45, 25, 0]), np.array([120.0, 150, 130, 0])
+    stat, dof, p = chi_square(obs, ref)
+    expected = chi2_contingency(np.stack([obs[:3], ref[:3]]), correction=False)
+    assert stat == pytest.approx(expected.statistic)
+    assert dof == expected.dof == 2
+    assert p == pytest.approx(expected.pvalue)
+    # Noise on the site's counts widens the denominator: the same counts read as less drift.
+    noised_stat, _, noised_p = chi_square(obs, ref, noise_std=5.0)
+    assert noised_stat < stat and noised_p > p
+    assert chi_square(np.zeros(3), ref[:3]) == (0.0, 0, 1.0)
+
+
+def test_auc_of_binned_scores_and_row_buckets() -> None:
+    assert auc_from_histograms(np.array([5.0, 0, 0]), np.array([0.0, 0, 5])) == 1.0
+    assert auc_from_histograms(np.array([5.0, 0]), np.array([5.0, 0])) == 0.5
+    assert auc_from_histograms(np.array([0.0, 0]), np.array([1.0, 0])) is None
+    assert [row_bucket(n) for n in (-3.2, 49.4, 49.6, 275, 5000)] == \
+        ["<50", "<50", "50-99", "250-499", "5000+"]
+
+
+# --- a real release at a site ------------------------------------------------------------
+
+
+@dataclass
+class SiteSetup:
+    root: Path
+    bundle: Path
+    bare_bundle: Path
+    public_key: Path
+    csv: Path
+    schema: Path
+    others: list[Path]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteSetup]:
+    work = tmp_path_factory.mktemp("drift")
+    fed = write_demo_federation(task=TASK, out_dir=work / "data", n_sites=3, seed=0)
+    xs = [read_labeled_csv(csv_path=s.csv_path, task=TASK)[0] for s in fed.sites]
+    private, public = release_key(work / "keys")
+    bundle = make_release(work, release_id=RELEASE, reference=dp_reference(xs),
+                          private_key=private)
+    bare = make_release(work, release_id="test-run1-round1-c2", reference=None,
+                        private_key=private)
+    root = work / "site"
+    site = fed.sites[0]
+    SiteConfig(name="site-a", superlink="127.0.0.1:9", ca_cert="ca.pem",
+               data_path=str(site.csv_path), schema_path=str(site.schema_path),
+               drift={"release": str(bundle), "public_key": str(public),
+                      "data": str(site.csv_path)}).save(root)
+    SitePolicy.starter(project="test", task=TASK, epsilon_cap=50.0).save(root / "policy.json")
+    yield SiteSetup(root=root, bundle=bundle, bare_bundle=bare, public_key=public,
+                    csv=site.csv_path, schema=site.schema_path,
+                    others=[s.csv_path for s in fed.sites[1:]])
+
+
+def test_a_check_of_a_real_release_scores_every_feature_and_the_model(setup: SiteSetup
+                                                                       ) -> None:
+    result = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=setup.csv,
+                       schema=load_schema(setup.schema))
+    assert len(result.names) == 30 and result.n_rows > 100
+    table = {row["feature"]: row for row in result.table()}
+    assert all(0 <= row["p_value"] <= 1 and row["psi"] >= 0 for row in table.values())
+    # Accuracy is the bundle's ONNX model on the labelled rows, computed independently.
+    from export.parity import load_onnx_bytes
+
+    x, y = read_labeled_csv(csv_path=setup.csv, task=TASK)
+    logits = load_onnx_bytes((setup.bundle / "model.onnx").read_bytes())(x)
+    assert result.accuracy == pytest.approx(float((logits.argmax(axis=1) == y).mean()))
+    assert result.auc is not None and 0 <= result.auc <= 1
+
+
+def test_a_shifted_feature_drifts_and_the_others_do_not(setup: SiteSetup,
+                                                        tmp_path: Path) -> None:
+    header, *lines = setup.csv.read_text().splitlines()
+    column = header.split(",").index("worst_area")
+    x, _ = read_labeled_csv(csv_path=setup.csv, task=TASK)
+    shift = 0.8 * float(x[:, column].std())
+    rows = []
+    for line in lines:
+        cells = line.split(",")
+        cells[column] = repr(float(cells[column]) + shift)
+        rows.append(",".join(cells))
+    shifted = tmp_path / "shifted.csv"
+    shifted.write_text("\n".join([header, *rows]) + "\n")
+    schema = load_schema(setup.schema)
+    before = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=setup.csv,
+                       schema=schema).scores
+    after = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=shifted,
+                      schema=schema).scores
+    assert after["worst_area"].psi > 4 * before["worst_area"].psi
+    assert after["worst_area"].p_value < before["worst_area"].p_value
+    assert after["mean_texture"] == before["mean_texture"]
+
+
+def test_a_folder_of_new_rows_and_an_unlabelled_file(setup: SiteSetup, tmp_path: Path) -> None:
+    folder = tmp_path / "recent"
+    folder.mkdir()
+    for i, path in enumerate(setup.others):
+        shutil.copy(path, folder / f"part-{i}.csv")
+    schema = load_schema(setup.schema)
+    both = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=folder,
+                     schema=schema)
+    assert both.n_rows == sum(len(read_labeled_csv(csv_path=p, task=TASK)[1])
+                              for p in setup.others)
+    header, *lines = setup.csv.read_text().splitlines()
+    keep = [i for i, c in enumerate(header.split(",")) if c != schema.label_name]
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("\n".join(",".join(line.split(",")[i] for i in keep)
+                                    for line in [header, *lines]) + "\n")
+    result = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=unlabelled,
+                       schema=schema)
+    assert result.accuracy is None and result.correct is None and result.auc is None
+    assert len(result.names) == 30
+    # A labelled batch of one class (the loader refuses it for training): input drift only.
+    label_at = header.split(",").index(schema.label_name)
+    one = [ln for ln in lines if ln.split(",")[label_at] == lines[0].split(",")[label_at]]
+    single = tmp_path / "one-class.csv"
+    single.write_text("\n".join([header, *one]) + "\n")
+    same = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=single,
+                     schema=schema)
+    assert same.n_rows == len(one) and same.accuracy is None
+
+
+@pytest.mark.parametrize("case", ["no-reference", "empty-file", "empty-folder", "garbage",
+                                  "missing", "tampered", "few-rows", "bad-cells"])
+def test_bad_input_fails_the_check_with_its_kind_and_reason(setup: SiteSetup, tmp_path: Path,
+                                                            case: str) -> None:
+    schema = load_schema(setup.schema)
+    bundle, data = setup.bundle, setup.csv
+    expected = {"no-reference": ("no-reference-statistics", "relaunch with statistics on"),
+                "empty-file": ("data-empty", "is empty"),
+                "empty-folder": ("data-empty", "holds no .csv"),
+                "garbage": ("data-unreadable", "garbage.csv"),
+                "missing": ("data-unreadable", "does not exist"),
+                "tampered": ("bundle-unverified", "does not verify"),
+                "few-rows": ("data-empty", "too-few-rows"),
+                "bad-cells": ("data-unreadable", "wrong-type")}[case]
+    header, *lines = setup.csv.read_text().splitlines()
+    if case == "no-reference":
+        bundle = setup.bare_bundle
+    elif case == "empty-file":
+        data = tmp_path / "empty.csv"
+        data.write_text("")
+    elif case == "empty-folder":
+        data = tmp_path / "none"
+        data.mkdir()
+    elif case == "garbage":
+        data = tmp_path / "garbage.csv"
+        data.write_bytes(b"\x00\xffnot,a,csv\n1,2\n")
+    elif case == "missing":
+        data = tmp_path / "nothing-here.csv"
+    elif case == "few-rows":
+        data = tmp_path / "few.csv"
+        data.write_text("\n".join([header, *lines[:3]]) + "\n")
+    elif case == "bad-cells":
+        data = tmp_path / "cells.csv"
+        data.write_text("\n".join([header, *lines[:40],
+                                   ",".join(["abc"] * len(header.split(",")))]) + "\n")
+    else:
+        bundle = tmp_path / "tampered"
+        shutil.copytree(setup.bundle, bundle)
+        doc = json.loads((bundle / "reference_statistics.json").read_text())
+        doc["features"][0]["counts"][0] += 1.0
+        (bundle / "reference_statistics.json").write_text(json.dumps(doc))
+    with pytest.raises(DriftCheckError) as info:
+        run_check(bundle_dir=bundle, public_key=setup.public_key, data=data, schema=schema)
+    assert info.value.kind == expected[0]
+    assert expected[1] in str(info.value)
+
+
+# --- what leaves -------------------------------------------------------------------------
+
+
+def test_the_noised_report_holds_scores_only_and_passes_the_egress_guard(setup: SiteSetup
+                                                                         ) -> None:
+    result = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=setup.csv,
+                       schema=load_schema(setup.schema))
+    report, mechanism = disclose(result, DriftDisclosure(), rng=np.random.default_rng(1),
+                                 epsilon=0.5)
+    assert mechanism is not None and mechanism.TYPE == "GaussianRelease"
+    # 30 feature histograms, the row count, the correct count, one score bin: 33 touched.
+    assert mechanism.l2_sensitivity == pytest.approx(math.sqrt(33))
+    assert check_drift_report(report, features=result.names) < 16 * 1024
+    assert report["privacy"] == {"treatment": "gaussian", "noise_multiplier": 1.0,
+                                 "epsilon": 0.5, "delta": 1e-6}
+    assert set(report["features"]["mean_radius"]) == {"psi", "chi2", "dof", "p_value"}
+    text = json.dumps(report)
+    assert str(result.n_rows) not in report["rows"]   # a bucket, not the count
+    assert "counts" not in text and "edges" not in text
+    unnoised, none = disclose(result, DriftDisclosure(disclosure="unnoised"))
+    assert none is None
+    assert unnoised["features"]["mean_radius"]["psi"] == pytest.approx(
+        result.scores["mean_radius"].psi, rel=1e-5)
+
+
+def test_the_egress_guard_refuses_an_extra_field_a_foreign_feature_or_a_bad_value(
+        setup: SiteSetup) -> None:
+    result = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=setup.csv,
+                       schema=load_schema(setup.schema))
+    report, _ = disclose(result, DriftDisclosure(), epsilon=0.5)
+    check_drift_report(report, features=result.names)
+    for change, problem in (
+            ({"histogram": [1, 2, 3]}, "not on the allow-list"),
+            ({"rows": 275}, "rows must be one of the buckets"),
+            ({"accuracy": 1.5}, "accuracy must be null or in [0, 1]"),
+            ({"release_id": "x/../y"}, "release_id is not in its fixed format"),
+            ({"features": {**report["features"], "patient_name": report["features"][
+                "mean_radius"]}}, "is not a feature of the release"),
+            ({"features": {"mean_radius": {**report["features"]["mean_radius"],
+                                           "raw": 14.2}}}, "expected exactly")):
+        with pytest.raises(EgressViolation) as info:
+            check_drift_report({**report, **change}, features=result.names)
+        assert problem in str(info.value), change
+    assert report_problems({**report, "status": "failed"}) != []
+
+
+def test_a_check_is_charged_to_the_ledger_before_it_is_queued(setup: SiteSetup) -> None:
+    from privacy import PrivacyLedger
+    from site_agent.audit import read_entries
+    from site_agent.drift_runner import check_and_queue, pending
+
+    schedule = DriftSchedule.from_raw(SiteConfig.load(setup.root).drift)
+    assert schedule is not None
+    outcome = check_and_queue(setup.root, schedule)
+    assert outcome.error is None
+    queued = pending(setup.root)
+    assert [p.stem for p in queued] == [outcome.report["report_id"]]
+    ledger = PrivacyLedger(setup.root / "privacy-ledger.sqlite")
+    entries = [e for e in ledger.entries() if e.purpose == "drift"]
+    assert [(e.run_id, e.key, e.state) for e in entries] == [
+        (f"drift:{RELEASE}", outcome.report["report_id"], "charged")]
+    assert outcome.report["privacy"]["epsilon"] == pytest.approx(
+        ledger.epsilon_spent(f"drift:{RELEASE}"))
+    entries_, _ = read_entries(setup.root / "audit.log")
+    assert entries_[-1].action == "drift-check"
+    # A project cap too small for one more check: the check fails as budget-exceeded, and
+    # the report that leaves names only that.
+    original = (setup.root / "policy.json").read_text()
+    policy = json.loads(original)
+    policy["projects"]["test"]["epsilon_cap"] = outcome.report["privacy"]["epsilon"] * 1.01
+    (setup.root / "policy.json").write_text(json.dumps(policy))
+    try:
+        refused = check_and_queue(setup.root, schedule)
+    finally:
+        (setup.root / "policy.json").write_text(original)
+    assert refused.error is not None and refused.error.kind == "budget-exceeded"
+    assert set(refused.report) == {"format", "version", "report_id", "release_id",
+                                   "checked_at", "status", "failure"}
+    assert len([e for e in PrivacyLedger(setup.root / "privacy-ledger.sqlite").entries()
+                if e.purpose == "drift"]) == 1
+
+
+def test_the_drift_settings_are_checked_with_every_problem_at_once() -> None:
+    from site_agent.config import ConfigError
+    from site_agent.policy import PolicyError
+
+    base = {"name": "site-a", "superlink": "127.0.0.1:9", "ca_cert": "ca.pem",
+            "data_path": "d.csv", "schema_path": "s.json"}
+    assert SiteConfig.from_dict(base).drift is None   # off by default
+    with pytest.raises(ConfigError) as info:
+        SiteConfig.from_dict({**base, "drift": {"release": "", "public_key": "k.pem",
+                                                "data": "new/", "interval_s": 5,
+                                                "cron": "daily"}})
+    text = str(info.value)
+    assert "'release' is required" in text and "interval_s must be null" in text
+    assert "unknown keys ['cron']" in text
+    policy = SitePolicy.starter(project="test", task=TASK).to_dict()
+    assert "drift" not in policy and SitePolicy.from_dict(policy).drift == DriftDisclosure()
+    with pytest.raises(PolicyError) as perr:
+        SitePolicy.from_dict({**policy, "drift": {"disclosure": "raw", "noise_multiplier": 0}})
+    assert "disclosure must be one of" in str(perr.value)
+    assert "noise_multiplier must be a number > 0" in str(perr.value)
+    unnoised = SitePolicy.from_dict({**policy, "drift": {"disclosure": "unnoised"}})
+    assert unnoised.drift.disclosure == "unnoised"
+    assert unnoised.to_dict()["drift"]["disclosure"] == "unnoised"
+
+
+def test_the_command_shows_every_figure_at_the_site_and_fails_with_the_reason(
+        setup: SiteSetup, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "fedward-site")
+    ran = subprocess.run([cli, "drift", "check", "--dir", str(setup.root), "--json"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+    assert len(out["local"]["features"]) == 30 and out["error"] is None
+    assert out["report"]["status"] == "ok"
+    table = subprocess.run([cli, "drift", "check", "--dir", str(setup.root), "--data",
+                            str(tmp_path)], capture_output=True, text=True, timeout=120,
+                           check=False, env={**os.environ, "COLUMNS": "200"})
+    assert table.returncode == 3
+    assert "drift check failed (data-empty)" in table.stderr
+    assert "holds no .csv file" in table.stderr
+    assert "drift-check-failed (data-empty)" in table.stdout
+    shown = subprocess.run([cli, "drift", "show", "--dir", str(setup.root)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert '"failure": "data-empty"' in shown and tmp_path.name not in shown
