@@ -33,10 +33,12 @@ from fedward.run_config import RunPlan
 from fedward.statistics import (
     STATISTICS_ARRAY,
     expected_shape,
+    l2_sensitivity,
     reference_document,
     study_identity,
 )
 from fedward.wire import REPLY_ARRAYS, STATISTICS_MESSAGE_TYPE, TASK_CONFIG, SiteErrorCode
+from privacy.release import gaussian_noise_multiplier
 
 if TYPE_CHECKING:  # Flower is imported by the phase alone: the API and releases read rows
     from flwr.app import Message
@@ -132,9 +134,13 @@ def statistics_phase(*, grid: Grid, engine: Engine, plan: RunPlan, nodes: dict[i
             f"statistics phase: {len(releases)} of {len(plan.sites)} sites released "
             f"statistics, the run needs at least {plan.min_sites} ({why})")
     total = np.sum([releases[s] for s in sorted(releases)], axis=0)
+    # Each site's noise follows from the run's settings alone (site_agent.statistics).
+    site_noise_std = gaussian_noise_multiplier(epsilon=share, delta=plan.delta) * \
+        l2_sensitivity(shape[0])
     reference = reference_document(
         run_id=plan.run_id, study=study_identity(plan.task, plan.study, plan.study_hash),
-        epsilon=share, delta=plan.delta, sites=len(releases), task=plan.task, total=total)
+        epsilon=share, delta=plan.delta, sites=len(releases), task=plan.task, total=total,
+        site_noise_std=site_noise_std)
     store_statistics(engine, run_id=plan.run_id, reference=reference, sites=sorted(releases),
                      failed=failed, seconds=seconds)
     log.info("run %s: statistics of %d site(s) in %.2f s", plan.run_id, len(releases), seconds)

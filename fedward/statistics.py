@@ -152,7 +152,8 @@ def _feature_entry(bins: FeatureBins, row: np.ndarray) -> dict[str, Any]:
 
 def reference_document(*, run_id: int, study: Mapping[str, str], epsilon: float,
                        delta: float, sites: int, task: str,
-                       total: np.ndarray) -> dict[str, Any]:
+                       total: np.ndarray, site_noise_std: float | None = None
+                       ) -> dict[str, Any]:
     """The reference statistics of a run (format version 1) from the sum of the sites' releases.
 
     ``counts``, ``n`` and ``missing`` are clipped at 0; ``n`` counts every row (with a value
@@ -166,6 +167,10 @@ def reference_document(*, run_id: int, study: Mapping[str, str], epsilon: float,
         sites: how many sites' releases are summed.
         task: the task (its features and bins).
         total: the summed releases, shape ``(features, BINS + 4)``.
+        site_noise_std: the Gaussian noise std each site added to every value of its
+            release (it depends on the run's settings only); the document then states
+            ``privacy.noise_std``, the noise std of each summed count (``sqrt(sites)`` times
+            it), which a drift check needs to tell noise from drift.
     """
     bins = feature_bins(task)
     if total.shape != (len(bins), BINS + len(COLUMNS)):
@@ -175,7 +180,9 @@ def reference_document(*, run_id: int, study: Mapping[str, str], epsilon: float,
         "format": REFERENCE_FORMAT, "version": REFERENCE_VERSION, "run_id": int(run_id),
         "study": dict(study),
         "privacy": {"mechanism": "gaussian", "epsilon": float(epsilon),
-                    "delta": float(delta), "sites": int(sites)},
+                    "delta": float(delta), "sites": int(sites),
+                    **({} if site_noise_std is None else
+                       {"noise_std": float(site_noise_std) * math.sqrt(sites)})},
         "features": [_feature_entry(b, total[i]) for i, b in enumerate(bins)],
     }
 

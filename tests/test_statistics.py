@@ -148,6 +148,12 @@ def test_the_reference_document_is_the_shared_format() -> None:
     assert first["mean"] == pytest.approx(bins[0].low + 0.5 * bins[0].width)
     assert first["std"] == pytest.approx(bins[0].width * math.sqrt(0.3 - 0.25))
     json.dumps(doc, allow_nan=False)
+    # With each site's noise known, the document states the noise of every summed count:
+    # what a site's drift check needs to tell noise from drift.
+    noised = reference_document(run_id=12, study={"name": TASK, "hash": "sha256:ab"},
+                                epsilon=0.3, delta=1e-6, sites=3, task=TASK, total=total,
+                                site_noise_std=2.0)
+    assert noised["privacy"]["noise_std"] == pytest.approx(2.0 * math.sqrt(3))
     with pytest.raises(ValueError, match="expected"):
         reference_document(run_id=1, study={}, epsilon=0.3, delta=1e-6, sites=1, task=TASK,
                            total=np.zeros((2, 2)))

@@ -18,6 +18,7 @@ import pytest
 from export.bundle import verify_bundle
 from fedward.statistics import BINS, REFERENCE_FILE, feature_names
 from privacy import PrivacyLedger
+from site_agent.statistics import statistics_mechanism
 
 from federation import BIN, federation
 from tests_support import short_tmp
@@ -44,8 +45,11 @@ def test_a_run_with_statistics_stores_them_and_its_release_ships_them() -> None:
         assert reference["version"] == 1 and reference["run_id"] == run_id
         assert reference["study"]["name"] == TASK
         assert reference["study"]["hash"].startswith("sha256:")
+        # The noise of each summed count: the sites' charged mechanism, summed over 2 sites.
+        site_noise = statistics_mechanism(task=TASK, epsilon=0.3, delta=1e-5).noise_std
         assert reference["privacy"] == {"mechanism": "gaussian", "epsilon": 0.3,
-                                        "delta": 1e-5, "sites": 2}
+                                        "delta": 1e-5, "sites": 2,
+                                        "noise_std": pytest.approx(site_noise * 2 ** 0.5)}
         assert [f["name"] for f in reference["features"]] == list(feature_names(TASK))
         for feature in reference["features"]:
             assert len(feature["edges"]) == BINS + 1 and len(feature["counts"]) == BINS
