@@ -13,7 +13,7 @@ with each refusing site's figures. The best trial is a recorded run: ``launch --
 trains the configuration again (an ordinary run, charged as one), and its model is what the
 search releases.
 
-Tables ``tunings`` and ``tuning_trials`` (migration 0012t); the Optuna study itself lives in
+Tables ``tunings`` and ``tuning_trials`` (migration 0013); the Optuna study itself lives in
 memory while the search runs (one thread per search, in the coordinator's process).
 """
 

@@ -1,6 +1,6 @@
 """Run statistics: each run's federated DP statistics, summed over its sites' releases.
 
-Revision ID: 0012s
+Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-07
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012s"
+revision: str = "0012"
 down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
