@@ -52,11 +52,12 @@ from site_agent.audit import AuditLog, AuditLogError
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.connect import Route, open_route
-from site_agent.data import DataCheckError, SiteData, load_schema, load_site_data
+from site_agent.data import DataCheckError, SiteData
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure_noise_secret
 from site_agent.metrics import SiteState
 from site_agent.metrics import start_listener as start_metrics
 from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
+from site_agent.site_data import open_configured
 from site_agent.supernode_watch import SupernodeWatch
 from site_agent.trainer import TrainerServer, WarmTrainer
 from site_agent.warm_executor import WarmExecutor
@@ -247,13 +248,15 @@ class SiteAgent:
             log.warning("made %d files and folders of %s readable by this account only "
                         "(they were open to other local accounts), e.g. %s", len(tightened),
                         self.root, tightened[0])
-        schema = load_schema(config.resolve(self.root, config.schema_path))
+        # The connector and the schema, or the study and the hospital's mapping to it
+        # (site_agent.site_data); a site.json of earlier versions reads its CSV as before.
+        configured = open_configured(config, self.root)
+        configured.require_trainable()
         data: SiteData | None = None
         data_failure: dict[str, object] | None = None
         try:
-            data = load_site_data(csv_path=config.resolve(self.root, config.data_path),
-                                  schema=schema, fingerprint_key=ensure_fingerprint_key(
-                                      paths.keys / FINGERPRINT_KEY_FILE))
+            data = configured.load(fingerprint_key=ensure_fingerprint_key(
+                paths.keys / FINGERPRINT_KEY_FILE))
         except DataCheckError as err:
             # No training on bad data. The agent still connects so that the coordinator can
             # show the ML team that this site failed its data check (kinds and counts only).
@@ -275,7 +278,7 @@ class SiteAgent:
                         approvals=ApprovalBook(paths.approvals), audit=audit)
         policy_state = _report_policy(gate, paths)
         _audit_or_log(audit, "agent-started", {
-            "site": config.name, "task": schema.task, "policy": policy_state,
+            "site": config.name, "task": configured.task, "policy": policy_state,
             "data_check": "passed" if data_failure is None else "failed",
             "epsilon_cap": self.epsilon_cap,
         })
@@ -283,13 +286,13 @@ class SiteAgent:
 
         torch.set_num_threads(config.torch_threads)
         if data is not None:
-            _warm_up(schema.task)
+            _warm_up(configured.task)
         trainer = WarmTrainer(
-            site_name=config.name, task=schema.task, data=data,
+            site_name=config.name, task=configured.task, data=data,
             ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies, audit=audit,
             epsilon_cap=self.epsilon_cap, data_failure=data_failure, gate=gate,
             noise_secret=ensure_noise_secret(paths.keys / "noise.secret"),
-            data_dir=config.resolve(self.root, config.data_path).parent,
+            data_dir=configured.connector.data_dir,
         )
         server = TrainerServer(path=paths.socket, trainer=trainer)
         server.start()

@@ -19,6 +19,7 @@ from rich.table import Table
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 from site_agent.fingerprint_cli import fingerprint
 from site_agent.ledger_cli import entries_table, ledger_app
+from site_agent.mapping_cli import mapping_app
 from site_agent.study_cli import approve_study
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ audit_app = typer.Typer(help="The site's local audit log: show entries, verify t
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(mapping_app, name="mapping")
 app.command("fingerprint")(fingerprint)
 policy_app.command("approve-study")(approve_study)
 console = Console()
@@ -76,41 +78,69 @@ def init(
         help="coordinator fleet address host:port (a lab site on the coordinator's host: "
              "the content of the coordinator's superlink.address, unix:/...)")],
     ca_cert: Annotated[Path, typer.Option(help="the coordinator's CA certificate (PEM)")],
-    data: Annotated[Path, typer.Option(help="the site's training data (CSV)")],
-    schema: Annotated[Path, typer.Option(help="the data's schema (JSON)")],
+    data: Annotated[Path | None, typer.Option(
+        help="the site's training data (CSV; Parquet by its .parquet suffix)")] = None,
+    schema: Annotated[Path | None, typer.Option(help="the data's schema (JSON)")] = None,
     torch_threads: Annotated[int, typer.Option()] = 1,
     reconnect_backoff: Annotated[float, typer.Option(help="seconds before restarting a "
                                                      "dropped SuperNode")] = 65.0,
     project: Annotated[str, typer.Option(
         help="project the starter policy accepts (from the coordinator team)")] = "default",
+    data_config: Annotated[Path | None, typer.Option(
+        help="instead of --data: a JSON file holding the data connector block, e.g. a "
+             "read-only SQL query (see the operator's guide)")] = None,
+    study: Annotated[str | None, typer.Option(
+        help="instead of --schema: the study the data is mapped to (a spec file, or an "
+             "example study's name), with --mapping")] = None,
+    mapping: Annotated[Path | None, typer.Option(
+        help="the mapping of the site's columns to --study (`fedward-site mapping "
+             "template` writes one)")] = None,
 ) -> None:
     """Write the site configuration (site.json), copy the CA certificate in, and write a
     starter site policy (policy.json) unless one exists."""
-    from site_agent.data import SchemaError, load_schema
+    from site_agent.data import SchemaError
+    from site_agent.site_data import open_configured
 
-    problems = [f"{label} {p} does not exist" for label, p in
-                (("CA certificate", ca_cert), ("data file", data), ("schema file", schema))
-                if not p.exists()]
+    named = [("CA certificate", ca_cert), ("data file", data), ("schema file", schema),
+             ("data connector file", data_config), ("mapping file", mapping)]
+    problems = [f"{label} {p} does not exist" for label, p in named
+                if p is not None and not p.exists()]
+    if (data is None) == (data_config is None):
+        problems.append("name the data with --data FILE or --data-config FILE (one of them)")
+    if schema is None and (study is None or mapping is None):
+        problems.append("name what the data is checked against: --schema FILE, or --study "
+                        "with --mapping")
     if problems:
         _fail("; ".join(problems))
-    try:
-        task = load_schema(schema).task
-    except SchemaError as err:
-        _fail(str(err))
+    raw: dict[str, Any] = {
+        "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
+        "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff}
+    if data_config is not None:
+        try:
+            raw["data"] = json.loads(data_config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            _fail(f"{data_config} is not a JSON connector block ({err})")
+    elif data is not None and data.suffix.lower() in (".parquet", ".pq"):
+        raw["data"] = {"connector": "parquet", "path": str(data.expanduser().resolve())}
+    elif data is not None:
+        raw["data_path"] = str(data.expanduser().resolve())
+    if schema is not None:
+        raw["schema_path"] = str(schema.expanduser().resolve())
+    else:
+        assert study is not None and mapping is not None
+        raw["study"] = (str(Path(study).expanduser().resolve()) if Path(study).is_file()
+                        else study)
+        raw["mapping"] = str(mapping.expanduser().resolve())
     root = dir.expanduser().resolve()
+    try:
+        cfg = SiteConfig.from_dict(raw)
+        task = open_configured(cfg, root).task   # every problem before anything is written
+    except (ConfigError, SchemaError) as err:
+        _fail(str(err))
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)
     if ca_cert.resolve() != (root / "coordinator-ca.pem").resolve():
         shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
-    try:
-        cfg = SiteConfig.from_dict({
-            "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
-            "data_path": str(data.expanduser().resolve()),
-            "schema_path": str(schema.expanduser().resolve()),
-            "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff,
-        })
-    except ConfigError as err:
-        _fail(str(err))
     path = cfg.save(root)
     console.print(f"site configuration written to {path}")
     _write_starter_policy(root, project=project, task=task, epsilon_cap=10.0,
@@ -253,26 +283,29 @@ def keygen(dir: DirOpt) -> None:
 def check(dir: DirOpt,
           as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
           ) -> None:
-    """Check the site's data against its schema and report every problem at once."""
-    from site_agent.data import SchemaError, check_data, load_schema
+    """Check the site's data against its schema (or its study mapping) and report every
+    problem at once."""
+    from site_agent.data import SchemaError
+    from site_agent.site_data import open_configured
 
     root = dir.expanduser().resolve()
     try:
         cfg = SiteConfig.load(root)
-        schema = load_schema(cfg.resolve(root, cfg.schema_path))
+        configured = open_configured(cfg, root)
     except (ConfigError, SchemaError) as err:
         _fail(str(err))
-    report = check_data(csv_path=cfg.resolve(root, cfg.data_path), schema=schema)
+    report = configured.check()
     if as_json:
         print(json.dumps({"ok": report.ok, "rows": report.n_rows,
                           "problems": [p.message for p in report.problems],
                           "warnings": [str(w) for w in report.warnings]}))
     elif report.ok:
-        console.print(f"[green]data OK[/]: {report.n_rows} rows match the schema "
-                      f"(task {schema.task})")
+        console.print(f"[green]data OK[/]: {report.n_rows} rows match the "
+                      f"{'study mapping' if cfg.uses_study else 'schema'} "
+                      f"(task {configured.task})")
     else:
         err_console.print(f"[bold red]{len(report.problems)} problem(s)[/] in "
-                          f"{cfg.data_path}:")
+                          f"{cfg.data_path or configured.connector.describe()}:")
         for p in report.problems:
             err_console.print(f"  - {p.message}")
     if not report.ok:
@@ -320,11 +353,12 @@ def policy_init(
     """Write a starter site policy (policy.json) for one project."""
     root = dir.expanduser().resolve()
     if task is None:
-        from site_agent.data import SchemaError, load_schema
+        from site_agent.data import SchemaError
+        from site_agent.site_data import open_configured
 
         try:
             cfg = SiteConfig.load(root)
-            task = load_schema(cfg.resolve(root, cfg.schema_path)).task
+            task = open_configured(cfg, root).task   # the schema's task, or the study's
         except (ConfigError, SchemaError) as err:
             _fail(f"{err}\n(or name the task with --task)")
     path = SitePaths(root).policy

@@ -10,16 +10,19 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedward.files import atomic_write
+
+if TYPE_CHECKING:
+    from site_agent.connectors import Connector
 
 __all__ = ["CONFIG_FILE", "ConfigError", "SiteConfig", "SitePaths"]
 
 CONFIG_FILE = "site.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$")
 _KEYS = {"version", "name", "superlink", "ca_cert", "data_path", "schema_path",
-         "torch_threads", "reconnect_backoff_s", "executor"}
+         "torch_threads", "reconnect_backoff_s", "executor", "data", "study", "mapping"}
 EXECUTORS = ("warm", "subprocess")
 
 
@@ -132,14 +135,23 @@ class SiteConfig:
             coordinator's own host that is not enrolled: ``unix:`` and the path of the
             coordinator's SuperLink socket, as in its ``superlink.address`` file).
         ca_cert: the coordinator's CA certificate (PEM) that the site trusts.
-        data_path: the CSV file with the site's training data.
-        schema_path: the JSON schema the data must match.
+        data_path: the CSV file with the site's training data ("" when ``data`` names a
+            connector instead).
+        schema_path: the JSON schema the data must match ("" when the site trains a study
+            through its ``mapping`` instead).
         torch_threads: CPU threads the trainer may use.
         reconnect_backoff_s: wait before restarting a SuperNode that exited; Flower keeps
             an authenticated node "active" for about 60 s after it drops.
         executor: ``warm`` runs ClientApp tasks inside the agent (no process per message);
             ``subprocess`` starts one process per message, as stock Flower does (slower;
             for sites that want each task isolated). Both check the app bundle first.
+        data: the data connector and its options (:mod:`site_agent.connectors`), e.g.
+            ``{"connector": "parquet", "path": "extract.parquet"}``; None reads
+            ``data_path`` as CSV.
+        study: the study spec the site's data is mapped to (a file, or the name of an
+            example study shipped with fedward); with ``mapping``.
+        mapping: the hospital's mapping of its columns to the study
+            (:mod:`site_agent.mapping`); with ``study``, it replaces ``schema_path``.
     """
 
     name: str
@@ -151,6 +163,26 @@ class SiteConfig:
     reconnect_backoff_s: float = 65.0
     executor: str = "warm"
     version: int = 1
+    data: dict[str, Any] | None = None
+    study: str | None = None
+    mapping: str | None = None
+
+    def connector(self, root: Path) -> Connector:
+        """The site's data connector (``data``, else ``data_path`` read as CSV).
+
+        Raises:
+            site_agent.connectors.ConnectorError: Every problem of the ``data`` block.
+        """
+        from site_agent.connectors import open_connector
+
+        block = self.data if self.data is not None else {"connector": "csv",
+                                                         "path": self.data_path}
+        return open_connector(block, root=root, source=f"{CONFIG_FILE} 'data'")
+
+    @property
+    def uses_study(self) -> bool:
+        """Whether the site's data is read through a study mapping (not a schema)."""
+        return self.study is not None and self.mapping is not None
 
     def resolve(self, root: Path, value: str) -> Path:
         """A path from the config, made absolute against the site's data directory."""
@@ -180,9 +212,10 @@ class SiteConfig:
         unknown = sorted(set(raw) - _KEYS)
         if unknown:
             problems.append(f"unknown keys {unknown} (known: {sorted(_KEYS)})")
-        for key in ("name", "superlink", "ca_cert", "data_path", "schema_path"):
+        for key in ("name", "superlink", "ca_cert"):
             if not isinstance(raw.get(key), str) or not raw.get(key):
                 problems.append(f"{key!r} is required and must be a non-empty string")
+        problems.extend(_data_problems(raw))
         name = raw.get("name")
         if isinstance(name, str) and name and not _NAME_RE.match(name):
             problems.append(
@@ -207,16 +240,48 @@ class SiteConfig:
             name=str(raw["name"]),
             superlink=str(raw["superlink"]),
             ca_cert=str(raw["ca_cert"]),
-            data_path=str(raw["data_path"]),
-            schema_path=str(raw["schema_path"]),
+            data_path=str(raw.get("data_path") or ""),
+            schema_path=str(raw.get("schema_path") or ""),
             torch_threads=int(threads),
             reconnect_backoff_s=float(backoff),
             executor=str(executor),
+            data=dict(raw["data"]) if isinstance(raw.get("data"), dict) else None,
+            study=raw.get("study") or None,
+            mapping=raw.get("mapping") or None,
         )
 
     def save(self, root: Path) -> Path:
         """Write ``root/site.json`` atomically."""
         root.mkdir(parents=True, exist_ok=True)
         path = SitePaths(root).config
-        atomic_write(path, json.dumps(asdict(self), indent=2) + "\n", mode=0o600)
+        # The optional data/study/mapping keys only when set: a site.json without them
+        # reads the same in earlier versions.
+        doc = {k: v for k, v in asdict(self).items()
+               if not (k in ("data", "study", "mapping") and v is None)}
+        atomic_write(path, json.dumps(doc, indent=2) + "\n", mode=0o600)
         return path
+
+
+def _data_problems(raw: dict[str, Any]) -> list[str]:
+    """Where the data comes from and what it is checked against: ``data_path`` (CSV) or a
+    ``data`` connector block, and ``schema_path`` or ``study`` with ``mapping``."""
+    out: list[str] = []
+    data, data_path = raw.get("data"), raw.get("data_path")
+    if data is not None:
+        if not isinstance(data, dict) or not isinstance(data.get("connector"), str):
+            out.append("'data' must be an object naming its 'connector' (csv, parquet, sql "
+                       "or an installed plugin) with the connector's options")
+        if data_path:
+            out.append("give 'data_path' or 'data', not both")
+    elif not isinstance(data_path, str) or not data_path:
+        out.append("'data_path' (a CSV file) or 'data' (a connector) is required")
+    for key in ("study", "mapping", "schema_path"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            out.append(f"{key!r} must be a string")
+    study, mapping, schema = raw.get("study"), raw.get("mapping"), raw.get("schema_path")
+    if bool(study) != bool(mapping):
+        out.append("'study' and 'mapping' go together: name both, or neither")
+    elif not study and not schema:
+        out.append("'schema_path' is required (or 'study' with 'mapping')")
+    return out

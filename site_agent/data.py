@@ -1,4 +1,9 @@
-"""The site's data connector: CSV files with a declared schema, checked before any training.
+"""The site's data check: a declared schema, the CSV reader, and the table check.
+
+Every data connector (:mod:`site_agent.connectors`: CSV, Parquet, SQL, plugins) hands a
+:class:`Table` to :func:`scan_table` (or, for the hospital's mapping to a study,
+:mod:`site_agent.mapping`); CSV files keep their own path (:func:`check_data`,
+:func:`load_site_data`), which the CSV connector calls.
 
 This module runs only at the site. It reads patient data, so it is careful about what it
 lets out of itself:
@@ -24,8 +29,9 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +53,15 @@ __all__ = [
     "ProblemKind",
     "SchemaError",
     "SiteData",
+    "Table",
+    "TableReadError",
     "check_data",
     "keyed_fingerprint",
     "load_schema",
     "load_site_data",
+    "read_csv_table",
+    "scan_table",
+    "split_site_data",
 ]
 
 SCHEMA_VERSION = 1
@@ -88,6 +99,18 @@ class ProblemKind(StrEnum):
     UNKNOWN_LABEL = "unknown-label"
     TOO_FEW_ROWS = "too-few-rows"
     SINGLE_CLASS = "single-class"
+    # A database or other non-file source (site_agent.connectors).
+    SOURCE_UNREACHABLE = "source-unreachable"
+    QUERY_REFUSED = "query-refused"
+    # The hospital's mapping of its columns to a study (site_agent.mapping).
+    STUDY_MISMATCH = "study-mismatch"
+    UNKNOWN_FEATURE = "unknown-feature"
+    FEATURE_UNMAPPED = "feature-unmapped"
+    DUPLICATE_MAPPING = "duplicate-mapping"
+    UNKNOWN_LEVEL = "unknown-level"
+    LEVEL_UNMAPPED = "level-unmapped"
+    UNMAPPED_CODE = "unmapped-code"
+    WRONG_UNIT = "wrong-unit"
 
 
 # ---------------------------------------------------------------------------------------
@@ -536,15 +559,18 @@ class _Tally:
             self.rows.append(row)
 
 
-def _rows_text(tally: _Tally) -> str:
+def _rows_text(tally: _Tally, row_word: str = "line") -> str:
     listed = ", ".join(str(r) for r in tally.rows)
     more = "" if tally.count <= len(tally.rows) else ", ..."
-    return f"{tally.count} row(s) (line {listed}{more})"
+    return f"{tally.count} row(s) ({row_word} {listed}{more})"
 
 
-def _parse_cell(text: str, ctype: _ColumnType) -> tuple[ProblemKind | None, float]:
-    """Parse one cell; returns (problem kind or None, value)."""
-    cell = text.strip()
+def _parse_cell(cell_value: object, ctype: _ColumnType) -> tuple[ProblemKind | None, float]:
+    """Parse one cell (CSV text, or a typed value from a table); returns (problem kind or
+    None, value)."""
+    if not isinstance(cell_value, str):
+        return _parse_typed(cell_value, ctype)
+    cell = cell_value.strip()
     lowered = cell.lower()
     if lowered in _MISSING_MARKERS:
         return ProblemKind.MISSING_VALUE, math.nan
@@ -560,6 +586,26 @@ def _parse_cell(text: str, ctype: _ColumnType) -> tuple[ProblemKind | None, floa
     return None, value
 
 
+def _parse_typed(value: object, ctype: _ColumnType) -> tuple[ProblemKind | None, float]:
+    """A typed cell from Parquet or SQL: None is missing; a bool, a date or text is not a
+    number (bool is an int subclass, so it is refused first)."""
+    if value is None:
+        return ProblemKind.MISSING_VALUE, math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        return ProblemKind.WRONG_TYPE, math.nan
+    try:
+        number = float(value)
+    except OverflowError:
+        return ProblemKind.NON_FINITE, math.nan
+    if math.isnan(number):
+        return ProblemKind.MISSING_VALUE, math.nan
+    if not math.isfinite(number):
+        return ProblemKind.NON_FINITE, math.nan
+    if ctype == "int" and not number.is_integer():
+        return ProblemKind.WRONG_TYPE, math.nan
+    return None, number
+
+
 _FIX_HINTS: dict[ProblemKind, str] = {
     ProblemKind.MISSING_VALUE: "is empty or marked missing (NaN, NA, null); fill it in or "
                                "remove the row",
@@ -570,9 +616,10 @@ _FIX_HINTS: dict[ProblemKind, str] = {
 
 
 def _cell_message(kind: ProblemKind, column: str, spec: ColumnSpec | None, tally: _Tally,
-                  *, is_label: bool, label_values: tuple[int, ...]) -> str:
+                  *, is_label: bool, label_values: tuple[int, ...],
+                  row_word: str = "line") -> str:
     what = f"label column {column!r}" if is_label else f"column {column!r}"
-    where = _rows_text(tally)
+    where = _rows_text(tally, row_word)
     if kind == ProblemKind.WRONG_TYPE:
         if is_label or (spec is not None and spec.type == "int"):
             need = "a whole number such as 3"
@@ -597,53 +644,147 @@ def _file_problem(kind: ProblemKind, message: str) -> _Scan:
                  y=np.empty(0, np.int64))
 
 
+@dataclass
+class Table:
+    """A table a connector read, before any check: what :func:`scan_table` checks.
+
+    Attributes:
+        source: How messages name where it came from (a path, "the query"); never a
+            password or a cell value.
+        header: The column names, as the source spells them.
+        rows: (number people find the row by, its cells) per data row, read once; cells
+            are CSV text or typed values (None for a missing one). The iterator may raise
+            :class:`TableReadError` when the rest cannot be read.
+        content: The bytes the data fingerprint digests (a file's bytes, or a canonical
+            serialisation of a query's rows).
+        row_word: What the row numbers are ("line" of a file, "row" of a table).
+        noun: What the source is in messages ("file", "table", "query result").
+    """
+
+    source: str
+    header: list[str]
+    rows: Iterable[tuple[int, Sequence[object]]]
+    content: bytes
+    row_word: str = "row"
+    noun: str = "table"
+    header_where: str = ""
+
+    def where_header(self) -> str:
+        """Where the header is, for messages."""
+        return self.header_where or f"the columns of {self.source}"
+
+
+class TableReadError(Exception):
+    """A table's rows cannot be read on from some point; ``problem`` says why."""
+
+    def __init__(self, problem: DataProblem) -> None:
+        self.problem = problem
+        super().__init__(problem.message)
+
+
+def _csv_rows(reader: Any) -> Iterator[tuple[int, Sequence[object]]]:
+    """The data rows of a CSV reader, blank lines skipped, a CSV error as TableReadError."""
+    try:
+        for record in reader:
+            if not record or all(not c.strip() for c in record):
+                continue  # blank line
+            yield reader.line_num, record
+    except csv.Error as exc:
+        raise TableReadError(DataProblem(
+            kind=ProblemKind.MALFORMED_CSV, column=None, rows=[reader.line_num],
+            message=f"the file is not valid CSV from line {reader.line_num} on ({exc}); the "
+                    f"rest was not checked; export it again as CSV")) from None
+
+
 def _scan(csv_path: Path, schema: DataSchema) -> _Scan:
     """Read the file once, check everything, and parse the arrays if it is clean."""
+    try:
+        table = read_csv_table(csv_path)
+    except TableReadError as exc:
+        return _file_problem(exc.problem.kind, exc.problem.message)
+    return _scan_table(table, schema)
+
+
+def _file_error(kind: ProblemKind, message: str) -> TableReadError:
+    return TableReadError(DataProblem(kind=kind, column=None, message=message))
+
+
+def read_csv_table(csv_path: Path) -> Table:
+    """Open a CSV file as a :class:`Table` (text cells, file line numbers).
+
+    Args:
+        csv_path: The file.
+
+    Returns:
+        The table; its rows are read as they are iterated.
+
+    Raises:
+        TableReadError: The file is missing, unreadable, not UTF-8, empty or has no valid
+            header line (the problem says which and what to do).
+    """
     path = Path(csv_path)
     try:
         content = path.read_bytes()
     except FileNotFoundError:
-        return _file_problem(ProblemKind.FILE_MISSING,
-                             f"data file {path} does not exist; check the configured path")
+        raise _file_error(ProblemKind.FILE_MISSING,
+                          f"data file {path} does not exist; check the configured path"
+                          ) from None
     except IsADirectoryError:
-        return _file_problem(ProblemKind.FILE_UNREADABLE,
-                             f"data file {path} is a directory; point the site at the CSV file")
+        raise _file_error(ProblemKind.FILE_UNREADABLE,
+                          f"data file {path} is a directory; point the site at the CSV file"
+                          ) from None
     except OSError as exc:
-        return _file_problem(ProblemKind.FILE_UNREADABLE,
-                             f"data file {path} cannot be read ({exc.strerror or exc}); give "
-                             f"the site agent's user read permission on it")
-    return _scan_bytes(content, schema, path)
-
-
-def _scan_bytes(content: bytes, schema: DataSchema, path: Path) -> _Scan:
+        raise _file_error(ProblemKind.FILE_UNREADABLE,
+                          f"data file {path} cannot be read ({exc.strerror or exc}); give "
+                          f"the site agent's user read permission on it") from None
     if not content.strip():
-        return _file_problem(ProblemKind.FILE_EMPTY,
-                             f"data file {path} is empty; export the data again with a "
-                             f"header line and one line per case")
+        raise _file_error(ProblemKind.FILE_EMPTY,
+                          f"data file {path} is empty; export the data again with a "
+                          f"header line and one line per case")
     try:
         # utf-8-sig: spreadsheet programs often start a UTF-8 file with a byte-order mark.
         text = content.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = content[: exc.start].count(b"\n") + 1
-        return _file_problem(ProblemKind.NOT_UTF8,
-                             f"data file {path} is not UTF-8 text (first bad byte on line "
-                             f"{line}); save or export it as CSV UTF-8")
-
-    problems: list[DataProblem] = []
-    warnings: list[DataProblem] = []
+        raise _file_error(ProblemKind.NOT_UTF8,
+                          f"data file {path} is not UTF-8 text (first bad byte on line "
+                          f"{line}); save or export it as CSV UTF-8") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
         while not header:  # leading blank lines
             header = next(reader)
     except StopIteration:
-        return _file_problem(ProblemKind.FILE_EMPTY, f"data file {path} has no header line")
+        raise _file_error(ProblemKind.FILE_EMPTY,
+                          f"data file {path} has no header line") from None
     except csv.Error as exc:
-        return _file_problem(ProblemKind.MALFORMED_CSV,
-                             f"data file {path} is not valid CSV on line {reader.line_num} "
-                             f"({exc}); export it again as CSV")
-    header = [h.strip() for h in header]
+        raise _file_error(ProblemKind.MALFORMED_CSV,
+                          f"data file {path} is not valid CSV on line {reader.line_num} "
+                          f"({exc}); export it again as CSV") from None
+    return Table(source=str(path), header=[h.strip() for h in header],
+                 rows=_csv_rows(reader), content=content, row_word="line", noun="file",
+                 header_where=f"the first line of {path}")
 
+
+def scan_table(table: Table, schema: DataSchema
+               ) -> tuple[DataReport, np.ndarray, np.ndarray]:
+    """Check a connector's table against a schema, every problem at once.
+
+    Args:
+        table: What the connector read.
+        schema: The schema the site declared.
+
+    Returns:
+        The report, and the features and labels (empty unless the report is clean).
+    """
+    scan = _scan_table(table, schema)
+    return scan.report, scan.x, scan.y
+
+
+def _scan_table(table: Table, schema: DataSchema) -> _Scan:
+    problems: list[DataProblem] = []
+    warnings: list[DataProblem] = []
+    header = table.header
     features = schema.feature_columns
     specs = {c.name: c for c in schema.columns}
     label = schema.label_name
@@ -667,7 +808,7 @@ def _scan_bytes(content: bytes, schema: DataSchema, path: Path) -> _Scan:
     if not any(name in positions for name in wanted):
         problems.append(DataProblem(
             kind=ProblemKind.NO_HEADER, column=None,
-            message=f"the first line of {path} names none of the {len(wanted)} declared "
+            message=f"{table.where_header()} names none of the {len(wanted)} declared "
                     f"columns; the first line must be the header (e.g. "
                     f"{features[0]!r}, ..., {label!r})"))
     else:
@@ -695,11 +836,8 @@ def _scan_bytes(content: bytes, schema: DataSchema, path: Path) -> _Scan:
     y_rows: list[int] = []
     n_rows = 0
     try:
-        for record in reader:
-            if not record or all(not c.strip() for c in record):
-                continue  # blank line
+        for line, record in table.rows:
             n_rows += 1
-            line = reader.line_num
             if len(record) != len(header):
                 ragged.add(line)
                 continue
@@ -726,17 +864,14 @@ def _scan_bytes(content: bytes, schema: DataSchema, path: Path) -> _Scan:
                     y_rows.append(int(value))
             if row_ok:
                 x_rows.append(values)
-    except csv.Error as exc:
-        problems.append(DataProblem(
-            kind=ProblemKind.MALFORMED_CSV, column=None, rows=[reader.line_num],
-            message=f"the file is not valid CSV from line {reader.line_num} on ({exc}); the "
-                    f"rest was not checked; export it again as CSV"))
+    except TableReadError as exc:
+        problems.append(exc.problem)
 
     if ragged.count:
         problems.append(DataProblem(
             kind=ProblemKind.RAGGED_ROW, column=None, rows=ragged.rows, count=ragged.count,
-            message=f"{_rows_text(ragged)} do not have the header's {len(header)} fields; "
-                    f"check for stray commas or unquoted text"))
+            message=f"{_rows_text(ragged, table.row_word)} do not have the header's "
+                    f"{len(header)} fields; check for stray commas or unquoted text"))
     order = {name: i for i, name in enumerate(wanted)}
     kind_order = {k: i for i, k in enumerate(ProblemKind)}
     for (name, kind), tally in sorted(tallies.items(),
@@ -744,11 +879,12 @@ def _scan_bytes(content: bytes, schema: DataSchema, path: Path) -> _Scan:
         problems.append(DataProblem(
             kind=kind, column=name, rows=tally.rows, count=tally.count,
             message=_cell_message(kind, name, specs.get(name), tally, is_label=name == label,
-                                  label_values=schema.label_values)))
+                                  label_values=schema.label_values, row_word=table.row_word)))
     if n_rows < MIN_ROWS:
         problems.append(DataProblem(
             kind=ProblemKind.TOO_FEW_ROWS, column=None, count=n_rows,
-            message=f"the file has {n_rows} data row(s); at least {MIN_ROWS} are needed"))
+            message=f"the {table.noun} has {n_rows} data row(s); at least {MIN_ROWS} are "
+                    f"needed"))
     if n_rows >= MIN_ROWS and label_pos is not None and len(set(y_rows)) == 1:
         problems.append(DataProblem(
             kind=ProblemKind.SINGLE_CLASS, column=label,
@@ -757,6 +893,7 @@ def _scan_bytes(content: bytes, schema: DataSchema, path: Path) -> _Scan:
 
     report = DataReport(problems=problems, warnings=warnings, n_rows=n_rows,
                         declared_columns=frozenset(wanted))
+    content = table.content
     if problems:
         return _Scan(report=report, content=content,
                      x=np.empty((0, len(features)), np.float32), y=np.empty(0, np.int64))
@@ -823,6 +960,9 @@ class DataFingerprint:
             with a copy of a candidate file could confirm it.
         content_hmac: :func:`keyed_fingerprint` of the file under the site's key, what may
             leave the site; None when no key was given.
+        connector: The kind of connector that read the data (``csv``, ``parquet``,
+            ``sql``...): it names how, never what. Shown at the site; the wire's fingerprint
+            (:meth:`to_dict`, ``fedward.wire.FINGERPRINT_KEYS``) holds hashes and counts only.
     """
 
     schema_hash: str
@@ -831,6 +971,7 @@ class DataFingerprint:
     n_test: int
     content_sha256: str
     content_hmac: str | None = None
+    connector: str = "csv"
 
     def to_dict(self) -> dict[str, str | int | None]:
         """The fingerprint as a JSON-ready dict."""
@@ -902,7 +1043,49 @@ def load_site_data(
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be between 0 and 1, got {holdout_fraction}")
     scan = _read_checked(csv_path, schema)
-    x, y = scan.x, scan.y
+    return split_site_data(x=scan.x, y=scan.y, n_rows=scan.report.n_rows,
+                           content=scan.content, schema_hash=schema.schema_hash,
+                           holdout_fraction=holdout_fraction, seed=seed,
+                           fingerprint_key=fingerprint_key)
+
+
+def split_site_data(
+    *,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_rows: int,
+    content: bytes,
+    schema_hash: str,
+    holdout_fraction: float = 0.25,
+    seed: int = 0,
+    fingerprint_key: bytes | None = None,
+    connector: str = "csv",
+) -> SiteData:
+    """Split checked arrays into train and held-out parts and fingerprint them.
+
+    The split is deterministic for a seed, and stratified by class when every class has at
+    least two rows (and both parts can hold one of each class). Every connector and the
+    study mapping end here, so every source splits and fingerprints the same way.
+
+    Args:
+        x: float32 features of the rows that passed the check.
+        y: int64 labels of those rows.
+        n_rows: Data rows read (the fingerprint's ``n_rows``).
+        content: The bytes the fingerprint digests (:attr:`Table.content`).
+        schema_hash: The hash of what the data was checked against.
+        holdout_fraction: Share of rows held out for local evaluation, in (0, 1).
+        seed: Seed of the split.
+        fingerprint_key: The site's fingerprint key; without it no keyed digest is made.
+        connector: The connector's kind, named in the fingerprint.
+
+    Returns:
+        The arrays and the data fingerprint.
+
+    Raises:
+        ValueError: If ``holdout_fraction`` is not strictly between 0 and 1.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be between 0 and 1, got {holdout_fraction}")
     n = len(y)
     n_test = math.ceil(holdout_fraction * n)
     classes, counts = np.unique(y, return_counts=True)
@@ -915,13 +1098,14 @@ def load_site_data(
         x, y, test_size=n_test, random_state=seed, shuffle=True, stratify=stratify
     )
     fingerprint = DataFingerprint(
-        schema_hash=schema.schema_hash,
-        n_rows=scan.report.n_rows,
+        schema_hash=schema_hash,
+        n_rows=n_rows,
         n_train=len(train_y),
         n_test=len(test_y),
-        content_sha256=hashlib.sha256(scan.content).hexdigest(),
+        content_sha256=hashlib.sha256(content).hexdigest(),
         content_hmac=(None if fingerprint_key is None
-                      else keyed_fingerprint(fingerprint_key, scan.content)),
+                      else keyed_fingerprint(fingerprint_key, content)),
+        connector=connector,
     )
     return SiteData(
         train_x=np.ascontiguousarray(train_x, dtype=np.float32),

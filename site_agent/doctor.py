@@ -112,29 +112,38 @@ def check_config(root: Path) -> tuple[Check, SiteConfig | None]:
 
 
 def check_data(root: Path, cfg: SiteConfig | None) -> tuple[Check, str | None]:
-    """The data matches its schema; returns the check and the schema's task."""
-    from site_agent.data import SchemaError, load_schema
-    from site_agent.data import check_data as run_data_check
+    """The data matches its schema (or its study mapping); returns the check and the task."""
+    from site_agent.data import SchemaError
+    from site_agent.site_data import open_configured
 
     name = "data against schema"
     if cfg is None:
         return _skip(name, "site.json is missing or invalid"), None
+    if cfg.uses_study:
+        name = "data against study mapping"
     try:
-        schema = load_schema(cfg.resolve(root, cfg.schema_path))
+        configured = open_configured(cfg, root)
     except SchemaError as err:
         return Check(name, "fail", f"the schema cannot be used: {err}"), None
-    data_path = cfg.resolve(root, cfg.data_path)
-    if not data_path.exists():
-        return Check(name, "fail", f"the data file {data_path} does not exist; fix data_path "
-                     "in site.json or restore the file"), schema.task
-    report = run_data_check(csv_path=data_path, schema=schema)
+    except ConfigError as err:
+        return Check(name, "fail", f"the data source cannot be used: {err}"), None
+    if cfg.data is None:
+        data_path = cfg.resolve(root, cfg.data_path)
+        if not data_path.exists():
+            return Check(name, "fail", f"the data file {data_path} does not exist; fix "
+                         "data_path in site.json or restore the file"), configured.task
+    where = cfg.data_path or configured.connector.describe()
+    report = configured.check()
+    what = "study mapping" if cfg.uses_study else "schema"
     if report.ok:
-        return Check(name, "ok", f"{report.n_rows} rows match the schema (task "
-                     f"{schema.task})"), schema.task
+        return Check(name, "ok", f"{report.n_rows} rows match the {what} (task "
+                     f"{configured.task})"), configured.task
     kinds = sorted({str(p.kind) for p in report.problems})
-    return Check(name, "fail", f"{len(report.problems)} problem(s) in {data_path} "
+    fix = "fedward-site mapping check" if cfg.uses_study else "fedward-site check"
+    return Check(name, "fail", f"{len(report.problems)} problem(s) in "
+                 f"{cfg.resolve(root, where) if cfg.data is None else where} "
                  f"({', '.join(kinds)}); every run is refused until they are fixed: run "
-                 f"`fedward-site check --dir {root}` to see them"), schema.task
+                 f"`{fix} --dir {root}` to see them"), configured.task
 
 
 def check_policy(root: Path, task: str | None) -> Check:

@@ -44,16 +44,30 @@ def fingerprint(
     except ConfigError as err:
         _err.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
-    data_path = cfg.resolve(root, cfg.data_path)
+    from site_agent.connectors import ConnectorError
+    from site_agent.data import TableReadError
+
     key_path = SitePaths(root).keys / FINGERPRINT_KEY_FILE
     try:
-        content = data_path.read_bytes()
+        file_path: Path | None = cfg.resolve(root, cfg.data_path)
+        if cfg.data is None:
+            assert file_path is not None
+            source = str(file_path)
+            content = file_path.read_bytes()
+        else:  # a connector: the bytes it digests (a file's, or a query result's)
+            connector = cfg.connector(root)
+            file_path = getattr(connector, "path", None)
+            source = str(file_path) if file_path is not None else connector.describe()
+            content = connector.read().content
         key = ensure_fingerprint_key(key_path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ConnectorError) as err:
         _err.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
+    except TableReadError as err:
+        _err.print(f"[bold red]error:[/] {escape(err.problem.message)}")
+        raise typer.Exit(1) from None
     value = keyed_fingerprint(key, content)
-    _console.print(f"data file:    {escape(str(data_path))}")
+    _console.print(f"data file:    {escape(source)}")
     _console.print(f"content-hmac: {value}")
     _console.print(
         "This is what leaves the site with every trained round (with the schema hash and "
@@ -78,8 +92,13 @@ def fingerprint(
                    f"so the key is not shown: {escape(str(err))}")
         raise typer.Exit(1) from None
     _console.print(f"fingerprint key (hex): {key.hex()}")
-    _console.print("The auditor recomputes the fingerprint with:")
-    _console.print(f"  openssl dgst -sha256 -mac HMAC -macopt hexkey:{key.hex()} "
-                   f"{escape(str(data_path))}")
+    if file_path is not None:
+        _console.print("The auditor recomputes the fingerprint with:")
+        _console.print(f"  openssl dgst -sha256 -mac HMAC -macopt hexkey:{key.hex()} "
+                       f"{escape(str(file_path))}")
+    else:
+        _console.print("The auditor recomputes it over the query's result as JSON lines "
+                       "(the header, then one JSON array per row), e.g. with the same "
+                       "openssl command on that text.")
     _console.print("Whoever holds the key can test guesses of the file against the "
                    "fingerprints in the coordinator's lineage: keep it as private as the data.")
