@@ -728,14 +728,13 @@ def launch_run(
 
     settings = body.model_dump(include=set(RunSettings.model_fields))
     task_name, study_settings = study_run_settings(session, body, _field_error)
-    task = TASKS[task_name]
+    # A study of its own is not in the registry: its defaults came with study_settings.
+    task = TASKS.get(task_name)
     settings.update(study_settings)
-    settings.update(
-        lr=settings["lr"] if settings["lr"] is not None else task.default_lr,
-        batch_size=(settings["batch_size"] if settings["batch_size"] is not None
-                    else task.default_batch_size),
-        sites=sites,
-    )
+    for key, default in (("lr", "default_lr"), ("batch_size", "default_batch_size")):
+        if settings[key] is None and task is not None:
+            settings[key] = getattr(task, default)
+    settings.update(sites=sites)
     config = RunConfig(**settings)
     assert project.id is not None
     with run_control.LAUNCH_LOCK:  # the limits hold for concurrent launches too

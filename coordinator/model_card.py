@@ -19,6 +19,7 @@ from export.bundle import (
     ARTEFACT_FILES,
     FORMATS,
 )
+from fedward.tasks import TaskSpec
 from fedward.wire import MEMBERSHIP_KEY
 
 __all__ = [
@@ -77,11 +78,14 @@ def membership_inference_card(per_site: Any) -> dict[str, Any]:
 
 
 def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Project,
-                approver: str, reason: str, approved_at: str) -> dict[str, Any]:
+                approver: str, reason: str, approved_at: str, task: TaskSpec | None = None
+                ) -> dict[str, Any]:
+    """The signed model card of a release (``task``: the run's task, resolved from its
+    pinned study where it has one; default: the registry task of its name)."""
     from export.onnx_export import INPUT_NAME, OUTPUT_NAME
     from fedward.tasks import get_task
 
-    spec = get_task(run.task)
+    spec = task if task is not None else get_task(run.task)
     config: dict[str, Any] = json.loads(run.config_json)
     lineage: dict[str, Any] = json.loads(cand.lineage_json)
     gates: list[dict[str, Any]] = json.loads(cand.gates_json)
@@ -112,9 +116,13 @@ def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Pr
         "input": {"name": INPUT_NAME, "columns": list(spec.feature_columns),
                   "output": OUTPUT_NAME, "n_classes": spec.n_classes,
                   "classes": list(spec.class_names),
-                  "note": "raw values in this column order; the model scales them itself"},
+                  "note": "raw values in this column order; the model scales them itself",
+                  # A study's plausible range per column: what fedward-serve warns outside.
+                  **({"ranges": [list(r) for r in spec.input_ranges]}
+                     if config.get("study_hash") and spec.input_ranges else {})},
         # The study version the run pinned (runs of a registry task have none).
-        **({"study": {"ref": config["study"], "sha256": config["study_hash"]}}
+        **({"study": {"ref": config["study"], "sha256": config["study_hash"],
+                      "name": spec.name, "classes": list(spec.class_names)}}
            if config.get("study_hash") else {}),
         "model_version": {"run_id": cand.run_id, "round": cand.round_number,
                           "checkpoint_sha256": cand.checkpoint_sha256,

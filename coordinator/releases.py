@@ -115,6 +115,7 @@ from coordinator.release_store import (
     signed_revocation_list,
     verified_bundle,
 )
+from coordinator.study_registry import run_task
 from export.bundle import (
     ARTEFACT_FILES,
     FORMATS,
@@ -125,6 +126,7 @@ from export.bundle import (
     write_bundle,
 )
 from fedward.statistics import REFERENCE_FILE
+from fedward.tasks import TaskRef
 from fedward.wire import MEMBERSHIP_KEY
 
 __all__ = [
@@ -356,7 +358,7 @@ class _ExportFailed(Exception):
     """The checkpoint could not be turned into artefacts; the message says why."""
 
 
-def _export_artefacts(*, task: str, arrays: dict[str, Any], out_dir: Path
+def _export_artefacts(*, task: TaskRef, arrays: dict[str, Any], out_dir: Path
                       ) -> dict[ArtefactFormat, Path]:
     """Build the model from the checkpoint and export every format into ``out_dir``."""
     from export.onnx_export import (
@@ -466,7 +468,8 @@ def evaluate_candidate(engine: Engine, *, home: Path, candidate_id: int,
         if cand.status != "evaluating":
             raise Conflict(f"candidate {candidate_id} is {cand.status}, not evaluating")
         run, project = run_and_project(session, cand.run_id)
-        task, run_id, round_number = run.task, cand.run_id, cand.round_number
+        # A run of a study: the model of the spec it pinned (its registered copy).
+        task, run_id, round_number = run_task(session, run), cand.run_id, cand.round_number
         gates_row = session.exec(select(ProjectGates)
                                  .where(ProjectGates.project_id == project.id)).first()
         thresholds = {} if gates_row is None else dict(json.loads(gates_row.thresholds_json))
@@ -499,7 +502,7 @@ def evaluate_candidate(engine: Engine, *, home: Path, candidate_id: int,
         return cand
 
 
-def _run_gates(*, home: Path, lineage: Mapping[str, Any], task: str,
+def _run_gates(*, home: Path, lineage: Mapping[str, Any], task: TaskRef,
                thresholds: Mapping[str, float], staging: Path, candidate_id: int,
                site_parity: SiteParity | None,
                on_gate: Callable[[list[dict[str, Any]]], None] = lambda _done: None
@@ -631,7 +634,8 @@ def approve_candidate(engine: Engine, *, home: Path, candidate_id: int, user: Us
         approved_at = utcnow()
         card = model_card(release_id=release_id, cand=cand, run=run, project=project,
                            approver=user.name, reason=reason,
-                           approved_at=approved_at.isoformat())
+                           approved_at=approved_at.isoformat(),
+                           task=run_task(session, run))
         metrics = metrics_by_round(session, cand.run_id)
         final_round = int(json.loads(run.config_json).get("rounds", 0))
         # A run with a statistics phase: its summed DP statistics ship with the model.

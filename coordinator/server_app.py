@@ -1097,6 +1097,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point the SuperLink calls for every run of the appliance's app."""
     from coordinator.db import make_engine
+    from coordinator.study_registry import plan_task
     from fedward.models import model_arrays
     from fedward.tasks import build_model
 
@@ -1122,6 +1123,7 @@ def main(grid: Grid, context: Context) -> None:
     repository.mark_run_started(engine, run_id, str(context.run_id))
 
     def initial() -> dict[str, np.ndarray]:
-        return model_arrays(build_model(plan.task, seed=plan.seed))
+        # A run of a study: the model its registered spec (pinned by hash) describes.
+        return model_arrays(build_model(plan_task(engine, plan), seed=plan.seed))
 
     RoundLoop(grid=grid, engine=engine, home=home, plan=plan, initial=initial).run()

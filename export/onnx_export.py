@@ -38,7 +38,7 @@ from torch import nn
 
 from export.bundle import ARTEFACT_FILES
 from export.parity import import_openvino
-from fedward.tasks import get_task
+from fedward.tasks import TaskRef, get_task
 
 __all__ = [
     "INPUT_NAME",
@@ -131,13 +131,14 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(seen).__name__}: {first}"[:500]
 
 
-def export_onnx(*, model: nn.Module, task: str, out_dir: Path) -> Path:
+def export_onnx(*, model: nn.Module, task: TaskRef, out_dir: Path) -> Path:
     """Export ``model`` to one self-contained ONNX file with a dynamic batch dimension.
 
     Args:
         model: The trained model (an Opacus wrapper is unwrapped). Its train/eval mode is
             restored afterwards.
-        task: The task name; fixes the input width (``n_features``) and output width.
+        task: The task (its name, or a study's task); fixes the input width
+            (``n_features``) and output width.
         out_dir: Folder to write ``model.onnx`` into (created if missing).
 
     Returns:

@@ -166,8 +166,7 @@ class _Service:
             raise BundleVerificationError(f"{SERVING_FILE} does not declare its feature count")
         return _Loaded(release_id=verified.release_id, n_files=len(verified.files),
                        predictor=predictor, n_features=predictor.n_features,
-                       ranges=RangeCheck.for_task(verified.model_card.get("task"),
-                                                  predictor.n_features))
+                       ranges=RangeCheck.for_card(verified.model_card, predictor.n_features))
 
     def reload(self) -> _Loaded:
         """Re-verify; on failure stop serving (fail closed) and re-raise."""

@@ -9,9 +9,9 @@ never a feature value, a path or a token.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -104,6 +104,27 @@ class RangeCheck:
         low = np.array([ranges.get(c, (-inf, inf))[0] for c in cols], dtype=np.float64)
         high = np.array([ranges.get(c, (-inf, inf))[1] for c in cols], dtype=np.float64)
         return cls(task=task, features=cols, low=low, high=high, class_names=spec.class_names)
+
+    @classmethod
+    def for_card(cls, card: Mapping[str, Any], n_features: int) -> RangeCheck | None:
+        """The check the signed model card describes: a registry task's (:meth:`for_task`),
+        or a study's, from the card's input columns, ranges and class names."""
+        task = card.get("task")
+        shipped = cls.for_task(task, n_features)
+        if shipped is not None or not isinstance(card.get("study"), Mapping):
+            return shipped
+        spec = card.get("input")
+        if not isinstance(spec, Mapping):
+            return None
+        cols, ranges, classes = spec.get("columns"), spec.get("ranges"), spec.get("classes")
+        if not (isinstance(cols, list) and isinstance(ranges, list)
+                and len(cols) == len(ranges) == n_features
+                and all(isinstance(r, list) and len(r) == 2 for r in ranges)):
+            return None
+        return cls(task=str(task), features=tuple(str(c) for c in cols),
+                   low=np.array([float(r[0]) for r in ranges], dtype=np.float64),
+                   high=np.array([float(r[1]) for r in ranges], dtype=np.float64),
+                   class_names=tuple(str(c) for c in classes or ()))
 
     def warnings(self, x: np.ndarray, metrics: ServeMetrics) -> list[str]:
         """One line per input value outside its range (never the value), counted by feature.

@@ -30,12 +30,15 @@ __all__ = [
     "EXAMPLE_STUDIES",
     "STUDIES_DIR",
     "TASKS",
+    "TaskRef",
     "TaskSpec",
     "UnknownTaskError",
+    "UntrainableStudyError",
     "build_model",
     "example_spec_path",
     "get_task",
     "plausible_ranges",
+    "study_task",
     "task_from_spec",
 ]
 
@@ -91,6 +94,8 @@ class TaskSpec:
     model: str
     model_params: Mapping[str, Any] = field(default_factory=dict, hash=False)
     class_names: tuple[str, ...] = ()
+    # Per input column, the study's plausible [low, high] (what serving warns outside of).
+    input_ranges: tuple[tuple[float, float], ...] = ()
 
     def same_model(self, other: TaskSpec) -> bool:
         """Whether ``other`` reads the same columns and label into the same model (what a
@@ -118,14 +123,54 @@ def task_from_spec(spec: StudySpec) -> TaskSpec:
                     feature_columns=tuple(c[0] for c in spec.input_columns()),
                     label_column=spec.label.name, n_classes=len(spec.label.classes),
                     default_lr=spec.training.lr, default_batch_size=spec.training.batch_size,
-                    model=family, model_params=params, class_names=tuple(spec.label.classes))
+                    model=family, model_params=params, class_names=tuple(spec.label.classes),
+                    input_ranges=tuple((lo, hi) for _, lo, hi in spec.input_columns()))
 
 
 TASKS: dict[str, TaskSpec] = {name: task_from_spec(spec) for name, spec in _SPECS.items()}
 
 
-def get_task(name: str) -> TaskSpec:
-    """Return the task called ``name`` or raise :class:`UnknownTaskError` listing the known ones."""
+# A task by its registry name, or a task built from a study spec (:func:`study_task`):
+# functions that build or export a model take either, so a registered study's model goes
+# through the same code as a shipped task's.
+TaskRef = str | TaskSpec
+
+
+class UntrainableStudyError(ValueError):
+    """A valid study that this release cannot train; the message says why and what to do."""
+
+
+def study_task(spec: StudySpec) -> TaskSpec:
+    """The task a run of ``spec`` trains: its model built from the spec itself.
+
+    Any study whose model is a built-in family (logistic regression, MLP, the small CNN)
+    is trainable; the model is a function of the spec alone, so the coordinator (from its
+    registered copy) and each site (from its own approved copy, same content hash) build
+    the same model without code or objects travelling.
+
+    Raises:
+        UntrainableStudyError: a plugin model (not trained in this release), or a study
+            that takes a shipped task's name with another model.
+    """
+    if spec.model.family == "plugin":
+        raise UntrainableStudyError(
+            f"study {spec.name!r} names the plugin model {spec.model.name!r}; this release "
+            "trains studies whose model is a built-in family (logistic_regression, mlp, "
+            "cnn); write the model as one of those")
+    task = task_from_spec(spec)
+    shipped = TASKS.get(spec.name)
+    if shipped is not None and not shipped.same_model(task):
+        raise UntrainableStudyError(
+            f"study {spec.name!r} takes the name of the shipped task {spec.name} but changes "
+            "its features, label or model; give the study a name of its own")
+    return task
+
+
+def get_task(name: TaskRef) -> TaskSpec:
+    """Return the task called ``name`` or raise :class:`UnknownTaskError` listing the known
+    ones; a :class:`TaskSpec` (e.g. a study's, :func:`study_task`) is returned as it is."""
+    if isinstance(name, TaskSpec):
+        return name
     try:
         return TASKS[name]
     except KeyError:
@@ -133,7 +178,7 @@ def get_task(name: str) -> TaskSpec:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}") from None
 
 
-def build_model(task: str, *, seed: int | None = None) -> nn.Module:
+def build_model(task: TaskRef, *, seed: int | None = None) -> nn.Module:
     """Build the model of ``task`` (see :meth:`TaskSpec.build`)."""
     return get_task(task).build(seed=seed)
 
@@ -141,13 +186,17 @@ def build_model(task: str, *, seed: int | None = None) -> nn.Module:
 _DIGITS_PIXEL_MAX: Final = 16.0
 
 
-def plausible_ranges(task_name: str) -> dict[str, tuple[float, float]]:
+def plausible_ranges(task_name: TaskRef) -> dict[str, tuple[float, float]]:
     """Feature -> the range a real value lies in, for the tasks that publish one.
 
     The same limits as a site's default data check: breast cancer features from 0 to twice
     the published maximum, digit pixels from 0 to 16. A task without published ranges has
-    none (an empty mapping); so does an unknown task.
+    none (an empty mapping); so does an unknown task. A study's task: its spec's ranges.
     """
+    if isinstance(task_name, TaskSpec):
+        if task_name.name not in TASKS and task_name.input_ranges:
+            return dict(zip(task_name.feature_columns, task_name.input_ranges, strict=True))
+        task_name = task_name.name
     if task_name == "breast_cancer_mlp":
         return {name: (0.0, 2.0 * high) for name, (_, high) in BREAST_CANCER_RANGES.items()}
     if task_name == "digits_cnn":

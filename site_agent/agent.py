@@ -46,6 +46,7 @@ from fedward.sandbox.netns import (
     sandbox_failure,
 )
 from fedward.sandbox.relay import Endpoint, RelayThread, unix_connect, unix_path
+from fedward.tasks import TaskRef
 from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
 from site_agent.audit import AuditLog, AuditLogError
@@ -160,7 +161,7 @@ def restrict_site_dir(root: Path) -> list[Path]:
     return tightened
 
 
-def _warm_up(task: str) -> None:
+def _warm_up(task: TaskRef) -> None:
     """Run one DP step on synthetic numbers so that round 1 does not pay for lazy imports.
 
     torch imports its compiler stack on the first optimizer step and Opacus builds its
@@ -265,7 +266,7 @@ class SiteAgent:
         # The connector and the schema, or the study and the hospital's mapping to it
         # (site_agent.site_data); a site.json of earlier versions reads its CSV as before.
         configured = open_configured(config, self.root)
-        configured.require_trainable()
+        study_task = configured.study_task()   # ConfigError: a study it cannot train
         data: SiteData | None = None
         data_failure: dict[str, object] | None = None
         try:
@@ -300,13 +301,14 @@ class SiteAgent:
 
         torch.set_num_threads(config.torch_threads)
         if data is not None:
-            _warm_up(configured.task)
+            _warm_up(study_task or configured.task)
         trainer = WarmTrainer(
             site_name=config.name, task=configured.task, data=data,
             ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies, audit=audit,
             epsilon_cap=self.epsilon_cap, data_failure=data_failure, gate=gate,
             noise_secret=ensure_noise_secret(paths.keys / "noise.secret"),
             data_dir=configured.connector.data_dir,
+            study=None if configured.binding is None else configured.binding.study,
         )
         server = TrainerServer(path=paths.socket, trainer=trainer)
         server.start()

@@ -264,8 +264,11 @@ def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: f
         _fail(str(err))
     policy.save(path)
     path.chmod(0o600)   # like everything in the site directory: this account's alone
-    console.print(f"site policy written to {path}: accepts project {project!r} for task "
-                  f"{task}, epsilon cap {epsilon_cap:g}, approval "
+    what = (f"task {task}" if policy.projects[project].tasks else
+            f"the studies approved for it (none yet: review the spec, then `fedward-site "
+            f"policy approve-study FILE --project {project} --dir {root}`)")
+    console.print(f"site policy written to {path}: accepts project {project!r} for "
+                  f"{what}, epsilon cap {epsilon_cap:g}, approval "
                   f"{'required' if require_approval else 'not required'}; edit it to change")
 
 

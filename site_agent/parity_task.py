@@ -36,6 +36,7 @@ import numpy as np
 from export.bundle import ARTEFACT_FILES, FORMATS, ArtefactFormat
 from export.canonical import canonical_digest, describe_difference
 from fedward.files import atomic_write
+from fedward.tasks import TaskRef
 from fedward.wire import coarse_agreement, coarse_max_abs_diff
 
 __all__ = [
@@ -173,7 +174,7 @@ def _exporter_versions() -> str:
     return ", ".join(found)
 
 
-def _export_own(task: str, model: Any, out_dir: Path, formats: list[ArtefactFormat]
+def _export_own(task: TaskRef, model: Any, out_dir: Path, formats: list[ArtefactFormat]
                 ) -> dict[ArtefactFormat, Path]:
     """The site's own export of ``model``, as the coordinator's release gates make it."""
     from export.onnx_export import (
@@ -198,13 +199,14 @@ def _export_own(task: str, model: Any, out_dir: Path, formats: list[ArtefactForm
 # --- the task ----------------------------------------------------------------------------
 
 
-def measure_parity(*, task: str, run_id: str, model_arrays: dict[str, np.ndarray],
+def measure_parity(*, task: TaskRef, run_id: str, model_arrays: dict[str, np.ndarray],
                    files: Mapping[str, bytes], features: np.ndarray, workdir: Path,
                    book: ParityBook) -> ParityOutcome:
     """Measure the parity of a candidate's artefacts, or refuse (see the module docstring).
 
     Args:
-        task: The site's task (the model is built from the site's own registry).
+        task: The site's task (the model is built from the site's own registry, or from
+            its own approved copy of the run's study spec).
         run_id: The run the candidate comes from.
         model_arrays: The candidate's arrays.
         files: The artefact files the coordinator sent (name -> content).

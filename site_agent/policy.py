@@ -243,10 +243,17 @@ class SitePolicy:
     def starter(cls, *, project: str, task: str, epsilon_cap: float = 10.0,
                 require_approval: bool = False,
                 site_epsilon_cap: float | None = None) -> SitePolicy:
-        """The policy ``fedward-site init`` writes: one project, the site's own task."""
+        """The policy ``fedward-site init`` writes: one project, the site's own task.
+
+        A site mapped to a study of its own (not a registry task) gets a project that
+        accepts no task and only the studies approved for it: none until its IT reviews
+        the spec (``fedward-site policy approve-study``).
+        """
+        accepts: dict[str, Any] = ({"tasks": [task]} if task in _known_tasks()
+                                   else {"tasks": [], "studies": []})
         return cls.from_dict({
             "version": POLICY_VERSION,
-            "projects": {project: {"epsilon_cap": epsilon_cap, "tasks": [task]}},
+            "projects": {project: {"epsilon_cap": epsilon_cap, **accepts}},
             "require_approval": require_approval,
             "max_rounds_per_day": None,
             "site_epsilon_cap": site_epsilon_cap,
@@ -257,7 +264,8 @@ class SitePolicy:
         return {
             "version": self.version,
             "projects": {name: {"epsilon_cap": p.epsilon_cap, "tasks": list(p.tasks),
-                                **({"studies": list(p.studies)} if p.studies else {})}
+                                **({"studies": list(p.studies)}
+                                   if p.studies or not p.tasks else {})}
                          for name, p in sorted(self.projects.items())},
             "require_approval": self.require_approval,
             "max_rounds_per_day": self.max_rounds_per_day,
@@ -321,10 +329,10 @@ def _validate(raw: object) -> list[str]:
                 problems.append(f"{where}: epsilon_cap is {cap!r}, expected a number > 0")
             problems.extend(_study_problems(where, spec.get("studies", [])))
             tasks = spec.get("tasks")
-            # A project that only trains approved studies may list no task.
+            # A project that only trains approved studies may list no task (and, until its
+            # IT approves one, an empty list of studies: it then accepts nothing).
             studies = spec.get("studies")
-            if not (isinstance(tasks, list)
-                    and (tasks or (isinstance(studies, list) and studies))):
+            if not (isinstance(tasks, list) and (tasks or isinstance(studies, list))):
                 problems.append(f"{where}: tasks is {tasks!r}, expected a non-empty list of "
                                 f"task names (known: {sorted(known)})")
                 continue

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from site_agent.config import ConfigError, SiteConfig
 from site_agent.connectors import Connector, ConnectorError
 from site_agent.data import DataReport, DataSchema, SiteData, load_schema
 from site_agent.mapping import Binding
+
+if TYPE_CHECKING:
+    from fedward.tasks import TaskSpec
 
 __all__ = ["ConfiguredData", "open_configured"]
 
@@ -59,26 +63,30 @@ class ConfiguredData:
         return self.connector.load(self.schema, fingerprint_key=fingerprint_key)
 
     def require_trainable(self) -> None:
-        """Refuse a study this release cannot train yet.
-
-        The coordinator runs a study on the shipped task of its name when the study reads
-        the same columns into the same model (docs/architecture.md, "Studies"); the site's
-        trainer builds its model from that task. Any study can be checked and shown.
+        """Refuse a study this release cannot train (a plugin model, or a shipped task's
+        name with another model); any study can be checked and shown.
 
         Raises:
-            ConfigError: Naming the study and what this release trains.
+            ConfigError: Naming the study and why.
+        """
+        self.study_task()
+
+    def study_task(self) -> TaskSpec | None:
+        """The model this site trains for its study, built from the site's own copy of the
+        spec (the coordinator's runs pin its hash); None on the schema path.
+
+        Raises:
+            ConfigError: The study cannot be trained by this release.
         """
         if self.binding is None:
-            return
-        from fedward.tasks import TASKS, task_from_spec
+            return None
+        from fedward.tasks import UntrainableStudyError, study_task
 
-        study = self.binding.study
-        shipped = TASKS.get(study.name)
-        if shipped is None or not shipped.same_model(task_from_spec(study)):
-            raise ConfigError(
-                f"study {study.name!r} can be checked (`fedward-site mapping check`) but not "
-                f"trained by this release, which trains a study only when it equals a "
-                f"shipped task ({', '.join(sorted(TASKS))})")
+        try:
+            return study_task(self.binding.study)
+        except UntrainableStudyError as err:
+            raise ConfigError(f"{err} (`fedward-site mapping check` still checks the "
+                              "data against it)") from None
 
 
 def open_configured(config: SiteConfig, root: Path) -> ConfiguredData:

@@ -43,7 +43,8 @@ from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
 from fedward.statistics import expected_shape
-from fedward.tasks import get_task
+from fedward.study import StudySpec
+from fedward.tasks import TaskSpec, UntrainableStudyError, get_task, study_task
 from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG, MSG, SiteErrorCode, update_digest
 from privacy import (
     BudgetExceededError,
@@ -235,6 +236,10 @@ class WarmTrainer:
     gate: SiteGate | None = None
     noise_secret: bytes = b""
     data_dir: Path | None = None
+    # The site's own copy of its study spec (site.json ``study``; None: a registry task).
+    # A run of a study is trained only when it pins this copy's content hash, and the model
+    # is built from it: nothing about the model is taken from the message.
+    study: StudySpec | None = None
     # Where the task being handled is (policy, data, model, privacy, evaluate, train, egress):
     # a failure names it. Tasks are handled one at a time (TrainerServer's lock).
     _phase: str = field(default="policy", init=False, repr=False)
@@ -327,7 +332,7 @@ class WarmTrainer:
 
     def _model_shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:
-            self._shapes = array_shapes(get_task(self.task).build(seed=0))
+            self._shapes = array_shapes(self._own_task().build(seed=0))
         return self._shapes
 
     def _hand_back(self, header: dict[str, Any], reply: dict[str, Any],
@@ -669,11 +674,41 @@ class WarmTrainer:
 
     # -- tasks -----------------------------------------------------------------------
 
+    def _own_task(self) -> TaskSpec:
+        """The task this site trains: its study's (own copy), else the registry task."""
+        return get_task(self.task) if self.study is None else study_task(self.study)
+
+    def _study_task_for(self, config: dict[str, Any]) -> TaskSpec:
+        """The model of a run of this site's study, from the site's own copy of the spec.
+
+        Raises:
+            TaskError: ``refused-policy`` when the run pins another spec than this copy.
+        """
+        assert self.study is not None
+        own = self.study.content_hash()
+        pinned = config.get(CFG.STUDY_HASH)
+        if pinned != own:
+            ref = str(config.get(CFG.STUDY, "")) or str(config.get(CFG.TASK, "?"))
+            raise TaskError(
+                SiteErrorCode.REFUSED_POLICY,
+                f"refused-policy: the run trains study {ref} (sha256 {pinned or 'none'}) but "
+                f"this site's data is mapped to study {self.study.name} (sha256 {own}); the "
+                "site's IT approves that version, points site.json's study at it and "
+                "checks the mapping (fedward-site mapping check)")
+        try:
+            return study_task(self.study)
+        except UntrainableStudyError as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+
     def _model_for(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                    ) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
         task_name = str(config.get(CFG.TASK, ""))
         try:
-            task = get_task(task_name)
+            # A run of a study: the site's own copy, by the pinned hash. A run of a registry
+            # task (no study pinned) trains that task's shipped model, as before studies.
+            task = (self._study_task_for(config)
+                    if self.study is not None and config.get(CFG.STUDY_HASH) is not None
+                    else get_task(task_name))
         except KeyError as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
         if task.name != self.task:
@@ -744,7 +779,7 @@ class WarmTrainer:
         self._at("parity")
         run_id = str(config.get(CFG.RUN_ID))
         try:
-            outcome = measure_parity(task=self.task, run_id=run_id,
+            outcome = measure_parity(task=self._own_task(), run_id=run_id,
                                      model_arrays=model_arrays_in, files=files,
                                      features=self.data.test_x,
                                      workdir=self.replies_dir.parent / "run",

@@ -275,12 +275,19 @@ def test_the_agent_loads_a_study_through_its_mapping(tmp_path: Path) -> None:
     assert np.allclose(data.train_x, ref.train_x) and np.array_equal(data.test_y, ref.test_y)
     assert data.fingerprint.connector == "parquet"
     assert data.fingerprint.schema_hash == configured.binding.binding_hash  # type: ignore[union-attr]
-    # A study this release cannot train is checked, not started.
+    # A study of its own is trained with the model its (site's own) spec describes...
     (tmp_path / "heart.yaml").write_text(STUDY_FILE.read_text())
     heart = SiteConfig.from_dict({"name": "site-a", "superlink": "h:1", "ca_cert": "c",
                                   "data_path": "bc.csv", "study": "heart.yaml",
                                   "mapping": "mapping.yaml"})
-    with pytest.raises(ConfigError, match="not trained by this release"):
+    task = open_configured(heart, tmp_path).study_task()
+    assert task is not None and task.class_names == ("absent", "present")
+    assert task.n_features == 16 and task.model == "tabular_mlp"
+    # ...but one naming a plugin model is checked, not started.
+    (tmp_path / "heart.yaml").write_text(STUDY_FILE.read_text().replace(
+        "family: logistic_regression", "family: plugin\n  name: tabular_mlp"))
+    with pytest.raises(ConfigError, match="names the plugin model 'tabular_mlp'; this "
+                                          "release trains studies whose model is a built-in"):
         open_configured(heart, tmp_path).require_trainable()
     pq.write_table(pa.table({"DIAG": diag}), tmp_path / "bc.parquet")
     with pytest.raises(DataCheckError):
