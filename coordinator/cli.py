@@ -34,7 +34,7 @@ from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 from coordinator.drift_cli import make_drift_app
 from coordinator.mlflow_cli import mlflow_app
 from coordinator.release_cli import release_app
-from coordinator.run_statistics_cli import make_runs_app
+from coordinator.run_statistics_cli import add_statistics_command
 from coordinator.study_cli import make_study_app
 from coordinator.tuning_cli import make_tuning_app
 from fedward.files import atomic_write
@@ -57,7 +57,7 @@ app.add_typer(release_app, name="release")
 evaluation_cli.add_commands(app, lambda api, token, home: api_client(api, token, home))
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(make_study_app(lambda api, token, home: api_client(api, token, home)), name="study")
-app.add_typer(make_runs_app(lambda api, token, home: api_client(api, token, home)), name="runs")
+add_statistics_command(app, lambda api, token, home: api_client(api, token, home))
 app.add_typer(make_tuning_app(lambda api, token, home: api_client(api, token, home)), name="tune")
 app.add_typer(make_drift_app(lambda api, token, home: api_client(api, token, home)), name="drift")
 
@@ -162,8 +162,10 @@ def serve(home: HomeOpt = None,
     Ctrl-C/SIGTERM."""
     from coordinator.service import Coordinator
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
-                        "%(message)s")
+    # force: an import on the way (Opacus, through the privacy accounting) configures the
+    # root logger itself, which would make this a no-op and the coordinator's log silent.
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SuperLink call
     settings = settings_for(home)
     if port is not None:

@@ -1,4 +1,4 @@
-"""``fedward-coordinator runs statistics RUN``: a run's federated DP statistics.
+"""``fedward-coordinator statistics RUN``: a run's federated DP statistics.
 
 Mounted by :mod:`coordinator.cli`, which passes its REST client factory in (as the
 ``study`` group). Reads ``GET /api/v1/runs/{id}/statistics`` with the caller's token.
@@ -17,7 +17,7 @@ from rich.table import Table
 
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 
-__all__ = ["make_runs_app"]
+__all__ = ["add_statistics_command"]
 
 console = Console()
 
@@ -33,12 +33,11 @@ def _figure(value: object, digits: int = 4) -> str:
     return "-" if value is None else f"{float(value):.{digits}g}"  # type: ignore[arg-type]
 
 
-def make_runs_app(client: ClientFactory) -> typer.Typer:
-    """The ``runs`` command group, calling the API through ``client(api, token, home)``."""
-    runs_app = typer.Typer(help="What a run produced besides its model.",
-                           no_args_is_help=True, add_completion=False)
+def add_statistics_command(app: typer.Typer, client: ClientFactory) -> None:
+    """Add ``statistics RUN`` to ``app``, calling the API through ``client(api, token, home)``
+    (a command of its own: ``runs`` already lists the runs)."""
 
-    @runs_app.command("statistics")
+    @app.command("statistics")
     def statistics(
         run: Annotated[int, typer.Argument(help="the run id")],
         home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
@@ -65,5 +64,3 @@ def make_runs_app(client: ClientFactory) -> typer.Typer:
                           _figure(f["mean"]), _figure(f["std"]),
                           " ".join(f"{c:.0f}" for c in f["counts"]))
         console.print(table)
-
-    return runs_app

@@ -1101,7 +1101,8 @@ def main(grid: Grid, context: Context) -> None:
     from fedward.models import model_arrays
     from fedward.tasks import build_model
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, force=True,   # Opacus configures it on import
+                        format="%(asctime)s %(name)s %(message)s")
     # httpx logs every request at INFO, the 0.1 s reply pulls included; Flower uploads each
     # line to the SuperLink's database: noise that costs round time (benchmark 1).
     logging.getLogger("httpx").setLevel(logging.WARNING)

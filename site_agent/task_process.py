@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", required=True,
                         help="the SuperNode's runtime API: unix:/PATH or 127.0.0.1:PORT")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
+    logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     token = sys.stdin.read().strip()
     if not token:

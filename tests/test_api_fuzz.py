@@ -119,7 +119,11 @@ def test_valid_data_never_gets_5xx_and_answers_match_the_schema(
             case.headers = {**(case.headers or {}),
                             "Authorization": f"Bearer {_token_for(case, app, token)}"}
             response = case.call(session=client)
-            if response.status_code >= 500:
+            # This app runs without Flower (no launcher): the routes that start runs answer
+            # their documented 503 saying so; any other 5xx is a failure.
+            unconfigured = (response.status_code == 503
+                            and "not configured on this coordinator" in response.text)
+            if response.status_code >= 500 and not unconfigured:
                 failures.append(f"{case.method} {case.formatted_path}: "
                                 f"{response.status_code} {response.text[:200]}")
             case.validate_response(response, checks=(

@@ -20,6 +20,7 @@ import torch
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
+from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.models import model_arrays
 from fedward.statistics import (
     BINS,
@@ -346,7 +347,7 @@ def test_statistics_after_training_started_are_refused(
 def test_the_cli_table_shows_each_feature_of_the_stored_document() -> None:
     from typer.testing import CliRunner
 
-    from coordinator.run_statistics_cli import make_runs_app
+    from coordinator.run_statistics_cli import add_statistics_command
 
     total = np.zeros(expected_shape(TASK))
     total[:, :BINS] = 41.6
@@ -365,14 +366,19 @@ def test_the_cli_table_shows_each_feature_of_the_stored_document() -> None:
     import typer
 
     app = typer.Typer()
-    app.add_typer(make_runs_app(lambda api, token, home: Client()), name="runs")
-    out = CliRunner().invoke(app, ["runs", "statistics", "4"], env={"COLUMNS": "200"})
+
+    @app.callback()
+    def _group() -> None:   # a group, as in fedward-coordinator (one command alone is the app)
+        pass
+
+    add_statistics_command(app, lambda api, token, home: Client())
+    out = CliRunner().invoke(app, ["statistics", "4"], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
     assert calls == ["GET /runs/4/statistics"]
     assert "statistics of 2 site(s), epsilon 0.3 per site" in out.output
     assert "not included: hospital-c: offline" in out.output
     assert "mean_radius" in out.output and "418.4" in out.output
-    as_json = CliRunner().invoke(app, ["runs", "statistics", "4", "--json"])
+    as_json = CliRunner().invoke(app, ["statistics", "4", "--json"])
     assert json.loads(as_json.output) == answer
 
 
@@ -432,6 +438,6 @@ def test_admission_plans_the_statistics_with_the_rounds(
                      ledger=PrivacyLedger(tmp_path / "l2.sqlite"),
                      replies_dir=tmp_path / "replies2")
     assert ok.handle({"kind": "admission", "config": config()}, {})[0] == {
-        "status": {"status": "accepted"}}
+        "status": {"status": "accepted"}, REPLY_VERSIONS: local_versions()}
     # Nothing was charged or read for either answer.
     assert PrivacyLedger(tmp_path / "l2.sqlite").entries() == []

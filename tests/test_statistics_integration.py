@@ -59,7 +59,7 @@ def test_a_run_with_statistics_stores_them_and_its_release_ships_them() -> None:
         assert 100 < sorted(rows)[len(rows) // 2] < 800
 
         # The CLI shows the same document.
-        out = fed.coord_cli("runs", "statistics", str(run_id), "--json")
+        out = fed.coord_cli("statistics", str(run_id), "--json")
         assert json.loads(out.stdout)["reference"] == reference
         # A run without statistics has none (404 with the reason).
         none = fed.api("GET", "/runs/999/statistics")

@@ -19,6 +19,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
 import site_agent.trainer as trainer_module
+from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.models import model_arrays
 from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
@@ -251,7 +252,7 @@ def test_the_site_charges_a_search_once_and_trains_its_trials_under_that_charge(
 
     admitted, _ = trainer.handle({"kind": "admission",
                                   "config": trial_config("31", 0, terms, epsilon=2.0)}, {})
-    assert admitted == {"status": {"status": "accepted"}}
+    assert admitted == {"status": {"status": "accepted"}, REPLY_VERSIONS: local_versions()}
     assert trainer.ledger.entries() == []          # asking charges nothing
     first, out = trainer.handle({"kind": "train", "config": trial_config(
         "31", 1, terms, epsilon=2.0, batch=16, epochs=2)}, arrays)
