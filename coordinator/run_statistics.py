@@ -33,12 +33,11 @@ from fedward.run_config import RunPlan
 from fedward.statistics import (
     STATISTICS_ARRAY,
     expected_shape,
-    l2_sensitivity,
     reference_document,
     study_identity,
 )
 from fedward.wire import REPLY_ARRAYS, STATISTICS_MESSAGE_TYPE, TASK_CONFIG, SiteErrorCode
-from privacy.release import gaussian_noise_multiplier
+from privacy.release import statistics_release
 
 if TYPE_CHECKING:  # Flower is imported by the phase alone: the API and releases read rows
     from flwr.app import Message
@@ -135,8 +134,8 @@ def statistics_phase(*, grid: Grid, engine: Engine, plan: RunPlan, nodes: dict[i
             f"statistics, the run needs at least {plan.min_sites} ({why})")
     total = np.sum([releases[s] for s in sorted(releases)], axis=0)
     # Each site's noise follows from the run's settings alone (site_agent.statistics).
-    site_noise_std = gaussian_noise_multiplier(epsilon=share, delta=plan.delta) * \
-        l2_sensitivity(shape[0])
+    site_noise_std = statistics_release(n_features=shape[0], epsilon=share,
+                                        delta=plan.delta).noise_std
     reference = reference_document(
         run_id=plan.run_id, study=study_identity(plan.task, plan.study, plan.study_hash),
         epsilon=share, delta=plan.delta, sites=len(releases), task=plan.task, total=total,

@@ -21,7 +21,7 @@ from privacy.accounting import compose_mechanisms
 from privacy.dp import noise_multiplier_for_run, planned_steps
 from privacy.mechanisms import DpSgd, GaussianRelease, Mechanism
 
-__all__ = ["gaussian_noise_multiplier", "noise_multiplier_after"]
+__all__ = ["gaussian_noise_multiplier", "noise_multiplier_after", "statistics_release"]
 
 # Bisection steps: the noise is found to a relative width of about 2**-30 of its bracket.
 _BISECT: Final = 40
@@ -53,6 +53,18 @@ def gaussian_noise_multiplier(*, epsilon: float, delta: float) -> float:
         mid = (low + high) / 2
         low, high = (low, mid) if fits(mid) else (mid, high)
     return high
+
+
+def statistics_release(*, n_features: int, epsilon: float, delta: float) -> GaussianRelease:
+    """The Gaussian release of a statistics phase over ``n_features`` features that costs
+    ``epsilon`` at ``delta``: what each site charges and adds, and what the coordinator
+    states as the reference's noise. It depends on the run's settings only, never on data.
+    """
+    from fedward.statistics import l2_sensitivity
+
+    sensitivity = l2_sensitivity(n_features)
+    z = gaussian_noise_multiplier(epsilon=float(epsilon), delta=float(delta))
+    return GaussianRelease(noise_std=z * sensitivity, l2_sensitivity=sensitivity, count=1)
 
 
 def noise_multiplier_after(*, prior: Sequence[Mechanism], epsilon: float, delta: float,

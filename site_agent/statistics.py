@@ -47,11 +47,10 @@ from fedward.statistics import (
     STATISTICS_ARRAY,
     FeatureBins,
     feature_bins,
-    l2_sensitivity,
 )
 from fedward.wire import CFG, SiteErrorCode
 from privacy import BudgetExceededError, Caps, GaussianRelease, Mechanism, PrivacyLedger
-from privacy.release import gaussian_noise_multiplier
+from privacy.release import statistics_release
 
 __all__ = [
     "PURPOSE",
@@ -83,9 +82,8 @@ def statistics_mechanism(*, task: str, epsilon: float, delta: float) -> Gaussian
 
     Depends on the run's settings and the task only, never on the data.
     """
-    sensitivity = l2_sensitivity(len(feature_bins(task)))
-    z = gaussian_noise_multiplier(epsilon=float(epsilon), delta=float(delta))
-    return GaussianRelease(noise_std=z * sensitivity, l2_sensitivity=sensitivity, count=1)
+    return statistics_release(n_features=len(feature_bins(task)), epsilon=epsilon,
+                              delta=delta)
 
 
 def _wanted(config: Mapping[str, Any]) -> tuple[float, float, str] | None:
