@@ -22,12 +22,30 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, ClassVar, Final, TypeVar, get_type_hints
+from types import MappingProxyType, ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, get_type_hints
 
-from dp_accounting import dp_event
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
+
+
+def _events() -> ModuleType:
+    """dp-accounting's event module, imported on first use: importing dp-accounting costs
+    about a second of CPU (it loads SciPy's signal package), which every process importing
+    :mod:`privacy` would otherwise pay, composing or not."""
+    from dp_accounting import dp_event as events
+
+    module: ModuleType = events
+    return module
+
+
+def _pld_lib() -> ModuleType:
+    """dp-accounting's PLD module, imported on first use (see :func:`_events`)."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    module: ModuleType = privacy_loss_distribution
+    return module
 
 __all__ = [
     "MECHANISMS",
@@ -183,7 +201,7 @@ def decode_mechanism(doc: Mapping[str, Any]) -> Mechanism:
 
 def _gaussian_pld(standard_deviation: float, interval: float,
                   sampling_prob: float = 1.0) -> PLD:
-    return pld_lib.from_gaussian_mechanism(
+    return _pld_lib().from_gaussian_mechanism(
         standard_deviation=standard_deviation, sampling_prob=sampling_prob,
         value_discretization_interval=interval)
 
@@ -215,9 +233,9 @@ class DpSgd(Mechanism):
         return out
 
     def dp_event(self) -> dp_event.DpEvent:
-        step = dp_event.PoissonSampledDpEvent(
-            self.sample_rate, dp_event.GaussianDpEvent(self.noise_multiplier))
-        return dp_event.SelfComposedDpEvent(step, self.steps)
+        step = _events().PoissonSampledDpEvent(
+            self.sample_rate, _events().GaussianDpEvent(self.noise_multiplier))
+        return _events().SelfComposedDpEvent(step, self.steps)
 
     def unit(self) -> tuple[Mechanism, int]:
         return DpSgd(self.noise_multiplier, self.sample_rate, 1), self.steps
@@ -263,8 +281,8 @@ class GaussianRelease(Mechanism):
         return self.noise_std / self.l2_sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.SelfComposedDpEvent(
-            dp_event.GaussianDpEvent(self.noise_multiplier), self.count)
+        return _events().SelfComposedDpEvent(
+            _events().GaussianDpEvent(self.noise_multiplier), self.count)
 
     def unit(self) -> tuple[Mechanism, int]:
         return GaussianRelease(self.noise_std, self.l2_sensitivity, 1), self.count
@@ -311,14 +329,14 @@ class LaplaceRelease(Mechanism):
         return self.scale / self.l1_sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.SelfComposedDpEvent(
-            dp_event.LaplaceDpEvent(self.noise_multiplier), self.count)
+        return _events().SelfComposedDpEvent(
+            _events().LaplaceDpEvent(self.noise_multiplier), self.count)
 
     def unit(self) -> tuple[Mechanism, int]:
         return LaplaceRelease(self.scale, self.l1_sensitivity, 1), self.count
 
     def pld(self, count: int, interval: float) -> PLD | None:
-        return pld_lib.from_laplace_mechanism(
+        return _pld_lib().from_laplace_mechanism(
             parameter=self.noise_multiplier,
             value_discretization_interval=interval).self_compose(self.count * count)
 
@@ -357,7 +375,7 @@ class TuningSelection(Mechanism):
         return out
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.RepeatAndSelectDpEvent(self.trial.dp_event(), self.mean, self.shape)
+        return _events().RepeatAndSelectDpEvent(self.trial.dp_event(), self.mean, self.shape)
 
     def describe(self) -> str:
         kind = {math.inf: "Poisson", 1.0: "geometric", 0.0: "logarithmic"}.get(
@@ -392,10 +410,10 @@ class CoveredTrial(Mechanism):
         return out
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.NoOpDpEvent()
+        return _events().NoOpDpEvent()
 
     def pld(self, count: int, interval: float) -> PLD | None:
-        return pld_lib.identity(value_discretization_interval=interval)
+        return _pld_lib().identity(value_discretization_interval=interval)
 
     def describe(self) -> str:
         return f"tuning trial round, covered by tuning search {self.search}: " \
