@@ -342,15 +342,16 @@ def test_runs_naming_no_such_or_an_untrainable_study_are_refused(
     # The statistics phase knows the shipped tasks' bins only: said at launch.
     assert "statistics phase is not available yet for study readmission@1" in refusal(
         study="readmission@1", statistics=True)
-    # A plugin model does not (out of this release's scope), nor a shipped task's name
-    # with another model.
+    # A plugin model trains only as an installed distribution, which the run pins (a
+    # family added in code has none to pin); nor does a shipped task's name with another
+    # model.
     monkeypatch.setitem(BUILTIN_FAMILIES, "tiny_net", lambda: nn.Linear(6, 2))
     register(client, eng, spec=readmission(name="readmission-plugin",
                                            model={"family": "plugin", "name": "tiny_net"}))
     assert refusal(study="readmission-plugin@1") == (
-        "study: study readmission-plugin@1: study 'readmission-plugin' names the plugin "
-        "model 'tiny_net'; this release trains studies whose model is a built-in family "
-        "(logistic_regression, mlp, cnn); write the model as one of those")
+        "study: study readmission-plugin@1: no installed distribution provides the model "
+        "plugin 'tiny_net' (entry point group 'fedward.models'); install the ML team's "
+        "package here")
     register(client, eng, text=BC.read_text().replace("hidden: [8]", "hidden: [16]"))
     assert "takes the name of the shipped task breast_cancer_mlp but changes its " \
         "features, label or model; give the study a name of its own" in refusal(
