@@ -383,3 +383,9 @@ def test_the_model_card_names_the_pinned_study_and_the_class_names() -> None:
                                    "classes": ["malignant", "benign"]}
     assert with_study["input"]["classes"] == ["malignant", "benign"]
     assert "study" not in card({})
+    # A run that pinned a model plugin names its distribution, version and RECORD hash.
+    pin = {"model_plugin": "fedward-example-model", "model_plugin_version": "0.1.0",
+           "model_plugin_sha256": "a" * 64}
+    assert card({**config, **pin})["model_plugin"] == {
+        "distribution": "fedward-example-model", "version": "0.1.0", "sha256": "a" * 64}
+    assert "model_plugin" not in with_study
