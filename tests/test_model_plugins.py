@@ -311,7 +311,7 @@ def test_admission_refuses_a_plugin_missing_at_another_version_build_or_not_allo
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_plugin_study_is_refused_where_not_allowed_then_trains_at_two_sites(
         example: Installed, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real coordinator and two site agents, the plugin installed at each (PYTHONPATH):
