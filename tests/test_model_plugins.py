@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -84,8 +85,11 @@ def _pip(*args: str) -> None:
 def example(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """Build the example's wheel and pip-install it into a folder of its own, offline."""
     root = tmp_path_factory.mktemp("plugin")
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = shutil.copytree(EXAMPLE, root / "source", ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__"))
     _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"),
-         str(EXAMPLE))
+         str(source))
     (wheel,) = (root / "dist").glob("fedward_example_model-*.whl")
     _pip("install", "--no-deps", "--no-index", "--no-compile", "--target",
          str(root / "site-packages"), str(wheel))
@@ -133,7 +137,8 @@ def test_the_pin_is_the_installed_record_the_same_as_the_wheels_and_a_changed_fi
 
 
 def test_the_example_plugins_own_tests_pass(example: Installed) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example.target), str(REPO)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example.target), str(REPO)]),
+           "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(EXAMPLE / "tests")], cwd=EXAMPLE, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
