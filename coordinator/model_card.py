@@ -124,6 +124,11 @@ def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Pr
         **({"study": {"ref": config["study"], "sha256": config["study_hash"],
                       "name": spec.name, "classes": list(spec.class_names)}}
            if config.get("study_hash") else {}),
+        # The model plugin distribution the run pinned (fedward.plugins), if any.
+        **({"model_plugin": {"distribution": config["model_plugin"],
+                             "version": config.get("model_plugin_version"),
+                             "sha256": config.get("model_plugin_sha256")}}
+           if config.get("model_plugin") else {}),
         "model_version": {"run_id": cand.run_id, "round": cand.round_number,
                           "checkpoint_sha256": cand.checkpoint_sha256,
                           "candidate_id": cand.id},

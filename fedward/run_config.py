@@ -241,6 +241,17 @@ class RunConfig(RunSettings):
     study_hash: Annotated[str | None, Wire("study-hash")] = Field(
         default=None, pattern=r"^[0-9a-f]{64}$",
         description="SHA-256 of the study spec's canonical form.")
+    # A run of a study whose model is a plugin pins the distribution that provides it
+    # (fedward.plugins.PluginPin): each site trains only with exactly that one installed
+    # and allowed by its policy. No code travels; only these three strings.
+    model_plugin: Annotated[str | None, Wire("model-plugin")] = Field(
+        default=None, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The distribution that provides the study's plugin model.")
+    model_plugin_version: Annotated[str | None, Wire("model-plugin-version")] = Field(
+        default=None, max_length=64, description="Its version.")
+    model_plugin_sha256: Annotated[str | None, Wire("model-plugin-sha256")] = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of its installed dist-info RECORD file.")
     # Set only by the coordinator's tuning engine (never by POST /runs): the run is a trial
     # of this search, whose one charge at each site covers it (privacy.tuning.SearchTerms).
     tuning_search: Annotated[str | None, Wire("tuning-search")] = Field(

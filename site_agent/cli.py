@@ -21,7 +21,7 @@ from site_agent.drift_cli import drift_app
 from site_agent.fingerprint_cli import fingerprint
 from site_agent.ledger_cli import entries_table, ledger_app
 from site_agent.mapping_cli import mapping_app
-from site_agent.study_cli import approve_study
+from site_agent.study_cli import allow_plugin, approve_study
 
 if TYPE_CHECKING:
     from privacy.budget import SiteBudget
@@ -42,6 +42,7 @@ app.add_typer(mapping_app, name="mapping")
 app.add_typer(drift_app, name="drift")
 app.command("fingerprint")(fingerprint)
 policy_app.command("approve-study")(approve_study)
+policy_app.command("allow-plugin")(allow_plugin)
 console = Console()
 err_console = Console(stderr=True)
 

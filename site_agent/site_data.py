@@ -63,8 +63,10 @@ class ConfiguredData:
         return self.connector.load(self.schema, fingerprint_key=fingerprint_key)
 
     def require_trainable(self) -> None:
-        """Refuse a study this release cannot train (a plugin model, or a shipped task's
-        name with another model); any study can be checked and shown.
+        """Refuse a study this release cannot train (a shipped task's name with another
+        model); any study can be checked and shown. A plugin model is not looked up here:
+        each run pins its distribution, and the site's admission answer says whether it is
+        installed and allowed (:func:`fedward.plugins.plugin_refusal`).
 
         Raises:
             ConfigError: Naming the study and why.

@@ -42,6 +42,7 @@ import torch
 from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
+from fedward.plugins import PluginPin
 from fedward.statistics import expected_shape
 from fedward.study import StudySpec
 from fedward.tasks import TaskSpec, UntrainableStudyError, get_task, study_task
@@ -474,12 +475,13 @@ class WarmTrainer:
             total_rounds = int(config[CFG.TOTAL_ROUNDS])
         except (KeyError, TypeError, ValueError) as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        plugin = self._plugin_needed(config)
         try:
             study_hash = config.get(CFG.STUDY_HASH)
             return self.gate.admit(
                 run_id=run_id, project=project, task=task, total_rounds=total_rounds,
                 study=None if study_hash is None else str(config.get(CFG.STUDY, "")),
-                study_hash=None if study_hash is None else str(study_hash))
+                study_hash=None if study_hash is None else str(study_hash), plugin=plugin)
         except PendingApproval as err:
             raise TaskError(SiteErrorCode.PENDING_APPROVAL, err.reason) from None
         except PolicyRefusal as err:
@@ -490,6 +492,29 @@ class WarmTrainer:
                 SiteErrorCode.REFUSED_POLICY,
                 "refused-policy: the site cannot read its approvals file; its IT restores it "
                 "(the site agent's log says how)") from None
+
+    def _plugin_needed(self, config: dict[str, Any]) -> tuple[PluginPin, str | None] | None:
+        """The model plugin a run pins, with the entry point this site's study names when
+        the run trains that study (else None: the gate checks the distribution alone).
+
+        Raises:
+            TaskError: a malformed pin; a run of this site's plugin study that pins none.
+        """
+        try:
+            pin = PluginPin.from_config(config, (CFG.MODEL_PLUGIN, CFG.MODEL_PLUGIN_VERSION,
+                                                 CFG.MODEL_PLUGIN_SHA256))
+        except ValueError as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+        own = self.study
+        ours = own is not None and config.get(CFG.STUDY_HASH) == own.content_hash()
+        entry = own.model.name if ours and own is not None and own.model.family == "plugin" \
+            else None
+        if pin is None and entry is not None:
+            raise TaskError(
+                SiteErrorCode.REFUSED_POLICY,
+                f"refused-policy: the run trains a study whose model is the plugin {entry!r} "
+                "but pins no plugin distribution; the coordinator must be upgraded")
+        return None if pin is None else (pin, entry)
 
     def _caps(self, admission: Admission | None) -> tuple[float | None, float | None]:
         """(the project's cap, the site-wide cap) for a task the gate let through.

@@ -54,7 +54,9 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "delta": "delta", "lr": "learning-rate", "batch_size": "batch-size",
         "max_grad_norm": "max-grad-norm", "seed": "seed", "study": "study",
         "study_hash": "study-hash", "statistics": "statistics",
-        "statistics_epsilon": "statistics-epsilon", "tuning_search": "tuning-search",
+        "statistics_epsilon": "statistics-epsilon", "model_plugin": "model-plugin",
+        "model_plugin_version": "model-plugin-version",
+        "model_plugin_sha256": "model-plugin-sha256", "tuning_search": "tuning-search",
         "run_id": "run-id", "project": "project", "task": "task-name"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
