@@ -35,7 +35,9 @@ import numpy as np
 from export.bundle import SERVING_FILE, BundleError, VerifiedBundle, verify_bundle
 from fedward.drift_wire import REPORT_FORMAT, REPORT_VERSION
 from privacy.mechanisms import GaussianRelease, LaplaceRelease, Mechanism
-from site_agent.data import DataCheckError, DataSchema, ProblemKind, SiteData, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_report import DataCheckError, ProblemKind
+from site_agent.data_schema import DataSchema
 from site_agent.drift_policy import DriftDisclosure
 from site_agent.drift_stats import (
     SCORE_BINS,

@@ -868,7 +868,8 @@ def test_validate_update_rejects_an_update_beyond_the_norm_bound() -> None:
 
 @pytest.fixture(scope="module")
 def demo_sites(tmp_path_factory: pytest.TempPathFactory) -> list[object]:
-    from site_agent.data import load_schema, load_site_data
+    from site_agent.data import load_site_data
+    from site_agent.data_schema import load_schema
     from site_agent.datasets import write_demo_federation
 
     fed = write_demo_federation(task="breast_cancer_mlp",

@@ -33,7 +33,8 @@ from fedward.wire import (
 )
 from privacy import PrivacyLedger
 from site_agent.audit import AuditLog, read_entries
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.parity_task import ARTEFACT_PREFIX, ParityBook, canonical_digest, model_digest
