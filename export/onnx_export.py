@@ -36,7 +36,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.bundle import ARTEFACT_FILES
+from export.bundle_format import ARTEFACT_FILES
 from export.parity import import_openvino
 from fedward.tasks import TaskRef, get_task
 

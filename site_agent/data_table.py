@@ -25,7 +25,7 @@ __all__ = [
 
 @dataclass
 class Table:
-    """A table a connector read, before any check: what :func:`site_agent.data_check.scan_table` checks.
+    """A table a connector read, before any check (:func:`site_agent.data_check.scan_table`).
 
     Attributes:
         source: How messages name where it came from (a path, "the query"); never a

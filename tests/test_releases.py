@@ -62,11 +62,8 @@ from coordinator.repository import (
 )
 from coordinator.schemas import RunConfig
 from coordinator.settings import Settings
-from export.bundle import (
-    ArtefactFormat,
-    BundleVerificationError,
-    verify_bundle,
-)
+from export.bundle_format import ArtefactFormat, BundleVerificationError
+from export.bundle_verify import verify_bundle
 from export.parity import parity_report
 from export.revocations import RevocationSource, load_revocations
 from export.serve import create_app as create_inference_app

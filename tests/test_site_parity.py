@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from export.bundle import ARTEFACT_FILES, FORMATS
+from export.bundle_format import ARTEFACT_FILES, FORMATS
 from export.onnx_export import export_onnx, export_onnx_int8, export_openvino
 from export.parity import parity_report
 from fedward.models import model_arrays
