@@ -155,7 +155,7 @@ def verified_bundle(home: Path, release: Release) -> VerifiedBundle:
 
     Raises:
         IntegrityFailure: A stored path that is not ``releases/<id>``, a symlinked releases
-            folder, a missing key or a bundle that fails :func:`export.bundle.verify_bundle`
+            folder, a missing key or a bundle that fails :func:`export.bundle_verify.verify_bundle`
             (a symlink, an extra or changed file, ...).
     """
     folder = bundle_dir(home, release)
