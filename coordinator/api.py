@@ -69,6 +69,7 @@ from coordinator.auth import (
     user_for_token,
     verify_password,
 )
+from coordinator.dashboard_queries import certificate_expiry
 from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.login_limits import LoginLimiter, LoginThrottled
@@ -88,23 +89,25 @@ from coordinator.models import (
 from coordinator.pki import CAFiles
 from coordinator.presence import last_seen
 from coordinator.releases import SiteParity
-from coordinator.repository import certificate_expiry, latest_admissions, record_run_outcome
-from coordinator.schemas import (
-    AuditEventPublic,
-    AuditPage,
-    AuditVerifyResult,
+from coordinator.repository import record_run_outcome
+from coordinator.run_audit import latest_admissions
+from coordinator.run_schemas import (
     CheckpointPublic,
-    HealthPublic,
-    NodeKeyCreate,
-    ProjectCreate,
-    ProjectPublic,
     RoundMetrics,
     RoundPublic,
-    RunConfig,
     RunCreate,
     RunDetail,
     RunMetrics,
     RunPublic,
+)
+from coordinator.schemas import (
+    AuditEventPublic,
+    AuditPage,
+    AuditVerifyResult,
+    HealthPublic,
+    NodeKeyCreate,
+    ProjectCreate,
+    ProjectPublic,
     SiteCreate,
     SitePublic,
     UserPublic,
@@ -117,7 +120,7 @@ from fedward.roles import (
     USER_ADMIN_ROLES,
     WRITE_ROLES,
 )
-from fedward.run_config import RunSettings
+from fedward.run_config import RunConfig, RunSettings
 
 __all__ = [
     "API_PREFIX",

@@ -37,7 +37,8 @@ from coordinator import repository
 from coordinator.audit import append_event
 from coordinator.db import SessionDep, session_scope
 from coordinator.models import RUN_FINAL_STATUSES, Project, Run, User, utcnow
-from coordinator.schemas import RunPublic, _Request
+from coordinator.run_schemas import RunPublic
+from coordinator.schemas import _Request
 from coordinator.settings import Settings
 from fedward.flower.control import FlowerControl
 from fedward.roles import WRITE_ROLES
