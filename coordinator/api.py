@@ -1043,19 +1043,16 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(ApiMetrics)  # outermost: times every request (coordinator.metrics)
     app.include_router(router)
-    app.include_router(run_control.build_router(prefix=API_PREFIX, current_user=get_current_user,
-                                                require_role=require_role))
+    app.include_router(run_control.make_router())
     app.include_router(users_router)
     app.include_router(release_router)
     app.include_router(portal_router)
     app.include_router(dashboard_router)
     app.include_router(portal_run_control_router)
-    app.include_router(evaluation.build_router(prefix=API_PREFIX, current_user=get_current_user,
-                                               require_role=require_role))
+    app.include_router(evaluation.make_router())
     app.include_router(mlflow_router)
     app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
-    app.include_router(make_tuning_router(current_user=get_current_user,
-                                          require_role=require_role))
-    app.include_router(make_drift_router(current_user=get_current_user, require_role=require_role))
+    app.include_router(make_tuning_router())
+    app.include_router(make_drift_router())
     app.include_router(drift_portal_router)
     return app
