@@ -15,10 +15,7 @@ from coordinator.models import (
     Run,
 )
 from coordinator.release_lineage import PRIVACY_ACCOUNTANT, PRIVACY_MECHANISM
-from export.bundle import (
-    ARTEFACT_FILES,
-    FORMATS,
-)
+from export.bundle_format import ARTEFACT_FILES, FORMATS
 from fedward.tasks import TaskSpec
 from fedward.wire import MEMBERSHIP_KEY
 

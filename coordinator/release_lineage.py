@@ -13,7 +13,7 @@ from typing import Any, Final
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from coordinator import repository
+from coordinator import run_audit
 from coordinator.checkpoints import CheckpointError, load_checkpoint
 from coordinator.db import session_scope
 from coordinator.models import (
@@ -214,7 +214,7 @@ def build_lineage(engine: Engine, *, home: Path, run_id: int, round_number: int
     except CheckpointError as err:
         version["checkpoint"]["status"] = f"unusable: {err}"
     fingerprints = {site: [e for e in entries if int(e.get("round", 0)) <= round_number]
-                    for site, entries in repository.data_fingerprints(engine, run_id).items()}
+                    for site, entries in run_audit.data_fingerprints(engine, run_id).items()}
     fingerprints = {s: e for s, e in fingerprints.items() if e}
     if not fingerprints:
         fingerprints = _fingerprints_from_metrics(metrics, round_number)

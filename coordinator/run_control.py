@@ -17,27 +17,28 @@ refused with 429, naming the limit, its setting and the runs that hold it
 (:func:`check_run_limits`); launches are checked and committed one at a time
 (:data:`LAUNCH_LOCK`), so concurrent requests cannot slip past the limit together.
 
-No ``from __future__ import annotations`` here: :func:`build_router` declares its routes
-with the caller's user dependency, and FastAPI reads those annotations as objects.
+The routes (:func:`make_router`) authenticate through :mod:`coordinator.auth`
+(``CurrentUser``, ``require_role``), as every route of the API does.
 """
 
 import logging
 import threading
-from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import httpx
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, HTTPException, status
 from pydantic import Field
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from coordinator import repository
 from coordinator.audit import append_event
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep, session_scope
-from coordinator.models import RUN_FINAL_STATUSES, Project, Run, User, utcnow
-from coordinator.schemas import RunPublic, _Request
+from coordinator.models import RUN_FINAL_STATUSES, Project, Run, utcnow
+from coordinator.run_schemas import RunPublic
+from coordinator.schemas import _Request
 from coordinator.settings import Settings
 from fedward.flower.control import FlowerControl
 from fedward.roles import WRITE_ROLES
@@ -51,10 +52,10 @@ __all__ = [
     "CancelRequest",
     "RunFinishedError",
     "active_runs",
-    "build_router",
     "check_cancellable",
     "check_run_limits",
     "enforce_cancellations",
+    "make_router",
     "request_cancel",
 ]
 
@@ -233,19 +234,13 @@ def enforce_cancellations(engine: Engine, control: FlowerControl, *,
     return ended
 
 
-def build_router(*, prefix: str, current_user: Callable[..., User],
-                 require_role: Callable[[User, frozenset[str]], None]) -> APIRouter:
-    """The run control routes, with the API's authentication.
-
-    Args:
-        prefix: The API's path prefix.
-        current_user: The API's dependency that authenticates the request.
-        require_role: Refuses a user without one of the roles (403).
+def make_router() -> APIRouter:
+    """The run control routes, under the API's prefix.
 
     Returns:
         A router to include in the application.
     """
-    router = APIRouter(prefix=prefix)
+    router = APIRouter(prefix=API_PREFIX)
     responses: dict[int | str, dict[str, Any]] = {
         401: {"description": "Missing or unknown API token"},
         403: {"description": "The user's role may not do this"},
@@ -256,7 +251,7 @@ def build_router(*, prefix: str, current_user: Callable[..., User],
     @router.post("/runs/{run_id}/cancel", status_code=202, tags=["runs"],
                  responses=responses)
     def cancel_run(run_id: int, body: CancelRequest, session: SessionDep,
-                   user: Annotated[User, Depends(current_user)]) -> RunPublic:
+                   user: CurrentUser) -> RunPublic:
         """Cancel a pending or running run (also one waiting for approval).
 
         Accepted at once; the run's round loop ends it within its round deadline plus

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from site_agent.config import ConfigError, SiteConfig
 from site_agent.connectors import Connector, ConnectorError
-from site_agent.data import DataReport, DataSchema, SiteData, load_schema
+from site_agent.data import SiteData
+from site_agent.data_report import DataReport
+from site_agent.data_schema import DataSchema, load_schema
 from site_agent.mapping import Binding
 
 if TYPE_CHECKING:

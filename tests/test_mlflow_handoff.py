@@ -27,7 +27,7 @@ from coordinator.api import create_app
 from coordinator.db import session_scope
 from coordinator.models import AuditEvent, MlflowExport, Run, SiteMetric
 from coordinator.settings import Settings
-from export.bundle import verify_bundle
+from export.bundle_verify import verify_bundle
 
 from mlflow_server import MlflowServer, free_port, mlflow_server
 from test_coordinator_api import TestClient, api

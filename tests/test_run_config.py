@@ -9,7 +9,7 @@ import typer
 
 from coordinator.cli import LAUNCH_OPTION_FIELDS
 from coordinator.cli import app as coordinator_cli
-from coordinator.schemas import RunCreate
+from coordinator.run_schemas import RunCreate
 from fedward.run_config import RunConfig, RunPlan, RunRequest, RunSettings, wire_keys
 from fedward.wire import CFG
 

@@ -29,7 +29,8 @@ from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
 from privacy import PrivacyLedger
 from site_agent.config import ConfigError, SiteConfig
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.ipc import IPCError, read_frame, request, write_frame

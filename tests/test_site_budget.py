@@ -38,7 +38,8 @@ from privacy import (
 from site_agent.audit import AuditLog, AuditLogError, read_entries
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.policy import ApprovalBook, SiteGate
 from site_agent.trainer import WarmTrainer, round_noise_seed
@@ -297,7 +298,8 @@ _KILLED_TRAINER = textwrap.dedent("""
     from fedward.wire import CFG
     from privacy import PrivacyLedger
     from site_agent.audit import AuditLog
-    from site_agent.data import load_schema, load_site_data
+    from site_agent.data import load_site_data
+    from site_agent.data_schema import load_schema
     from site_agent.trainer import WarmTrainer
 
     root, csv, schema, where = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]

@@ -21,7 +21,9 @@ from fedward.tasks import BREAST_CANCER_COLUMNS
 from site_agent.cli import app
 from site_agent.config import SiteConfig
 from site_agent.connectors import open_connector
-from site_agent.data import DataCheckError, DataSchema, ProblemKind, load_site_data
+from site_agent.data import load_site_data
+from site_agent.data_report import DataCheckError, ProblemKind
+from site_agent.data_schema import DataSchema
 from site_agent.mapping import Binding, MappingError, parse_mapping
 from site_agent.mapping_apply import check_mapping, encode
 from site_agent.site_data import open_configured

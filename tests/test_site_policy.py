@@ -26,7 +26,8 @@ from privacy import DpSgd, PrivacyLedger, compose_mechanisms
 from site_agent.audit import AuditLog, read_entries, verify_log
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.policy import (
     ApprovalBook,
