@@ -28,12 +28,14 @@ from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 
+from coordinator import run_control
 from coordinator.audit import append_event
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import (
     Checkpoint,
     Evaluation,
+    Project,
     Release,
     ReleaseCandidate,
     Run,
@@ -253,11 +255,18 @@ def make_router() -> APIRouter:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 "this coordinator cannot start Flower runs (no SuperLink)")
         expire_stale(session, [run_id])
-        try:
-            row = request_evaluation(session, run, actor=user.name, release_id=body.release_id)
-        except EvaluationRefused as err:
-            raise HTTPException(err.status_code, str(err)) from None
-        session.commit()
+        project = session.get(Project, run.project_id)
+        assert project is not None
+        # An evaluation starts a ServerApp as a run does: it takes a place under the run
+        # limits, checked and committed under the launch lock like a launch.
+        with run_control.LAUNCH_LOCK:
+            run_control.check_run_limits(session, request.app.state.settings, project)
+            try:
+                row = request_evaluation(session, run, actor=user.name,
+                                         release_id=body.release_id)
+            except EvaluationRefused as err:
+                raise HTTPException(err.status_code, str(err)) from None
+            session.commit()
         assert row.id is not None
         try:
             # No transaction is open while the launcher runs: the ServerApp it starts writes.
