@@ -36,6 +36,16 @@ __all__ = [
     "REPLY_CONFIG",
     "REPLY_FINGERPRINT",
     "REPLY_METRICS",
+    "SECAGG_ACTION",
+    "SECAGG_ACTIVE",
+    "SECAGG_DROPPED",
+    "SECAGG_LAYOUT",
+    "SECAGG_MASKED",
+    "SECAGG_ME",
+    "SECAGG_MESSAGE_TYPE",
+    "SECAGG_N",
+    "SECAGG_STAGE",
+    "SECAGG_STAGES",
     "STATISTICS_ACTION",
     "STATISTICS_MESSAGE_TYPE",
     "TASK_ARRAYS",
@@ -146,6 +156,22 @@ CANCEL_REASON: Final = "cancel-reason"     # why (str, at most 500 characters)
 # "statistics-noise-std" and "epsilon-spent", or an Error (REFUSED_BUDGET with the figures).
 STATISTICS_ACTION: Final = "statistics"
 STATISTICS_MESSAGE_TYPE: Final = f"query.{STATISTICS_ACTION}"
+
+# Secure aggregation (runs with ``secure_aggregation`` on): each round is four query
+# messages with this action, one per stage of fedward.flower.secagg (SECAGG_STAGE says
+# which). Every array is a plain uint8 or int64 array in TASK_ARRAYS / REPLY_ARRAYS; the
+# mask stage also carries the packed global model (PACKED) with its layout under
+# SECAGG_LAYOUT, and its reply one int64 array, SECAGG_MASKED, uniformly random alone.
+SECAGG_ACTION: Final = "secagg"
+SECAGG_MESSAGE_TYPE: Final = f"query.{SECAGG_ACTION}"
+SECAGG_STAGE: Final = "secagg-stage"        # advertise, share, mask or unmask (str)
+SECAGG_ME: Final = "secagg-me"              # the site's number in the round, 1..n (int)
+SECAGG_N: Final = "secagg-n"                # participants in the round (int)
+SECAGG_LAYOUT: Final = "secagg-layout"      # the packed model's layout (str)
+SECAGG_ACTIVE: Final = "secagg-active"      # unmask: sites that sent vectors ("1,2,4")
+SECAGG_DROPPED: Final = "secagg-dropped"    # unmask: sites that shared keys, sent none
+SECAGG_MASKED: Final = "secagg-masked"      # mask reply: the masked vector (int64)
+SECAGG_STAGES: Final = ("advertise", "share", "mask", "unmask")
 
 _RUN: Final = wire_keys(RunPlan)
 

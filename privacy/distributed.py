@@ -27,11 +27,14 @@ worst case, ``threshold`` survivors (:class:`privacy.mechanisms.DistributedSkell
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+
+from privacy.mechanisms import DistributedSkellam
 
 __all__ = [
     "MODULUS_BITS",
@@ -40,6 +43,8 @@ __all__ = [
     "dequantise",
     "from_field",
     "gaussian_equivalent_std",
+    "mechanism",
+    "noise_multiplier_for",
     "quantise",
     "skellam",
     "skellam_rdp",
@@ -160,3 +165,32 @@ def gaussian_equivalent_std(*, variance: float, l1: float, l2: float) -> float:
     Gaussian of std ``s`` at sensitivity ``l2``.
     """
     return math.sqrt(variance / (1.0 + 1.5 * l1 / l2 ** 2))
+
+
+def mechanism(plan: DistributedPlan, count: int = 1) -> DistributedSkellam:
+    """The ledger's record of ``count`` rounds under ``plan`` (worst case: threshold sites)."""
+    return DistributedSkellam(plan.variance, plan.l2, plan.l1, count)
+
+
+@functools.lru_cache(maxsize=32)
+def noise_multiplier_for(*, epsilon: float, delta: float, rounds: int, dim: int,
+                         threshold: int) -> float:
+    """The smallest noise multiplier (to 0.1%) at which ``rounds`` secure rounds fit
+    ``epsilon`` at ``delta`` by the ledger's own accountant.
+
+    Raises:
+        ValueError: no noise up to 10^4 times the sensitivity fits.
+    """
+    from privacy.accounting import compose_mechanisms
+
+    def fits(z: float) -> bool:
+        plan = DistributedPlan(clip=1.0, dim=dim, threshold=threshold, noise_multiplier=z)
+        return compose_mechanisms([mechanism(plan, rounds)], delta=delta).epsilon <= epsilon
+
+    low, high = 0.01, 1e4
+    if not fits(high):
+        raise ValueError(f"epsilon {epsilon:g} is too small for {rounds} secure rounds")
+    while high / low > 1.001:
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high

@@ -448,10 +448,10 @@ class DistributedSkellam(Mechanism):
     @property
     def noise_multiplier(self) -> float:
         """The RDP-equivalent Gaussian's std over the L2 sensitivity."""
-        from privacy.distributed import gaussian_equivalent_std
-
-        return gaussian_equivalent_std(variance=self.variance, l1=self.l1_sensitivity,
-                                       l2=self.l2_sensitivity) / self.l2_sensitivity
+        # privacy.distributed.gaussian_equivalent_std, here so that the mechanisms import
+        # nothing of the noise code.
+        ratio = self.l1_sensitivity / self.l2_sensitivity ** 2
+        return math.sqrt(self.variance / (1.0 + 1.5 * ratio)) / self.l2_sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
         return dp_event.SelfComposedDpEvent(

@@ -92,6 +92,7 @@ from site_agent.policy import (
     SiteGate,
     check_rounds_per_day,
 )
+from site_agent.secagg_site import SecAggRefused, SecAggSessions, check_egress
 from site_agent.statistics import (
     StatisticsRefusal,
     pending_statistics,
@@ -254,6 +255,8 @@ class WarmTrainer:
     # (see _warm); a task waits for it instead of computing the same thing twice.
     _warm_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
                                        repr=False)
+    # Secure-aggregation rounds in progress: this site's keys between the stage messages.
+    _secagg: SecAggSessions = field(default_factory=SecAggSessions, init=False, repr=False)
 
     def _warm(self, what: str, fn: Callable[[], object]) -> None:
         """Run ``fn`` (privacy accounting for a coming round) in the background.
@@ -343,6 +346,13 @@ class WarmTrainer:
         try:
             if kind == "statistics":
                 self._check_statistics_egress(header, reply, out)
+            elif kind == "secagg":
+                config = header.get("config") if isinstance(header.get("config"), dict) else {}
+                assert isinstance(config, dict)
+                dim = sum(math.prod(s) for s in self._model_shapes().values())
+                problems = check_egress(config, reply, out, dim)
+                if problems:
+                    raise EgressViolation(problems)
             else:
                 check_reply(reply=reply, arrays=out,
                             expected_shapes=self._model_shapes() if kind == "train" else {})
@@ -375,7 +385,7 @@ class WarmTrainer:
         if kind == "cancel":
             return self._cancelled(config, run_id)
         try:
-            if kind not in ("train", "evaluate", "parity", "statistics"):
+            if kind not in ("train", "evaluate", "parity", "statistics", "secagg"):
                 raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
             # The site's policy comes first: a run it does not accept learns nothing else
             # about the site, and no data is touched.
@@ -387,6 +397,8 @@ class WarmTrainer:
                 return self._train(config, arrays, admission)
             if kind == "statistics":
                 return self._statistics(config, admission)
+            if kind == "secagg":
+                return self._secure_round(config, arrays, admission)
             if kind == "parity":
                 return self._parity(config, arrays)
             return self._evaluate_only(config, arrays)
@@ -410,6 +422,31 @@ class WarmTrainer:
                                        "error": type(err).__name__, "phase": self._phase,
                                        "reason": reason})
             return {"error": {"code": SiteErrorCode.TASK_FAILED, "reason": reason}}, {}
+
+    def _secure_round(self, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                      admission: Admission | None
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One stage of a secure-aggregation round (site_agent.secagg_site)."""
+        if config.get(CFG.TUNING_SEARCH) is not None:
+            raise TaskError(SiteErrorCode.REFUSED_POLICY, "refused-policy: a tuning trial "
+                            "cannot use secure aggregation in this version")
+        cap, site_cap = self._caps(admission)
+        assert self.data is not None
+        self._at("train")
+
+        def build(received: dict[str, np.ndarray]) -> torch.nn.Module:
+            self._at("model")
+            model, _shapes = self._model_for(config, received)
+            self._at("train")
+            return model
+
+        try:
+            return self._secagg.handle(
+                config, arrays, ledger=self.ledger, caps=Caps(project=cap, site=site_cap),
+                audit=self.audit, build=build, evaluate=self._eval_metrics,
+                train_xy=(self.data.train_x, self.data.train_y))
+        except SecAggRefused as err:
+            raise TaskError(err.code, err.reason) from None
 
     def _admission(self, config: dict[str, Any], run_id: str
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
