@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedward.flower.secagg import MODULUS, SecAggClient, SecAggError, unmask_sum
+from fedward.run_config import RunConfig, RunRequest
 from privacy.accounting import compose_mechanisms
 from privacy.distributed import (
     DistributedPlan,
@@ -152,3 +153,30 @@ def test_the_charge_matches_an_independent_recomputation(z: float, rounds: int) 
     # The accountant's bound may only be the larger, and by under 1%.
     assert independent <= figure.epsilon * (1 + 1e-9)
     assert figure.epsilon == pytest.approx(independent, rel=0.01)
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ({"aggregation": "median"}, "only fedavg"),
+    ({"aggregation": "fedadam"}, "only fedavg"),
+    ({"max_update_norm": 2.0}, "never sees one site's update"),
+    ({"statistics": True}, "not available together"),
+])
+def test_checks_that_need_one_update_are_refused_at_launch(extra: dict[str, object],
+                                                          why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        RunRequest.model_validate({"project": "p", "task": "breast_cancer_mlp",
+                                   "epsilon": 3.0, "secure_aggregation": True, **extra})
+
+
+def test_a_threshold_above_the_runs_sites_is_refused() -> None:
+    def config(sites: list[str], threshold: int | None = None) -> RunConfig:
+        return RunConfig(epsilon=3.0, lr=0.1, batch_size=32, secure_aggregation=True,
+                         sites=sites, secagg_threshold=threshold)
+
+    with pytest.raises(ValueError, match="at least 3 sites"):
+        config(["a-1", "b-1"], 3)
+    with pytest.raises(ValueError, match="at least 2 sites"):
+        config(["a-1"])
+    assert config(["a-1", "b-1"]).secagg_threshold_or_default() == 2
+    with pytest.raises(ValueError, match="secure_aggregation is off"):
+        RunRequest(project="p", task="breast_cancer_mlp", epsilon=3.0, secagg_threshold=2)
