@@ -180,3 +180,12 @@ def test_a_threshold_above_the_runs_sites_is_refused() -> None:
     assert config(["a-1", "b-1"]).secagg_threshold_or_default() == 2
     with pytest.raises(ValueError, match="secure_aggregation is off"):
         RunRequest(project="p", task="breast_cancer_mlp", epsilon=3.0, secagg_threshold=2)
+
+
+def test_the_lineage_says_which_aggregation_mode_the_run_used() -> None:
+    from coordinator.release_lineage import aggregation_mode
+
+    assert aggregation_mode({"aggregation": "median"})["mode"] == "plain"
+    secure = aggregation_mode({"secure_aggregation": True, "min_sites": 3,
+                               "secagg_clip": 0.5, "aggregation": "fedavg"})
+    assert (secure["mode"], secure["threshold"], secure["update_clip"]) == ("secure", 3, 0.5)
