@@ -602,7 +602,9 @@ class WarmTrainer:
                 cap=cap, site_cap=site_cap, before=pending_statistics(self.ledger, config))
         except PlanExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
-        if warm and (entry is None or entry.noise_multiplier is None):
+        # A secure run trains without DP-SGD noise (site_agent.secagg_site): nothing to warm.
+        if warm and (entry is None or entry.noise_multiplier is None) \
+                and config.get("secure-aggregation") is not True:
             self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
                                          step=(sigma, q, steps))
         return check
