@@ -35,6 +35,7 @@ from coordinator.db import session_scope
 from fedward.flower.secagg import SecAggError, unmask_sum
 from fedward.run_config import RunPlan
 from fedward.wire import (
+    CFG,
     PACKED,
     REPLY_ARRAYS,
     REPLY_METRICS,
@@ -169,7 +170,7 @@ def secure_round(*, grid: Grid, engine: Engine, plan: RunPlan, number: int,
     sites = sorted(nodes.values())
     node_of = {site: node for node, site in nodes.items()}
     me = {site: i + 1 for i, site in enumerate(sites)}
-    base = {**plan.task_config(number, train=True), "secagg-threshold": threshold,
+    base = {**plan.task_config(number, train=True), CFG.SECAGG_THRESHOLD: threshold,
             SECAGG_N: len(sites)}
     reached: dict[str, str] = {}
 

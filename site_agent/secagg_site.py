@@ -60,8 +60,8 @@ __all__ = ["SecAggRefused", "SecAggSessions", "check_egress", "round_tag"]
 
 log = logging.getLogger("fedward.site.secagg")
 
-_THRESHOLD: Final = "secagg-threshold"
-_CLIP: Final = "secagg-clip"
+_THRESHOLD: Final = CFG.SECAGG_THRESHOLD
+_CLIP: Final = CFG.SECAGG_CLIP
 _KEY_BYTES: Final = 32
 
 

@@ -604,7 +604,7 @@ class WarmTrainer:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         # A secure run trains without DP-SGD noise (site_agent.secagg_site): nothing to warm.
         if warm and (entry is None or entry.noise_multiplier is None) \
-                and config.get("secure-aggregation") is not True:
+                and config.get(CFG.SECURE) is not True:
             self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
                                          step=(sigma, q, steps))
         return check
