@@ -5,7 +5,7 @@ rows, 20% held out, stratified, seed 0):
 
 * **protocol cost per round**: the four SecAgg+ stages of ``fedward.flower.secagg`` for
   every site in turn (keys, Shamir shares, encryption, ChaCha20 masks over the model's
-  2,114 parameters, unmasking by the coordinator), at 3 and 8 sites, with no dropout and
+  266 parameters, unmasking by the coordinator), at 3 and 8 sites, with no dropout and
   with one site dropped after sharing its keys; median of 5. This is the compute the
   protocol adds; the message exchanges it adds (three more per round) cost what any
   exchange costs in deployment (about 3 s each on the 2-core build machine, see
