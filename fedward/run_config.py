@@ -276,6 +276,8 @@ class RunConfig(RunSettings):
     def _secagg_sites(self) -> RunConfig:
         if self.secure_aggregation:
             threshold = self.secagg_threshold_or_default()
+            # Stored and sent resolved: each site sizes its noise share for this number.
+            self.secagg_threshold = threshold
             if len(self.sites) < threshold:
                 raise ValueError(
                     f"secure_aggregation needs at least {threshold} sites (its threshold); "

@@ -45,7 +45,15 @@ from fedward.models import array_shapes, model_arrays, set_model_arrays
 from fedward.statistics import expected_shape
 from fedward.study import StudySpec
 from fedward.tasks import TaskSpec, UntrainableStudyError, get_task, study_task
-from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG, MSG, SiteErrorCode, update_digest
+from fedward.wire import (
+    CANCEL_BY,
+    CANCEL_REASON,
+    CFG,
+    MSG,
+    SECAGG_STAGE,
+    SiteErrorCode,
+    update_digest,
+)
 from privacy import (
     BudgetExceededError,
     Caps,
@@ -55,6 +63,7 @@ from privacy import (
     PlanExceededError,
     PrivacyLedger,
     UnknownMechanismError,
+    check_plan,
     check_run_plan,
     evaluate,
     expected_steps,
@@ -432,6 +441,11 @@ class WarmTrainer:
                             "cannot use secure aggregation in this version")
         cap, site_cap = self._caps(admission)
         assert self.data is not None
+        if config.get(SECAGG_STAGE) == "mask" and self.ledger.get_run(
+                str(config.get(CFG.RUN_ID))) is None:
+            # The run's first round here: its whole plan must fit before any of it trains.
+            self._at("privacy")
+            self._check_plan(config, admission, round_number=int(config.get(CFG.ROUND, 1)))
         self._at("train")
 
         def build(received: dict[str, np.ndarray]) -> torch.nn.Module:
@@ -573,6 +587,10 @@ class WarmTrainer:
         if self._search_terms(config) is not None:
             return self._check_search(config, admission, project=project, epsilon=epsilon,
                                       delta=delta)
+        if config.get(CFG.SECURE) is True:
+            return self._check_secure_plan(config, admission, run_id=run_id, project=project,
+                                           epsilon=epsilon, delta=delta,
+                                           total_rounds=total_rounds)
         with self._warm_lock:
             pass  # a search for this run still running in the background: use its result
         entry = self.ledger.get_run(run_id)
@@ -608,6 +626,39 @@ class WarmTrainer:
             self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
                                          step=(sigma, q, steps))
         return check
+
+    def _check_secure_plan(self, config: dict[str, Any], admission: Admission | None, *,
+                           run_id: str, project: str, epsilon: float, delta: float,
+                           total_rounds: int) -> PlanCheck | None:
+        """:meth:`_check_plan` for a run with secure aggregation: its rounds still to train
+        as :class:`~privacy.mechanisms.DistributedSkellam` entries at the noise this site
+        will add (privacy.distributed), against every budget."""
+        from privacy.distributed import DistributedPlan, mechanism, noise_multiplier_for
+
+        try:
+            threshold = int(config.get(CFG.SECAGG_THRESHOLD, 2))
+        except (TypeError, ValueError) as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        entry = self.ledger.get_run(run_id)
+        rounds_left = total_rounds - (len(entry.rounds) if entry is not None else 0)
+        if rounds_left < 1:
+            return None
+        dim = sum(math.prod(s) for s in self._model_shapes().values())
+        try:
+            z = noise_multiplier_for(epsilon=epsilon, delta=delta, rounds=total_rounds,
+                                     dim=dim, threshold=threshold)
+        except ValueError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+        plan = DistributedPlan(clip=1.0, dim=dim, threshold=threshold, noise_multiplier=z)
+        cap, site_cap = self._caps(admission)
+        try:
+            return check_plan(
+                self.ledger, run_id=run_id, project=project, delta=delta,
+                plan=[mechanism(plan, rounds_left)], run_budget=epsilon, cap=cap,
+                site_cap=site_cap,
+                summary=f"{rounds_left} secure-aggregation round(s) at threshold {threshold}")
+        except PlanExceededError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
 
     def _run_sigma(self, config: dict[str, Any], *, epsilon: float, delta: float,
                    sample_rate: float, total_epochs: int) -> float:
