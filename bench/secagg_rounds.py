@@ -35,9 +35,12 @@ def one(fed: harness.Federation, *, rounds: int, secure: bool, sites: int) -> di
         body.update(secure_aggregation=True, secagg_threshold=sites)
     run_id = fed.launch(**body)
     run = fed.wait_run(run_id, timeout=1800)
-    seconds = [float(r["seconds"]) for r in fed.api("GET", f"/runs/{run_id}/rounds").json()]
-    return {"status": run["status"], "round_seconds": [round(s, 2) for s in seconds],
-            "median_later": round(statistics.median(seconds[1:] or seconds), 2)}
+    seconds = [float(r["seconds"]) for r in fed.api("GET", f"/runs/{run_id}/rounds").json()
+               if r.get("seconds") is not None]
+    return {"status": run["status"], "failure_reason": run.get("failure_reason"),
+            "round_seconds": [round(s, 2) for s in seconds],
+            "median_later": (round(statistics.median(seconds[1:] or seconds), 2)
+                             if seconds else None)}
 
 
 def main() -> None:

@@ -272,12 +272,21 @@ class RunConfig(RunSettings):
                     DEFAULT_STATISTICS_SHARE * float(epsilon), 12)}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_secagg_threshold(cls, data: Any) -> Any:
+        # Stored and sent resolved: each site sizes its noise share for this number.
+        if isinstance(data, dict) and data.get("secure_aggregation") is True \
+                and data.get("secagg_threshold") is None:
+            min_sites = data.get("min_sites", 1)
+            if isinstance(min_sites, int) and not isinstance(min_sites, bool):
+                data = {**data, "secagg_threshold": max(2, min_sites)}
+        return data
+
     @model_validator(mode="after")
     def _secagg_sites(self) -> RunConfig:
         if self.secure_aggregation:
             threshold = self.secagg_threshold_or_default()
-            # Stored and sent resolved: each site sizes its noise share for this number.
-            self.secagg_threshold = threshold
             if len(self.sites) < threshold:
                 raise ValueError(
                     f"secure_aggregation needs at least {threshold} sites (its threshold); "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedward.flower.secagg import MODULUS, SecAggClient, SecAggError, unmask_sum
-from fedward.run_config import RunConfig, RunRequest
+from fedward.run_config import RunConfig, RunPlan, RunRequest
 from privacy.accounting import compose_mechanisms
 from privacy.distributed import (
     DistributedPlan,
@@ -189,3 +189,12 @@ def test_the_lineage_says_which_aggregation_mode_the_run_used() -> None:
     secure = aggregation_mode({"secure_aggregation": True, "min_sites": 3,
                                "secagg_clip": 0.5, "aggregation": "fedavg"})
     assert (secure["mode"], secure["threshold"], secure["update_clip"]) == ("secure", 3, 0.5)
+
+
+def test_the_threshold_is_stored_resolved_and_the_plan_loads() -> None:
+    stored = RunConfig(epsilon=3.0, lr=0.1, batch_size=32, secure_aggregation=True,
+                       sites=["a-1", "b-1", "c-1"], min_sites=3)
+    assert stored.secagg_threshold == 3
+    plan = RunPlan.model_validate({**stored.model_dump(), "run_id": 1, "project": "p",
+                                   "task": "breast_cancer_mlp"})
+    assert plan.task_config(1, train=True)["secagg-threshold"] == 3
