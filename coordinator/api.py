@@ -726,6 +726,12 @@ def launch_run(
             f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
             f"will take part ({', '.join(sites) or 'none'})",
         )
+    if body.secure_aggregation and len(sites) < body.secagg_threshold_or_default():
+        _field_error(
+            "secagg_threshold",
+            f"secure aggregation unmasks a sum of at least "
+            f"{body.secagg_threshold_or_default()} sites, but only {len(sites)} will take "
+            "part: add sites or lower secagg_threshold (at least 2)")
     from coordinator.study_registry import study_run_settings
     from fedward.tasks import TASKS
 

@@ -30,6 +30,7 @@ __all__ = [
     "FINGERPRINT_METRIC_PREFIX",
     "PRIVACY_ACCOUNTANT",
     "PRIVACY_MECHANISM",
+    "aggregation_mode",
     "build_lineage",
 ]
 
@@ -142,7 +143,22 @@ def _privacy(config: Mapping[str, Any], metrics: Mapping[int, Mapping[str, Mappi
         "delta": config.get("delta"),
         "max_grad_norm": config.get("max_grad_norm"),
         "per_site": per_site,
+        "aggregation": aggregation_mode(config),
     }
+
+
+def aggregation_mode(config: Mapping[str, Any]) -> dict[str, Any]:
+    """How the run combined the sites' updates: in the clear, or secure aggregation (the
+    coordinator saw only the sum, whose noise the sites added in shares)."""
+    if not config.get("secure_aggregation"):
+        return {"mode": "plain", "strategy": config.get("aggregation", "fedavg"),
+                "noise": "DP-SGD at each site"}
+    threshold = config.get("secagg_threshold") or max(2, int(config.get("min_sites", 1)))
+    return {"mode": "secure", "strategy": "fedavg of the unmasked sum",
+            "protocol": "SecAgg+ (the coordinator never holds one site's update)",
+            "noise": "distributed Skellam: each site adds its share, sized for the "
+                     "threshold; accounted with RDP",
+            "threshold": threshold, "update_clip": config.get("secagg_clip")}
 
 
 def _fingerprints_from_metrics(metrics: Mapping[int, Mapping[str, Mapping[str, float]]],

@@ -780,6 +780,8 @@ class RoundLoop:
                 f"{plan.round_deadline_s:.0f} s (offline: {', '.join(offline) or 'none'}); "
                 f"the run needs at least {plan.min_sites}"
             )
+        if plan.secure_aggregation:
+            return self._secure_round(number, arrays, nodes, failed, t0, deadline)
         replies, late, doubled = self._exchange(nodes, arrays, number, train=True,
                                                 deadline=deadline)
         sound: dict[str, tuple[dict[str, np.ndarray], dict[str, float], str]] = {}
@@ -863,6 +865,37 @@ class RoundLoop:
         round_records.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
         log.info("round %s done in %.2f s with %s", number, self.clock() - t0, participating)
         return new
+
+    def _secure_round(self, number: int, arrays: dict[str, np.ndarray],
+                      nodes: dict[int, str], failed: list[dict[str, str]], t0: float,
+                      deadline: float) -> dict[str, np.ndarray]:
+        """A round of a run with secure aggregation (coordinator.secure_rounds): only the
+        sum of the sites' updates is ever unmasked here, so no per-update check runs."""
+        from coordinator.secure_rounds import secure_round
+
+        plan = self.plan
+        out = secure_round(grid=self.grid, engine=self.engine, plan=plan, number=number,
+                           arrays=arrays, nodes=nodes, deadline=deadline,
+                           check_cancel=self._check_cancel, clock=self.clock)
+        failed = [*failed, *out.failed]
+        for site, metrics in out.metrics.items():
+            round_records.record_site_metrics(self.engine, plan.run_id, number, site, metrics)
+        if out.arrays is None:
+            self._fail_round(number, t0, [], failed, out.late, out.digests)
+            raise RunFailed(out.reason or f"round {number}: secure aggregation failed")
+        assert self._aggregator is not None
+        rel = save_checkpoint(self.home, plan.run_id, number, out.arrays,
+                              server_state=self._aggregator.state_dict(),
+                              aggregation=plan.aggregation)
+        round_records.finish_round(self.engine, plan.run_id, number, status="completed",
+                                participating=out.participating, failed=failed,
+                                late=out.late, seconds=self.clock() - t0,
+                                update_digests=out.digests)
+        self._current = None
+        round_records.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
+        log.info("secure round %s done in %.2f s with %s", number, self.clock() - t0,
+                 out.participating)
+        return out.arrays
 
     def _norm_bound(self, metrics: dict[str, float], n_params: int
                     ) -> tuple[float, str] | str:

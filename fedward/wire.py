@@ -36,6 +36,16 @@ __all__ = [
     "REPLY_CONFIG",
     "REPLY_FINGERPRINT",
     "REPLY_METRICS",
+    "SECAGG_ACTION",
+    "SECAGG_ACTIVE",
+    "SECAGG_DROPPED",
+    "SECAGG_LAYOUT",
+    "SECAGG_MASKED",
+    "SECAGG_ME",
+    "SECAGG_MESSAGE_TYPE",
+    "SECAGG_N",
+    "SECAGG_STAGE",
+    "SECAGG_STAGES",
     "STATISTICS_ACTION",
     "STATISTICS_MESSAGE_TYPE",
     "TASK_ARRAYS",
@@ -147,6 +157,22 @@ CANCEL_REASON: Final = "cancel-reason"     # why (str, at most 500 characters)
 STATISTICS_ACTION: Final = "statistics"
 STATISTICS_MESSAGE_TYPE: Final = f"query.{STATISTICS_ACTION}"
 
+# Secure aggregation (runs with ``secure_aggregation`` on): each round is four query
+# messages with this action, one per stage of fedward.flower.secagg (SECAGG_STAGE says
+# which). Every array is a plain uint8 or int64 array in TASK_ARRAYS / REPLY_ARRAYS; the
+# mask stage also carries the packed global model (PACKED) with its layout under
+# SECAGG_LAYOUT, and its reply one int64 array, SECAGG_MASKED, uniformly random alone.
+SECAGG_ACTION: Final = "secagg"
+SECAGG_MESSAGE_TYPE: Final = f"query.{SECAGG_ACTION}"
+SECAGG_STAGE: Final = "secagg-stage"        # advertise, share, mask or unmask (str)
+SECAGG_ME: Final = "secagg-me"              # the site's number in the round, 1..n (int)
+SECAGG_N: Final = "secagg-n"                # participants in the round (int)
+SECAGG_LAYOUT: Final = "secagg-layout"      # the packed model's layout (str)
+SECAGG_ACTIVE: Final = "secagg-active"      # unmask: sites that sent vectors ("1,2,4")
+SECAGG_DROPPED: Final = "secagg-dropped"    # unmask: sites that shared keys, sent none
+SECAGG_MASKED: Final = "secagg-masked"      # mask reply: the masked vector (int64)
+SECAGG_STAGES: Final = ("advertise", "share", "mask", "unmask")
+
 _RUN: Final = wire_keys(RunPlan)
 
 
@@ -176,6 +202,9 @@ class CFG:
     BATCH: Final = _RUN["batch_size"]             # expected batch size (int)
     SEED: Final = _RUN["seed"]                    # run seed (int)
     STATISTICS: Final = _RUN["statistics"]        # a statistics phase before round 1 (bool)
+    SECURE: Final = _RUN["secure_aggregation"]    # secure aggregation rounds (bool)
+    SECAGG_THRESHOLD: Final = _RUN["secagg_threshold"]  # fewest sites unmasked (int)
+    SECAGG_CLIP: Final = _RUN["secagg_clip"]      # L2 bound of a site's update (float)
     STATISTICS_EPSILON: Final = _RUN["statistics_epsilon"]  # its epsilon per site (float)
     ROUND: Final = ROUND_KEY                      # 1-based round number (int)
     TRAIN: Final = TRAIN_KEY                      # False: evaluate only (bool)

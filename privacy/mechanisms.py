@@ -50,6 +50,7 @@ def _pld_lib() -> ModuleType:
 __all__ = [
     "MECHANISMS",
     "CoveredTrial",
+    "DistributedSkellam",
     "DpSgd",
     "GaussianRelease",
     "LaplaceRelease",
@@ -425,3 +426,59 @@ class CoveredTrial(Mechanism):
 @functools.lru_cache(maxsize=64)
 def _unit_pld(sigma: float, q: float, interval: float) -> PLD:
     return _gaussian_pld(sigma, interval, sampling_prob=q)
+
+
+@register
+@dataclass(frozen=True)
+class DistributedSkellam(Mechanism):
+    """``count`` secure-aggregation rounds whose sum carries Skellam noise added in shares
+    by the sites (``privacy.distributed``), charged for the worst case: the fewest sites
+    the protocol unmasks (its threshold), each adding ``variance / threshold``.
+
+    dp-accounting has no Skellam event. Its RDP (Agarwal et al. 2021) is bounded at every
+    order above 1 by that of a Gaussian of std
+    :func:`privacy.distributed.gaussian_equivalent_std`, which is what :meth:`dp_event`
+    hands the RDP accountant; there is no PLD (an RDP bound does not bound the privacy
+    loss distribution), so a composition that holds one is accounted with RDP.
+
+    Attributes:
+        variance: Skellam variance per coordinate of the sum at ``threshold`` sites.
+        l2_sensitivity: the most one patient changes a site's integer vector (L2).
+        l1_sensitivity: the same in L1 norm.
+        count: rounds.
+    """
+
+    TYPE: ClassVar[str] = "DistributedSkellam"
+    variance: float
+    l2_sensitivity: float
+    l1_sensitivity: float
+    count: int
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("variance", "l2_sensitivity", "l1_sensitivity"):
+            if not _positive(getattr(self, name)):
+                out.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.count < 1:
+            out.append(f"count must be >= 1, got {self.count!r}")
+        return out
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The RDP-equivalent Gaussian's std over the L2 sensitivity."""
+        # privacy.distributed.gaussian_equivalent_std, here so that the mechanisms import
+        # nothing of the noise code.
+        ratio = self.l1_sensitivity / self.l2_sensitivity ** 2
+        return math.sqrt(self.variance / (1.0 + 1.5 * ratio)) / self.l2_sensitivity
+
+    def dp_event(self) -> dp_event.DpEvent:
+        return dp_event.SelfComposedDpEvent(
+            dp_event.GaussianDpEvent(self.noise_multiplier), self.count)
+
+    def unit(self) -> tuple[Mechanism, int]:
+        return DistributedSkellam(self.variance, self.l2_sensitivity, self.l1_sensitivity,
+                                  1), self.count
+
+    def describe(self) -> str:
+        return (f"distributed Skellam (secure aggregation) x{self.count}: variance of the "
+                f"sum {self.variance:.4g}, L2 sensitivity {self.l2_sensitivity:.4g}")

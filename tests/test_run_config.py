@@ -57,7 +57,8 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "statistics_epsilon": "statistics-epsilon", "model_plugin": "model-plugin",
         "model_plugin_version": "model-plugin-version",
         "model_plugin_sha256": "model-plugin-sha256", "tuning_search": "tuning-search",
-        "run_id": "run-id", "project": "project", "task": "task-name"}
+        "secure_aggregation": "secure-aggregation", "secagg_threshold": "secagg-threshold",
+        "secagg_clip": "secagg-clip", "run_id": "run-id", "project": "project", "task": "task-name"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
         "batch-size")
@@ -74,7 +75,7 @@ def test_the_serverapp_plan_is_the_stored_config_with_the_runs_identity() -> Non
         "run-id": "7", "project": "onc", "task-name": "breast_cancer_mlp", "total-rounds": 4,
         "local-epochs": 1, "epsilon-budget": 2.5, "delta": 1e-5, "learning-rate": 0.5,
         "batch-size": 16, "max-grad-norm": 1.0, "seed": 0, "statistics": False,
-        "round": 2, "train": True}
+        "secure-aggregation": False, "secagg-clip": 1.0, "round": 2, "train": True}
     assert set(RunSettings.model_fields) < set(RunPlan.model_fields)
 
 

@@ -581,3 +581,24 @@ def test_a_run_waiting_for_approval_is_answered_pending_over_an_unreadable_ledge
     code, reason = refusal(make_trainer().handle(admission(), {})[0])
     assert code == SiteErrorCode.REFUSED_POLICY
     assert "its privacy ledger cannot be read" in reason
+
+
+def test_a_secure_run_is_admitted_against_its_distributed_plan(
+    make_trainer: TrainerFactory, tmp_path: Path,
+) -> None:
+    from privacy.distributed import DistributedPlan, mechanism, noise_multiplier_for
+
+    dim = sum(v.size for v in model_arrays(build_model(TASK, seed=0)).values())
+    z = noise_multiplier_for(epsilon=3.0, delta=DELTA, rounds=4, dim=dim, threshold=2)
+    whole = compose_mechanisms([mechanism(DistributedPlan(1.0, dim, 2, z), 4)],
+                               delta=DELTA).epsilon
+    secure = {CFG.SECURE: True, CFG.SECAGG_THRESHOLD: 2}
+    write_policy(tmp_path, caps={"oncology": 0.9 * whole})
+    trainer = make_trainer()
+    code, reason = refusal(trainer.handle(admission(**secure), {})[0])
+    assert code == 701 and "4 secure-aggregation round(s) at threshold 2" in reason, reason
+    assert f"{whole:.3f}" in reason
+    write_policy(tmp_path, caps={"oncology": 1.1 * whole})
+    assert "error" not in trainer.handle(admission(**secure), {})[0]
+    # Nothing was opened or charged by answering: the run trains no DP-SGD.
+    assert PrivacyLedger(SitePaths(tmp_path).ledger).get_run("run-1") is None
