@@ -472,8 +472,8 @@ class DistributedSkellam(Mechanism):
         return math.sqrt(self.variance / (1.0 + 1.5 * ratio)) / self.l2_sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.SelfComposedDpEvent(
-            dp_event.GaussianDpEvent(self.noise_multiplier), self.count)
+        return _events().SelfComposedDpEvent(
+            _events().GaussianDpEvent(self.noise_multiplier), self.count)
 
     def unit(self) -> tuple[Mechanism, int]:
         return DistributedSkellam(self.variance, self.l2_sensitivity, self.l1_sensitivity,
