@@ -21,7 +21,7 @@ from coordinator.audit import append_event
 from coordinator.models import Run, Study
 from fedward.run_config import RunPlan, RunRequest
 from fedward.study import StudySpec, parse_spec, parse_study_ref
-from fedward.tasks import TASKS, TaskSpec, UntrainableStudyError, get_task, study_task
+from fedward.tasks import TaskSpec, UntrainableStudyError, get_task, study_task
 
 __all__ = [
     "Registered",
@@ -213,12 +213,6 @@ def study_run_settings(session: Session, request: RunRequest,
     except (StudyNotFoundError, StudyNotTrainableError, ValueError) as err:
         refuse("study", str(err))
     spec = spec_of(study)
-    if request.statistics and study.name not in TASKS:
-        # The statistics phase bins features over the ranges of a shipped task's spec
-        # (fedward.statistics); a study of its own is not threaded through it yet.
-        refuse("statistics", f"the statistics phase is not available yet for study "
-               f"{study.name}@{study.version}, only for the shipped tasks "
-               f"({', '.join(sorted(TASKS))}); launch it without --statistics")
     out: dict[str, Any] = {"study": f"{study.name}@{study.version}",
                            "study_hash": study.content_hash}
     given = request.model_fields_set

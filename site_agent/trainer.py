@@ -44,7 +44,7 @@ from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
 from fedward.statistics import expected_shape
 from fedward.study import StudySpec
-from fedward.tasks import TaskSpec, UntrainableStudyError, get_task, study_task
+from fedward.tasks import TaskRef, TaskSpec, UntrainableStudyError, get_task, study_task
 from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG, MSG, SiteErrorCode, update_digest
 from privacy import (
     BudgetExceededError,
@@ -562,7 +562,8 @@ class WarmTrainer:
                 self.ledger, run_id=run_id, project=project, delta=delta,
                 noise_multiplier=sigma, sample_rate=q, rounds=rounds_left,
                 local_epochs=local_epochs, steps=steps * rounds_left, run_budget=epsilon,
-                cap=cap, site_cap=site_cap, before=pending_statistics(self.ledger, config))
+                cap=cap, site_cap=site_cap,
+                before=pending_statistics(self.ledger, config, self._statistics_task()))
         except PlanExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         if warm and (entry is None or entry.noise_multiplier is None):
@@ -576,7 +577,7 @@ class WarmTrainer:
         disclosures here (its statistics release, charged or still planned)."""
         run_id = str(config.get(CFG.RUN_ID))
         prior = [*run_statistics_mechanisms(self.ledger, run_id),
-                 *pending_statistics(self.ledger, config)]
+                 *pending_statistics(self.ledger, config, self._statistics_task())]
         return noise_multiplier_after(prior=prior, epsilon=epsilon, delta=delta,
                                       sample_rate=sample_rate, total_epochs=total_epochs)
 
@@ -588,11 +589,16 @@ class WarmTrainer:
         data = self.data
         self._at("privacy")
         cap, site_cap = self._caps(admission)
+        # A run of this site's study: its features and bins come from the site's own copy
+        # of the spec, which must be the version the run pins.
+        task = (self._study_task_for(config)
+                if self.study is not None and config.get(CFG.STUDY_HASH) is not None
+                else self.task)
         try:
             return release_statistics(
                 ledger=self.ledger, config=config, features=lambda: data.train_x,
                 caps=Caps(project=cap, site=site_cap), replies_dir=self.replies_dir,
-                audit=self.audit, task=self.task)
+                audit=self.audit, task=task)
         except StatisticsRefusal as err:
             raise TaskError(err.code, err.reason) from None
 
@@ -603,7 +609,8 @@ class WarmTrainer:
         assert isinstance(config, dict)
         charged = [m for m in run_statistics_mechanisms(
             self.ledger, str(config.get(CFG.RUN_ID))) if isinstance(m, GaussianRelease)]
-        check_statistics_reply(reply=reply, arrays=out, shape=expected_shape(self.task),
+        check_statistics_reply(reply=reply, arrays=out,
+                               shape=expected_shape(self._statistics_task()),
                                charged_noise_std=charged[0].noise_std if charged else None)
     # -- tuning trials (site_agent.tuning) ----------------------------------------------
 
@@ -677,6 +684,15 @@ class WarmTrainer:
     def _own_task(self) -> TaskSpec:
         """The task this site trains: its study's (own copy), else the registry task."""
         return get_task(self.task) if self.study is None else study_task(self.study)
+
+    def _statistics_task(self) -> TaskRef:
+        """What the statistics phase bins: this site's study's task, else the task's name."""
+        if self.study is None:
+            return self.task
+        try:
+            return study_task(self.study)
+        except UntrainableStudyError:
+            return self.task  # not trained here: its runs are refused before any release
 
     def _study_task_for(self, config: dict[str, Any]) -> TaskSpec:
         """The model of a run of this site's study, from the site's own copy of the spec.

@@ -158,7 +158,7 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
         fed.wait_online(2)
         launched = fed.coord_cli("launch", "--project", "test", "--study", "heart_disease@1",
                                  "--epsilon", "3", "--rounds", "2", "--min-sites", "2",
-                                 "--round-deadline", "60", "--json")
+                                 "--round-deadline", "60", "--statistics", "--json")
         run_id = int(json.loads(launched.stdout)["id"])
         done = fed.wait_run(run_id, timeout=300)
         assert done["status"] == "completed", done
@@ -169,6 +169,14 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
         for name in ("cardio-a", "cardio-b"):
             seen = [e.detail for e in fed.site_audit(name) if e.action == "run-seen"]
             assert seen and seen[0]["study_hash"] == digest, seen
+        # The statistics phase ran over the study's own encoded columns and ranges.
+        stats = fed.api("GET", f"/runs/{run_id}/statistics").json()
+        assert sorted(stats["sites"]) == ["cardio-a", "cardio-b"], stats
+        features = {f["name"]: f for f in stats["reference"]["features"]}
+        assert list(features)[:3] == ["age", "sex=female", "sex=male"]
+        assert features["cholesterol"]["edges"][::10] == [2.0, 15.0]
+        assert stats["reference"]["study"] == {"name": "heart_disease",
+                                               "hash": f"sha256:{digest}"}
 
         api = f"http://127.0.0.1:{fed.api_port}/api/v1"
 
@@ -207,6 +215,7 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
         assert card["input"]["classes"] == ["absent", "present"]
         assert card["input"]["columns"][:3] == ["age", "sex=female", "sex=male"]
         assert len(card["input"]["ranges"]) == 16
+        assert (bundle / "reference_statistics.json").is_file()
 
         app = create_app(bundle_dir=bundle, public_key=public,
                          revocations=RevocationSource(unsafe_skip=True))
