@@ -45,8 +45,8 @@ if TYPE_CHECKING:  # Flower is imported by the phase alone: the API and releases
 
     from fedward.tasks import TaskRef
 
-__all__ = ["StatisticsFailed", "read_statistics", "reference_bytes", "statistics_phase",
-           "store_statistics"]
+__all__ = ["StatisticsFailed", "preprocessing_json", "read_statistics", "reference_bytes",
+           "statistics_phase", "store_statistics"]
 
 log = logging.getLogger("fedward.coordinator.statistics")
 
@@ -178,6 +178,19 @@ def store_statistics(engine: Engine, *, run_id: int, reference: dict[str, Any],
                      detail={"sites": sites, "failed": failed,
                              "epsilon_per_site": privacy["epsilon"],
                              "seconds": round(seconds, 3)})
+
+
+def preprocessing_json(engine: Engine, plan: RunPlan) -> str | None:
+    """The imputation and scaling of ``plan``'s run as it travels to the sites (None: the
+    run has no study or no statistics yet), :func:`coordinator.study_registry.
+    run_preprocessing`."""
+    if plan.study_hash is None:
+        return None
+    from coordinator.study_registry import run_preprocessing
+
+    with Session(engine) as session:
+        pre = run_preprocessing(session, run_id=plan.run_id, study_hash=plan.study_hash)
+    return None if pre is None else pre.to_json()
 
 
 def read_statistics(session: Session, run_id: int) -> dict[str, Any] | None:

@@ -174,6 +174,8 @@ class CFG:
     SEED: Final = _RUN["seed"]                    # run seed (int)
     STATISTICS: Final = _RUN["statistics"]        # a statistics phase before round 1 (bool)
     STATISTICS_EPSILON: Final = _RUN["statistics_epsilon"]  # its epsilon per site (float)
+    # The run's imputation and scaling from its DP statistics (JSON str; absent: none).
+    PREPROCESSING: Final = _RUN["preprocessing"]
     ROUND: Final = ROUND_KEY                      # 1-based round number (int)
     TRAIN: Final = TRAIN_KEY                      # False: evaluate only (bool)
     LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)

@@ -55,7 +55,8 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "max_grad_norm": "max-grad-norm", "seed": "seed", "study": "study",
         "study_hash": "study-hash", "statistics": "statistics",
         "statistics_epsilon": "statistics-epsilon", "tuning_search": "tuning-search",
-        "run_id": "run-id", "project": "project", "task": "task-name"}
+        "run_id": "run-id", "project": "project", "task": "task-name",
+        "preprocessing": "preprocessing"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
         "batch-size")
