@@ -202,3 +202,51 @@ def test_a_site_trains_a_study_that_imputes_only_with_the_runs_preprocessing(
         **config, CFG.PREPROCESSING: pre}}, start)
     assert "error" not in reply, reply
     assert set(out) == set(start) and all(np.isfinite(v).all() for v in out.values())
+
+
+# --- evaluation baselines (site_agent.baselines) -------------------------------------------
+
+
+def test_the_baseline_metrics_are_the_textbook_ones() -> None:
+    from sklearn.metrics import balanced_accuracy_score, brier_score_loss, roc_auc_score
+
+    from site_agent.baselines import classification_metrics
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(0.3 * y + rng.uniform(0, 0.7, 200), 0, 1)
+    probs = np.column_stack([1 - p1, p1])
+    got = classification_metrics(probs, y)
+    assert got["accuracy"] == pytest.approx(np.mean((p1 > 0.5) == y))
+    assert got["auc"] == pytest.approx(roc_auc_score(y, p1))
+    assert got["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(y, (p1 > 0.5).astype(int)))
+    # Over both classes: twice the single-probability Brier score.
+    assert got["brier"] == pytest.approx(2 * brier_score_loss(y, p1))
+    assert np.isnan(classification_metrics(probs[y == 1], y[y == 1])["auc"])
+
+
+def test_a_local_only_model_spends_the_runs_budget_and_the_pooled_one_none(
+        spec: StudySpec) -> None:
+    from site_agent.baselines import held_out_metrics, train_local_only, train_pooled
+
+    rng = np.random.default_rng(2)
+    n = 240
+    age = rng.uniform(30, 80, n)
+    y = (age + rng.normal(0, 5, n) > 55).astype(np.int64)
+    x = np.column_stack([age, rng.uniform(150, 400, n), np.eye(2)[rng.integers(0, 2, n)],
+                         rng.integers(0, 2, n), rng.integers(0, 3, n),
+                         rng.uniform(100, 160, n), np.zeros(n)]).astype(np.float32)
+    x[::7, 0] = np.nan                     # imputed by the run's preprocessing
+    task = study_task(spec, compose(spec, reference()))
+    local = train_local_only(task=task, train_x=x[:180], train_y=y[:180], epsilon=3.0,
+                             delta=1e-5, rounds=3, local_epochs=2, batch_size=32, lr=0.5,
+                             max_grad_norm=1.0, statistics_epsilon=0.3, seed=0)
+    assert 2.9 <= local.epsilon_spent <= 3.0 and local.noise_multiplier > 0
+    pooled = train_pooled(task=task, train_x=x[:180], train_y=y[:180], epochs=30,
+                          batch_size=32, lr=0.5, seed=0)
+    for model in (local.model, pooled):
+        figures = held_out_metrics(model, x[180:], y[180:])
+        assert set(figures) == {"accuracy", "auc", "balanced_accuracy", "brier"}
+        assert all(0.0 <= v <= 2.0 for v in figures.values())
+    assert held_out_metrics(pooled, x[180:], y[180:])["auc"] > 0.8
