@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 __all__ = ["CSV_SHA256", "EXAMPLES_DIR", "HOSPITALS", "WHEEL_SHA256", "DemoDataError",
-           "read_uci_csv", "write_hospital_files"]
+           "main", "read_uci_csv", "write_hospital_files"]
 
 WHEEL_SHA256: Final = "29c6d1f87bbd83d93a1821ed4e0544ce0788ffd452c77fe70699615e92d52979"
 CSV_SHA256: Final = "574f2fa2b43012fa25fca4fcdb36bd7c6bccdd0af4242f6c0e4c8633c5a072ae"
@@ -88,3 +88,23 @@ def write_hospital_files(out_dir: Path) -> dict[str, Path]:
             writer.writerows(mine)
         out[site] = path
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m site_agent.study_demo_data OUT_DIR``: write the hospitals' files and print
+    ``{site: path}`` as JSON (used by ``make demo-study``)."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m site_agent.study_demo_data OUT_DIR")
+    try:
+        files = write_hospital_files(Path(args[0]))
+    except DemoDataError as err:
+        raise SystemExit(str(err)) from None
+    print(json.dumps({site: str(path) for site, path in files.items()}))
+
+
+if __name__ == "__main__":
+    main()
