@@ -75,14 +75,9 @@ def seed(db_url: str) -> tuple[str, int]:
     from coordinator.api import create_user
     from coordinator.db import make_engine, run_migrations, session_scope
     from coordinator.models import Project, Run
-    from coordinator.repository import (
-        finish_round,
-        finish_run,
-        mark_run_started,
-        record_site_metrics,
-        start_round,
-    )
-    from coordinator.schemas import RunConfig
+    from coordinator.repository import finish_run, mark_run_started
+    from coordinator.round_records import finish_round, record_site_metrics, start_round
+    from fedward.run_config import RunConfig
 
     run_migrations(db_url)
     engine = make_engine(db_url)

@@ -80,7 +80,7 @@ def seed(db_url: str) -> dict[str, Any]:
     from coordinator.db import make_engine, run_migrations, session_scope
     from coordinator.models import Project, Round, Run, Site, SiteCertificate, SiteMetric, utcnow
     from coordinator.repository import SERVERAPP_ACTOR
-    from coordinator.schemas import RunConfig
+    from fedward.run_config import RunConfig
 
     rng = random.Random(12)
     run_migrations(db_url)

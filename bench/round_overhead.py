@@ -450,7 +450,8 @@ def dp_cost(data: dict[str, Any], metrics_api: dict[str, Any], *, local_epochs: 
         train_plain,
     )
     from privacy.accounting import clear_caches
-    from site_agent.data import DataSchema, load_site_data
+    from site_agent.data import load_site_data
+    from site_agent.data_schema import DataSchema
 
     torch.set_num_threads(1)
     spec = get_task(TASK)

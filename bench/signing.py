@@ -107,7 +107,9 @@ def main() -> None:
     args = ap.parse_args()
     bu.exit_on_sigterm()
 
-    from export.bundle import generate_release_key, verify_bundle, write_bundle
+    from export.bundle import write_bundle
+    from export.bundle_keys import generate_release_key
+    from export.bundle_verify import verify_bundle
 
     tmp = Path(tempfile.mkdtemp(prefix="fedward-signing-", dir="/tmp"))
     times: dict[str, list[float]] = {"write_bundle": [], "verify_bundle": [],

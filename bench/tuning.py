@@ -53,7 +53,8 @@ SPACES: dict[str, dict[str, Any]] = {
 
 def sites_with_holdout(tmp: Path) -> dict[str, Any]:
     """The demo federation, with each site's own held-out split (what it scores on)."""
-    from site_agent.data import DataSchema, load_site_data
+    from site_agent.data import load_site_data
+    from site_agent.data_schema import DataSchema
     from site_agent.datasets import write_demo_federation
 
     fed = ut.federation(tmp)

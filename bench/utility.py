@@ -81,7 +81,8 @@ for _msg in ("Secure RNG turned off", "Optimal order is the largest alpha",
 
 
 def federation(tmp: Path) -> dict[str, Any]:
-    from site_agent.data import DataSchema, load_site_data
+    from site_agent.data import load_site_data
+    from site_agent.data_schema import DataSchema
     from site_agent.datasets import read_labeled_csv, write_demo_federation
 
     fed = write_demo_federation(task=TASK, out_dir=tmp, n_sites=N_SITES, seed=0)

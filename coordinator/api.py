@@ -69,6 +69,7 @@ from coordinator.auth import (
     user_for_token,
     verify_password,
 )
+from coordinator.dashboard_queries import certificate_expiry
 from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.login_limits import LoginLimiter, LoginThrottled
@@ -88,23 +89,25 @@ from coordinator.models import (
 from coordinator.pki import CAFiles
 from coordinator.presence import last_seen
 from coordinator.releases import SiteParity
-from coordinator.repository import certificate_expiry, latest_admissions, record_run_outcome
-from coordinator.schemas import (
-    AuditEventPublic,
-    AuditPage,
-    AuditVerifyResult,
+from coordinator.repository import record_run_outcome
+from coordinator.run_audit import latest_admissions
+from coordinator.run_schemas import (
     CheckpointPublic,
-    HealthPublic,
-    NodeKeyCreate,
-    ProjectCreate,
-    ProjectPublic,
     RoundMetrics,
     RoundPublic,
-    RunConfig,
     RunCreate,
     RunDetail,
     RunMetrics,
     RunPublic,
+)
+from coordinator.schemas import (
+    AuditEventPublic,
+    AuditPage,
+    AuditVerifyResult,
+    HealthPublic,
+    NodeKeyCreate,
+    ProjectCreate,
+    ProjectPublic,
     SiteCreate,
     SitePublic,
     UserPublic,
@@ -117,7 +120,7 @@ from fedward.roles import (
     USER_ADMIN_ROLES,
     WRITE_ROLES,
 )
-from fedward.run_config import RunSettings
+from fedward.run_config import RunConfig, RunSettings
 
 __all__ = [
     "API_PREFIX",
@@ -723,6 +726,12 @@ def launch_run(
             f"{body.min_sites} site(s) required but only {len(sites)} registered site(s) "
             f"will take part ({', '.join(sites) or 'none'})",
         )
+    if body.secure_aggregation and len(sites) < body.secagg_threshold_or_default():
+        _field_error(
+            "secagg_threshold",
+            f"secure aggregation unmasks a sum of at least "
+            f"{body.secagg_threshold_or_default()} sites, but only {len(sites)} will take "
+            "part: add sites or lower secagg_threshold (at least 2)")
     from coordinator.study_registry import study_run_settings
     from fedward.tasks import TASKS
 
@@ -1040,19 +1049,16 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(ApiMetrics)  # outermost: times every request (coordinator.metrics)
     app.include_router(router)
-    app.include_router(run_control.build_router(prefix=API_PREFIX, current_user=get_current_user,
-                                                require_role=require_role))
+    app.include_router(run_control.make_router())
     app.include_router(users_router)
     app.include_router(release_router)
     app.include_router(portal_router)
     app.include_router(dashboard_router)
     app.include_router(portal_run_control_router)
-    app.include_router(evaluation.build_router(prefix=API_PREFIX, current_user=get_current_user,
-                                               require_role=require_role))
+    app.include_router(evaluation.make_router())
     app.include_router(mlflow_router)
     app.include_router(make_study_router(current_user=get_current_user, require_role=require_role))
-    app.include_router(make_tuning_router(current_user=get_current_user,
-                                          require_role=require_role))
-    app.include_router(make_drift_router(current_user=get_current_user, require_role=require_role))
+    app.include_router(make_tuning_router())
+    app.include_router(make_drift_router())
     app.include_router(drift_portal_router)
     return app

@@ -331,6 +331,12 @@ def launch(
                           ] = _DEF["statistics"],
     statistics_epsilon: Annotated[float | None, _run_option("statistics_epsilon")
                                   ] = _DEF["statistics_epsilon"],
+    secure_aggregation: Annotated[bool, _run_option(
+        "secure_aggregation", "--secure-aggregation/--no-secure-aggregation")
+                                  ] = _DEF["secure_aggregation"],
+    secagg_threshold: Annotated[int | None, _run_option("secagg_threshold")
+                                ] = _DEF["secagg_threshold"],
+    secagg_clip: Annotated[float, _run_option("secagg_clip")] = _DEF["secagg_clip"],
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -347,7 +353,9 @@ def launch(
              "max_grad_norm": max_grad_norm, "seed": seed, "site": site or None,
              "aggregation": aggregation, "approval_wait": approval_wait,
              "max_update_norm": max_update_norm, "statistics": statistics,
-             "statistics_epsilon": statistics_epsilon}
+             "statistics_epsilon": statistics_epsilon,
+             "secure_aggregation": secure_aggregation, "secagg_threshold": secagg_threshold,
+             "secagg_clip": secagg_clip}
     # Unset optional settings are left out: the coordinator fills in the task's defaults.
     body: dict[str, Any] = {LAUNCH_OPTION_FIELDS.get(k, k): v for k, v in given.items()
                             if v is not None}

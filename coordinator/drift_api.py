@@ -9,12 +9,12 @@ which passes its authentication dependency and role check in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.drift import (
     known_release,
@@ -23,7 +23,6 @@ from coordinator.drift import (
     report_public,
     retraining_command,
 )
-from coordinator.models import User
 from fedward.roles import STAFF_ROLES
 
 __all__ = ["make_router"]
@@ -31,12 +30,10 @@ __all__ = ["make_router"]
 _FILTER_MAX = 128
 
 
-def make_router(*, current_user: Callable[..., Any],
-                require_role: Callable[[User, frozenset[str]], None]) -> APIRouter:
-    """The drift route, authenticated with ``current_user`` and checked with
-    ``require_role`` (both from :mod:`coordinator.api`)."""
-    router = APIRouter(prefix="/api/v1", tags=["drift"])
-    signed_in = Depends(current_user)
+def make_router() -> APIRouter:
+    """The drift route, under the API's prefix; it authenticates through
+    :mod:`coordinator.auth`, as every route of the API does."""
+    router = APIRouter(prefix=API_PREFIX, tags=["drift"])
 
     @router.get("/drift", responses={
         401: {"description": "Missing or unknown API token"},
@@ -44,11 +41,11 @@ def make_router(*, current_user: Callable[..., Any],
         422: {"description": "A bad page, or a filter that names no site or release"}})
     def list_drift(
         session: SessionDep,
+        user: CurrentUser,
         site: Annotated[str | None, Query(max_length=_FILTER_MAX)] = None,
         release: Annotated[str | None, Query(max_length=_FILTER_MAX)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-        user: User = signed_in,
     ) -> dict[str, Any]:
         """Drift reports, newest first: per site and release, the scores of each check
         (PSI and two-sample test per feature, accuracy, AUC), failed checks

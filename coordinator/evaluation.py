@@ -15,29 +15,30 @@ An evaluation still pending or running after the run's round deadline plus
 :data:`STALE_AFTER_S` (its ServerApp died, the SuperLink never started it) is failed when
 next read, so nothing waits for ever.
 
-No ``from __future__ import annotations`` here: :func:`build_router` declares its routes
-with the caller's user dependency, and FastAPI reads those annotations as objects.
+The routes (:func:`make_router`) authenticate through :mod:`coordinator.auth`
+(``CurrentUser``, ``require_role``), as every route of the API does.
 """
 
 import json
 import logging
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 
+from coordinator import run_control
 from coordinator.audit import append_event
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import (
     Checkpoint,
     Evaluation,
+    Project,
     Release,
     ReleaseCandidate,
     Run,
-    User,
     utcnow,
 )
 from coordinator.schemas import _Request
@@ -50,9 +51,9 @@ __all__ = [
     "EvaluationLauncher",
     "EvaluationPublic",
     "EvaluationRequest",
-    "build_router",
     "evaluations_of",
     "expire_stale",
+    "make_router",
     "request_evaluation",
 ]
 
@@ -219,19 +220,13 @@ def evaluations_of(session: Session, run_id: int) -> list[Evaluation]:
                              .order_by(col(Evaluation.id).desc())).all())
 
 
-def build_router(*, prefix: str, current_user: Callable[..., User],
-                 require_role: Callable[[User, frozenset[str]], None]) -> APIRouter:
-    """The evaluation routes, with the API's authentication.
-
-    Args:
-        prefix: The API's path prefix.
-        current_user: The API's dependency that authenticates the request.
-        require_role: Refuses a user without one of the roles (403).
+def make_router() -> APIRouter:
+    """The evaluation routes, under the API's prefix.
 
     Returns:
         A router to include in the application.
     """
-    router = APIRouter(prefix=prefix)
+    router = APIRouter(prefix=API_PREFIX)
     responses: dict[int | str, dict[str, Any]] = {
         401: {"description": "Missing or unknown API token"},
         403: {"description": "The user's role may not do this"},
@@ -243,7 +238,7 @@ def build_router(*, prefix: str, current_user: Callable[..., User],
     @router.post("/runs/{run_id}/evaluations", status_code=202, tags=["runs"],
                  responses=responses)
     def evaluate(run_id: int, body: EvaluationRequest, request: Request,
-                 session: SessionDep, user: Annotated[User, Depends(current_user)]
+                 session: SessionDep, user: CurrentUser
                  ) -> EvaluationPublic:
         """Evaluate the run's final checkpoint (or one of its releases) at its sites.
 
@@ -260,11 +255,18 @@ def build_router(*, prefix: str, current_user: Callable[..., User],
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 "this coordinator cannot start Flower runs (no SuperLink)")
         expire_stale(session, [run_id])
-        try:
-            row = request_evaluation(session, run, actor=user.name, release_id=body.release_id)
-        except EvaluationRefused as err:
-            raise HTTPException(err.status_code, str(err)) from None
-        session.commit()
+        project = session.get(Project, run.project_id)
+        assert project is not None
+        # An evaluation starts a ServerApp as a run does: it takes a place under the run
+        # limits, checked and committed under the launch lock like a launch.
+        with run_control.LAUNCH_LOCK:
+            run_control.check_run_limits(session, request.app.state.settings, project)
+            try:
+                row = request_evaluation(session, run, actor=user.name,
+                                         release_id=body.release_id)
+            except EvaluationRefused as err:
+                raise HTTPException(err.status_code, str(err)) from None
+            session.commit()
         assert row.id is not None
         try:
             # No transaction is open while the launcher runs: the ServerApp it starts writes.
@@ -287,7 +289,7 @@ def build_router(*, prefix: str, current_user: Callable[..., User],
 
     @router.get("/runs/{run_id}/evaluations", tags=["runs"], responses=responses)
     def list_evaluations(run_id: int, session: SessionDep,
-                         _user: Annotated[User, Depends(current_user)]
+                         _user: CurrentUser
                          ) -> list[EvaluationPublic]:
         """The run's evaluations on demand, newest first."""
         if session.get(Run, run_id) is None:
@@ -298,7 +300,7 @@ def build_router(*, prefix: str, current_user: Callable[..., User],
 
     @router.get("/evaluations/{evaluation_id}", tags=["runs"], responses=responses)
     def get_evaluation(evaluation_id: int, session: SessionDep,
-                       _user: Annotated[User, Depends(current_user)]) -> EvaluationPublic:
+                       _user: CurrentUser) -> EvaluationPublic:
         """One evaluation and its results per site."""
         row = session.get(Evaluation, evaluation_id)
         if row is None:

@@ -51,7 +51,7 @@ from coordinator.mlflow_names import (
 from coordinator.models import Project, Release, ReleaseCandidate, Run
 from coordinator.release_errors import ReleaseError
 from coordinator.release_store import release_public_key, verified_bundle
-from export.bundle import SIGNATURE_FILE
+from export.bundle_format import SIGNATURE_FILE
 
 __all__ = ["LINEAGE_FILE", "PUBLIC_KEY_FILE", "register_release"]
 

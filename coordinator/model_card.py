@@ -15,10 +15,7 @@ from coordinator.models import (
     Run,
 )
 from coordinator.release_lineage import PRIVACY_ACCOUNTANT, PRIVACY_MECHANISM
-from export.bundle import (
-    ARTEFACT_FILES,
-    FORMATS,
-)
+from export.bundle_format import ARTEFACT_FILES, FORMATS
 from fedward.tasks import TaskSpec
 from fedward.wire import MEMBERSHIP_KEY
 
@@ -107,6 +104,20 @@ def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Pr
         "without noise, and so are the coarse membership-inference audit figures (on its "
         "training and held-out rows). No training loss left any site."
     )
+    aggregation = privacy.get("aggregation") or {"mode": "plain"}
+    if aggregation["mode"] == "secure":
+        # The DP-SGD sentence above does not describe such a run.
+        statement = (
+            "Trained with secure aggregation and distributed differential privacy: each "
+            f"site clipped its model update to L2 norm {aggregation['update_clip']}, added "
+            "its share of Skellam noise and masked it (SecAgg+); the coordinator unmasked "
+            f"only the sum of at least {aggregation['threshold']} sites, never one site's "
+            "update. Each site's privacy loss is accounted with the RDP accountant for the "
+            "worst case (only the threshold's sites survive a round) and stayed within "
+            f"epsilon {privacy['epsilon_budget_per_site']} at delta {privacy['delta']} for "
+            f"the whole run up to round {cand.round_number}. No patient record left any "
+            "site. The guarantee covers the model's weights, not the held-out metrics each "
+            "site reports (evaluation figures, export parity, membership-inference audit).")
     return {
         "release_id": release_id,
         "project": project.name,
@@ -130,6 +141,11 @@ def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Pr
         **({"study": {"ref": config["study"], "sha256": config["study_hash"],
                       "name": spec.name, "classes": list(spec.class_names)}}
            if config.get("study_hash") else {}),
+        # The model plugin distribution the run pinned (fedward.plugins), if any.
+        **({"model_plugin": {"distribution": config["model_plugin"],
+                             "version": config.get("model_plugin_version"),
+                             "sha256": config.get("model_plugin_sha256")}}
+           if config.get("model_plugin") else {}),
         "model_version": {"run_id": cand.run_id, "round": cand.round_number,
                           "checkpoint_sha256": cand.checkpoint_sha256,
                           "candidate_id": cand.id},
@@ -150,6 +166,7 @@ def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Pr
             "delta": privacy["delta"],
             "per_site": per_site_privacy,
             "not_covered": list(NOT_COVERED_BY_DP),
+            "aggregation": aggregation,
         },
         "export_parity": {k: v for k, v in parity_figures.items() if k != MEMBERSHIP_KEY},
         "membership_inference": membership_inference_card(parity_figures.get(MEMBERSHIP_KEY)),

@@ -42,7 +42,7 @@ from coordinator.db import SessionDep
 from coordinator.login_limits import LoginThrottled
 from coordinator.models import Project, Release, ReleaseCandidate, Run, User
 from coordinator.settings import Settings
-from export.bundle import BundleVerificationError
+from export.bundle_format import BundleVerificationError
 from fedward.roles import REVIEW_ROLES, STAFF_ROLES, Permission, may
 
 __all__ = ["COOKIE_NAME", "PORTAL_PREFIX", "router"]

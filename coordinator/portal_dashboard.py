@@ -28,7 +28,7 @@ from markupsafe import Markup
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from coordinator import presence, repository, run_statistics
+from coordinator import dashboard_queries, presence, run_audit, run_statistics
 from coordinator.db import SessionDep
 from coordinator.evaluation import EvaluationPublic, evaluations_of
 from coordinator.models import (
@@ -46,7 +46,7 @@ from coordinator.models import (
 # The portal's own page helpers: these pages share its session, layout and error page.
 from coordinator.portal import PORTAL_PREFIX, _error, _page, _user
 from coordinator.release_chart import PALETTE, panel, training_curve_svg
-from coordinator.schemas import RunPublic
+from coordinator.run_schemas import RunPublic
 from fedward.roles import Permission, may
 
 __all__ = ["REFRESH_S", "RUNS_PER_PAGE", "SITES_PER_PAGE", "router"]
@@ -160,8 +160,8 @@ class RunRow:
 
 def _run_rows(session: Session, rows: Sequence[tuple[Run, str]]) -> list[RunRow]:
     ids = [run.id for run, _ in rows if run.id is not None]
-    admissions = repository.latest_admissions(session, ids)
-    newest = repository.latest_rounds(session, ids)
+    admissions = run_audit.latest_admissions(session, ids)
+    newest = dashboard_queries.latest_rounds(session, ids)
     now = utcnow()
     out = []
     for run, project in rows:
@@ -189,10 +189,10 @@ def runs_page(request: Request, session: SessionDep, page: str | None = None,
         wanted_state = _state(state)
         wanted_project = _project(session, project)
         number = _page_number(page)
-        found, total = repository.run_page(
-            session, status=wanted_state,
-            project_id=wanted_project.id if wanted_project else None,
-            offset=(number - 1) * RUNS_PER_PAGE, limit=RUNS_PER_PAGE)
+        found, total = dashboard_queries.run_page(
+                   session, status=wanted_state,
+                   project_id=wanted_project.id if wanted_project else None,
+                   offset=(number - 1) * RUNS_PER_PAGE, limit=RUNS_PER_PAGE)
         pages = _pages(number, total, RUNS_PER_PAGE)
     except BadQuery as err:
         return _bad(request, user, err, f"{PORTAL_PREFIX}/runs")
@@ -288,7 +288,7 @@ def _site_lines(config_sites: Sequence[str], rounds: Sequence[Round],
         def pick(*names: str, _v: Mapping[str, float] = values) -> float | None:
             return next((_v[n] for n in names if n in _v), None)
 
-        eps = values.get(repository.EPSILON_METRIC)
+        eps = values.get(dashboard_queries.EPSILON_METRIC)
         out.append(SiteLine(
             name=site, rounds=trained.get(site, 0),
             auc=pick("final-eval-auc", "eval-auc"),
@@ -331,14 +331,14 @@ def run_page(run_id: str, request: Request, session: SessionDep) -> Response:
         return _error(request, user, 404, f"Run {number} not found; the list of runs is "
                       f"under {PORTAL_PREFIX}/runs.")
     view = RunPublic.of(run, project.name,
-                        repository.latest_admissions(session, [number]).get(number))
+                        run_audit.latest_admissions(session, [number]).get(number))
     rounds = session.exec(select(Round).where(Round.run_id == number)
                           .order_by(col(Round.number))).all()
     metrics = _metrics(session, number)
     budget = view.config.epsilon
     lines = _site_lines(view.config.sites, rounds, metrics, budget)
-    spent = {s: [(n, metrics[n][s][repository.EPSILON_METRIC]) for n in sorted(metrics)
-                 if repository.EPSILON_METRIC in metrics[n].get(s, {})]
+    spent = {s: [(n, metrics[n][s][dashboard_queries.EPSILON_METRIC]) for n in sorted(metrics)
+                        if dashboard_queries.EPSILON_METRIC in metrics[n].get(s, {})]
              for s in {s for n in metrics for s in metrics[n]}}
     spent = {s: pts for s, pts in spent.items() if pts}
     last_round = max((r.number for r in rounds), default=0)
@@ -387,8 +387,8 @@ def sites_page(request: Request, session: SessionDep, page: str | None = None) -
         return _bad(request, user, err, f"{PORTAL_PREFIX}/sites")
     sites = session.exec(select(Site).order_by(col(Site.name))
                          .offset((number - 1) * SITES_PER_PAGE).limit(SITES_PER_PAGE)).all()
-    expiry = repository.certificate_expiry(session)
-    epsilon = repository.site_epsilon_by_project(session)
+    expiry = dashboard_queries.certificate_expiry(session)
+    epsilon = dashboard_queries.site_epsilon_by_project(session)
     seen = presence.last_seen(session)
     now = utcnow()
     rows = []

@@ -332,7 +332,9 @@ def download(release_id: str,
                                       "the coordinator serves.")] = None,
              home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None) -> None:
     """Download a release, its public key and the revocation list, unpack and verify it."""
-    from export.bundle import BundleVerificationError, public_key_fingerprint, verify_bundle
+    from export.bundle_format import BundleVerificationError
+    from export.bundle_keys import public_key_fingerprint
+    from export.bundle_verify import verify_bundle
     from export.revocations import load_revocations
 
     client = _client(api, token, home)

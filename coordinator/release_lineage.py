@@ -13,7 +13,7 @@ from typing import Any, Final
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from coordinator import repository
+from coordinator import run_audit
 from coordinator.checkpoints import CheckpointError, load_checkpoint
 from coordinator.db import session_scope
 from coordinator.models import (
@@ -30,6 +30,7 @@ __all__ = [
     "FINGERPRINT_METRIC_PREFIX",
     "PRIVACY_ACCOUNTANT",
     "PRIVACY_MECHANISM",
+    "aggregation_mode",
     "build_lineage",
 ]
 
@@ -142,7 +143,22 @@ def _privacy(config: Mapping[str, Any], metrics: Mapping[int, Mapping[str, Mappi
         "delta": config.get("delta"),
         "max_grad_norm": config.get("max_grad_norm"),
         "per_site": per_site,
+        "aggregation": aggregation_mode(config),
     }
+
+
+def aggregation_mode(config: Mapping[str, Any]) -> dict[str, Any]:
+    """How the run combined the sites' updates: in the clear, or secure aggregation (the
+    coordinator saw only the sum, whose noise the sites added in shares)."""
+    if not config.get("secure_aggregation"):
+        return {"mode": "plain", "strategy": config.get("aggregation", "fedavg"),
+                "noise": "DP-SGD at each site"}
+    threshold = config.get("secagg_threshold") or max(2, int(config.get("min_sites", 1)))
+    return {"mode": "secure", "strategy": "fedavg of the unmasked sum",
+            "protocol": "SecAgg+ (the coordinator never holds one site's update)",
+            "noise": "distributed Skellam: each site adds its share, sized for the "
+                     "threshold; accounted with RDP",
+            "threshold": threshold, "update_clip": config.get("secagg_clip")}
 
 
 def _fingerprints_from_metrics(metrics: Mapping[int, Mapping[str, Mapping[str, float]]],
@@ -214,7 +230,7 @@ def build_lineage(engine: Engine, *, home: Path, run_id: int, round_number: int
     except CheckpointError as err:
         version["checkpoint"]["status"] = f"unusable: {err}"
     fingerprints = {site: [e for e in entries if int(e.get("round", 0)) <= round_number]
-                    for site, entries in repository.data_fingerprints(engine, run_id).items()}
+                    for site, entries in run_audit.data_fingerprints(engine, run_id).items()}
     fingerprints = {s: e for s, e in fingerprints.items() if e}
     if not fingerprints:
         fingerprints = _fingerprints_from_metrics(metrics, round_number)

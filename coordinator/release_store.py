@@ -24,15 +24,9 @@ from coordinator.models import (
 )
 from coordinator.release_errors import Conflict, Gone, IntegrityFailure, NotFound
 from coordinator.release_queries import run_and_project
-from export.bundle import (
-    SIGNATURE_FILE,
-    BundleVerificationError,
-    VerifiedBundle,
-    generate_release_key,
-    public_key_fingerprint,
-    public_key_path,
-    verify_bundle,
-)
+from export.bundle_format import SIGNATURE_FILE, BundleVerificationError
+from export.bundle_keys import generate_release_key, public_key_fingerprint, public_key_path
+from export.bundle_verify import VerifiedBundle, verify_bundle
 
 __all__ = [
     "RELEASES_DIR",
@@ -161,7 +155,7 @@ def verified_bundle(home: Path, release: Release) -> VerifiedBundle:
 
     Raises:
         IntegrityFailure: A stored path that is not ``releases/<id>``, a symlinked releases
-            folder, a missing key or a bundle that fails :func:`export.bundle.verify_bundle`
+            folder, a missing key or a bundle that fails :func:`export.bundle_verify.verify_bundle`
             (a symlink, an extra or changed file, ...).
     """
     folder = bundle_dir(home, release)

@@ -116,15 +116,15 @@ from coordinator.release_store import (
     verified_bundle,
 )
 from coordinator.study_registry import run_task
-from export.bundle import (
+from export.bundle import write_bundle
+from export.bundle_format import (
     ARTEFACT_FILES,
     FORMATS,
     SIGNATURE_FILE,
     ArtefactFormat,
     BundleWriteError,
-    public_key_fingerprint,
-    write_bundle,
 )
+from export.bundle_keys import public_key_fingerprint
 from fedward.statistics import REFERENCE_FILE
 from fedward.tasks import TaskRef
 from fedward.wire import MEMBERSHIP_KEY

@@ -105,6 +105,8 @@ def relaunch_body(run: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
     """
     config = dict(run["config"])
     config.pop("study_hash", None)   # the coordinator pins it again from the study version
+    for key in ("model_plugin", "model_plugin_version", "model_plugin_sha256"):
+        config.pop(key, None)        # so is the plugin, from what is installed then
     # A tuning trial launched again is an ordinary run, charged as one (not covered).
     config.pop("tuning_search", None)
     study = config.pop("study", None)

@@ -17,27 +17,28 @@ refused with 429, naming the limit, its setting and the runs that hold it
 (:func:`check_run_limits`); launches are checked and committed one at a time
 (:data:`LAUNCH_LOCK`), so concurrent requests cannot slip past the limit together.
 
-No ``from __future__ import annotations`` here: :func:`build_router` declares its routes
-with the caller's user dependency, and FastAPI reads those annotations as objects.
+The routes (:func:`make_router`) authenticate through :mod:`coordinator.auth`
+(``CurrentUser``, ``require_role``), as every route of the API does.
 """
 
 import logging
 import threading
-from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import httpx
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, HTTPException, status
 from pydantic import Field
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from coordinator import repository
 from coordinator.audit import append_event
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep, session_scope
-from coordinator.models import RUN_FINAL_STATUSES, Project, Run, User, utcnow
-from coordinator.schemas import RunPublic, _Request
+from coordinator.models import RUN_FINAL_STATUSES, Evaluation, Project, Run, utcnow
+from coordinator.run_schemas import RunPublic
+from coordinator.schemas import _Request
 from coordinator.settings import Settings
 from fedward.flower.control import FlowerControl
 from fedward.roles import WRITE_ROLES
@@ -50,11 +51,12 @@ __all__ = [
     "LAUNCH_LOCK",
     "CancelRequest",
     "RunFinishedError",
+    "active_evaluations",
     "active_runs",
-    "build_router",
     "check_cancellable",
     "check_run_limits",
     "enforce_cancellations",
+    "make_router",
     "request_cancel",
 ]
 
@@ -99,12 +101,43 @@ def active_runs(session: Session, *, project_id: int | None = None
             for run, name in rows]
 
 
-def _holders(runs: list[tuple[int, str, str]]) -> str:
-    return ", ".join(f"run {i} ({project}, {state})" for i, project, state in runs)
+def active_evaluations(session: Session, *, project_id: int | None = None
+                       ) -> list[tuple[int, int, str, str]]:
+    """Evaluations on demand pending or running: each is a Flower run with a ServerApp of
+    its own, so it holds a place under the run limits like a run.
+
+    Returns:
+        ``(evaluation id, run id, project name, status)``, oldest first.
+    """
+    query = (select(Evaluation, Project.name)
+             .join(Run, col(Run.id) == col(Evaluation.run_id))
+             .join(Project, col(Project.id) == col(Run.project_id))
+             .where(col(Evaluation.status).in_(ACTIVE_STATUSES)))
+    if project_id is not None:
+        query = query.where(Run.project_id == project_id)
+    rows = session.exec(query.order_by(col(Evaluation.id))).all()
+    return [(int(row.id or 0), row.run_id, name, row.status) for row, name in rows]
+
+
+def _holders(session: Session, project: Project | None = None) -> list[tuple[str, str]]:
+    """What holds a place under the limits: ``(label, project name)`` per live run or
+    evaluation, everywhere or in ``project``."""
+    project_id = None if project is None else project.id
+    runs = [(f"run {i} ({name}, {state})", name)
+            for i, name, state in active_runs(session, project_id=project_id)]
+    evaluations = [(f"evaluation {e} of run {r} ({name}, {state})", name)
+                   for e, r, name, state in active_evaluations(session, project_id=project_id)]
+    return runs + evaluations
+
+
+def _named(holders: list[tuple[str, str]]) -> str:
+    return ", ".join(label for label, _ in holders)
 
 
 def check_run_limits(session: Session, settings: Settings, project: Project) -> None:
     """Refuse a launch (429) when the coordinator's or the project's limit is reached.
+
+    Live evaluations on demand count as runs: each starts a ServerApp as a run does.
 
     Call with :data:`LAUNCH_LOCK` held, and commit the new run before releasing it.
 
@@ -118,19 +151,19 @@ def check_run_limits(session: Session, settings: Settings, project: Project) -> 
     """
     hint = ("wait for one of them to end, or cancel one (`fedward-coordinator cancel RUN "
             "--reason TEXT`)")
-    everywhere = active_runs(session)
+    everywhere = _holders(session)
     if len(everywhere) >= settings.max_concurrent_runs:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=(
             f"run limit reached: at most {settings.max_concurrent_runs} runs at once on this "
             f"coordinator (setting FEDWARD_MAX_CONCURRENT_RUNS); held by "
-            f"{_holders(everywhere)}; {hint}"))
+            f"{_named(everywhere)}; {hint}"))
     assert project.id is not None
-    mine = [r for r in everywhere if r[1] == project.name]
+    mine = [h for h in everywhere if h[1] == project.name]
     if len(mine) >= settings.max_concurrent_runs_per_project:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=(
             f"run limit reached: at most {settings.max_concurrent_runs_per_project} runs at "
             f"once in project {project.name!r} (setting "
-            f"FEDWARD_MAX_CONCURRENT_RUNS_PER_PROJECT); held by {_holders(mine)}; {hint}"))
+            f"FEDWARD_MAX_CONCURRENT_RUNS_PER_PROJECT); held by {_named(mine)}; {hint}"))
 
 
 class RunFinishedError(ValueError):
@@ -233,19 +266,13 @@ def enforce_cancellations(engine: Engine, control: FlowerControl, *,
     return ended
 
 
-def build_router(*, prefix: str, current_user: Callable[..., User],
-                 require_role: Callable[[User, frozenset[str]], None]) -> APIRouter:
-    """The run control routes, with the API's authentication.
-
-    Args:
-        prefix: The API's path prefix.
-        current_user: The API's dependency that authenticates the request.
-        require_role: Refuses a user without one of the roles (403).
+def make_router() -> APIRouter:
+    """The run control routes, under the API's prefix.
 
     Returns:
         A router to include in the application.
     """
-    router = APIRouter(prefix=prefix)
+    router = APIRouter(prefix=API_PREFIX)
     responses: dict[int | str, dict[str, Any]] = {
         401: {"description": "Missing or unknown API token"},
         403: {"description": "The user's role may not do this"},
@@ -256,7 +283,7 @@ def build_router(*, prefix: str, current_user: Callable[..., User],
     @router.post("/runs/{run_id}/cancel", status_code=202, tags=["runs"],
                  responses=responses)
     def cancel_run(run_id: int, body: CancelRequest, session: SessionDep,
-                   user: Annotated[User, Depends(current_user)]) -> RunPublic:
+                   user: CurrentUser) -> RunPublic:
         """Cancel a pending or running run (also one waiting for approval).
 
         Accepted at once; the run's round loop ends it within its round deadline plus

@@ -30,7 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from sqlalchemy.engine import Engine
 
-from coordinator import repository, run_statistics, site_versions
+from coordinator import repository, round_records, run_audit, run_statistics, site_versions
 from coordinator.aggregation import (
     AggregationError,
     Aggregator,
@@ -279,7 +279,7 @@ class RoundLoop:
     _next_cancel_check: float = field(default=-math.inf, init=False, repr=False)
     # The round in progress and when it started, while one is (a cancel ends it).
     _current: tuple[int, float] | None = field(default=None, init=False, repr=False)
-    # The admission state as last recorded (see repository.record_admission).
+    # The admission state as last recorded (see run_audit.record_admission).
     _admission: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # Digest of every update received in this run -> (first round, site), for replays.
     _seen: dict[str, tuple[int, str]] = field(default_factory=dict, init=False, repr=False)
@@ -301,8 +301,8 @@ class RoundLoop:
             except AggregationError as err:
                 raise RunFailed(f"cannot aggregate: {err}") from None
             start_round, arrays = self._resume_point()
-            if start_round > 1 or repository.admission_record(self.engine,
-                                                              plan.run_id) is not None:
+            if start_round > 1 or run_audit.admission_record(self.engine,
+                                                             plan.run_id) is not None:
                 # This ServerApp resumes a run (the coordinator or its SuperLink restarted):
                 # its sites may still be reconnecting.
                 self._reconnect_until = self.clock() + RECONNECT_WINDOW_S
@@ -366,9 +366,9 @@ class RoundLoop:
         log.warning("run %s %s", plan.run_id, cancel)
         if self._current is not None:
             number, t0 = self._current
-            repository.finish_round(self.engine, plan.run_id, number, status="cancelled",
-                                    participating=[], failed=[], late=[],
-                                    seconds=self.clock() - t0)
+            round_records.finish_round(self.engine, plan.run_id, number, status="cancelled",
+                                       participating=[], failed=[], late=[],
+                                       seconds=self.clock() - t0)
             self._current = None
         told, not_told = self._tell_sites(cancel)
         repository.note_cancel_delivered(self.engine, plan.run_id, told=told,
@@ -423,7 +423,7 @@ class RoundLoop:
     # -- pieces ------------------------------------------------------------------------
 
     def _resume_point(self) -> tuple[int, dict[str, np.ndarray]]:
-        last = repository.last_checkpoint(self.engine, self.plan.run_id)
+        last = round_records.last_checkpoint(self.engine, self.plan.run_id)
         if last is None:
             return 1, self.initial()
         number, rel_path, sha = last
@@ -454,8 +454,8 @@ class RoundLoop:
 
     def _load_seen(self) -> None:
         """Digests of the updates earlier attempts of this run received (a resumed run)."""
-        for number, by_site in sorted(repository.update_digests(self.engine,
-                                                                self.plan.run_id).items()):
+        for number, by_site in sorted(round_records.update_digests(self.engine,
+                                                                   self.plan.run_id).items()):
             for site, digest in sorted(by_site.items()):
                 self._seen.setdefault(digest, (number, site))
 
@@ -483,7 +483,7 @@ class RoundLoop:
             RunFailed: fewer than ``min_sites`` sites can still take part.
         """
         plan = self.plan
-        prior = repository.admission_record(self.engine, plan.run_id)
+        prior = run_audit.admission_record(self.engine, plan.run_id)
         if prior is not None and prior[1].get("state") == "admitted":
             self._admission = dict(prior[1])
             return
@@ -601,8 +601,8 @@ class RoundLoop:
                               if s not in answers and s not in online),
             **extra,
         }
-        repository.record_admission(self.engine, self.plan.run_id, action=action,
-                                    detail=detail)
+        run_audit.record_admission(self.engine, self.plan.run_id, action=action,
+                                   detail=detail)
         self._admission = detail
 
     def _not_admitted_reason(self, answers: dict[str, _Answer], *, waited_s: float) -> str:
@@ -639,8 +639,8 @@ class RoundLoop:
             changed = True
         if changed:
             detail = {**self._admission, "waiting": current}
-            repository.record_admission(self.engine, self.plan.run_id, action="run.waiting",
-                                        detail=detail)
+            run_audit.record_admission(self.engine, self.plan.run_id, action="run.waiting",
+                                       detail=detail)
             self._admission = detail
 
     # -- rounds ------------------------------------------------------------------------
@@ -766,7 +766,7 @@ class RoundLoop:
         t0 = self.clock()
         deadline = t0 + plan.round_deadline_s
         self._check_cancel(now=True)
-        repository.start_round(self.engine, plan.run_id, number)
+        round_records.start_round(self.engine, plan.run_id, number)
         self._current = (number, t0)
         nodes, waited = self._wait_for_sites(deadline)
         offline = sorted(set(plan.sites) - set(nodes.values()))
@@ -784,6 +784,8 @@ class RoundLoop:
                 f"{plan.round_deadline_s:.0f} s (offline: {', '.join(offline) or 'none'}); "
                 f"the run needs at least {plan.min_sites}"
             )
+        if plan.secure_aggregation:
+            return self._secure_round(number, arrays, nodes, failed, t0, deadline)
         replies, late, doubled = self._exchange(nodes, arrays, number, train=True,
                                                 deadline=deadline)
         sound: dict[str, tuple[dict[str, np.ndarray], dict[str, float], str]] = {}
@@ -818,11 +820,11 @@ class RoundLoop:
                 failed.append(_duplicate(site, "byte-identical to the update of "
                                                f"{', '.join(twins)} in this round"))
                 continue
-            repository.record_site_metrics(self.engine, plan.run_id, number, site, metrics)
+            round_records.record_site_metrics(self.engine, plan.run_id, number, site, metrics)
             fingerprint = _fingerprint(replies[site])
             if fingerprint:
-                repository.record_data_fingerprint(self.engine, plan.run_id, number, site,
-                                                   fingerprint)
+                run_audit.record_data_fingerprint(self.engine, plan.run_id, number, site,
+                                                  fingerprint)
             updates.append(SiteUpdate(site, update, metrics.get("num-examples", 1.0)))
             participating.append(site)
         for site, digest in received.items():
@@ -860,13 +862,44 @@ class RoundLoop:
         # resumes from the previous checkpoint and runs this round again (its row is reset,
         # the sites answer from their stored replies), instead of leaving a round that has
         # a checkpoint but is still "running".
-        repository.finish_round(self.engine, plan.run_id, number, status="completed",
-                                participating=participating, failed=failed, late=late,
-                                seconds=self.clock() - t0, update_digests=received)
+        round_records.finish_round(self.engine, plan.run_id, number, status="completed",
+                                   participating=participating, failed=failed, late=late,
+                                   seconds=self.clock() - t0, update_digests=received)
         self._current = None
-        repository.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
+        round_records.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
         log.info("round %s done in %.2f s with %s", number, self.clock() - t0, participating)
         return new
+
+    def _secure_round(self, number: int, arrays: dict[str, np.ndarray],
+                      nodes: dict[int, str], failed: list[dict[str, str]], t0: float,
+                      deadline: float) -> dict[str, np.ndarray]:
+        """A round of a run with secure aggregation (coordinator.secure_rounds): only the
+        sum of the sites' updates is ever unmasked here, so no per-update check runs."""
+        from coordinator.secure_rounds import secure_round
+
+        plan = self.plan
+        out = secure_round(grid=self.grid, engine=self.engine, plan=plan, number=number,
+                           arrays=arrays, nodes=nodes, deadline=deadline,
+                           check_cancel=self._check_cancel, clock=self.clock)
+        failed = [*failed, *out.failed]
+        for site, metrics in out.metrics.items():
+            round_records.record_site_metrics(self.engine, plan.run_id, number, site, metrics)
+        if out.arrays is None:
+            self._fail_round(number, t0, [], failed, out.late, out.digests)
+            raise RunFailed(out.reason or f"round {number}: secure aggregation failed")
+        assert self._aggregator is not None
+        rel = save_checkpoint(self.home, plan.run_id, number, out.arrays,
+                              server_state=self._aggregator.state_dict(),
+                              aggregation=plan.aggregation)
+        round_records.finish_round(self.engine, plan.run_id, number, status="completed",
+                                participating=out.participating, failed=failed,
+                                late=out.late, seconds=self.clock() - t0,
+                                update_digests=out.digests)
+        self._current = None
+        round_records.record_checkpoint(self.engine, plan.run_id, number, str(rel[0]), rel[1])
+        log.info("secure round %s done in %.2f s with %s", number, self.clock() - t0,
+                 out.participating)
+        return out.arrays
 
     def _norm_bound(self, metrics: dict[str, float], n_params: int
                     ) -> tuple[float, str] | str:
@@ -925,9 +958,9 @@ class RoundLoop:
                     failed: list[dict[str, str]], late: list[str],
                     received: dict[str, str] | None = None) -> None:
         self._current = None
-        repository.finish_round(self.engine, self.plan.run_id, number, status="failed",
-                                participating=participating, failed=failed, late=late,
-                                seconds=self.clock() - t0, update_digests=received)
+        round_records.finish_round(self.engine, self.plan.run_id, number, status="failed",
+                                   participating=participating, failed=failed, late=late,
+                                   seconds=self.clock() - t0, update_digests=received)
 
     def _final_evaluate(self, arrays: dict[str, np.ndarray]) -> None:
         """Each site evaluates the final global model on its held-out split."""
@@ -943,7 +976,7 @@ class RoundLoop:
                 continue
             metrics = {f"final-{k}": float(v) for k, v in reply.content[REPLY_METRICS].items()
                        if isinstance(v, int | float) and math.isfinite(float(v))}
-            repository.record_site_metrics(self.engine, plan.run_id, plan.rounds, site, metrics)
+            round_records.record_site_metrics(self.engine, plan.run_id, plan.rounds, site, metrics)
 
 
 def _admission_answer(reply: Message, before: _Answer | None) -> _Answer:

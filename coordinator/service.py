@@ -179,7 +179,7 @@ class FlowerSiteParity:
     def _digests(req_dir: Path, files: Mapping[str, bool]) -> dict[str, str]:
         """Canonical digests per format: two exports of one checkpoint in one process are
         the same function but not the same bytes (OpenVINO numbers its layer names)."""
-        from export.bundle import ARTEFACT_FILES
+        from export.bundle_format import ARTEFACT_FILES
         from export.canonical import canonical_digest
 
         return {fmt: canonical_digest(fmt, {n: (req_dir / n).read_bytes() for n in names})

@@ -19,6 +19,7 @@ from sqlmodel import Session, col, func, select
 
 from coordinator.audit import append_event
 from coordinator.models import Run, RunStatistics, Study
+from fedward.plugins import PluginError, PluginPin, model_plugin_pin
 from fedward.preprocessing import Preprocessing, compose
 from fedward.run_config import RunPlan, RunRequest
 from fedward.study import StudySpec, parse_spec, parse_study_ref
@@ -85,7 +86,9 @@ def register_study(session: Session, spec: StudySpec, *, actor: str) -> Register
                          subject=f"study:{spec.name}@{study.version}",
                          detail={"name": spec.name, "version": study.version,
                                  "hash": digest, "features": len(spec.features),
-                                 "model": spec.model.family})
+                                 "model": spec.model.family,
+                                 **({"plugin": spec.model.name}
+                                    if spec.model.family == "plugin" else {})})
             session.commit()
         except IntegrityError:
             session.rollback()
@@ -135,12 +138,12 @@ def spec_of(study: Study) -> StudySpec:
 def trainable_task(study: Study) -> str:
     """The task name a run of ``study`` trains (the study's name).
 
-    Any study whose model is a built-in family trains: the ServerApp builds the initial
-    model from the registered spec, and each site from its own approved copy of the spec
-    (same content hash), :func:`fedward.tasks.study_task`.
+    Any study trains, whose model is a built-in family or an installed plugin: the
+    ServerApp builds the initial model from the registered spec, and each site from its own
+    approved copy of the spec (same content hash), :func:`fedward.tasks.study_task`.
 
     Raises:
-        StudyNotTrainableError: a plugin model, or a shipped task's name with another model.
+        StudyNotTrainableError: a shipped task's name with another model.
     """
     try:
         return study_task(spec_of(study)).name
@@ -198,9 +201,21 @@ def run_preprocessing(session: Session, *, run_id: int, study_hash: str | None
 
 
 def plan_task(engine: Engine, plan: RunPlan) -> TaskSpec:
-    """The task the ServerApp trains for ``plan`` (see :func:`run_task`)."""
+    """The task the ServerApp trains for ``plan`` (see :func:`run_task`).
+
+    Raises:
+        PluginError: the run pins a model plugin that is no longer installed here as it
+            was when the run was launched.
+    """
     with Session(engine) as session:
-        return _task_by_hash(session, plan.task, plan.study_hash)
+        task = _task_by_hash(session, plan.task, plan.study_hash)
+    pinned = PluginPin.from_config(plan.model_dump())
+    if pinned is not None:
+        have = model_plugin_pin(task.model)
+        if not have.same(pinned):
+            raise PluginError(f"run {plan.run_id} pins the model plugin {pinned} but this "
+                              f"coordinator now has {have}; launch the run again")
+    return task
 
 
 def study_public(study: Study, *, with_spec: bool = False) -> dict[str, Any]:
@@ -215,6 +230,8 @@ def study_public(study: Study, *, with_spec: bool = False) -> dict[str, Any]:
         "classes": spec.get("label", {}).get("classes"),
         "model": spec.get("model", {}).get("family"),
     }
+    if out["model"] == "plugin":
+        out["plugin"] = spec.get("model", {}).get("name")
     if with_spec:
         out["spec"] = spec
     return out
@@ -245,6 +262,12 @@ def study_run_settings(session: Session, request: RunRequest,
     spec = spec_of(study)
     out: dict[str, Any] = {"study": f"{study.name}@{study.version}",
                            "study_hash": study.content_hash}
+    if spec.model.family == "plugin":
+        assert spec.model.name is not None
+        try:  # the run pins the plugin as installed here now; every site must match it
+            out.update(model_plugin_pin(spec.model.name).to_config())
+        except PluginError as err:
+            refuse("study", f"study {study.name}@{study.version}: {err}")
     given = request.model_fields_set
     for name in ("lr", "batch_size", "local_epochs", "max_grad_norm"):
         if name not in given or getattr(request, name) is None:

@@ -314,7 +314,7 @@ class _Search:
         return f"run {run_id} did not finish in time", None
 
     def _refusal(self, run_id: int, reason: str) -> str:
-        from coordinator.repository import admission_record
+        from coordinator.run_audit import admission_record
 
         record = admission_record(self.engine, run_id)
         detail = record[1] if record is not None else {}

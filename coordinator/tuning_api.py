@@ -9,16 +9,16 @@ that may launch runs; reading, any signed-in user.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
-from coordinator.models import Project, Tuning, TuningTrial, User
+from coordinator.models import Project, Tuning, TuningTrial
 from coordinator.tuning import TuningCreate, TuningError, is_live, start_tuning
 from fedward.roles import WRITE_ROLES
 
@@ -98,12 +98,10 @@ def _orphaned(session: Session, tuning: Tuning) -> None:
         session.commit()
 
 
-def make_router(*, current_user: Callable[..., Any],
-                require_role: Callable[[User, frozenset[str]], None]) -> APIRouter:
-    """The tuning routes, authenticated with ``current_user`` and checked with
-    ``require_role`` (both from :mod:`coordinator.api`)."""
-    router = APIRouter(prefix="/api/v1", tags=["tuning"])
-    signed_in = Depends(current_user)
+def make_router() -> APIRouter:
+    """The tuning routes, under the API's prefix; they authenticate through
+    :mod:`coordinator.auth`, as every route of the API does."""
+    router = APIRouter(prefix=API_PREFIX, tags=["tuning"])
 
     @router.post("/tunings", status_code=201, responses={
         401: {"description": "Missing or unknown API token"},
@@ -111,7 +109,7 @@ def make_router(*, current_user: Callable[..., Any],
         422: {"description": "A bad request, an unknown project, task or site"},
         503: {"description": "Run launching is not configured"}})
     def create(body: TuningCreate, request: Request, session: SessionDep,
-               user: User = signed_in) -> TuningPublic:
+               user: CurrentUser) -> TuningPublic:
         """Start a search. Its trials run one after another in the background; a search a
         site cannot afford is refused at the first trial's admission, before any trial
         trains (``GET /tunings/{id}`` then says why, with each site's figures)."""
@@ -132,7 +130,7 @@ def make_router(*, current_user: Callable[..., Any],
         return _view(session, tuning)
 
     @router.get("/tunings", responses={401: {"description": "Missing or unknown API token"}})
-    def list_tunings(session: SessionDep, _user: User = signed_in) -> list[TuningPublic]:
+    def list_tunings(session: SessionDep, _user: CurrentUser) -> list[TuningPublic]:
         """Every search, newest first."""
         rows = session.exec(select(Tuning).order_by(col(Tuning.id).desc()).limit(200)).all()
         for row in rows:
@@ -143,7 +141,7 @@ def make_router(*, current_user: Callable[..., Any],
         401: {"description": "Missing or unknown API token"},
         404: {"description": "No such search"}})
     def get_tuning(tuning_id: int, session: SessionDep,
-                   _user: User = signed_in) -> TuningPublic:
+                   _user: CurrentUser) -> TuningPublic:
         """One search: its cost, its trials so far, the best one."""
         tuning = session.get(Tuning, tuning_id)
         if tuning is None:

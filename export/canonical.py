@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any
 
-from export.bundle import ARTEFACT_FILES, ArtefactFormat
+from export.bundle_format import ARTEFACT_FILES, ArtefactFormat
 
 __all__ = ["canonical_digest", "describe_difference"]
 

@@ -1,6 +1,6 @@
 """Export trained models to ONNX, ONNX Runtime INT8 and OpenVINO IR.
 
-Every exporter writes the standard file names of :data:`export.bundle.ARTEFACT_FILES`
+Every exporter writes the standard file names of :data:`export.bundle_format.ARTEFACT_FILES`
 into ``out_dir`` and returns the main file's path.
 
 * ONNX: torch's dynamo exporter with a dynamic batch dimension. torch writes the weights
@@ -36,7 +36,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.bundle import ARTEFACT_FILES
+from export.bundle_format import ARTEFACT_FILES
 from export.parity import import_openvino
 from fedward.tasks import TaskRef, get_task
 

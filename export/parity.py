@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 
-from export.bundle import FORMATS, ArtefactFormat
+from export.bundle_format import FORMATS, ArtefactFormat
 
 if TYPE_CHECKING:
     from torch import nn

@@ -34,11 +34,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from export.bundle import (
-    BundleVerificationError,
-    _load_private_key,
-    _load_public_key,
-)
+from export.bundle_format import BundleVerificationError
+from export.bundle_keys import load_private_key, load_public_key
 
 __all__ = [
     "API_PATH",
@@ -104,7 +101,7 @@ def sign_revocations(*, revoked: Sequence[Mapping[str, Any]], private_key: Path,
     Returns:
         The JSON-ready document.
     """
-    key = _load_private_key(private_key)
+    key = load_private_key(private_key)
     payload = json.dumps({
         "_type": _LIST_TYPE,
         "issued_at": issued_at.astimezone(UTC).isoformat(),
@@ -140,7 +137,7 @@ def parse_revocations(data: bytes, *, public_key: Path, where: str,
             versions), malformed, signed by another key, altered, too old or from the
             future.
     """
-    key = _load_public_key(public_key)
+    key = load_public_key(public_key)
     fingerprint = _fingerprint(key)
     try:
         doc = json.loads(data)

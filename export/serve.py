@@ -45,12 +45,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.bundle import (
-    SERVING_FILE,
-    BundleError,
-    BundleVerificationError,
-    verify_bundle,
-)
+from export.bundle_format import SERVING_FILE, BundleError, BundleVerificationError
+from export.bundle_verify import verify_bundle
 from export.parity import Predictor, load_onnx_bytes
 from export.revocations import DEFAULT_MAX_AGE, RevocationSource
 from export.serve_metrics import RangeCheck, ServeMetrics

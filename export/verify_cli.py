@@ -19,7 +19,8 @@ from typing import Annotated
 
 import typer
 
-from export.bundle import BundleVerificationError, verify_bundle
+from export.bundle_format import BundleVerificationError
+from export.bundle_verify import verify_bundle
 from export.revocations import DEFAULT_MAX_AGE, UNSAFE_SKIP_FLAG, RevocationSource
 
 __all__ = [

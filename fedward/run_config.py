@@ -130,6 +130,22 @@ class RunSettings(BaseModel):
         "is above this. Default: derived per site from the DP-SGD settings (lr, "
         "max_grad_norm, batch size, local epochs, the site's example count and noise "
         "multiplier), with a safety factor of 2.")
+    secure_aggregation: Annotated[bool, Wire("secure-aggregation")] = Field(
+        default=False,
+        description="Secure aggregation with distributed DP: each site clips its update to "
+        "secagg_clip, adds its share of Skellam noise and masks it (SecAgg+); the "
+        "coordinator unmasks only the sum of at least secagg_threshold sites, never one "
+        "site's update. The sum is DP at the run's epsilon with no DP-SGD noise at the "
+        "sites. Only fedavg aggregation; no statistics phase, no max_update_norm.")
+    secagg_threshold: Annotated[int | None, Wire("secagg-threshold")] = Field(
+        default=None, ge=2, le=1000,
+        description="Secure aggregation: the fewest sites whose sum is unmasked (and for "
+        "whom each site sizes its noise share); a round with fewer survivors fails. "
+        "Default: min_sites, at least 2.")
+    secagg_clip: Annotated[float, Wire("secagg-clip")] = Field(
+        default=1.0, gt=0, le=1000,
+        description="Secure aggregation: the L2 bound each site clips its model update "
+        "(trained minus received) to before quantising it.")
 
 
     @model_validator(mode="after")
@@ -146,6 +162,33 @@ class RunSettings(BaseModel):
                 f"for training: at most {MAX_STATISTICS_SHARE:g} x epsilon "
                 f"({MAX_STATISTICS_SHARE * self.epsilon:g}) may go to statistics")
         return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation(self) -> RunSettings:
+        if not self.secure_aggregation:
+            if self.secagg_threshold is not None:
+                raise ValueError("secagg_threshold is set but secure_aggregation is off")
+            return self
+        # The coordinator holds only the sum: whatever needs one site's update is refused
+        # here, with the reason, rather than silently skipped.
+        if self.aggregation != "fedavg":
+            raise ValueError(
+                f"secure_aggregation cannot use aggregation {self.aggregation!r}: the "
+                "coordinator sees only the sum of the updates, so only fedavg (their mean) "
+                "is possible; robust aggregators and server optimisers need each update")
+        if self.max_update_norm is not None:
+            raise ValueError(
+                "secure_aggregation cannot check max_update_norm at the coordinator (it "
+                "never sees one site's update): leave it out; each site clips its own "
+                "update to secagg_clip instead")
+        if self.statistics:
+            raise ValueError("secure_aggregation and statistics are not available together "
+                             "in this version: run the statistics in a run of their own")
+        return self
+
+    def secagg_threshold_or_default(self) -> int:
+        """The secure aggregation threshold: the setting, else min_sites (at least 2)."""
+        return self.secagg_threshold or max(2, self.min_sites)
 
     def statistics_share(self) -> float | None:
         """The epsilon the statistics phase spends at each site (None: no statistics)."""
@@ -229,6 +272,28 @@ class RunConfig(RunSettings):
                     DEFAULT_STATISTICS_SHARE * float(epsilon), 12)}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_secagg_threshold(cls, data: Any) -> Any:
+        # Stored and sent resolved: each site sizes its noise share for this number.
+        if isinstance(data, dict) and data.get("secure_aggregation") is True \
+                and data.get("secagg_threshold") is None:
+            min_sites = data.get("min_sites", 1)
+            if isinstance(min_sites, int) and not isinstance(min_sites, bool):
+                data = {**data, "secagg_threshold": max(2, min_sites)}
+        return data
+
+    @model_validator(mode="after")
+    def _secagg_sites(self) -> RunConfig:
+        if self.secure_aggregation:
+            threshold = self.secagg_threshold_or_default()
+            if len(self.sites) < threshold:
+                raise ValueError(
+                    f"secure_aggregation needs at least {threshold} sites (its threshold); "
+                    f"the run has {len(self.sites)}: add sites or lower secagg_threshold "
+                    "(at least 2)")
+        return self
+
     lr: Annotated[float, Wire("learning-rate")] = Field(
         gt=0, description="Local learning rate.")
     batch_size: Annotated[int, Wire("batch-size")] = Field(
@@ -241,6 +306,17 @@ class RunConfig(RunSettings):
     study_hash: Annotated[str | None, Wire("study-hash")] = Field(
         default=None, pattern=r"^[0-9a-f]{64}$",
         description="SHA-256 of the study spec's canonical form.")
+    # A run of a study whose model is a plugin pins the distribution that provides it
+    # (fedward.plugins.PluginPin): each site trains only with exactly that one installed
+    # and allowed by its policy. No code travels; only these three strings.
+    model_plugin: Annotated[str | None, Wire("model-plugin")] = Field(
+        default=None, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The distribution that provides the study's plugin model.")
+    model_plugin_version: Annotated[str | None, Wire("model-plugin-version")] = Field(
+        default=None, max_length=64, description="Its version.")
+    model_plugin_sha256: Annotated[str | None, Wire("model-plugin-sha256")] = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of its installed dist-info RECORD file.")
     # Set only by the coordinator's tuning engine (never by POST /runs): the run is a trial
     # of this search, whose one charge at each site covers it (privacy.tuning.SearchTerms).
     tuning_search: Annotated[str | None, Wire("tuning-search")] = Field(

@@ -337,7 +337,8 @@ def parse_spec(raw: object, *, source: str = "study spec", check_dp: bool = True
     if check_dp and model is not None and not model.problems():
         if spec is not None and not problems:
             family, params = spec.model_family()
-            problems.extend(dp_problems(family, params))
+            problems.extend(dp_problems(family, params, n_inputs=len(spec.input_columns()),
+                                        n_classes=len(spec.label.classes)))
         elif model.family == "plugin":
             assert model.name is not None
             problems.extend(dp_problems(model.name, dict(model.params)))
@@ -381,12 +382,19 @@ def parse_study_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version) if sep else None
 
 
-def dp_problems(family: str, params: dict[str, Any]) -> list[str]:
+def dp_problems(family: str, params: dict[str, Any], *, n_inputs: int | None = None,
+                n_classes: int | None = None) -> list[str]:
     """Build the model and name every layer DP-SGD (Opacus) cannot train.
 
-    Opacus's ``ModuleValidator`` checks each trainable layer but does not say which one
-    failed, so each layer is checked on its own here and named in the message.
+    Each trainable layer goes through Opacus's ``ModuleValidator`` validators on its own,
+    so the message names it (``ModuleValidator.validate(model, strict=False)`` does not
+    say which layer failed); when no layer explains a refusal, what ``validate`` returns
+    is reported as it is. With ``n_inputs`` and ``n_classes`` (the study's encoded input
+    width and its classes), a batch of two zero rows must come out as two rows of
+    ``n_classes`` scores: a plugin built for another input or label is named here, not in
+    round 1.
     """
+    import torch
     from opacus.utils.module_utils import trainable_modules
     from opacus.validators import ModuleValidator
 
@@ -411,8 +419,23 @@ def dp_problems(family: str, params: dict[str, Any]) -> list[str]:
                 f"layer {name!r}" in p for p in out):
             out.append(f"model: layer {name!r} ({kind}) keeps buffers that DP-SGD does not "
                        "protect (use a layer without running statistics, e.g. GroupNorm)")
+    if not out:  # anything Opacus refuses that no single layer explained
+        out.extend(f"model: cannot be trained with DP-SGD: {e}"
+                   for e in ModuleValidator.validate(model, strict=False))
     if n_params == 0:
         out.append("model: it has no trainable parameters")
+    if out or n_inputs is None or n_classes is None:
+        return out
+    try:
+        with torch.no_grad():
+            scores = model(torch.zeros(2, n_inputs))
+    except Exception as err:
+        return [f"model: the {family} family cannot read the study's {n_inputs} encoded "
+                f"input columns ({type(err).__name__}: {err}); build it for that width"]
+    if tuple(scores.shape) != (2, n_classes):
+        return [f"model: the {family} family answers a batch of 2 rows with shape "
+                f"{tuple(scores.shape)}, the study needs (2, {n_classes}): one score per "
+                "class"]
     return out
 
 

@@ -145,23 +145,20 @@ class UntrainableStudyError(ValueError):
 def study_task(spec: StudySpec, preprocessing: Preprocessing | None = None) -> TaskSpec:
     """The task a run of ``spec`` trains: its model built from the spec itself.
 
-    Any study whose model is a built-in family (logistic regression, MLP, the small CNN)
-    is trainable; the model is a function of the spec alone, so the coordinator (from its
-    registered copy) and each site (from its own approved copy, same content hash) build
-    the same model without code or objects travelling.
+    The model is a function of the spec alone: a built-in family (logistic regression,
+    MLP, the small CNN) parameterised by it, or the plugin family it names with its
+    ``params`` (installed at the coordinator and at each site as an ordinary package,
+    :mod:`fedward.plugins`). So the coordinator (from its registered copy) and each site
+    (from its own approved copy, same content hash) build the same model without code or
+    objects travelling.
 
     With ``preprocessing`` (a run's, composed from its DP statistics,
     :mod:`fedward.preprocessing`), the tabular model imputes and scales with it.
 
     Raises:
-        UntrainableStudyError: a plugin model (not trained in this release), or a study
-            that takes a shipped task's name with another model.
+        UntrainableStudyError: a study that takes a shipped task's name with another
+            model.
     """
-    if spec.model.family == "plugin":
-        raise UntrainableStudyError(
-            f"study {spec.name!r} names the plugin model {spec.model.name!r}; this release "
-            "trains studies whose model is a built-in family (logistic_regression, mlp, "
-            "cnn); write the model as one of those")
     task = task_from_spec(spec)
     shipped = TASKS.get(spec.name)
     if shipped is not None and not shipped.same_model(task):

@@ -36,6 +36,16 @@ __all__ = [
     "REPLY_CONFIG",
     "REPLY_FINGERPRINT",
     "REPLY_METRICS",
+    "SECAGG_ACTION",
+    "SECAGG_ACTIVE",
+    "SECAGG_DROPPED",
+    "SECAGG_LAYOUT",
+    "SECAGG_MASKED",
+    "SECAGG_ME",
+    "SECAGG_MESSAGE_TYPE",
+    "SECAGG_N",
+    "SECAGG_STAGE",
+    "SECAGG_STAGES",
     "STATISTICS_ACTION",
     "STATISTICS_MESSAGE_TYPE",
     "TASK_ARRAYS",
@@ -147,6 +157,22 @@ CANCEL_REASON: Final = "cancel-reason"     # why (str, at most 500 characters)
 STATISTICS_ACTION: Final = "statistics"
 STATISTICS_MESSAGE_TYPE: Final = f"query.{STATISTICS_ACTION}"
 
+# Secure aggregation (runs with ``secure_aggregation`` on): each round is four query
+# messages with this action, one per stage of fedward.flower.secagg (SECAGG_STAGE says
+# which). Every array is a plain uint8 or int64 array in TASK_ARRAYS / REPLY_ARRAYS; the
+# mask stage also carries the packed global model (PACKED) with its layout under
+# SECAGG_LAYOUT, and its reply one int64 array, SECAGG_MASKED, uniformly random alone.
+SECAGG_ACTION: Final = "secagg"
+SECAGG_MESSAGE_TYPE: Final = f"query.{SECAGG_ACTION}"
+SECAGG_STAGE: Final = "secagg-stage"        # advertise, share, mask or unmask (str)
+SECAGG_ME: Final = "secagg-me"              # the site's number in the round, 1..n (int)
+SECAGG_N: Final = "secagg-n"                # participants in the round (int)
+SECAGG_LAYOUT: Final = "secagg-layout"      # the packed model's layout (str)
+SECAGG_ACTIVE: Final = "secagg-active"      # unmask: sites that sent vectors ("1,2,4")
+SECAGG_DROPPED: Final = "secagg-dropped"    # unmask: sites that shared keys, sent none
+SECAGG_MASKED: Final = "secagg-masked"      # mask reply: the masked vector (int64)
+SECAGG_STAGES: Final = ("advertise", "share", "mask", "unmask")
+
 _RUN: Final = wire_keys(RunPlan)
 
 
@@ -163,6 +189,9 @@ class CFG:
     TASK: Final = _RUN["task"]                    # task registry name (str)
     STUDY: Final = _RUN["study"]                  # study NAME@VERSION (str; absent: none)
     STUDY_HASH: Final = _RUN["study_hash"]        # SHA-256 of the study spec (str)
+    MODEL_PLUGIN: Final = _RUN["model_plugin"]    # plugin distribution (str; absent: none)
+    MODEL_PLUGIN_VERSION: Final = _RUN["model_plugin_version"]  # its version (str)
+    MODEL_PLUGIN_SHA256: Final = _RUN["model_plugin_sha256"]    # its RECORD's SHA-256 (str)
     TUNING_SEARCH: Final = _RUN["tuning_search"]  # a trial's search terms (JSON str; absent: none)
     TOTAL_ROUNDS: Final = _RUN["rounds"]          # rounds planned for the run (int)
     LOCAL_EPOCHS: Final = _RUN["local_epochs"]    # local epochs per round (int)
@@ -173,6 +202,9 @@ class CFG:
     BATCH: Final = _RUN["batch_size"]             # expected batch size (int)
     SEED: Final = _RUN["seed"]                    # run seed (int)
     STATISTICS: Final = _RUN["statistics"]        # a statistics phase before round 1 (bool)
+    SECURE: Final = _RUN["secure_aggregation"]    # secure aggregation rounds (bool)
+    SECAGG_THRESHOLD: Final = _RUN["secagg_threshold"]  # fewest sites unmasked (int)
+    SECAGG_CLIP: Final = _RUN["secagg_clip"]      # L2 bound of a site's update (float)
     STATISTICS_EPSILON: Final = _RUN["statistics_epsilon"]  # its epsilon per site (float)
     # The run's imputation and scaling from its DP statistics (JSON str; absent: none).
     PREPROCESSING: Final = _RUN["preprocessing"]

@@ -16,53 +16,116 @@ The names below are the package's public surface (pinned by a test); import them
 ``privacy`` rather than from the submodules.
 """
 
-from privacy.accounting import Composition, compose_mechanisms
-from privacy.budget import (
-    PlanCheck,
-    PlanExceededError,
-    ScopeBudget,
-    SiteBudget,
-    check_plan,
-    check_run_plan,
-    site_budget,
-)
-from privacy.dp import (
-    BudgetExceededError,
-    HistoryEntry,
-    check_round_budget,
-    epsilon_for_history,
-    noise_multiplier_for_run,
-    planned_steps,
-)
-from privacy.ledger import (
-    Caps,
-    Entry,
-    LedgerCorruptError,
-    PrivacyLedger,
-    Reservation,
-    RoundRecord,
-    RunLedger,
-    UnknownMechanismError,
-    UnknownRunError,
-)
-from privacy.mechanisms import (
-    MECHANISMS,
-    DpSgd,
-    GaussianRelease,
-    LaplaceRelease,
-    Mechanism,
-    TuningSelection,
-)
-from privacy.training import (
-    DPTrainResult,
-    EvalResult,
-    PlainTrainResult,
-    evaluate,
-    expected_steps,
-    sample_rate_for,
-    train_dp,
-    train_plain,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from privacy.accounting import Composition, compose_mechanisms
+    from privacy.budget import (
+        PlanCheck,
+        PlanExceededError,
+        ScopeBudget,
+        SiteBudget,
+        check_plan,
+        check_run_plan,
+        site_budget,
+    )
+    from privacy.dp import (
+        BudgetExceededError,
+        HistoryEntry,
+        check_round_budget,
+        epsilon_for_history,
+        noise_multiplier_for_run,
+        planned_steps,
+    )
+    from privacy.ledger import (
+        Caps,
+        Entry,
+        LedgerCorruptError,
+        PrivacyLedger,
+        Reservation,
+        RoundRecord,
+        RunLedger,
+        UnknownMechanismError,
+        UnknownRunError,
+    )
+    from privacy.mechanisms import (
+        MECHANISMS,
+        DpSgd,
+        GaussianRelease,
+        LaplaceRelease,
+        Mechanism,
+        TuningSelection,
+    )
+    from privacy.training import (
+        DPTrainResult,
+        EvalResult,
+        PlainTrainResult,
+        evaluate,
+        expected_steps,
+        sample_rate_for,
+        train_dp,
+        train_plain,
+    )
+
+# Each name is imported from its submodule on first use (PEP 562): a process that only reads
+# the ledger (the site agent, the coordinator, the CLI) never loads Opacus, torch or
+# dp-accounting for it. Those imports cost seconds of CPU per process.
+_WHERE: dict[str, str] = {
+    "Composition": "privacy.accounting",
+    "compose_mechanisms": "privacy.accounting",
+    "PlanCheck": "privacy.budget",
+    "PlanExceededError": "privacy.budget",
+    "ScopeBudget": "privacy.budget",
+    "SiteBudget": "privacy.budget",
+    "check_plan": "privacy.budget",
+    "check_run_plan": "privacy.budget",
+    "site_budget": "privacy.budget",
+    "BudgetExceededError": "privacy.dp",
+    "HistoryEntry": "privacy.dp",
+    "check_round_budget": "privacy.dp",
+    "epsilon_for_history": "privacy.dp",
+    "noise_multiplier_for_run": "privacy.dp",
+    "planned_steps": "privacy.dp",
+    "Caps": "privacy.ledger",
+    "Entry": "privacy.ledger",
+    "LedgerCorruptError": "privacy.ledger",
+    "PrivacyLedger": "privacy.ledger",
+    "Reservation": "privacy.ledger",
+    "RoundRecord": "privacy.ledger",
+    "RunLedger": "privacy.ledger",
+    "UnknownMechanismError": "privacy.ledger",
+    "UnknownRunError": "privacy.ledger",
+    "MECHANISMS": "privacy.mechanisms",
+    "DpSgd": "privacy.mechanisms",
+    "GaussianRelease": "privacy.mechanisms",
+    "LaplaceRelease": "privacy.mechanisms",
+    "Mechanism": "privacy.mechanisms",
+    "TuningSelection": "privacy.mechanisms",
+    "DPTrainResult": "privacy.training",
+    "EvalResult": "privacy.training",
+    "PlainTrainResult": "privacy.training",
+    "evaluate": "privacy.training",
+    "expected_steps": "privacy.training",
+    "sample_rate_for": "privacy.training",
+    "train_dp": "privacy.training",
+    "train_plain": "privacy.training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'privacy' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "MECHANISMS",

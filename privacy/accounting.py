@@ -31,10 +31,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
-from dp_accounting import dp_event, rdp
-from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
+if TYPE_CHECKING:
+    from dp_accounting import rdp
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
 
 from privacy.mechanisms import Mechanism
 
@@ -44,6 +45,7 @@ __all__ = [
     "clear_caches",
     "compose_mechanisms",
     "group_mechanisms",
+    "new_rdp_accountant",
 ]
 
 PLD_INTERVAL: Final = 1e-3
@@ -64,7 +66,7 @@ class _DropConvergenceNotices(logging.Filter):
         return "failed to converge" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_DropConvergenceNotices())
+_QUIETED: list[bool] = []
 
 
 @dataclass(frozen=True)
@@ -172,15 +174,32 @@ def _add_pld(total: PLD | None, group: Group) -> PLD | None:
 
 
 def _add_rdp(total: rdp.RdpAccountant, group: Group) -> rdp.RdpAccountant:
+    from dp_accounting import dp_event
+
     # The accountant accumulates in place: each prefix keeps its own copy.
     out = copy.deepcopy(total)
     out.compose(dp_event.SelfComposedDpEvent(group[0].dp_event(), group[1]))
     return out
 
 
+def new_rdp_accountant() -> rdp.RdpAccountant:
+    """A fresh dp-accounting RDP accountant, with absl's convergence notices filtered.
+
+    dp-accounting is imported here, on first use, and not by every process that imports
+    :mod:`privacy`: it costs about a second of CPU (it loads SciPy's signal package). The
+    filter goes on after that import: absl must create its own ``absl`` logger first.
+    """
+    from dp_accounting import rdp as rdp_lib
+
+    if not _QUIETED:
+        logging.getLogger("absl").addFilter(_DropConvergenceNotices())
+        _QUIETED.append(True)
+    return rdp_lib.RdpAccountant()
+
+
 # A composed distribution of a site's whole history is a few hundred kilobytes.
-_PLD_PREFIXES: Final = _PrefixCache[PLD | None](32, lambda: None, _add_pld)
-_RDP_PREFIXES: Final = _PrefixCache[rdp.RdpAccountant](64, rdp.RdpAccountant, _add_rdp)
+_PLD_PREFIXES: Final = _PrefixCache["PLD | None"](32, lambda: None, _add_pld)
+_RDP_PREFIXES: Final = _PrefixCache["rdp.RdpAccountant"](64, new_rdp_accountant, _add_rdp)
 
 
 @functools.lru_cache(maxsize=512)

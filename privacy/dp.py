@@ -22,11 +22,10 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 from privacy.accounting import compose_mechanisms
 from privacy.mechanisms import DpSgd
@@ -139,6 +138,10 @@ def _without_alpha_advice() -> contextlib.AbstractContextManager[None]:
 def _search_noise(
     epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
+    # Opacus (and torch under it) is imported here, not at module level: the site agent, the
+    # coordinator and the CLI import this module, and most of them never search for a noise.
+    from opacus.accountants.utils import get_noise_multiplier
+
     with _without_alpha_advice():
         return float(
             get_noise_multiplier(
@@ -153,6 +156,8 @@ def _search_noise(
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _epsilon(entries: tuple[HistoryEntry, ...], delta: float, mechanism: str) -> float:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     accountant: IAccountant = PRVAccountant() if mechanism == "prv" else RDPAccountant()
     accountant.history = list(entries)
     with _without_alpha_advice():

@@ -22,16 +22,35 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, ClassVar, Final, TypeVar, get_type_hints
+from types import MappingProxyType, ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, get_type_hints
 
-from dp_accounting import dp_event
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
+
+
+def _events() -> ModuleType:
+    """dp-accounting's event module, imported on first use: importing dp-accounting costs
+    about a second of CPU (it loads SciPy's signal package), which every process importing
+    :mod:`privacy` would otherwise pay, composing or not."""
+    from dp_accounting import dp_event as events
+
+    module: ModuleType = events
+    return module
+
+
+def _pld_lib() -> ModuleType:
+    """dp-accounting's PLD module, imported on first use (see :func:`_events`)."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    module: ModuleType = privacy_loss_distribution
+    return module
 
 __all__ = [
     "MECHANISMS",
     "CoveredTrial",
+    "DistributedSkellam",
     "DpSgd",
     "GaussianRelease",
     "LaplaceRelease",
@@ -183,7 +202,7 @@ def decode_mechanism(doc: Mapping[str, Any]) -> Mechanism:
 
 def _gaussian_pld(standard_deviation: float, interval: float,
                   sampling_prob: float = 1.0) -> PLD:
-    return pld_lib.from_gaussian_mechanism(
+    return _pld_lib().from_gaussian_mechanism(
         standard_deviation=standard_deviation, sampling_prob=sampling_prob,
         value_discretization_interval=interval)
 
@@ -215,9 +234,9 @@ class DpSgd(Mechanism):
         return out
 
     def dp_event(self) -> dp_event.DpEvent:
-        step = dp_event.PoissonSampledDpEvent(
-            self.sample_rate, dp_event.GaussianDpEvent(self.noise_multiplier))
-        return dp_event.SelfComposedDpEvent(step, self.steps)
+        step = _events().PoissonSampledDpEvent(
+            self.sample_rate, _events().GaussianDpEvent(self.noise_multiplier))
+        return _events().SelfComposedDpEvent(step, self.steps)
 
     def unit(self) -> tuple[Mechanism, int]:
         return DpSgd(self.noise_multiplier, self.sample_rate, 1), self.steps
@@ -263,8 +282,8 @@ class GaussianRelease(Mechanism):
         return self.noise_std / self.l2_sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.SelfComposedDpEvent(
-            dp_event.GaussianDpEvent(self.noise_multiplier), self.count)
+        return _events().SelfComposedDpEvent(
+            _events().GaussianDpEvent(self.noise_multiplier), self.count)
 
     def unit(self) -> tuple[Mechanism, int]:
         return GaussianRelease(self.noise_std, self.l2_sensitivity, 1), self.count
@@ -311,14 +330,14 @@ class LaplaceRelease(Mechanism):
         return self.scale / self.l1_sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.SelfComposedDpEvent(
-            dp_event.LaplaceDpEvent(self.noise_multiplier), self.count)
+        return _events().SelfComposedDpEvent(
+            _events().LaplaceDpEvent(self.noise_multiplier), self.count)
 
     def unit(self) -> tuple[Mechanism, int]:
         return LaplaceRelease(self.scale, self.l1_sensitivity, 1), self.count
 
     def pld(self, count: int, interval: float) -> PLD | None:
-        return pld_lib.from_laplace_mechanism(
+        return _pld_lib().from_laplace_mechanism(
             parameter=self.noise_multiplier,
             value_discretization_interval=interval).self_compose(self.count * count)
 
@@ -357,7 +376,7 @@ class TuningSelection(Mechanism):
         return out
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.RepeatAndSelectDpEvent(self.trial.dp_event(), self.mean, self.shape)
+        return _events().RepeatAndSelectDpEvent(self.trial.dp_event(), self.mean, self.shape)
 
     def describe(self) -> str:
         kind = {math.inf: "Poisson", 1.0: "geometric", 0.0: "logarithmic"}.get(
@@ -392,10 +411,10 @@ class CoveredTrial(Mechanism):
         return out
 
     def dp_event(self) -> dp_event.DpEvent:
-        return dp_event.NoOpDpEvent()
+        return _events().NoOpDpEvent()
 
     def pld(self, count: int, interval: float) -> PLD | None:
-        return pld_lib.identity(value_discretization_interval=interval)
+        return _pld_lib().identity(value_discretization_interval=interval)
 
     def describe(self) -> str:
         return f"tuning trial round, covered by tuning search {self.search}: " \
@@ -407,3 +426,59 @@ class CoveredTrial(Mechanism):
 @functools.lru_cache(maxsize=64)
 def _unit_pld(sigma: float, q: float, interval: float) -> PLD:
     return _gaussian_pld(sigma, interval, sampling_prob=q)
+
+
+@register
+@dataclass(frozen=True)
+class DistributedSkellam(Mechanism):
+    """``count`` secure-aggregation rounds whose sum carries Skellam noise added in shares
+    by the sites (``privacy.distributed``), charged for the worst case: the fewest sites
+    the protocol unmasks (its threshold), each adding ``variance / threshold``.
+
+    dp-accounting has no Skellam event. Its RDP (Agarwal et al. 2021) is bounded at every
+    order above 1 by that of a Gaussian of std
+    :func:`privacy.distributed.gaussian_equivalent_std`, which is what :meth:`dp_event`
+    hands the RDP accountant; there is no PLD (an RDP bound does not bound the privacy
+    loss distribution), so a composition that holds one is accounted with RDP.
+
+    Attributes:
+        variance: Skellam variance per coordinate of the sum at ``threshold`` sites.
+        l2_sensitivity: the most one patient changes a site's integer vector (L2).
+        l1_sensitivity: the same in L1 norm.
+        count: rounds.
+    """
+
+    TYPE: ClassVar[str] = "DistributedSkellam"
+    variance: float
+    l2_sensitivity: float
+    l1_sensitivity: float
+    count: int
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("variance", "l2_sensitivity", "l1_sensitivity"):
+            if not _positive(getattr(self, name)):
+                out.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.count < 1:
+            out.append(f"count must be >= 1, got {self.count!r}")
+        return out
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The RDP-equivalent Gaussian's std over the L2 sensitivity."""
+        # privacy.distributed.gaussian_equivalent_std, here so that the mechanisms import
+        # nothing of the noise code.
+        ratio = self.l1_sensitivity / self.l2_sensitivity ** 2
+        return math.sqrt(self.variance / (1.0 + 1.5 * ratio)) / self.l2_sensitivity
+
+    def dp_event(self) -> dp_event.DpEvent:
+        return _events().SelfComposedDpEvent(
+            _events().GaussianDpEvent(self.noise_multiplier), self.count)
+
+    def unit(self) -> tuple[Mechanism, int]:
+        return DistributedSkellam(self.variance, self.l2_sensitivity, self.l1_sensitivity,
+                                  1), self.count
+
+    def describe(self) -> str:
+        return (f"distributed Skellam (secure aggregation) x{self.count}: variance of the "
+                f"sum {self.variance:.4g}, L2 sensitivity {self.l2_sensitivity:.4g}")

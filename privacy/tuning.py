@@ -30,8 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from dp_accounting.rdp import rdp_privacy_accountant as rdp
-
+from privacy.accounting import new_rdp_accountant
 from privacy.mechanisms import CoveredTrial, DpSgd, TuningSelection
 
 __all__ = [
@@ -158,7 +157,7 @@ def dominated(trial: DpSgd, reference: DpSgd) -> bool:
 
 def selection_epsilon(selection: TuningSelection, *, delta: float) -> float:
     """The epsilon of one whole search at ``delta`` (RDP, as the ledger accounts it)."""
-    accountant = rdp.RdpAccountant()
+    accountant = new_rdp_accountant()
     accountant.compose(selection.dp_event())
     return float(accountant.get_epsilon(delta))
 

@@ -53,7 +53,8 @@ from site_agent.audit import AuditLog, AuditLogError
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.connect import Route, open_route
-from site_agent.data import DataCheckError, SiteData
+from site_agent.data import SiteData
+from site_agent.data_report import DataCheckError
 from site_agent.drift_policy import DriftSchedule
 from site_agent.drift_runner import DriftScheduler
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure_noise_secret

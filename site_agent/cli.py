@@ -21,7 +21,7 @@ from site_agent.drift_cli import drift_app
 from site_agent.fingerprint_cli import fingerprint
 from site_agent.ledger_cli import entries_table, ledger_app
 from site_agent.mapping_cli import mapping_app
-from site_agent.study_cli import approve_study
+from site_agent.study_cli import allow_plugin, approve_study
 
 if TYPE_CHECKING:
     from privacy.budget import SiteBudget
@@ -42,6 +42,7 @@ app.add_typer(mapping_app, name="mapping")
 app.add_typer(drift_app, name="drift")
 app.command("fingerprint")(fingerprint)
 policy_app.command("approve-study")(approve_study)
+policy_app.command("allow-plugin")(allow_plugin)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -100,7 +101,7 @@ def init(
 ) -> None:
     """Write the site configuration (site.json), copy the CA certificate in, and write a
     starter site policy (policy.json) unless one exists."""
-    from site_agent.data import SchemaError
+    from site_agent.data_schema import SchemaError
     from site_agent.site_data import open_configured
 
     named = [("CA certificate", ca_cert), ("data file", data), ("schema file", schema),
@@ -170,7 +171,7 @@ def enroll(
     node public key, and stores the certificate. The site then reaches the coordinator only
     through its gateway, with mutual TLS.
     """
-    from site_agent.data import SchemaError, load_schema
+    from site_agent.data_schema import SchemaError, load_schema
     from site_agent.enroll import EnrollError, gateway_address
     from site_agent.enroll import enroll as do_enroll
 
@@ -290,7 +291,7 @@ def check(dir: DirOpt,
           ) -> None:
     """Check the site's data against its schema (or its study mapping) and report every
     problem at once."""
-    from site_agent.data import SchemaError
+    from site_agent.data_schema import SchemaError
     from site_agent.site_data import open_configured
 
     root = dir.expanduser().resolve()
@@ -324,7 +325,7 @@ def start(dir: DirOpt,
                    "project cap bounds each run and each project")] = None) -> None:
     """Run the site agent (warm trainer + SuperNode) until SIGTERM or Ctrl-C."""
     from site_agent.agent import SiteAgent
-    from site_agent.data import SchemaError
+    from site_agent.data_schema import SchemaError
 
     # force: flwr and opacus install handlers at import; the agent's own log must show.
     logging.basicConfig(level=logging.INFO, force=True,
@@ -358,7 +359,7 @@ def policy_init(
     """Write a starter site policy (policy.json) for one project."""
     root = dir.expanduser().resolve()
     if task is None:
-        from site_agent.data import SchemaError
+        from site_agent.data_schema import SchemaError
         from site_agent.site_data import open_configured
 
         try:

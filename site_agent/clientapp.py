@@ -32,6 +32,7 @@ from fedward.wire import (
     REPLY_ARRAYS,
     REPLY_FINGERPRINT,
     REPLY_METRICS,
+    SECAGG_ACTION,
     STATISTICS_ACTION,
     TASK_ARRAYS,
     TASK_CONFIG,
@@ -146,6 +147,12 @@ def cancel(msg: Message, context: Context) -> Message:
 def statistics(msg: Message, context: Context) -> Message:
     """Release the site's DP statistics for the run (before round 1; charged, then noised)."""
     return _relay(msg, context, "statistics")
+
+
+@app.query(SECAGG_ACTION)
+def secure_aggregation(msg: Message, context: Context) -> Message:
+    """One stage of a secure-aggregation round (keys, shares, masked update, unmasking)."""
+    return _relay(msg, context, "secagg")
 
 
 @app.evaluate()

@@ -23,7 +23,8 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
 from fedward.tasks import TASKS
-from site_agent.data import DataSchema, _read_checked
+from site_agent.data_check import read_checked
+from site_agent.data_schema import DataSchema
 
 __all__ = [
     "DemoFederation",
@@ -31,6 +32,7 @@ __all__ = [
     "read_labeled_csv",
     "write_demo_federation",
 ]
+
 
 _MIN_PER_CLASS = 2
 _MIN_ROWS_PER_SITE = 30
@@ -243,5 +245,5 @@ def read_labeled_csv(*, csv_path: Path, task: str) -> tuple[np.ndarray, np.ndarr
         SchemaError: If the task is not in the registry.
         DataCheckError: If the file fails the connector's checks.
     """
-    scan = _read_checked(csv_path, DataSchema.for_task(task))
+    scan = read_checked(csv_path, DataSchema.for_task(task))
     return scan.x, scan.y

@@ -113,7 +113,7 @@ def check_config(root: Path) -> tuple[Check, SiteConfig | None]:
 
 def check_data(root: Path, cfg: SiteConfig | None) -> tuple[Check, str | None]:
     """The data matches its schema (or its study mapping); returns the check and the task."""
-    from site_agent.data import SchemaError
+    from site_agent.data_schema import SchemaError
     from site_agent.site_data import open_configured
 
     name = "data against schema"

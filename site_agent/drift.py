@@ -32,10 +32,13 @@ from typing import Any, Final
 
 import numpy as np
 
-from export.bundle import SERVING_FILE, BundleError, VerifiedBundle, verify_bundle
+from export.bundle_format import SERVING_FILE, BundleError
+from export.bundle_verify import VerifiedBundle, verify_bundle
 from fedward.drift_wire import REPORT_FORMAT, REPORT_VERSION
 from privacy.mechanisms import GaussianRelease, LaplaceRelease, Mechanism
-from site_agent.data import DataCheckError, DataSchema, ProblemKind, SiteData, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_report import DataCheckError, ProblemKind
+from site_agent.data_schema import DataSchema
 from site_agent.drift_policy import DriftDisclosure
 from site_agent.drift_stats import (
     SCORE_BINS,

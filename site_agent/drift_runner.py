@@ -148,7 +148,7 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
     result: DriftResult | None = None
     try:
         from export.revocations import load_revocations
-        from site_agent.data import SchemaError, load_schema
+        from site_agent.data_schema import SchemaError, load_schema
 
         try:
             schema = load_schema(config.resolve(root, config.schema_path))

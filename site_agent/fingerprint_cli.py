@@ -45,7 +45,7 @@ def fingerprint(
         _err.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     from site_agent.connectors import ConnectorError
-    from site_agent.data import TableReadError
+    from site_agent.data_table import TableReadError
 
     key_path = SitePaths(root).keys / FINGERPRINT_KEY_FILE
     try:

@@ -16,8 +16,8 @@ IT writes a mapping (YAML or JSON, :data:`MAPPING_VERSION` 1)::
 :func:`check_mapping` applies it to a connector's :class:`~site_agent.data.Table` and
 reports every problem at once (the mapping against the study, the columns against the
 header, each cell against its feature), with row numbers, in a
-:class:`~site_agent.data.DataReport` whose ``column`` is always the study's feature or label
-name: its :meth:`~site_agent.data.DataReport.summary_for_coordinator` holds kinds, counts
+:class:`~site_agent.data_report.DataReport` whose ``column`` is always the study's feature or label
+name: its :meth:`~site_agent.data_report.DataReport.summary_for_coordinator` holds kinds, counts
 and study names only. The site's own messages name local columns and, for category
 columns, up to five unmapped codes (category names hospital IT must map).
 """
@@ -42,7 +42,8 @@ from fedward.study import (
     StudySpec,
     load_spec,
 )
-from site_agent.data import DataProblem, Table
+from site_agent.data_report import DataProblem
+from site_agent.data_table import Table
 from site_agent.units import UnitError, conversion
 
 __all__ = [
@@ -208,7 +209,7 @@ def study_problems(mapping: StudyMapping, study: StudySpec
     Returns:
         (problems, warnings); every ``column`` is a study name.
     """
-    from site_agent.data import ProblemKind as K
+    from site_agent.data_report import ProblemKind as K
 
     problems: list[DataProblem] = []
     warnings: list[DataProblem] = []
@@ -276,7 +277,7 @@ def study_problems(mapping: StudyMapping, study: StudySpec
 
 
 def _unit_problem(entry: FeatureMap, feature: NumericFeature, where: str, add: Any) -> None:
-    from site_agent.data import ProblemKind as K
+    from site_agent.data_report import ProblemKind as K
 
     if entry.unit is None:
         return

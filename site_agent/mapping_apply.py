@@ -23,19 +23,10 @@ from fedward.study import (
     StudySpec,
 )
 from site_agent.connectors import Connector
-from site_agent.data import (
-    MIN_ROWS,
-    DataCheckError,
-    DataProblem,
-    DataReport,
-    ProblemKind,
-    SiteData,
-    TableReadError,
-    _parse_cell,
-    _rows_text,
-    _Tally,
-    split_site_data,
-)
+from site_agent.data import SiteData, split_site_data
+from site_agent.data_check import MIN_ROWS, _parse_cell, _rows_text, _Tally
+from site_agent.data_report import DataCheckError, DataProblem, DataReport, ProblemKind
+from site_agent.data_table import TableReadError
 from site_agent.mapping import (
     BOOLEAN_CODES,
     Binding,

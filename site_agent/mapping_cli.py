@@ -170,7 +170,7 @@ def template(
 ) -> None:
     """Write a mapping template from the study and the data's header and codes."""
     from fedward.files import atomic_write
-    from site_agent.data import TableReadError
+    from site_agent.data_table import TableReadError
 
     spec, connector, _ = _sources(dir, data, study, None, need_mapping=False)
     if out.exists() and not force:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from export.bundle import ARTEFACT_FILES, FORMATS, ArtefactFormat
+from export.bundle_format import ARTEFACT_FILES, FORMATS, ArtefactFormat
 from export.canonical import canonical_digest, describe_difference
 from fedward.files import atomic_write
 from fedward.tasks import TaskRef

@@ -55,7 +55,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from fedward.files import FileLock, atomic_write
+from fedward.plugins import PluginPin, plugin_refusal
 from site_agent.drift_policy import DriftDisclosure, drift_policy_problems
+from site_agent.plugin_policy import plugin_policy_problems, plugins_from_raw, plugins_to_raw
 
 if TYPE_CHECKING:
     from privacy.ledger import PrivacyLedger
@@ -85,7 +87,7 @@ POLICY_VERSION: Final = 1
 APPROVALS_VERSION: Final = 1
 PENDING_PREFIX: Final = "pending-approval"
 _TOP_KEYS: Final = ("version", "projects", "require_approval", "max_rounds_per_day",
-                    "site_epsilon_cap", "drift")
+                    "site_epsilon_cap", "drift", "plugins")
 _REQUIRED_KEYS: Final = ("version", "projects", "require_approval")
 _PROJECT_KEYS: Final = ("epsilon_cap", "tasks", "studies")
 _HASH_CHARS: Final = frozenset("0123456789abcdef")
@@ -173,6 +175,8 @@ class SitePolicy:
             site, composed together; None: no site-wide cap.
         drift: how drift reports leave (:mod:`site_agent.drift_policy`); the default
             (no ``drift`` section) is Gaussian noise charged to the ledger.
+        plugins: the model plugin distributions runs may use, each exactly (name,
+            version, RECORD hash; :mod:`site_agent.plugin_policy`); none by default.
         version: the file format version (1).
     """
 
@@ -181,6 +185,7 @@ class SitePolicy:
     max_rounds_per_day: int | None = None
     site_epsilon_cap: float | None = None
     drift: DriftDisclosure = field(default_factory=DriftDisclosure)
+    plugins: tuple[PluginPin, ...] = ()
     version: int = POLICY_VERSION
 
     @classmethod
@@ -237,7 +242,8 @@ class SitePolicy:
                    require_approval=bool(raw["require_approval"]),
                    max_rounds_per_day=None if rounds is None else int(rounds),
                    site_epsilon_cap=None if site_cap is None else float(site_cap),
-                   drift=DriftDisclosure.from_raw(raw.get("drift")))
+                   drift=DriftDisclosure.from_raw(raw.get("drift")),
+                   plugins=plugins_from_raw(raw.get("plugins")))
 
     @classmethod
     def starter(cls, *, project: str, task: str, epsilon_cap: float = 10.0,
@@ -271,6 +277,7 @@ class SitePolicy:
             "max_rounds_per_day": self.max_rounds_per_day,
             "site_epsilon_cap": self.site_epsilon_cap,
             **({"drift": self.drift.to_dict()} if self.drift != DriftDisclosure() else {}),
+            **({"plugins": plugins_to_raw(self.plugins)} if self.plugins else {}),
         }
 
     def save(self, path: Path) -> None:
@@ -308,6 +315,7 @@ def _validate(raw: object) -> list[str]:
     if site_cap is not None and not (_is_number(site_cap) and site_cap > 0):
         problems.append(f"site_epsilon_cap is {site_cap!r}, expected a number > 0 or null")
     problems += drift_policy_problems(raw.get("drift"))
+    problems += plugin_policy_problems(raw.get("plugins"))
     projects = raw.get("projects")
     if "projects" in raw and not isinstance(projects, dict):
         problems.append("projects must be an object: project name -> "
@@ -642,12 +650,15 @@ class SiteGate:
         return policy
 
     def admit(self, *, run_id: str, project: str, task: str, total_rounds: int,
-              study: str | None = None, study_hash: str | None = None) -> Admission:
+              study: str | None = None, study_hash: str | None = None,
+              plugin: tuple[PluginPin, str | None] | None = None) -> Admission:
         """Let a task of ``run_id`` through, or raise :class:`PolicyRefusal` with the reason.
 
         The run is recorded as seen on its first task, whatever the outcome. A run of a
         study (``study_hash`` given) needs that hash approved for the project instead of
-        the task being listed.
+        the task being listed. A run that pins a model plugin (``plugin``: the pin and the
+        entry point the site's study names, if known) needs exactly that distribution
+        installed here and allowed by the policy (:func:`fedward.plugins.plugin_refusal`).
 
         Raises:
             PendingApproval: the run waits for a local approval (nobody decided yet).
@@ -698,6 +709,11 @@ class SiteGate:
             elif task not in accepted.tasks:
                 return (f"refused-policy: task {task} is not accepted for project {project} "
                         "by this site")
+            if plugin is not None:
+                why = plugin_refusal(site=self.site_name, pin=plugin[0],
+                                     allowed=policy.plugins, entry_point=plugin[1])
+                if why is not None:
+                    return f"refused-policy: {why}"
             if record.decision == "denied":
                 return f"refused-policy: run {run_id} was denied at this site"
             if policy.require_approval and record.decision != "approved":
@@ -713,6 +729,7 @@ class SiteGate:
                 "run": run_id, "project": project, "task": task,
                 "total_rounds": total_rounds,
                 **({"study": study, "study_hash": study_hash} if study_hash else {}),
+                **({"model_plugin": plugin[0].to_config()} if plugin else {}),
                 "approval": ("pending" if reason is not None
                              and reason.startswith(PENDING_PREFIX) else
                              "refused" if reason is not None else "not-required"),

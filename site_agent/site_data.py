@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from site_agent.config import ConfigError, SiteConfig
 from site_agent.connectors import Connector, ConnectorError
-from site_agent.data import DataReport, DataSchema, SiteData, load_schema
+from site_agent.data import SiteData
+from site_agent.data_report import DataReport
+from site_agent.data_schema import DataSchema, load_schema
 from site_agent.mapping import Binding
 
 if TYPE_CHECKING:
@@ -63,8 +65,10 @@ class ConfiguredData:
         return self.connector.load(self.schema, fingerprint_key=fingerprint_key)
 
     def require_trainable(self) -> None:
-        """Refuse a study this release cannot train (a plugin model, or a shipped task's
-        name with another model); any study can be checked and shown.
+        """Refuse a study this release cannot train (a shipped task's name with another
+        model); any study can be checked and shown. A plugin model is not looked up here:
+        each run pins its distribution, and the site's admission answer says whether it is
+        installed and allowed (:func:`fedward.plugins.plugin_refusal`).
 
         Raises:
             ConfigError: Naming the study and why.

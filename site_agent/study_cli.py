@@ -1,11 +1,14 @@
-"""``fedward-site policy approve-study``: approve a study spec for a project, by its hash.
+"""``fedward-site policy approve-study`` and ``allow-plugin``: approve a study spec for a
+project, by its hash; allow an installed model plugin, by its version and hash.
 
 Hospital IT reviews the study spec the ML team sent (features, label, model) and approves
 exactly that content: the command validates the file, computes its content hash the way the
 coordinator does (:meth:`fedward.study.StudySpec.content_hash`) and adds the hash to the
 project's ``studies`` in ``policy.json``. A changed spec has another hash and needs its own
 approval; removing the hash from the file withdraws the approval (the policy is re-read for
-every task).
+every task). ``allow-plugin DIST`` adds the installed distribution's name, version and
+the SHA-256 of its dist-info RECORD file to the policy's ``plugins``
+(:mod:`site_agent.plugin_policy`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from rich.markup import escape
 
 from site_agent.config import SitePaths
 
-__all__ = ["approve_study"]
+__all__ = ["allow_plugin", "approve_study"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -82,3 +85,45 @@ def approve_study(
                           f"audit log could not be written: {err}")
     console.print(f"study {label} approved for project {project} by {who}: sha256 {digest}",
                   highlight=False, soft_wrap=True)
+
+
+def allow_plugin(
+    distribution: Annotated[str, typer.Argument(
+        help="the model plugin's distribution name, as pip knows it (installed here)")],
+    dir: Annotated[Path, typer.Option("--dir", help="the site's data directory")],
+    by: Annotated[str | None, typer.Option(help="who allows it (default: your user name)")
+                  ] = None,
+) -> None:
+    """Allow the installed model plugin: add its name, version and RECORD hash to
+    policy.json's plugins (runs must pin exactly that)."""
+    from fedward.plugins import PluginError, installed_pin
+    from site_agent.audit import AuditLog, AuditLogError
+    from site_agent.policy import PolicyError, SitePolicy
+
+    paths = SitePaths(dir.expanduser().resolve())
+    try:
+        pin = installed_pin(distribution)
+    except PluginError as err:
+        _fail(str(err))
+    if pin is None:
+        _fail(f"no distribution named {distribution!r} is installed in this site agent's "
+              "environment; install the ML team's wheel first (pip install FILE.whl)")
+    try:
+        policy = SitePolicy.load(paths.policy)
+    except PolicyError as err:
+        _fail(str(err))
+    if any(pin.same(p) for p in policy.plugins):
+        console.print(f"model plugin {pin} is already allowed", highlight=False,
+                      soft_wrap=True)
+        return
+    updated = replace(policy, plugins=(*policy.plugins, pin))
+    SitePolicy.from_dict(updated.to_dict(), source="the updated policy")  # still valid
+    updated.save(paths.policy)
+    who = by or getpass.getuser()
+    try:
+        AuditLog(paths.audit_log).append("plugin-allowed", {
+            **pin.to_config(), "by": who})
+    except AuditLogError as err:
+        err_console.print(f"[bold yellow]warning:[/] the plugin is in the policy but the "
+                          f"audit log could not be written: {err}")
+    console.print(f"model plugin {pin} allowed by {who}", highlight=False, soft_wrap=True)

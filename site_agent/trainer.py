@@ -42,6 +42,7 @@ import torch
 from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
+from fedward.plugins import PluginPin
 from fedward.preprocessing import (
     Preprocessing,
     PreprocessingError,
@@ -51,7 +52,15 @@ from fedward.preprocessing import (
 from fedward.statistics import expected_shape
 from fedward.study import StudySpec
 from fedward.tasks import TaskRef, TaskSpec, UntrainableStudyError, get_task, study_task
-from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG, MSG, SiteErrorCode, update_digest
+from fedward.wire import (
+    CANCEL_BY,
+    CANCEL_REASON,
+    CFG,
+    MSG,
+    SECAGG_STAGE,
+    SiteErrorCode,
+    update_digest,
+)
 from privacy import (
     BudgetExceededError,
     Caps,
@@ -61,6 +70,7 @@ from privacy import (
     PlanExceededError,
     PrivacyLedger,
     UnknownMechanismError,
+    check_plan,
     check_run_plan,
     evaluate,
     expected_steps,
@@ -98,6 +108,7 @@ from site_agent.policy import (
     SiteGate,
     check_rounds_per_day,
 )
+from site_agent.secagg_site import SecAggRefused, SecAggSessions, check_egress
 from site_agent.statistics import (
     StatisticsRefusal,
     pending_statistics,
@@ -263,6 +274,8 @@ class WarmTrainer:
     # (see _warm); a task waits for it instead of computing the same thing twice.
     _warm_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
                                        repr=False)
+    # Secure-aggregation rounds in progress: this site's keys between the stage messages.
+    _secagg: SecAggSessions = field(default_factory=SecAggSessions, init=False, repr=False)
 
     def _warm(self, what: str, fn: Callable[[], object]) -> None:
         """Run ``fn`` (privacy accounting for a coming round) in the background.
@@ -353,6 +366,13 @@ class WarmTrainer:
         try:
             if kind == "statistics":
                 self._check_statistics_egress(header, reply, out)
+            elif kind == "secagg":
+                config = header.get("config") if isinstance(header.get("config"), dict) else {}
+                assert isinstance(config, dict)
+                dim = sum(math.prod(s) for s in self._model_shapes().values())
+                problems = check_egress(config, reply, out, dim)
+                if problems:
+                    raise EgressViolation(problems)
             else:
                 check_reply(reply=reply, arrays=out,
                             expected_shapes=self._model_shapes() if kind == "train" else {})
@@ -385,7 +405,7 @@ class WarmTrainer:
         if kind == "cancel":
             return self._cancelled(config, run_id)
         try:
-            if kind not in ("train", "evaluate", "parity", "statistics"):
+            if kind not in ("train", "evaluate", "parity", "statistics", "secagg"):
                 raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")
             # The site's policy comes first: a run it does not accept learns nothing else
             # about the site, and no data is touched.
@@ -397,6 +417,8 @@ class WarmTrainer:
                 return self._train(config, arrays, admission)
             if kind == "statistics":
                 return self._statistics(config, admission)
+            if kind == "secagg":
+                return self._secure_round(config, arrays, admission)
             if kind == "parity":
                 return self._parity(config, arrays)
             return self._evaluate_only(config, arrays)
@@ -420,6 +442,36 @@ class WarmTrainer:
                                        "error": type(err).__name__, "phase": self._phase,
                                        "reason": reason})
             return {"error": {"code": SiteErrorCode.TASK_FAILED, "reason": reason}}, {}
+
+    def _secure_round(self, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                      admission: Admission | None
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One stage of a secure-aggregation round (site_agent.secagg_site)."""
+        if config.get(CFG.TUNING_SEARCH) is not None:
+            raise TaskError(SiteErrorCode.REFUSED_POLICY, "refused-policy: a tuning trial "
+                            "cannot use secure aggregation in this version")
+        cap, site_cap = self._caps(admission)
+        assert self.data is not None
+        if config.get(SECAGG_STAGE) == "mask" and self.ledger.get_run(
+                str(config.get(CFG.RUN_ID))) is None:
+            # The run's first round here: its whole plan must fit before any of it trains.
+            self._at("privacy")
+            self._check_plan(config, admission, round_number=int(config.get(CFG.ROUND, 1)))
+        self._at("train")
+
+        def build(received: dict[str, np.ndarray]) -> torch.nn.Module:
+            self._at("model")
+            model, _shapes = self._model_for(config, received)
+            self._at("train")
+            return model
+
+        try:
+            return self._secagg.handle(
+                config, arrays, ledger=self.ledger, caps=Caps(project=cap, site=site_cap),
+                audit=self.audit, build=build, evaluate=self._eval_metrics,
+                train_xy=(self.data.train_x, self.data.train_y))
+        except SecAggRefused as err:
+            raise TaskError(err.code, err.reason) from None
 
     def _admission(self, config: dict[str, Any], run_id: str
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -484,12 +536,13 @@ class WarmTrainer:
             total_rounds = int(config[CFG.TOTAL_ROUNDS])
         except (KeyError, TypeError, ValueError) as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        plugin = self._plugin_needed(config)
         try:
             study_hash = config.get(CFG.STUDY_HASH)
             return self.gate.admit(
                 run_id=run_id, project=project, task=task, total_rounds=total_rounds,
                 study=None if study_hash is None else str(config.get(CFG.STUDY, "")),
-                study_hash=None if study_hash is None else str(study_hash))
+                study_hash=None if study_hash is None else str(study_hash), plugin=plugin)
         except PendingApproval as err:
             raise TaskError(SiteErrorCode.PENDING_APPROVAL, err.reason) from None
         except PolicyRefusal as err:
@@ -500,6 +553,29 @@ class WarmTrainer:
                 SiteErrorCode.REFUSED_POLICY,
                 "refused-policy: the site cannot read its approvals file; its IT restores it "
                 "(the site agent's log says how)") from None
+
+    def _plugin_needed(self, config: dict[str, Any]) -> tuple[PluginPin, str | None] | None:
+        """The model plugin a run pins, with the entry point this site's study names when
+        the run trains that study (else None: the gate checks the distribution alone).
+
+        Raises:
+            TaskError: a malformed pin; a run of this site's plugin study that pins none.
+        """
+        try:
+            pin = PluginPin.from_config(config, (CFG.MODEL_PLUGIN, CFG.MODEL_PLUGIN_VERSION,
+                                                 CFG.MODEL_PLUGIN_SHA256))
+        except ValueError as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+        own = self.study
+        ours = own is not None and config.get(CFG.STUDY_HASH) == own.content_hash()
+        entry = own.model.name if ours and own is not None and own.model.family == "plugin" \
+            else None
+        if pin is None and entry is not None:
+            raise TaskError(
+                SiteErrorCode.REFUSED_POLICY,
+                f"refused-policy: the run trains a study whose model is the plugin {entry!r} "
+                "but pins no plugin distribution; the coordinator must be upgraded")
+        return None if pin is None else (pin, entry)
 
     def _caps(self, admission: Admission | None) -> tuple[float | None, float | None]:
         """(the project's cap, the site-wide cap) for a task the gate let through.
@@ -546,6 +622,10 @@ class WarmTrainer:
         if self._search_terms(config) is not None:
             return self._check_search(config, admission, project=project, epsilon=epsilon,
                                       delta=delta)
+        if config.get(CFG.SECURE) is True:
+            return self._check_secure_plan(config, admission, run_id=run_id, project=project,
+                                           epsilon=epsilon, delta=delta,
+                                           total_rounds=total_rounds)
         with self._warm_lock:
             pass  # a search for this run still running in the background: use its result
         entry = self.ledger.get_run(run_id)
@@ -576,10 +656,45 @@ class WarmTrainer:
                 before=pending_statistics(self.ledger, config, self._statistics_task()))
         except PlanExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
-        if warm and (entry is None or entry.noise_multiplier is None):
+        # A secure run trains without DP-SGD noise (site_agent.secagg_site): nothing to warm.
+        if warm and (entry is None or entry.noise_multiplier is None) \
+                and config.get(CFG.SECURE) is not True:
             self.ledger.warm_first_round(run_id=run_id, project=project, delta=delta,
                                          step=(sigma, q, steps))
         return check
+
+    def _check_secure_plan(self, config: dict[str, Any], admission: Admission | None, *,
+                           run_id: str, project: str, epsilon: float, delta: float,
+                           total_rounds: int) -> PlanCheck | None:
+        """:meth:`_check_plan` for a run with secure aggregation: its rounds still to train
+        as :class:`~privacy.mechanisms.DistributedSkellam` entries at the noise this site
+        will add (privacy.distributed), against every budget."""
+        from privacy.distributed import DistributedPlan, mechanism, noise_multiplier_for
+
+        try:
+            threshold = int(config.get(CFG.SECAGG_THRESHOLD, 2))
+        except (TypeError, ValueError) as err:
+            raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        entry = self.ledger.get_run(run_id)
+        rounds_left = total_rounds - (len(entry.rounds) if entry is not None else 0)
+        if rounds_left < 1:
+            return None
+        dim = sum(math.prod(s) for s in self._model_shapes().values())
+        try:
+            z = noise_multiplier_for(epsilon=epsilon, delta=delta, rounds=total_rounds,
+                                     dim=dim, threshold=threshold)
+        except ValueError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+        plan = DistributedPlan(clip=1.0, dim=dim, threshold=threshold, noise_multiplier=z)
+        cap, site_cap = self._caps(admission)
+        try:
+            return check_plan(
+                self.ledger, run_id=run_id, project=project, delta=delta,
+                plan=[mechanism(plan, rounds_left)], run_budget=epsilon, cap=cap,
+                site_cap=site_cap,
+                summary=f"{rounds_left} secure-aggregation round(s) at threshold {threshold}")
+        except PlanExceededError as err:
+            raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
 
     def _run_sigma(self, config: dict[str, Any], *, epsilon: float, delta: float,
                    sample_rate: float, total_epochs: int) -> float:

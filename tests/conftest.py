@@ -48,3 +48,15 @@ def engine(home: Path) -> Iterator[Engine]:
     eng = make_engine(url)
     yield eng
     eng.dispose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the real-process tests (marked ``integration``) before the unit tests.
+
+    ``make test`` spreads the files over two workers (pytest-xdist, ``--dist loadfile``),
+    each taking the next file when it is done. Collected alphabetically, a few of the
+    longest files (minutes each) came last, and one worker ran them alone while the other
+    had finished. With the long files first, the short unit files fill in at the end. The
+    sort is stable and the same on every worker, as xdist requires.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from export.bundle import generate_release_key, public_key_path, write_bundle
+from export.bundle import write_bundle
+from export.bundle_keys import generate_release_key, public_key_path
 from fedward.tasks import get_task, plausible_ranges
 
 BINS = 10

@@ -34,7 +34,7 @@ from coordinator.checkpoints import (
     save_checkpoint,
     server_state_path,
 )
-from coordinator.repository import last_checkpoint, record_checkpoint
+from coordinator.round_records import last_checkpoint, record_checkpoint
 from fedward.models import set_model_arrays
 from fedward.tasks import build_model
 

@@ -20,15 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from export import bundle as bundle_mod
-from export.bundle import (
-    BundleVerificationError,
-    BundleWriteError,
-    generate_release_key,
-    public_key_fingerprint,
-    public_key_path,
-    verify_bundle,
-    write_bundle,
-)
+from export.bundle import write_bundle
+from export.bundle_format import BundleVerificationError, BundleWriteError
+from export.bundle_keys import generate_release_key, public_key_fingerprint, public_key_path
+from export.bundle_verify import verify_bundle
 from export.revocations import load_revocations, sign_revocations
 from export.verify_cli import UNSAFE_SKIP_WARNING
 from export.verify_cli import app as verify_app

@@ -22,15 +22,14 @@ from sqlmodel import Session, col, select
 from coordinator.api import API_PREFIX, create_app, create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Run, SiteMetric
-from coordinator.repository import (
+from coordinator.repository import finish_run, mark_run_started
+from coordinator.round_records import (
     finish_round,
-    finish_run,
-    mark_run_started,
-    record_admission,
     record_checkpoint,
     record_site_metrics,
     start_round,
 )
+from coordinator.run_audit import record_admission
 from coordinator.settings import Settings
 from fedward.tasks import TASKS
 

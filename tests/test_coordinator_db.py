@@ -23,14 +23,16 @@ from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Checkpoint, Project, Round, Run, Site, SiteMetric
 from coordinator.repository import (
     RunNotFoundError,
-    finish_round,
     finish_run,
-    last_checkpoint,
     mark_run_started,
-    record_checkpoint,
-    record_site_metrics,
     run_config,
     site_names_by_node_id,
+)
+from coordinator.round_records import (
+    finish_round,
+    last_checkpoint,
+    record_checkpoint,
+    record_site_metrics,
     start_round,
 )
 from coordinator.settings import Settings, load_settings

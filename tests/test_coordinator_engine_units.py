@@ -29,12 +29,12 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from coordinator import repository
+from coordinator import run_audit
 from coordinator.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Project, Round, Run, Site, SiteMetric
 from coordinator.pki import ensure_ca, issue_server_cert
-from coordinator.repository import finish_round, last_checkpoint, record_checkpoint
+from coordinator.round_records import finish_round, last_checkpoint, record_checkpoint
 from coordinator.schemas import NodeKeyCreate
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
@@ -616,7 +616,7 @@ def test_run_waits_for_a_site_pending_approval_then_both_train_from_round_1(
 
     def approved_on_the_fourth_ask(msg: Message) -> Message:
         if len([m for m in grid.asked if m.metadata.dst_node_id == 12]) < 4:
-            seen_while_waiting.append(repository.admission_record(engine, plan.run_id))
+            seen_while_waiting.append(run_audit.admission_record(engine, plan.run_id))
             return pending(msg)
         return accepting(msg)
 
@@ -805,8 +805,8 @@ def test_a_relaunched_run_keeps_its_admission(
     engine: Engine, make_plan: PlanFactory, tmp_path: Path
 ) -> None:
     admitted = make_plan(sites=("hospital-a", "hospital-b"))
-    repository.record_admission(engine, admitted.run_id, action="run.admitted", detail={
-        "state": "admitted", "accepted": ["hospital-a", "hospital-b"], "waiting": {}})
+    run_audit.record_admission(engine, admitted.run_id, action="run.admitted", detail={
+       "state": "admitted", "accepted": ["hospital-a", "hospital-b"], "waiting": {}})
     grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0)}, online=[11, 12],
                     admission={12: pending})
     RoundLoop(grid=grid, engine=engine, home=tmp_path, plan=admitted,
@@ -816,10 +816,10 @@ def test_a_relaunched_run_keeps_its_admission(
     # Relaunched while waiting: the original limit holds (here: passed an hour ago).
     waited = make_plan(min_sites=2, sites=("hospital-a", "hospital-b"), approval_wait_s=3600)
     long_ago = datetime.now(UTC) - timedelta(hours=2)
-    repository.record_admission(engine, waited.run_id, action="run.waiting", detail={
-        "state": "waiting", "started": long_ago.isoformat(),
-        "deadline": (long_ago + timedelta(hours=1)).isoformat(),
-        "waiting": {"hospital-b": {"since": long_ago.isoformat(), "reason": "pending"}}})
+    run_audit.record_admission(engine, waited.run_id, action="run.waiting", detail={
+       "state": "waiting", "started": long_ago.isoformat(),
+       "deadline": (long_ago + timedelta(hours=1)).isoformat(),
+       "waiting": {"hospital-b": {"since": long_ago.isoformat(), "reason": "pending"}}})
     grid = SiteGrid({11: good_site(1.0), 12: good_site(2.0)}, online=[11, 12],
                     admission={12: pending})
     t0 = time.monotonic()
@@ -868,7 +868,8 @@ def test_validate_update_rejects_an_update_beyond_the_norm_bound() -> None:
 
 @pytest.fixture(scope="module")
 def demo_sites(tmp_path_factory: pytest.TempPathFactory) -> list[object]:
-    from site_agent.data import load_schema, load_site_data
+    from site_agent.data import load_site_data
+    from site_agent.data_schema import load_schema
     from site_agent.datasets import write_demo_federation
 
     fed = write_demo_federation(task="breast_cancer_mlp",

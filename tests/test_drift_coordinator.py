@@ -192,7 +192,8 @@ def test_api_cli_source_metrics_and_portal(engine: Engine, tmp_path: Path) -> No
 
 def test_the_gateway_handler_answers_bad_bodies_and_stores_as_the_certified_site(
         engine: Engine, tmp_path: Path) -> None:
-    from coordinator.gateway import GatewayConfig, SiteGateway, _Client
+    from coordinator.gateway import GatewayConfig, SiteGateway
+    from coordinator.gateway_http import Client
     from fedward.certs import CAFiles
 
     gateway = SiteGateway(
@@ -200,10 +201,10 @@ def test_the_gateway_handler_answers_bad_bodies_and_stores_as_the_certified_site
                              cert=tmp_path / "c.pem", key=tmp_path / "k.pem", superlink="x",
                              drift_rule=AlarmRule(psi=0.3)),
         engine=engine, registrar=lambda key, name: "1")
-    client = _Client(address="192.0.2.1", site="hospital-b", serial="1")
-    assert gateway._drift(b"[" * 20_000, client)[0] == 400    # nested past the parser
-    assert gateway._drift(b"\xff\xfe", client)[0] == 400
-    status, body = gateway._drift(json.dumps(report(psi={"worst_area": 0.28})).encode(),
+    client = Client(address="192.0.2.1", site="hospital-b", serial="1")
+    assert gateway.requests.drift(b"[" * 20_000, client)[0] == 400    # nested past the parser
+    assert gateway.requests.drift(b"\xff\xfe", client)[0] == 400
+    status, body = gateway.requests.drift(json.dumps(report(psi={"worst_area": 0.28})).encode(),
                                   client)
     assert status == 200 and body["alarm"] is False   # the configured rule: 0.3
     with Session(engine) as session:

@@ -21,7 +21,7 @@ from scipy.stats import chi2_contingency
 
 from fedward.drift_wire import report_problems
 from site_agent.config import SiteConfig
-from site_agent.data import load_schema
+from site_agent.data_schema import load_schema
 from site_agent.datasets import read_labeled_csv, write_demo_federation
 from site_agent.drift import DriftCheckError, disclose, run_check
 from site_agent.drift_policy import DriftDisclosure, DriftSchedule

@@ -184,6 +184,40 @@ def test_the_api_starts_it_refuses_what_it_cannot_and_who_may(
     assert no_flower.post(url, json={}, headers=eng).status_code == 503
 
 
+def test_a_live_evaluation_holds_a_place_under_the_run_limits(
+        seeded: tuple[Engine, Path, int]) -> None:
+    """An evaluation starts a ServerApp as a run does: while one is pending, a launch (the
+    same check, :func:`coordinator.run_control.check_run_limits`) or another evaluation past
+    the limit is refused with 429 naming it."""
+    engine, home, run_id = seeded
+    other = seed_run(engine, home, rounds=1)
+    eng = make_user(engine, "ml_engineer", "eng")
+    launcher = _Launcher()
+    client = TestClient(create_app(
+        settings=Settings(home=home, max_concurrent_runs=1,
+                          max_concurrent_runs_per_project=1),
+        engine=engine, launcher=launcher))
+    evaluation = client.post(f"{API_PREFIX}/runs/{run_id}/evaluations", json={}, headers=eng)
+    assert evaluation.status_code == 202, evaluation.text
+    refused = client.post(f"{API_PREFIX}/runs/{other}/evaluations", json={}, headers=eng)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["detail"].startswith(
+        "run limit reached: at most 1 runs at once on this coordinator (setting "
+        f"FEDWARD_MAX_CONCURRENT_RUNS); held by evaluation {evaluation.json()['id']} of run "
+        f"{run_id} (cardio, pending);")
+    with Session(engine) as session:
+        assert len(session.exec(select(Evaluation)).all()) == 1  # nothing written
+    # Once it has ended, its place is free again.
+    with session_scope(engine) as session:
+        row = session.get(Evaluation, evaluation.json()["id"])
+        assert row is not None
+        row.status = "completed"
+        session.add(row)
+    assert client.post(f"{API_PREFIX}/runs/{other}/evaluations", json={},
+                       headers=eng).status_code == 202
+    assert len(launcher.calls) == 2
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(720)
 def test_a_real_evaluation_at_two_sites_one_of_which_refuses() -> None:

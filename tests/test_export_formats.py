@@ -19,7 +19,7 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from torch import nn
 from torch.nn import functional as F
 
-from export.bundle import ArtefactFormat
+from export.bundle_format import ArtefactFormat
 from export.onnx_export import (
     UnsupportedModelError,
     export_onnx,

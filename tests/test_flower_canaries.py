@@ -82,6 +82,24 @@ def test_short_sleep_caps_sleeps_and_passes_the_rest_through() -> None:
     assert short.time is time.time
 
 
+def test_an_idle_supernode_fetches_less_often_until_a_message_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[float] = []
+    monkeypatch.setattr(time, "sleep", asked.append)  # restored after the test
+    short = supernode.ShortSleep(0.25, idle_cap_s=1.0, idle_after_s=30.0)
+    short.sleep(3)  # just started: the short interval
+    short.last_message -= 31.0  # nothing for 31 s
+    short.sleep(3)  # Flower's empty-fetch wait: the idle interval
+    short.sleep(0.5)  # waiting for a reply is never slowed
+    pulled = supernode.noting_messages(short, lambda **_: 7)
+    assert pulled() == 7
+    short.sleep(3)  # a message came in: the short interval again
+    short.last_message -= 31.0
+    assert supernode.noting_messages(short, lambda **_: None)() is None
+    short.sleep(3)  # an empty fetch does not count as a message
+    assert asked == [0.25, 1.0, 0.25, 0.25, 1.0]
+
+
 def test_flwr_supernode_still_sleeps_where_the_patch_applies() -> None:
     sci = start_client_internal
     source = inspect.getsource(sci)
@@ -115,7 +133,7 @@ def test_main_patches_only_the_supernode_module(monkeypatch: pytest.MonkeyPatch)
     sleep, pull, pull_and_store = seen[0]  # type: ignore[misc]
     assert isinstance(sleep, supernode.ShortSleep) and sleep.cap_s == 0.3
     assert isinstance(pull, functools.partial) and pull.func is flowers_pull
-    assert pull_and_store.__wrapped__.__wrapped__ is flowers_pull_and_store
+    assert pull_and_store.__wrapped__.__wrapped__.__wrapped__ is flowers_pull_and_store
     assert InMemoryNodeState.finish_task.__wrapped__ is flowers_finish  # type: ignore[attr-defined]
     assert inspect.isbuiltin(time.sleep)  # the real time module is untouched
 

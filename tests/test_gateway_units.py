@@ -64,7 +64,7 @@ def test_a_node_key_the_superlink_refuses_is_a_503_and_the_token_stays_unused(
                        "csr_pem": make_csr(ec.generate_private_key(ec.SECP256R1()),
                                            "hospital-a").decode(),
                        "node_public_key": node_pub}).encode()
-    status, payload = gateway._enroll(body)
+    status, payload = gateway.requests.enroll(body)
     assert status == 503
     detail = payload["detail"]
     assert "ConnectionError" in detail and "token was not used" in detail
@@ -263,7 +263,7 @@ def _enroll_site(gateway: SiteGateway, engine: Engine, pki: CAFiles, tmp: Path,
         token, _ = create_token(session, site=site, pki=pki, actor="admin")
     key = ec.generate_private_key(ec.SECP256R1())
     node_pub = ensure_node_key(tmp / f"{name}.node", tmp / f"{name}.node.pub")
-    status, payload = gateway._enroll(json.dumps({
+    status, payload = gateway.requests.enroll(json.dumps({
         "token": token, "csr_pem": make_csr(key, name).decode(),
         "node_public_key": node_pub}).encode())
     assert status == 200, payload

@@ -18,12 +18,9 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from typer.testing import CliRunner
 
-from export.bundle import (
-    BundleVerificationError,
-    generate_release_key,
-    public_key_path,
-    write_bundle,
-)
+from export.bundle import write_bundle
+from export.bundle_format import BundleVerificationError
+from export.bundle_keys import generate_release_key, public_key_path
 from export.onnx_export import export_onnx
 from export.revocations import RevocationSource, sign_revocations
 from export.serve import cli as serve_cli

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 from sqlmodel import select
 
-from coordinator import repository
+from coordinator import round_records
 from coordinator.api import create_app, create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.gateway import GatewayConfig, SiteGateway
@@ -104,11 +104,11 @@ def _populate(engine: Engine) -> dict[str, float]:
             {"site": "hospital-b", "phase": "train", "reason": "out of memory"},
             {"site": "hospital-a", "phase": "connect", "reason": "site offline"}]),
             (3, 45.0, [{"site": "hospital-b", "phase": "train", "reason": "again"}])):
-        repository.start_round(engine, run_id, number)
-        repository.finish_round(engine, run_id, number, status="completed",
-                                participating=["hospital-a"], failed=failed, late=[],
-                                seconds=seconds)
-    repository.start_round(engine, run_id, 4)   # still running: not in the histogram
+        round_records.start_round(engine, run_id, number)
+        round_records.finish_round(engine, run_id, number, status="completed",
+                                   participating=["hospital-a"], failed=failed, late=[],
+                                   seconds=seconds)
+    round_records.start_round(engine, run_id, 4)   # still running: not in the histogram
     return {"expiry": expiry.timestamp()}
 
 

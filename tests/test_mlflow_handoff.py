@@ -27,7 +27,7 @@ from coordinator.api import create_app
 from coordinator.db import session_scope
 from coordinator.models import AuditEvent, MlflowExport, Run, SiteMetric
 from coordinator.settings import Settings
-from export.bundle import verify_bundle
+from export.bundle_verify import verify_bundle
 
 from mlflow_server import MlflowServer, free_port, mlflow_server
 from test_coordinator_api import TestClient, api
@@ -173,7 +173,9 @@ def test_export_run_reads_back_and_a_repeat_updates_the_same_run(
         "num_sites": "2", "aggregation": "fedavg", "aggregation_options": "{}",
         "approval_wait_s": "3600.0", "max_update_norm": "none", "offline_grace_s": "10.0",
         "statistics": "False", "statistics_epsilon": "none", "study": "none",
-        "study_hash": "none", "tuning_search": "none"}
+        "study_hash": "none", "model_plugin": "none", "model_plugin_version": "none",
+        "model_plugin_sha256": "none", "tuning_search": "none", "secure_aggregation": "False",
+        "secagg_threshold": "none", "secagg_clip": "1.0"}
     tags = ml_run.data.tags
     assert tags["fedward.run_id"] == str(run_id) and tags["fedward.project"] == "exportrun"
     assert tags["fedward.task"] == "breast_cancer_mlp" and tags["fedward.status"] == "completed"

@@ -23,7 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
-from export.bundle import generate_release_key, public_key_path, write_bundle
+from export.bundle import write_bundle
+from export.bundle_keys import generate_release_key, public_key_path
 from export.onnx_export import export_onnx
 from export.revocations import sign_revocations
 from fedward.tasks import build_model

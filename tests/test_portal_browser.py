@@ -27,7 +27,8 @@ from sqlalchemy import Engine
 from coordinator.api import API_PREFIX, create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.settings import Settings
-from export.bundle import public_key_fingerprint, verify_bundle
+from export.bundle_keys import public_key_fingerprint
+from export.bundle_verify import verify_bundle
 
 from test_coordinator_api import TestClient
 from test_releases import (

@@ -29,7 +29,8 @@ from test_portal_browser import CHROMIUM, CHROMIUM_ARGS
 from coordinator.api import API_PREFIX, create_app
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Project, Run
-from coordinator.repository import finish_run, mark_run_started, start_round
+from coordinator.repository import finish_run, mark_run_started
+from coordinator.round_records import start_round
 from coordinator.settings import Settings
 from fedward.run_config import RunConfig
 

@@ -29,14 +29,9 @@ from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import Project, Run, Site, SiteCertificate, utcnow
 from coordinator.portal_dashboard import RUNS_PER_PAGE
-from coordinator.repository import (
-    finish_round,
-    finish_run,
-    mark_run_started,
-    record_admission,
-    record_site_metrics,
-    start_round,
-)
+from coordinator.repository import finish_run, mark_run_started
+from coordinator.round_records import finish_round, record_site_metrics, start_round
+from coordinator.run_audit import record_admission
 from coordinator.settings import Settings
 from fedward import __version__
 from fedward.run_config import RunConfig

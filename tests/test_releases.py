@@ -51,27 +51,23 @@ from coordinator.models import (
     UserCredential,
 )
 from coordinator.releases import HELD_OUT_NOT_DP, SiteParity, training_curve_svg
-from coordinator.repository import (
+from coordinator.repository import finish_run, mark_run_started
+from coordinator.round_records import (
     finish_round,
-    finish_run,
-    mark_run_started,
     record_checkpoint,
-    record_data_fingerprint,
     record_site_metrics,
     start_round,
 )
-from coordinator.schemas import RunConfig
+from coordinator.run_audit import record_data_fingerprint
 from coordinator.settings import Settings
-from export.bundle import (
-    ArtefactFormat,
-    BundleVerificationError,
-    verify_bundle,
-)
+from export.bundle_format import ArtefactFormat, BundleVerificationError
+from export.bundle_verify import verify_bundle
 from export.parity import parity_report
 from export.revocations import RevocationSource, load_revocations
 from export.serve import create_app as create_inference_app
 from export.verify_cli import app as verify_app
 from fedward.models import BUILTIN_FAMILIES, model_arrays, set_model_arrays
+from fedward.run_config import RunConfig
 from fedward.tasks import BREAST_CANCER_COLUMNS, TASKS, TaskSpec, build_model
 
 from test_coordinator_api import TestClient, api

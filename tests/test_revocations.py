@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from export.bundle import BundleVerificationError, generate_release_key, public_key_path
+from export.bundle_format import BundleVerificationError
+from export.bundle_keys import generate_release_key, public_key_path
 from export.revocations import (
     RevocationSource,
     load_revocations,

@@ -9,7 +9,7 @@ import typer
 
 from coordinator.cli import LAUNCH_OPTION_FIELDS
 from coordinator.cli import app as coordinator_cli
-from coordinator.schemas import RunCreate
+from coordinator.run_schemas import RunCreate
 from fedward.run_config import RunConfig, RunPlan, RunRequest, RunSettings, wire_keys
 from fedward.wire import CFG
 
@@ -54,8 +54,11 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "delta": "delta", "lr": "learning-rate", "batch_size": "batch-size",
         "max_grad_norm": "max-grad-norm", "seed": "seed", "study": "study",
         "study_hash": "study-hash", "statistics": "statistics",
-        "statistics_epsilon": "statistics-epsilon", "tuning_search": "tuning-search",
-        "run_id": "run-id", "project": "project", "task": "task-name",
+        "statistics_epsilon": "statistics-epsilon", "model_plugin": "model-plugin",
+        "model_plugin_version": "model-plugin-version",
+        "model_plugin_sha256": "model-plugin-sha256", "tuning_search": "tuning-search",
+        "secure_aggregation": "secure-aggregation", "secagg_threshold": "secagg-threshold",
+        "secagg_clip": "secagg-clip", "run_id": "run-id", "project": "project", "task": "task-name",
         "preprocessing": "preprocessing"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
@@ -73,7 +76,7 @@ def test_the_serverapp_plan_is_the_stored_config_with_the_runs_identity() -> Non
         "run-id": "7", "project": "onc", "task-name": "breast_cancer_mlp", "total-rounds": 4,
         "local-epochs": 1, "epsilon-budget": 2.5, "delta": 1e-5, "learning-rate": 0.5,
         "batch-size": 16, "max-grad-norm": 1.0, "seed": 0, "statistics": False,
-        "round": 2, "train": True}
+        "secure-aggregation": False, "secagg-clip": 1.0, "round": 2, "train": True}
     assert set(RunSettings.model_fields) < set(RunPlan.model_fields)
 
 

@@ -29,7 +29,8 @@ from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
 from privacy import PrivacyLedger
 from site_agent.config import ConfigError, SiteConfig
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.ipc import IPCError, read_frame, request, write_frame
@@ -907,3 +908,16 @@ def test_an_accepted_admission_starts_the_runs_noise_search_ahead_of_round_one(
     assert "error" not in reply
     assert _search_noise.cache_info().misses == searches
     assert _pld_epsilon.cache_info().misses == epsilons
+
+
+def test_the_warm_executor_asks_for_tasks_less_often_once_idle() -> None:
+    from site_agent.warm_executor import WarmExecutor
+
+    executor = WarmExecutor(runtime_address="unix:/nonexistent", app=None,  # type: ignore[arg-type]
+                            poll_s=0.05, idle_poll_s=0.5, idle_after_s=30.0)
+    start = executor.active_at
+    assert executor.wait_after_empty_ask(start + 1.0) == 0.05
+    assert executor.wait_after_empty_ask(start + 29.0) == 0.05
+    assert executor.wait_after_empty_ask(start + 31.0) == 0.5
+    executor.active_at = start + 40.0  # a task was taken or finished
+    assert executor.wait_after_empty_ask(start + 41.0) == 0.05

@@ -31,7 +31,8 @@ from site_agent.audit import (
     verify_log,
 )
 from site_agent.cli import app as site_cli
-from site_agent.data import load_schema, load_site_data
+from site_agent.data import load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key
 from site_agent.trainer import WarmTrainer

@@ -38,7 +38,8 @@ from privacy import (
 from site_agent.audit import AuditLog, AuditLogError, read_entries
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.policy import ApprovalBook, SiteGate
 from site_agent.trainer import WarmTrainer, round_noise_seed
@@ -297,7 +298,8 @@ _KILLED_TRAINER = textwrap.dedent("""
     from fedward.wire import CFG
     from privacy import PrivacyLedger
     from site_agent.audit import AuditLog
-    from site_agent.data import load_schema, load_site_data
+    from site_agent.data import load_site_data
+    from site_agent.data_schema import load_schema
     from site_agent.trainer import WarmTrainer
 
     root, csv, schema, where = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -579,3 +581,24 @@ def test_a_run_waiting_for_approval_is_answered_pending_over_an_unreadable_ledge
     code, reason = refusal(make_trainer().handle(admission(), {})[0])
     assert code == SiteErrorCode.REFUSED_POLICY
     assert "its privacy ledger cannot be read" in reason
+
+
+def test_a_secure_run_is_admitted_against_its_distributed_plan(
+    make_trainer: TrainerFactory, tmp_path: Path,
+) -> None:
+    from privacy.distributed import DistributedPlan, mechanism, noise_multiplier_for
+
+    dim = sum(v.size for v in model_arrays(build_model(TASK, seed=0)).values())
+    z = noise_multiplier_for(epsilon=3.0, delta=DELTA, rounds=4, dim=dim, threshold=2)
+    whole = compose_mechanisms([mechanism(DistributedPlan(1.0, dim, 2, z), 4)],
+                               delta=DELTA).epsilon
+    secure = {CFG.SECURE: True, CFG.SECAGG_THRESHOLD: 2}
+    write_policy(tmp_path, caps={"oncology": 0.9 * whole})
+    trainer = make_trainer()
+    code, reason = refusal(trainer.handle(admission(**secure), {})[0])
+    assert code == 701 and "4 secure-aggregation round(s) at threshold 2" in reason, reason
+    assert f"{whole:.3f}" in reason
+    write_policy(tmp_path, caps={"oncology": 1.1 * whole})
+    assert "error" not in trainer.handle(admission(**secure), {})[0]
+    # Nothing was opened or charged by answering: the run trains no DP-SGD.
+    assert PrivacyLedger(SitePaths(tmp_path).ledger).get_run("run-1") is None

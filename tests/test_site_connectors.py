@@ -29,7 +29,10 @@ from site_agent.connectors import (
     open_connector,
 )
 from site_agent.connectors.sql import SqlConnector, reading_statement_problem
-from site_agent.data import DataCheckError, DataSchema, ProblemKind, check_data, load_site_data
+from site_agent.data import load_site_data
+from site_agent.data_check import check_data
+from site_agent.data_report import DataCheckError, ProblemKind
+from site_agent.data_schema import DataSchema
 
 from pg import postgres_server
 

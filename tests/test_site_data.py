@@ -20,16 +20,10 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_breast_cancer
 
 from fedward.tasks import BREAST_CANCER_COLUMNS, TASKS
-from site_agent.data import (
-    DataCheckError,
-    DataSchema,
-    ProblemKind,
-    SchemaError,
-    check_data,
-    keyed_fingerprint,
-    load_schema,
-    load_site_data,
-)
+from site_agent.data import keyed_fingerprint, load_site_data
+from site_agent.data_check import check_data
+from site_agent.data_report import DataCheckError, ProblemKind
+from site_agent.data_schema import DataSchema, SchemaError, load_schema
 from site_agent.datasets import DemoFederation, read_labeled_csv, write_demo_federation
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key
 
@@ -232,7 +226,8 @@ def test_file_level_problems_are_clear(tmp_path: Path, schema: DataSchema,
 
 _CHECK_UNPRIVILEGED = """
 import json, sys
-from site_agent.data import DataSchema, check_data
+from site_agent.data_check import check_data
+from site_agent.data_schema import DataSchema
 schema = DataSchema.from_dict(json.loads(sys.argv[2]))
 report = check_data(csv_path=__import__("pathlib").Path(sys.argv[1]), schema=schema)
 print(json.dumps([[str(p.kind), p.message] for p in report.problems]))

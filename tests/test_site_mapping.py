@@ -19,9 +19,11 @@ from typer.testing import CliRunner
 from fedward.study import load_spec
 from fedward.tasks import BREAST_CANCER_COLUMNS
 from site_agent.cli import app
-from site_agent.config import ConfigError, SiteConfig
+from site_agent.config import SiteConfig
 from site_agent.connectors import open_connector
-from site_agent.data import DataCheckError, DataSchema, ProblemKind, load_site_data
+from site_agent.data import load_site_data
+from site_agent.data_report import DataCheckError, ProblemKind
+from site_agent.data_schema import DataSchema
 from site_agent.mapping import Binding, MappingError, parse_mapping
 from site_agent.mapping_apply import check_mapping, encode
 from site_agent.site_data import open_configured
@@ -283,12 +285,14 @@ def test_the_agent_loads_a_study_through_its_mapping(tmp_path: Path) -> None:
     task = open_configured(heart, tmp_path).study_task()
     assert task is not None and task.class_names == ("absent", "present")
     assert task.n_features == 16 and task.model == "tabular_mlp"
-    # ...but one naming a plugin model is checked, not started.
+    # ...and so is one naming a plugin model: the family and its params, as the spec says
+    # (whether the plugin is installed and allowed is each run's admission question).
     (tmp_path / "heart.yaml").write_text(STUDY_FILE.read_text().replace(
-        "family: logistic_regression", "family: plugin\n  name: tabular_mlp"))
-    with pytest.raises(ConfigError, match="names the plugin model 'tabular_mlp'; this "
-                                          "release trains studies whose model is a built-in"):
-        open_configured(heart, tmp_path).require_trainable()
+        "family: logistic_regression", "family: plugin\n  name: my_net\n  params: {w: 3}"))
+    configured_plugin = open_configured(heart, tmp_path)
+    configured_plugin.require_trainable()
+    task = configured_plugin.study_task()
+    assert task is not None and (task.model, dict(task.model_params)) == ("my_net", {"w": 3})
     pq.write_table(pa.table({"DIAG": diag}), tmp_path / "bc.parquet")
     with pytest.raises(DataCheckError):
         configured.load()

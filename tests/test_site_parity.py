@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from export.bundle import ARTEFACT_FILES, FORMATS
+from export.bundle_format import ARTEFACT_FILES, FORMATS
 from export.onnx_export import export_onnx, export_onnx_int8, export_openvino
 from export.parity import parity_report
 from fedward.models import model_arrays
@@ -33,7 +33,8 @@ from fedward.wire import (
 )
 from privacy import PrivacyLedger
 from site_agent.audit import AuditLog, read_entries
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.parity_task import ARTEFACT_PREFIX, ParityBook, canonical_digest, model_digest

@@ -26,7 +26,8 @@ from privacy import DpSgd, PrivacyLedger, compose_mechanisms
 from site_agent.audit import AuditLog, read_entries, verify_log
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.policy import (
     ApprovalBook,
@@ -94,7 +95,7 @@ def test_policy_reports_every_problem_at_once() -> None:
     problems = info.value.problems
     assert problems == [
         "unknown keys ['allow_everything'] (known: ['version', 'projects', "
-        "'require_approval', 'max_rounds_per_day', 'site_epsilon_cap', 'drift'])",
+        "'require_approval', 'max_rounds_per_day', 'site_epsilon_cap', 'drift', 'plugins'])",
         "version is 2, expected 1",
         "require_approval is 'no', expected true or false",
         "max_rounds_per_day is 0, expected an integer >= 1 or null",
@@ -641,5 +642,5 @@ def test_policy_cli_writes_a_starter_and_checks_it(tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert json.loads(bad.output)["problems"] == [
         "unknown keys ['colour'] (known: ['version', 'projects', 'require_approval', "
-        "'max_rounds_per_day', 'site_epsilon_cap', 'drift'])",
+        "'max_rounds_per_day', 'site_epsilon_cap', 'drift', 'plugins'])",
         "version is 3, expected 1"]

@@ -35,7 +35,8 @@ from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
 from privacy import Caps, PrivacyLedger, compose_mechanisms, sample_rate_for
 from privacy.release import gaussian_noise_multiplier, noise_multiplier_after
-from site_agent.data import SiteData, load_schema, load_site_data
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.egress import EgressViolation, check_statistics_reply
 from site_agent.statistics import (

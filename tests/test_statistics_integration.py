@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from export.bundle import verify_bundle
+from export.bundle_verify import verify_bundle
 from fedward.statistics import BINS, REFERENCE_FILE, feature_names
 from privacy import PrivacyLedger
 from site_agent.statistics import statistics_mechanism

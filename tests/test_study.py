@@ -344,15 +344,16 @@ def test_runs_naming_no_such_or_an_untrainable_study_are_refused(
                                         "statistics": True}, headers=eng)
     assert r.status_code == 201, r.text
     assert r.json()["config"]["statistics"] is True
-    # A plugin model does not (out of this release's scope), nor a shipped task's name
-    # with another model.
+    # A plugin model trains only as an installed distribution, which the run pins (a
+    # family added in code has none to pin); nor does a shipped task's name with another
+    # model.
     monkeypatch.setitem(BUILTIN_FAMILIES, "tiny_net", lambda: nn.Linear(6, 2))
     register(client, eng, spec=readmission(name="readmission-plugin",
                                            model={"family": "plugin", "name": "tiny_net"}))
     assert refusal(study="readmission-plugin@1") == (
-        "study: study readmission-plugin@1: study 'readmission-plugin' names the plugin "
-        "model 'tiny_net'; this release trains studies whose model is a built-in family "
-        "(logistic_regression, mlp, cnn); write the model as one of those")
+        "study: study readmission-plugin@1: no installed distribution provides the model "
+        "plugin 'tiny_net' (entry point group 'fedward.models'); install the ML team's "
+        "package here")
     register(client, eng, text=BC.read_text().replace("hidden: [8]", "hidden: [16]"))
     assert "takes the name of the shipped task breast_cancer_mlp but changes its " \
         "features, label or model; give the study a name of its own" in refusal(
@@ -384,3 +385,9 @@ def test_the_model_card_names_the_pinned_study_and_the_class_names() -> None:
                                    "classes": ["malignant", "benign"]}
     assert with_study["input"]["classes"] == ["malignant", "benign"]
     assert "study" not in card({})
+    # A run that pinned a model plugin names its distribution, version and RECORD hash.
+    pin = {"model_plugin": "fedward-example-model", "model_plugin_version": "0.1.0",
+           "model_plugin_sha256": "a" * 64}
+    assert card({**config, **pin})["model_plugin"] == {
+        "distribution": "fedward-example-model", "version": "0.1.0", "sha256": "a" * 64}
+    assert "model_plugin" not in with_study

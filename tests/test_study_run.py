@@ -135,7 +135,7 @@ def _add_study_site(fed: Federation, name: str, data: Path, mapping: Path,
 
 def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() -> None:
     from coordinator.release_store import release_key
-    from export.bundle import verify_bundle
+    from export.bundle_verify import verify_bundle
     from export.revocations import RevocationSource
     from export.serve import create_app
 

@@ -20,16 +20,17 @@ from site_agent.site_data import open_configured
 from site_agent.trainer import WarmTrainer
 
 
-def test_a_study_builds_its_own_model_and_a_plugin_or_a_taken_name_does_not() -> None:
+def test_a_study_builds_its_own_model_or_its_plugin_and_a_taken_name_does_not() -> None:
     spec = load_spec(STUDY, check_dp=False)
     task = study_task(spec)
     assert (task.name, task.n_features, task.class_names) == (
         "heart_disease", 16, ("absent", "present"))
     assert array_shapes(build_model(task, seed=0)) == {"net.0.weight": (2, 16),
                                                        "net.0.bias": (2,)}
-    with pytest.raises(UntrainableStudyError, match="names the plugin model 'x'"):
-        study_task(spec.model_copy(update={"model": spec.model.model_copy(
-            update={"family": "plugin", "name": "x"})}))
+    # A plugin model: the family and params the spec names (installed at each host).
+    plugin = study_task(spec.model_copy(update={"model": spec.model.model_copy(
+        update={"family": "plugin", "name": "x", "params": {"width": 8}})}))
+    assert (plugin.model, dict(plugin.model_params)) == ("x", {"width": 8})
     with pytest.raises(UntrainableStudyError, match="takes the name of the shipped task"):
         study_task(spec.model_copy(update={"name": "breast_cancer_mlp"}))
 

@@ -4,7 +4,8 @@ flwr 1.42's SuperNode sleeps a fixed 3 s whenever a fetch from the SuperLink fin
 message, and 0.5 s while waiting for its ClientApp's reply
 (``flwr/supernode/start_client_internal.py``); there is no option for either. Those sleeps
 are most of a round's latency on a small model. This entry point caps every sleep in that
-one module (and nowhere else) at ``FEDWARD_SUPERNODE_POLL_S`` seconds, then runs Flower's
+one module (and nowhere else) at ``FEDWARD_SUPERNODE_POLL_S`` seconds (at
+:data:`IDLE_POLL_S` once the node has received nothing for :data:`IDLE_AFTER_S`), then runs Flower's
 own ``flower_supernode`` unchanged. It also shortens the back-off of that module's object
 pulls (Flower waits 1 s before the first retry of an object still being uploaded),
 makes a run that ends while a message's content is being pulled fail that message's task
@@ -21,7 +22,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import flwr.supernode.start_client_internal as _start_client_internal
 from flwr.app import Error
@@ -34,20 +35,45 @@ from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 from fedward.flower.backoff import with_short_backoff
 
 __all__ = ["POLL_ENV", "RunEndedWhileReceiving", "ShortSleep", "answer_failed_client_tasks",
-           "drop_replies_of_unreceived_messages", "finish_tasks_of_ended_runs", "main"]
+           "drop_replies_of_unreceived_messages", "finish_tasks_of_ended_runs", "main",
+           "noting_messages"]
 
 POLL_ENV = "FEDWARD_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.25
+IDLE_POLL_S: Final = 1.0
+"""The fetch interval of a SuperNode that has received nothing for :data:`IDLE_AFTER_S`."""
+IDLE_AFTER_S: Final = 30.0
+_IDLE_WAIT_S: Final = 1.0
+"""Flower sleeps 3 s after an empty fetch and 0.5 s while it waits for a reply: a sleep of
+at least this long is the idle one."""
 
 
 class ShortSleep:
-    """Stands in for the ``time`` module: the same, except that sleeps are capped."""
+    """Stands in for the ``time`` module: the same, except that sleeps are capped.
 
-    def __init__(self, cap_s: float) -> None:
+    A SuperNode in a run fetches every ``cap_s`` seconds. One that has received no message
+    for ``idle_after_s`` seconds fetches every ``idle_cap_s`` instead: at 4 fetches a second
+    an idle site costs the coordinator's SuperLink as much CPU as a busy one, and a new run's
+    first message waits at most ``idle_cap_s`` longer.
+    """
+
+    def __init__(self, cap_s: float, *, idle_cap_s: float = IDLE_POLL_S,
+                 idle_after_s: float = IDLE_AFTER_S) -> None:
         self.cap_s = cap_s
+        self.idle_cap_s = max(cap_s, idle_cap_s)
+        self.idle_after_s = idle_after_s
+        self.last_message = time.monotonic()
+
+    def message_received(self) -> None:
+        """A message came in: fetch at the short interval again."""
+        self.last_message = time.monotonic()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap_s))
+        cap = self.cap_s
+        if (seconds >= _IDLE_WAIT_S
+                and time.monotonic() - self.last_message > self.idle_after_s):
+            cap = self.idle_cap_s
+        time.sleep(min(seconds, cap))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -151,15 +177,30 @@ def drop_replies_of_unreceived_messages(pull_and_store: Callable[..., Any]
     return patched
 
 
+def noting_messages(sleeper: ShortSleep, pull_and_store: Callable[..., Any]
+                    ) -> Callable[..., Any]:
+    """Flower's pull-and-store, telling ``sleeper`` whenever a message was pulled (its
+    result is the message's run id, None when there was none)."""
+    @functools.wraps(pull_and_store)
+    def patched(**kwargs: Any) -> Any:
+        run_id = pull_and_store(**kwargs)
+        if run_id is not None:
+            sleeper.message_received()
+        return run_id
+    return patched
+
+
 def main() -> None:
     """Console entry point: ``python -m fedward.flower.supernode <flower-supernode args>``."""
     cap = float(os.environ.get(POLL_ENV, DEFAULT_POLL_S))
-    setattr(_start_client_internal, "time", ShortSleep(max(0.05, cap)))  # noqa: B010
+    sleeper = ShortSleep(max(0.05, cap))
+    setattr(_start_client_internal, "time", sleeper)  # noqa: B010
     setattr(_start_client_internal, "pull_objects",  # noqa: B010
             with_short_backoff(getattr(_start_client_internal, "pull_objects")))  # noqa: B009
     setattr(_start_client_internal, "_pull_and_store_message",  # noqa: B010
-            drop_replies_of_unreceived_messages(finish_tasks_of_ended_runs(
-                getattr(_start_client_internal, "_pull_and_store_message"))))  # noqa: B009
+            noting_messages(sleeper, drop_replies_of_unreceived_messages(
+                finish_tasks_of_ended_runs(
+                    getattr(_start_client_internal, "_pull_and_store_message")))))  # noqa: B009
     InMemoryNodeState.finish_task = answer_failed_client_tasks(  # type: ignore[method-assign]
         InMemoryNodeState.finish_task)
     flower_supernode()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from importlib import metadata
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from fedward.models.digits import DigitsCNN
 from fedward.models.tabular import TabularMLP
+from fedward.plugins import ENTRY_POINT_GROUP
 
 __all__ = [
     "BUILTIN_FAMILIES",
@@ -39,8 +40,6 @@ __all__ = [
     "model_arrays",
     "set_model_arrays",
 ]
-
-ENTRY_POINT_GROUP: Final = "fedward.models"
 
 ModelFactory = Callable[..., nn.Module]
 

@@ -1,7 +1,7 @@
 """The connector interface: where a site's rows come from, checked and loaded the same way.
 
 A connector reads one table from a source (a file, a database query) and hands it over as
-a :class:`site_agent.data.Table`: the header as the source spells it, and rows with the
+a :class:`site_agent.data_table.Table`: the header as the source spells it, and rows with the
 number people find them by. Everything after that is shared: :meth:`Connector.check`
 reports every problem at once (the schema check of :mod:`site_agent.data`, or the
 hospital's study mapping of :mod:`site_agent.mapping`), :meth:`Connector.load` splits the
@@ -20,18 +20,11 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from site_agent.data import (
-    DataCheckError,
-    DataProblem,
-    DataReport,
-    DataSchema,
-    ProblemKind,
-    SiteData,
-    Table,
-    TableReadError,
-    scan_table,
-    split_site_data,
-)
+from site_agent.data import SiteData, split_site_data
+from site_agent.data_check import scan_table
+from site_agent.data_report import DataCheckError, DataProblem, DataReport, ProblemKind
+from site_agent.data_schema import DataSchema
+from site_agent.data_table import Table, TableReadError
 
 __all__ = ["Connector", "ConnectorError", "ConnectorOptions", "source_problem"]
 

@@ -1,6 +1,6 @@
 """File connectors: CSV (the site's original data path) and Parquet (pyarrow).
 
-CSV goes through :func:`site_agent.data.check_data` and
+CSV goes through :func:`site_agent.data_check.check_data` and
 :func:`site_agent.data.load_site_data` unchanged, so a site that moved to connectors gets
 exactly the report, the arrays and the fingerprint it got before. Parquet keeps the file's
 column types: a number column holds numbers, a null is a missing value, and rows are
@@ -15,16 +15,11 @@ from pathlib import Path
 from pydantic import Field
 
 from site_agent.connectors.base import Connector, ConnectorOptions, source_problem
-from site_agent.data import (
-    DataReport,
-    DataSchema,
-    ProblemKind,
-    SiteData,
-    Table,
-    check_data,
-    load_site_data,
-    read_csv_table,
-)
+from site_agent.data import SiteData, load_site_data
+from site_agent.data_check import check_data
+from site_agent.data_report import DataReport, ProblemKind
+from site_agent.data_schema import DataSchema
+from site_agent.data_table import Table, read_csv_table
 
 __all__ = ["CsvConnector", "FileOptions", "ParquetConnector"]
 

@@ -27,7 +27,8 @@ from urllib.parse import quote
 from pydantic import Field, SecretStr, field_validator
 
 from site_agent.connectors.base import Connector, ConnectorOptions, source_problem
-from site_agent.data import ProblemKind, Table
+from site_agent.data_report import ProblemKind
+from site_agent.data_table import Table
 
 __all__ = ["SqlConnector", "SqlOptions", "reading_statement_problem"]
 
