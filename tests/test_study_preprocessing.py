@@ -143,7 +143,7 @@ def test_the_model_imputes_and_scales_inside_itself(spec: StudySpec) -> None:
 
 
 def test_the_site_leaves_a_value_to_impute_missing_for_the_model(spec: StudySpec) -> None:
-    from site_agent.data import DataReport
+    from site_agent.data_report import DataReport
     from site_agent.mapping_apply import MappedData, encode
 
     nan = np.nan
