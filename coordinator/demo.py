@@ -43,6 +43,10 @@ console = Console()
 BIN = Path(sys.executable).parent
 
 
+_DEMO_USE = ("Demonstration only: breast-mass malignancy from FNA features; not for "
+             "patient care.")
+
+
 def _read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
@@ -83,8 +87,9 @@ class Procs:
                 proc.wait(timeout=5)
 
 
-def _run(argv: list[str], **kw: Any) -> str:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, **kw)
+def _run(argv: list[str], timeout: float = 120, **kw: Any) -> str:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                         **kw)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} failed ({res.returncode}):\n{res.stderr}"
                            f"{res.stdout}")
@@ -106,9 +111,13 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
 
 
 def _release_and_clinician(*, api: str, home: Path, run_id: int, work: Path, procs: Procs,
-                           test_csv: Path, label: str) -> dict[str, Any]:
+                           instances: list[list[float | None]], labels: list[Any],
+                           intended_use: str = _DEMO_USE, with_classes: bool = False
+                           ) -> dict[str, Any]:
     """Propose the final model, let the gates run, approve as a second person, then play
-    the clinician: download, verify, serve, predict. Returns the summary's ``release``."""
+    the clinician: download, verify, serve, predict ``instances`` (the model's input rows;
+    ``labels``: their true labels, shown beside; ``with_classes``: keep the predicted
+    class names in the summary too). Returns the summary's ``release``."""
     admin = httpx.Client(base_url=api, timeout=60, headers={
         "Authorization": f"Bearer {(home / 'admin.token').read_text().strip()}"})
 
@@ -123,8 +132,7 @@ def _release_and_clinician(*, api: str, home: Path, run_id: int, work: Path, pro
                                user("carol", "clinician"))
     r = ml.post("/candidates", params={"wait": "false"}, json={
         "run_id": run_id,
-        "intended_use": "Demonstration only: breast-mass malignancy from FNA features; "
-                        "not for patient care."})
+        "intended_use": intended_use})
     r.raise_for_status()
     cand_id = int(r.json()["id"])
     console.print(f"  alice (ML team) proposed candidate {cand_id}; gates running "
@@ -195,13 +203,15 @@ def _release_and_clinician(*, api: str, home: Path, run_id: int, work: Path, pro
                                       "--revocations", str(cdir / "revocations.json"),
                                       "--port", str(port)], work / "inference.log")
     _wait_http(f"http://127.0.0.1:{port}/health", 60, serve, work / "inference.log")
-    x, y = _read_csv(test_csv, label)
     pred = httpx.post(f"http://127.0.0.1:{port}/predict",
-                      json={"instances": x[:5].tolist()}, timeout=30).json()
+                      json={"instances": instances}, timeout=30).json()
     out["prediction"] = {"release_id": pred.get("release_id"),
-                         "predictions": pred.get("predictions"), "labels": y[:5].tolist()}
+                         "predictions": pred.get("predictions"), "labels": labels}
+    if with_classes:
+        out["prediction"]["classes"] = pred.get("classes")
     console.print(f"  inference service (release {pred.get('release_id')}): predicted "
-                  f"{pred.get('predictions')} for 5 test rows, true {y[:5].tolist()}")
+                  f"{pred.get('classes') if with_classes else pred.get('predictions')} for "
+                  f"{len(instances)} test rows, true {labels}")
     return out
 
 
@@ -280,10 +290,10 @@ def run_demo(*, work: Path, out: Path, rounds: int, epsilon: float, local_epochs
         if detail["run"]["status"] == "completed":
             console.rule("[bold]6. Release: propose, gates, approval by a second person, "
                          "signing")
+            x, y = _read_csv(Path(fed["test_csv"]), spec.label_column)
             release = _release_and_clinician(
                 api=f"http://127.0.0.1:{api_port}/api/v1", home=home, run_id=run_id,
-                work=work, procs=procs, test_csv=Path(fed["test_csv"]),
-                label=spec.label_column)
+                work=work, procs=procs, instances=x[:5].tolist(), labels=y[:5].tolist())
     finally:
         procs.stop_all()
 

@@ -130,7 +130,13 @@ def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Pr
                   "note": "raw values in this column order; the model scales them itself",
                   # A study's plausible range per column: what fedward-serve warns outside.
                   **({"ranges": [list(r) for r in spec.input_ranges]}
-                     if config.get("study_hash") and spec.input_ranges else {})},
+                     if config.get("study_hash") and spec.input_ranges else {}),
+                  # Columns the model imputes itself when given a missing value (a study's
+                  # impute-* features, values from the run's DP statistics).
+                  **({"imputed": [c for c, v in zip(spec.feature_columns,
+                                                    spec.model_params["fill"], strict=True)
+                                  if v is not None]}
+                     if isinstance(spec.model_params.get("fill"), list) else {})},
         # The study version the run pinned (runs of a registry task have none).
         **({"study": {"ref": config["study"], "sha256": config["study_hash"],
                       "name": spec.name, "classes": list(spec.class_names)}}

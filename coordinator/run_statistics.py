@@ -43,8 +43,10 @@ if TYPE_CHECKING:  # Flower is imported by the phase alone: the API and releases
     from flwr.app import Message
     from flwr.serverapp import Grid
 
-__all__ = ["StatisticsFailed", "read_statistics", "reference_bytes", "statistics_phase",
-           "store_statistics"]
+    from fedward.tasks import TaskRef
+
+__all__ = ["StatisticsFailed", "preprocessing_json", "read_statistics", "reference_bytes",
+           "statistics_phase", "store_statistics"]
 
 log = logging.getLogger("fedward.coordinator.statistics")
 
@@ -97,7 +99,9 @@ def statistics_phase(*, grid: Grid, engine: Engine, plan: RunPlan, nodes: dict[i
     assert share is not None, "statistics_phase on a run without statistics"
     t0 = clock()
     deadline = t0 + plan.round_deadline_s
-    shape = expected_shape(plan.task)
+    # A run of a registered study bins its features over the study's own ranges.
+    task = _statistics_task(engine, plan)
+    shape = expected_shape(task)
     msgs = [Message(
         content=RecordDict({TASK_CONFIG: ConfigRecord(plan.task_config(0, train=False))}),
         dst_node_id=node_id, message_type=STATISTICS_MESSAGE_TYPE,
@@ -138,11 +142,20 @@ def statistics_phase(*, grid: Grid, engine: Engine, plan: RunPlan, nodes: dict[i
                                         delta=plan.delta).noise_std
     reference = reference_document(
         run_id=plan.run_id, study=study_identity(plan.task, plan.study, plan.study_hash),
-        epsilon=share, delta=plan.delta, sites=len(releases), task=plan.task, total=total,
+        epsilon=share, delta=plan.delta, sites=len(releases), task=task, total=total,
         site_noise_std=site_noise_std)
     store_statistics(engine, run_id=plan.run_id, reference=reference, sites=sorted(releases),
                      failed=failed, seconds=seconds)
     log.info("run %s: statistics of %d site(s) in %.2f s", plan.run_id, len(releases), seconds)
+
+
+def _statistics_task(engine: Engine, plan: RunPlan) -> TaskRef:
+    """What the phase bins: the run's pinned study's task, else the shipped task's name."""
+    if plan.study_hash is None:
+        return plan.task
+    from coordinator.study_registry import plan_task
+
+    return plan_task(engine, plan)
 
 
 def _row(session: Session, run_id: int) -> RunStatistics | None:
@@ -165,6 +178,19 @@ def store_statistics(engine: Engine, *, run_id: int, reference: dict[str, Any],
                      detail={"sites": sites, "failed": failed,
                              "epsilon_per_site": privacy["epsilon"],
                              "seconds": round(seconds, 3)})
+
+
+def preprocessing_json(engine: Engine, plan: RunPlan) -> str | None:
+    """The imputation and scaling of ``plan``'s run as it travels to the sites (None: the
+    run has no study or no statistics yet), :func:`coordinator.study_registry.
+    run_preprocessing`."""
+    if plan.study_hash is None:
+        return None
+    from coordinator.study_registry import run_preprocessing
+
+    with Session(engine) as session:
+        pre = run_preprocessing(session, run_id=plan.run_id, study_hash=plan.study_hash)
+    return None if pre is None else pre.to_json()
 
 
 def read_statistics(session: Session, run_id: int) -> dict[str, Any] | None:

@@ -338,6 +338,10 @@ class RoundLoop:
                                             check_cancel=self._check_cancel, clock=self.clock)
         except run_statistics.StatisticsFailed as err:
             raise RunFailed(str(err)) from None
+        # A run of a study: the imputation and scaling composed from the statistics go to
+        # every site with each later message (fedward.preprocessing).
+        self.plan = self.plan.model_copy(update={
+            "preprocessing": run_statistics.preprocessing_json(self.engine, self.plan)})
 
     # -- cancellation ------------------------------------------------------------------
 
@@ -1119,8 +1123,10 @@ def _evaluation(grid: Grid, engine: Engine, home: Path, plan: RunPlan,
 
 
 def load_plan(engine: Engine, run_id: int) -> RunPlan:
-    """Read a run's plan from the database."""
-    return RunPlan.model_validate(repository.run_config(engine, run_id))
+    """Read a run's plan from the database (with its preprocessing, once composed)."""
+    plan = RunPlan.model_validate(repository.run_config(engine, run_id))
+    return plan.model_copy(update={
+        "preprocessing": run_statistics.preprocessing_json(engine, plan)})
 
 
 app = ServerApp()

@@ -18,11 +18,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from coordinator.audit import append_event
-from coordinator.models import Run, Study
+from coordinator.models import Run, RunStatistics, Study
 from fedward.plugins import PluginError, PluginPin, model_plugin_pin
+from fedward.preprocessing import Preprocessing, compose
 from fedward.run_config import RunPlan, RunRequest
 from fedward.study import StudySpec, parse_spec, parse_study_ref
-from fedward.tasks import TASKS, TaskSpec, UntrainableStudyError, get_task, study_task
+from fedward.tasks import TaskSpec, UntrainableStudyError, get_task, study_task
 
 __all__ = [
     "Registered",
@@ -32,6 +33,7 @@ __all__ = [
     "list_studies",
     "plan_task",
     "register_study",
+    "run_preprocessing",
     "run_task",
     "spec_of",
     "study_public",
@@ -160,14 +162,42 @@ def _task_by_hash(session: Session, name: str, study_hash: str | None) -> TaskSp
 
 
 def run_task(session: Session, run: Run) -> TaskSpec:
-    """The task a stored run trains: its pinned study's (by hash), else the registry task.
+    """The task a stored run trains: its pinned study's (by hash, with the run's imputation
+    and scaling when it had a statistics phase), else the registry task.
 
     Args:
         session: the database session.
         run: the run (its ``task`` and ``config_json``).
     """
     config = json.loads(run.config_json)
-    return _task_by_hash(session, str(run.task), config.get("study_hash"))
+    study_hash = config.get("study_hash")
+    task = _task_by_hash(session, str(run.task), study_hash)
+    if study_hash is None or run.id is None:
+        return task
+    # A run of a study with a statistics phase: the model imputes and scales as it was
+    # trained to.
+    pre = run_preprocessing(session, run_id=run.id, study_hash=study_hash)
+    if pre is None:
+        return task
+    study = session.exec(select(Study).where(Study.content_hash == study_hash)).first()
+    assert study is not None  # _task_by_hash found it
+    return study_task(spec_of(study), pre)
+
+
+def run_preprocessing(session: Session, *, run_id: int, study_hash: str | None
+                      ) -> Preprocessing | None:
+    """The imputation and scaling of a run of a study, composed from its stored DP
+    statistics (:func:`fedward.preprocessing.compose`); None for a run without a study or
+    without statistics (yet). The same function of the same stored numbers wherever it is
+    asked (the round loop, an evaluation, a release), so they all agree.
+    """
+    if study_hash is None:
+        return None
+    row = session.exec(select(RunStatistics).where(RunStatistics.run_id == run_id)).first()
+    study = session.exec(select(Study).where(Study.content_hash == study_hash)).first()
+    if row is None or study is None:
+        return None
+    return compose(spec_of(study), json.loads(row.reference_json))
 
 
 def plan_task(engine: Engine, plan: RunPlan) -> TaskSpec:
@@ -230,12 +260,6 @@ def study_run_settings(session: Session, request: RunRequest,
     except (StudyNotFoundError, StudyNotTrainableError, ValueError) as err:
         refuse("study", str(err))
     spec = spec_of(study)
-    if request.statistics and study.name not in TASKS:
-        # The statistics phase bins features over the ranges of a shipped task's spec
-        # (fedward.statistics); a study of its own is not threaded through it yet.
-        refuse("statistics", f"the statistics phase is not available yet for study "
-               f"{study.name}@{study.version}, only for the shipped tasks "
-               f"({', '.join(sorted(TASKS))}); launch it without --statistics")
     out: dict[str, Any] = {"study": f"{study.name}@{study.version}",
                            "study_hash": study.content_hash}
     if spec.model.family == "plugin":

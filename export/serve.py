@@ -84,10 +84,11 @@ FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 class PredictRequest(BaseModel):
-    """Rows of raw feature values, in the task's column order."""
+    """Rows of raw feature values, in the task's column order; ``null`` is a missing value,
+    accepted only in a column the model imputes (the card's ``input.imputed``)."""
 
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[FiniteFloat]] = Field(min_length=1, max_length=MAX_INSTANCES)
+    instances: list[list[FiniteFloat | None]] = Field(min_length=1, max_length=MAX_INSTANCES)
 
 
 class PredictResponse(BaseModel):
@@ -127,6 +128,9 @@ class _Loaded:
     predictor: Predictor
     n_features: int
     ranges: RangeCheck | None
+    # The input columns the model imputes itself (a study's impute-* features).
+    imputed: frozenset[int] = frozenset()
+    columns: tuple[str, ...] = ()
 
 
 class _Service:
@@ -160,9 +164,16 @@ class _Service:
                                           f"{exc}") from None
         if predictor.n_features is None:
             raise BundleVerificationError(f"{SERVING_FILE} does not declare its feature count")
+        card_input = verified.model_card.get("input")
+        columns = (tuple(str(c) for c in card_input.get("columns") or ())
+                   if isinstance(card_input, dict) else ())
+        imputed = (set(card_input.get("imputed") or ()) if isinstance(card_input, dict)
+                   else set())
         return _Loaded(release_id=verified.release_id, n_files=len(verified.files),
                        predictor=predictor, n_features=predictor.n_features,
-                       ranges=RangeCheck.for_card(verified.model_card, predictor.n_features))
+                       ranges=RangeCheck.for_card(verified.model_card, predictor.n_features),
+                       imputed=frozenset(i for i, c in enumerate(columns) if c in imputed),
+                       columns=columns)
 
     def reload(self) -> _Loaded:
         """Re-verify; on failure stop serving (fail closed) and re-raise."""
@@ -287,8 +298,23 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
             raise HTTPException(status_code=422, detail=(
                 f"each instance needs {loaded.n_features} features; instance(s) {shown} "
                 f"have {len(body.instances[bad[0]])}"))
-        x = np.asarray(body.instances, dtype=np.float64)
-        if np.abs(x).max() > _FLOAT32_MAX:  # finite as a JSON number, infinite as float32
+        missing = [(i, j) for i, row in enumerate(body.instances)
+                   for j, v in enumerate(row) if v is None and j not in loaded.imputed]
+        if missing:
+            refused.labels(reason="missing-value").inc()
+            i, j = missing[0]
+            name = loaded.columns[j] if j < len(loaded.columns) else f"column {j}"
+            imputes = ", ".join(loaded.columns[k] for k in sorted(loaded.imputed))
+            raise HTTPException(status_code=422, detail=(
+                f"instance {i}: {name} is missing (null) and this model does not impute it "
+                f"({len(missing)} such value(s)); give its value ("
+                + (f"this model imputes only {imputes})" if imputes else
+                   "this model imputes no missing value)")))
+        x = np.asarray([[np.nan if v is None else v for v in row] for row in body.instances],
+                       dtype=np.float64)
+        # Finite as a JSON number, infinite as float32 (NaN: a missing value, imputed).
+        given = x[~np.isnan(x)]
+        if given.size and np.abs(given).max() > _FLOAT32_MAX:
             refused.labels(reason="out-of-float32").inc()
             raise HTTPException(status_code=422, detail="feature values must fit in float32")
         logits = loaded.predictor(x.astype(np.float32))

@@ -333,6 +333,12 @@ class RunPlan(RunConfig):
     project: Annotated[str, Wire("project")]
     task: Annotated[str, Wire("task-name")]
     sites: tuple[str, ...] = Field(description="The sites that take part.")  # type: ignore[assignment]
+    # Not a setting of the API: the imputation and scaling the coordinator composed from
+    # the run's DP statistics (fedward.preprocessing), set once the statistics phase of a
+    # run of a study is done, so every later message carries it to the sites.
+    preprocessing: Annotated[str | None, Wire("preprocessing")] = Field(
+        default=None, max_length=200_000,
+        description="The run's preprocessing (JSON, fedward.preprocessing).")
     # Not a setting of the API: tests of the round loop turn the final evaluation off.
     final_evaluate: bool = True
 

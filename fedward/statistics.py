@@ -29,9 +29,12 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedward.tasks import TaskRef
 
 __all__ = [
     "BINS",
@@ -100,12 +103,24 @@ def _spec(task: str) -> Any:
     return load_spec(example_spec_path(task), check_dp=False)
 
 
-def feature_bins(task: str) -> tuple[FeatureBins, ...]:
+def feature_bins(task: TaskRef) -> tuple[FeatureBins, ...]:
     """The fixed bins of every input feature of ``task``, in the model's input order.
+
+    ``task`` is a shipped task's name (its example spec's ranges) or a study's task
+    (:func:`fedward.tasks.study_task`): its encoded input columns with the ranges its spec
+    declares (a numeric feature's plausible range; [0, 1] for a one-hot level or a boolean;
+    [0, levels - 1] for an ordinal), so the bins of a study of one's own come from its spec
+    alone, like those of the shipped tasks.
 
     Raises:
         ValueError: the task has no study spec (so no plausible ranges).
     """
+    if not isinstance(task, str):
+        if len(task.input_ranges) != len(task.feature_columns) or not task.feature_columns:
+            raise ValueError(f"task {task.name!r} declares no plausible range per input "
+                             "column; only a study's task (a spec) has them")
+        return tuple(FeatureBins(name, float(lo), float(hi)) for name, (lo, hi)
+                     in zip(task.feature_columns, task.input_ranges, strict=True))
     return tuple(FeatureBins(name, float(lo), float(hi))
                  for name, lo, hi in _spec(task).input_columns())
 
@@ -151,7 +166,7 @@ def _feature_entry(bins: FeatureBins, row: np.ndarray) -> dict[str, Any]:
 
 
 def reference_document(*, run_id: int, study: Mapping[str, str], epsilon: float,
-                       delta: float, sites: int, task: str,
+                       delta: float, sites: int, task: TaskRef,
                        total: np.ndarray, site_noise_std: float | None = None
                        ) -> dict[str, Any]:
     """The reference statistics of a run (format version 1) from the sum of the sites' releases.
@@ -165,7 +180,7 @@ def reference_document(*, run_id: int, study: Mapping[str, str], epsilon: float,
         epsilon: what each site spent on its release.
         delta: the run's delta.
         sites: how many sites' releases are summed.
-        task: the task (its features and bins).
+        task: the task (its features and bins): a shipped task's name or a study's task.
         total: the summed releases, shape ``(features, BINS + 4)``.
         site_noise_std: the Gaussian noise std each site added to every value of its
             release (it depends on the run's settings only); the document then states
@@ -187,11 +202,11 @@ def reference_document(*, run_id: int, study: Mapping[str, str], epsilon: float,
     }
 
 
-def expected_shape(task: str) -> tuple[int, int]:
+def expected_shape(task: TaskRef) -> tuple[int, int]:
     """The shape of one site's release for ``task``."""
     return len(feature_bins(task)), BINS + len(COLUMNS)
 
 
-def feature_names(task: str) -> Sequence[str]:
+def feature_names(task: TaskRef) -> Sequence[str]:
     """The task's input features, in release order."""
     return [b.name for b in feature_bins(task)]

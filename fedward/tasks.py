@@ -23,6 +23,8 @@ from fedward.study import StudySpec, load_spec
 if TYPE_CHECKING:
     from torch import nn
 
+    from fedward.preprocessing import Preprocessing
+
 __all__ = [
     "BREAST_CANCER_COLUMNS",
     "BREAST_CANCER_RANGES",
@@ -140,7 +142,7 @@ class UntrainableStudyError(ValueError):
     """A valid study that this release cannot train; the message says why and what to do."""
 
 
-def study_task(spec: StudySpec) -> TaskSpec:
+def study_task(spec: StudySpec, preprocessing: Preprocessing | None = None) -> TaskSpec:
     """The task a run of ``spec`` trains: its model built from the spec itself.
 
     The model is a function of the spec alone: a built-in family (logistic regression,
@@ -149,6 +151,9 @@ def study_task(spec: StudySpec) -> TaskSpec:
     :mod:`fedward.plugins`). So the coordinator (from its registered copy) and each site
     (from its own approved copy, same content hash) build the same model without code or
     objects travelling.
+
+    With ``preprocessing`` (a run's, composed from its DP statistics,
+    :mod:`fedward.preprocessing`), the tabular model imputes and scales with it.
 
     Raises:
         UntrainableStudyError: a study that takes a shipped task's name with another
@@ -160,7 +165,13 @@ def study_task(spec: StudySpec) -> TaskSpec:
         raise UntrainableStudyError(
             f"study {spec.name!r} takes the name of the shipped task {spec.name} but changes "
             "its features, label or model; give the study a name of its own")
-    return task
+    if preprocessing is None or task.model != "tabular_mlp":
+        return task
+    from dataclasses import replace
+
+    from fedward.preprocessing import model_params
+
+    return replace(task, model_params=model_params(spec, preprocessing, task.model_params))
 
 
 def get_task(name: TaskRef) -> TaskSpec:

@@ -206,6 +206,8 @@ class CFG:
     SECAGG_THRESHOLD: Final = _RUN["secagg_threshold"]  # fewest sites unmasked (int)
     SECAGG_CLIP: Final = _RUN["secagg_clip"]      # L2 bound of a site's update (float)
     STATISTICS_EPSILON: Final = _RUN["statistics_epsilon"]  # its epsilon per site (float)
+    # The run's imputation and scaling from its DP statistics (JSON str; absent: none).
+    PREPROCESSING: Final = _RUN["preprocessing"]
     ROUND: Final = ROUND_KEY                      # 1-based round number (int)
     TRAIN: Final = TRAIN_KEY                      # False: evaluate only (bool)
     LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)

@@ -300,14 +300,13 @@ def encode(study: StudySpec, mapped: MappedData,
 
     A row missing a ``drop-row`` feature is dropped; an ``indicator`` feature's missing
     value is encoded as the range's low end (numeric; 0 after the model's scaling) or no
-    level, with its indicator column set to 1; an ``impute-*`` feature needs its value from
-    the run's statistics (``imputation``).
+    level, with its indicator column set to 1; an ``impute-*`` feature's missing value
+    stays NaN (in each one-hot column of a categorical feature): the model imputes it
+    with the value the run composed from its DP statistics (:mod:`fedward.preprocessing`),
+    unless ``imputation`` gives the value here.
 
     Returns:
         (x float32, y int64, rows dropped).
-
-    Raises:
-        ValueError: A feature to impute has missing values and no imputation value.
     """
     n = len(mapped.labels)
     keep = mapped.labels >= 0
@@ -317,20 +316,21 @@ def encode(study: StudySpec, mapped: MappedData,
         miss = np.isnan(v)
         if f.missing == "drop-row":
             keep &= ~miss
-        elif f.missing != "indicator" and miss[keep].any():
-            if imputation is None or f.name not in imputation:
-                raise ValueError(f"feature {f.name!r} has {int(miss[keep].sum())} missing "
-                                 f"value(s) and the study imputes them ({f.missing}) from "
-                                 "the run's statistics, which are not available here")
+        elif f.missing != "indicator" and imputation is not None and f.name in imputation:
             v[miss] = imputation[f.name]
+            miss = np.isnan(v)
+        # A value left missing: NaN for the model to impute, else the low end / no level.
+        to_impute = f.missing.startswith("impute-")
         if isinstance(f, CategoricalFeature):
             onehot = np.zeros((n, len(f.levels)))
             idx = np.flatnonzero(~miss)
             onehot[idx, v[idx].astype(int)] = 1.0
+            if to_impute:
+                onehot[miss] = np.nan
             columns.extend(onehot.T)
         else:
             low = f.range[0] if isinstance(f, NumericFeature) else 0.0
-            columns.append(np.where(miss, low, v))
+            columns.append(np.where(miss, np.nan if to_impute else low, v))
         if f.missing == "indicator":
             columns.append(miss.astype(float))
     x = np.stack(columns, axis=1)[keep] if columns else np.empty((0, 0))

@@ -36,7 +36,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from fedward.statistics import (
 from fedward.wire import CFG, SiteErrorCode
 from privacy import BudgetExceededError, Caps, GaussianRelease, Mechanism, PrivacyLedger
 from privacy.release import statistics_release
+
+if TYPE_CHECKING:
+    from fedward.tasks import TaskRef
 
 __all__ = [
     "PURPOSE",
@@ -77,10 +80,12 @@ class StatisticsRefusal(Exception):
         super().__init__(reason)
 
 
-def statistics_mechanism(*, task: str, epsilon: float, delta: float) -> GaussianRelease:
+def statistics_mechanism(*, task: TaskRef, epsilon: float, delta: float
+                         ) -> GaussianRelease:
     """The Gaussian release of ``task``'s statistics that costs ``epsilon`` at ``delta``.
 
-    Depends on the run's settings and the task only, never on the data.
+    Depends on the run's settings and the task only (a shipped task's name, or a study's
+    task: :func:`fedward.statistics.feature_bins`), never on the data.
     """
     return statistics_release(n_features=len(feature_bins(task)), epsilon=epsilon,
                               delta=delta)
@@ -109,12 +114,19 @@ def run_statistics_mechanisms(ledger: PrivacyLedger, run_id: str) -> list[Mechan
     return [e.mechanism for e in run.entries if e.purpose == PURPOSE]
 
 
-def pending_statistics(ledger: PrivacyLedger, config: Mapping[str, Any]) -> list[Mechanism]:
+def pending_statistics(ledger: PrivacyLedger, config: Mapping[str, Any],
+                       task: TaskRef | None = None) -> list[Mechanism]:
     """The run's statistics release, when it has one planned that this site has not made.
 
     Admission and a first round plan for it, so that training gets what it leaves. A run
     that trains at a site before the site released (it was offline for the phase) still
     plans for it: a little more noise than needed, never less.
+
+    Args:
+        ledger: the site's privacy ledger.
+        config: the task message's configuration.
+        task: the site's task when it is a study's (its spec gives the features); None:
+            the shipped task the configuration names.
     """
     wanted = _wanted(config)
     run_id = str(config.get(CFG.RUN_ID))
@@ -123,8 +135,9 @@ def pending_statistics(ledger: PrivacyLedger, config: Mapping[str, Any]) -> list
     run = ledger.get_run(run_id)
     if run is not None and run.noise_multiplier is not None:
         return []  # trains already: no statistics release any more (release_statistics)
-    share, delta, task = wanted
-    return [statistics_mechanism(task=task, epsilon=share, delta=delta)]
+    share, delta, named = wanted
+    return [statistics_mechanism(task=named if task is None else task, epsilon=share,
+                                 delta=delta)]
 
 
 def _unit(x: np.ndarray, bins: FeatureBins) -> np.ndarray:
@@ -187,7 +200,7 @@ def _load(path: Path) -> _Stored | None:
 
 def release_statistics(*, ledger: PrivacyLedger, config: Mapping[str, Any],
                        features: Callable[[], np.ndarray], caps: Caps, replies_dir: Path,
-                       audit: Callable[[str, dict[str, Any]], None], task: str
+                       audit: Callable[[str, dict[str, Any]], None], task: TaskRef
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Charge, compute and noise the run's statistics release (see the module docstring).
 
@@ -198,7 +211,9 @@ def release_statistics(*, ledger: PrivacyLedger, config: Mapping[str, Any],
         caps: the site's caps for the run's project and the site.
         replies_dir: where the noised answer is kept for a repeated question.
         audit: the site's audit log writer.
-        task: the task the site holds data for.
+        task: the task the site holds data for: a shipped task's name, or its study's
+            task (:func:`fedward.tasks.study_task`, built from the site's own copy of the
+            spec), whose spec gives the features and their bins.
 
     Returns:
         The answer (metrics) and its one array, for the egress guard.
@@ -213,10 +228,11 @@ def release_statistics(*, ledger: PrivacyLedger, config: Mapping[str, Any],
                                 "bad-task: this run has no statistics phase (statistics "
                                 "off, or its epsilon share missing)")
     share, delta, config_task = wanted
-    if config_task != task:
+    task_name = task if isinstance(task, str) else task.name
+    if config_task != task_name:
         raise StatisticsRefusal(SiteErrorCode.REFUSED_POLICY,
-                                f"refused-policy: this site holds data for task {task!r}, "
-                                f"not {config_task!r}")
+                                f"refused-policy: this site holds data for task "
+                                f"{task_name!r}, not {config_task!r}")
     try:
         run_id = str(config[CFG.RUN_ID])
         project = str(config[CFG.PROJECT])

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,9 +43,15 @@ from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.files import atomic_write
 from fedward.models import array_shapes, model_arrays, set_model_arrays
 from fedward.plugins import PluginPin
+from fedward.preprocessing import (
+    Preprocessing,
+    PreprocessingError,
+    fill_missing,
+    imputed_features,
+)
 from fedward.statistics import expected_shape
 from fedward.study import StudySpec
-from fedward.tasks import TaskSpec, UntrainableStudyError, get_task, study_task
+from fedward.tasks import TaskRef, TaskSpec, UntrainableStudyError, get_task, study_task
 from fedward.wire import (
     CANCEL_BY,
     CANCEL_REASON,
@@ -255,6 +261,9 @@ class WarmTrainer:
     # a failure names it. Tasks are handled one at a time (TrainerServer's lock).
     _phase: str = field(default="policy", init=False, repr=False)
     _shapes: dict[str, tuple[int, ...]] | None = field(default=None, init=False, repr=False)
+    # The rows of the task being handled with the run's imputation applied (a study whose
+    # rows have values to impute; _rows): the model imputes the same inside itself.
+    _rows_view: SiteData | None = field(default=None, init=False, repr=False)
     # run id -> the last admission answer written to the audit log (code, reason): the
     # coordinator asks a waiting site again every few seconds; only changes are recorded.
     _admission_answers: dict[str, tuple[int | None, str | None]] = field(
@@ -331,6 +340,7 @@ class WarmTrainer:
         Every answer passes the egress guard here, at the one point where it is handed back,
         whatever produced it.
         """
+        self._rows_view = None   # set by _study_task_for for this task only
         try:
             reply, out = self._handle(header, arrays)
             return self._hand_back(header, reply, out)
@@ -642,7 +652,8 @@ class WarmTrainer:
                 self.ledger, run_id=run_id, project=project, delta=delta,
                 noise_multiplier=sigma, sample_rate=q, rounds=rounds_left,
                 local_epochs=local_epochs, steps=steps * rounds_left, run_budget=epsilon,
-                cap=cap, site_cap=site_cap, before=pending_statistics(self.ledger, config))
+                cap=cap, site_cap=site_cap,
+                before=pending_statistics(self.ledger, config, self._statistics_task()))
         except PlanExceededError as err:
             raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
         # A secure run trains without DP-SGD noise (site_agent.secagg_site): nothing to warm.
@@ -691,7 +702,7 @@ class WarmTrainer:
         disclosures here (its statistics release, charged or still planned)."""
         run_id = str(config.get(CFG.RUN_ID))
         prior = [*run_statistics_mechanisms(self.ledger, run_id),
-                 *pending_statistics(self.ledger, config)]
+                 *pending_statistics(self.ledger, config, self._statistics_task())]
         return noise_multiplier_after(prior=prior, epsilon=epsilon, delta=delta,
                                       sample_rate=sample_rate, total_epochs=total_epochs)
 
@@ -703,11 +714,16 @@ class WarmTrainer:
         data = self.data
         self._at("privacy")
         cap, site_cap = self._caps(admission)
+        # A run of this site's study: its features and bins come from the site's own copy
+        # of the spec, which must be the version the run pins.
+        task = (self._study_task_for(config, statistics=True)
+                if self.study is not None and config.get(CFG.STUDY_HASH) is not None
+                else self.task)
         try:
             return release_statistics(
                 ledger=self.ledger, config=config, features=lambda: data.train_x,
                 caps=Caps(project=cap, site=site_cap), replies_dir=self.replies_dir,
-                audit=self.audit, task=self.task)
+                audit=self.audit, task=task)
         except StatisticsRefusal as err:
             raise TaskError(err.code, err.reason) from None
 
@@ -718,7 +734,8 @@ class WarmTrainer:
         assert isinstance(config, dict)
         charged = [m for m in run_statistics_mechanisms(
             self.ledger, str(config.get(CFG.RUN_ID))) if isinstance(m, GaussianRelease)]
-        check_statistics_reply(reply=reply, arrays=out, shape=expected_shape(self.task),
+        check_statistics_reply(reply=reply, arrays=out,
+                               shape=expected_shape(self._statistics_task()),
                                charged_noise_std=charged[0].noise_std if charged else None)
     # -- tuning trials (site_agent.tuning) ----------------------------------------------
 
@@ -793,11 +810,52 @@ class WarmTrainer:
         """The task this site trains: its study's (own copy), else the registry task."""
         return get_task(self.task) if self.study is None else study_task(self.study)
 
-    def _study_task_for(self, config: dict[str, Any]) -> TaskSpec:
-        """The model of a run of this site's study, from the site's own copy of the spec.
+    def _statistics_task(self) -> TaskRef:
+        """What the statistics phase bins: this site's study's task, else the task's name."""
+        if self.study is None:
+            return self.task
+        try:
+            return study_task(self.study)
+        except UntrainableStudyError:
+            return self.task  # not trained here: its runs are refused before any release
+
+    def _preprocessing_for(self, config: dict[str, Any], *, statistics: bool
+                           ) -> Preprocessing | None:
+        """The run's imputation and scaling (composed by the coordinator from its DP
+        statistics), checked against this site's spec; None when the run has none.
 
         Raises:
-            TaskError: ``refused-policy`` when the run pins another spec than this copy.
+            TaskError: ``bad-task`` when it does not fit the study, or when the site's rows
+                have missing values the study imputes and the run brings no values for
+                them (not for the statistics release itself, which comes before them).
+        """
+        assert self.study is not None and self.data is not None
+        text = config.get(CFG.PREPROCESSING)
+        if isinstance(text, str):
+            try:
+                return Preprocessing.from_json(text, self.study)
+            except PreprocessingError as err:
+                raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+        if statistics:
+            return None
+        if np.isnan(self.data.train_x).any() or np.isnan(self.data.test_x).any():
+            raise TaskError(
+                SiteErrorCode.BAD_TASK,
+                "bad-task: this site's rows have missing values in features the study "
+                f"imputes ({', '.join(imputed_features(self.study))}) and the run brings no "
+                "imputation values; they come from the run's statistics phase: the ML team "
+                "launches the run with --statistics")
+        return None
+
+    def _study_task_for(self, config: dict[str, Any], *, statistics: bool = False
+                        ) -> TaskSpec:
+        """The model of a run of this site's study, from the site's own copy of the spec,
+        with the run's preprocessing (``statistics``: for the statistics release, which
+        comes before it).
+
+        Raises:
+            TaskError: ``refused-policy`` when the run pins another spec than this copy;
+                ``bad-task`` when its preprocessing does not fit or is missing.
         """
         assert self.study is not None
         own = self.study.content_hash()
@@ -810,10 +868,24 @@ class WarmTrainer:
                 f"this site's data is mapped to study {self.study.name} (sha256 {own}); the "
                 "site's IT approves that version, points site.json's study at it and "
                 "checks the mapping (fedward-site mapping check)")
+        preprocessing = self._preprocessing_for(config, statistics=statistics)
         try:
-            return study_task(self.study)
+            task = study_task(self.study, preprocessing)
         except UntrainableStudyError as err:
             raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: {err}") from None
+        fill = task.model_params.get("fill")
+        if isinstance(fill, list) and self.data is not None:
+            # DP-SGD and the evaluation check their input for NaN: hand them the rows as
+            # the model's own imputation step sees them (the same values).
+            self._rows_view = replace(
+                self.data, train_x=fill_missing(self.data.train_x, fill),
+                test_x=fill_missing(self.data.test_x, fill))
+        return task
+
+    def _rows(self) -> SiteData:
+        """The site's rows for the task being handled (imputed where the run imputes)."""
+        assert self.data is not None
+        return self._rows_view if self._rows_view is not None else self.data
 
     def _model_for(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                    ) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
@@ -844,7 +916,8 @@ class WarmTrainer:
     def _eval_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         model.eval()
         assert self.data is not None
-        result = evaluate(model=model, features=self.data.test_x, labels=self.data.test_y)
+        rows = self._rows()
+        result = evaluate(model=model, features=rows.test_x, labels=rows.test_y)
         return {
             "eval-loss": result.loss,
             "eval-accuracy": result.accuracy,
@@ -894,9 +967,14 @@ class WarmTrainer:
         self._at("parity")
         run_id = str(config.get(CFG.RUN_ID))
         try:
-            outcome = measure_parity(task=self._own_task(), run_id=run_id,
+            # The run's task: for a study, with the run's imputation and scaling, as the
+            # candidate's exports were built.
+            task = (self._study_task_for(config)
+                    if self.study is not None and config.get(CFG.STUDY_HASH) is not None
+                    else self._own_task())
+            outcome = measure_parity(task=task, run_id=run_id,
                                      model_arrays=model_arrays_in, files=files,
-                                     features=self.data.test_x,
+                                     features=self._rows().test_x,
                                      workdir=self.replies_dir.parent / "run",
                                      book=self._parity_book())
         except ParityRefused as err:
@@ -918,9 +996,10 @@ class WarmTrainer:
         assert self.data is not None
         try:
             delta = float(config.get(CFG.DELTA, DEFAULT_AUDIT_DELTA))
-            audit = audit_membership(model=model, train_x=self.data.train_x,
-                                     train_y=self.data.train_y, test_x=self.data.test_x,
-                                     test_y=self.data.test_y, delta=delta)
+            rows = self._rows()
+            audit = audit_membership(model=model, train_x=rows.train_x,
+                                     train_y=rows.train_y, test_x=rows.test_x,
+                                     test_y=rows.test_y, delta=delta)
         except ValueError as err:  # too few rows, or a model giving NaN: no figures
             self.audit("membership-audit-skipped", {"run": run_id, "reason": str(err)})
             return {}
@@ -1043,7 +1122,7 @@ class WarmTrainer:
         model.train()
         result = train_dp(
             model=model,
-            features=self.data.train_x,
+            features=self._rows().train_x,
             labels=self.data.train_y,
             noise_multiplier=sigma,
             max_grad_norm=clip,

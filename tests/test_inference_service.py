@@ -201,6 +201,10 @@ def test_a_missing_revocation_list_at_reload_fails_closed(make_bundle: MakeBundl
     ({"instances": []}, "at least 1 item"),
     ({"instances": [["a"] * 30]}, "valid number"),
     ({"rows": [[1.0] * 30]}, "Field required"),
+    # A missing value (null) where the model imputes nothing: named, not run as NaN.
+    ({"instances": [[1.0] * 30, [1.0] * 3 + [None] * 27]},
+     "instance 1: column 3 is missing (null) and this model does not impute it (27 such "
+     "value(s)); give its value (this model imputes no missing value)"),
 ])
 def test_bad_requests_get_422(make_bundle: MakeBundle, keys: tuple[Path, Path],
                               body: dict[str, object], detail_part: str) -> None:

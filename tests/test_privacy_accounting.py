@@ -39,6 +39,7 @@ from privacy import (
 )
 from privacy.mechanisms import (
     CoveredTrial,
+    DistributedSkellam,
     MechanismFormatError,
     UnknownMechanismType,
     decode_mechanism,
@@ -63,6 +64,7 @@ EXAMPLES: list[Mechanism] = [
     TuningSelection(trial=DpSgd(1.84, 0.125, 80), mean=10.0, shape=1.0),
     TuningSelection(trial=DpSgd(2.0, 0.1, 30), mean=5.0, shape=math.inf),
     CoveredTrial(trial=DpSgd(2.0, 0.1, 6), search=3),
+    DistributedSkellam(variance=4.0e9, l2_sensitivity=32800.0, l1_sensitivity=9.0e5, count=2),
 ]
 
 
@@ -75,8 +77,8 @@ def test_every_mechanism_survives_its_stored_form_exactly(mechanism: Mechanism) 
 
 
 def test_the_registry_is_the_allow_list() -> None:
-    assert sorted(MECHANISMS) == ["CoveredTrial", "DpSgd", "GaussianRelease",
-                                  "LaplaceRelease", "TuningSelection"]
+    assert sorted(MECHANISMS) == ["CoveredTrial", "DistributedSkellam", "DpSgd",
+                                  "GaussianRelease", "LaplaceRelease", "TuningSelection"]
     for name in ("GaussianDpEvent",                      # dp-accounting's own class
                  "dp_accounting.dp_event.GaussianDpEvent", "os.system", "__import__", None, 3):
         with pytest.raises(UnknownMechanismType):

@@ -58,7 +58,8 @@ def test_the_wire_keys_come_from_the_run_plan_and_keep_their_spelling() -> None:
         "model_plugin_version": "model-plugin-version",
         "model_plugin_sha256": "model-plugin-sha256", "tuning_search": "tuning-search",
         "secure_aggregation": "secure-aggregation", "secagg_threshold": "secagg-threshold",
-        "secagg_clip": "secagg-clip", "run_id": "run-id", "project": "project", "task": "task-name"}
+        "secagg_clip": "secagg-clip", "run_id": "run-id", "project": "project", "task": "task-name",
+        "preprocessing": "preprocessing"}
     assert (CFG.RUN_ID, CFG.TASK, CFG.EPSILON, CFG.CLIP, CFG.LR, CFG.BATCH) == (
         "run-id", "task-name", "epsilon-budget", "max-grad-norm", "learning-rate",
         "batch-size")

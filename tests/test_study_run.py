@@ -1,8 +1,9 @@
 """A study of the ML team's own, trained end to end with real Flower: coordinator, SuperLink
 and two site agents as processes on 127.0.0.1. The study (tests/fixtures/heart_study.yaml)
 is not a shipped task; the two hospitals keep their files with their own column names,
-codes and units, each with its mapping. Register, approve at both sites, 2 rounds with
-DP-SGD, propose and approve a release, verify the bundle and serve one record."""
+codes and units, each with its mapping. Register, approve at both sites, a statistics
+phase and 2 rounds with DP-SGD (cholesterol imputed from the DP statistics inside the
+model), propose and approve a release, verify the bundle and serve one record."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from fedward.study import load_spec
+from fedward.study import spec_from_text
 
 from federation import BIN, Federation, Site, federation, run_cli
 from tests_support import short_tmp
@@ -138,14 +139,19 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
     from export.revocations import RevocationSource
     from export.serve import create_app
 
-    spec = load_spec(STUDY, check_dp=False)
+    # Cholesterol is imputed (hospital A leaves it unmeasured as 0): the value comes from
+    # the run's DP statistics and is built into the model.
+    text = STUDY.read_text().replace("range: [2.0, 15.0], missing: indicator}",
+                                     "range: [2.0, 15.0], missing: impute-mean}")
+    spec = spec_from_text(text, check_dp=False)
+    assert spec.features[4].missing == "impute-mean"
     digest = spec.content_hash()
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         deadline = time.monotonic() + 180
         while not (fed.home / "superlink.address").exists() and time.monotonic() < deadline:
             time.sleep(0.5)
         study = work / "heart.yaml"
-        study.write_text(STUDY.read_text())   # the copy the ML team sent both hospitals
+        study.write_text(text)   # the copy the ML team sent both hospitals
         for name, files in (("cardio-a", _hospital_a(work)), ("cardio-b", _hospital_b(work))):
             _add_study_site(fed, name, *files, study=study)
             fed.start_site(name)
@@ -158,7 +164,7 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
         fed.wait_online(2)
         launched = fed.coord_cli("launch", "--project", "test", "--study", "heart_disease@1",
                                  "--epsilon", "3", "--rounds", "2", "--min-sites", "2",
-                                 "--round-deadline", "60", "--json")
+                                 "--round-deadline", "60", "--statistics", "--json")
         run_id = int(json.loads(launched.stdout)["id"])
         done = fed.wait_run(run_id, timeout=300)
         assert done["status"] == "completed", done
@@ -169,6 +175,14 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
         for name in ("cardio-a", "cardio-b"):
             seen = [e.detail for e in fed.site_audit(name) if e.action == "run-seen"]
             assert seen and seen[0]["study_hash"] == digest, seen
+        # The statistics phase ran over the study's own encoded columns and ranges.
+        stats = fed.api("GET", f"/runs/{run_id}/statistics").json()
+        assert sorted(stats["sites"]) == ["cardio-a", "cardio-b"], stats
+        features = {f["name"]: f for f in stats["reference"]["features"]}
+        assert list(features)[:3] == ["age", "sex=female", "sex=male"]
+        assert features["cholesterol"]["edges"][::10] == [2.0, 15.0]
+        assert stats["reference"]["study"] == {"name": "heart_disease",
+                                               "hash": f"sha256:{digest}"}
 
         api = f"http://127.0.0.1:{fed.api_port}/api/v1"
 
@@ -206,12 +220,20 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
                                  "name": "heart_disease", "classes": ["absent", "present"]}
         assert card["input"]["classes"] == ["absent", "present"]
         assert card["input"]["columns"][:3] == ["age", "sex=female", "sex=male"]
-        assert len(card["input"]["ranges"]) == 16
+        assert len(card["input"]["ranges"]) == 15
+        assert card["input"]["imputed"] == ["cholesterol"]
+        assert (bundle / "reference_statistics.json").is_file()
 
         app = create_app(bundle_dir=bundle, public_key=public,
                          revocations=RevocationSource(unsafe_skip=True))
-        # One encoded record (the columns the card lists), age outside the study's range.
-        record = [150, 0, 1, 0, 0, 0, 1, 130, 0, 6.0, 0, 0, 0, 150, 1, 0]
-        answer = TestClient(app).post("/predict", json={"instances": [record]}).json()
+        # One encoded record (the columns the card lists), age outside the study's range,
+        # cholesterol not measured: the model imputes it.
+        record: list[float | None] = [150, 0, 1, 0, 0, 0, 1, 130, 0, None, 0, 0, 150, 1, 0]
+        served = TestClient(app)
+        answer = served.post("/predict", json={"instances": [record]}).json()
         assert answer["classes"][0] in ("absent", "present"), answer
         assert len(answer["warnings"]) == 1 and "age" in answer["warnings"][0], answer
+        # A missing value where the study does not impute: refused, naming the column.
+        record[7] = None
+        refused = served.post("/predict", json={"instances": [record]})
+        assert refused.status_code == 422 and "resting_bp is missing" in refused.text
