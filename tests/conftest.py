@@ -49,15 +49,3 @@ def engine(home: Path) -> Iterator[Engine]:
     yield eng
     eng.dispose()
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the real-process tests (marked ``integration``) before the unit tests.
-
-    ``make test`` spreads the files over two workers (pytest-xdist, ``--dist loadfile``),
-    each taking the next file when it is done, in this order (``--no-loadscope-reorder``:
-    by default xdist sends the files with the most tests first, which are unit files, and
-    left the real-process files, minutes each, for the end, one worker running the last of
-    them alone). With the long files first, the short unit files fill in at the end. The
-    sort is stable and the same on every worker, as xdist requires.
-    """
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
