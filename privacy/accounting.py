@@ -66,7 +66,6 @@ class _DropConvergenceNotices(logging.Filter):
         return "failed to converge" not in record.getMessage()
 
 
-_QUIETED: list[bool] = []
 
 
 @dataclass(frozen=True)
@@ -191,10 +190,15 @@ def new_rdp_accountant() -> rdp.RdpAccountant:
     """
     from dp_accounting import rdp as rdp_lib
 
-    if not _QUIETED:
-        logging.getLogger("absl").addFilter(_DropConvergenceNotices())
-        _QUIETED.append(True)
+    _quiet_absl()
     return rdp_lib.RdpAccountant()
+
+
+@functools.cache
+def _quiet_absl() -> None:
+    """Filter absl's convergence notices, once (after dp-accounting has created absl's
+    logger)."""
+    logging.getLogger("absl").addFilter(_DropConvergenceNotices())
 
 
 # A composed distribution of a site's whole history is a few hundred kilobytes.

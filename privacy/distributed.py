@@ -34,7 +34,7 @@ from typing import Final
 
 import numpy as np
 
-from privacy.mechanisms import DistributedSkellam
+from privacy.mechanisms import DistributedSkellam, gaussian_equivalent_std
 
 __all__ = [
     "MODULUS_BITS",
@@ -154,17 +154,6 @@ def skellam_rdp(alpha: float, *, variance: float, l1: float, l2: float) -> float
     mu = variance
     return (alpha * l2 ** 2 / (2 * mu)
             + min(((2 * alpha - 1) * l2 ** 2 + 6 * l1) / (16 * mu ** 2), 3 * l1 / (4 * mu)))
-
-
-def gaussian_equivalent_std(*, variance: float, l1: float, l2: float) -> float:
-    """The std of a Gaussian whose RDP bounds the Skellam mechanism's at every order > 1.
-
-    The correction term of :func:`skellam_rdp` is at most ``3 l1 / (4 mu)``, which for
-    ``alpha > 1`` is below ``alpha * 3 l1 / (4 mu)``: the Skellam RDP is then at most
-    ``alpha l2^2 / (2 s^2)`` with ``1 / s^2 = (1 + 1.5 l1 / l2^2) / mu``, the RDP of a
-    Gaussian of std ``s`` at sensitivity ``l2``.
-    """
-    return math.sqrt(variance / (1.0 + 1.5 * l1 / l2 ** 2))
 
 
 def mechanism(plan: DistributedPlan, count: int = 1) -> DistributedSkellam:

@@ -59,6 +59,7 @@ __all__ = [
     "TuningSelection",
     "UnknownMechanismType",
     "decode_mechanism",
+    "gaussian_equivalent_std",
     "register",
 ]
 
@@ -428,6 +429,18 @@ def _unit_pld(sigma: float, q: float, interval: float) -> PLD:
     return _gaussian_pld(sigma, interval, sampling_prob=q)
 
 
+def gaussian_equivalent_std(*, variance: float, l1: float, l2: float) -> float:
+    """The std of a Gaussian whose RDP bounds the Skellam mechanism's at every order > 1.
+
+    The correction term of the Skellam RDP (:func:`privacy.distributed.skellam_rdp`) is at
+    most ``3 l1 / (4 mu)``, which for ``alpha > 1`` is below ``alpha * 3 l1 / (4 mu)``: the
+    Skellam RDP is then at most ``alpha l2^2 / (2 s^2)`` with
+    ``1 / s^2 = (1 + 1.5 l1 / l2^2) / mu``, the RDP of a Gaussian of std ``s`` at
+    sensitivity ``l2``.
+    """
+    return math.sqrt(variance / (1.0 + 1.5 * l1 / l2 ** 2))
+
+
 @register
 @dataclass(frozen=True)
 class DistributedSkellam(Mechanism):
@@ -437,7 +450,7 @@ class DistributedSkellam(Mechanism):
 
     dp-accounting has no Skellam event. Its RDP (Agarwal et al. 2021) is bounded at every
     order above 1 by that of a Gaussian of std
-    :func:`privacy.distributed.gaussian_equivalent_std`, which is what :meth:`dp_event`
+    :func:`gaussian_equivalent_std`, which is what :meth:`dp_event`
     hands the RDP accountant; there is no PLD (an RDP bound does not bound the privacy
     loss distribution), so a composition that holds one is accounted with RDP.
 
@@ -466,10 +479,8 @@ class DistributedSkellam(Mechanism):
     @property
     def noise_multiplier(self) -> float:
         """The RDP-equivalent Gaussian's std over the L2 sensitivity."""
-        # privacy.distributed.gaussian_equivalent_std, here so that the mechanisms import
-        # nothing of the noise code.
-        ratio = self.l1_sensitivity / self.l2_sensitivity ** 2
-        return math.sqrt(self.variance / (1.0 + 1.5 * ratio)) / self.l2_sensitivity
+        return gaussian_equivalent_std(variance=self.variance, l1=self.l1_sensitivity,
+                                       l2=self.l2_sensitivity) / self.l2_sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
         return _events().SelfComposedDpEvent(
