@@ -22,6 +22,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 from privacy.accounting import compose_mechanisms
 from privacy.mechanisms import DpSgd
+from privacy.noise_cache import NoiseCache
 
 __all__ = [
     "SUPPORTED_MECHANISMS",
@@ -38,6 +40,7 @@ __all__ = [
     "epsilon_for_history",
     "noise_multiplier_for_run",
     "planned_steps",
+    "use_noise_cache",
 ]
 
 HistoryEntry = tuple[float, float, int]
@@ -207,16 +210,34 @@ def noise_multiplier_for_run(
         raise ValueError(f"total_epochs must be an integer >= 1; got {total_epochs!r}")
     _check_mechanism(accountant)
     steps = planned_steps(sample_rate=sample_rate, epochs=total_epochs)
+    plan = (accountant, float(epsilon), float(delta), float(sample_rate), steps)
+    cache = _disk_cache
+    if cache is not None and (known := cache.get(*plan)) is not None:
+        return known
     try:
         sigma = _search_noise(float(epsilon), float(delta), float(sample_rate), steps, accountant)
-        return _within_ledger_figure(sigma, float(epsilon), float(delta),
-                                     float(sample_rate), steps)
+        sigma = _within_ledger_figure(sigma, float(epsilon), float(delta),
+                                      float(sample_rate), steps)
     except ValueError as exc:
         raise ValueError(
             f"no noise multiplier reaches epsilon {epsilon} at delta {delta} over {steps} "
             f"steps at sample rate {sample_rate}: raise the budget or plan fewer rounds or "
             f"epochs ({exc})"
         ) from exc
+    if cache is not None:
+        cache.put(*plan, sigma)
+    return sigma
+
+
+_disk_cache: NoiseCache | None = None
+
+
+def use_noise_cache(path: Path | None) -> None:
+    """Keep :func:`noise_multiplier_for_run`'s answers in ``path`` across restarts (see
+    :mod:`privacy.noise_cache`: an answer read back is confirmed by the ledger's accountant
+    before use); ``None`` keeps them in memory only."""
+    global _disk_cache
+    _disk_cache = None if path is None else NoiseCache(path)
 
 
 # Each try raises the noise by 0.2%; Opacus's PRV and the ledger's PLD differ by about 1%

@@ -300,6 +300,9 @@ class SiteAgent:
         })
         import torch
 
+        from privacy.dp import use_noise_cache
+
+        use_noise_cache(paths.noise_cache)
         torch.set_num_threads(config.torch_threads)
         if data is not None:
             _warm_up(study_task or configured.task)
@@ -440,6 +443,7 @@ class SiteAgent:
         executor = WarmExecutor(runtime_address=f"unix:{paths.supernode_socket}",
                                 app=clientapp_module.app,
                                 per_task_process=config.executor == "subprocess",
+                                content_wait_s=config.task_content_wait_s,
                                 audit=self._record)
         threading.Thread(target=executor.run, name="task-executor", daemon=True).start()
         log_fh: IO[bytes]

@@ -87,6 +87,9 @@ def init(
     torch_threads: Annotated[int, typer.Option()] = 1,
     reconnect_backoff: Annotated[float, typer.Option(help="seconds before restarting a "
                                                      "dropped SuperNode")] = 65.0,
+    task_content_wait: Annotated[float, typer.Option(
+        help="seconds a task waits for its model to arrive before the site gives it up "
+             "(raise it for a large model on a slow line)")] = 30.0,
     project: Annotated[str, typer.Option(
         help="project the starter policy accepts (from the coordinator team)")] = "default",
     data_config: Annotated[Path | None, typer.Option(
@@ -117,7 +120,8 @@ def init(
         _fail("; ".join(problems))
     raw: dict[str, Any] = {
         "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
-        "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff}
+        "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff,
+        "task_content_wait_s": task_content_wait}
     if data_config is not None:
         try:
             raw["data"] = json.loads(data_config.read_text(encoding="utf-8"))

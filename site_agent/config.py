@@ -7,6 +7,7 @@ site folder can be moved or restored from backup as a whole.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ CONFIG_FILE = "site.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$")
 _KEYS = {"version", "name", "superlink", "ca_cert", "data_path", "schema_path",
          "torch_threads", "reconnect_backoff_s", "executor", "data", "study", "mapping",
-         "drift"}
+         "drift", "task_content_wait_s"}
 EXECUTORS = ("warm", "subprocess")
 
 
@@ -60,6 +61,14 @@ class SitePaths:
         migrates on the ledger's first open and stays beside it as
         ``privacy-ledger.json.migrated``."""
         return self.root / "privacy-ledger.sqlite"
+
+    @property
+    def noise_cache(self) -> Path:
+        """Noise multipliers already searched for (a hint the ledger's accountant confirms
+        before use; see :mod:`privacy.noise_cache`). ``FEDWARD_CACHE_DIR`` moves it, e.g.
+        to share one cache between the sites of a lab host."""
+        shared = os.environ.get("FEDWARD_CACHE_DIR")
+        return (Path(shared) if shared else self.root / "cache") / "noise-multipliers.json"
 
     @property
     def site_cert(self) -> Path:
@@ -144,6 +153,10 @@ class SiteConfig:
         torch_threads: CPU threads the trainer may use.
         reconnect_backoff_s: wait before restarting a SuperNode that exited; Flower keeps
             an authenticated node "active" for about 60 s after it drops.
+        task_content_wait_s: how long a task waits for its message (the model) to reach
+            the site before the agent gives it up and takes the next one (Flower alone
+            waits two hours, and the site is stuck meanwhile). Raise it for a large model
+            on a slow line.
         executor: ``warm`` runs ClientApp tasks inside the agent (no process per message);
             ``subprocess`` starts one process per message, as stock Flower does (slower;
             for sites that want each task isolated). Both check the app bundle first.
@@ -166,6 +179,7 @@ class SiteConfig:
     torch_threads: int = 1
     reconnect_backoff_s: float = 65.0
     executor: str = "warm"
+    task_content_wait_s: float = 30.0
     drift: dict[str, Any] | None = None
     version: int = 1
     data: dict[str, Any] | None = None
@@ -236,6 +250,10 @@ class SiteConfig:
         backoff = raw.get("reconnect_backoff_s", 65.0)
         if not isinstance(backoff, int | float) or isinstance(backoff, bool) or backoff < 0:
             problems.append("reconnect_backoff_s must be a number >= 0")
+        content_wait = raw.get("task_content_wait_s", 30.0)
+        if (not isinstance(content_wait, int | float) or isinstance(content_wait, bool)
+                or not 1 <= content_wait <= 7200):
+            problems.append("task_content_wait_s must be a number of seconds from 1 to 7200")
         executor = raw.get("executor", "warm")
         if executor not in EXECUTORS:
             problems.append(f"executor must be one of {list(EXECUTORS)}")
@@ -251,6 +269,7 @@ class SiteConfig:
             torch_threads=int(threads),
             reconnect_backoff_s=float(backoff),
             executor=str(executor),
+            task_content_wait_s=float(content_wait),
             data=dict(raw["data"]) if isinstance(raw.get("data"), dict) else None,
             study=raw.get("study") or None,
             mapping=raw.get("mapping") or None,
@@ -264,7 +283,8 @@ class SiteConfig:
         # The optional data/study/mapping/drift keys only when set: a site.json without them
         # reads the same in earlier versions.
         doc = {k: v for k, v in asdict(self).items()
-               if not (k in ("data", "study", "mapping", "drift") and v is None)}
+               if not (k in ("data", "study", "mapping", "drift") and v is None)
+               and not (k == "task_content_wait_s" and v == 30.0)}
         atomic_write(path, json.dumps(doc, indent=2) + "\n", mode=0o600)
         return path
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from site_agent.data_check import read_checked
 from site_agent.data_report import DataProblem, ProblemKind
@@ -202,6 +201,9 @@ def split_site_data(
         if counts.min() >= 2 and n_test >= len(classes) and n - n_test >= len(classes)
         else None
     )
+    # scikit-learn costs a second to import: only the processes that split pay for it.
+    from sklearn.model_selection import train_test_split
+
     train_x, test_x, train_y, test_y = train_test_split(
         x, y, test_size=n_test, random_state=seed, shuffle=True, stratify=stratify
     )

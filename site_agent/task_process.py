@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from fedward.flower.executor import PULL_MAX_TIME_S
 from site_agent import clientapp
 from site_agent.warm_executor import WarmExecutor
 
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m site_agent.task_process")
     parser.add_argument("--runtime", required=True,
                         help="the SuperNode's runtime API: unix:/PATH or 127.0.0.1:PORT")
+    parser.add_argument("--content-wait", type=float, default=PULL_MAX_TIME_S,
+                        help="seconds the task waits for its message's content")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -29,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print("no task token on stdin", file=sys.stderr)
         return 2
-    executor = WarmExecutor(runtime_address=args.runtime, app=clientapp.app)
+    executor = WarmExecutor(runtime_address=args.runtime, app=clientapp.app,
+                            content_wait_s=args.content_wait)
     executor.execute(token)
     logging.getLogger("fedward.site.executor").info("task run in its own process (pid %s)",
                                                     os.getpid())

@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedward.flower.executor import (
     CLIENT_APP_RAISED_EXCEPTION,
+    PULL_MAX_TIME_S,
     ClientAppTask,
     TaskSource,
     content_never_arrived,
@@ -51,6 +52,8 @@ class WarmExecutor:
             first task waits at most this much longer.
         idle_after_s: see ``poll_s``.
         per_task_process: run each task in its own process (``executor: subprocess``).
+        content_wait_s: how long a task waits for its message's content before it is
+            given up (the site's ``task_content_wait_s``).
         audit: records a refused app bundle in the site's audit log (action, detail).
     """
 
@@ -60,6 +63,7 @@ class WarmExecutor:
     idle_poll_s: float = 0.5
     idle_after_s: float = 30.0
     per_task_process: bool = False
+    content_wait_s: float = PULL_MAX_TIME_S
     audit: Callable[[str, dict[str, Any]], None] = field(default=lambda action, detail: None)
     stop: threading.Event = field(default_factory=threading.Event)
     tasks_done: int = 0
@@ -111,7 +115,7 @@ class WarmExecutor:
         token travels on stdin, never on the command line (``ps`` shows arguments).
         """
         cmd = [sys.executable, "-m", "site_agent.task_process", "--runtime",
-               self.runtime_address]
+               self.runtime_address, "--content-wait", str(self.content_wait_s)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, preexec_fn=die_with_parent)
         assert proc.stdin is not None
         proc.stdin.write(token.encode())
@@ -133,7 +137,7 @@ class WarmExecutor:
         completed, details = False, "ClientApp task failed"
         with ClientAppTask(self.runtime_address, token) as task:
             try:
-                pulled = task.pull()
+                pulled = task.pull(max_time=self.content_wait_s)
                 message, context = pulled.message, pulled.context
                 if pulled.bundle_error is not None:
                     log.warning("refused a run: %s", pulled.bundle_error)

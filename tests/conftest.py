@@ -6,11 +6,34 @@ Helpers that are not fixtures (the federation harness, ``wait_until``, ``short_t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_noise_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One noise-multiplier cache for every site agent the tests start (``FEDWARD_CACHE_DIR``).
+
+    A site searches its run's noise multiplier once per plan (1-3 CPU-seconds) and keeps the
+    answer; the tests start hundreds of fresh sites with the same few plans, so they share
+    the answers, as the sites of one lab host may. Each answer read back is still confirmed
+    by the ledger's accountant (``privacy.noise_cache``). Both xdist workers use the
+    session's folder; pytest removes it with the session's other temporary folders.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "noise-cache"
+    shared.mkdir(exist_ok=True)
+    before = os.environ.get("FEDWARD_CACHE_DIR")
+    os.environ["FEDWARD_CACHE_DIR"] = str(shared)
+    yield
+    if before is None:
+        os.environ.pop("FEDWARD_CACHE_DIR", None)
+    else:
+        os.environ["FEDWARD_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="module")

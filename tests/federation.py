@@ -117,12 +117,13 @@ class Federation:
         return run_cli([str(BIN / "fedward-coordinator"), *args], env=self.env, check=check)
 
     def add_site(self, name: str, csv: str, schema: str, *, register: bool = True,
-                 superlink: str | None = None) -> Site:
+                 superlink: str | None = None, content_wait_s: float = 30.0) -> Site:
         root = self.work / "sites" / name
         site_cli = str(BIN / "fedward-site")
         run_cli([site_cli, "init", "--dir", str(root), "--name", name, "--superlink",
                  superlink or self.superlink, "--ca-cert", str(self.home / "pki" / "ca.pem"),
                  "--data", csv, "--schema", schema, "--reconnect-backoff", "5",
+                 "--task-content-wait", str(content_wait_s),
                  # The starter site policy accepts the project that launch() uses.
                  "--project", "test"])
         run_cli([site_cli, "keygen", "--dir", str(root)])
