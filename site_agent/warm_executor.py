@@ -156,8 +156,10 @@ class WarmExecutor:
                     # went away while the site was receiving it. Nothing failed here, and
                     # the agent says in one line when the coordinator is back (see
                     # site_agent.agent); the traceback is for whoever debugs Flower.
-                    log.debug("a task's message did not arrive in full; the task is "
-                              "dropped", exc_info=True)
+                    log.info("a task's message did not arrive within %g s; the task is "
+                             "dropped (task_content_wait_s in site.json)",
+                             self.content_wait_s)
+                    log.debug("the dropped task's error", exc_info=True)
                 else:
                     log.exception("ClientApp task failed")
                 details = failure_reason(err, kind="task", phase="executor")

@@ -636,6 +636,20 @@ def test_config_reports_every_problem_at_once() -> None:
     assert text.count("\n  - ") == 4
 
 
+def test_the_task_content_wait_is_bounded_and_written_only_when_set(tmp_path: Path) -> None:
+    for bad in (0, 7201, True, "30"):
+        with pytest.raises(ConfigError, match="task_content_wait_s must be a number of "
+                                              "seconds from 1 to 7200"):
+            SiteConfig.from_dict({**valid_config(), "task_content_wait_s": bad})
+    default = SiteConfig.from_dict(valid_config())
+    assert default.task_content_wait_s == 30.0
+    default.save(tmp_path / "a")
+    assert "task_content_wait_s" not in (tmp_path / "a" / "site.json").read_text()
+    slow = SiteConfig.from_dict({**valid_config(), "task_content_wait_s": 120})
+    slow.save(tmp_path / "b")
+    assert SiteConfig.load(tmp_path / "b").task_content_wait_s == 120.0
+
+
 def test_config_requires_its_paths() -> None:
     with pytest.raises(ConfigError, match="'ca_cert' is required"):
         SiteConfig.from_dict({k: v for k, v in valid_config().items() if k != "ca_cert"})

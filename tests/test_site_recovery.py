@@ -193,6 +193,10 @@ def test_a_site_whose_line_dies_while_it_receives_a_task_serves_later_rounds() -
         metrics = {m["round"]: m["sites"] for m in
                    fed.api("GET", f"/runs/{run_id}/metrics").json()["rounds"]}
         assert all(caught in metrics[n] for n, _ in later), metrics
+        # The site's own setting, not the 30 s default, gave the task up.
+        site_log = (fed.sites[caught].log or Path()).read_text(errors="replace")
+        assert (f"a task's message did not arrive within {CONTENT_WAIT_S:g} s; the task is "
+                "dropped") in site_log, site_log[-4000:]
 
 
 def test_a_site_receiving_a_task_when_the_coordinator_dies_serves_later_rounds() -> None:
