@@ -37,6 +37,7 @@ from fedward.flower.exit_codes import (
     flower_exit_code,
 )
 from fedward.flower.fleet import deactivate_node, refused_as_still_active, refused_as_unknown
+from fedward.flower.wake import WAKE_ENV, WakeListener
 from fedward.procs import free_port
 from fedward.sandbox.netns import (
     EXIT_NO_SANDBOX,
@@ -444,6 +445,7 @@ class SiteAgent:
                                 app=clientapp_module.app,
                                 per_task_process=config.executor == "subprocess",
                                 content_wait_s=config.task_content_wait_s,
+                                wake=WakeListener(paths.wake_socket),
                                 audit=self._record)
         threading.Thread(target=executor.run, name="task-executor", daemon=True).start()
         log_fh: IO[bytes]
@@ -451,7 +453,8 @@ class SiteAgent:
         start_offset = log_path.stat().st_size if log_path.exists() else 0
         try:
             with open(log_path, "ab") as log_fh:
-                proc = sandbox.start(env=flower_env(str(paths.flwr_home)), stdout=log_fh)
+                proc = sandbox.start(env={**flower_env(str(paths.flwr_home)),
+                                          WAKE_ENV: str(paths.wake_socket)}, stdout=log_fh)
                 log.info("SuperNode started (pid %s) towards %s", proc.pid, config.superlink)
                 self._state.route_up = True
                 watch = SupernodeWatch(log_path, start_offset)

@@ -114,6 +114,11 @@ class SitePaths:
         return self.run / "supernode.sock"
 
     @property
+    def wake_socket(self) -> Path:
+        """Where the SuperNode wakes the agent's task executor (:mod:`fedward.flower.wake`)."""
+        return self.run / "wake.sock"
+
+    @property
     def upstream_socket(self) -> Path:
         """A site that is not enrolled: the agent relays this socket to the SuperLink."""
         return self.run / "upstream.sock"

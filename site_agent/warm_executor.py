@@ -28,6 +28,7 @@ from fedward.flower.executor import (
     TaskSource,
     content_never_arrived,
 )
+from fedward.flower.wake import FALLBACK_S, WakeListener
 from fedward.procs import die_with_parent, stop_process_tree
 from fedward.wire import SiteErrorCode
 from site_agent.diagnostics import failure_reason
@@ -54,6 +55,11 @@ class WarmExecutor:
         per_task_process: run each task in its own process (``executor: subprocess``).
         content_wait_s: how long a task waits for its message's content before it is
             given up (the site's ``task_content_wait_s``).
+        wake: where the SuperNode says that a message came in
+            (:mod:`fedward.flower.wake`). With it the executor asks when woken, every
+            ``poll_s`` for ``woken_for_s`` after a wake-up or a task, and otherwise every
+            :data:`~fedward.flower.wake.FALLBACK_S`; without it, on ``poll_s`` and
+            ``idle_poll_s`` alone.
         audit: records a refused app bundle in the site's audit log (action, detail).
     """
 
@@ -64,6 +70,8 @@ class WarmExecutor:
     idle_after_s: float = 30.0
     per_task_process: bool = False
     content_wait_s: float = PULL_MAX_TIME_S
+    wake: WakeListener | None = None
+    woken_for_s: float = 2.0
     audit: Callable[[str, dict[str, Any]], None] = field(default=lambda action, detail: None)
     stop: threading.Event = field(default_factory=threading.Event)
     tasks_done: int = 0
@@ -71,6 +79,7 @@ class WarmExecutor:
     # now, and when one was last taken or finished (time.monotonic()).
     busy: bool = False
     active_at: float = field(default_factory=time.monotonic)
+    woken_at: float = 0.0
 
     def run(self) -> None:
         """Serve tasks until :attr:`stop` is set."""
@@ -96,14 +105,21 @@ class WarmExecutor:
                         log.exception("a ClientApp task could not be completed")
                     finally:
                         self.busy, self.active_at = False, time.monotonic()
-                else:
+                elif self.wake is None:
                     self.stop.wait(self.wait_after_empty_ask(time.monotonic()))
+                elif self.wake.wait(self.wait_after_empty_ask(time.monotonic())):
+                    self.woken_at = time.monotonic()
         finally:
             source.close()
+            if self.wake is not None:
+                self.wake.close()
 
     def wait_after_empty_ask(self, now: float) -> float:
         """Seconds to wait before asking again when an ask found no task at ``now``
         (``time.monotonic()``)."""
+        if self.wake is not None:
+            recent = now - max(self.active_at, self.woken_at) < self.woken_for_s
+            return self.poll_s if recent else FALLBACK_S
         idle = now - self.active_at > self.idle_after_s
         return self.idle_poll_s if idle else self.poll_s
 

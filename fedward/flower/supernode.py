@@ -33,6 +33,7 @@ from flwr.supernode.cli.flower_supernode import flower_supernode
 from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
 from fedward.flower.backoff import with_short_backoff
+from fedward.flower.wake import WAKE_ENV, notify
 
 __all__ = ["POLL_ENV", "RunEndedWhileReceiving", "ShortSleep", "answer_failed_client_tasks",
            "drop_replies_of_unreceived_messages", "finish_tasks_of_ended_runs", "main",
@@ -177,15 +178,18 @@ def drop_replies_of_unreceived_messages(pull_and_store: Callable[..., Any]
     return patched
 
 
-def noting_messages(sleeper: ShortSleep, pull_and_store: Callable[..., Any]
-                    ) -> Callable[..., Any]:
+def noting_messages(sleeper: ShortSleep, pull_and_store: Callable[..., Any], *,
+                    wake: str | None = None) -> Callable[..., Any]:
     """Flower's pull-and-store, telling ``sleeper`` whenever a message was pulled (its
-    result is the message's run id, None when there was none)."""
+    result is the message's run id, None when there was none), and waking the site's
+    executor listening at ``wake`` (:mod:`fedward.flower.wake`): its task is waiting."""
     @functools.wraps(pull_and_store)
     def patched(**kwargs: Any) -> Any:
         run_id = pull_and_store(**kwargs)
         if run_id is not None:
             sleeper.message_received()
+            if wake:
+                notify(wake)
         return run_id
     return patched
 
@@ -200,7 +204,8 @@ def main() -> None:
     setattr(_start_client_internal, "_pull_and_store_message",  # noqa: B010
             noting_messages(sleeper, drop_replies_of_unreceived_messages(
                 finish_tasks_of_ended_runs(
-                    getattr(_start_client_internal, "_pull_and_store_message")))))  # noqa: B009
+                    getattr(_start_client_internal, "_pull_and_store_message"))),  # noqa: B009
+            wake=os.environ.get(WAKE_ENV)))
     InMemoryNodeState.finish_task = answer_failed_client_tasks(  # type: ignore[method-assign]
         InMemoryNodeState.finish_task)
     flower_supernode()
