@@ -71,7 +71,7 @@ $(CLINICIAN_STAMP): pyproject.toml $(STAMP)
 clinician-wheels: $(CLINICIAN_STAMP)
 
 unit: system-packages install mlflow-server clinician-wheels
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=30
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 4 --dist loadfile --durations=30
 
 test: system-packages mlflow-server lint typecheck imports unit
 
