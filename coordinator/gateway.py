@@ -15,6 +15,8 @@ certificate from the site CA, and:
   :data:`~coordinator.gateway_http.SMALL_BODY`) with its current certificate, the site
   named by the certificate (:mod:`coordinator.drift` checks and stores them; nothing is
   unpickled);
+* takes a site agent's versions when it starts (``POST /fedward/versions``, JSON, small)
+  with its current certificate (:mod:`coordinator.site_versions` checks their format);
 * refuses every other path (403), the control and runtime APIs above all.
 
 It is a small HTTP/1.1 proxy (h11 for parsing, httpx for the upstream) running in the
@@ -74,11 +76,12 @@ from coordinator.pki import CAFiles
 from coordinator.presence import Presence
 from fedward.flower.control import NodeKeyError, node_public_key_bytes
 
-__all__ = ["DRIFT_PATH", "GatewayConfig", "SiteGateway"]
+__all__ = ["DRIFT_PATH", "VERSIONS_PATH", "GatewayConfig", "SiteGateway"]
 
 log = logging.getLogger("fedward.coordinator.gateway")
 
 DRIFT_PATH = "/fedward/drift"
+VERSIONS_PATH = "/fedward/versions"
 _CACHE_S = 2.0
 _HANDSHAKE_S = 15.0   # a TLS handshake takes milliseconds; a slow link, a few seconds
 _STALE_OK_S = 30.0   # a registry read that fails (a busy database) reuses what was read
@@ -403,17 +406,20 @@ class SiteGateway:
             await self._send(conn, writer, status, json_type, json.dumps(payload).encode(),
                              close=status != 200)
             return status == 200
-        if path == DRIFT_PATH and method == "POST":
+        if path in (DRIFT_PATH, VERSIONS_PATH) and method == "POST":
+            kind = "drift" if path == DRIFT_PATH else "versions"
+            what = "drift report" if path == DRIFT_PATH else "version report"
             if client.site is None:
-                raise Refused(403, "no-certificate", "drift reports need the site's "
-                                                      "current certificate")
+                raise Refused(403, "no-certificate", f"{what}s need the site's current "
+                                                      "certificate")
             await self._site_identity(client)   # revoked, retired, unregistered: refused
             media = next((v for k, v in request.headers if k == b"content-type"), b"")
             if media.split(b";", 1)[0].strip().lower() != b"application/json":
-                raise Refused(415, "drift-content-type", "a drift report is JSON "
-                                                          "(content-type: application/json)")
+                raise Refused(415, f"{kind}-content-type",
+                              f"a {what} is JSON (content-type: application/json)")
             body = await small_body(conn, reader, request, self.config.idle_timeout_s)
-            status, payload = await asyncio.to_thread(self.requests.drift, body, client)
+            handler = self.requests.drift if path == DRIFT_PATH else self.requests.versions
+            status, payload = await asyncio.to_thread(handler, body, client)
             await self._send(conn, writer, status, json_type, json.dumps(payload).encode(),
                              close=status != 200)
             return status == 200

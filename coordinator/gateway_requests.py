@@ -138,6 +138,23 @@ class SiteRequests:
         return 200, {"certificate_pem": issued.pem.decode(),
                      "not_after": issued.not_after.isoformat()}
 
+    def versions(self, body: bytes, client: Client) -> tuple[int, dict[str, Any]]:
+        """Store the versions a verified site's agent reports when it starts."""
+        assert client.site is not None
+        try:
+            req = json.loads(body)
+            raw = req["versions"]
+        except (ValueError, KeyError, TypeError):
+            self._refuse(client, "versions", "version report: malformed request")
+            return 400, {"detail": "expected JSON with versions"}
+        try:
+            with session_scope(self.engine) as session:
+                stored = note_versions(session, client.site, raw, via="start")
+        except SQLAlchemyError as err:
+            return 503, {"detail": f"the coordinator cannot store the versions right now "
+                                   f"({type(err).__name__})"}
+        return 200, {"stored": stored}
+
     def drift(self, body: bytes, client: Client) -> tuple[int, dict[str, Any]]:
         """Check and store a verified site's drift report."""
         assert client.site is not None

@@ -1,9 +1,10 @@
 """The Fedward and Flower versions each site agent reports, kept per site.
 
 A site reports them with its enrollment and renewal requests (the gateway passes the
-request's ``versions`` here) and in every admission answer it accepts (the round loop
-passes the reply's ``versions`` part here), so an upgraded agent shows its new versions at
-the next of these. Only versions in the fixed format of :mod:`fedward.agent_versions` are
+request's ``versions`` here), each time its agent starts (``POST /fedward/versions``, an
+enrolled site only), and in every admission answer it accepts (the round loop passes the
+reply's ``versions`` part here), so an upgraded and restarted agent shows its new versions
+at once. Only versions in the fixed format of :mod:`fedward.agent_versions` are
 stored; anything else is logged (the site's name and the problem, never the value) and
 dropped, and the site's earlier versions stand. A change is audited (``site.versions``).
 """
@@ -26,7 +27,7 @@ __all__ = ["VIA", "note_reply_versions", "note_versions"]
 log = logging.getLogger("fedward.coordinator.site_versions")
 
 # How a report arrived: what the sites page and the API say next to the versions.
-VIA: Final = frozenset({"enrollment", "renewal", "admission"})
+VIA: Final = frozenset({"enrollment", "renewal", "start", "admission"})
 
 
 def note_versions(session: Session, site: Site | str, raw: object, *, via: str) -> bool:

@@ -89,6 +89,31 @@ def _start_drift(root: Path, config: SiteConfig) -> DriftScheduler | None:
     return scheduler
 
 
+# Waits between tries of the version report at start: about 3 minutes in all, then the
+# next admission answer carries the versions anyway.
+_VERSION_REPORT_WAITS_S: Final = (2.0, 5.0, 15.0, 30.0, 60.0, 60.0)
+
+
+def _report_versions(root: Path, gateway: str, stop: threading.Event) -> None:
+    """Tell the coordinator this agent's versions once it is reachable, so that the sites
+    page shows an upgrade as soon as the agent restarts (not at the next run)."""
+    from site_agent.enroll import CoordinatorUnreachable, EnrollError, report_versions
+
+    for wait in (*_VERSION_REPORT_WAITS_S, None):
+        try:
+            report_versions(root=root, gateway=gateway)
+            log.info("the coordinator has this agent's versions")
+            return
+        except CoordinatorUnreachable as err:
+            if wait is None or stop.wait(wait):
+                log.info("versions not reported (%s); the next admission answer carries "
+                         "them", err)
+                return
+        except EnrollError as err:
+            log.warning("versions not reported: %s", err)
+            return
+
+
 def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
     """None if a TLS connection to ``address`` verifies against the CA, else why not."""
     path = unix_path(address)
@@ -353,6 +378,9 @@ class SiteAgent:
         if route.via_gateway:
             log.info("enrolled: the SuperNode reaches the gateway %s through the tunnel on %s",
                      config.superlink, route.upstream)
+            threading.Thread(target=_report_versions, args=(self.root, config.superlink,
+                                                            self._stop),
+                             name="version-report", daemon=True).start()
         try:
             return self._supervise_route(config, paths, ca, route)
         finally:

@@ -290,6 +290,36 @@ def renew(*, root: Path, gateway: str, timeout: float = 30.0) -> str:
     return str(body["not_after"])
 
 
+class CoordinatorUnreachable(EnrollError):
+    """The gateway could not be reached or answered 5xx: worth trying again later."""
+
+
+def report_versions(*, root: Path, gateway: str, timeout: float = 10.0) -> bool:
+    """Tell the coordinator which Fedward and Flower versions this agent runs (an enrolled
+    site, with its certificate); returns whether the coordinator stored them.
+
+    Raises:
+        CoordinatorUnreachable: no answer, or a 5xx one (try again later).
+        EnrollError: the coordinator refused the report (not enrolled, revoked, ...).
+    """
+    files = EnrollmentFiles(root)
+    if not files.enrolled:
+        raise EnrollError("this site is not enrolled; run `fedward-site enroll` first")
+    ctx = ssl.create_default_context(cafile=str(files.coordinator_ca))
+    ctx.load_cert_chain(str(files.site_cert), str(files.site_key))
+    try:
+        resp = httpx.post(f"https://{gateway}/fedward/versions", verify=ctx, timeout=timeout,
+                          json={"versions": local_versions()})
+    except httpx.HTTPError as err:
+        raise CoordinatorUnreachable(f"the gateway {gateway} is not reachable ({err})"
+                                     ) from None
+    if resp.status_code >= 500:
+        raise CoordinatorUnreachable(f"the coordinator answered {resp.status_code}")
+    if resp.status_code != 200:
+        raise EnrollError(f"the coordinator refused the version report: {resp.text[:300]}")
+    return bool(resp.json().get("stored"))
+
+
 def _pending(files: EnrollmentFiles) -> tuple[Path, Path]:
     return (files.site_key.with_name(files.site_key.name + ".new"),
             files.site_cert.with_name(files.site_cert.name + ".new"))

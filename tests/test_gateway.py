@@ -296,8 +296,11 @@ def test_enrolled_sites_train_through_the_gateway_and_listen_on_no_host_port() -
             assert _listening_addresses(tree) == set()
             run_dir = site.root / "run"
             assert run_dir.stat().st_mode & 0o777 == 0o700
-            for name in ("tunnel.sock", "supernode.sock", "trainer.sock"):
+            for name in ("tunnel.sock", "supernode.sock", "trainer.sock", "wake.sock"):
                 assert (run_dir / name).stat().st_mode & 0o777 == 0o600, name
+            # Each enrolled agent told the coordinator its versions when it started.
+            assert "the coordinator has this agent's versions" in \
+                (site.log or Path()).read_text(errors="replace")
 
 
 def test_a_site_renews_its_certificate_before_expiry_without_a_token(
@@ -482,7 +485,8 @@ def test_a_site_reports_its_versions_at_enrollment_and_renewal_and_bad_ones_are_
     from importlib.metadata import version
 
     from fedward import __version__
-    from site_agent.enroll import renew
+    from fedward.agent_versions import local_versions
+    from site_agent.enroll import renew, report_versions
 
     def listed(name: str) -> dict[str, object]:
         rows = json.loads(run_cli([str(BIN / "fedward-coordinator"), "sites", "--json"],
@@ -512,6 +516,25 @@ def test_a_site_reports_its_versions_at_enrollment_and_renewal_and_bad_ones_are_
     assert any(e["action"] == "site.versions" and e["subject"] == "site-vers"
                and e["detail"]["previous"]["fedward"] == "0.0.1"
                and e["detail"]["via"] == "renewal" for e in items)
+
+    # A restarted agent (fedward-site start calls this) reports its versions at once.
+    db = sqlite3.connect(fed.home / "coordinator.db")
+    db.execute("UPDATE sites SET agent_version = '0.0.2' WHERE name = 'site-vers'")
+    db.commit()
+    db.close()
+    assert report_versions(root=files.root, gateway=fed.fleet) is True
+    row = listed("site-vers")
+    assert (row["agent_version"], row["versions_via"]) == (__version__, "start")
+    with _client(files, files.coordinator_ca) as c:
+        hostile = c.post(f"https://{fed.fleet}/fedward/versions",
+                         json={"versions": {"fedward": "1.0\nforged line"}})
+        assert hostile.status_code == 200 and hostile.json() == {"stored": False}
+        assert c.post(f"https://{fed.fleet}/fedward/versions", content=b"{}",
+                      headers={"content-type": "text/plain"}).status_code == 415
+    with _client(None, files.coordinator_ca) as c:
+        assert c.post(f"https://{fed.fleet}/fedward/versions",
+                      json={"versions": local_versions()}).status_code == 403
+    assert listed("site-vers")["agent_version"] == __version__
 
     # A hostile version is never stored: the enrollment goes through, the versions do not.
     token = fed.enrollment_token("site-hostile")
