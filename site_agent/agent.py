@@ -58,6 +58,7 @@ from site_agent.data import SiteData
 from site_agent.data_report import DataCheckError
 from site_agent.drift_policy import DriftSchedule
 from site_agent.drift_runner import DriftScheduler
+from site_agent.enroll import report_versions_at_start
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure_noise_secret
 from site_agent.metrics import SiteState
 from site_agent.metrics import start_listener as start_metrics
@@ -87,31 +88,6 @@ def _start_drift(root: Path, config: SiteConfig) -> DriftScheduler | None:
     log.info("drift check of %s every %.0f s (reports go to the coordinator's gateway)",
              schedule.release, schedule.interval_s)
     return scheduler
-
-
-# Waits between tries of the version report at start: about 3 minutes in all, then the
-# next admission answer carries the versions anyway.
-_VERSION_REPORT_WAITS_S: Final = (2.0, 5.0, 15.0, 30.0, 60.0, 60.0)
-
-
-def _report_versions(root: Path, gateway: str, stop: threading.Event) -> None:
-    """Tell the coordinator this agent's versions once it is reachable, so that the sites
-    page shows an upgrade as soon as the agent restarts (not at the next run)."""
-    from site_agent.enroll import CoordinatorUnreachable, EnrollError, report_versions
-
-    for wait in (*_VERSION_REPORT_WAITS_S, None):
-        try:
-            report_versions(root=root, gateway=gateway)
-            log.info("the coordinator has this agent's versions")
-            return
-        except CoordinatorUnreachable as err:
-            if wait is None or stop.wait(wait):
-                log.info("versions not reported (%s); the next admission answer carries "
-                         "them", err)
-                return
-        except EnrollError as err:
-            log.warning("versions not reported: %s", err)
-            return
 
 
 def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
@@ -378,8 +354,8 @@ class SiteAgent:
         if route.via_gateway:
             log.info("enrolled: the SuperNode reaches the gateway %s through the tunnel on %s",
                      config.superlink, route.upstream)
-            threading.Thread(target=_report_versions, args=(self.root, config.superlink,
-                                                            self._stop),
+            threading.Thread(target=report_versions_at_start,
+                             args=(self.root, config.superlink, self._stop),
                              name="version-report", daemon=True).start()
         try:
             return self._supervise_route(config, paths, ca, route)

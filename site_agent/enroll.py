@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,8 +42,11 @@ from fedward.tokens import TokenFormatError, parse_enrollment_token
 from site_agent.config import SitePaths
 from site_agent.keys import ensure_node_key
 
-__all__ = ["DEFAULT_GATEWAY_PORT", "EnrollError", "EnrollmentFiles", "enroll",
-           "finish_interrupted_renewal", "gateway_address", "renew"]
+__all__ = ["DEFAULT_GATEWAY_PORT", "CoordinatorUnreachable", "EnrollError", "EnrollmentFiles",
+           "enroll", "finish_interrupted_renewal", "gateway_address", "renew",
+           "report_versions", "report_versions_at_start"]
+
+log = logging.getLogger("fedward.site.enroll")
 
 # The coordinator's site gateway port unless its team chose another (``fleet_port`` in the
 # coordinator's settings; a test keeps the two equal).
@@ -318,6 +323,31 @@ def report_versions(*, root: Path, gateway: str, timeout: float = 10.0) -> bool:
     if resp.status_code != 200:
         raise EnrollError(f"the coordinator refused the version report: {resp.text[:300]}")
     return bool(resp.json().get("stored"))
+
+
+# Waits between tries of the version report at start: about 3 minutes in all, then the
+# next admission answer carries the versions anyway.
+_VERSION_REPORT_WAITS_S: Final = (2.0, 5.0, 15.0, 30.0, 60.0, 60.0)
+
+
+def report_versions_at_start(root: Path, gateway: str, stop: threading.Event) -> None:
+    """:func:`report_versions` once the gateway is reachable (the agent runs this in a
+    thread when it starts), so that the sites page shows an upgrade as soon as the agent
+    restarts, not at the next run. Gives up, with one log line, when refused, when
+    ``stop`` is set, or after about 3 minutes."""
+    for wait in (*_VERSION_REPORT_WAITS_S, None):
+        try:
+            report_versions(root=root, gateway=gateway)
+            log.info("the coordinator has this agent's versions")
+            return
+        except CoordinatorUnreachable as err:
+            if wait is None or stop.wait(wait):
+                log.info("versions not reported (%s); the next admission answer carries "
+                         "them", err)
+                return
+        except EnrollError as err:
+            log.warning("versions not reported: %s", err)
+            return
 
 
 def _pending(files: EnrollmentFiles) -> tuple[Path, Path]:
