@@ -72,7 +72,7 @@ def serve(db_url: str, home: Path, port: int) -> None:
 
 def seed(db_url: str) -> tuple[str, int]:
     """Migrate and fill the database; return (token, id of the run to query)."""
-    from coordinator.api import create_user
+    from coordinator.auth import create_user
     from coordinator.db import make_engine, run_migrations, session_scope
     from coordinator.models import Project, Run
     from coordinator.repository import finish_run, mark_run_started

@@ -75,8 +75,8 @@ def seed(db_url: str) -> dict[str, Any]:
     """Migrate and fill the database; return the ids the pages are asked about."""
     from sqlalchemy import insert
 
-    from coordinator.api import create_user
     from coordinator.audit import append_event
+    from coordinator.auth import create_user
     from coordinator.db import make_engine, run_migrations, session_scope
     from coordinator.models import Project, Round, Run, Site, SiteCertificate, SiteMetric, utcnow
     from coordinator.repository import SERVERAPP_ACTOR

@@ -83,7 +83,7 @@ def init(home: HomeOpt = None,
     """Create the data directory, the site CA, the database schema and the first admin."""
     from sqlmodel import select
 
-    from coordinator.api import create_user
+    from coordinator.auth import create_user
     from coordinator.db import make_engine, session_scope
     from coordinator.models import User
     from coordinator.service import init_home

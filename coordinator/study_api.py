@@ -1,22 +1,22 @@
 """REST routes of the study registry: register, list, show (``/api/v1/studies``).
 
-Mounted by :func:`coordinator.api.create_app`, which passes its authentication dependency
-and role check in (this module does not import ``coordinator.api``, so no import cycle).
-Registering needs a role that may launch runs; reading, any signed-in user.
+Mounted by :func:`coordinator.api.create_app`; the routes authenticate through
+:mod:`coordinator.auth`, as every route of the API does. Registering needs a role that may
+launch runs; reading, any signed-in user.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, HTTPException, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from coordinator.api_errors import RESPONSES_401, RESPONSES_403
+from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
-from coordinator.models import User
 from coordinator.study_registry import (
     StudyNotFoundError,
     get_study,
@@ -55,22 +55,15 @@ def _problems_error(err: StudyError) -> RequestValidationError:
     return RequestValidationError(errors)
 
 
-def make_router(*, current_user: Callable[..., Any],
-                require_role: Callable[[User, frozenset[str]], None]) -> APIRouter:
-    """The study routes, authenticated with ``current_user`` and checked with
-    ``require_role`` (both from :mod:`coordinator.api`)."""
-    router = APIRouter(prefix="/api/v1", tags=["studies"])
-    signed_in = Depends(current_user)
-    responses: dict[int | str, dict[str, Any]] = {
-        401: {"description": "Missing or unknown API token"},
-        403: {"description": "The user's role may not do this"},
-    }
+def make_router() -> APIRouter:
+    """The study routes, under the API's prefix."""
+    router = APIRouter(prefix=API_PREFIX, tags=["studies"])
+    responses = {**RESPONSES_401, **RESPONSES_403}
 
     @router.post("/studies", status_code=201, responses={
         **responses, 200: {"description": "Identical content was registered already"},
         422: {"description": "Every problem of the spec, each with its path"}})
-    def register(body: StudyRegister, session: SessionDep,
-                 user: User = signed_in) -> JSONResponse:
+    def register(body: StudyRegister, session: SessionDep, user: CurrentUser) -> JSONResponse:
         """Validate a study spec and register it (201), or return the version that already
         holds identical content (200). A changed spec gets its name's next version."""
         require_role(user, WRITE_ROLES)
@@ -89,15 +82,13 @@ def make_router(*, current_user: Callable[..., Any],
             content={**study_public(outcome.study), "created": outcome.created})
 
     @router.get("/studies", responses=responses)
-    def studies(session: SessionDep, _user: User = signed_in
-                ) -> list[dict[str, Any]]:
+    def studies(session: SessionDep, _user: CurrentUser) -> list[dict[str, Any]]:
         """Every version of every registered study."""
         return [study_public(s) for s in list_studies(session)]
 
     @router.get("/studies/{ref}", responses={**responses, 404: {"description": "No such "
                                                                 "study or version"}})
-    def show(ref: str, session: SessionDep, _user: User = signed_in
-             ) -> dict[str, Any]:
+    def show(ref: str, session: SessionDep, _user: CurrentUser) -> dict[str, Any]:
         """One version with its spec: ``NAME@VERSION``, or ``NAME`` for the newest."""
         try:
             return study_public(get_study(session, ref), with_spec=True)

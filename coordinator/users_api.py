@@ -1,42 +1,55 @@
-"""Routes that end or renew a user's credentials: new API token, revoke, disable, delete.
+"""Users: create and list them (admin only), set a password, and end or renew a user's
+credentials: new API token, revoke, disable, delete.
 
 Mounted by :func:`coordinator.api.create_app` under ``/api/v1``. An admin may act on any
-user; every user may renew or revoke their own tokens. No admin can disable or delete
-themself, nor the last enabled admin: the coordinator always keeps one way in.
+user; every user may set their own password and renew or revoke their own tokens. No admin
+can disable or delete themself, nor the last enabled admin: the coordinator always keeps
+one way in.
 """
 
 from __future__ import annotations
 
 import secrets
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from typing import Annotated, NoReturn
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, func, select
 
+from coordinator.api_errors import (
+    RESPONSES_401,
+    RESPONSES_403,
+    RESPONSES_404,
+    Responses,
+    field_error,
+    not_found,
+)
 from coordinator.audit import append_event
 from coordinator.auth import (
     API_PREFIX,
+    MAX_PASSWORD_LENGTH,
+    MIN_PASSWORD_LENGTH,
     CurrentUser,
+    bearer_scheme,
+    create_user,
+    hash_password,
     hash_token,
     require_role,
     revoke_credentials,
+    set_password,
 )
 from coordinator.db import SessionDep
 from coordinator.models import LoginSession, User, UserCredential, utcnow
 from coordinator.schemas import UserPublic
 from coordinator.settings import Settings
-from fedward.roles import ADMIN, USER_ADMIN_ROLES
+from fedward.roles import ADMIN, ROLES, USER_ADMIN_ROLES
 
 __all__ = ["issue_api_token", "router"]
 
 router = APIRouter(prefix=API_PREFIX, tags=["users"])
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or unknown API token"},
-    403: {"description": "The user's role may not do this"},
-    404: {"description": "No such user"},
-}
+_RESPONSES: Responses = {**RESPONSES_401, **RESPONSES_403, 404: {"description": "No such user"}}
 
 
 class NewToken(BaseModel):
@@ -100,6 +113,89 @@ def _keep_an_admin(session: Session, user: User, target: User, what: str) -> Non
             _refuse(f"{target.name!r} is the last enabled admin; create another admin first")
 
 
+class UserCreate(BaseModel):
+    """Body of ``POST /users``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    role: str = Field(description="admin, ml_engineer, reviewer or clinician")
+    password: str | None = Field(default=None, min_length=MIN_PASSWORD_LENGTH,
+                                 max_length=MAX_PASSWORD_LENGTH,
+                                 description="For the release portal and POST /login; "
+                                             "omit for a token-only account.")
+
+
+class UserCreated(BaseModel):
+    """A new user and its API token, shown this once."""
+
+    user: UserPublic
+    token: str
+
+
+def _token_ttl(request: Request) -> timedelta:
+    settings: Settings = request.app.state.settings
+    return timedelta(days=settings.token_ttl_days)
+
+
+@router.post("/users", status_code=201, responses={**RESPONSES_401, **RESPONSES_403})
+def create_user_route(body: UserCreate, request: Request, session: SessionDep,
+                      user: CurrentUser) -> UserCreated:
+    """Create a user (admin only); the answer holds its API token, shown only this once."""
+    require_role(user, USER_ADMIN_ROLES)
+    if body.role not in ROLES:
+        field_error("role", f"unknown role; roles: {', '.join(sorted(ROLES))}")
+    if session.exec(select(User).where(User.name == body.name)).first() is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"user {body.name!r} already exists")
+    try:
+        new, token = create_user(session, name=body.name, role=body.role, actor=user.name,
+                                 password=body.password, token_ttl=_token_ttl(request))
+    except ValueError as err:
+        field_error("name", str(err))
+    session.commit()
+    return UserCreated(user=UserPublic.of(new), token=token)
+
+
+@router.get("/users", responses={**RESPONSES_401, **RESPONSES_403})
+def list_users(session: SessionDep, user: CurrentUser) -> list[UserPublic]:
+    """All users, by name (admin only)."""
+    require_role(user, USER_ADMIN_ROLES)
+    return [UserPublic.of(u) for u in session.exec(select(User).order_by(col(User.name))).all()]
+
+
+class PasswordChange(BaseModel):
+    """Body of ``PUT /users/{name}/password``."""
+
+    model_config = ConfigDict(extra="forbid")
+    password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
+
+
+@router.put("/users/{name}/password", status_code=204,
+            responses={**RESPONSES_401, **RESPONSES_403, **RESPONSES_404})
+def change_password(name: str, body: PasswordChange, session: SessionDep,
+                    user: CurrentUser,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                           Depends(bearer_scheme)]) -> None:
+    """Set a user's password: an admin for anyone, every user for themself.
+
+    Every other credential of the user ends: its login sessions and its API token, all but
+    the token this request was made with.
+    """
+    if user.name != name:
+        require_role(user, USER_ADMIN_ROLES)
+    target = session.exec(select(User).where(User.name == name)).first()
+    if target is None:
+        not_found(f"user {name!r}")
+    session.commit()   # the slow hash runs outside any transaction
+    encoded = hash_password(body.password)
+    target = session.exec(select(User).where(User.name == name)).first()
+    if target is None:
+        not_found(f"user {name!r}")
+    assert credentials is not None
+    set_password(session, target, actor=user.name, encoded=encoded,
+                 keep_token=credentials.credentials if target.id == user.id else None)
+    session.commit()
+
+
 @router.post("/users/{name}/token", status_code=201, responses=_RESPONSES)
 def new_token(name: str, request: Request, session: SessionDep, user: CurrentUser) -> NewToken:
     """Issue a new API token (an admin for anyone, every user for themself).
@@ -110,9 +206,7 @@ def new_token(name: str, request: Request, session: SessionDep, user: CurrentUse
     target = _target(session, name)
     if target.disabled_at is not None:
         _refuse(f"user {name!r} is disabled; enable it first")
-    settings: Settings = request.app.state.settings
-    token = issue_api_token(session, target, actor=user.name,
-                            ttl=timedelta(days=settings.token_ttl_days))
+    token = issue_api_token(session, target, actor=user.name, ttl=_token_ttl(request))
     session.commit()
     return NewToken(user=UserPublic.of(target), token=token,
                     expires_at=target.token_expires_at)

@@ -35,7 +35,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from coordinator.api import MAX_BODY_BYTES, create_app, create_user
+from coordinator.api import create_app
+from coordinator.auth import create_user
+from coordinator.body_limit import MAX_BODY_BYTES
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.settings import Settings
 

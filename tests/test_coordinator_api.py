@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
 
-from coordinator.api import API_PREFIX, create_app, create_user
+from coordinator.api import create_app
+from coordinator.auth import API_PREFIX, create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Run, SiteMetric
 from coordinator.repository import finish_run, mark_run_started
@@ -999,7 +1000,7 @@ def test_admin_token_command_renews_the_admins_token_from_the_data_directory(
     from typer.testing import CliRunner
 
     from coordinator import cli
-    from coordinator.api import user_for_token
+    from coordinator.auth import user_for_token
     from coordinator.models import User
 
     home = tmp_path / "coord"

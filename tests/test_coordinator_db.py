@@ -236,7 +236,7 @@ def test_an_upgrade_from_0004_keeps_users_and_certificates_and_gives_old_tokens_
         tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from coordinator.api import user_for_token
+    from coordinator.auth import user_for_token
     from coordinator.models import SiteCertificate, User
 
     url = f"sqlite:///{tmp_path / 'old' / 'c.db'}"

@@ -15,7 +15,8 @@ from prometheus_client import generate_latest
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from coordinator.api import create_app, create_user
+from coordinator.api import create_app
+from coordinator.auth import create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.drift import FAILED, AlarmRule, DriftReportError, alarm_features, store_report
 from coordinator.metrics import build_registry

@@ -22,7 +22,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from coordinator.api import API_PREFIX, create_app
+from coordinator.api import create_app
+from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.evaluation import (
     STALE_AFTER_S,

@@ -21,7 +21,8 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from coordinator import round_records
-from coordinator.api import create_app, create_user
+from coordinator.api import create_app
+from coordinator.auth import create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.metrics import METRIC_NAMES, build_registry, note_site_contact

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from coordinator.api import API_PREFIX, create_app
+from coordinator.api import create_app
+from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations
 from coordinator.settings import Settings
 from export.bundle_keys import public_key_fingerprint

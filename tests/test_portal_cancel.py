@@ -26,7 +26,8 @@ from sqlalchemy import Engine
 from sqlmodel import select
 from test_portal_browser import CHROMIUM, CHROMIUM_ARGS
 
-from coordinator.api import API_PREFIX, create_app
+from coordinator.api import create_app
+from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Project, Run
 from coordinator.repository import finish_run, mark_run_started

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from coordinator.api import API_PREFIX, create_app
+from coordinator.api import create_app
+from coordinator.auth import API_PREFIX
 from coordinator.portal import COOKIE_NAME, csrf_token
 from coordinator.settings import Settings
 

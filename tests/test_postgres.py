@@ -15,8 +15,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 from sqlmodel import Session, SQLModel, col, select
 
-from coordinator.api import create_app, create_user
+from coordinator.api import create_app
 from coordinator.audit import append_event, verify_chain
+from coordinator.auth import create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Site
 from coordinator.settings import Settings

@@ -24,7 +24,8 @@ from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from coordinator import release_cli
-from coordinator.api import API_PREFIX, create_app
+from coordinator.api import create_app
+from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations
 from coordinator.settings import Settings
 

@@ -36,7 +36,8 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from coordinator import release_cli
-from coordinator.api import create_app, create_user
+from coordinator.api import create_app
+from coordinator.auth import create_user
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
 from coordinator.cli import ApiClient
 from coordinator.db import alembic_config, make_engine, run_migrations, session_scope

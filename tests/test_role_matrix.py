@@ -21,7 +21,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import select
 
-from coordinator.api import API_PREFIX, create_app
+from coordinator.api import create_app
+from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import ReleaseCandidate, Site
 from coordinator.pki import ensure_ca

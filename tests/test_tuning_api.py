@@ -15,7 +15,8 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from coordinator import tuning as tuning_module
-from coordinator.api import create_app, create_user
+from coordinator.api import create_app
+from coordinator.auth import create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import Project, Run, Site, Tuning
 from coordinator.run_cli import relaunch_body
