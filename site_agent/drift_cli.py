@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from site_agent.cli_common import DirOpt, fail
 from site_agent.config import ConfigError, SiteConfig
 
 __all__ = ["drift_app"]
@@ -24,7 +25,6 @@ drift_app = typer.Typer(help="Drift and performance of a released model at this 
                         no_args_is_help=True, add_completion=False)
 _console = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
-DirOpt = Annotated[Path, typer.Option("--dir", help="the site's data directory")]
 # What the exit status says to a scheduler: 0 ran (drift or not), 3 the check failed.
 EXIT_CHECK_FAILED = 3
 
@@ -34,8 +34,7 @@ def _config(dir: Path) -> tuple[Path, SiteConfig]:
     try:
         return root, SiteConfig.load(root)
     except ConfigError as err:
-        _err.print(f"[bold red]error:[/] {escape(str(err))}")
-        raise typer.Exit(1) from None
+        fail(str(err))
 
 
 @drift_app.command("check")
@@ -64,10 +63,9 @@ def check(
               "data": data or (base.data if base else None)}
     missing = [k for k, v in chosen.items() if v is None]
     if missing:
-        _err.print(f"[bold red]error:[/] no {', '.join(missing)} given: pass "
-                   f"{' '.join('--' + k.replace('_', '-') for k in missing)} or set them "
-                   "in the drift section of site.json")
-        raise typer.Exit(2)
+        fail(f"no {', '.join(missing)} given: pass "
+             f"{' '.join('--' + k.replace('_', '-') for k in missing)} or set them "
+             "in the drift section of site.json", 2)
     schedule = DriftSchedule(release=str(chosen["release"]),
                              public_key=str(chosen["public_key"]), data=str(chosen["data"]),
                              revocations=base.revocations if base else None)
@@ -76,8 +74,7 @@ def check(
     try:
         outcome = check_and_queue(root, schedule)
     except AuditLogError as err:
-        _err.print(f"[bold red]error:[/] nothing was queued: {escape(str(err))}")
-        raise typer.Exit(1) from None
+        fail(f"nothing was queued: {err}")
     if as_json:
         _console.print(json.dumps({
             "report": outcome.report,

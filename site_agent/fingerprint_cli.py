@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from site_agent.cli_common import fail
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 
 __all__ = ["fingerprint"]
@@ -42,8 +43,7 @@ def fingerprint(
     try:
         cfg = SiteConfig.load(root)
     except ConfigError as err:
-        _err.print(f"[bold red]error:[/] {escape(str(err))}")
-        raise typer.Exit(1) from None
+        fail(str(err))
     from site_agent.connectors import ConnectorError
     from site_agent.data_table import TableReadError
 
@@ -61,11 +61,9 @@ def fingerprint(
             content = connector.read().content
         key = ensure_fingerprint_key(key_path)
     except (OSError, ValueError, ConnectorError) as err:
-        _err.print(f"[bold red]error:[/] {escape(str(err))}")
-        raise typer.Exit(1) from None
+        fail(str(err))
     except TableReadError as err:
-        _err.print(f"[bold red]error:[/] {escape(err.problem.message)}")
-        raise typer.Exit(1) from None
+        fail(err.problem.message)
     value = keyed_fingerprint(key, content)
     _console.print(f"data file:    {escape(source)}")
     _console.print(f"content-hmac: {value}")
@@ -88,9 +86,8 @@ def fingerprint(
     try:
         AuditLog(SitePaths(root).audit_log).append("fingerprint-key-revealed", {"by": by})
     except AuditLogError as err:
-        _err.print(f"[bold red]error:[/] the reveal could not be recorded in the audit log, "
-                   f"so the key is not shown: {escape(str(err))}")
-        raise typer.Exit(1) from None
+        fail("the reveal could not be recorded in the audit log, so the key is not shown: "
+             f"{err}")
     _console.print(f"fingerprint key (hex): {key.hex()}")
     if file_path is not None:
         _console.print("The auditor recomputes the fingerprint with:")

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from site_agent.cli_common import fail
 from site_agent.config import SitePaths
 
 if TYPE_CHECKING:
@@ -99,8 +100,7 @@ def show(
                 _err.print(json.dumps(row, sort_keys=True), markup=False)
         raise typer.Exit(1) from None
     except LedgerCorruptError as err:
-        _err.print(f"[bold red]error:[/] {escape(str(err))}")
-        raise typer.Exit(1) from None
+        fail(str(err))
     meta, _rows = ledger.raw()
     if as_json:
         print(json.dumps({

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from site_agent.cli_common import fail
 
 if TYPE_CHECKING:
     from fedward.study import StudySpec
@@ -40,11 +42,6 @@ StudyOpt = Annotated[str | None, typer.Option(
 MappingOpt = Annotated[Path | None, typer.Option("--mapping", help="the mapping file")]
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {escape(message)}")
-    raise typer.Exit(code)
-
-
 def _file_connector(data: Path) -> Connector:
     from site_agent.connectors import open_connector
 
@@ -67,16 +64,16 @@ def _sources(dir: Path | None, data: Path | None, study: str | None, mapping: Pa
         try:
             cfg = SiteConfig.load(root)
         except ConfigError as err:
-            _fail(str(err))
+            fail(str(err))
     study_ref = study or (cfg.study if cfg is not None else None)
     if study_ref is None:
-        _fail("name the study with --study (a file or an example study), or give --dir of "
+        fail("name the study with --study (a file or an example study), or give --dir of "
               "a site whose site.json names one")
     mapping_path = mapping
     if mapping_path is None and cfg is not None and cfg.mapping is not None and root:
         mapping_path = cfg.resolve(root, cfg.mapping)
     if need_mapping and mapping_path is None:
-        _fail("name the mapping with --mapping, or give --dir of a site whose site.json "
+        fail("name the mapping with --mapping, or give --dir of a site whose site.json "
               "names one")
     try:
         spec = resolve_study(study_ref, root=root)
@@ -85,9 +82,9 @@ def _sources(dir: Path | None, data: Path | None, study: str | None, mapping: Pa
         elif cfg is not None and root is not None:
             connector = cfg.connector(root)
         else:
-            _fail("name the data with --data FILE, or give --dir of a configured site")
+            fail("name the data with --data FILE, or give --dir of a configured site")
     except (StudyError, ConnectorError) as err:
-        _fail(str(err))
+        fail(str(err))
     return spec, connector, mapping_path
 
 
@@ -99,7 +96,7 @@ def site_binding(spec: StudySpec, mapping_path: Path) -> Binding:
     try:
         return Binding(study=spec, mapping=load_mapping(mapping_path))
     except MappingError as err:
-        _fail(str(err), 3)
+        fail(str(err), 3)
 
 
 def _norm(text: str) -> str:
@@ -174,12 +171,12 @@ def template(
 
     spec, connector, _ = _sources(dir, data, study, None, need_mapping=False)
     if out.exists() and not force:
-        _fail(f"{out} exists; edit it, or replace it with --force")
+        fail(f"{out} exists; edit it, or replace it with --force")
     try:
         table = connector.read()
         rows = [list(cells) for _n, cells in table.rows]
     except TableReadError as err:
-        _fail(err.problem.message)
+        fail(err.problem.message)
     text = template_text(spec, table.header, rows)
     atomic_write(out, text, mode=0o600)
     blanks = text.count("''")

@@ -17,23 +17,15 @@ import getpass
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from site_agent.cli_common import console, err_console, fail
 from site_agent.config import SitePaths
 
 __all__ = ["allow_plugin", "approve_study"]
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def approve_study(
@@ -55,14 +47,14 @@ def approve_study(
         # The coordinator checks DP-SGD trainability at registration; the site reviews content.
         spec = load_spec(spec_file, check_dp=False)
     except StudyError as err:
-        _fail(str(err))
+        fail(str(err))
     try:
         policy = SitePolicy.load(paths.policy)
     except PolicyError as err:
-        _fail(str(err))
+        fail(str(err))
     accepted = policy.projects.get(project)
     if accepted is None:
-        _fail(f"project {project!r} is not in {paths.policy} (projects: "
+        fail(f"project {project!r} is not in {paths.policy} (projects: "
               f"{', '.join(sorted(policy.projects)) or 'none'}); add it first")
     digest = spec.content_hash()
     label = f"{spec.name} ({len(spec.features)} features, label {spec.label.name}: " \
@@ -104,14 +96,14 @@ def allow_plugin(
     try:
         pin = installed_pin(distribution)
     except PluginError as err:
-        _fail(str(err))
+        fail(str(err))
     if pin is None:
-        _fail(f"no distribution named {distribution!r} is installed in this site agent's "
+        fail(f"no distribution named {distribution!r} is installed in this site agent's "
               "environment; install the ML team's wheel first (pip install FILE.whl)")
     try:
         policy = SitePolicy.load(paths.policy)
     except PolicyError as err:
-        _fail(str(err))
+        fail(str(err))
     if any(pin.same(p) for p in policy.plugins):
         console.print(f"model plugin {pin} is already allowed", highlight=False,
                       soft_wrap=True)
