@@ -50,6 +50,8 @@ from fedward.sandbox.relay import Endpoint, RelayThread, unix_connect, unix_path
 from fedward.tasks import TaskRef
 from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
+from site_agent.admission import SiteGate
+from site_agent.approvals import ApprovalBook
 from site_agent.audit import AuditLog, AuditLogError
 from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
@@ -62,7 +64,7 @@ from site_agent.enroll import report_versions_at_start
 from site_agent.keys import FINGERPRINT_KEY_FILE, ensure_fingerprint_key, ensure_noise_secret
 from site_agent.metrics import SiteState
 from site_agent.metrics import start_listener as start_metrics
-from site_agent.policy import ApprovalBook, PolicyError, PolicyMissingError, SiteGate
+from site_agent.policy import PolicyError, PolicyMissingError
 from site_agent.site_data import open_configured
 from site_agent.supernode_watch import SupernodeWatch
 from site_agent.trainer import TrainerServer, WarmTrainer

@@ -79,7 +79,8 @@ def runs(dir: DirOpt,
     """List the runs this site has seen, their state and the epsilon they spent here, and
     the epsilon spent (composed) and left per project and site-wide."""
     from privacy import LedgerCorruptError, PrivacyLedger
-    from site_agent.policy import ApprovalBook, ApprovalsError, run_statuses
+    from site_agent.approvals import ApprovalBook, ApprovalsError
+    from site_agent.run_status import run_statuses
 
     paths = SitePaths(dir.expanduser().resolve())
     ledger = PrivacyLedger(paths.ledger)
@@ -133,7 +134,8 @@ def status(dir: DirOpt,
     """The site at a glance: its policy, the runs it has seen, and the epsilon spent
     (composed) and left per project and site-wide."""
     from privacy import LedgerCorruptError, PrivacyLedger
-    from site_agent.policy import ApprovalBook, ApprovalsError, run_statuses
+    from site_agent.approvals import ApprovalBook, ApprovalsError
+    from site_agent.run_status import run_statuses
 
     root = dir.expanduser().resolve()
     paths = SitePaths(root)
@@ -167,8 +169,8 @@ def status(dir: DirOpt,
 
 
 def _decide(root: Path, run: str, decision: str, *, by: str, reason: str | None) -> None:
+    from site_agent.approvals import ApprovalBook, ApprovalsError
     from site_agent.audit import AuditLog, AuditLogError
-    from site_agent.policy import ApprovalBook, ApprovalsError
 
     paths = SitePaths(root)
     audit = AuditLog(paths.audit_log)

@@ -82,6 +82,14 @@ from privacy.membership import audit_membership
 from privacy.release import noise_multiplier_after
 from privacy.tuning import NotCoveredError
 from site_agent import tuning
+from site_agent.admission import (
+    Admission,
+    PendingApproval,
+    PolicyRefusal,
+    SiteGate,
+    check_rounds_per_day,
+)
+from site_agent.approvals import ApprovalsError
 from site_agent.audit import AuditLogError
 from site_agent.data import SiteData
 from site_agent.diagnostics import failure_reason
@@ -99,14 +107,6 @@ from site_agent.parity_task import (
     measure_parity,
     model_digest,
     split_arrays,
-)
-from site_agent.policy import (
-    Admission,
-    ApprovalsError,
-    PendingApproval,
-    PolicyRefusal,
-    SiteGate,
-    check_rounds_per_day,
 )
 from site_agent.secagg_site import SecAggRefused, SecAggSessions, check_egress
 from site_agent.statistics import (

@@ -102,7 +102,7 @@ def test_no_certificate_or_another_ca_is_refused(fed: Federation, tmp_path: Path
 
 
 def test_revoked_site_is_refused_at_once(fed: Federation, tmp_path: Path) -> None:
-    from site_agent.doctor import check_gateway_identity
+    from site_agent.doctor_coordinator import check_gateway_identity
 
     files = _enrolled(fed, "site-rev", tmp_path)
     pair = (files.site_cert, files.site_key)

@@ -211,8 +211,8 @@ def test_coordinator_restarts_a_dead_superlink_and_sites_come_back() -> None:
 
 
 def test_site_requiring_approval_waits_as_pending_until_its_it_approves() -> None:
+    from site_agent.approvals import ApprovalBook
     from site_agent.audit import read_entries
-    from site_agent.policy import ApprovalBook
 
     from federation import edit_site_policy
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from privacy import LedgerCorruptError, PrivacyLedger
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
-from site_agent.doctor import check_ledger
+from site_agent.doctor_site import check_ledger
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V1 = FIXTURES / "privacy-ledger-v1.json"

@@ -35,13 +35,14 @@ from privacy import (
     noise_multiplier_for_run,
     sample_rate_for,
 )
+from site_agent.admission import SiteGate
+from site_agent.approvals import ApprovalBook
 from site_agent.audit import AuditLog, AuditLogError, read_entries
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
 from site_agent.data import SiteData, load_site_data
 from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
-from site_agent.policy import ApprovalBook, SiteGate
 from site_agent.trainer import WarmTrainer, round_noise_seed
 
 from tests_support import no_warm_ups_left

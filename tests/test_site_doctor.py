@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
-from site_agent import doctor
+from site_agent import doctor, doctor_coordinator, doctor_site
 from site_agent.cli import app as site_cli
 from site_agent.config import SiteConfig, SitePaths
 from site_agent.datasets import write_demo_federation
@@ -143,9 +143,9 @@ def test_clock_in_step_with_the_coordinator_is_ok(
     pki: CAFiles, serve: Callable[..., DateServer],
 ) -> None:
     server = serve()
-    skew = doctor.measure_clock_skew(server.address, pki.ca_cert)
+    skew = doctor_coordinator.measure_clock_skew(server.address, pki.ca_cert)
     assert abs(skew) < 2
-    check = doctor.check_clock_skew(server.address, pki.ca_cert)
+    check = doctor_coordinator.check_clock_skew(server.address, pki.ca_cert)
     assert check.status == "ok" and "of the coordinator's clock" in check.message
     assert server.requests == 2
 
@@ -155,9 +155,9 @@ def test_a_skewed_clock_fails_and_says_to_enable_ntp(
     pki: CAFiles, serve: Callable[..., DateServer], offset_s: int, direction: str,
 ) -> None:
     server = serve(lambda: formatdate(time.time() + offset_s, usegmt=True))
-    skew = doctor.measure_clock_skew(server.address, pki.ca_cert)
+    skew = doctor_coordinator.measure_clock_skew(server.address, pki.ca_cert)
     assert abs(skew + offset_s) < 2
-    check = doctor.check_clock_skew(server.address, pki.ca_cert)
+    check = doctor_coordinator.check_clock_skew(server.address, pki.ca_cert)
     assert check.status == "fail"
     assert f"s {direction} the coordinator's (the limit is 60 s)" in check.message
     assert f"this site's clock is {abs(offset_s) - 1}" in check.message or \
@@ -170,14 +170,14 @@ def test_a_small_skew_within_the_limit_is_ok(
     pki: CAFiles, serve: Callable[..., DateServer],
 ) -> None:
     server = serve(lambda: formatdate(time.time() - 30, usegmt=True))
-    assert doctor.check_clock_skew(server.address, pki.ca_cert).status == "ok"
+    assert doctor_coordinator.check_clock_skew(server.address, pki.ca_cert).status == "ok"
 
 
 def test_no_date_header_means_the_skew_is_not_measured(
     pki: CAFiles, serve: Callable[..., DateServer],
 ) -> None:
     server = serve(lambda: None)
-    check = doctor.check_clock_skew(server.address, pki.ca_cert)
+    check = doctor_coordinator.check_clock_skew(server.address, pki.ca_cert)
     assert check.status == "skip" and "sent no Date header" in check.message
 
 
@@ -188,14 +188,14 @@ def test_a_coordinator_certificate_not_yet_valid_points_at_the_site_clock(
                        not_before=NOW + dt.timedelta(days=2),
                        not_after=NOW + dt.timedelta(days=30))
     server = serve(cert=future)
-    check = doctor.check_clock_skew(server.address, pki.ca_cert)
+    check = doctor_coordinator.check_clock_skew(server.address, pki.ca_cert)
     assert check.status == "fail"
     assert "certificate is not yet valid" in check.message
     assert "the site clock is probably wrong" in check.message
 
 
 def test_an_unreachable_coordinator_skips_the_clock_check(pki: CAFiles) -> None:
-    check = doctor.check_clock_skew(closed_port(), pki.ca_cert, timeout=2)
+    check = doctor_coordinator.check_clock_skew(closed_port(), pki.ca_cert, timeout=2)
     assert check.status == "skip" and "did not answer" in check.message
 
 
@@ -205,14 +205,14 @@ def test_an_unreachable_coordinator_skips_the_clock_check(pki: CAFiles) -> None:
 def test_reachability_ok_and_fail(pki: CAFiles, serve: Callable[..., DateServer],
                                   tmp_path: Path) -> None:
     server = serve()
-    assert doctor.check_reachability(server.address, pki.ca_cert).status == "ok"
+    assert doctor_coordinator.check_reachability(server.address, pki.ca_cert).status == "ok"
     address = closed_port()
-    check = doctor.check_reachability(address, pki.ca_cert, timeout=2)
+    check = doctor_coordinator.check_reachability(address, pki.ca_cert, timeout=2)
     assert check.status == "fail"
     assert f"the coordinator at {address} is not reachable" in check.message
     assert "firewall allows outbound TCP" in check.message
     other = ensure_ca(tmp_path / "other")
-    check = doctor.check_reachability(server.address, other.ca_cert)
+    check = doctor_coordinator.check_reachability(server.address, other.ca_cert)
     assert check.status == "fail" and "the site's CA does not trust" in check.message
 
 
@@ -220,35 +220,35 @@ def test_reachability_ok_and_fail(pki: CAFiles, serve: Callable[..., DateServer]
 
 
 def test_ca_certificate_states(pki: CAFiles, tmp_path: Path) -> None:
-    ok = doctor.check_ca_cert(pki.ca_cert)
+    ok = doctor_coordinator.check_ca_cert(pki.ca_cert)
     assert ok.status == "ok" and "days left" in ok.message
-    missing = doctor.check_ca_cert(tmp_path / "nope.pem")
+    missing = doctor_coordinator.check_ca_cert(tmp_path / "nope.pem")
     assert missing.status == "fail" and "does not exist" in missing.message
     assert "get the current ca.pem from the coordinator team" in missing.message
     (tmp_path / "junk.pem").write_text("not a certificate")
-    assert "cannot be read" in doctor.check_ca_cert(tmp_path / "junk.pem").message
+    assert "cannot be read" in doctor_coordinator.check_ca_cert(tmp_path / "junk.pem").message
     expired, _ = make_cert(tmp_path / "old.pem", not_before=NOW - dt.timedelta(days=400),
                            not_after=NOW - dt.timedelta(days=10))
-    check = doctor.check_ca_cert(expired)
+    check = doctor_coordinator.check_ca_cert(expired)
     assert check.status == "fail" and "expired on" in check.message
     assert "(10 days ago)" in check.message
     soon, _ = make_cert(tmp_path / "soon.pem", not_before=NOW - dt.timedelta(days=1),
                         not_after=NOW + dt.timedelta(days=5, hours=1))
-    check = doctor.check_ca_cert(soon)
+    check = doctor_coordinator.check_ca_cert(soon)
     assert check.status == "warn" and "in 5 days" in check.message
     future, _ = make_cert(tmp_path / "future.pem", not_before=NOW + dt.timedelta(days=1),
                           not_after=NOW + dt.timedelta(days=100))
-    check = doctor.check_ca_cert(future)
+    check = doctor_coordinator.check_ca_cert(future)
     assert check.status == "fail" and "the site clock is probably wrong" in check.message
 
 
 def test_site_certificate_is_skipped_until_enrolled_and_checked_after(tmp_path: Path) -> None:
     paths = SitePaths(tmp_path)
-    assert doctor.check_site_cert(paths).status == "skip"
+    assert doctor_coordinator.check_site_cert(paths).status == "skip"
     paths.keys.mkdir()
     make_cert(paths.site_cert, not_before=NOW - dt.timedelta(days=100),
               not_after=NOW - dt.timedelta(days=1))
-    check = doctor.check_site_cert(paths)
+    check = doctor_coordinator.check_site_cert(paths)
     assert check.status == "fail" and "the site's TLS certificate expired" in check.message
     assert "enroll again" in check.message
 
@@ -258,17 +258,17 @@ def test_site_certificate_is_skipped_until_enrolled_and_checked_after(tmp_path: 
 
 def test_node_key_states(tmp_path: Path) -> None:
     paths = SitePaths(tmp_path)
-    check = doctor.check_node_key(paths)
+    check = doctor_site.check_node_key(paths)
     assert check.status == "fail" and "fedward-site keygen" in check.message
     ensure_node_key(paths.node_key, paths.node_public_key)
-    assert doctor.check_node_key(paths).status == "ok"
+    assert doctor_site.check_node_key(paths).status == "ok"
     os.chmod(paths.node_key, 0o644)
-    check = doctor.check_node_key(paths)
+    check = doctor_site.check_node_key(paths)
     assert check.status == "fail" and "mode 0644" in check.message
     assert f"chmod 600 {paths.node_key}" in check.message
     os.chmod(paths.node_key, 0o600)
     paths.node_key.write_text("garbage")
-    check = doctor.check_node_key(paths)
+    check = doctor_site.check_node_key(paths)
     assert check.status == "fail" and "cannot be read as a node key" in check.message
 
 
@@ -282,34 +282,34 @@ def write_log(paths: SitePaths, text: str, *, age_s: float = 0.0) -> None:
 
 def test_registration_refused_says_what_to_send(tmp_path: Path) -> None:
     paths = SitePaths(tmp_path)
-    assert doctor.check_registration(paths).status == "skip"
+    assert doctor_coordinator.check_registration(paths).status == "skip"
     ensure_node_key(paths.node_key, paths.node_public_key)
     write_log(paths, "INFO Starting\nERROR Node not registered\nExit Code: 305\n")
-    check = doctor.check_registration(paths, config_name="hospital-a")
+    check = doctor_coordinator.check_registration(paths, config_name="hospital-a")
     assert check.status == "fail"
     assert "the key is not registered" in check.message
     assert "fedward-coordinator add-site hospital-a --node-key node_key.pub" in check.message
     assert "fingerprint SHA256:" in check.message
     # An enrolled site registered its key at enrollment: add-site is not its remedy.
     paths.site_cert.write_text("enrolled")
-    check = doctor.check_registration(paths, config_name="hospital-a")
+    check = doctor_coordinator.check_registration(paths, config_name="hospital-a")
     assert "fedward-coordinator sites" in check.message and "add-site" not in check.message
     paths.site_cert.unlink()
     write_log(paths, "Exit Code: 305\n", age_s=3 * 3600)
-    assert doctor.check_registration(paths).status == "warn"
+    assert doctor_coordinator.check_registration(paths).status == "warn"
     write_log(paths, "Exit Code: 305\nINFO SuperNode ID: 123456\nINFO [RUN 4]\n")
-    check = doctor.check_registration(paths)
+    check = doctor_coordinator.check_registration(paths)
     assert check.status == "ok" and "SuperNode ID 123456" in check.message
     # Refused because the coordinator still counts the crashed agent's node as online: not a
     # registration problem (Flower's own wording, as the SuperNode logs it).
     write_log(paths, "INFO SuperNode ID: 1\nERROR Exit Code: 305\nFailed to initialize the "
                      "connection to the SuperLink.\n[code: 2004] Failed to activate "
                      "SuperNode.\n")
-    check = doctor.check_registration(paths, config_name="hospital-a")
+    check = doctor_coordinator.check_registration(paths, config_name="hospital-a")
     assert check.status == "warn" and "add-site" not in check.message
     assert "still counted this site's previous connection as active" in check.message
     write_log(paths, "INFO SuperNode ID: 1\nExit Code: 606\n")
-    check = doctor.check_registration(paths)
+    check = doctor_coordinator.check_registration(paths)
     assert check.status == "warn" and "another Flower version" in check.message
 
 
@@ -334,7 +334,7 @@ def site(tmp_path: Path, pki: CAFiles) -> Path:
 
 def test_data_check_fails_on_bad_or_missing_data(site: Path) -> None:
     cfg = SiteConfig.load(site)
-    check, task = doctor.check_data(site, cfg)
+    check, task = doctor_site.check_data(site, cfg)
     assert check.status == "ok" and task == "breast_cancer_mlp"
     data = cfg.resolve(site, cfg.data_path)
     lines = data.read_text().splitlines()
@@ -342,40 +342,40 @@ def test_data_check_fails_on_bad_or_missing_data(site: Path) -> None:
     cells[0] = "oops"
     lines[2] = ",".join(cells)
     data.write_text("\n".join(lines) + "\n")
-    check, _ = doctor.check_data(site, cfg)
+    check, _ = doctor_site.check_data(site, cfg)
     assert check.status == "fail" and "wrong-type" in check.message
     assert f"fedward-site check --dir {site}" in check.message
     assert "oops" not in check.message
     data.unlink()
-    check, _ = doctor.check_data(site, cfg)
+    check, _ = doctor_site.check_data(site, cfg)
     assert check.status == "fail" and "does not exist" in check.message
 
 
 def test_policy_check_states(site: Path) -> None:
-    assert doctor.check_policy(site, "breast_cancer_mlp").status == "ok"
-    check = doctor.check_policy(site, "digits_cnn")
+    assert doctor_site.check_policy(site, "breast_cancer_mlp").status == "ok"
+    check = doctor_site.check_policy(site, "digits_cnn")
     assert check.status == "warn" and "accepts no project for this site's task" in check.message
     policy = SitePaths(site).policy
     policy.write_text(json.dumps({"version": 1, "projects": {}, "require_approval": False,
                                   "colour": 1}))
-    check = doctor.check_policy(site, "breast_cancer_mlp")
+    check = doctor_site.check_policy(site, "breast_cancer_mlp")
     assert check.status == "fail" and "unknown keys ['colour']" in check.message
     policy.unlink()
-    check = doctor.check_policy(site, "breast_cancer_mlp")
+    check = doctor_site.check_policy(site, "breast_cancer_mlp")
     assert check.status == "fail" and "refuses every run" in check.message
     assert "fedward-site policy init" in check.message
 
 
 def test_low_disk_space_is_a_warning(tmp_path: Path) -> None:
-    assert doctor.check_disk(tmp_path).status == "ok"
-    check = doctor.check_disk(tmp_path, min_free=1 << 62)
+    assert doctor_site.check_disk(tmp_path).status == "ok"
+    check = doctor_site.check_disk(tmp_path, min_free=1 << 62)
     assert check.status == "warn" and "GiB free" in check.message
 
 
 def test_package_versions(tmp_path: Path) -> None:
     import importlib.metadata as md
 
-    assert doctor.check_packages().status == "ok"
+    assert doctor_site.check_packages().status == "ok"
     versions = {"fedward": "0.1.0", "flwr": "1.41.0", "torch": "2.13.0+cpu"}
 
     def version_of(name: str) -> str:
@@ -383,7 +383,7 @@ def test_package_versions(tmp_path: Path) -> None:
             raise md.PackageNotFoundError(name)
         return versions[name]
 
-    check = doctor.check_packages(version_of=version_of)
+    check = doctor_site.check_packages(version_of=version_of)
     assert check.status == "fail"
     assert "flwr is 1.41.0, the site agent needs exactly 1.42.0" in check.message
     assert "opacus is not installed" in check.message
@@ -399,15 +399,15 @@ def test_the_ledger_check_fails_on_what_would_stop_training(tmp_path: Path) -> N
     from privacy import PrivacyLedger
 
     paths = SitePaths(tmp_path)
-    assert doctor.check_ledger(paths).status == "ok"          # nothing spent yet
+    assert doctor_site.check_ledger(paths).status == "ok"          # nothing spent yet
     ledger = PrivacyLedger(paths.ledger)
     ledger.open_run(run_id="r", project="p", epsilon_budget=3.0, delta=1e-5,
                     noise_multiplier=2.0, sample_rate=0.1)
     ledger.reserve_round(run_id="r", round_number=1, steps=5)
-    check = doctor.check_ledger(paths)
+    check = doctor_site.check_ledger(paths)
     assert check.status == "ok" and "1 run(s), 1 entr(y/ies)" in check.message
     paths.ledger.chmod(0o644)
-    check = doctor.check_ledger(paths)
+    check = doctor_site.check_ledger(paths)
     assert check.status == "warn" and "chmod 600" in check.message
     paths.ledger.chmod(0o600)
     con = sqlite3.connect(paths.ledger)
@@ -416,7 +416,7 @@ def test_the_ledger_check_fails_on_what_would_stop_training(tmp_path: Path) -> N
         con.commit()
     finally:
         con.close()
-    check = doctor.check_ledger(paths)
+    check = doctor_site.check_ledger(paths)
     assert check.status == "fail"
     assert "entry 1 (run 'r', round) records mechanism type 'SkellamRound'" in check.message
 

@@ -23,23 +23,16 @@ from fedward.models import model_arrays
 from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
 from privacy import DpSgd, PrivacyLedger, compose_mechanisms
+from site_agent.admission import PolicyRefusal, SiteGate, check_rounds_per_day
+from site_agent.approvals import ApprovalBook, ApprovalsError
 from site_agent.audit import AuditLog, read_entries, verify_log
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
 from site_agent.data import SiteData, load_site_data
 from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
-from site_agent.policy import (
-    ApprovalBook,
-    ApprovalsError,
-    PolicyError,
-    PolicyMissingError,
-    PolicyRefusal,
-    SiteGate,
-    SitePolicy,
-    check_rounds_per_day,
-    run_statuses,
-)
+from site_agent.policy import PolicyError, PolicyMissingError, SitePolicy
+from site_agent.run_status import run_statuses
 from site_agent.trainer import WarmTrainer
 
 TASK = "breast_cancer_mlp"

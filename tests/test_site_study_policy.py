@@ -29,10 +29,11 @@ from typer.testing import CliRunner
 from fedward.study import load_spec
 from fedward.tasks import example_spec_path
 from fedward.wire import CFG, SiteErrorCode
+from site_agent.approvals import ApprovalBook
 from site_agent.audit import AuditLog, read_entries
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
-from site_agent.policy import ApprovalBook, PolicyError, SitePolicy
+from site_agent.policy import PolicyError, SitePolicy
 from site_agent.trainer import WarmTrainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

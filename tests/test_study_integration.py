@@ -22,8 +22,8 @@ SPEC = example_spec_path("breast_cancer_mlp")
 
 
 def test_a_study_run_waits_for_the_site_that_has_not_approved_its_hash() -> None:
+    from site_agent.approvals import ApprovalBook
     from site_agent.audit import read_entries
-    from site_agent.policy import ApprovalBook
 
     digest = load_spec(SPEC, check_dp=False).content_hash()
     site_cli = str(BIN / "fedward-site")

@@ -29,12 +29,13 @@ from privacy.mechanisms import CoveredTrial, DpSgd, TuningSelection, decode_mech
 from privacy.training import expected_steps, sample_rate_for
 from privacy.tuning import NotCoveredError, SearchTerms, selection_for_budget
 from site_agent import tuning
+from site_agent.admission import SiteGate
+from site_agent.approvals import ApprovalBook
 from site_agent.audit import AuditLog, read_entries
 from site_agent.config import SitePaths
 from site_agent.data import SiteData, load_site_data
 from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
-from site_agent.policy import ApprovalBook, SiteGate
 from site_agent.trainer import WarmTrainer
 
 TASK = "breast_cancer_mlp"
