@@ -2,7 +2,7 @@
 
 Cancel (``POST /api/v1/runs/{id}/cancel``, roles that may launch): the request (who, why,
 when) is written to the run's row and the audit log (``run.cancel_requested``). The run's
-round loop (:mod:`coordinator.server_app`) reads the row about once a second wherever it
+round loop (:mod:`coordinator.cancellation`) reads the row about once a second wherever it
 waits: it ends the round in progress as ``cancelled``, sends every online site of the run a
 cancel message (the site writes ``run-cancelled`` in its audit log and answers with an empty
 reply), audits which sites acknowledged it (``run.cancel_delivered``) and ends the run as

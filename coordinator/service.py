@@ -127,7 +127,7 @@ class FlowerSiteParity:
 
         from coordinator.db import session_scope
         from coordinator.models import Checkpoint, ReleaseCandidate
-        from coordinator.server_app import parity_dir
+        from coordinator.parity_task import parity_dir
 
         req_dir = parity_dir(self.home, candidate_id)
         if req_dir.exists():

@@ -56,7 +56,8 @@ with warnings.catch_warnings():
         task_identity,
     )
 
-    from coordinator.server_app import RoundLoop, RunPlan
+    from coordinator.round_loop import RoundLoop
+    from fedward.run_config import RunPlan
 
 BUILTIN = ["fedavg", "median", "trimmed-mean", "fedavgm", "fedadam", "fedyogi"]
 

@@ -70,10 +70,10 @@ with warnings.catch_warnings():
     from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
-    from coordinator.server_app import (
+    from coordinator.aggregation import aggregate
+    from coordinator.round_loop import RoundLoop
+    from coordinator.update_checks import (
         NORM_BOUND_FACTOR,
-        RoundLoop,
-        aggregate,
         dp_update_norm_bound,
         update_norm,
         validate_update,
@@ -478,7 +478,7 @@ def test_an_expired_message_is_a_late_site_not_an_engine_failure(
     (SiteErrorCode.REFUSED_POLICY, "refused-policy: (phase train)", "policy"),
 ])
 def test_failure_phase_from_a_sites_error_reply(code: int, reason: str, phase: str) -> None:
-    from coordinator.server_app import failure_phase
+    from coordinator.update_checks import failure_phase
 
     assert failure_phase(code, reason) == phase
 

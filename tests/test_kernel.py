@@ -255,11 +255,11 @@ def test_roles_are_named_only_in_the_role_table() -> None:
 def test_one_update_digest_on_both_sides_unchanged_for_recorded_runs() -> None:
     import numpy as np
 
-    import coordinator.server_app as server_app
+    import coordinator.round_loop as round_loop
     import site_agent.trainer as trainer
     from fedward.wire import update_digest
 
-    assert server_app.update_digest is update_digest is trainer.update_digest
+    assert round_loop.update_digest is update_digest is trainer.update_digest
     arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
               "b": np.array([0.5, -1.0], np.float32)}
     # The value the coordinator recorded (audit ``round.updates``) before the digest moved

@@ -896,7 +896,7 @@ def test_the_coordinator_keeps_only_the_keyed_fingerprint_of_a_site(
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from coordinator.server_app import _fingerprint
+    from coordinator.update_checks import reply_fingerprint as _fingerprint
     from fedward.wire import REPLY_FINGERPRINT
 
     # Messages read the identity of the task that makes them (as in a ServerApp process).

@@ -29,8 +29,8 @@ from test_coordinator_engine_units import (  # noqa: F401 - fixtures
 
 from coordinator.db import session_scope
 from coordinator.models import AuditEvent, Run
+from coordinator.round_loop import RoundLoop
 from coordinator.run_control import request_cancel
-from coordinator.server_app import RoundLoop
 from fedward.wire import (
     CANCEL_BY,
     CANCEL_MESSAGE_TYPE,
