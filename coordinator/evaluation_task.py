@@ -25,11 +25,11 @@ from flwr.serverapp import Grid
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from coordinator import repository
 from coordinator.audit import append_event
 from coordinator.checkpoints import CheckpointError, load_checkpoint
 from coordinator.db import session_scope
 from coordinator.models import Checkpoint, Evaluation, utcnow
+from coordinator.round_exchange import online_site_nodes
 from fedward.flower.serverapp import EXPIRED_ERROR_CODES
 from fedward.run_config import RunPlan
 from fedward.wire import CFG, PACKED, REPLY_METRICS, TASK_ARRAYS, TASK_CONFIG, pack_arrays
@@ -95,9 +95,7 @@ def run_evaluation(*, grid: Grid, engine: Engine, home: Path, plan: RunPlan,
                 flwr_run_id=flwr_run_id, failure_reason=str(err))
         return
     _record(engine, evaluation_id, status="running", flwr_run_id=flwr_run_id)
-    by_node = repository.site_names_by_node_id(engine)
-    online = set(grid.get_node_ids())
-    nodes = {int(n): s for n, s in by_node.items() if s in plan.sites and int(n) in online}
+    nodes = online_site_nodes(grid, engine, plan.sites)
     failed: dict[str, str] = {s: "offline: not connected when the evaluation started"
                               for s in plan.sites if s not in nodes.values()}
     flat, layout = pack_arrays(dict(arrays))

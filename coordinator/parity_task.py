@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from sqlalchemy.engine import Engine
 
-from coordinator import repository
+from coordinator.round_exchange import online_site_nodes
 from fedward.files import atomic_write
 from fedward.run_config import RunPlan
 from fedward.wire import (
@@ -63,9 +63,7 @@ def run_parity(*, grid: Grid, engine: Engine, plan: RunPlan, request_dir: Path,
     for name in request["files"]:
         data = (request_dir / name).read_bytes()
         payload[f"artefact/{name}"] = np.frombuffer(data, dtype=np.uint8)
-    by_node = repository.site_names_by_node_id(engine)
-    online = set(grid.get_node_ids())
-    nodes = {int(n): s for n, s in by_node.items() if s in plan.sites and int(n) in online}
+    nodes = online_site_nodes(grid, engine, plan.sites)
     deadline = clock() + plan.round_deadline_s
     msgs = []
     for node_id in nodes:

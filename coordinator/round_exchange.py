@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from sqlalchemy.engine import Engine
 
+from coordinator import repository
 from fedward.flower.serverapp import EXPIRED_ERROR_CODES, NODE_UNAVAILABLE_CODE
 from fedward.run_config import RunPlan
 from fedward.wire import CFG, PACKED, TASK_ARRAYS, TASK_CONFIG, pack_arrays, parse_layout
 
-__all__ = ["RECONNECT_WINDOW_S", "RoundExchange"]
+__all__ = ["RECONNECT_WINDOW_S", "RoundExchange", "online_site_nodes"]
 
 log = logging.getLogger("fedward.coordinator.rounds")
 
@@ -35,6 +37,15 @@ _POLL_S = 0.1
 # For this long after a resumed run starts, such a site is waited for (within each round's
 # deadline) and sent its task again once it is back, instead of being counted as failed.
 RECONNECT_WINDOW_S: Final = 150.0
+
+
+def online_site_nodes(grid: Grid, engine: Engine, sites: Iterable[str]) -> dict[int, str]:
+    """The Flower nodes online now of the registered sites among ``sites``: node id -> site
+    name (a node that is no registered site, or not one of ``sites``, is left out)."""
+    by_node = repository.site_names_by_node_id(engine)
+    wanted = set(sites)
+    online = set(grid.get_node_ids())
+    return {int(n): s for n, s in by_node.items() if s in wanted and int(n) in online}
 
 
 @dataclass

@@ -41,7 +41,7 @@ from coordinator.checkpoints import (
     load_server_state,
     save_checkpoint,
 )
-from coordinator.round_exchange import RECONNECT_WINDOW_S, RoundExchange
+from coordinator.round_exchange import RECONNECT_WINDOW_S, RoundExchange, online_site_nodes
 from coordinator.run_errors import RunCancelled, RunFailed
 from coordinator.update_checks import accept_reply, duplicate_failure, reply_fingerprint
 from fedward.run_config import RunPlan
@@ -195,10 +195,7 @@ class RoundLoop:
 
     def _site_nodes(self) -> dict[int, str]:
         """Online nodes of this run's sites: node id -> site name."""
-        by_node = repository.site_names_by_node_id(self.engine)
-        wanted = set(self.plan.sites)
-        online = set(self.grid.get_node_ids())
-        return {int(n): s for n, s in by_node.items() if s in wanted and int(n) in online}
+        return online_site_nodes(self.grid, self.engine, self.plan.sites)
 
     # -- rounds ------------------------------------------------------------------------
 
