@@ -25,7 +25,6 @@ from rich.table import Column, Table
 
 from coordinator.cli_client import ApiClient, api_client
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
-from coordinator.release_gates import GATE_ORDER, THRESHOLD_HELP
 
 __all__ = ["release_app"]
 
@@ -92,6 +91,10 @@ def _parity_lines(gate: dict[str, Any]) -> list[str]:
 
 def _wait_for_gates(client: ApiClient, cand: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Poll the candidate until its gates have run, printing each gate as it starts and ends."""
+    # Imported here, not at the top: release_gates loads the database layer and FastAPI,
+    # which would slow every fedward-coordinator command down by most of a second.
+    from coordinator.release_gates import GATE_ORDER
+
     started = time.monotonic()
     err_console.print(f"candidate {cand['id']} (run {cand['run_id']}, round {cand['round']}): "
                       f"running {len(GATE_ORDER)} gates", soft_wrap=True)
@@ -253,6 +256,8 @@ def gates(project: str,
     Without options nothing changes. Each option sets one threshold and keeps the others
     (reviewers and admins); --clear NAME unsets one.
     """
+    from coordinator.release_gates import THRESHOLD_HELP  # as in _wait_for_gates
+
     changes: dict[str, float | int | None] = {
         k: v for k, v in (("min_sites", min_sites), ("min_round_share", min_round_share),
                           ("min_site_auc", min_site_auc),

@@ -3,8 +3,9 @@
 ``wait`` (exit codes a scheduler gates on: :data:`WAIT_EXIT_CODES`), ``launch --from``
 (:func:`relaunch_body`), ``compare`` (:func:`compare_runs`, :func:`render_comparison`),
 ``watch --json`` (:func:`watch_snapshot`) and ``--version`` (:func:`version_line`). The
-commands themselves are declared in :mod:`coordinator.cli`; the functions here take any
-client with a ``call(method, path, body)`` method that returns the decoded JSON answer.
+commands themselves are declared in :mod:`coordinator.run_control_cli`,
+:mod:`coordinator.launch_cli` and :mod:`coordinator.cli`; the functions here take any client
+with a ``call(method, path, body)`` method that returns the decoded JSON answer.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ _ROUND_METRICS: Final = (("eval-accuracy", "acc"), ("eval-auc", "auc"),
 
 
 class Api(Protocol):
-    """The REST client of the CLI (``coordinator.cli.ApiClient``)."""
+    """The REST client of the CLI (``coordinator.cli_client.ApiClient``)."""
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """Send one request; return the decoded JSON answer (exits on an error)."""

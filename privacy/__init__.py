@@ -9,8 +9,10 @@
   every disclosure.
 * :mod:`privacy.budget`: a run's whole plan checked against the site's remaining budgets
   (run, project, site-wide), and the composed figures per project and site.
-* :mod:`privacy.training`: DP-SGD local training with Opacus, the plain baseline and
-  evaluation.
+* :mod:`privacy.sampling`: the sample rate and step count a site reserves in its ledger
+  before a DP-SGD round (Opacus's arithmetic, without loading Opacus).
+* :mod:`privacy.training`: DP-SGD local training with Opacus, and the plain baseline.
+* :mod:`privacy.evaluation`: loss, accuracy and AUC of a trained model.
 
 The names below are the package's public surface (pinned by a test); import them from
 ``privacy`` rather than from the submodules.
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
         noise_multiplier_for_run,
         planned_steps,
     )
+    from privacy.evaluation import EvalResult, evaluate
     from privacy.ledger import (
         Caps,
         Entry,
@@ -56,16 +59,8 @@ if TYPE_CHECKING:
         Mechanism,
         TuningSelection,
     )
-    from privacy.training import (
-        DPTrainResult,
-        EvalResult,
-        PlainTrainResult,
-        evaluate,
-        expected_steps,
-        sample_rate_for,
-        train_dp,
-        train_plain,
-    )
+    from privacy.sampling import expected_steps, sample_rate_for
+    from privacy.training import DPTrainResult, PlainTrainResult, train_dp, train_plain
 
 # Each name is imported from its submodule on first use (PEP 562): a process that only reads
 # the ledger (the site agent, the coordinator, the CLI) never loads Opacus, torch or
@@ -102,11 +97,11 @@ _WHERE: dict[str, str] = {
     "Mechanism": "privacy.mechanisms",
     "TuningSelection": "privacy.mechanisms",
     "DPTrainResult": "privacy.training",
-    "EvalResult": "privacy.training",
+    "EvalResult": "privacy.evaluation",
     "PlainTrainResult": "privacy.training",
-    "evaluate": "privacy.training",
-    "expected_steps": "privacy.training",
-    "sample_rate_for": "privacy.training",
+    "evaluate": "privacy.evaluation",
+    "expected_steps": "privacy.sampling",
+    "sample_rate_for": "privacy.sampling",
     "train_dp": "privacy.training",
     "train_plain": "privacy.training",
 }

@@ -1,4 +1,4 @@
-"""Local training at a site: DP-SGD with Opacus, a plain baseline, and evaluation.
+"""Local training at a site: DP-SGD with Opacus, and the plain (non-private) baseline.
 
 DP training follows Opacus's own design: a fresh :class:`~opacus.PrivacyEngine` per round
 whose accountant is loaded with the run's history so far, hooked onto the DP optimizer, so
@@ -6,9 +6,9 @@ every step the optimizer really takes is recorded as it happens. The noise multi
 fixed for the whole run (see :func:`privacy.dp.noise_multiplier_for_run`), never chosen per
 round from a zero start.
 
-The numbers a site reserves in its ledger before a round (:func:`sample_rate_for`,
-:func:`expected_steps`) reproduce Opacus's arithmetic exactly, so the ledger charges what
-the accountant then records.
+The numbers a site reserves in its ledger before a round are in :mod:`privacy.sampling`;
+:func:`train_dp` checks that Opacus recorded exactly those. Evaluation of the trained model
+is :mod:`privacy.evaluation`.
 """
 
 from __future__ import annotations
@@ -24,20 +24,17 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.dp import HistoryEntry, without_warnings
+from privacy.labelled_data import labelled_tensors
+from privacy.sampling import check_positive_int, expected_steps, sample_rate_for
 
 __all__ = [
     "DPTrainResult",
-    "EvalResult",
     "PlainTrainResult",
-    "evaluate",
-    "expected_steps",
     "pick_grad_sample_mode",
-    "sample_rate_for",
     "train_dp",
     "train_plain",
 ]
@@ -102,116 +99,7 @@ class PlainTrainResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    """Metrics of a model on a labelled set.
-
-    Attributes:
-        loss: mean cross-entropy.
-        accuracy: share of correct argmax predictions.
-        auc: ROC AUC: binary, the probability of class 1; multiclass, the one-vs-rest
-            macro average over the classes present. ``nan`` when the labels hold a single
-            class, where AUC is undefined (a small site's held-out split can be like that).
-        n: number of examples.
-    """
-
-    loss: float
-    accuracy: float
-    auc: float
-    n: int
-
-
-# -- the numbers the ledger reserves ------------------------------------------------------
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
-def _steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    # Opacus's path, step by step: a DataLoader without drop_last has ceil(n / batch)
-    # batches; make_private turns it into a Poisson DPDataLoader with sample rate
-    # 1 / len(loader), whose length is int(1 / sample_rate). That float round trip can lose
-    # one batch (1 / (1 / 93) < 93), so it is reproduced here rather than simplified.
-    batches = math.ceil(n_examples / batch_size)
-    loader_rate = 1 / batches
-    return int(1 / loader_rate)
-
-
-def sample_rate_for(*, n_examples: int, batch_size: int) -> float:
-    """The sampling rate Opacus's accountant records per step for this data and batch size.
-
-    It is ``1 / steps_per_epoch`` where the steps per epoch are those of the Poisson data
-    loader Opacus builds, which is close to but not ``batch_size / n_examples``. A batch
-    size at or above ``n_examples`` gives 1.0.
-
-    Args:
-        n_examples: training examples at the site, >= 1.
-        batch_size: expected batch size, >= 1.
-
-    Returns:
-        The sample rate, in (0, 1].
-
-    Raises:
-        ValueError: if an argument is not a positive integer.
-    """
-    _check_positive_int("n_examples", n_examples)
-    _check_positive_int("batch_size", batch_size)
-    return 1 / _steps_per_epoch(n_examples, batch_size)
-
-
-def expected_steps(*, n_examples: int, batch_size: int, epochs: int) -> int:
-    """DP-SGD steps :func:`train_dp` will take; reserve exactly this many in the ledger.
-
-    Args:
-        n_examples: training examples at the site, >= 1.
-        batch_size: expected batch size, >= 1.
-        epochs: local epochs this round, >= 1.
-
-    Returns:
-        ``epochs x`` the Poisson data loader's batches per epoch.
-
-    Raises:
-        ValueError: if an argument is not a positive integer.
-    """
-    _check_positive_int("n_examples", n_examples)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("epochs", epochs)
-    return epochs * _steps_per_epoch(n_examples, batch_size)
-
-
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _tensors(features: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate and convert a labelled set; every problem is reported at once."""
-    x = np.asarray(features)
-    y = np.asarray(labels)
-    problems: list[str] = []
-    if x.ndim != 2:
-        problems.append(f"features must be 2-D (examples x columns), got shape {x.shape}")
-    if y.ndim != 1:
-        problems.append(f"labels must be 1-D, got shape {y.shape}")
-    if not problems and len(x) != len(y):
-        problems.append(f"{len(x)} feature rows but {len(y)} labels")
-    if not problems and len(y) == 0:
-        problems.append("no examples")
-    if x.size and not np.issubdtype(x.dtype, np.number):
-        problems.append(f"features must be numeric, got dtype {x.dtype}")
-    elif x.size and not np.all(np.isfinite(x)):
-        problems.append("features contain NaN or infinite values")
-    if y.size:
-        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
-            problems.append(f"labels must be class numbers, got dtype {y.dtype}")
-        elif not (np.all(np.isfinite(y)) and np.all(y == np.round(y)) and np.all(y >= 0)):
-            problems.append("labels must be non-negative integers")
-    if problems:
-        raise ValueError("cannot use this data: " + "; ".join(problems))
-    return (
-        torch.from_numpy(x.astype(np.float32, copy=True)),
-        torch.from_numpy(y.astype(np.int64, copy=True)),
-    )
 
 
 def _make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -223,8 +111,8 @@ def _make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optim
 
 
 def _check_training_args(*, batch_size: int, epochs: int, lr: float) -> None:
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("epochs", epochs)
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be > 0; got {lr!r}")
 
@@ -325,7 +213,7 @@ def train_dp(
     """
     if isinstance(model, AbstractGradSampleModule):
         raise ValueError("pass the plain model, not an Opacus wrapper (use its ._module)")
-    x, y = _tensors(features, labels)
+    x, y = labelled_tensors(features, labels)
     _check_training_args(batch_size=batch_size, epochs=epochs, lr=lr)
     if not (
         isinstance(noise_multiplier, int | float)
@@ -461,7 +349,7 @@ def train_plain(
     Raises:
         ValueError: for empty or malformed data, or an argument out of range.
     """
-    x, y = _tensors(features, labels)
+    x, y = labelled_tensors(features, labels)
     _check_training_args(batch_size=batch_size, epochs=epochs, lr=lr)
     loader_seed, torch_seed = _seeds(seed, 2)
     started = time.perf_counter()
@@ -494,46 +382,3 @@ def train_plain(
     return PlainTrainResult(
         loss=loss_sum / loss_n, steps=steps, seconds=time.perf_counter() - started
     )
-
-
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
-    present = np.unique(y)
-    if len(present) < 2:
-        return math.nan  # AUC needs both positives and negatives
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    # One-vs-rest macro average, over the classes present in y (the definition sklearn's
-    # multi_class="ovr" uses, which refuses outright when a class is missing).
-    return float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
-
-
-def evaluate(*, model: nn.Module, features: np.ndarray, labels: np.ndarray) -> EvalResult:
-    """Loss, accuracy and AUC of ``model`` on a labelled set (no gradients, eval mode).
-
-    Args:
-        model: a plain classification model producing logits.
-        features: features, examples x columns.
-        labels: class numbers, one per example.
-
-    Returns:
-        The :class:`EvalResult`; its ``auc`` is ``nan`` when only one class is present.
-
-    Raises:
-        ValueError: for empty or malformed data, or labels outside the model's classes.
-    """
-    x, y = _tensors(features, labels)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        model.train(was_training)
-    n_classes = logits.shape[1]
-    if int(y.max()) >= n_classes:
-        raise ValueError(f"labels go up to {int(y.max())} but the model has {n_classes} classes")
-    loss = float(nn.functional.cross_entropy(logits, y))
-    probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
-    y_np = y.numpy()
-    accuracy = float(np.mean(probs.argmax(axis=1) == y_np))
-    return EvalResult(loss=loss, accuracy=accuracy, auc=_auc(y_np, probs), n=len(y_np))

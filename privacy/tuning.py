@@ -102,7 +102,7 @@ class SearchTerms:
     def reference(self, n_train: int) -> tuple[float, int]:
         """``(sample rate, steps)`` of the reference trial on ``n_train`` training rows:
         the largest sample rate and the most steps any trial of the search may take."""
-        from privacy.training import expected_steps, sample_rate_for
+        from privacy.sampling import expected_steps, sample_rate_for
 
         q = sample_rate_for(n_examples=n_train, batch_size=self.max_batch_size)
         per_round = expected_steps(n_examples=n_train, batch_size=self.min_batch_size,

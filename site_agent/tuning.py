@@ -16,7 +16,7 @@ from fedward.wire import CFG
 from privacy.budget import PlanCheck, check_plan
 from privacy.ledger import Caps, PrivacyLedger
 from privacy.mechanisms import CoveredTrial, DpSgd, TuningSelection
-from privacy.training import expected_steps, sample_rate_for
+from privacy.sampling import expected_steps, sample_rate_for
 from privacy.tuning import SearchTerms, selection_for_budget
 
 __all__ = ["SearchTerms", "charge_search", "check_search", "search_terms", "selection",

@@ -412,11 +412,12 @@ def test_launch_passes_aggregation_options_and_shows_why_bad_ones_are_refused(
     from typer.testing import CliRunner
 
     from coordinator import cli
+    from coordinator.cli_client import ApiClient
 
     client, headers, launcher = launch_ready
 
-    def in_process(*_args: Any) -> cli.ApiClient:
-        out = cli.ApiClient.__new__(cli.ApiClient)
+    def in_process(*_args: Any) -> ApiClient:
+        out = ApiClient.__new__(ApiClient)
         out.base = "http://testserver"
         out._http = TestClient(client.app, base_url="http://testserver/api/v1",
                                headers=headers)
@@ -448,7 +449,7 @@ def test_launch_passes_aggregation_options_and_shows_why_bad_ones_are_refused(
 def test_run_view_names_the_sites_it_waits_for_and_what_their_it_does(
     launch_ready: tuple[TestClient, dict[str, str], FakeLauncher], engine: Engine,
 ) -> None:
-    from coordinator.cli import waiting_note
+    from coordinator.run_control_cli import waiting_note
 
     client, headers, _ = launch_ready
     run_id = client.post(api("/runs"), json=run_body(), headers=headers).json()["id"]
@@ -960,12 +961,13 @@ def test_user_commands_of_the_cli(make_client: Callable[..., TestClient],
     from typer.testing import CliRunner
 
     from coordinator import cli
+    from coordinator.cli_client import ApiClient
 
     client, admin = make_client(), token_for("admin")
     token = _user(client, admin, "carol", password=None)
 
-    def in_process(*_args: Any) -> cli.ApiClient:
-        out = cli.ApiClient.__new__(cli.ApiClient)
+    def in_process(*_args: Any) -> ApiClient:
+        out = ApiClient.__new__(ApiClient)
         out.base = "http://testserver"
         out._http = TestClient(client.app, base_url="http://testserver/api/v1",
                                headers=admin)

@@ -39,7 +39,7 @@ from coordinator import release_cli
 from coordinator.api import create_app
 from coordinator.auth import create_user
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
-from coordinator.cli import ApiClient
+from coordinator.cli_client import ApiClient
 from coordinator.db import alembic_config, make_engine, run_migrations, session_scope
 from coordinator.models import (
     AuditEvent,

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import typer
 
-from coordinator.cli import LAUNCH_OPTION_FIELDS
 from coordinator.cli import app as coordinator_cli
+from coordinator.launch_cli import LAUNCH_OPTION_FIELDS
 from coordinator.run_schemas import RunCreate
 from fedward.run_config import RunConfig, RunPlan, RunRequest, RunSettings, wire_keys
 from fedward.wire import CFG

@@ -26,7 +26,7 @@ from fedward.wire import CFG, SiteErrorCode
 from privacy import BudgetExceededError, PrivacyLedger, compose_mechanisms
 from privacy.ledger import Caps
 from privacy.mechanisms import CoveredTrial, DpSgd, TuningSelection, decode_mechanism
-from privacy.training import expected_steps, sample_rate_for
+from privacy.sampling import expected_steps, sample_rate_for
 from privacy.tuning import NotCoveredError, SearchTerms, selection_for_budget
 from site_agent import tuning
 from site_agent.admission import SiteGate
