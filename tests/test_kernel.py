@@ -256,7 +256,7 @@ def test_one_update_digest_on_both_sides_unchanged_for_recorded_runs() -> None:
     import numpy as np
 
     import coordinator.server_app as server_app
-    import site_agent.trainer as trainer
+    import site_agent.training_round as trainer
     from fedward.wire import update_digest
 
     assert server_app.update_digest is update_digest is trainer.update_digest
