@@ -26,7 +26,7 @@ the federation's ``global_test.csv`` (20% held out, stratified; no site holds an
 rows).
 
 DP noise and Poisson sampling are seeded as the appliance seeds them: each site derives the
-round's seed with ``site_agent.trainer.round_noise_seed`` (HMAC-SHA256 under the site's
+round's seed with ``site_agent.noise_seed.round_noise_seed`` (HMAC-SHA256 under the site's
 ``noise_secret`` of the run, the round and fresh entropy), so every site draws its own,
 independent noise. The appliance makes the secret from ``os.urandom`` once per site and
 draws the entropy fresh every round; here both are derived from the benchmark seed and the
@@ -115,7 +115,7 @@ def site_round_seed(*, seed: int, site: str, run_id: str, rnd: int, shared: bool
     """
     if shared:
         return seed * 100_003 + rnd
-    from site_agent.trainer import round_noise_seed
+    from site_agent.noise_seed import round_noise_seed
 
     entropy = hashlib.sha256(f"fedward-bench-utility/{seed}/{site}/{run_id}/{rnd}".encode())
     return round_noise_seed(secret=site_secret(seed, site), run_id=run_id, round_number=rnd,

@@ -252,7 +252,7 @@ def train_dp(
         # secure_mode before production. secure_mode needs torchcsprng, whose last release
         # (2021) does not install with this torch: advice no hospital can follow. The noise
         # source is chosen on purpose instead (a generator seeded for each round from the
-        # operating system's entropy at the site: site_agent.trainer.round_noise_seed,
+        # operating system's entropy at the site: site_agent.noise_seed.round_noise_seed,
         # docs/operator-guide.md "Privacy"), so only this one warning is dropped, here where
         # Opacus emits it; every other warning still shows.
         engine = PrivacyEngine(accountant=_MECHANISM)

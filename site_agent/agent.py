@@ -67,7 +67,8 @@ from site_agent.metrics import start_listener as start_metrics
 from site_agent.policy import PolicyError, PolicyMissingError
 from site_agent.site_data import open_configured
 from site_agent.supernode_watch import SupernodeWatch
-from site_agent.trainer import TrainerServer, WarmTrainer
+from site_agent.trainer import WarmTrainer
+from site_agent.trainer_server import TrainerServer
 from site_agent.warm_executor import WarmExecutor
 
 __all__ = ["AgentLockError", "SiteAgent", "hold_site_lock", "probe_coordinator",

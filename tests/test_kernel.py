@@ -256,7 +256,7 @@ def test_one_update_digest_on_both_sides_unchanged_for_recorded_runs() -> None:
     import numpy as np
 
     import coordinator.round_loop as round_loop
-    import site_agent.trainer as trainer
+    import site_agent.training_round as trainer
     from fedward.wire import update_digest
 
     assert round_loop.update_digest is update_digest is trainer.update_digest

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-import site_agent.trainer as trainer_module
+import site_agent.training_round as trainer_module
 from coordinator.pki import ensure_ca, issue_server_cert
 from fedward.models import array_shapes, model_arrays
 from fedward.tasks import build_model
@@ -34,7 +34,8 @@ from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
 from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.ipc import IPCError, read_frame, request, write_frame
-from site_agent.trainer import TrainerServer, WarmTrainer
+from site_agent.trainer import WarmTrainer
+from site_agent.trainer_server import TrainerServer
 
 from tests_support import no_warm_ups_left
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import site_agent.trainer as trainer_module
+import site_agent.training_round as trainer_module
 from fedward.models import model_arrays
 from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
@@ -43,7 +43,8 @@ from site_agent.config import SitePaths
 from site_agent.data import SiteData, load_site_data
 from site_agent.data_schema import load_schema
 from site_agent.datasets import write_demo_federation
-from site_agent.trainer import WarmTrainer, round_noise_seed
+from site_agent.noise_seed import round_noise_seed
+from site_agent.trainer import WarmTrainer
 
 from tests_support import no_warm_ups_left
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import site_agent.trainer as trainer_module
+import site_agent.training_round as trainer_module
 from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.models import model_arrays
 from fedward.tasks import build_model

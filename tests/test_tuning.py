@@ -18,7 +18,7 @@ import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-import site_agent.trainer as trainer_module
+import site_agent.training_round as trainer_module
 from fedward.agent_versions import REPLY_VERSIONS, local_versions
 from fedward.models import model_arrays
 from fedward.tasks import build_model
