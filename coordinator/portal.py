@@ -35,12 +35,15 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from coordinator import release_gates, releases
+from coordinator import release_gates, release_store, releases
 from coordinator.audit import append_event
 from coordinator.auth import SESSION_TTL, checked_login, end_session, user_for_token
 from coordinator.db import SessionDep
 from coordinator.login_limits import LoginThrottled
+from coordinator.model_card import TRAINING_CURVE_FILE
 from coordinator.models import Project, Release, ReleaseCandidate, Run, User
+from coordinator.release_errors import Gone, ReleaseError
+from coordinator.release_lineage import build_lineage
 from coordinator.settings import Settings
 from export.bundle_format import BundleVerificationError
 from fedward.roles import REVIEW_ROLES, STAFF_ROLES, Permission, may
@@ -184,11 +187,11 @@ def logout(request: Request, session: SessionDep) -> Response:
 
 
 def _visible(session: Session, user: User, release_id: str) -> Release:
-    release = releases.find_release(session, release_id)
+    release = release_store.find_release(session, release_id)
     if release.revoked_at is not None and not may(user.role, Permission.STAFF):
-        raise releases.Gone(f"release {release_id} was revoked on "
-                            f"{release.revoked_at:%Y-%m-%d}: {release.revoke_reason}. "
-                            "Stop using it and delete your copies.")
+        raise Gone(f"release {release_id} was revoked on "
+                   f"{release.revoked_at:%Y-%m-%d}: {release.revoke_reason}. "
+                   "Stop using it and delete your copies.")
     return release
 
 
@@ -196,14 +199,14 @@ def _visible(session: Session, user: User, release_id: str) -> Release:
 def releases_page(request: Request, session: SessionDep) -> Response:
     """Approved, unrevoked releases (staff also see the revoked ones, marked)."""
     user = _user(request, session)
-    current = [releases.release_view(session, r)
-               for r in releases.list_releases(session, include_revoked=False)]
+    current = [release_store.release_view(session, r)
+               for r in release_store.list_releases(session, include_revoked=False)]
     revoked = []
     if user.role in STAFF_ROLES:
-        revoked = [releases.release_view(session, r)
-                   for r in releases.list_releases(session, include_revoked=True)
+        revoked = [release_store.release_view(session, r)
+                   for r in release_store.list_releases(session, include_revoked=True)
                    if r.revoked_at is not None]
-    key = releases.release_public_key(_home(request))
+    key = release_store.release_public_key(_home(request))
     return _page(request, "releases.html", user=user, releases=current, revoked=revoked,
                  fingerprint=key[1] if key else None)
 
@@ -214,16 +217,16 @@ def release_page(release_id: str, request: Request, session: SessionDep) -> Resp
     user = _user(request, session)
     try:
         release = _visible(session, user, release_id)
-    except releases.ReleaseError as err:
+    except ReleaseError as err:
         return _error(request, user, err.status_code, str(err))
-    view = releases.release_view(session, release)
+    view = release_store.release_view(session, release)
     card: dict[str, Any] | None = None
     problem = None
     try:
-        card = dict(releases.verified_bundle(_home(request), release).model_card)
-    except releases.ReleaseError as err:
+        card = dict(release_store.verified_bundle(_home(request), release).model_card)
+    except ReleaseError as err:
         problem = str(err)
-    key = releases.release_public_key(_home(request))
+    key = release_store.release_public_key(_home(request))
     return _page(request, "release.html", user=user, release=view, card=card,
                  problem=problem, public_key=key[0].decode("ascii") if key else None,
                  fingerprint=key[1] if key else None,
@@ -236,8 +239,8 @@ def release_lineage(release_id: str, request: Request, session: SessionDep) -> R
     user = _user(request, session)
     try:
         release = _visible(session, user, release_id)
-        card = releases.verified_bundle(_home(request), release).model_card
-    except releases.ReleaseError as err:
+        card = release_store.verified_bundle(_home(request), release).model_card
+    except ReleaseError as err:
         return _error(request, user, err.status_code, str(err))
     return _page(request, "lineage.html", user=user, title=f"Lineage of release {release_id}",
                  lineage=card.get("lineage", {}), back=f"{PORTAL_PREFIX}/releases/{release_id}",
@@ -250,9 +253,9 @@ def training_curve(release_id: str, request: Request, session: SessionDep) -> Re
     user = _user(request, session)
     try:
         release = _visible(session, user, release_id)
-        verified = releases.verified_bundle(_home(request), release)
-        data = verified.read_verified(releases.TRAINING_CURVE_FILE)
-    except releases.ReleaseError as err:
+        verified = release_store.verified_bundle(_home(request), release)
+        data = verified.read_verified(TRAINING_CURVE_FILE)
+    except ReleaseError as err:
         return _error(request, user, err.status_code, str(err))
     except BundleVerificationError as err:  # the file changed since it was verified
         return _error(request, user, 500, str(err))
@@ -264,9 +267,9 @@ def download(release_id: str, request: Request, session: SessionDep) -> Response
     """The signed bundle as ``<release-id>.tar.gz``; revoked releases answer 410."""
     user = _user(request, session)
     try:
-        release = releases.find_release(session, release_id)
-        data = releases.bundle_archive(_home(request), release)
-    except releases.ReleaseError as err:
+        release = release_store.find_release(session, release_id)
+        data = release_store.bundle_archive(_home(request), release)
+    except ReleaseError as err:
         return _error(request, user, err.status_code, str(err))
     append_event(session, actor=user.name, action="release.downloaded",
                  subject=f"release:{release_id}", detail={"via": "portal"})
@@ -278,7 +281,7 @@ def download(release_id: str, request: Request, session: SessionDep) -> Response
 @router.get("/release-key.pem")
 def public_key(request: Request) -> Response:
     """The release public key (PEM), the file ``fedward-verify --public-key`` takes."""
-    key = releases.release_public_key(_home(request))
+    key = release_store.release_public_key(_home(request))
     if key is None:
         return _error(request, None, 404, "No release has been signed yet.")
     return _secure(PlainTextResponse(key[0].decode("ascii"), media_type="application/x-pem-file",
@@ -312,9 +315,9 @@ def version_lineage(run_id: int, round_number: int, request: Request,
     session.commit()  # build_lineage opens its own transactions
     engine: Engine = request.app.state.engine
     try:
-        lineage = releases.build_lineage(engine, home=_home(request), run_id=run_id,
-                                         round_number=round_number)
-    except releases.ReleaseError as err:
+        lineage = build_lineage(engine, home=_home(request), run_id=run_id,
+                                round_number=round_number)
+    except ReleaseError as err:
         return _error(request, user, err.status_code, str(err))
     return _page(request, "lineage.html", user=user,
                  title=f"Lineage of run {run_id}, round {round_number}", lineage=lineage,
@@ -430,7 +433,7 @@ def _decide(request: Request, session: Session, candidate_id: int, verb: str, re
                                       reason=reason)
             session.commit()
             target = page
-    except releases.ReleaseError as err:
+    except ReleaseError as err:
         session.rollback()
         message = str(err)
         return _candidate_page(request, session, user, candidate_id,

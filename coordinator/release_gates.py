@@ -40,6 +40,7 @@ __all__ = [
     "PARTICIPATION_THRESHOLDS",
     "THRESHOLD_HELP",
     "contributing_sites",
+    "gate",
     "get_gates",
     "participation_gate",
     "record_partial_gates",
@@ -103,7 +104,8 @@ def threshold_problems(thresholds: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _gate(name: str, passed: bool, reason: str, figures: Any) -> dict[str, Any]:
+def gate(name: str, passed: bool, reason: str, figures: Any) -> dict[str, Any]:
+    """One gate's recorded result: its name, whether it passed, why, and its figures."""
     return {"name": name, "passed": passed, "reason": reason, "figures": figures}
 
 
@@ -112,8 +114,9 @@ def contributing_sites(lineage: Mapping[str, Any],
     """Who trained the model: completed rounds per site, measured against the thresholds.
 
     Args:
-        lineage: The version's lineage (:func:`coordinator.releases.build_lineage`): its
-            ``rounds`` up to the version and the run's configured ``sites``.
+        lineage: The version's lineage
+            (:func:`coordinator.release_lineage.build_lineage`): its ``rounds`` up to the
+            version and the run's configured ``sites``.
         thresholds: The project's thresholds (``min_sites``, ``min_round_share`` if set).
 
     Returns:
@@ -164,17 +167,17 @@ def participation_gate(lineage: Mapping[str, Any],
     tally = ", ".join(f"{s} {v['rounds']}/{n}" for s, v in figures["per_site"].items())
     rule = f"each in at least {share:.0%} of the {n} completed round{'s' * (n != 1)}"
     if n == 0:
-        return _gate(PARTICIPATION_GATE, False, "no completed round up to this version",
-                     figures)
+        return gate(PARTICIPATION_GATE, False, "no completed round up to this version",
+                    figures)
     if len(counted) < need:
         outside = [s for s in figures["per_site"] if s not in counted]
-        return _gate(PARTICIPATION_GATE, False,
-                     f"{len(counted)} site{'s' * (len(counted) != 1)} contributed, "
-                     f"{need} needed ({rule}); rounds trained: {tally}"
-                     + (f"; not counted: {', '.join(outside)}" if outside else ""), figures)
-    return _gate(PARTICIPATION_GATE, True,
-                 f"{len(counted)} site{'s' * (len(counted) != 1)} contributed ({rule}; "
-                 f"{need} needed); rounds trained: {tally}", figures)
+        return gate(PARTICIPATION_GATE, False,
+                    f"{len(counted)} site{'s' * (len(counted) != 1)} contributed, "
+                    f"{need} needed ({rule}); rounds trained: {tally}"
+                    + (f"; not counted: {', '.join(outside)}" if outside else ""), figures)
+    return gate(PARTICIPATION_GATE, True,
+                f"{len(counted)} site{'s' * (len(counted) != 1)} contributed ({rule}; "
+                f"{need} needed); rounds trained: {tally}", figures)
 
 
 def record_partial_gates(engine: Engine, candidate_id: int,

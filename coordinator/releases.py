@@ -17,11 +17,12 @@ Every checkpoint of a run is a *model version*. An ML engineer proposes one as a
     (``min_site_auc``, ``min_site_accuracy``; none set: passes, "no thresholds set").
 ``export_parity``
     Figures measured AT the sites by a :class:`SiteParity` evaluator on their held-out data,
-    within :data:`PARITY_TOLERANCES`. Without an evaluator the gate fails: a parity figure
-    the coordinator made up would be worse than none. A site measures only a model it
-    evaluated in the run, runs its own export of it (refusing artefacts that differ from
-    it), measures each format of a model once, and reports coarse bounds (agreement rounded
-    down to 1/20, largest difference rounded up to a power of ten).
+    within :data:`~coordinator.release_site_gates.PARITY_TOLERANCES`. Without an evaluator
+    the gate fails: a parity figure the coordinator made up would be worse than none. A
+    site measures only a model it evaluated in the run, runs its own export of it (refusing
+    artefacts that differ from it), measures each format of a model once, and reports
+    coarse bounds (agreement rounded down to 1/20, largest difference rounded up to a power
+    of ten).
 ``privacy_statement``
     Every participating site reported its cumulative epsilon, within the run's budget, and
     the run's delta is recorded.
@@ -32,48 +33,42 @@ proposer approves or rejects it with a reason. Approval writes the signed bundle
 ``home/releases/<release-id>/`` with the coordinator's release key, created at first use
 under ``home/release-key/`` (the private key never leaves it). An admin can revoke a release;
 the revocation list is public and signed with the release key at each request
-(:func:`signed_revocation_list`). Every step is in the audit log.
+(:func:`~coordinator.release_store.signed_revocation_list`). Every step is in the audit log.
 
 Transactions: functions that take a ``Session`` work inside the caller's transaction (the
 caller commits). Functions that take an ``Engine`` export, talk to sites or write bundles,
 which takes seconds, and open their own short transactions; call them with no transaction
 open on the same SQLite database (it has one writer at a time).
 
-This module holds the candidate state machine and its gates; around it:
-:mod:`coordinator.release_errors` (the refusals and their HTTP status),
+This module holds the candidate state machine (propose, evaluate, reject, approve); around
+it: :mod:`coordinator.release_gates` (project thresholds, the participation gate and gate
+progress), :mod:`coordinator.release_site_gates` (the metrics, parity and privacy gates),
+:mod:`coordinator.release_packaging` (the candidate's exported artefacts and its signed
+bundle), :mod:`coordinator.release_errors` (the refusals and their HTTP status),
 :mod:`coordinator.release_lineage` (what made a version), :mod:`coordinator.model_card`,
-:mod:`coordinator.release_chart` (the training curve), :mod:`coordinator.release_store`
-(the release key, bundles, lookup and revocation) and :mod:`coordinator.release_gates`
-(project thresholds and the participation gate). Their public names are re-exported here.
+:mod:`coordinator.release_chart` (the training curve) and :mod:`coordinator.release_store`
+(the release key, bundles, lookup and revocation).
 """
 
+from __future__ import annotations
 
-
-import hashlib
 import json
 import logging
 import math
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from coordinator import release_gates, run_statistics
+from coordinator import release_gates, release_site_gates, run_statistics
 from coordinator.audit import append_event
 from coordinator.checkpoints import CheckpointError, load_checkpoint
 from coordinator.db import session_scope
 from coordinator.mlflow_outbox import note_release_approved
-from coordinator.model_card import (
-    NOT_COVERED_BY_DP,
-    TRAINING_CURVE_FILE,
-    finite,
-    model_card,
-)
+from coordinator.model_card import model_card
 from coordinator.models import (
     ProjectGates,
     Release,
@@ -81,96 +76,32 @@ from coordinator.models import (
     User,
     utcnow,
 )
-from coordinator.release_chart import HELD_OUT_NOT_DP, training_curve_svg
-from coordinator.release_errors import (
-    Conflict,
-    Forbidden,
-    Gone,
-    IntegrityFailure,
-    InvalidRequest,
-    NotFound,
-    ReleaseError,
-)
-from coordinator.release_gates import get_gates, set_gates
-from coordinator.release_lineage import (
-    EPSILON_METRIC,
-    PRIVACY_ACCOUNTANT,
-    PRIVACY_MECHANISM,
-    build_lineage,
+from coordinator.release_errors import Conflict, Forbidden, NotFound
+from coordinator.release_gates import gate
+from coordinator.release_lineage import build_lineage
+from coordinator.release_packaging import (
+    ExportFailed,
+    artefact_files,
+    export_artefacts,
+    file_sha256,
+    staging_dir,
+    write_release_bundle,
 )
 from coordinator.release_queries import checkpoint_row, metrics_by_round, run_and_project
-from coordinator.release_store import (
-    RELEASES_DIR,
-    bundle_archive,
-    find_release,
-    list_releases,
-    real_dir,
-    release_id_for,
-    release_key,
-    release_public_key,
-    release_view,
-    releases_dir,
-    revocation_list,
-    revoke_release,
-    signed_revocation_list,
-    verified_bundle,
-)
+from coordinator.release_store import RELEASES_DIR, release_id_for
 from coordinator.study_registry import run_task
-from export.bundle import write_bundle
-from export.bundle_format import (
-    ARTEFACT_FILES,
-    FORMATS,
-    SIGNATURE_FILE,
-    ArtefactFormat,
-    BundleWriteError,
-)
-from export.bundle_keys import public_key_fingerprint
-from fedward.statistics import REFERENCE_FILE
+from export.bundle_format import FORMATS, SIGNATURE_FILE, ArtefactFormat
 from fedward.tasks import TaskRef
-from fedward.wire import MEMBERSHIP_KEY
 
 __all__ = [
-    "GATE_THRESHOLDS",
-    "HELD_OUT_NOT_DP",
-    "NOT_COVERED_BY_DP",
-    "PARITY_TOLERANCES",
-    "TRAINING_CURVE_FILE",
-    "Conflict",
-    "Forbidden",
-    "Gone",
-    "IntegrityFailure",
-    "InvalidRequest",
-    "NotFound",
-    "ReleaseError",
     "SiteParity",
-    "Tolerance",
     "approve_candidate",
-    "build_lineage",
-    "bundle_archive",
     "evaluate_candidate",
-    "find_release",
-    "get_gates",
-    "list_releases",
     "propose_candidate",
     "reject_candidate",
-    "release_key",
-    "release_public_key",
-    "release_view",
-    "revocation_list",
-    "revoke_release",
-    "set_gates",
-    "signed_revocation_list",
-    "training_curve_svg",
-    "verified_bundle",
 ]
 
 log = logging.getLogger(__name__)
-
-
-# Project gate threshold name -> the evaluation metric it bounds from below.
-GATE_THRESHOLDS: Final[Mapping[str, str]] = release_gates.METRIC_THRESHOLDS
-
-_CANDIDATES_DIR: Final = "candidates"
 
 
 # --- ports -------------------------------------------------------------------------------
@@ -201,32 +132,7 @@ class SiteParity(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """How close an artefact must come to its PyTorch model at every site.
-
-    Attributes:
-        max_abs_diff: Largest logit difference allowed (``None``: only recorded).
-        min_agreement: Smallest fraction of rows with the same predicted class.
-    """
-
-    max_abs_diff: float | None
-    min_agreement: float
-
-
-PARITY_TOLERANCES: Final[Mapping[ArtefactFormat, Tolerance]] = {
-    "onnx": Tolerance(max_abs_diff=1e-4, min_agreement=1.0),
-    # INT8 changes the logits by design; the predicted class is what must hold.
-    "onnx-int8": Tolerance(max_abs_diff=None, min_agreement=0.95),
-    "openvino": Tolerance(max_abs_diff=1e-4, min_agreement=1.0),
-}
-
-
 # --- small helpers -----------------------------------------------------------------------
-
-
-def _gate(name: str, passed: bool, reason: str, figures: Any) -> dict[str, Any]:
-    return {"name": name, "passed": passed, "reason": reason, "figures": figures}
 
 
 def _json_safe(value: Any) -> Any:
@@ -245,159 +151,6 @@ def _candidate(session: Session, candidate_id: int) -> ReleaseCandidate:
     if row is None:
         raise NotFound(f"candidate {candidate_id} not found")
     return row
-
-
-# --- gates -------------------------------------------------------------------------------
-
-
-def _metrics_gate(all_thresholds: Mapping[str, float], evaluation: Mapping[str, Any],
-                  participants: Sequence[str]) -> dict[str, Any]:
-    thresholds = {k: v for k, v in all_thresholds.items() if k in GATE_THRESHOLDS}
-    per_site: dict[str, dict[str, float]] = evaluation.get("per_site", {})
-    figures = {"thresholds": dict(thresholds), "per_site": per_site,
-               "source": evaluation.get("source")}
-    if not thresholds:
-        return _gate("site_metrics", True, "no thresholds set", figures)
-    sites = sorted(set(participants) | set(per_site))
-    if not sites:
-        return _gate("site_metrics", False, "no site reported an evaluation of this version",
-                     figures)
-    problems = []
-    for site in sites:
-        for name, minimum in sorted(thresholds.items()):
-            metric = GATE_THRESHOLDS[name]
-            value = per_site.get(site, {}).get(metric)
-            if value is None:
-                problems.append(f"{site} reported no {metric}")
-            elif not value >= minimum:
-                problems.append(f"{site} {metric} {value:.4f} < {minimum:.4f}")
-    if problems:
-        return _gate("site_metrics", False, "; ".join(problems), figures)
-    return _gate("site_metrics", True,
-                 f"every site ({', '.join(sites)}) meets "
-                 + ", ".join(f"{k} {v:g}" for k, v in sorted(thresholds.items())), figures)
-
-
-def _privacy_gate(privacy: Mapping[str, Any], participants: Sequence[str]) -> dict[str, Any]:
-    budget = privacy.get("epsilon_budget_per_site")
-    delta = privacy.get("delta")
-    per_site: Mapping[str, Mapping[str, Any]] = privacy.get("per_site", {})
-    problems = []
-    if not participants:
-        problems.append("no site took part in a completed round up to this version")
-    if not (isinstance(delta, int | float) and 0 < delta < 1):
-        problems.append(f"the run's delta is not recorded (got {delta!r})")
-    if not (isinstance(budget, int | float) and budget > 0):
-        problems.append(f"the run's epsilon budget is not recorded (got {budget!r})")
-    for site in participants:
-        spent = per_site.get(site, {}).get("epsilon_spent")
-        if spent is None:
-            problems.append(f"{site} reported no {EPSILON_METRIC}")
-        elif not finite(spent) or (isinstance(budget, int | float) and spent > budget):
-            problems.append(f"{site} spent epsilon {spent} over the budget {budget}")
-    figures = dict(privacy)
-    if problems:
-        return _gate("privacy_statement", False, "; ".join(problems), figures)
-    return _gate("privacy_statement", True,
-                 f"{len(participants)} site(s) within epsilon {budget:g} at delta {delta:g} "
-                 f"({PRIVACY_MECHANISM}, {PRIVACY_ACCOUNTANT} accountant)", figures)
-
-
-def _parity_gate(results: Any, participants: Sequence[str]) -> dict[str, Any]:
-    """Check the figures a :class:`SiteParity` returned against :data:`PARITY_TOLERANCES`."""
-    tolerances = {f: {"max_abs_diff": t.max_abs_diff, "min_agreement": t.min_agreement}
-                  for f, t in PARITY_TOLERANCES.items()}
-    if not isinstance(results, Mapping) or not results:
-        return _gate("export_parity", False, "no site reported parity figures",
-                     {"tolerances": tolerances, "per_site": {}})
-    problems = []
-    clean: dict[str, dict[str, dict[str, float]]] = {}
-    missing_sites = sorted(set(participants) - set(results))
-    if missing_sites:
-        problems.append(f"no parity figures from {', '.join(missing_sites)}")
-    for site, by_format in sorted(results.items()):
-        if not isinstance(by_format, Mapping):
-            problems.append(f"{site}: malformed figures")
-            continue
-        for fmt in FORMATS:
-            figures = by_format.get(fmt)
-            if not isinstance(figures, Mapping):
-                problems.append(f"{site} reported no {fmt} parity")
-                continue
-            try:
-                diff = float(figures["max_abs_diff"])
-                agreement = float(figures["agreement"])
-                n = float(figures["n"])
-            except (KeyError, TypeError, ValueError):
-                problems.append(f"{site} {fmt}: malformed figures")
-                continue
-            clean.setdefault(str(site), {})[fmt] = {"max_abs_diff": diff,
-                                                    "agreement": agreement, "n": n}
-            tol = PARITY_TOLERANCES[fmt]
-            # `not x <= y` rather than `x > y`: a NaN figure must fail.
-            if not (math.isfinite(n) and n >= 1):
-                problems.append(f"{site} {fmt}: compared {n} rows")
-            if tol.max_abs_diff is not None and not diff <= tol.max_abs_diff:
-                problems.append(f"{site} {fmt} max_abs_diff {diff:.3g} > {tol.max_abs_diff:g}")
-            if not agreement >= tol.min_agreement:
-                problems.append(f"{site} {fmt} agreement {agreement:.4f} < "
-                                f"{tol.min_agreement:g}")
-    figures_out: dict[str, Any] = {"tolerances": tolerances, "per_site": clean}
-    audits = {str(site): dict(v[MEMBERSHIP_KEY]) for site, v in sorted(results.items())
-              if isinstance(v, Mapping) and isinstance(v.get(MEMBERSHIP_KEY), Mapping)}
-    if audits:
-        # Not a gate: what the card shows beside the epsilon (membership_inference_card).
-        figures_out[MEMBERSHIP_KEY] = audits
-    if problems:
-        return _gate("export_parity", False, "; ".join(problems), figures_out)
-    return _gate("export_parity", True, f"{len(clean)} site(s) within tolerance for "
-                 f"{', '.join(FORMATS)}", figures_out)
-
-
-class _ExportFailed(Exception):
-    """The checkpoint could not be turned into artefacts; the message says why."""
-
-
-def _export_artefacts(*, task: TaskRef, arrays: dict[str, Any], out_dir: Path
-                      ) -> dict[ArtefactFormat, Path]:
-    """Build the model from the checkpoint and export every format into ``out_dir``."""
-    from export.onnx_export import (
-        UnsupportedModelError,
-        export_onnx,
-        export_onnx_int8,
-        export_openvino,
-    )
-    from fedward.models import set_model_arrays
-    from fedward.tasks import UnknownTaskError, build_model
-
-    try:
-        model = build_model(task)
-        set_model_arrays(model, arrays)
-    except UnknownTaskError as err:
-        raise _ExportFailed(str(err.args[0] if err.args else err)) from None
-    except ValueError as err:
-        raise _ExportFailed(f"the checkpoint does not fit the task's model: {err}") from None
-    try:
-        onnx_path = export_onnx(model=model, task=task, out_dir=out_dir)
-    except UnsupportedModelError as err:
-        raise _ExportFailed(err.reason) from None
-    # Dynamic INT8 (no calibration rows): the coordinator holds no site data to calibrate on.
-    int8 = export_onnx_int8(onnx_path=onnx_path, out_dir=out_dir, calibration=None)
-    xml = export_openvino(onnx_path=onnx_path, out_dir=out_dir)
-    return {"onnx": onnx_path, "onnx-int8": int8, "openvino": xml}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _artefact_files(staging: Path) -> dict[str, dict[str, Any]]:
-    return {name: {"sha256": _sha256(staging / name), "bytes": (staging / name).stat().st_size}
-            for fmt in FORMATS for name in ARTEFACT_FILES[fmt] if (staging / name).is_file()}
 
 
 # --- candidates --------------------------------------------------------------------------
@@ -437,11 +190,6 @@ def propose_candidate(session: Session, *, run_id: int, round_number: int | None
     return candidate
 
 
-def _staging_dir(home: Path, candidate_id: int) -> tuple[Path, str]:
-    rel = f"{_CANDIDATES_DIR}/candidate-{candidate_id}"
-    return home / rel, rel
-
-
 def evaluate_candidate(engine: Engine, *, home: Path, candidate_id: int,
                        site_parity: SiteParity | None) -> ReleaseCandidate:
     """Export the candidate, run every gate and record the results.
@@ -473,7 +221,7 @@ def evaluate_candidate(engine: Engine, *, home: Path, candidate_id: int,
         gates_row = session.exec(select(ProjectGates)
                                  .where(ProjectGates.project_id == project.id)).first()
         thresholds = {} if gates_row is None else dict(json.loads(gates_row.thresholds_json))
-    staging, staging_rel = _staging_dir(home, candidate_id)
+    staging, staging_rel = staging_dir(home, candidate_id)
     lineage: dict[str, Any] = {}
     try:
         lineage = build_lineage(engine, home=home, run_id=run_id, round_number=round_number)
@@ -483,8 +231,8 @@ def evaluate_candidate(engine: Engine, *, home: Path, candidate_id: int,
                                engine, candidate_id, _json_safe(done)))
     except Exception as exc:  # record any failure as a failed gate; never leave "evaluating"
         log.exception("evaluating candidate %s failed", candidate_id)
-        gates = [_gate("evaluation", False, f"evaluating the candidate failed: "
-                       f"{type(exc).__name__}: {exc}", {})]
+        gates = [gate("evaluation", False, f"evaluating the candidate failed: "
+                      f"{type(exc).__name__}: {exc}", {})]
     passed = bool(gates) and all(g["passed"] for g in gates)
     with session_scope(engine) as session:
         cand = _candidate(session, candidate_id)
@@ -512,8 +260,8 @@ def _run_gates(*, home: Path, lineage: Mapping[str, Any], task: TaskRef,
     version = lineage["version"]
     gates: list[dict[str, Any]] = []
 
-    def add(gate: dict[str, Any]) -> None:
-        gates.append(gate)
+    def add(result: dict[str, Any]) -> None:
+        gates.append(result)
         try:
             on_gate(list(gates))
         except Exception:  # progress is a courtesy: it never fails the evaluation
@@ -527,29 +275,29 @@ def _run_gates(*, home: Path, lineage: Mapping[str, Any], task: TaskRef,
     try:
         arrays = load_checkpoint(home / version["checkpoint"]["path"],
                                  expected_sha256=version["checkpoint"]["sha256"])
-        artefacts = _export_artefacts(task=task, arrays=arrays, out_dir=staging)
-        add(_gate("export", True, f"exported {', '.join(FORMATS)}",
-                  {"files": _artefact_files(staging)}))
-    except (CheckpointError, _ExportFailed) as err:
+        artefacts = export_artefacts(task=task, arrays=arrays, out_dir=staging)
+        add(gate("export", True, f"exported {', '.join(FORMATS)}",
+                 {"files": artefact_files(staging)}))
+    except (CheckpointError, ExportFailed) as err:
         shutil.rmtree(staging, ignore_errors=True)
-        add(_gate("export", False, f"no exporter supports this model: {err}"
-                  if isinstance(err, _ExportFailed) else str(err), {}))
-    add(_metrics_gate(thresholds, lineage["evaluation"], participants))
+        add(gate("export", False, f"no exporter supports this model: {err}"
+                 if isinstance(err, ExportFailed) else str(err), {}))
+    add(release_site_gates.metrics_gate(thresholds, lineage["evaluation"], participants))
     if not artefacts:
-        add(_gate("export_parity", False, "not measured: the export failed", {}))
+        add(gate("export_parity", False, "not measured: the export failed", {}))
     elif site_parity is None:
-        add(_gate("export_parity", False, "no site parity evaluator configured", {}))
+        add(gate("export_parity", False, "no site parity evaluator configured", {}))
     else:
         try:
             results = site_parity.evaluate(run_id=int(lineage["run"]["id"]),
                                            candidate_id=candidate_id,
                                            artefacts={f: p for f, p in artefacts.items()})
         except Exception as exc:  # the sites' boundary can fail in many ways; say how
-            add(_gate("export_parity", False, f"the sites could not measure parity: "
-                      f"{type(exc).__name__}: {exc}", {}))
+            add(gate("export_parity", False, f"the sites could not measure parity: "
+                     f"{type(exc).__name__}: {exc}", {}))
         else:
-            add(_parity_gate(results, participants))
-    add(_privacy_gate(lineage["privacy"], participants))
+            add(release_site_gates.parity_gate(results, participants))
+    add(release_site_gates.privacy_gate(lineage["privacy"], participants))
     return gates
 
 
@@ -640,38 +388,10 @@ def approve_candidate(engine: Engine, *, home: Path, candidate_id: int, user: Us
         final_round = int(json.loads(run.config_json).get("rounds", 0))
         # A run with a statistics phase: its summed DP statistics ship with the model.
         reference = run_statistics.reference_bytes(session, cand.run_id)
-    if staging_rel is None:
-        raise IntegrityFailure(f"candidate {candidate_id} has no staged artefacts")
-    staging = home / staging_rel
-    real_dir(staging, "the candidate's staging folder")
-    files = {name: staging / name for fmt in FORMATS for name in ARTEFACT_FILES[fmt]}
-    missing = sorted(n for n, p in files.items() if not p.is_file() or p.is_symlink())
-    if missing:
-        raise IntegrityFailure(f"candidate {candidate_id}'s staged artefacts are missing or "
-                               f"not regular files: {', '.join(missing)}")
-    private, public = release_key(home)
-    out = releases_dir(home) / release_id
-    if out.exists() or out.is_symlink():
-        raise Conflict(f"a bundle already exists at {out}; move it away after checking "
-                       "that no release uses it")
-    with tempfile.TemporaryDirectory(prefix="fedward-curve-") as tmp:
-        curve = Path(tmp) / TRAINING_CURVE_FILE
-        curve.write_text(training_curve_svg(metrics=metrics, up_to_round=cand.round_number,
-                                            final_round=final_round,
-                                            title=f"{release_id}: training curve"),
-                         encoding="utf-8")
-        extra: dict[str, Path] = {}
-        if reference is not None:
-            extra[REFERENCE_FILE] = Path(tmp) / REFERENCE_FILE
-            extra[REFERENCE_FILE].write_bytes(reference)
-        try:
-            write_bundle(out_dir=out, files={**files, TRAINING_CURVE_FILE: curve, **extra},
-                         model_card=card, private_key=private)
-        except BundleWriteError as err:
-            if "refusing to overwrite" in str(err):
-                raise Conflict(f"could not write the bundle: {err}") from None
-            raise IntegrityFailure(f"could not write the bundle: {err}") from None
-    fingerprint = public_key_fingerprint(public.read_bytes())
+    out, fingerprint = write_release_bundle(
+        home=home, candidate_id=candidate_id, staging_rel=staging_rel, release_id=release_id,
+        card=card, metrics=metrics, round_number=cand.round_number, final_round=final_round,
+        reference=reference)
     try:
         with session_scope(engine) as session:
             cand = _candidate(session, candidate_id)
@@ -692,7 +412,7 @@ def approve_candidate(engine: Engine, *, home: Path, candidate_id: int, user: Us
             append_event(session, actor=user.name, action="release.created",
                          subject=f"release:{release_id}",
                          detail={"candidate_id": candidate_id, "key_fingerprint": fingerprint,
-                                 "signature_sha256": _sha256(out / SIGNATURE_FILE)})
+                                 "signature_sha256": file_sha256(out / SIGNATURE_FILE)})
             note_release_approved(session, release)
             return release
     except BaseException:

@@ -51,7 +51,8 @@ from coordinator.models import (
     Run,
     UserCredential,
 )
-from coordinator.releases import HELD_OUT_NOT_DP, SiteParity, training_curve_svg
+from coordinator.release_chart import HELD_OUT_NOT_DP, training_curve_svg
+from coordinator.releases import SiteParity
 from coordinator.repository import finish_run, mark_run_started
 from coordinator.round_records import (
     finish_round,
