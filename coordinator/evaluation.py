@@ -41,7 +41,7 @@ from coordinator.models import (
     Run,
     utcnow,
 )
-from coordinator.schemas import _Request
+from coordinator.schemas import RequestBody
 from fedward.roles import WRITE_ROLES
 from fedward.run_config import RunConfig
 
@@ -72,7 +72,7 @@ class EvaluationLauncher(Protocol):
         ...
 
 
-class EvaluationRequest(_Request):
+class EvaluationRequest(RequestBody):
     """Body of ``POST /runs/{id}/evaluations``."""
 
     release_id: str | None = Field(

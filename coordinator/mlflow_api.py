@@ -29,7 +29,7 @@ from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep, session_scope
 from coordinator.mlflow_names import check_tracking_uri
 from coordinator.models import MlflowExport, Release, Run
-from coordinator.schemas import _Request
+from coordinator.schemas import RequestBody
 from coordinator.settings import Settings
 from fedward.roles import WRITE_ROLES
 
@@ -60,7 +60,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "No tracking server configured and none given"}}
 
 
-class ExportRequest(_Request):
+class ExportRequest(RequestBody):
     """Body of an export: the tracking server (default: the configured one)."""
 
     tracking_uri: str | None = Field(default=None, max_length=2000,

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from coordinator.schemas import _Request
+from coordinator.schemas import RequestBody
 
 __all__ = [
     "CandidateCreate",
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-class CandidateCreate(_Request):
+class CandidateCreate(RequestBody):
     """Body of ``POST /candidates``: which version, for what."""
 
     run_id: int = Field(ge=1)
@@ -35,13 +35,13 @@ class CandidateCreate(_Request):
                                           "clinicians on the model card.")
 
 
-class DecisionRequest(_Request):
+class DecisionRequest(RequestBody):
     """Why a candidate is approved or rejected, or a release revoked (kept in the audit log)."""
 
     reason: str = Field(min_length=3, max_length=2000)
 
 
-class GatesUpdate(_Request):
+class GatesUpdate(RequestBody):
     """Body of ``PUT /projects/{name}/gates`` (omitted or null: not set, the default
     applies) and ``PATCH`` (omitted: unchanged; null: back to the default)."""
 

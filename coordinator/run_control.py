@@ -38,7 +38,7 @@ from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep, session_scope
 from coordinator.models import RUN_FINAL_STATUSES, Evaluation, Project, Run, utcnow
 from coordinator.run_schemas import RunPublic
-from coordinator.schemas import _Request
+from coordinator.schemas import RequestBody
 from coordinator.settings import Settings
 from fedward.flower.control import FlowerControl
 from fedward.roles import WRITE_ROLES
@@ -71,7 +71,7 @@ CANCEL_GRACE_S: Final = 5.0
 LAUNCH_LOCK: Final = threading.Lock()
 
 
-class CancelRequest(_Request):
+class CancelRequest(RequestBody):
     """Body of ``POST /runs/{id}/cancel``."""
 
     reason: str = Field(min_length=1, max_length=CANCEL_REASON_MAX,

@@ -33,6 +33,7 @@ __all__ = [
     "NodeKeyCreate",
     "ProjectCreate",
     "ProjectPublic",
+    "RequestBody",
     "SiteCreate",
     "SitePublic",
     "UserPublic",
@@ -44,7 +45,7 @@ PROJECT_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 ProjectName = Annotated[str, StringConstraints(pattern=PROJECT_NAME_PATTERN)]
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
     """A request body: unknown fields, NaN/Inf and wrong JSON types (``true`` or ``"5"``
     for a number) are refused with a 422 that names the field, not coerced."""
 
@@ -80,7 +81,7 @@ class UserPublic(BaseModel):
 # --- projects ----------------------------------------------------------------------------
 
 
-class ProjectCreate(_Request):
+class ProjectCreate(RequestBody):
     """Body of ``POST /projects``."""
 
     name: ProjectName = Field(description="Lowercase letters, digits, '-' and '_'; 1-64.")
@@ -110,13 +111,13 @@ class ProjectPublic(BaseModel):
 # --- sites -------------------------------------------------------------------------------
 
 
-class SiteCreate(_Request):
+class SiteCreate(RequestBody):
     """Body of ``POST /sites``."""
 
     name: SiteName = Field(description="Lowercase letters, digits and '-'; 3-40 characters.")
 
 
-class NodeKeyCreate(_Request):
+class NodeKeyCreate(RequestBody):
     """Body of ``POST /sites/{name}/node-key``: the site's SuperNode public key."""
 
     public_key: str = Field(

@@ -19,8 +19,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
-import ssl
 import sys
 import threading
 import time
@@ -46,16 +44,15 @@ from fedward.sandbox.netns import (
     isolation_mode,
     sandbox_failure,
 )
-from fedward.sandbox.relay import Endpoint, RelayThread, unix_connect, unix_path
+from fedward.sandbox.relay import Endpoint, RelayThread, unix_path
 from fedward.tasks import TaskRef
 from privacy import PrivacyLedger
 from site_agent import clientapp as clientapp_module
 from site_agent.admission import SiteGate
 from site_agent.approvals import ApprovalBook
 from site_agent.audit import AuditLog, AuditLogError
-from site_agent.clientapp import SOCKET_KEY
 from site_agent.config import SiteConfig, SitePaths
-from site_agent.connect import Route, open_route
+from site_agent.connect import Route, open_route, probe_coordinator
 from site_agent.data import SiteData
 from site_agent.data_report import DataCheckError
 from site_agent.drift_policy import DriftSchedule
@@ -71,8 +68,7 @@ from site_agent.trainer import WarmTrainer
 from site_agent.trainer_server import TrainerServer
 from site_agent.warm_executor import WarmExecutor
 
-__all__ = ["AgentLockError", "SiteAgent", "hold_site_lock", "probe_coordinator",
-           "restrict_site_dir"]
+__all__ = ["AgentLockError", "SiteAgent", "hold_site_lock", "restrict_site_dir"]
 
 log = logging.getLogger("fedward.site.agent")
 
@@ -91,31 +87,6 @@ def _start_drift(root: Path, config: SiteConfig) -> DriftScheduler | None:
     log.info("drift check of %s every %.0f s (reports go to the coordinator's gateway)",
              schedule.release, schedule.interval_s)
     return scheduler
-
-
-def probe_coordinator(address: str, ca_cert: Path, *, timeout: float = 3.0) -> str | None:
-    """None if a TLS connection to ``address`` verifies against the CA, else why not."""
-    path = unix_path(address)
-    host, _, port = address.rpartition(":")
-    try:
-        ctx = ssl.create_default_context(cafile=str(ca_cert))
-    except (OSError, ssl.SSLError) as err:
-        return f"cannot read the coordinator CA certificate {ca_cert}: {err}"
-    try:
-        raw = unix_connect(path, timeout=timeout) if path is not None else \
-            socket.create_connection((host, int(port)), timeout=timeout)
-        # A SuperLink socket on this host carries the SuperLink's 127.0.0.1 certificate.
-        with raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1" if path else host):
-            return None
-    except ssl.SSLCertVerificationError as err:
-        if err.verify_code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID / _HAS_EXPIRED
-            return (f"the coordinator at {address} presented a certificate that is "
-                    f"{err.verify_message} by this machine's clock: the clock is probably "
-                    "wrong; set it right (NTP); `fedward-site doctor` measures the skew")
-        return (f"the coordinator at {address} presented a certificate the site's CA does "
-                f"not trust ({err.verify_message}); get the current CA certificate")
-    except OSError as err:
-        return f"the coordinator at {address} is not reachable ({err})"
 
 
 class AgentLockError(RuntimeError):
@@ -434,7 +405,7 @@ class SiteAgent:
             "--root-certificates", str(route.root_certificates),
             "--superlink", f"127.0.0.1:{upstream_port}",
             "--auth-supernode-private-key", str(paths.node_key),
-            "--node-config", f'{SOCKET_KEY}="{paths.socket}"',
+            "--node-config", f'{clientapp_module.SOCKET_KEY}="{paths.socket}"',
             # The SuperNode's runtime API for the ClientApp tasks, in its namespace only.
             "--host", "127.0.0.1",
             "--port", str(runtime_port),

@@ -261,7 +261,7 @@ def check_clock_skew(
 
 def check_reachability(address: str, ca_cert: Path, *, timeout: float = 3.0) -> Check:
     """A TLS connection to the coordinator verifies against the CA."""
-    from site_agent.agent import probe_coordinator
+    from site_agent.connect import probe_coordinator
 
     problem = probe_coordinator(address, ca_cert, timeout=timeout)
     if problem is None:

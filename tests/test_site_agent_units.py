@@ -44,7 +44,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"'click\.utils\.get_\w+_stream' is deprecated",
                             category=DeprecationWarning)
     from fedward.flower.exit_codes import flower_exit_code
-    from site_agent.agent import probe_coordinator
+    from site_agent.connect import probe_coordinator
 
 TASK = "breast_cancer_mlp"
 REPO = Path(__file__).resolve().parents[1]

@@ -132,7 +132,7 @@ def test_a_site_clock_an_hour_behind_is_named_as_the_likely_cause(
     import threading
 
     import fedward.certs as certs
-    from site_agent.agent import probe_coordinator
+    from site_agent.connect import probe_coordinator
 
     files = certs.ensure_ca(tmp_path / "pki")
     real_now = certs._now
