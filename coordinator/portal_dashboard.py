@@ -5,7 +5,7 @@ everywhere in the portal. Pages are rendered on the server with no script: a run
 still pending or running reloads itself every :data:`REFRESH_S` seconds (a ``<meta
 http-equiv="refresh">``, which the portal's Content-Security-Policy allows), and its
 pictures are inline SVG drawn here with the release model card's chart code
-(:mod:`coordinator.releases`).
+(:mod:`coordinator.release_chart`).
 
 Every list is paginated. The query string is checked by hand rather than by FastAPI, so a
 bad page number or filter gets the portal's HTML error page with status 422 and a sentence
