@@ -7,17 +7,19 @@ run control), so that none of them needs the CLI module that assembles them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from coordinator.settings import Settings, load_settings
 
-__all__ = ["ADMIN_TOKEN_FILE", "ApiClient", "CoordinatorUnreachable", "api_client", "fail",
-           "settings_for"]
+__all__ = ["ADMIN_TOKEN_FILE", "Api", "ApiClient", "ClientFactory", "CoordinatorUnreachable",
+           "api_client", "fail", "settings_for"]
 
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 err_console = Console(stderr=True)
@@ -28,10 +30,21 @@ def settings_for(home: Path | None) -> Settings:
     return load_settings(home.expanduser().resolve() if home else None)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``message`` as one error line and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, greppable
+    # soft_wrap: one line, greppable; escape: a name in brackets is text, not markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+class Api(Protocol):
+    """What a command needs of the REST client (:class:`ApiClient`, or a test's stand-in)."""
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any: ...
+
+
+# Makes the REST client from a command's ``--api``, ``--token`` and ``--home``.
+ClientFactory = Callable[[str | None, str | None, Path | None], Api]
 
 
 class CoordinatorUnreachable(Exception):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, Final, Protocol
+from typing import Annotated, Any, Final
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.cli_client import ClientFactory
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 
 __all__ = ["EVALUATE_EXIT_HELP", "add_commands", "render"]
@@ -33,10 +32,6 @@ _FIGURES: Final = (("eval-auc", "AUC"), ("eval-accuracy", "accuracy"),
                    ("eval-loss", "loss"), ("num-eval-examples", "held-out rows"))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON.")]
-
-
-class _Api(Protocol):
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any: ...
 
 
 def render(ev: dict[str, Any]) -> Table:
@@ -58,7 +53,7 @@ def render(ev: dict[str, Any]) -> Table:
 
 
 def add_commands(app: typer.Typer,
-                 client: Callable[[str | None, str | None, Path | None], _Api]) -> None:
+                 client: ClientFactory) -> None:
     """Declare ``evaluate`` and ``evaluations`` on the CLI.
 
     Args:

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from coordinator.cli_client import ApiClient, api_client
+from coordinator.cli_client import ApiClient, api_client, fail
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 
 __all__ = ["release_app"]
@@ -40,11 +40,6 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (kept in the audit
 
 def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
     return api_client(api, token, home)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
 
 
 def _id_column(header: str, values: list[str]) -> Column:
@@ -125,7 +120,7 @@ def _wait_for_gates(client: ApiClient, cand: dict[str, Any], timeout: float) -> 
             noted = now
             err_console.print(f"  {running}: still running ({elapsed:.0f} s)", highlight=False)
         if now - started > timeout:
-            _fail(f"candidate {cand['id']} is still being evaluated after {timeout:.0f} s; "
+            fail(f"candidate {cand['id']} is still being evaluated after {timeout:.0f} s; "
                   f"check it later with `fedward-coordinator release candidates`")
         time.sleep(1.0)
         cand = client.call("GET", f"/candidates/{cand['id']}")
@@ -264,9 +259,9 @@ def gates(project: str,
                           ("min_site_accuracy", min_site_accuracy)) if v is not None}
     for name in clear or []:
         if name not in THRESHOLD_HELP:
-            _fail(f"--clear {name}: no such threshold (known: {', '.join(THRESHOLD_HELP)})")
+            fail(f"--clear {name}: no such threshold (known: {', '.join(THRESHOLD_HELP)})")
         if name in changes:
-            _fail(f"--clear {name} and --{name.replace('_', '-')} contradict each other")
+            fail(f"--clear {name} and --{name.replace('_', '-')} contradict each other")
         changes[name] = None
     client = _client(api, token, home)
     path = f"/projects/{project}/gates"
@@ -309,7 +304,7 @@ def _get_bytes(client: ApiClient, path: str) -> bytes:
             detail = response.json().get("detail")
         except ValueError:
             detail = response.text
-        _fail(f"GET {path} -> {response.status_code}: {detail}")
+        fail(f"GET {path} -> {response.status_code}: {detail}")
     return response.content
 
 
@@ -317,12 +312,12 @@ def _unpack(archive: bytes, release_id: str, out: Path) -> Path:
     """Unpack into ``out``; refuse anything but plain files under ``<release_id>/``."""
     target = out / release_id
     if target.exists():
-        _fail(f"{target} exists; remove it or choose another --out")
+        fail(f"{target} exists; remove it or choose another --out")
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         for member in tar.getmembers():
             inside = member.name == release_id or member.name.startswith(release_id + "/")
             if not inside or not (member.isfile() or member.isdir()):
-                _fail(f"the archive holds an unexpected entry {member.name!r}; not unpacked")
+                fail(f"the archive holds an unexpected entry {member.name!r}; not unpacked")
         # filter="data" also refuses absolute paths, '..' and links.
         tar.extractall(out, filter="data")
     return target
@@ -357,7 +352,7 @@ def download(release_id: str,
         verified = verify_bundle(bundle_dir=folder, public_key=public_key,
                                  revoked=listed.revoked, release_id=release_id)
     except BundleVerificationError as err:
-        _fail(f"verification failed: {err}. Do not use this bundle.")
+        fail(f"verification failed: {err}. Do not use this bundle.")
         return
     fingerprint = public_key_fingerprint(public_key.read_bytes())
     console.print(f"verified: release {verified.release_id}, {len(verified.files)} files, in "

@@ -7,26 +7,18 @@ Mounted by :mod:`coordinator.cli`, which passes its REST client factory in (as t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.cli_client import ClientFactory
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 
 __all__ = ["add_statistics_command"]
 
 console = Console()
-
-
-class _Client(Protocol):
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any: ...
-
-
-ClientFactory = Callable[[str | None, str | None, Path | None], _Client]
 
 
 def _figure(value: object, digits: int = 4) -> str:

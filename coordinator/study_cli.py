@@ -8,33 +8,20 @@ REST API (``/api/v1/studies``) with the caller's token, like ``launch``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Protocol
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from coordinator.cli_client import ClientFactory, fail
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 
 __all__ = ["make_study_app"]
 
 console = Console()
 err_console = Console(stderr=True)
-
-
-class _Client(Protocol):
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any: ...
-
-
-ClientFactory = Callable[[str | None, str | None, Path | None], _Client]
-
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(1)
 
 
 def make_study_app(client: ClientFactory) -> typer.Typer:
@@ -54,7 +41,7 @@ def make_study_app(client: ClientFactory) -> typer.Typer:
         try:
             text = spec_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            _fail(f"cannot read {spec_file}: {err}")
+            fail(f"cannot read {spec_file}: {err}")
         out = client(api, token, home).call(
             "POST", "/studies", {"text": text, "source": spec_file.name})
         if as_json:

@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from coordinator.cli_client import Api, ClientFactory
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 
 __all__ = ["make_tuning_app"]
 
 console = Console()
 _FINAL = ("completed", "refused", "failed")
-
-
-class _Client(Protocol):
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any: ...
-
-
-ClientFactory = Callable[[str | None, str | None, Path | None], _Client]
 
 
 def _pair(text: str, option: str) -> list[float]:
@@ -120,7 +112,7 @@ def make_tuning_app(client: ClientFactory) -> typer.Typer:
                           f"site, charged once); watch it with `fedward-coordinator tune watch "
                           f"{out['id']}`")
 
-    def _watch(c: _Client, tuning_id: int, *, quiet: bool, timeout_s: float = 86400) -> Any:
+    def _watch(c: Api, tuning_id: int, *, quiet: bool, timeout_s: float = 86400) -> Any:
         deadline = time.monotonic() + timeout_s
         seen = -1
         while True:
