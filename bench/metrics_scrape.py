@@ -6,12 +6,14 @@ A child process serves, as ``fedward-coordinator serve`` does, the REST API (uvi
 process) and the metrics listener (``coordinator.metrics.start_listener``'s registry and
 ``fedward.metrics_http.MetricsListener``) over one SQLite database, seeded with
 ``api_load.seed`` (10 runs x 20 rounds x 3 sites) plus 50 registered sites with a
-certificate each. The driver loads ``GET /api/v1/runs/{id}`` with ``api_load``'s 16
-concurrent keep-alive clients while a thread scrapes ``/metrics`` every 100 ms (a fresh
-connection each time, as Prometheus may); the scrape latency is measured client-side.
-Twice: with the default 5 s cache of the database figures, and with no cache (every scrape
-reads the database), each also without load as a baseline. The client shares the machine's
-cores with the server: the figures are upper bounds.
+certificate each, with the GIL switch interval the service sets
+(``coordinator.metrics.SWITCH_INTERVAL_S``). The driver loads ``GET /api/v1/runs/{id}``
+with ``api_load``'s 16 concurrent keep-alive clients while a thread scrapes ``/metrics``
+every 100 ms (a fresh connection each time, as Prometheus may); the scrape latency is
+measured client-side. Three servers: with the default 5 s cache of the database figures;
+the same with Python's default 5 ms switch interval (the baseline of that setting); and with
+no cache (every scrape reads the database); each also without load as a baseline. The
+client shares the machine's cores with the server: the figures are upper bounds.
 
     .venv/bin/python bench/metrics_scrape.py [--seconds 15] [--reps 3]
 """
@@ -39,7 +41,8 @@ SCRAPE_EVERY_S = 0.1
 N_SITES = 50
 
 
-def serve(db_url: str, home: Path, port: int, metrics_port: int, cache_s: float) -> None:
+def serve(db_url: str, home: Path, port: int, metrics_port: int, cache_s: float,
+          switch_s: float) -> None:
     import uvicorn
 
     from coordinator.api import create_app
@@ -48,6 +51,7 @@ def serve(db_url: str, home: Path, port: int, metrics_port: int, cache_s: float)
     from coordinator.settings import Settings
     from fedward.metrics_http import MetricsListener
 
+    sys.setswitchinterval(switch_s)
     engine = make_engine(db_url)
     app = create_app(settings=Settings(home=home, database_url=db_url), engine=engine)
     MetricsListener(registry=build_registry(engine, cache_s=cache_s),
@@ -72,7 +76,8 @@ def add_sites(db_url: str) -> None:
 
 
 class Server(api_load.Server):
-    def __init__(self, name: str, db_url: str, home: Path, log: Path, cache_s: float) -> None:
+    def __init__(self, name: str, db_url: str, home: Path, log: Path, cache_s: float,
+                 switch_s: float) -> None:
         import subprocess
 
         self.name, self.port, self.metrics_port = name, free_port(), free_port()
@@ -82,7 +87,7 @@ class Server(api_load.Server):
         self.proc = subprocess.Popen(
             ["timeout", "-k", "5", "1200", sys.executable, __file__, "--serve", db_url,
              "--home", str(home), "--port", str(self.port), "--metrics-port",
-             str(self.metrics_port), "--cache-s", str(cache_s)],
+             str(self.metrics_port), "--cache-s", str(cache_s), "--switch-s", str(switch_s)],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=bu.ROOT)
 
 
@@ -151,10 +156,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--metrics-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--cache-s", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--switch-s", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.home, args.port, args.metrics_port, args.cache_s)
+        serve(args.serve, args.home, args.port, args.metrics_port, args.cache_s, args.switch_s)
         return
+    from coordinator.metrics import SWITCH_INTERVAL_S
     bu.exit_on_sigterm()
     t_start = time.monotonic()
     results: dict[str, list[dict[str, Any]]] = {}
@@ -169,15 +176,21 @@ def main() -> None:
         print(f"in process, no HTTP, no cache: p50 {direct['p50_ms']:.1f} ms, p99 "
               f"{direct['p99_ms']:.1f} ms; CPU p50 {direct['cpu_p50_ms']:.1f} ms, p99 "
               f"{direct['cpu_p99_ms']:.1f} ms", flush=True)
-        for cache_s in (5.0, 0.0):
-            home = tmp_p / f"home-{cache_s:g}"
+        python_default = 0.005
+        for i, (cache_s, switch_s) in enumerate(((5.0, SWITCH_INTERVAL_S),
+                                                 (5.0, python_default),
+                                                 (0.0, SWITCH_INTERVAL_S))):
+            case = f"cache {cache_s:g} s, " + (
+                "" if switch_s == SWITCH_INTERVAL_S else
+                f"Python's {switch_s * 1000:g} ms GIL switch (baseline), ")
+            home = tmp_p / f"home-{i}"
             home.mkdir()
-            srv = Server(f"cache {cache_s:g} s", url, home, tmp_p / f"{cache_s:g}.log", cache_s)
+            srv = Server(case, url, home, tmp_p / f"{i}.log", cache_s, switch_s)
             stack.callback(srv.stop)
             srv.wait_ready()
             for rep in range(args.reps):
                 for loaded in (False, True):
-                    key = f"cache {cache_s:g} s, " + ("API under load" if loaded else "idle")
+                    key = case + ("API under load" if loaded else "idle")
                     r = measure(srv, headers, run_id, args.seconds, loaded)
                     results.setdefault(key, []).append(r)
                     print(f"rep {rep + 1} {key}: {r['scrapes']} scrapes, p50 "
@@ -203,7 +216,9 @@ def main() -> None:
           f"{SCRAPE_EVERY_S * 1000:.0f} ms for {args.seconds:.0f} s per repetition, "
           f"{args.reps} repetitions, medians (worst p99 too); under load: "
           f"{api_load.CONCURRENCY} clients on GET /api/v1/runs/{{id}} in the same process as "
-          f"the API. Database: SQLite, {api_load.N_RUNS} runs x {api_load.N_ROUNDS} rounds, "
+          f"the API. GIL switch interval {SWITCH_INTERVAL_S * 1000:g} ms as the service sets "
+          f"it, unless the case says otherwise. Database: SQLite, {api_load.N_RUNS} runs x "
+          f"{api_load.N_ROUNDS} rounds, "
           f"{N_SITES + len(api_load.SITES)} sites.\n\n"
           + bu.md_table(["case", "scrapes", "p50 ms", "p99 ms", "worst p99 ms", "API req/s",
                          "p99 < 50 ms"], rows)
