@@ -86,24 +86,30 @@ def test_an_idle_supernode_fetches_less_often_until_a_message_comes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[float] = []
     monkeypatch.setattr(time, "sleep", asked.append)  # restored after the test
-    short = supernode.ShortSleep(0.25, idle_cap_s=1.0, idle_after_s=30.0)
+    short = supernode.ShortSleep(0.25, idle_cap_s=1.0, idle_after_s=30.0, reply_cap_s=0.02)
     short.sleep(3)  # just started: the short interval
     short.last_message -= 31.0  # nothing for 31 s
     short.sleep(3)  # Flower's empty-fetch wait: the idle interval
-    short.sleep(0.5)  # waiting for a reply is never slowed
+    short.sleep(0.5)  # waiting for a reply (a local look) is never slowed: the reply cap
     pulled = supernode.noting_messages(short, lambda **_: 7)
     assert pulled() == 7
     short.sleep(3)  # a message came in: the short interval again
     short.last_message -= 31.0
     assert supernode.noting_messages(short, lambda **_: None)() is None
     short.sleep(3)  # an empty fetch does not count as a message
-    assert asked == [0.25, 1.0, 0.25, 0.25, 1.0]
+    assert asked == [0.25, 1.0, 0.02, 0.25, 1.0]
 
 
 def test_flwr_supernode_still_sleeps_where_the_patch_applies() -> None:
     sci = start_client_internal
     source = inspect.getsource(sci)
     assert "time.sleep(3)" in source
+    # The 0.5 s sleeps wait for the ClientApp's reply and its objects in the node's own
+    # state, with no request to the SuperLink: ShortSleep polls those every REPLY_POLL_S.
+    assert "while not (reply_messages := state.get_messages_legacy(is_reply=True)):\n" \
+           "        time.sleep(0.5)" in source
+    # ... and those are all its sleeps: a new one (a network wait?) must be looked at.
+    assert source.count("time.sleep(") == 3
     assert re.search(r"^import time$", source, flags=re.M)
     assert sci.time is time or isinstance(sci.time, supernode.ShortSleep)
 

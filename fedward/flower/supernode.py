@@ -5,8 +5,9 @@ message, and 0.5 s while waiting for its ClientApp's reply
 (``flwr/supernode/start_client_internal.py``); there is no option for either. Those sleeps
 are most of a round's latency on a small model. This entry point caps every sleep in that
 one module (and nowhere else) at ``FEDWARD_SUPERNODE_POLL_S`` seconds (at
-:data:`IDLE_POLL_S` once the node has received nothing for :data:`IDLE_AFTER_S`), then runs Flower's
-own ``flower_supernode`` unchanged. It also shortens the back-off of that module's object
+:data:`IDLE_POLL_S` once the node has received nothing for :data:`IDLE_AFTER_S`), and its
+waits for the ClientApp's reply at :data:`REPLY_POLL_S`, then runs Flower's own
+``flower_supernode`` unchanged. It also shortens the back-off of that module's object
 pulls (Flower waits 1 s before the first retry of an object still being uploaded),
 makes a run that ends while a message's content is being pulled fail that message's task
 (see :func:`finish_tasks_of_ended_runs`), and answers a ClientApp task that ended without
@@ -47,6 +48,11 @@ IDLE_AFTER_S: Final = 30.0
 _IDLE_WAIT_S: Final = 1.0
 """Flower sleeps 3 s after an empty fetch and 0.5 s while it waits for a reply: a sleep of
 at least this long is the idle one."""
+REPLY_POLL_S: Final = 0.02
+"""How often a SuperNode looks for its ClientApp's reply (Flower: every 0.5 s). The look
+is local (the node's in-memory state, no request to the SuperLink), and the node fetches
+nothing while it waits, so looking often costs next to nothing and sends each reply up to
+a fetch interval sooner."""
 
 
 class ShortSleep:
@@ -55,14 +61,18 @@ class ShortSleep:
     A SuperNode in a run fetches every ``cap_s`` seconds. One that has received no message
     for ``idle_after_s`` seconds fetches every ``idle_cap_s`` instead: at 4 fetches a second
     an idle site costs the coordinator's SuperLink as much CPU as a busy one, and a new run's
-    first message waits at most ``idle_cap_s`` longer.
+    first message waits at most ``idle_cap_s`` longer. Flower's shorter waits (for the
+    ClientApp's reply, for an object of it) look only at the node's own state: they are
+    capped at ``reply_cap_s``.
     """
 
     def __init__(self, cap_s: float, *, idle_cap_s: float = IDLE_POLL_S,
-                 idle_after_s: float = IDLE_AFTER_S) -> None:
+                 idle_after_s: float = IDLE_AFTER_S, reply_cap_s: float = REPLY_POLL_S
+                 ) -> None:
         self.cap_s = cap_s
         self.idle_cap_s = max(cap_s, idle_cap_s)
         self.idle_after_s = idle_after_s
+        self.reply_cap_s = min(cap_s, reply_cap_s)
         self.last_message = time.monotonic()
 
     def message_received(self) -> None:
@@ -71,8 +81,9 @@ class ShortSleep:
 
     def sleep(self, seconds: float) -> None:
         cap = self.cap_s
-        if (seconds >= _IDLE_WAIT_S
-                and time.monotonic() - self.last_message > self.idle_after_s):
+        if seconds < _IDLE_WAIT_S:
+            cap = self.reply_cap_s
+        elif time.monotonic() - self.last_message > self.idle_after_s:
             cap = self.idle_cap_s
         time.sleep(min(seconds, cap))
 
