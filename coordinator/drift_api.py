@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 
+from coordinator.api_errors import RESPONSES_401
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.drift import (
@@ -36,8 +37,7 @@ def make_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX, tags=["drift"])
 
     @router.get("/drift", responses={
-        401: {"description": "Missing or unknown API token"},
-        403: {"description": "Only staff read drift reports"},
+        **RESPONSES_401, 403: {"description": "Only staff read drift reports"},
         422: {"description": "A bad page, or a filter that names no site or release"}})
     def list_drift(
         session: SessionDep,

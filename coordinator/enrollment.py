@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from coordinator.audit import append_event
 from coordinator.models import EnrollmentToken, Site, SiteCertificate, utcnow
-from coordinator.pki import CAFiles, IssuedCert, ca_fingerprint, issue_site_cert
+from fedward.certs import CAFiles, IssuedCert, ca_fingerprint, issue_site_cert
 from fedward.tokens import TokenFormatError, format_enrollment_token, parse_enrollment_token
 
 __all__ = [

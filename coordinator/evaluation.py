@@ -22,13 +22,14 @@ The routes (:func:`make_router`) authenticate through :mod:`coordinator.auth`
 import json
 import logging
 from datetime import datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 
 from coordinator import run_control
+from coordinator.api_errors import RESPONSES_401, RESPONSES_403, Responses
 from coordinator.audit import append_event
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
@@ -227,9 +228,8 @@ def make_router() -> APIRouter:
         A router to include in the application.
     """
     router = APIRouter(prefix=API_PREFIX)
-    responses: dict[int | str, dict[str, Any]] = {
-        401: {"description": "Missing or unknown API token"},
-        403: {"description": "The user's role may not do this"},
+    responses: Responses = {
+        **RESPONSES_401, **RESPONSES_403,
         404: {"description": "No such run or release"},
         409: {"description": "Nothing to evaluate yet, or an evaluation is under way"},
         503: {"description": "The coordinator cannot start Flower runs"},

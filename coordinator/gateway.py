@@ -72,8 +72,8 @@ from coordinator.gateway_limits import ConnectionLimits, LimitSettings
 from coordinator.gateway_requests import Registrar, SiteRequests
 from coordinator.metrics import GATEWAY_CONNECTIONS, CountingRefusalLog, note_site_contact
 from coordinator.models import Site
-from coordinator.pki import CAFiles
 from coordinator.presence import Presence
+from fedward.certs import CAFiles
 from fedward.flower.control import NodeKeyError, node_public_key_bytes
 
 __all__ = ["DRIFT_PATH", "VERSIONS_PATH", "GatewayConfig", "SiteGateway"]

@@ -19,8 +19,8 @@ from coordinator.drift import AlarmRule, DriftReportError, store_report
 from coordinator.enrollment import EnrollmentError, redeem_token, renew_certificate
 from coordinator.gateway_http import Client
 from coordinator.models import utcnow
-from coordinator.pki import CAFiles, CSRError
 from coordinator.site_versions import note_versions
+from fedward.certs import CAFiles, CSRError
 from fedward.flower.control import NodeKeyError, node_public_key_bytes
 
 __all__ = ["Refuse", "Registrar", "SiteRequests"]

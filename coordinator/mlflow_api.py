@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from coordinator import mlflow_outbox
+from coordinator.api_errors import RESPONSES_401, RESPONSES_403, Responses
 from coordinator.audit import append_event
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep, session_scope
@@ -50,9 +51,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(prefix=API_PREFIX, lifespan=_lifespan)
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or unknown token"},
-    403: {"description": "The user's role may not do this"},
+_ERRORS: Responses = {
+    **RESPONSES_401, **RESPONSES_403,
     404: {"description": "No such run or release"},
     409: {"description": "The export cannot be done (the reason says why)"},
     502: {"description": "The tracking server is unreachable or failed; the export is kept "

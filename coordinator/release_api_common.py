@@ -8,13 +8,13 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import HTTPException, Request
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from coordinator import release_gates, release_store
+from coordinator.api_errors import RESPONSES_401, RESPONSES_403, Responses
 from coordinator.auth import API_PREFIX
 from coordinator.models import Project, Release, ReleaseCandidate, Run
 from coordinator.release_errors import ReleaseError
@@ -33,9 +33,7 @@ __all__ = [
     "request_home",
 ]
 
-Responses = dict[int | str, dict[str, Any]]
-AUTH: Responses = {401: {"description": "Missing or unknown token"},
-                   403: {"description": "The user's role may not do this"}}
+AUTH: Responses = {**RESPONSES_401, **RESPONSES_403}
 R404: Responses = {404: {"description": "No such object"}}
 R409: Responses = {409: {"description": "The object's state does not allow this"}}
 

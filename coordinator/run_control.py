@@ -24,7 +24,7 @@ The routes (:func:`make_router`) authenticate through :mod:`coordinator.auth`
 import logging
 import threading
 from datetime import datetime
-from typing import Any, Final
+from typing import Final
 
 import httpx
 from fastapi import APIRouter, HTTPException, status
@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from coordinator import repository
+from coordinator.api_errors import RESPONSES_401, RESPONSES_403, Responses
 from coordinator.audit import append_event
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep, session_scope
@@ -273,9 +274,8 @@ def make_router() -> APIRouter:
         A router to include in the application.
     """
     router = APIRouter(prefix=API_PREFIX)
-    responses: dict[int | str, dict[str, Any]] = {
-        401: {"description": "Missing or unknown API token"},
-        403: {"description": "The user's role may not do this"},
+    responses: Responses = {
+        **RESPONSES_401, **RESPONSES_403,
         404: {"description": "No such run"},
         409: {"description": "The run has already ended"},
     }

@@ -27,11 +27,11 @@ from coordinator.drift import AlarmRule
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.metrics import SWITCH_INTERVAL_S, start_listener
 from coordinator.mlflow_outbox import MLFLOW_AUTO_ENV
-from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
 from coordinator.ports import sites_address
 from coordinator.presence import Presence
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
+from fedward.certs import CAFiles, ensure_ca, issue_server_cert
 from fedward.files import atomic_write
 from fedward.flower.control import FlowerControl
 

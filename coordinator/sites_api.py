@@ -30,10 +30,10 @@ from coordinator.dashboard_queries import certificate_expiry
 from coordinator.db import SessionDep
 from coordinator.enrollment import EnrollmentError, create_token, revoke_site
 from coordinator.models import Site, utcnow
-from coordinator.pki import CAFiles
 from coordinator.presence import last_seen
 from coordinator.schemas import NodeKeyCreate, SiteCreate, SitePublic
 from coordinator.settings import Settings
+from fedward.certs import CAFiles
 from fedward.roles import CERTIFICATE_ROLES, WRITE_ROLES
 
 __all__ = ["NodeRegistrar", "router"]

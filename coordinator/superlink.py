@@ -20,7 +20,7 @@ from typing import IO
 import httpx
 from sqlalchemy.engine import make_url
 
-from coordinator.pki import CAFiles
+from fedward.certs import CAFiles
 from fedward.files import atomic_write
 from fedward.flower.env import flower_env
 from fedward.metrics_http import is_loopback

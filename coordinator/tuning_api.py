@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
+from coordinator.api_errors import RESPONSES_401, RESPONSES_403
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import Project, Tuning, TuningTrial
@@ -104,8 +105,7 @@ def make_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX, tags=["tuning"])
 
     @router.post("/tunings", status_code=201, responses={
-        401: {"description": "Missing or unknown API token"},
-        403: {"description": "The user's role may not do this"},
+        **RESPONSES_401, **RESPONSES_403,
         422: {"description": "A bad request, an unknown project, task or site"},
         503: {"description": "Run launching is not configured"}})
     def create(body: TuningCreate, request: Request, session: SessionDep,
@@ -129,7 +129,7 @@ def make_router() -> APIRouter:
         assert tuning is not None
         return _view(session, tuning)
 
-    @router.get("/tunings", responses={401: {"description": "Missing or unknown API token"}})
+    @router.get("/tunings", responses=RESPONSES_401)
     def list_tunings(session: SessionDep, _user: CurrentUser) -> list[TuningPublic]:
         """Every search, newest first."""
         rows = session.exec(select(Tuning).order_by(col(Tuning.id).desc()).limit(200)).all()
@@ -138,8 +138,7 @@ def make_router() -> APIRouter:
         return [_view(session, t) for t in rows]
 
     @router.get("/tunings/{tuning_id}", responses={
-        401: {"description": "Missing or unknown API token"},
-        404: {"description": "No such search"}})
+        **RESPONSES_401, 404: {"description": "No such search"}})
     def get_tuning(tuning_id: int, session: SessionDep,
                    _user: CurrentUser) -> TuningPublic:
         """One search: its cost, its trials so far, the best one."""

@@ -842,7 +842,7 @@ def test_admins_disable_enable_and_delete_users(
 def test_enrollment_tokens_are_an_admins(
         make_client: Callable[..., TestClient], token_for: Callable[..., dict[str, str]]
 ) -> None:
-    from coordinator.pki import ensure_ca
+    from fedward.certs import ensure_ca
 
     client, admin = make_client(), token_for("admin")
     ensure_ca(Path(client.app.state.settings.home) / "pki")  # type: ignore[attr-defined]

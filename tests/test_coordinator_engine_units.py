@@ -33,9 +33,9 @@ from coordinator import run_audit
 from coordinator.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Project, Round, Run, Site, SiteMetric
-from coordinator.pki import ensure_ca, issue_server_cert
 from coordinator.round_records import finish_round, last_checkpoint, record_checkpoint
 from coordinator.schemas import NodeKeyCreate
+from fedward.certs import ensure_ca, issue_server_cert
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,

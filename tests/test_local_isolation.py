@@ -518,8 +518,8 @@ def test_container_mode_keeps_the_relays_and_still_ends_the_whole_tree() -> None
 
 
 def test_a_sandbox_that_cannot_start_names_the_reason_to_the_coordinator() -> None:
-    from coordinator.pki import ensure_ca, issue_server_cert
     from coordinator.superlink import SuperLinkError, SuperLinkProcess
+    from fedward.certs import ensure_ca, issue_server_cert
 
     with short_tmp() as work:
         pki = ensure_ca(work / "pki")

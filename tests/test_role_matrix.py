@@ -25,8 +25,8 @@ from coordinator.api import create_app
 from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import ReleaseCandidate, Site
-from coordinator.pki import ensure_ca
 from coordinator.settings import Settings
+from fedward.certs import ensure_ca
 
 from test_coordinator_api import FakeLauncher, TestClient
 from test_releases import (

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import site_agent.training_round as trainer_module
-from coordinator.pki import ensure_ca, issue_server_cert
+from fedward.certs import ensure_ca, issue_server_cert
 from fedward.models import array_shapes, model_arrays
 from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode

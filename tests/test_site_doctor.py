@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
-from coordinator.pki import CAFiles, ensure_ca, issue_server_cert
+from fedward.certs import CAFiles, ensure_ca, issue_server_cert
 from site_agent import doctor, doctor_coordinator, doctor_site
 from site_agent.cli import app as site_cli
 from site_agent.config import SiteConfig, SitePaths
