@@ -44,20 +44,19 @@ from tests_support import short_tmp
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"'click\.utils\.get_\w+_stream' is deprecated",
                             category=DeprecationWarning)
-    from test_coordinator_engine_units import (  # noqa: F401 (fixtures)
-        PlanFactory,
-        SiteGrid,
-        arrays_of,
-        engine,
-        good_site,
-        make_plan,
-        rounds_of,
-        run_row,
-        task_identity,
-    )
-
     from coordinator.round_loop import RoundLoop
     from fedward.run_config import RunPlan
+
+from grid_support import PlanFactory, SiteGrid, arrays_of, good_site, rounds_of, run_row
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+@pytest.fixture
+def engine(grid_engine: Engine) -> Engine:
+    """This module's database: the Grid's, its sites registered (``grid_engine``)."""
+    return grid_engine
+
 
 BUILTIN = ["fedavg", "median", "trimmed-mean", "fedavgm", "fedadam", "fedyogi"]
 

@@ -15,10 +15,9 @@ import time
 import tomllib
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -31,26 +30,35 @@ from sqlmodel import col, select
 
 from coordinator import run_audit
 from coordinator.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from coordinator.db import make_engine, run_migrations, session_scope
-from coordinator.models import AuditEvent, Project, Round, Run, Site, SiteMetric
+from coordinator.db import session_scope
+from coordinator.models import AuditEvent, Round, SiteMetric
 from coordinator.round_records import finish_round, last_checkpoint, record_checkpoint
 from coordinator.schemas import NodeKeyCreate
 from fedward.certs import ensure_ca, issue_server_cert
 from fedward.wire import (
     ADMISSION_MESSAGE_TYPE,
     CFG,
-    MSG,
     PACKED,
     REPLY_ARRAYS,
-    REPLY_CONFIG,
     REPLY_METRICS,
     TASK_ARRAYS,
     TASK_CONFIG,
     SiteErrorCode,
-    parse_layout,
-    unpack_arrays,
 )
 from site_agent.keys import ensure_node_key
+
+from grid_support import (
+    EXPECTED,
+    PlanFactory,
+    SiteFn,
+    SiteGrid,
+    accepting,
+    arrays_of,
+    good_site,
+    rounds_of,
+    run_row,
+    task_arrays,
+)
 
 with warnings.catch_warnings():
     # flwr imports typer, which touches aliases that Click 8.3+ deprecates: harmless here.
@@ -59,7 +67,6 @@ with warnings.catch_warnings():
     from flwr.app import (
         Array,
         ArrayRecord,
-        ConfigRecord,
         Error,
         Message,
         MessageType,
@@ -67,8 +74,6 @@ with warnings.catch_warnings():
         RecordDict,
     )
     from flwr.common.constant import ErrorCode
-    from flwr.serverapp import Grid
-    from flwr.supercore.task_identity import TaskIdentity
 
     from coordinator.aggregation import aggregate
     from coordinator.round_loop import RoundLoop
@@ -83,11 +88,13 @@ with warnings.catch_warnings():
     from fedward.run_config import RunPlan
     from fedward.wire import update_digest
 
-EXPECTED = {"w": (2, 3), "b": (3,)}
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def arrays_of(value: float) -> dict[str, np.ndarray]:
-    return {name: np.full(shape, value, np.float32) for name, shape in EXPECTED.items()}
+@pytest.fixture
+def engine(grid_engine: Engine) -> Engine:
+    """This module's database: the Grid's, its sites registered (``grid_engine``)."""
+    return grid_engine
 
 
 # --- validate_update ---------------------------------------------------------------------
@@ -165,85 +172,6 @@ def test_unknown_aggregation_and_no_updates_raise() -> None:
 
 # --- RoundLoop on an in-process Grid -----------------------------------------------------
 
-SiteFn = Callable[[Message], Message | None]
-NODES = {"hospital-a": 11, "hospital-b": 12, "hospital-c": 13}
-
-
-def accepting(msg: Message) -> Message:
-    """A site whose policy accepts the run (the answer to the admission question)."""
-    return Message(RecordDict({REPLY_CONFIG: ConfigRecord({MSG.STATUS: MSG.ACCEPTED})}),
-                   reply_to=msg)
-
-
-class SiteGrid(Grid):
-    """A Grid whose sites answer in-process: ``sites[node_id](msg)`` returns the reply (or
-    None: the site never answers). Only nodes in ``online`` are reported connected.
-
-    Admission questions go to ``admission[node_id]`` (default: the run is accepted) and are
-    kept in ``asked``; every other message is kept in ``sent``."""
-
-    def __init__(self, sites: dict[int, SiteFn], online: Iterable[int],
-                 admission: dict[int, SiteFn] | None = None) -> None:
-        self.sites = sites
-        self.online = list(online)
-        self.admission = admission or {}
-        self.sent: list[Message] = []
-        self.asked: list[Message] = []
-        self._replies: dict[str, Message] = {}
-
-    def set_run(self, run: object) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> object:
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:
-        raise NotImplementedError
-
-    def send_and_receive(self, *args: object, **kwargs: object) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.online)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg_id = uuid4().hex
-            msg.metadata.__dict__["_message_id"] = msg_id  # what the SuperLink would set
-            if msg.metadata.message_type == ADMISSION_MESSAGE_TYPE:
-                self.asked.append(msg)
-                reply = self.admission.get(msg.metadata.dst_node_id, accepting)(msg)
-            else:
-                self.sent.append(msg)
-                reply = self.sites[msg.metadata.dst_node_id](msg)
-            if reply is not None:
-                self._replies[msg_id] = reply
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages read the identity of the task that creates them (a ServerApp process)."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 4242)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-
-
-def task_arrays(msg: Message) -> dict[str, np.ndarray]:
-    """The model a task message carries (packed on the wire, see fedward.wire.PACKED)."""
-    record = msg.content.array_records[TASK_ARRAYS]
-    arrays = {k: v.numpy() for k, v in record.items()}
-    if set(arrays) == {PACKED}:
-        return unpack_arrays(arrays[PACKED], parse_layout(msg.content[TASK_CONFIG][CFG.LAYOUT]))
-    return arrays
-
-
 def packed_site(delta: float, n: float = 100.0, *, extra: int = 0) -> SiteFn:
     """Like good_site, but answers as the site relay does: one packed array (``extra``
     values too many, for a malformed one)."""
@@ -256,23 +184,6 @@ def packed_site(delta: float, n: float = 100.0, *, extra: int = 0) -> SiteFn:
         flat = np.concatenate([flat, np.zeros(extra, np.float32)])
         return Message(RecordDict({
             REPLY_ARRAYS: ArrayRecord({PACKED: Array(flat.astype(np.float32))}),
-            REPLY_METRICS: MetricRecord({"num-examples": n, "train-loss": 0.3}),
-        }), reply_to=msg)
-
-    return answer
-
-
-def good_site(delta: float, n: float = 100.0) -> SiteFn:
-    """A site that adds ``delta`` to every weight when training and reports metrics."""
-
-    def answer(msg: Message) -> Message:
-        if msg.metadata.message_type == MessageType.EVALUATE:
-            return Message(RecordDict({REPLY_METRICS: MetricRecord(
-                {"eval-accuracy": 0.75, "eval-loss": math.nan})}), reply_to=msg)
-        incoming = task_arrays(msg)
-        return Message(RecordDict({
-            REPLY_ARRAYS: ArrayRecord({k: Array(v + np.float32(delta))
-                                       for k, v in incoming.items()}),
             REPLY_METRICS: MetricRecord({"num-examples": n, "train-loss": 0.3}),
         }), reply_to=msg)
 
@@ -296,61 +207,6 @@ def silent_site(msg: Message) -> None:
     return None
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    run_migrations(url)
-    eng = make_engine(url)
-    with session_scope(eng) as session:
-        for name, node in NODES.items():
-            session.add(Site(name=name, flower_node_id=str(node), status="registered"))
-    yield eng
-    eng.dispose()
-
-
-PlanFactory = Callable[..., RunPlan]
-
-
-@pytest.fixture
-def make_plan(engine: Engine) -> PlanFactory:
-    """Factory: insert a pending run and return its plan (overrides as keywords)."""
-
-    def make(**overrides: object) -> RunPlan:
-        with session_scope(engine) as session:
-            project = session.exec(select(Project)).first()
-            if project is None:
-                project = Project(name="oncology")
-                session.add(project)
-                session.flush()
-            assert project.id is not None
-            run = Run(project_id=project.id, task="breast_cancer_mlp", launched_by="alice",
-                      config_json="{}")
-            session.add(run)
-            session.flush()
-            assert run.id is not None
-            run_id = run.id
-        values: dict[str, object] = {
-            "run_id": run_id, "project": "oncology", "task": "breast_cancer_mlp", "rounds": 1,
-            "local_epochs": 1, "epsilon": 3.0, "delta": 1e-5, "min_sites": 1,
-            # lr 1.0 is the task's default: the fake sites' changes stay within the DP bound.
-            "round_deadline_s": 5.0, "lr": 1.0, "batch_size": 32, "max_grad_norm": 1.0,
-            "seed": 0, "sites": tuple(NODES), "final_evaluate": False,
-        }
-        values.update(overrides)
-        # Built without the API's bounds: these tests use deadlines of a fraction of a second.
-        return RunPlan.model_construct(**values)  # type: ignore[arg-type]
-
-    return make
-
-
-def rounds_of(engine: Engine, run_id: int) -> list[Round]:
-    with session_scope(engine) as session:
-        rows = session.exec(select(Round).where(Round.run_id == run_id)
-                            .order_by(Round.number)).all()
-        session.expunge_all()
-        return list(rows)
-
-
 def one_round_with(engine: Engine, tmp_path: Path, plan: RunPlan, middle: SiteFn) -> Round:
     """Run a one-round plan with hospital-b answering as ``middle`` between two sound sites
     (hospital-a and hospital-c, distinct updates); returns the round's row."""
@@ -359,14 +215,6 @@ def one_round_with(engine: Engine, tmp_path: Path, plan: RunPlan, middle: SiteFn
               initial=lambda: arrays_of(0.0)).run()
     (rnd,) = rounds_of(engine, plan.run_id)
     return rnd
-
-
-def run_row(engine: Engine, run_id: int) -> Run:
-    with session_scope(engine) as session:
-        run = session.get(Run, run_id)
-        assert run is not None
-        session.expunge(run)
-        return run
 
 
 def test_round_loop_aggregates_sound_updates_and_names_each_failed_site(

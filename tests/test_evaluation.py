@@ -36,9 +36,9 @@ from coordinator.models import Evaluation, Release, ReleaseCandidate, Run, utcno
 from coordinator.repository import finish_run, mark_run_started
 from coordinator.settings import Settings
 
+from api_support import TestClient
 from federation import BIN, edit_site_policy, federation, run_cli
-from test_coordinator_api import TestClient
-from test_releases import KNOWN_WARNINGS, make_user, seed_run
+from release_support import KNOWN_WARNINGS, make_user, seed_run
 from tests_support import short_tmp
 
 pytestmark = KNOWN_WARNINGS

@@ -30,7 +30,7 @@ from fedward.tasks import build_model
 with warnings.catch_warnings():
     # Import-time deprecation notices of the pinned Starlette (it prefers httpx2 to httpx,
     # and annotates with an anyio alias that anyio 4.16 deprecates), as in
-    # test_coordinator_api.
+    # api_support.
     warnings.filterwarnings(
         "ignore", message="Using `httpx` with `starlette.testclient` is deprecated"
     )

@@ -29,9 +29,9 @@ from coordinator.models import AuditEvent, MlflowExport, Run, SiteMetric
 from coordinator.settings import Settings
 from export.bundle_verify import verify_bundle
 
+from api_support import TestClient, api
 from mlflow_server import MlflowServer, free_port, mlflow_server
-from test_coordinator_api import TestClient, api
-from test_releases import KNOWN_WARNINGS, LocalParityForTests, make_user, propose, seed_run
+from release_support import KNOWN_WARNINGS, LocalParityForTests, make_user, propose, seed_run
 from tests_support import served_app
 
 pytestmark = [*KNOWN_WARNINGS, pytest.mark.timeout(600)]

@@ -24,18 +24,6 @@ import pytest
 import torch
 from sqlalchemy import Engine
 from sqlmodel import Session, select
-from test_site_policy import (  # noqa: F401  (fixtures)
-    DataGuard,
-    global_arrays,
-    guard,
-    make_trainer,
-    policy_doc,
-    refusal,
-    site_data,
-    task_config,
-    write_policy,
-)
-from test_study import client, readmission, register  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from coordinator.models import AuditEvent, Study
@@ -53,14 +41,9 @@ from site_agent.config import SitePaths
 from site_agent.policy import PolicyError, SitePolicy
 from site_agent.trainer import WarmTrainer
 
-from test_coordinator_api import (  # noqa: F401  (fixtures)
-    TestClient,
-    api,
-    engine,
-    make_client,
-    setup_registered_sites,
-    token_for,
-)
+from api_support import TestClient, api, setup_registered_sites
+from site_policy_support import DataGuard, policy_doc, refusal, task_config, write_policy
+from study_support import readmission, register
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "fedward-example-model"
@@ -163,8 +146,8 @@ def _bn_distribution(root: Path) -> None:
 
 
 def test_registration_builds_the_plugin_and_refuses_batchnorm_naming_the_layer(
-    client: TestClient, token_for: Callable[..., dict[str, str]],  # noqa: F811
-    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    client: TestClient, token_for: Callable[..., dict[str, str]],
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _bn_distribution(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -189,8 +172,8 @@ def test_registration_builds_the_plugin_and_refuses_batchnorm_naming_the_layer(
 
 
 def test_a_run_of_a_plugin_study_pins_the_distribution_the_coordinator_has(
-    client: TestClient, token_for: Callable[..., dict[str, str]],  # noqa: F811
-    engine: Engine, on_path: Installed,  # noqa: F811
+    client: TestClient, token_for: Callable[..., dict[str, str]],
+    engine: Engine, on_path: Installed,
 ) -> None:
     from coordinator.study_registry import plan_task
     from fedward.run_config import RunPlan
@@ -261,8 +244,8 @@ def test_the_policy_lists_plugins_exactly_and_every_problem_at_once() -> None:
 
 
 def test_admission_refuses_a_plugin_missing_at_another_version_build_or_not_allowed(
-    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],  # noqa: F811
-    guard: DataGuard, example: Installed, tmp_path: Path,  # noqa: F811
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    guard: DataGuard, example: Installed, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     write_policy(tmp_path)
@@ -322,9 +305,8 @@ def test_a_plugin_study_is_refused_where_not_allowed_then_trains_at_two_sites(
     """Real coordinator and two site agents, the plugin installed at each (PYTHONPATH):
     a site whose policy does not allow it refuses the run, named in the coordinator's
     admission view; once allowed, one DP-SGD round trains at both."""
-    from test_study_run import _add_study_site, _hospital_a, _hospital_b
-
     from federation import BIN, federation, run_cli
+    from study_support import add_study_site, hospital_a, hospital_b
     from tests_support import short_tmp, wait_until
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(example.target)]))
@@ -339,8 +321,8 @@ def test_a_plugin_study_is_refused_where_not_allowed_then_trains_at_two_sites(
         study = work / "heart.yaml"
         study.write_text(heart)
         roots = {}
-        for name, files in (("cardio-a", _hospital_a(work)), ("cardio-b", _hospital_b(work))):
-            roots[name] = _add_study_site(fed, name, *files, study=study)
+        for name, files in (("cardio-a", hospital_a(work)), ("cardio-b", hospital_b(work))):
+            roots[name] = add_study_site(fed, name, *files, study=study)
         site_cli_bin = str(BIN / "fedward-site")
         # Hospital A allows the plugin it installed; hospital B has not yet.
         run_cli([site_cli_bin, "policy", "allow-plugin", DIST, "--dir", str(roots["cardio-a"])])

@@ -31,8 +31,9 @@ from coordinator.settings import Settings
 from export.bundle_keys import public_key_fingerprint
 from export.bundle_verify import verify_bundle
 
-from test_coordinator_api import TestClient
-from test_releases import (
+from api_support import TestClient
+from browser_support import CHROMIUM, CHROMIUM_ARGS
+from release_support import (
     INTENDED_USE,
     KNOWN_WARNINGS,
     PASSWORD,
@@ -42,10 +43,6 @@ from test_releases import (
     seed_run,
 )
 from tests_support import served_app
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [
     *KNOWN_WARNINGS,

@@ -24,7 +24,6 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import select
-from test_portal_browser import CHROMIUM, CHROMIUM_ARGS
 
 from coordinator.api import create_app
 from coordinator.auth import API_PREFIX
@@ -35,7 +34,8 @@ from coordinator.round_records import start_round
 from coordinator.settings import Settings
 from fedward.run_config import RunConfig
 
-from test_releases import KNOWN_WARNINGS, PASSWORD, make_user
+from browser_support import CHROMIUM, CHROMIUM_ARGS
+from release_support import KNOWN_WARNINGS, PASSWORD, make_user
 from tests_support import served_app
 
 pytestmark = [

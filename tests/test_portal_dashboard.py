@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import select
-from test_portal_browser import CHROMIUM, CHROMIUM_ARGS
 
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations, session_scope
@@ -36,8 +35,9 @@ from coordinator.settings import Settings
 from fedward import __version__
 from fedward.run_config import RunConfig
 
+from browser_support import CHROMIUM, CHROMIUM_ARGS
 from federation import federation
-from test_releases import KNOWN_WARNINGS, PASSWORD, make_user
+from release_support import KNOWN_WARNINGS, PASSWORD, make_user
 from tests_support import served_app, short_tmp
 
 pytestmark = [

@@ -19,8 +19,8 @@ from coordinator.auth import API_PREFIX
 from coordinator.portal import COOKIE_NAME, csrf_token
 from coordinator.settings import Settings
 
-from test_coordinator_api import TestClient
-from test_releases import (
+from api_support import TestClient
+from release_support import (
     INTENDED_USE,
     KNOWN_WARNINGS,
     PASSWORD,

@@ -22,14 +22,14 @@ from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import AuditEvent, Site
 from coordinator.settings import Settings
 
-from pg import create_database, postgres_server
-from test_coordinator_api import (
+from api_support import (
     BIG_NODE_ID,
     FakeLauncher,
     FakeRegistrar,
     TestClient,
     exercise_api_flow,
 )
+from pg import create_database, postgres_server
 
 pytestmark = pytest.mark.postgres
 

@@ -29,11 +29,11 @@ from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations
 from coordinator.settings import Settings
 
-from test_coordinator_api import TestClient
-from test_releases import (
+from api_support import TestClient
+from release_support import (
     INTENDED_USE,
     KNOWN_WARNINGS,
-    _cli_client,
+    cli_client,
     good_figures,
     make_user,
     seed_run,
@@ -181,7 +181,7 @@ def test_gates_without_options_shows_the_thresholds_and_changes_nothing(
     seed_run(coordinator.engine, coordinator.home, rounds=1)
     with TestClient(create_app(settings=Settings(home=coordinator.home),
                                engine=coordinator.engine)) as client:
-        as_ = {u: _cli_client(client, {"Authorization": f"Bearer {t}"})
+        as_ = {u: cli_client(client, {"Authorization": f"Bearer {t}"})
                for u, t in coordinator.tokens.items()}
         who = {"now": "rev"}
         monkeypatch.setattr(release_cli, "_client", lambda *_a: as_[who["now"]])

@@ -28,8 +28,8 @@ from coordinator.models import ReleaseCandidate, Site
 from coordinator.settings import Settings
 from fedward.certs import ensure_ca
 
-from test_coordinator_api import FakeLauncher, TestClient
-from test_releases import (
+from api_support import FakeLauncher, TestClient
+from release_support import (
     INTENDED_USE,
     KNOWN_WARNINGS,
     FixedParity,

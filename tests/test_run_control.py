@@ -24,19 +24,11 @@ from coordinator.run_control import enforce_cancellations
 from coordinator.settings import Settings
 from fedward.flower.control import FlowerRunState
 
-from test_coordinator_api import (  # noqa: F401 - fixtures
-    FakeLauncher,
-    TestClient,
-    api,
-    engine,
-    run_body,
-    setup_registered_sites,
-    token_for,
-)
+from api_support import FakeLauncher, TestClient, api, run_body, setup_registered_sites
 
 
 @pytest.fixture
-def client_with(tmp_path: Path, engine: Engine  # noqa: F811 - the fixture above
+def client_with(tmp_path: Path, engine: Engine
                 ) -> Iterator[Callable[..., tuple[TestClient, FakeLauncher]]]:
     """Factory: a TestClient whose settings take ``overrides``, with a launcher that
     marks each run started as its ServerApp would."""
@@ -76,8 +68,8 @@ def _ready(client: TestClient, headers: dict[str, str], *projects: str) -> None:
 
 
 def test_cancel_records_who_and_why_and_refuses_an_ended_run(
-        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,  # noqa: F811
-        token_for: Callable[..., dict[str, str]]) -> None:  # noqa: F811
+        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,
+        token_for: Callable[..., dict[str, str]]) -> None:
     client, _ = client_with()
     alice, bob, reviewer = token_for("ml_engineer"), token_for("admin"), token_for("reviewer")
     _ready(client, alice, "oncology")
@@ -126,8 +118,8 @@ def test_cancel_records_who_and_why_and_refuses_an_ended_run(
 
 
 def test_run_limits_refuse_with_the_limit_and_the_runs_holding_it(
-        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,  # noqa: F811
-        token_for: Callable[..., dict[str, str]]) -> None:  # noqa: F811
+        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,
+        token_for: Callable[..., dict[str, str]]) -> None:
     client, launcher = client_with(max_concurrent_runs=3, max_concurrent_runs_per_project=2)
     headers = token_for("ml_engineer")
     _ready(client, headers, "oncology", "cardio")
@@ -174,8 +166,8 @@ class _Control:
 
 
 def test_backstop_stops_a_flower_run_past_its_deadline_and_ends_runs_without_one(
-        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,  # noqa: F811
-        token_for: Callable[..., dict[str, str]]) -> None:  # noqa: F811
+        client_with: Callable[..., tuple[TestClient, FakeLauncher]], engine: Engine,
+        token_for: Callable[..., dict[str, str]]) -> None:
     client, _ = client_with()
     headers = token_for("ml_engineer")
     _ready(client, headers, "oncology")

@@ -1,6 +1,6 @@
 """The round loop ends a cancelled run: mid-round, during admission, and tells its sites.
 
-In-process sites (``SiteGrid`` of the engine unit tests); the same path with Flower and
+In-process sites (``SiteGrid`` of ``grid_support``); the same path with Flower and
 real site agents is in ``tests/test_run_control_integration.py``.
 """
 
@@ -10,22 +10,10 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from flwr.app import Error, Message, RecordDict
 from sqlalchemy import Engine
 from sqlmodel import select
-from test_coordinator_engine_units import (  # noqa: F401 - fixtures
-    NODES,
-    PlanFactory,
-    SiteFn,
-    SiteGrid,
-    arrays_of,
-    engine,
-    good_site,
-    make_plan,
-    rounds_of,
-    run_row,
-    task_identity,
-)
 
 from coordinator.db import session_scope
 from coordinator.models import AuditEvent, Run
@@ -39,8 +27,27 @@ from fedward.wire import (
     SiteErrorCode,
 )
 
+from grid_support import (
+    NODES,
+    PlanFactory,
+    SiteFn,
+    SiteGrid,
+    arrays_of,
+    good_site,
+    rounds_of,
+    run_row,
+)
 
-def _cancel(engine: Engine, run_id: int, reason: str = "wrong cohort") -> None:  # noqa: F811
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+@pytest.fixture
+def engine(grid_engine: Engine) -> Engine:
+    """This module's database: the Grid's, its sites registered (``grid_engine``)."""
+    return grid_engine
+
+
+def _cancel(engine: Engine, run_id: int, reason: str = "wrong cohort") -> None:
     with session_scope(engine) as session:
         run = session.get(Run, run_id)
         assert run is not None
@@ -60,7 +67,7 @@ def _acking(train: SiteFn, cancels: list[Message]) -> SiteFn:
 
 
 def test_a_cancel_mid_round_ends_the_round_and_the_run_and_tells_the_sites(
-        engine: Engine, make_plan: PlanFactory, tmp_path: Path) -> None:  # noqa: F811
+        engine: Engine, make_plan: PlanFactory, tmp_path: Path) -> None:
     plan = make_plan(rounds=5, round_deadline_s=60.0)
     trained: list[int] = []
 
@@ -102,7 +109,7 @@ def test_a_cancel_mid_round_ends_the_round_and_the_run_and_tells_the_sites(
 
 
 def test_a_run_waiting_for_approval_is_cancelled_during_admission(
-        engine: Engine, make_plan: PlanFactory, tmp_path: Path) -> None:  # noqa: F811
+        engine: Engine, make_plan: PlanFactory, tmp_path: Path) -> None:
     plan = make_plan(rounds=3, round_deadline_s=60.0, approval_wait_s=3600.0)
     asked: list[int] = []
 

@@ -17,10 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import site_agent.training_round as trainer_module
 from fedward.agent_versions import REPLY_VERSIONS, local_versions
-from fedward.models import model_arrays
-from fedward.tasks import build_model
 from fedward.wire import CFG, SiteErrorCode
 from privacy import DpSgd, PrivacyLedger, compose_mechanisms
 from site_agent.admission import PolicyRefusal, SiteGate, check_rounds_per_day
@@ -28,36 +25,21 @@ from site_agent.approvals import ApprovalBook, ApprovalsError
 from site_agent.audit import AuditLog, read_entries, verify_log
 from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
-from site_agent.data import SiteData, load_site_data
-from site_agent.data_schema import load_schema
-from site_agent.datasets import write_demo_federation
 from site_agent.policy import PolicyError, PolicyMissingError, SitePolicy
 from site_agent.run_status import run_statuses
 from site_agent.trainer import WarmTrainer
 
-TASK = "breast_cancer_mlp"
-SITE = "hospital-a"
-
+from site_policy_support import (
+    SITE,
+    TASK,
+    DataGuard,
+    policy_doc,
+    refusal,
+    task_config,
+    write_policy,
+)
 
 # --- policy file -------------------------------------------------------------------------
-
-
-def policy_doc(**overrides: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "version": 1,
-        "projects": {"oncology": {"epsilon_cap": 10.0, "tasks": [TASK]}},
-        "require_approval": False,
-        "max_rounds_per_day": None,
-    }
-    doc.update(overrides)
-    return doc
-
-
-def write_policy(root: Path, **overrides: Any) -> Path:
-    path = SitePaths(root).policy
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(policy_doc(**overrides)))
-    return path
 
 
 def test_valid_policy_loads(tmp_path: Path) -> None:
@@ -148,85 +130,8 @@ def test_starter_policy_round_trips(tmp_path: Path) -> None:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def site_data(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
-    fed = write_demo_federation(task=TASK, out_dir=tmp_path_factory.mktemp("fed"), n_sites=2)
-    site = fed.sites[0]
-    return load_site_data(csv_path=site.csv_path, schema=load_schema(site.schema_path))
-
-
-@pytest.fixture(scope="module")
-def global_arrays() -> dict[str, np.ndarray]:
-    return model_arrays(build_model(TASK, seed=0))
-
-
-def task_config(round_number: int = 1, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        CFG.RUN_ID: "run-1", CFG.PROJECT: "oncology", CFG.TASK: TASK, CFG.ROUND: round_number,
-        CFG.TOTAL_ROUNDS: 2, CFG.LOCAL_EPOCHS: 1, CFG.EPSILON: 3.0, CFG.DELTA: 1e-5,
-        CFG.CLIP: 1.0, CFG.LR: 0.05, CFG.BATCH: 32, CFG.SEED: 7, CFG.TRAIN: True,
-    }
-    config.update(overrides)
-    return config
-
-
 def train(round_number: int = 1, **overrides: Any) -> dict[str, Any]:
     return {"kind": "train", "config": task_config(round_number, **overrides)}
-
-
-class DataGuard:
-    """Makes evaluation and training raise while armed, and counts attempts."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.touched = 0
-        self._real_evaluate = vars(trainer_module)["evaluate"]
-        self._real_train = vars(trainer_module)["train_dp"]
-        self._armed = True
-        monkeypatch.setattr(trainer_module, "evaluate", self._evaluate)
-        monkeypatch.setattr(trainer_module, "train_dp", self._train)
-
-    def arm(self, armed: bool = True) -> None:
-        self._armed = armed
-
-    def _evaluate(self, **kwargs: Any) -> Any:
-        if self._armed:
-            self.touched += 1
-            raise AssertionError("the site's data was evaluated")
-        return self._real_evaluate(**kwargs)
-
-    def _train(self, **kwargs: Any) -> Any:
-        if self._armed:
-            self.touched += 1
-            raise AssertionError("the site's data was trained on")
-        return self._real_train(**kwargs)
-
-
-@pytest.fixture
-def guard(monkeypatch: pytest.MonkeyPatch) -> DataGuard:
-    return DataGuard(monkeypatch)
-
-
-@pytest.fixture
-def make_trainer(site_data: SiteData, tmp_path: Path
-                 ) -> Callable[..., tuple[WarmTrainer, AuditLog]]:
-    """A trainer with a real gate and audit log on this test's site directory."""
-
-    def make(*, epsilon_cap: float | None = None) -> tuple[WarmTrainer, AuditLog]:
-        paths = SitePaths(tmp_path)
-        audit = AuditLog(paths.audit_log)
-        gate = SiteGate(site_name=SITE, policy_path=paths.policy,
-                        approvals=ApprovalBook(paths.approvals), audit=audit)
-        trainer = WarmTrainer(site_name=SITE, task=TASK, data=site_data,
-                              ledger=PrivacyLedger(paths.ledger), replies_dir=paths.replies,
-                              audit=audit, epsilon_cap=epsilon_cap, gate=gate)
-        return trainer, audit
-
-    return make
-
-
-def refusal(reply: dict[str, Any]) -> tuple[int, str]:
-    assert "error" in reply, reply
-    return int(reply["error"]["code"]), str(reply["error"]["reason"])
 
 
 def actions(audit: AuditLog) -> list[str]:

@@ -1,7 +1,7 @@
 """A site approves a study by its content hash; a changed spec needs a new approval.
 
 Enforced through WarmTrainer.handle with a real gate, approvals file and audit log, as in
-tests/test_site_policy.py (whose fixtures this module reuses).
+tests/test_site_policy.py (whose fixtures, in conftest.py, this module shares).
 """
 
 from __future__ import annotations
@@ -13,17 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_site_policy import (  # noqa: F401  (fixtures)
-    DataGuard,
-    global_arrays,
-    guard,
-    make_trainer,
-    policy_doc,
-    refusal,
-    site_data,
-    task_config,
-    write_policy,
-)
 from typer.testing import CliRunner
 
 from fedward.study import load_spec
@@ -35,6 +24,8 @@ from site_agent.cli import app as site_cli
 from site_agent.config import SitePaths
 from site_agent.policy import PolicyError, SitePolicy
 from site_agent.trainer import WarmTrainer
+
+from site_policy_support import DataGuard, policy_doc, refusal, task_config, write_policy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,8 +68,8 @@ def test_policy_file_checks_study_hashes() -> None:
 
 
 def test_an_unapproved_study_is_refused_then_trains_once_its_hash_is_approved(
-    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],  # noqa: F811
-    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,  # noqa: F811
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    global_arrays: dict[str, np.ndarray], guard: DataGuard, tmp_path: Path,
 ) -> None:
     # The task is accepted, but a run of a study needs the study itself approved.
     write_policy(tmp_path)
@@ -129,8 +120,8 @@ def test_an_unapproved_study_is_refused_then_trains_once_its_hash_is_approved(
 
 
 def test_with_require_approval_an_unapproved_study_waits_as_pending(
-    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],  # noqa: F811
-    guard: DataGuard, tmp_path: Path,  # noqa: F811
+    make_trainer: Callable[..., tuple[WarmTrainer, AuditLog]],
+    guard: DataGuard, tmp_path: Path,
 ) -> None:
     write_policy(tmp_path, require_approval=True)
     trainer, _ = make_trainer()

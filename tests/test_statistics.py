@@ -394,7 +394,7 @@ def test_the_runs_dashboard_page_shows_its_statistics(tmp_path: Path) -> None:
     from coordinator.run_statistics import store_statistics
     from coordinator.settings import Settings
 
-    from test_releases import PASSWORD, make_user, seed_run
+    from release_support import PASSWORD, make_user, seed_run
 
     home = tmp_path / "home"
     home.mkdir()

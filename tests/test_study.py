@@ -24,39 +24,10 @@ from fedward.study import StudyError, load_spec, parse_spec, spec_from_text
 from fedward.tasks import BREAST_CANCER_RANGES, TASKS, example_spec_path
 from fedward.wire import CFG
 
-from test_coordinator_api import (
-    FakeLauncher,
-    FakeRegistrar,
-    TestClient,
-    api,
-    engine,  # noqa: F401  (fixture)
-    make_client,  # noqa: F401  (fixture)
-    setup_registered_sites,
-    token_for,  # noqa: F401  (fixture)
-)
+from api_support import TestClient, api, setup_registered_sites
+from study_support import readmission, register
 
 BC = example_spec_path("breast_cancer_mlp")
-
-
-def readmission(**overrides: Any) -> dict[str, Any]:
-    """A small mixed-type study, as an ML team would write it."""
-    doc: dict[str, Any] = {
-        "spec_version": 1, "name": "readmission",
-        "features": [
-            {"name": "age", "type": "numeric", "unit": "years", "range": [18, 110],
-             "missing": "impute-median"},
-            {"name": "sex", "type": "categorical", "levels": ["female", "male"],
-             "missing": "indicator"},
-            {"name": "smoker", "type": "boolean", "missing": "impute-mode"},
-            {"name": "nyha", "type": "ordinal", "levels": ["I", "II", "III", "IV"]},
-        ],
-        "label": {"name": "readmitted_30d", "kind": "binary", "classes": ["no", "yes"]},
-        "model": {"family": "mlp", "hidden": [16, 8]},
-        "training": {"lr": 0.5, "batch_size": 32, "local_epochs": 2, "max_grad_norm": 1.0},
-        "metrics": ["accuracy", "auc"],
-    }
-    doc.update(overrides)
-    return doc
 
 
 def _bn_model(n_features: int = 7) -> nn.Module:
@@ -185,19 +156,9 @@ def test_shipped_example_studies_build_the_same_models_as_before() -> None:
 # --- the registry over REST --------------------------------------------------------------
 
 
-@pytest.fixture
-def client(make_client: Callable[..., TestClient], engine: Engine  # noqa: F811
-           ) -> TestClient:
-    return make_client(launcher=FakeLauncher(engine), registrar=FakeRegistrar())
-
-
-def register(client: TestClient, headers: dict[str, str], **body: Any) -> Any:
-    return client.post(api("/studies"), json=body, headers=headers)
-
-
 def test_register_is_idempotent_and_a_changed_spec_gets_the_next_version(
-    client: TestClient, token_for: Callable[..., dict[str, str]],  # noqa: F811
-    engine: Engine,  # noqa: F811
+    client: TestClient, token_for: Callable[..., dict[str, str]],
+    engine: Engine,
 ) -> None:
     eng = token_for("ml_engineer")
     text = BC.read_text()
@@ -240,8 +201,8 @@ def test_register_is_idempotent_and_a_changed_spec_gets_the_next_version(
 
 
 def test_a_bad_spec_is_refused_with_every_problem_and_nothing_is_registered(
-    client: TestClient, token_for: Callable[..., dict[str, str]],  # noqa: F811
-    engine: Engine, bn_plugin: str,  # noqa: F811
+    client: TestClient, token_for: Callable[..., dict[str, str]],
+    engine: Engine, bn_plugin: str,
 ) -> None:
     doc = readmission(model={"family": "plugin", "name": bn_plugin})
     doc["features"][0]["type"] = "number"
@@ -264,8 +225,8 @@ def test_a_bad_spec_is_refused_with_every_problem_and_nothing_is_registered(
 
 
 def test_a_run_of_a_study_pins_its_version_hash_and_training_defaults(
-    client: TestClient, token_for: Callable[..., dict[str, str]],  # noqa: F811
-    engine: Engine,  # noqa: F811
+    client: TestClient, token_for: Callable[..., dict[str, str]],
+    engine: Engine,
 ) -> None:
     eng = token_for("ml_engineer")
     setup_registered_sites(client, eng, ["site-a", "site-b"])
@@ -316,7 +277,7 @@ def test_a_run_of_a_study_pins_its_version_hash_and_training_defaults(
 
 
 def test_runs_naming_no_such_or_an_untrainable_study_are_refused(
-    client: TestClient, token_for: Callable[..., dict[str, str]],  # noqa: F811
+    client: TestClient, token_for: Callable[..., dict[str, str]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     eng = token_for("ml_engineer")

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_study_run import STUDY, _hospital_b
 
 from fedward.models import array_shapes, model_arrays
 from fedward.study import load_spec
@@ -18,6 +17,8 @@ from privacy import PrivacyLedger
 from site_agent.config import SiteConfig
 from site_agent.site_data import open_configured
 from site_agent.trainer import WarmTrainer
+
+from study_support import STUDY, hospital_b
 
 
 def test_a_study_builds_its_own_model_or_its_plugin_and_a_taken_name_does_not() -> None:
@@ -46,7 +47,7 @@ def _config(**overrides: Any) -> dict[str, Any]:
 
 def test_the_site_trains_its_own_copy_of_the_study_and_refuses_another_hash(
         tmp_path: Path) -> None:
-    data, mapping = _hospital_b(tmp_path)
+    data, mapping = hospital_b(tmp_path)
     (tmp_path / "heart.yaml").write_text(STUDY.read_text())
     cfg = SiteConfig.from_dict({"name": "cardio-b", "superlink": "h:1", "ca_cert": "c",
                                 "data_path": str(data), "study": "heart.yaml",
