@@ -34,7 +34,7 @@ from site_agent import tuning
 from site_agent.admission import Admission
 from site_agent.data import SiteData
 from site_agent.statistics import pending_statistics
-from site_agent.task_errors import AuditFn, TaskError
+from site_agent.task_errors import AuditFn, RunTerms, TaskError, bad_task
 
 __all__ = [
     "CapPair",
@@ -155,17 +155,13 @@ def check_run_budget(config: dict[str, Any], *, ledger: PrivacyLedger, data: Sit
         TaskError: ``REFUSED_BUDGET`` with the figures; ``BAD_TASK`` for a malformed
             task.
     """
+    run = RunTerms.of(config)
+    run_id, project, total_rounds = run.run_id, run.project, run.total_rounds
+    epsilon, delta, local_epochs = run.epsilon, run.delta, run.local_epochs
     try:
-        run_id = str(config[CFG.RUN_ID])
-        project = str(config[CFG.PROJECT])
-        total_rounds = int(config[CFG.TOTAL_ROUNDS])
-        local_epochs = int(config[CFG.LOCAL_EPOCHS])
-        epsilon = float(config[CFG.EPSILON])
-        delta = float(config[CFG.DELTA])
-        batch = int(config[CFG.BATCH])
-        q, steps = sampling(data, batch=batch, epochs=local_epochs)
+        q, steps = sampling(data, batch=run.batch, epochs=local_epochs)
     except (KeyError, TypeError, ValueError) as err:
-        raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        raise bad_task(err) from None
     if search_terms(config) is not None:
         return _check_search(config, ledger=ledger, n_train=len(data.train_y), caps=caps,
                              project=project, epsilon=epsilon, delta=delta)

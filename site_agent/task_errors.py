@@ -2,19 +2,22 @@
 and records it (:data:`AuditFn`, the site's audit log as its tasks see it).
 
 A refusal carries a ``SiteErrorCode`` and a reason that may leave the site: kinds, counts
-and names, never values (the full text of a failure stays in the site's log).
+and names, never values (the full text of a failure stays in the site's log). A task
+config without the run's terms (:class:`RunTerms`) is refused as ``BAD_TASK``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from fedward.wire import SiteErrorCode
+from fedward.wire import CFG, SiteErrorCode
 from privacy import LedgerCorruptError, UnknownMechanismError
 
-__all__ = ["AuditFn", "TaskError", "data_failure_reason", "ledger_refusal"]
+__all__ = ["AuditFn", "RunTerms", "TaskError", "bad_task", "data_failure_reason",
+           "ledger_refusal"]
 
 log = logging.getLogger("fedward.site.trainer")
 
@@ -29,6 +32,40 @@ class TaskError(Exception):
         self.code = code
         self.reason = reason
         super().__init__(reason)
+
+
+def bad_task(err: Exception) -> TaskError:
+    """The refusal of a task config with a key missing or of the wrong type."""
+    return TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}")
+
+
+@dataclass(frozen=True)
+class RunTerms:
+    """The terms of a run that every training task's config carries."""
+
+    run_id: str
+    project: str
+    total_rounds: int
+    local_epochs: int
+    epsilon: float
+    delta: float
+    batch: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> RunTerms:
+        """Read them from a task config.
+
+        Raises:
+            TaskError: ``BAD_TASK``, naming the key that is missing or bad.
+        """
+        try:
+            return cls(run_id=str(config[CFG.RUN_ID]), project=str(config[CFG.PROJECT]),
+                       total_rounds=int(config[CFG.TOTAL_ROUNDS]),
+                       local_epochs=int(config[CFG.LOCAL_EPOCHS]),
+                       epsilon=float(config[CFG.EPSILON]), delta=float(config[CFG.DELTA]),
+                       batch=int(config[CFG.BATCH]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise bad_task(err) from None
 
 
 def ledger_refusal(err: LedgerCorruptError) -> TaskError:

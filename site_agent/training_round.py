@@ -49,7 +49,7 @@ from site_agent.run_budget import (
     warm_in_background,
 )
 from site_agent.statistics import pending_statistics, run_statistics_mechanisms
-from site_agent.task_errors import AuditFn, TaskError
+from site_agent.task_errors import AuditFn, RunTerms, TaskError, bad_task
 
 __all__ = ["RoundHost", "eval_metrics", "load_global_model", "run_sigma", "train_round"]
 
@@ -142,19 +142,15 @@ def train_round(site: RoundHost, config: dict[str, Any], arrays: dict[str, np.nd
     any row is read, the received model is evaluated on the held-out split, trained with
     DP-SGD, and the answer passes the egress guard and is stored for a replay.
     """
+    run = RunTerms.of(config)
+    run_id, project, total_rounds = run.run_id, run.project, run.total_rounds
+    epsilon, delta, local_epochs, batch = run.epsilon, run.delta, run.local_epochs, run.batch
     try:
-        run_id = str(config[CFG.RUN_ID])
-        project = str(config[CFG.PROJECT])
         round_number = int(config[CFG.ROUND])
-        total_rounds = int(config[CFG.TOTAL_ROUNDS])
-        local_epochs = int(config[CFG.LOCAL_EPOCHS])
-        epsilon = float(config[CFG.EPSILON])
-        delta = float(config[CFG.DELTA])
         clip = float(config[CFG.CLIP])
         lr = float(config[CFG.LR])
-        batch = int(config[CFG.BATCH])
     except (KeyError, TypeError, ValueError) as err:
-        raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: missing or bad {err}") from None
+        raise bad_task(err) from None
     incoming = update_digest(arrays)
     replay = ReplyStore(site.replies_dir).load(run_id, round_number, incoming, arrays)
     if replay is not None:
