@@ -14,7 +14,6 @@ exports, the demo) see the checkpoint's tensors as before.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Final
 
@@ -22,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
-from fedward.files import atomic_write
+from fedward.files import atomic_write, file_sha256
 
 __all__ = [
     "CheckpointError",
@@ -53,14 +52,6 @@ def server_state_path(run_id: int, round_number: int) -> Path:
         f"server-state-round-{round_number:04d}.safetensors")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write(path: Path, arrays: dict[str, np.ndarray],
            metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file durably and atomically (fedward.files.atomic_write)."""
@@ -89,16 +80,16 @@ def save_checkpoint(
     if server_state:
         state_path = home / server_state_path(run_id, round_number)
         _write(state_path, server_state, {_STATE_STRATEGY: aggregation})
-        metadata = {_STATE_SHA256: _sha256(state_path), _STATE_STRATEGY: aggregation}
+        metadata = {_STATE_SHA256: file_sha256(state_path), _STATE_STRATEGY: aggregation}
     _write(home / rel, arrays, metadata)
-    return rel, _sha256(home / rel)
+    return rel, file_sha256(home / rel)
 
 
 def load_checkpoint(path: Path, *, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
     """Read a checkpoint, refusing it if its digest differs from the recorded one."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} is missing")
-    if expected_sha256 is not None and _sha256(path) != expected_sha256:
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise CheckpointError(f"checkpoint {path} does not match its recorded SHA-256")
     return dict(load_file(str(path)))
 
@@ -132,7 +123,7 @@ def load_server_state(
     if not state_path.exists():
         raise CheckpointError(f"the server optimiser state {state_path} of checkpoint {path} "
                               "is missing")
-    if _sha256(state_path) != sha:
+    if file_sha256(state_path) != sha:
         raise CheckpointError(f"the server optimiser state {state_path} does not match the "
                               f"SHA-256 its checkpoint {path} records")
     return dict(load_file(str(state_path)))

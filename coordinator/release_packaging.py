@@ -9,7 +9,6 @@ under ``home/releases/<release-id>/`` (:func:`write_release_bundle`).
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any, Final
@@ -21,6 +20,7 @@ from coordinator.release_store import real_dir, release_key, releases_dir
 from export.bundle import write_bundle
 from export.bundle_format import ARTEFACT_FILES, FORMATS, ArtefactFormat, BundleWriteError
 from export.bundle_keys import public_key_fingerprint
+from fedward.files import file_sha256
 from fedward.statistics import REFERENCE_FILE
 from fedward.tasks import TaskRef
 
@@ -28,7 +28,6 @@ __all__ = [
     "ExportFailed",
     "artefact_files",
     "export_artefacts",
-    "file_sha256",
     "staging_dir",
     "write_release_bundle",
 ]
@@ -74,15 +73,6 @@ def export_artefacts(*, task: TaskRef, arrays: dict[str, Any], out_dir: Path
     int8 = export_onnx_int8(onnx_path=onnx_path, out_dir=out_dir, calibration=None)
     xml = export_openvino(onnx_path=onnx_path, out_dir=out_dir)
     return {"onnx": onnx_path, "onnx-int8": int8, "openvino": xml}
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, hex."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def artefact_files(staging: Path) -> dict[str, dict[str, Any]]:

@@ -83,7 +83,6 @@ from coordinator.release_packaging import (
     ExportFailed,
     artefact_files,
     export_artefacts,
-    file_sha256,
     staging_dir,
     write_release_bundle,
 )
@@ -91,6 +90,7 @@ from coordinator.release_queries import checkpoint_row, metrics_by_round, run_an
 from coordinator.release_store import RELEASES_DIR, release_id_for
 from coordinator.study_registry import run_task
 from export.bundle_format import FORMATS, SIGNATURE_FILE, ArtefactFormat
+from fedward.files import file_sha256
 from fedward.tasks import TaskRef
 
 __all__ = [

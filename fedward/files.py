@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["FileLock", "atomic_write", "fsync_dir"]
+__all__ = ["FileLock", "atomic_write", "file_sha256", "fsync_dir"]
 
 
 def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
@@ -43,6 +44,12 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex (read in chunks, never whole into memory)."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fsync_dir(directory: Path) -> None:
