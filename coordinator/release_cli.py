@@ -25,6 +25,7 @@ from rich.table import Column, Table
 
 from coordinator.cli_client import ApiClient, api_client, fail
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.cli_tables import id_column, text_column
 
 __all__ = ["release_app"]
 
@@ -42,20 +43,10 @@ def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
     return api_client(api, token, home)
 
 
-def _id_column(header: str, values: list[str]) -> Column:
-    """A column that is never wrapped nor cut: as wide as its longest value."""
-    return Column(header, no_wrap=True, min_width=max([len(header), *map(len, values)]))
-
-
-def _text_column(header: str) -> Column:
-    """A column whose text wraps between words; a word wider than the column folds."""
-    return Column(header, overflow="fold", ratio=1)
-
-
 def _gates_table(candidate: dict[str, Any]) -> Table:
     names = [g["name"] for g in candidate["gates"]]
-    table = Table(_id_column("gate", names), Column("result", no_wrap=True),
-                  _text_column("reason"),
+    table = Table(id_column("gate", names), Column("result", no_wrap=True),
+                  text_column("reason"),
                   title=f"candidate {candidate['id']} · run {candidate['run_id']} round "
                         f"{candidate['round']} · {candidate['status']}", expand=True)
     for gate in candidate["gates"]:
@@ -210,8 +201,8 @@ def list_releases(include_revoked: Annotated[bool, typer.Option(
         console.print("no release yet" if include_revoked else "no current release (--all "
                       "also lists revoked ones)")
         return
-    table = Table(_id_column("release", [r["release_id"] for r in rows]),
-                  _text_column("approved"), _text_column("status"), expand=True)
+    table = Table(id_column("release", [r["release_id"] for r in rows]),
+                  text_column("approved"), text_column("status"), expand=True)
     for r in rows:
         status = (f"[red]revoked[/] {r['revoked_at'][:16].replace('T', ' ')} by "
                   f"{r['revoked_by']}: {r['revoke_reason']}" if r["revoked_at"] else "current")
@@ -270,8 +261,8 @@ def gates(project: str,
         print(json.dumps(out))
         return
     names = list(THRESHOLD_HELP)
-    table = Table(_id_column("threshold", names), Column("in force", no_wrap=True),
-                  _text_column("meaning"), expand=True,
+    table = Table(id_column("threshold", names), Column("in force", no_wrap=True),
+                  text_column("meaning"), expand=True,
                   title=f"release gates of project {project}" + (" (changed)" if changes
                                                                  else ""))
     for name in names:

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
+from rich.padding import Padding
+from rich.table import Column, Table
+from rich.text import Text
 
 from coordinator import run_cli
 from coordinator.cli_client import ApiClient, CoordinatorUnreachable, fail
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.cli_tables import id_column, text_column
 
 __all__ = ["add_run_control_commands", "waiting_note"]
 
@@ -45,35 +48,48 @@ def waiting_note(run: dict[str, Any]) -> str:
 
 
 def _progress_table(run: dict[str, Any], rounds: list[dict[str, Any]],
-                    metrics: dict[str, Any]) -> Table:
+                    metrics: dict[str, Any]) -> Group:
+    """The run's rounds, one line per site, then each failed or late site with its reason.
+
+    The reasons sit under the table, whole and wrapped between words: in a column of their own
+    they left nine columns to share 80, and rich cut site names, statuses and reasons
+    mid-word ("hospi…", "(refused-…"). Each round's seconds sit under its number for the same
+    reason.
+    """
     cfg = run.get("config") or {}
     note = waiting_note(run)
-    table = Table(title=f"run {run['id']} · {run['task']} · {run['status']}"
-                  + (f" · {run['failure_reason']}" if run.get("failure_reason") else "")
-                  + (f"\n{note}" if note else ""))
-    for col in ("round", "status", "seconds", "site", "eval AUC", "eval acc", "eval loss",
-                "epsilon", "failed / late"):
-        table.add_column(col)
     by_round: dict[int, dict[str, dict[str, float]]] = {
         int(r["round"]): r["sites"] for r in metrics.get("rounds", [])
     }
+    site_names = [name for sites in by_round.values() for name in sites]
+    table = Table(Column("round", no_wrap=True),
+                  id_column("status", [str(r["status"]) for r in rounds]),
+                  id_column("site", site_names),
+                  "eval AUC", "eval acc", "eval loss", "epsilon",
+                  title=f"run {run['id']} · {run['task']} · {run['status']}"
+                  + (f" · {run['failure_reason']}" if run.get("failure_reason") else "")
+                  + (f"\n{note}" if note else ""))
     total = cfg.get("rounds", "?")
+    failures: list[str] = []
     for rnd in rounds:
         n = int(rnd["number"])
         sites = by_round.get(n, {})
-        failed = ", ".join(f"{f['site']} ({f['reason'][:60]})" for f in rnd.get("failed_sites", []))
+        failures += [f"round {n} · {f['site']}: {f['reason']}"
+                     for f in rnd.get("failed_sites", [])]
         first = True
         for site_name, vals in sorted(sites.items()) or [("-", {})]:
             table.add_row(
-                f"{n}/{total}" if first else "", rnd["status"] if first else "",
-                f"{rnd['seconds']:.2f}" if first and rnd.get("seconds") else "",
-                site_name,
+                (f"{n}/{total}" + (f"\n{rnd['seconds']:.2f} s" if rnd.get("seconds") else ""))
+                if first else "",
+                rnd["status"] if first else "", site_name,
                 _fmt(vals.get("eval-auc")), _fmt(vals.get("eval-accuracy")),
                 _fmt(vals.get("eval-loss")), _fmt(vals.get("epsilon-spent")),
-                failed if first else "",
             )
             first = False
-    return table
+    if not failures:
+        return Group(table)
+    return Group(table, Text("failed / late:"),
+                 *(Padding(Text(line, overflow="fold"), (0, 0, 0, 2)) for line in failures))
 
 
 def _fmt(v: float | None) -> str:
@@ -189,10 +205,17 @@ def add_run_control_commands(
         if as_json:
             print(json.dumps(rows))
             return
-        table = Table("id", "project", "task", "status", "launched by", "created", "reason / note")
+        # Project over task, and who over the day over the time, so that ids stay whole and
+        # the reason keeps room to wrap between words at 80 columns.
+        table = Table(id_column("id", [str(r["id"]) for r in rows]),
+                      id_column("project / task", [str(v) for r in rows
+                                                   for v in (r.get("project", ""), r["task"])]),
+                      id_column("status", [r["status"] for r in rows]),
+                      Column("launched"), text_column("reason / note"), expand=True)
         for r in rows:
-            table.add_row(str(r["id"]), str(r.get("project", "")), r["task"], r["status"],
-                          str(r.get("launched_by", "")), str(r.get("created_at", ""))[:19],
+            table.add_row(str(r["id"]), f"{r.get('project', '')}\n{r['task']}", r["status"],
+                          "\n".join([str(r.get("launched_by", "")),
+                                     *str(r.get("created_at", ""))[:19].split("T")]),
                           str(r.get("failure_reason") or waiting_note(r)))
         console.print(table)
 

@@ -334,3 +334,88 @@ def test_launch_needs_project_task_and_epsilon_unless_from(tmp_path: Path) -> No
                                                "--home", str(tmp_path)])
     assert out.exit_code == 2
     assert "--project, --epsilon needed (or --from RUN" in out.output
+
+
+# --- the run tables at 80 columns ------------------------------------------------------------
+
+_BUDGET = ("refused-budget: run 7 needs epsilon 2.995 at this site for 3 rounds of 1 local "
+           "epoch; project cardio-oncology has 1.004 left of its cap 4.000. Nothing was read, "
+           "trained or charged; a smaller run (epsilon, rounds, local epochs) may fit, or the "
+           "site's IT may raise the cap")
+_OFFLINE = "site offline (not connected to the coordinator; waited 3.0 s)"
+_RUN_FAILURE = ("round 2: too few usable updates (1 < 2); failed or late: hospital-b, "
+                "hospital-c")
+
+
+class _CannedApi:
+    """The REST answers of a failed run and a waiting one, as `runs`, `rounds` and `watch`
+    ask for them."""
+
+    base = "http://127.0.0.1:8600"
+
+    def __init__(self) -> None:
+        self.run: dict[str, Any] = {
+            "id": 7, "project": "cardio-oncology", "task": "breast_cancer_mlp",
+            "status": "failed", "launched_by": "alice", "created_at": "2025-05-01T12:00:07.123",
+            "failure_reason": _RUN_FAILURE, "config": {"rounds": 3}}
+        waiting = {"id": 8, "project": "oncology", "task": "breast_cancer_mlp",
+                   "status": "running", "launched_by": "bob",
+                   "created_at": "2025-05-02T09:30:00", "failure_reason": None,
+                   "waiting_for_approval": ["hospital-b", "hospital-c"],
+                   "waiting_since": "2025-05-02T09:31:12"}
+        self.answers: dict[str, Any] = {
+            "/runs": [waiting, self.run],
+            "/runs/7": self.run,
+            "/runs/7/rounds": [
+                {"number": 1, "status": "completed", "seconds": 12.34, "failed_sites": [
+                    {"site": "hospital-c", "phase": "connect", "reason": _OFFLINE}]},
+                {"number": 2, "status": "failed", "seconds": 3.2, "failed_sites": [
+                    {"site": "hospital-b", "phase": "train", "reason": _BUDGET},
+                    {"site": "hospital-c", "phase": "connect", "reason": _OFFLINE}]}],
+            "/runs/7/metrics": {"rounds": [
+                {"round": 1, "sites": {
+                    "hospital-a": {"eval-auc": 0.91, "eval-accuracy": 0.85,
+                                   "eval-loss": 0.34, "epsilon-spent": 0.998},
+                    "hospital-b": {"eval-auc": 0.88, "eval-accuracy": 0.81,
+                                   "eval-loss": 0.41, "epsilon-spent": 0.998}}},
+                {"round": 2, "sites": {
+                    "hospital-a": {"eval-auc": 0.92, "eval-accuracy": 0.86,
+                                   "eval-loss": 0.31, "epsilon-spent": 1.996}}}]},
+        }
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.answers[path]
+
+    call_or_raise = call
+
+
+@pytest.mark.parametrize("command", [["watch", "7"], ["rounds", "7"], ["runs"]])
+def test_run_tables_keep_whole_words_at_80_columns(command: list[str]) -> None:
+    """`watch`, `rounds` and `runs` on an 80-column terminal: no line wider, nothing cut
+    with "…", and every word of every site name, status and failure reason whole."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from coordinator.run_control_cli import add_run_control_commands, waiting_note
+
+    api = _CannedApi()
+    app = typer.Typer()
+    add_run_control_commands(app, lambda *_a: api)  # type: ignore[arg-type,return-value]
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, command)
+    assert result.exit_code == (2 if command[0] == "watch" else 0), result.output
+    out = result.stdout
+    assert max(map(len, out.splitlines())) <= 80, out
+    assert "…" not in out, out
+    shown = set(re.sub(r"[│┃┏┓┗┛┡┩└┘├┤┬┴┼━─╇╈┳┻]", " ", out).split())
+    expected = {"failed", *_RUN_FAILURE.split()}
+    if command[0] == "runs":
+        expected |= {"cardio-oncology", "oncology", "breast_cancer_mlp", "running", "alice",
+                     "bob", "2025-05-01", "12:00:07", *waiting_note(api.answers["/runs"][0])
+                     .split()}
+    else:
+        expected |= {"hospital-a", "hospital-b", "hospital-c", "completed", "1/3", "2/3",
+                     "12.34", "0.910", "1.996", *_BUDGET.split(), *_OFFLINE.split()}
+    assert expected <= shown, sorted(expected - shown)
+    print(out)
