@@ -15,7 +15,9 @@ is checked instead, against the code being deployed:
   (paths moved into a temporary folder) against a real coordinator: a site enrolls with
   them, a second run changes nothing, and the enrolled agent connects through the gateway;
 * the systemd units' restart back-off against the site's ``reconnect_backoff_s``, their
-  hardening, and ``systemd-analyze verify`` where it exists;
+  hardening (with the user, network and PID namespaces the Flower sandbox needs and
+  nothing more), and ``systemd-analyze verify`` where it exists; the images'
+  ``FEDWARD_FLOWER_ISOLATION=container``;
 * the chart's structure: every ``.Values`` path a template uses exists, control blocks are
   balanced, included templates are defined, and nothing exposes the SuperLink.
 
@@ -276,6 +278,19 @@ def test_dockerfile_runtime_stage(name: str) -> None:
     check_fedward_env(env, name)
     assert env.get("FLWR_TELEMETRY_ENABLED") == "0" and env.get("FLWR_DISABLE_UPDATE_CHECK") == "1"
     assert env.get("HOME", "").startswith(DATA_DIR)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_image_keeps_flower_in_the_containers_own_namespace(name: str) -> None:
+    """Each image sets ``FEDWARD_FLOWER_ISOLATION=container``: Docker's default seccomp
+    profile forbids ``unshare``, so without it the coordinator refuses to start and the site
+    agent exits 5; the container's own network namespace holds only this service."""
+    env: dict[str, str] = {}
+    for i, a in final_stage(dockerfile(DOCKER / name)):
+        if i == "ENV":
+            env.update(tok.split("=", 1) for tok in shlex.split(a))  # type: ignore[misc]
+    assert env.get("FEDWARD_FLOWER_ISOLATION") == "container", (
+        f"{name}: FEDWARD_FLOWER_ISOLATION={env.get('FEDWARD_FLOWER_ISOLATION')}")
 
 
 def test_coordinator_image_health_and_ports() -> None:
@@ -663,6 +678,28 @@ def test_systemd_unit(name: str) -> None:
     envs = [tok.split("=", 1)[0] for line in (SYSTEMD / name).read_text().splitlines()
             if line.startswith("Environment=") for tok in shlex.split(line.split("=", 1)[1])]
     check_fedward_env(envs, name)
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_systemd_unit_lets_the_flower_sandbox_make_its_namespaces(name: str) -> None:
+    """The unit runs as an unprivileged account, so the sandbox (fedward/sandbox/netns.py)
+    unshares a user, a network and a PID namespace: the unit must allow exactly those three
+    (``RestrictNamespaces=yes`` or a missing type makes the agent exit 5 and the coordinator
+    refuse to start; more types would loosen the hardening), grant no capability, and never
+    turn the sandbox off with ``FEDWARD_FLOWER_ISOLATION=container``, which is for
+    containers only and would leave Flower's unauthenticated APIs on the host's loopback."""
+    svc = unit(name)["Service"]
+    assert set(svc.get("RestrictNamespaces", "").split()) == {"user", "net", "pid"}, (
+        f"{name}: RestrictNamespaces={svc.get('RestrictNamespaces')}")
+    assert svc.get("CapabilityBoundingSet") == "" and svc.get("AmbientCapabilities") == "", (
+        f"{name}: the sandbox needs no capability and must be given none")
+    assert svc.get("NoNewPrivileges") == "yes"
+    settings = {tok.split("=", 1)[0]: tok.split("=", 1)[1]
+                for line in (SYSTEMD / name).read_text().splitlines()
+                if line.startswith("Environment=")
+                for tok in shlex.split(line.split("=", 1)[1]) if "=" in tok}
+    assert settings.get("FEDWARD_FLOWER_ISOLATION", "namespace") == "namespace", (
+        f"{name}: FEDWARD_FLOWER_ISOLATION={settings['FEDWARD_FLOWER_ISOLATION']}")
 
 
 def test_systemd_site_backoff_covers_flower_active_window() -> None:
