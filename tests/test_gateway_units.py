@@ -31,6 +31,7 @@ from sqlmodel import col, select
 from coordinator.db import make_engine, session_scope
 from coordinator.enrollment import create_token
 from coordinator.gateway import GatewayConfig, SiteGateway
+from coordinator.gateway_http import SMALL_BODY
 from coordinator.gateway_limits import RefusalLog
 from coordinator.models import EnrollmentToken, Site, SiteCertificate
 from coordinator.service import gateway_cert_paths, init_home
@@ -466,6 +467,48 @@ def test_large_bodies_before_a_verified_certificate_are_refused_without_being_re
     sent, growth = _peak_rss_growth(send_chunked)
     assert sent < 16 * 1024 * 1024, f"the gateway read {sent} bytes of a refused body"
     assert growth < 64 * 1024 * 1024, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+    assert world.upstream.requests == []
+
+
+def test_enrollment_bodies_are_capped_at_small_body_exactly(world: World,
+                                                             tmp_path: Path) -> None:
+    """One byte over SMALL_BODY is refused with 413 and its reason, whether the length is
+    announced on the head or only found while reading a chunked body, and the token stays
+    unused; the same enrollment at exactly SMALL_BODY bytes goes through (a real CSR and
+    token, padded with JSON whitespace)."""
+    too_large = {"detail": f"request body too large: at most {SMALL_BODY} bytes on this path"}
+    for name, chunked in (("hospital-b", False), ("hospital-c", True)):
+        with session_scope(world.engine) as session:
+            site = Site(name=name)
+            session.add(site)
+            session.flush()
+            token, _ = create_token(session, site=site, pki=world.pki, actor="admin")
+            site_id = site.id
+        body = json.dumps({
+            "token": token,
+            "csr_pem": make_csr(ec.generate_private_key(ec.SECP256R1()), name).decode(),
+            "node_public_key": ensure_node_key(tmp_path / f"{name}.node",
+                                               tmp_path / f"{name}.node.pub")}).encode()
+        assert len(body) < SMALL_BODY
+        for size, want in ((SMALL_BODY + 1, 413), (SMALL_BODY, 200)):
+            padded = body + b" " * (size - len(body))
+            http = _Http(world, world.anonymous)
+            if chunked:
+                http.send_head("POST", "/fedward/enroll", [("transfer-encoding", "chunked")])
+                http.send_body(padded, end=True)
+                status, answer = http.response()
+            else:
+                status, answer = http.request("POST", "/fedward/enroll", body=padded)
+            http.close()
+            assert status == want, (name, size, answer)
+            if want == 413:
+                assert json.loads(answer) == too_large
+                with session_scope(world.engine) as session:
+                    assert session.exec(select(EnrollmentToken)
+                                        .where(EnrollmentToken.site_id == site_id)
+                                        ).one().used_at is None
+            else:
+                assert "certificate_pem" in json.loads(answer)
     assert world.upstream.requests == []
 
 
