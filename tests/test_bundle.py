@@ -479,3 +479,28 @@ def test_the_guides_model_signing_command_refuses_an_added_git_file(
     guide = subprocess.run([*cmd, "--no-ignore-git-paths"], capture_output=True, text=True,
                            timeout=60, check=False)
     assert guide.returncode != 0, guide.stdout
+
+
+def test_every_guide_that_names_model_signing_gives_the_flag_and_says_it_skips_revocation(
+        ) -> None:
+    """Wherever a guide names the standard tool it gives the whole command the test above
+    runs (with ``--no-ignore-git-paths``) and says the tool checks no revocation, so no
+    reader takes it for ``fedward-verify``."""
+    import re
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    named = 0
+    for guide in sorted(docs.glob("*.md")):
+        # Paragraphs, joined into one line each, so that a command wrapped in the text counts.
+        for paragraph in re.split(r"\n\s*\n", guide.read_text(encoding="utf-8")):
+            text = " ".join(paragraph.replace("*", "").split())
+            for command in re.findall(r"`(model_signing verify[^`]*)`", text):
+                named += 1
+                where = f"{guide.name}: `{command}`"
+                assert command.split()[:3] == ["model_signing", "verify", "key"], where
+                for flag in ("--signature", "--public_key", "--no-ignore-git-paths"):
+                    assert flag in command.split(), f"{where} lacks {flag}"
+                assert "not check revocation" in text or "no revocation" in text, (
+                    f"{guide.name}: the paragraph naming `model_signing` must say that it "
+                    "checks no revocation")
+    assert named >= 2, "the clinician's and the ML team's guides name model_signing"
