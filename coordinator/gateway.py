@@ -118,7 +118,8 @@ class _SiteCache:
     at: float = 0.0
     node_keys: dict[str, bytes] = field(default_factory=dict)   # site -> SuperLink key bytes
     revoked: frozenset[str] = frozenset()
-    superseded: frozenset[str] = frozenset()   # retired by a renewal (also in ``revoked``)
+    # retired by a renewal or a new enrollment (also in ``revoked``)
+    superseded: frozenset[str] = frozenset()
 
 
 class SiteGateway:
@@ -453,10 +454,14 @@ class SiteGateway:
                 # on disk. No answer, so its client retries, on a new connection with it.
                 self.refusals.refused(address=client.address, site=site, kind="superseded",
                                       reason=f"certificate {serial} was replaced by a "
-                                             "renewal: connection closed")
+                                             "renewal or a new enrollment: connection closed")
                 raise Drop
+            # Renewal and enrollment with a new token both retire the earlier certificates
+            # (coordinator.enrollment._retire): the answer names both, so that a reinstalled
+            # site's IT is not sent looking for a renewal that never happened.
             raise Refused(403, "superseded", f"forbidden: this certificate of site {site!r} "
-                           "was replaced by a renewal; use the renewed certificate")
+                           "was replaced by a renewal or a new enrollment; use the newer "
+                           "certificate")
         if serial in cache.revoked:
             raise Refused(403, "revoked", f"forbidden: the certificate of site {site!r} is "
                                            "revoked")

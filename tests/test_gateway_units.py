@@ -597,6 +597,48 @@ def test_a_renewed_certificate_retires_the_old_one_at_once(world: World, tmp_pat
     assert len(valid) == 1
 
 
+def test_enrolling_again_with_a_new_token_retires_the_earlier_certificate(
+        world: World, tmp_path: Path) -> None:
+    """A site enrolled again (a reinstalled host, a new token) holds only its new
+    certificate, as after a renewal: the earlier one is marked superseded, an open
+    connection with it is closed and a new one refused, and the new one is served."""
+    http = _Http(world, world.site)
+    assert http.request("GET", "/health")[0] == 200
+    with session_scope(world.engine) as session:
+        site = session.exec(select(Site).where(Site.name == "hospital-a")).one()
+        token, _ = create_token(session, site=site, pki=world.pki, actor="admin")
+        (earlier,) = session.exec(select(SiteCertificate.serial)).all()
+    key = ec.generate_private_key(ec.SECP256R1())
+    enrolling = _Http(world, world.anonymous)
+    status, body = enrolling.request("POST", "/fedward/enroll", body=json.dumps({
+        "token": token, "csr_pem": make_csr(key, "hospital-a").decode(),
+        # the node key it enrolled with: the same Flower node, a new TLS certificate
+        "node_public_key": ensure_node_key(tmp_path / "hospital-a.node",
+                                           tmp_path / "hospital-a.node.pub")}).encode())
+    enrolling.close()
+    assert status == 200, body
+    write_private_key(tmp_path / "again.key", key)
+    (tmp_path / "again.pem").write_text(json.loads(body)["certificate_pem"])
+    http.send_head("GET", "/health", [("content-length", "0")])
+    http.send_body(b"", end=True)
+    assert http.closed()
+    http.close()
+    old = _Http(world, world.site)
+    status, body = old.request("GET", "/health")
+    old.close()
+    assert status == 403 and b"new enrollment" in body, body
+    again = ssl.create_default_context(cafile=str(world.pki.ca_cert))
+    again.load_cert_chain(str(tmp_path / "again.pem"), str(tmp_path / "again.key"))
+    fresh = _Http(world, again)
+    assert fresh.request("GET", "/health") == (200, b"ok")
+    fresh.close()
+    with session_scope(world.engine) as session:
+        certs = {c.serial: (c.revoked_at is None, c.superseded_by)
+                 for c in session.exec(select(SiteCertificate)).all()}
+    (newer,) = set(certs) - {earlier}
+    assert certs == {earlier: (False, newer), newer: (True, None)}
+
+
 def test_every_refusal_is_logged_with_the_address_and_why(
         world: World, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="fedward.coordinator.gateway")
