@@ -11,6 +11,8 @@ with its own data directory, node key and CSV partition:
 5. evaluates the final global model and a pooled non-private baseline (same training rows,
    same model) on the global test set, prints a table and writes
    ``demo-output/summary.json``; then stops every process it started.
+
+``--version`` prints the Fedward version and the commit it was built from, then exits.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import fedward
 from fedward.flower.control import FlowerControl
 from fedward.procs import die_with_parent, free_port
 
@@ -402,6 +405,12 @@ def _print_summary(s: dict[str, Any]) -> None:
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(fedward.version_line("fedward-demo"))
+        raise typer.Exit()
+
+
 @cli.command()
 def demo(
     work: Annotated[Path, typer.Option(help="scratch folder (wiped)")] = Path(".fedward-demo"),
@@ -412,6 +421,9 @@ def demo(
     sites: Annotated[int, typer.Option()] = 3,
     stock_results: Annotated[Path | None, typer.Option()] = Path(
         "bench/results/stock_round_time_3sites.json"),
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="print the version and the commit it was built from, then exit")] = False,
 ) -> None:
     """Run the end-to-end demo."""
     summary = run_demo(work=work.resolve(), out=out.resolve(), rounds=rounds, epsilon=epsilon,

@@ -58,10 +58,11 @@ class Api(Protocol):
 
 
 def version_line(program: str) -> str:
-    """``PROGRAM VERSION (commit REVISION)`` of the installed fedward."""
+    """``PROGRAM VERSION (commit REVISION)`` of the installed fedward
+    (:func:`fedward.version_line`)."""
     import fedward
 
-    return f"{program} {fedward.__version__} (commit {fedward.code_revision()})"
+    return fedward.version_line(program)
 
 
 def wait_for_run(api: Api, run_id: int, *, timeout: float, interval: float = 2.0,

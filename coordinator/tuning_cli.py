@@ -112,19 +112,25 @@ def make_tuning_app(client: ClientFactory) -> typer.Typer:
                           f"site, charged once); watch it with `fedward-coordinator tune watch "
                           f"{out['id']}`")
 
-    def _watch(c: Api, tuning_id: int, *, quiet: bool, timeout_s: float = 86400) -> Any:
+    def _watch(c: Api, tuning_id: int, *, quiet: bool, as_json: bool = False,
+               timeout_s: float = 86400) -> Any:
         deadline = time.monotonic() + timeout_s
-        seen = -1
+        seen, last = -1, ""
         while True:
             t = c.call("GET", f"/tunings/{tuning_id}")
             done = sum(tr["status"] != "running" for tr in t["trials"])
-            if not quiet and done != seen:
+            if as_json:   # as the run's `watch --json`: one line whenever anything changed
+                line = json.dumps(t, sort_keys=True)
+                if line != last:
+                    print(line, flush=True)
+                    last = line
+            elif not quiet and done != seen:
                 console.print(_table(t))
                 seen = done
             if t["status"] in _FINAL or time.monotonic() > deadline:
                 break
             time.sleep(2)
-        if not quiet:
+        if not quiet and not as_json:
             note = _best_note(t)
             if t["status"] in ("refused", "failed"):
                 console.print(f"[bold red]{t['status']}:[/] {escape(t['reason'] or '')}")
@@ -134,9 +140,12 @@ def make_tuning_app(client: ClientFactory) -> typer.Typer:
 
     @app.command("watch")
     def watch(tuning_id: int, home: HomeOpt = None, api: ApiOpt = None,
-              token: TokenOpt = None) -> None:
+              token: TokenOpt = None,
+              as_json: Annotated[bool, typer.Option(
+                  "--json", help="one JSON object per line (the search, as `show --json`) "
+                                 "each time it changes")] = False) -> None:
         """Follow a search until it ends; exits 1 if it was refused or failed."""
-        t = _watch(client(api, token, home), tuning_id, quiet=False)
+        t = _watch(client(api, token, home), tuning_id, quiet=False, as_json=as_json)
         if t["status"] in ("refused", "failed"):
             raise typer.Exit(1)
 

@@ -24,6 +24,7 @@ range, never the value); both come from the task named in the signed model card.
 Routes: ``GET /health``, ``POST /predict`` (``{"instances": [[...], ...]}``), ``POST
 /reload``, ``GET /metrics`` (Prometheus, :mod:`export.serve_metrics`). It binds to
 127.0.0.1 by default: put an authenticating proxy in front before exposing it to a network.
+``--version`` prints the Fedward version and the commit it was built from, then exits.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from export.verify_cli import (
     RevocationsOpt,
     UnsafeSkipOpt,
     revocation_source,
+    version_option,
 )
 
 __all__ = [
@@ -364,6 +366,7 @@ def serve(
         "--recheck-s", min=0, help="Re-read the revocation list (and re-verify the bundle) "
         "this often, in seconds; a revoked release stops answering within it. 0: only at "
         "start and at POST /reload.")] = DEFAULT_RECHECK_S,
+    version: Annotated[bool, version_option("fedward-serve")] = False,
 ) -> None:
     """Verify the bundle, then serve /predict, /health and /reload."""
     import uvicorn

@@ -9,16 +9,21 @@ fetched with ``--coordinator URL`` (or ``FEDWARD_COORDINATOR``), or read from a 
 saved from the portal with ``--revocations FILE``. Without either the bundle is refused;
 ``--unsafe-skip-revocation-check`` skips the check, with a warning, for an offline check
 made knowingly.
+
+``--version`` prints the Fedward version and the commit it was built from, then exits
+(:func:`version_option`, shared with ``fedward-serve``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+import fedward
 from export.bundle_format import BundleVerificationError
 from export.bundle_verify import verify_bundle
 from export.revocations import DEFAULT_MAX_AGE, UNSAFE_SKIP_FLAG, RevocationSource
@@ -33,6 +38,7 @@ __all__ = [
     "UnsafeSkipOpt",
     "app",
     "main",
+    "version_option",
 ]
 
 EXIT_OK = 0
@@ -55,6 +61,23 @@ UnsafeSkipOpt = Annotated[bool, typer.Option(
 MaxAgeOpt = Annotated[float, typer.Option(
     "--max-revocation-age-days", min=0.01,
     help="Refuse a revocation list issued longer ago than this.")]
+
+
+
+def _print_version(program: str) -> Callable[[bool], None]:
+    def callback(value: bool) -> None:
+        if value:
+            typer.echo(fedward.version_line(program))
+            raise typer.Exit()
+    return callback
+
+
+def version_option(program: str) -> Any:
+    """A ``--version`` option for PROGRAM's command: eager, so it answers before the
+    required options are asked for, and it loads nothing (no bundle, no ONNX Runtime)."""
+    return typer.Option("--version", is_eager=True, callback=_print_version(program),
+                        help="Print the version and the commit it was built from, then exit.")
+
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Verify a Fedward release bundle (signature, digests, revocation).")
@@ -82,6 +105,7 @@ def verify(
     max_revocation_age_days: MaxAgeOpt = DEFAULT_MAX_AGE.days,
     release_id: Annotated[str | None, typer.Option(
         "--release-id", help="Also require this release id.")] = None,
+    version: Annotated[bool, version_option("fedward-verify")] = False,
 ) -> None:
     """Verify BUNDLE against the release key and the signed revocation list."""
     try:

@@ -14,7 +14,7 @@ import importlib
 import re
 from typing import Any
 
-__all__ = ["__version__", "code_revision"]
+__all__ = ["__version__", "code_revision", "version_line"]
 
 _LOCAL_NODE = re.compile(r"\+g([0-9a-f]{7,40})(\.d\d{8})?$")
 
@@ -61,3 +61,13 @@ def code_revision() -> str:
             return "unknown"
         node, dirty = found.group(1), dirty or found.group(2) is not None
     return node + ("+modified" if dirty else "")
+
+
+def version_line(program: str) -> str:
+    """What ``PROGRAM --version`` prints: ``PROGRAM VERSION (commit REVISION)``.
+
+    Every console script prints this line (``fedward-coordinator``, ``fedward-site``,
+    ``fedward-demo``, ``fedward-verify``, ``fedward-serve``); it loads nothing beyond this
+    module, so the clinician's install (no torch, no Flower) answers it too.
+    """
+    return f"{program} {__version__} (commit {code_revision()})"

@@ -50,7 +50,7 @@ def _print_version(value: bool) -> None:
     if value:
         import fedward
 
-        print(f"fedward-site {fedward.__version__} (commit {fedward.code_revision()})")
+        print(fedward.version_line("fedward-site"))
         raise typer.Exit()
 
 

@@ -2,7 +2,8 @@
 
 ``drift check`` runs one check (:mod:`site_agent.drift_runner`), shows the whole result per
 feature at the site, queues the report that may leave and, with ``--send``, posts the queue
-to the coordinator. ``drift send`` posts what is queued; ``drift show`` prints the queue.
+to the coordinator. ``drift send`` posts what is queued; ``drift show`` prints the queue
+(``--json``: as one list).
 """
 
 from __future__ import annotations
@@ -136,12 +137,16 @@ def send_cmd(dir: DirOpt) -> None:
 
 
 @drift_app.command("show")
-def show(dir: DirOpt) -> None:
+def show(dir: DirOpt, as_json: Annotated[bool, typer.Option(
+        "--json", help="one JSON list of the queued reports, oldest first")] = False) -> None:
     """Print the reports queued to leave, exactly as they will be sent."""
     from site_agent.drift_runner import pending
 
     root, _ = _config(dir)
     queued = pending(root)
+    if as_json:
+        print(json.dumps([json.loads(path.read_text()) for path in queued]))
+        return
     if not queued:
         _console.print("no drift report queued")
     for path in queued:

@@ -362,3 +362,8 @@ def test_the_command_shows_every_figure_at_the_site_and_fails_with_the_reason(
     shown = subprocess.run([cli, "drift", "show", "--dir", str(setup.root)],
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert '"failure": "data-empty"' in shown and tmp_path.name not in shown
+    listed = subprocess.run([cli, "drift", "show", "--dir", str(setup.root), "--json"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    reports = json.loads(listed)   # the same queue, one JSON list, oldest first
+    assert len(reports) == 2 and reports[0]["status"] == "ok"
+    assert '"failure": "data-empty"' in json.dumps(reports[1]) and tmp_path.name not in listed

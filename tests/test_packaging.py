@@ -129,6 +129,12 @@ def test_the_clinician_tools_verify_and_serve_without_the_training_stack(
         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert verified.returncode == 0, verified.stderr
     assert "verified: release rel-pkg" in verified.stdout
+    for program in ("fedward-verify", "fedward-serve"):
+        shown = subprocess.run([str(bin_ / program), "--version"], capture_output=True,
+                               text=True, env=env, timeout=120, cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.startswith(f"{program} ") and "(commit " in shown.stdout, \
+            shown.stdout
 
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")

@@ -323,6 +323,45 @@ def test_both_clis_print_their_version() -> None:
         assert out.output.strip() == run_cli.version_line(program)
 
 
+# The console scripts without --version before issue 12's follow-up: fedward-demo and the
+# clinician's two, whose module must answer it without the training stack.
+OTHER_CLIS = (("fedward-demo", "coordinator.demo", "cli"),
+              ("fedward-verify", "export.verify_cli", "app"),
+              ("fedward-serve", "export.serve", "cli"))
+
+
+@pytest.mark.parametrize(("program", "module", "attr"), OTHER_CLIS)
+def test_the_other_clis_print_their_version(program: str, module: str, attr: str) -> None:
+    import importlib
+
+    from typer.testing import CliRunner
+
+    cli = getattr(importlib.import_module(module), attr)
+    out = CliRunner().invoke(cli, ["--version"])
+    assert out.exit_code == 0, out.output
+    assert out.output.strip() == run_cli.version_line(program)
+    assert "--version" in CliRunner().invoke(cli, ["--help"]).output
+
+
+@pytest.mark.parametrize(("program", "module", "attr"), OTHER_CLIS[1:])
+def test_the_clinicians_clis_answer_version_without_the_training_stack(
+        program: str, module: str, attr: str) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    probe = (f"import sys\nfrom {module} import {attr} as cli\n"
+             "try:\n    cli(['--version'], prog_name='x')\nexcept SystemExit as e:\n"
+             "    code = e.code\n"
+             "print(code, [m for m in ('torch', 'flwr', 'opacus', 'openvino') "
+             "if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [run_cli.version_line(program), "0 []"]
+
+
 def test_launch_needs_project_task_and_epsilon_unless_from(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
