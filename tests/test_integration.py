@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -83,6 +84,19 @@ def test_dp_run_with_a_budget_refusal_completes_and_names_the_refusing_site() ->
         assert audit["first_broken_id"] is None and audit["events"] > 0, audit
 
 
+def _log_tails(work: Path, site: str, lines: int = 40) -> dict[str, list[str]]:
+    """The last lines of a site's agent log and SuperNode log (colour codes removed)."""
+    out = {}
+    for label, path in (("agent", work / f"site-{site}.log"),
+                        ("supernode", work / "sites" / site / "logs" / "supernode.log")):
+        try:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
+        except OSError as err:
+            text = f"(unreadable: {err})"
+        out[label] = [ln for ln in text.splitlines() if ln.strip(" :INFO")][-lines:]
+    return out
+
+
 def test_site_killed_mid_run_is_named_and_the_run_completes_with_the_rest() -> None:
     with short_tmp() as work, federation(work, n_sites=3) as fed:
         sites = fed.data["sites"]
@@ -97,7 +111,12 @@ def test_site_killed_mid_run_is_named_and_the_run_completes_with_the_rest() -> N
         fed.kill_site(victim)
         run = fed.wait_run(run_id, timeout=360)
         rounds = fed.api("GET", f"/runs/{run_id}/rounds").json()
-        assert run["status"] == "completed", (run.get("failure_reason"), rounds)
+        # It failed twice in about six full runs on 2 cores (a surviving site late for the
+        # whole round after the kill) and never when run alone: on failure, keep what the
+        # surviving sites' agents and SuperNodes logged, for the post-mortem.
+        assert run["status"] == "completed", (
+            run.get("failure_reason"), rounds,
+            {s["name"]: _log_tails(work, s["name"]) for s in sites if s["name"] != victim})
         assert [r["number"] for r in rounds] == [1, 2, 3]
         assert victim in rounds[0]["participating_sites"]
         later = [r for r in rounds[1:] if victim not in r["participating_sites"]]
