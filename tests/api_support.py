@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from coordinator.auth import API_PREFIX
+from coordinator.cli_client import ApiClient
 from coordinator.models import Run, SiteMetric
 from coordinator.repository import finish_run, mark_run_started
 from coordinator.round_records import (
@@ -25,6 +26,8 @@ from coordinator.round_records import (
     start_round,
 )
 from fedward.tasks import TASKS
+
+from tests_support import wait_until
 
 with warnings.catch_warnings():
     # Import-time deprecation notices of the pinned Starlette, harmless here: it prefers
@@ -198,3 +201,21 @@ def exercise_api_flow(client: TestClient, engine: Engine, headers: dict[str, str
     assert actions.index("run.created") < actions.index("run.started") < actions.index(
         "site.failed") < actions.index("run.finished")
     assert client.get(api("/audit/verify"), headers=headers).json()["ok"] is True
+
+
+def cli_client(app_client: TestClient, headers: dict[str, str]) -> ApiClient:
+    """An ApiClient whose HTTP goes to the in-process app (no server needed)."""
+    cli = ApiClient.__new__(ApiClient)
+    cli.base = "http://testserver"
+    cli._http = TestClient(app_client.app, base_url="http://testserver/api/v1",
+                           headers=headers)
+    return cli
+
+
+def tuning_when_ended(client: TestClient, headers: dict[str, str], tuning_id: int,
+                      timeout: float = 20) -> Any:
+    """The tuning search as the API shows it once it is no longer running."""
+    def ended() -> Any:
+        out = client.get(f"/api/v1/tunings/{tuning_id}", headers=headers).json()
+        return out if out["status"] != "running" else None
+    return wait_until(ended, timeout=timeout, what=f"tuning {tuning_id} to end", interval=0.1)

@@ -25,7 +25,6 @@ from torch.nn import functional as F
 
 from coordinator.auth import create_user
 from coordinator.checkpoints import load_checkpoint, save_checkpoint
-from coordinator.cli_client import ApiClient
 from coordinator.db import session_scope
 from coordinator.models import AuditEvent, Checkpoint, Project, ReleaseCandidate, Run
 from coordinator.repository import finish_run, mark_run_started
@@ -271,11 +270,3 @@ def audit_actions(engine: Engine) -> list[str]:
     with session_scope(engine) as session:
         return [e.action for e in session.exec(select(AuditEvent).order_by(col(AuditEvent.id)))]
 
-
-def cli_client(app_client: TestClient, headers: Headers) -> ApiClient:
-    """An ApiClient whose HTTP goes to the in-process app (no server needed)."""
-    cli = ApiClient.__new__(ApiClient)
-    cli.base = "http://testserver"
-    cli._http = TestClient(app_client.app, base_url="http://testserver/api/v1",
-                           headers=headers)
-    return cli

@@ -11,7 +11,6 @@ prints what the API answered, machine-readable.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,12 @@ from coordinator import cli as coordinator_cli
 from coordinator import tuning as tuning_module
 from coordinator.api import create_app
 from coordinator.auth import create_user
-from coordinator.cli_client import ApiClient
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import Evaluation, Project, Run, Site, utcnow
 from coordinator.settings import Settings
 from site_agent.cli import app as site_app
+
+from api_support import cli_client, tuning_when_ended
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,14 +101,7 @@ def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                    launcher=NoFlower()))
     headers = {"Authorization": f"Bearer {token}"}
 
-    def in_process(*_args: Any) -> ApiClient:
-        out = ApiClient.__new__(ApiClient)
-        out.base = "http://testserver"
-        out._http = TestClient(client.app, base_url="http://testserver/api/v1",
-                               headers=headers)
-        return out
-
-    monkeypatch.setattr(coordinator_cli, "api_client", in_process)
+    monkeypatch.setattr(coordinator_cli, "api_client", lambda *_a: cli_client(client, headers))
     with client:
         yield client, headers, engine
     engine.dispose()
@@ -149,15 +142,6 @@ def test_evaluations_and_study_list_print_the_api_answer_as_json(
     assert [s["ref"].split("@")[0] for s in studies] == ["breast_cancer_mlp"]
 
 
-def _wait_final(client: TestClient, headers: dict[str, str], tuning_id: int) -> Any:
-    for _ in range(200):
-        out = client.get(f"/api/v1/tunings/{tuning_id}", headers=headers).json()
-        if out["status"] != "running":
-            return out
-        time.sleep(0.1)
-    raise AssertionError(out)
-
-
 def test_tune_list_and_watch_print_json(
         coordinator: tuple[TestClient, dict[str, str], Engine],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,7 +152,7 @@ def test_tune_list_and_watch_print_json(
     r = client.post("/api/v1/tunings", headers=headers, json={
         "project": "onc", "task": "breast_cancer_mlp", "epsilon": 3.0, "mean_trials": 2.0})
     assert r.status_code == 201, r.text
-    final = _wait_final(client, headers, r.json()["id"])
+    final = tuning_when_ended(client, headers, r.json()["id"])
     assert final["status"] == "failed"
 
     listed = json.loads(_cli("tune", "list", "--json"))

@@ -30,6 +30,7 @@ from api_support import (
     FakeRegistrar,
     TestClient,
     api,
+    cli_client,
     exercise_api_flow,
     node_key,
     run_body,
@@ -202,18 +203,10 @@ def test_launch_passes_aggregation_options_and_shows_why_bad_ones_are_refused(
     from typer.testing import CliRunner
 
     from coordinator import cli
-    from coordinator.cli_client import ApiClient
 
     client, headers, launcher = launch_ready
 
-    def in_process(*_args: Any) -> ApiClient:
-        out = ApiClient.__new__(ApiClient)
-        out.base = "http://testserver"
-        out._http = TestClient(client.app, base_url="http://testserver/api/v1",
-                               headers=headers)
-        return out
-
-    monkeypatch.setattr(cli, "api_client", in_process)
+    monkeypatch.setattr(cli, "api_client", lambda *_a: cli_client(client, headers))
     runner = CliRunner()
     base = ["launch", "--project", "oncology", "--task", "breast_cancer_mlp",
             "--epsilon", "3", "--aggregation", "fedadam"]
@@ -751,19 +744,11 @@ def test_user_commands_of_the_cli(make_client: Callable[..., TestClient],
     from typer.testing import CliRunner
 
     from coordinator import cli
-    from coordinator.cli_client import ApiClient
 
     client, admin = make_client(), token_for("admin")
     token = _user(client, admin, "carol", password=None)
 
-    def in_process(*_args: Any) -> ApiClient:
-        out = ApiClient.__new__(ApiClient)
-        out.base = "http://testserver"
-        out._http = TestClient(client.app, base_url="http://testserver/api/v1",
-                               headers=admin)
-        return out
-
-    monkeypatch.setattr(cli, "api_client", in_process)
+    monkeypatch.setattr(cli, "api_client", lambda *_a: cli_client(client, admin))
     runner = CliRunner()
 
     def run(*args: str) -> str:

@@ -29,11 +29,10 @@ from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations
 from coordinator.settings import Settings
 
-from api_support import TestClient
+from api_support import TestClient, cli_client
 from release_support import (
     INTENDED_USE,
     KNOWN_WARNINGS,
-    cli_client,
     good_figures,
     make_user,
     seed_run,

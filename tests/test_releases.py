@@ -47,7 +47,7 @@ from export.verify_cli import app as verify_app
 from fedward.models import BUILTIN_FAMILIES, model_arrays
 from fedward.tasks import BREAST_CANCER_COLUMNS, TASKS, TaskSpec
 
-from api_support import TestClient, api
+from api_support import TestClient, api, cli_client
 from release_support import (
     INTENDED_USE,
     KNOWN_WARNINGS,
@@ -56,7 +56,6 @@ from release_support import (
     Headers,
     LocalParityForTests,
     audit_actions,
-    cli_client,
     good_figures,
     make_user,
     propose,

@@ -4,10 +4,8 @@ cannot launch, a search orphaned by a restart, and relaunching a trial as an ord
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,6 +19,8 @@ from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import Project, Run, Site, Tuning
 from coordinator.run_cli import relaunch_body
 from coordinator.settings import Settings
+
+from api_support import tuning_when_ended
 
 
 class NoFlower:
@@ -42,15 +42,6 @@ def app(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], Engine]]:
     with client:
         yield client, {"Authorization": f"Bearer {token}"}, engine
     engine.dispose()
-
-
-def wait_final(client: TestClient, headers: dict[str, str], tuning_id: int) -> Any:
-    for _ in range(100):
-        out = client.get(f"/api/v1/tunings/{tuning_id}", headers=headers).json()
-        if out["status"] != "running":
-            return out
-        time.sleep(0.1)
-    raise AssertionError(out)
 
 
 def test_bad_requests_are_refused_saying_what_to_change(
@@ -80,7 +71,7 @@ def test_a_search_whose_first_trial_cannot_launch_fails_with_the_reason(
     r = client.post("/api/v1/tunings", headers=headers, json={
         "project": "onc", "task": "breast_cancer_mlp", "epsilon": 3.0, "mean_trials": 2.0})
     assert r.status_code == 201, r.text
-    out = wait_final(client, headers, r.json()["id"])
+    out = tuning_when_ended(client, headers, r.json()["id"])
     assert out["status"] == "failed"
     assert out["reason"].startswith("the first trial (run 1) failed: launch failed: "
                                     "RuntimeError: the SuperLink is down")
