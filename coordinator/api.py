@@ -35,7 +35,7 @@ from coordinator import evaluation, run_control
 from coordinator.api_errors import RESPONSES_401, RESPONSES_403, add_error_handlers
 from coordinator.audit import append_event, verify_chain
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
-from coordinator.body_limit import MAX_BODY_BYTES, BodySizeLimit
+from coordinator.body_limit import BodySizeLimit
 from coordinator.db import SessionDep
 from coordinator.login_api import router as login_router
 from coordinator.login_limits import LoginLimiter
@@ -173,7 +173,7 @@ def create_app(
     app.state.site_parity = site_parity
     app.state.login_limiter = LoginLimiter()
     add_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodySizeLimit)
     app.add_middleware(ApiMetrics)  # outermost: times every request (coordinator.metrics)
     app.include_router(router)
     app.include_router(login_router)

@@ -87,7 +87,7 @@ def _public_error(error: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors: list[dict[str, Any]] = []
     for error in exc.errors():
@@ -105,7 +105,7 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
 _UNREADABLE_BODY: Final = "There was an error parsing the body"  # FastAPI's words
 
 
-async def http_error(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     # FastAPI answers 400 with only _UNREADABLE_BODY when reading a JSON body fails other
     # than by a syntax error; the cause (chained) says what was wrong with it.
     assert isinstance(exc, StarletteHTTPException)
@@ -138,7 +138,7 @@ def exception_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text_}" if text_ else type(exc).__name__
 
 
-async def out_of_range(_request: Request, _exc: Exception) -> JSONResponse:
+async def _out_of_range(_request: Request, _exc: Exception) -> JSONResponse:
     # An id or number in the path or query beyond what the database stores (found by
     # fuzzing: 2**63 reached SQLite and answered 500).
     message = "a number in the request is out of range: ids and counts are below 2**63"
@@ -149,6 +149,6 @@ async def out_of_range(_request: Request, _exc: Exception) -> JSONResponse:
 
 def add_error_handlers(app: FastAPI) -> None:
     """Answer validation errors, unreadable bodies and out-of-range numbers as above."""
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(OverflowError, out_of_range)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OverflowError, _out_of_range)

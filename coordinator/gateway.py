@@ -53,6 +53,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
+from coordinator.api_errors import exception_reason
 from coordinator.db import session_scope
 from coordinator.drift import AlarmRule
 from coordinator.enrollment import revoked_serials, superseded_serials
@@ -283,7 +284,7 @@ class SiteGateway:
                     self.config.idle_timeout_s, _HANDSHAKE_S))
             except (ssl.SSLError, OSError, TimeoutError) as err:
                 self.refusals.refused(address=client.address, site=None, kind="tls-handshake",
-                                      reason=f"TLS handshake failed: {_reason(err)}")
+                                      reason=f"TLS handshake failed: {exception_reason(err)}")
                 return
             peer = self._peer(writer)
             if peer is None:
@@ -475,7 +476,3 @@ class SiteGateway:
             loop.call_soon_threadsafe(lambda: self.refusals.refused(
                 address=client.address, site=client.site, kind=kind, reason=detail))
 
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -9,6 +9,7 @@ run the coordinator (SuperLink, gateway and REST API) on it.
 from __future__ import annotations
 
 import logging
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -114,6 +115,7 @@ def serve(home: HomeOpt = None,
               help="site gateway port (the one port sites connect to)")] = None) -> None:
     """Run the coordinator: SuperLink (private namespace), gateway and REST API, until
     Ctrl-C/SIGTERM."""
+    from coordinator.metrics import SWITCH_INTERVAL_S
     from coordinator.service import Coordinator
 
     # force: an import on the way (Opacus, through the privacy accounting) configures the
@@ -121,6 +123,9 @@ def serve(home: HomeOpt = None,
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SuperLink call
+    # Process-wide, like the logging above: short GIL hand-overs keep a /metrics scrape
+    # from queuing behind the API's busy threads (coordinator.metrics.SWITCH_INTERVAL_S).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     settings = settings_for(home)
     if port is not None:
         settings = settings.model_copy(update={"api_port": port})

@@ -336,7 +336,7 @@ def build_registry(engine: Engine, *, online_window_s: float = DEFAULT_ONLINE_WI
 # (Python's default: every 5 ms). A scrape hands it over a few times (accept, read, write),
 # each time waiting behind the API's worker threads when the API is loaded; 1 ms keeps the
 # scrape's p99 under load low without costing the API throughput (bench/metrics_scrape.py
-# measures both settings in one run). Set by the service for the whole process.
+# measures both settings in one run). `fedward-coordinator serve` sets it for its process.
 SWITCH_INTERVAL_S: Final = 0.001
 
 # Every metric family the coordinator exports (the alert rules and the dashboard may use

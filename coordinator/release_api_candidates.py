@@ -17,12 +17,12 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from coordinator import releases
+from coordinator.api_errors import RESPONSES_404
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import ReleaseCandidate
 from coordinator.release_api_common import (
     AUTH,
-    R404,
     candidate_public,
     refusals,
     request_engine,
@@ -48,7 +48,7 @@ def _evaluate_in_background(engine: Engine, home: Path, candidate_id: int,
 
 
 @router.post("/candidates", status_code=201, tags=["releases"],
-             responses={**AUTH, **R404,
+             responses={**AUTH, **RESPONSES_404,
                         202: {"description": "Accepted (wait=false): the gates are running; "
                                              "poll GET /candidates/{id}"}})
 def propose(body: CandidateCreate, request: Request, response: Response,
@@ -102,7 +102,7 @@ def list_candidates(
     return [candidate_public(session, c) for c in rows]
 
 
-@router.get("/candidates/{candidate_id}", tags=["releases"], responses={**AUTH, **R404})
+@router.get("/candidates/{candidate_id}", tags=["releases"], responses={**AUTH, **RESPONSES_404})
 def get_candidate(candidate_id: int, session: SessionDep, user: CurrentUser) -> CandidatePublic:
     """One candidate with its gates."""
     require_role(user, STAFF_ROLES)

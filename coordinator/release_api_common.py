@@ -23,9 +23,7 @@ from coordinator.settings import Settings
 
 __all__ = [
     "AUTH",
-    "R404",
     "R409",
-    "Responses",
     "candidate_public",
     "refusals",
     "release_public",
@@ -34,7 +32,6 @@ __all__ = [
 ]
 
 AUTH: Responses = {**RESPONSES_401, **RESPONSES_403}
-R404: Responses = {404: {"description": "No such object"}}
 R409: Responses = {409: {"description": "The object's state does not allow this"}}
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from coordinator import release_gates
+from coordinator.api_errors import RESPONSES_404
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
-from coordinator.release_api_common import AUTH, R404, refusals
+from coordinator.release_api_common import AUTH, refusals
 from coordinator.release_schemas import GatesPublic, GatesUpdate
 from fedward.roles import GATE_ROLES, STAFF_ROLES
 
@@ -24,7 +25,7 @@ def _gates_public(project: str, thresholds: dict[str, int | float]) -> GatesPubl
                        help=dict(release_gates.THRESHOLD_HELP))
 
 
-@router.get("/projects/{name}/gates", tags=["releases"], responses={**AUTH, **R404})
+@router.get("/projects/{name}/gates", tags=["releases"], responses={**AUTH, **RESPONSES_404})
 def get_gates(name: str, session: SessionDep, user: CurrentUser) -> GatesPublic:
     """A project's release gate thresholds: those set and the defaults for the rest."""
     require_role(user, STAFF_ROLES)
@@ -32,7 +33,7 @@ def get_gates(name: str, session: SessionDep, user: CurrentUser) -> GatesPublic:
         return _gates_public(name, release_gates.get_gates(session, name))
 
 
-@router.put("/projects/{name}/gates", tags=["releases"], responses={**AUTH, **R404})
+@router.put("/projects/{name}/gates", tags=["releases"], responses={**AUTH, **RESPONSES_404})
 def put_gates(name: str, body: GatesUpdate, session: SessionDep,
               user: CurrentUser) -> GatesPublic:
     """Replace all of a project's gate thresholds (reviewers and admins); an omitted one is
@@ -45,7 +46,7 @@ def put_gates(name: str, body: GatesUpdate, session: SessionDep,
     return _gates_public(name, thresholds)
 
 
-@router.patch("/projects/{name}/gates", tags=["releases"], responses={**AUTH, **R404})
+@router.patch("/projects/{name}/gates", tags=["releases"], responses={**AUTH, **RESPONSES_404})
 def patch_gates(name: str, body: GatesUpdate, session: SessionDep,
                 user: CurrentUser) -> GatesPublic:
     """Change only the thresholds named in the body (reviewers and admins); ``null`` unsets

@@ -12,13 +12,13 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlmodel import Session
 
 from coordinator import release_store
+from coordinator.api_errors import RESPONSES_404
 from coordinator.audit import append_event
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import Release
 from coordinator.release_api_common import (
     AUTH,
-    R404,
     R409,
     refusals,
     release_public,
@@ -56,7 +56,7 @@ def list_releases(
 
 
 @router.get("/releases/{release_id}", tags=["releases"],
-            responses={**AUTH, **R404, 410: {"description": "Revoked (clinicians)"}})
+            responses={**AUTH, **RESPONSES_404, 410: {"description": "Revoked (clinicians)"}})
 def get_release(release_id: str, session: SessionDep, user: CurrentUser) -> ReleasePublic:
     """One release."""
     require_role(user, ALL_ROLES)
@@ -66,7 +66,7 @@ def get_release(release_id: str, session: SessionDep, user: CurrentUser) -> Rele
 
 @router.get("/releases/{release_id}/bundle", tags=["releases"],
             response_class=Response,
-            responses={**AUTH, **R404, 410: {"description": "Revoked"},
+            responses={**AUTH, **RESPONSES_404, 410: {"description": "Revoked"},
                        200: {"content": {ARCHIVE_MEDIA_TYPE: {}},
                              "description": "The bundle folder as .tar.gz"}})
 def download_bundle(release_id: str, request: Request, session: SessionDep,
@@ -88,7 +88,7 @@ def download_bundle(release_id: str, request: Request, session: SessionDep,
 
 
 @router.post("/releases/{release_id}/revoke", tags=["releases"],
-             responses={**AUTH, **R404, **R409})
+             responses={**AUTH, **RESPONSES_404, **R409})
 def revoke(release_id: str, body: DecisionRequest, session: SessionDep,
            user: CurrentUser) -> ReleasePublic:
     """Revoke a release (admins): it leaves the portal, downloads answer 410, and the

@@ -7,12 +7,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from coordinator import releases
+from coordinator.api_errors import RESPONSES_404
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import Release
 from coordinator.release_api_common import (
     AUTH,
-    R404,
     R409,
     candidate_public,
     refusals,
@@ -29,7 +29,7 @@ router = APIRouter(prefix=API_PREFIX)
 
 
 @router.post("/candidates/{candidate_id}/approve", status_code=201, tags=["releases"],
-             responses={**AUTH, **R404, **R409})
+             responses={**AUTH, **RESPONSES_404, **R409})
 def approve(candidate_id: int, body: DecisionRequest, request: Request, session: SessionDep,
             user: CurrentUser) -> ReleasePublic:
     """Approve a candidate awaiting review: the signed bundle is written, the release made.
@@ -49,7 +49,7 @@ def approve(candidate_id: int, body: DecisionRequest, request: Request, session:
 
 
 @router.post("/candidates/{candidate_id}/reject", tags=["releases"],
-             responses={**AUTH, **R404, **R409})
+             responses={**AUTH, **RESPONSES_404, **R409})
 def reject(candidate_id: int, body: DecisionRequest, session: SessionDep,
            user: CurrentUser) -> CandidatePublic:
     """Reject a candidate with a reason (not your own proposal)."""

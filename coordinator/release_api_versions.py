@@ -8,12 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from sqlmodel import col, select
 
+from coordinator.api_errors import RESPONSES_404
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
 from coordinator.models import Checkpoint, Project, Release, ReleaseCandidate, Run
 from coordinator.release_api_common import (
     AUTH,
-    R404,
     refusals,
     request_engine,
     request_home,
@@ -60,7 +60,7 @@ def list_versions(
 
 
 @router.get("/versions/{run_id}/{round_number}/lineage", tags=["releases"],
-            responses={**AUTH, **R404})
+            responses={**AUTH, **RESPONSES_404})
 def version_lineage(run_id: int, round_number: int, request: Request, session: SessionDep,
                     user: CurrentUser) -> dict[str, Any]:
     """A version's lineage: run config and seed, software, sites per round, epsilon and delta

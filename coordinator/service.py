@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +24,7 @@ from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations
 from coordinator.drift import AlarmRule
 from coordinator.gateway import GatewayConfig, SiteGateway
-from coordinator.metrics import SWITCH_INTERVAL_S, start_listener
+from coordinator.metrics import start_listener
 from coordinator.mlflow_outbox import MLFLOW_AUTO_ENV
 from coordinator.ports import sites_address
 from coordinator.presence import Presence
@@ -378,7 +377,6 @@ class Coordinator:
         stop_watch = threading.Event()
         threading.Thread(target=self._watch_superlink, args=(stop_watch,), daemon=True,
                          name="superlink-watchdog").start()
-        sys.setswitchinterval(SWITCH_INTERVAL_S)  # short GIL hand-overs (coordinator.metrics)
         metrics = start_listener(self.settings, self.engine)   # GET /metrics, apart from the API
         config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.settings.api_port,
                                 log_level="warning", access_log=False)

@@ -21,7 +21,6 @@ from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
 __all__ = ["make_study_app"]
 
 console = Console()
-err_console = Console(stderr=True)
 
 
 def make_study_app(client: ClientFactory) -> typer.Typer:

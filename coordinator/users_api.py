@@ -88,7 +88,7 @@ def issue_api_token(session: Session, user: User, *, actor: str, ttl: timedelta)
 def _target(session: Session, name: str) -> User:
     user = session.exec(select(User).where(User.name == name)).first()
     if user is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"user {name!r} not found")
+        not_found(f"user {name!r}")
     return user
 
 
@@ -180,16 +180,11 @@ def change_password(name: str, body: PasswordChange, session: SessionDep,
     Every other credential of the user ends: its login sessions and its API token, all but
     the token this request was made with.
     """
-    if user.name != name:
-        require_role(user, USER_ADMIN_ROLES)
-    target = session.exec(select(User).where(User.name == name)).first()
-    if target is None:
-        not_found(f"user {name!r}")
+    _self_or_admin(user, name)
+    _target(session, name)
     session.commit()   # the slow hash runs outside any transaction
     encoded = hash_password(body.password)
-    target = session.exec(select(User).where(User.name == name)).first()
-    if target is None:
-        not_found(f"user {name!r}")
+    target = _target(session, name)   # read again: it may have changed meanwhile
     assert credentials is not None
     set_password(session, target, actor=user.name, encoded=encoded,
                  keep_token=credentials.credentials if target.id == user.id else None)
