@@ -8,14 +8,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from site_agent.audit_cli import audit_app
-from site_agent.cli_common import DirOpt, console, err_console
-from site_agent.cli_common import fail as _fail
+from site_agent.cli_common import DirOpt, console, err_console, fail
 from site_agent.config import ConfigError, SiteConfig, SitePaths
 from site_agent.drift_cli import drift_app
 from site_agent.fingerprint_cli import fingerprint
@@ -23,9 +22,6 @@ from site_agent.ledger_cli import ledger_app
 from site_agent.mapping_cli import mapping_app
 from site_agent.runs_cli import approve, deny, runs, status
 from site_agent.study_cli import allow_plugin, approve_study
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["app", "main"]
 
@@ -60,8 +56,6 @@ def _main_options(version: Annotated[bool, typer.Option(
         help="print the version and the commit it was built from, then exit")] = False
                   ) -> None:
     """Fedward site agent: configure, check data, run."""
-
-
 
 
 @app.command()
@@ -108,7 +102,7 @@ def init(
         problems.append("name what the data is checked against: --schema FILE, or --study "
                         "with --mapping")
     if problems:
-        _fail("; ".join(problems))
+        fail("; ".join(problems))
     raw: dict[str, Any] = {
         "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
         "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff,
@@ -117,7 +111,7 @@ def init(
         try:
             raw["data"] = json.loads(data_config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            _fail(f"{data_config} is not a JSON connector block ({err})")
+            fail(f"{data_config} is not a JSON connector block ({err})")
     elif data is not None and data.suffix.lower() in (".parquet", ".pq"):
         raw["data"] = {"connector": "parquet", "path": str(data.expanduser().resolve())}
     elif data is not None:
@@ -134,7 +128,7 @@ def init(
         cfg = SiteConfig.from_dict(raw)
         task = open_configured(cfg, root).task   # every problem before anything is written
     except (ConfigError, SchemaError) as err:
-        _fail(str(err))
+        fail(str(err))
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)
     if ca_cert.resolve() != (root / "coordinator-ca.pem").resolve():
@@ -173,14 +167,14 @@ def enroll(
     try:
         address = gateway_address(gateway)
     except EnrollError as err:
-        _fail(str(err))
+        fail(str(err))
     if address != gateway.strip():
         console.print(f"no port given: using the gateway's default port, {address}")
     gateway = address
     root = dir.expanduser().resolve()
     paths = SitePaths(root)
     if paths.site_cert.exists() and paths.site_key.exists():
-        _fail(f"this site is enrolled already (certificate {paths.site_cert}); nothing to do. "
+        fail(f"this site is enrolled already (certificate {paths.site_cert}); nothing to do. "
               "Renew a certificate with `fedward-site renew`. To enroll again after the "
               "coordinator rotated its CA, move keys/site-tls.pem and keys/site-tls.key "
               "aside first; after a revocation (the site comes back under a new name), "
@@ -190,25 +184,25 @@ def enroll(
         try:
             existing = SiteConfig.load(root)
         except ConfigError as err:
-            _fail(str(err))
+            fail(str(err))
     elif data is None or schema is None:
-        _fail("this site is not configured yet: give --data and --schema too")
+        fail("this site is not configured yet: give --data and --schema too")
     task: str | None = None
     if existing is None:
         # Checked before the token is spent: a typo here must not leave a site with a
         # certificate but no configuration.
         assert data is not None and schema is not None
         if not data.expanduser().is_file():
-            _fail(f"no data file at {data}: give the path of the site's training CSV "
+            fail(f"no data file at {data}: give the path of the site's training CSV "
                   "(nothing was sent to the coordinator; the token is still unused)")
         try:
             task = load_schema(schema.expanduser()).task
         except (SchemaError, OSError) as err:
-            _fail(f"{err} (nothing was sent to the coordinator; the token is still unused)")
+            fail(f"{err} (nothing was sent to the coordinator; the token is still unused)")
     try:
         name = do_enroll(root=root, gateway=gateway, token=token)
     except EnrollError as err:
-        _fail(str(err))
+        fail(str(err))
     if existing is not None:
         raw = {**existing.__dict__, "superlink": gateway, "ca_cert": "coordinator-ca.pem"}
         raw.pop("version", None)
@@ -238,7 +232,7 @@ def renew(dir: DirOpt) -> None:
         cfg = SiteConfig.load(root)
         not_after = do_renew(root=root, gateway=cfg.superlink)
     except (ConfigError, EnrollError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"certificate renewed; valid until {not_after}")
 
 
@@ -257,7 +251,7 @@ def _write_starter_policy(root: Path, *, project: str, task: str, epsilon_cap: f
                                     require_approval=require_approval,
                                     site_epsilon_cap=site_epsilon_cap)
     except PolicyError as err:
-        _fail(str(err))
+        fail(str(err))
     policy.save(path)
     path.chmod(0o600)   # like everything in the site directory: this account's alone
     what = (f"task {task}" if policy.projects[project].tasks else
@@ -294,7 +288,7 @@ def check(dir: DirOpt,
         cfg = SiteConfig.load(root)
         configured = open_configured(cfg, root)
     except (ConfigError, SchemaError) as err:
-        _fail(str(err))
+        fail(str(err))
     report = configured.check()
     if as_json:
         print(json.dumps({"ok": report.ok, "rows": report.n_rows,
@@ -328,7 +322,7 @@ def start(dir: DirOpt,
     try:
         code = SiteAgent(root=dir.expanduser().resolve(), epsilon_cap=epsilon_cap).run()
     except (ConfigError, SchemaError) as err:
-        _fail(str(err))
+        fail(str(err))
     raise typer.Exit(code)
 
 
@@ -361,10 +355,10 @@ def policy_init(
             cfg = SiteConfig.load(root)
             task = open_configured(cfg, root).task   # the schema's task, or the study's
         except (ConfigError, SchemaError) as err:
-            _fail(f"{err}\n(or name the task with --task)")
+            fail(f"{err}\n(or name the task with --task)")
     path = SitePaths(root).policy
     if path.exists() and not force:
-        _fail(f"{path} exists; edit it, or replace it with --force")
+        fail(f"{path} exists; edit it, or replace it with --force")
     _write_starter_policy(root, project=project, task=task, epsilon_cap=epsilon_cap,
                           require_approval=require_approval, force=True,
                           site_epsilon_cap=site_epsilon_cap)

@@ -25,7 +25,6 @@ __all__ = ["fingerprint"]
 
 # soft_wrap: a path, a key or a command is never broken across lines (people copy them).
 _console = Console(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False)
 
 
 def fingerprint(

@@ -35,7 +35,7 @@ from privacy.mechanisms import CoveredTrial, DpSgd
 from privacy.release import noise_multiplier_after
 from privacy.tuning import NotCoveredError
 from site_agent.admission import Admission, PolicyRefusal, check_rounds_per_day
-from site_agent.answer_egress import finite_metrics as _finite_metrics
+from site_agent.answer_egress import finite_metrics
 from site_agent.candidate_checks import remember_model
 from site_agent.data import SiteData
 from site_agent.egress import check_reply
@@ -262,7 +262,7 @@ def train_round(site: RoundHost, config: dict[str, Any], arrays: dict[str, np.nd
         "train-seconds": result.seconds,
     })
     site._at("egress")
-    metrics = _finite_metrics(metrics)
+    metrics = finite_metrics(metrics)
     out = model_arrays(model)
     answer = {"metrics": metrics, "fingerprint": site._fingerprint()}
     report = check_reply(reply=answer, arrays=out, expected_shapes=shapes)

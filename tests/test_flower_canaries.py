@@ -86,7 +86,7 @@ def test_an_idle_supernode_fetches_less_often_until_a_message_comes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[float] = []
     monkeypatch.setattr(time, "sleep", asked.append)  # restored after the test
-    short = supernode.ShortSleep(0.25, idle_cap_s=1.0, idle_after_s=30.0, reply_cap_s=0.02)
+    short = supernode.ShortSleep(0.25, idle_cap_s=1.0, idle_after_s=30.0)
     short.sleep(3)  # just started: the short interval
     short.last_message -= 31.0  # nothing for 31 s
     short.sleep(3)  # Flower's empty-fetch wait: the idle interval
@@ -97,7 +97,8 @@ def test_an_idle_supernode_fetches_less_often_until_a_message_comes(
     short.last_message -= 31.0
     assert supernode.noting_messages(short, lambda **_: None)() is None
     short.sleep(3)  # an empty fetch does not count as a message
-    assert asked == [0.25, 1.0, 0.02, 0.25, 1.0]
+    assert asked == [0.25, 1.0, supernode.REPLY_POLL_S, 0.25, 1.0]
+    assert supernode.REPLY_POLL_S <= 0.02 < supernode.DEFAULT_POLL_S  # the reply leaves soon
 
 
 def test_flwr_supernode_still_sleeps_where_the_patch_applies() -> None:

@@ -528,8 +528,8 @@ def test_every_kind_of_leak_is_blocked_where_the_answer_is_handed_back(
     trainer, audit = make_trainer()
     kind = "evaluate" if leak == "evaluate-arrays" else "train"
     if leak == "metric":
-        real_metrics = trainer_module._finite_metrics
-        monkeypatch.setattr(trainer_module, "_finite_metrics",
+        real_metrics = trainer_module.finite_metrics
+        monkeypatch.setattr(trainer_module, "finite_metrics",
                             lambda m: {**real_metrics(m), "mean-age": 61.0})
         expected = "metric 'mean-age' is not on the allow-list"
     elif leak == "fingerprint":
