@@ -180,6 +180,11 @@ class SiteGate:
             if record.decision == "denied":
                 return f"refused-policy: run {run_id} was denied at this site"
             if policy.require_approval and record.decision != "approved":
+                if record.cancelled:
+                    # Its approval was closed by the cancel: it would wait for ever.
+                    return (f"refused-policy: run {run_id} was {record.cancel_note()} before "
+                            f"it was approved at site {self.site_name}; a cancelled run "
+                            "cannot be approved any more")
                 return (f"{PENDING_PREFIX}: run {run_id} waits for approval at site "
                         f"{self.site_name} (fedward-site approve {run_id})")
             return None

@@ -9,7 +9,13 @@ and under a file lock::
                     "total_rounds": 3, "first_seen": "2025-...+00:00",
                     "decision": null | "approved" | "denied", "by": null | "alice",
                     "decided_at": null | "...", "reason": null | "text",
-                    "last_refusal": null | "refused-policy: ..."}}}
+                    "last_refusal": null | "refused-policy: ...",
+                    "cancelled_by": "admin", "cancel_reason": "text",
+                    "cancelled_at": "..."}}}
+
+The three ``cancel`` keys are there only once the coordinator cancelled the run (who and
+why as its cancel message said, when the site received it): such a run is ``cancelled`` at
+the site for good, and it can no longer be approved.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ class RunRecord:
             when its last task was let through).
         study: the study the run trains, NAME@VERSION (None: a registry task).
         study_hash: that study's content hash.
+        cancelled_by: who cancelled the run at the coordinator (None: not cancelled).
+        cancel_reason: why, as the coordinator's cancel message said.
+        cancelled_at: when the site received the cancel, ISO 8601 in UTC.
     """
 
     run: str
@@ -74,9 +83,25 @@ class RunRecord:
     last_refusal: str | None = None
     study: str | None = None
     study_hash: str | None = None
+    cancelled_by: str | None = None
+    cancel_reason: str | None = None
+    cancelled_at: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the coordinator cancelled the run (a cancel message reached the site)."""
+        return self.cancelled_at is not None
+
+    def cancel_note(self) -> str:
+        """``cancelled by WHO: WHY`` (empty for a run not cancelled)."""
+        if not self.cancelled:
+            return ""
+        return f"cancelled by {self.cancelled_by}" + (
+            f": {self.cancel_reason}" if self.cancel_reason else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as stored (the study keys only for a run of a study)."""
+        """The record as stored (the study keys only for a run of a study, the cancel keys
+        only for a cancelled run)."""
         out: dict[str, Any] = {
             "run": self.run, "project": self.project, "task": self.task,
             "total_rounds": self.total_rounds, "first_seen": self.first_seen,
@@ -84,6 +109,9 @@ class RunRecord:
             "reason": self.reason, "last_refusal": self.last_refusal}
         if self.study_hash is not None:
             out.update(study=self.study, study_hash=self.study_hash)
+        if self.cancelled:
+            out.update(cancelled_by=self.cancelled_by, cancel_reason=self.cancel_reason,
+                       cancelled_at=self.cancelled_at)
         return out
 
     @classmethod
@@ -94,7 +122,13 @@ class RunRecord:
                    decision=raw.get("decision"), by=raw.get("by"),
                    decided_at=raw.get("decided_at"), reason=raw.get("reason"),
                    last_refusal=raw.get("last_refusal"), study=raw.get("study"),
-                   study_hash=raw.get("study_hash"))
+                   study_hash=raw.get("study_hash"), cancelled_by=raw.get("cancelled_by"),
+                   cancel_reason=raw.get("cancel_reason"),
+                   cancelled_at=raw.get("cancelled_at"))
+
+
+# The keys of a cancelled run's record (all three, or none).
+_CANCEL_KEYS: Final = ("cancelled_by", "cancel_reason", "cancelled_at")
 
 
 def _now() -> str:
@@ -123,9 +157,12 @@ def _validate_book(doc: object) -> list[str]:
             problems.append(f"{where}: total_rounds is not an integer")
         if rec.get("decision") not in (None, "approved", "denied"):
             problems.append(f"{where}: decision is {rec.get('decision')!r}")
-        for key in ("by", "decided_at", "reason", "last_refusal", "study", "study_hash"):
+        for key in ("by", "decided_at", "reason", "last_refusal", "study", "study_hash",
+                    *_CANCEL_KEYS):
             if rec.get(key) is not None and not isinstance(rec.get(key), str):
                 problems.append(f"{where}: {key} is not a string")
+        if rec.get("cancelled_at") is not None and not isinstance(rec.get("cancelled_by"), str):
+            problems.append(f"{where}: cancelled_at without cancelled_by")
     return problems
 
 
@@ -231,7 +268,8 @@ class ApprovalBook:
 
         Raises:
             ApprovalsError: if the run was never seen here (a typo would otherwise approve a
-                run that does not exist yet), or the file cannot be read.
+                run that does not exist yet), is approved after it was cancelled, or the
+                file cannot be read.
         """
         with self._locked():
             doc = self._read()
@@ -242,6 +280,13 @@ class ApprovalBook:
                     f"run {run_id!r} has not been seen at this site (runs seen: {seen}); a run "
                     "is listed once its first task arrives: see `fedward-site runs`")
             before = RunRecord.from_dict(raw)
+            if before.cancelled and decision == "approved":
+                # Approving a run the coordinator ended would only mislead: nothing of it
+                # trains any more (a denial is still recorded: it only closes more).
+                raise ApprovalsError(
+                    f"run {run_id} was {before.cancel_note()} (the coordinator's cancel "
+                    f"reached this site at {before.cancelled_at}); a cancelled run cannot be "
+                    "approved: the ML team launches a new run if it is still wanted")
             refusal = before.last_refusal
             if refusal is not None and refusal.startswith(PENDING_PREFIX):
                 refusal = None  # no longer waiting; the next task is decided afresh
@@ -251,3 +296,48 @@ class ApprovalBook:
             doc["runs"][run_id] = record.to_dict()
             self._write(doc)
         return record, before.decision
+
+    def cancel(self, run_id: str, *, by: str, reason: str,
+               on_record: Callable[[], None]) -> RunRecord | None:
+        """Record, once, that the coordinator cancelled a run this site has seen.
+
+        Only the cancel is added: the decision stays as it was, and a pending approval is
+        closed (the run no longer waits for one). A run already recorded cancelled is left
+        as it is (the message may come twice, or again after a restart).
+
+        Args:
+            run_id: the run's id.
+            by: who cancelled it, as the coordinator's message says.
+            reason: why, as the message says.
+            on_record: called under the lock just before the cancel is written (and only
+                then): the caller's audit entry comes first, so a failed write leaves the
+                audit log with the cancel rather than the file without its record.
+
+        Returns:
+            The run's record (cancelled), or None if the run was never seen here (nothing is
+            written: a run the site never saw needs no closing).
+
+        Raises:
+            ApprovalsError: if the file cannot be read (it is left as it is) or written.
+        """
+        with self._locked():
+            doc = self._read()
+            raw = doc["runs"].get(run_id)
+            if raw is None:
+                return None
+            before = RunRecord.from_dict(raw)
+            if before.cancelled:
+                return before
+            refusal = before.last_refusal
+            if refusal is not None and refusal.startswith(PENDING_PREFIX):
+                refusal = None  # the approval it waited for is closed: cancelled
+            record = RunRecord(**{**before.to_dict(), "last_refusal": refusal,
+                                  "cancelled_by": by, "cancel_reason": reason,
+                                  "cancelled_at": _now()})
+            on_record()
+            doc["runs"][run_id] = record.to_dict()
+            try:
+                self._write(doc)
+            except OSError as err:
+                raise ApprovalsError(f"cannot write {self._path}: {err}") from None
+        return record

@@ -4,7 +4,8 @@ cancellation answers it keeps.
 :func:`admit` puts a task's run (and the model plugin it pins) to the site's policy and
 local approvals (:mod:`site_agent.policy`) before any data is touched.
 :class:`AdmissionAnswers` writes what the site answered to "does this site accept the
-run?" to the audit log when the answer changes, and records a run's cancellation once.
+run?" to the audit log when the answer changes, and records a run's cancellation once: in
+the audit log and in the run's local approval record (:meth:`ApprovalBook.cancel`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fedward.plugins import PluginPin
 from fedward.study import StudySpec
 from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG, SiteErrorCode
 from site_agent.admission import Admission, PendingApproval, PolicyRefusal, SiteGate
-from site_agent.approvals import ApprovalsError
+from site_agent.approvals import ApprovalBook, ApprovalsError
 from site_agent.task_errors import AuditFn, TaskError
 
 __all__ = ["AdmissionAnswers", "admit", "plugin_needed"]
@@ -104,18 +105,47 @@ class AdmissionAnswers:
                                        "code": code, "reason": reason})
             self._answers[run_id] = (code, reason)
 
-    def cancelled(self, config: dict[str, Any], run_id: str, *, audit: AuditFn
+    def cancelled(self, config: dict[str, Any], run_id: str, *, audit: AuditFn,
+                  approvals: ApprovalBook | None = None
                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Record that the coordinator cancelled a run; answer with an empty reply.
 
         No data is touched and nothing leaves: the answer only tells the coordinator the
-        message arrived. The entry is written once per run (a repeated message adds none).
+        message arrived. The audit entry is written once per run (a repeated message adds
+        none), and the run's record in ``approvals`` (when the site has a gate) is marked
+        cancelled, once: ``fedward-site runs`` shows it ``cancelled``, a pending approval
+        is closed. The privacy ledger is not touched: what was spent stays spent.
+
+        Returns:
+            The empty reply; an error reply if the approvals file cannot be read or written
+            (the cancel is still in the audit log; the coordinator records the site as not
+            told, with the reason).
         """
-        if run_id not in self._cancelled_runs:
-            audit("run-cancelled", {
-                "run": run_id, "project": str(config.get(CFG.PROJECT, "?")),
-                "by": str(config.get(CANCEL_BY, "?"))[:64],
-                "reason": str(config.get(CANCEL_REASON, ""))[:500]})
-            self._cancelled_runs.add(run_id)
-            self._answers.pop(run_id, None)
+        by = str(config.get(CANCEL_BY, "?"))[:64]
+        reason = str(config.get(CANCEL_REASON, ""))[:500]
+
+        def audit_once() -> None:
+            if run_id not in self._cancelled_runs:
+                audit("run-cancelled", {"run": run_id,
+                                        "project": str(config.get(CFG.PROJECT, "?")),
+                                        "by": by, "reason": reason})
+                self._cancelled_runs.add(run_id)
+                self._answers.pop(run_id, None)
+
+        if approvals is None:
+            audit_once()
+            return {}, {}
+        try:
+            # The record's cancel keys make a repeat a no-op across restarts as well.
+            if approvals.cancel(run_id, by=by, reason=reason, on_record=audit_once) is None:
+                audit_once()   # a run never seen here: the audit log alone records it
+        except ApprovalsError as err:
+            log.error("run %s cancelled by %s, but not recorded in the approvals file: %s",
+                      run_id, by, err)
+            audit_once()
+            return {"error": {
+                "code": SiteErrorCode.REFUSED_POLICY,
+                "reason": ("the site audited the cancel but cannot record it in its approvals "
+                           "file; its IT restores the file (the site agent's log says how)")},
+            }, {}
         return {}, {}

@@ -19,7 +19,8 @@ __all__ = [
 ]
 
 
-RunState = Literal["pending", "approved", "denied", "accepted", "refused", "running", "done"]
+RunState = Literal["pending", "approved", "denied", "accepted", "refused", "running", "done",
+                   "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class RunStatus:
         status: ``pending`` (waits for approval), ``approved``, ``denied``, ``accepted``
             (no approval needed, nothing trained yet), ``refused`` (its last task was
             refused by the policy), ``running`` (rounds trained), ``done`` (its last
-            planned round trained here).
+            planned round trained here), ``cancelled`` (the coordinator cancelled it:
+            whatever it was before, a pending approval included; the record says who, why
+            and when).
         rounds_trained: rounds trained to the end (charged in the privacy ledger).
         epsilon_spent: the run's epsilon at this site, every disclosure composed.
     """
@@ -42,8 +45,9 @@ class RunStatus:
     epsilon_spent: float
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view."""
-        return {**self.record.to_dict(), "status": self.status,
+        """A JSON-ready view (the cancel keys are null for a run not cancelled)."""
+        return {"cancelled_by": None, "cancel_reason": None, "cancelled_at": None,
+                **self.record.to_dict(), "status": self.status,
                 "rounds_trained": self.rounds_trained, "epsilon_spent": self.epsilon_spent}
 
 
@@ -57,7 +61,9 @@ def run_statuses(book: ApprovalBook, ledger: PrivacyLedger) -> list[RunStatus]:
         trained = sum(1 for r in rounds.values() if r.status == "charged")
         eps = max((e.epsilon_after for e in entry.entries), default=0.0) if entry else 0.0
         status: RunState
-        if rec.decision == "denied":
+        if rec.cancelled:
+            status = "cancelled"  # the run's end, whatever the site had decided or trained
+        elif rec.decision == "denied":
             status = "denied"
         elif any(n >= rec.total_rounds and r.status == "charged" for n, r in rounds.items()):
             status = "done"  # its last planned round trained here

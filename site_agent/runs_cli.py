@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from site_agent.cli_common import DirOpt, console, err_console, fail
 from site_agent.config import ConfigError, SiteConfig, SitePaths
@@ -109,16 +109,27 @@ def runs(dir: DirOpt,
     if not statuses:
         console.print("no run seen yet (a run is listed when its first task arrives)")
     else:
-        table = Table("run", "project", "task", "first seen (UTC)", "status", "rounds",
-                      "run epsilon", "decided by", "note")
+        # The status is never cut ("cance…" would hide a cancelled run at 80 columns).
+        table = Table("run", "project", "task", "first seen (UTC)",
+                      Column("status", no_wrap=True,
+                             min_width=max(len(st.status) for st in statuses)),
+                      "rounds", "run epsilon", "decided by", "note")
         for st in statuses:
             rec = st.record
-            note = rec.reason if st.status == "denied" else (rec.last_refusal or "")
+            note = (rec.cancel_note() if st.status == "cancelled" else
+                    rec.reason if st.status == "denied" else (rec.last_refusal or ""))
             table.add_row(rec.run, rec.project, rec.task,
                           rec.first_seen[:19].replace("T", " "), st.status,
                           f"{st.rounds_trained}/{rec.total_rounds}", f"{st.epsilon_spent:.3f}",
                           rec.by or "", note or "")
         console.print(table)
+        # Who cancelled and why in full: the note column is cut at 80 columns.
+        for st in statuses:
+            if st.status == "cancelled":
+                console.print(f"run {st.record.run} was {st.record.cancel_note()} (the "
+                              "coordinator's cancel reached this site at "
+                              f"{st.record.cancelled_at}); it cannot be approved any more",
+                              highlight=False, markup=False)
     if detail:
         for st in statuses:
             own = [e for e in entries if e.run_id == st.record.run]

@@ -178,7 +178,9 @@ class WarmTrainer:
         if kind == "admission":
             return self._admission(config, run_id)
         if kind == "cancel":
-            return self._answers.cancelled(config, run_id, audit=self.audit)
+            return self._answers.cancelled(
+                config, run_id, audit=self.audit,
+                approvals=None if self.gate is None else self.gate.approvals)
         try:
             if kind not in ("train", "evaluate", "parity", "statistics", "secagg"):
                 raise TaskError(SiteErrorCode.BAD_TASK, f"bad-task: unknown kind {kind!r}")

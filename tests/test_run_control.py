@@ -7,10 +7,11 @@ The whole path with Flower, site agents and processes is in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import Engine
@@ -25,6 +26,11 @@ from coordinator.settings import Settings
 from fedward.flower.control import FlowerRunState
 
 from api_support import FakeLauncher, TestClient, api, run_body, setup_registered_sites
+
+if TYPE_CHECKING:   # imported where used: the site agent's stack is slow to load
+    from site_agent.admission import SiteGate
+    from site_agent.audit import AuditLog
+    from site_agent.trainer import WarmTrainer
 
 
 @pytest.fixture
@@ -287,28 +293,176 @@ def test_version_line_names_the_build() -> None:
 # --- the site's side of a cancel ---------------------------------------------------------
 
 
-def test_site_audits_a_cancel_once_and_answers_with_nothing(tmp_path: Path) -> None:
-    from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG
+def _site_trainer(root: Path, *, require_approval: bool | None = None
+                  ) -> tuple[WarmTrainer, AuditLog, SiteGate | None]:
+    """A site's warm trainer with no data loaded (a cancel touches none), its audit log and,
+    when ``require_approval`` is given, a site gate on a policy that says so.
+
+    Returns:
+        (the trainer, its audit log, its gate or None).
+    """
     from privacy import PrivacyLedger
-    from site_agent.audit import AuditLog, read_entries
+    from site_agent.admission import SiteGate
+    from site_agent.approvals import ApprovalBook
+    from site_agent.audit import AuditLog
+    from site_agent.config import SitePaths
     from site_agent.trainer import WarmTrainer
 
-    log = AuditLog(tmp_path / "audit.log")
-    # No data loaded: a cancel touches none, and the site's data check does not stop it.
+    from site_policy_support import write_policy
+
+    paths = SitePaths(root)
+    log = AuditLog(paths.audit_log)
+    gate = None
+    if require_approval is not None:
+        gate = SiteGate(site_name="hospital-a",
+                        policy_path=write_policy(root, require_approval=require_approval),
+                        approvals=ApprovalBook(paths.approvals), audit=log)
+    # The site's data check does not stop a cancel: it touches no data.
     trainer = WarmTrainer(site_name="hospital-a", task="breast_cancer_mlp", data=None,
-                          ledger=PrivacyLedger(tmp_path / "ledger.sqlite"),
-                          replies_dir=tmp_path / "replies", audit=log,
-                          data_failure={"problems": []})
-    config = {CFG.RUN_ID: "7", CFG.PROJECT: "oncology", CANCEL_BY: "alice",
-              CANCEL_REASON: "wrong cohort"}
+                          ledger=PrivacyLedger(paths.ledger),
+                          replies_dir=root / "replies", audit=log,
+                          data_failure={"problems": []}, gate=gate)
+    return trainer, log, gate
+
+
+def _cancel(run: str = "7") -> dict[str, Any]:
+    """The header of the coordinator's cancel message for ``run`` (alice, wrong cohort)."""
+    from fedward.wire import CANCEL_BY, CANCEL_REASON, CFG
+
+    return {"kind": "cancel", "config": {
+        CFG.RUN_ID: run, CFG.PROJECT: "oncology", CFG.TASK: "breast_cancer_mlp",
+        CFG.TOTAL_ROUNDS: 3, CANCEL_BY: "alice", CANCEL_REASON: "wrong cohort"}}
+
+
+def _site_runs(root: Path) -> dict[str, dict[str, Any]]:
+    """``fedward-site runs --dir ROOT --json``, by run id."""
+    from typer.testing import CliRunner
+
+    from site_agent.cli import app as site_app
+
+    out = CliRunner().invoke(site_app, ["runs", "--dir", str(root), "--json"])
+    assert out.exit_code == 0, out.output
+    return {r["run"]: r for r in json.loads(out.output)}
+
+
+def _cancel_entries(root: Path) -> list[dict[str, Any]]:
+    from site_agent.audit import read_entries
+
+    entries, verdict = read_entries(root / "audit.log")
+    assert verdict.intact
+    return [dict(e.detail) for e in entries if e.action == "run-cancelled"]
+
+
+def test_site_audits_a_cancel_once_and_answers_with_nothing(tmp_path: Path) -> None:
+    from site_agent.audit import read_entries
+
+    trainer, log, _gate = _site_trainer(tmp_path)
     for _ in range(2):   # the message may arrive twice: one entry
-        reply, out = trainer.handle({"kind": "cancel", "config": config}, {})
+        reply, out = trainer.handle(_cancel(), {})
         assert (reply, out) == ({}, {})   # passed the egress guard: nothing leaves
     entries, verdict = read_entries(log.path)
     assert verdict.intact
     assert [(e.action, e.detail) for e in entries] == [
         ("run-cancelled", {"run": "7", "project": "oncology", "by": "alice",
                            "reason": "wrong cohort"})]
+
+
+def test_a_cancel_closes_a_pending_approval_and_approve_is_refused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from site_agent.admission import PendingApproval, PolicyRefusal
+    from site_agent.cli import app as site_app
+
+    trainer, _log, gate = _site_trainer(tmp_path, require_approval=True)
+    assert gate is not None
+    with pytest.raises(PendingApproval):
+        gate.admit(run_id="7", project="oncology", task="breast_cancer_mlp", total_rounds=3)
+    assert _site_runs(tmp_path)["7"]["status"] == "pending"
+
+    assert trainer.handle(_cancel(), {}) == ({}, {})
+    row = _site_runs(tmp_path)["7"]
+    assert (row["status"], row["cancelled_by"], row["cancel_reason"]) == (
+        "cancelled", "alice", "wrong cohort")
+    assert row["cancelled_at"] and row["last_refusal"] is None and row["decision"] is None
+    text = CliRunner().invoke(site_app, ["runs", "--dir", str(tmp_path)]).output
+    said = " ".join(text.split())
+    assert "run 7 was cancelled by alice: wrong cohort" in said, text
+    assert "│ cancelled │" in text, text   # the status is never cut
+
+    # IT cannot approve the dead run; nothing changes and nothing is audited as approved.
+    before = gate.approvals.path.read_bytes()
+    out = CliRunner().invoke(site_app, ["approve", "7", "--dir", str(tmp_path), "--by", "it"])
+    assert out.exit_code == 1, out.output
+    said = " ".join(out.output.split())
+    assert "run 7 was cancelled by alice: wrong cohort" in said, said
+    assert "cannot be approved" in said, said
+    assert gate.approvals.path.read_bytes() == before
+    assert _site_runs(tmp_path)["7"]["status"] == "cancelled"
+    # A later task of the run (an evaluation of its checkpoint) does not wait for ever.
+    with pytest.raises(PolicyRefusal, match=r"cancelled by alice.*cannot be approved") as err:
+        gate.admit(run_id="7", project="oncology", task="breast_cancer_mlp", total_rounds=3)
+    assert not isinstance(err.value, PendingApproval)
+    assert _site_runs(tmp_path)["7"]["status"] == "cancelled"
+
+
+def test_a_cancel_mid_training_shows_cancelled_and_keeps_the_ledger(tmp_path: Path) -> None:
+    trainer, _log, gate = _site_trainer(tmp_path, require_approval=False)
+    assert gate is not None
+    gate.admit(run_id="7", project="oncology", task="breast_cancer_mlp", total_rounds=3)
+    ledger = trainer.ledger
+    ledger.open_run(run_id="7", project="oncology", epsilon_budget=3.0, delta=1e-5,
+                    noise_multiplier=1.0, sample_rate=0.1)
+    ledger.reserve_round(run_id="7", round_number=1, steps=5)
+    ledger.complete_round(run_id="7", round_number=1)
+    ledger.reserve_round(run_id="7", round_number=2, steps=5)   # round 2 under way
+    running = _site_runs(tmp_path)["7"]
+    assert (running["status"], running["rounds_trained"]) == ("running", 1)
+    spent = ledger.raw()
+
+    assert trainer.handle(_cancel(), {}) == ({}, {})
+    row = _site_runs(tmp_path)["7"]
+    assert (row["status"], row["cancelled_by"], row["cancel_reason"]) == (
+        "cancelled", "alice", "wrong cohort")
+    # A cancel refunds nothing: the charged round and the reserved one stay as they were.
+    assert ledger.raw() == spent
+    assert (row["rounds_trained"], row["epsilon_spent"]) == (
+        running["rounds_trained"], running["epsilon_spent"])
+
+
+def test_a_repeated_cancel_writes_once_even_after_a_restart(tmp_path: Path) -> None:
+    from site_agent.admission import PendingApproval
+
+    trainer, _log, gate = _site_trainer(tmp_path, require_approval=True)
+    assert gate is not None
+    with pytest.raises(PendingApproval):
+        gate.admit(run_id="7", project="oncology", task="breast_cancer_mlp", total_rounds=3)
+    assert trainer.handle(_cancel(), {}) == ({}, {})
+    first = gate.approvals.path.read_bytes()
+    assert trainer.handle(_cancel(), {}) == ({}, {})
+    # A restarted agent remembers nothing in memory: the approvals file says it is done.
+    restarted, _log, _gate = _site_trainer(tmp_path, require_approval=True)
+    assert restarted.handle(_cancel(), {}) == ({}, {})
+    assert gate.approvals.path.read_bytes() == first
+    assert _cancel_entries(tmp_path) == [
+        {"run": "7", "project": "oncology", "by": "alice", "reason": "wrong cohort"}]
+    # A run this site never saw is audited (once) and not added to its approvals.
+    for _ in range(2):
+        assert trainer.handle(_cancel("8"), {}) == ({}, {})
+    assert [e["run"] for e in _cancel_entries(tmp_path)] == ["7", "8"]
+    assert sorted(_site_runs(tmp_path)) == ["7"]
+
+
+def test_a_cancel_with_a_corrupt_approvals_file_says_so_and_loses_nothing(
+        tmp_path: Path) -> None:
+    trainer, _log, gate = _site_trainer(tmp_path, require_approval=True)
+    assert gate is not None
+    gate.approvals.path.write_text("{not json")
+    for _ in range(2):
+        reply, out = trainer.handle(_cancel(), {})
+        assert out == {} and "cannot record it in its approvals file" in \
+            reply["error"]["reason"], reply
+    assert gate.approvals.path.read_text() == "{not json"   # left for IT to restore
+    assert [e["run"] for e in _cancel_entries(tmp_path)] == ["7"]   # audited, once
 
 
 def test_both_clis_print_their_version() -> None:
