@@ -310,8 +310,8 @@ class ApprovalBook:
             by: who cancelled it, as the coordinator's message says.
             reason: why, as the message says.
             on_record: called under the lock just before the cancel is written (and only
-                then): the caller's audit entry comes first, so a failed write leaves the
-                audit log with the cancel rather than the file without its record.
+                then): the caller's audit entry comes first, so the file never holds a
+                cancel that the audit log lacks.
 
         Returns:
             The run's record (cancelled), or None if the run was never seen here (nothing is
