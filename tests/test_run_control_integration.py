@@ -1,7 +1,8 @@
 """Run control for real: coordinator, SuperLink and site agents as processes on 127.0.0.1.
 
 Cancel a training run and a run waiting for approval (the rounds stop within the round
-deadline plus 5 s, every site's audit log records it, nothing is left running), relaunch
+deadline plus 5 s, every site's audit log records it and its ``fedward-site runs`` shows
+the run cancelled, nothing is left running), relaunch
 from a recorded run, compare the two, and gate on ``wait``'s exit codes.
 """
 
@@ -72,6 +73,14 @@ def _site_cancellations(fed: Federation, run_id: int) -> dict[str, dict[str, Any
     return out
 
 
+def _site_run(fed: Federation, name: str, run_id: int) -> dict[str, Any]:
+    """The run as ``fedward-site runs --dir SITE --json`` shows it at site ``name``."""
+    out = run_cli([str(BIN / "fedward-site"), "runs", "--dir", str(fed.sites[name].root),
+                   "--json"])
+    rows = {r["run"]: r for r in json.loads(out.stdout)}
+    return dict(rows[str(run_id)])
+
+
 def test_cancel_a_running_run_then_relaunch_compare_and_wait() -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         names = []
@@ -104,6 +113,11 @@ def test_cancel_a_running_run_then_relaunch_compare_and_wait() -> None:
         told = _site_cancellations(fed, run_id)
         assert sorted(told) == sorted(names)
         assert all((d["by"], d["reason"]) == ("admin", "wrong cohort") for d in told.values())
+        # ... and its own view of the run says so (it no longer shows it running).
+        for name in names:
+            row = _site_run(fed, name, run_id)
+            assert (row["status"], row["cancelled_by"], row["cancel_reason"]) == (
+                "cancelled", "admin", "wrong cohort"), row
         events = fed.audit_events()
         delivered = [e for e in events if e["action"] == "run.cancel_delivered"
                      and e["subject"] == f"run:{run_id}"]
@@ -172,4 +186,14 @@ def test_cancel_a_run_waiting_for_approval_tells_every_site() -> None:
         print(f"cancelled {took:.1f} s after the request (waiting for approval)")
         assert fed.api("GET", f"/runs/{third}/rounds").json() == []
         assert sorted(_site_cancellations(fed, third)) == sorted(names)
+        # Each site shows the run cancelled; the approval it waited for is closed.
+        for name in names:
+            row = _site_run(fed, name, third)
+            assert (row["status"], row["cancelled_by"], row["cancel_reason"]) == (
+                "cancelled", "admin", "not needed"), row
+        assert _site_run(fed, careful, third)["last_refusal"] is None
+        late = run_cli([str(BIN / "fedward-site"), "approve", str(third), "--dir",
+                        str(fed.sites[careful].root), "--by", "it"], check=False)
+        assert late.returncode == 1 and "cannot be approved" in " ".join(late.stderr.split()), (
+            late.stdout, late.stderr)
         _no_process_left(fed)
