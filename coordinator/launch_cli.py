@@ -2,7 +2,9 @@
 (``--from RUN``).
 
 Its options are the run configuration's (:class:`fedward.run_config.RunRequest`): each one's
-help and default come from the field it sets, so the CLI and the API never disagree.
+help and default come from the field it sets, so the CLI and the API never disagree. A
+launch or relaunch naming a retired study version is refused before anything is written,
+with who retired it, why and what to launch instead (:mod:`coordinator.study_retirement`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rich.console import Console
 from coordinator import run_cli
 from coordinator.cli_client import ApiClient, fail
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.study_retirement import retired_refusal
 from fedward.run_config import RunRequest
 
 __all__ = ["LAUNCH_OPTION_FIELDS", "add_launch_command"]
@@ -152,6 +155,12 @@ def add_launch_command(
         if missing:
             fail(f"{', '.join(missing)} needed (or --from RUN, to launch a recorded run again)",
                   code=2)
+        if body.get("study") is not None:
+            # A retired version is refused before anything is written (a new project
+            # included), naming the run relaunched in the command to use instead.
+            pinned = client.call("GET", f"/studies/{body['study']}")
+            if pinned.get("retired"):
+                fail(retired_refusal(pinned["ref"], pinned["retired"], from_run=from_run))
         if body["project"] not in {p["name"] for p in client.call("GET", "/projects")}:
             client.call("POST", "/projects", {"name": body["project"]})
         run = client.call("POST", "/runs", body)

@@ -45,6 +45,7 @@ from coordinator.run_schemas import (
     RunMetrics,
     RunPublic,
 )
+from coordinator.study_retirement import StudyRetiredError
 from fedward.roles import WRITE_ROLES
 from fedward.run_config import RunConfig, RunSettings
 
@@ -91,6 +92,8 @@ def _resolve_sites(session: Session, body: RunCreate) -> list[str]:
     "/runs",
     status_code=201,
     responses={**RESPONSES_401, **RESPONSES_403,
+               409: {"description": "The study version named is retired (by whom, why, and "
+                                    "the version to launch instead)"},
                429: {"description": "Too many runs at once (the limit and the runs holding "
                                     "it are named)"},
                503: {"description": "The run could not be launched"}},
@@ -102,7 +105,8 @@ def launch_run(
 
     The run is committed as ``pending`` before the launcher is called, so the ServerApp can
     find it. If launching fails, the run is marked ``failed`` with the reason and the answer
-    is 503 with that reason.
+    is 503 with that reason. A retired study version is refused (409) before anything is
+    written.
     """
     require_role(user, WRITE_ROLES)
     launcher: RunLauncher | None = request.app.state.launcher
@@ -129,7 +133,10 @@ def launch_run(
     from fedward.tasks import TASKS
 
     settings = body.model_dump(include=set(RunSettings.model_fields))
-    task_name, study_settings = study_run_settings(session, body, field_error)
+    try:
+        task_name, study_settings = study_run_settings(session, body, field_error)
+    except StudyRetiredError as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
     # A study of its own is not in the registry: its defaults came with study_settings.
     task = TASKS.get(task_name)
     settings.update(study_settings)

@@ -1,4 +1,5 @@
-"""``fedward-coordinator study``: register a study spec, list the registry, show a version.
+"""``fedward-coordinator study``: register a study spec, list the registry, show a version,
+retire a version (:mod:`coordinator.study_retirement`).
 
 Mounted by :mod:`coordinator.cli`, which passes its REST client factory in (this module
 does not import ``coordinator.cli``, so no import cycle). Every command goes through the
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from coordinator.cli_client import ClientFactory, fail
 from coordinator.cli_options import ApiOpt, HomeOpt, TokenOpt
+from coordinator.study_retirement import retired_note
 
 __all__ = ["make_study_app"]
 
@@ -25,7 +27,8 @@ console = Console()
 
 def make_study_app(client: ClientFactory) -> typer.Typer:
     """The ``study`` command group, calling the API through ``client(api, token, home)``."""
-    study_app = typer.Typer(help="Study specs: register one, list the registry, show one.",
+    study_app = typer.Typer(help="Study specs: register one, list the registry, show one, "
+                                 "retire a version.",
                             no_args_is_help=True, add_completion=False)
 
     @study_app.command("register")
@@ -49,6 +52,10 @@ def make_study_app(client: ClientFactory) -> typer.Typer:
         what = "registered" if out["created"] else "already registered (same content)"
         console.print(f"study [bold]{out['ref']}[/] {what}: sha256 {out['hash']}",
                       highlight=False)
+        if out.get("retired"):  # the same content is that version: change the spec
+            console.print(f"note: {out['ref']} was {retired_note(out['retired'])}; no new "
+                          "run may use it: change the spec to register a new version",
+                          highlight=False, markup=False)
 
     @study_app.command("list")
     def list_(home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
@@ -60,10 +67,11 @@ def make_study_app(client: ClientFactory) -> typer.Typer:
             print(json.dumps(rows))
             return
         table = Table("study", "features", "label", "model", "sha256", "registered by",
-                      "created")
+                      "created", "retired")
         for r in rows:
             table.add_row(r["ref"], str(r["n_features"]), str(r["label"]), str(r["model"]),
-                          r["hash"], r["registered_by"], r["created_at"][:19])
+                          r["hash"], r["registered_by"], r["created_at"][:19],
+                          retired_note(r["retired"]) if r.get("retired") else "")
         console.print(table)
 
     @study_app.command("show")
@@ -75,5 +83,27 @@ def make_study_app(client: ClientFactory) -> typer.Typer:
         """One version: its hash, who registered it, and the spec."""
         out = client(api, token, home).call("GET", f"/studies/{ref}")
         print(json.dumps(out["spec"] if spec_only else out, indent=2))
+
+    @study_app.command("retire")
+    def retire(
+        ref: Annotated[str, typer.Argument(help="NAME@VERSION: the version to retire (a name "
+                                                "alone is refused)")],
+        reason: Annotated[str, typer.Option(help="why no new run may use it (shown to "
+                                                 "whoever launches it; audited)")],
+        home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+    ) -> None:
+        """Retire a study version: no new run, and no `launch --from` a run of it, may use
+        it. It stays registered and listed; its runs and releases are untouched."""
+        out = client(api, token, home).call("POST", f"/studies/{ref}/retire",
+                                            {"reason": reason})
+        if as_json:
+            print(json.dumps(out))
+            return
+        instead = out["retired"]["instead"]
+        console.print(f"study {out['ref']} {retired_note(out['retired'])}. New runs: "
+                      + (f"use {instead} instead." if instead else
+                         "register a new version (`fedward-coordinator study register FILE`)."),
+                      highlight=False, markup=False)
 
     return study_app

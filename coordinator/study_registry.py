@@ -3,7 +3,10 @@
 Registering a spec validates it (:func:`fedward.study.parse_spec`, every problem at once,
 DP-SGD trainability included) and stores its canonical JSON. Registering content that is
 already there is idempotent (the same version comes back); a changed spec under a name gets
-that name's next version. Versions are never changed or deleted: a run pins one by its hash.
+that name's next version. A version's spec is never changed and no version is deleted: a
+run pins one by its hash. A version may be retired (:func:`retire_study`, who, when and why
+kept on its row and in the audit log): it stays listed, and a new run naming it is refused
+(:class:`coordinator.study_retirement.StudyRetiredError`, with what to launch instead).
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from coordinator.audit import append_event
-from coordinator.models import Run, RunStatistics, Study
+from coordinator.models import Run, RunStatistics, Study, utcnow
+from coordinator.study_retirement import (
+    StudyAlreadyRetiredError,
+    StudyRetiredError,
+    retired_note,
+    retired_refusal,
+)
 from fedward.plugins import PluginError, PluginPin, model_plugin_pin
 from fedward.preprocessing import Preprocessing, compose
 from fedward.run_config import RunPlan, RunRequest
@@ -31,8 +40,11 @@ __all__ = [
     "StudyNotTrainableError",
     "get_study",
     "list_studies",
+    "newest_in_use",
     "plan_task",
     "register_study",
+    "retire_study",
+    "retired_view",
     "run_preprocessing",
     "run_task",
     "spec_of",
@@ -129,6 +141,58 @@ def get_study(session: Session, ref: str) -> Study:
         f"{', '.join(str(r.version) for r in rows)})")
 
 
+def newest_in_use(session: Session, name: str) -> Study | None:
+    """The newest version of study ``name`` that is not retired (None: every one is)."""
+    return session.exec(select(Study).where(Study.name == name,
+                                            col(Study.retired_at).is_(None))
+                        .order_by(col(Study.version).desc())).first()
+
+
+def retired_view(session: Session, study: Study) -> dict[str, Any] | None:
+    """A version's public ``retired`` view: ``by``, ``at``, ``reason`` and ``instead`` (the
+    newest version of the same study in use, or None); None when it is not retired."""
+    if study.retired_at is None:
+        return None
+    instead = newest_in_use(session, study.name)
+    return {"by": study.retired_by, "at": study.retired_at.isoformat(),
+            "reason": study.retire_reason,
+            "instead": None if instead is None else f"{instead.name}@{instead.version}"}
+
+
+def retire_study(session: Session, study: Study, *, actor: str, reason: str) -> Study:
+    """Retire one version: record who, when and why on its row and in the audit log
+    (``study.retired``), and commit. Its spec, its runs and their releases stay as they are.
+
+    Args:
+        session: the database session.
+        study: the version (resolved from an explicit ``NAME@VERSION``).
+        actor: who retires it.
+        reason: why (non-empty).
+
+    Raises:
+        StudyAlreadyRetiredError: it was retired before (that retirement stands).
+    """
+    # Locked while checked and written: of two retirements at once, the second sees the first
+    # (PostgreSQL: the row lock; SQLite: the write transaction every session begins with).
+    row = session.exec(select(Study).where(Study.id == study.id).with_for_update()
+                       .execution_options(populate_existing=True)).one()
+    ref = f"{row.name}@{row.version}"
+    if row.retired_at is not None:
+        view = retired_view(session, row)
+        assert view is not None
+        session.rollback()
+        raise StudyAlreadyRetiredError(f"study {ref} was already {retired_note(view)}; "
+                                       "nothing changed")
+    row.retired_at, row.retired_by, row.retire_reason = utcnow(), actor, reason
+    session.add(row)
+    append_event(session, actor=actor, action="study.retired", subject=f"study:{ref}",
+                 detail={"name": row.name, "version": row.version, "hash": row.content_hash,
+                         "reason": reason})
+    session.commit()
+    session.refresh(row)
+    return row
+
+
 def spec_of(study: Study) -> StudySpec:
     """The stored spec, validated again (without the DP check: it passed at registration)."""
     return parse_spec(json.loads(study.spec_json), source=f"study {study.name}@{study.version}",
@@ -218,8 +282,10 @@ def plan_task(engine: Engine, plan: RunPlan) -> TaskSpec:
     return task
 
 
-def study_public(study: Study, *, with_spec: bool = False) -> dict[str, Any]:
-    """The JSON view of a version (``GET /studies``, ``study show``)."""
+def study_public(study: Study, *, with_spec: bool = False,
+                 retired: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON view of a version (``GET /studies``, ``study show``); ``retired`` is its
+    :func:`retired_view` (None: in use)."""
     spec = json.loads(study.spec_json)
     out: dict[str, Any] = {
         "name": study.name, "version": study.version, "ref": f"{study.name}@{study.version}",
@@ -229,6 +295,7 @@ def study_public(study: Study, *, with_spec: bool = False) -> dict[str, Any]:
         "label": spec.get("label", {}).get("name"),
         "classes": spec.get("label", {}).get("classes"),
         "model": spec.get("model", {}).get("family"),
+        "retired": retired,
     }
     if out["model"] == "plugin":
         out["plugin"] = spec.get("model", {}).get("name")
@@ -250,14 +317,23 @@ def study_run_settings(session: Session, request: RunRequest,
         session: the database session.
         request: the run request.
         refuse: called with (field, message) to refuse the request; does not return.
+
+    Raises:
+        StudyRetiredError: the version named (or ``NAME``'s newest) is retired.
     """
     if request.study is None:
         assert request.task is not None
         return request.task, {}
     try:
         study = get_study(session, request.study)
+    except (StudyNotFoundError, ValueError) as err:
+        refuse("study", str(err))
+    retired = retired_view(session, study)
+    if retired is not None:  # before trainability: retired is the answer that stands
+        raise StudyRetiredError(retired_refusal(f"{study.name}@{study.version}", retired))
+    try:
         task = trainable_task(study)
-    except (StudyNotFoundError, StudyNotTrainableError, ValueError) as err:
+    except ValueError as err:  # StudyNotTrainableError, or a stored spec that fails now
         refuse("study", str(err))
     spec = spec_of(study)
     out: dict[str, Any] = {"study": f"{study.name}@{study.version}",

@@ -24,7 +24,7 @@ from sqlmodel import select
 from coordinator.api import create_app
 from coordinator.auth import API_PREFIX
 from coordinator.db import make_engine, run_migrations, session_scope
-from coordinator.models import ReleaseCandidate, Site
+from coordinator.models import ReleaseCandidate, Site, Study
 from coordinator.settings import Settings
 from fedward.certs import ensure_ca
 
@@ -47,6 +47,7 @@ MATRIX: Final[dict[str, frozenset[str]]] = {
     "launch run": frozenset({"admin", "ml_engineer"}),
     "register study": frozenset({"admin", "ml_engineer"}),
     "list studies": frozenset(ROLES),
+    "retire study": frozenset({"admin", "ml_engineer"}),
     "add site": frozenset({"admin", "ml_engineer"}),
     "propose candidate": frozenset({"admin", "ml_engineer"}),
     "approve candidate": frozenset({"admin", "reviewer"}),
@@ -125,6 +126,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                          public_key="ssh-ed25519 AAAA"))
         for role in ROLES:
             session.add(Site(name=f"rv-{role.replace('_', '-')}", status="added"))
+            # A study version of its own to retire (the route reads no spec of it).
+            session.add(Study(name=f"retire-{role.replace('_', '-')}", version=1,
+                              content_hash="0" * 64, spec_json="{}",
+                              registered_by="admin"))
     app = create_app(settings=Settings(home=home), engine=engine,
                      launcher=FakeLauncher(engine), site_parity=FixedParity(good_figures()))
     client = TestClient(app)
@@ -168,6 +173,8 @@ def _request(world: World, action: str, role: str) -> Request:
             "model": {"family": "logistic_regression"},
             "training": {"lr": 0.1, "batch_size": 16}}}, 201),
         "list studies": lambda: ("GET", "/studies", None, 200),
+        "retire study": lambda: ("POST", f"/studies/retire-{own}@1/retire",
+                                 {"reason": "matrix retirement"}, 200),
         "propose candidate": lambda: ("POST", "/candidates",
                                       {"run_id": run, "intended_use": INTENDED_USE}, 201),
         "approve candidate": lambda: (

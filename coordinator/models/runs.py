@@ -130,7 +130,9 @@ class Study(SQLModel, table=True):
     """One version of a registered study spec (:mod:`fedward.study`).
 
     A name's versions count up from 1; each holds its spec's canonical JSON and that
-    text's SHA-256, which runs pin and site policies approve. Rows are never changed.
+    text's SHA-256, which runs pin and site policies approve. The spec of a row is never
+    changed; a version may be retired (:mod:`coordinator.study_retirement`): it stays, with
+    who retired it, when and why, and no new run may use it (revision 0016).
     """
 
     __tablename__ = "studies"
@@ -144,6 +146,9 @@ class Study(SQLModel, table=True):
     spec_json: str = Field(sa_type=Text, nullable=False)
     registered_by: str = Field(max_length=64, nullable=False)
     created_at: datetime = created_field()
+    retired_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    retired_by: str | None = Field(default=None, max_length=64)
+    retire_reason: str | None = Field(default=None, sa_type=Text)
 
 
 # --- Run statistics (revision 0012) -----------------------------------------------------
