@@ -31,6 +31,7 @@ from sqlmodel import Session, col, select
 
 from coordinator.db import session_scope
 from coordinator.models import DriftReport, Release, ReleaseCandidate, Site
+from fedward.drift_psi import PSI_ALARM
 from fedward.drift_wire import report_problems
 
 __all__ = ["FAILED", "AlarmRule", "DriftReportError", "alarm_features", "known_release",
@@ -57,7 +58,7 @@ class AlarmRule:
         alpha: Family-wise significance: p-values below ``alpha / features`` are an alarm.
     """
 
-    psi: float = 0.25
+    psi: float = PSI_ALARM
     alpha: float = 0.01
 
 

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coordinator.mlflow_names import check_alias, check_name_template, check_tracking_uri
+from fedward.drift_psi import PSI_ALARM
 
 __all__ = ["DEFAULT_HOME", "Settings", "load_settings"]
 
@@ -90,7 +91,7 @@ class Settings(BaseSettings):
     max_concurrent_runs_per_project: int = Field(default=2, ge=1, le=1000)
     # The drift alarm (coordinator.drift): a feature is in alarm when its PSI is above
     # drift_psi_alarm or its test's p-value below drift_alpha / (features in the report).
-    drift_psi_alarm: float = Field(default=0.25, gt=0, le=100)
+    drift_psi_alarm: float = Field(default=PSI_ALARM, gt=0, le=100)
     drift_alpha: float = Field(default=0.01, gt=0, lt=1)
 
     @field_validator("home")

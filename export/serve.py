@@ -21,6 +21,11 @@ Answers name the predicted class (``classes``) where the task has class names, a
 ``warnings`` for input values outside the task's plausible ranges (the feature and the
 range, never the value); both come from the task named in the signed model card.
 
+Where the release ships reference statistics, ``/metrics`` also scores the inputs it
+answered lately against them, per feature (a PSI; :mod:`export.serve_drift`; the last
+``--drift-window`` rows, 1000 by default); the startup log and ``/health`` say whether
+drift is scored, and if not why.
+
 Routes: ``GET /health``, ``POST /predict`` (``{"instances": [[...], ...]}``), ``POST
 /reload``, ``GET /metrics`` (Prometheus, :mod:`export.serve_metrics`). It binds to
 127.0.0.1 by default: put an authenticating proxy in front before exposing it to a network.
@@ -50,6 +55,14 @@ from export.bundle_format import SERVING_FILE, BundleError, BundleVerificationEr
 from export.bundle_verify import verify_bundle
 from export.parity import Predictor, load_onnx_bytes
 from export.revocations import DEFAULT_MAX_AGE, RevocationSource
+from export.serve_drift import (
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+    MIN_ROWS,
+    DriftCollector,
+    DriftWindow,
+    drift_for,
+)
 from export.serve_metrics import RangeCheck, ServeMetrics
 from export.verify_cli import (
     UNSAFE_SKIP_WARNING,
@@ -108,11 +121,12 @@ class PredictResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """Whether predictions are being served, and if not, why."""
+    """Whether predictions are being served, and if not, why; whether drift is scored."""
 
     status: Literal["ok", "unavailable"]
     release_id: str | None
     reason: str | None
+    drift: str | None = None
 
 
 class ReloadResponse(BaseModel):
@@ -133,21 +147,28 @@ class _Loaded:
     # The input columns the model imputes itself (a study's impute-* features).
     imputed: frozenset[int] = frozenset()
     columns: tuple[str, ...] = ()
+    # A fresh drift window of the release's reference (None: not scored), and why.
+    drift: DriftWindow | None = None
+    drift_note: str = ""
 
 
 class _Service:
     """The bundle source and what is being served; swapped whole, under a lock."""
 
     def __init__(self, *, bundle_dir: Path, public_key: Path,
-                 revocations: RevocationSource) -> None:
+                 revocations: RevocationSource, drift_window: int = DEFAULT_WINDOW) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.public_key = Path(public_key)
         self.revocations = revocations
+        self.drift_window = drift_window
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._loaded: _Loaded | None = None
         self._reason: str | None = "not loaded"
         self.metrics = ServeMetrics()
+        # Kept across reloads of the same release, so a scheduled recheck keeps the window.
+        self.drift: DriftWindow | None = None
+        self.metrics.registry.register(DriftCollector(lambda: self.drift))
 
     def load(self) -> _Loaded:
         """Verify the bundle and load its model; raise BundleError with the reason."""
@@ -171,11 +192,13 @@ class _Service:
                    if isinstance(card_input, dict) else ())
         imputed = (set(card_input.get("imputed") or ()) if isinstance(card_input, dict)
                    else set())
+        ranges = RangeCheck.for_card(verified.model_card, predictor.n_features)
+        drift, note = drift_for(verified, columns or (ranges.features if ranges else ()),
+                                self.drift_window)
         return _Loaded(release_id=verified.release_id, n_files=len(verified.files),
-                       predictor=predictor, n_features=predictor.n_features,
-                       ranges=RangeCheck.for_card(verified.model_card, predictor.n_features),
+                       predictor=predictor, n_features=predictor.n_features, ranges=ranges,
                        imputed=frozenset(i for i, c in enumerate(columns) if c in imputed),
-                       columns=columns)
+                       columns=columns, drift=drift, drift_note=note)
 
     def reload(self) -> _Loaded:
         """Re-verify; on failure stop serving (fail closed) and re-raise."""
@@ -190,8 +213,15 @@ class _Service:
                           self.bundle_dir, exc)
                 raise
             with self._lock:
+                known = self.drift is not None and loaded.drift is not None \
+                    and self.drift.release_id == loaded.drift.release_id
+                if not known:
+                    self.drift = loaded.drift
+                first = self._loaded is None or self._loaded.release_id != loaded.release_id
                 self._loaded, self._reason = loaded, None
             self.metrics.now_serving(loaded.release_id)
+            if first:
+                log.info("release %s: %s", loaded.release_id, loaded.drift_note)
             log.info("serving release %s from %s", loaded.release_id, self.bundle_dir)
             return loaded
 
@@ -240,7 +270,7 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSource,
-               recheck_s: float | None = None) -> FastAPI:
+               recheck_s: float | None = None, drift_window: int = DEFAULT_WINDOW) -> FastAPI:
     """Build the inference service for one bundle, verifying it first.
 
     Args:
@@ -250,6 +280,7 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
             reload (see :class:`export.revocations.RevocationSource`).
         recheck_s: Re-read the revocation list and re-verify the bundle this often, while
             the app runs (its lifespan); None: only at start and at ``POST /reload``.
+        drift_window: Answered rows the drift gauges score (:mod:`export.serve_drift`).
 
     Returns:
         The FastAPI application.
@@ -257,9 +288,13 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
     Raises:
         BundleError: The bundle is tampered, unsigned, revoked or unusable: the service
             refuses to start.
+        ValueError: ``drift_window`` is outside ``MIN_ROWS .. MAX_WINDOW``.
     """
+    if not MIN_ROWS <= drift_window <= MAX_WINDOW:
+        raise ValueError(f"the drift window must hold {MIN_ROWS} to {MAX_WINDOW} rows, not "
+                         f"{drift_window}")
     service = _Service(bundle_dir=bundle_dir, public_key=public_key,
-                       revocations=revocations)
+                       revocations=revocations, drift_window=drift_window)
     service.reload()  # raises: refuse to start on a bundle that does not verify
 
     @asynccontextmanager
@@ -283,7 +318,8 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
         if loaded is None:
             response.status_code = 503
             return HealthResponse(status="unavailable", release_id=None, reason=reason)
-        return HealthResponse(status="ok", release_id=loaded.release_id, reason=None)
+        return HealthResponse(status="ok", release_id=loaded.release_id, reason=None,
+                              drift=loaded.drift_note)
 
     @app.post("/predict", response_model=PredictResponse)
     def predict(body: PredictRequest, svc: ServiceDep) -> PredictResponse:
@@ -328,6 +364,9 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
             classes=None if ranges is None else ranges.names(predicted),
             warnings=[] if ranges is None else ranges.warnings(x, svc.metrics))
         svc.metrics.predictions.inc(len(predicted))
+        window = svc.drift
+        if window is not None:
+            window.add(x)
         svc.metrics.latency.observe(time.perf_counter() - t0)
         return answer
 
@@ -366,6 +405,10 @@ def serve(
         "--recheck-s", min=0, help="Re-read the revocation list (and re-verify the bundle) "
         "this often, in seconds; a revoked release stops answering within it. 0: only at "
         "start and at POST /reload.")] = DEFAULT_RECHECK_S,
+    drift_window: Annotated[int, typer.Option(
+        "--drift-window", min=MIN_ROWS, max=MAX_WINDOW, help="Score drift (/metrics) on the "
+        f"last this many answered rows; a feature's PSI is shown from {MIN_ROWS} of its "
+        "values.")] = DEFAULT_WINDOW,
     version: Annotated[bool, version_option("fedward-serve")] = False,
 ) -> None:
     """Verify the bundle, then serve /predict, /health and /reload."""
@@ -378,7 +421,8 @@ def serve(
         if source.unsafe_skip:
             typer.echo(UNSAFE_SKIP_WARNING, err=True)
         app = create_app(bundle_dir=bundle, public_key=public_key, revocations=source,
-                         recheck_s=None if recheck_s == 0 or source.unsafe_skip else recheck_s)
+                         recheck_s=None if recheck_s == 0 or source.unsafe_skip else recheck_s,
+                         drift_window=drift_window)
     except BundleError as exc:
         typer.echo(f"refusing to start: {exc}", err=True)
         raise typer.Exit(1) from None

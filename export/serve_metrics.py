@@ -16,6 +16,7 @@ from typing import Any, Final
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from export.serve_drift import DRIFT_METRIC_NAMES
 from fedward.tasks import TASKS, plausible_ranges
 
 __all__ = ["MAX_WARNINGS", "METRIC_NAMES", "RangeCheck", "ServeMetrics"]
@@ -28,7 +29,7 @@ METRIC_NAMES: Final = frozenset({
     "fedward_serve_serving", "fedward_serve_release_info",
     "fedward_serve_revocation_checks_total",
     "fedward_serve_last_revocation_check_timestamp_seconds",
-})
+}) | DRIFT_METRIC_NAMES   # the drift gauges (export.serve_drift), where a release has a reference
 
 
 class ServeMetrics:

@@ -19,7 +19,6 @@ crashes on bad data.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -28,13 +27,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
 from export.bundle_format import SERVING_FILE, BundleError
 from export.bundle_verify import VerifiedBundle, verify_bundle
 from fedward.drift_wire import REPORT_FORMAT, REPORT_VERSION
+from fedward.reference import Reference, ReferenceFeature, parse_reference
+from fedward.statistics import REFERENCE_FILE
 from privacy.mechanisms import GaussianRelease, LaplaceRelease, Mechanism
 from site_agent.data import SiteData, load_site_data
 from site_agent.data_report import DataCheckError, ProblemKind
@@ -52,10 +53,6 @@ from site_agent.drift_stats import (
 __all__ = ["REFERENCE_FILE", "DriftCheckError", "DriftResult", "Reference",
            "ReferenceFeature", "disclose", "failed_report", "load_reference", "run_check"]
 
-REFERENCE_FILE: Final = "reference_statistics.json"
-REFERENCE_FORMAT: Final = "fedward-reference-statistics"
-_MAX_BINS: Final = 1000
-
 
 class DriftCheckError(Exception):
     """A drift check could not run; ``kind`` is one of :data:`fedward.drift_wire.FAILURE_KINDS`
@@ -64,25 +61,6 @@ class DriftCheckError(Exception):
     def __init__(self, kind: str, reason: str) -> None:
         self.kind = kind
         super().__init__(reason)
-
-
-@dataclass(frozen=True)
-class ReferenceFeature:
-    """One feature's reference histogram (DP-noised sums over the sites)."""
-
-    name: str
-    edges: np.ndarray
-    counts: np.ndarray
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The release's reference statistics."""
-
-    run_id: Any
-    features: tuple[ReferenceFeature, ...]
-    sites: int = 1
-    noise_std: float | None = None   # per bin of the summed counts, when the file states it
 
 
 def _bad(reason: str) -> DriftCheckError:
@@ -103,41 +81,11 @@ def load_reference(bundle: VerifiedBundle) -> Reference:
                               "trained without the statistics phase (its bundle has no "
                               f"{REFERENCE_FILE}); relaunch with statistics on")
     try:
-        doc = json.loads(bundle.read_verified(REFERENCE_FILE))
-    except (ValueError, BundleError) as err:
-        raise _bad(f"not valid JSON or changed since verification ({err})") from None
-    if not isinstance(doc, dict) or doc.get("format") != REFERENCE_FORMAT \
-            or doc.get("version") != 1:
-        raise _bad(f"expected format {REFERENCE_FORMAT!r} version 1")
-    raw = doc.get("features")
-    if not isinstance(raw, list) or not raw:
-        raise _bad("it lists no features")
-    features = []
-    for i, f in enumerate(raw):
-        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            raise _bad(f"feature {i} has no name")
-        try:
-            edges = np.asarray(f["edges"], dtype=np.float64)
-            counts = np.asarray(f["counts"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError):
-            raise _bad(f"feature {f['name']!r} has no numeric edges and counts") from None
-        if not (edges.ndim == 1 and counts.ndim == 1 and 1 <= len(counts) <= _MAX_BINS
-                and len(edges) == len(counts) + 1 and np.all(np.isfinite(edges))
-                and np.all(np.diff(edges) > 0) and np.all(np.isfinite(counts))
-                and np.all(counts >= 0) and counts.sum() > 0):
-            raise _bad(f"feature {f['name']!r} needs B+1 increasing edges and B finite, "
-                       "non-negative counts that are not all zero")
-        features.append(ReferenceFeature(name=f["name"], edges=edges, counts=counts))
-    found = doc.get("privacy")
-    privacy: dict[str, Any] = found if isinstance(found, dict) else {}
-    sites = privacy.get("sites")
-    std = privacy.get("noise_std")
-    return Reference(
-        run_id=doc.get("run_id"), features=tuple(features),
-        sites=sites if isinstance(sites, int) and not isinstance(sites, bool) and sites > 0
-        else 1,
-        noise_std=float(std) if isinstance(std, int | float) and not isinstance(std, bool)
-        and math.isfinite(std) and std >= 0 else None)
+        return parse_reference(bundle.read_verified(REFERENCE_FILE))
+    except BundleError as err:
+        raise _bad(f"changed since verification ({err})") from None
+    except ValueError as err:
+        raise _bad(str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,8 @@ benchmark and its tests. Nothing here reads data or talks to the network.
 
 * **Population stability index** per feature, between the reference histogram shipped in
   the release (the study's federated DP statistics) and the site's recent rows binned on
-  the same edges: ``PSI = sum_i (a_i - e_i) * ln(a_i / e_i)`` over the proportions ``a``
-  (site) and ``e`` (reference). An empty bin would make the logarithm infinite, so every
-  proportion is first raised to at least :data:`PSI_FLOOR` (1e-4, i.e. 0.01 %) and the
-  proportions renormalised (for noised counts, to at least two noise standard deviations'
-  share of the rows, see :func:`feature_score`). Values outside the edges count in the
-  first or last bin.
+  the same edges: :func:`fedward.drift_psi.psi` (re-exported here with its binning and
+  floor), the PSI that ``fedward-serve`` scores its answered inputs with too.
 * **Two-sample chi-square test of homogeneity** on the same bins (the site's counts
   against the reference's): ``X2 = sum_i (a_i - e_i)^2 / (p_i (1/n_a + 1/n_e) + v_i)``
   with ``p_i`` the pooled proportion, ``B' - 1`` degrees of freedom (``B'`` the bins
@@ -33,10 +29,11 @@ from typing import Final
 import numpy as np
 from scipy.stats import chi2
 
+from fedward.drift_psi import PSI_FLOOR, bin_counts, noise_floor, psi
+
 __all__ = ["PSI_FLOOR", "ROW_BUCKETS", "SCORE_BINS", "FeatureScore", "auc_from_histograms",
            "bin_counts", "chi_square", "feature_score", "psi", "row_bucket"]
 
-PSI_FLOOR: Final = 1e-4
 SCORE_BINS: Final = 20
 # What leaves about how many rows a check read: a bucket, never the count.
 ROW_BUCKETS: Final = ((0, 49, "<50"), (50, 99, "50-99"), (100, 249, "100-249"),
@@ -59,47 +56,6 @@ class FeatureScore:
     chi2: float
     dof: int
     p_value: float
-
-
-def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Count finite values in the bins of ``edges``; outside values go to the end bins.
-
-    Args:
-        values: One feature's values (NaN: missing, not counted).
-        edges: ``B + 1`` increasing bin edges.
-
-    Returns:
-        ``B`` counts (float64).
-    """
-    edges = np.asarray(edges, dtype=np.float64)
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    inner = edges[1:-1]
-    idx = np.searchsorted(inner, v, side="right")   # 0..B-1, clamped by construction
-    return np.bincount(idx, minlength=len(edges) - 1).astype(np.float64)
-
-
-def _proportions(counts: np.ndarray, floor: float) -> np.ndarray:
-    c = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
-    total = c.sum()
-    p = c / total if total > 0 else np.full(len(c), 1.0 / len(c))
-    p = np.maximum(p, floor)
-    return np.asarray(p / p.sum())
-
-
-def psi(observed: np.ndarray, reference: np.ndarray, *, floor: float = PSI_FLOOR) -> float:
-    """Population stability index of ``observed`` counts against ``reference`` counts.
-
-    Args:
-        observed: The site's counts per bin (may be noised; negatives count as 0).
-        reference: The reference counts on the same bins.
-        floor: The least proportion of a bin on either side (:data:`PSI_FLOOR`).
-
-    Returns:
-        The PSI (0: the same distribution; above 0.25 is read as a large shift).
-    """
-    a, e = _proportions(observed, floor), _proportions(reference, floor)
-    return float(np.sum((a - e) * np.log(a / e)))
 
 
 def chi_square(observed: np.ndarray, reference: np.ndarray, *, noise_std: float = 0.0,
@@ -145,11 +101,7 @@ def feature_score(observed: np.ndarray, reference: np.ndarray, *, noise_std: flo
     """
     stat, dof, p = chi_square(observed, reference, noise_std=noise_std,
                               ref_noise_std=ref_noise_std)
-    floor = PSI_FLOOR
-    for counts, std in ((observed, noise_std), (reference, ref_noise_std)):
-        n = float(np.clip(np.asarray(counts, dtype=np.float64), 0.0, None).sum())
-        if std > 0 and n > 0:
-            floor = max(floor, 2.0 * std / n)
+    floor = noise_floor(observed, reference, noise_std=noise_std, ref_noise_std=ref_noise_std)
     return FeatureScore(psi=psi(observed, reference, floor=floor), chi2=stat, dof=dof,
                         p_value=p)
 

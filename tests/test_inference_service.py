@@ -106,8 +106,10 @@ def test_a_good_bundle_serves_predictions(make_bundle: MakeBundle, keys: tuple[P
     app = create_app(bundle_dir=make_bundle(), public_key=keys[1],
                      revocations=RevocationSource(path=revocations))
     client = TestClient(app)
-    assert client.get("/health").json() == {"status": "ok", "release_id": RELEASE,
-                                            "reason": None}
+    assert client.get("/health").json() == {
+        "status": "ok", "release_id": RELEASE, "reason": None,
+        "drift": "drift not scored: release rel-1 has no reference_statistics.json (trained "
+                 "without the statistics phase)"}
     res = client.post("/predict", json={"instances": rows})
     assert res.status_code == 200, res.text
     body = res.json()
@@ -158,7 +160,7 @@ def test_revocation_then_reload_stops_predictions(make_bundle: MakeBundle,
     health = client.get("/health")
     assert health.status_code == 503
     assert health.json() == {"status": "unavailable", "release_id": None,
-                             "reason": "release rel-1 is revoked"}
+                             "reason": "release rel-1 is revoked", "drift": None}
 
     # Lifting the revocation needs an explicit, successful reload.
     write_list(revocations, keys)
@@ -356,3 +358,106 @@ def test_a_digits_model_answers_each_digit_by_its_name_and_warns_on_a_pixel(
     assert body["classes"] == [str(body["predictions"][0])]
     assert body["warnings"] == ["instance 0: pixel_63 is outside the plausible range [0, 16]; "
                                 "check the value and its unit"]
+
+
+@pytest.fixture(scope="module")
+def breast_cancer() -> np.ndarray:
+    return np.asarray(load_breast_cancer().data, dtype=np.float64)
+
+
+def _bundle_with_reference(tmp_path: Path, artefact: tuple[Path, torch.nn.Module],
+                           keys: tuple[Path, Path], reference: bytes) -> Path:
+    """A signed bundle of the breast cancer model that ships ``reference`` as its
+    reference_statistics.json."""
+    ref = tmp_path / "reference_statistics.json"
+    ref.write_bytes(reference)
+    return write_bundle(out_dir=tmp_path / RELEASE,
+                        files={"model.onnx": artefact[0], "reference_statistics.json": ref},
+                        model_card={"release_id": RELEASE, "task": "breast_cancer_mlp"},
+                        private_key=keys[0])
+
+
+def _drift(text: str) -> tuple[float, dict[str, float]]:
+    s = _samples(text)
+    return s[("fedward_serve_drift_window_rows", ())], {
+        dict(labels)["feature"]: v for (name, labels), v in s.items()
+        if name == "fedward_serve_drift_psi"}
+
+
+def test_drift_gauges_score_the_answered_window_against_the_reference(
+        tmp_path: Path, artefact: tuple[Path, torch.nn.Module], keys: tuple[Path, Path],
+        breast_cancer: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    from drift_support import dp_reference
+
+    from export.serve_drift import MIN_ROWS
+    from fedward.drift_psi import PSI_ALARM
+    from fedward.tasks import BREAST_CANCER_COLUMNS
+
+    # The study's reference, as the statistics phase makes it: three sites' DP-noised
+    # histograms summed, stating the summed noise.
+    doc = dp_reference(np.array_split(breast_cancer, 3), noise_std=2.0)
+    doc["privacy"]["noise_std"] = 2.0 * np.sqrt(3)
+    bundle = _bundle_with_reference(tmp_path, artefact, keys, json.dumps(doc).encode())
+    window = 400
+    with caplog.at_level(logging.INFO, logger="export.serve"):
+        client = TestClient(create_app(bundle_dir=bundle, public_key=keys[1],
+                                       revocations=SKIP, drift_window=window))
+    assert client.get("/health").json()["drift"].startswith(
+        "drift scored: the last 400 answered rows against the release's reference")
+    rng = np.random.default_rng(7)
+    like = breast_cancer[rng.integers(0, len(breast_cancer), window)]
+
+    def predict(x: np.ndarray) -> None:
+        res = client.post("/predict", json={"instances": x.tolist()})
+        assert res.status_code == 200, res.text
+
+    predict(like[:MIN_ROWS - 1])
+    rows, scores = _drift(client.get("/metrics").text)
+    assert rows == MIN_ROWS - 1 and scores == {}      # too few rows to show a PSI
+    predict(like[MIN_ROWS - 1:])
+    rows, scores = _drift(client.get("/metrics").text)
+    assert rows == window and set(scores) == set(BREAST_CANCER_COLUMNS)
+    assert max(scores.values()) < 0.1, scores         # drawn like the reference: small
+
+    # The same rows with mean_radius one standard deviation higher replace the window.
+    shifted = like.copy()
+    shifted[:, 0] += breast_cancer[:, 0].std()
+    for part in np.array_split(shifted, 3):
+        predict(part)
+    rows, scores = _drift(client.get("/metrics").text)
+    assert rows == window
+    assert scores["mean_radius"] > PSI_ALARM, scores
+    assert max(v for k, v in scores.items() if k != "mean_radius") < 0.1, scores
+
+    # No input value reaches the metrics or the log, only its bin.
+    odd = 1234.5678 + np.arange(30) * 0.0101
+    predict(odd[None, :])
+    text = client.get("/metrics").text
+    for v in odd:
+        assert f"{v:g}" not in text and f"{v:g}" not in caplog.text
+    assert "1234.5" not in text and "1234.5" not in caplog.text
+
+
+@pytest.mark.parametrize(("reference", "why"), [
+    (None, "drift not scored: release rel-1 has no reference_statistics.json (trained "
+           "without the statistics phase)"),
+    (b"{not json", "drift not scored: the release's reference_statistics.json is not usable: "
+                   "not valid JSON"),
+])
+def test_a_release_without_a_usable_reference_has_no_drift_gauges(
+        tmp_path: Path, artefact: tuple[Path, torch.nn.Module], keys: tuple[Path, Path],
+        make_bundle: MakeBundle, rows: list[list[float]], reference: bytes | None, why: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    bundle = make_bundle() if reference is None else \
+        _bundle_with_reference(tmp_path, artefact, keys, reference)
+    with caplog.at_level(logging.INFO, logger="export.serve"):
+        client = TestClient(create_app(bundle_dir=bundle, public_key=keys[1],
+                                       revocations=SKIP))
+    assert f"release rel-1: {why}" in caplog.text
+    assert client.get("/health").json()["drift"].startswith(why)
+    assert client.post("/predict", json={"instances": rows * 50}).status_code == 200
+    text = client.get("/metrics").text
+    assert "fedward_serve_predictions_total 250.0" in text
+    assert "fedward_serve_drift" not in text
+    with pytest.raises(ValueError, match="the drift window must hold 200 to 100000 rows"):
+        create_app(bundle_dir=bundle, public_key=keys[1], revocations=SKIP, drift_window=199)

@@ -122,6 +122,11 @@ def test_a_study_of_its_own_trains_releases_and_serves_across_two_hospitals() ->
         answer = served.post("/predict", json={"instances": [record]}).json()
         assert answer["classes"][0] in ("absent", "present"), answer
         assert len(answer["warnings"]) == 1 and "age" in answer["warnings"][0], answer
+        # The run's reference statistics bin every input column: fedward-serve scores drift.
+        assert served.get("/health").json()["drift"].startswith(
+            "drift scored: the last 1000 answered rows against the release's reference "
+            "statistics (15 features;")
+        assert "fedward_serve_drift_window_rows 1.0" in served.get("/metrics").text
         # A missing value where the study does not impute: refused, naming the column.
         record[7] = None
         refused = served.post("/predict", json={"instances": [record]})
