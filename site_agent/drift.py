@@ -3,8 +3,9 @@
 :func:`run_check` verifies the release bundle (the existing bundle verification, against
 the release key and, where given, the revocation list), reads the reference statistics
 shipped inside it (``reference_statistics.json``: the study's federated DP histograms,
-never one site's raw statistics), loads the site's recent rows with the site's own data
-loader and schema (one CSV file, or every ``*.csv`` in a folder), and computes per feature
+never one site's raw statistics), reads the site's recent rows as its training data is read
+(:mod:`site_agent.drift_rows`: a CSV file, every ``*.csv`` in a folder, or a data
+connector; through the site's schema or its study mapping), and computes per feature
 the PSI and the two-sample chi-square test against the reference
 (:mod:`site_agent.drift_stats`), and, where the rows carry labels, the release's accuracy
 and AUC with its ONNX model under ONNX Runtime. The whole result stays at the site
@@ -20,8 +21,6 @@ crashes on bad data.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,10 +36,10 @@ from fedward.drift_wire import REPORT_FORMAT, REPORT_VERSION
 from fedward.reference import Reference, ReferenceFeature, parse_reference
 from fedward.statistics import REFERENCE_FILE
 from privacy.mechanisms import GaussianRelease, LaplaceRelease, Mechanism
-from site_agent.data import SiteData, load_site_data
-from site_agent.data_report import DataCheckError, ProblemKind
 from site_agent.data_schema import DataSchema
+from site_agent.drift_errors import DriftCheckError
 from site_agent.drift_policy import DriftDisclosure
+from site_agent.drift_rows import RecentData, read_recent, recent_data
 from site_agent.drift_stats import (
     SCORE_BINS,
     FeatureScore,
@@ -52,15 +51,6 @@ from site_agent.drift_stats import (
 
 __all__ = ["REFERENCE_FILE", "DriftCheckError", "DriftResult", "Reference",
            "ReferenceFeature", "disclose", "failed_report", "load_reference", "run_check"]
-
-
-class DriftCheckError(Exception):
-    """A drift check could not run; ``kind`` is one of :data:`fedward.drift_wire.FAILURE_KINDS`
-    (what the coordinator learns), the message the whole reason (shown at the site)."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        self.kind = kind
-        super().__init__(reason)
 
 
 def _bad(reason: str) -> DriftCheckError:
@@ -106,6 +96,7 @@ class DriftResult:
         accuracy: Exact accuracy on the labelled rows.
         auc: Exact AUC on the labelled rows (two-class tasks).
         ref_noise_std: The reference counts' noise std taken into account (0: none known).
+        source: The kind of connector the rows were read through (``csv``, ``sql``...).
     """
 
     release_id: str
@@ -120,6 +111,7 @@ class DriftResult:
     accuracy: float | None
     auc: float | None
     ref_noise_std: float = 0.0
+    source: str = "csv"
 
     def table(self) -> list[dict[str, Any]]:
         """Per feature, every figure, for the site's own screen."""
@@ -127,87 +119,6 @@ class DriftResult:
                  "p_value": s.p_value, "rows": int(obs.sum())}
                 for name, obs in zip(self.names, self.observed, strict=True)
                 for s in [self.scores[name]]]
-
-
-def _csv_files(data: Path) -> list[Path]:
-    if data.is_dir():
-        files = sorted(p for p in data.glob("*.csv") if p.is_file())
-        if not files:
-            raise DriftCheckError("data-empty", f"the folder {data} holds no .csv file of "
-                                  "recent rows; put the new rows there as CSV in the site's "
-                                  "schema")
-        return files
-    if not data.exists():
-        raise DriftCheckError("data-unreadable", f"the recent data {data} does not exist")
-    return [data]
-
-
-def _relabelled(path: Path, schema: DataSchema, label_at: int | None) -> Path:
-    """A private copy (0600) of a plain CSV file whose label column (if any) is replaced
-    by classes that take turns: the loader needs labels of more than one class, the drift
-    check then uses none of them."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    labels = [str(v) for v in schema.label_values]
-
-    def strip(line: str) -> str:
-        if label_at is None:
-            return line
-        cells = line.split(",")
-        return ",".join(cells[:label_at] + cells[label_at + 1:])
-
-    rows = [strip(ln) for ln in lines[1:] if ln.strip()]
-    fd, tmp = tempfile.mkstemp(suffix=".csv")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("\n".join([f"{strip(lines[0])},{schema.label_name}",
-                            *(f"{ln},{labels[i % len(labels)]}" for i, ln in enumerate(rows))])
-                 + "\n")
-    return Path(tmp)
-
-
-def _load(path: Path, schema: DataSchema, *, relabel: bool, label_at: int | None) -> SiteData:
-    if not relabel:
-        return load_site_data(csv_path=path, schema=schema)
-    copy = _relabelled(path, schema, label_at)
-    try:
-        return load_site_data(csv_path=copy, schema=schema)
-    finally:
-        copy.unlink(missing_ok=True)
-
-
-def _read_rows(path: Path, schema: DataSchema) -> tuple[np.ndarray, np.ndarray | None]:
-    """All rows of one CSV file through the site's data loader and its checks; labels None
-    when the file has no label column, or when every row has the same class (a batch of
-    outcomes can): its rows are then checked for input drift only."""
-    try:
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            header = fh.readline()
-    except OSError as err:
-        raise DriftCheckError("data-unreadable", f"cannot read {path}: {err}") from None
-    if not header.strip():
-        raise DriftCheckError("data-empty", f"{path} is empty")
-    columns = [c.strip().strip('"') for c in header.rstrip("\r\n").split(",")]
-    label_at = columns.index(schema.label_name) if schema.label_name in columns else None
-    labelled = label_at is not None
-    try:
-        try:
-            data = _load(path, schema, relabel=not labelled, label_at=label_at)
-        except DataCheckError as err:
-            if not labelled or {p.kind for p in err.report.problems} != {
-                    ProblemKind.SINGLE_CLASS}:
-                raise
-            labelled = False
-            data = _load(path, schema, relabel=True, label_at=label_at)
-    except DataCheckError as err:
-        kinds = {p.kind for p in err.report.problems}
-        kind = "data-empty" if kinds & {ProblemKind.TOO_FEW_ROWS, ProblemKind.FILE_EMPTY} \
-            else "data-unreadable"
-        raise DriftCheckError(kind, f"the recent data {path} fails the site's data check: "
-                              f"{err}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DriftCheckError("data-unreadable", f"cannot read {path}: {err}") from None
-    x = np.concatenate([data.train_x, data.test_x])
-    y = np.concatenate([data.train_y, data.test_y])
-    return x, y if labelled else None
 
 
 def _model_figures(bundle: VerifiedBundle, x: np.ndarray, y: np.ndarray
@@ -234,16 +145,17 @@ def _model_figures(bundle: VerifiedBundle, x: np.ndarray, y: np.ndarray
     return correct, hist, correct / len(y), auc
 
 
-def run_check(*, bundle_dir: Path, public_key: Path, data: Path, schema: DataSchema,
-              revoked: frozenset[str] = frozenset(),
+def run_check(*, bundle_dir: Path, public_key: Path, data: Path | RecentData,
+              schema: DataSchema | None = None, revoked: frozenset[str] = frozenset(),
               site_noise_std: Callable[[Any], float | None] | None = None) -> DriftResult:
     """Check the site's recent data against a release (see the module docstring).
 
     Args:
         bundle_dir: The release bundle folder.
         public_key: The release public key.
-        data: A CSV file of recent rows, or a folder of them, in the site's schema.
-        schema: The site's data schema.
+        data: The recent rows (:func:`site_agent.drift_rows.recent_data`), or a CSV file
+            of them or a folder of such files, in ``schema``.
+        schema: The site's data schema, with a path as ``data``.
         revoked: Revoked release ids (from the coordinator's signed revocation list).
         site_noise_std: Given the reference's run id, the noise std one site added to its
             statistics release in that run (this site's ledger knows its own), when the
@@ -267,12 +179,11 @@ def run_check(*, bundle_dir: Path, public_key: Path, data: Path, schema: DataSch
         own = site_noise_std(reference.run_id)
         ref_std = None if own is None else own * math.sqrt(reference.sites)
     ref_std = ref_std or 0.0
-    columns = list(bundle.model_card.get("input", {}).get("columns", schema.feature_columns))
-    parts = [_read_rows(p, schema) for p in _csv_files(data)]
-    x = np.concatenate([p[0] for p in parts])
-    labels = [p[1] for p in parts]
-    y = None if any(lab is None for lab in labels) else np.concatenate(
-        [lab for lab in labels if lab is not None])
+    if not isinstance(data, RecentData):
+        assert schema is not None
+        data = recent_data(data, root=Path.cwd(), schema=schema)
+    columns = list(bundle.model_card.get("input", {}).get("columns", data.columns))
+    x, y = read_recent(data)
     names, observed, ref, scores = [], [], [], {}
     for feature in reference.features:
         if feature.name not in columns:
@@ -288,7 +199,7 @@ def run_check(*, bundle_dir: Path, public_key: Path, data: Path, schema: DataSch
         release_id=bundle.release_id, project=str(bundle.model_card.get("project", "")),
         names=tuple(names), observed=tuple(observed), reference=tuple(ref), scores=scores,
         n_rows=len(x), correct=correct, score_hist=hist, accuracy=accuracy, auc=auc,
-        ref_noise_std=ref_std)
+        ref_noise_std=ref_std, source=data.kind)
 
 
 def _now() -> str:

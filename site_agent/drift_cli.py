@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -48,6 +48,11 @@ def check(
     data: Annotated[Path | None, typer.Option(
         help="recent rows: a CSV file or a folder of them, in the site's schema "
              "(default: drift.data)")] = None,
+    data_config: Annotated[Path | None, typer.Option(
+        "--data-config",
+        help="instead of --data: a JSON file holding a data connector block for the recent "
+             "rows, as site.json's data block is written, e.g. a Parquet file or a "
+             "read-only SQL query")] = None,
     send: Annotated[bool, typer.Option(
         "--send", help="post the queued reports to the coordinator afterwards")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
@@ -55,20 +60,25 @@ def check(
     """Check the release against the site's recent data; show every figure; queue the
     report that may leave (scores only, treated as the site policy says)."""
     from site_agent.drift_policy import DriftSchedule
-    from site_agent.drift_runner import check_and_queue
+    from site_agent.drift_runner import check_and_queue, source_kind
 
     root, cfg = _config(dir)
     base = DriftSchedule.from_raw(cfg.drift)
+    if data is not None and data_config is not None:
+        fail("give --data or --data-config, not both", 2)
+    recent: str | dict[str, Any] | None = str(data) if data is not None else (
+        _connector_block(data_config) if data_config is not None else None)
     chosen = {"release": release or (base.release if base else None),
               "public_key": public_key or (base.public_key if base else None),
-              "data": data or (base.data if base else None)}
+              "data": recent or (base.data if base else None)}
     missing = [k for k, v in chosen.items() if v is None]
     if missing:
         fail(f"no {', '.join(missing)} given: pass "
              f"{' '.join('--' + k.replace('_', '-') for k in missing)} or set them "
              "in the drift section of site.json", 2)
     schedule = DriftSchedule(release=str(chosen["release"]),
-                             public_key=str(chosen["public_key"]), data=str(chosen["data"]),
+                             public_key=str(chosen["public_key"]),
+                             data=recent or (base.data if base else ""),
                              revocations=base.revocations if base else None)
     from site_agent.audit import AuditLogError
 
@@ -79,6 +89,7 @@ def check(
     if as_json:
         _console.print(json.dumps({
             "report": outcome.report,
+            "source": source_kind(schedule),
             "local": None if outcome.result is None else {
                 "features": outcome.result.table(), "rows": outcome.result.n_rows,
                 "accuracy": outcome.result.accuracy, "auc": outcome.result.auc},
@@ -93,7 +104,8 @@ def check(
         result = outcome.result
         assert result is not None
         table = Table(title=f"Release {result.release_id}: {result.n_rows} recent rows "
-                            "(exact figures; they stay at this site)")
+                            f"read through the {result.source} connector (exact figures; "
+                            "they stay at this site)")
         for col in ("feature", "PSI", "chi-square", "dof", "p-value"):
             table.add_column(col)
         for row in result.table():
@@ -119,6 +131,23 @@ def check(
         _send(root)
     if outcome.error is not None:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _connector_block(path: Path) -> dict[str, Any]:
+    """The connector block of ``--data-config``, validated as site.json's drift data is
+    (every problem at once)."""
+    from site_agent.drift_policy import recent_source_problems
+
+    try:
+        block = json.loads(path.expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        fail(f"{path} is not a readable JSON connector block ({type(err).__name__}: {err})", 2)
+    if not isinstance(block, dict):
+        fail(f"{path} must hold one JSON object naming its 'connector'", 2)
+    problems = recent_source_problems(block)
+    if problems:
+        fail(f"{path} is invalid:\n  - " + "\n  - ".join(problems), 2)
+    return block
 
 
 def _send(root: Path) -> None:

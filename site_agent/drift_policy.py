@@ -1,5 +1,6 @@
 """Drift settings of a site: how reports are disclosed (the ``drift`` section of its policy
-file) and what the agent checks how often (the ``drift`` section of ``site.json``).
+file) and what the agent checks how often (the ``drift`` section of ``site.json``, whose
+``data`` is a CSV file or folder, or a data connector block as the site's training data's).
 
 Hospital IT chooses, in ``policy.json``::
 
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from fedward.drift_wire import TREATMENTS
 
 __all__ = ["DEFAULT_DELTA", "DEFAULT_NOISE_MULTIPLIER", "MIN_INTERVAL_S", "DriftDisclosure",
-           "DriftSchedule", "drift_policy_problems", "drift_schedule_problems"]
+           "DriftSchedule", "drift_policy_problems", "drift_schedule_problems",
+           "recent_source_problems"]
 
 DEFAULT_NOISE_MULTIPLIER: Final = 1.0
 DEFAULT_DELTA: Final = 1e-6
@@ -102,7 +105,10 @@ class DriftSchedule:
     Attributes:
         release: The release bundle folder in use at the site.
         public_key: The release public key (PEM), obtained from the coordinator team.
-        data: A CSV file of recent rows, or a folder of such files, in the site's schema.
+        data: The recent rows: a CSV file or a folder of such files (a path), or a data
+            connector block as the site's ``data`` is written (``{"connector": "sql",
+            ...}``, :mod:`site_agent.connectors`), in the site's schema or read through
+            its study mapping.
         interval_s: Seconds between scheduled checks (at least 60); None: on demand only.
         revocations: A signed revocation list file to check the release against; None:
             none (the bundle's signature is still verified).
@@ -110,7 +116,7 @@ class DriftSchedule:
 
     release: str
     public_key: str
-    data: str
+    data: str | dict[str, Any]
     interval_s: float | None = None
     revocations: str | None = None
 
@@ -121,8 +127,9 @@ class DriftSchedule:
             return None
         assert isinstance(raw, dict) and not drift_schedule_problems(raw)
         interval = raw.get("interval_s")
+        data = raw["data"]
         return cls(release=str(raw["release"]), public_key=str(raw["public_key"]),
-                   data=str(raw["data"]),
+                   data=dict(data) if isinstance(data, dict) else str(data),
                    interval_s=None if interval is None else float(interval),
                    revocations=raw.get("revocations"))
 
@@ -133,14 +140,17 @@ def drift_schedule_problems(raw: object) -> list[str]:
         return []
     if not isinstance(raw, dict):
         return ['drift must be an object: {"release": folder, "public_key": file, '
-                '"data": file or folder, "interval_s": seconds or null}']
+                '"data": file, folder or connector block, "interval_s": seconds or null}']
     problems = []
     extra = sorted(set(raw) - set(_SCHEDULE_KEYS))
     if extra:
         problems.append(f"drift: unknown keys {extra} (known: {list(_SCHEDULE_KEYS)})")
     for key in ("release", "public_key", "data"):
-        if not (isinstance(raw.get(key), str) and raw[key]):
-            problems.append(f"drift: {key!r} is required and must be a non-empty path")
+        if key == "data" and isinstance(raw.get(key), dict):
+            problems += recent_source_problems(raw[key])
+        elif not (isinstance(raw.get(key), str) and raw[key]):
+            problems.append(f"drift: {key!r} is required and must be a non-empty path"
+                            + (" or a data connector block" if key == "data" else ""))
     if raw.get("revocations") is not None and not isinstance(raw["revocations"], str):
         problems.append("drift: revocations must be a path or null")
     interval = raw.get("interval_s")
@@ -151,3 +161,17 @@ def drift_schedule_problems(raw: object) -> list[str]:
         problems.append(f"drift: interval_s must be null (on demand only) or a number of "
                         f"seconds >= {MIN_INTERVAL_S:g}")
     return problems
+
+
+def recent_source_problems(block: dict[str, Any]) -> list[str]:
+    """Every problem of a connector block as the drift check's recent data: the same
+    validation as the site's training ``data`` block (:func:`site_agent.connectors.
+    open_connector`; nothing is read, no password is looked up)."""
+    from site_agent.connectors import ConnectorError, open_connector
+
+    try:
+        # Relative paths are resolved when the check runs; validating reads nothing.
+        open_connector(block, root=Path("."), source="drift 'data'")
+    except ConnectorError as err:
+        return [f"drift: data: {p}" for p in err.problems]
+    return []

@@ -34,7 +34,7 @@ from site_agent.drift_policy import DriftSchedule
 from site_agent.egress import EgressViolation, check_drift_report
 
 __all__ = ["OUTBOX", "CheckOutcome", "DriftScheduler", "check_and_queue", "pending",
-           "send_pending"]
+           "send_pending", "source_kind"]
 
 log = logging.getLogger("fedward.site.drift")
 
@@ -135,7 +135,7 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
 
     Args:
         root: The site's data directory.
-        schedule: What to check (release, key, data).
+        schedule: What to check (release, key, recent data: a path or a connector block).
         rng: Noise source (tests); a fresh OS-seeded one by default.
 
     Returns:
@@ -148,12 +148,20 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
     result: DriftResult | None = None
     try:
         from export.revocations import load_revocations
-        from site_agent.data_schema import SchemaError, load_schema
+        from site_agent.config import ConfigError
+        from site_agent.data_schema import SchemaError
+        from site_agent.drift_rows import recent_data
+        from site_agent.site_data import open_configured
 
         try:
-            schema = load_schema(config.resolve(root, config.schema_path))
-        except (SchemaError, OSError) as err:
-            raise DriftCheckError("data-unreadable", f"the site's schema: {err}") from None
+            # The schema, or the study and the mapping, the site's training data is read
+            # through: the recent rows are read the same way.
+            configured = open_configured(config, root)
+        except (ConfigError, SchemaError, OSError) as err:
+            raise DriftCheckError("data-unreadable", f"the site's schema or study "
+                                  f"mapping: {err}") from None
+        data = recent_data(schedule.data, root=root, schema=configured.schema,
+                           binding=configured.binding)
         key = config.resolve(root, schedule.public_key)
         revoked: frozenset[str] = frozenset()
         if schedule.revocations is not None:
@@ -163,8 +171,7 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
             except Exception as err:  # fail closed: an unreadable list verifies nothing
                 raise DriftCheckError("bundle-unverified", str(err)) from None
         result = run_check(bundle_dir=release_dir, public_key=key,
-                           data=config.resolve(root, schedule.data), schema=schema,
-                           revoked=revoked,
+                           data=data, revoked=revoked,
                            site_noise_std=lambda run: _statistics_noise(root, run))
         report_id = failed_report(result.release_id, "data-empty")["report_id"]
         report = _charge(root, result, report_id, rng)
@@ -182,14 +189,22 @@ def check_and_queue(root: Path, schedule: DriftSchedule, *,
     # audit log that cannot be written raises AuditLogError and nothing is queued).
     audit.append("drift-check", {
         "release": report["release_id"], "report": report["report_id"],
-        "status": report["status"], **({"failure": report["failure"],
-                                        "reason": str(error)[:2000]} if error else {
+        "source": source_kind(schedule), "status": report["status"],
+        **({"failure": report["failure"], "reason": str(error)[:2000]} if error else {
             "rows": report["rows"], "features": len(report["features"]),
             "treatment": report["privacy"]["treatment"],
             "epsilon": report["privacy"]["epsilon"]})})
     atomic_write(_outbox(root) / f"{report['report_id']}.json",
                  json.dumps(report, allow_nan=False) + "\n", mode=0o600)
     return CheckOutcome(report=report, result=result, error=error)
+
+
+def source_kind(schedule: DriftSchedule) -> str:
+    """How outputs name the recent data's source: its connector's kind (``csv`` for a file
+    or folder), never its path, query or password."""
+    if isinstance(schedule.data, dict):
+        return str(schedule.data.get("connector"))
+    return "csv"
 
 
 def check_drift_report_ok(report: dict[str, Any]) -> bool:

@@ -10,8 +10,10 @@ coordinator (``fedward-coordinator drift list --json``), scores only.
 
 from __future__ import annotations
 
+import csv
 import json
 import socket
+import sqlite3
 import ssl
 import time
 import uuid
@@ -185,9 +187,20 @@ def test_an_enrolled_site_agent_checks_on_its_schedule_and_its_report_arrives(
     x, _ = read_labeled_csv(csv_path=Path(s["csv"]), task=TASK)
     bundle = make_release(work, release_id=RELEASE, reference=dp_reference([x]),
                           private_key=private)
+    # The recent rows through a data connector (a read-only SQL query on the site's rows
+    # copied into SQLite), as the site's training data can be read.
+    with Path(s["csv"]).open(encoding="utf-8", newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    con = sqlite3.connect(work / "recent.sqlite")
+    con.execute("CREATE TABLE recent (" + ", ".join(f'"{h}"' for h in header) + ")")
+    con.executemany(f"INSERT INTO recent VALUES ({', '.join('?' for _ in header)})",  # noqa: S608
+                    [[float(v) for v in r] for r in rows])
+    con.commit()
+    con.close()
     config = json.loads((root / "site.json").read_text())
-    config["drift"] = {"release": str(bundle), "public_key": str(public), "data": s["csv"],
-                       "interval_s": 3600}
+    config["drift"] = {"release": str(bundle), "public_key": str(public), "interval_s": 3600,
+                       "data": {"connector": "sql", "url": f"sqlite:///{work}/recent.sqlite",
+                                "query": "SELECT * FROM recent"}}
     (root / "site.json").write_text(json.dumps(config))
     fed.start_site(s["name"])
     deadline = time.monotonic() + 180
@@ -201,8 +214,10 @@ def test_an_enrolled_site_agent_checks_on_its_schedule_and_its_report_arrives(
     assert item["rows"] in ("100-249", "250-499")
     assert 0 <= item["accuracy"] <= 1
     # What left the site is what its audit log says left, and nothing waits any more.
-    actions = [e.action for e in fed.site_audit(s["name"])]
+    entries = fed.site_audit(s["name"])
+    actions = [e.action for e in entries]
     assert "drift-check" in actions and "drift-report-sent" in actions
+    assert [e.detail["source"] for e in entries if e.action == "drift-check"] == ["sql"]
     assert not list((root / "drift-outbox").glob("*.json"))
     text = run_cli([str(BIN / "fedward-coordinator"), "drift", "list"],
                    env={**fed.env, "COLUMNS": "250"}).stdout

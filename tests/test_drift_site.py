@@ -8,11 +8,13 @@ key, reference statistics summed from DP-noised per-site histograms
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,8 +25,9 @@ from fedward.drift_wire import report_problems
 from site_agent.config import SiteConfig
 from site_agent.data_schema import load_schema
 from site_agent.datasets import read_labeled_csv, write_demo_federation
-from site_agent.drift import DriftCheckError, disclose, run_check
+from site_agent.drift import DriftCheckError, DriftResult, disclose, run_check
 from site_agent.drift_policy import DriftDisclosure, DriftSchedule
+from site_agent.drift_rows import recent_data
 from site_agent.drift_stats import PSI_FLOOR, auc_from_histograms, chi_square, psi, row_bucket
 from site_agent.egress import EgressViolation, check_drift_report
 from site_agent.policy import SitePolicy
@@ -370,3 +373,232 @@ def test_the_command_shows_every_figure_at_the_site_and_fails_with_the_reason(
     assert len(reports) >= 2 and reports[-2]["status"] == "ok"
     assert reports[-2]["report_id"] == out["report"]["report_id"]
     assert '"failure": "data-empty"' in json.dumps(reports[-1]) and tmp_path.name not in listed
+
+
+# --- recent rows from a data connector ----------------------------------------------------
+
+SECRET = "Drift-pw-NEVER-shown-0815"
+
+
+def _typed_rows(csv_path: Path) -> tuple[list[str], list[list[float | int]]]:
+    """The CSV file's header and its rows as numbers (the label as an int)."""
+    import csv
+
+    with csv_path.open(encoding="utf-8", newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    label = header.index("diagnosis")
+    return header, [[int(v) if i == label else float(v) for i, v in enumerate(r)]
+                    for r in rows]
+
+
+def _sqlite(path: Path, table: str, header: list[str], rows: list[list[Any]]) -> Path:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    columns = ", ".join(f'"{h}"' for h in header)
+    con.execute(f"CREATE TABLE {table} ({columns})")
+    con.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' for _ in header)})",  # noqa: S608
+                    rows)
+    con.commit()
+    con.close()
+    return path
+
+
+def _parquet(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({h: [r[i] for r in rows] for i, h in enumerate(header)}), path)
+    return path
+
+
+def _same_scores(got: DriftResult, expected: DriftResult) -> None:
+    assert got.n_rows == expected.n_rows and got.names == expected.names
+    assert got.scores == expected.scores
+    assert all(np.array_equal(a, b) for a, b in zip(got.observed, expected.observed,
+                                                     strict=True))
+    assert got.correct == expected.correct and got.accuracy == expected.accuracy
+    assert (got.auc is None) == (expected.auc is None)
+    if got.auc is not None:
+        assert got.auc == pytest.approx(expected.auc, rel=1e-12)
+
+
+def test_a_sqlite_query_or_a_parquet_file_scores_as_the_same_rows_in_csv(
+        setup: SiteSetup, tmp_path: Path) -> None:
+    schema = load_schema(setup.schema)
+    header, rows = _typed_rows(setup.csv)
+    _sqlite(tmp_path / "recent.sqlite", "recent", header, rows)
+    _parquet(tmp_path / "recent.parquet", header, rows)
+    expected = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=setup.csv,
+                         schema=schema)
+    assert expected.source == "csv" and expected.accuracy is not None
+    for block in ({"connector": "sql", "url": "sqlite:///recent.sqlite",
+                   "query": "SELECT * FROM recent ORDER BY diagnosis"},
+                  {"connector": "parquet", "path": "recent.parquet"}):
+        got = run_check(bundle_dir=setup.bundle, public_key=setup.public_key,
+                        data=recent_data(block, root=tmp_path, schema=schema))
+        assert got.source == block["connector"]
+        _same_scores(got, expected)
+    # A query without the label column: the same input drift, no model figures.
+    features = ", ".join(f'"{h}"' for h in header if h != "diagnosis")
+    unlabelled = run_check(bundle_dir=setup.bundle, public_key=setup.public_key,
+                           data=recent_data({"connector": "sql",
+                                             "url": "sqlite:///recent.sqlite",
+                                             "query": f"SELECT {features} FROM recent"},  # noqa: S608
+                                            root=tmp_path, schema=schema))
+    assert unlabelled.scores == expected.scores and unlabelled.accuracy is None
+
+
+def _connector_site(setup: SiteSetup, root: Path, recent: Any, **config: Any
+                    ) -> DriftSchedule:
+    """A site of its own (its own ledger and outbox) whose drift section reads ``recent``."""
+    SiteConfig(name="site-b", superlink="127.0.0.1:9", ca_cert="ca.pem",
+               **{"data_path": str(setup.csv), "schema_path": str(setup.schema), **config},
+               drift={"release": str(setup.bundle), "public_key": str(setup.public_key),
+                      "data": recent}).save(root)
+    SitePolicy.starter(project="test", task=TASK, epsilon_cap=50.0).save(root / "policy.json")
+    schedule = DriftSchedule.from_raw(SiteConfig.load(root).drift)
+    assert schedule is not None
+    return schedule
+
+
+def _no_secret_at(root: Path, *texts: str) -> None:
+    """The secret is in no file of the site (audit log, outbox, ledger) and no text; only
+    in the settings, where a test below writes it."""
+    leaks = [p for p in root.rglob("*") if p.is_file() and p.name != "site.json"
+             and SECRET.encode() in p.read_bytes()]
+    assert leaks == [] and not [t for t in texts if SECRET in t]
+
+
+def test_a_study_site_maps_its_local_codes_from_a_query_before_the_check(
+        setup: SiteSetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from site_agent.audit import read_entries
+    from site_agent.drift_runner import check_and_queue
+
+    caplog.set_level(logging.DEBUG)
+    header, rows = _typed_rows(setup.csv)
+    # The hospital's own table: its column names, and the diagnosis as M/B text.
+    local = [f"ehr_{h}" for h in header]
+    label = header.index("diagnosis")
+    coded = [[("M" if v == 0 else "B") if i == label else v for i, v in enumerate(r)]
+             for r in rows]
+    _sqlite(tmp_path / "ehr.sqlite", "ehr_recent", local, coded)
+    mapping = {"mapping_version": 1, "study": TASK,
+               "features": [{"feature": h, "column": f"ehr_{h}"} for h in header
+                            if h != "diagnosis"],
+               "label": {"column": "ehr_diagnosis", "codes": {"M": "malignant",
+                                                              "B": "benign"}}}
+    (tmp_path / "mapping.json").write_text(json.dumps(mapping))
+    monkeypatch.setenv("FEDWARD_TEST_DRIFT_DB_PASSWORD", SECRET)
+    block = {"connector": "sql", "url": f"sqlite:///{tmp_path}/ehr.sqlite",
+             "password_env": "FEDWARD_TEST_DRIFT_DB_PASSWORD",
+             "query": "SELECT * FROM ehr_recent"}
+    root = tmp_path / "site"
+    # The training data is read through the same mapping; the drift check reads its rows so.
+    schedule = _connector_site(setup, root, block, data_path="", schema_path="", data=block,
+                               study=TASK, mapping=str(tmp_path / "mapping.json"))
+    outcome = check_and_queue(root, schedule)
+    assert outcome.error is None and outcome.result is not None
+    expected = run_check(bundle_dir=setup.bundle, public_key=setup.public_key, data=setup.csv,
+                         schema=load_schema(setup.schema))
+    _same_scores(outcome.result, expected)
+    entries, _ = read_entries(root / "audit.log")
+    assert entries[-1].action == "drift-check" and entries[-1].detail["source"] == "sql"
+    _no_secret_at(root, caplog.text, json.dumps(outcome.report))
+
+
+@pytest.mark.parametrize("case", ["no-rows", "missing-column", "query-fails", "no-database",
+                                  "unreachable", "password-unset"])
+def test_a_connector_that_fails_fails_the_check_with_its_kind_and_no_secret(
+        setup: SiteSetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, case: str) -> None:
+    from site_agent.audit import read_entries
+    from site_agent.drift_runner import check_and_queue
+
+    caplog.set_level(logging.DEBUG)
+    header, rows = _typed_rows(setup.csv)
+    db = _sqlite(tmp_path / "recent.sqlite", "recent", header, rows)
+    monkeypatch.setenv("FEDWARD_TEST_DRIFT_DB_PASSWORD", SECRET)
+    sqlite = {"connector": "sql", "url": f"sqlite:///{db}",
+              "password_env": "FEDWARD_TEST_DRIFT_DB_PASSWORD"}
+    block, kind, reason = {
+        "no-rows": ({**sqlite, "query": "SELECT * FROM recent WHERE 1 = 0"}, "data-empty",
+                    "the query result has 0 data row(s)"),
+        "missing-column": ({**sqlite, "query": "SELECT mean_radius, diagnosis FROM recent"},
+                           "data-unreadable", "column 'mean_texture' is missing"),
+        "query-fails": ({**sqlite, "query": "SELECT * FROM no_such_table"},
+                        "data-unreadable", "the database refused the query"),
+        "no-database": ({**sqlite, "url": "sqlite:///gone.sqlite", "query": "SELECT 1"},
+                        "data-unreadable", "gone.sqlite does not exist"),
+        # A closed port, the password in the URL itself (the worst case): never shown.
+        "unreachable": ({"connector": "sql", "query": "SELECT * FROM recent",
+                         "url": f"postgresql+psycopg2://reader:{SECRET}@127.0.0.1:1/ehr"},
+                        "data-unreadable", "cannot connect to sql query on "
+                        "postgresql+psycopg2://reader:***@127.0.0.1:1/ehr"),
+        "password-unset": ({**sqlite, "password_env": "FEDWARD_TEST_UNSET_PASSWORD",
+                            "query": "SELECT * FROM recent"}, "data-unreadable",
+                           "FEDWARD_TEST_UNSET_PASSWORD (password_env) is not set"),
+    }[case]
+    monkeypatch.delenv("FEDWARD_TEST_UNSET_PASSWORD", raising=False)
+    root = tmp_path / "site"
+    outcome = check_and_queue(root, _connector_site(setup, root, block))
+    assert outcome.error is not None and outcome.error.kind == kind
+    assert reason in str(outcome.error)
+    assert outcome.report["status"] == "failed" and outcome.report["failure"] == kind
+    assert set(outcome.report) == {"format", "version", "report_id", "release_id",
+                                   "checked_at", "status", "failure"}
+    entries, _ = read_entries(root / "audit.log")
+    assert entries[-1].detail["source"] == "sql" and entries[-1].detail["failure"] == kind
+    # No value of the data either: the first row's cells appear in no message.
+    shown = str(outcome.error) + json.dumps(entries[-1].detail) + caplog.text
+    assert not [v for v in rows[0][:5] if repr(v) in shown]
+    _no_secret_at(root, shown, json.dumps(outcome.report))
+
+
+def test_a_connector_block_as_recent_data_is_validated_as_the_training_data_is(
+        setup: SiteSetup, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from site_agent.config import ConfigError
+    from site_agent.drift_cli import drift_app
+
+    base = {"name": "site-a", "superlink": "127.0.0.1:9", "ca_cert": "ca.pem",
+            "data_path": "d.csv", "schema_path": "s.json"}
+    bad = {"connector": "sql", "url": f"mysql://reader:{SECRET}@db/ehr",
+           "query": "DELETE FROM recent", "password_file": "pw", "password_env": "PW",
+           "cron": "daily"}
+    with pytest.raises(ConfigError) as info:
+        SiteConfig.from_dict({**base, "drift": {"release": "r", "public_key": "k.pem",
+                                                "data": bad, "interval_s": 5}})
+    text = str(info.value)
+    for problem in ("drift: data: url: backend 'mysql' is not supported",
+                    "drift: data: query: the query starts with 'DELETE'",
+                    "drift: data: password_env: give 'password_file' or 'password_env', "
+                    "not both", "drift: data: cron: Extra inputs are not permitted",
+                    "interval_s must be null"):
+        assert problem in text
+    assert SECRET not in text
+    with pytest.raises(ConfigError, match="no data connector named 'odbc'"):
+        SiteConfig.from_dict({**base, "drift": {"release": "r", "public_key": "k.pem",
+                                                "data": {"connector": "odbc"}}})
+    # On demand, --data-config names the block; the output names the source by its kind.
+    header, rows = _typed_rows(setup.csv)
+    _sqlite(tmp_path / "recent.sqlite", "recent", header, rows)
+    good = tmp_path / "recent.json"
+    good.write_text(json.dumps({"connector": "sql", "url": f"sqlite:///{tmp_path}/recent.sqlite",
+                                "query": "SELECT * FROM recent"}))
+    root = tmp_path / "site"
+    _connector_site(setup, root, str(setup.csv))
+    ran = CliRunner().invoke(drift_app, ["check", "--dir", str(root), "--data-config",
+                                         str(good), "--json"])
+    assert ran.exit_code == 0, ran.output
+    out = json.loads(ran.stdout)
+    assert out["source"] == "sql" and out["error"] is None
+    assert len(out["local"]["features"]) == 30 and str(tmp_path) not in json.dumps(
+        out["report"])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    refused = CliRunner().invoke(drift_app, ["check", "--dir", str(root), "--data-config",
+                                             str(tmp_path / "bad.json")])
+    assert refused.exit_code == 2 and "query starts with 'DELETE'" in refused.output
+    assert SECRET not in refused.output

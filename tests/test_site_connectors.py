@@ -274,6 +274,28 @@ def test_postgresql_password_from_a_file(pg_url: str, tmp_path: Path, schema: Da
     assert conn._url().password == PASSWORD   # it is used, not shown
 
 
+@pytest.mark.postgres
+def test_postgresql_rows_of_a_drift_check_are_the_csv_rows(
+        pg_url: str, tmp_path: Path, rows: list[list[float]], schema: DataSchema,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The drift check's recent rows (site_agent.drift_rows) from this server, the password
+    # from the agent's environment (password_env): the arrays the same rows in CSV give.
+    from site_agent.drift_rows import read_recent, recent_data
+
+    monkeypatch.setenv("FEDWARD_TEST_PG_PASSWORD", PASSWORD)
+    block = {"connector": "sql", "url": pg_url, "password_env": "FEDWARD_TEST_PG_PASSWORD",
+             "query": "SELECT * FROM patients"}
+    recent = recent_data(block, root=tmp_path, schema=schema)
+    assert recent.kind == "sql" and recent.connectors[0]._url().password == PASSWORD
+    x, y = read_recent(recent)
+    csv_x, csv_y = read_recent(recent_data(_write_csv(tmp_path / "d.csv", rows),
+                                           root=tmp_path, schema=schema))
+    assert y is not None and csv_y is not None
+    assert sorted(zip(map(tuple, x.tolist()), y.tolist(), strict=True)) == sorted(
+        zip(map(tuple, csv_x.tolist()), csv_y.tolist(), strict=True))
+    assert PASSWORD not in recent.connectors[0].describe()
+
+
 # -- the registry and the site's configuration -------------------------------------------------
 
 

@@ -11,20 +11,22 @@ Read-only is enforced three times, from the cheapest to the strongest:
 3. the transaction is rolled back after the rows are read.
 
 The database account should still be one that may only ``SELECT`` the tables it needs
-(docs/operator-guide.md). The password (in the URL, or better in ``password_file``) is
-never logged, shown or put in a message: the options hold the URL as a secret, messages
-name the database with the password masked, and any text from the driver is scrubbed of it.
+(docs/operator-guide.md). The password (in the URL, or better in ``password_file`` or the
+agent's environment variable ``password_env``) is never logged, shown or put in a message:
+the options hold the URL as a secret, messages name the database with the password masked,
+and any text from the driver is scrubbed of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from site_agent.connectors.base import Connector, ConnectorOptions, source_problem
 from site_agent.data_report import ProblemKind
@@ -36,6 +38,7 @@ _BACKENDS = ("postgresql", "sqlite")
 _READING = ("select", "with", "values", "table")
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
 _STRINGS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
 def reading_statement_problem(query: str) -> str | None:
@@ -59,14 +62,18 @@ class SqlOptions(ConnectorOptions):
     Attributes:
         url: SQLAlchemy URL, e.g. ``postgresql+psycopg2://reader@db.example:5432/ehr`` or
             ``sqlite:///extract.sqlite`` (a relative SQLite path is relative to the site's
-            data directory). Keep the password out of it: use ``password_file``.
+            data directory). Keep the password out of it: use ``password_file`` or
+            ``password_env``.
         password_file: A file (mode 0600) holding the database password on its first line.
+        password_env: The name of an environment variable of the site agent holding the
+            database password (e.g. set by the systemd unit); not with ``password_file``.
         query: One SELECT statement; its result columns are the table's header.
         timeout_s: Connection and statement time limit.
     """
 
     url: SecretStr
     password_file: str | None = Field(default=None, min_length=1)
+    password_env: str | None = Field(default=None, pattern=_ENV_NAME)
     query: str = Field(min_length=1, max_length=100_000)
     timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
@@ -85,6 +92,14 @@ class SqlOptions(ConnectorOptions):
             raise ValueError(f"backend {backend!r} is not supported by the sql connector "
                              f"(supported: {', '.join(_BACKENDS)}); another database needs "
                              "a connector plugin (docs/operator-guide.md)")
+        return value
+
+    @field_validator("password_env")
+    @classmethod
+    def _one_password_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A field validator (not a model validator): reported with every other problem.
+        if value is not None and info.data.get("password_file") is not None:
+            raise ValueError("give 'password_file' or 'password_env', not both")
         return value
 
     @field_validator("query")
@@ -117,6 +132,15 @@ class SqlConnector(Connector):
                                      f"({type(exc).__name__}); give the site agent's user "
                                      "read permission on it") from None
             url = url.set(password=lines[0] if lines else "")
+        elif self.options.password_env is not None:
+            name = self.options.password_env
+            password = os.environ.get(name)
+            if password is None:
+                raise source_problem(ProblemKind.SOURCE_UNREACHABLE,
+                                     f"the environment variable {name} (password_env) is "
+                                     "not set in the site agent's environment; set it where "
+                                     "the agent is started (e.g. the systemd unit)")
+            url = url.set(password=password)
         return url
 
     def _secrets(self) -> list[str]:
