@@ -179,8 +179,9 @@ def _checkpoint(session: Session, run: Run, release_id: str | None,
     (neither named) the final one of a run that has ended."""
     if release_id is not None and round_number is not None:
         raise EvaluationRefused(422, f"name a round or a release, not both: release "
-                                     f"{release_id} is evaluated at its own round "
-                                     "(`fedward-coordinator release show`)", field="round")
+                                     f"{release_id} is evaluated at the round it was "
+                                     "proposed from; drop the round or the release",
+                                field="round")
     if release_id is not None:
         return _of_release(session, run, release_id)
     # A round's checkpoint is written once its round has aggregated. The digest chosen here

@@ -222,8 +222,8 @@ def test_a_round_without_a_checkpoint_or_with_a_release_is_refused_naming_what_e
         (run_id, 4, None, 422, f"run {run_id} has rounds 1-3, not round 4: run {run_id} has "
                                "checkpoints for rounds 1-3"),
         (run_id, 1, "rel-x", 422, "name a round or a release, not both: release rel-x is "
-                                  "evaluated at its own round (`fedward-coordinator release "
-                                  "show`)"),
+                                  "evaluated at the round it was proposed from; drop the "
+                                  "round or the release"),
         (failed, 2, None, 409, f"round 2 of run {failed} ended with status failed: it has no "
                                f"checkpoint; run {failed} has checkpoints for round 1"),
         (failed, 3, None, 409, f"round 3 of run {failed} was never reached: it has no "
