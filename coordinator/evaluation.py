@@ -1,7 +1,11 @@
 """Federated evaluation on demand: a checkpoint evaluated on the sites' current held-out data.
 
 ``POST /api/v1/runs/{id}/evaluations`` (``fedward-coordinator evaluate RUN``) evaluates the
-run's final checkpoint, or with ``release_id`` the checkpoint of one of its releases. The
+final checkpoint of a run that has ended, with ``round`` the checkpoint saved after that
+round (of a run still going too: a round's checkpoint exists once the round has
+aggregated), or with ``release_id`` the checkpoint of one of its releases. The row keeps the
+round and the checkpoint's SHA-256 chosen at the request; the ServerApp sends the sites that
+file, and fails the evaluation if it no longer matches. The
 request is a row of ``evaluations`` (``pending``), then a Flower run of the appliance's app
 that trains nothing (:mod:`coordinator.evaluation_task`): every site of the run gets one
 evaluate message with the checkpoint, applies its policy to it as to any task of the run
@@ -29,7 +33,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 
 from coordinator import run_control
-from coordinator.api_errors import RESPONSES_401, RESPONSES_403, Responses
+from coordinator.api_errors import RESPONSES_401, RESPONSES_403, Responses, field_error
 from coordinator.audit import append_event
 from coordinator.auth import API_PREFIX, CurrentUser, require_role
 from coordinator.db import SessionDep
@@ -39,6 +43,7 @@ from coordinator.models import (
     Project,
     Release,
     ReleaseCandidate,
+    Round,
     Run,
     utcnow,
 )
@@ -56,6 +61,7 @@ __all__ = [
     "expire_stale",
     "make_router",
     "request_evaluation",
+    "rounds_text",
 ]
 
 log = logging.getLogger("fedward.coordinator.evaluation")
@@ -80,6 +86,11 @@ class EvaluationRequest(RequestBody):
         default=None, max_length=128,
         description="Evaluate this release of the run (its checkpoint) instead of the run's "
                     "final checkpoint.")
+    round: int | None = Field(
+        default=None,
+        description="Evaluate the checkpoint saved after this round (1 to the run's rounds; "
+                    "allowed while the run is still going) instead of the final one. Not "
+                    "with release_id.")
 
 
 class EvaluationPublic(BaseModel):
@@ -113,43 +124,105 @@ class EvaluationPublic(BaseModel):
 
 
 class EvaluationRefused(ValueError):
-    """The evaluation cannot be asked for; ``status_code`` and the message say why."""
+    """The evaluation cannot be asked for; ``status_code`` and the message say why.
 
-    def __init__(self, status_code: int, message: str) -> None:
+    ``field``: the request body field at fault, for a 422 (answered in FastAPI's shape)."""
+
+    def __init__(self, status_code: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.field = field
 
 
-def _checkpoint(session: Session, run: Run, release_id: str | None
-                ) -> tuple[int, str]:
-    """(round, SHA-256) of the checkpoint to evaluate."""
+def rounds_text(numbers: list[int]) -> str:
+    """Round numbers as short ranges: ``"round 2"``, ``"rounds 1-4"``, ``"rounds 1-3, 5"``.
+
+    Args:
+        numbers: Round numbers, ascending, at least one.
+    """
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"round {text}" if len(numbers) == 1 else f"rounds {text}"
+
+
+def _what_exists(run: Run, saved: dict[int, str]) -> str:
+    """What a refusal names: the rounds of ``run`` that have a checkpoint."""
+    if not saved:
+        return f"run {run.id} has no checkpoint yet (no round has completed)"
+    return f"run {run.id} has checkpoints for {rounds_text(sorted(saved))}"
+
+
+def _of_release(session: Session, run: Run, release_id: str) -> tuple[int, str]:
+    """(round, SHA-256) of the checkpoint of a release of ``run``."""
+    found = session.exec(select(Release, ReleaseCandidate).join(
+        ReleaseCandidate, col(ReleaseCandidate.id) == col(Release.candidate_id)).where(
+        Release.release_id == release_id)).first()
+    if found is None:
+        raise EvaluationRefused(404, f"release {release_id!r} not found "
+                                     "(`fedward-coordinator release list`)")
+    _, cand = found
+    if cand.run_id != run.id:
+        raise EvaluationRefused(409, f"release {release_id} comes from run {cand.run_id}, "
+                                     f"not run {run.id}: evaluate it as run "
+                                     f"{cand.run_id}'s")
+    return cand.round_number, cand.checkpoint_sha256
+
+
+def _checkpoint(session: Session, run: Run, release_id: str | None,
+                round_number: int | None) -> tuple[int, str]:
+    """(round, SHA-256) of the checkpoint to evaluate: the release's, the named round's, or
+    (neither named) the final one of a run that has ended."""
+    if release_id is not None and round_number is not None:
+        raise EvaluationRefused(422, f"name a round or a release, not both: release "
+                                     f"{release_id} is evaluated at the round it was "
+                                     "proposed from; drop the round or the release",
+                                field="round")
     if release_id is not None:
-        found = session.exec(select(Release, ReleaseCandidate).join(
-            ReleaseCandidate, col(ReleaseCandidate.id) == col(Release.candidate_id)).where(
-            Release.release_id == release_id)).first()
-        if found is None:
-            raise EvaluationRefused(404, f"release {release_id!r} not found "
-                                         "(`fedward-coordinator release list`)")
-        _, cand = found
-        if cand.run_id != run.id:
-            raise EvaluationRefused(409, f"release {release_id} comes from run {cand.run_id}, "
-                                         f"not run {run.id}: evaluate it as run "
-                                         f"{cand.run_id}'s")
-        return cand.round_number, cand.checkpoint_sha256
-    if run.status in LIVE:
-        raise EvaluationRefused(409, f"run {run.id} is still {run.status}: its final "
-                                     "checkpoint does not exist yet; evaluate it once it has "
-                                     "ended, or cancel it first")
-    last = session.exec(select(Checkpoint).where(Checkpoint.run_id == run.id)
-                        .order_by(col(Checkpoint.round_number).desc())).first()
-    if last is None:
-        raise EvaluationRefused(409, f"run {run.id} has no checkpoint (no round completed): "
-                                     "there is no model to evaluate")
-    return last.round_number, last.sha256
+        return _of_release(session, run, release_id)
+    # A round's checkpoint is written once its round has aggregated. The digest chosen here
+    # is stored on the evaluation: should a resumed run write that round again, the
+    # ServerApp refuses the changed file rather than send the sites another model.
+    saved = {c.round_number: c.sha256 for c in session.exec(
+        select(Checkpoint).where(Checkpoint.run_id == run.id))}
+    if round_number is None:
+        if run.status in LIVE:
+            raise EvaluationRefused(409, f"run {run.id} is still {run.status}: its final "
+                                         "checkpoint does not exist yet; evaluate it once it "
+                                         "has ended, or name a round that has a checkpoint "
+                                         "(--round N, API field round): "
+                                         + _what_exists(run, saved))
+        if not saved:
+            raise EvaluationRefused(409, f"run {run.id} has no checkpoint (no round "
+                                         "completed): there is no model to evaluate")
+        last = max(saved)
+        return last, saved[last]
+    rounds = RunConfig.model_validate_json(run.config_json).rounds
+    if round_number < 1 or round_number > rounds:
+        raise EvaluationRefused(422, f"run {run.id} has rounds 1-{rounds}, not round "
+                                     f"{round_number}: {_what_exists(run, saved)}",
+                                field="round")
+    if round_number not in saved:
+        state = session.exec(select(Round.status).where(
+            Round.run_id == run.id, Round.number == round_number)).first()
+        if state is None:
+            why = "has not been reached yet" if run.status in LIVE else "was never reached"
+        elif state == "running":
+            why = "is still running" if run.status in LIVE else "never completed"
+        else:
+            why = f"ended with status {state}"   # failed or cancelled: nothing aggregated
+        raise EvaluationRefused(409, f"round {round_number} of run {run.id} {why}: it has no "
+                                     f"checkpoint; {_what_exists(run, saved)}")
+    return round_number, saved[round_number]
 
 
 def request_evaluation(session: Session, run: Run, *, actor: str,
-                       release_id: str | None = None) -> Evaluation:
+                       release_id: str | None = None,
+                       round_number: int | None = None) -> Evaluation:
     """Record an evaluation request in the session's transaction (the caller commits).
 
     Args:
@@ -157,16 +230,21 @@ def request_evaluation(session: Session, run: Run, *, actor: str,
         run: The run whose checkpoint is evaluated.
         actor: Who asks.
         release_id: A release of the run to evaluate instead of its final checkpoint.
+        round_number: The round whose checkpoint to evaluate instead (not with
+            ``release_id``); the run may still be going.
 
     Returns:
         The new row (``pending``, with its id).
 
     Raises:
-        EvaluationRefused: No such release, a release of another run, a run still going,
-            a run without a checkpoint, or an evaluation of the run already under way.
+        EvaluationRefused: No such release (404), a release of another run, no round named
+            for a run still going, a run without a checkpoint, a round without one, or an
+            evaluation of the run already under way (409); a round and a release both
+            named, or a round outside the run's rounds (422). Every refusal about a
+            checkpoint names the rounds that have one.
     """
     assert run.id is not None
-    round_number, sha256 = _checkpoint(session, run, release_id)
+    round_number, sha256 = _checkpoint(session, run, release_id, round_number)
     busy = session.exec(select(Evaluation).where(Evaluation.run_id == run.id,
                                                  col(Evaluation.status).in_(LIVE))).first()
     if busy is not None:
@@ -179,6 +257,7 @@ def request_evaluation(session: Session, run: Run, *, actor: str,
     session.flush()
     append_event(session, actor=actor, action="evaluation.requested",
                  subject=f"run:{run.id}", detail={"evaluation": row.id, "round": round_number,
+                                                   "checkpoint_sha256": sha256,
                                                    "release": release_id})
     return row
 
@@ -231,7 +310,8 @@ def make_router() -> APIRouter:
     responses: Responses = {
         **RESPONSES_401, **RESPONSES_403,
         404: {"description": "No such run or release"},
-        409: {"description": "Nothing to evaluate yet, or an evaluation is under way"},
+        409: {"description": "Nothing to evaluate yet (the answer names the rounds that have "
+                             "a checkpoint), or an evaluation is under way"},
         503: {"description": "The coordinator cannot start Flower runs"},
     }
 
@@ -240,7 +320,8 @@ def make_router() -> APIRouter:
     def evaluate(run_id: int, body: EvaluationRequest, request: Request,
                  session: SessionDep, user: CurrentUser
                  ) -> EvaluationPublic:
-        """Evaluate the run's final checkpoint (or one of its releases) at its sites.
+        """Evaluate the run's final checkpoint (or a round's, or one of its releases') at
+        its sites.
 
         Accepted at once; every site of the run evaluates the model on its current
         held-out split (no training, no DP-SGD, nothing charged to its privacy budget) or
@@ -263,8 +344,10 @@ def make_router() -> APIRouter:
             run_control.check_run_limits(session, request.app.state.settings, project)
             try:
                 row = request_evaluation(session, run, actor=user.name,
-                                         release_id=body.release_id)
+                                         release_id=body.release_id, round_number=body.round)
             except EvaluationRefused as err:
+                if err.field is not None:   # a 422 in FastAPI's shape, with its message
+                    field_error(err.field, str(err))
                 raise HTTPException(err.status_code, str(err)) from None
             session.commit()
         assert row.id is not None

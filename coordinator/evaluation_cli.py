@@ -40,10 +40,10 @@ def render(ev: dict[str, Any]) -> Table:
     Args:
         ev: An evaluation as the API answers it.
     """
-    of = f"release {ev['release_id']}" if ev.get("release_id") else "final checkpoint"
+    of = (f"release {ev['release_id']}, round {ev['round_number']}" if ev.get("release_id")
+          else f"checkpoint of round {ev['round_number']}")
     table = Table("site", *(label for _, label in _FIGURES), "note", title=(
-        f"Evaluation {ev['id']} of run {ev['run_id']} ({of}, round {ev['round_number']}): "
-        f"{ev['status']}"))
+        f"Evaluation {ev['id']} of run {ev['run_id']} ({of}): {ev['status']}"))
     for site, figures in sorted(ev.get("sites", {}).items()):
         table.add_row(site, *(f"{figures[k]:.4g}" if k in figures else "-" for k, _ in _FIGURES),
                       "")
@@ -67,6 +67,10 @@ def add_commands(app: typer.Typer,
         run_id: Annotated[int | None, typer.Argument(
             metavar="RUN",
             help="the run whose final checkpoint is evaluated (optional with --release)")] = None,
+        round_number: Annotated[int | None, typer.Option(
+            "--round", metavar="N",
+            help="evaluate the checkpoint saved after round N instead (also while the run "
+                 "is still going)")] = None,
         release: Annotated[str | None, typer.Option(
             "--release", metavar="ID", help="evaluate this release's model instead")] = None,
         wait: Annotated[bool, typer.Option(
@@ -75,18 +79,22 @@ def add_commands(app: typer.Typer,
         home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Evaluate a run's final checkpoint (or a release) on the sites' current held-out data.
+        """Evaluate a run's final checkpoint (or a round's, or a release) on the sites' current
+        held-out data.
 
-        Nothing is trained and nothing is charged to a site's privacy budget; each site's
-        policy still decides whether it takes part. Exit codes: 0 completed, 3 failed (no site
-        evaluated it), 6 timed out, 1 the request was refused (the reason is printed).
+        Without --round or --release: the final checkpoint of a run that has ended (a run
+        still going has none yet: name a round). Nothing is trained and nothing is charged
+        to a site's privacy budget; each site's policy still decides whether it takes part.
+        Exit codes: 0 completed, 3 failed (no site evaluated it), 6 timed out, 1 the request
+        was refused (the reason is printed).
         """
         client = _client(api, token, home)
         if run_id is None:
             if release is None:
                 raise typer.BadParameter("give a RUN, or --release ID")
             run_id = int(client.call("GET", f"/releases/{release}")["run_id"])
-        ev = client.call("POST", f"/runs/{run_id}/evaluations", {"release_id": release})
+        ev = client.call("POST", f"/runs/{run_id}/evaluations",
+                         {"release_id": release, "round": round_number})
         deadline = time.monotonic() + timeout
         while wait and ev["status"] in ("pending", "running") and time.monotonic() < deadline:
             time.sleep(1.0)

@@ -1,7 +1,8 @@
 """The ServerApp side of an evaluation on demand (see :mod:`coordinator.evaluation`).
 
 A Flower run started with ``fedward-evaluation = ID`` trains nothing: the ServerApp reads
-the evaluation's row, loads its checkpoint (refused if its SHA-256 changed), sends each
+the evaluation's row, loads the checkpoint of the round it names (the final one, a round
+the engineer chose, or a release's; refused if its SHA-256 changed since), sends each
 online site of the run one evaluate message (the packed model and the run's task
 configuration at the checkpoint's round, ``train`` false), pulls the replies until all are
 in or the run's round deadline passes, and records each site's figures, or its refusal,
@@ -53,7 +54,8 @@ def _record(engine: Engine, evaluation_id: int, **fields: object) -> None:
         if fields.get("status") in ("completed", "failed"):
             append_event(session, actor="serverapp", action=f"evaluation.{fields['status']}",
                          subject=f"run:{row.run_id}", detail={
-                             "evaluation": evaluation_id, "failed": json.loads(row.failed_json),
+                             "evaluation": evaluation_id, "round": row.round_number,
+                             "failed": json.loads(row.failed_json),
                              "sites": sorted(json.loads(row.results_json))})
 
 

@@ -6,7 +6,8 @@ completed run (checkpoints after every round). The end-to-end test runs a real f
 hospital IT withdraws the project from its policy, and ``fedward-coordinator evaluate``
 evaluates the final checkpoint: one site answers with its held-out figures (nothing trained,
 nothing charged to its privacy ledger, an ``evaluated`` entry in its audit log), the other
-refuses under its policy and its reason is recorded.
+refuses under its policy and its reason is recorded. Then ``evaluate --round 1`` evaluates the
+earlier checkpoint: the site evaluates round 1's model (another digest, other figures).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, select
+from typer.testing import CliRunner
 
+from coordinator import cli as coordinator_cli
 from coordinator.api import create_app
 from coordinator.auth import API_PREFIX
+from coordinator.checkpoints import save_checkpoint
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.evaluation import (
     STALE_AFTER_S,
@@ -31,14 +35,24 @@ from coordinator.evaluation import (
     evaluations_of,
     expire_stale,
     request_evaluation,
+    rounds_text,
 )
-from coordinator.models import Evaluation, Release, ReleaseCandidate, Run, utcnow
+from coordinator.models import (
+    AuditEvent,
+    Checkpoint,
+    Evaluation,
+    Release,
+    ReleaseCandidate,
+    Run,
+    utcnow,
+)
 from coordinator.repository import finish_run, mark_run_started
+from coordinator.round_records import finish_round, record_checkpoint, start_round
 from coordinator.settings import Settings
 
-from api_support import TestClient
+from api_support import TestClient, cli_client
 from federation import BIN, edit_site_policy, federation, run_cli
-from release_support import KNOWN_WARNINGS, make_user, seed_run
+from release_support import KNOWN_WARNINGS, make_user, seed_run, trained_arrays
 from tests_support import short_tmp
 
 pytestmark = KNOWN_WARNINGS
@@ -115,6 +129,133 @@ def test_a_run_still_going_without_a_checkpoint_or_another_runs_release_is_refus
         assert (row.round_number, row.checkpoint_sha256) == (1, "a" * 64)
 
 
+def _new_run(engine: Engine, home: Path, like: int, *, done: int, then: str) -> int:
+    """A 3-round run like ``like`` whose rounds 1..``done`` completed with a checkpoint
+    (round 1's model differs from the later ones); ``then``: ``"running"`` (round done+1
+    under way, the run live) or ``"failed"`` (round done+1 failed, and the run)."""
+    with session_scope(engine) as session:
+        base = _run(session, like)
+        fresh = Run(project_id=base.project_id, task=base.task, launched_by="eng",
+                    config_json=base.config_json)
+        session.add(fresh)
+        session.flush()
+        assert fresh.id is not None
+        run_id = fresh.id
+    mark_run_started(engine, run_id, "7")
+    arrays = dict(trained_arrays())
+    for n in range(1, done + 1):
+        start_round(engine, run_id, n)
+        finish_round(engine, run_id, n, status="completed", participating=["a"], failed=[],
+                     late=[], seconds=1.0)
+        model = {k: v + (0.5 if n == 1 else 0.0) for k, v in arrays.items()}
+        rel, sha = save_checkpoint(home, run_id, n, model)
+        record_checkpoint(engine, run_id, n, str(rel), sha)
+    start_round(engine, run_id, done + 1)
+    if then == "failed":
+        finish_round(engine, run_id, done + 1, status="failed", participating=[],
+                     failed=[{"site": "a", "phase": "train", "reason": "offline"}], late=[],
+                     seconds=1.0)
+        finish_run(engine, run_id, status="failed", reason=f"round {done + 1}: no site")
+    return run_id
+
+
+def _saved(engine: Engine, run_id: int) -> dict[int, str]:
+    with session_scope(engine) as session:
+        return {c.round_number: c.sha256 for c in session.exec(
+            select(Checkpoint).where(Checkpoint.run_id == run_id))}
+
+
+def test_a_round_of_a_run_still_going_is_chosen_and_its_checkpoint_recorded(
+        seeded: tuple[Engine, Path, int]) -> None:
+    """A round's checkpoint may be evaluated while the run still trains; the default (the
+    final checkpoint) is refused for it with the rounds that have one."""
+    engine, home, run_id = seeded
+    live = _new_run(engine, home, run_id, done=2, then="running")
+    saved = _saved(engine, live)
+    assert saved[1] != saved[2]
+    with session_scope(engine) as session, pytest.raises(EvaluationRefused) as err:
+        request_evaluation(session, _run(session, live), actor="eng")
+    assert err.value.status_code == 409
+    assert str(err.value) == (
+        f"run {live} is still running: its final checkpoint does not exist yet; evaluate it "
+        "once it has ended, or name a round that has a checkpoint (--round N, API field "
+        f"round): run {live} has checkpoints for rounds 1-2")
+    with session_scope(engine) as session:
+        row = request_evaluation(session, _run(session, live), actor="eng", round_number=1)
+        assert (row.round_number, row.checkpoint_sha256) == (1, saved[1])
+        assert (row.status, row.release_id) == ("pending", None)
+        evaluation_id = row.id
+    with session_scope(engine) as session:
+        event = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "evaluation.requested",
+            AuditEvent.subject == f"run:{live}")).one()
+        assert json.loads(event.detail_json) == {
+            "evaluation": evaluation_id, "round": 1, "checkpoint_sha256": saved[1],
+            "release": None}
+        asked = session.get(Evaluation, evaluation_id)
+        assert asked is not None
+        asked.status = "completed"
+        session.add(asked)
+    # The round under way has no checkpoint yet.
+    with session_scope(engine) as session, pytest.raises(EvaluationRefused) as err:
+        request_evaluation(session, _run(session, live), actor="eng", round_number=3)
+    assert (err.value.status_code, str(err.value)) == (409, (
+        f"round 3 of run {live} is still running: it has no checkpoint; run {live} has "
+        "checkpoints for rounds 1-2"))
+    # On an ended run, a named round is taken over the final checkpoint.
+    second = _saved(engine, run_id)[2]
+    with session_scope(engine) as session:
+        row = request_evaluation(session, _run(session, run_id), actor="eng", round_number=2)
+        assert (row.round_number, row.checkpoint_sha256) == (2, second)
+
+
+def test_a_round_without_a_checkpoint_or_with_a_release_is_refused_naming_what_exists(
+        seeded: tuple[Engine, Path, int]) -> None:
+    engine, home, run_id = seeded
+    failed = _new_run(engine, home, run_id, done=1, then="failed")
+    live = _new_run(engine, home, run_id, done=0, then="running")
+    cases = [
+        (run_id, 0, None, 422, f"run {run_id} has rounds 1-3, not round 0: run {run_id} has "
+                               "checkpoints for rounds 1-3"),
+        (run_id, -2, None, 422, f"run {run_id} has rounds 1-3, not round -2: run {run_id} "
+                                "has checkpoints for rounds 1-3"),
+        (run_id, 4, None, 422, f"run {run_id} has rounds 1-3, not round 4: run {run_id} has "
+                               "checkpoints for rounds 1-3"),
+        (run_id, 1, "rel-x", 422, "name a round or a release, not both: release rel-x is "
+                                  "evaluated at the round it was proposed from; drop the "
+                                  "round or the release"),
+        (failed, 2, None, 409, f"round 2 of run {failed} ended with status failed: it has no "
+                               f"checkpoint; run {failed} has checkpoints for round 1"),
+        (failed, 3, None, 409, f"round 3 of run {failed} was never reached: it has no "
+                               f"checkpoint; run {failed} has checkpoints for round 1"),
+        (live, 2, None, 409, f"round 2 of run {live} has not been reached yet: it has no "
+                             f"checkpoint; run {live} has no checkpoint yet (no round has "
+                             "completed)"),
+        (live, None, None, 409, f"run {live} is still running: its final checkpoint does not "
+                                "exist yet; evaluate it once it has ended, or name a round "
+                                "that has a checkpoint (--round N, API field round): run "
+                                f"{live} has no checkpoint yet (no round has completed)"),
+    ]
+    for target, number, release, code, said in cases:
+        with session_scope(engine) as session, pytest.raises(EvaluationRefused) as err:
+            request_evaluation(session, _run(session, target), actor="eng",
+                               round_number=number, release_id=release)
+        assert (err.value.status_code, str(err.value)) == (code, said)
+    with Session(engine) as session:
+        assert session.exec(select(Evaluation)).all() == []
+    # The failed run's last checkpoint is its default, and round 1 can be named.
+    first = _saved(engine, failed)[1]
+    with session_scope(engine) as session:
+        row = request_evaluation(session, _run(session, failed), actor="eng")
+        assert (row.round_number, row.checkpoint_sha256) == (1, first)
+
+
+def test_rounds_are_named_as_short_ranges() -> None:
+    assert rounds_text([2]) == "round 2"
+    assert rounds_text([1, 2, 3, 4]) == "rounds 1-4"
+    assert rounds_text([1, 2, 3, 5, 7, 8]) == "rounds 1-3, 5, 7-8"
+
+
 def test_an_evaluation_without_a_result_in_time_is_failed_when_read(
         seeded: tuple[Engine, Path, int]) -> None:
     engine, _, run_id = seeded
@@ -183,6 +324,59 @@ def test_the_api_starts_it_refuses_what_it_cannot_and_who_may(
     assert newest["failure_reason"] == "the SuperLink did not start it (ConnectionError)"
     no_flower = TestClient(create_app(settings=Settings(home=home), engine=engine))
     assert no_flower.post(url, json={}, headers=eng).status_code == 503
+
+
+def test_the_api_and_the_cli_evaluate_a_chosen_round_and_show_it(
+        seeded: tuple[Engine, Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, home, run_id = seeded
+    admin = make_user(engine, "admin", "boss")
+    eng = make_user(engine, "ml_engineer", "eng")
+    saved = _saved(engine, run_id)
+    launcher = _Launcher()
+    client = TestClient(create_app(settings=Settings(home=home), engine=engine,
+                                   launcher=launcher))
+    url = f"{API_PREFIX}/runs/{run_id}/evaluations"
+    for body, said in [
+            ({"round": 0}, f"round: run {run_id} has rounds 1-3, not round 0: run {run_id} "
+                           "has checkpoints for rounds 1-3"),
+            ({"round": 1, "release_id": "rel-1"}, "round: name a round or a release, not "
+                                                  "both")]:
+        r = client.post(url, json=body, headers=eng)
+        assert r.status_code == 422 and r.json()["message"].startswith(said), r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "round"]
+    assert client.post(url, json={"round": "1"}, headers=eng).status_code == 422  # no coercion
+    assert launcher.calls == []
+    r = client.post(url, json={"round": 1}, headers=eng)
+    assert r.status_code == 202, r.text
+    assert (r.json()["round_number"], r.json()["checkpoint_sha256"]) == (1, saved[1])
+    assert launcher.calls == [(run_id, r.json()["id"])]
+    with session_scope(engine) as session:
+        row = session.get(Evaluation, r.json()["id"])
+        assert row is not None
+        row.status = "completed"
+        session.add(row)
+    # The CLI: --round goes in the body; the table names the round; a refusal exits 1
+    # with the rounds that exist.
+    monkeypatch.setattr(coordinator_cli, "api_client",
+                        lambda *_a: cli_client(client, admin))
+    runner = CliRunner()
+    out = runner.invoke(coordinator_cli.app, ["evaluate", str(run_id), "--round", "2",
+                                              "--no-wait", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["round_number"] == 2
+    refused = runner.invoke(coordinator_cli.app, ["evaluate", str(run_id), "--round", "9"],
+                            env={"COLUMNS": "300"})
+    assert refused.exit_code == 1
+    assert f"run {run_id} has checkpoints for rounds 1-3" in refused.output, refused.output
+    listed = runner.invoke(coordinator_cli.app, ["evaluations", str(run_id)],
+                           env={"COLUMNS": "300"})
+    assert listed.exit_code == 0, listed.output
+    text = " ".join(listed.output.split())   # a table's title wraps at its width
+    assert f"Evaluation {r.json()['id']} of run {run_id} (checkpoint of round 1): " \
+           "completed" in text
+    assert "(checkpoint of round 2): pending" in text
+    as_json = runner.invoke(coordinator_cli.app, ["evaluations", str(run_id), "--json"])
+    assert [e["round_number"] for e in json.loads(as_json.output)] == [2, 1]
 
 
 def test_a_live_evaluation_holds_a_place_under_the_run_limits(
@@ -273,3 +467,22 @@ def test_a_real_evaluation_at_two_sites_one_of_which_refuses() -> None:
                          env={**fed.env, "COLUMNS": "300"}).stdout
         assert f"Evaluation {ev['id']} of run {run_id}" in listed and refuses in listed
         assert fed.api("GET", f"/runs/{run_id}").json()["status"] == "completed"
+        # An earlier checkpoint, chosen by its round: the site gets round 1's model (the
+        # ServerApp sends only the file matching the digest recorded for round 1).
+        done = fed.coord_cli("evaluate", str(run_id), "--round", "1", "--json",
+                             "--timeout", "300", check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        first = json.loads(done.stdout)
+        assert first["status"] == "completed" and first["round_number"] == 1
+        assert first["checkpoint_sha256"] != ev["checkpoint_sha256"]
+        assert set(first["sites"]) == {answers} and refuses in first["failed"]
+        assert first["sites"][answers]["eval-loss"] != figures["eval-loss"]  # another model
+        entries, _ = read_entries(fed.sites[answers].root / "audit.log")
+        evaluated = [e for e in entries if e.action == "evaluated"
+                     and e.detail.get("run") == str(run_id)]
+        assert evaluated[-1].detail["round"] == 1
+        assert charged() == before
+        audit = fed.api("GET", "/audit?limit=50").json()["items"]
+        (ended,) = [e["detail"] for e in audit if e["action"] == "evaluation.completed"
+                    and e["detail"].get("evaluation") == first["id"]]
+        assert ended["round"] == 1 and ended["sites"] == [answers]

@@ -245,7 +245,7 @@ def test_a_finished_runs_page_lists_its_evaluations_per_site(
     assert a[:5] == ["hospital-a", "0.912", "0.875", "0.310", "57"]
     b = table.locator("tr[id$='-hospital-b']").inner_text()
     assert "refused-policy: project cardio is not in this site's policy" in b
-    assert "of the final checkpoint" in page.locator("div[id^='evaluation-']").inner_text()
+    assert "of the checkpoint of round 3" in page.locator("div[id^='evaluation-']").inner_text()
     assert page.locator("#status").inner_text() == "completed"
     assert page.locator("meta[http-equiv=refresh]").count() == 0
     # While an evaluation is under way the finished run's page reloads itself.
