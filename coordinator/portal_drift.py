@@ -1,7 +1,8 @@
 """The portal's drift pages: released models at the sites, over time (``/portal/drift``).
 
 ``/portal/drift`` lists each site and release that reported drift checks, with the newest
-check's figures and alarm (paginated, filtered by site and release); ``/portal/drift/{site}/
+check's figures and the alarm of its newest check that ran, as the ``fedward_drift_alarm``
+metric reads it (paginated, filtered by site and release); ``/portal/drift/{site}/
 {release}`` draws that pair's checks over time as inline SVG (the PSI of the features that
 drifted most, against the alarm line; accuracy and AUC where labels arrived), lists every
 check with failed ones and their kind, and proposes the retraining command. Staff only,
@@ -35,6 +36,7 @@ PAIRS_PER_PAGE: Final = 50
 CHECKS_SHOWN: Final = 200
 _CURVES: Final = 6
 _MAX_VALUE: Final = 128
+_X_LABEL: Final = "check (oldest first)"
 
 router = APIRouter(prefix=PORTAL_PREFIX, include_in_schema=False)
 
@@ -47,6 +49,28 @@ def _filter(session: Session, raw: str | None, what: str) -> str | None:
     if not found:
         raise BadQuery(f"no {what} {value!r} has drift reports or exists here")
     return value
+
+
+def _newest_ran(session: Session, newest: Sequence[DriftReport]
+                ) -> dict[tuple[str, str], DriftReport]:
+    """Per (site, release) of ``newest``, its newest check that ran.
+
+    The alarm is that check's, as in ``fedward_drift_alarm``: a check that failed after it
+    (an empty data folder, say) says nothing about drift, so it must not clear the alarm.
+    """
+    if not newest:
+        return {}
+    ids = (select(func.max(DriftReport.id)).where(
+        DriftReport.status == "ok",
+        col(DriftReport.site_name).in_({r.site_name for r in newest}),
+        col(DriftReport.release_id).in_({r.release_id for r in newest}))
+        .group_by(col(DriftReport.site_name), col(DriftReport.release_id)))
+    return {(r.site_name, r.release_id): r for r in session.exec(
+        select(DriftReport).where(col(DriftReport.id).in_(ids))).all()}
+
+
+def _alarm(row: DriftReport | None) -> list[str]:
+    return [] if row is None else list(json.loads(row.alarm_features_json))
 
 
 @router.get("/drift", response_class=HTMLResponse)
@@ -75,7 +99,9 @@ def drift_page(request: Request, session: SessionDep, page: str | None = None,
                         .join(grouped, col(DriftReport.id) == grouped.c.id)
                         .order_by(col(DriftReport.id).desc())
                         .offset((number - 1) * PAIRS_PER_PAGE).limit(PAIRS_PER_PAGE)).all()
-    pairs = [{"r": r, "checks": n, "alarm": json.loads(r.alarm_features_json),
+    ran = _newest_ran(session, [r for r, _ in rows])
+    pairs = [{"r": r, "checks": n, "ran": ran.get((r.site_name, r.release_id)),
+              "alarm": _alarm(ran.get((r.site_name, r.release_id))),
               "href": f"{PORTAL_PREFIX}/drift/{r.site_name}/{r.release_id}"} for r, n in rows]
     filters = {"site": wanted_site, "release": wanted_release}
     return _page(request, "drift.html", user=user, pairs=pairs, total=total, page=number,
@@ -114,7 +140,8 @@ def drift_svg(*, checks: Sequence[DriftReport], psi_alarm: float, title: str) ->
                   if (v := getattr(row, key)) is not None]
         if points:
             model[key] = points
-    colours.update({"accuracy": "#2ca02c", "auc": "#9467bd"})
+    # Colours the feature curves never take: each legend entry names one curve.
+    colours.update({"accuracy": PALETTE[_CURVES], "auc": PALETTE[_CURVES + 1]})
     top = max([psi_alarm * 1.5, *(v for pts in psi.values() for _, v in pts)])
     names = [*shown, alarm_key, *model]
     height = 285 + 18 * ((len(names) + 3) // 4)
@@ -123,8 +150,9 @@ def drift_svg(*, checks: Sequence[DriftReport], psi_alarm: float, title: str) ->
              f"<title>{escape(title)}</title>",
              '<rect width="100%" height="100%" fill="white"/>']
     parts += panel(10, "PSI by check (most drifted features)", psi, colours,
-                    fixed_y=(0.0, top * 1.05))
-    parts += panel(360, "Accuracy and AUC by check", model, colours, fixed_y=(0.0, 1.0))
+                    fixed_y=(0.0, top * 1.05), x_label=_X_LABEL)
+    parts += panel(360, "Accuracy and AUC by check", model, colours, fixed_y=(0.0, 1.0),
+                    x_label=_X_LABEL)
     for i, name in enumerate(names):
         x, y = 20 + (i % 4) * 170, 292 + 18 * (i // 4)
         parts.append(f'<rect x="{x}" y="{y - 9}" width="12" height="12" '
@@ -161,6 +189,7 @@ def drift_pair_page(site: str, release: str, request: Request,
     latest = checks[-1]
     return _page(request, "drift_pair.html", user=user, site=site, release=release,
                  rows=_rows(checks), picture=picture, latest=latest,
-                 latest_alarm=json.loads(latest.alarm_features_json),
+                 latest_ran=ran[-1] if ran else None,
+                 latest_alarm=_alarm(ran[-1] if ran else None),
                  retrain=retraining_command(session, release) if any(c.alarm for c in ran)
                  else None, failed=sum(c.status != "ok" for c in checks))

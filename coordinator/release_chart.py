@@ -45,7 +45,21 @@ def _curves(metrics: Mapping[int, Mapping[str, Mapping[str, float]]], up_to_roun
 
 
 def panel(x0: float, title: str, series: Mapping[str, list[tuple[float, float]]],
-           colours: Mapping[str, str], *, fixed_y: tuple[float, float] | None) -> list[str]:
+           colours: Mapping[str, str], *, fixed_y: tuple[float, float] | None,
+           x_label: str = "model after round") -> list[str]:
+    """One 330 x 230 panel at ``x0``: a line and a dot per point of each series.
+
+    Args:
+        x0: The panel's left edge in the picture.
+        title: Shown above the panel; escaped.
+        series: Name -> (x, y) points; non-finite values are left out.
+        colours: Name -> stroke colour.
+        fixed_y: The y range, or None to fit the points.
+        x_label: What the x axis counts; escaped.
+
+    Returns:
+        SVG elements.
+    """
     w, h, top, left, bottom = 330.0, 230.0, 40.0, 45.0, 30.0
     px0, py0, pw, ph = x0 + left, top, w - left - 10, h - bottom
     out = [f'<text x="{x0 + w / 2:.1f}" y="22" text-anchor="middle" font-size="14" '
@@ -82,7 +96,7 @@ def panel(x0: float, title: str, series: Mapping[str, list[tuple[float, float]]]
         out.append(f'<text x="{sx(x):.1f}" y="{py0 + ph + 14:.1f}" text-anchor="middle" '
                    f'font-size="10">{x}</text>')
     out.append(f'<text x="{px0 + pw / 2:.1f}" y="{py0 + ph + 27:.1f}" text-anchor="middle" '
-               'font-size="10" fill="#444">model after round</text>')
+               f'font-size="10" fill="#444">{escape(x_label)}</text>')
     for site, pts in sorted(series.items()):
         good = sorted(p for p in pts if math.isfinite(p[1]))
         if not good:

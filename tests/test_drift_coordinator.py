@@ -1,5 +1,7 @@
 """Drift reports at the coordinator: storing, the alarm rule, the API, the CLI's source,
-the Prometheus gauges and the portal pages, over a real (migrated) SQLite database."""
+the Prometheus gauges and the portal pages, over a real (migrated) SQLite database; the
+portal pages also as a user sees them, in Debian's headless Chromium (driven by Playwright;
+never ``playwright install``)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from coordinator.models import (
 )
 from coordinator.portal import COOKIE_NAME
 from coordinator.settings import Settings
+
+from browser_support import CHROMIUM, CHROMIUM_ARGS
+from release_support import KNOWN_WARNINGS, PASSWORD, make_user
+from tests_support import served_app
 
 RELEASE = "onc-run1-round2-c1"
 FEATURES = ("mean_radius", "mean_texture", "worst_area")
@@ -211,3 +217,106 @@ def test_the_gateway_handler_answers_bad_bodies_and_stores_as_the_certified_site
     with Session(engine) as session:
         [row] = session.exec(select(DriftReport)).all()
     assert row.site_name == "hospital-b"
+
+
+# In the browser: per series of a drift picture (named by its legend), its points' count.
+_SERIES_POINTS = """svg => {
+  const named = {};
+  for (const text of svg.querySelectorAll('text')) {
+    const box = text.previousElementSibling;
+    if (box && box.tagName === 'rect' && box.getAttribute('width') === '12')
+      named[box.getAttribute('fill')] = text.textContent;
+  }
+  const out = {};
+  for (const line of svg.querySelectorAll('polyline'))
+    out[named[line.getAttribute('stroke')]] =
+      line.getAttribute('points').trim().split(/\\s+/).length;
+  return out;
+}"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at "
+                    "/usr/bin/chromium (apt-get install chromium)")
+@pytest.mark.timeout(120)
+@KNOWN_WARNINGS[0]
+@KNOWN_WARNINGS[1]
+def test_the_drift_pages_in_chromium(engine: Engine, tmp_path: Path) -> None:
+    # hospital-a: worst_area drifts away over four checks (in alarm from the third),
+    # outcomes arrived for three of them, and one check failed; hospital-b stays put.
+    def at(day: int, **extra: Any) -> dict[str, Any]:
+        return {"checked_at": f"2026-11-{day:02d}T06:00:00Z", **extra}
+
+    a_checks = [
+        report(psi={"worst_area": 0.02}, **at(1, accuracy=0.93, auc=0.97)),
+        report(psi={"worst_area": 0.12}, **at(8, accuracy=0.91, auc=0.95)),
+        report(psi={"worst_area": 0.31}, p={"worst_area": 1e-4},
+               **at(15, labelled=False, accuracy=None, auc=None)),
+        report(psi={"worst_area": 0.45}, p={"worst_area": 1e-6},
+               **at(22, accuracy=0.84, auc=0.88)),
+    ]
+    failed = {k: v for k, v in report(**at(29)).items()
+              if k in {"format", "version", "report_id", "release_id", "checked_at"}}
+    for doc in [*a_checks, {**failed, "status": "failed", "failure": "data-empty"}]:
+        store_report(engine, site="hospital-a", doc=doc, rule=AlarmRule())
+    for day in (2, 9, 16):
+        store_report(engine, site="hospital-b", doc=report(psi={"worst_area": 0.03},
+                                                           **at(day)), rule=AlarmRule())
+    make_user(engine, "ml_engineer", "eng")
+    with Session(engine) as session:
+        run_id = session.exec(select(Run.id)).one()
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    app = create_app(settings=Settings(home=tmp_path), engine=engine)
+    with served_app(app, name="drift-uvicorn") as port, sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            page = chromium.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(f"{base}/portal/drift")
+            assert "/portal/login" in page.url
+            page.fill("#name", "eng")
+            page.fill("#password", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/portal/drift")
+
+            # The overview: both pairs, the alarm for hospital-a's worst_area only.
+            a_row = page.locator(f"#drift-hospital-a-{RELEASE}")
+            b_row = page.locator(f"#drift-hospital-b-{RELEASE}")
+            assert page.locator("table[aria-label='Drift per site and release'] tbody tr"
+                                ).count() == 2
+            assert a_row.locator(".alarm").inner_text().split() == ["alarm", "worst_area"]
+            assert b_row.locator(".alarm").inner_text().strip() == ""
+            assert "data-empty" in a_row.inner_text()   # its newest check failed
+            assert a_row.locator("td").nth(2).inner_text() == "5"
+
+            # hospital-a's page, through the link: the alarm, the retraining proposal and
+            # the pictures, one point per check that ran (outcomes where they arrived).
+            a_row.locator("a").click()
+            page.wait_for_url(f"**/portal/drift/hospital-a/{RELEASE}")
+            alarm = page.locator("#alarm").inner_text()
+            assert "worst_area" in alarm and not any(f in alarm for f in FEATURES[:2])
+            assert page.locator("#retrain code").inner_text() == (
+                f"fedward-coordinator launch --from {run_id}")
+            picture = page.locator("figure.chart svg")
+            assert picture.count() == 1
+            assert picture.evaluate("svg => svg.getBoundingClientRect().width") > 300
+            assert picture.evaluate(_SERIES_POINTS) == {
+                "worst_area": 4, "mean_radius": 4, "mean_texture": 4, "alarm (0.25)": 2,
+                "accuracy": 3, "auc": 3}
+            text = picture.text_content()
+            assert "PSI by check" in text and "Accuracy and AUC by check" in text
+            assert "check (oldest first)" in text and "model after round" not in text
+            checks = page.locator("table[aria-label='Drift checks'] tbody tr")
+            assert checks.count() == 5 and "data-empty" in checks.nth(0).inner_text()
+            assert "worst_area" in checks.nth(1).inner_text()
+            assert checks.nth(2).inner_text().split("\t")[6:8] == ["–", "–"]  # no labels
+            page.screenshot(path=str(tmp_path / "drift-a.png"), full_page=True)
+
+            # hospital-b's page: its curves, no alarm, nothing to retrain.
+            page.goto(f"{base}/portal/drift/hospital-b/{RELEASE}")
+            assert page.locator("#alarm").count() == 0
+            assert page.locator("#retrain").count() == 0
+            assert page.locator("figure.chart svg").evaluate(_SERIES_POINTS)["worst_area"] == 3
+        finally:
+            chromium.close()
