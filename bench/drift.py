@@ -130,9 +130,10 @@ def check(pool: np.ndarray, columns: list[str], reference: Reference, *, rows: i
           ) -> dict[str, Any]:
     """One site's check, through the site's disclosure and the coordinator's alarm rule."""
     from coordinator.drift import AlarmRule, alarm_features
+    from fedward.drift_psi import bin_counts
     from site_agent.drift import DriftResult, disclose
     from site_agent.drift_policy import DriftDisclosure
-    from site_agent.drift_stats import bin_counts, feature_score
+    from site_agent.drift_stats import feature_score
 
     x = pool[rng.integers(0, len(pool), rows)].copy()
     for j, delta in shift.items():

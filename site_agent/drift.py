@@ -32,6 +32,7 @@ import numpy as np
 
 from export.bundle_format import SERVING_FILE, BundleError
 from export.bundle_verify import VerifiedBundle, verify_bundle
+from fedward.drift_psi import bin_counts
 from fedward.drift_wire import REPORT_FORMAT, REPORT_VERSION
 from fedward.reference import Reference, ReferenceFeature, parse_reference
 from fedward.statistics import REFERENCE_FILE
@@ -44,7 +45,6 @@ from site_agent.drift_stats import (
     SCORE_BINS,
     FeatureScore,
     auc_from_histograms,
-    bin_counts,
     feature_score,
     row_bucket,
 )

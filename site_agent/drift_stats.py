@@ -29,10 +29,10 @@ from typing import Final
 import numpy as np
 from scipy.stats import chi2
 
-from fedward.drift_psi import PSI_FLOOR, bin_counts, noise_floor, psi
+from fedward.drift_psi import noise_floor, psi
 
-__all__ = ["PSI_FLOOR", "ROW_BUCKETS", "SCORE_BINS", "FeatureScore", "auc_from_histograms",
-           "bin_counts", "chi_square", "feature_score", "psi", "row_bucket"]
+__all__ = ["ROW_BUCKETS", "SCORE_BINS", "FeatureScore", "auc_from_histograms", "chi_square",
+           "feature_score", "row_bucket"]
 
 SCORE_BINS: Final = 20
 # What leaves about how many rows a check read: a bucket, never the count.

@@ -38,7 +38,7 @@ def dp_reference(sites: Sequence[np.ndarray], *, task: str = "breast_cancer_mlp"
                  epsilon: float = 1.0) -> dict[str, Any]:
     """The reference statistics of ``sites`` (each an (n, features) array in the task's
     column order), from DP-noised per-site histograms only."""
-    from site_agent.drift_stats import bin_counts
+    from fedward.drift_psi import bin_counts
 
     rng = np.random.default_rng(seed)
     columns = list(get_task(task).feature_columns)

@@ -21,6 +21,7 @@ import pytest
 from drift_support import dp_reference, make_release, release_key
 from scipy.stats import chi2_contingency
 
+from fedward.drift_psi import PSI_FLOOR, psi
 from fedward.drift_wire import report_problems
 from site_agent.config import SiteConfig
 from site_agent.data_schema import load_schema
@@ -28,7 +29,7 @@ from site_agent.datasets import read_labeled_csv, write_demo_federation
 from site_agent.drift import DriftCheckError, DriftResult, disclose, run_check
 from site_agent.drift_policy import DriftDisclosure, DriftSchedule
 from site_agent.drift_rows import recent_data
-from site_agent.drift_stats import PSI_FLOOR, auc_from_histograms, chi_square, psi, row_bucket
+from site_agent.drift_stats import auc_from_histograms, chi_square, row_bucket
 from site_agent.egress import EgressViolation, check_drift_report
 from site_agent.policy import SitePolicy
 
