@@ -191,5 +191,7 @@ def drift_pair_page(site: str, release: str, request: Request,
                  rows=_rows(checks), picture=picture, latest=latest,
                  latest_ran=ran[-1] if ran else None,
                  latest_alarm=_alarm(ran[-1] if ran else None),
-                 retrain=retraining_command(session, release) if any(c.alarm for c in ran)
+                 # Proposed while the alarm stands (the newest check that ran is in alarm),
+                 # not for a drift that has since subsided.
+                 retrain=retraining_command(session, release) if ran and ran[-1].alarm
                  else None, failed=sum(c.status != "ok" for c in checks))

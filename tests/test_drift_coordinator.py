@@ -195,6 +195,10 @@ def test_api_cli_source_metrics_and_portal(engine: Engine, tmp_path: Path) -> No
     assert client.get("/portal/drift/hospital-c/nothing", headers=cookie).status_code == 404
     with Session(engine) as session:
         assert session.exec(select(User).where(User.name == "eng")).one()
+    # A later quiet check: the drift has subsided, nothing is proposed any more.
+    store_report(engine, site="hospital-a", doc=report(), rule=AlarmRule())
+    pair = client.get(f"/portal/drift/hospital-a/{RELEASE}", headers=cookie)
+    assert pair.status_code == 200 and 'id="retrain"' not in pair.text
 
 
 def test_the_gateway_handler_answers_bad_bodies_and_stores_as_the_certified_site(
