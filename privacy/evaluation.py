@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from privacy.labelled_data import labelled_tensors
+from privacy.roc_auc import binary_auc
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -39,10 +39,10 @@ def _auc(y: np.ndarray, probs: np.ndarray) -> float:
     if len(present) < 2:
         return math.nan  # AUC needs both positives and negatives
     if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
+        return float(binary_auc(y, probs[:, 1]))
     # One-vs-rest macro average, over the classes present in y (the definition sklearn's
     # multi_class="ovr" uses, which refuses outright when a class is missing).
-    return float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
+    return float(np.mean([binary_auc(y == c, probs[:, c]) for c in present]))
 
 
 def evaluate(*, model: nn.Module, features: np.ndarray, labels: np.ndarray) -> EvalResult:

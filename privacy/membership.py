@@ -33,8 +33,9 @@ from typing import Final
 import numpy as np
 import torch
 from scipy.stats import beta
-from sklearn.metrics import roc_auc_score
 from torch import nn
+
+from privacy.roc_auc import binary_auc
 
 __all__ = [
     "AUC_STEP",
@@ -217,8 +218,8 @@ def audit_membership(*, model: nn.Module, train_x: np.ndarray, train_y: np.ndarr
     loss_scores = -np.concatenate([m_loss, n_loss])
     cal_m = _calibrated(m_loss, my, n_loss, np.asarray(test_y))
     cal_n = _calibrated(n_loss, np.asarray(test_y), n_loss, np.asarray(test_y))
-    loss_auc = float(roc_auc_score(truth, loss_scores))
-    cal_auc = float(roc_auc_score(truth, np.concatenate([cal_m, cal_n])))
+    loss_auc = float(binary_auc(truth, loss_scores))
+    cal_auc = float(binary_auc(truth, np.concatenate([cal_m, cal_n])))
     bound = max(epsilon_lower_bound(-m_loss, -n_loss, delta=delta, seed=seed),
                 epsilon_lower_bound(cal_m, cal_n, delta=delta, seed=seed))
     return MembershipAudit(loss_auc=loss_auc, calibrated_auc=cal_auc,

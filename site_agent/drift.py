@@ -37,6 +37,7 @@ from fedward.drift_wire import REPORT_FORMAT, REPORT_VERSION
 from fedward.reference import Reference, ReferenceFeature, parse_reference
 from fedward.statistics import REFERENCE_FILE
 from privacy.mechanisms import GaussianRelease, LaplaceRelease, Mechanism
+from privacy.roc_auc import binary_auc
 from site_agent.data_schema import DataSchema
 from site_agent.drift_errors import DriftCheckError
 from site_agent.drift_policy import DriftDisclosure
@@ -124,8 +125,6 @@ class DriftResult:
 def _model_figures(bundle: VerifiedBundle, x: np.ndarray, y: np.ndarray
                    ) -> tuple[int, np.ndarray | None, float, float | None]:
     """Correct predictions, class score histograms, accuracy, AUC of the bundle's model."""
-    from sklearn.metrics import roc_auc_score
-
     from export.parity import load_onnx_bytes
 
     try:
@@ -141,7 +140,7 @@ def _model_figures(bundle: VerifiedBundle, x: np.ndarray, y: np.ndarray
         return correct, None, correct / len(y), None
     edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
     hist = np.stack([bin_counts(probs[y == c, 1], edges) for c in (0, 1)])
-    auc = float(roc_auc_score(y, probs[:, 1])) if len(set(y.tolist())) == 2 else None
+    auc = float(binary_auc(y, probs[:, 1])) if len(set(y.tolist())) == 2 else None
     return correct, hist, correct / len(y), auc
 
 
