@@ -8,9 +8,10 @@ gateway, which are public by design, may answer. The ServerApp's runtime task to
 any account can read in its command line, leads nowhere. The site's directory is private to
 its account, and a second agent on it is refused without breaking the first. Then the
 process trees: after a SIGKILL of the coordinator and after a normal stop, none of the
-processes it started (SuperLink, SuperExec, ServerApp) is left. Last, the database
-password is in no Flower process's environment or command line, while the ServerApp still
-records rounds in PostgreSQL.
+processes it started (SuperLink, SuperExec, ServerApp) is left, on a coordinator whose
+database is PostgreSQL: the database password is in no Flower process's environment or
+command line, before the kill and after the restart, while the ServerApp still records
+rounds in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -303,46 +304,20 @@ def _describe(pids: set[int]) -> dict[int, str]:
     return out
 
 
-def test_nothing_the_coordinator_started_outlives_a_sigkill_or_a_stop() -> None:
-    with short_tmp() as work, federation(work, n_sites=1) as fed:
-        s = fed.data["sites"][0]
-        fed.add_site(s["name"], s["csv"], s["schema"])
-        fed.start_site(s["name"])
-        fed.wait_online(1)
-        run_id = fed.launch(task="breast_cancer_mlp", rounds=40, local_epochs=1, epsilon=8.0,
-                            min_sites=1, round_deadline_s=60)
-        _wait_rounds(fed, run_id, 1)
-        coordinator = _coordinator_python(fed)
-        started = set(descendants(coordinator))
-        assert _serverapps(started), "expected the run's ServerApp"
-        os.kill(coordinator, signal.SIGKILL)
-        deadline = time.monotonic() + 2.0
-        while _alive(started) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = _describe(_alive(started))
-        assert not left, f"alive 2 s after the coordinator was killed: {left}"
-        fed.coordinator.wait(timeout=10)
-
-        fed.restart_coordinator()
-        deadline = time.monotonic() + 90
-        while not _serverapps(set(descendants(fed.coordinator.pid))):
-            assert time.monotonic() < deadline, "the run was not resumed"
-            time.sleep(0.3)
-        coordinator = _coordinator_python(fed)
-        started = set(descendants(coordinator))
-        before = _describe(started)
-        os.kill(coordinator, signal.SIGTERM)
-        code = fed.coordinator.wait(timeout=30)
-        left = _describe(_alive(started))
-        assert not left, (f"alive after the coordinator stopped: {left}; before the stop: "
-                          f"{before}; coordinator log:\n"
-                          + (work / "coordinator.log").read_text()[-4000:])
-        # 0, not killed by the signal: the coordinator stopped its Flower processes itself
-        # rather than leaving them to die of their parent's death after it had gone.
-        assert code == 0, f"the coordinator exited {code} on SIGTERM"
+def _no_flower_process_holds(secret: str, pids: set[int]) -> None:
+    for pid in pids:
+        for what in ("environ", "cmdline"):
+            try:
+                data = Path(f"/proc/{pid}/{what}").read_bytes()
+            except OSError:
+                continue
+            assert secret.encode() not in data, (pid, what, _cmdline(pid)[:2])
 
 
-def test_no_flower_process_gets_the_database_password() -> None:
+def test_no_flower_process_gets_the_database_password_or_outlives_a_sigkill_or_a_stop(
+        ) -> None:
+    # One federation for both checks (each used to start its own): a coordinator on
+    # PostgreSQL whose URL holds a password, with a run in flight.
     from pg import postgres_server
 
     secret = "wt-Secret-7f3a"
@@ -353,23 +328,48 @@ def test_no_flower_process_gets_the_database_password() -> None:
             fed.add_site(s["name"], s["csv"], s["schema"])
             fed.start_site(s["name"])
             fed.wait_online(1)
-            run_id = fed.launch(task="breast_cancer_mlp", rounds=30, local_epochs=1,
+            run_id = fed.launch(task="breast_cancer_mlp", rounds=40, local_epochs=1,
                                 epsilon=8.0, min_sites=1, round_deadline_s=60)
-            # Rounds recorded: the ServerApp reached PostgreSQL from its namespace.
+            # Rounds recorded: the ServerApp reached PostgreSQL from its namespace, and no
+            # Flower process holds the password (it reads it from a 0600 file).
             _wait_rounds(fed, run_id, 1)
             coordinator = _coordinator_python(fed)
-            flower = set(descendants(coordinator))
-            assert _serverapps(flower)
-            for pid in flower:
-                for what in ("environ", "cmdline"):
-                    try:
-                        data = Path(f"/proc/{pid}/{what}").read_bytes()
-                    except OSError:
-                        continue
-                    assert secret.encode() not in data, (pid, what, _cmdline(pid)[:2])
+            started = set(descendants(coordinator))
+            assert _serverapps(started), "expected the run's ServerApp"
+            _no_flower_process_holds(secret, started)
             url_file = fed.home / "run" / "serverapp-database.url"
             assert url_file.stat().st_mode & 0o777 == 0o600
             assert secret in url_file.read_text()
+
+            # A SIGKILL of the coordinator leaves none of its Flower processes behind.
+            os.kill(coordinator, signal.SIGKILL)
+            deadline = time.monotonic() + 2.0
+            while _alive(started) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = _describe(_alive(started))
+            assert not left, f"alive 2 s after the coordinator was killed: {left}"
+            fed.coordinator.wait(timeout=10)
+
+            # Restarted, it resumes the run; a normal stop then ends everything it started.
+            fed.restart_coordinator()
+            deadline = time.monotonic() + 90
+            while not _serverapps(set(descendants(fed.coordinator.pid))):
+                assert time.monotonic() < deadline, "the run was not resumed"
+                time.sleep(0.3)
+            coordinator = _coordinator_python(fed)
+            started = set(descendants(coordinator))
+            _no_flower_process_holds(secret, started)
+            before = _describe(started)
+            os.kill(coordinator, signal.SIGTERM)
+            code = fed.coordinator.wait(timeout=30)
+            left = _describe(_alive(started))
+            assert not left, (f"alive after the coordinator stopped: {left}; before the stop: "
+                              f"{before}; coordinator log:\n"
+                              + (work / "coordinator.log").read_text()[-4000:])
+            # 0, not killed by the signal: the coordinator stopped its Flower processes
+            # itself rather than leaving them to die of their parent's death after it had
+            # gone.
+            assert code == 0, f"the coordinator exited {code} on SIGTERM"
 
 
 def test_a_sandbox_that_cannot_have_namespaces_says_what_to_allow() -> None:
