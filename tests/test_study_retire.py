@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 from alembic import command
+from rich.console import Console
 from sqlalchemy import Engine, func, inspect, text
 from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
 from coordinator import cli as coordinator_cli
+from coordinator import study_cli
 from coordinator.db import alembic_config, make_engine, run_migrations
 from coordinator.models import AuditEvent, Project, Run, Study
 from coordinator.study_registry import plan_task
@@ -53,6 +55,9 @@ def cli(client: TestClient, eng: dict[str, str], monkeypatch: pytest.MonkeyPatch
         ) -> Callable[..., Any]:
     """Runs ``fedward-coordinator`` against the app in process, as the ML engineer."""
     monkeypatch.setattr(coordinator_cli, "api_client", lambda *_a: cli_client(client, eng))
+    # Wide enough for the listing's columns whatever COLUMNS the test process had when the
+    # module's console was made (rich reads it once; xdist workers differ from pytest -s).
+    monkeypatch.setattr(study_cli, "console", Console(width=250))
 
     def run(*args: str, code: int = 0) -> str:
         out = CliRunner(env={"COLUMNS": "250"}).invoke(coordinator_cli.app, list(args))
