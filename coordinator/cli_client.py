@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from coordinator.settings import Settings, load_settings
+from coordinator.settings import Settings, SettingsError, load_settings
 
 __all__ = ["ADMIN_TOKEN_FILE", "Api", "ApiClient", "ClientFactory", "CoordinatorUnreachable",
            "api_client", "fail", "settings_for"]
@@ -26,8 +26,12 @@ err_console = Console(stderr=True)
 
 
 def settings_for(home: Path | None) -> Settings:
-    """The coordinator's settings for a ``--home`` option (None: the default home)."""
-    return load_settings(home.expanduser().resolve() if home else None)
+    """The coordinator's settings for a ``--home`` option (None: the default home); a bad
+    ``FEDWARD_*`` variable is one error line and exit status 2, not a traceback."""
+    try:
+        return load_settings(home.expanduser().resolve() if home else None)
+    except SettingsError as err:
+        fail(str(err), code=2)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

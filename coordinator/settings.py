@@ -10,15 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coordinator.mlflow_names import check_alias, check_name_template, check_tracking_uri
 from fedward.drift_psi import PSI_ALARM
 
-__all__ = ["DEFAULT_HOME", "Settings", "load_settings"]
+__all__ = ["DEFAULT_HOME", "Settings", "SettingsError", "load_settings"]
 
 DEFAULT_HOME = Path("~/.fedward/coordinator")
+
+
+class SettingsError(ValueError):
+    """A ``FEDWARD_*`` variable holds a value the coordinator cannot use; the message names
+    each such variable and what it must be."""
 
 
 class Settings(BaseSettings):
@@ -141,7 +146,18 @@ def load_settings(home: Path | None = None) -> Settings:
 
     Returns:
         The settings. Nothing is created on disk.
+
+    Raises:
+        SettingsError: a variable holds a bad value (its value is not repeated: a database
+            URL may hold a password).
     """
-    if home is None:
-        return Settings()
-    return Settings(home=home)
+    try:
+        return Settings() if home is None else Settings(home=home)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"FEDWARD_{'_'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            for e in err.errors())
+        raise SettingsError(
+            f"bad coordinator setting: {problems}. Correct or unset it in the environment "
+            "(for the coordinator service: its systemd unit or container) and start "
+            "again") from None

@@ -12,6 +12,7 @@ Needs ``/usr/bin/chromium`` and the ``playwright`` package; never ``playwright i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from sqlmodel import select
 from coordinator.api import create_app
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.models import Project, Run, Site, SiteCertificate, utcnow
-from coordinator.portal_dashboard import RUNS_PER_PAGE
+from coordinator.portal_dashboard import RUNS_PER_PAGE, duration
 from coordinator.repository import finish_run, mark_run_started
 from coordinator.round_records import finish_round, record_site_metrics, start_round
 from coordinator.run_audit import record_admission
@@ -126,11 +127,19 @@ def _seed(engine: Engine) -> tuple[int, int, int]:
                  late=[], seconds=120.0)
     finish_run(engine, failed, status="failed",
                reason="round 2: 1 usable updates, the run needs at least 2")
+    with session_scope(engine) as session:  # it ran 1 h 23 min 20 s before it failed
+        row = session.get(Run, failed)
+        assert row is not None and row.finished_at is not None
+        row.started_at = row.finished_at - timedelta(hours=1, minutes=23, seconds=20)
 
     live = _new_run(engine, "cardio", rounds=6)
     cardio += 1
     mark_run_started(engine, live, "7001")
     since = (utcnow() - timedelta(minutes=7)).replace(microsecond=0)
+    with session_scope(engine) as session:  # it started when its admission did
+        row = session.get(Run, live)
+        assert row is not None
+        row.started_at = since
     record_admission(engine, live, action="run.admitted", detail={
         "state": "admitted", "accepted": ["hospital-a", "hospital-b"],
         "waiting": {"hospital-c": {"since": since.isoformat(),
@@ -263,9 +272,20 @@ def test_a_live_run_shows_progress_waiting_sites_curves_epsilon_and_failures(
         seeded: Seeded, browser: Any, tmp_path: Path) -> None:
     page = browser.new_page()
     page.set_default_timeout(15_000)
+    before = utcnow()
     _login(page, seeded.base, "rev", f"/portal/runs/{seeded.live}")
+    after = utcnow()
 
     assert page.locator("#status").inner_text() == "running"
+    # Elapsed: now minus the recorded start (7 minutes before the seed, and more since).
+    with session_scope(seeded.engine) as session:
+        live, failed = session.get(Run, seeded.live), session.get(Run, seeded.failed)
+        assert live is not None and live.started_at is not None
+        assert failed is not None and failed.started_at and failed.finished_at
+    low, high = ((t - live.started_at).total_seconds() for t in (before, after))
+    assert low >= 7 * 60
+    assert page.locator("#elapsed").inner_text() in {
+        duration(s) for s in range(int(low), math.ceil(high) + 1)}
     assert "Round 4 of 6" in page.locator("#progress").inner_text()
     assert "(3 completed)" in page.locator("#progress").inner_text()
     # It reloads itself while it runs (no script: a meta refresh).
@@ -295,6 +315,9 @@ def test_a_live_run_shows_progress_waiting_sites_curves_epsilon_and_failures(
 
     page.goto(f"{seeded.base}/portal/runs/{seeded.failed}")
     assert "round 2: 1 usable updates" in page.locator("#failure").inner_text()
+    # An ended run: its end minus its start, however long ago it ended.
+    assert page.locator("#elapsed").inner_text() == "1 h 23 min" == duration(
+        (failed.finished_at - failed.started_at).total_seconds())
     failures = page.locator("table[aria-label='Failures'] tbody tr")
     assert "validate" in failures.nth(0).inner_text()
     assert "update norm 83.1 exceeds the bound 10.0" in failures.nth(0).inner_text()
@@ -303,15 +326,15 @@ def test_a_live_run_shows_progress_waiting_sites_curves_epsilon_and_failures(
 
 @pytest.mark.timeout(180)
 def test_sites_page_and_who_sees_what(seeded: Seeded, browser: Any, tmp_path: Path) -> None:
-    from coordinator.presence import Presence
+    from coordinator.presence import Presence, last_seen
 
     # hospital-a was heard from just now (as the gateway records it), hospital-b an hour ago.
-    recent = Presence(seeded.engine)
-    recent.seen("hospital-a")
-    recent.flush(force=True)
-    old = Presence(seeded.engine, clock=lambda: utcnow() - timedelta(hours=1))
-    old.seen("hospital-b")
-    old.flush(force=True)
+    now = utcnow().replace(microsecond=0)
+    seen = {"hospital-a": now, "hospital-b": now - timedelta(hours=1)}
+    for name, at in seen.items():
+        presence = Presence(seeded.engine, clock=lambda at=at: at)
+        presence.seen(name)
+        presence.flush(force=True)
     # Versions as hospital-a's agent reported them; hospital-b's row holds markup written
     # straight into the table (the format check stops it on every channel): shown as text.
     from coordinator.site_versions import note_versions
@@ -337,6 +360,13 @@ def test_sites_page_and_who_sees_what(seeded: Seeded, browser: Any, tmp_path: Pa
     assert "online" in a.locator(".presence").inner_text()
     assert "offline" in page.locator("#site-hospital-b .presence").inner_text()
     assert "never" in page.locator("#site-hospital-d .presence").inner_text()
+    # The last contact the table holds, to the second, online or not.
+    with session_scope(seeded.engine) as session:
+        assert {s: last_seen(session)[s] for s in seen} == seen
+    for name, at in seen.items():
+        assert f"last seen {at:%Y-%m-%d %H:%M:%S} UTC" in page.locator(
+            f"#site-{name} .presence").inner_text()
+    assert "last seen never" in page.locator("#site-hospital-d .presence").inner_text()
     assert "registered" in a.inner_text()
     assert "(199 days)" in a.locator(".expiry").inner_text()
     assert "4 days left" in page.locator("#site-hospital-b .expiry").inner_text()

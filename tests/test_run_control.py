@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
+from typer.testing import CliRunner
 
+from coordinator import cli as coordinator_cli
 from coordinator import run_cli
 from coordinator.api import create_app
 from coordinator.models import Run
 from coordinator.repository import cancel_request, finish_run, mark_run_started
 from coordinator.run_control import enforce_cancellations
-from coordinator.settings import Settings
+from coordinator.settings import Settings, SettingsError, load_settings
 from fedward.flower.control import FlowerRunState
 
 from api_support import FakeLauncher, TestClient, api, run_body, setup_registered_sites
@@ -154,6 +156,44 @@ def test_run_limits_refuse_with_the_limit_and_the_runs_holding_it(
     assert len(launcher.launched) == 3
     finish_run(engine, first, status="cancelled", reason="cancelled")
     assert client.post(api("/runs"), json=run_body(), headers=headers).status_code == 201
+
+
+def test_run_limits_default_to_4_and_2_and_the_documented_variables_set_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs, per_project = "FEDWARD_MAX_CONCURRENT_RUNS", "FEDWARD_MAX_CONCURRENT_RUNS_PER_PROJECT"
+    guide = " ".join((Path(__file__).parents[1] / "docs" / "ml-team-guide.md").read_text()
+                     .split())
+    assert f"`{runs}` (default 4)" in guide and f"`{per_project}` (default 2)" in guide
+    for var in (runs, per_project):
+        monkeypatch.delenv(var, raising=False)
+    limits = load_settings(tmp_path)
+    assert (limits.max_concurrent_runs, limits.max_concurrent_runs_per_project) == (4, 2)
+    monkeypatch.setenv(runs, "9")
+    monkeypatch.setenv(per_project, "3")
+    limits = load_settings(tmp_path)
+    assert (limits.max_concurrent_runs, limits.max_concurrent_runs_per_project) == (9, 3)
+
+    # A bad value: refused, naming the variable and what it must be.
+    for var, value, must in [(runs, "0", "Input should be greater than or equal to 1"),
+                             (runs, "1001", "Input should be less than or equal to 1000"),
+                             (per_project, "two", "Input should be a valid integer, unable "
+                                                  "to parse string as an integer")]:
+        monkeypatch.setenv(runs, "4")
+        monkeypatch.setenv(per_project, "2")
+        monkeypatch.setenv(var, value)
+        with pytest.raises(SettingsError) as refused:
+            load_settings(tmp_path)
+        assert str(refused.value) == (
+            f"bad coordinator setting: {var}: {must}. Correct or unset it in the environment "
+            "(for the coordinator service: its systemd unit or container) and start again")
+    # The command line says it in one line, exit status 2, and creates nothing.
+    home = tmp_path / "home"
+    out = CliRunner(env={"COLUMNS": "250", runs: "0", per_project: "2"}).invoke(
+        coordinator_cli.app, ["init", "--home", str(home)])
+    assert out.exit_code == 2, out.output
+    assert out.output.startswith(f"error: bad coordinator setting: {runs}: Input should be "
+                                 "greater than or equal to 1. Correct or unset it")
+    assert len(out.output.splitlines()) == 1 and not home.exists()
 
 
 class _Control:

@@ -2,7 +2,8 @@
 SQLite database. A retired version stays listed with who retired it and why; its runs go
 on; a new launch naming it, and ``launch --from`` a run that pinned it, are refused (409,
 nothing written) with the reason and the version to launch instead. The migration that
-adds the columns upgrades a database made at the previous head.
+adds the columns upgrades a database made at the previous head. ``launch --from`` a run
+of a version still in use launches that version again, even once a newer one exists.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from coordinator import cli as coordinator_cli
 from coordinator import study_cli
 from coordinator.db import alembic_config, make_engine, run_migrations
 from coordinator.models import AuditEvent, Project, Run, Study
+from coordinator.repository import finish_run
 from coordinator.study_registry import plan_task
 from fedward.run_config import RunPlan
 
@@ -258,6 +260,44 @@ def test_the_cli_retires_lists_and_refuses_a_relaunch_with_the_version_to_use(
         f"(`fedward-coordinator launch --from {run_id} --study readmission@VERSION`)")
     with Session(engine) as session:
         assert session.exec(select(func.count()).select_from(Run)).one() == before[0] + 1
+
+
+def test_a_relaunch_keeps_the_recorded_study_version_after_a_newer_one_is_registered(
+        client: TestClient, eng: dict[str, str], engine: Engine, cli: Callable[..., str]
+        ) -> None:
+    def pinned(run_id: int) -> tuple[str, str, dict[str, Any]]:
+        # As the coordinator recorded it: what the ServerApp and the sites are given.
+        with Session(engine) as session:
+            run = session.get(Run, run_id)
+            assert run is not None
+            config = json.loads(run.config_json)
+        return config.pop("study"), config.pop("study_hash"), config
+
+    v2 = client.get(api("/studies/readmission@2"), headers=eng).json()
+    first = _launch(client, eng, study="readmission")   # NAME alone: the newest, version 2
+    assert first.status_code == 201, first.text
+    run_id = first.json()["id"]
+    study, digest, recorded = pinned(run_id)
+    assert (study, digest) == ("readmission@2", v2["hash"])
+    # Meanwhile a newer version is registered, and the run ends.
+    v3 = register(client, eng, spec=readmission(metrics=["accuracy"])).json()
+    assert v3["ref"] == "readmission@3" and v3["hash"] != v2["hash"]
+    finish_run(engine, run_id, status="completed", reason=None)
+
+    # Launched again with one setting changed: version 2 and its hash, the rest as recorded.
+    again = json.loads(cli("launch", "--from", str(run_id), "--rounds", "3", "--json"))
+    assert again["id"] != run_id
+    study, digest, config = pinned(again["id"])
+    assert (study, digest) == ("readmission@2", v2["hash"])
+    assert config == {**recorded, "rounds": 3}
+    assert (config["lr"], config["sites"]) == (0.25, ["site-a"])   # version 2's lr
+    finish_run(engine, again["id"], status="completed", reason=None)
+    # --study chooses another version: the newest, pinned by its own hash.
+    newest = json.loads(cli("launch", "--from", str(run_id), "--study", "readmission@3",
+                            "--json"))
+    study, digest, config = pinned(newest["id"])
+    assert (study, digest) == ("readmission@3", v3["hash"])
+    assert config["rounds"] == recorded["rounds"] == 2
 
 
 def test_the_migration_upgrades_a_database_of_the_previous_head(tmp_path: Path) -> None:
