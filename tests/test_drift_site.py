@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 from drift_support import dp_reference, make_release, release_key
+from scipy.special import softmax
 from scipy.stats import chi2_contingency
+from sklearn.metrics import roc_auc_score
 
 from fedward.drift_psi import PSI_FLOOR, psi
 from fedward.drift_wire import report_problems
@@ -31,7 +33,7 @@ from site_agent.datasets import read_labeled_csv, write_demo_federation
 from site_agent.drift import DriftCheckError, DriftResult, disclose, run_check
 from site_agent.drift_policy import DriftDisclosure, DriftSchedule
 from site_agent.drift_rows import recent_data
-from site_agent.drift_stats import auc_from_histograms, chi_square, row_bucket
+from site_agent.drift_stats import SCORE_BINS, auc_from_histograms, chi_square, row_bucket
 from site_agent.egress import EgressViolation, check_drift_report
 from site_agent.policy import SitePolicy
 
@@ -136,7 +138,24 @@ def test_a_check_of_a_real_release_scores_every_feature_and_the_model(setup: Sit
     x, y = read_labeled_csv(csv_path=setup.csv, task=TASK)
     logits = load_onnx_bytes((setup.bundle / "model.onnx").read_bytes())(x)
     assert result.accuracy == pytest.approx(float((logits.argmax(axis=1) == y).mean()))
-    assert result.auc is not None and 0 <= result.auc <= 1
+    # The AUC at the site is the exact AUC of the model's class-1 probability, as
+    # scikit-learn computes it (the product uses privacy.roc_auc's numpy version).
+    probs = softmax(np.asarray(logits, dtype=np.float64), axis=1)[:, 1]
+    assert result.auc == pytest.approx(float(roc_auc_score(y, probs)), abs=1e-12)
+    assert len(np.unique(probs)) > len(probs) // 2   # scores to rank, not one tie
+    # What leaves is computed from the class score histograms (SCORE_BINS equal bins of that
+    # probability, the counts noise is added to), ties within a bin as half: unnoised, it
+    # is scikit-learn's AUC of the bin index, to the report's six digits; and it differs
+    # from the exact AUC by at most half the share of (positive, negative) pairs that
+    # share a bin, the only pairs whose order binning hides.
+    edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+    bins = np.clip(np.searchsorted(edges, probs, side="right") - 1, 0, SCORE_BINS - 1)
+    binned = float(roc_auc_score(y, bins))
+    report, _ = disclose(result, DriftDisclosure(disclosure="unnoised"))
+    assert report["auc"] == pytest.approx(binned, rel=1e-5)
+    same_bin = sum(int(np.sum((bins == b) & (y == 0))) * int(np.sum((bins == b) & (y == 1)))
+                   for b in range(SCORE_BINS))
+    assert abs(binned - result.auc) <= 0.5 * same_bin / float(np.sum(y == 0) * np.sum(y == 1))
 
 
 def test_a_shifted_feature_drifts_and_the_others_do_not(setup: SiteSetup,
