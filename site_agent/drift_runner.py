@@ -19,6 +19,7 @@ import json
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -274,10 +275,22 @@ class DriftScheduler:
     """The agent's drift schedule: a check every ``interval_s``, queued reports sent every
     :data:`SEND_EVERY_S` seconds (and right after each check)."""
 
-    def __init__(self, root: Path, schedule: DriftSchedule) -> None:
+    def __init__(self, root: Path, schedule: DriftSchedule, *,
+                 wait: Callable[[threading.Event, float], bool] = threading.Event.wait
+                 ) -> None:
+        """The schedule of the site at ``root``; :meth:`start` runs it.
+
+        Args:
+            root: The site's data directory.
+            schedule: What to check; its ``interval_s`` is set.
+            wait: How the loop waits ``seconds`` of the schedule, given the stop event:
+                True once the agent stops. Default: the event's own wait, in real seconds
+                (tests pass a faster clock, to see the schedule without waiting for it).
+        """
         assert schedule.interval_s is not None
         self.root = root
         self.schedule = schedule
+        self._wait = wait
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="drift", daemon=True)
 
@@ -313,6 +326,6 @@ class DriftScheduler:
             except Exception:
                 log.exception("drift reports could not be sent; kept for later")
             wait = min(SEND_EVERY_S, max(1.0, next_check - elapsed))
-            if self._stop.wait(wait):
+            if self._wait(self._stop, wait):
                 return
             elapsed += wait

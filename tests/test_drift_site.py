@@ -11,15 +11,19 @@ import json
 import logging
 import math
 import shutil
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from drift_support import dp_reference, make_release, release_key
+from scipy.special import softmax
 from scipy.stats import chi2_contingency
+from sklearn.metrics import roc_auc_score
 
 from fedward.drift_psi import PSI_FLOOR, psi
 from fedward.drift_wire import report_problems
@@ -29,7 +33,7 @@ from site_agent.datasets import read_labeled_csv, write_demo_federation
 from site_agent.drift import DriftCheckError, DriftResult, disclose, run_check
 from site_agent.drift_policy import DriftDisclosure, DriftSchedule
 from site_agent.drift_rows import recent_data
-from site_agent.drift_stats import auc_from_histograms, chi_square, row_bucket
+from site_agent.drift_stats import SCORE_BINS, auc_from_histograms, chi_square, row_bucket
 from site_agent.egress import EgressViolation, check_drift_report
 from site_agent.policy import SitePolicy
 
@@ -134,7 +138,24 @@ def test_a_check_of_a_real_release_scores_every_feature_and_the_model(setup: Sit
     x, y = read_labeled_csv(csv_path=setup.csv, task=TASK)
     logits = load_onnx_bytes((setup.bundle / "model.onnx").read_bytes())(x)
     assert result.accuracy == pytest.approx(float((logits.argmax(axis=1) == y).mean()))
-    assert result.auc is not None and 0 <= result.auc <= 1
+    # The AUC at the site is the exact AUC of the model's class-1 probability, as
+    # scikit-learn computes it (the product uses privacy.roc_auc's numpy version).
+    probs = softmax(np.asarray(logits, dtype=np.float64), axis=1)[:, 1]
+    assert result.auc == pytest.approx(float(roc_auc_score(y, probs)), abs=1e-12)
+    assert len(np.unique(probs)) > len(probs) // 2   # scores to rank, not one tie
+    # What leaves is computed from the class score histograms (SCORE_BINS equal bins of that
+    # probability, the counts noise is added to), ties within a bin as half: unnoised, it
+    # is scikit-learn's AUC of the bin index, to the report's six digits; and it differs
+    # from the exact AUC by at most half the share of (positive, negative) pairs that
+    # share a bin, the only pairs whose order binning hides.
+    edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+    bins = np.clip(np.searchsorted(edges, probs, side="right") - 1, 0, SCORE_BINS - 1)
+    binned = float(roc_auc_score(y, bins))
+    report, _ = disclose(result, DriftDisclosure(disclosure="unnoised"))
+    assert report["auc"] == pytest.approx(binned, rel=1e-5)
+    same_bin = sum(int(np.sum((bins == b) & (y == 0))) * int(np.sum((bins == b) & (y == 1)))
+                   for b in range(SCORE_BINS))
+    assert abs(binned - result.auc) <= 0.5 * same_bin / float(np.sum(y == 0) * np.sum(y == 1))
 
 
 def test_a_shifted_feature_drifts_and_the_others_do_not(setup: SiteSetup,
@@ -316,6 +337,95 @@ def test_a_check_is_charged_to_the_ledger_before_it_is_queued(setup: SiteSetup) 
                                    "checked_at", "status", "failure"}
     assert len([e for e in PrivacyLedger(setup.root / "privacy-ledger.sqlite").entries()
                 if e.purpose == "drift"]) == 1
+
+
+def _drift_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "drift"}
+
+
+def test_the_schedule_repeats_its_check_and_a_failed_check_does_not_stop_it(
+        setup: SiteSetup, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from site_agent.audit import read_entries
+    from site_agent.drift_policy import MIN_INTERVAL_S
+    from site_agent.drift_runner import SEND_EVERY_S, DriftScheduler
+
+    root = tmp_path / "site"
+    recent = tmp_path / "recent.csv"
+    shutil.copy(setup.csv, recent)
+    schedule = _connector_site(setup, root, str(recent))
+    # Unnoised: no ledger charge, so that no check fails for want of budget here.
+    policy = SitePolicy.load(root / "policy.json")
+    replace(policy, drift=DriftDisclosure(disclosure="unnoised")).save(root / "policy.json")
+    interval = 90.0   # allowed (>= MIN_INTERVAL_S), and not a multiple of SEND_EVERY_S
+    assert interval >= MIN_INTERVAL_S and interval % SEND_EVERY_S
+    schedule = replace(schedule, interval_s=interval)
+    config = (root / "site.json").read_text()
+
+    def statuses() -> list[str]:
+        entries, _ = read_entries(root / "audit.log")
+        return [str(e.detail["status"]) for e in entries if e.action == "drift-check"]
+
+    # A faster clock: each wait of the schedule takes 10 ms. Schedule time 180 s reads no
+    # recent data (the check fails, audited), 360 s an unreadable site.json (the check
+    # cannot run at all: an exception in the loop); each is repaired at the next check.
+    clock = {"now": 0.0}
+    done_by: list[tuple[float, int]] = []   # (schedule time, checks audited by its end)
+    waits: list[float] = []
+
+    def wait(stop: threading.Event, seconds: float) -> bool:
+        done_by.append((clock["now"], len(statuses())))
+        waits.append(seconds)
+        clock["now"] += seconds
+        now = clock["now"]
+        if now == 2 * interval:
+            recent.rename(tmp_path / "gone.csv")
+        elif now == 3 * interval:
+            (tmp_path / "gone.csv").rename(recent)
+        elif now == 4 * interval:
+            (root / "site.json").write_text("{not json")
+        elif now == 5 * interval:
+            (root / "site.json").write_text(config)
+        return stop.wait(0.01)
+
+    caplog.set_level(logging.INFO, logger="fedward.site.drift")
+    before = _drift_threads()
+    scheduler = DriftScheduler(root, schedule, wait=wait)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 120
+        while clock["now"] < 6 * interval and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        started = time.monotonic()
+        scheduler.stop()
+        stopped_in = time.monotonic() - started
+    assert clock["now"] >= 6 * interval, "the schedule did not reach 540 s in 120 s"
+    assert stopped_in < 5 and _drift_threads() == before
+    # A check at start, then one every interval (the queue is looked at every minute in
+    # between: waits of 60 s and 30 s).
+    assert waits[:12] == [SEND_EVERY_S, interval - SEND_EVERY_S] * 6
+    checked_at = [t for (t, n), (_, m) in zip(done_by, [(0.0, 0), *done_by], strict=False)
+                  if n > m]
+    assert checked_at[:5] == [0.0, 90.0, 180.0, 270.0, 450.0]
+    assert statuses()[:5] == ["ok", "ok", "failed", "ok", "ok"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("drift check failed (data-unreadable)") for m in messages)
+    assert "drift check could not run" in messages
+    # The real clock: a stop in the middle of a wait ends the schedule at once.
+    scheduler = DriftScheduler(root, schedule)
+    count = len(statuses())
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(statuses()) == count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(statuses()) == count + 1, "no check at the start of the schedule"
+        time.sleep(0.2)   # into its wait of a minute
+    finally:
+        started = time.monotonic()
+        scheduler.stop()
+        stopped_in = time.monotonic() - started
+    assert stopped_in < 5 and _drift_threads() == before
 
 
 def test_the_drift_settings_are_checked_with_every_problem_at_once() -> None:

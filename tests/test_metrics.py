@@ -6,6 +6,7 @@ coordinator database and a real site gateway.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import warnings
@@ -284,3 +285,47 @@ def test_site_metrics_show_budget_state_and_no_paths(tmp_path: Path,
     monkeypatch.setenv("FEDWARD_SITE_METRICS", "0.0.0.0:0")   # no token: refused, not opened
     assert start_listener(ledger=site / "ledger.db", policy=site / "policy.json",
                           state=state) is None
+
+
+def test_site_metrics_beyond_loopback_answer_the_token_and_never_show_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from site_agent.metrics import METRIC_NAMES as SITE_METRICS
+    from site_agent.metrics import SiteState, start_listener
+    from site_agent.policy import SitePolicy
+
+    site = tmp_path / "site-data"
+    site.mkdir()
+    SitePolicy.starter(project="oncology", task="breast_cancer_mlp", epsilon_cap=4.0,
+                       require_approval=False).save(site / "policy.json")
+    secret = "site-scrape-token-5f3a9c0e7b21d4"
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text(secret + "\n")
+    token_file.chmod(0o600)
+    caplog.set_level(logging.DEBUG)   # every logger of the agent, at every level
+    monkeypatch.setenv("FEDWARD_SITE_METRICS", "0.0.0.0:0")
+    monkeypatch.setenv("FEDWARD_SITE_METRICS_TOKEN_FILE", str(token_file))
+    served = start_listener(ledger=site / "ledger.db", policy=site / "policy.json",
+                            state=SiteState(data_check_passed=True))
+    assert served is not None
+    try:
+        local = f"127.0.0.1:{served.port}"   # bound on every address, loopback included
+        url = f"http://{local}/metrics"
+        assert httpx.get(url, timeout=10).status_code == 401
+        wrong = {"Authorization": "Bearer " + secret[::-1]}
+        assert httpx.get(url, headers=wrong, timeout=10).status_code == 401
+        text, s = scrape(local, token=secret)
+        assert s[("fedward_agent_epsilon_budget", (("project", "oncology"),))] == 4.0
+        assert s[("fedward_agent_data_check_passed", ())] == 1
+        assert family_names(text) == SITE_METRICS
+        assert secret not in text and str(token_file) not in text
+    finally:
+        served.stop()
+    # A token too short is refused (no listener), and said so without the token.
+    short = "short-tok"
+    token_file.write_text(short)
+    assert start_listener(ledger=site / "ledger.db", policy=site / "policy.json",
+                          state=SiteState()) is None
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Prometheus metrics on http://0.0.0.0:" in logged and "too short" in logged
+    assert secret not in logged and short not in logged
