@@ -74,9 +74,12 @@ class ApiClient:
         self.token_source = token_source
         self._http = httpx.Client(base_url=self.base + "/api/v1", headers=headers, timeout=30)
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+             timeout: float | None = None) -> Any:
+        """One request; ``timeout`` (seconds) replaces the client's 30 s for a call that
+        makes the coordinator wait on another service (an MLflow hand-off)."""
         try:
-            return self.call_or_raise(method, path, body)
+            return self.call_or_raise(method, path, body, timeout=timeout)
         except CoordinatorUnreachable as err:
             if err.refused:
                 fail(f"the coordinator API at {self.base} is not reachable; is "
@@ -84,12 +87,14 @@ class ApiClient:
             fail(f"the coordinator API at {self.base} did not answer {method} {path} "
                   f"({err}); try again, and check `fedward-coordinator serve`'s log")
 
-    def call_or_raise(self, method: str, path: str, body: dict[str, Any] | None = None
-                      ) -> Any:
+    def call_or_raise(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                      timeout: float | None = None) -> Any:
         """Like :meth:`call`, but raises :class:`CoordinatorUnreachable` when the API cannot
         be reached (not running, restarting, a connection cut mid-answer)."""
         try:
-            r = self._http.request(method, path, json=body)
+            r = self._http.request(method, path, json=body,
+                                   timeout=httpx.USE_CLIENT_DEFAULT if timeout is None
+                                   else timeout)
         except httpx.TransportError as err:
             raise CoordinatorUnreachable(
                 f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,

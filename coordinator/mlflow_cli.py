@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 from rich.console import Console
@@ -31,6 +31,13 @@ UriOpt = Annotated[str | None, typer.Option(
                            "coordinator's FEDWARD_MLFLOW_TRACKING_URI).")]
 
 
+HANDOFF_TIMEOUT_S: Final = 300.0
+"""How long `mlflow export`/`register` wait for the coordinator: it answers once the tracking
+server has taken everything (a run's every metric point, or a release's files), which takes
+longer than the CLI's usual 30 s on a busy server (the MLflow client itself retries for up
+to two minutes)."""
+
+
 def _client(api: str | None, token: str | None, home: Path | None) -> ApiClient:
     return api_client(api, token, home)
 
@@ -48,7 +55,7 @@ def export_run(run_id: int, tracking_uri: UriOpt = None, home: HomeOpt = None,
     stays pending on the coordinator and is retried (see `mlflow status`).
     """
     done = _client(api, token, home).call("POST", f"/mlflow/runs/{run_id}/export",
-                                          _body(tracking_uri))
+                                          _body(tracking_uri), timeout=HANDOFF_TIMEOUT_S)
     if as_json:
         console.print_json(json.dumps(done))
         return
@@ -68,7 +75,7 @@ def register_release(release_id: str, tracking_uri: UriOpt = None, home: HomeOpt
     Repeating it adds no second version.
     """
     done = _client(api, token, home).call("POST", f"/mlflow/releases/{release_id}/export",
-                                          _body(tracking_uri))
+                                          _body(tracking_uri), timeout=HANDOFF_TIMEOUT_S)
     if as_json:
         console.print_json(json.dumps(done))
         return
