@@ -20,7 +20,7 @@ run the release came from, relaunched with its configuration (``launch --from RU
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -168,10 +168,17 @@ def known_release(session: Session, release_id: str) -> bool:
                 DriftReport.release_id == release_id)).first() is not None)
 
 
-def latest_reports(session: Session) -> list[DriftReport]:
-    """The newest report of each (site, release) that ran (for the metrics)."""
-    newest = (select(func.max(DriftReport.id)).where(DriftReport.status == "ok")
-              .group_by(col(DriftReport.site_name), col(DriftReport.release_id)))
+def latest_reports(session: Session, *, sites: Collection[str] | None = None,
+                   releases: Collection[str] | None = None) -> list[DriftReport]:
+    """The newest report of each (site, release) that ran: the one whose alarm stands (a
+    check that failed after it says nothing about drift). For the metrics and the portal;
+    ``sites`` and ``releases`` narrow it to those names."""
+    ran = select(func.max(DriftReport.id)).where(DriftReport.status == "ok")
+    if sites is not None:
+        ran = ran.where(col(DriftReport.site_name).in_(sites))
+    if releases is not None:
+        ran = ran.where(col(DriftReport.release_id).in_(releases))
+    newest = ran.group_by(col(DriftReport.site_name), col(DriftReport.release_id))
     return list(session.exec(select(DriftReport).where(col(DriftReport.id).in_(newest))
                              .order_by(col(DriftReport.site_name),
                                        col(DriftReport.release_id))).all())

@@ -24,7 +24,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from coordinator.db import SessionDep
-from coordinator.drift import known_release, known_site, retraining_command
+from coordinator.drift import known_release, known_site, latest_reports, retraining_command
 from coordinator.models import DriftReport, User
 from coordinator.portal import PORTAL_PREFIX, _error, _page
 from coordinator.portal_dashboard import BadQuery, _bad, _link, _page_number, _pages, _staff
@@ -53,20 +53,12 @@ def _filter(session: Session, raw: str | None, what: str) -> str | None:
 
 def _newest_ran(session: Session, newest: Sequence[DriftReport]
                 ) -> dict[tuple[str, str], DriftReport]:
-    """Per (site, release) of ``newest``, its newest check that ran.
-
-    The alarm is that check's, as in ``fedward_drift_alarm``: a check that failed after it
-    (an empty data folder, say) says nothing about drift, so it must not clear the alarm.
-    """
+    """Per (site, release) of ``newest``, its newest check that ran: its alarm is the one
+    ``fedward_drift_alarm`` shows (:func:`coordinator.drift.latest_reports`)."""
     if not newest:
         return {}
-    ids = (select(func.max(DriftReport.id)).where(
-        DriftReport.status == "ok",
-        col(DriftReport.site_name).in_({r.site_name for r in newest}),
-        col(DriftReport.release_id).in_({r.release_id for r in newest}))
-        .group_by(col(DriftReport.site_name), col(DriftReport.release_id)))
-    return {(r.site_name, r.release_id): r for r in session.exec(
-        select(DriftReport).where(col(DriftReport.id).in_(ids))).all()}
+    return {(r.site_name, r.release_id): r for r in latest_reports(
+        session, sites={r.site_name for r in newest}, releases={r.release_id for r in newest})}
 
 
 def _alarm(row: DriftReport | None) -> list[str]:
