@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from privacy.labelled_data import labelled_tensors
-from privacy.roc_auc import binary_auc
+from privacy.roc_auc import class_auc
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -32,17 +31,6 @@ class EvalResult:
     accuracy: float
     auc: float
     n: int
-
-
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
-    present = np.unique(y)
-    if len(present) < 2:
-        return math.nan  # AUC needs both positives and negatives
-    if probs.shape[1] == 2:
-        return float(binary_auc(y, probs[:, 1]))
-    # One-vs-rest macro average, over the classes present in y (the definition sklearn's
-    # multi_class="ovr" uses, which refuses outright when a class is missing).
-    return float(np.mean([binary_auc(y == c, probs[:, c]) for c in present]))
 
 
 def evaluate(*, model: nn.Module, features: np.ndarray, labels: np.ndarray) -> EvalResult:
@@ -74,4 +62,4 @@ def evaluate(*, model: nn.Module, features: np.ndarray, labels: np.ndarray) -> E
     probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
     y_np = y.numpy()
     accuracy = float(np.mean(probs.argmax(axis=1) == y_np))
-    return EvalResult(loss=loss, accuracy=accuracy, auc=_auc(y_np, probs), n=len(y_np))
+    return EvalResult(loss=loss, accuracy=accuracy, auc=class_auc(y_np, probs), n=len(y_np))

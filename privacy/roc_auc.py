@@ -9,10 +9,12 @@ use it; importing scikit-learn for it cost a site agent over a second at every s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["binary_auc"]
+__all__ = ["binary_auc", "class_auc"]
 
 
 def _mean_ranks(values: np.ndarray) -> np.ndarray:
@@ -54,3 +56,20 @@ def binary_auc(truth: ArrayLike, scores: ArrayLike) -> float:
         raise ValueError("AUC needs at least one positive and one negative example")
     rank_sum = float(_mean_ranks(s)[t].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def class_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC of a classifier's probabilities (examples x classes) for class numbers.
+
+    Binary: the AUC of class 1's probability. Multiclass: the one-vs-rest macro average
+    over the classes present in ``labels`` (the definition of scikit-learn's
+    ``multi_class="ovr"``, which refuses outright when a class is missing). ``nan`` when
+    the labels hold a single class, where AUC is undefined (a small site's held-out split
+    can be like that).
+    """
+    present = np.unique(labels)
+    if len(present) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        return binary_auc(labels == 1, probs[:, 1])
+    return float(np.mean([binary_auc(labels == c, probs[:, c]) for c in present]))

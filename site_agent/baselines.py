@@ -20,7 +20,6 @@ rows reach DP-SGD's input check (:func:`fedward.preprocessing.fill_missing`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from fedward.preprocessing import fill_missing
 from privacy import compose_mechanisms, sample_rate_for, train_dp
 from privacy.mechanisms import DpSgd, Mechanism
 from privacy.release import noise_multiplier_after, statistics_release
+from privacy.roc_auc import class_auc
 from privacy.training import train_plain
 
 if TYPE_CHECKING:
@@ -57,25 +57,9 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     recalls = [float(np.mean(pred[y == c] == c)) for c in present]
     onehot = np.eye(p.shape[1])[y]
     return {"accuracy": float(np.mean(pred == y)),
-            "auc": _auc(p, y, present),
+            "auc": class_auc(y, p),
             "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan,
             "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1)))}
-
-
-def _binary_auc(score: np.ndarray, positive: np.ndarray) -> float:
-    pos, neg = score[positive], score[~positive]
-    if pos.size == 0 or neg.size == 0:
-        return math.nan
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (pos.size * neg.size))
-
-
-def _auc(p: np.ndarray, y: np.ndarray, present: Sequence[int]) -> float:
-    if len(present) < 2:
-        return math.nan
-    if p.shape[1] == 2:
-        return _binary_auc(p[:, 1], y == 1)
-    return float(np.mean([_binary_auc(p[:, c], y == c) for c in present]))
 
 
 def held_out_metrics(model: nn.Module, features: np.ndarray, labels: np.ndarray

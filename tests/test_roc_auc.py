@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from privacy.roc_auc import binary_auc
+from privacy.roc_auc import binary_auc, class_auc
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -37,3 +37,16 @@ def test_perfect_reversed_and_all_tied() -> None:
 def test_what_it_refuses(truth: list[int], scores: list[float], says: str) -> None:
     with pytest.raises(ValueError, match=says):
         binary_auc(truth, scores)
+
+
+def test_class_auc_is_sklearns_binary_and_one_vs_rest_auc() -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, 120)
+    probs = rng.dirichlet(np.ones(3), 120) + np.eye(3)[labels] * 0.3
+    probs /= probs.sum(axis=1, keepdims=True)
+    assert class_auc(labels, probs) == pytest.approx(
+        roc_auc_score(labels, probs, multi_class="ovr", average="macro"), abs=1e-12)
+    two = probs[:, :2] / probs[:, :2].sum(axis=1, keepdims=True)
+    binary = labels.clip(max=1)
+    assert class_auc(binary, two) == pytest.approx(roc_auc_score(binary, two[:, 1]), abs=1e-12)
+    assert np.isnan(class_auc(np.zeros(5, dtype=int), two[:5]))
