@@ -166,6 +166,11 @@ def _validate_book(doc: object) -> list[str]:
     return problems
 
 
+def _unpending(refusal: str | None) -> str | None:
+    """A run's last refusal once its approval is closed: a "pending" one is dropped."""
+    return None if refusal is not None and refusal.startswith(PENDING_PREFIX) else refusal
+
+
 class ApprovalBook:
     """``approvals.json``: the runs seen at this site and the local decisions on them.
 
@@ -210,8 +215,13 @@ class ApprovalBook:
         return doc
 
     def _write(self, doc: Mapping[str, Any]) -> None:
-        atomic_write(self._path, json.dumps(doc, indent=2, sort_keys=True) + "\n",
-                      mode=0o600)
+        """Replace the file atomically; a failed write is an :class:`ApprovalsError` (the
+        old file stays whole), for every caller alike."""
+        try:
+            atomic_write(self._path, json.dumps(doc, indent=2, sort_keys=True) + "\n",
+                         mode=0o600)
+        except OSError as err:
+            raise ApprovalsError(f"cannot write {self._path}: {err}") from None
 
     def get(self, run_id: str) -> RunRecord | None:
         """The record of ``run_id``, or None if the run was never seen."""
@@ -287,9 +297,7 @@ class ApprovalBook:
                     f"run {run_id} was {before.cancel_note()} (the coordinator's cancel "
                     f"reached this site at {before.cancelled_at}); a cancelled run cannot be "
                     "approved: the ML team launches a new run if it is still wanted")
-            refusal = before.last_refusal
-            if refusal is not None and refusal.startswith(PENDING_PREFIX):
-                refusal = None  # no longer waiting; the next task is decided afresh
+            refusal = _unpending(before.last_refusal)  # the next task is decided afresh
             record = RunRecord(**{**before.to_dict(), "decision": decision, "by": by,
                                   "decided_at": _now(), "reason": reason,
                                   "last_refusal": refusal})
@@ -328,16 +336,11 @@ class ApprovalBook:
             before = RunRecord.from_dict(raw)
             if before.cancelled:
                 return before
-            refusal = before.last_refusal
-            if refusal is not None and refusal.startswith(PENDING_PREFIX):
-                refusal = None  # the approval it waited for is closed: cancelled
+            refusal = _unpending(before.last_refusal)  # its approval is closed: cancelled
             record = RunRecord(**{**before.to_dict(), "last_refusal": refusal,
                                   "cancelled_by": by, "cancel_reason": reason,
                                   "cancelled_at": _now()})
             on_record()
             doc["runs"][run_id] = record.to_dict()
-            try:
-                self._write(doc)
-            except OSError as err:
-                raise ApprovalsError(f"cannot write {self._path}: {err}") from None
+            self._write(doc)
         return record
