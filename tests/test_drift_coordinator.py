@@ -195,6 +195,15 @@ def test_api_cli_source_metrics_and_portal(engine: Engine, tmp_path: Path) -> No
     assert client.get("/portal/drift/hospital-c/nothing", headers=cookie).status_code == 404
     with Session(engine) as session:
         assert session.exec(select(User).where(User.name == "eng")).one()
+    # A check that fails after the alarm says nothing about drift: the alarm and the
+    # retraining proposal stand (read from the newest check that ran, as the metric does).
+    failed = {k: v for k, v in report().items() if k in {
+        "format", "version", "report_id", "release_id", "checked_at"}}
+    store_report(engine, site="hospital-a", rule=AlarmRule(),
+                 doc={**failed, "status": "failed", "failure": "data-empty"})
+    pair = client.get(f"/portal/drift/hospital-a/{RELEASE}", headers=cookie)
+    assert pair.status_code == 200 and 'id="alarm"' in pair.text, pair.text
+    assert 'id="retrain"' in pair.text and "worst_area" in pair.text
     # A later quiet check: the drift has subsided, nothing is proposed any more.
     store_report(engine, site="hospital-a", doc=report(), rule=AlarmRule())
     pair = client.get(f"/portal/drift/hospital-a/{RELEASE}", headers=cookie)
