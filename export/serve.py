@@ -147,7 +147,7 @@ class _Loaded:
     # The input columns the model imputes itself (a study's impute-* features).
     imputed: frozenset[int] = frozenset()
     columns: tuple[str, ...] = ()
-    # A fresh drift window of the release's reference (None: not scored), and why.
+    # The release's drift window (None: not scored), and why.
     drift: DriftWindow | None = None
     drift_note: str = ""
 
@@ -168,6 +168,7 @@ class _Service:
         self.metrics = ServeMetrics()
         # Kept across reloads of the same release, so a scheduled recheck keeps the window.
         self.drift: DriftWindow | None = None
+        self._drift_note = ""
         self.metrics.registry.register(DriftCollector(lambda: self.drift))
 
     def load(self) -> _Loaded:
@@ -193,8 +194,15 @@ class _Service:
         imputed = (set(card_input.get("imputed") or ()) if isinstance(card_input, dict)
                    else set())
         ranges = RangeCheck.for_card(verified.model_card, predictor.n_features)
-        drift, note = drift_for(verified, columns or (ranges.features if ranges else ()),
-                                self.drift_window)
+        current = self.drift
+        drift: DriftWindow | None
+        if current is not None and current.release_id == verified.release_id:
+            # A recheck of the release being served keeps its window (and does not parse
+            # the reference or allocate a window again).
+            drift, note = current, self._drift_note
+        else:
+            drift, note = drift_for(verified, columns or (ranges.features if ranges else ()),
+                                    self.drift_window)
         return _Loaded(release_id=verified.release_id, n_files=len(verified.files),
                        predictor=predictor, n_features=predictor.n_features, ranges=ranges,
                        imputed=frozenset(i for i, c in enumerate(columns) if c in imputed),
@@ -213,10 +221,7 @@ class _Service:
                           self.bundle_dir, exc)
                 raise
             with self._lock:
-                known = self.drift is not None and loaded.drift is not None \
-                    and self.drift.release_id == loaded.drift.release_id
-                if not known:
-                    self.drift = loaded.drift
+                self.drift, self._drift_note = loaded.drift, loaded.drift_note
                 first = self._loaded is None or self._loaded.release_id != loaded.release_id
                 self._loaded, self._reason = loaded, None
             self.metrics.now_serving(loaded.release_id)

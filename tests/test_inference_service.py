@@ -428,6 +428,10 @@ def test_drift_gauges_score_the_answered_window_against_the_reference(
     assert rows == window
     assert scores["mean_radius"] > PSI_ALARM, scores
     assert max(v for k, v in scores.items() if k != "mean_radius") < 0.1, scores
+    # A recheck of the same release (a reload, as the revocation schedule does) keeps the
+    # window: the scores are the same afterwards.
+    assert client.post("/reload").status_code == 200
+    assert _drift(client.get("/metrics").text) == (rows, scores)
 
     # No input value reaches the metrics or the log, only its bin.
     odd = 1234.5678 + np.arange(30) * 0.0101
