@@ -187,8 +187,8 @@ def _checkpoint(session: Session, run: Run, release_id: str | None,
     # A round's checkpoint is written once its round has aggregated. The digest chosen here
     # is stored on the evaluation: should a resumed run write that round again, the
     # ServerApp refuses the changed file rather than send the sites another model.
-    saved = {c.round_number: c.sha256 for c in session.exec(
-        select(Checkpoint).where(Checkpoint.run_id == run.id))}
+    saved = dict(session.exec(select(Checkpoint.round_number, Checkpoint.sha256)
+                              .where(Checkpoint.run_id == run.id)).all())
     if round_number is None:
         if run.status in LIVE:
             raise EvaluationRefused(409, f"run {run.id} is still {run.status}: its final "

@@ -203,7 +203,7 @@ def _mapped(binding: Binding, connector: Connector) -> tuple[np.ndarray, np.ndar
     if problems:
         raise DataCheckError(dataclasses.replace(
             mapped.report, problems=[_without_codes(p) for p in problems]))
-    labelled = len(problems) == len(mapped.report.problems)
+    labelled = not mapped.report.problems   # none was a missing or single-class label
     if not labelled:   # every row is kept for its inputs, whatever its label
         mapped = dataclasses.replace(mapped, labels=np.zeros(len(mapped.labels), np.int64))
     x, y, _dropped = encode(binding.study, mapped)
