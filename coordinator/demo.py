@@ -115,12 +115,13 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
 
 def _release_and_clinician(*, api: str, home: Path, run_id: int, work: Path, procs: Procs,
                            instances: list[list[float | None]], labels: list[Any],
-                           intended_use: str = _DEMO_USE, with_classes: bool = False
-                           ) -> dict[str, Any]:
+                           intended_use: str = _DEMO_USE, with_classes: bool = False,
+                           records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Propose the final model, let the gates run, approve as a second person, then play
     the clinician: download, verify, serve, predict ``instances`` (the model's input rows;
     ``labels``: their true labels, shown beside; ``with_classes``: keep the predicted
-    class names in the summary too). Returns the summary's ``release``."""
+    class names in the summary too; ``records``: the same patients by field name, asked
+    too, the answer kept as ``prediction.by_name``). Returns the summary's ``release``."""
     admin = httpx.Client(base_url=api, timeout=60, headers={
         "Authorization": f"Bearer {(home / 'admin.token').read_text().strip()}"})
 
@@ -212,6 +213,23 @@ def _release_and_clinician(*, api: str, home: Path, run_id: int, work: Path, pro
                          "predictions": pred.get("predictions"), "labels": labels}
     if with_classes:
         out["prediction"]["classes"] = pred.get("classes")
+    if records is not None:
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"records": records},
+                       timeout=30)
+        named = r.json()
+        out["prediction"]["by_name"] = {
+            "status": r.status_code, "classes": named.get("classes"),
+            "probabilities": named.get("probabilities"),
+            "detail": named.get("detail"),
+            # The same patients, by field name and as encoded rows: the same answer.
+            "agrees": (r.status_code == 200
+                       and named.get("predictions") == pred.get("predictions")
+                       and all(abs(a - b) < 1e-6 for ra, rb in zip(
+                           named.get("probabilities") or [], pred.get("probabilities") or [],
+                           strict=True) for a, b in zip(ra, rb, strict=True)))}
+        console.print(f"  by field name {records[0]}: {r.status_code}, predicted "
+                      f"{named.get('classes')} with probabilities "
+                      f"{named.get('probabilities')}")
     console.print(f"  inference service (release {pred.get('release_id')}): predicted "
                   f"{pred.get('classes') if with_classes else pred.get('predictions')} for "
                   f"{len(instances)} test rows, true {labels}")

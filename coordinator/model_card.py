@@ -74,12 +74,31 @@ def membership_inference_card(per_site: Any) -> dict[str, Any]:
             "max_site_auc": max(aucs) if aucs else None, "sites": len(sites)}
 
 
+def input_section(spec: TaskSpec, *, study: bool) -> dict[str, Any]:
+    """The card's ``input``: the model's columns, classes and, for a run of a ``study``,
+    each column's plausible range and the columns the model imputes itself."""
+    from export.onnx_export import INPUT_NAME, OUTPUT_NAME
+
+    return {"name": INPUT_NAME, "columns": list(spec.feature_columns),
+            "output": OUTPUT_NAME, "n_classes": spec.n_classes,
+            "classes": list(spec.class_names),
+            "note": "raw values in this column order; the model scales them itself",
+            # A study's plausible range per column: what fedward-serve warns outside.
+            **({"ranges": [list(r) for r in spec.input_ranges]}
+               if study and spec.input_ranges else {}),
+            # Columns the model imputes itself when given a missing value (a study's
+            # impute-* features, values from the run's DP statistics).
+            **({"imputed": [c for c, v in zip(spec.feature_columns,
+                                              spec.model_params["fill"], strict=True)
+                            if v is not None]}
+               if isinstance(spec.model_params.get("fill"), list) else {})}
+
+
 def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Project,
                 approver: str, reason: str, approved_at: str, task: TaskSpec | None = None
                 ) -> dict[str, Any]:
     """The signed model card of a release (``task``: the run's task, resolved from its
     pinned study where it has one; default: the registry task of its name)."""
-    from export.onnx_export import INPUT_NAME, OUTPUT_NAME
     from fedward.tasks import get_task
 
     spec = task if task is not None else get_task(run.task)
@@ -124,19 +143,7 @@ def model_card(*, release_id: str, cand: ReleaseCandidate, run: Run, project: Pr
         "task": spec.name,
         "task_description": spec.description,
         "intended_use": cand.intended_use,
-        "input": {"name": INPUT_NAME, "columns": list(spec.feature_columns),
-                  "output": OUTPUT_NAME, "n_classes": spec.n_classes,
-                  "classes": list(spec.class_names),
-                  "note": "raw values in this column order; the model scales them itself",
-                  # A study's plausible range per column: what fedward-serve warns outside.
-                  **({"ranges": [list(r) for r in spec.input_ranges]}
-                     if config.get("study_hash") and spec.input_ranges else {}),
-                  # Columns the model imputes itself when given a missing value (a study's
-                  # impute-* features, values from the run's DP statistics).
-                  **({"imputed": [c for c, v in zip(spec.feature_columns,
-                                                    spec.model_params["fill"], strict=True)
-                                  if v is not None]}
-                     if isinstance(spec.model_params.get("fill"), list) else {})},
+        "input": input_section(spec, study=bool(config.get("study_hash"))),
         # The study version the run pinned (runs of a registry task have none).
         **({"study": {"ref": config["study"], "sha256": config["study_hash"],
                       "name": spec.name, "classes": list(spec.class_names)}}

@@ -22,6 +22,7 @@ from export.bundle_format import ARTEFACT_FILES, FORMATS, ArtefactFormat, Bundle
 from export.bundle_keys import public_key_fingerprint
 from fedward.files import file_sha256
 from fedward.statistics import REFERENCE_FILE
+from fedward.study import STUDY_FILE
 from fedward.tasks import TaskRef
 
 __all__ = [
@@ -85,7 +86,8 @@ def artefact_files(staging: Path) -> dict[str, dict[str, Any]]:
 def write_release_bundle(*, home: Path, candidate_id: int, staging_rel: str | None,
                          release_id: str, card: dict[str, Any],
                          metrics: dict[int, dict[str, dict[str, float]]], round_number: int,
-                         final_round: int, reference: bytes | None) -> tuple[Path, str]:
+                         final_round: int, reference: bytes | None,
+                         study: bytes | None = None) -> tuple[Path, str]:
     """Write and sign the bundle of an approved candidate from its staged artefacts.
 
     Args:
@@ -98,6 +100,7 @@ def write_release_bundle(*, home: Path, candidate_id: int, staging_rel: str | No
         round_number: The candidate's round (the curve ends there).
         final_round: The run's configured number of rounds.
         reference: The run's reference statistics document, or ``None``.
+        study: The canonical spec of the study the run pinned, or ``None``.
 
     Returns:
         The bundle folder and the release key's fingerprint.
@@ -130,6 +133,9 @@ def write_release_bundle(*, home: Path, candidate_id: int, staging_rel: str | No
         if reference is not None:
             extra[REFERENCE_FILE] = Path(tmp) / REFERENCE_FILE
             extra[REFERENCE_FILE].write_bytes(reference)
+        if study is not None:
+            extra[STUDY_FILE] = Path(tmp) / STUDY_FILE
+            extra[STUDY_FILE].write_bytes(study)
         try:
             write_bundle(out_dir=out, files={**files, TRAINING_CURVE_FILE: curve, **extra},
                          model_card=card, private_key=private)

@@ -88,7 +88,7 @@ from coordinator.release_packaging import (
 )
 from coordinator.release_queries import checkpoint_row, metrics_by_round, run_and_project
 from coordinator.release_store import RELEASES_DIR, release_id_for
-from coordinator.study_registry import run_task
+from coordinator.study_registry import run_study_bytes, run_task
 from export.bundle_format import FORMATS, SIGNATURE_FILE, ArtefactFormat
 from fedward.files import file_sha256
 from fedward.tasks import TaskRef
@@ -388,10 +388,12 @@ def approve_candidate(engine: Engine, *, home: Path, candidate_id: int, user: Us
         final_round = int(json.loads(run.config_json).get("rounds", 0))
         # A run with a statistics phase: its summed DP statistics ship with the model.
         reference = run_statistics.reference_bytes(session, cand.run_id)
+        # A run of a study: the spec ships too, so fedward-serve takes records by name.
+        study = run_study_bytes(session, run)
     out, fingerprint = write_release_bundle(
         home=home, candidate_id=candidate_id, staging_rel=staging_rel, release_id=release_id,
         card=card, metrics=metrics, round_number=cand.round_number, final_round=final_round,
-        reference=reference)
+        reference=reference, study=study)
     try:
         with session_scope(engine) as session:
             cand = _candidate(session, candidate_id)

@@ -20,8 +20,9 @@ process of its own:
    local-only and pooled models in one process from the sites' files: at a real site the
    local-only model would be trained there, and no pooled model could exist);
 6. proposes the model, a second person approves it, verifies the signed bundle, serves it
-   and asks it about the first row of Cleveland's file, encoded by Cleveland's mapping
-   (``fedward-serve`` takes the model's input columns; the summary keeps both forms).
+   and asks it about the first row of Cleveland's file: by the study's field names, as a
+   clinician would type it (``{"age": 63, "sex": "male", ...}``, the row translated by
+   Cleveland's mapping), and as the model's encoded input columns; both answers agree.
 
 Writes ``demo-output/study/summary.json``; stops every process it started.
 """
@@ -164,7 +165,7 @@ def run_study_demo(*, work: Path, out: Path, rounds: int, epsilon: float,
         release = _release_and_clinician(
             api=api, home=home, run_id=run_id, work=work, procs=procs,
             instances=[served["encoded"]], labels=[served["raw"][_label_column()]],
-            intended_use=_USE, with_classes=True)
+            intended_use=_USE, with_classes=True, records=[served["named"]])
     finally:
         procs.stop_all()
 
@@ -267,9 +268,11 @@ def _summary(*, spec: Any, study: dict[str, Any], run_id: int, detail: dict[str,
             "verified": bool(release.get("verified")),
             "served_prediction": classes[0] if classes else None,
             "served_record": {"site": served["site"], "raw": served["raw"],
-                              "encoded": served["encoded"],
-                              "sent_as": "the model's input columns (fedward-serve takes "
-                                         "encoded rows; null where the model imputes)"}},
+                              "named": served["named"], "encoded": served["encoded"],
+                              "sent_as": "both: by the study's field names (records) and "
+                                         "as the model's input columns (instances; null "
+                                         "where the model imputes)"},
+            "served_by_name": prediction.get("by_name")},
     }
 
 
@@ -295,8 +298,11 @@ def _print(s: dict[str, Any], out: Path) -> None:
     rs = ", ".join(f"{x:.2f}" for x in s["round_seconds"])
     console.print(f"statistics phase {s['statistics_seconds']} s; round seconds: {rs}")
     r = s["release"]
+    by_name = r.get("served_by_name") or {}
     console.print(f"release {r['id']} verified {r['verified']}; served "
-                  f"{r['served_record']['site']}'s first row -> {r['served_prediction']}")
+                  f"{r['served_record']['site']}'s first row -> {r['served_prediction']} "
+                  f"(by field name: {by_name.get('classes')}, same answer: "
+                  f"{by_name.get('agrees')})")
     console.print(f"demo took {s['demo_seconds']:.0f} s; summary in {out / 'summary.json'}")
 
 

@@ -225,6 +225,19 @@ def _task_by_hash(session: Session, name: str, study_hash: str | None) -> TaskSp
     return study_task(spec_of(study))
 
 
+def run_study_bytes(session: Session, run: Run) -> bytes | None:
+    """The canonical spec of the study a stored run pins (whose SHA-256 is the pinned
+    hash), or None for a run of a registry task."""
+    study_hash = json.loads(run.config_json).get("study_hash")
+    if study_hash is None:
+        return None
+    study = session.exec(select(Study).where(Study.content_hash == study_hash)).first()
+    if study is None:
+        raise StudyNotFoundError(f"the study with hash {study_hash} that run pins is not "
+                                 "registered at this coordinator")
+    return spec_of(study).canonical()
+
+
 def run_task(session: Session, run: Run) -> TaskSpec:
     """The task a stored run trains: its pinned study's (by hash, with the run's imputation
     and scaling when it had a statistics phase), else the registry task.

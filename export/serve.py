@@ -26,7 +26,8 @@ answered lately against them, per feature (a PSI; :mod:`export.serve_drift`; the
 ``--drift-window`` rows, 1000 by default); the startup log and ``/health`` say whether
 drift is scored, and if not why.
 
-Routes: ``GET /health``, ``POST /predict`` (``{"instances": [[...], ...]}``), ``POST
+Routes: ``GET /health``, ``POST /predict`` (``{"instances": [[...], ...]}``, or ``{"records":
+[{"age": 63, "sex": "male"}, ...]}`` by field name, :mod:`export.serve_records`), ``POST
 /reload``, ``GET /metrics`` (Prometheus, :mod:`export.serve_metrics`). It binds to
 127.0.0.1 by default: put an authenticating proxy in front before exposing it to a network.
 ``--version`` prints the Fedward version and the commit it was built from, then exits.
@@ -41,15 +42,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 import typer
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from export.bundle_format import SERVING_FILE, BundleError, BundleVerificationError
 from export.bundle_verify import verify_bundle
@@ -64,6 +65,7 @@ from export.serve_drift import (
     drift_for,
 )
 from export.serve_metrics import RangeCheck, ServeMetrics
+from export.serve_records import RecordError, RecordReader, record_reader
 from export.verify_cli import (
     UNSAFE_SKIP_WARNING,
     CoordinatorOpt,
@@ -98,19 +100,35 @@ log = logging.getLogger(__name__)
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
+FieldValue = StrictBool | StrictInt | FiniteFloat | Annotated[str, Field(max_length=200)] | None
+
+
 class PredictRequest(BaseModel):
-    """Rows of raw feature values, in the task's column order; ``null`` is a missing value,
-    accepted only in a column the model imputes (the card's ``input.imputed``)."""
+    """Either ``instances``: rows of raw feature values in the model's column order (``null``
+    is a missing value, accepted only in a column the model imputes, the card's
+    ``input.imputed``); or ``records``: one object of named fields per patient, as the
+    release's study defines them (:mod:`export.serve_records`)."""
 
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[FiniteFloat | None]] = Field(min_length=1, max_length=MAX_INSTANCES)
+    instances: list[list[FiniteFloat | None]] | None = Field(
+        default=None, min_length=1, max_length=MAX_INSTANCES)
+    records: list[dict[Annotated[str, Field(max_length=200)], FieldValue]] | None = Field(
+        default=None, min_length=1, max_length=MAX_INSTANCES)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PredictRequest:
+        if (self.instances is None) == (self.records is None):
+            raise ValueError("send either instances (rows in the model's column order) or "
+                             "records (objects of named fields), not both or neither")
+        return self
 
 
 class PredictResponse(BaseModel):
     """Predicted class and class probabilities per row, with the release that made them.
 
-    ``classes`` names each predicted class where the task has class names (else null);
-    ``warnings`` lists input values outside the task's plausible ranges (empty if none).
+    ``classes`` names each predicted class where the task has class names (else null), and
+    ``class_names`` the class of each column of ``probabilities``; ``warnings`` lists input
+    values outside the task's plausible ranges (empty if none).
     """
 
     release_id: str
@@ -118,15 +136,20 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float]]
     classes: list[str] | None = None
     warnings: list[str] = Field(default_factory=list)
+    # The class each column of ``probabilities`` is for, where the task names them.
+    class_names: list[str] | None = None
 
 
 class HealthResponse(BaseModel):
-    """Whether predictions are being served, and if not, why; whether drift is scored."""
+    """Whether predictions are being served, and if not, why; whether drift is scored and
+    records of named fields are taken."""
 
     status: Literal["ok", "unavailable"]
     release_id: str | None
     reason: str | None
     drift: str | None = None
+    # Whether ``records`` of named fields are taken, and by which names.
+    records: str | None = None
 
 
 class ReloadResponse(BaseModel):
@@ -150,6 +173,9 @@ class _Loaded:
     # The release's drift window (None: not scored), and why.
     drift: DriftWindow | None = None
     drift_note: str = ""
+    # How ``records`` are read (None: only ``instances``), and why.
+    records: RecordReader | None = None
+    records_note: str = ""
 
 
 class _Service:
@@ -203,10 +229,12 @@ class _Service:
         else:
             drift, note = drift_for(verified, columns or (ranges.features if ranges else ()),
                                     self.drift_window)
+        records, records_note = record_reader(verified, columns, predictor.n_features)
         return _Loaded(release_id=verified.release_id, n_files=len(verified.files),
                        predictor=predictor, n_features=predictor.n_features, ranges=ranges,
                        imputed=frozenset(i for i, c in enumerate(columns) if c in imputed),
-                       columns=columns, drift=drift, drift_note=note)
+                       columns=columns, drift=drift, drift_note=note, records=records,
+                       records_note=records_note)
 
     def reload(self) -> _Loaded:
         """Re-verify; on failure stop serving (fail closed) and re-raise."""
@@ -227,6 +255,7 @@ class _Service:
             self.metrics.now_serving(loaded.release_id)
             if first:
                 log.info("release %s: %s", loaded.release_id, loaded.drift_note)
+                log.info("release %s: %s", loaded.release_id, loaded.records_note)
             log.info("serving release %s from %s", loaded.release_id, self.bundle_dir)
             return loaded
 
@@ -272,6 +301,44 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
                "type": str(e.get("type", ""))} for e in errors]
     return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _record_rows(records: list[dict[str, Any]], loaded: _Loaded, refused: Counter
+                 ) -> np.ndarray:
+    """The model's rows for records of named fields, or a 422 with every problem."""
+    if loaded.records is None:
+        refused.labels(reason="records-unsupported").inc()
+        raise HTTPException(status_code=422, detail=(
+            f"this release takes instances only: {loaded.records_note}"))
+    try:
+        return loaded.records.rows(records)
+    except RecordError as err:
+        refused.labels(reason="record").inc()
+        raise HTTPException(status_code=422, detail=str(err)) from None
+
+
+def _answer(svc: _Service, loaded: _Loaded, x: np.ndarray, t0: float) -> PredictResponse:
+    """Run the model on rows in its column order (NaN: a missing value it imputes)."""
+    # Finite as a JSON number, infinite as float32 (NaN: a missing value, imputed).
+    given = x[~np.isnan(x)]
+    if given.size and np.abs(given).max() > _FLOAT32_MAX:
+        svc.metrics.refusals.labels(reason="out-of-float32").inc()
+        raise HTTPException(status_code=422, detail="feature values must fit in float32")
+    logits = loaded.predictor(x.astype(np.float32))
+    probs = _softmax(logits.astype(np.float64))
+    predicted = [int(c) for c in logits.argmax(axis=1)]
+    ranges = loaded.ranges
+    answer = PredictResponse(
+        release_id=loaded.release_id, predictions=predicted, probabilities=probs.tolist(),
+        classes=None if ranges is None else ranges.names(predicted),
+        warnings=[] if ranges is None else ranges.warnings(x, svc.metrics),
+        class_names=list(ranges.class_names) if ranges and ranges.class_names else None)
+    svc.metrics.predictions.inc(len(predicted))
+    window = svc.drift
+    if window is not None:
+        window.add(x)
+    svc.metrics.latency.observe(time.perf_counter() - t0)
+    return answer
 
 
 def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSource,
@@ -324,7 +391,7 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
             response.status_code = 503
             return HealthResponse(status="unavailable", release_id=None, reason=reason)
         return HealthResponse(status="ok", release_id=loaded.release_id, reason=None,
-                              drift=loaded.drift_note)
+                              drift=loaded.drift_note, records=loaded.records_note)
 
     @app.post("/predict", response_model=PredictResponse)
     def predict(body: PredictRequest, svc: ServiceDep) -> PredictResponse:
@@ -334,6 +401,9 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
         if loaded is None:
             refused.labels(reason="not-serving").inc()
             raise HTTPException(status_code=503, detail=f"not serving: {reason}")
+        if body.records is not None:
+            return _answer(svc, loaded, _record_rows(body.records, loaded, refused), t0)
+        assert body.instances is not None
         bad = [i for i, row in enumerate(body.instances) if len(row) != loaded.n_features]
         if bad:
             refused.labels(reason="feature-count").inc()
@@ -355,25 +425,7 @@ def create_app(*, bundle_dir: Path, public_key: Path, revocations: RevocationSou
                    "this model imputes no missing value)")))
         x = np.asarray([[np.nan if v is None else v for v in row] for row in body.instances],
                        dtype=np.float64)
-        # Finite as a JSON number, infinite as float32 (NaN: a missing value, imputed).
-        given = x[~np.isnan(x)]
-        if given.size and np.abs(given).max() > _FLOAT32_MAX:
-            refused.labels(reason="out-of-float32").inc()
-            raise HTTPException(status_code=422, detail="feature values must fit in float32")
-        logits = loaded.predictor(x.astype(np.float32))
-        probs = _softmax(logits.astype(np.float64))
-        predicted = [int(c) for c in logits.argmax(axis=1)]
-        ranges = loaded.ranges
-        answer = PredictResponse(
-            release_id=loaded.release_id, predictions=predicted, probabilities=probs.tolist(),
-            classes=None if ranges is None else ranges.names(predicted),
-            warnings=[] if ranges is None else ranges.warnings(x, svc.metrics))
-        svc.metrics.predictions.inc(len(predicted))
-        window = svc.drift
-        if window is not None:
-            window.add(x)
-        svc.metrics.latency.observe(time.perf_counter() - t0)
-        return answer
+        return _answer(svc, loaded, x, t0)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics(svc: ServiceDep) -> Response:

@@ -62,6 +62,9 @@ __all__ = [
 ]
 
 SPEC_VERSION: Final = 1
+# A release of a study ships the spec it was trained on under this name (its canonical
+# JSON, whose SHA-256 is the study's content hash): what fedward-serve reads records by.
+STUDY_FILE: Final = "study.json"
 STUDY_NAME_PATTERN: Final = r"^[a-z][a-z0-9_-]{1,62}$"
 # What the site's evaluation computes today; a study may ask only for these.
 METRICS: Final = ("accuracy", "auc", "loss")

@@ -22,6 +22,7 @@ from fedward.study import (
     OrdinalFeature,
     StudySpec,
 )
+from fedward.study_encoding import encode_values
 from site_agent.connectors import Connector
 from site_agent.data import SiteData, split_site_data
 from site_agent.data_check import MIN_ROWS, _parse_cell, _rows_text, _Tally
@@ -309,31 +310,9 @@ def encode(study: StudySpec, mapped: MappedData,
         (x float32, y int64, rows dropped).
     """
     n = len(mapped.labels)
-    keep = mapped.labels >= 0
-    columns: list[np.ndarray] = []
-    for f in study.features:
-        v = mapped.values[f.name].copy()
-        miss = np.isnan(v)
-        if f.missing == "drop-row":
-            keep &= ~miss
-        elif f.missing != "indicator" and imputation is not None and f.name in imputation:
-            v[miss] = imputation[f.name]
-            miss = np.isnan(v)
-        # A value left missing: NaN for the model to impute, else the low end / no level.
-        to_impute = f.missing.startswith("impute-")
-        if isinstance(f, CategoricalFeature):
-            onehot = np.zeros((n, len(f.levels)))
-            idx = np.flatnonzero(~miss)
-            onehot[idx, v[idx].astype(int)] = 1.0
-            if to_impute:
-                onehot[miss] = np.nan
-            columns.extend(onehot.T)
-        else:
-            low = f.range[0] if isinstance(f, NumericFeature) else 0.0
-            columns.append(np.where(miss, np.nan if to_impute else low, v))
-        if f.missing == "indicator":
-            columns.append(miss.astype(float))
-    x = np.stack(columns, axis=1)[keep] if columns else np.empty((0, 0))
+    x, usable = encode_values(study, mapped.values, imputation)
+    keep = (mapped.labels >= 0) & usable
+    x = x[keep]
     return x.astype(np.float32), mapped.labels[keep].astype(np.int64), int(n - keep.sum())
 
 

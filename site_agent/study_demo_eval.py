@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 
 from fedward.preprocessing import compose
-from fedward.study import load_spec
+from fedward.study import BooleanFeature, CategoricalFeature, OrdinalFeature, load_spec
 from fedward.tasks import study_task
 from site_agent.baselines import held_out_metrics, train_local_only, train_pooled
 from site_agent.connectors import open_connector
 from site_agent.mapping import Binding, load_mapping
-from site_agent.mapping_apply import check_mapping, encode, load_study_data
+from site_agent.mapping_apply import MappedData, check_mapping, encode, load_study_data
 
 __all__ = ["evaluate", "main"]
 
@@ -58,7 +58,22 @@ def _served_record(binding: Binding, path: Path, root: Path) -> dict[str, Any]:
     if dropped:
         raise RuntimeError(f"{path}: rows dropped by the study's rules; the demo's served "
                            "record must be the file's first row")
-    return {"raw": raw, "encoded": [None if math.isnan(float(v)) else float(v) for v in x[0]]}
+    return {"raw": raw, "named": _named(binding, mapped),
+            "encoded": [None if math.isnan(float(v)) else float(v) for v in x[0]]}
+
+
+def _named(binding: Binding, mapped: MappedData) -> dict[str, Any]:
+    """The first row in the study's own terms, as a clinician would give it by field name:
+    a number in the study's unit, a level's text, true or false; a missing value left
+    out."""
+    named: dict[str, Any] = {}
+    for f in binding.study.features:
+        v = float(mapped.values[f.name][0])
+        if math.isnan(v):
+            continue
+        named[f.name] = (f.levels[int(v)] if isinstance(f, CategoricalFeature | OrdinalFeature)
+                         else bool(v) if isinstance(f, BooleanFeature) else v)
+    return named
 
 
 def evaluate(job: dict[str, Any]) -> dict[str, Any]:

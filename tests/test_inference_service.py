@@ -109,7 +109,10 @@ def test_a_good_bundle_serves_predictions(make_bundle: MakeBundle, keys: tuple[P
     assert client.get("/health").json() == {
         "status": "ok", "release_id": RELEASE, "reason": None,
         "drift": "drift not scored: release rel-1 has no reference_statistics.json (trained "
-                 "without the statistics phase)"}
+                 "without the statistics phase)",
+        # This card names no input columns: rows only (tests/test_serve_records.py).
+        "records": "records by name: not for this release (its card does not name the "
+                   "model's input columns)"}
     res = client.post("/predict", json={"instances": rows})
     assert res.status_code == 200, res.text
     body = res.json()
@@ -160,7 +163,8 @@ def test_revocation_then_reload_stops_predictions(make_bundle: MakeBundle,
     health = client.get("/health")
     assert health.status_code == 503
     assert health.json() == {"status": "unavailable", "release_id": None,
-                             "reason": "release rel-1 is revoked", "drift": None}
+                             "reason": "release rel-1 is revoked", "drift": None,
+                             "records": None}
 
     # Lifting the revocation needs an explicit, successful reload.
     write_list(revocations, keys)
@@ -202,7 +206,8 @@ def test_a_missing_revocation_list_at_reload_fails_closed(make_bundle: MakeBundl
      "each instance needs 30 features; instance(s) 1 have 31"),
     ({"instances": []}, "at least 1 item"),
     ({"instances": [["a"] * 30]}, "valid number"),
-    ({"rows": [[1.0] * 30]}, "Field required"),
+    ({"rows": [[1.0] * 30]}, "Extra inputs are not permitted"),
+    ({}, "send either instances"),
     # A missing value (null) where the model imputes nothing: named, not run as NaN.
     ({"instances": [[1.0] * 30, [1.0] * 3 + [None] * 27]},
      "instance 1: column 3 is missing (null) and this model does not impute it (27 such "

@@ -70,3 +70,11 @@ def test_the_study_demo_runs_every_step_and_writes_a_consistent_summary() -> Non
     assert release["served_prediction"] in spec.label.classes, release
     assert release["served_record"]["site"] == "cleveland"
     assert "cp" in release["served_record"]["raw"]
+    # The same patient by the study's field names (Cleveland's codes translated by its
+    # mapping): fedward-serve reads it with the study.json the release ships, and answers
+    # as for the encoded row.
+    named = release["served_record"]["named"]
+    assert named["sex"] in ("female", "male") and isinstance(named["age"], float), named
+    by_name = release["served_by_name"]
+    assert by_name["status"] == 200 and by_name["agrees"] is True, by_name
+    assert by_name["classes"] == [release["served_prediction"]]
