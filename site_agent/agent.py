@@ -14,8 +14,6 @@ task) and is written to the local audit log.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -63,6 +61,7 @@ from site_agent.metrics import SiteState
 from site_agent.metrics import start_listener as start_metrics
 from site_agent.policy import PolicyError, PolicyMissingError
 from site_agent.site_data import open_configured
+from site_agent.site_lock import LOCKED_EXIT, AgentLockError, hold_site_lock
 from site_agent.supernode_watch import SupernodeWatch
 from site_agent.trainer import WarmTrainer
 from site_agent.trainer_server import TrainerServer
@@ -87,34 +86,6 @@ def _start_drift(root: Path, config: SiteConfig) -> DriftScheduler | None:
     log.info("drift check of %s every %.0f s (reports go to the coordinator's gateway)",
              schedule.release, schedule.interval_s)
     return scheduler
-
-
-class AgentLockError(RuntimeError):
-    """Another site agent runs on this site directory."""
-
-
-def hold_site_lock(paths: SitePaths) -> int:
-    """Take the site directory's agent lock for the life of this process; returns its fd.
-
-    ``flock`` on ``agent.lock``: the kernel drops it when the agent ends, however it ends,
-    so a crash leaves nothing to clean up. The file holds the holder's PID, for the message.
-    """
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-            raise
-        raise AgentLockError(
-            f"another site agent (pid {holder}) is already running on {paths.root}; a "
-            "site directory serves one agent at a time. Stop the running one first "
-            "(`systemctl stop fedward-site`, or Ctrl-C in its terminal), or give this one "
-            "a directory of its own with --dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def restrict_site_dir(root: Path) -> list[Path]:
@@ -213,17 +184,24 @@ class SiteAgent:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
-    def run(self) -> int:
-        """Run until SIGTERM/SIGINT; returns a process exit code."""
+    def run(self, lock_fd: int | None = None) -> int:
+        """Run until SIGTERM/SIGINT; returns a process exit code.
+
+        Args:
+            lock_fd: The site directory's agent lock, already taken by the caller
+                (``fedward-site start`` takes it before its slow imports, so a second
+                agent is refused at once); None: take it here.
+        """
         paths = SitePaths(self.root)
-        config = SiteConfig.load(self.root)
         # Before anything that creates or removes a file: a second agent changes nothing.
+        if lock_fd is None:
+            try:
+                lock_fd = hold_site_lock(paths)
+            except AgentLockError as err:
+                log.error("%s", err)
+                return LOCKED_EXIT
         try:
-            lock_fd = hold_site_lock(paths)
-        except AgentLockError as err:
-            log.error("%s", err)
-            return 6
-        try:
+            config = SiteConfig.load(self.root)
             return self._run_locked(paths, config)
         finally:
             os.close(lock_fd)

@@ -313,6 +313,19 @@ def start(dir: DirOpt,
               help="an extra epsilon cap of your own: the smaller of it and the policy's "
                    "project cap bounds each run and each project")] = None) -> None:
     """Run the site agent (warm trainer + SuperNode) until SIGTERM or Ctrl-C."""
+    from site_agent.config import SitePaths
+    from site_agent.site_lock import LOCKED_EXIT, AgentLockError, hold_site_lock
+
+    root = dir.expanduser().resolve()
+    # Before the agent's imports (seconds of torch, Opacus, Flower): a second agent on this
+    # directory is refused at once, and changes nothing.
+    try:
+        lock_fd = hold_site_lock(SitePaths(root))
+    except AgentLockError as err:
+        fail(str(err), code=LOCKED_EXIT)
+    except OSError as err:
+        fail(f"cannot open the agent lock in {root}: {err.strerror}; check that the site "
+             "directory exists and belongs to this account")
     from site_agent.agent import SiteAgent
     from site_agent.data_schema import SchemaError
 
@@ -320,7 +333,7 @@ def start(dir: DirOpt,
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        code = SiteAgent(root=dir.expanduser().resolve(), epsilon_cap=epsilon_cap).run()
+        code = SiteAgent(root=root, epsilon_cap=epsilon_cap).run(lock_fd=lock_fd)
     except (ConfigError, SchemaError) as err:
         fail(str(err))
     raise typer.Exit(code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import socket
 import ssl
@@ -936,3 +937,25 @@ def test_the_warm_executor_asks_for_tasks_less_often_once_idle() -> None:
     assert executor.wait_after_empty_ask(start + 31.0) == 0.5
     executor.active_at = start + 40.0  # a task was taken or finished
     assert executor.wait_after_empty_ask(start + 41.0) == 0.05
+
+
+def test_a_second_agent_is_refused_before_its_slow_imports(tmp_path: Path) -> None:
+    from site_agent.config import SitePaths
+    from site_agent.site_lock import LOCKED_EXIT, hold_site_lock
+
+    fd = hold_site_lock(SitePaths(tmp_path))     # the "first agent": this test process
+    try:
+        code = ("import sys\nfrom typer.testing import CliRunner\n"
+                "from site_agent.cli import app\n"
+                f"r = CliRunner().invoke(app, ['start', '--dir', {str(tmp_path)!r}])\n"
+                "print(r.exit_code, 'torch' in sys.modules, 'flwr' in sys.modules)\n"
+                "print(r.output)")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, check=False)
+    finally:
+        os.close(fd)
+    first, _, output = res.stdout.partition("\n")
+    # Refused with the holder's PID, before torch or Flower was imported.
+    assert first == f"{LOCKED_EXIT} False False", res.stdout + res.stderr
+    assert f"another site agent (pid {os.getpid()}) is already running" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.lock"]
