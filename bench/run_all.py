@@ -48,6 +48,7 @@ EXTRA: list[tuple[str, int]] = [
     ("exports.py", 600),     # 5. inference latency: PyTorch, ORT fp32/INT8, OpenVINO
     ("signing.py", 600),     # 6. 500 MB bundle signing/verification vs sha256sum
     ("api_load.py", 600),    # 7. coordinator API under load, SQLite and PostgreSQL
+    ("noise_search.py", 300),  # 10. a run's noise search: the ledger's PLD vs Opacus's PRV
 ]
 
 

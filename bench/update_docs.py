@@ -41,6 +41,7 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("6", "signing", "signing.py"),
     ("7", "api_load", "api_load.py"),
     ("8", "tuning", "tuning.py"),
+    ("10", "noise_search", "noise_search.py"),
 ]
 
 

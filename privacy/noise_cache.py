@@ -1,7 +1,7 @@
 """A noise-multiplier answer kept on disk, so that a restarted site does not search again.
 
 The search for a run's noise multiplier (:func:`privacy.dp.noise_multiplier_for_run`)
-costs one to three CPU-seconds on a small site host, and the same question comes back at
+costs a few tenths of a CPU-second on a small site host, and the same question comes back at
 every run with the same plan and after every restart. Its answer is a pure function of
 ``(accountant, epsilon, delta, sample_rate, steps)``, so the site keeps it in a JSON file.
 

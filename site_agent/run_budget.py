@@ -84,7 +84,7 @@ def sampling(data: SiteData, *, batch: int, epochs: int) -> tuple[float, int]:
 def warm_in_background(lock: threading.Lock, what: str, fn: Callable[[], object]) -> None:
     """Run ``fn`` (privacy accounting for a coming round) in the background.
 
-    The noise-multiplier search and PRV compositions are cached in ``privacy.dp``;
+    The noise-multiplier search and the ledger's compositions are cached (``privacy``);
     computing them while the site waits for the round takes them off the round's
     critical path. At most one warm-up at a time (``lock``: a task waits for it instead of
     computing the same thing twice); failures only cost the cache.

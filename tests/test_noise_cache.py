@@ -47,6 +47,7 @@ def test_the_answer_is_stored_and_read_back_without_searching(
         raise AssertionError("searched again although the cache holds the answer")
 
     # A restarted agent: the in-memory caches are gone, the file is not.
+    monkeypatch.setattr(dp, "_search_noise_ledger", no_search)
     monkeypatch.setattr(dp, "_search_noise", no_search)
     assert _sigma() == sigma
 

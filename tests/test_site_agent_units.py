@@ -910,7 +910,7 @@ def test_an_accepted_admission_starts_the_runs_noise_search_ahead_of_round_one(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray]
 ) -> None:
     from privacy.accounting import _pld_epsilon
-    from privacy.dp import _search_noise
+    from privacy.dp import _search_noise_ledger as _search_noise
 
     no_warm_ups_left()
     trainer, _ = make_trainer()

@@ -208,7 +208,7 @@ def test_a_run_that_fits_is_admitted_and_leaves_round_one_no_accounting_to_do(
     make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray], tmp_path: Path,
 ) -> None:
     from privacy.accounting import _pld_epsilon
-    from privacy.dp import _search_noise
+    from privacy.dp import _search_noise_ledger as _search_noise
 
     no_warm_ups_left()
     write_policy(tmp_path, caps={"oncology": 9.0}, site_cap=9.5)
