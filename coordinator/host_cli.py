@@ -42,8 +42,8 @@ def init(home: HomeOpt = None,
 
     from coordinator.auth import create_user
     from coordinator.db import make_engine, session_scope
+    from coordinator.home import init_home
     from coordinator.models import User
-    from coordinator.service import init_home
 
     settings = settings_for(home)
     pki = init_home(settings)

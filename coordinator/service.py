@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -21,16 +20,16 @@ from sqlalchemy.engine import Engine
 
 from coordinator import repository, run_control
 from coordinator.api import create_app
-from coordinator.db import make_engine, run_migrations
+from coordinator.db import make_engine
 from coordinator.drift import AlarmRule
 from coordinator.gateway import GatewayConfig, SiteGateway
+from coordinator.home import gateway_cert_paths, init_home
 from coordinator.metrics import start_listener
 from coordinator.mlflow_outbox import MLFLOW_AUTO_ENV
 from coordinator.ports import sites_address
 from coordinator.presence import Presence
 from coordinator.settings import Settings
 from coordinator.superlink import SuperLinkError, SuperLinkProcess
-from fedward.certs import CAFiles, ensure_ca, issue_server_cert
 from fedward.files import atomic_write
 from fedward.flower.control import FlowerControl
 
@@ -43,35 +42,6 @@ log = logging.getLogger("fedward.coordinator")
 MAX_SERVERAPP_RELAUNCHES = 2
 ORPHAN_CHECK_S = 5.0    # how often the watchdog looks for such runs
 ORPHAN_GRACE_S = 10.0   # a run must look orphaned this long (a run exists before its launch)
-
-
-def init_home(settings: Settings) -> CAFiles:
-    """Create the data directory, the site CA, the SuperLink certificate and the schema."""
-    settings.home.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.home, 0o700)
-    pki = ensure_ca(settings.home / "pki")
-    if not pki.server_cert.exists():
-        issue_server_cert(pki)
-    cert, key = gateway_cert_paths(pki)
-    hosts = tuple(h.strip() for h in settings.fleet_hostnames.split(",") if h.strip())
-    if not cert.exists() or _cert_hosts(cert) != set(hosts):
-        issue_server_cert(pki, hosts=hosts, cert_path=cert, key_path=key)
-    run_migrations(settings.effective_database_url)
-    return pki
-
-
-def gateway_cert_paths(pki: CAFiles) -> tuple[Path, Path]:
-    """The site gateway's TLS certificate and key, beside the CA."""
-    return pki.ca_cert.with_name("gateway.pem"), pki.ca_cert.with_name("gateway.key")
-
-
-def _cert_hosts(path: Path) -> set[str]:
-    from cryptography import x509
-
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
-        str(v) for v in san.get_values_for_type(x509.IPAddress)}
 
 
 @dataclass

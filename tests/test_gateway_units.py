@@ -33,8 +33,8 @@ from coordinator.enrollment import create_token
 from coordinator.gateway import GatewayConfig, SiteGateway
 from coordinator.gateway_http import SMALL_BODY
 from coordinator.gateway_limits import RefusalLog
+from coordinator.home import gateway_cert_paths, init_home
 from coordinator.models import EnrollmentToken, Site, SiteCertificate
-from coordinator.service import gateway_cert_paths, init_home
 from coordinator.settings import Settings
 from fedward.certs import CAFiles, make_csr, write_private_key
 from fedward.flower.control import node_public_key_bytes

@@ -26,9 +26,9 @@ from coordinator.api import create_app
 from coordinator.auth import create_user
 from coordinator.db import make_engine, run_migrations, session_scope
 from coordinator.gateway import GatewayConfig, SiteGateway
+from coordinator.home import gateway_cert_paths, init_home
 from coordinator.metrics import METRIC_NAMES, build_registry, note_site_contact
 from coordinator.models import Project, Run, Site, SiteCertificate, utcnow
-from coordinator.service import gateway_cert_paths, init_home
 from coordinator.settings import Settings
 from fedward.metrics_http import MetricsListener, MetricsListenerError
 
