@@ -13,6 +13,7 @@ from federation import federation
 from tests_support import short_tmp
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_a_secure_run_unmasks_only_the_sum_and_fails_below_its_threshold() -> None:
     with short_tmp() as work, federation(work, n_sites=3) as fed:
