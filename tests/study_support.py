@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from fedward.statistics import BINS
+
 from api_support import TestClient, api
 from federation import BIN, Federation, Site, run_cli
 
@@ -151,3 +153,57 @@ def add_study_site(fed: Federation, name: str, data: Path, mapping: Path,
     run_cli([site_cli, "policy", "approve-study", str(study), "--project", "test", "--dir",
              str(root), "--by", f"it-{name}"])
     return root
+
+
+# A study whose every feature's missing value is imputed or flagged, and the DP reference
+# statistics of a run of it, as the statistics phase makes them (the preprocessing tests and
+# fedward-serve's records by name).
+IMPUTED_SPEC: dict[str, Any] = {
+    "spec_version": 1, "name": "imputed",
+    "features": [
+        {"name": "age", "type": "numeric", "unit": "years", "range": [20, 100],
+         "missing": "impute-mean"},
+        {"name": "chol", "type": "numeric", "unit": "mg/dL", "range": [100, 600],
+         "missing": "impute-median"},
+        {"name": "sex", "type": "categorical", "levels": ["female", "male"],
+         "missing": "impute-mode"},
+        {"name": "fbs", "type": "boolean", "missing": "impute-mode"},
+        {"name": "slope", "type": "ordinal", "levels": ["down", "flat", "up"],
+         "missing": "impute-mode"},
+        {"name": "bp", "type": "numeric", "range": [50, 250], "missing": "indicator"},
+    ],
+    "label": {"name": "disease", "kind": "binary", "classes": ["no", "yes"]},
+    "model": {"family": "logistic_regression"},
+    "training": {"lr": 0.1, "batch_size": 16},
+}
+
+
+def reference_entry(name: str, counts: list[float], mean: float | None = None,
+           std: float | None = None) -> dict[str, Any]:
+    return {"name": name, "edges": [], "counts": counts, "n": sum(counts), "missing": 3.0,
+            "mean": mean, "std": std}
+
+
+def flat_counts(*bins: tuple[int, float]) -> list[float]:
+    out = [0.0] * BINS
+    for i, v in bins:
+        out[i] = v
+    return out
+
+
+def imputed_reference(**overrides: dict[str, Any]) -> dict[str, Any]:
+    entries = {
+        "age": reference_entry("age", flat_counts((4, 50.0)), mean=57.3, std=9.0),
+        # Noised counts, one below zero (clipped at 0): half of the 100 lies halfway into
+        # the fourth bin (width 50): 100 + 3.5 * 50 = 275.
+        "chol": reference_entry("chol", flat_counts((2, 40.0), (3, 20.0), (5, 40.0), (7, -6.0))),
+        "sex=female": reference_entry("sex=female", flat_counts((0, 70.0), (9, 29.5))),
+        "sex=male": reference_entry("sex=male", flat_counts((0, 31.0), (9, 70.2))),
+        "fbs": reference_entry("fbs", flat_counts((0, 80.1), (9, 21.0))),
+        "slope": reference_entry("slope", flat_counts((0, 10.0), (5, 60.0), (9, 30.0))),
+        "bp": reference_entry("bp", flat_counts((5, 100.0)), mean=140.0, std=0.5),
+        "bp__missing": reference_entry("bp__missing", flat_counts((0, 100.0))),
+    }
+    entries.update(overrides)
+    return {"format": "fedward-reference-statistics", "version": 1,
+            "features": list(entries.values())}

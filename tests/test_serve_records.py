@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,9 @@ from fedward.study import STUDY_FILE, StudySpec, parse_spec
 from fedward.study_encoding import RecordError, encode_values, record_values
 from fedward.tasks import study_task
 
-with warnings.catch_warnings():
-    warnings.filterwarnings(
-        "ignore", message="Using `httpx` with `starlette.testclient` is deprecated"
-    )
-    warnings.filterwarnings("ignore", message="The anyio.abc.BlockingPortal alias")
-    from fastapi.testclient import TestClient
-
-from test_study_preprocessing import SPEC, reference
+from api_support import TestClient
+from study_support import IMPUTED_SPEC as SPEC
+from study_support import imputed_reference as reference
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"

@@ -22,64 +22,17 @@ from fedward.preprocessing import (
     compose,
     model_params,
 )
-from fedward.statistics import BINS
 from fedward.study import StudySpec, parse_spec
 from fedward.tasks import study_task
 
-SPEC: dict[str, Any] = {
-    "spec_version": 1, "name": "imputed",
-    "features": [
-        {"name": "age", "type": "numeric", "unit": "years", "range": [20, 100],
-         "missing": "impute-mean"},
-        {"name": "chol", "type": "numeric", "unit": "mg/dL", "range": [100, 600],
-         "missing": "impute-median"},
-        {"name": "sex", "type": "categorical", "levels": ["female", "male"],
-         "missing": "impute-mode"},
-        {"name": "fbs", "type": "boolean", "missing": "impute-mode"},
-        {"name": "slope", "type": "ordinal", "levels": ["down", "flat", "up"],
-         "missing": "impute-mode"},
-        {"name": "bp", "type": "numeric", "range": [50, 250], "missing": "indicator"},
-    ],
-    "label": {"name": "disease", "kind": "binary", "classes": ["no", "yes"]},
-    "model": {"family": "logistic_regression"},
-    "training": {"lr": 0.1, "batch_size": 16},
-}
+from study_support import IMPUTED_SPEC as SPEC
+from study_support import flat_counts, reference_entry
+from study_support import imputed_reference as reference
 
 
 @pytest.fixture(scope="module")
 def spec() -> StudySpec:
     return parse_spec(SPEC, check_dp=False)
-
-
-def _entry(name: str, counts: list[float], mean: float | None = None,
-           std: float | None = None) -> dict[str, Any]:
-    return {"name": name, "edges": [], "counts": counts, "n": sum(counts), "missing": 3.0,
-            "mean": mean, "std": std}
-
-
-def _flat(*bins: tuple[int, float]) -> list[float]:
-    out = [0.0] * BINS
-    for i, v in bins:
-        out[i] = v
-    return out
-
-
-def reference(**overrides: dict[str, Any]) -> dict[str, Any]:
-    entries = {
-        "age": _entry("age", _flat((4, 50.0)), mean=57.3, std=9.0),
-        # Noised counts, one below zero (clipped at 0): half of the 100 lies halfway into
-        # the fourth bin (width 50): 100 + 3.5 * 50 = 275.
-        "chol": _entry("chol", _flat((2, 40.0), (3, 20.0), (5, 40.0), (7, -6.0))),
-        "sex=female": _entry("sex=female", _flat((0, 70.0), (9, 29.5))),
-        "sex=male": _entry("sex=male", _flat((0, 31.0), (9, 70.2))),
-        "fbs": _entry("fbs", _flat((0, 80.1), (9, 21.0))),
-        "slope": _entry("slope", _flat((0, 10.0), (5, 60.0), (9, 30.0))),
-        "bp": _entry("bp", _flat((5, 100.0)), mean=140.0, std=0.5),
-        "bp__missing": _entry("bp__missing", _flat((0, 100.0))),
-    }
-    entries.update(overrides)
-    return {"format": "fedward-reference-statistics", "version": 1,
-            "features": list(entries.values())}
 
 
 def test_the_rule_from_the_dp_statistics(spec: StudySpec) -> None:
@@ -101,7 +54,7 @@ def test_the_rule_from_the_dp_statistics(spec: StudySpec) -> None:
 
 def test_a_mean_the_reference_does_not_state_falls_back_to_the_midpoint(
         spec: StudySpec) -> None:
-    pre = compose(spec, reference(age=_entry("age", _flat())))
+    pre = compose(spec, reference(age=reference_entry("age", flat_counts())))
     assert pre.impute["age"] == 60.0 and pre.scaling["age"] == (60.0, 20.0)
     with pytest.raises(PreprocessingError, match="lack the study's columns sex=male"):
         compose(spec, {"features": [e for e in reference()["features"]
