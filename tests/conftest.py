@@ -35,29 +35,6 @@ if TYPE_CHECKING:
     from site_policy_support import DataGuard
 
 
-# The test files whose real federations take a worker longest (seconds, `make test`'s
-# --durations on 2 cores): started first, so that no worker is still in one of them while
-# the others have run out of files. Only the order changes; every file runs.
-_LONGEST_FIRST = ("test_guides.py", "test_study_demo.py", "test_site_recovery.py",
-                  "test_faults.py", "test_coordinator_resilience.py", "test_integration.py",
-                  "test_run_control_integration.py", "test_local_isolation.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with real processes first, the longest of them first; the many quick in-process
-    files then fill the workers' last minutes (``make test`` runs one file per worker at a
-    time). The order within a file is kept."""
-    heavy = {item.path for item in items if item.get_closest_marker("integration")}
-
-    def rank(item: pytest.Item) -> tuple[int, int]:
-        name = item.path.name
-        if name in _LONGEST_FIRST:
-            return 0, _LONGEST_FIRST.index(name)
-        return (1, 0) if item.path in heavy else (2, 0)
-
-    items.sort(key=rank)   # stable: files keep their collection order within a rank
-
-
 @pytest.fixture(scope="session", autouse=True)
 def shared_noise_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One noise-multiplier cache for every site agent the tests start (``FEDWARD_CACHE_DIR``).
