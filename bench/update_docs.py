@@ -42,6 +42,7 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("7", "api_load", "api_load.py"),
     ("8", "tuning", "tuning.py"),
     ("10", "noise_search", "noise_search.py"),
+    ("11", "study_demo", "study_demo.py"),
 ]
 
 
