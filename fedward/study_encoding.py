@@ -137,8 +137,10 @@ def record_values(study: StudySpec, records: Sequence[Mapping[str, object]]
     known = {f.name: f for f in study.features}
     out = {name: np.full(len(records), np.nan) for name in known}
     problems: list[str] = []
+    unknown = False
     for i, record in enumerate(records):
-        for name in sorted(set(record) - set(known)):
+        for name in sorted(record.keys() - known.keys()):
+            unknown = True
             why = ("is the label the model predicts, not an input" if name == study.label.name
                    else f"is not a field of study {study.name}")
             problems.append(f"record {i}: {name!r} {why}")
@@ -155,7 +157,6 @@ def record_values(study: StudySpec, records: Sequence[Mapping[str, object]]
             else:
                 out[name][i] = got
     if problems:
-        hint = (f"The study's fields are: {', '.join(known)}"
-                if any(set(r) - set(known) for r in records) else "")
+        hint = f"The study's fields are: {', '.join(known)}" if unknown else ""
         raise RecordError(problems, hint)
     return out
