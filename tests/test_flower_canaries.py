@@ -75,6 +75,7 @@ def test_importing_the_flower_package_checks_the_installed_version(tmp_path: Pat
 
 def test_short_sleep_caps_sleeps_and_passes_the_rest_through() -> None:
     short = supernode.ShortSleep(0.05)
+    short.message_received()  # a node in a run
     t0 = time.monotonic()
     short.sleep(3)
     assert time.monotonic() - t0 < 1.0
@@ -87,7 +88,9 @@ def test_an_idle_supernode_fetches_less_often_until_a_message_comes(
     asked: list[float] = []
     monkeypatch.setattr(time, "sleep", asked.append)  # restored after the test
     short = supernode.ShortSleep(0.25, idle_cap_s=1.0, idle_after_s=30.0)
-    short.sleep(3)  # just started: the short interval
+    short.sleep(3)  # just started, nothing received yet: the idle interval
+    short.message_received()
+    short.sleep(3)  # a message came in a moment ago: the short interval
     short.last_message -= 31.0  # nothing for 31 s
     short.sleep(3)  # Flower's empty-fetch wait: the idle interval
     short.sleep(0.5)  # waiting for a reply (a local look) is never slowed: the reply cap
@@ -97,7 +100,7 @@ def test_an_idle_supernode_fetches_less_often_until_a_message_comes(
     short.last_message -= 31.0
     assert supernode.noting_messages(short, lambda **_: None)() is None
     short.sleep(3)  # an empty fetch does not count as a message
-    assert asked == [0.25, 1.0, supernode.REPLY_POLL_S, 0.25, 1.0]
+    assert asked == [1.0, 0.25, 1.0, supernode.REPLY_POLL_S, 0.25, 1.0]
     assert supernode.REPLY_POLL_S <= 0.02 < supernode.DEFAULT_POLL_S  # the reply leaves soon
 
 
