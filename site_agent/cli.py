@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -22,6 +22,9 @@ from site_agent.ledger_cli import ledger_app
 from site_agent.mapping_cli import mapping_app
 from site_agent.runs_cli import approve, deny, runs, status
 from site_agent.study_cli import allow_plugin, approve_study
+
+if TYPE_CHECKING:
+    from site_agent.site_data import ConfiguredData
 
 __all__ = ["app", "main"]
 
@@ -89,29 +92,54 @@ def init(
 ) -> None:
     """Write the site configuration (site.json), copy the CA certificate in, and write a
     starter site policy (policy.json) unless one exists."""
+    problems = [] if ca_cert.exists() else [f"CA certificate {ca_cert} does not exist"]
+    root = dir.expanduser().resolve()
+    cfg, configured = _checked_config(
+        root, {"name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
+               "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff,
+               "task_content_wait_s": task_content_wait},
+        data=data, schema=schema, data_config=data_config, study=study, mapping=mapping,
+        problems=problems)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.chmod(0o700)
+    if ca_cert.resolve() != (root / "coordinator-ca.pem").resolve():
+        shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
+    path = cfg.save(root)
+    console.print(f"site configuration written to {path}")
+    _write_starter_policy(root, project=project, task=configured.task, epsilon_cap=10.0,
+                          require_approval=False, force=False)
+
+
+def _checked_config(root: Path, raw: dict[str, Any], *, data: Path | None,
+                    schema: Path | None, data_config: Path | None, study: str | None,
+                    mapping: Path | None, problems: list[str],
+                    after: str = "") -> tuple[SiteConfig, ConfiguredData]:
+    """The site configuration ``raw`` plus its data (``--data`` or ``--data-config``) and
+    what the data is checked against (``--schema``, or ``--study`` with ``--mapping``),
+    with the data read and checked: every problem at once, before anything is written
+    (``after`` is added to a refusal, e.g. that the token is still unused). Returns the
+    configuration and what it names, opened (its ``task`` is the study's name for a
+    study)."""
     from site_agent.data_schema import SchemaError
     from site_agent.site_data import open_configured
 
-    named = [("CA certificate", ca_cert), ("data file", data), ("schema file", schema),
+    named = [("data file", data), ("schema file", schema),
              ("data connector file", data_config), ("mapping file", mapping)]
-    problems = [f"{label} {p} does not exist" for label, p in named
-                if p is not None and not p.exists()]
+    problems = [*problems, *(f"{label} {p} does not exist" for label, p in named
+                             if p is not None and not p.expanduser().exists())]
     if (data is None) == (data_config is None):
         problems.append("name the data with --data FILE or --data-config FILE (one of them)")
     if schema is None and (study is None or mapping is None):
         problems.append("name what the data is checked against: --schema FILE, or --study "
                         "with --mapping")
     if problems:
-        fail("; ".join(problems))
-    raw: dict[str, Any] = {
-        "name": name, "superlink": superlink, "ca_cert": "coordinator-ca.pem",
-        "torch_threads": torch_threads, "reconnect_backoff_s": reconnect_backoff,
-        "task_content_wait_s": task_content_wait}
+        fail("; ".join(problems) + after)
+    raw = dict(raw)
     if data_config is not None:
         try:
             raw["data"] = json.loads(data_config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            fail(f"{data_config} is not a JSON connector block ({err})")
+            fail(f"{data_config} is not a JSON connector block ({err}){after}")
     elif data is not None and data.suffix.lower() in (".parquet", ".pq"):
         raw["data"] = {"connector": "parquet", "path": str(data.expanduser().resolve())}
     elif data is not None:
@@ -123,20 +151,27 @@ def init(
         raw["study"] = (str(Path(study).expanduser().resolve()) if Path(study).is_file()
                         else study)
         raw["mapping"] = str(mapping.expanduser().resolve())
-    root = dir.expanduser().resolve()
     try:
         cfg = SiteConfig.from_dict(raw)
-        task = open_configured(cfg, root).task   # every problem before anything is written
+        configured = open_configured(cfg, root)
     except (ConfigError, SchemaError) as err:
-        fail(str(err))
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    root.chmod(0o700)
-    if ca_cert.resolve() != (root / "coordinator-ca.pem").resolve():
-        shutil.copyfile(ca_cert, root / "coordinator-ca.pem")
-    path = cfg.save(root)
-    console.print(f"site configuration written to {path}")
-    _write_starter_policy(root, project=project, task=task, epsilon_cap=10.0,
-                          require_approval=False, force=False)
+        fail(f"{err}{after}")
+    return cfg, configured
+
+
+def _check_mapping_fits(configured: ConfiguredData, *, after: str) -> None:
+    """Refuse a study mapping that does not fit the data (what `mapping check` reports:
+    every problem, on this screen only)."""
+    from site_agent.mapping_apply import check_mapping
+
+    assert configured.binding is not None
+    report = check_mapping(configured.binding, configured.connector).report
+    if not report.ok:
+        for p in report.problems:
+            err_console.print(f"  - {p.kind}: {escape(p.message)}")
+        fail(f"{len(report.problems)} problem(s) mapping {configured.connector.describe()} to "
+             f"study {configured.binding.study.name} (listed above; `fedward-site mapping "
+             f"check` shows them too): fix the mapping or the data first{after}", 3)
 
 
 @app.command()
@@ -147,11 +182,18 @@ def enroll(
                                          "9092)")],
     token: Annotated[str, typer.Option(help="the one-time enrollment token",
                                        envvar="FEDWARD_ENROLLMENT_TOKEN")],
-    data: Annotated[Path | None, typer.Option(help="training data (CSV); needed when the "
-                                              "site is not configured yet")] = None,
+    data: Annotated[Path | None, typer.Option(help="training data (CSV; Parquet by its "
+                                              ".parquet suffix); needed when the site is "
+                                              "not configured yet")] = None,
     schema: Annotated[Path | None, typer.Option(help="the data's schema (JSON)")] = None,
     project: Annotated[str, typer.Option(help="project the starter policy accepts")]
     = "default",
+    study: Annotated[str | None, typer.Option(
+        help="instead of --schema: the study the data is mapped to (the spec file the ML "
+             "team sent), with --mapping")] = None,
+    mapping: Annotated[Path | None, typer.Option(
+        help="the mapping of the site's columns to --study (`fedward-site mapping "
+             "template` writes one)")] = None,
 ) -> None:
     """Enroll the site with a one-time token: keys made here, a certificate back.
 
@@ -160,7 +202,7 @@ def enroll(
     node public key, and stores the certificate. The site then reaches the coordinator only
     through its gateway, with mutual TLS.
     """
-    from site_agent.data_schema import SchemaError, load_schema
+    from fedward.tokens import TokenFormatError, parse_enrollment_token
     from site_agent.enroll import EnrollError, gateway_address
     from site_agent.enroll import enroll as do_enroll
 
@@ -185,20 +227,24 @@ def enroll(
             existing = SiteConfig.load(root)
         except ConfigError as err:
             fail(str(err))
-    elif data is None or schema is None:
-        fail("this site is not configured yet: give --data and --schema too")
-    task: str | None = None
+    elif data is None or (schema is None and (study is None or mapping is None)):
+        fail("this site is not configured yet: give --data and --schema too (or, for a "
+             "study, --data, --study and --mapping)")
+    new: tuple[SiteConfig, ConfiguredData] | None = None
+    unused = " (nothing was sent to the coordinator; the token is still unused)"
     if existing is None:
-        # Checked before the token is spent: a typo here must not leave a site with a
-        # certificate but no configuration.
-        assert data is not None and schema is not None
-        if not data.expanduser().is_file():
-            fail(f"no data file at {data}: give the path of the site's training CSV "
-                  "(nothing was sent to the coordinator; the token is still unused)")
+        # Every problem of the data and its schema or mapping is found before the token is
+        # spent: a typo here must not leave a site with a certificate but no configuration.
         try:
-            task = load_schema(schema.expanduser()).task
-        except (SchemaError, OSError) as err:
-            fail(f"{err} (nothing was sent to the coordinator; the token is still unused)")
+            site = parse_enrollment_token(token).site
+        except TokenFormatError:
+            site = "unenrolled"   # the token's own problem is named by enroll, below
+        new = _checked_config(
+            root, {"name": site, "superlink": gateway, "ca_cert": "coordinator-ca.pem"},
+            data=data, schema=schema, data_config=None, study=study, mapping=mapping,
+            problems=[], after=unused)
+        if new[1].binding is not None:
+            _check_mapping_fits(new[1], after=unused)
     try:
         name = do_enroll(root=root, gateway=gateway, token=token)
     except EnrollError as err:
@@ -208,14 +254,11 @@ def enroll(
         raw.pop("version", None)
         cfg = SiteConfig.from_dict(raw)
     else:
-        assert data is not None and schema is not None
-        cfg = SiteConfig.from_dict({
-            "name": name, "superlink": gateway, "ca_cert": "coordinator-ca.pem",
-            "data_path": str(data.expanduser().resolve()),
-            "schema_path": str(schema.expanduser().resolve())})
+        assert new is not None
+        cfg = new[0]
     cfg.save(root)
-    if task is not None:
-        _write_starter_policy(root, project=project, task=task, epsilon_cap=10.0,
+    if new is not None:
+        _write_starter_policy(root, project=project, task=new[1].task, epsilon_cap=10.0,
                               require_approval=False, force=False)
     console.print(f"site [bold]{name}[/] enrolled: it now reaches the coordinator through "
                   f"{gateway} with mutual TLS; start it with `fedward-site start --dir {root}`")

@@ -185,3 +185,39 @@ def test_enroll_checks_the_data_and_schema_paths_before_it_spends_the_token(
     said = " ".join(res.output.split())   # the console wraps long lines
     assert "nowhere" in said and "the token is still unused" in said
     assert not (root / "keys").exists() and not (root / "site.json").exists()
+
+
+def test_enroll_into_a_study_checks_the_mapping_before_it_spends_the_token(
+        tmp_path: Path) -> None:
+    """`enroll --study --mapping`: a mapping that does not fit the data is named, with the
+    token still unused, and nothing is written; one that fits passes the check and goes on
+    to the gateway (here none: the refusal then names the gateway, not the mapping)."""
+    from typer.testing import CliRunner
+
+    from fedward.tasks import example_spec_path
+    from site_agent.cli import app
+    from site_agent.datasets import write_demo_federation
+
+    demo = write_demo_federation(task="breast_cancer_mlp", out_dir=tmp_path / "demo",
+                                 n_sites=1).sites[0]
+    spec = example_spec_path("breast_cancer_mlp")
+    mapping = tmp_path / "mapping.yaml"
+    made = CliRunner().invoke(app, ["mapping", "template", "--data", str(demo.csv_path),
+                                    "--study", str(spec), "--out", str(mapping)])
+    assert made.exit_code == 0, made.output
+    root = tmp_path / "site"
+    argv = ["enroll", "--dir", str(root), "--gateway", "127.0.0.1:9", "--token",
+            "fw1.hospital-a.x.y.z", "--data", str(demo.csv_path), "--study", str(spec),
+            "--mapping", str(mapping)]
+    # The template leaves the label's codes blank: not a mapping yet.
+    res = CliRunner().invoke(app, argv)
+    said = " ".join(res.output.split())
+    assert res.exit_code != 0 and "mapping" in said and "label" in said, said
+    assert "the token is still unused" in said
+    assert not (root / "keys").exists() and not (root / "site.json").exists()
+    mapping.write_text(mapping.read_text().replace("'0': ''", "'0': malignant")
+                       .replace("'1': ''", "'1': benign"))
+    res = CliRunner().invoke(app, argv)
+    said = " ".join(res.output.split())
+    assert res.exit_code != 0 and "the token is still unused" not in said, said
+    assert not (root / "site.json").exists()
