@@ -1,4 +1,5 @@
-"""The command blocks of the guides, as a reader would paste them, for ``test_guides.py``.
+"""The command blocks of the guides, as a reader would paste them, for ``test_guides.py``
+and ``test_walkthrough.py`` (``guide_reading.py`` follows them).
 
 The convention a doc writer follows (``docs/ml-team-guide.md``, "Writing the guides", says
 the same for doc writers):
@@ -23,7 +24,8 @@ the same for doc writers):
 
 - Example values stand for what a reader has (``EXAMPLE_VALUES`` below: the data
   directories under ``/var/lib/fedward``, ``coordinator.example.org``, ``/data/cohort.*``,
-  ``/opt/fedward/venv``); the test replaces them with its own. Nothing else is replaced:
+  the walkthrough's study and mapping under ``/data``, ``/opt/fedward/venv``); the test
+  replaces them with its own. Nothing else is replaced:
   ``<placeholder>`` text or ``[--optional]`` synopses in a command block fail the test.
   Write the command as it runs and say in prose which options there are.
 """
@@ -49,6 +51,8 @@ EXAMPLE_VALUES: dict[str, str] = {
     "/var/lib/fedward/coordinator": "COORDINATOR_HOME",
     "/var/lib/fedward/site": "SITE_DIR",
     "/data/cohort.schema.json": "SCHEMA_PATH",
+    "/data/tumour-mapping.yaml": "MAPPING_PATH",
+    "/data/tumour_shape.yaml": "STUDY_PATH",
     "/data/cohort.csv": "DATA_PATH",
     "/opt/fedward/venv": "VENV",
 }
