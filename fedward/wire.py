@@ -211,6 +211,9 @@ class CFG:
     ROUND: Final = ROUND_KEY                      # 1-based round number (int)
     TRAIN: Final = TRAIN_KEY                      # False: evaluate only (bool)
     LAYOUT: Final = "layout"               # JSON [[name, shape], ...] of a packed model (str)
+    # An evaluation on demand that also asks each site for its local-only DP baseline: the
+    # evaluation's id (int; absent: none). See site_agent.local_baseline.
+    LOCAL_ONLY: Final = "local-only-evaluation"
 
 
 class MSG:
@@ -256,6 +259,16 @@ ALLOWED_REPLY_METRICS: Final = frozenset(
         "mia-calibrated-auc",
         "mia-epsilon-lb",
         "mia-n",
+        # An evaluation on demand with the local-only baseline (site_agent.local_baseline):
+        # the received model's balanced accuracy and Brier score on the held-out split, and
+        # the site's own DP model's four figures there and the epsilon it was charged.
+        "eval-balanced-accuracy",
+        "eval-brier",
+        "local-only-accuracy",
+        "local-only-auc",
+        "local-only-balanced-accuracy",
+        "local-only-brier",
+        "local-only-epsilon",
     }
 )
 

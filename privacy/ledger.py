@@ -77,7 +77,8 @@ __all__ = [
 _RTOL: Final = 1e-9
 
 _WHAT: Final = {"round": "this round", "statistics": "this statistics release",
-                "drift": "this drift check", "tuning": "this tuning search"}
+                "drift": "this drift check", "tuning": "this tuning search",
+                "baseline": "this local-only baseline"}
 
 
 def _number(value: object) -> bool:
@@ -276,7 +277,7 @@ class PrivacyLedger:
 
         Args:
             run_id: a run opened with :meth:`open_run`.
-            purpose: ``round``, ``statistics``, ``drift`` or ``tuning``.
+            purpose: ``round``, ``statistics``, ``drift``, ``tuning`` or ``baseline``.
             key: the disclosure within the run and purpose (the round number for rounds).
             mechanism: what it discloses through.
             caps: the site's caps (from its policy); None: the run's budget alone.

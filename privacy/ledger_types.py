@@ -11,8 +11,8 @@ from privacy.mechanisms import DpSgd, Mechanism
 
 __all__ = ["Caps", "Entry", "Reservation", "RoundRecord", "RunLedger", "Snapshot"]
 
-Purpose = Literal["round", "statistics", "drift", "tuning"]
-PURPOSES: tuple[Purpose, ...] = ("round", "statistics", "drift", "tuning")
+Purpose = Literal["round", "statistics", "drift", "tuning", "baseline"]
+PURPOSES: tuple[Purpose, ...] = ("round", "statistics", "drift", "tuning", "baseline")
 EntryState = Literal["reserved", "charged"]
 
 
@@ -37,7 +37,7 @@ class Entry:
         id: the entry's number (its order of reservation).
         run_id: the run it belongs to.
         project: the run's project.
-        purpose: ``round``, ``statistics``, ``drift`` or ``tuning``.
+        purpose: ``round``, ``statistics``, ``drift``, ``tuning`` or ``baseline``.
         key: the disclosure within the run and purpose (the round number for rounds).
         round: the round number, for ``round`` entries.
         delta: the delta it is accounted at (its run's).

@@ -56,11 +56,13 @@ class Admission:
         epsilon_cap: the project's epsilon cap (all its runs at this site, composed).
         max_rounds_per_day: the daily round limit, if any.
         site_epsilon_cap: the site-wide cap (every run of every project, composed), if any.
+        local_baselines: an evaluation may ask for the site's local-only DP baseline.
     """
 
     epsilon_cap: float
     max_rounds_per_day: int | None
     site_epsilon_cap: float | None = None
+    local_baselines: bool = False
 
 
 AuditFn = Callable[[str, dict[str, Any]], None]
@@ -209,7 +211,8 @@ class SiteGate:
         assert policy is not None
         return Admission(epsilon_cap=policy.projects[project].epsilon_cap,
                          max_rounds_per_day=policy.max_rounds_per_day,
-                         site_epsilon_cap=policy.site_epsilon_cap)
+                         site_epsilon_cap=policy.site_epsilon_cap,
+                         local_baselines=policy.local_baselines)
 
 
 def rounds_trained_since(ledger: PrivacyLedger, since: datetime, *,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedward.preprocessing import fill_missing
-from privacy import compose_mechanisms, sample_rate_for, train_dp
+from privacy import compose_mechanisms, expected_steps, sample_rate_for, train_dp
 from privacy.mechanisms import DpSgd, Mechanism
 from privacy.release import noise_multiplier_after, statistics_release
 from privacy.roc_auc import class_auc
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
     from fedward.tasks import TaskSpec
 
-__all__ = ["LocalOnly", "classification_metrics", "held_out_metrics", "train_local_only",
-           "train_pooled"]
+__all__ = ["LocalOnly", "classification_metrics", "held_out_metrics", "local_only_plan",
+           "train_local_only", "train_pooled"]
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -95,6 +95,26 @@ def _fill(task: TaskSpec, x: np.ndarray) -> np.ndarray:
     return fill_missing(x, fill if isinstance(fill, list) else None)
 
 
+def local_only_plan(*, n_features: int, n_train: int, epsilon: float, delta: float,
+                    rounds: int, local_epochs: int, batch_size: int,
+                    statistics_epsilon: float | None) -> tuple[list[Mechanism], DpSgd]:
+    """What a local-only model at the federated run's budget discloses: the statistics
+    release the run's budget also paid for (when it had one), and the DP-SGD of ``rounds``
+    x ``local_epochs`` epochs on ``n_train`` rows at the noise multiplier that fills the
+    rest of ``epsilon`` (:func:`privacy.release.noise_multiplier_after`), as the site's
+    ledger plans a run."""
+    q = sample_rate_for(n_examples=n_train, batch_size=batch_size)
+    prior: list[Mechanism] = []
+    if statistics_epsilon is not None:
+        prior.append(statistics_release(n_features=n_features, epsilon=statistics_epsilon,
+                                        delta=delta))
+    sigma = noise_multiplier_after(prior=prior, epsilon=epsilon, delta=delta, sample_rate=q,
+                                   total_epochs=rounds * local_epochs)
+    steps = rounds * expected_steps(n_examples=n_train, batch_size=batch_size,
+                                    epochs=local_epochs)
+    return prior, DpSgd(noise_multiplier=sigma, sample_rate=q, steps=steps)
+
+
 def train_local_only(*, task: TaskSpec, train_x: np.ndarray, train_y: np.ndarray,
                      epsilon: float, delta: float, rounds: int, local_epochs: int,
                      batch_size: int, lr: float, max_grad_norm: float,
@@ -103,17 +123,15 @@ def train_local_only(*, task: TaskSpec, train_x: np.ndarray, train_y: np.ndarray
 
     The noise multiplier is the one the site's ledger would plan for a run of ``rounds`` x
     ``local_epochs`` epochs whose budget also pays for the statistics release
-    (:func:`privacy.release.noise_multiplier_after`), so the local-only model gets the
-    same epsilon as the site spends in the federated run, statistics included.
+    (:func:`local_only_plan`), so the local-only model gets the same epsilon as the site
+    spends in the federated run, statistics included.
     """
+    prior, plan = local_only_plan(n_features=task.n_features, n_train=len(train_y),
+                                  epsilon=epsilon, delta=delta, rounds=rounds,
+                                  local_epochs=local_epochs, batch_size=batch_size,
+                                  statistics_epsilon=statistics_epsilon)
     x = _fill(task, train_x)
-    q = sample_rate_for(n_examples=len(train_y), batch_size=batch_size)
-    prior: list[Mechanism] = []
-    if statistics_epsilon is not None:
-        prior.append(statistics_release(n_features=task.n_features,
-                                        epsilon=statistics_epsilon, delta=delta))
-    sigma = noise_multiplier_after(prior=prior, epsilon=epsilon, delta=delta, sample_rate=q,
-                                   total_epochs=rounds * local_epochs)
+    sigma = plan.noise_multiplier
     model = task.build(seed=seed)
     history: Any = ()
     steps = 0
@@ -123,8 +141,10 @@ def train_local_only(*, task: TaskSpec, train_x: np.ndarray, train_y: np.ndarray
                           epochs=local_epochs, lr=lr, seed=seed * 1000 + r, history=history)
         history = result.accountant_history
         steps += result.steps
-    spent = compose_mechanisms([*prior, DpSgd(noise_multiplier=sigma, sample_rate=q,
-                                              steps=steps)], delta=delta).epsilon
+    if steps > plan.steps:
+        raise RuntimeError(f"local-only training took {steps} DP-SGD steps, more than the "
+                           f"{plan.steps} planned")
+    spent = compose_mechanisms([*prior, plan], delta=delta).epsilon
     return LocalOnly(model=model, epsilon_spent=float(spent), noise_multiplier=float(sigma))
 
 

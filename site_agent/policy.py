@@ -29,6 +29,10 @@ version 1::
   runs ``fedward-site approve RUN``.
 * ``max_rounds_per_day``: at most this many rounds trained in any 24 hours (``null``: no
   limit).
+* ``local_baselines`` (optional, default ``false``): whether an evaluation on demand may
+  ask this site for its local-only DP baseline (:mod:`site_agent.local_baseline`): a model
+  trained here on the site's own rows alone, at the run's epsilon, charged to the ledger
+  like a run of the project.
 
 The local decisions on runs live in :mod:`site_agent.approvals`; :mod:`site_agent.admission`
 applies the policy and those decisions to every task.
@@ -60,7 +64,7 @@ __all__ = [
 
 POLICY_VERSION: Final = 1
 _TOP_KEYS: Final = ("version", "projects", "require_approval", "max_rounds_per_day",
-                    "site_epsilon_cap", "drift", "plugins")
+                    "site_epsilon_cap", "drift", "plugins", "local_baselines")
 _REQUIRED_KEYS: Final = ("version", "projects", "require_approval")
 _PROJECT_KEYS: Final = ("epsilon_cap", "tasks", "studies")
 _HASH_CHARS: Final = frozenset("0123456789abcdef")
@@ -125,6 +129,8 @@ class SitePolicy:
             (no ``drift`` section) is Gaussian noise charged to the ledger.
         plugins: the model plugin distributions runs may use, each exactly (name,
             version, RECORD hash; :mod:`site_agent.plugin_policy`); none by default.
+        local_baselines: an evaluation on demand may ask for the site's local-only DP
+            baseline (charged to the ledger); off by default.
         version: the file format version (1).
     """
 
@@ -134,6 +140,7 @@ class SitePolicy:
     site_epsilon_cap: float | None = None
     drift: DriftDisclosure = field(default_factory=DriftDisclosure)
     plugins: tuple[PluginPin, ...] = ()
+    local_baselines: bool = False
     version: int = POLICY_VERSION
 
     @classmethod
@@ -191,7 +198,8 @@ class SitePolicy:
                    max_rounds_per_day=None if rounds is None else int(rounds),
                    site_epsilon_cap=None if site_cap is None else float(site_cap),
                    drift=DriftDisclosure.from_raw(raw.get("drift")),
-                   plugins=plugins_from_raw(raw.get("plugins")))
+                   plugins=plugins_from_raw(raw.get("plugins")),
+                   local_baselines=bool(raw.get("local_baselines", False)))
 
     @classmethod
     def starter(cls, *, project: str, task: str, epsilon_cap: float = 10.0,
@@ -226,6 +234,7 @@ class SitePolicy:
             "site_epsilon_cap": self.site_epsilon_cap,
             **({"drift": self.drift.to_dict()} if self.drift != DriftDisclosure() else {}),
             **({"plugins": plugins_to_raw(self.plugins)} if self.plugins else {}),
+            **({"local_baselines": True} if self.local_baselines else {}),
         }
 
     def save(self, path: Path) -> None:
@@ -252,6 +261,9 @@ def _validate(raw: object) -> list[str]:
     if "version" in raw and (raw["version"] != POLICY_VERSION
                              or isinstance(raw["version"], bool)):
         problems.append(f"version is {raw['version']!r}, expected {POLICY_VERSION}")
+    if "local_baselines" in raw and not isinstance(raw["local_baselines"], bool):
+        problems.append(f"local_baselines is {raw['local_baselines']!r}, expected true or "
+                        "false")
     if "require_approval" in raw and not isinstance(raw["require_approval"], bool):
         problems.append(f"require_approval is {raw['require_approval']!r}, expected true or "
                         "false")

@@ -49,6 +49,7 @@ from site_agent.candidate_checks import measure_candidate, remember_model
 from site_agent.data import SiteData
 from site_agent.diagnostics import failure_reason
 from site_agent.egress import EgressViolation, check_outgoing
+from site_agent.local_baseline import local_only_figures
 from site_agent.parity_task import ParityTaskError, split_arrays
 from site_agent.run_admission import AdmissionAnswers, admit
 from site_agent.run_budget import check_run_budget, task_caps, warm_first_round
@@ -199,7 +200,7 @@ class WarmTrainer:
                 return self._secure_round(config, arrays, admission)
             if kind == "parity":
                 return self._parity(config, arrays)
-            return self._evaluate_only(config, arrays)
+            return self._evaluate_only(config, arrays, admission)
         except (TaskError, LedgerCorruptError) as caught:
             err = caught if isinstance(caught, TaskError) else ledger_refusal(caught)
             self.audit("task-refused", {"run": run_id, "round": round_number,
@@ -410,12 +411,24 @@ class WarmTrainer:
                                  model_arrays=model_arrays_in, files=files, rows=self._rows(),
                                  replies_dir=self.replies_dir, audit=self.audit)
 
-    def _evaluate_only(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
+    def _evaluate_only(self, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                       admission: Admission | None = None
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._at("model")
         model, shapes = self._model_for(config, arrays)
         self._at("evaluate")
         metrics = finite_metrics(self._eval_metrics(model))
+        if config.get(CFG.LOCAL_ONLY) is not None:
+            # An evaluation on demand that asks for the site's local-only DP baseline.
+            self._at("privacy")
+            task = (self._study_task_for(config)
+                    if self.study is not None and config.get(CFG.STUDY_HASH) is not None
+                    else self._own_task())
+            cap, site_cap = task_caps(self.epsilon_cap, admission)
+            metrics.update(finite_metrics(local_only_figures(
+                config=config, admission=admission, ledger=self.ledger,
+                caps=Caps(project=cap, site=site_cap), task=task, rows=self._rows(),
+                federated=model, noise_secret=self.noise_secret, audit=self.audit)))
         remember_model(self.replies_dir, str(config.get(CFG.RUN_ID)), arrays)
         report = check_outgoing(expected_shapes=shapes, arrays={}, metrics=metrics)
         self.audit("evaluated", {"run": str(config.get(CFG.RUN_ID)),

@@ -70,7 +70,8 @@ def test_policy_reports_every_problem_at_once() -> None:
     problems = info.value.problems
     assert problems == [
         "unknown keys ['allow_everything'] (known: ['version', 'projects', "
-        "'require_approval', 'max_rounds_per_day', 'site_epsilon_cap', 'drift', 'plugins'])",
+        "'require_approval', 'max_rounds_per_day', 'site_epsilon_cap', 'drift', 'plugins', "
+        "'local_baselines'])",
         "version is 2, expected 1",
         "require_approval is 'no', expected true or false",
         "max_rounds_per_day is 0, expected an integer >= 1 or null",
@@ -540,5 +541,5 @@ def test_policy_cli_writes_a_starter_and_checks_it(tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert json.loads(bad.output)["problems"] == [
         "unknown keys ['colour'] (known: ['version', 'projects', 'require_approval', "
-        "'max_rounds_per_day', 'site_epsilon_cap', 'drift', 'plugins'])",
+        "'max_rounds_per_day', 'site_epsilon_cap', 'drift', 'plugins', 'local_baselines'])",
         "version is 3, expected 1"]
