@@ -11,9 +11,13 @@ that trains nothing (:mod:`coordinator.evaluation_task`): every site of the run 
 evaluate message with the checkpoint, applies its policy to it as to any task of the run
 (a site may refuse: its reason is recorded), evaluates the model on its held-out split and
 returns the same allow-listed figures as a round's evaluation (AUC, accuracy, loss, the
-held-out row count). No training, no DP-SGD step, no privacy-ledger entry: like every
-per-round evaluation, these figures are computed without noise and are not covered by the
-DP guarantee. Results per site are stored on the row and shown on the run's portal page.
+held-out row count). With ``local_only`` each site whose policy allows it also trains its
+local-only DP baseline at the run's epsilon, charged to its own ledger
+(:mod:`site_agent.local_baseline`), and returns both models' accuracy, AUC, balanced
+accuracy and Brier score. Otherwise no training, no DP-SGD step, no privacy-ledger
+entry: like every per-round evaluation, these figures are computed without noise and are
+not covered by the DP guarantee. Results per site are stored on the row and shown on the
+run's portal page.
 
 An evaluation still pending or running after the run's round deadline plus
 :data:`STALE_AFTER_S` (its ServerApp died, the SuperLink never started it) is failed when
@@ -62,6 +66,7 @@ __all__ = [
     "make_router",
     "request_evaluation",
     "rounds_text",
+    "site_means",
 ]
 
 log = logging.getLogger("fedward.coordinator.evaluation")
@@ -91,6 +96,12 @@ class EvaluationRequest(RequestBody):
         description="Evaluate the checkpoint saved after this round (1 to the run's rounds; "
                     "allowed while the run is still going) instead of the final one. Not "
                     "with release_id.")
+    local_only: bool = Field(
+        default=False,
+        description="Also ask each site for its local-only DP baseline: a model the site "
+                    "trains on its own rows alone at the run's epsilon, charged to its "
+                    "privacy ledger, once per run; only sites whose policy allows it "
+                    "(local_baselines) answer, the others refuse with the reason.")
 
 
 class EvaluationPublic(BaseModel):
@@ -106,21 +117,40 @@ class EvaluationPublic(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     failure_reason: str | None
+    local_only: bool = Field(description="Each site was also asked for its local-only DP "
+                                         "baseline (local-only-* figures).")
     sites: dict[str, dict[str, float]] = Field(
         description="Site -> its figures on its held-out split (eval-auc, eval-accuracy, "
-                    "eval-loss, num-examples-test, ...).")
+                    "eval-loss, num-eval-examples; with local_only also eval-balanced-"
+                    "accuracy, eval-brier and the baseline's local-only-accuracy, -auc, "
+                    "-balanced-accuracy, -brier and -epsilon).")
+    means: dict[str, float] = Field(
+        description="Each figure's plain mean over the sites that reported it (the held-out "
+                    "row count and the baseline's epsilon left out).")
     failed: dict[str, str] = Field(description="Site -> why it gave no figures.")
 
     @classmethod
     def of(cls, row: Evaluation) -> "EvaluationPublic":
         """Build from the table row."""
         assert row.id is not None
+        sites: dict[str, dict[str, float]] = json.loads(row.results_json)
         return cls(id=row.id, run_id=row.run_id, release_id=row.release_id,
                    round_number=row.round_number, checkpoint_sha256=row.checkpoint_sha256,
                    requested_by=row.requested_by, status=row.status,
                    created_at=row.created_at, finished_at=row.finished_at,
-                   failure_reason=row.failure_reason, sites=json.loads(row.results_json),
-                   failed=json.loads(row.failed_json))
+                   failure_reason=row.failure_reason, local_only=row.local_only,
+                   sites=sites, means=site_means(sites), failed=json.loads(row.failed_json))
+
+
+_NOT_AVERAGED: Final = frozenset({"num-eval-examples", "local-only-epsilon"})
+
+
+def site_means(sites: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each figure's plain mean over the sites that reported it ("was federating worth
+    it?" is read on the mean over sites); counts and epsilons are not averaged."""
+    names = sorted({n for figures in sites.values() for n in figures} - _NOT_AVERAGED)
+    return {n: sum(v) / len(v) for n in names
+            if (v := [f[n] for f in sites.values() if n in f])}
 
 
 class EvaluationRefused(ValueError):
@@ -222,7 +252,8 @@ def _checkpoint(session: Session, run: Run, release_id: str | None,
 
 def request_evaluation(session: Session, run: Run, *, actor: str,
                        release_id: str | None = None,
-                       round_number: int | None = None) -> Evaluation:
+                       round_number: int | None = None,
+                       local_only: bool = False) -> Evaluation:
     """Record an evaluation request in the session's transaction (the caller commits).
 
     Args:
@@ -232,6 +263,7 @@ def request_evaluation(session: Session, run: Run, *, actor: str,
         release_id: A release of the run to evaluate instead of its final checkpoint.
         round_number: The round whose checkpoint to evaluate instead (not with
             ``release_id``); the run may still be going.
+        local_only: Also ask each site for its local-only DP baseline.
 
     Returns:
         The new row (``pending``, with its id).
@@ -252,13 +284,14 @@ def request_evaluation(session: Session, run: Run, *, actor: str,
                                      f"{busy.status}; wait for it (`fedward-coordinator "
                                      f"evaluations {run.id}`)")
     row = Evaluation(run_id=run.id, release_id=release_id, round_number=round_number,
-                     checkpoint_sha256=sha256, requested_by=actor)
+                     checkpoint_sha256=sha256, requested_by=actor, local_only=local_only)
     session.add(row)
     session.flush()
     append_event(session, actor=actor, action="evaluation.requested",
                  subject=f"run:{run.id}", detail={"evaluation": row.id, "round": round_number,
                                                    "checkpoint_sha256": sha256,
-                                                   "release": release_id})
+                                                   "release": release_id,
+                                                   "local_only": local_only})
     return row
 
 
@@ -344,7 +377,8 @@ def make_router() -> APIRouter:
             run_control.check_run_limits(session, request.app.state.settings, project)
             try:
                 row = request_evaluation(session, run, actor=user.name,
-                                         release_id=body.release_id, round_number=body.round)
+                                         release_id=body.release_id, round_number=body.round,
+                                         local_only=body.local_only)
             except EvaluationRefused as err:
                 if err.field is not None:   # a 422 in FastAPI's shape, with its message
                     field_error(err.field, str(err))

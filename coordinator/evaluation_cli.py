@@ -30,6 +30,10 @@ EVALUATE_EXIT_HELP: Final = {
 }
 _FIGURES: Final = (("eval-auc", "AUC"), ("eval-accuracy", "accuracy"),
                    ("eval-loss", "loss"), ("num-eval-examples", "held-out rows"))
+# With the local-only baseline: a line per site and model, these figures of each.
+_BASELINE_FIGURES: Final = (("auc", "AUC"), ("accuracy", "accuracy"),
+                            ("balanced-accuracy", "balanced acc."), ("brier", "Brier"))
+_MODELS: Final = (("federated", "eval-"), ("local-only", "local-only-"))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON.")]
 
@@ -42,6 +46,8 @@ def render(ev: dict[str, Any]) -> Table:
     """
     of = (f"release {ev['release_id']}, round {ev['round_number']}" if ev.get("release_id")
           else f"checkpoint of round {ev['round_number']}")
+    if ev.get("local_only"):
+        return _render_baselines(ev, of)
     table = Table("site", *(label for _, label in _FIGURES), "note", title=(
         f"Evaluation {ev['id']} of run {ev['run_id']} ({of}): {ev['status']}"))
     for site, figures in sorted(ev.get("sites", {}).items()):
@@ -49,6 +55,32 @@ def render(ev: dict[str, Any]) -> Table:
                       "")
     for site, why in sorted(ev.get("failed", {}).items()):
         table.add_row(site, *("-" for _ in _FIGURES), why)
+    return table
+
+
+def _render_baselines(ev: dict[str, Any], of: str) -> Table:
+    """An evaluation with the sites' local-only baselines: per site, a line for each model
+    (the federated one, the site's own), then the same for the mean over sites."""
+    def cells(figures: dict[str, float], prefix: str) -> list[str]:
+        return [f"{figures[prefix + k]:.4g}" if prefix + k in figures else "-"
+                for k, _ in _BASELINE_FIGURES]
+
+    table = Table("site", "model", *(label for _, label in _BASELINE_FIGURES), "epsilon",
+                  "held-out rows", "note", title=(
+                      f"Evaluation {ev['id']} of run {ev['run_id']} ({of}, with each site's "
+                      f"local-only DP baseline): {ev['status']}"))
+    rows = [*sorted(ev.get("sites", {}).items())]
+    if ev.get("means"):
+        rows.append(("mean over sites", ev["means"]))
+    for site, figures in rows:
+        for i, (model, prefix) in enumerate(_MODELS):
+            eps = figures.get("local-only-epsilon") if model == "local-only" else None
+            n = figures.get("num-eval-examples") if i == 0 else None
+            table.add_row(site if i == 0 else "", model, *cells(figures, prefix),
+                          "-" if eps is None else f"{eps:.3f}",
+                          "" if n is None else f"{n:.0f}", "")
+    for site, why in sorted(ev.get("failed", {}).items()):
+        table.add_row(site, "-", *("-" for _ in _BASELINE_FIGURES), "-", "", why)
     return table
 
 
@@ -76,6 +108,10 @@ def add_commands(app: typer.Typer,
         wait: Annotated[bool, typer.Option(
             "--wait/--no-wait", help="wait for the results (default) or return at once")] = True,
         timeout: Annotated[float, typer.Option(help="seconds to wait at most")] = 600.0,
+        local_only: Annotated[bool, typer.Option(
+            "--local-only", help="also ask each site for its local-only DP baseline (trained "
+                                 "at the site at the run's epsilon and charged to its "
+                                 "ledger, once per run; sites whose policy allows it)")] = False,
         home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
@@ -84,7 +120,8 @@ def add_commands(app: typer.Typer,
 
         Without --round or --release: the final checkpoint of a run that has ended (a run
         still going has none yet: name a round). Nothing is trained and nothing is charged
-        to a site's privacy budget; each site's policy still decides whether it takes part.
+        to a site's privacy budget, unless --local-only asks each site for its local-only
+        DP baseline; each site's policy still decides whether it takes part.
         Exit codes: 0 completed, 3 failed (no site evaluated it), 6 timed out, 1 the request
         was refused (the reason is printed).
         """
@@ -94,7 +131,8 @@ def add_commands(app: typer.Typer,
                 raise typer.BadParameter("give a RUN, or --release ID")
             run_id = int(client.call("GET", f"/releases/{release}")["run_id"])
         ev = client.call("POST", f"/runs/{run_id}/evaluations",
-                         {"release_id": release, "round": round_number})
+                         {"release_id": release, "round": round_number,
+                          "local_only": local_only})
         deadline = time.monotonic() + timeout
         while wait and ev["status"] in ("pending", "running") and time.monotonic() < deadline:
             time.sleep(1.0)

@@ -103,6 +103,8 @@ def run_evaluation(*, grid: Grid, engine: Engine, home: Path, plan: RunPlan,
     flat, layout = pack_arrays(dict(arrays))
     config = ConfigRecord(plan.task_config(row.round_number, train=False))
     config[CFG.LAYOUT] = layout
+    if row.local_only:
+        config[CFG.LOCAL_ONLY] = evaluation_id   # each site's baseline, once per run
     deadline = clock() + plan.round_deadline_s
     msgs = [Message(content=RecordDict({TASK_ARRAYS: ArrayRecord({PACKED: Array(flat)}),
                                         TASK_CONFIG: config}),

@@ -42,7 +42,7 @@ TABLES = {"users", "projects", "sites", "runs", "rounds", "site_metrics", "check
           "login_sessions", "project_gates", "release_candidates", "releases", "mlflow_exports",
           "site_presence", "studies", "run_statistics", "tunings", "tuning_trials",
           "evaluations", "drift_reports", "alembic_version"}
-HEAD_REVISION = "0016"
+HEAD_REVISION = "0017"
 
 
 @pytest.fixture

@@ -20,11 +20,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from coordinator import cli as coordinator_cli
+from coordinator import evaluation_cli
 from coordinator.api import create_app
 from coordinator.auth import API_PREFIX
 from coordinator.checkpoints import save_checkpoint
@@ -52,7 +54,7 @@ from coordinator.settings import Settings
 
 from api_support import TestClient, cli_client
 from federation import BIN, edit_site_policy, federation, run_cli
-from release_support import KNOWN_WARNINGS, make_user, seed_run, trained_arrays
+from release_support import KNOWN_WARNINGS, PASSWORD, make_user, seed_run, trained_arrays
 from tests_support import short_tmp
 
 pytestmark = KNOWN_WARNINGS
@@ -191,7 +193,7 @@ def test_a_round_of_a_run_still_going_is_chosen_and_its_checkpoint_recorded(
             AuditEvent.subject == f"run:{live}")).one()
         assert json.loads(event.detail_json) == {
             "evaluation": evaluation_id, "round": 1, "checkpoint_sha256": saved[1],
-            "release": None}
+            "release": None, "local_only": False}
         asked = session.get(Evaluation, evaluation_id)
         assert asked is not None
         asked.status = "completed"
@@ -379,6 +381,72 @@ def test_the_api_and_the_cli_evaluate_a_chosen_round_and_show_it(
     assert [e["round_number"] for e in json.loads(as_json.output)] == [2, 1]
 
 
+def test_a_local_only_evaluation_is_asked_for_and_shown_beside_the_federated_figures(
+        seeded: tuple[Engine, Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate --local-only`: the request is recorded and audited as such; the answer, the
+    CLI table and the run's portal page put each site's local-only figures beside the
+    federated ones, with their mean over sites."""
+    engine, home, run_id = seeded
+    admin = make_user(engine, "admin", "boss")
+    launcher = _Launcher()
+    client = TestClient(create_app(settings=Settings(home=home), engine=engine,
+                                   launcher=launcher))
+    monkeypatch.setattr(coordinator_cli, "api_client",
+                        lambda *_a: cli_client(client, admin))
+    runner = CliRunner()
+    out = runner.invoke(coordinator_cli.app, ["evaluate", str(run_id), "--local-only",
+                                              "--no-wait", "--json"])
+    assert out.exit_code == 0, out.output
+    asked = json.loads(out.output)
+    assert asked["local_only"] is True and asked["means"] == {}
+    figures = {
+        "hospital-a": {"eval-auc": 0.9, "eval-accuracy": 0.8, "eval-balanced-accuracy": 0.75,
+                       "eval-brier": 0.3, "local-only-auc": 0.7, "local-only-accuracy": 0.6,
+                       "local-only-balanced-accuracy": 0.55, "local-only-brier": 0.5,
+                       "local-only-epsilon": 2.9, "num-eval-examples": 40.0},
+        "hospital-b": {"eval-auc": 0.8, "eval-accuracy": 0.7, "eval-balanced-accuracy": 0.65,
+                       "eval-brier": 0.4, "local-only-auc": 0.5, "local-only-accuracy": 0.5,
+                       "local-only-balanced-accuracy": 0.5, "local-only-brier": 0.6,
+                       "local-only-epsilon": 2.8, "num-eval-examples": 20.0}}
+    with session_scope(engine) as session:
+        row = session.get(Evaluation, asked["id"])
+        assert row is not None and row.local_only
+        row.status, row.results_json = "completed", json.dumps(figures)
+        row.failed_json = json.dumps({"hospital-c": "refused-policy: this site's policy does "
+                                                    "not train local-only baselines"})
+        session.add(row)
+        audited = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "evaluation.requested")).all()
+        assert json.loads(audited[-1].detail_json)["local_only"] is True
+    shown = client.get(f"{API_PREFIX}/evaluations/{asked['id']}", headers=admin).json()
+    assert shown["means"]["local-only-auc"] == pytest.approx(0.6)
+    assert shown["means"]["eval-accuracy"] == pytest.approx(0.75)
+    assert "num-eval-examples" not in shown["means"]
+    assert "local-only-epsilon" not in shown["means"]
+    monkeypatch.setattr(evaluation_cli, "console", Console(width=200))
+    listed = runner.invoke(coordinator_cli.app, ["evaluations", str(run_id)])
+    assert listed.exit_code == 0, listed.output
+    text = " ".join(listed.output.split())
+    assert "with each site's local-only DP baseline): completed" in text
+    lines = [" ".join(line.replace("│", " ").split()) for line in listed.output.splitlines()]
+    assert "hospital-a federated 0.9 0.8 0.75 0.3 - 40" in lines, lines
+    assert "local-only 0.7 0.6 0.55 0.5 2.900" in lines
+    assert "mean over sites federated 0.85 0.75 0.7 0.35 -" in lines
+    assert "local-only 0.6 0.55 0.525 0.55 -" in lines
+    assert any(line.startswith("hospital-c - - - - - - refused-policy") for line in lines)
+    # The run's page: a table of both models per site and their means.
+    r = client.post("/portal/login", data={"name": "boss", "password": PASSWORD},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    page = client.get(f"/portal/runs/{run_id}").text
+    assert "Was federating worth it?" in page
+    for row_id in (f"baseline-{asked['id']}-hospital-a-local-only",
+                   f"baseline-{asked['id']}-mean-over-sites-federated"):
+        assert f'id="{row_id}"' in page, row_id
+    mean_row = page.split(f'id="baseline-{asked["id"]}-mean-over-sites-local-only"')[1]
+    assert "<td>0.600</td>" in mean_row.split("</tr>")[0]
+
+
 def test_a_live_evaluation_holds_a_place_under_the_run_limits(
         seeded: tuple[Engine, Path, int]) -> None:
     """An evaluation starts a ServerApp as a run does: while one is pending, a launch (the
@@ -486,3 +554,26 @@ def test_a_real_evaluation_at_two_sites_one_of_which_refuses() -> None:
         (ended,) = [e["detail"] for e in audit if e["action"] == "evaluation.completed"
                     and e["detail"].get("evaluation") == first["id"]]
         assert ended["round"] == 1 and ended["sites"] == [answers]
+        # The local-only DP baseline, asked of both: the site whose IT allows it trains its
+        # own model at the run's epsilon, charged to its ledger, and reports it beside the
+        # federated model's figures; once per run.
+        edit_site_policy(fed.sites[answers], local_baselines=True)
+        done = fed.coord_cli("evaluate", str(run_id), "--local-only", "--json",
+                             "--timeout", "300", check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        base = json.loads(done.stdout)
+        assert base["local_only"] is True and set(base["sites"]) == {answers}
+        mine = base["sites"][answers]
+        assert 0.0 <= mine["local-only-accuracy"] <= 1.0
+        assert 0.0 <= mine["eval-balanced-accuracy"] <= 1.0
+        assert 0.0 < mine["local-only-epsilon"] <= 3.0 * (1 + 1e-6)
+        assert base["means"]["local-only-accuracy"] == mine["local-only-accuracy"]
+        assert base["failed"][refuses].startswith("refused-policy"), base["failed"]
+        after = charged()
+        assert after[:len(before)] == before and len(after) == len(before) + 1
+        assert "baseline" in after[-1] and "local-only-" + str(run_id) in after[-1]
+        again = fed.coord_cli("evaluate", str(run_id), "--local-only", "--json",
+                              "--timeout", "300", check=False)
+        assert again.returncode == 3, again.stdout + again.stderr
+        assert "trained at this site already" in json.loads(again.stdout)["failed"][answers]
+        assert charged() == after

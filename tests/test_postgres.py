@@ -62,7 +62,7 @@ def test_migrations_on_postgres_match_models(pg_url: str, pg_engine: Engine) -> 
     assert "audit_events" in inspect(pg_engine).get_table_names()
     with pg_engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
-            ("0016",)]
+            ("0017",)]
         diff = compare_metadata(
             MigrationContext.configure(connection, opts={"compare_type": True}),
             SQLModel.metadata,

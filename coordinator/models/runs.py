@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final
 
-from sqlalchemy import Index, Text, UniqueConstraint
+from sqlalchemy import Index, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 from coordinator.models.base import UTCDateTime, created_field, id_field, utcnow
@@ -251,3 +251,6 @@ class Evaluation(SQLModel, table=True):
     failure_reason: str | None = Field(default=None, sa_type=Text)
     results_json: str = Field(default="{}", sa_type=Text, nullable=False)
     failed_json: str = Field(default="{}", sa_type=Text, nullable=False)
+    # Each site is also asked for its local-only DP baseline (site_agent.local_baseline).
+    local_only: bool = Field(default=False, nullable=False,
+                             sa_column_kwargs={"server_default": false()})
