@@ -1,7 +1,8 @@
 """Benchmark: seconds per round with real processes, plain against secure aggregation.
 
-For each site count N (``--sites 3,8``): a real coordinator and N site agents enrolled
-through the gateway (``tests/federation.py``, 127.0.0.1 only), then the same run twice,
+For each site count N (``--sites 3,8``): a real coordinator and N real site agents, each
+its own process tree (``tests/federation.py``'s lab set-up: the sites reach the SuperLink's
+socket directly, without the gateway; 127.0.0.1 only), then the same run twice,
 one after the other, in the same federation: plain (DP-SGD at each site, FedAvg) and with
 ``secure_aggregation`` (threshold N: each round's four SecAgg+ exchanges). Breast-cancer
 MLP, epsilon 3, R rounds (``--rounds``, default 3), 1 local epoch, final evaluation on.
