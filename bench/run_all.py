@@ -1,4 +1,4 @@
-"""``make bench``: benchmarks 1 and 1b, then benchmarks 2-7, 10 and 11.
+"""``make bench``: benchmarks 1 and 1b, then benchmarks 2-7 and 10-12.
 
 Benchmark 1 (``bench/round_overhead.py``): seconds per round of the appliance against a
 stock Flower FedAvg deployment, both run on this machine in the same invocation, same model,
@@ -12,7 +12,7 @@ namespaces) against stock Flower measured again in the same invocation, same sit
 rounds; round 1 against the later rounds; in ``bench/results/prod_path.json`` and ``.md``.
 ``--no-prod`` skips it.
 
-Then it runs benchmarks 2-7, 10 and 11 (``EXTRA``, each its own script, each bounded in
+Then it runs benchmarks 2-7 and 10-12 (``EXTRA``, each its own script, each bounded in
 time and writing ``bench/results/<name>.json`` and ``.md``); ``--no-extra`` skips them,
 ``--extra-only`` runs only them, ``--only`` picks some by script name. A failing benchmark
 is reported and the others still run; the exit status is then 1.
@@ -39,7 +39,7 @@ ROUND_OVERHEAD_LIMIT_S = 3 * 3600
 # Benchmark 1b runs the same stock baseline plus the production route: the same order.
 PROD_PATH_LIMIT_S = 3 * 3600
 
-# Benchmarks 2-7, 10 and 11: script, wall-clock limit in seconds (each but benchmark 2 is sized for
+# Benchmarks 2-7 and 10-12: script, wall-clock limit in seconds (each but benchmark 2 is sized for
 # ~3 min on 2 cores; benchmark 2 took about 6 min with all 1000 sites taking part).
 EXTRA: list[tuple[str, int]] = [
     ("scale_sim.py", 1800),  # 2. sites 10/100/1000 on Flower's simulation engine (Ray)
@@ -50,6 +50,7 @@ EXTRA: list[tuple[str, int]] = [
     ("api_load.py", 600),    # 7. coordinator API under load, SQLite and PostgreSQL
     ("noise_search.py", 300),  # 10. a run's noise search: the ledger's PLD vs Opacus's PRV
     ("study_demo.py", 1800),   # 11. the study demo over 5 seeds against issue 11's targets
+    ("secagg_rounds.py", 1800),  # 12. round time, plain vs secure aggregation, 3 and 8 sites
 ]
 
 
@@ -75,7 +76,7 @@ def run_script(script: str, args: list[str], limit: int) -> int:
 
 
 def run_extra(only: set[str] | None = None) -> int:
-    """Run benchmarks 2-7, 10 and 11 (or those named in ``only``) one after the other; return the
+    """Run benchmarks 2-7 and 10-12 (or those named in ``only``) one after the other; return the
     number that failed."""
     failed = [script for script, limit in EXTRA
               if (only is None or script in only) and run_script(script, [], limit) != 0]
@@ -92,11 +93,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="benchmarks 1 and 1b: rounds per run")
     ap.add_argument("--no-prod", action="store_true",
                     help="skip benchmark 1b (the production route against stock Flower)")
-    ap.add_argument("--no-extra", action="store_true", help="skip benchmarks 2-7, 10 and 11")
+    ap.add_argument("--no-extra", action="store_true", help="skip benchmarks 2-7 and 10-12")
     ap.add_argument("--extra-only", action="store_true",
-                    help="run only benchmarks 2-7, 10, 11 (not the round-time comparisons 1, 1b)")
+                    help="run only benchmarks 2-7, 10-12 (not the round-time comparisons 1, 1b)")
     ap.add_argument("--only", default="",
-                    help="run only these of benchmarks 2-7, 10, 11, comma-separated script names "
+                    help="run only these of benchmarks 2-7, 10-12, comma-separated script names "
                          "(e.g. utility.py,scale_sim.py); implies --extra-only")
     ap.add_argument("--no-docs", action="store_true",
                     help="do not copy the results tables into docs/benchmarks.md")

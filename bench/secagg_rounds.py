@@ -7,7 +7,8 @@ one after the other, in the same federation: plain (DP-SGD at each site, FedAvg)
 ``secure_aggregation`` (threshold N: each round's four SecAgg+ exchanges). Breast-cancer
 MLP, epsilon 3, R rounds (``--rounds``, default 3), 1 local epoch, final evaluation on.
 Reported per N and mode: each round's seconds as the coordinator recorded them, and the
-median of rounds 2..R. Results in ``bench/results/secagg_rounds.json``.
+median of rounds 2..R, and the ratio secure / plain. Benchmark 12 in docs/benchmarks.md;
+results in ``bench/results/secagg_rounds.{json,md}``.
 
     .venv/bin/python bench/secagg_rounds.py --sites 3
 """
@@ -25,6 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import benchutil as bu  # noqa: E402
 
 import federation as harness  # noqa: E402
 
@@ -49,17 +52,29 @@ def main() -> None:
     parser.add_argument("--sites", default="3,8")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    bu.mark_start()
     out: dict[str, Any] = {}
+    rows = []
     for n in [int(x) for x in args.sites.split(",")]:
         with tempfile.TemporaryDirectory(prefix="fw-sa-", dir="/tmp") as tmp, \
                 harness.federation(Path(tmp), n_sites=n) as fed:
             fed.join_all_sites()
-            out[f"{n} sites"] = {
+            out[f"{n} sites"] = found = {
                 "plain": one(fed, rounds=args.rounds, secure=False, sites=n),
                 "secure": one(fed, rounds=args.rounds, secure=True, sites=n)}
         print(json.dumps(out, indent=2), flush=True)
-    (ROOT / "bench" / "results" / "secagg_rounds.json").write_text(
-        json.dumps(out, indent=2) + "\n")
+        plain, secure = found["plain"]["median_later"], found["secure"]["median_later"]
+        rows.append([str(n), " / ".join(bu.fmt(s) for s in found["plain"]["round_seconds"]),
+                     bu.fmt(plain), " / ".join(bu.fmt(s) for s in found["secure"]["round_seconds"]),
+                     bu.fmt(secure),
+                     f"{secure / plain:.1f}x" if plain and secure else "-",
+                     f"{found['plain']['status']} / {found['secure']['status']}"])
+    md = (f"Seconds per round as the coordinator recorded them, {args.rounds} rounds per run, "
+          "both runs in one federation, one after the other; median of rounds 2.."
+          f"{args.rounds}.\n\n"
+          + bu.md_table(["sites", "plain rounds (s)", "plain median", "secure rounds (s)",
+                         "secure median", "secure / plain", "status"], rows))
+    bu.write_results("secagg_rounds", {"rounds": args.rounds, "results": out}, md)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("8", "tuning", "tuning.py"),
     ("10", "noise_search", "noise_search.py"),
     ("11", "study_demo", "study_demo.py"),
+    ("12", "secagg_rounds", "secagg_rounds.py"),
 ]
 
 
