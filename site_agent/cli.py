@@ -44,6 +44,14 @@ policy_app.command("allow-plugin")(allow_plugin)
 for command in (runs, status, approve, deny):
     app.command()(command)
 
+# The options that set a site up on a study instead of a schema (init, enroll).
+StudyOpt = Annotated[str | None, typer.Option(
+    help="instead of --schema: the study the data is mapped to (the spec file the ML team "
+         "sent, or an example study's name), with --mapping")]
+MappingOpt = Annotated[Path | None, typer.Option(
+    help="the mapping of the site's columns to --study (`fedward-site mapping template` "
+         "writes one)")]
+
 
 def _print_version(value: bool) -> None:
     if value:
@@ -83,12 +91,8 @@ def init(
     data_config: Annotated[Path | None, typer.Option(
         help="instead of --data: a JSON file holding the data connector block, e.g. a "
              "read-only SQL query (see the operator's guide)")] = None,
-    study: Annotated[str | None, typer.Option(
-        help="instead of --schema: the study the data is mapped to (a spec file, or an "
-             "example study's name), with --mapping")] = None,
-    mapping: Annotated[Path | None, typer.Option(
-        help="the mapping of the site's columns to --study (`fedward-site mapping "
-             "template` writes one)")] = None,
+    study: StudyOpt = None,
+    mapping: MappingOpt = None,
 ) -> None:
     """Write the site configuration (site.json), copy the CA certificate in, and write a
     starter site policy (policy.json) unless one exists."""
@@ -188,12 +192,8 @@ def enroll(
     schema: Annotated[Path | None, typer.Option(help="the data's schema (JSON)")] = None,
     project: Annotated[str, typer.Option(help="project the starter policy accepts")]
     = "default",
-    study: Annotated[str | None, typer.Option(
-        help="instead of --schema: the study the data is mapped to (the spec file the ML "
-             "team sent), with --mapping")] = None,
-    mapping: Annotated[Path | None, typer.Option(
-        help="the mapping of the site's columns to --study (`fedward-site mapping "
-             "template` writes one)")] = None,
+    study: StudyOpt = None,
+    mapping: MappingOpt = None,
 ) -> None:
     """Enroll the site with a one-time token: keys made here, a certificate back.
 

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 if TYPE_CHECKING:
     import numpy as np
+    from guide_reading import Reading
 
     from site_agent.audit import AuditLog
     from site_agent.data import SiteData
@@ -281,3 +282,18 @@ def make_trainer(site_data: SiteData, tmp_path: Path
         return trainer, audit
 
     return make
+
+
+@pytest.fixture
+def reading(tmp_path: Path) -> Iterator[Reading]:
+    """A reading of the guides (``guide_reading.Reading``) in this test's folder; every
+    background process it started is stopped at the end (kept with FEDWARD_TEST_KEEP=1)."""
+    from guide_reading import Reading, base_vars
+
+    r = Reading(work=tmp_path, base_vars=base_vars())
+    try:
+        yield r
+    finally:
+        r.stop_all()
+        if os.environ.get("FEDWARD_TEST_KEEP"):
+            print(f"guide reading kept in {tmp_path}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -159,17 +158,6 @@ def test_the_cli_names_home_and_token_settings_on_a_401(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the reading
-
-
-@pytest.fixture
-def reading(tmp_path: Path) -> Iterator[Reading]:
-    r = Reading(work=tmp_path, base_vars=base_vars())
-    try:
-        yield r
-    finally:
-        r.stop_all()
-        if os.environ.get("FEDWARD_TEST_KEEP"):
-            print(f"guide reading kept in {tmp_path}")
 
 
 def _readers(work: Path) -> dict[str, Reader]:

@@ -13,10 +13,8 @@ team sends each hospital (copied, as an e-mail attachment would be).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,7 +25,6 @@ from guide_reading import (
     Reader,
     Reading,
     all_blocks,
-    base_vars,
     follow,
     hospital_readers,
     reader_env,
@@ -37,17 +34,6 @@ from privacy import PrivacyLedger
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 EPSILON = 3.0   # the walkthrough's `launch --epsilon`
-
-
-@pytest.fixture
-def reading(tmp_path: Path) -> Iterator[Reading]:
-    r = Reading(work=tmp_path, base_vars=base_vars())
-    try:
-        yield r
-    finally:
-        r.stop_all()
-        if os.environ.get("FEDWARD_TEST_KEEP"):
-            print(f"walkthrough kept in {tmp_path}")
 
 
 def _send_spec(ml: Reader, hospitals: list[Reader]) -> None:
