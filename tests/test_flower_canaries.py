@@ -327,6 +327,7 @@ def test_the_serverapp_patch_shortens_the_grids_object_pulls(
     from flwr.superlink.grid import http_grid
 
     from fedward.flower import serverapp
+    from fedward.flower.backoff import PULL_BACKOFF_CAP_S, PULL_INITIAL_BACKOFF_S
 
     flowers = getattr(http_grid, "pull_objects")  # noqa: B009
     monkeypatch.setattr(http_grid, "pull_objects", flowers)  # restored after the test
@@ -334,11 +335,16 @@ def test_the_serverapp_patch_shortens_the_grids_object_pulls(
     # back-off keywords the patch sets.
     assert "pull_objects(" in inspect.getsource(http_grid)
     params = inspect.signature(flowers).parameters
-    assert {"initial_backoff", "backoff_cap"} <= set(params)
+    assert {"initial_backoff", "backoff_cap", "max_time"} <= set(params)
     serverapp.shorten_object_pulls()
     serverapp.shorten_object_pulls()  # once per process, however often it is called
     patched = getattr(http_grid, "pull_objects")  # noqa: B009
     assert isinstance(patched, functools.partial) and patched.func is flowers
+    # A reply whose content never arrives (its site died uploading it) is given up after
+    # REPLY_PULL_MAX_S, not after Flower's 500 tries.
+    assert patched.keywords == {"initial_backoff": PULL_INITIAL_BACKOFF_S,
+                                "backoff_cap": PULL_BACKOFF_CAP_S,
+                                "max_time": serverapp.REPLY_PULL_MAX_S}
 
 
 def test_expired_message_codes_are_flowers() -> None:
