@@ -193,7 +193,9 @@ class Federation:
             ended = run["status"] in ("completed", "failed", "stopped", "cancelled")
             return dict(run) if ended else None
 
-        return wait_until(ended, timeout=timeout, what=f"run {run_id} ended", interval=0.5)
+        # Each look is two HTTP requests' work for the coordinator: once a second is enough
+        # for a state that, once reached, stays.
+        return wait_until(ended, timeout=timeout, what=f"run {run_id} ended", interval=1.0)
 
     def wait_admission(self, run_id: int, timeout: float = 120) -> dict[str, Any]:
         """The run once its admission has been answered while it waits for a site's
@@ -206,10 +208,10 @@ class Federation:
                 else None
 
         return wait_until(answered, timeout=timeout,
-                          what=f"run {run_id} waiting for a site's approval")
+                          what=f"run {run_id} waiting for a site's approval", interval=0.5)
 
     def wait_round(self, run_id: int, number: int, timeout: float = 120,
-                   interval: float = 0.2) -> None:
+                   interval: float = 0.5) -> None:
         """Until round ``number`` of the run is completed; fails at once if the run ended."""
         def completed() -> bool:
             rounds = self.api("GET", f"/runs/{run_id}/rounds").json()
