@@ -66,7 +66,6 @@ __all__ = [
     "make_router",
     "request_evaluation",
     "rounds_text",
-    "site_means",
 ]
 
 log = logging.getLogger("fedward.coordinator.evaluation")
@@ -139,13 +138,13 @@ class EvaluationPublic(BaseModel):
                    requested_by=row.requested_by, status=row.status,
                    created_at=row.created_at, finished_at=row.finished_at,
                    failure_reason=row.failure_reason, local_only=row.local_only,
-                   sites=sites, means=site_means(sites), failed=json.loads(row.failed_json))
+                   sites=sites, means=_site_means(sites), failed=json.loads(row.failed_json))
 
 
 _NOT_AVERAGED: Final = frozenset({"num-eval-examples", "local-only-epsilon"})
 
 
-def site_means(sites: dict[str, dict[str, float]]) -> dict[str, float]:
+def _site_means(sites: dict[str, dict[str, float]]) -> dict[str, float]:
     """Each figure's plain mean over the sites that reported it ("was federating worth
     it?" is read on the mean over sites); counts and epsilons are not averaged."""
     names = sorted({n for figures in sites.values() for n in figures} - _NOT_AVERAGED)

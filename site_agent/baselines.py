@@ -118,20 +118,22 @@ def local_only_plan(*, n_features: int, n_train: int, epsilon: float, delta: flo
 def train_local_only(*, task: TaskSpec, train_x: np.ndarray, train_y: np.ndarray,
                      epsilon: float, delta: float, rounds: int, local_epochs: int,
                      batch_size: int, lr: float, max_grad_norm: float,
-                     statistics_epsilon: float | None, seed: int) -> LocalOnly:
+                     statistics_epsilon: float | None, seed: int,
+                     plan: tuple[list[Mechanism], DpSgd] | None = None) -> LocalOnly:
     """Train ``task``'s model on one site's rows with DP-SGD, at the federated run's budget.
 
     The noise multiplier is the one the site's ledger would plan for a run of ``rounds`` x
     ``local_epochs`` epochs whose budget also pays for the statistics release
     (:func:`local_only_plan`), so the local-only model gets the same epsilon as the site
-    spends in the federated run, statistics included.
+    spends in the federated run, statistics included. ``plan``: that plan, when the caller
+    has made it already (and charged it).
     """
-    prior, plan = local_only_plan(n_features=task.n_features, n_train=len(train_y),
-                                  epsilon=epsilon, delta=delta, rounds=rounds,
-                                  local_epochs=local_epochs, batch_size=batch_size,
-                                  statistics_epsilon=statistics_epsilon)
+    prior, sgd = plan or local_only_plan(
+        n_features=task.n_features, n_train=len(train_y), epsilon=epsilon, delta=delta,
+        rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
+        statistics_epsilon=statistics_epsilon)
     x = _fill(task, train_x)
-    sigma = plan.noise_multiplier
+    sigma = sgd.noise_multiplier
     model = task.build(seed=seed)
     history: Any = ()
     steps = 0
@@ -141,10 +143,10 @@ def train_local_only(*, task: TaskSpec, train_x: np.ndarray, train_y: np.ndarray
                           epochs=local_epochs, lr=lr, seed=seed * 1000 + r, history=history)
         history = result.accountant_history
         steps += result.steps
-    if steps > plan.steps:
+    if steps > sgd.steps:
         raise RuntimeError(f"local-only training took {steps} DP-SGD steps, more than the "
-                           f"{plan.steps} planned")
-    spent = compose_mechanisms([*prior, plan], delta=delta).epsilon
+                           f"{sgd.steps} planned")
+    spent = compose_mechanisms([*prior, sgd], delta=delta).epsilon
     return LocalOnly(model=model, epsilon_spent=float(spent), noise_multiplier=float(sigma))
 
 

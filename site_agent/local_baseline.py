@@ -44,10 +44,10 @@ if TYPE_CHECKING:
     from fedward.tasks import TaskSpec
     from site_agent.data import SiteData
 
-__all__ = ["ledger_run", "local_only_figures"]
+__all__ = ["local_only_figures"]
 
 
-def ledger_run(run_id: str) -> str:
+def _ledger_run(run_id: str) -> str:
     """The ledger run that holds a run's local-only baseline at the site."""
     return f"local-only-{run_id}"
 
@@ -89,7 +89,7 @@ def local_only_figures(*, config: dict[str, Any], admission: Admission | None,
                               if config.get(CFG.STATISTICS) is True else None)
     except (KeyError, TypeError, ValueError) as err:
         raise bad_task(err) from None
-    name = ledger_run(run.run_id)
+    name = _ledger_run(run.run_id)
     earlier = [e for e in ledger.entries() if e.run_id == name]
     if earlier:
         raise TaskError(SiteErrorCode.REFUSED_POLICY,
@@ -114,7 +114,7 @@ def local_only_figures(*, config: dict[str, Any], admission: Admission | None,
                              epsilon=run.epsilon, delta=run.delta, rounds=run.total_rounds,
                              local_epochs=run.local_epochs, batch_size=run.batch, lr=lr,
                              max_grad_norm=clip, statistics_epsilon=statistics_epsilon,
-                             seed=seed)
+                             seed=seed, plan=(prior, plan))
     ledger.charge(run_id=name, purpose="baseline", key=str(evaluation))
     assert reservation.run is not None
     epsilon = reservation.run.epsilon

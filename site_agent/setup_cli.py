@@ -131,10 +131,8 @@ def checked_config(root: Path, raw: dict[str, Any], *, data: Path | None,
 def _check_mapping_fits(configured: ConfiguredData, *, after: str) -> None:
     """Refuse a study mapping that does not fit the data (what `mapping check` reports:
     every problem, on this screen only)."""
-    from site_agent.mapping_apply import check_mapping
-
     assert configured.binding is not None
-    report = check_mapping(configured.binding, configured.connector).report
+    report = configured.check()
     if not report.ok:
         for p in report.problems:
             err_console.print(f"  - {p.kind}: {escape(p.message)}")

@@ -357,6 +357,10 @@ class WarmTrainer:
 
     def _model_for(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                    ) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
+        return load_global_model(self._task_for(config), arrays)
+
+    def _task_for(self, config: dict[str, Any]) -> TaskSpec:
+        """The task a run trains here, checked against the site's own."""
         task_name = str(config.get(CFG.TASK, ""))
         try:
             # A run of a study: the site's own copy, by the pinned hash. A run of a registry
@@ -372,7 +376,7 @@ class WarmTrainer:
                 f"refused-policy: this site holds data for task {self.task!r}, "
                 f"not {task.name!r}",
             )
-        return load_global_model(task, arrays)
+        return task
 
     def _eval_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         assert self.data is not None
@@ -412,18 +416,16 @@ class WarmTrainer:
                                  replies_dir=self.replies_dir, audit=self.audit)
 
     def _evaluate_only(self, config: dict[str, Any], arrays: dict[str, np.ndarray],
-                       admission: Admission | None = None
+                       admission: Admission | None
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._at("model")
-        model, shapes = self._model_for(config, arrays)
+        task = self._task_for(config)
+        model, shapes = load_global_model(task, arrays)
         self._at("evaluate")
         metrics = finite_metrics(self._eval_metrics(model))
         if config.get(CFG.LOCAL_ONLY) is not None:
             # An evaluation on demand that asks for the site's local-only DP baseline.
             self._at("privacy")
-            task = (self._study_task_for(config)
-                    if self.study is not None and config.get(CFG.STUDY_HASH) is not None
-                    else self._own_task())
             cap, site_cap = task_caps(self.epsilon_cap, admission)
             metrics.update(finite_metrics(local_only_figures(
                 config=config, admission=admission, ledger=self.ledger,

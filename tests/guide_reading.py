@@ -92,8 +92,7 @@ def in_section(block: Block, spec: str) -> bool:
     return below_title[:len(path)] == path
 
 
-def entries_of(block: Block, guide: Path, order: Order = READING_ORDER
-               ) -> list[tuple[int, str]]:
+def entries_of(block: Block, guide: Path, order: Order) -> list[tuple[int, str]]:
     """The entries (index, section) of ``order`` that take ``block``."""
     return [(i, spec) for i, (_r, f, specs) in enumerate(order) if f == guide
             for spec in specs if in_section(block, spec)]

@@ -13,6 +13,7 @@ import pytest
 
 from fedward.wire import ALLOWED_REPLY_METRICS, CFG, SiteErrorCode
 from privacy import PrivacyLedger
+from site_agent import local_baseline
 from site_agent.config import SitePaths
 from site_agent.policy import PolicyError, SitePolicy
 from site_agent.trainer import WarmTrainer
@@ -41,13 +42,16 @@ def _entries(root: Path) -> list[Any]:
 
 def test_a_site_whose_policy_does_not_allow_it_refuses_and_charges_nothing(
         make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: list[object] = []
+    monkeypatch.setattr(local_baseline, "train_local_only",
+                        lambda **kwargs: trained.append(kwargs))
     write_policy(tmp_path)
     trainer, _audit = make_trainer()
     reply = _ask(trainer, global_arrays, 5)
     assert reply["error"]["code"] == SiteErrorCode.REFUSED_POLICY, reply
     assert "local_baselines" in reply["error"]["reason"]
-    assert _entries(tmp_path) == []
+    assert _entries(tmp_path) == [] and trained == []
 
 
 def test_the_baseline_is_charged_trained_once_and_reported_beside_the_federated_figures(
@@ -85,14 +89,17 @@ def test_the_baseline_is_charged_trained_once_and_reported_beside_the_federated_
 
 def test_a_baseline_beyond_the_projects_cap_is_refused_before_it_trains(
         make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: list[object] = []
+    monkeypatch.setattr(local_baseline, "train_local_only",
+                        lambda **kwargs: trained.append(kwargs))
     write_policy(tmp_path, local_baselines=True,
                  projects={"oncology": {"epsilon_cap": 1.0, "tasks": ["breast_cancer_mlp"]}})
     trainer, _audit = make_trainer()
     reply = _ask(trainer, global_arrays, 5)
     assert reply["error"]["code"] == SiteErrorCode.REFUSED_BUDGET, reply
     assert "local-only baseline" in reply["error"]["reason"]
-    assert _entries(tmp_path) == []
+    assert _entries(tmp_path) == [] and trained == []
 
 
 def test_the_policy_key_is_a_boolean_and_is_written_only_when_on() -> None:

@@ -191,7 +191,7 @@ def test_enroll_into_a_study_checks_the_mapping_before_it_spends_the_token(
         tmp_path: Path) -> None:
     """`enroll --study --mapping`: a mapping that does not fit the data is named, with the
     token still unused, and nothing is written; one that fits passes the check and goes on
-    to the gateway (here none: the refusal then names the gateway, not the mapping)."""
+    to the token (here a made-up one: the refusal then names the token, not the mapping)."""
     from typer.testing import CliRunner
 
     from fedward.tasks import example_spec_path
@@ -220,4 +220,6 @@ def test_enroll_into_a_study_checks_the_mapping_before_it_spends_the_token(
     res = CliRunner().invoke(app, argv)
     said = " ".join(res.output.split())
     assert res.exit_code != 0 and "the token is still unused" not in said, said
+    assert "this is not a Fedward enrollment token" in said, said
+    assert "problem(s) mapping" not in said
     assert not (root / "site.json").exists()

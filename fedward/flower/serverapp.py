@@ -3,7 +3,6 @@ and the error codes of expired messages."""
 
 from __future__ import annotations
 
-import functools
 from typing import Final
 
 from flwr.common.constant import ErrorCode
@@ -42,4 +41,4 @@ def shorten_object_pulls() -> None:
     if getattr(current, "func", None) is not None:
         return  # already patched in this process
     setattr(http_grid, "pull_objects",  # noqa: B010
-            functools.partial(with_short_backoff(current), max_time=REPLY_PULL_MAX_S))
+            with_short_backoff(current, max_time=REPLY_PULL_MAX_S))
