@@ -27,6 +27,15 @@ FIGURES = {"eval-balanced-accuracy", "eval-brier", "local-only-accuracy", "local
            "local-only-balanced-accuracy", "local-only-brier", "local-only-epsilon"}
 
 
+@pytest.fixture
+def trained(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every local-only training started (none is, while this fixture is in use)."""
+    calls: list[object] = []
+    monkeypatch.setattr(local_baseline, "train_local_only",
+                        lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
 def _ask(trainer: WarmTrainer, arrays: dict[str, np.ndarray], evaluation: int
          ) -> dict[str, Any]:
     config = task_config(2, **{CFG.TRAIN: False, CFG.LOCAL_ONLY: evaluation})
@@ -42,10 +51,7 @@ def _entries(root: Path) -> list[Any]:
 
 def test_a_site_whose_policy_does_not_allow_it_refuses_and_charges_nothing(
         make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    trained: list[object] = []
-    monkeypatch.setattr(local_baseline, "train_local_only",
-                        lambda **kwargs: trained.append(kwargs))
+        tmp_path: Path, trained: list[object]) -> None:
     write_policy(tmp_path)
     trainer, _audit = make_trainer()
     reply = _ask(trainer, global_arrays, 5)
@@ -89,10 +95,7 @@ def test_the_baseline_is_charged_trained_once_and_reported_beside_the_federated_
 
 def test_a_baseline_beyond_the_projects_cap_is_refused_before_it_trains(
         make_trainer: TrainerFactory, global_arrays: dict[str, np.ndarray],
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    trained: list[object] = []
-    monkeypatch.setattr(local_baseline, "train_local_only",
-                        lambda **kwargs: trained.append(kwargs))
+        tmp_path: Path, trained: list[object]) -> None:
     write_policy(tmp_path, local_baselines=True,
                  projects={"oncology": {"epsilon_cap": 1.0, "tasks": ["breast_cancer_mlp"]}})
     trainer, _audit = make_trainer()
