@@ -102,7 +102,7 @@ def check_production(fed: harness.Federation) -> dict[str, Any]:
         sites[name] = {"via_tunnel_and_gateway": ROUTE_LINE in log,
                        "supernode_in_own_netns": _isolated(site.proc.pid, "supernode")}
     found = {"gateway": fed.fleet,
-             "superlink_in_own_netns": _isolated(fed.coordinator.pid, "flower-superlink"),
+             "superlink_in_own_netns": _isolated(fed.coordinator.pid, "fedward.flower.superlink"),
              "sites": sites}
     bad = [f"{n}: {k}" for n, v in sites.items() for k, ok in v.items() if not ok]
     if not found["superlink_in_own_netns"]:
@@ -183,7 +183,7 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("fedward.sandbox", "namespace relays"),
     ("flwr-serverapp", "ServerApp"),
     ("flower-superexec", "SuperExec"),
-    ("flower-superlink", "SuperLink"),
+    ("fedward.flower.superlink", "SuperLink"),
     ("fedward.flower.supernode", "SuperNodes"),
     ("fedward-coordinator", "coordinator (API, gateway)"),
     ("fedward-site", "site agents (tunnel, executor, trainer)"),

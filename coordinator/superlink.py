@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from fedward.certs import CAFiles
 from fedward.files import atomic_write
 from fedward.flower.env import flower_env
 from fedward.metrics_http import is_loopback
-from fedward.procs import free_port, venv_bin
+from fedward.procs import free_port
 from fedward.sandbox.netns import EXIT_NO_SANDBOX, Sandbox, isolation_mode, sandbox_failure
 from fedward.sandbox.relay import Endpoint, RelayThread, unix_transport
 
@@ -69,7 +70,8 @@ def database_route(url: str, run_dir: Path, *, mode: str
 
 @dataclass
 class SuperLinkProcess:
-    """A supervised ``flower-superlink`` with TLS and node authentication, in a sandbox.
+    """A supervised Flower SuperLink (``fedward.flower.superlink``: long polling) with TLS
+    and node authentication, in a sandbox.
 
     Args:
         home: folder the SuperLink owns (its state database, FLWR_HOME and log).
@@ -147,7 +149,8 @@ class SuperLinkProcess:
             self.port = free_port()
         inside = self._prepare_database()
         cmd = [
-            venv_bin("flower-superlink"),
+            # Flower's SuperLink, with fetches that wait for a message (long polling).
+            sys.executable, "-m", "fedward.flower.superlink",
             "--ssl-ca-certfile", str(self.pki.ca_cert),
             "--ssl-certfile", str(self.pki.server_cert),
             "--ssl-keyfile", str(self.pki.server_key),

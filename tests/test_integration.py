@@ -215,10 +215,11 @@ def test_coordinator_restarts_a_dead_superlink_and_sites_come_back() -> None:
     with short_tmp() as work, federation(work, n_sites=2) as fed:
         fed.join_all_sites()
         address = fed.superlink
-        # The flower-superlink process itself (argv[1]), not the sandbox that holds it.
+        # The SuperLink process itself (python -m fedward.flower.superlink), not the
+        # sandbox that holds it.
         superlinks = [pid for pid in descendants(fed.coordinator.pid)
-                      if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1]
-                      .endswith(b"/flower-superlink")]
+                      if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3]
+                      == [b"-m", b"fedward.flower.superlink"]]
         assert len(superlinks) == 1
         os.kill(superlinks[0], signal.SIGKILL)
         # Same address, same state database: registrations survive, sites reconnect.

@@ -553,7 +553,7 @@ def test_a_coordinator_without_root_trains_with_its_superlink_in_a_user_namespac
         assert fed.wait_run(run_id)["status"] == "completed"
         coordinator = _coordinator_python(fed)
         superlink = [p for p in descendants(coordinator)
-                     if _cmdline(p)[1:2] and _cmdline(p)[1].endswith("/flower-superlink")]
+                     if _cmdline(p)[1:3] == ["-m", "fedward.flower.superlink"]]
         assert len(superlink) == 1
         # Its own user and network namespaces, nested in the coordinator's.
         for ns in ("user", "net"):
