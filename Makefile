@@ -73,7 +73,14 @@ clinician-wheels: $(CLINICIAN_STAMP)
 unit: system-packages install mlflow-server clinician-wheels
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 4 --dist loadfile --durations=30
 
-test: system-packages mlflow-server lint typecheck imports unit
+# In three steps, each running its independent parts at once (-j, output kept per part): the
+# installs (Debian packages, the product's venv, the MLflow server's venv) mostly wait on
+# downloads and disk; then the checks (ruff, mypy, import contracts) and the clinician's
+# wheels; then every test. A failing step stops `make test` before the next one.
+test:
+	$(MAKE) --no-print-directory -j3 -O system-packages install mlflow-server
+	$(MAKE) --no-print-directory -j4 -O lint typecheck imports clinician-wheels
+	$(MAKE) --no-print-directory unit
 
 # Benchmark 2 needs Ray: the `bench` extra (flwr[simulation]), installed once on top of dev.
 BENCH_STAMP := $(VENV)/.fedward-bench-installed
