@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from fedward.certs import ensure_ca, issue_server_cert
@@ -212,7 +213,7 @@ def test_a_real_superlink_holds_an_empty_fetch_and_lets_it_go_when_stopped(
             try:
                 node_id = control.register_node(public_key=public, name="hold-test")
                 break
-            except Exception:   # noqa: BLE001 - the SuperLink is still starting
+            except httpx.HTTPError:   # the SuperLink is still starting
                 assert link.poll() is None, (tmp_path / "superlink.log").read_text()
                 assert time.monotonic() < deadline, "the SuperLink did not start"
                 time.sleep(0.3)
