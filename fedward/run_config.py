@@ -181,9 +181,6 @@ class RunSettings(BaseModel):
                 "secure_aggregation cannot check max_update_norm at the coordinator (it "
                 "never sees one site's update): leave it out; each site clips its own "
                 "update to secagg_clip instead")
-        if self.statistics:
-            raise ValueError("secure_aggregation and statistics are not available together "
-                             "in this version: run the statistics in a run of their own")
         return self
 
     def secagg_threshold_or_default(self) -> int:

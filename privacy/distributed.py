@@ -34,7 +34,7 @@ from typing import Final
 
 import numpy as np
 
-from privacy.mechanisms import DistributedSkellam, gaussian_equivalent_std
+from privacy.mechanisms import DistributedSkellam, Mechanism, gaussian_equivalent_std
 
 __all__ = [
     "MODULUS_BITS",
@@ -163,22 +163,33 @@ def mechanism(plan: DistributedPlan, count: int = 1) -> DistributedSkellam:
 
 @functools.lru_cache(maxsize=32)
 def noise_multiplier_for(*, epsilon: float, delta: float, rounds: int, dim: int,
-                         threshold: int) -> float:
-    """The smallest noise multiplier (to 0.1%) at which ``rounds`` secure rounds fit
-    ``epsilon`` at ``delta`` by the ledger's own accountant.
+                         threshold: int, prior: tuple[Mechanism, ...] = ()) -> float:
+    """The smallest noise multiplier (to 0.1%) at which ``rounds`` secure rounds, composed
+    with the run's ``prior`` disclosures (its statistics release, charged or planned), fit
+    ``epsilon`` at ``delta`` by the ledger's own accountant: the rounds get what the
+    statistics leave.
 
     Raises:
-        ValueError: no noise up to 10^4 times the sensitivity fits.
+        ValueError: the prior disclosures leave nothing, or no noise up to 10^4 times the
+            sensitivity fits.
     """
     from privacy.accounting import compose_mechanisms
 
+    if prior:
+        before = compose_mechanisms(list(prior), delta=delta).epsilon
+        if before >= epsilon:
+            raise ValueError(f"the run's other disclosures already take epsilon {before:.4f} "
+                             f"of its budget {epsilon:g}: nothing is left for training")
+
     def fits(z: float) -> bool:
         plan = DistributedPlan(clip=1.0, dim=dim, threshold=threshold, noise_multiplier=z)
-        return compose_mechanisms([mechanism(plan, rounds)], delta=delta).epsilon <= epsilon
+        return compose_mechanisms([*prior, mechanism(plan, rounds)],
+                                  delta=delta).epsilon <= epsilon
 
     low, high = 0.01, 1e4
     if not fits(high):
-        raise ValueError(f"epsilon {epsilon:g} is too small for {rounds} secure rounds")
+        raise ValueError(f"epsilon {epsilon:g} is too small for {rounds} secure rounds"
+                         + (" after the run's statistics" if prior else ""))
     while high / low > 1.001:
         mid = math.sqrt(low * high)
         low, high = (low, mid) if fits(mid) else (mid, high)

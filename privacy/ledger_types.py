@@ -114,6 +114,11 @@ class RunLedger:
     rounds: Mapping[int, RoundRecord]
 
     @property
+    def trains(self) -> bool:
+        """Whether a round of the run was reserved here (DP-SGD or secure aggregation)."""
+        return self.noise_multiplier is not None or bool(self.rounds)
+
+    @property
     def history(self) -> tuple[tuple[float, float, int], ...]:
         """The DP-SGD rounds as an Opacus accountant history ``(sigma, q, steps)``."""
         return tuple((e.mechanism.noise_multiplier, e.mechanism.sample_rate,

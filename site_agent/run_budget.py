@@ -29,11 +29,11 @@ from privacy import (
     expected_steps,
     sample_rate_for,
 )
-from privacy.mechanisms import CoveredTrial, DpSgd
+from privacy.mechanisms import CoveredTrial, DpSgd, Mechanism
 from site_agent import tuning
 from site_agent.admission import Admission
 from site_agent.data import SiteData
-from site_agent.statistics import pending_statistics
+from site_agent.statistics import pending_statistics, run_statistics_mechanisms
 from site_agent.task_errors import AuditFn, RunTerms, TaskError, bad_task
 
 __all__ = [
@@ -168,7 +168,9 @@ def check_run_budget(config: dict[str, Any], *, ledger: PrivacyLedger, data: Sit
     if config.get(CFG.SECURE) is True:
         return _check_secure_plan(config, ledger=ledger, caps=caps, model_shapes=model_shapes,
                                   run_id=run_id, project=project, epsilon=epsilon,
-                                  delta=delta, total_rounds=total_rounds)
+                                  delta=delta, total_rounds=total_rounds,
+                                  pending=tuple(pending_statistics(ledger, config,
+                                                                   statistics_task())))
     with warm_lock:
         pass  # a search for this run still running in the background: use its result
     entry = ledger.get_run(run_id)
@@ -210,10 +212,12 @@ def check_run_budget(config: dict[str, Any], *, ledger: PrivacyLedger, data: Sit
 def _check_secure_plan(config: dict[str, Any], *, ledger: PrivacyLedger, caps: CapPair,
                        model_shapes: Callable[[], dict[str, tuple[int, ...]]],
                        run_id: str, project: str, epsilon: float, delta: float,
-                       total_rounds: int) -> PlanCheck | None:
+                       total_rounds: int, pending: tuple[Mechanism, ...]
+                       ) -> PlanCheck | None:
     """:func:`check_run_budget` for a run with secure aggregation: its rounds still to train
     as :class:`~privacy.mechanisms.DistributedSkellam` entries at the noise this site
-    will add (privacy.distributed), against every budget."""
+    will add (privacy.distributed), sized for what the run's statistics release leaves
+    (charged, or ``pending``: :func:`secure_prior`), against every budget."""
     from privacy.distributed import DistributedPlan, mechanism, noise_multiplier_for
 
     try:
@@ -227,7 +231,8 @@ def _check_secure_plan(config: dict[str, Any], *, ledger: PrivacyLedger, caps: C
     dim = sum(math.prod(s) for s in model_shapes().values())
     try:
         z = noise_multiplier_for(epsilon=epsilon, delta=delta, rounds=total_rounds,
-                                 dim=dim, threshold=threshold)
+                                 dim=dim, threshold=threshold,
+                                 prior=(*run_statistics_mechanisms(ledger, run_id), *pending))
     except ValueError as err:
         raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
     plan = DistributedPlan(clip=1.0, dim=dim, threshold=threshold, noise_multiplier=z)
@@ -235,11 +240,22 @@ def _check_secure_plan(config: dict[str, Any], *, ledger: PrivacyLedger, caps: C
     try:
         return check_plan(
             ledger, run_id=run_id, project=project, delta=delta,
-            plan=[mechanism(plan, rounds_left)], run_budget=epsilon, cap=cap,
+            plan=[*pending, mechanism(plan, rounds_left)], run_budget=epsilon, cap=cap,
             site_cap=site_cap,
-            summary=f"{rounds_left} secure-aggregation round(s) at threshold {threshold}")
+            summary=(f"{rounds_left} secure-aggregation round(s) at threshold {threshold}"
+                     + (" after the run's statistics" if pending else "")))
     except PlanExceededError as err:
         raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
+
+
+def secure_prior(ledger: PrivacyLedger, config: dict[str, Any], task: TaskRef
+                 ) -> tuple[Mechanism, ...]:
+    """What a secure run's rounds share its budget with at this site: its statistics
+    release, charged, or planned while no round was reserved (the noise of every round is
+    then sized for what the release leaves)."""
+    run_id = str(config.get(CFG.RUN_ID))
+    return (*run_statistics_mechanisms(ledger, run_id),
+            *pending_statistics(ledger, config, task))
 
 
 # -- tuning trials (site_agent.tuning) --------------------------------------------------

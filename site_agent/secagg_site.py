@@ -55,6 +55,7 @@ from privacy.distributed import (
     skellam,
     to_field,
 )
+from privacy.mechanisms import Mechanism
 
 __all__ = ["SecAggRefused", "SecAggSessions", "check_egress", "round_tag"]
 
@@ -127,8 +128,10 @@ class SecAggSessions:
                build: Callable[[dict[str, np.ndarray]], torch.nn.Module],
                evaluate: Callable[[torch.nn.Module], dict[str, float]],
                train_xy: tuple[np.ndarray, np.ndarray],
+               prior: Callable[[], tuple[Mechanism, ...]] = tuple,
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Answer one stage message.
+        """Answer one stage message. ``prior``: what the run's rounds share its budget
+        with here (its statistics release: ``site_agent.run_budget.secure_prior``).
 
         Raises:
             SecAggRefused: a malformed or out-of-order stage, too few sites, or a budget
@@ -157,7 +160,7 @@ class SecAggSessions:
             if stage == "mask":
                 return self._mask(client, config, arrays, ledger=ledger, caps=caps,
                                   audit=audit, build=build, evaluate=evaluate,
-                                  train_xy=train_xy)
+                                  train_xy=train_xy, prior=prior())
             if stage == "unmask":
                 b, s = client.unmask(_ids(config.get(SECAGG_ACTIVE)),
                                      _ids(config.get(SECAGG_DROPPED)))
@@ -180,7 +183,7 @@ class SecAggSessions:
               audit: Callable[[str, dict[str, Any]], None],
               build: Callable[[dict[str, np.ndarray]], torch.nn.Module],
               evaluate: Callable[[torch.nn.Module], dict[str, float]],
-              train_xy: tuple[np.ndarray, np.ndarray],
+              train_xy: tuple[np.ndarray, np.ndarray], prior: tuple[Mechanism, ...],
               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         run_id = str(config[CFG.RUN_ID])
         number = int(config[CFG.ROUND])
@@ -200,7 +203,7 @@ class SecAggSessions:
             clip=float(config[_CLIP]), dim=dim, threshold=client.threshold,
             noise_multiplier=noise_multiplier_for(epsilon=epsilon, delta=delta,
                                                   rounds=rounds, dim=dim,
-                                                  threshold=client.threshold))
+                                                  threshold=client.threshold, prior=prior))
         if known is None:
             ledger.open_run(run_id=run_id, project=str(config[CFG.PROJECT]),
                             epsilon_budget=epsilon, delta=delta)

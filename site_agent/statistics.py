@@ -133,7 +133,7 @@ def pending_statistics(ledger: PrivacyLedger, config: Mapping[str, Any],
     if wanted is None or run_statistics_mechanisms(ledger, run_id):
         return []
     run = ledger.get_run(run_id)
-    if run is not None and run.noise_multiplier is not None:
+    if run is not None and run.trains:
         return []  # trains already: no statistics release any more (release_statistics)
     share, delta, named = wanted
     return [statistics_mechanism(task=named if task is None else task, epsilon=share,
@@ -248,7 +248,7 @@ def release_statistics(*, ledger: PrivacyLedger, config: Mapping[str, Any],
     run = ledger.get_run(run_id)
     if run is None:
         ledger.open_run(run_id=run_id, project=project, epsilon_budget=epsilon, delta=delta)
-    elif run.noise_multiplier is not None:
+    elif run.trains:
         raise StatisticsRefusal(
             SiteErrorCode.REFUSED_POLICY,
             f"refused-policy: run {run_id} trains at this site already; its statistics come "

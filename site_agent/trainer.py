@@ -52,7 +52,7 @@ from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.local_baseline import local_only_figures
 from site_agent.parity_task import ParityTaskError, split_arrays
 from site_agent.run_admission import AdmissionAnswers, admit
-from site_agent.run_budget import check_run_budget, task_caps, warm_first_round
+from site_agent.run_budget import check_run_budget, secure_prior, task_caps, warm_first_round
 from site_agent.secagg_site import SecAggRefused, SecAggSessions
 from site_agent.statistics import StatisticsRefusal, release_statistics
 from site_agent.task_errors import AuditFn, TaskError, data_failure_reason, ledger_refusal
@@ -231,9 +231,10 @@ class WarmTrainer:
                             "cannot use secure aggregation in this version")
         cap, site_cap = task_caps(self.epsilon_cap, admission)
         assert self.data is not None
-        if config.get(SECAGG_STAGE) == "mask" and self.ledger.get_run(
-                str(config.get(CFG.RUN_ID))) is None:
-            # The run's first round here: its whole plan must fit before any of it trains.
+        known = self.ledger.get_run(str(config.get(CFG.RUN_ID)))
+        if config.get(SECAGG_STAGE) == "mask" and (known is None or not known.trains):
+            # The run's first round here (its statistics may have opened it in the ledger):
+            # its whole plan must fit before any of it trains.
             self._at("privacy")
             self._check_plan(config, admission, round_number=int(config.get(CFG.ROUND, 1)))
         self._at("train")
@@ -248,7 +249,8 @@ class WarmTrainer:
             return self._secagg.handle(
                 config, arrays, ledger=self.ledger, caps=Caps(project=cap, site=site_cap),
                 audit=self.audit, build=build, evaluate=self._eval_metrics,
-                train_xy=(self.data.train_x, self.data.train_y))
+                train_xy=(self.data.train_x, self.data.train_y),
+                prior=lambda: secure_prior(self.ledger, config, self._statistics_task()))
         except SecAggRefused as err:
             raise TaskError(err.code, err.reason) from None
 

@@ -159,7 +159,6 @@ def test_the_charge_matches_an_independent_recomputation(z: float, rounds: int) 
     ({"aggregation": "median"}, "only fedavg"),
     ({"aggregation": "fedadam"}, "only fedavg"),
     ({"max_update_norm": 2.0}, "never sees one site's update"),
-    ({"statistics": True}, "not available together"),
 ])
 def test_checks_that_need_one_update_are_refused_at_launch(extra: dict[str, object],
                                                           why: str) -> None:

@@ -32,9 +32,11 @@ def test_a_secure_run_survives_a_site_killed_mid_round_and_fails_below_its_thres
                                       "aggregation": "median"})
         assert r.status_code == 422 and "only fedavg" in r.text, r.text
 
+        # With a statistics phase: each site's release and its secure rounds share the
+        # run's epsilon 3.
         run_id = fed.launch(task="breast_cancer_mlp", rounds=2, local_epochs=1, epsilon=3.0,
                             min_sites=2, round_deadline_s=150, secure_aggregation=True,
-                            secagg_threshold=2)
+                            secagg_threshold=2, statistics=True)
         # A site dies mid-round: once it has reserved round 2 in its ledger (the mask stage),
         # it is killed. The SuperLink then answers its pending message with an error (after
         # its heartbeat runs out, about 60 s), the site drops out, and the two others, at
@@ -95,6 +97,16 @@ def test_a_secure_run_survives_a_site_killed_mid_round_and_fails_below_its_thres
             assert reserved[-1]["epsilon_after"] <= 3.0 + 1e-9
             assert len([e for e in entries if e.action == "secagg-unmask"
                         and e.detail.get("run") == str(run_id)]) == 2
+
+            # One budget: the statistics release first, then the rounds, sized for what
+            # it left (the noise search stops within 0.1% of the budget).
+            released = [e.detail for e in entries if e.action == "statistics-reserved"
+                        and e.detail.get("run") == str(run_id)]
+            assert len(released) == 1
+            assert released[0]["epsilon_after"] < reserved[0]["epsilon_after"]
+            assert 2.9 <= reserved[-1]["epsilon_after"] <= 3.0 + 1e-9
+        stats = fed.api("GET", f"/runs/{run_id}/statistics").json()
+        assert sorted(stats["sites"]) == sorted(names), stats
 
         victim_entries, _ = read_entries(fed.sites[victim].root / "audit.log")
         assert [e.detail["round"] for e in victim_entries if e.action == "round-reserved"
