@@ -7,6 +7,7 @@ run control), so that none of them needs the CLI module that assembles them.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -73,6 +74,9 @@ class ApiClient:
         # `init --home` must learn which file was looked at and how to point elsewhere.
         self.token_source = token_source
         self._http = httpx.Client(base_url=self.base + "/api/v1", headers=headers, timeout=30)
+        # Closed with the client object: a command run in a longer-lived process (a test, a
+        # script importing the CLI) leaves no connection open behind it.
+        weakref.finalize(self, self._http.close)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
              timeout: float | None = None) -> Any:
