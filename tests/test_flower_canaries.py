@@ -26,6 +26,8 @@ from fedward.flower import FLWR_VERSION, check_flower_version, exit_codes
 from fedward.flower.env import flower_env
 from fedward.procs import free_port, stop_process_tree, venv_bin
 
+from tests_support import node_key
+
 with warnings.catch_warnings():
     # flwr imports typer, which touches an alias that Click 8.3+ deprecates: harmless here.
     warnings.filterwarnings("ignore", message=r"'click\.utils\.get_\w+_stream' is deprecated",
@@ -441,19 +443,6 @@ def test_the_exit_codes_the_agent_acts_on_are_flowers() -> None:
     assert exit_codes.RUNTIME_VERSION_INCOMPATIBLE == ExitCode.RUNTIME_VERSION_INCOMPATIBLE
 
 
-def _node_key(folder: Path) -> Path:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    path = folder / "node_key"
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-    return path
-
-
 @pytest.mark.integration
 def test_a_refusing_superlink_is_read_as_exit_code_305(tmp_path: Path) -> None:
     """A real SuperNode whose node key the SuperLink does not know exits with status 1;
@@ -483,7 +472,7 @@ def test_a_refusing_superlink_is_read_as_exit_code_305(tmp_path: Path) -> None:
                 [sys.executable, "-m", "fedward.flower.supernode",
                  "--root-certificates", str(pki.ca_cert),
                  "--superlink", f"127.0.0.1:{port}",
-                 "--auth-supernode-private-key", str(_node_key(tmp_path)),
+                 "--auth-supernode-private-key", str(node_key(tmp_path)[0]),
                  "--port", str(free_port()), "--isolation", "process"],
                 stdout=node_log, stderr=subprocess.STDOUT,
                 env={**env, "PYTHONPATH": str(REPO)})

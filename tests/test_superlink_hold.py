@@ -21,6 +21,8 @@ from fedward.certs import ensure_ca, issue_server_cert
 from fedward.flower.env import flower_env
 from fedward.procs import free_port, stop_process_tree
 
+from tests_support import node_key
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -188,8 +190,6 @@ def test_a_real_superlink_holds_an_empty_fetch_and_lets_it_go_when_stopped(
         tmp_path: Path) -> None:
     """Against the real SuperLink process: an authenticated node's fetch with no message
     waits about FLEET_HOLD_S; SIGTERM during a second fetch answers it and stops at once."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
     from flwr.proto.fleet_pb2 import ActivateNodeRequest, PullMessagesRequest
     from flwr.proto.node_pb2 import Node
 
@@ -199,14 +199,7 @@ def test_a_real_superlink_holds_an_empty_fetch_and_lets_it_go_when_stopped(
 
     link, port, pki = _start_superlink(tmp_path)
     try:
-        key = ec.generate_private_key(ec.SECP384R1())
-        key_path = tmp_path / "node_key"
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.OpenSSH,
-                                               serialization.NoEncryption()))
-        key_path.chmod(0o600)
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                               serialization.PublicFormat.OpenSSH).decode()
+        key_path, public = node_key(tmp_path)
         control = FlowerControl(address=f"127.0.0.1:{port}", ca_cert=pki.ca_cert)
         deadline = time.monotonic() + 60
         while True:

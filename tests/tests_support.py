@@ -80,3 +80,20 @@ def served_app(app: Any, *, name: str) -> Iterator[int]:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def node_key(folder: Path) -> tuple[Path, str]:
+    """A new site node key pair: the private key file (OpenSSH format, mode 0600, as the
+    SuperNode reads it) in ``folder``, and the public key's OpenSSH text."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path = folder / "node_key"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    return path, public
