@@ -148,22 +148,15 @@ def test_the_patched_handlers_and_stores_are_still_flowers() -> None:
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from flwr.superlink.servicer.fleet import fleet_handlers
-    from flwr.superlink.servicer.runtime import runtime_handlers
 
     assert list(inspect.signature(fleet_handlers.pull_messages).parameters) == \
         ["request", "state", "store"]
-    assert list(inspect.signature(runtime_handlers.pull_messages).parameters) == \
-        ["request", "state", "task"]
-    # (the packages export an object named ``router`` too: read the modules by file)
+    # (the package exports an object named ``router`` too: read the module by file)
     fleet_router = importlib.import_module("flwr.superlink.routers.fleet.router")
-    runtime_router = importlib.import_module("flwr.supercore.routers.runtime.router")
     assert "fleet_handlers.pull_messages(" in Path(str(fleet_router.__file__)).read_text()
-    assert "handlers.pull_messages(request, state, task)" in \
-        Path(str(runtime_router.__file__)).read_text()
     for cls in (SqlLinkState, InMemoryLinkState):
-        for name in ("store_message_ins", "store_message_res"):
-            assert list(inspect.signature(getattr(cls, name)).parameters)[:2] == \
-                ["self", "message"], (cls, name)
+        assert list(inspect.signature(cls.store_message_ins).parameters)[:2] == \
+            ["self", "message"], cls
     assert list(inspect.signature(uvicorn.Server.handle_exit).parameters) == \
         ["self", "sig", "frame"]
 
