@@ -217,7 +217,8 @@ def _check_secure_plan(config: dict[str, Any], *, ledger: PrivacyLedger, caps: C
     """:func:`check_run_budget` for a run with secure aggregation: its rounds still to train
     as :class:`~privacy.mechanisms.DistributedSkellam` entries at the noise this site
     will add (privacy.distributed), sized for what the run's statistics release leaves
-    (charged, or ``pending``: :func:`secure_prior`), against every budget."""
+    (charged, or ``pending``: :func:`~site_agent.statistics.statistics_prior`), against
+    every budget."""
     from privacy.distributed import DistributedPlan, mechanism, noise_multiplier_for
 
     try:
@@ -246,16 +247,6 @@ def _check_secure_plan(config: dict[str, Any], *, ledger: PrivacyLedger, caps: C
                      + (" after the run's statistics" if pending else "")))
     except PlanExceededError as err:
         raise TaskError(SiteErrorCode.REFUSED_BUDGET, f"refused-budget: {err}") from None
-
-
-def secure_prior(ledger: PrivacyLedger, config: dict[str, Any], task: TaskRef
-                 ) -> tuple[Mechanism, ...]:
-    """What a secure run's rounds share its budget with at this site: its statistics
-    release, charged, or planned while no round was reserved (the noise of every round is
-    then sized for what the release leaves)."""
-    run_id = str(config.get(CFG.RUN_ID))
-    return (*run_statistics_mechanisms(ledger, run_id),
-            *pending_statistics(ledger, config, task))
 
 
 # -- tuning trials (site_agent.tuning) --------------------------------------------------

@@ -131,7 +131,7 @@ class SecAggSessions:
                prior: Callable[[], tuple[Mechanism, ...]] = tuple,
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Answer one stage message. ``prior``: what the run's rounds share its budget
-        with here (its statistics release: ``site_agent.run_budget.secure_prior``).
+        with here (its statistics release: ``site_agent.statistics.statistics_prior``).
 
         Raises:
             SecAggRefused: a malformed or out-of-order stage, too few sites, or a budget

@@ -65,6 +65,7 @@ __all__ = [
     "release_statistics",
     "run_statistics_mechanisms",
     "statistics_mechanism",
+    "statistics_prior",
 ]
 
 PURPOSE: Final = "statistics"
@@ -138,6 +139,15 @@ def pending_statistics(ledger: PrivacyLedger, config: Mapping[str, Any],
     share, delta, named = wanted
     return [statistics_mechanism(task=named if task is None else task, epsilon=share,
                                  delta=delta)]
+
+
+def statistics_prior(ledger: PrivacyLedger, config: Mapping[str, Any],
+                     task: TaskRef | None = None) -> tuple[Mechanism, ...]:
+    """What a run's rounds share its budget with at this site: its statistics release,
+    charged, or planned while no round was reserved (:func:`pending_statistics`). The noise
+    of its rounds is sized for what that leaves."""
+    return (*run_statistics_mechanisms(ledger, str(config.get(CFG.RUN_ID))),
+            *pending_statistics(ledger, config, task))
 
 
 def _unit(x: np.ndarray, bins: FeatureBins) -> np.ndarray:

@@ -52,9 +52,9 @@ from site_agent.egress import EgressViolation, check_outgoing
 from site_agent.local_baseline import local_only_figures
 from site_agent.parity_task import ParityTaskError, split_arrays
 from site_agent.run_admission import AdmissionAnswers, admit
-from site_agent.run_budget import check_run_budget, secure_prior, task_caps, warm_first_round
+from site_agent.run_budget import check_run_budget, task_caps, warm_first_round
 from site_agent.secagg_site import SecAggRefused, SecAggSessions
-from site_agent.statistics import StatisticsRefusal, release_statistics
+from site_agent.statistics import StatisticsRefusal, release_statistics, statistics_prior
 from site_agent.task_errors import AuditFn, TaskError, data_failure_reason, ledger_refusal
 from site_agent.task_models import own_task, statistics_task, study_task_for
 from site_agent.training_round import eval_metrics, load_global_model, run_sigma, train_round
@@ -250,7 +250,7 @@ class WarmTrainer:
                 config, arrays, ledger=self.ledger, caps=Caps(project=cap, site=site_cap),
                 audit=self.audit, build=build, evaluate=self._eval_metrics,
                 train_xy=(self.data.train_x, self.data.train_y),
-                prior=lambda: secure_prior(self.ledger, config, self._statistics_task()))
+                prior=lambda: statistics_prior(self.ledger, config, self._statistics_task()))
         except SecAggRefused as err:
             raise TaskError(err.code, err.reason) from None
 

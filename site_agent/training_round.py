@@ -48,7 +48,7 @@ from site_agent.run_budget import (
     task_caps,
     warm_in_background,
 )
-from site_agent.statistics import pending_statistics, run_statistics_mechanisms
+from site_agent.statistics import statistics_prior
 from site_agent.task_errors import AuditFn, RunTerms, TaskError, bad_task
 
 __all__ = ["RoundHost", "eval_metrics", "load_global_model", "run_sigma", "train_round"]
@@ -117,11 +117,9 @@ def run_sigma(config: dict[str, Any], *, ledger: PrivacyLedger,
               sample_rate: float, total_epochs: int) -> float:
     """The run's DP-SGD noise multiplier, for what its budget leaves after its other
     disclosures here (its statistics release, charged or still planned)."""
-    run_id = str(config.get(CFG.RUN_ID))
-    prior = [*run_statistics_mechanisms(ledger, run_id),
-             *pending_statistics(ledger, config, statistics_task())]
-    return noise_multiplier_after(prior=prior, epsilon=epsilon, delta=delta,
-                                  sample_rate=sample_rate, total_epochs=total_epochs)
+    return noise_multiplier_after(prior=statistics_prior(ledger, config, statistics_task()),
+                                  epsilon=epsilon, delta=delta, sample_rate=sample_rate,
+                                  total_epochs=total_epochs)
 
 
 def _noise_seed(secret: bytes, run_id: str, round_number: int) -> int:

@@ -18,7 +18,7 @@ it. Holding it too (up to 1 s) made rounds about 0.15 s slower at 3 sites (media
 alternating pairs of runs), probably because it answered a reply before its content was
 uploaded and the ServerApp then waited in its object pull's back-off; with only the nodes'
 fetches held, rounds took as long as before (2 pairs). :func:`holding` can wrap that
-handler too (``RUNTIME_HOLD_S``) once that is solved.
+handler too once that is solved.
 
 A message stored while a fetch waits is answered at once. The wait is woken by the method
 of the SuperLink's state that stores messages for nodes (:class:`Arrivals`); the handler
@@ -51,15 +51,11 @@ from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
 from flwr.superlink.cli import flower_superlink
 from flwr.superlink.servicer.fleet import fleet_handlers
 
-__all__ = ["FLEET_HOLD_S", "HOLD_ENV", "HOLD_SLOTS", "RUNTIME_HOLD_S", "Arrivals", "holding",
+__all__ = ["FLEET_HOLD_S", "HOLD_ENV", "HOLD_SLOTS", "Arrivals", "holding",
            "main"]
 
 FLEET_HOLD_S: Final = 5.0
 """How long a node's fetch that finds no message waits for one."""
-RUNTIME_HOLD_S: Final = 1.0
-"""How long the ServerApp's fetch of replies would wait (not installed: see the module
-doc). Short: the round loop checks its deadline, a cancel and sites gone offline between
-fetches."""
 HOLD_SLOTS: Final = 16
 """The most fetches waiting at once, node and ServerApp fetches together."""
 HOLD_ENV: Final = "FEDWARD_SUPERLINK_HOLD"
